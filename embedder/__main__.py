@@ -1,0 +1,3 @@
+from embedder.cli import main
+
+main()

@@ -1,0 +1,293 @@
+"""The backbone registry: data, like torchvision's WeightsEnum.
+
+Each entry names a torchvision classification model, the dotted path of its final Linear layer
+(replaced by Identity to expose the penultimate, globally pooled features, never logits) and the
+embedding dim that leaves. Weights and the preprocessing that matches them come from torchvision's
+own weights enum (``weights.transforms()``, ``weights.meta``): callers never type a mean or a crop.
+Adding a backbone is one line in ``_ENTRIES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+from embedder.errors import UnknownBackbone
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What torchvision's ImageClassification preset does, as plain data (recorded in stores)."""
+
+    resize_size: int  # shorter side after resize
+    crop_size: int  # square centre crop
+    interpolation: str  # "bilinear" | "bicubic" | "nearest"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    antialias: bool = True
+
+    @classmethod
+    def from_transforms(cls, t: ImageClassification) -> Preprocessing:
+        return cls(
+            resize_size=int(t.resize_size[0]),
+            crop_size=int(t.crop_size[0]),
+            interpolation=t.interpolation.value,
+            mean=tuple(float(x) for x in t.mean),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
+            antialias=bool(t.antialias),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            resize_size=int(d["resize_size"]),
+            crop_size=int(d["crop_size"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(d["mean"]),  # type: ignore[arg-type]
+            std=tuple(d["std"]),  # type: ignore[arg-type]
+            antialias=bool(d.get("antialias", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    def at_size(self, crop_size: int) -> Preprocessing:
+        """Same preset at another resolution, keeping the resize/crop ratio (low-res fine-tuning)."""
+        ratio = self.resize_size / self.crop_size
+        return dataclasses.replace(self, crop_size=crop_size, resize_size=round(crop_size * ratio))
+
+    @property
+    def interpolation_mode(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registry entry."""
+
+    name: str
+    head: str  # dotted path of the final classification Linear; Identity replaces it
+    dim: int  # embedding dim at the default (penultimate) cut
+    family: str
+    feature_map: str  # module whose output is the last spatial feature map (for --pool max|gem)
+    weights: str = "DEFAULT"  # torchvision weights tag; DEFAULT resolves to the concrete one
+    builder: Callable[[], nn.Module] | None = None  # only for non-torchvision (test) models
+    test_preprocessing: Preprocessing | None = None  # only for non-torchvision (test) models
+
+    @property
+    def is_torchvision(self) -> bool:
+        return self.builder is None
+
+    def torchvision_weights(self, tag: str | None = None) -> models.WeightsEnum:
+        enum = models.get_model_weights(self.name)
+        wanted = tag or self.weights
+        try:
+            return enum[wanted] if wanted != "DEFAULT" else enum.DEFAULT  # type: ignore[misc, no-any-return]
+        except KeyError:
+            valid = ", ".join(w.name for w in enum)
+            raise UnknownBackbone(
+                f"{self.name} has no weights tag {wanted!r}; valid tags: {valid}"
+            ) from None
+
+    def weights_tags(self) -> list[str]:
+        if not self.is_torchvision:
+            return ["SEED0"]
+        return [w.name for w in models.get_model_weights(self.name)]
+
+    def preprocessing(self, tag: str | None = None) -> Preprocessing:
+        if self.test_preprocessing is not None:
+            return self.test_preprocessing
+        return Preprocessing.from_transforms(self.torchvision_weights(tag).transforms())
+
+    def meta(self, tag: str | None = None) -> dict[str, Any]:
+        """GFLOPs and published ImageNet acc@1 from torchvision's weights meta."""
+        if not self.is_torchvision:
+            return {"gflops": None, "acc1": None, "file": None, "params": None}
+        w = self.torchvision_weights(tag)
+        m = w.meta
+        metrics = next(iter(m.get("_metrics", {}).values()), {})
+        return {
+            "gflops": m.get("_ops"),
+            "acc1": metrics.get("acc@1"),
+            "file": w.url.rsplit("/", 1)[-1],
+            "params": m.get("num_params"),
+        }
+
+    def build_architecture(self, tag: str | None = None) -> nn.Module:
+        """The full architecture, randomly initialised, head still attached."""
+        if self.builder is not None:
+            return self.builder()
+        weights = self.torchvision_weights(tag)
+        kwargs: dict[str, Any] = {}
+        if self.name == "inception_v3":
+            # torchvision's pretrained inception expects transform_input=True and no aux head at eval.
+            kwargs = {"aux_logits": True, "init_weights": False, "transform_input": True}
+        elif self.name == "googlenet":
+            kwargs = {"aux_logits": False, "init_weights": False, "transform_input": True}
+        elif self.family == "vit":
+            kwargs = {"image_size": weights.meta["min_size"][0]}
+        num_classes = len(weights.meta["categories"])
+        return models.get_model(self.name, weights=None, num_classes=num_classes, **kwargs)
+
+
+class TinyNet(nn.Module):
+    """A 3-stage CNN for tests: the suite never needs downloaded weights except where loading
+    real ones is the point. Its 'pretrained weights' are a seeded initialisation."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.stem = block(3, 8)
+        self.stage1 = block(8, 16)
+        self.stage2 = block(16, 32)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _tiny() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyNet()
+        # Non-trivial BN statistics so that eval-mode BN is exercised.
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+_TINY_PRE = Preprocessing(
+    resize_size=40,
+    crop_size=32,
+    interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+
+
+def _family(prefix: str, head: str, fmap: str, dims: dict[str, int]) -> list[Backbone]:
+    return [Backbone(n, head, d, prefix, fmap) for n, d in dims.items()]
+
+
+_ENTRIES: list[Backbone] = [
+    *_family("resnet", "fc", "layer4", {"resnet18": 512, "resnet34": 512, "resnet50": 2048,
+                              "resnet101": 2048, "resnet152": 2048}),
+    *_family("resnext", "fc", "layer4", {"resnext50_32x4d": 2048, "resnext101_32x8d": 2048,
+                               "resnext101_64x4d": 2048}),
+    *_family("wide_resnet", "fc", "layer4", {"wide_resnet50_2": 2048, "wide_resnet101_2": 2048}),
+    *_family("vgg", "classifier.6", "features", {f"vgg{d}{bn}": 4096 for d in (11, 13, 16, 19)
+                                     for bn in ("", "_bn")}),
+    *_family("efficientnet", "classifier.1", "features", {
+        "efficientnet_b0": 1280, "efficientnet_b1": 1280, "efficientnet_b2": 1408,
+        "efficientnet_b3": 1536, "efficientnet_b4": 1792, "efficientnet_b5": 2048,
+        "efficientnet_b6": 2304, "efficientnet_b7": 2560, "efficientnet_v2_s": 1280,
+        "efficientnet_v2_m": 1280, "efficientnet_v2_l": 1280}),
+    Backbone("mobilenet_v2", "classifier.1", 1280, "mobilenet", "features"),
+    Backbone("mobilenet_v3_small", "classifier.3", 1024, "mobilenet", "features"),
+    Backbone("mobilenet_v3_large", "classifier.3", 1280, "mobilenet", "features"),
+    *_family("mnasnet", "classifier.1", "layers", {"mnasnet0_5": 1280, "mnasnet0_75": 1280,
+                                         "mnasnet1_0": 1280, "mnasnet1_3": 1280}),
+    *_family("shufflenet", "fc", "conv5", {"shufflenet_v2_x0_5": 1024, "shufflenet_v2_x1_0": 1024,
+                                  "shufflenet_v2_x1_5": 1024, "shufflenet_v2_x2_0": 2048}),
+    *_family("convnext", "classifier.2", "features", {"convnext_tiny": 768, "convnext_small": 768,
+                                          "convnext_base": 1024, "convnext_large": 1536}),
+    *_family("regnet", "fc", "trunk_output", {
+        "regnet_y_400mf": 440, "regnet_y_800mf": 784, "regnet_y_1_6gf": 888,
+        "regnet_y_3_2gf": 1512, "regnet_y_8gf": 2016, "regnet_y_16gf": 3024,
+        "regnet_y_32gf": 3712, "regnet_y_128gf": 7392, "regnet_x_400mf": 400,
+        "regnet_x_800mf": 672, "regnet_x_1_6gf": 912, "regnet_x_3_2gf": 1008,
+        "regnet_x_8gf": 1920, "regnet_x_16gf": 2048, "regnet_x_32gf": 2520}),
+    *_family("densenet", "classifier", "features", {"densenet121": 1024, "densenet161": 2208,
+                                        "densenet169": 1664, "densenet201": 1920}),
+    Backbone("inception_v3", "fc", 2048, "inception", "Mixed_7c"),
+    Backbone("googlenet", "fc", 1024, "inception", "inception5b"),
+    *_family("vit", "heads.head", "encoder", {"vit_b_16": 768, "vit_b_32": 768, "vit_l_16": 1024,
+                                   "vit_l_32": 1024, "vit_h_14": 1280}),
+    *_family("swin", "head", "permute", {"swin_t": 768, "swin_s": 768, "swin_b": 1024,
+                              "swin_v2_t": 768, "swin_v2_s": 768, "swin_v2_b": 1024}),
+    Backbone("maxvit_t", "classifier.5", 512, "maxvit", "blocks.3"),
+    Backbone("tiny_test", "fc", 32, "test", "stage2", weights="SEED0", builder=_tiny,
+             test_preprocessing=_TINY_PRE),
+]
+
+REGISTRY: dict[str, Backbone] = {b.name: b for b in _ENTRIES}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownBackbone(
+            f"unknown backbone {name!r}.{hint} Valid: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+def parse_backbone_spec(spec: str) -> tuple[Backbone, str | None]:
+    """'resnet50' or 'mobilenet_v2:IMAGENET1K_V1' → (entry, weights tag or None)."""
+    name, _, tag = spec.partition(":")
+    backbone = get_backbone(name)
+    if tag and backbone.is_torchvision:
+        backbone.torchvision_weights(tag)  # validates, lists valid tags
+    return backbone, tag or None
+
+
+def build_on_meta(backbone: Backbone, tag: str | None = None) -> nn.Module:
+    """The architecture with parameters on the meta device: shapes without memory or init cost."""
+    try:
+        with torch.device("meta"):
+            return backbone.build_architecture(tag)
+    except (NotImplementedError, RuntimeError):
+        pass  # some builders (regnet) compute widths with .tolist(); move parameters as created
+    original = nn.Module.register_parameter
+
+    def to_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
+    try:
+        model = backbone.build_architecture(tag)
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+    return model.to("meta")
+
+
+@cache
+def _module_names(name: str) -> tuple[str, ...]:
+    model = build_on_meta(get_backbone(name))
+    return tuple(n for n, _ in model.named_modules() if n)
+
+
+def suggested_layers(name: str) -> list[str]:
+    """Stage-level module names worth cutting at (children, and children of `features`)."""
+    names = _module_names(name)
+    top = [n for n in names if "." not in n]
+    feats = [n for n in names if n.startswith("features.") and n.count(".") == 1]
+    return feats or top

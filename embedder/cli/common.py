@@ -1,0 +1,93 @@
+"""Shared CLI plumbing: error handling, console, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from embedder.errors import EmbedderError
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """Domain errors become 'error: …' on stderr and an exit code; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EmbedderError as e:
+            console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; completed shards are kept, rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger("embedder")
+    root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False)]
+    root.setLevel(level)
+
+
+class ImageRate(TextColumn):
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task: Any) -> Any:  # noqa: ANN401
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} img/s" if speed else "… img/s", style="cyan")
+
+
+@contextmanager
+def image_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int, int], None]]:
+    """A rich progress bar with img/s and ETA, as a (total, advanced, failed) callback."""
+    if not enabled:
+        yield lambda total, advanced, failed: None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), ImageRate(),
+        TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    task = None
+
+    def update(total: int, advanced: int, failed: int) -> None:
+        nonlocal task
+        if task is None:
+            if total == 0:
+                return
+            progress.start()  # lazily: an error before any work prints no empty bar
+            task = progress.add_task(description, total=total, failed=0)
+        if task is not None:
+            progress.update(task, advance=advanced, failed=failed)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            progress.stop()

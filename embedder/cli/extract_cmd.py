@@ -1,0 +1,116 @@
+"""`embedder extract`, `embedder backbones`, `embedder weights import`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from embedder.backbones import REGISTRY, parse_backbone_spec
+from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
+from embedder.extract import EmbedOptions, RunOptions, extract
+from embedder.model import ModelSpec
+from embedder.weights import import_weights, weights_present
+
+EXIT_SOME_FAILED = 3
+
+weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache.", no_args_is_help=True)
+
+
+def model_spec(backbone: str, weights: Optional[Path], layer: Optional[str], pool: Optional[str],
+               image_size: Optional[int]) -> ModelSpec:
+    entry, tag = parse_backbone_spec(backbone)
+    return ModelSpec(entry.name, tag, weights, layer, pool, image_size)
+
+
+@handle_errors
+def extract_command(
+    sources: Annotated[list[str], typer.Argument(help="Folders, globs, image files, or CSV/Parquet/text lists.")],
+    out_store: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or appended).")],
+    backbone: Annotated[str, typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG.")] = "resnet50",
+    weights: Annotated[Optional[Path], typer.Option(help="Local state dict or finetune checkpoint.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    workers: Annotated[Optional[int], typer.Option(help="Decode threads (default: cores - 1).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16")] = "float32",
+    normalize: Annotated[str, typer.Option(help="none | l2")] = "none",
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.")] = 4096,
+    retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.")] = False,
+    fast_decode: Annotated[bool, typer.Option(help="JPEG draft-mode decode: faster, not bit-identical.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Embed images with a frozen pretrained backbone into a resumable Parquet store."""
+    setup_logging(verbose)
+    spec = model_spec(backbone, weights, layer, pool, image_size)
+    embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
+                         fast_decode=fast_decode)
+    run = RunOptions(batch_size=batch_size, workers=workers, shard_rows=shard_rows,
+                     retry_failed=retry_failed)
+    with image_progress("embedding", enabled=not as_json) as progress:
+        summary = extract(sources, str(out_store), spec, embed, run, progress)
+    if as_json:
+        out.print_json(json.dumps(summary.to_dict()))
+    else:
+        console.print(
+            f"[green]done[/green] {summary.done}  skipped (already present) {summary.skipped_present}"
+            f"  skipped (failed before) {summary.skipped_failed_before}  failed {summary.failed}"
+            f"  {summary.images_per_second:.1f} img/s on {summary.device}  → {out_store}"
+        )
+        for path, reason in summary.failures[:10]:
+            console.print(f"  [red]failed[/red] {path}: {reason}")
+        if summary.failed > 10:
+            console.print(f"  … and {summary.failed - 10} more (see `embedder info {out_store}`)")
+    if summary.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@handle_errors
+def backbones_command(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    layers: Annotated[Optional[str], typer.Option(help="List the stage-level layers of this backbone.")] = None,
+) -> None:
+    """List registered backbones: dim, GFLOPs, ImageNet acc@1, weights present locally."""
+    if layers:
+        from embedder.backbones import get_backbone, suggested_layers
+
+        entry = get_backbone(layers)
+        for name in suggested_layers(entry.name):
+            out.print(name)
+        return
+    rows = []
+    for b in REGISTRY.values():
+        meta = b.meta()
+        rows.append({"name": b.name, "dim": b.dim, "gflops": meta["gflops"], "acc1": meta["acc1"],
+                     "weights": b.weights if not b.is_torchvision else b.torchvision_weights().name,
+                     "file": meta["file"], "present": weights_present(b)})
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("name", "dim", "GFLOPs", "acc@1", "weights", "present")
+    for r in rows:
+        table.add_row(r["name"], str(r["dim"]), "" if r["gflops"] is None else f"{r['gflops']:.2f}",
+                      "" if r["acc1"] is None else f"{r['acc1']:.2f}", r["weights"],
+                      "[green]yes[/green]" if r["present"] else "no")
+    out.print(table)
+
+
+@weights_app.command("import")
+@handle_errors
+def weights_import(file: Annotated[Path, typer.Argument(help="A torchvision weights file.")]) -> None:
+    """Check FILE against the registry (SHA-256 prefix) and install it into torchvision's cache."""
+    which, target = import_weights(file)
+    out.print(f"installed {which} → {target}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extract")(extract_command)
+    app.command("backbones")(backbones_command)
+    app.add_typer(weights_app, name="weights")

@@ -1,0 +1,47 @@
+"""`embedder info STORE`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from embedder.cli.common import handle_errors, out
+from embedder.store import Store
+
+
+@handle_errors
+def info_command(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Provenance, row count, dim, label counts and error count of a store."""
+    info = Store.open(store).info()
+    if as_json:
+        out.print_json(json.dumps(info.to_dict()))
+        return
+    p = info.provenance
+    pre = p["preprocessing"]
+    out.print(f"[bold]{info.path}[/bold]: {info.rows} rows, dim {info.dim}, {info.shards} shards, "
+              f"{info.errors} failed images")
+    out.print(f"backbone   {p['backbone']}  layer {p['layer']}  pool {p['pool']}")
+    out.print(f"weights    {p['weights']['tag']}  sha256 {p['weights']['sha256'][:16]}…")
+    out.print(f"preprocess resize {pre['resize_size']} ({pre['interpolation']}), crop "
+              f"{pre['crop_size']}, mean {pre['mean']}, std {pre['std']}")
+    out.print(f"stored     {p['dtype']}, normalize {p['normalize']}; created {p['created_at']}")
+    out.print("versions   " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
+    if info.runs:
+        last = info.runs[-1]
+        out.print(f"last run   {last.get('started')} on {last.get('device')} ({last.get('precision')})")
+    if info.labels:
+        table = Table("label", "images")
+        for label, n in info.labels.items():
+            table.add_row(label, str(n))
+        out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info_command)

@@ -1,0 +1,58 @@
+"""Domain exceptions. The library raises these; only the CLI (and later the HTTP layer) turns
+them into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+
+class EmbedderError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+    exit_code = 2
+
+
+class UnknownBackbone(EmbedderError):
+    pass
+
+
+class UnknownLayer(EmbedderError):
+    pass
+
+
+class WeightsUnavailable(EmbedderError):
+    pass
+
+
+class WeightsMismatch(EmbedderError):
+    pass
+
+
+class SourceError(EmbedderError):
+    pass
+
+
+class StoreError(EmbedderError):
+    pass
+
+
+class ProvenanceMismatch(StoreError):
+    pass
+
+
+class DecodeError(EmbedderError):
+    """One image could not be turned into pixels; recorded and skipped, never fatal."""
+
+
+class DeviceError(EmbedderError):
+    pass
+
+
+class ProbeError(EmbedderError):
+    pass
+
+
+class IndexError_(EmbedderError):
+    """Index problems (named with a trailing underscore to avoid shadowing the builtin)."""
+
+
+class FinetuneError(EmbedderError):
+    pass

@@ -1,0 +1,325 @@
+"""Batched inference of a frozen backbone into a store.
+
+``BatchEmbedder`` is the engine-agnostic unit: the model is loaded once in ``__init__``; a
+``pa.Table`` of paths goes in and a ``pa.Table`` of vectors comes out. The local pipeline below
+and a Ray Data actor pool (``map_batches(BatchEmbedder, fn_constructor_args=..., batch_format=
+"pyarrow")``) both drive it unchanged. The local pipeline adds what one machine needs: decode
+threads that run ahead of the model, atomic shards, resume and error bookkeeping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from embedder import __version__
+from embedder.decode import DECODE_POLICY, DEFAULT_MAX_PIXELS, Decoded, decode_file, normalize_batch
+from embedder.errors import DecodeError, EmbedderError
+from embedder.model import LoadedModel, ModelSpec, load_model, resolve_device
+from embedder.sources import ImageRef, discover
+from embedder.store import ERRORS_SCHEMA, Store, embeddings_to_arrow, row_schema
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How vectors are computed (device, precision) and stored (dtype, normalisation)."""
+
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    dtype: str = "float32"  # stored dtype: float32 | float16
+    normalize: str = "none"  # none | l2
+    channels_last: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fast_decode: bool = False  # JPEG DCT-domain downscale (PIL draft): faster, not bit-identical
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the local pipeline schedules work."""
+
+    batch_size: int = 32
+    workers: int | None = None  # decode threads; None: from the core count
+    prefetch_batches: int = 4
+    shard_rows: int = 4096
+    flush_seconds: float = 60.0
+    retry_failed: bool = False
+
+
+@dataclass
+class ExtractSummary:
+    discovered: int = 0
+    skipped_present: int = 0
+    skipped_failed_before: int = 0
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    store: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "failures"}
+        d["images_per_second"] = round(self.images_per_second, 2)
+        d["failures"] = [{"path": p, "reason": r} for p, r in self.failures[:100]]
+        return d
+
+
+ProgressFn = Callable[[int, int], None]  # (images advanced, failed so far)
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import pyarrow
+    import torchvision
+
+    return {"embedder": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            "pyarrow": pyarrow.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+class BatchEmbedder:
+    """Model loaded once; batch of paths in, Arrow table out."""
+
+    def __init__(self, spec: ModelSpec, options: EmbedOptions = EmbedOptions()) -> None:
+        if options.dtype not in ("float32", "float16"):
+            raise EmbedderError(f"unknown dtype {options.dtype!r}; valid: float32, float16")
+        if options.normalize not in ("none", "l2"):
+            raise EmbedderError(f"unknown normalisation {options.normalize!r}; valid: none, l2")
+        if options.precision not in PRECISIONS:
+            raise EmbedderError(f"unknown precision {options.precision!r}; valid: {', '.join(PRECISIONS)}")
+        self.spec = spec
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.loaded: LoadedModel = load_model(spec)
+        self.precision = options.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        model = self.loaded.model.to(self.device)
+        if options.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.schema = row_schema(self.loaded.dim, options.dtype)
+
+    @property
+    def dim(self) -> int:
+        return self.loaded.dim
+
+    def provenance(self) -> dict[str, Any]:
+        w = self.loaded.weights.info
+        return {
+            "backbone": self.loaded.backbone.name,
+            "weights": {"tag": w.tag, "sha256": w.sha256, "file": w.file, "origin": w.origin},
+            "layer": self.loaded.layer,
+            "pool": self.loaded.pool,
+            "preprocessing": self.loaded.preprocessing.to_dict(),
+            "decode": {**DECODE_POLICY, "fast_decode": self.options.fast_decode},
+            "normalize": self.options.normalize,
+            "dtype": self.options.dtype,
+            "dim": self.loaded.dim,
+            "versions": _versions(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+
+    def decode(self, path: str) -> Decoded:
+        return decode_file(path, self.loaded.preprocessing, self.options.max_pixels,
+                           self.options.fast_decode)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 [N,3,H,W] → float32 [N, dim] (L2-normalised when asked)."""
+        x = pixels.to(self.device, non_blocking=True)
+        x = normalize_batch(x, self.loaded.preprocessing)
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(self.device.type, dtype=dtype):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        out = out.float()
+        if self.options.normalize == "l2":
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out.cpu().numpy()
+
+    def rows(self, refs: Sequence[ImageRef], decoded: Sequence[Decoded]) -> pa.Table:
+        vectors = self.embed_pixels(torch.stack([d.pixels for d in decoded]))
+        return pa.Table.from_arrays([
+            pa.array([r.id for r in refs], pa.string()),
+            pa.array([r.path for r in refs], pa.string()),
+            pa.array([r.label for r in refs], pa.string()),
+            embeddings_to_arrow(vectors, self.options.dtype),
+            pa.array([d.width for d in decoded], pa.int32()),
+            pa.array([d.height for d in decoded], pa.int32()),
+            pa.array([d.file_hash for d in decoded], pa.string()),
+        ], schema=self.schema)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray-style entry point: columns path (+ optional id, label) → rows plus an error column.
+
+        Failed images come back with a null embedding and the reason in ``error``.
+        """
+        paths = batch.column("path").to_pylist()
+        ids = batch.column("id").to_pylist() if "id" in batch.column_names else None
+        labels = batch.column("label").to_pylist() if "label" in batch.column_names else None
+        from embedder.sources import image_id
+
+        refs = [ImageRef(ids[i] if ids else image_id(p), p, labels[i] if labels else None)
+                for i, p in enumerate(paths)]
+        good_refs, good, errors = [], [], {}
+        for ref in refs:
+            try:
+                good.append(self.decode(ref.path))
+                good_refs.append(ref)
+            except DecodeError as e:
+                errors[ref.id] = str(e)
+        table = self.rows(good_refs, good) if good else self.schema.empty_table()
+        table = table.append_column("error", pa.nulls(table.num_rows, pa.string()))
+        if errors:
+            failed = [r for r in refs if r.id in errors]
+            fail_table = pa.Table.from_pydict({
+                "id": [r.id for r in failed], "path": [r.path for r in failed],
+                "label": [r.label for r in failed],
+                "embedding": pa.nulls(len(failed), self.schema.field("embedding").type),
+                "width": pa.nulls(len(failed), pa.int32()), "height": pa.nulls(len(failed), pa.int32()),
+                "file_hash": pa.nulls(len(failed), pa.string()),
+                "error": [errors[r.id] for r in failed],
+            }, schema=table.schema)
+            table = pa.concat_tables([table, fail_table])
+        return table
+
+
+def default_workers() -> int:
+    cores = os.cpu_count() or 2
+    return max(1, min(16, cores - 1))
+
+
+def extract(
+    sources: Sequence[str],
+    store_path: str,
+    spec: ModelSpec,
+    embed: EmbedOptions = EmbedOptions(),
+    run: RunOptions = RunOptions(),
+    progress: Callable[[int, int, int], None] | None = None,
+    embedder: BatchEmbedder | None = None,
+) -> ExtractSummary:
+    """Embed every image under SOURCES not already in STORE; resumable, atomic, incremental.
+
+    ``progress(total, advanced, failed)`` is called once with advanced=0 to announce the total,
+    then after every batch.
+    """
+    t_start = time.perf_counter()
+    refs = discover(sources)
+    embedder = embedder or BatchEmbedder(spec, embed)
+    store = Store.create_or_append(store_path, embedder.provenance())
+    summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
+
+    present = store.ids()
+    failed_before = set() if run.retry_failed else store.failed_ids() - present
+    todo = []
+    for r in refs:
+        if r.id in present:
+            summary.skipped_present += 1
+        elif r.id in failed_before:
+            summary.skipped_failed_before += 1
+        else:
+            todo.append(r)
+    if progress:
+        progress(len(todo), 0, 0)
+    run_record: dict[str, Any] = {
+        "run_id": uuid.uuid4().hex[:12],
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": str(embedder.device), "precision": embedder.precision,
+        "torch_threads": torch.get_num_threads(), "host": platform.node(),
+    }
+    if not todo:
+        summary.seconds = time.perf_counter() - t_start
+        return summary
+
+    workers = run.workers or default_workers()
+    pending: list[pa.Table] = []
+    pending_errors: list[dict[str, Any]] = []
+    buffered = 0
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal buffered, last_flush
+        if pending:
+            store.write_shard(pa.concat_tables(pending))
+        if pending_errors:
+            store.write_errors(pa.Table.from_pylist(pending_errors, schema=ERRORS_SCHEMA))
+        pending.clear()
+        pending_errors.clear()
+        buffered = 0
+        last_flush = time.monotonic()
+        run_record.update(done=summary.done, failed=summary.failed,
+                          seconds=round(time.perf_counter() - t_start, 2))
+        store.update_manifest(run_record)
+
+    bs = run.batch_size
+    ahead = max(2, run.prefetch_batches) * bs
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        queue: deque[tuple[ImageRef, Future[Decoded]]] = deque()
+        it = iter(todo)
+
+        def top_up() -> None:
+            while len(queue) < ahead:
+                ref = next(it, None)
+                if ref is None:
+                    return
+                queue.append((ref, pool.submit(embedder.decode, ref.path)))
+
+        try:
+            top_up()
+            while queue:
+                batch_refs, batch = [], []
+                n_failed_before = summary.failed
+                while queue and len(batch_refs) + (summary.failed - n_failed_before) < bs:
+                    ref, fut = queue.popleft()
+                    try:
+                        batch.append(fut.result())
+                        batch_refs.append(ref)
+                    except DecodeError as e:
+                        summary.failed += 1
+                        summary.failures.append((ref.path, str(e)))
+                        pending_errors.append({"id": ref.id, "path": ref.path, "reason": str(e),
+                                               "time": dt.datetime.now(dt.UTC)})
+                        log.info("skipped %s: %s", ref.path, e)
+                top_up()  # decoding of the next batches runs while the model works
+                if batch:
+                    pending.append(embedder.rows(batch_refs, batch))
+                    buffered += len(batch)
+                    summary.done += len(batch)
+                if progress:
+                    progress(len(todo), len(batch) + summary.failed - n_failed_before, summary.failed)
+                if buffered >= run.shard_rows or time.monotonic() - last_flush >= run.flush_seconds:
+                    flush()
+        finally:
+            # Whatever finished is kept, even on Ctrl-C or an unexpected error.
+            for _, fut in queue:
+                fut.cancel()
+            summary.seconds = time.perf_counter() - t_start
+            flush()
+    return summary

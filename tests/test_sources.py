@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedder.errors import SourceError
+from embedder.sources import discover, image_id
+from tests.conftest import make_images
+
+
+def test_folder_labels_follow_imagefolder(tmp_path: Path) -> None:
+    make_images(tmp_path / "root", {"a": 2, "b": 3})
+    make_images(tmp_path / "root", {"": 1})  # an image directly in the root: no label
+    (tmp_path / "root" / "a" / "deep").mkdir()
+    make_images(tmp_path / "root" / "a" / "deep", {"": 1})
+    (tmp_path / "root" / "notes.txt").write_text("x")
+    (tmp_path / "root" / ".hidden.jpg").write_bytes(b"x")
+    refs = discover([tmp_path / "root"])
+    labels = sorted((r.label or "-") for r in refs)
+    assert labels == ["-", "a", "a", "a", "b", "b", "b"]
+    assert all(Path(r.path).is_absolute() for r in refs)
+
+
+def test_ids_are_stable_and_deduplicated(tmp_path: Path) -> None:
+    make_images(tmp_path, {"x": 3})
+    first = discover([tmp_path, tmp_path / "x"])
+    assert len(first) == 3
+    assert [r.id for r in first] == [r.id for r in discover([tmp_path])]
+    assert first[0].id == image_id(first[0].path)
+
+
+def test_glob_and_lists(tmp_path: Path) -> None:
+    paths = make_images(tmp_path / "imgs", {"c1": 2, "c2": 2})
+    assert len(discover([str(tmp_path / "imgs" / "**" / "*.jpg")])) == 4
+    assert {r.label for r in discover([str(tmp_path / "imgs" / "*" / "*.jpg")])} == {"c1", "c2"}
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for p in paths:
+            w.writerow([p.relative_to(tmp_path), "L-" + p.parent.name])
+    refs = discover([tmp_path / "list.csv"])
+    assert len(refs) == 4 and {r.label for r in refs} == {"L-c1", "L-c2"}
+    (tmp_path / "list.txt").write_text("\n".join(str(p) for p in paths[:3]) + "\n")
+    assert len(discover([tmp_path / "list.txt"])) == 3
+    pq.write_table(pa.table({"path": [str(p) for p in paths[:2]], "label": ["u", "v"]}),
+                   tmp_path / "list.parquet")
+    assert [r.label for r in discover([tmp_path / "list.parquet"])] == ["u", "v"]
+
+
+def test_bad_sources(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        discover([tmp_path / "nope"])
+    with pytest.raises(SourceError, match="matched no images"):
+        discover([str(tmp_path / "*.jpg")])
+    (tmp_path / "data.bin").write_bytes(b"1")
+    with pytest.raises(SourceError, match="neither an image"):
+        discover([tmp_path / "data.bin"])
+    with pytest.raises(SourceError, match="no SOURCE"):
+        discover([])
