@@ -54,7 +54,7 @@ class EmbedOptions:
 class RunOptions:
     """How the local pipeline schedules work."""
 
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 8 on CPU (cache-friendly, measured), 128 on CUDA
     workers: int | None = None  # decode threads; None: from the core count
     prefetch_batches: int = 4
     shard_rows: int = 4096
@@ -278,7 +278,7 @@ def extract(
                           seconds=round(time.perf_counter() - t_start, 2))
         store.update_manifest(run_record)
 
-    bs = run.batch_size
+    bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
     ahead = max(2, run.prefetch_batches) * bs
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         queue: deque[tuple[ImageRef, Future[Decoded]]] = deque()

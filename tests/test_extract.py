@@ -149,3 +149,25 @@ def test_store_errors(tmp_path: Path) -> None:
     (tmp_path / "full" / "something").write_text("x")
     with pytest.raises(StoreError, match="not empty"):
         Store.create_or_append(tmp_path / "full", {"dim": 1})
+
+
+def test_weights_file_gives_same_vectors_and_records_it(image_tree: Path, tmp_path: Path) -> None:
+    import torch
+
+    from embedder.backbones import get_backbone
+
+    f = tmp_path / "tiny.pth"
+    torch.save(get_backbone("tiny_test").build_architecture().state_dict(), f)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extract([str(image_tree)], a, TINY)
+    extract([str(image_tree)], b, ModelSpec("tiny_test", weights_file=f))
+    assert Store.open(b).provenance["weights"]["tag"] == "file:tiny.pth"
+    va, vb = _vectors(a), _vectors(b)
+    for k in va:
+        np.testing.assert_allclose(va[k], vb[k], rtol=1e-6, atol=1e-6)
+    bad = tmp_path / "bad.pth"
+    torch.save({"nope": torch.zeros(1)}, bad)
+    from embedder.errors import WeightsMismatch
+
+    with pytest.raises(WeightsMismatch, match="do not fit tiny_test"):
+        extract([str(image_tree)], str(tmp_path / "c"), ModelSpec("tiny_test", weights_file=bad))

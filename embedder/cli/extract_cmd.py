@@ -35,7 +35,7 @@ def extract_command(
     layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,
     pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 8 on CPU, 128 on CUDA.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode threads (default: cores - 1).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",

@@ -1,0 +1,55 @@
+"""Fine-tuned checkpoints: one safetensors file whose header metadata carries the JSON description
+(backbone, pretrained origin, classes, preprocessing, training settings). Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from embedder.backbones import Preprocessing
+from embedder.errors import WeightsMismatch
+from embedder.weights import LoadedWeights, WeightsInfo, sha256_file
+
+META_KEY = "embedder_checkpoint"
+FORMAT = "embedder-checkpoint/1"
+
+
+def save(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps({"format": FORMAT, **meta})})
+    tmp.replace(path)
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return None
+    return json.loads(raw) if raw else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.suffix == ".safetensors" and read_meta(path) is not None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = read_meta(path)
+    if meta is None:
+        raise WeightsMismatch(f"{path} is not an embedder checkpoint")
+    return load_file(str(path)), meta
+
+
+def load_for_extraction(path: Path) -> LoadedWeights:
+    state, meta = load(path)
+    info = WeightsInfo(tag=f"finetune:{path.name}", sha256=sha256_file(path), file=path.name,
+                       origin=meta.get("pretrained"))
+    pre = Preprocessing.from_dict(meta["preprocessing"]) if "preprocessing" in meta else None
+    return LoadedWeights(state, info, pre, meta)

@@ -1,0 +1,149 @@
+"""Extraction throughput, three ways, same images, same model, one run on one machine:
+
+(a) model only: the embedder's forward pass on synthetic uint8 batches (the ceiling);
+(b) `embedder extract` end to end: discovery, decode threads, model, Parquet shards;
+(c) the naive loop from the torchvision transfer-learning tutorial: ImageFolder + DataLoader
+    (batch_size=4, num_workers=4) + the model with its head replaced by Identity, under no_grad.
+
+Prints img/s for each and the ratios. Weights do not change throughput, so any backbone runs with a
+seeded random state dict unless its real weights are in the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets
+
+from embedder.backbones import get_backbone
+from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.model import ModelSpec, _set_module
+from embedder.weights import weights_present
+
+
+def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
+    """Photo-like JPEGs (smooth gradients plus noise, quality 90) in two class folders."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        c = rng.uniform(0, 255, 3)
+        base = (xx[..., None] * rng.uniform(0.1, 0.4) + yy[..., None] * rng.uniform(0.1, 0.4) + c) % 255
+        arr = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torch.Tensor],
+               device: torch.device, batch_size: int, workers: int) -> float:
+    entry = get_backbone(backbone)
+    model = entry.build_architecture(tag)
+    model.load_state_dict(state, strict=False)
+    _set_module(model, entry.head, nn.Identity())
+    model.eval().to(device)
+    ds = datasets.ImageFolder(str(root), transform=entry.torchvision_weights(tag).transforms())
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)
+    n = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x.to(device)).cpu()
+            n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="mobilenet_v2:IMAGENET1K_V1")
+    ap.add_argument("--images", type=int, default=192)
+    ap.add_argument("--size", default="500x375", help="WxH of generated JPEGs (ImageNet's median is ~500x375)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: embedder's (8 CPU, 128 CUDA)")
+    ap.add_argument("--workers", type=int, default=None, help="decode threads for (b)")
+    ap.add_argument("--naive-workers", type=int, default=4)
+    ap.add_argument("--naive-batch-size", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--fast-decode", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write results here")
+    args = ap.parse_args()
+
+    name, _, tag = args.backbone.partition(":")
+    tag = tag or None
+    entry = get_backbone(name)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        weights_file = None
+        if entry.is_torchvision and not weights_present(entry, tag):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                state = entry.build_architecture(tag).state_dict()
+            weights_file = tmp / "random.pth"
+            torch.save(state, weights_file)
+            print(f"{args.backbone}: weights not in cache, using a seeded random state dict")
+        spec = ModelSpec(name, tag, weights_file)
+        opts = EmbedOptions(device=args.device, precision=args.precision, fast_decode=args.fast_decode)
+        w, h = (int(v) for v in args.size.split("x"))
+        root = tmp / "images"
+        make_images(root, args.images, (w, h))
+
+        embedder = BatchEmbedder(spec, opts)
+        if weights_file is None:
+            state = embedder.loaded.weights.state_dict
+        crop = embedder.loaded.preprocessing.crop_size
+        dev = embedder.device
+        # (a) model only
+        bs = args.batch_size or (128 if dev.type == "cuda" else 8)
+        x = torch.randint(0, 256, (bs, 3, crop, crop), dtype=torch.uint8)
+        for _ in range(2):
+            embedder.embed_pixels(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        reps = max(3, args.images // bs)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            embedder.embed_pixels(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        model_only = reps * bs / (time.perf_counter() - t0)
+
+        # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
+        t0 = time.perf_counter()
+        summary = extract([str(root)], str(tmp / "store"), spec, opts,
+                          RunOptions(batch_size=bs, workers=args.workers), embedder=embedder)
+        e2e = summary.done / (time.perf_counter() - t0)
+
+        # (c) the tutorial loop
+        naive = naive_loop(root, name, tag, state, dev, args.naive_batch_size, args.naive_workers)
+
+        result = {
+            "backbone": args.backbone, "images": args.images, "size": args.size, "device": str(dev),
+            "precision": embedder.precision, "batch_size": bs,
+            "decode_threads": args.workers, "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "model_only_img_s": round(model_only, 1), "extract_img_s": round(e2e, 1),
+            "naive_img_s": round(naive, 1),
+            "extract_vs_naive": round(e2e / naive, 2), "extract_vs_model_only": round(e2e / model_only, 3),
+        }
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
