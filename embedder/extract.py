@@ -323,3 +323,57 @@ def extract(
             summary.seconds = time.perf_counter() - t_start
             flush()
     return summary
+
+
+def spec_from_provenance(prov: dict[str, Any], weights_file: str | None = None) -> ModelSpec:
+    """The ModelSpec that reproduces a store's vectors (for queries and predictions)."""
+    from pathlib import Path
+
+    from embedder.errors import ProvenanceMismatch
+
+    w = prov["weights"]
+    tag: str | None = None
+    path = None
+    if str(w["tag"]).startswith(("file:", "finetune:")):
+        if weights_file is None:
+            raise ProvenanceMismatch(f"these vectors were made with weights file {w['file']}; "
+                                     "pass it with --weights FILE")
+        path = Path(weights_file)
+    elif "." in str(w["tag"]) and not str(w["tag"]).endswith(".SEED0"):
+        tag = str(w["tag"]).rsplit(".", 1)[1]
+    layer = None if prov["layer"] == "penultimate" else prov["layer"]
+    pool = prov["pool"] if layer is not None else None
+    from embedder.backbones import get_backbone
+
+    default_crop = get_backbone(prov["backbone"]).preprocessing(tag).crop_size
+    crop = int(prov["preprocessing"]["crop_size"])
+    return ModelSpec(prov["backbone"], tag, path, layer, pool,
+                     None if crop == default_crop or path is not None else crop)
+
+
+def embedder_for(prov: dict[str, Any], weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
+    """A BatchEmbedder that provably makes the same kind of vectors as ``prov`` describes."""
+    from embedder.errors import ProvenanceMismatch
+    from embedder.store import identity
+
+    emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
+                        EmbedOptions(device=device, normalize=prov.get("normalize", "none")))
+    mine, theirs = identity(emb.provenance()), identity(prov)
+    for key in ("backbone", "weights", "layer", "pool", "preprocessing"):
+        a = mine[key]["sha256"] if key == "weights" else mine[key]
+        b = theirs[key]["sha256"] if key == "weights" else theirs[key]
+        if a != b:
+            raise ProvenanceMismatch(f"query model differs from the indexed vectors in {key}; "
+                                     "the index was built from another backbone/weights/preprocessing")
+    return emb
+
+
+def embed_files(emb: BatchEmbedder, paths: Sequence[str]) -> np.ndarray:
+    """Embed a few query images; a file that fails to decode is a one-line error naming it."""
+    decoded = []
+    for p in paths:
+        try:
+            decoded.append(emb.decode(p))
+        except DecodeError as e:
+            raise DecodeError(f"query image {p}: {e}") from None
+    return emb.embed_pixels(torch.stack([d.pixels for d in decoded]))

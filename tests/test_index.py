@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from embedder import index as idx
+from embedder.cli import app
+from embedder.errors import IndexError_, ProvenanceMismatch
+from embedder.extract import extract
+from embedder.model import ModelSpec
+from embedder.store import Store, embeddings_to_arrow
+
+runner = CliRunner()
+
+
+def clustered(n: int, dim: int = 64, latent: int = 12, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """Vectors with low intrinsic dimension: a Gaussian mixture in 12-d, linearly lifted, noised."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (clusters, latent))
+    z = centers[rng.integers(0, clusters, n)] + rng.normal(0, 1, (n, latent))
+    lift = rng.normal(0, 1, (latent, dim))
+    return (z @ lift + rng.normal(0, 0.1, (n, dim))).astype(np.float32)
+
+
+def vector_store(path: Path, x: np.ndarray, labels: list[str] | None = None, start: int = 0) -> str:
+    prov = {"backbone": "synthetic", "weights": {"tag": "none", "sha256": "0", "file": None, "origin": None},
+            "layer": "penultimate", "pool": "avg", "preprocessing": {}, "decode": {}, "normalize": "none",
+            "dtype": "float32", "dim": x.shape[1], "versions": {}, "created_at": ""}
+    st = Store.create_or_append(path, prov)
+    n = len(x)
+    ids = [f"v{start + i:06d}" for i in range(n)]
+    st.write_shard(pa.table({
+        "id": ids, "path": [f"/data/{i}.jpg" for i in ids],
+        "label": labels or [f"c{i % 5}" for i in range(n)],
+        "embedding": embeddings_to_arrow(x, "float32"),
+        "width": pa.array([1] * n, pa.int32()), "height": pa.array([1] * n, pa.int32()),
+        "file_hash": [None] * n,
+    }, schema=st.read().schema))
+    st.update_manifest()
+    return str(path)
+
+
+def recall_vs_numpy(loaded: idx.LoadedIndex, x: np.ndarray, q: np.ndarray, k: int = 10) -> float:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    exact = np.sort(qn @ xn.T, axis=1)[:, ::-1][:, :k]
+    hits = loaded.search(q, k)
+    ids = np.array([[int(h["id"][1:]) for h in row] + [-1] * (k - len(row)) for row in hits])
+    return idx.tie_aware_recall(exact, idx.true_scores(xn, qn, ids, "ip"), ids, True, k)
+
+
+@pytest.mark.parametrize("kind,floor", [("flat", 1.0), ("hnsw", 0.95), ("ivf", 0.93), ("ivfpq", 0.8)])
+def test_recall_floors_against_exact(tmp_path: Path, kind: str, floor: float) -> None:
+    n = 3000 if kind == "ivfpq" else 6000  # PQ training is the slow part on 2 cores
+    both = clustered(n + 200, dim=32 if kind == "ivfpq" else 64)
+    x, fresh = both[:n], both[n:]  # fresh: same distribution, never indexed
+    store = vector_store(tmp_path / "s", x)
+    meta = idx.build(store, kind, idx.BuildOptions(kind=kind, queries=300), str(tmp_path / "h"))
+    assert meta["kind"] == kind and meta["count"] == n
+    if kind != "ivfpq":
+        assert meta["quality"]["recall_at_10"] >= 0.95
+    loaded = idx.LoadedIndex(kind, str(tmp_path / "h"))
+    assert recall_vs_numpy(loaded, x, fresh) >= floor
+
+
+def test_auto_plan_says_why() -> None:
+    gb = 1 << 30
+    assert idx.plan(10_000, 512, "auto", 8 * gb).kind == "flat"
+    p = idx.plan(200_000, 512, "auto", 8 * gb)
+    assert p.kind == "hnsw" and "budget" in p.reason
+    p = idx.plan(200_000, 512, "auto", 100 << 20)
+    assert p.kind == "ivfpq" and p.factory == "IVF1788,PQ128" and "exceeds" in p.reason
+    assert idx.plan(200_000, 512, "ivf", gb).train_size < 200_000
+
+
+def test_add_keeps_id_map_and_skips_present(tmp_path: Path) -> None:
+    x = clustered(1200)
+    a = vector_store(tmp_path / "a", x[:800])
+    b = vector_store(tmp_path / "b", x)
+    home = str(tmp_path / "h")
+    idx.build(a, "n", idx.BuildOptions(kind="hnsw"), home)
+    r = idx.add("n", b, home)
+    assert (r["added"], r["skipped"], r["count"]) == (400, 800, 1200)
+    assert idx.add("n", b, home)["added"] == 0
+    loaded = idx.LoadedIndex("n", home)
+    ids = loaded.ids.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 1200
+    for probe in ("v000003", "v000950"):
+        row = int(probe[1:])
+        hit = loaded.search(x[row:row + 1], 1)[0][0]
+        assert hit["id"] == probe and hit["score"] == pytest.approx(1.0, abs=1e-4)
+        assert loaded.search(loaded.vector_of(probe), 1)[0][0]["id"] == probe
+    other = vector_store(tmp_path / "o", clustered(10, dim=32))
+    with pytest.raises(ProvenanceMismatch):
+        idx.add("n", other, home)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_filters_return_k(tmp_path: Path, kind: str) -> None:
+    both = clustered(4005, dim=16)
+    x, q = both[:4000], both[4000:]
+    labels = ["rare" if i % 250 == 0 else "common" for i in range(4000)]  # 16 rare rows
+    store = vector_store(tmp_path / "s", x, labels)
+    home = str(tmp_path / "h")
+    idx.build(store, "f", idx.BuildOptions(kind=kind), home)
+    loaded = idx.LoadedIndex("f", home)
+    for hits in loaded.search(q, 10, {"label": "rare"}):
+        assert len(hits) == 10 and {h["label"] for h in hits} == {"rare"}
+    for hits in loaded.search(q, 50, {"label": "rare"}):
+        assert len(hits) == 16  # only 16 exist: all of them
+    assert loaded.search(q, 10, {"label": "none"}) == [[]] * 5
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    x = clustered(300)
+    store = vector_store(tmp_path / "s", x)
+    home = str(tmp_path / "h")
+    idx.build(store, "ok", idx.BuildOptions(kind="flat"), home)
+    with pytest.raises(IndexError_, match="available: ok"):
+        idx.LoadedIndex("nope", home)
+    loaded = idx.LoadedIndex("ok", home)
+    with pytest.raises(IndexError_, match="dim 3"):
+        loaded.search(np.zeros((1, 3)), 5)
+    with pytest.raises(IndexError_, match="positive"):
+        loaded.search(x[:1], 0)
+    with pytest.raises(IndexError_, match="already exists"):
+        idx.build(store, "ok", idx.BuildOptions(kind="flat"), home)
+    with pytest.raises(IndexError_, match="FAISS cannot build"):
+        idx.build(store, "bad", idx.BuildOptions(kind="NotAFactory"), home)
+    (Path(home) / "ok" / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(IndexError_, match="corrupt"):
+        idx.LoadedIndex("ok", home)
+
+
+def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    extract([str(image_tree)], store, ModelSpec("tiny_test"))
+    home = str(tmp_path / "h")
+    r = runner.invoke(app, ["index", "build", store, "--name", "imgs", "--home", home])
+    assert r.exit_code == 0, r.output
+    assert "recall@10" in r.output
+    q = str(image_tree / "cat" / "cat_0001.jpg")
+    r = runner.invoke(app, ["search", "imgs", q, "-k", "3", "--home", home, "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert len(lines) == 3 and lines[0]["path"] == q and lines[0]["score"] == pytest.approx(1, abs=1e-4)
+    r = runner.invoke(app, ["search", "imgs", q, "-k", "4", "--where", "label=dog", "--home", home, "--json"])
+    assert [json.loads(line)["label"] for line in r.output.strip().splitlines()] == ["dog"] * 4
+    first_id = lines[0]["id"]
+    r = runner.invoke(app, ["search", "imgs", "--id", first_id, "-k", "2", "--home", home, "--json"])
+    assert json.loads(r.output.splitlines()[0])["id"] == first_id
+    np.save(tmp_path / "q.npy", np.zeros(7, dtype=np.float32))
+    r = runner.invoke(app, ["search", "imgs", str(tmp_path / "q.npy"), "--home", home])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "dim 7" in r.output
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    r = runner.invoke(app, ["search", "imgs", str(tmp_path / "broken.jpg"), "--home", home])
+    assert r.exit_code == 2 and "broken.jpg" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["search", "imgs", q, "-k", "0", "--home", home])
+    assert r.exit_code == 2 and "positive" in r.output
+    r = runner.invoke(app, ["search", "zzz", q, "--home", home])
+    assert r.exit_code == 2 and "available: imgs" in r.output
+    r = runner.invoke(app, ["index", "list", "--home", home])
+    assert "imgs" in r.output
+    r = runner.invoke(app, ["index", "drop", "imgs", "--home", home])
+    assert r.exit_code == 0 and idx.names(home) == []
+
+
+def test_query_model_must_match_index_provenance(image_tree: Path, tmp_path: Path) -> None:
+    import torch
+
+    from embedder.backbones import get_backbone
+
+    f = tmp_path / "w.pth"
+    state = get_backbone("tiny_test").build_architecture().state_dict()
+    torch.save(state, f)
+    store = str(tmp_path / "store")
+    extract([str(image_tree)], store, ModelSpec("tiny_test", weights_file=f))
+    home = str(tmp_path / "h")
+    idx.build(store, "w", idx.BuildOptions(kind="flat"), home)
+    q = str(image_tree / "cat" / "cat_0001.jpg")
+    r = runner.invoke(app, ["search", "w", q, "--home", home])
+    assert r.exit_code == 2 and "--weights" in r.output
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
+    r = runner.invoke(app, ["search", "w", q, "--home", home, "--weights", str(other)])
+    assert r.exit_code == 2 and "differs" in r.output
+    r = runner.invoke(app, ["search", "w", q, "--home", home, "--weights", str(f)])
+    assert r.exit_code == 0, r.output
+
+
+def test_dedup_finds_copies(image_tree: Path, tmp_path: Path) -> None:
+    shutil.copy(image_tree / "cat" / "cat_0000.jpg", image_tree / "cat" / "copy_a.jpg")
+    shutil.copy(image_tree / "cat" / "cat_0000.jpg", image_tree / "dog" / "copy_b.jpg")
+    store = str(tmp_path / "store")
+    extract([str(image_tree)], store, ModelSpec("tiny_test"))
+    out = tmp_path / "dups.parquet"
+    r = runner.invoke(app, ["dedup", store, "--out", str(out), "--threshold", "0.99999"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    groups = {}
+    for g, p in zip(t.column("group").to_pylist(), t.column("path").to_pylist()):
+        groups.setdefault(g, set()).add(Path(p).name)
+    assert {"cat_0000.jpg", "copy_a.jpg", "copy_b.jpg"} in groups.values()
