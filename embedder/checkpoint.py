@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -53,3 +55,29 @@ def load_for_extraction(path: Path) -> LoadedWeights:
                        origin=meta.get("pretrained"))
     pre = Preprocessing.from_dict(meta["preprocessing"]) if "preprocessing" in meta else None
     return LoadedWeights(state, info, pre, meta)
+
+
+def head_and_provenance(path: Path) -> tuple[Any, list[str], dict[str, Any]]:
+    """The checkpoint's own classification head as a LinearHead on its penultimate features,
+    plus the provenance its extraction will have (so `predict CKPT` embeds consistently)."""
+    from embedder.backbones import get_backbone
+    from embedder.errors import ProbeError
+    from embedder.probe import LinearHead
+
+    state, meta = load(path)
+    backbone = get_backbone(meta["backbone"])
+    try:
+        w = state[f"{backbone.head}.weight"].float().numpy()
+        b = state[f"{backbone.head}.bias"].float().numpy()
+    except KeyError:
+        raise ProbeError(f"{path} holds no classification head ({backbone.head})") from None
+    dim = w.shape[1]
+    head = LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32))
+    prov = {
+        "backbone": backbone.name,
+        "weights": {"tag": f"finetune:{path.name}", "sha256": sha256_file(path), "file": path.name,
+                    "origin": meta.get("pretrained")},
+        "layer": "penultimate", "pool": "avg", "preprocessing": meta["preprocessing"],
+        "normalize": "none",
+    }
+    return head, list(meta["classes"]), prov

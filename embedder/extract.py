@@ -16,7 +16,8 @@ import platform
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +217,50 @@ def default_workers() -> int:
     return max(1, min(16, cores - 1))
 
 
+def embed_stream(
+    refs: Sequence[ImageRef],
+    embedder: BatchEmbedder,
+    run: RunOptions,
+    on_error: Callable[[ImageRef, str], None],
+) -> Iterator[tuple[pa.Table, int]]:
+    """Decode in threads that run ahead of the model; yield (rows, failed in this batch) per batch.
+
+    Shared by extract (which writes shards) and predict (which applies a head)."""
+    bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
+    ahead = max(2, run.prefetch_batches) * bs
+    with ThreadPoolExecutor(max_workers=run.workers or default_workers(),
+                            thread_name_prefix="decode") as pool:
+        queue: deque[tuple[ImageRef, Future[Decoded]]] = deque()
+        it = iter(refs)
+
+        def top_up() -> None:
+            while len(queue) < ahead:
+                ref = next(it, None)
+                if ref is None:
+                    return
+                queue.append((ref, pool.submit(embedder.decode, ref.path)))
+
+        try:
+            top_up()
+            while queue:
+                batch_refs, batch, failed = [], [], 0
+                while queue and len(batch_refs) + failed < bs:
+                    ref, fut = queue.popleft()
+                    try:
+                        batch.append(fut.result())
+                        batch_refs.append(ref)
+                    except DecodeError as e:
+                        failed += 1
+                        on_error(ref, str(e))
+                        log.info("skipped %s: %s", ref.path, e)
+                top_up()  # decoding of the next batches runs while the model works
+                table = embedder.rows(batch_refs, batch) if batch else embedder.schema.empty_table()
+                yield table, failed
+        finally:
+            for _, fut in queue:
+                fut.cancel()
+
+
 def extract(
     sources: Sequence[str],
     store_path: str,
@@ -258,7 +303,6 @@ def extract(
         summary.seconds = time.perf_counter() - t_start
         return summary
 
-    workers = run.workers or default_workers()
     pending: list[pa.Table] = []
     pending_errors: list[dict[str, Any]] = []
     buffered = 0
@@ -278,50 +322,27 @@ def extract(
                           seconds=round(time.perf_counter() - t_start, 2))
         store.update_manifest(run_record)
 
-    bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
-    ahead = max(2, run.prefetch_batches) * bs
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        queue: deque[tuple[ImageRef, Future[Decoded]]] = deque()
-        it = iter(todo)
+    def on_error(ref: ImageRef, reason: str) -> None:
+        summary.failed += 1
+        summary.failures.append((ref.path, reason))
+        pending_errors.append({"id": ref.id, "path": ref.path, "reason": reason,
+                               "time": dt.datetime.now(dt.UTC)})
 
-        def top_up() -> None:
-            while len(queue) < ahead:
-                ref = next(it, None)
-                if ref is None:
-                    return
-                queue.append((ref, pool.submit(embedder.decode, ref.path)))
-
-        try:
-            top_up()
-            while queue:
-                batch_refs, batch = [], []
-                n_failed_before = summary.failed
-                while queue and len(batch_refs) + (summary.failed - n_failed_before) < bs:
-                    ref, fut = queue.popleft()
-                    try:
-                        batch.append(fut.result())
-                        batch_refs.append(ref)
-                    except DecodeError as e:
-                        summary.failed += 1
-                        summary.failures.append((ref.path, str(e)))
-                        pending_errors.append({"id": ref.id, "path": ref.path, "reason": str(e),
-                                               "time": dt.datetime.now(dt.UTC)})
-                        log.info("skipped %s: %s", ref.path, e)
-                top_up()  # decoding of the next batches runs while the model works
-                if batch:
-                    pending.append(embedder.rows(batch_refs, batch))
-                    buffered += len(batch)
-                    summary.done += len(batch)
+    try:
+        with closing(embed_stream(todo, embedder, run, on_error)) as stream:
+            for table, n_failed in stream:
+                if table.num_rows:
+                    pending.append(table)
+                    buffered += table.num_rows
+                    summary.done += table.num_rows
                 if progress:
-                    progress(len(todo), len(batch) + summary.failed - n_failed_before, summary.failed)
+                    progress(len(todo), table.num_rows + n_failed, summary.failed)
                 if buffered >= run.shard_rows or time.monotonic() - last_flush >= run.flush_seconds:
                     flush()
-        finally:
-            # Whatever finished is kept, even on Ctrl-C or an unexpected error.
-            for _, fut in queue:
-                fut.cancel()
-            summary.seconds = time.perf_counter() - t_start
-            flush()
+    finally:
+        # Whatever finished is kept, even on Ctrl-C or an unexpected error.
+        summary.seconds = time.perf_counter() - t_start
+        flush()
     return summary
 
 

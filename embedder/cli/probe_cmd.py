@@ -1,0 +1,128 @@
+"""`embedder probe` and `embedder predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
+from embedder.cli.extract_cmd import EXIT_SOME_FAILED
+
+
+@handle_errors
+def probe_command(
+    train_store: Annotated[Path, typer.Argument(help="Store with labelled training vectors.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON).")],
+    test: Annotated[Optional[Path], typer.Option(help="Store with labelled test vectors.")] = None,
+    label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
+    val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = 0.1,
+    seed: Annotated[int, typer.Option()] = 0,
+    standardize: Annotated[str, typer.Option(help="auto (decided on validation) | yes | no")] = "auto",
+    knn_k: Annotated[int, typer.Option(help="k of the kNN baseline.")] = 20,
+    backend: Annotated[str, typer.Option(help="auto (torch L-BFGS on CUDA, else sklearn) | sklearn | torch")] = "auto",
+    report: Annotated[Optional[Path], typer.Option(help="Directory for confusion-matrix PNG + metrics.json.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a linear probe (logistic regression, C chosen on validation) and a kNN baseline."""
+    from embedder import probe as pr
+
+    setup_logging(verbose)
+    opts = pr.ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
+                           standardize=standardize, knn_k=knn_k, backend=backend)
+    train = pr.load_dataset(str(train_store), label_column)
+    test_ds = pr.load_dataset(str(test), label_column, train.classes) if test else None
+    if test_ds is not None:
+        pr.check_compatible(train, test_ds)
+        unseen = sorted({c for c in set(pr.load_dataset(str(test), label_column).classes)} - set(train.classes))
+        if unseen:
+            console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(unseen)}")
+            keep = test_ds.y >= 0
+            test_ds.x, test_ds.y = test_ds.x[keep], test_ds.y[keep]
+    if train.dropped_unlabelled:
+        console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=as_json)
+    with progress:
+        task = progress.add_task("C sweep", total=None)
+
+        def tick(done: int, total: int, desc: str) -> None:
+            progress.update(task, completed=done, total=total, description=desc)
+
+        result = pr.train_probe(train, opts, tick)
+    metrics: dict = {"knn_k": knn_k}  # type: ignore[type-arg]
+    if test_ds is not None and len(test_ds.y):
+        metrics["test"] = pr.evaluate(result.head, train.classes, test_ds.x, test_ds.y)
+        scores = pr.knn_predict(train.x, train.y, test_ds.x, len(train.classes), knn_k, opts.knn_temperature)
+        metrics["knn_test_accuracy"] = float((scores.argmax(1) == test_ds.y).mean())
+        metrics["n_test"] = int(len(test_ds.y))
+    result.metrics = metrics
+    pr.save_probe(out_file, result)
+    if report:
+        pr.write_report(report, result)
+    data = pr.result_json(result)
+    if as_json:
+        out.print_json(json.dumps({k: v for k, v in data.items() if k != "sweep"}))
+        return
+    out.print(f"probe → {out_file}  ({result.backend}, {result.seconds:.1f} s)")
+    out.print(f"C {result.C:.3g}  standardise {'yes' if result.standardize else 'no'}  "
+              f"validation accuracy {result.val_accuracy:.4f}  ({result.n_train} train images, "
+              f"{len(train.classes)} classes)")
+    if "test" in metrics:
+        t = metrics["test"]
+        line = f"test accuracy {t['accuracy']:.4f}  balanced {t['balanced_accuracy']:.4f}"
+        if "top5_accuracy" in t:
+            line += f"  top-5 {t['top5_accuracy']:.4f}"
+        out.print(line + f"  kNN (k={knn_k}) {metrics['knn_test_accuracy']:.4f}  on {metrics['n_test']} images")
+        table = Table("class", "precision", "recall", "F1", "support")
+        for c, r in t["per_class"].items():
+            table.add_row(c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
+        out.print(table)
+    else:
+        out.print("no --test store: only validation accuracy is reported")
+    if report:
+        out.print(f"report → {report}/confusion_matrix.png, {report}/metrics.json")
+
+
+@handle_errors
+def predict_command(
+    probe: Annotated[Path, typer.Argument(help="Probe file or finetune checkpoint.")],
+    sources: Annotated[list[str], typer.Argument(help="Images, folders, globs or lists.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parquet predictions.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
+    weights: Annotated[Optional[str], typer.Option(help="Weights file, if the probe's store was made from one.")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """Classify images with a probe; embeds them exactly as the probe's training store was."""
+    from embedder.predict import predict, write
+
+    with image_progress("predicting", enabled=not as_json and out_file is not None) as progress:
+        pred = predict(probe, sources, top_k, device, weights, progress=progress)
+    if out_file:
+        write(pred, out_file)
+        console.print(f"{pred.table.num_rows} predictions → {out_file}")
+    elif as_json:
+        for row in pred.table.to_pylist():
+            out.print(json.dumps(row), soft_wrap=True, markup=False)
+    else:
+        table = Table("path", "predicted", "probability", f"top-{top_k}")
+        for row in pred.table.to_pylist():
+            top = ", ".join(f"{lab} {p:.2f}" for lab, p in zip(row["top_k_labels"], row["top_k_probs"]))
+            table.add_row(row["path"], row["predicted"], f"{row['probability']:.3f}", top)
+        out.print(table)
+    for path, reason in pred.failures[:10]:
+        console.print(f"  [red]failed[/red] {path}: {reason}")
+    if pred.failures:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("probe")(probe_command)
+    app.command("predict")(predict_command)

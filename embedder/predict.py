@@ -1,0 +1,80 @@
+"""Classify new images with a probe (or a fine-tuned checkpoint's own head)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.extract import RunOptions, embed_stream, embedder_for
+from embedder.probe import LinearHead, load_probe
+from embedder.sources import ImageRef, discover
+from embedder.store import arrow_to_embeddings
+
+
+@dataclass
+class Predictions:
+    table: pa.Table
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_classifier(path: Path) -> tuple[LinearHead, list[str], dict, str | None]:  # type: ignore[type-arg]
+    """A probe file, or an `embedder finetune` checkpoint (whose own head classifies)."""
+    from embedder import checkpoint
+
+    if checkpoint.is_checkpoint(path):
+        head, classes, prov = checkpoint.head_and_provenance(path)
+        return head, classes, prov, str(path)
+    head, meta = load_probe(path)
+    return head, meta["classes"], meta["provenance"], None
+
+
+def predict(probe_path: Path, sources: Sequence[str], top_k: int = 5, device: str = "auto",
+            weights: str | None = None, run: RunOptions = RunOptions(),
+            progress: Callable[[int, int, int], None] | None = None) -> Predictions:
+    head, classes, prov, own_weights = load_classifier(probe_path)
+    refs = discover(sources)
+    emb = embedder_for(prov, weights or own_weights, device)
+    failures: list[tuple[str, str]] = []
+
+    def on_error(ref: ImageRef, reason: str) -> None:
+        failures.append((ref.path, reason))
+
+    k = max(1, min(top_k, len(classes)))
+    parts = []
+    if progress:
+        progress(len(refs), 0, 0)
+    with closing(embed_stream(refs, emb, run, on_error)) as stream:
+        for table, n_failed in stream:
+            if progress:
+                progress(len(refs), table.num_rows + n_failed, len(failures))
+            if not table.num_rows:
+                continue
+            proba = head.proba(arrow_to_embeddings(table.column("embedding")))
+            top = np.argsort(-proba, axis=1)[:, :k]
+            parts.append(pa.table({
+                "id": table.column("id"), "path": table.column("path"),
+                "predicted": pa.array([classes[i] for i in top[:, 0]], pa.string()),
+                "probability": pa.array(proba[np.arange(len(top)), top[:, 0]].astype(np.float32)),
+                "top_k_labels": pa.array([[classes[i] for i in row] for row in top], pa.list_(pa.string())),
+                "top_k_probs": pa.array([proba[r, row].astype(np.float32).tolist() for r, row in enumerate(top)],
+                                        pa.list_(pa.float32())),
+                "label": table.column("label"),
+            }))
+    schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("predicted", pa.string()),
+                        ("probability", pa.float32()), ("top_k_labels", pa.list_(pa.string())),
+                        ("top_k_probs", pa.list_(pa.float32())), ("label", pa.string())])
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return Predictions(table, failures)
+
+
+def write(pred: Predictions, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(pred.table, tmp)
+    tmp.replace(out)

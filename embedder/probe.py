@@ -1,0 +1,440 @@
+"""Linear probes on frozen features, measured the way the CLIP and DINOv2 papers do.
+
+Multinomial logistic regression; C chosen on a stratified validation split carved from train
+(fixed seed) over a log grid from 1e-6 to 1e5 (coarse decades, then a refinement around the best),
+warm-started along the path; refit on all of train with the best C. A temperature-weighted cosine
+kNN is the second baseline. The probe file is safetensors (arrays) plus JSON metadata: loading it
+never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.errors import ProbeError
+from embedder.store import Store, arrow_to_embeddings, identity
+
+log = logging.getLogger(__name__)
+
+PROBE_KEY = "embedder_probe"
+PROBE_FORMAT = "embedder-probe/1"
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    label_column: str = "label"
+    val_fraction: float = 0.1
+    seed: int = 0
+    c_min_exp: int = -6
+    c_max_exp: int = 5
+    refine: bool = True
+    max_iter: int = 1000
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    standardize: str = "auto"  # auto (decided on validation) | yes | no
+    backend: str = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
+    device: str = "auto"
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray
+    y: np.ndarray  # int class indices
+    classes: list[str]
+    ids: list[str]
+    paths: list[str]
+    provenance: dict[str, Any]
+    dropped_unlabelled: int = 0
+
+
+@dataclass
+class LinearHead:
+    coef: np.ndarray  # [classes, dim]
+    intercept: np.ndarray  # [classes]
+    mean: np.ndarray  # standardisation (zeros/ones when off)
+    scale: np.ndarray
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        z = self.logits(x)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+@dataclass
+class ProbeResult:
+    head: LinearHead
+    classes: list[str]
+    C: float
+    standardize: bool
+    val_accuracy: float
+    sweep: list[dict[str, float]]
+    n_train: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    backend: str = "sklearn"
+    seconds: float = 0.0
+
+
+def load_dataset(store_path: str, label_column: str = "label",
+                 classes: list[str] | None = None) -> Dataset:
+    store = Store.open(store_path)
+    cols = ["id", "path", "embedding", label_column]
+    try:
+        t = store.read(cols)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a missing column
+        raise ProbeError(f"{store_path} has no column {label_column!r}: {e}") from None
+    labels = t.column(label_column).to_pylist()
+    keep = [i for i, lab in enumerate(labels) if lab is not None and lab != ""]
+    if not keep:
+        raise ProbeError(f"{store_path} has no labels in {label_column!r}: put images in one "
+                         "subfolder per class (ImageFolder) or extract from a list with a label column")
+    t = t.take(keep)
+    labels = [str(labels[i]) for i in keep]
+    x = arrow_to_embeddings(t.column("embedding"))
+    known = classes or sorted(set(labels))
+    index = {c: i for i, c in enumerate(known)}
+    y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
+    return Dataset(x, y, known, t.column("id").to_pylist(), t.column("path").to_pylist(),
+                   store.provenance, dropped_unlabelled=len(labels) - len(keep))
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val.extend(idx[:n_val].tolist())
+    val_mask = np.zeros(len(y), dtype=bool)
+    val_mask[val] = True
+    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+
+
+def _scaler(x: np.ndarray, on: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not on:
+        return np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale < 1e-8] = 1.0
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+class _SklearnFitter:
+    """Warm-started multinomial L-BFGS along a C path (sklearn's objective: C·Σloss + ½‖W‖²)."""
+
+    name = "sklearn"
+
+    def __init__(self, n_classes: int, max_iter: int) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        self.model = LogisticRegression(C=1.0, max_iter=max_iter, warm_start=True, tol=1e-4)
+        self.n_classes = n_classes
+
+    def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.exceptions import ConvergenceWarning
+
+        self.model.set_params(C=C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.model.fit(x, y)
+        coef, icpt = self.model.coef_, self.model.intercept_
+        if coef.shape[0] == 1:  # binary: sklearn keeps one row; expand to a softmax pair
+            coef = np.vstack([-coef / 2, coef / 2])
+            icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
+        full_c = np.zeros((self.n_classes, x.shape[1]), np.float32)
+        full_i = np.full(self.n_classes, -1e9, np.float32)  # classes absent from train never win
+        present = self.model.classes_
+        full_c[present] = coef
+        full_i[present] = icpt
+        return full_c, full_i
+
+
+class _TorchFitter:
+    """Full-batch L-BFGS in torch (the GPU path), same objective as scikit-learn's."""
+
+    name = "torch"
+
+    def __init__(self, n_classes: int, max_iter: int, device: str) -> None:
+        import torch
+
+        from embedder.model import resolve_device
+
+        self.torch = torch
+        self.device = resolve_device(device)
+        self.n_classes = n_classes
+        self.max_iter = max_iter
+        self.w: Any = None
+        self.b: Any = None
+
+    def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        X = torch.as_tensor(x, device=self.device, dtype=torch.float32)
+        Y = torch.as_tensor(y, device=self.device)
+        if self.w is None:
+            self.w = torch.zeros(self.n_classes, x.shape[1], device=self.device, requires_grad=True)
+            self.b = torch.zeros(self.n_classes, device=self.device, requires_grad=True)
+        opt = torch.optim.LBFGS([self.w, self.b], lr=1, max_iter=self.max_iter, history_size=20,
+                                tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+        n = len(y)
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(X @ self.w.T + self.b, Y, reduction="sum")
+            loss = (C * loss + 0.5 * (self.w * self.w).sum()) / n
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return self.w.detach().cpu().numpy(), self.b.detach().cpu().numpy()
+
+
+def _fitter(options: ProbeOptions, n_classes: int) -> _SklearnFitter | _TorchFitter:
+    backend = options.backend
+    if backend == "auto":
+        import torch
+
+        backend = "torch" if torch.cuda.is_available() and options.device != "cpu" else "sklearn"
+    if backend == "torch":
+        return _TorchFitter(n_classes, options.max_iter, options.device)
+    if backend != "sklearn":
+        raise ProbeError(f"unknown backend {backend!r}; valid: auto, sklearn, torch")
+    return _SklearnFitter(n_classes, options.max_iter)
+
+
+def _accuracy(head: LinearHead, x: np.ndarray, y: np.ndarray) -> float:
+    return float((head.logits(x).argmax(1) == y).mean()) if len(y) else float("nan")
+
+
+def _sweep(fitter_factory: Callable[[], Any], xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray,
+           yva: np.ndarray, Cs: list[float], mean: np.ndarray, scale: np.ndarray,
+           tick: Callable[[], None]) -> list[dict[str, float]]:
+    fitter = fitter_factory()
+    xs, xvs = (xtr - mean) / scale, xva
+    rows = []
+    for C in sorted(Cs):  # small to large C: each fit warm-starts from the more regularised one
+        coef, icpt = fitter.fit(xs, ytr, C)
+        acc = _accuracy(LinearHead(coef, icpt, mean, scale), xvs, yva)
+        rows.append({"C": C, "val_accuracy": acc})
+        tick()
+    return rows
+
+
+def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
+                progress: Callable[[int, int, str], None] | None = None) -> ProbeResult:
+    t0 = time.perf_counter()
+    counts = np.bincount(train.y, minlength=len(train.classes))
+    if len(train.classes) < 2 or (counts > 0).sum() < 2:
+        raise ProbeError(f"need at least 2 classes to train a probe, found {len(train.classes)} "
+                         f"({', '.join(train.classes)})")
+    tr, va = stratified_split(train.y, options.val_fraction, options.seed)
+    if len(va) == 0:
+        raise ProbeError("too few images per class for a validation split (need ≥ 2 per class)")
+    xtr, ytr, xva, yva = train.x[tr], train.y[tr], train.x[va], train.y[va]
+    coarse = [10.0 ** e for e in range(options.c_min_exp, options.c_max_exp + 1)]
+    modes = {"auto": [False, True], "yes": [True], "no": [False]}.get(options.standardize)
+    if modes is None:
+        raise ProbeError(f"--standardize takes auto, yes or no, got {options.standardize!r}")
+    total = len(coarse) * len(modes) + (4 if options.refine else 0) + 1
+    done = 0
+
+    def tick(desc: str = "C sweep") -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, desc)
+
+    def factory() -> Any:
+        return _fitter(options, len(train.classes))
+
+    results: dict[bool, list[dict[str, float]]] = {}
+    scalers = {}
+    for std in modes:
+        mean, scale = _scaler(xtr, std)
+        scalers[std] = (mean, scale)
+        results[std] = _sweep(factory, xtr, ytr, xva, yva, coarse, mean, scale, tick)
+    # Ties go to stronger regularisation and to no standardisation (the simpler model).
+    best_std, best = max(((s, r) for s in modes for r in results[s]),
+                         key=lambda sr: (sr[1]["val_accuracy"], -sr[0], -np.log10(sr[1]["C"])))
+    sweep = [{**r, "standardize": s} for s in modes for r in results[s]]
+    if options.refine:
+        c = best["C"]
+        fine = [c * 10 ** d for d in (-0.5, -0.25, 0.25, 0.5)]
+        mean, scale = scalers[best_std]
+        fine_rows = _sweep(factory, xtr, ytr, xva, yva, fine, mean, scale, tick)
+        sweep += [{**r, "standardize": best_std} for r in fine_rows]
+        top = max(fine_rows, key=lambda r: (r["val_accuracy"], -np.log10(r["C"])))
+        if top["val_accuracy"] > best["val_accuracy"]:
+            best = top
+    # Refit on all of train with the chosen C and standardisation.
+    mean, scale = _scaler(train.x, best_std)
+    fitter = factory()
+    # Warm start along a short path, as in the sweep, so the final fit converges like the chosen one.
+    for C in [c for c in coarse if c < best["C"]] + [best["C"]]:
+        coef, icpt = fitter.fit((train.x - mean) / scale, train.y, C)
+    tick("refit")
+    head = LinearHead(coef.astype(np.float32), icpt.astype(np.float32), mean, scale)
+    return ProbeResult(head, train.classes, float(best["C"]), bool(best_std),
+                       float(best["val_accuracy"]), sweep, len(train.y), provenance=train.provenance,
+                       backend=fitter.name, seconds=time.perf_counter() - t0)
+
+
+def knn_predict(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, n_classes: int, k: int = 20,
+                temperature: float = 0.07) -> np.ndarray:
+    """DINOv2's kNN: cosine on unit vectors, votes weighted by exp(sim / T). Returns class scores."""
+    a = xtr / np.maximum(np.linalg.norm(xtr, axis=1, keepdims=True), 1e-12)
+    b = xte / np.maximum(np.linalg.norm(xte, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(a))
+    scores = np.zeros((len(b), n_classes), np.float64)
+    for s in range(0, len(b), 1024):
+        sims = b[s:s + 1024] @ a.T
+        nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        w = np.exp(np.take_along_axis(sims, nn, 1) / temperature)
+        for j in range(k):
+            np.add.at(scores[s:s + 1024], (np.arange(len(nn)), ytr[nn[:, j]]), w[:, j])
+    return scores
+
+
+def evaluate(head: LinearHead, classes: list[str], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    proba = head.proba(x)
+    pred = proba.argmax(1)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out: dict[str, Any] = {
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(s[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+    if len(classes) > 5:
+        top5 = np.argsort(-proba, axis=1)[:, :5]
+        out["top5_accuracy"] = float((top5 == y[:, None]).any(1).mean())
+    return out
+
+
+def check_compatible(train: Dataset, test: Dataset) -> None:
+    if train.x.shape[1] != test.x.shape[1]:
+        raise ProbeError(f"train vectors have dim {train.x.shape[1]}, test vectors {test.x.shape[1]}: "
+                         "embed both with the same backbone and layer")
+    a, b = identity(train.provenance), identity(test.provenance)
+    diff = [k for k in ("backbone", "weights", "layer", "pool", "preprocessing") if a[k] != b[k]]
+    if diff:
+        raise ProbeError(f"train and test stores were embedded differently ({diff[0]} differs); "
+                         "re-extract the test images with the train store's settings")
+
+
+# ---- the probe file --------------------------------------------------------------------------
+def save_probe(path: Path, result: ProbeResult) -> None:
+    from safetensors.numpy import save_file
+
+    meta = {"format": PROBE_FORMAT, "classes": result.classes, "C": result.C,
+            "standardize": result.standardize, "val_accuracy": result.val_accuracy,
+            "n_train": result.n_train, "backend": result.backend, "provenance": result.provenance,
+            "metrics": {k: v for k, v in result.metrics.items() if k != "sweep"}}
+    h = result.head
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"coef": h.coef, "intercept": h.intercept, "mean": h.mean, "scale": h.scale}, str(tmp),
+              metadata={PROBE_KEY: json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_probe(path: Path) -> tuple[LinearHead, dict[str, Any]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ProbeError(f"probe file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = (f.metadata() or {}).get(PROBE_KEY)
+            arrays = {k: f.get_tensor(k) for k in ("coef", "intercept", "mean", "scale")}
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same to the user
+        raise ProbeError(f"{path} is not a readable probe file ({type(e).__name__}); "
+                         "create one with `embedder probe STORE --out PROBE`") from None
+    if not raw:
+        raise ProbeError(f"{path} is a safetensors file but not an embedder probe")
+    meta = json.loads(raw)
+    head = LinearHead(arrays["coef"], arrays["intercept"], arrays["mean"], arrays["scale"])
+    if head.coef.shape[0] != len(meta["classes"]):
+        raise ProbeError(f"{path} is inconsistent: {head.coef.shape[0]} rows for {len(meta['classes'])} classes")
+    return head, meta
+
+
+def result_json(result: ProbeResult) -> dict[str, Any]:
+    m = result.metrics
+    return {
+        "C": result.C, "standardize": result.standardize, "val_accuracy": result.val_accuracy,
+        "test_accuracy": m.get("test", {}).get("accuracy"),
+        "test_top5_accuracy": m.get("test", {}).get("top5_accuracy"),
+        "test_balanced_accuracy": m.get("test", {}).get("balanced_accuracy"),
+        "knn_test_accuracy": m.get("knn_test_accuracy"), "knn_k": m.get("knn_k"),
+        "n_train": result.n_train, "n_test": m.get("n_test", 0), "classes": result.classes,
+        "backend": result.backend, "seconds": round(result.seconds, 2),
+        "per_class": m.get("test", {}).get("per_class"),
+        "confusion_matrix": m.get("test", {}).get("confusion_matrix"),
+        "sweep": result.sweep,
+    }
+
+
+def write_report(directory: Path, result: ProbeResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = result_json(result)
+    (directory / "metrics.json").write_text(json.dumps(data, indent=2))
+    cm = data["confusion_matrix"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    if cm is not None:
+        arr = np.array(cm, dtype=float)
+        norm = arr / np.maximum(arr.sum(1, keepdims=True), 1)
+        ax = axes[0]
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        n = len(result.classes)
+        ax.set_xticks(range(n), result.classes, rotation=90 if n > 6 else 0)
+        ax.set_yticks(range(n), result.classes)
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, int(arr[i, j]), ha="center", va="center",
+                            color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"test confusion (acc {data['test_accuracy']:.3f})")
+    else:
+        axes[0].axis("off")
+    ax = axes[1]
+    for std in sorted({bool(r["standardize"]) for r in result.sweep}):
+        rows = sorted((r for r in result.sweep if bool(r["standardize"]) == std), key=lambda r: r["C"])
+        ax.semilogx([r["C"] for r in rows], [r["val_accuracy"] for r in rows], "o-",
+                    label="standardised" if std else "raw")
+    ax.axvline(result.C, color="gray", ls="--", label=f"chosen C={result.C:.3g}")
+    ax.set_xlabel("C (inverse regularisation)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("C sweep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "confusion_matrix.png", dpi=110)
+    plt.close(fig)

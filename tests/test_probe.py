@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedder import probe as pr
+from embedder.cli import app
+from embedder.errors import ProbeError
+from embedder.extract import extract
+from embedder.model import ModelSpec
+from tests.conftest import make_images
+from tests.test_index import vector_store
+
+runner = CliRunner()
+FAST = pr.ProbeOptions(c_min_exp=-4, c_max_exp=3)
+
+
+def blobs(n_per: int, classes: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 1, (classes, dim)) * sep
+    x = np.concatenate([centers[c] + rng.normal(0, 1, (n_per, dim)) for c in range(classes)])
+    labels = [f"class{c}" for c in range(classes) for _ in range(n_per)]
+    return x.astype(np.float32), labels
+
+
+def test_separable_clusters_are_learned(tmp_path: Path) -> None:
+    x, y = blobs(60, 4, 32, sep=3.0, seed=0)
+    xt, yt = blobs(30, 4, 32, sep=3.0, seed=0)  # same centres (same seed), new noise below
+    xt += np.random.default_rng(5).normal(0, 0.5, xt.shape).astype(np.float32)
+    train = pr.load_dataset(vector_store(tmp_path / "tr", x, y))
+    test = pr.load_dataset(vector_store(tmp_path / "te", xt, yt), classes=train.classes)
+    result = pr.train_probe(train, FAST)
+    assert result.val_accuracy >= 0.95
+    m = pr.evaluate(result.head, train.classes, test.x, test.y)
+    assert m["accuracy"] >= 0.95 and m["balanced_accuracy"] >= 0.95
+    knn = pr.knn_predict(train.x, train.y, test.x, 4)
+    assert (knn.argmax(1) == test.y).mean() >= 0.95
+    assert np.array(m["confusion_matrix"]).sum() == len(test.y)
+
+
+def test_pure_noise_stays_near_chance(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (400, 64)).astype(np.float32)
+    y = [f"c{i % 4}" for i in rng.permutation(400)]
+    xt = rng.normal(0, 1, (400, 64)).astype(np.float32)
+    yt = [f"c{i % 4}" for i in range(400)]
+    train = pr.load_dataset(vector_store(tmp_path / "tr", x, y))
+    test = pr.load_dataset(vector_store(tmp_path / "te", xt, yt), classes=train.classes)
+    result = pr.train_probe(train, FAST)
+    acc = pr.evaluate(result.head, train.classes, test.x, test.y)["accuracy"]
+    assert 0.15 <= acc <= 0.37  # chance is 0.25
+
+
+def test_torch_lbfgs_agrees_with_sklearn(tmp_path: Path) -> None:
+    x, y = blobs(50, 5, 24, sep=0.6, seed=3)  # overlapping: accuracy well below 1
+    xt, yt = blobs(50, 5, 24, sep=0.6, seed=3)
+    xt = xt + np.random.default_rng(9).normal(0, 1, xt.shape).astype(np.float32)
+    train = pr.load_dataset(vector_store(tmp_path / "tr", x, y))
+    test = pr.load_dataset(vector_store(tmp_path / "te", xt, yt), classes=train.classes)
+    accs = {}
+    for backend in ("sklearn", "torch"):
+        opts = pr.ProbeOptions(c_min_exp=-4, c_max_exp=3, backend=backend, device="cpu", standardize="no")
+        r = pr.train_probe(train, opts)
+        accs[backend] = (r.C, pr.evaluate(r.head, train.classes, test.x, test.y)["accuracy"])
+    assert accs["sklearn"][0] == accs["torch"][0]
+    assert abs(accs["sklearn"][1] - accs["torch"][1]) <= 0.005 + 1e-9, accs
+
+
+def test_probe_file_round_trip_is_not_a_pickle(tmp_path: Path) -> None:
+    x, y = blobs(20, 3, 8, sep=3.0, seed=0)
+    train = pr.load_dataset(vector_store(tmp_path / "tr", x, y))
+    result = pr.train_probe(train, FAST)
+    f = tmp_path / "p.safetensors"
+    pr.save_probe(f, result)
+    head, meta = pr.load_probe(f)
+    np.testing.assert_allclose(head.proba(x), result.head.proba(x), rtol=1e-6)
+    assert meta["classes"] == ["class0", "class1", "class2"] and meta["C"] == result.C
+    assert meta["provenance"]["backbone"] == "synthetic"
+    assert b"pickle" not in f.read_bytes()[:200] and f.read_bytes()[:8] != b"\x80\x04\x95"
+    (tmp_path / "bad").write_bytes(b"\x80\x04\x95 pickle-like junk")
+    with pytest.raises(ProbeError, match="not a readable probe"):
+        pr.load_probe(tmp_path / "bad")
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    x, _ = blobs(10, 2, 8, sep=3.0, seed=0)
+    with pytest.raises(ProbeError, match="no labels"):
+        pr.load_dataset(vector_store(tmp_path / "nolab", x, [None] * 20))  # type: ignore[list-item]
+    one = pr.load_dataset(vector_store(tmp_path / "one", x, ["a"] * 20))
+    with pytest.raises(ProbeError, match="at least 2 classes"):
+        pr.train_probe(one)
+    a = pr.load_dataset(vector_store(tmp_path / "a", x, ["a", "b"] * 10))
+    b = pr.load_dataset(vector_store(tmp_path / "b", x[:, :4], ["a", "b"] * 10))
+    with pytest.raises(ProbeError, match="dim 8"):
+        pr.check_compatible(a, b)
+
+
+def test_cli_probe_and_predict_on_tiny_backbone(tmp_path: Path) -> None:
+    make_images(tmp_path / "train", {"red": 12, "green": 12, "blue": 12}, seed=0)
+    make_images(tmp_path / "test", {"red": 6, "green": 6, "blue": 6}, seed=1)
+    for split in ("train", "test"):
+        extract([str(tmp_path / split)], str(tmp_path / f"{split}.store"), ModelSpec("tiny_test"))
+    probe = tmp_path / "probe.safetensors"
+    r = runner.invoke(app, ["probe", str(tmp_path / "train.store"), "--out", str(probe), "--test",
+                            str(tmp_path / "test.store"), "--json", "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["test_accuracy"] >= 0.9 and data["knn_test_accuracy"] >= 0.9
+    assert data["n_train"] == 36 and data["n_test"] == 18 and data["classes"] == ["blue", "green", "red"]
+    assert {"val_accuracy", "C"} <= data.keys()
+    assert (tmp_path / "rep" / "confusion_matrix.png").stat().st_size > 1000
+    r = runner.invoke(app, ["probe", str(tmp_path / "train.store"), "--out", str(probe)])
+    assert r.exit_code == 0 and "validation accuracy" in r.output
+
+    (tmp_path / "test" / "red" / "broken.jpg").write_bytes(b"xx")
+    preds = tmp_path / "preds.parquet"
+    r = runner.invoke(app, ["predict", str(probe), str(tmp_path / "test"), "--out", str(preds), "--top-k", "2"])
+    assert r.exit_code == 3, r.output  # one image failed, the rest predicted
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(preds).to_pylist()
+    assert len(t) == 18 and all(len(row["top_k_labels"]) == 2 for row in t)
+    assert sum(row["predicted"] == row["label"] for row in t) >= 16
+    r = runner.invoke(app, ["predict", str(probe), str(tmp_path / "test" / "green" / "green_0000.jpg")])
+    assert r.exit_code == 0 and "green" in r.output
+
+    # a store embedded differently is refused for predict's embedding and for train/test
+    extract([str(tmp_path / "test")], str(tmp_path / "l1.store"), ModelSpec("tiny_test", layer="stage1"))
+    r = runner.invoke(app, ["probe", str(tmp_path / "train.store"), "--out", str(probe), "--test",
+                            str(tmp_path / "l1.store")])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "dim" in r.output
+    r = runner.invoke(app, ["predict", str(tmp_path / "nope.safetensors"), str(tmp_path / "test")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(app, ["probe", str(tmp_path / "test" / "red"), "--out", str(probe)])
+    assert r.exit_code == 2 and "not an embedding store" in r.output
