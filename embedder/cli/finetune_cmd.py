@@ -1,0 +1,91 @@
+"""`embedder finetune`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from embedder.cli.common import console, handle_errors, out, setup_logging
+
+
+@handle_errors
+def finetune_command(
+    train_source: Annotated[list[str], typer.Argument(help="Labelled images (one subfolder per class).")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
+    val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation images (default: split of train).")] = None,
+    val_fraction: Annotated[float, typer.Option()] = 0.1,
+    backbone: Annotated[str, typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG.")] = "resnet50",
+    weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    head_epochs: Annotated[int, typer.Option(min=0, help="Frozen-backbone epochs first.")] = 1,
+    freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = False,
+    unfreeze_from: Annotated[Optional[str], typer.Option(help="Earliest stage to train (e.g. layer3).")] = None,
+    lr_head: Annotated[float, typer.Option()] = 3e-3,
+    lr_backbone: Annotated[float, typer.Option()] = 1e-4,
+    lr_decay: Annotated[float, typer.Option(help="Per-stage factor going down (discriminative rates).")] = 1.0,
+    image_size: Annotated[Optional[int], typer.Option(help="Crop size (default: the weights' own).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    patience: Annotated[int, typer.Option(min=1)] = 3,
+    workers: Annotated[int, typer.Option(min=0)] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option()] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue a killed run from its last completed epoch.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Fine-tune a pretrained backbone with a new head; reports what it bought over a frozen probe."""
+    from embedder.backbones import parse_backbone_spec
+    from embedder.finetune import FinetuneOptions, finetune
+
+    setup_logging(verbose)
+    entry, tag = parse_backbone_spec(backbone)
+    opts = FinetuneOptions(backbone=entry.name, weights_tag=tag, weights_file=weights, image_size=image_size,
+                           epochs=epochs, head_epochs=head_epochs, freeze_backbone=freeze_backbone,
+                           unfreeze_from=unfreeze_from, lr_head=lr_head, lr_backbone=lr_backbone,
+                           lr_decay=lr_decay, batch_size=batch_size, patience=patience,
+                           val_fraction=val_fraction, seed=seed, device=device, workers=workers)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                        disable=as_json)
+    tasks: dict[int, int] = {}
+
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        if epoch not in tasks:
+            tasks[epoch] = progress.add_task(f"epoch {epoch}", total=steps, info="")
+        progress.update(tasks[epoch], completed=step, info=f"loss {loss:.3f}")
+
+    def on_epoch(rec) -> None:  # type: ignore[no-untyped-def]
+        if rec.epoch in tasks:
+            progress.update(tasks[rec.epoch], info=f"loss {rec.train_loss:.3f}  val acc {rec.val_accuracy:.3f}  "
+                                                   f"{rec.images_per_second:.1f} img/s  ({rec.phase})")
+
+    with progress:
+        result = finetune(train_source, out_file, opts, val, resume, on_step, on_epoch)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    table = Table("epoch", "phase", "train loss", "val acc", "img/s", title="fine-tuning", title_justify="left")
+    for r in result.history:
+        mark = " ← best" if r.epoch == result.best_epoch else ""
+        table.add_row(str(r.epoch), r.phase, f"{r.train_loss:.4f}", f"{r.val_accuracy:.4f}{mark}",
+                      f"{r.images_per_second:.1f}")
+    out.print(table)
+    gain = result.best_val_accuracy - result.frozen_val_accuracy
+    out.print(f"frozen probe (same split, before fine-tuning): {result.frozen_val_accuracy:.4f}")
+    out.print(f"fine-tuned best (epoch {result.best_epoch}):             {result.best_val_accuracy:.4f}  "
+              f"({gain:+.4f})")
+    out.print(f"{result.n_train} train / {result.n_val} val images, {len(result.classes)} classes, "
+              f"{result.seconds:.0f} s → {result.checkpoint}")
+    if result.skipped_images:
+        console.print(f"[yellow]skipped {len(result.skipped_images)} images that failed to decode[/yellow]")
+        for p, r in result.skipped_images[:5]:
+            console.print(f"  {p}: {r}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune_command)

@@ -1,0 +1,447 @@
+"""Fine-tuning: refresh a pretrained backbone on the user's labels, then re-embed with it.
+
+One schedule covers both strategies (fastai's fine_tune, in spirit): ``head_epochs`` train the new
+head on the frozen backbone, then the backbone is unfrozen (all of it, or from ``unfreeze_from``)
+with a smaller learning rate than the head, optionally decayed stage by stage (discriminative
+rates). AdamW, linear warm-up then cosine decay per phase, label smoothing, early stopping on
+validation accuracy keeping the best epoch.
+
+BatchNorm policy (small data): running statistics stay frozen at their pretrained values in both
+phases (BN layers in eval mode, affine parameters trainable once unfrozen). Small batches give
+noisy batch statistics; ImageNet's are a better estimate for a few hundred images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from embedder import checkpoint
+from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
+from embedder.decode import load_rgb, normalize_batch, preprocess
+from embedder.errors import DecodeError, FinetuneError
+from embedder.model import _set_module, resolve_device
+from embedder.probe import stratified_split
+from embedder.sources import ImageRef, discover
+from embedder.weights import apply_weights, load_registry_weights, load_weights_file
+
+log = logging.getLogger(__name__)
+
+BN_POLICY = "running statistics frozen (BN in eval mode); affine parameters train when unfrozen"
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    backbone: str = "resnet50"
+    weights_tag: str | None = None
+    weights_file: Path | None = None
+    image_size: int | None = None  # crop size; None: the weights' own
+    epochs: int = 10  # total, head phase included
+    head_epochs: int = 1  # frozen-backbone epochs first
+    freeze_backbone: bool = False  # head only, all epochs
+    unfreeze_from: str | None = None  # earliest stage to train; None: everything
+    lr_head: float = 3e-3
+    lr_backbone: float = 1e-4
+    lr_decay: float = 1.0  # per stage going down from the top (e.g. 0.5): discriminative rates
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_fraction: float = 0.1
+    batch_size: int = 32
+    patience: int = 3  # early stopping on validation accuracy
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    max_pixels: int = 89_478_485
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    phase: str
+    train_loss: float
+    val_accuracy: float
+    images_per_second: float
+    lr_head: float
+    lr_backbone: float
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: str
+    classes: list[str]
+    best_val_accuracy: float
+    best_epoch: int
+    frozen_val_accuracy: float
+    epochs_run: int
+    history: list[EpochRecord] = field(default_factory=list)
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped_images"] = [{"path": p, "reason": r} for p, r in self.skipped_images[:100]]
+        d["skipped"] = len(self.skipped_images)
+        return d
+
+
+# ---- data --------------------------------------------------------------------------------------
+class _Images(Dataset):  # type: ignore[type-arg]
+    def __init__(self, refs: list[ImageRef], labels: list[int], transform: Callable[[Any], torch.Tensor],
+                 max_pixels: int) -> None:
+        self.refs, self.labels, self.transform, self.max_pixels = refs, labels, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, str]:
+        ref = self.refs[i]
+        try:
+            with open(ref.path, "rb") as f:
+                img = load_rgb(f.read(), self.max_pixels)
+            return self.transform(img), self.labels[i], ref.path, ""
+        except (DecodeError, OSError) as e:
+            return None, self.labels[i], ref.path, str(e)
+
+
+def _collate(batch: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    good = [(x, y) for x, y, _, _ in batch if x is not None]
+    failed = [(p, r) for x, _, p, r in batch if x is None]
+    if not good:
+        return None, torch.zeros(0, dtype=torch.long), failed
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failed
+
+
+def train_transform(pre: Preprocessing) -> Callable[[Any], torch.Tensor]:
+    crop = T.RandomResizedCrop(pre.crop_size, scale=(0.35, 1.0), interpolation=pre.interpolation_mode,
+                               antialias=True)
+    flip = T.RandomHorizontalFlip()
+    return lambda img: TF.pil_to_tensor(flip(crop(img)))
+
+
+def eval_transform(pre: Preprocessing) -> Callable[[Any], torch.Tensor]:
+    return lambda img: preprocess(img, pre)
+
+
+def _labelled(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:
+    refs = discover(source)
+    if not refs:
+        raise FinetuneError(f"no images found in {', '.join(source)}")
+    unlabelled = [r for r in refs if r.label is None]
+    if len(unlabelled) == len(refs):
+        raise FinetuneError(f"no labels in {', '.join(source)}: put images in one subfolder per class")
+    refs = [r for r in refs if r.label is not None]
+    return refs, sorted({r.label for r in refs if r.label is not None}) if classes is None else classes
+
+
+# ---- model -------------------------------------------------------------------------------------
+def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Backbone, Preprocessing, dict[str, Any]]:
+    backbone = get_backbone(options.backbone)
+    loaded = (load_weights_file(options.weights_file) if options.weights_file
+              else load_registry_weights(backbone, options.weights_tag))
+    net = backbone.build_architecture(options.weights_tag)
+    apply_weights(net, loaded.state_dict, backbone.head, backbone.name)
+    old = net.get_submodule(backbone.head)
+    if not isinstance(old, nn.Linear):
+        raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")
+    torch.manual_seed(options.seed)
+    _set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
+    if hasattr(net, "aux_logits"):
+        net.aux_logits = False
+        if getattr(net, "AuxLogits", None) is not None:
+            net.AuxLogits = None
+    pre = loaded.preprocessing or backbone.preprocessing(options.weights_tag)
+    if options.image_size:
+        pre = pre.at_size(options.image_size)
+    origin = {"tag": loaded.info.tag, "sha256": loaded.info.sha256, "file": loaded.info.file}
+    return net, backbone, pre, origin
+
+
+def param_groups(net: nn.Module, backbone: Backbone, options: FinetuneOptions) -> list[dict[str, Any]]:
+    """Head at lr_head; backbone stages at lr_backbone × lr_decay^(stages below the top);
+    stages before ``unfreeze_from`` get no group at all (they stay frozen)."""
+    head_prefix = backbone.head + "."
+    with_params = {n for n, _ in net.named_parameters()}
+    stages = [s for s in suggested_layers(backbone.name) if not backbone.head.startswith(s)
+              and any(p.startswith(s + ".") for p in with_params)]
+    if options.unfreeze_from is not None and options.unfreeze_from not in stages:
+        raise FinetuneError(f"--unfreeze-from {options.unfreeze_from!r} is not a stage of "
+                            f"{backbone.name}; stages: {', '.join(stages)}")
+    first = stages.index(options.unfreeze_from) if options.unfreeze_from else 0
+
+    def stage_of(name: str) -> int:
+        for i, s in enumerate(stages):
+            if name == s or name.startswith(s + "."):
+                return i
+        return len(stages) - 1  # parameters outside named stages (final norms) train with the top
+
+    groups: dict[int, list[nn.Parameter]] = {}
+    head: list[nn.Parameter] = []
+    for name, p in net.named_parameters():
+        if name.startswith(head_prefix):
+            head.append(p)
+            continue
+        s = stage_of(name)
+        if s >= first:
+            groups.setdefault(s, []).append(p)
+    out: list[dict[str, Any]] = [{"params": head, "lr": options.lr_head, "name": "head",
+                                  "base_lr": options.lr_head}]
+    top = len(stages) - 1
+    for s in sorted(groups, reverse=True):
+        lr = options.lr_backbone * options.lr_decay ** (top - s)
+        out.append({"params": groups[s], "lr": lr, "name": stages[s], "base_lr": lr})
+    return out
+
+
+def _set_trainable(net: nn.Module, groups: list[dict[str, Any]], backbone_on: bool) -> None:
+    net.requires_grad_(False)
+    for g in groups:
+        if g["name"] == "head" or backbone_on:
+            for p in g["params"]:
+                p.requires_grad_(True)
+
+
+def _bn_eval(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader: DataLoader, pre: Preprocessing, device: torch.device,  # type: ignore[type-arg]
+             amp: torch.dtype | None, skipped: dict[str, str] | None = None) -> float:
+    net.eval()
+    correct = total = 0
+    for x, y, failed in loader:
+        for p, r in failed:
+            if skipped is not None:
+                skipped.setdefault(p, r)
+        if x is None:
+            continue
+        xb = normalize_batch(x.to(device, non_blocking=True), pre)
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = net(xb)
+        correct += int((logits.argmax(1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def _features(net: nn.Module, head: str, loader: DataLoader, pre: Preprocessing,  # type: ignore[type-arg]
+              device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    net.eval()
+    feats, labels = [], []
+    captured: list[torch.Tensor] = []
+    hook = net.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    try:
+        for x, y, _ in loader:
+            if x is None:
+                continue
+            net(normalize_batch(x.to(device), pre))
+            feats.append(captured.pop().float().cpu().numpy())
+            labels.append(y.numpy())
+    finally:
+        hook.remove()
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def frozen_probe_accuracy(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  # type: ignore[type-arg]
+                          val_loader: DataLoader, pre: Preprocessing, device: torch.device,  # type: ignore[type-arg]
+                          classes: list[str], seed: int) -> float:
+    """The feature-extraction baseline on the same split: logistic probe on pretrained features."""
+    from embedder.probe import Dataset as ProbeData
+    from embedder.probe import ProbeOptions, train_probe
+
+    xtr, ytr = _features(net, backbone.head, train_loader, pre, device)
+    xva, yva = _features(net, backbone.head, val_loader, pre, device)
+    data = ProbeData(xtr, ytr, classes, [], [], {})
+    result = train_probe(data, ProbeOptions(seed=seed, c_min_exp=-4, c_max_exp=4, standardize="no"))
+    return float((result.head.logits(xva).argmax(1) == yva).mean())
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def finetune(train_source: list[str], out: Path, options: FinetuneOptions = FinetuneOptions(),
+             val_source: list[str] | None = None, resume: bool = False,
+             on_step: Callable[[int, int, int, float], None] | None = None,
+             on_epoch: Callable[[EpochRecord], None] | None = None) -> FinetuneResult:
+    t_start = time.perf_counter()
+    device = resolve_device(options.device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    refs, classes = _labelled(train_source)
+    if len(classes) < 2:
+        raise FinetuneError(f"need at least 2 classes to fine-tune, found {len(classes)} ({', '.join(classes)})")
+    idx = {c: i for i, c in enumerate(classes)}
+    y_all = np.array([idx[r.label] for r in refs if r.label is not None])
+    if val_source:
+        vrefs, _ = _labelled(val_source, classes)
+        unseen = sorted({r.label for r in vrefs if r.label not in idx and r.label is not None})
+        if unseen:
+            log.warning("validation classes not in training are dropped: %s", ", ".join(unseen))
+        vrefs = [r for r in vrefs if r.label in idx]
+        if not vrefs:
+            raise FinetuneError("no validation images left after dropping classes unseen in training")
+        tr_refs = refs
+    else:
+        tr_i, va_i = stratified_split(y_all, options.val_fraction, options.seed)
+        if len(va_i) == 0:
+            raise FinetuneError("too few images for a validation split (need ≥ 2 per class); pass --val")
+        tr_refs, vrefs = [refs[i] for i in tr_i], [refs[i] for i in va_i]
+    ytr = [idx[r.label] for r in tr_refs if r.label is not None]
+    yva = [idx[r.label] for r in vrefs if r.label is not None]
+
+    net, backbone, pre, origin = build_model(options, len(classes))
+    net.to(device)
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
+    groups = param_groups(net, backbone, options)
+    g = torch.Generator().manual_seed(options.seed)
+    loader_kw: dict[str, Any] = {"collate_fn": _collate, "num_workers": options.workers,
+                                 "pin_memory": device.type == "cuda",
+                                 "persistent_workers": options.workers > 0}
+    train_loader = DataLoader(_Images(tr_refs, ytr, train_transform(pre), options.max_pixels),
+                              batch_size=options.batch_size, shuffle=True, generator=g, drop_last=False,
+                              **loader_kw)
+    val_loader = DataLoader(_Images(vrefs, yva, eval_transform(pre), options.max_pixels),
+                            batch_size=options.batch_size, **loader_kw)
+    skipped: dict[str, str] = {}
+
+    resume_path = out.with_name(out.name + ".resume")
+    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "history": [], "bad_epochs": 0,
+                             "frozen_val_accuracy": None}
+    opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
+                            weight_decay=options.weight_decay)
+    if resume and resume_path.exists():
+        state = _load_resume(resume_path, net, opt)
+        log.info("resuming after epoch %d", state["epoch"])
+    elif resume:
+        log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
+
+    if state["frozen_val_accuracy"] is None:
+        eval_train = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
+                                batch_size=options.batch_size, **loader_kw)
+        state["frozen_val_accuracy"] = frozen_probe_accuracy(net, backbone, eval_train, val_loader, pre,
+                                                             device, classes, options.seed)
+
+    head_epochs = options.epochs if options.freeze_backbone else min(options.head_epochs, options.epochs)
+    steps_per_epoch = max(1, math.ceil(len(tr_refs) / options.batch_size))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+
+    for epoch in range(state["epoch"] + 1, options.epochs + 1):
+        phase = "head" if epoch <= head_epochs else "full"
+        phase_start = 1 if phase == "head" else head_epochs + 1
+        phase_epochs = head_epochs if phase == "head" else options.epochs - head_epochs
+        total_steps = phase_epochs * steps_per_epoch
+        warmup = max(1, int(options.warmup_fraction * total_steps))
+        _set_trainable(net, groups, backbone_on=phase == "full")
+        net.train()
+        if phase == "head":
+            net.eval()  # frozen backbone: dropout off, BN statistics untouched
+        _bn_eval(net)
+        g.manual_seed(options.seed + epoch)  # the same shuffles whether or not the run was resumed
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step, (x, y, failed) in enumerate(train_loader):
+            for p, r in failed:
+                skipped.setdefault(p, r)
+            if x is None:
+                continue
+            global_step = (epoch - phase_start) * steps_per_epoch + step
+            factor = _schedule(global_step, total_steps, warmup)
+            for gr in opt.param_groups:
+                gr["lr"] = gr["base_lr"] * factor
+            xb = normalize_batch(x.to(device, non_blocking=True), pre)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = loss_fn(net(xb), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            if on_step:
+                on_step(epoch, step + 1, steps_per_epoch, loss.item())
+        val_acc = evaluate(net, val_loader, pre, device, amp, skipped)
+        rec = EpochRecord(epoch, phase, loss_sum / max(seen, 1), val_acc,
+                          seen / max(time.perf_counter() - t0, 1e-9),
+                          opt.param_groups[0]["base_lr"],
+                          opt.param_groups[1]["base_lr"] if len(opt.param_groups) > 1 and phase == "full" else 0.0)
+        state["history"].append(asdict(rec))
+        state["epoch"] = epoch
+        if on_epoch:
+            on_epoch(rec)
+        if val_acc > state["best"]:
+            state["best"], state["best_epoch"], state["bad_epochs"] = val_acc, epoch, 0
+            meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
+                    "preprocessing": pre.to_dict(), "settings": settings, "bn_policy": BN_POLICY,
+                    "best_epoch": epoch, "best_val_accuracy": val_acc,
+                    "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"]}
+            checkpoint.save(out, net.state_dict(), meta)
+        else:
+            state["bad_epochs"] += 1
+        _save_resume(resume_path, net, opt, state)
+        if phase == "full" and state["bad_epochs"] >= options.patience:
+            log.info("early stop: no validation gain for %d epochs", options.patience)
+            break
+    if resume_path.exists():
+        resume_path.unlink()
+    return FinetuneResult(
+        str(out), classes, float(state["best"]), int(state["best_epoch"]),
+        float(state["frozen_val_accuracy"]), int(state["epoch"]),
+        [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
+        len(tr_refs), len(vrefs), time.perf_counter() - t_start)
+
+
+def _save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    opt_state = opt.state_dict()
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+    tmp.replace(path)
+
+
+def _load_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads((f.metadata() or {})["state"])
+    tensors = load_file(str(path))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state = opt.state_dict()
+    per: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            per.setdefault(int(pid), {})[name] = v
+    opt_state["state"] = per
+    opt.load_state_dict(opt_state)
+    return state

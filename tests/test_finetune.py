@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from embedder import checkpoint
+from embedder.backbones import get_backbone
+from embedder.cli import app
+from embedder.errors import FinetuneError
+from embedder.extract import extract
+from embedder.finetune import FinetuneOptions, build_model, finetune, param_groups
+from embedder.model import ModelSpec
+from embedder.store import Store
+from tests.conftest import make_images
+
+runner = CliRunner()
+TINY = FinetuneOptions(backbone="tiny_test", batch_size=8, workers=0, lr_head=0.05, lr_backbone=0.01)
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    root = tmp_path / "train"
+    make_images(root, {"red": 16, "green": 16, "blue": 16}, seed=0)
+    return root
+
+
+def test_training_lowers_the_loss(labelled: Path, tmp_path: Path) -> None:
+    opts = FinetuneOptions(**{**TINY.__dict__, "epochs": 4, "head_epochs": 1})
+    r = finetune([str(labelled)], tmp_path / "ck.safetensors", opts)
+    losses = [h.train_loss for h in r.history]
+    assert r.epochs_run == 4 and losses[-1] < losses[0]
+    assert 0 <= r.frozen_val_accuracy <= 1 and r.best_val_accuracy >= max(h.val_accuracy for h in r.history) - 1e-9
+    assert [h.phase for h in r.history] == ["head", "full", "full", "full"]
+
+
+def test_head_only_phase_leaves_the_backbone_untouched(labelled: Path, tmp_path: Path) -> None:
+    before = get_backbone("tiny_test").build_architecture().state_dict()
+    opts = FinetuneOptions(**{**TINY.__dict__, "epochs": 2, "freeze_backbone": True})
+    finetune([str(labelled)], tmp_path / "ck.safetensors", opts)
+    after, meta = checkpoint.load(tmp_path / "ck.safetensors")
+    for k, v in before.items():
+        if k.startswith("fc."):
+            continue
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)  # BN running stats included
+    assert after["fc.weight"].shape == (3, 32)
+    assert not torch.equal(after["fc.bias"], torch.zeros(3))
+    assert meta["classes"] == ["blue", "green", "red"] and "frozen" in meta["bn_policy"]
+
+
+def test_per_group_learning_rates(tmp_path: Path) -> None:
+    opts = FinetuneOptions(backbone="tiny_test", lr_head=1e-2, lr_backbone=1e-4, lr_decay=0.5)
+    net, backbone, _, _ = build_model(opts, 3)
+    groups = {g["name"]: g["lr"] for g in param_groups(net, backbone, opts)}
+    assert groups == pytest.approx({"head": 1e-2, "stage2": 1e-4, "stage1": 5e-5, "stem": 2.5e-5})
+    part = FinetuneOptions(**{**opts.__dict__, "unfreeze_from": "stage1"})
+    groups = [g["name"] for g in param_groups(net, backbone, part)]
+    assert groups == ["head", "stage2", "stage1"]
+    with pytest.raises(FinetuneError, match="stages: stem, stage1, stage2"):
+        param_groups(net, backbone, FinetuneOptions(**{**opts.__dict__, "unfreeze_from": "layer9"}))
+
+
+def test_checkpoint_feeds_extract_and_predict(labelled: Path, tmp_path: Path) -> None:
+    ck = tmp_path / "ck.safetensors"
+    finetune([str(labelled)], ck, FinetuneOptions(**{**TINY.__dict__, "epochs": 2}))
+    store = str(tmp_path / "store")
+    extract([str(labelled)], store, ModelSpec("tiny_test", weights_file=ck))
+    prov = Store.open(store).provenance
+    assert prov["weights"]["tag"] == "finetune:ck.safetensors"
+    assert prov["weights"]["origin"]["tag"] == "tiny_test.SEED0"
+    r = runner.invoke(app, ["predict", str(ck), str(labelled / "red"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert len(rows) == 16 and {row["predicted"] for row in rows} <= {"red", "green", "blue"}
+    # predict's own head agrees with running the checkpoint's full network
+    state, meta = checkpoint.load(ck)
+    net = get_backbone("tiny_test").build_architecture()
+    net.fc = torch.nn.Linear(32, 3)
+    net.load_state_dict(state)
+    net.eval()
+    from embedder.decode import decode_file, normalize_batch
+    from embedder.backbones import Preprocessing
+
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    x = normalize_batch(torch.stack([decode_file(row["path"], pre).pixels for row in rows]), pre)
+    with torch.no_grad():
+        expected = [meta["classes"][i] for i in net(x).argmax(1)]
+    assert [row["predicted"] for row in rows] == expected
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    make_images(tmp_path / "one", {"only": 5})
+    with pytest.raises(FinetuneError, match="at least 2 classes"):
+        finetune([str(tmp_path / "one")], tmp_path / "c", TINY)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FinetuneError, match="no images found"):
+        finetune([str(tmp_path / "empty")], tmp_path / "c", TINY)
+    make_images(tmp_path / "flat", {"": 6})
+    with pytest.raises(FinetuneError, match="no labels"):
+        finetune([str(tmp_path / "flat")], tmp_path / "c", TINY)
+
+
+def test_broken_images_are_skipped_and_unseen_val_classes_warned(labelled: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    (labelled / "red" / "broken.jpg").write_bytes(b"not a jpeg")
+    val = tmp_path / "val"
+    make_images(val, {"red": 3, "green": 3, "purple": 2}, seed=4)
+    r = finetune([str(labelled)], tmp_path / "ck.safetensors", FinetuneOptions(**{**TINY.__dict__, "epochs": 1}),
+                 val_source=[str(val)])
+    assert [Path(p).name for p, _ in r.skipped_images] == ["broken.jpg"]
+    assert r.n_val == 6
+    assert "purple" in caplog.text
+
+
+def test_resume_after_kill(labelled: Path, tmp_path: Path) -> None:
+    ck = tmp_path / "ck.safetensors"
+    slow = ("import time, embedder.finetune as f; orig = f.evaluate; "
+            "f.evaluate = lambda *a, **k: (time.sleep(1.0), orig(*a, **k))[1]; "
+            "from embedder.cli import main; main()")
+    args = ["finetune", str(labelled), "--out", str(ck), "--backbone", "tiny_test", "--epochs", "5",
+            "--batch-size", "8", "--workers", "0", "--lr-head", "0.05", "--patience", "10"]
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    resume_file = tmp_path / "ck.safetensors.resume"
+    deadline = time.time() + 120
+    epoch = 0
+    while time.time() < deadline and epoch < 2:
+        time.sleep(0.1)
+        if resume_file.exists():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(resume_file), framework="pt") as f:
+                    epoch = json.loads(f.metadata()["state"])["epoch"]
+            except Exception:  # noqa: BLE001 - caught mid-rename
+                pass
+    proc.kill()
+    proc.wait()
+    assert 2 <= epoch < 5
+    r = subprocess.run([sys.executable, "-m", "embedder", *args, "--resume", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["epochs_run"] == 5
+    assert [h["epoch"] for h in data["history"]] == [1, 2, 3, 4, 5]
+    assert not resume_file.exists()
+    assert np.isfinite(data["best_val_accuracy"])
