@@ -118,7 +118,7 @@ class Backbone:
             return {"gflops": None, "acc1": None, "file": None, "params": None}
         w = self.torchvision_weights(tag)
         m = w.meta
-        metrics = next(iter(m.get("_metrics", {}).values()), {})
+        metrics: dict[str, Any] = next(iter(m.get("_metrics", {}).values()), {})
         return {
             "gflops": m.get("_ops"),
             "acc1": metrics.get("acc@1"),
@@ -174,7 +174,7 @@ def _tiny() -> nn.Module:
         model = TinyNet()
         # Non-trivial BN statistics so that eval-mode BN is exercised.
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

@@ -76,7 +76,7 @@ def load_rgb(
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
             raise DecodeError(f"decompression bomb: {w}x{h} exceeds {max_pixels} pixels")

@@ -16,9 +16,9 @@ import platform
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,7 +222,7 @@ def embed_stream(
     embedder: BatchEmbedder,
     run: RunOptions,
     on_error: Callable[[ImageRef, str], None],
-) -> Iterator[tuple[pa.Table, int]]:
+) -> Generator[tuple[pa.Table, int], None, None]:
     """Decode in threads that run ahead of the model; yield (rows, failed in this batch) per batch.
 
     Shared by extract (which writes shards) and predict (which applies a head)."""
@@ -243,7 +243,9 @@ def embed_stream(
         try:
             top_up()
             while queue:
-                batch_refs, batch, failed = [], [], 0
+                batch_refs: list[ImageRef] = []
+                batch: list[Decoded] = []
+                failed = 0
                 while queue and len(batch_refs) + failed < bs:
                     ref, fut = queue.popleft()
                     try:

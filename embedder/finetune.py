@@ -34,7 +34,7 @@ from embedder import checkpoint
 from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
 from embedder.decode import load_rgb, normalize_batch, preprocess
 from embedder.errors import DecodeError, FinetuneError
-from embedder.model import _set_module, resolve_device
+from embedder.model import _set_module, drop_aux_head, resolve_device
 from embedder.probe import stratified_split
 from embedder.sources import ImageRef, discover
 from embedder.weights import apply_weights, load_registry_weights, load_weights_file
@@ -120,7 +120,10 @@ class _Images(Dataset):  # type: ignore[type-arg]
             return None, self.labels[i], ref.path, str(e)
 
 
-def _collate(batch: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+_Item = tuple[torch.Tensor | None, int, str, str]
+
+
+def _collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
     good = [(x, y) for x, y, _, _ in batch if x is not None]
     failed = [(p, r) for x, _, p, r in batch if x is None]
     if not good:
@@ -162,10 +165,7 @@ def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Ba
         raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")
     torch.manual_seed(options.seed)
     _set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
-    if hasattr(net, "aux_logits"):
-        net.aux_logits = False
-        if getattr(net, "AuxLogits", None) is not None:
-            net.AuxLogits = None
+    drop_aux_head(net)
     pre = loaded.preprocessing or backbone.preprocessing(options.weights_tag)
     if options.image_size:
         pre = pre.at_size(options.image_size)

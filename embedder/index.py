@@ -186,9 +186,10 @@ def measure_and_tune(index: Any, x: np.ndarray, rest: np.ndarray, queries: np.nd
     exact_scores, _ = _exact(x[rest], metric).search(queries, k)
     higher_is_better = metric == "ip"
     name, values = _param_name(index)
-    tried = []
+    tried: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
-    for v in values or [None]:
+    candidates: list[int | None] = list(values) if values else [None]
+    for v in candidates:
         _set_param(index, name, v)
         _, ids = index.search(queries, k)
         recall = tie_aware_recall(exact_scores, true_scores(x, queries, ids, metric), ids,
@@ -418,7 +419,7 @@ class LoadedIndex:
         cols = {c: self.ids.column(c).to_pylist() for c in ("id", "path", "label")}
         out = []
         for qi in range(len(scores)):
-            hits = []
+            hits: list[dict[str, Any]] = []
             for s, fid in zip(_score(scores[qi], self.metric), ids[qi]):
                 if fid < 0:
                     continue

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
@@ -106,6 +105,14 @@ class LoadedModel:
     dim: int
 
 
+def drop_aux_head(net: nn.Module) -> None:
+    """Inception's auxiliary classifier is a training device; features come from the main path."""
+    if hasattr(net, "aux_logits"):
+        setattr(net, "aux_logits", False)  # noqa: B010
+        if getattr(net, "AuxLogits", None) is not None:
+            setattr(net, "AuxLogits", None)  # noqa: B010
+
+
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """Fold eval-mode BatchNorm into the preceding conv (same function, fewer memory passes:
     2-3x faster on CPU for MobileNet-style nets). Falls back to the unfused model when the
@@ -148,10 +155,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     net = backbone.build_architecture(spec.weights_tag)
     apply_weights(net, weights.state_dict, backbone.head, backbone.name)
     _set_module(net, backbone.head, nn.Identity())
-    if hasattr(net, "aux_logits"):
-        net.aux_logits = False
-        if getattr(net, "AuxLogits", None) is not None:
-            net.AuxLogits = None
+    drop_aux_head(net)
     net.eval().requires_grad_(False)
 
     pre = weights.preprocessing or backbone.preprocessing(spec.weights_tag)

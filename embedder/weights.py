@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedder.backbones import REGISTRY, Backbone, Preprocessing, get_backbone
+from embedder.backbones import REGISTRY, Backbone, Preprocessing
 from embedder.errors import WeightsMismatch, WeightsUnavailable
 
 log = logging.getLogger(__name__)

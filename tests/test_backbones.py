@@ -7,7 +7,7 @@ from torchvision import models
 
 from embedder.backbones import REGISTRY, build_on_meta, get_backbone, parse_backbone_spec
 from embedder.errors import UnknownBackbone
-from embedder.model import _set_module
+from embedder.model import _set_module, drop_aux_head
 
 TORCHVISION = [b for b in REGISTRY.values() if b.is_torchvision]
 
@@ -20,9 +20,7 @@ def test_every_entry_dim_matches_a_forward_pass(entry) -> None:
     assert head.in_features == entry.dim
     _set_module(net, entry.head, nn.Identity())
     net.eval()
-    if hasattr(net, "aux_logits"):
-        net.aux_logits = False
-        net.AuxLogits = None
+    drop_aux_head(net)
     pre = entry.preprocessing()
     out = net(torch.zeros(2, 3, pre.crop_size, pre.crop_size, device="meta"))
     assert tuple(out.shape) == (2, entry.dim)

@@ -85,8 +85,8 @@ def test_checkpoint_feeds_extract_and_predict(labelled: Path, tmp_path: Path) ->
     net.fc = torch.nn.Linear(32, 3)
     net.load_state_dict(state)
     net.eval()
-    from embedder.decode import decode_file, normalize_batch
     from embedder.backbones import Preprocessing
+    from embedder.decode import decode_file, normalize_batch
 
     pre = Preprocessing.from_dict(meta["preprocessing"])
     x = normalize_batch(torch.stack([decode_file(row["path"], pre).pixels for row in rows]), pre)

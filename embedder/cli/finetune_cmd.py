@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from embedder.cli.common import console, handle_errors, out, setup_logging
@@ -52,7 +52,7 @@ def finetune_command(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                         disable=as_json)
-    tasks: dict[int, int] = {}
+    tasks: dict[int, TaskID] = {}
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         if epoch not in tasks:
@@ -83,8 +83,8 @@ def finetune_command(
               f"{result.seconds:.0f} s → {result.checkpoint}")
     if result.skipped_images:
         console.print(f"[yellow]skipped {len(result.skipped_images)} images that failed to decode[/yellow]")
-        for p, r in result.skipped_images[:5]:
-            console.print(f"  {p}: {r}")
+        for path, reason in result.skipped_images[:5]:
+            console.print(f"  {path}: {reason}")
 
 
 def register(app: typer.Typer) -> None:
