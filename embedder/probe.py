@@ -80,7 +80,7 @@ class ProbeResult:
     C: float
     standardize: bool
     val_accuracy: float
-    sweep: list[dict[str, float]]
+    sweep: list[dict[str, Any]]
     n_train: int
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +148,15 @@ class _SklearnFitter:
         self.model = LogisticRegression(C=1.0, max_iter=max_iter, warm_start=True, tol=1e-4)
         self.n_classes = n_classes
 
+    def init(self, coef: np.ndarray, icpt: np.ndarray, y: np.ndarray) -> None:
+        """Start the final fit from a known solution (sklearn's warm_start reads coef_); converge
+        it tightly, since a warm start at small C otherwise stops at once."""
+        self.model.set_params(tol=1e-7)
+        present = np.unique(y)
+        if len(present) > 2:
+            self.model.coef_ = coef[present].astype(np.float64)
+            self.model.intercept_ = icpt[present].astype(np.float64)
+
     def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.exceptions import ConvergenceWarning
 
@@ -184,6 +193,11 @@ class _TorchFitter:
         self.w: Any = None
         self.b: Any = None
 
+    def init(self, coef: np.ndarray, icpt: np.ndarray, y: np.ndarray) -> None:
+        torch = self.torch
+        self.w = torch.tensor(coef, device=self.device, dtype=torch.float32, requires_grad=True)
+        self.b = torch.tensor(icpt, device=self.device, dtype=torch.float32, requires_grad=True)
+
     def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
         X = torch.as_tensor(x, device=self.device, dtype=torch.float32)
@@ -197,8 +211,10 @@ class _TorchFitter:
 
         def closure() -> Any:
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(X @ self.w.T + self.b, Y, reduction="sum")
-            loss = (C * loss + 0.5 * (self.w * self.w).sum()) / n
+            # sklearn's C·Σloss + ½‖W‖², divided by C·n: same minimiser, gradients of order one
+            # (so L-BFGS's tolerances mean the same at C=1e-6 as at C=1e5).
+            loss = torch.nn.functional.cross_entropy(X @ self.w.T + self.b, Y, reduction="mean")
+            loss = loss + (self.w * self.w).sum() / (2 * C * n)
             loss.backward()
             return loss
 
@@ -225,14 +241,14 @@ def _accuracy(head: LinearHead, x: np.ndarray, y: np.ndarray) -> float:
 
 def _sweep(fitter_factory: Callable[[], Any], xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray,
            yva: np.ndarray, Cs: list[float], mean: np.ndarray, scale: np.ndarray,
-           tick: Callable[[], None]) -> list[dict[str, float]]:
+           tick: Callable[[], None]) -> list[dict[str, Any]]:
     fitter = fitter_factory()
     xs, xvs = (xtr - mean) / scale, xva
-    rows = []
+    rows: list[dict[str, Any]] = []
     for C in sorted(Cs):  # small to large C: each fit warm-starts from the more regularised one
         coef, icpt = fitter.fit(xs, ytr, C)
         acc = _accuracy(LinearHead(coef, icpt, mean, scale), xvs, yva)
-        rows.append({"C": C, "val_accuracy": acc})
+        rows.append({"C": C, "val_accuracy": acc, "_solution": (coef, icpt)})
         tick()
     return rows
 
@@ -264,7 +280,7 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     def factory() -> Any:
         return _fitter(options, len(train.classes))
 
-    results: dict[bool, list[dict[str, float]]] = {}
+    results: dict[bool, list[dict[str, Any]]] = {}
     scalers = {}
     for std in modes:
         mean, scale = _scaler(xtr, std)
@@ -274,6 +290,7 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     best_std, best = max(((s, r) for s in modes for r in results[s]),
                          key=lambda sr: (sr[1]["val_accuracy"], -sr[0], -np.log10(sr[1]["C"])))
     sweep = [{**r, "standardize": s} for s in modes for r in results[s]]
+    solution = best["_solution"]
     if options.refine:
         c = best["C"]
         fine = [c * 10 ** d for d in (-0.5, -0.25, 0.25, 0.5)]
@@ -283,13 +300,14 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
         top = max(fine_rows, key=lambda r: (r["val_accuracy"], -np.log10(r["C"])))
         if top["val_accuracy"] > best["val_accuracy"]:
             best = top
+            solution = top["_solution"]
     # Refit on all of train with the chosen C and standardisation.
     mean, scale = _scaler(train.x, best_std)
     fitter = factory()
-    # Warm start along a short path, as in the sweep, so the final fit converges like the chosen one.
-    for C in [c for c in coarse if c < best["C"]] + [best["C"]]:
-        coef, icpt = fitter.fit((train.x - mean) / scale, train.y, C)
+    fitter.init(*solution, train.y)  # warm start from the chosen solution on the split
+    coef, icpt = fitter.fit((train.x - mean) / scale, train.y, best["C"])
     tick("refit")
+    sweep = [{k: v for k, v in r.items() if k != "_solution"} for r in sweep]
     head = LinearHead(coef.astype(np.float32), icpt.astype(np.float32), mean, scale)
     return ProbeResult(head, train.classes, float(best["C"]), bool(best_std),
                        float(best["val_accuracy"]), sweep, len(train.y), provenance=train.provenance,
