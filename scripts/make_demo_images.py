@@ -1,8 +1,8 @@
 """Write a small real image collection from images that PyPI packages ship (no hub download).
 
 - photos/<topic>/*.png|jpg : scikit-image's bundled photographs (cat, coffee, rocket, ...)
-- faces/{face,other}/*.png : scikit-image's LFW subset (100 faces, 100 non-faces, 25x25 grey),
-  a real labelled set for the probe demo.
+- faces/{train,test}/{face,other}/*.png : scikit-image's LFW subset (100 faces, 100 non-faces,
+  25x25 grey), split 70/30 per class: a real labelled set for the probe, index and search demo.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main(out: Path) -> None:
     faces = np.load(data / "lfw_subset.npy")  # (200, 25, 25) floats in [0, 1]
     for i, arr in enumerate(faces):
         label = "face" if i < 100 else "other"
-        d = out / "faces" / label
+        split = "train" if i % 100 < 70 else "test"
+        d = out / "faces" / split / label
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray((arr * 255).round().astype(np.uint8), "L").save(d / f"{label}_{i:03d}.png")
     print(f"wrote demo images under {out}")
