@@ -150,6 +150,8 @@ class BatchEmbedder:
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 [N,3,H,W] → float32 [N, dim] (L2-normalised when asked)."""
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()  # lets the host-to-device copy run asynchronously
         x = pixels.to(self.device, non_blocking=True)
         x = normalize_batch(x, self.loaded.preprocessing)
         if self.options.channels_last:
