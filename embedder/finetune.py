@@ -131,15 +131,26 @@ def _collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, lis
     return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failed
 
 
-def train_transform(pre: Preprocessing) -> Callable[[Any], torch.Tensor]:
-    crop = T.RandomResizedCrop(pre.crop_size, scale=(0.35, 1.0), interpolation=pre.interpolation_mode,
-                               antialias=True)
-    flip = T.RandomHorizontalFlip()
-    return lambda img: TF.pil_to_tensor(flip(crop(img)))
+class train_transform:  # noqa: N801 - a picklable function object (DataLoader workers may spawn)
+    """Augmentation for classification: random resized crop and flip, at the weights' resolution."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.crop = T.RandomResizedCrop(pre.crop_size, scale=(0.35, 1.0),
+                                        interpolation=pre.interpolation_mode, antialias=True)
+        self.flip = T.RandomHorizontalFlip()
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return TF.pil_to_tensor(self.flip(self.crop(img)))
 
 
-def eval_transform(pre: Preprocessing) -> Callable[[Any], torch.Tensor]:
-    return lambda img: preprocess(img, pre)
+class eval_transform:  # noqa: N801
+    """Exactly the extraction preprocessing (resize, centre crop)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return preprocess(img, self.pre)
 
 
 def _labelled(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:

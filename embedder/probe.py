@@ -54,6 +54,7 @@ class Dataset:
     paths: list[str]
     provenance: dict[str, Any]
     dropped_unlabelled: int = 0
+    unseen: list[str] = field(default_factory=list)  # labels absent from the given class list (y = -1)
 
 
 @dataclass
@@ -101,6 +102,7 @@ def load_dataset(store_path: str, label_column: str = "label",
     if not keep:
         raise ProbeError(f"{store_path} has no labels in {label_column!r}: put images in one "
                          "subfolder per class (ImageFolder) or extract from a list with a label column")
+    n_rows = t.num_rows
     t = t.take(keep)
     labels = [str(labels[i]) for i in keep]
     x = arrow_to_embeddings(t.column("embedding"))
@@ -108,7 +110,8 @@ def load_dataset(store_path: str, label_column: str = "label",
     index = {c: i for i, c in enumerate(known)}
     y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
     return Dataset(x, y, known, t.column("id").to_pylist(), t.column("path").to_pylist(),
-                   store.provenance, dropped_unlabelled=len(labels) - len(keep))
+                   store.provenance, dropped_unlabelled=n_rows - len(keep),
+                   unseen=sorted(set(labels) - set(known)))
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -137,3 +137,10 @@ def test_cli_probe_and_predict_on_tiny_backbone(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["probe", str(tmp_path / "test" / "red"), "--out", str(probe)])
     assert r.exit_code == 2 and "not an embedding store" in r.output
+
+
+def test_unseen_test_classes_are_reported(tmp_path: Path) -> None:
+    x, _ = blobs(10, 2, 8, sep=3.0, seed=0)
+    train = pr.load_dataset(vector_store(tmp_path / "a", x, ["a", "b"] * 10))
+    test = pr.load_dataset(vector_store(tmp_path / "b", x, ["a", "z"] * 10), classes=train.classes)
+    assert test.unseen == ["z"] and (test.y == -1).sum() == 10

@@ -39,9 +39,8 @@ def probe_command(
     test_ds = pr.load_dataset(str(test), label_column, train.classes) if test else None
     if test_ds is not None:
         pr.check_compatible(train, test_ds)
-        unseen = sorted({c for c in set(pr.load_dataset(str(test), label_column).classes)} - set(train.classes))
-        if unseen:
-            console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(unseen)}")
+        if test_ds.unseen:
+            console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(test_ds.unseen)}")
             keep = test_ds.y >= 0
             test_ds.x, test_ds.y = test_ds.x[keep], test_ds.y[keep]
     if train.dropped_unlabelled:
