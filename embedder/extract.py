@@ -285,6 +285,15 @@ def extract(
     store = Store.create_or_append(store_path, embedder.provenance())
     summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
 
+    with store.writer_lock():
+        _fill(store, refs, embedder, run, summary, progress, t_start)
+    return summary
+
+
+def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: RunOptions,
+          summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
+          t_start: float) -> None:
+    """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock)."""
     present = store.ids()
     failed_before = set() if run.retry_failed else store.failed_ids() - present
     todo = []
@@ -305,7 +314,7 @@ def extract(
     }
     if not todo:
         summary.seconds = time.perf_counter() - t_start
-        return summary
+        return
 
     pending: list[pa.Table] = []
     pending_errors: list[dict[str, Any]] = []
@@ -347,7 +356,6 @@ def extract(
         # Whatever finished is kept, even on Ctrl-C or an unexpected error.
         summary.seconds = time.perf_counter() - t_start
         flush()
-    return summary
 
 
 def spec_from_provenance(prov: dict[str, Any], weights_file: str | None = None) -> ModelSpec:

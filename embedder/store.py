@@ -19,6 +19,8 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,22 @@ class Store:
                          dict(sorted(counts.items())), n_err, len(self.shard_files()), m["runs"])
 
     # ---- writing --------------------------------------------------------------------------
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """One writer at a time: two extractions into one store would embed images twice."""
+        import fcntl
+
+        f = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the duration of the block
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"{self.path} is being written by another embedder process; "
+                                 "wait for it to finish (it resumes where it stops)") from None
+            yield
+        finally:
+            f.close()
+
     def write_shard(self, table: pa.Table) -> Path:
         meta = {META_KEY: json.dumps(self.provenance).encode()}
         table = table.replace_schema_metadata(meta)

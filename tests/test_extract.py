@@ -171,3 +171,34 @@ def test_weights_file_gives_same_vectors_and_records_it(image_tree: Path, tmp_pa
 
     with pytest.raises(WeightsMismatch, match="do not fit tiny_test"):
         extract([str(image_tree)], str(tmp_path / "c"), ModelSpec("tiny_test", weights_file=bad))
+
+
+def test_second_writer_is_refused(image_tree: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "store")
+    extract([str(image_tree)], out, TINY)
+    with Store(out).writer_lock():  # another process holds it (flock is per open file)
+        with pytest.raises(StoreError, match="another embedder process"):
+            extract([str(image_tree)], out, TINY)
+    extract([str(image_tree)], out, TINY)  # free again
+
+
+def _embed_in_worker(args: tuple) -> pa.Table:
+    cls, ctor, batch = args
+    return cls(*ctor)(batch)
+
+
+def test_batch_embedder_travels_to_another_process(image_tree: Path) -> None:
+    """What a Ray actor pool does: pickle the class and its constructor args, build it in a
+    worker process (model loaded there, once), send Arrow batches in, get Arrow tables back."""
+    import multiprocessing as mp
+    import pickle
+
+    paths = sorted(str(p) for p in image_tree.rglob("*.jpg"))
+    job = (BatchEmbedder, (TINY, EmbedOptions(device="cpu")), pa.table({"path": paths}))
+    pickle.dumps(job)
+    with mp.get_context("spawn").Pool(1) as pool:
+        out = pool.map(_embed_in_worker, [job])[0]
+    local = BatchEmbedder(TINY, EmbedOptions(device="cpu"))(pa.table({"path": paths}))
+    assert out.schema == local.schema and out.num_rows == len(paths)
+    np.testing.assert_allclose(arrow_to_embeddings(out.column("embedding")),
+                               arrow_to_embeddings(local.column("embedding")), rtol=1e-5, atol=1e-5)
