@@ -155,8 +155,6 @@ class eval_transform:  # noqa: N801
 
 def _labelled(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:
     refs = discover(source)
-    if not refs:
-        raise FinetuneError(f"no images found in {', '.join(source)}")
     unlabelled = [r for r in refs if r.label is None]
     if len(unlabelled) == len(refs):
         raise FinetuneError(f"no labels in {', '.join(source)}: put images in one subfolder per class")

@@ -50,7 +50,13 @@ def _label_under(root: Path, path: Path) -> str | None:
 
 
 def _walk(root: Path) -> Iterable[ImageRef]:
+    seen: set[str] = set()  # real paths: a symlink cycle is walked once, not forever
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             p = Path(dirpath) / name
@@ -121,4 +127,7 @@ def discover(sources: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
             raise SourceError(f"SOURCE {s} does not exist")
         for ref in found:
             seen.setdefault(ref.id, ref)
+    if not seen:
+        raise SourceError(f"no images found in {', '.join(str(s) for s in sources)} "
+                          f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return list(seen.values())

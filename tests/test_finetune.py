@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from embedder import checkpoint
 from embedder.backbones import get_backbone
 from embedder.cli import app
-from embedder.errors import FinetuneError
+from embedder.errors import FinetuneError, SourceError
 from embedder.extract import extract
 from embedder.finetune import FinetuneOptions, build_model, finetune, param_groups
 from embedder.model import ModelSpec
@@ -100,7 +100,7 @@ def test_bad_input(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="at least 2 classes"):
         finetune([str(tmp_path / "one")], tmp_path / "c", TINY)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FinetuneError, match="no images found"):
+    with pytest.raises(SourceError, match="no images found"):
         finetune([str(tmp_path / "empty")], tmp_path / "c", TINY)
     make_images(tmp_path / "flat", {"": 6})
     with pytest.raises(FinetuneError, match="no labels"):

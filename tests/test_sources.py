@@ -61,3 +61,12 @@ def test_bad_sources(tmp_path: Path) -> None:
         discover([tmp_path / "data.bin"])
     with pytest.raises(SourceError, match="no SOURCE"):
         discover([])
+
+
+def test_empty_folder_and_symlink_cycle(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images found"):
+        discover([tmp_path / "empty"])
+    make_images(tmp_path / "loop" / "a", {"": 2})
+    (tmp_path / "loop" / "a" / "back").symlink_to(tmp_path / "loop")
+    assert len(discover([tmp_path / "loop"])) == 2
