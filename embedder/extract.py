@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,12 @@ import pyarrow as pa
 import torch
 
 from embedder import __version__
+from embedder.backbones import get_backbone
 from embedder.decode import DECODE_POLICY, DEFAULT_MAX_PIXELS, Decoded, decode_file, normalize_batch
-from embedder.errors import DecodeError, EmbedderError
+from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
 from embedder.model import LoadedModel, ModelSpec, load_model, resolve_device
-from embedder.sources import ImageRef, discover
-from embedder.store import ERRORS_SCHEMA, Store, embeddings_to_arrow, row_schema
+from embedder.sources import ImageRef, discover, image_id
+from embedder.store import ERRORS_SCHEMA, Store, embeddings_to_arrow, identity, row_schema
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +189,6 @@ class BatchEmbedder:
         paths = batch.column("path").to_pylist()
         ids = batch.column("id").to_pylist() if "id" in batch.column_names else None
         labels = batch.column("label").to_pylist() if "label" in batch.column_names else None
-        from embedder.sources import image_id
-
         refs = [ImageRef(ids[i] if ids else image_id(p), p, labels[i] if labels else None)
                 for i, p in enumerate(paths)]
         good_refs, good, errors = [], [], {}
@@ -360,10 +360,6 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: 
 
 def spec_from_provenance(prov: dict[str, Any], weights_file: str | None = None) -> ModelSpec:
     """The ModelSpec that reproduces a store's vectors (for queries and predictions)."""
-    from pathlib import Path
-
-    from embedder.errors import ProvenanceMismatch
-
     w = prov["weights"]
     tag: str | None = None
     path = None
@@ -376,8 +372,6 @@ def spec_from_provenance(prov: dict[str, Any], weights_file: str | None = None) 
         tag = str(w["tag"]).rsplit(".", 1)[1]
     layer = None if prov["layer"] == "penultimate" else prov["layer"]
     pool = prov["pool"] if layer is not None else None
-    from embedder.backbones import get_backbone
-
     default_crop = get_backbone(prov["backbone"]).preprocessing(tag).crop_size
     crop = int(prov["preprocessing"]["crop_size"])
     return ModelSpec(prov["backbone"], tag, path, layer, pool,
@@ -386,9 +380,6 @@ def spec_from_provenance(prov: dict[str, Any], weights_file: str | None = None) 
 
 def embedder_for(prov: dict[str, Any], weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
     """A BatchEmbedder that provably makes the same kind of vectors as ``prov`` describes."""
-    from embedder.errors import ProvenanceMismatch
-    from embedder.store import identity
-
     emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
                         EmbedOptions(device=device, normalize=prov.get("normalize", "none")))
     mine, theirs = identity(emb.provenance()), identity(prov)
