@@ -15,10 +15,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from embedder.errors import EmbedderError
 
@@ -52,13 +55,10 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(level)
 
 
-class ImageRate(TextColumn):
-    def __init__(self) -> None:
-        super().__init__("")
+class ImageRate(ProgressColumn):
+    """Images per second (rich's own speed column speaks in bytes)."""
 
-    def render(self, task: Any) -> Any:  # noqa: ANN401
-        from rich.text import Text
-
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:,.1f} img/s" if speed else "… img/s", style="cyan")
 
