@@ -412,11 +412,10 @@ class LoadedIndex:
         extra = [c for c in where if c not in table.column_names]
         if extra:
             store = Store.open(self.meta["store"])
-            cols = store.read(["id", *extra]).column_names
+            cols = [c for c in store.dataset().schema.names if c != "embedding"]
             missing = [c for c in extra if c not in cols]
             if missing:
-                raise IndexError_(f"cannot filter on {missing[0]!r}; columns: "
-                                  f"{', '.join(['id', 'path', 'label', 'width', 'height', 'file_hash'])}")
+                raise IndexError_(f"cannot filter on {missing[0]!r}; columns: {', '.join(cols)}")
             srows = store.read(["id", *extra])
             table = table.join(srows, "id", join_type="left outer")
         mask = None

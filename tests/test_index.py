@@ -117,6 +117,9 @@ def test_filters_return_k(tmp_path: Path, kind: str) -> None:
     for hits in loaded.search(q, 50, {"label": "rare"}):
         assert len(hits) == 16  # only 16 exist: all of them
     assert loaded.search(q, 10, {"label": "none"}) == [[]] * 5
+    assert len(loaded.search(q[:1], 3, {"width": "1"})[0]) == 3  # a store column, not in the id map
+    with pytest.raises(IndexError_, match="cannot filter on 'colour'; columns: id, path, label"):
+        loaded.search(q, 3, {"colour": "red"})
     unit = x[7] / np.linalg.norm(x[7])
     np.testing.assert_allclose(loaded.vector_of("v000007")[0], unit, atol=2e-2 if kind == "ivfpq" else 1e-6)
 
