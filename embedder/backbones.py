@@ -254,6 +254,8 @@ def parse_backbone_spec(spec: str) -> tuple[Backbone, str | None]:
     backbone = get_backbone(name)
     if tag and backbone.is_torchvision:
         backbone.torchvision_weights(tag)  # validates, lists valid tags
+    elif tag and tag not in backbone.weights_tags():
+        raise UnknownBackbone(f"{name} has no weights tag {tag!r}; valid tags: {', '.join(backbone.weights_tags())}")
     return backbone, tag or None
 
 

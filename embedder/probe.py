@@ -92,11 +92,11 @@ class ProbeResult:
 def load_dataset(store_path: str, label_column: str = "label",
                  classes: list[str] | None = None) -> Dataset:
     store = Store.open(store_path)
-    cols = ["id", "path", "embedding", label_column]
-    try:
-        t = store.read(cols)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a missing column
-        raise ProbeError(f"{store_path} has no column {label_column!r}: {e}") from None
+    names = store.dataset().schema.names
+    if label_column not in names:
+        raise ProbeError(f"{store_path} has no column {label_column!r}; columns: "
+                         f"{', '.join(n for n in names if n != 'embedding')}")
+    t = store.read(["id", "path", "embedding", label_column])
     labels = t.column(label_column).to_pylist()
     keep = [i for i, lab in enumerate(labels) if lab is not None and lab != ""]
     if not keep:

@@ -191,7 +191,11 @@ class Store:
         if not self.shard_files():
             return row_schema(self.dim, self.provenance["dtype"]).empty_table().select(
                 columns or row_schema(self.dim, self.provenance["dtype"]).names)
-        return self.dataset().to_table(columns=columns, filter=filter)
+        try:
+            return self.dataset().to_table(columns=columns, filter=filter)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.path}: cannot read shards ({str(e).splitlines()[0]}); a shard "
+                             "damaged outside embedder can be moved away and the extraction rerun") from None
 
     def ids(self) -> set[str]:
         return set(self.read(["id"]).column("id").to_pylist())

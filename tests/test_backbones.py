@@ -62,3 +62,5 @@ def test_weights_tag_in_spec() -> None:
     assert b.preprocessing(tag).resize_size == 256  # V1 preset differs from DEFAULT (V2: 232)
     with pytest.raises(UnknownBackbone, match="valid tags: IMAGENET1K_V1, IMAGENET1K_V2"):
         parse_backbone_spec("mobilenet_v2:NOPE")
+    with pytest.raises(UnknownBackbone, match="valid tags: SEED0"):
+        parse_backbone_spec("tiny_test:V9")

@@ -93,6 +93,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     one = pr.load_dataset(vector_store(tmp_path / "one", x, ["a"] * 20))
     with pytest.raises(ProbeError, match="at least 2 classes"):
         pr.train_probe(one)
+    with pytest.raises(ProbeError, match="no column 'species'; columns: id, path, label"):
+        pr.load_dataset(vector_store(tmp_path / "c", x, ["a", "b"] * 10), "species")
     a = pr.load_dataset(vector_store(tmp_path / "a", x, ["a", "b"] * 10))
     b = pr.load_dataset(vector_store(tmp_path / "b", x[:, :4], ["a", "b"] * 10))
     with pytest.raises(ProbeError, match="dim 8"):
