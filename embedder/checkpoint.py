@@ -38,7 +38,8 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return path.suffix == ".safetensors" and read_meta(path) is not None
+    """By content, not by name: users call their checkpoints anything."""
+    return read_meta(path) is not None
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from embedder import checkpoint
 from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
 from embedder.decode import load_rgb, normalize_batch, preprocess
-from embedder.errors import DecodeError, FinetuneError
+from embedder.errors import DecodeError, FinetuneError, ProbeError
 from embedder.model import _set_module, drop_aux_head, resolve_device
 from embedder.probe import stratified_split
 from embedder.sources import ImageRef, discover
@@ -289,8 +289,15 @@ def frozen_probe_accuracy(net: nn.Module, backbone: Backbone, train_loader: Data
     xtr, ytr = _features(net, backbone.head, train_loader, pre, device)
     xva, yva = _features(net, backbone.head, val_loader, pre, device)
     data = ProbeData(xtr, ytr, classes, [], [], {})
-    result = train_probe(data, ProbeOptions(seed=seed, c_min_exp=-4, c_max_exp=4, standardize="no"))
-    return float((result.head.logits(xva).argmax(1) == yva).mean())
+    try:
+        result = train_probe(data, ProbeOptions(seed=seed, c_min_exp=-4, c_max_exp=4, standardize="no"))
+        pred = result.head.logits(xva).argmax(1)
+    except ProbeError:  # too few images per class to choose C on a split: scikit-learn's default C
+        from sklearn.linear_model import LogisticRegression
+
+        log.info("frozen probe: too few images to choose C, using C=1")
+        pred = LogisticRegression(max_iter=1000).fit(xtr, ytr).predict(xva)
+    return float((pred == yva).mean())
 
 
 # ---- the loop ------------------------------------------------------------------------------------

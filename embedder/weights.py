@@ -102,7 +102,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise WeightsMismatch(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise WeightsMismatch(f"cannot read weights file {path} as a state dict ({type(e).__name__}: "
+                              f"{first[:200]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
