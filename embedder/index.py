@@ -390,7 +390,10 @@ class LoadedIndex:
                 raise IndexError_(f"index {name!r}: {VECTORS_FILE} does not match the index; rebuild it")
         self.searcher = Searcher(self.index, self.meta["metric"], vectors)
         self.name = name
-        self._row_of = {int(f): i for i, f in enumerate(self.ids.column("faiss_id").to_pylist())}
+        # FAISS id → id-map row, vectorised (sorted ids + searchsorted), built once per load.
+        fids = np.asarray(self.ids.column("faiss_id").to_numpy(), dtype=np.int64)
+        self._order = np.argsort(fids, kind="stable")
+        self._sorted_fids = fids[self._order]
 
     @property
     def dim(self) -> int:
@@ -452,9 +455,7 @@ class LoadedIndex:
         return self._exact_among(q, allowed, need)
 
     def _exact_among(self, q: np.ndarray, allowed: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-        keep = set(int(a) for a in allowed)
-        rows = [i for i, f in enumerate(self.ids.column("faiss_id").to_pylist()) if f in keep]
-        sub = self.ids.take(rows)
+        sub = self.ids.take(pa.array(self.rows_of(allowed)))
         store = Store.open(self.meta["store"])
         vec = store.read(["id", "embedding"]).join(sub.select(["id", "faiss_id"]), "id")
         x = _prepare(arrow_to_embeddings(vec.column("embedding")), self.metric)
@@ -463,17 +464,20 @@ class LoadedIndex:
         fids = np.asarray(vec.column("faiss_id").to_numpy())
         return self._hits(scores, np.where(pos >= 0, fids[np.maximum(pos, 0)], -1))
 
+    def rows_of(self, fids: np.ndarray) -> np.ndarray:
+        return self._order[np.searchsorted(self._sorted_fids, fids)]  # type: ignore[no-any-return]
+
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict[str, Any]]]:
-        cols = {c: self.ids.column(c).to_pylist() for c in ("id", "path", "label")}
+        """Only the hit rows of the id map are materialised, not the whole map per search."""
+        valid = ids >= 0
+        meta = self.ids.select(["id", "path", "label"]).take(pa.array(self.rows_of(ids[valid]))).to_pylist()
+        it = iter(meta)
         out = []
         for qi in range(len(scores)):
             hits: list[dict[str, Any]] = []
-            for s, fid in zip(_score(scores[qi], self.metric), ids[qi]):
-                if fid < 0:
-                    continue
-                row = self._row_of[int(fid)]
-                hits.append({"rank": len(hits) + 1, "score": float(s), "id": cols["id"][row],
-                             "path": cols["path"][row], "label": cols["label"][row]})
+            for s, ok in zip(_score(scores[qi], self.metric), valid[qi]):
+                if ok:
+                    hits.append({"rank": len(hits) + 1, "score": float(s), **next(it)})
             out.append(hits)
         return out
 
