@@ -454,15 +454,31 @@ class LoadedIndex:
                 return self._hits(scores, ids)
         return self._exact_among(q, allowed, need)
 
+    def _vectors_of(self, fids: np.ndarray) -> np.ndarray:
+        """Vectors for FAISS ids: the re-rank copies, the index itself, or the store on disk."""
+        if self.searcher.vectors is not None:
+            return np.asarray(self.searcher.vectors[np.sort(fids)], dtype=np.float32)[np.argsort(np.argsort(fids))]
+        faiss = _faiss()
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.make_direct_map()  # IVF lists are not addressable by id until asked
+        try:
+            return np.asarray(self.index.reconstruct_batch(fids), dtype=np.float32)
+        except RuntimeError:
+            pass
+        sub = self.ids.take(pa.array(self.rows_of(fids)))
+        t = Store.open(self.meta["store"]).read(["id", "embedding"])
+        pos = pc.index_in(sub.column("id"), value_set=t.column("id"))
+        if pos.null_count:
+            raise IndexError_(f"index {self.name!r}: some vectors are neither in the index nor in its "
+                              "store; rebuild the index")
+        x = arrow_to_embeddings(t.column("embedding").take(pos))
+        return _prepare(x, self.metric)
+
     def _exact_among(self, q: np.ndarray, allowed: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-        sub = self.ids.take(pa.array(self.rows_of(allowed)))
-        store = Store.open(self.meta["store"])
-        vec = store.read(["id", "embedding"]).join(sub.select(["id", "faiss_id"]), "id")
-        x = _prepare(arrow_to_embeddings(vec.column("embedding")), self.metric)
-        flat = _exact(x, self.metric)
-        scores, pos = flat.search(q, k)
-        fids = np.asarray(vec.column("faiss_id").to_numpy())
-        return self._hits(scores, np.where(pos >= 0, fids[np.maximum(pos, 0)], -1))
+        x = self._vectors_of(allowed)
+        scores, pos = _exact(x, self.metric).search(q, k)
+        return self._hits(scores, np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1))
 
     def rows_of(self, fids: np.ndarray) -> np.ndarray:
         return self._order[np.searchsorted(self._sorted_fids, fids)]  # type: ignore[no-any-return]
@@ -502,18 +518,7 @@ class LoadedIndex:
         rows = self.ids.filter(pc.equal(self.ids.column("id"), store_id))
         if rows.num_rows == 0:
             raise IndexError_(f"id {store_id!r} is not in index {self.name!r}")
-        fid = int(rows.column("faiss_id")[0].as_py())
-        if self.searcher.vectors is not None:
-            return np.asarray(self.searcher.vectors[fid:fid + 1], dtype=np.float32)
-        faiss = _faiss()
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.make_direct_map()  # IVF lists are not addressable by id until asked
-        try:
-            return np.asarray(self.index.reconstruct(fid), dtype=np.float32)[None]
-        except RuntimeError:
-            raise IndexError_(f"index {self.name!r} cannot return the vector of {store_id!r}; "
-                              "query with the image or a .npy vector instead") from None
+        return self._vectors_of(np.array([rows.column("faiss_id")[0].as_py()], dtype=np.int64))
 
 
 def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, int]:

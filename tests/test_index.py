@@ -214,3 +214,27 @@ def test_dedup_finds_copies(image_tree: Path, tmp_path: Path) -> None:
     for g, p in zip(t.column("group").to_pylist(), t.column("path").to_pylist()):
         groups.setdefault(g, set()).add(Path(p).name)
     assert {"cat_0000.jpg", "copy_a.jpg", "copy_b.jpg"} in groups.values()
+
+
+def test_filter_falls_back_to_exact_search_when_selectors_fail(tmp_path: Path, monkeypatch) -> None:
+    both = clustered(1005, dim=16)
+    x, q = both[:1000], both[1000:]
+    labels = ["rare" if i % 50 == 0 else "common" for i in range(1000)]  # 20 rare rows
+    home = str(tmp_path / "h")
+    idx.build(vector_store(tmp_path / "s", x, labels), "f", idx.BuildOptions(kind="hnsw"), home)
+    loaded = idx.LoadedIndex("f", home)
+    original = loaded.searcher.search
+
+    def no_selectors(qq, k, params=None):
+        if params is not None:
+            raise RuntimeError("selector not supported by this index type")
+        return original(qq, k)
+
+    monkeypatch.setattr(loaded.searcher, "search", no_selectors)
+    hits = loaded.search(q, 5, {"label": "rare"})
+    rare = np.flatnonzero(np.array(labels) == "rare")
+    xn = x[rare] / np.linalg.norm(x[rare], axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    expected = rare[np.argsort(-(qn @ xn.T), axis=1)[:, :5]]
+    assert [[int(h["id"][1:]) for h in row] for row in hits] == expected.tolist()
+    assert all(h["label"] == "rare" for row in hits for h in row)
