@@ -31,13 +31,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from embedder import checkpoint
-from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
+from embedder.backbones import Backbone, Preprocessing, suggested_layers
 from embedder.decode import load_rgb, normalize_batch, preprocess
 from embedder.errors import DecodeError, FinetuneError, ProbeError
-from embedder.model import _set_module, drop_aux_head, resolve_device
+from embedder.model import ModelSpec, _set_module, load_network, resolve_device
 from embedder.probe import stratified_split
 from embedder.sources import ImageRef, discover
-from embedder.weights import apply_weights, load_registry_weights, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -164,20 +163,13 @@ def _labelled(source: list[str], classes: list[str] | None = None) -> tuple[list
 
 # ---- model -------------------------------------------------------------------------------------
 def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Backbone, Preprocessing, dict[str, Any]]:
-    backbone = get_backbone(options.backbone)
-    loaded = (load_weights_file(options.weights_file) if options.weights_file
-              else load_registry_weights(backbone, options.weights_tag))
-    net = backbone.build_architecture(options.weights_tag)
-    apply_weights(net, loaded.state_dict, backbone.head, backbone.name)
+    net, backbone, loaded, pre = load_network(ModelSpec(options.backbone, options.weights_tag,
+                                                        options.weights_file, image_size=options.image_size))
     old = net.get_submodule(backbone.head)
     if not isinstance(old, nn.Linear):
         raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")
     torch.manual_seed(options.seed)
     _set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
-    drop_aux_head(net)
-    pre = loaded.preprocessing or backbone.preprocessing(options.weights_tag)
-    if options.image_size:
-        pre = pre.at_size(options.image_size)
     origin = {"tag": loaded.info.tag, "sha256": loaded.info.sha256, "file": loaded.info.file}
     return net, backbone, pre, origin
 

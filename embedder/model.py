@@ -146,7 +146,9 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
+def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, Preprocessing]:
+    """The pretrained network with its weights applied (all but the classification head, which
+    callers replace) and the preprocessing that matches them. Shared by extraction and fine-tuning."""
     backbone = get_backbone(spec.backbone)
     if spec.weights_file is not None:
         weights = load_weights_file(Path(spec.weights_file))
@@ -154,13 +156,17 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         weights = load_registry_weights(backbone, spec.weights_tag)
     net = backbone.build_architecture(spec.weights_tag)
     apply_weights(net, weights.state_dict, backbone.head, backbone.name)
-    _set_module(net, backbone.head, nn.Identity())
     drop_aux_head(net)
-    net.eval().requires_grad_(False)
-
     pre = weights.preprocessing or backbone.preprocessing(spec.weights_tag)
     if spec.image_size is not None:
         pre = pre.at_size(spec.image_size)
+    return net, backbone, weights, pre
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    net, backbone, weights, pre = load_network(spec)
+    _set_module(net, backbone.head, nn.Identity())
+    net.eval().requires_grad_(False)
 
     layer, pool = spec.layer, spec.pool
     if pool is not None and pool not in POOLS:

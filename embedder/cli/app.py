@@ -21,12 +21,5 @@ probe_cmd.register(app)
 finetune_cmd.register(app)
 
 
-
-
-
-
-
-
-
 def main() -> None:
     app()
