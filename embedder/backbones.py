@@ -126,6 +126,18 @@ class Backbone:
             "params": m.get("num_params"),
         }
 
+    def build_pretrained(self, tag: str | None = None) -> nn.Module:
+        """torchvision's builder with its weights, read from torchvision's cache (the caller made
+        sure the file is there): every model-specific loading rule is torchvision's own."""
+        from embedder.errors import WeightsMismatch
+
+        try:
+            return models.get_model(self.name, weights=self.torchvision_weights(tag))
+        except (RuntimeError, ValueError, OSError, EOFError) as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), "")
+            raise WeightsMismatch(f"cannot load {self.name} weights from torchvision's cache "
+                                  f"({type(e).__name__}: {first[:200]}); delete the file and import it again") from None
+
     def build_architecture(self, tag: str | None = None) -> nn.Module:
         """The full architecture, randomly initialised, head still attached."""
         if self.builder is not None:

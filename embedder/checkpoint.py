@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from embedder.backbones import Preprocessing
 from embedder.errors import WeightsMismatch
-from embedder.weights import LoadedWeights, WeightsInfo, sha256_file
+from embedder.provenance import WeightsRef
+from embedder.weights import LoadedWeights, sha256_file
 
 META_KEY = "embedder_checkpoint"
 FORMAT = "embedder-checkpoint/1"
@@ -51,15 +52,13 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def load_for_extraction(path: Path) -> LoadedWeights:
     state, meta = load(path)
-    info = WeightsInfo(tag=f"finetune:{path.name}", sha256=sha256_file(path), file=path.name,
-                       origin=meta.get("pretrained"))
+    info = WeightsRef("finetune", path.name, sha256_file(path), meta.get("pretrained"))
     pre = Preprocessing.from_dict(meta["preprocessing"]) if "preprocessing" in meta else None
-    return LoadedWeights(state, info, pre, meta)
+    return LoadedWeights(state, info, pre, meta, backbone=meta.get("backbone"))
 
 
-def head_and_provenance(path: Path) -> tuple[Any, list[str], dict[str, Any]]:
-    """The checkpoint's own classification head as a LinearHead on its penultimate features,
-    plus the provenance its extraction will have (so `predict CKPT` embeds consistently)."""
+def head(path: Path) -> tuple[Any, list[str]]:
+    """The checkpoint's own classification head as a LinearHead on its penultimate features."""
     from embedder.backbones import get_backbone
     from embedder.errors import ProbeError
     from embedder.probe import LinearHead
@@ -72,12 +71,4 @@ def head_and_provenance(path: Path) -> tuple[Any, list[str], dict[str, Any]]:
     except KeyError:
         raise ProbeError(f"{path} holds no classification head ({backbone.head})") from None
     dim = w.shape[1]
-    head = LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32))
-    prov = {
-        "backbone": backbone.name,
-        "weights": {"tag": f"finetune:{path.name}", "sha256": sha256_file(path), "file": path.name,
-                    "origin": meta.get("pretrained")},
-        "layer": "penultimate", "pool": "avg", "preprocessing": meta["preprocessing"],
-        "normalize": "none",
-    }
-    return head, list(meta["classes"]), prov
+    return LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32)), list(meta["classes"])

@@ -19,18 +19,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedder.backbones import Preprocessing
 from embedder.errors import DecodeError
+from embedder.provenance import DECODE_POLICY  # noqa: F401 - re-exported: what decoding does
 
 log = logging.getLogger(__name__)
 
 # PIL's own default; beyond it an image is treated as a decompression bomb and skipped.
 DEFAULT_MAX_PIXELS = 89_478_485
 
-DECODE_POLICY = {
-    "alpha": "composite on white",
-    "exif": "transpose",
-    "high_bit_depth": "scaled to 8 bit",
-    "animated": "first frame",
-}
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What is stored beside a vector: the original image's size (after EXIF rotation, before any
+    draft-mode reduction) and a hash of the file's bytes."""
+
+    width: int
+    height: int
+    file_hash: str
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,13 @@ def load_rgb(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> Image.Image:
     """Decode bytes to an RGB image, EXIF-rotated; raises DecodeError with a short reason."""
+    return load_rgb_sized(data, max_pixels, draft_size)[0]
+
+
+def load_rgb_sized(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """``load_rgb`` plus the original (EXIF-rotated) size, which a JPEG draft decode reduces."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -83,6 +95,7 @@ def load_rgb(
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        loaded = img.size
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -95,31 +108,66 @@ def load_rgb(
         img = ImageOps.exif_transpose(img) or img
     except Exception as e:  # noqa: BLE001 - a broken EXIF block must not cost the image
         log.debug("ignoring unreadable EXIF: %s", e)
+    rotated = img.size != loaded and img.size == (loaded[1], loaded[0])
+    original = (h, w) if rotated else (w, h)
     try:
-        return _to_rgb(img)
+        return _to_rgb(img), original
     except (OSError, ValueError) as e:
         raise DecodeError(f"cannot convert mode {img.mode}: {e}") from None
 
 
-def preprocess(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
+def resize_target(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """The size torchvision's resize to ``shorter`` (shorter side) produces: (width, height)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None:
+    """An extreme aspect ratio (say 100000x10) would be upscaled to billions of pixels before the
+    centre crop; such an image is refused like a decompression bomb instead of exhausting memory."""
+    tw, th = resize_target(width, height, shorter)
+    if tw * th > max_pixels:
+        raise DecodeError(f"extreme aspect ratio: {width}x{height} resized to {tw}x{th} would exceed "
+                          f"{max_pixels} pixels")
+
+
+def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Resize (shorter side) and centre-crop exactly as torchvision's ImageClassification preset."""
+    check_resize(img.width, img.height, pre.resize_size, max_pixels)
     img = TF.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
     img = TF.center_crop(img, [pre.crop_size])
     return TF.pil_to_tensor(img)
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from None
+
+
+def decode_into(
+    path: str, pre: Preprocessing, out: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False
+) -> ImageMeta:
+    """Decode PATH and write its uint8 [3, crop, crop] pixels into ``out`` (a row of a reused
+    batch buffer): no per-image tensor outlives the decoding thread (see ``extract``)."""
+    data = _read(path)
+    img, (width, height) = load_rgb_sized(data, max_pixels, draft_size=pre.resize_size if fast else None)
+    check_resize(img.width, img.height, pre.resize_size, max_pixels)
+    img = TF.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
+    img = TF.center_crop(img, [pre.crop_size])
+    out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
+
+
 def decode_file(
     path: str, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False
 ) -> Decoded:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DecodeError(f"cannot read: {e.strerror or e}") from None
-    img = load_rgb(data, max_pixels, draft_size=pre.resize_size if fast else None)
-    width, height = img.size
-    pixels = preprocess(img, pre)
-    return Decoded(pixels, width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
+    pixels = torch.empty(3, pre.crop_size, pre.crop_size, dtype=torch.uint8)
+    meta = decode_into(path, pre, pixels, max_pixels, fast)
+    return Decoded(pixels, meta.width, meta.height, meta.file_hash)
 
 
 def normalize_batch(x: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -28,12 +28,19 @@ import pyarrow as pa
 import torch
 
 from embedder import __version__
-from embedder.backbones import get_backbone
-from embedder.decode import DECODE_POLICY, DEFAULT_MAX_PIXELS, Decoded, decode_file, normalize_batch
+from embedder.decode import (
+    DEFAULT_MAX_PIXELS,
+    Decoded,
+    ImageMeta,
+    decode_file,
+    decode_into,
+    normalize_batch,
+)
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
 from embedder.model import LoadedModel, ModelSpec, load_model, resolve_device
+from embedder.provenance import Provenance
 from embedder.sources import ImageRef, discover, image_id
-from embedder.store import ERRORS_SCHEMA, Store, embeddings_to_arrow, identity, row_schema
+from embedder.store import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arrow, row_schema
 
 log = logging.getLogger(__name__)
 
@@ -129,30 +136,28 @@ class BatchEmbedder:
     def dim(self) -> int:
         return self.loaded.dim
 
-    def provenance(self) -> dict[str, Any]:
-        w = self.loaded.weights.info
-        return {
-            "backbone": self.loaded.backbone.name,
-            "weights": {"tag": w.tag, "sha256": w.sha256, "file": w.file, "origin": w.origin},
-            "layer": self.loaded.layer,
-            "pool": self.loaded.pool,
-            "preprocessing": self.loaded.preprocessing.to_dict(),
-            "decode": {**DECODE_POLICY, "fast_decode": self.options.fast_decode},
-            "normalize": self.options.normalize,
-            "dtype": self.options.dtype,
-            "dim": self.loaded.dim,
-            "versions": _versions(),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
+    def provenance(self) -> Provenance:
+        """How this embedder's vectors are made (stamped on every shard it writes)."""
+        return Provenance(
+            backbone=self.loaded.backbone.name, weights=self.loaded.weights.info,
+            layer=self.loaded.layer, pool=self.loaded.pool, preprocessing=self.loaded.preprocessing,
+            dim=self.loaded.dim, decoder="pil-draft" if self.options.fast_decode else "pil",
+            precision=self.precision, normalize=self.options.normalize, dtype=self.options.dtype,
+            versions=_versions(), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
 
     def decode(self, path: str) -> Decoded:
         return decode_file(path, self.loaded.preprocessing, self.options.max_pixels,
                            self.options.fast_decode)
 
+    def decode_into(self, path: str, out: torch.Tensor) -> ImageMeta:
+        return decode_into(path, self.loaded.preprocessing, out, self.options.max_pixels,
+                           self.options.fast_decode)
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 [N,3,H,W] → float32 [N, dim] (L2-normalised when asked)."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not pixels.is_pinned():
             pixels = pixels.pin_memory()  # lets the host-to-device copy run asynchronously
         x = pixels.to(self.device, non_blocking=True)
         x = normalize_batch(x, self.loaded.preprocessing)
@@ -171,14 +176,18 @@ class BatchEmbedder:
 
     def rows(self, refs: Sequence[ImageRef], decoded: Sequence[Decoded]) -> pa.Table:
         vectors = self.embed_pixels(torch.stack([d.pixels for d in decoded]))
+        return self.rows_from(refs, decoded, vectors)
+
+    def rows_from(self, refs: Sequence[ImageRef], metas: Sequence[ImageMeta | Decoded],
+                  vectors: np.ndarray) -> pa.Table:
         return pa.Table.from_arrays([
             pa.array([r.id for r in refs], pa.string()),
             pa.array([r.path for r in refs], pa.string()),
             pa.array([r.label for r in refs], pa.string()),
             embeddings_to_arrow(vectors, self.options.dtype),
-            pa.array([d.width for d in decoded], pa.int32()),
-            pa.array([d.height for d in decoded], pa.int32()),
-            pa.array([d.file_hash for d in decoded], pa.string()),
+            pa.array([d.width for d in metas], pa.int32()),
+            pa.array([d.height for d in metas], pa.int32()),
+            pa.array([d.file_hash for d in metas], pa.string()),
         ], schema=self.schema)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -219,6 +228,15 @@ def default_workers() -> int:
     return max(1, min(16, cores - 1))
 
 
+class _Batch:
+    """One slot of the ring: a reused uint8 pixel buffer and the decode futures writing into it."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.pixels = pixels
+        self.refs: list[ImageRef] = []
+        self.futures: list[Future[ImageMeta]] = []
+
+
 def embed_stream(
     refs: Sequence[ImageRef],
     embedder: BatchEmbedder,
@@ -227,42 +245,61 @@ def embed_stream(
 ) -> Generator[tuple[pa.Table, int], None, None]:
     """Decode in threads that run ahead of the model; yield (rows, failed in this batch) per batch.
 
-    Shared by extract (which writes shards) and predict (which applies a head)."""
+    Memory stays flat whatever the collection size: decode threads write pixels straight into a
+    fixed ring of ``prefetch_batches + 1`` batch buffers (pinned on CUDA), so no per-image tensor
+    is allocated in one thread and freed in another. (Per-image tensors made in decode threads and
+    freed by the model's thread fragmented glibc's heap: RSS grew ~0.4 MB per image, see
+    docs/benchmarks.md.) Shared by extract (which writes shards) and predict (which applies a head).
+    """
     bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
-    ahead = max(2, run.prefetch_batches) * bs
+    crop = embedder.loaded.preprocessing.crop_size
+    n_slots = max(2, run.prefetch_batches) + 1
+    pin = embedder.device.type == "cuda"
+    slots = [_Batch(torch.empty((bs, 3, crop, crop), dtype=torch.uint8, pin_memory=pin))
+             for _ in range(n_slots)]
+    in_flight: deque[_Batch] = deque()
+    free: deque[_Batch] = deque(slots)
+    it = iter(refs)
     with ThreadPoolExecutor(max_workers=run.workers or default_workers(),
                             thread_name_prefix="decode") as pool:
-        queue: deque[tuple[ImageRef, Future[Decoded]]] = deque()
-        it = iter(refs)
 
-        def top_up() -> None:
-            while len(queue) < ahead:
-                ref = next(it, None)
-                if ref is None:
-                    return
-                queue.append((ref, pool.submit(embedder.decode, ref.path)))
+        def fill(slot: _Batch) -> bool:
+            slot.refs = [r for _, r in zip(range(bs), it)]
+            slot.futures = [pool.submit(embedder.decode_into, r.path, slot.pixels[i])
+                            for i, r in enumerate(slot.refs)]
+            return bool(slot.refs)
 
         try:
-            top_up()
-            while queue:
-                batch_refs: list[ImageRef] = []
-                batch: list[Decoded] = []
+            while free and fill(free[0]):
+                in_flight.append(free.popleft())
+            while in_flight:
+                slot = in_flight.popleft()
+                good: list[int] = []
+                metas: list[ImageMeta] = []
                 failed = 0
-                while queue and len(batch_refs) + failed < bs:
-                    ref, fut = queue.popleft()
+                for i, (ref, fut) in enumerate(zip(slot.refs, slot.futures)):
                     try:
-                        batch.append(fut.result())
-                        batch_refs.append(ref)
+                        metas.append(fut.result())
+                        good.append(i)
                     except DecodeError as e:
                         failed += 1
                         on_error(ref, str(e))
                         log.info("skipped %s: %s", ref.path, e)
-                top_up()  # decoding of the next batches runs while the model works
-                table = embedder.rows(batch_refs, batch) if batch else embedder.schema.empty_table()
+                if good:
+                    vectors = embedder.embed_pixels(slot.pixels[:len(slot.refs)])
+                    if failed:
+                        vectors = vectors[good]
+                    table = embedder.rows_from([slot.refs[i] for i in good], metas, vectors)
+                else:
+                    table = embedder.schema.empty_table()
+                slot.futures = []
+                if fill(slot):  # the buffer is free again: decode the batch after the queued ones
+                    in_flight.append(slot)
                 yield table, failed
         finally:
-            for _, fut in queue:
-                fut.cancel()
+            for slot in in_flight:
+                for fut in slot.futures:
+                    fut.cancel()
 
 
 def extract(
@@ -282,10 +319,8 @@ def extract(
     t_start = time.perf_counter()
     refs = discover(sources)
     embedder = embedder or BatchEmbedder(spec, embed)
-    store = Store.create_or_append(store_path, embedder.provenance())
     summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
-
-    with store.writer_lock():
+    with Store.writer(store_path, embedder.provenance()) as store:
         _fill(store, refs, embedder, run, summary, progress, t_start)
     return summary
 
@@ -315,21 +350,19 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: 
     if not todo:
         summary.seconds = time.perf_counter() - t_start
         return
+    provenance = embedder.provenance()
 
-    pending: list[pa.Table] = []
+    buffer = ShardBuffer(embedder.dim, embedder.options.dtype, run.shard_rows)
     pending_errors: list[dict[str, Any]] = []
-    buffered = 0
     last_flush = time.monotonic()
 
     def flush() -> None:
-        nonlocal buffered, last_flush
-        if pending:
-            store.write_shard(pa.concat_tables(pending))
+        nonlocal last_flush
+        if buffer.rows:
+            store.write_shard(buffer.take(), provenance)
         if pending_errors:
             store.write_errors(pa.Table.from_pylist(pending_errors, schema=ERRORS_SCHEMA))
-        pending.clear()
         pending_errors.clear()
-        buffered = 0
         last_flush = time.monotonic()
         run_record.update(done=summary.done, failed=summary.failed,
                           seconds=round(time.perf_counter() - t_start, 2))
@@ -344,13 +377,14 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: 
     try:
         with closing(embed_stream(todo, embedder, run, on_error)) as stream:
             for table, n_failed in stream:
-                if table.num_rows:
-                    pending.append(table)
-                    buffered += table.num_rows
-                    summary.done += table.num_rows
+                summary.done += table.num_rows
+                rest = buffer.append(table)
+                while rest.num_rows:  # a batch larger than what is left of the shard
+                    flush()
+                    rest = buffer.append(rest)
                 if progress:
                     progress(len(todo), table.num_rows + n_failed, summary.failed)
-                if buffered >= run.shard_rows or time.monotonic() - last_flush >= run.flush_seconds:
+                if buffer.full or time.monotonic() - last_flush >= run.flush_seconds:
                     flush()
     finally:
         # Whatever finished is kept, even on Ctrl-C or an unexpected error.
@@ -358,37 +392,26 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: 
         flush()
 
 
-def spec_from_provenance(prov: dict[str, Any], weights_file: str | None = None) -> ModelSpec:
+def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> ModelSpec:
     """The ModelSpec that reproduces a store's vectors (for queries and predictions)."""
-    w = prov["weights"]
-    tag: str | None = None
     path = None
-    if str(w["tag"]).startswith(("file:", "finetune:")):
+    if prov.weights.needs_file:
         if weights_file is None:
-            raise ProvenanceMismatch(f"these vectors were made with weights file {w['file']}; "
-                                     "pass it with --weights FILE")
+            raise ProvenanceMismatch(f"these vectors were made with {prov.weights.kind} weights "
+                                     f"{prov.weights.name}; pass that file with --weights FILE")
         path = Path(weights_file)
-    elif "." in str(w["tag"]) and not str(w["tag"]).endswith(".SEED0"):
-        tag = str(w["tag"]).rsplit(".", 1)[1]
-    layer = None if prov["layer"] == "penultimate" else prov["layer"]
-    pool = prov["pool"] if layer is not None else None
-    default_crop = get_backbone(prov["backbone"]).preprocessing(tag).crop_size
-    crop = int(prov["preprocessing"]["crop_size"])
-    return ModelSpec(prov["backbone"], tag, path, layer, pool,
-                     None if crop == default_crop or path is not None else crop)
+    layer = None if prov.layer == "penultimate" else prov.layer
+    pool = prov.pool if layer is not None else None
+    return ModelSpec(prov.backbone, prov.weights.tag, path, layer, pool, prov.preprocessing.crop_size)
 
 
-def embedder_for(prov: dict[str, Any], weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
-    """A BatchEmbedder that provably makes the same kind of vectors as ``prov`` describes."""
+def embedder_for(prov: Provenance, weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
+    """A BatchEmbedder that provably makes vectors comparable with those ``prov`` describes."""
     emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
-                        EmbedOptions(device=device, normalize=prov.get("normalize", "none")))
-    mine, theirs = identity(emb.provenance()), identity(prov)
-    for key in ("backbone", "weights", "layer", "pool", "preprocessing"):
-        a = mine[key]["sha256"] if key == "weights" else mine[key]
-        b = theirs[key]["sha256"] if key == "weights" else theirs[key]
-        if a != b:
-            raise ProvenanceMismatch(f"query model differs from the indexed vectors in {key}; "
-                                     "the index was built from another backbone/weights/preprocessing")
+                        EmbedOptions(device=device, normalize=prov.normalize,
+                                     fast_decode=prov.decoder == "pil-draft"))
+    prov.require(emb.provenance(), store=False, what="the indexed or training vectors were",
+                 fix="the query model must be the same backbone, weights, layer and preprocessing")
     return emb
 
 

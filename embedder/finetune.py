@@ -170,7 +170,7 @@ def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Ba
         raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")
     torch.manual_seed(options.seed)
     _set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
-    origin = {"tag": loaded.info.tag, "sha256": loaded.info.sha256, "file": loaded.info.file}
+    origin = loaded.info.to_dict()
     return net, backbone, pre, origin
 
 

@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedder.errors import IndexError_, ProvenanceMismatch
-from embedder.store import Store, arrow_to_embeddings, identity
+from embedder.errors import IndexError_
+from embedder.provenance import Provenance
+from embedder.store import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         np.save(tmpdir / VECTORS_FILE, vectors)
     meta = {
         "name": name, "store": str(Path(store_path).absolute()),
-        "provenance": store.provenance, "kind": p.kind, "factory": p.factory, "reason": p.reason,
+        "provenance": store.provenance.to_dict(), "kind": p.kind, "factory": p.factory, "reason": p.reason,
         "metric": options.metric, "dim": dim, "count": int(index.ntotal), "next_id": n,
         "build_seconds": round(build_seconds, 3), "memory_budget": budget,
         "index_bytes": (tmpdir / INDEX_FILE).stat().st_size,
@@ -398,6 +399,10 @@ class LoadedIndex:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance.from_dict(self.meta["provenance"])
 
     @property
     def metric(self) -> str:
@@ -525,9 +530,8 @@ def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, 
     """Add a store's rows that the index does not hold yet (ids already present are skipped)."""
     loaded = LoadedIndex(name, index_home)
     store = Store.open(store_path)
-    if identity(store.provenance) != identity(loaded.meta["provenance"]):
-        raise ProvenanceMismatch(f"{store_path} was embedded differently from index {name!r} "
-                                 "(backbone, weights, layer or preprocessing differ)")
+    loaded.provenance.require(store.provenance, store=False, what=f"index {name!r} holds vectors",
+                              fix=f"{store_path} was embedded differently; build a new index for it")
     table = store.read(["id", "path", "label", "embedding"])
     present = set(loaded.ids.column("id").to_pylist())
     mask = pa.array([i not in present for i in table.column("id").to_pylist()])

@@ -10,24 +10,26 @@ import torch
 from torch import nn
 
 from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
-from embedder.errors import DeviceError, UnknownLayer
+from embedder.errors import DeviceError, UnknownLayer, WeightsMismatch
 from embedder.weights import (
     LoadedWeights,
     apply_weights,
-    load_registry_weights,
+    ensure_registry_file,
     load_weights_file,
+    seeded_weights,
 )
 
 log = logging.getLogger(__name__)
 
 POOLS = ("avg", "max", "gem")
+DEFAULT_BACKBONE = "resnet50"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything that determines what a vector means. Recorded in the store."""
 
-    backbone: str
+    backbone: str | None = DEFAULT_BACKBONE  # None: the one a checkpoint in weights_file names
     weights_tag: str | None = None  # None: the registry's tag
     weights_file: Path | None = None  # local state dict or finetune checkpoint
     layer: str | None = None  # None: penultimate (the model's own pooled features)
@@ -146,19 +148,44 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_weights(spec: ModelSpec) -> tuple[Backbone, LoadedWeights | None]:
+    """Which architecture and which weights file. A checkpoint names its own backbone: used when
+    ``spec.backbone`` is None, refused when it names another. A plain state dict does not say what
+    it is for, so it needs a backbone. Registry weights: None (torchvision's builder loads them)."""
+    if spec.weights_file is None:
+        return get_backbone(spec.backbone or DEFAULT_BACKBONE), None
+    weights = load_weights_file(Path(spec.weights_file))
+    if weights.backbone is not None:
+        if spec.backbone is not None and spec.backbone != weights.backbone:
+            raise WeightsMismatch(f"{spec.weights_file} is a {weights.backbone} checkpoint but --backbone "
+                                  f"{spec.backbone} was given; drop --backbone (the checkpoint says its own)")
+        return get_backbone(weights.backbone), weights
+    if spec.backbone is None:
+        raise WeightsMismatch(f"{spec.weights_file} is a plain state dict, which does not say its "
+                              "architecture; pass --backbone NAME")
+    return get_backbone(spec.backbone), weights
+
+
 def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, Preprocessing]:
     """The pretrained network with its weights applied (all but the classification head, which
-    callers replace) and the preprocessing that matches them. Shared by extraction and fine-tuning."""
-    backbone = get_backbone(spec.backbone)
-    if spec.weights_file is not None:
-        weights = load_weights_file(Path(spec.weights_file))
+    callers replace; auxiliary heads removed) and the preprocessing that matches them. Shared by
+    extraction and fine-tuning. Registry weights load through torchvision's own builder, with its
+    key remapping (DenseNet's legacy names, MNASNet's versions), from torchvision's cache."""
+    backbone, weights = resolve_weights(spec)
+    tag = spec.weights_tag if weights is None else None
+    if weights is None and not backbone.is_torchvision:
+        weights = seeded_weights(backbone)
+    if weights is None:
+        ref = ensure_registry_file(backbone, tag)
+        net = backbone.build_pretrained(tag)
+        weights = LoadedWeights(None, ref)
     else:
-        weights = load_registry_weights(backbone, spec.weights_tag)
-    net = backbone.build_architecture(spec.weights_tag)
-    apply_weights(net, weights.state_dict, backbone.head, backbone.name)
+        net = backbone.build_architecture(tag)
+        if weights.state_dict is not None:
+            apply_weights(net, weights.state_dict, backbone)
     drop_aux_head(net)
-    pre = weights.preprocessing or backbone.preprocessing(spec.weights_tag)
-    if spec.image_size is not None:
+    pre = weights.preprocessing or backbone.preprocessing(tag)
+    if spec.image_size is not None and spec.image_size != pre.crop_size:
         pre = pre.at_size(spec.image_size)
     return net, backbone, weights, pre
 

@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.extract import RunOptions, embed_stream, embedder_for
+from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, embed_stream, embedder_for
+from embedder.model import ModelSpec
 from embedder.probe import LinearHead, load_probe
+from embedder.provenance import Provenance
 from embedder.sources import ImageRef, discover
 from embedder.store import arrow_to_embeddings
 
@@ -23,23 +25,24 @@ class Predictions:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def load_classifier(path: Path) -> tuple[LinearHead, list[str], dict, str | None]:  # type: ignore[type-arg]
-    """A probe file, or an `embedder finetune` checkpoint (whose own head classifies)."""
+def load_classifier(path: Path, weights: str | None = None, device: str = "auto"
+                    ) -> tuple[LinearHead, list[str], BatchEmbedder]:
+    """A probe file (embedding as its training store was), or an `embedder finetune` checkpoint
+    (whose own head classifies its own penultimate features)."""
     from embedder import checkpoint
 
     if checkpoint.is_checkpoint(path):
-        head, classes, prov = checkpoint.head_and_provenance(path)
-        return head, classes, prov, str(path)
+        head, classes = checkpoint.head(path)
+        return head, classes, BatchEmbedder(ModelSpec(None, weights_file=path), EmbedOptions(device=device))
     head, meta = load_probe(path)
-    return head, meta["classes"], meta["provenance"], None
+    return head, meta["classes"], embedder_for(Provenance.from_dict(meta["provenance"]), weights, device)
 
 
 def predict(probe_path: Path, sources: Sequence[str], top_k: int = 5, device: str = "auto",
             weights: str | None = None, run: RunOptions = RunOptions(),
             progress: Callable[[int, int, int], None] | None = None) -> Predictions:
-    head, classes, prov, own_weights = load_classifier(probe_path)
     refs = discover(sources)
-    emb = embedder_for(prov, weights or own_weights, device)
+    head, classes, emb = load_classifier(probe_path, weights, device)
     failures: list[tuple[str, str]] = []
 
     def on_error(ref: ImageRef, reason: str) -> None:

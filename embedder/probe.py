@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from embedder.errors import ProbeError
-from embedder.store import Store, arrow_to_embeddings, identity
+from embedder.provenance import Provenance
+from embedder.store import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def load_dataset(store_path: str, label_column: str = "label",
     index = {c: i for i, c in enumerate(known)}
     y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
     return Dataset(x, y, known, t.column("id").to_pylist(), t.column("path").to_pylist(),
-                   store.provenance, dropped_unlabelled=n_rows - len(keep),
+                   store.provenance.to_dict(), dropped_unlabelled=n_rows - len(keep),
                    unseen=sorted(set(labels) - set(known)))
 
 
@@ -357,8 +358,8 @@ def check_compatible(train: Dataset, test: Dataset) -> None:
     if train.x.shape[1] != test.x.shape[1]:
         raise ProbeError(f"train vectors have dim {train.x.shape[1]}, test vectors {test.x.shape[1]}: "
                          "embed both with the same backbone and layer")
-    a, b = identity(train.provenance), identity(test.provenance)
-    diff = [k for k in ("backbone", "weights", "layer", "pool", "preprocessing") if a[k] != b[k]]
+    a, b = Provenance.from_dict(train.provenance), Provenance.from_dict(test.provenance)
+    diff = a.differences(b, Provenance.COMPARABLE)
     if diff:
         raise ProbeError(f"train and test stores were embedded differently ({diff[0]} differs); "
                          "re-extract the test images with the train store's settings")

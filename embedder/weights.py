@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch import nn
 
 from embedder.backbones import REGISTRY, Backbone, Preprocessing
 from embedder.errors import WeightsMismatch, WeightsUnavailable
+from embedder.provenance import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,12 @@ def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 @dataclass(frozen=True)
-class WeightsInfo:
-    """Where a model's weights came from: recorded in store provenance."""
-
-    tag: str  # e.g. "MobileNet_V2_Weights.IMAGENET1K_V1", or "file:<name>", or "finetune:<name>"
-    sha256: str
-    file: str | None
-    origin: str | None = None  # for fine-tuned checkpoints: the pretrained weights they started from
-
-
-@dataclass(frozen=True)
 class LoadedWeights:
-    state_dict: dict[str, torch.Tensor]
-    info: WeightsInfo
+    state_dict: dict[str, torch.Tensor] | None  # None: torchvision's builder loaded them itself
+    info: WeightsRef
     preprocessing: Preprocessing | None = None  # set when a checkpoint carries its own
-    extra: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None  # a checkpoint's metadata
+    backbone: str | None = None  # the architecture the file says it is for (checkpoints)
 
 
 def registry_file(backbone: Backbone, tag: str | None) -> tuple[str, Path]:
@@ -76,10 +70,8 @@ def weights_present(backbone: Backbone, tag: str | None = None) -> bool:
     return registry_file(backbone, tag)[1].exists()
 
 
-def load_registry_weights(backbone: Backbone, tag: str | None) -> LoadedWeights:
-    if not backbone.is_torchvision:
-        state = backbone.build_architecture().state_dict()
-        return LoadedWeights(state, WeightsInfo(f"{backbone.name}.SEED0", state_dict_digest(state), None))
+def ensure_registry_file(backbone: Backbone, tag: str | None) -> WeightsRef:
+    """The registry weights' file is in torchvision's cache (downloaded if allowed): its reference."""
     full_tag, path = registry_file(backbone, tag)
     if not path.exists():
         w = backbone.torchvision_weights(tag)
@@ -94,8 +86,13 @@ def load_registry_weights(backbone: Backbone, tag: str | None) -> LoadedWeights:
             w.get_state_dict(progress=True, check_hash=True)
         except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
             raise WeightsUnavailable(f"download failed ({type(e).__name__}); {how}") from None
-    state = _torch_load(path)
-    return LoadedWeights(state, WeightsInfo(full_tag, sha256_file(path), path.name))
+    return WeightsRef("registry", full_tag, sha256_file(path))
+
+
+def seeded_weights(backbone: Backbone) -> LoadedWeights:
+    """A non-torchvision (test) entry: its 'pretrained weights' are its seeded initialisation."""
+    state = backbone.build_architecture().state_dict()
+    return LoadedWeights(state, WeightsRef("seeded", f"{backbone.name}.SEED0", state_dict_digest(state)))
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -109,7 +106,12 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsMismatch(f"{path} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    metadata = getattr(obj, "_metadata", None)  # module versions (MNASNet's loader reads them)
+    out: OrderedDict[str, torch.Tensor] = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+    if metadata is not None:
+        out._metadata = OrderedDict((k.removeprefix("module."), v)  # type: ignore[attr-defined]
+                                    for k, v in metadata.items())
+    return out
 
 
 def load_weights_file(path: Path) -> LoadedWeights:
@@ -121,25 +123,63 @@ def load_weights_file(path: Path) -> LoadedWeights:
     if checkpoint.is_checkpoint(path):
         return checkpoint.load_for_extraction(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise WeightsMismatch(f"cannot read weights file {path} ({e})") from None
     else:
         state = _torch_load(path)
-    return LoadedWeights(state, WeightsInfo(f"file:{path.name}", sha256_file(path), path.name))
+    return LoadedWeights(state, WeightsRef("file", path.name, sha256_file(path)))
 
 
-def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], head: str, name: str) -> None:
-    """Load everything but the classification head (which we discard) strictly."""
-    body = {k: v for k, v in state.items() if not k.startswith(head + ".")}
-    missing, unexpected = model.load_state_dict(body, strict=False)
-    missing = [k for k in missing if not k.startswith(head + ".")]
-    if missing or unexpected:
-        sample = (missing or unexpected)[:3]
+# torchvision's own renaming for DenseNet's official files, which predate today's module names
+# ("denselayer1.norm.1" → "denselayer1.norm1"); torchvision applies it in densenet._load_state_dict.
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+AUX_HEADS = ("AuxLogits.", "aux1.", "aux2.")  # Inception/GoogLeNet training-only classifiers
+
+
+def torchvision_keys(backbone: Backbone, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The key renames torchvision's builders apply to official files, for files we load ourselves."""
+    if backbone.family != "densenet":
+        return state
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for k, v in state.items():
+        m = _DENSENET_LEGACY.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    if hasattr(state, "_metadata"):
+        out._metadata = state._metadata  # type: ignore[attr-defined]
+    return out
+
+
+def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Backbone) -> None:
+    """Load everything but the classification head (which we discard) and the auxiliary heads
+    (which extraction never runs and fine-tuning drops), strictly: names and shapes."""
+    head, name = backbone.head, backbone.name
+    state = torchvision_keys(backbone, state)
+    skip = (head + ".", *AUX_HEADS)
+    body: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in state.items() if not k.startswith(skip))
+    body._metadata = getattr(state, "_metadata", None) or getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    own = model.state_dict()
+    missing = [k for k in own if not k.startswith(skip) and k not in body]
+    unexpected = [k for k in body if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        sample = (missing or unexpected or wrong)[:3]
         raise WeightsMismatch(
-            f"weights do not fit {name}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"keys (e.g. {', '.join(sample)}); is this a {name} state dict?"
+            f"these weights do not fit {name}: {len(missing)} missing, {len(unexpected)} unexpected and "
+            f"{len(wrong)} wrongly shaped tensors (e.g. {', '.join(sample)}); is this a {name} state dict?"
         )
+    try:
+        model.load_state_dict(body, strict=False)
+    except (RuntimeError, ValueError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise WeightsMismatch(f"these weights do not fit {name}: {first[:200]}") from None
 
 
 def import_weights(path: Path) -> tuple[str, Path]:

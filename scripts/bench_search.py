@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from embedder import index as idx
+from embedder.backbones import Preprocessing
+from embedder.provenance import Provenance, WeightsRef
 from embedder.store import Store, arrow_to_embeddings, embeddings_to_arrow
 
 
@@ -34,20 +36,19 @@ def clustered(n: int, dim: int, latent: int = 16, clusters: int = 200, seed: int
 
 
 def write_store(path: Path, x: np.ndarray) -> str:
-    prov = {"backbone": "synthetic", "weights": {"tag": "none", "sha256": "0", "file": None, "origin": None},
-            "layer": "penultimate", "pool": "avg", "preprocessing": {}, "decode": {}, "normalize": "none",
-            "dtype": "float32", "dim": x.shape[1], "versions": {}, "created_at": ""}
-    st = Store.create_or_append(path, prov)
-    schema = st.read().schema
-    for start in range(0, len(x), 50_000):
-        chunk = x[start:start + 50_000]
-        ids = [f"v{start + i:08d}" for i in range(len(chunk))]
-        st.write_shard(pa.table({
-            "id": ids, "path": ids, "label": [None] * len(ids),
-            "embedding": embeddings_to_arrow(chunk, "float32"),
-            "width": pa.array([0] * len(ids), pa.int32()), "height": pa.array([0] * len(ids), pa.int32()),
-            "file_hash": [None] * len(ids)}, schema=schema))
-    st.update_manifest()
+    prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
+                      Preprocessing(256, 224, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), x.shape[1])
+    with Store.writer(path, prov) as st:
+        schema = st.read().schema
+        for start in range(0, len(x), 50_000):
+            chunk = x[start:start + 50_000]
+            ids = [f"v{start + i:08d}" for i in range(len(chunk))]
+            st.write_shard(pa.table({
+                "id": ids, "path": ids, "label": [None] * len(ids),
+                "embedding": embeddings_to_arrow(chunk, "float32"),
+                "width": pa.array([0] * len(ids), pa.int32()), "height": pa.array([0] * len(ids), pa.int32()),
+                "file_hash": [None] * len(ids)}, schema=schema))
+        st.update_manifest()
     return str(path)
 
 

@@ -107,10 +107,10 @@ def test_layers_pooling_float16_and_l2(image_tree: Path, tmp_path: Path) -> None
     extract([str(image_tree)], s1, ModelSpec("tiny_test", layer="stage1", pool="gem"))
     v = _vectors(s1)
     assert next(iter(v.values())).shape == (16,)
-    assert Store.open(s1).provenance["layer"] == "stage1"
+    assert Store.open(s1).provenance.layer == "stage1"
     mx = str(tmp_path / "max")
     extract([str(image_tree)], mx, ModelSpec("tiny_test", pool="max"))
-    assert Store.open(mx).provenance["layer"] == "stage2"
+    assert Store.open(mx).provenance.layer == "stage2"
     h = str(tmp_path / "half")
     extract([str(image_tree)], h, TINY, EmbedOptions(dtype="float16", normalize="l2"))
     t = Store.open(h).read(["embedding"])
@@ -143,12 +143,13 @@ def test_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not an embedding store"):
         Store.open(tmp_path)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StoreError, match="cannot create store"):
-        Store.create_or_append(tmp_path / "file" / "store", {"dim": 1})
+    prov = BatchEmbedder(TINY).provenance()
+    with pytest.raises(StoreError, match="cannot create store"), Store.writer(tmp_path / "file" / "store", prov):
+        pass
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
-    with pytest.raises(StoreError, match="not empty"):
-        Store.create_or_append(tmp_path / "full", {"dim": 1})
+    with pytest.raises(StoreError, match="not empty"), Store.writer(tmp_path / "full", prov):
+        pass
 
 
 def test_weights_file_gives_same_vectors_and_records_it(image_tree: Path, tmp_path: Path) -> None:
@@ -161,7 +162,8 @@ def test_weights_file_gives_same_vectors_and_records_it(image_tree: Path, tmp_pa
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     extract([str(image_tree)], a, TINY)
     extract([str(image_tree)], b, ModelSpec("tiny_test", weights_file=f))
-    assert Store.open(b).provenance["weights"]["tag"] == "file:tiny.pth"
+    assert Store.open(b).provenance.weights.kind == "file"
+    assert Store.open(b).provenance.weights.name == "tiny.pth"
     va, vb = _vectors(a), _vectors(b)
     for k in va:
         np.testing.assert_allclose(va[k], vb[k], rtol=1e-6, atol=1e-6)

@@ -73,15 +73,15 @@ def test_checkpoint_feeds_extract_and_predict(labelled: Path, tmp_path: Path) ->
     store = str(tmp_path / "store")
     extract([str(labelled)], store, ModelSpec("tiny_test", weights_file=ck))
     prov = Store.open(store).provenance
-    assert prov["weights"]["tag"] == "finetune:ck.safetensors"
-    assert prov["weights"]["origin"]["tag"] == "tiny_test.SEED0"
+    assert (prov.weights.kind, prov.weights.name) == ("finetune", "ck.safetensors")
+    assert prov.weights.origin is not None and prov.weights.origin["name"] == "tiny_test.SEED0"
     import shutil
 
     from embedder.weights import load_weights_file
 
     renamed = tmp_path / "my-model.bin"  # recognised by content, whatever the name
     shutil.copy(ck, renamed)
-    assert load_weights_file(renamed).info.tag == "finetune:my-model.bin"
+    assert load_weights_file(renamed).info.kind == "finetune"
     r = runner.invoke(app, ["predict", str(ck), str(labelled / "red"), "--json"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.output.strip().splitlines()]

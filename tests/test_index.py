@@ -15,6 +15,8 @@ from embedder.cli import app
 from embedder.errors import IndexError_, ProvenanceMismatch
 from embedder.extract import extract
 from embedder.model import ModelSpec
+from embedder.backbones import get_backbone
+from embedder.provenance import Provenance, WeightsRef
 from embedder.store import Store, embeddings_to_arrow
 
 runner = CliRunner()
@@ -30,10 +32,14 @@ def clustered(n: int, dim: int = 64, latent: int = 12, clusters: int = 40, seed:
 
 
 def vector_store(path: Path, x: np.ndarray, labels: list[str] | None = None, start: int = 0) -> str:
-    prov = {"backbone": "synthetic", "weights": {"tag": "none", "sha256": "0", "file": None, "origin": None},
-            "layer": "penultimate", "pool": "avg", "preprocessing": {}, "decode": {}, "normalize": "none",
-            "dtype": "float32", "dim": x.shape[1], "versions": {}, "created_at": ""}
-    st = Store.create_or_append(path, prov)
+    prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
+                      get_backbone("tiny_test").preprocessing(), x.shape[1])
+    with Store.writer(path, prov) as st:
+        _write_vectors(st, x, labels, start)
+    return str(path)
+
+
+def _write_vectors(st: Store, x: np.ndarray, labels: list[str] | None, start: int) -> None:
     n = len(x)
     ids = [f"v{start + i:06d}" for i in range(n)]
     st.write_shard(pa.table({
@@ -44,7 +50,6 @@ def vector_store(path: Path, x: np.ndarray, labels: list[str] | None = None, sta
         "file_hash": [None] * n,
     }, schema=st.read().schema))
     st.update_manifest()
-    return str(path)
 
 
 def recall_vs_numpy(loaded: idx.LoadedIndex, x: np.ndarray, q: np.ndarray, k: int = 10) -> float:
@@ -196,7 +201,7 @@ def test_query_model_must_match_index_provenance(image_tree: Path, tmp_path: Pat
     other = tmp_path / "other.pth"
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
     r = runner.invoke(app, ["search", "w", q, "--home", home, "--weights", str(other)])
-    assert r.exit_code == 2 and "differs" in r.output
+    assert r.exit_code == 2 and "weights=file w.pth" in r.output and "other.pth" in r.output
     r = runner.invoke(app, ["search", "w", q, "--home", home, "--weights", str(f)])
     assert r.exit_code == 0, r.output
 

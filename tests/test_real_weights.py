@@ -32,9 +32,9 @@ def test_mobilenet_v2_penultimate_plus_original_head_classifies(tmp_path: Path) 
     assert r.exit_code == 0, r.output
     st = Store.open(store)
     prov = st.provenance
-    assert prov["weights"]["tag"] == "MobileNet_V2_Weights.IMAGENET1K_V1"
-    assert prov["weights"]["sha256"].startswith("b0353104")
-    assert prov["preprocessing"]["resize_size"] == 256 and prov["dim"] == 1280
+    assert prov.weights.name == "MobileNet_V2_Weights.IMAGENET1K_V1" and prov.weights.kind == "registry"
+    assert prov.weights.sha256.startswith("b0353104")
+    assert prov.preprocessing.resize_size == 256 and prov.dim == 1280
 
     t = st.read(["path", "embedding"])
     x = torch.from_numpy(arrow_to_embeddings(t.column("embedding")))

@@ -140,7 +140,7 @@ def search_command(
         missing = [p for p in images if not Path(p).is_file()]
         if missing:
             raise IndexError_(f"query {missing[0]} is not a file (images or .npy vectors)")
-        emb = embedder_for(loaded.meta["provenance"], weights, device)
+        emb = embedder_for(loaded.provenance, weights, device)
         vecs.append(embed_files(emb, images))
         labels += images
     for i in ids or []:

@@ -24,15 +24,16 @@ def info_command(
         out.print_json(json.dumps(info.to_dict()))
         return
     p = info.provenance
-    pre = p["preprocessing"]
+    pre = p.preprocessing
     out.print(f"[bold]{info.path}[/bold]: {info.rows} rows, dim {info.dim}, {info.shards} shards, "
               f"{info.errors} failed images")
-    out.print(f"backbone   {p['backbone']}  layer {p['layer']}  pool {p['pool']}")
-    out.print(f"weights    {p['weights']['tag']}  sha256 {p['weights']['sha256'][:16]}…")
-    out.print(f"preprocess resize {pre['resize_size']} ({pre['interpolation']}), crop "
-              f"{pre['crop_size']}, mean {pre['mean']}, std {pre['std']}")
-    out.print(f"stored     {p['dtype']}, normalize {p['normalize']}; created {p['created_at']}")
-    out.print("versions   " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
+    out.print(f"backbone   {p.backbone}  layer {p.layer}  pool {p.pool}")
+    out.print(f"weights    {p.weights.describe()}  sha256 {p.weights.sha256[:16]}…")
+    out.print(f"preprocess resize {pre.resize_size} ({pre.interpolation}), crop {pre.crop_size}, "
+              f"mean {list(pre.mean)}, std {list(pre.std)}; decoder {p.decoder}")
+    out.print(f"vectors    {p.precision} compute, stored {p.dtype}, normalize {p.normalize}; "
+              f"created {p.created_at} (provenance v{p.version})")
+    out.print("versions   " + ", ".join(f"{k} {v}" for k, v in p.versions.items()))
     if info.runs:
         last = info.runs[-1]
         out.print(f"last run   {last.get('started')} on {last.get('device')} ({last.get('precision')})")

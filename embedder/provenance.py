@@ -1,0 +1,179 @@
+"""How a vector was made: one typed, versioned record (in the spirit of timm's ``PretrainedCfg``).
+
+Written to a store's manifest and to every shard (the run that wrote it), to index, probe and
+checkpoint metadata; read back with ``Provenance.from_dict``, which also reads the version-1 dicts
+written before this record existed and refuses versions it does not know.
+
+Two questions, answered here and nowhere else:
+
+- ``comparable(other)``: can these vectors be compared with those (a query against an index, a
+  probe applied to new images, a test store against a train store)? The same function of the
+  pixels: backbone, exact weights bytes, layer, pooling, preprocessing and decoder.
+- ``same_store(other)``: may these vectors share one store? Comparable, and also the same stored
+  dtype, normalisation and compute precision. Precision is not part of comparability: bf16
+  autocast vectors are within cosine 0.99+ of fp32 ones and give the same probe accuracy and search
+  recall (docs/benchmarks.md, "precision"), so a bf16 index answers fp32 queries; but one store
+  never mixes the two, so every vector in it was made the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedder.backbones import Preprocessing
+from embedder.errors import ProvenanceMismatch, StoreError
+
+VERSION = 2
+WEIGHT_KINDS = ("registry", "seeded", "file", "finetune")
+DECODERS = ("pil", "pil-draft")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# What the default decoder does beyond resize/crop; recorded so a reader knows.
+DECODE_POLICY = {
+    "alpha": "composite on white",
+    "exif": "transpose",
+    "high_bit_depth": "scaled to 8 bit",
+    "animated": "first frame",
+}
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Which exact weights: identity is the SHA-256 of the bytes, whatever the file is called."""
+
+    kind: str  # registry | seeded | file | finetune
+    name: str  # registry: "MobileNet_V2_Weights.IMAGENET1K_V1"; seeded: "tiny_test.SEED0"; else the file name
+    sha256: str
+    origin: dict[str, Any] | None = None  # finetune: the pretrained weights it started from
+
+    @property
+    def tag(self) -> str | None:
+        """The registry tag to rebuild these weights by name (None for files)."""
+        if self.kind in ("registry", "seeded"):
+            return self.name.rsplit(".", 1)[1]
+        return None
+
+    @property
+    def needs_file(self) -> bool:
+        return self.kind in ("file", "finetune")
+
+    def describe(self) -> str:
+        return self.name if self.kind in ("registry", "seeded") else f"{self.kind} {self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WeightsRef:
+        if "kind" in d:
+            return cls(str(d["kind"]), str(d["name"]), str(d["sha256"]), d.get("origin"))
+        # version 1: {"tag": "file:x.pth" | "finetune:x" | "Enum.TAG" | "tiny_test.SEED0", ...}
+        tag = str(d["tag"])
+        if tag.startswith(("file:", "finetune:")):
+            kind, _, name = tag.partition(":")
+            return cls(kind, d.get("file") or name, str(d["sha256"]), d.get("origin"))
+        return cls("seeded" if tag.endswith(".SEED0") else "registry", tag, str(d["sha256"]))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    backbone: str
+    weights: WeightsRef
+    layer: str  # "penultimate" or a module name
+    pool: str
+    preprocessing: Preprocessing
+    dim: int
+    decoder: str = "pil"  # pil | pil-draft (JPEG DCT-domain downscale)
+    precision: str = "fp32"  # compute precision: fp32 | bf16 | fp16 (autocast)
+    normalize: str = "none"  # none | l2
+    dtype: str = "float32"  # stored: float32 | float16
+    versions: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+    version: int = VERSION
+
+    COMPARABLE = ("backbone", "weights", "layer", "pool", "preprocessing", "decoder", "dim")
+    SAME_STORE = (*COMPARABLE, "precision", "normalize", "dtype")
+
+    # ---- questions ---------------------------------------------------------------------------
+    def _key(self, name: str) -> Any:
+        value = getattr(self, name)
+        return value.sha256 if name == "weights" else value
+
+    def differences(self, other: Provenance, fields: tuple[str, ...]) -> list[str]:
+        return [f for f in fields if self._key(f) != other._key(f)]
+
+    def comparable(self, other: Provenance) -> bool:
+        return not self.differences(other, self.COMPARABLE)
+
+    def same_store(self, other: Provenance) -> bool:
+        return not self.differences(other, self.SAME_STORE)
+
+    def require(self, other: Provenance, *, store: bool, what: str, fix: str) -> None:
+        """Raise ProvenanceMismatch naming the first field that differs (self: what exists)."""
+        diffs = self.differences(other, self.SAME_STORE if store else self.COMPARABLE)
+        if diffs:
+            k = diffs[0]
+            raise ProvenanceMismatch(f"{what} made with {k}={_short(self.show(k))}, this would use "
+                                     f"{k}={_short(other.show(k))}; {fix}")
+
+    def show(self, name: str) -> Any:
+        value = getattr(self, name)
+        if isinstance(value, WeightsRef):
+            return f"{value.describe()} (sha256 {value.sha256[:12]})"
+        if isinstance(value, Preprocessing):
+            return value.to_dict()
+        return value
+
+    # ---- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "backbone": self.backbone, "weights": self.weights.to_dict(),
+            "layer": self.layer, "pool": self.pool, "preprocessing": self.preprocessing.to_dict(),
+            "dim": self.dim, "decoder": self.decoder, "decode_policy": DECODE_POLICY,
+            "precision": self.precision, "normalize": self.normalize, "dtype": self.dtype,
+            "versions": dict(self.versions), "created_at": self.created_at,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Provenance:
+        version = int(d.get("version", 1))
+        if version > VERSION:
+            raise StoreError(f"provenance version {version} is newer than this embedder understands "
+                             f"(≤ {VERSION}); upgrade embedder")
+        try:
+            if version == 1:  # written before the typed record: decode dict, no precision
+                decoder = "pil-draft" if (d.get("decode") or {}).get("fast_decode") else "pil"
+                precision = "fp32"
+            else:
+                decoder, precision = str(d["decoder"]), str(d["precision"])
+            return cls(
+                backbone=str(d["backbone"]), weights=WeightsRef.from_dict(d["weights"]),
+                layer=str(d["layer"]), pool=str(d["pool"]),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]), dim=int(d["dim"]),
+                decoder=decoder, precision=precision, normalize=str(d.get("normalize", "none")),
+                dtype=str(d.get("dtype", "float32")), versions=dict(d.get("versions") or {}),
+                created_at=str(d.get("created_at", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"unreadable provenance record (version {version}): missing or bad {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Provenance:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise StoreError(f"unreadable provenance record: {e}") from None
+
+    def replace(self, **changes: Any) -> Provenance:
+        return dataclasses.replace(self, **changes)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 100 else text[:97] + "..."
