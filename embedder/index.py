@@ -24,13 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedder import generations as gens
 from embedder.errors import IndexError_
+from embedder.generations import HOME_ENV, home  # noqa: F401 - re-exported
 from embedder.provenance import Provenance
 from embedder.store import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
 
-HOME_ENV = "EMBEDDER_HOME"
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 METRICS = ("cosine", "l2", "ip")
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
@@ -70,10 +71,6 @@ class IndexInfo:
     name: str
     path: str
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def home(path: str | os.PathLike[str] | None = None) -> Path:
-    return Path(path or os.environ.get(HOME_ENV) or "indexes")
 
 
 def default_budget() -> int:
@@ -188,6 +185,9 @@ class Searcher:
             return self.index.search(q, k, params=params) if params else self.index.search(q, k)
         kk = min(k * RERANK_FACTOR, self.index.ntotal)
         _, ids = self.index.search(q, kk, params=params) if params else self.index.search(q, kk)
+        if not (ids >= 0).any():  # e.g. a filter that no candidate passed
+            none = np.full((len(q), k), -1, dtype=np.int64)
+            return np.full((len(q), k), -np.inf if self.metric == "ip" else np.inf, np.float32), none
         rows = np.sort(np.unique(ids[ids >= 0]))  # sorted reads from the memory map
         lookup = np.searchsorted(rows, np.maximum(ids, 0))
         v = np.asarray(self.vectors[rows], dtype=np.float32)[lookup]
@@ -250,35 +250,33 @@ def _exact(x: np.ndarray, metric: str) -> Any:
     return flat
 
 
-def _write_index(index: Any, path: Path) -> None:
-    faiss = _faiss()
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
           index_home: str | None = None) -> dict[str, Any]:
-    faiss = _faiss()
+    _faiss()  # a clear error before any work when FAISS is missing
     if options.metric not in METRICS:
         raise IndexError_(f"unknown metric {options.metric!r}; valid: {', '.join(METRICS)}")
-    if not name or "/" in name or name.startswith("."):
-        raise IndexError_(f"invalid index name {name!r}: use letters, digits, - and _")
+    target = gens.index_dir(name, index_home)
     store = Store.open(store_path)
     table = store.read(["id", "path", "label", "embedding"])
-    n, dim = table.num_rows, store.dim
-    if n == 0:
+    if table.num_rows == 0:
         raise IndexError_(f"{store_path} holds no vectors to index")
-    target = home(index_home) / name
-    if target.exists():
+    if gens.exists(target):
         raise IndexError_(f"index {name!r} already exists in {target.parent}; "
                           f"`embedder index drop {name}` first or pick another --name")
+    with gens.writer(target):
+        if gens.exists(target):
+            raise IndexError_(f"index {name!r} was just built by another process")
+        try:
+            return _build(store, store_path, name, target, table, options)
+        finally:
+            if not gens.exists(target):  # a failed first build leaves no empty folder behind
+                shutil.rmtree(target, ignore_errors=True)
+
+
+def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Table,
+           options: BuildOptions) -> dict[str, Any]:
+    faiss = _faiss()
+    n, dim = table.num_rows, store.dim
     x = _prepare(arrow_to_embeddings(table.column("embedding")), options.metric)
     budget = options.memory_budget or default_budget()
     p = plan(n, dim, options.kind, budget)
@@ -311,13 +309,11 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         index.add_with_ids(x[held], faiss_ids[held])
     build_seconds = time.perf_counter() - t0
 
-    tmpdir = target.with_name(f".{name}.building")
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    tmpdir.mkdir(parents=True)
+    tmpdir = gens.staging(target)
     ids = pa.table({"faiss_id": pa.array(faiss_ids), "id": table.column("id"),
                     "path": table.column("path"), "label": table.column("label")})
     pq.write_table(ids, tmpdir / IDS_FILE)
-    _write_index(index, tmpdir / INDEX_FILE)
+    faiss.write_index(index, str(tmpdir / INDEX_FILE))
     if vectors is not None:
         np.save(tmpdir / VECTORS_FILE, vectors)
     meta = {
@@ -331,45 +327,85 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
     }
-    _write_json(tmpdir / META_FILE, meta)
-    tmpdir.rename(target)
+    return _commit(target, tmpdir, meta)
+
+
+def _commit(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """index.json goes in last; then the staged folder becomes the current generation."""
+    meta["generation"] = gens.generation_of(gens.current(target) or target) + 1
+    (tmpdir / META_FILE).write_text(json.dumps(meta, indent=2))
+    gens.commit(target, tmpdir)
     return meta
 
 
 def names(index_home: str | None = None) -> list[str]:
-    h = home(index_home)
+    h = gens.home(index_home)
     if not h.is_dir():
         return []
-    return sorted(d.name for d in h.iterdir() if (d / META_FILE).is_file())
+    out = []
+    for d in h.iterdir():
+        try:
+            if d.is_dir() and gens.exists(gens.index_dir(d.name, index_home)):
+                out.append(d.name)
+        except IndexError_:
+            continue  # not an index folder (or an unsafe name): never listed
+    return sorted(out)
 
 
 def locate(name: str, index_home: str | None = None) -> Path:
-    d = home(index_home) / name
-    if not (d / META_FILE).is_file():
+    """The folder of NAME's current generation."""
+    d = gens.index_dir(name, index_home)
+    cur = gens.current(d) if d.is_dir() else None
+    if cur is None or not (cur / META_FILE).is_file():
         available = names(index_home)
         listing = ", ".join(available) if available else "none; build one with `embedder index build`"
-        raise IndexError_(f"no index named {name!r} in {home(index_home)}; available: {listing}")
-    return d
+        raise IndexError_(f"no index named {name!r} in {gens.home(index_home)}; available: {listing}")
+    return cur
+
+
+def _read_meta(folder: Path, name: str) -> dict[str, Any]:
+    try:
+        meta: dict[str, Any] = json.loads((folder / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise IndexError_(f"index {name!r} has a corrupt {META_FILE}: {e}") from None
+    meta.setdefault("generation", gens.generation_of(folder))
+    return meta
 
 
 def info(name: str, index_home: str | None = None) -> dict[str, Any]:
-    try:
-        return json.loads((locate(name, index_home) / META_FILE).read_text())  # type: ignore[no-any-return]
-    except json.JSONDecodeError as e:
-        raise IndexError_(f"index {name!r} has a corrupt {META_FILE}: {e}") from None
+    for attempt in range(3):  # a writer may retire the generation between locating and reading it
+        folder = locate(name, index_home)
+        try:
+            return _read_meta(folder, name)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def drop(name: str, index_home: str | None = None) -> None:
-    shutil.rmtree(locate(name, index_home))
+    locate(name, index_home)  # a clear error for a name that is not an index
+    gens.remove(gens.index_dir(name, index_home))
 
 
 class LoadedIndex:
     """An index ready to search: FAISS object, id map and metadata."""
 
     def __init__(self, name: str, index_home: str | None = None) -> None:
+        for attempt in range(3):  # a writer may retire the generation while we open it
+            try:
+                self._open(name, index_home)
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise IndexError_(f"index {name!r} kept changing while being opened; try again") from None
+
+    def _open(self, name: str, index_home: str | None) -> None:
         faiss = _faiss()
         self.dir = locate(name, index_home)
-        self.meta = info(name, index_home)
+        self.meta = _read_meta(self.dir, name)
+        if not (self.dir / INDEX_FILE).is_file():
+            raise FileNotFoundError(self.dir / INDEX_FILE)
         try:
             self.index = faiss.read_index(str(self.dir / INDEX_FILE))
             self.ids = pq.read_table(self.dir / IDS_FILE)
@@ -385,6 +421,8 @@ class LoadedIndex:
         if self.meta.get("rerank"):
             try:
                 vectors = np.load(self.dir / VECTORS_FILE, mmap_mode="r")
+            except FileNotFoundError:
+                raise
             except (OSError, ValueError) as e:
                 raise IndexError_(f"index {name!r}: cannot map {VECTORS_FILE} ({e}); rebuild it") from None
             if vectors.shape != (int(self.meta["next_id"]), self.meta["dim"]):
@@ -527,39 +565,44 @@ class LoadedIndex:
 
 
 def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, int]:
-    """Add a store's rows that the index does not hold yet (ids already present are skipped)."""
-    loaded = LoadedIndex(name, index_home)
-    store = Store.open(store_path)
-    loaded.provenance.require(store.provenance, store=False, what=f"index {name!r} holds vectors",
-                              fix=f"{store_path} was embedded differently; build a new index for it")
-    table = store.read(["id", "path", "label", "embedding"])
-    present = set(loaded.ids.column("id").to_pylist())
-    mask = pa.array([i not in present for i in table.column("id").to_pylist()])
-    new = table.filter(mask)
-    if new.num_rows:
-        x = _prepare(arrow_to_embeddings(new.column("embedding")), loaded.metric)
-        start = int(loaded.meta["next_id"])
-        fids = np.arange(start, start + new.num_rows, dtype=np.int64)
-        loaded.index.add_with_ids(x, fids)
-        ids = pa.concat_tables([loaded.ids, pa.table({
-            "faiss_id": pa.array(fids), "id": new.column("id"), "path": new.column("path"),
-            "label": new.column("label")}).cast(loaded.ids.schema)])
-        if loaded.searcher.vectors is not None:
-            old = loaded.searcher.vectors
-            tmpv = loaded.dir / f".{VECTORS_FILE}.tmp.npy"
-            grown = np.lib.format.open_memmap(tmpv, mode="w+", dtype=np.float16,
-                                              shape=(start + new.num_rows, loaded.dim))
-            grown[:start] = old
-            grown[start:] = x.astype(np.float16)
-            grown.flush()
-            del grown
-            loaded.searcher.vectors = None
-            tmpv.replace(loaded.dir / VECTORS_FILE)
-        _write_index(loaded.index, loaded.dir / INDEX_FILE)
-        tmp = loaded.dir / f".{IDS_FILE}.tmp"
-        pq.write_table(ids, tmp)
-        tmp.replace(loaded.dir / IDS_FILE)
-        loaded.meta.update(count=int(loaded.index.ntotal), next_id=start + new.num_rows)
-        _write_json(loaded.dir / META_FILE, loaded.meta)
-    return {"added": new.num_rows, "skipped": table.num_rows - new.num_rows,
-            "count": int(loaded.index.ntotal)}
+    """Add a store's rows that the index does not hold yet (ids already present are skipped), as a
+    new generation: readers keep the old one until the switch; one writer at a time."""
+    d = gens.index_dir(name, index_home)
+    locate(name, index_home)
+    with gens.writer(d):
+        loaded = LoadedIndex(name, index_home)
+        store = Store.open(store_path)
+        loaded.provenance.require(store.provenance, store=False, what=f"index {name!r} holds vectors",
+                                  fix=f"{store_path} was embedded differently; build a new index for it")
+        table = store.read(["id", "path", "label", "embedding"])
+        present = set(loaded.ids.column("id").to_pylist())
+        mask = pa.array([i not in present for i in table.column("id").to_pylist()])
+        new = table.filter(mask)
+        if new.num_rows:
+            _add_generation(loaded, d, new)
+        return {"added": new.num_rows, "skipped": table.num_rows - new.num_rows,
+                "count": int(loaded.index.ntotal)}
+
+
+def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table) -> None:
+    faiss = _faiss()
+    x = _prepare(arrow_to_embeddings(new.column("embedding")), loaded.metric)
+    start = int(loaded.meta["next_id"])
+    fids = np.arange(start, start + new.num_rows, dtype=np.int64)
+    loaded.index.add_with_ids(x, fids)
+    ids = pa.concat_tables([loaded.ids, pa.table({
+        "faiss_id": pa.array(fids), "id": new.column("id"), "path": new.column("path"),
+        "label": new.column("label")}).cast(loaded.ids.schema)])
+    tmpdir = gens.staging(d)
+    if loaded.searcher.vectors is not None:
+        grown = np.lib.format.open_memmap(tmpdir / VECTORS_FILE, mode="w+", dtype=np.float16,
+                                          shape=(start + new.num_rows, loaded.dim))
+        grown[:start] = loaded.searcher.vectors
+        grown[start:] = x.astype(np.float16)
+        grown.flush()
+        del grown
+    faiss.write_index(loaded.index, str(tmpdir / INDEX_FILE))
+    pq.write_table(ids, tmpdir / IDS_FILE)
+    meta = {**loaded.meta, "count": int(loaded.index.ntotal), "next_id": start + new.num_rows,
+            "index_bytes": (tmpdir / INDEX_FILE).stat().st_size}
+    _commit(d, tmpdir, meta)

@@ -145,7 +145,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         idx.build(store, "ok", idx.BuildOptions(kind="flat"), home)
     with pytest.raises(IndexError_, match="FAISS cannot build"):
         idx.build(store, "bad", idx.BuildOptions(kind="NotAFactory"), home)
-    (Path(home) / "ok" / "index.faiss").write_bytes(b"garbage")
+    (idx.locate("ok", home) / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexError_, match="corrupt"):
         idx.LoadedIndex("ok", home)
 
@@ -243,3 +243,95 @@ def test_filter_falls_back_to_exact_search_when_selectors_fail(tmp_path: Path, m
     expected = rare[np.argsort(-(qn @ xn.T), axis=1)[:, :5]]
     assert [[int(h["id"][1:]) for h in row] for row in hits] == expected.tolist()
     assert all(h["label"] == "rare" for row in hits for h in row)
+
+
+@pytest.mark.parametrize("bad", ["../victim", "/tmp/abs", ".hidden", "a/b", "", "..", "x" * 200])
+def test_index_names_never_escape_the_home(tmp_path: Path, bad: str) -> None:
+    """Every entry point validates names (issue: `index drop ../victim` deleted a folder)."""
+    home = tmp_path / "h"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "index.json").write_text("{}")  # looks like a legacy index, to tempt a lax check
+    store = vector_store(tmp_path / "s", clustered(50, dim=8))
+    idx.build(store, "ok", idx.BuildOptions(kind="flat"), str(home))
+    for call in (lambda: idx.build(store, bad, idx.BuildOptions(kind="flat"), str(home)),
+                 lambda: idx.locate(bad, str(home)), lambda: idx.info(bad, str(home)),
+                 lambda: idx.drop(bad, str(home)), lambda: idx.add(bad, store, str(home)),
+                 lambda: idx.LoadedIndex(bad, str(home))):
+        with pytest.raises(IndexError_, match="invalid index name"):
+            call()
+    for args in (["index", "drop", bad], ["index", "info", bad], ["search", bad, "--id", "v000001"]):
+        r = runner.invoke(app, [*args, "--home", str(home)])
+        assert r.exit_code == 2 and r.output.startswith("error:"), r.output
+    assert (victim / "index.json").exists() and idx.names(str(home)) == ["ok"]
+
+
+def test_symlinked_name_pointing_outside_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    home.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (home / "link").symlink_to(outside)
+    with pytest.raises(IndexError_, match="outside the index home"):
+        idx.drop("link", str(home))
+    assert outside.exists()
+
+
+def test_add_is_a_new_generation_and_readers_never_see_a_mix(tmp_path: Path) -> None:
+    home = str(tmp_path / "h")
+    x = clustered(400, dim=16)
+    store_a = vector_store(tmp_path / "a", x[:300])
+    store_b = vector_store(tmp_path / "b", x[300:], start=300)
+    idx.build(store_a, "g", idx.BuildOptions(kind="flat"), home)
+    first = idx.locate("g", home)
+    assert first.name == "gen-000001" and idx.info("g", home)["generation"] == 1
+    reader = idx.LoadedIndex("g", home)  # opened before the add: keeps answering from gen 1
+    r = idx.add("g", store_b, home)
+    assert r["added"] == 100 and r["count"] == 400
+    second = idx.locate("g", home)
+    assert second.name == "gen-000002" and not first.exists()  # superseded generation removed
+    assert reader.index.ntotal == 300 and len(reader.search(x[:2], 5)[0]) == 5
+    assert idx.LoadedIndex("g", home).index.ntotal == 400
+    # A writer killed mid-generation leaves a staged folder that never becomes current ...
+    from embedder import generations as gens
+
+    d = gens.index_dir("g", home)
+    with gens.writer(d):
+        staged = gens.staging(d)
+        (staged / "index.faiss").write_bytes(b"half-written")
+    assert idx.LoadedIndex("g", home).index.ntotal == 400  # ... and readers never see it
+    assert idx.add("g", store_b, home)["added"] == 0  # the next writer cleans it up
+    assert not staged.exists()
+
+
+def test_second_index_writer_is_refused(tmp_path: Path) -> None:
+    from embedder import generations as gens
+
+    home = str(tmp_path / "h")
+    x = clustered(120, dim=8)
+    store = vector_store(tmp_path / "a", x[:100])
+    more = vector_store(tmp_path / "b", x[100:], start=100)
+    idx.build(store, "g", idx.BuildOptions(kind="flat"), home)
+    with gens.writer(gens.index_dir("g", home)):  # another process's add, in flight
+        with pytest.raises(IndexError_, match="being written by another"):
+            idx.add("g", more, home)
+        with pytest.raises(IndexError_, match="being written by another"):
+            idx.drop("g", home)
+    ids = idx.LoadedIndex("g", home).ids.column("faiss_id").to_pylist()
+    assert idx.add("g", more, home)["count"] == 120
+    ids = idx.LoadedIndex("g", home).ids.column("faiss_id").to_pylist()
+    assert len(set(ids)) == len(ids) == 120  # no duplicate FAISS ids
+
+
+def test_filtered_ivfpq_search_with_no_allowed_candidate_falls_back(tmp_path: Path) -> None:
+    """One query, one matching row: the PQ candidates contain no allowed id (was an IndexError)."""
+    x = clustered(3000, dim=32)
+    labels = ["common"] * 3000
+    labels[1234] = "rare"
+    store = vector_store(tmp_path / "s", x, labels=labels)
+    home = str(tmp_path / "h")
+    idx.build(store, "pq", idx.BuildOptions(kind="ivfpq", queries=100), home)
+    loaded = idx.LoadedIndex("pq", home)
+    far = x[1234] * -1.0  # a query nowhere near the one allowed row
+    hits = loaded.search(far[None], 5, where={"label": "rare"})
+    assert [h["id"] for h in hits[0]] == ["v001234"]

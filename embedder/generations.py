@@ -1,0 +1,140 @@
+"""Where indexes live on disk: safe names, one writer at a time, atomic generations.
+
+    HOME/NAME/CURRENT          "gen-000042": the generation readers open (replaced atomically)
+    HOME/NAME/gen-000042/      one complete index (every file of it)
+    HOME/NAME/.lock            held by the one writer (build, add, drop)
+
+A write builds a complete new generation in a temporary folder, renames it into place and only
+then replaces CURRENT: a reader sees the old generation or the new one, never a mix, and a crash
+at any point leaves the previous generation current. Superseded generations are removed after
+the switch. A name is a plain name (letters, digits, ``._-``, no leading dot) whose resolved path
+stays under the home: names arrive from the command line and from HTTP requests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from embedder.errors import IndexError_
+
+HOME_ENV = "EMBEDDER_HOME"
+CURRENT = "CURRENT"
+LOCK = ".lock"
+LEGACY_META = "index.json"  # indexes written before generations: files directly in NAME/
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_GEN = re.compile(r"^gen-(\d{6,})$")
+
+
+def home(path: str | os.PathLike[str] | None = None) -> Path:
+    return Path(path or os.environ.get(HOME_ENV) or "indexes")
+
+
+def index_dir(name: str, index_home: str | os.PathLike[str] | None = None) -> Path:
+    """NAME's folder under the home; anything but a plain name is refused."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise IndexError_(f"invalid index name {name!r}: use letters, digits, '.', '_' and '-' "
+                          "(at most 128, not starting with '.')")
+    root = home(index_home).resolve()
+    d = (root / name).resolve()
+    if d.parent != root:  # e.g. a symlink planted in the home pointing elsewhere
+        raise IndexError_(f"index name {name!r} resolves outside the index home {root}")
+    return root / name
+
+
+def generation_of(folder: Path) -> int:
+    m = _GEN.match(folder.name)
+    return int(m.group(1)) if m else 0
+
+
+def current(d: Path) -> Path | None:
+    """The current generation's folder (or NAME/ itself for a legacy index), None if there is none."""
+    try:
+        text = (d / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return d if (d / LEGACY_META).is_file() else None
+    except OSError as e:
+        raise IndexError_(f"cannot read {d / CURRENT}: {e.strerror or e}") from None
+    if not _GEN.match(text):
+        raise IndexError_(f"{d / CURRENT} names no generation ({text[:40]!r}); rebuild the index")
+    return d / text
+
+
+def exists(d: Path) -> bool:
+    return current(d) is not None
+
+
+@contextmanager
+def writer(d: Path) -> Iterator[None]:
+    """The one writer of index folder D; a second gets a one-line error at once."""
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / LOCK, "a+")  # noqa: SIM115 - held for the duration of the block
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexError_(f"index {d.name!r} is being written by another embedder process; "
+                              "try again when it has finished") from None
+        for stale in d.glob(".gen-*.tmp"):  # left by a killed writer
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        f.close()
+
+
+def staging(d: Path) -> Path:
+    """A fresh temporary folder for the next generation (caller holds the writer lock)."""
+    tmp = d / f".gen-{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(d: Path, staged: Path) -> Path:
+    """Make STAGED the next generation and current, in one atomic step; remove superseded ones."""
+    cur = current(d)
+    number = (generation_of(cur) if cur is not None else 0) + 1
+    final = d / f"gen-{number:06d}"
+    if final.exists():  # a crash after rename, before CURRENT moved: that folder never became current
+        shutil.rmtree(final)
+    _fsync_dir_files(staged)
+    staged.rename(final)
+    tmp = d / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(final.name + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, d / CURRENT)
+    for old in d.iterdir():
+        if old.is_dir() and _GEN.match(old.name) and old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    if cur == d:  # migrated from the legacy layout: its loose files are superseded too
+        for loose in d.iterdir():
+            if loose.is_file() and loose.name not in (CURRENT, LOCK):
+                loose.unlink()
+    return final
+
+
+def remove(d: Path) -> None:
+    """Delete the whole index (under the writer lock, so never in the middle of a write)."""
+    with writer(d):
+        for child in d.iterdir():
+            if child.name == LOCK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    (d / LOCK).unlink(missing_ok=True)
+    d.rmdir()
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
