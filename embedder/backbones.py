@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from torchvision import models
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms._presets import ImageClassification
-
+from embedder._registry_meta import REGISTRY_META
 from embedder.errors import UnknownBackbone
+
+if TYPE_CHECKING:  # torch and torchvision load only where a model is built (fast CLI start)
+    from torch import nn
+    from torchvision.models import WeightsEnum
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Preprocessing:
 
     @property
     def interpolation_mode(self) -> InterpolationMode:
+        from torchvision.transforms import InterpolationMode
+
         return InterpolationMode(self.interpolation)
 
 
@@ -84,14 +89,16 @@ class Backbone:
     family: str
     feature_map: str  # module whose output is the last spatial feature map (for --pool max|gem)
     weights: str = "DEFAULT"  # torchvision weights tag; DEFAULT resolves to the concrete one
-    builder: Callable[[], nn.Module] | None = None  # only for non-torchvision (test) models
+    builder: Callable[[], nn.Module] | None = None  # only for non-torchvision (test) models (lazy import)
     test_preprocessing: Preprocessing | None = None  # only for non-torchvision (test) models
 
     @property
     def is_torchvision(self) -> bool:
         return self.builder is None
 
-    def torchvision_weights(self, tag: str | None = None) -> models.WeightsEnum:
+    def torchvision_weights(self, tag: str | None = None) -> WeightsEnum:
+        from torchvision import models
+
         enum = models.get_model_weights(self.name)
         wanted = tag or self.weights
         try:
@@ -105,6 +112,8 @@ class Backbone:
     def weights_tags(self) -> list[str]:
         if not self.is_torchvision:
             return ["SEED0"]
+        from torchvision import models
+
         return [w.name for w in models.get_model_weights(self.name)]
 
     def preprocessing(self, tag: str | None = None) -> Preprocessing:
@@ -112,23 +121,27 @@ class Backbone:
             return self.test_preprocessing
         return Preprocessing.from_transforms(self.torchvision_weights(tag).transforms())
 
-    def meta(self, tag: str | None = None) -> dict[str, Any]:
-        """GFLOPs and published ImageNet acc@1 from torchvision's weights meta."""
+    def meta(self) -> dict[str, Any]:
+        """Default weights' tag, file name, GFLOPs, parameters and published ImageNet acc@1, from
+        torchvision's weights meta, kept as data (``_registry_meta``, checked by a test) so that
+        listing backbones never imports torch."""
         if not self.is_torchvision:
-            return {"gflops": None, "acc1": None, "file": None, "params": None}
+            return {"weights": self.weights, "gflops": None, "acc1": None, "file": None, "params": None}
+        return dict(REGISTRY_META[self.name])
+
+    def torchvision_meta(self, tag: str | None = None) -> dict[str, Any]:
+        """The same facts computed from torchvision itself (what ``_registry_meta`` must equal)."""
         w = self.torchvision_weights(tag)
         m = w.meta
         metrics: dict[str, Any] = next(iter(m.get("_metrics", {}).values()), {})
-        return {
-            "gflops": m.get("_ops"),
-            "acc1": metrics.get("acc@1"),
-            "file": w.url.rsplit("/", 1)[-1],
-            "params": m.get("num_params"),
-        }
+        return {"weights": w.name, "gflops": m.get("_ops"), "acc1": metrics.get("acc@1"),
+                "file": w.url.rsplit("/", 1)[-1], "params": m.get("num_params")}
 
     def build_pretrained(self, tag: str | None = None) -> nn.Module:
         """torchvision's builder with its weights, read from torchvision's cache (the caller made
         sure the file is there): every model-specific loading rule is torchvision's own."""
+        from torchvision import models
+
         from embedder.errors import WeightsMismatch
 
         try:
@@ -142,6 +155,8 @@ class Backbone:
         """The full architecture, randomly initialised, head still attached."""
         if self.builder is not None:
             return self.builder()
+        from torchvision import models
+
         weights = self.torchvision_weights(tag)
         kwargs: dict[str, Any] = {}
         if self.name == "inception_v3":
@@ -155,41 +170,10 @@ class Backbone:
         return models.get_model(self.name, weights=None, num_classes=num_classes, **kwargs)
 
 
-class TinyNet(nn.Module):
-    """A 3-stage CNN for tests: the suite never needs downloaded weights except where loading
-    real ones is the point. Its 'pretrained weights' are a seeded initialisation."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            )
-
-        self.stem = block(3, 8)
-        self.stage1 = block(8, 16)
-        self.stage2 = block(16, 32)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage2(self.stage1(self.stem(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def _tiny() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = TinyNet()
-        # Non-trivial BN statistics so that eval-mode BN is exercised.
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    from embedder.tiny import tiny
+
+    return tiny()
 
 
 _TINY_PRE = Preprocessing(
@@ -273,6 +257,9 @@ def parse_backbone_spec(spec: str) -> tuple[Backbone, str | None]:
 
 def build_on_meta(backbone: Backbone, tag: str | None = None) -> nn.Module:
     """The architecture with parameters on the meta device: shapes without memory or init cost."""
+    import torch
+    from torch import nn
+
     try:
         with torch.device("meta"):
             return backbone.build_architecture(tag)
@@ -297,6 +284,21 @@ def build_on_meta(backbone: Backbone, tag: str | None = None) -> nn.Module:
 def _module_names(name: str) -> tuple[str, ...]:
     model = build_on_meta(get_backbone(name))
     return tuple(n for n, _ in model.named_modules() if n)
+
+
+def cache_dir() -> Path:
+    """torchvision's weights cache, ``torch.hub.get_dir()/checkpoints``, worked out the way torch.hub
+    does it without importing torch ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch)."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
+
+
+def weights_present(backbone: Backbone) -> bool:
+    """Whether the default weights' file is in torchvision's cache."""
+    if not backbone.is_torchvision:
+        return True
+    return (cache_dir() / str(REGISTRY_META[backbone.name]["file"])).exists()
 
 
 def suggested_layers(name: str) -> list[str]:

@@ -45,7 +45,7 @@ BN_POLICY = "running statistics frozen (BN in eval mode); affine parameters trai
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    backbone: str = "resnet50"
+    backbone: str | None = "resnet50"  # None: the --weights checkpoint's own
     weights_tag: str | None = None
     weights_file: Path | None = None
     image_size: int | None = None  # crop size; None: the weights' own

@@ -14,6 +14,7 @@ stays under the home: names arrive from the command line and from HTTP requests.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -21,13 +22,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from embedder.errors import IndexError_
 
 HOME_ENV = "EMBEDDER_HOME"
 CURRENT = "CURRENT"
 LOCK = ".lock"
-LEGACY_META = "index.json"  # indexes written before generations: files directly in NAME/
+META_FILE = "index.json"
+LEGACY_META = META_FILE  # indexes written before generations: files directly in NAME/
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _GEN = re.compile(r"^gen-(\d{6,})$")
 
@@ -138,3 +141,54 @@ def _fsync_dir_files(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+# ---- reading the layout (no FAISS, numpy or Arrow: `index list|info` start fast) -------------
+def names(index_home: str | None = None) -> list[str]:
+    h = home(index_home)
+    if not h.is_dir():
+        return []
+    out = []
+    for d in h.iterdir():
+        try:
+            if d.is_dir() and exists(index_dir(d.name, index_home)):
+                out.append(d.name)
+        except IndexError_:
+            continue  # not an index folder (or an unsafe name): never listed
+    return sorted(out)
+
+
+def locate(name: str, index_home: str | None = None) -> Path:
+    """The folder of NAME's current generation."""
+    d = index_dir(name, index_home)
+    cur = current(d) if d.is_dir() else None
+    if cur is None or not (cur / META_FILE).is_file():
+        available = names(index_home)
+        listing = ", ".join(available) if available else "none; build one with `embedder index build`"
+        raise IndexError_(f"no index named {name!r} in {home(index_home)}; available: {listing}")
+    return cur
+
+
+def _read_meta(folder: Path, name: str) -> dict[str, Any]:
+    try:
+        meta: dict[str, Any] = json.loads((folder / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise IndexError_(f"index {name!r} has a corrupt {META_FILE}: {e}") from None
+    meta.setdefault("generation", generation_of(folder))
+    return meta
+
+
+def info(name: str, index_home: str | None = None) -> dict[str, Any]:
+    for attempt in range(3):  # a writer may retire the generation between locating and reading it
+        folder = locate(name, index_home)
+        try:
+            return _read_meta(folder, name)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def drop(name: str, index_home: str | None = None) -> None:
+    locate(name, index_home)  # a clear error for a name that is not an index
+    remove(index_dir(name, index_home))

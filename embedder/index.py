@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from embedder import generations as gens
 from embedder.errors import IndexError_
-from embedder.generations import HOME_ENV, home  # noqa: F401 - re-exported
+from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
 from embedder.provenance import Provenance
 from embedder.store import Store, arrow_to_embeddings
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 METRICS = ("cosine", "l2", "ip")
-INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
+INDEX_FILE, IDS_FILE = "index.faiss", "ids.parquet"
 VECTORS_FILE = "vectors.npy"  # float16 copies for exact re-ranking of compressed (PQ) indexes
 RERANK_FACTOR = 8
 EXACT_BELOW = 50_000
@@ -336,56 +336,6 @@ def _commit(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     (tmpdir / META_FILE).write_text(json.dumps(meta, indent=2))
     gens.commit(target, tmpdir)
     return meta
-
-
-def names(index_home: str | None = None) -> list[str]:
-    h = gens.home(index_home)
-    if not h.is_dir():
-        return []
-    out = []
-    for d in h.iterdir():
-        try:
-            if d.is_dir() and gens.exists(gens.index_dir(d.name, index_home)):
-                out.append(d.name)
-        except IndexError_:
-            continue  # not an index folder (or an unsafe name): never listed
-    return sorted(out)
-
-
-def locate(name: str, index_home: str | None = None) -> Path:
-    """The folder of NAME's current generation."""
-    d = gens.index_dir(name, index_home)
-    cur = gens.current(d) if d.is_dir() else None
-    if cur is None or not (cur / META_FILE).is_file():
-        available = names(index_home)
-        listing = ", ".join(available) if available else "none; build one with `embedder index build`"
-        raise IndexError_(f"no index named {name!r} in {gens.home(index_home)}; available: {listing}")
-    return cur
-
-
-def _read_meta(folder: Path, name: str) -> dict[str, Any]:
-    try:
-        meta: dict[str, Any] = json.loads((folder / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise IndexError_(f"index {name!r} has a corrupt {META_FILE}: {e}") from None
-    meta.setdefault("generation", gens.generation_of(folder))
-    return meta
-
-
-def info(name: str, index_home: str | None = None) -> dict[str, Any]:
-    for attempt in range(3):  # a writer may retire the generation between locating and reading it
-        folder = locate(name, index_home)
-        try:
-            return _read_meta(folder, name)
-        except FileNotFoundError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def drop(name: str, index_home: str | None = None) -> None:
-    locate(name, index_home)  # a clear error for a name that is not an index
-    gens.remove(gens.index_dir(name, index_home))
 
 
 class LoadedIndex:

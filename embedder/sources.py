@@ -76,17 +76,18 @@ def _glob(pattern: str) -> Iterable[ImageRef]:
 
 def _read_list(path: Path) -> Iterable[ImageRef]:
     base = path.parent
+    suffix = path.suffix.lower()  # LIST.CSV is a CSV list too
     rows: list[tuple[str, str | None]]
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         table = pq.read_table(path)
         cols = table.column_names
         col = "path" if "path" in cols else cols[0]
         paths = table.column(col).to_pylist()
         labels = table.column("label").to_pylist() if "label" in cols else [None] * len(paths)
         rows = [(str(p), None if lab is None else str(lab)) for p, lab in zip(paths, labels)]
-    elif path.suffix in (".csv", ".tsv"):
+    elif suffix in (".csv", ".tsv"):
         with open(path, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             fields = reader.fieldnames or []
             if not fields:
                 raise SourceError(f"{path} is empty; expected a header with a 'path' column")

@@ -23,15 +23,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from embedder.errors import StoreError
 from embedder.provenance import Provenance
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 FORMAT = "embedder-store/1"
 MANIFEST = "_manifest.json"
@@ -236,10 +238,14 @@ class Store:
 
     # ---- reading --------------------------------------------------------------------------
     def dataset(self) -> ds.Dataset:
+        import pyarrow.dataset as ds
+
         return ds.dataset([str(p) for p in self.shard_files()], format="parquet",
                           schema=row_schema(self.dim, self.dtype))
 
     def read(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
+        if filter is None and columns is not None and "embedding" not in columns:
+            return self._read_plain(columns)  # no pyarrow.dataset import: `embedder info` starts fast
         if not self.shard_files():
             return row_schema(self.dim, self.dtype).empty_table().select(
                 columns or row_schema(self.dim, self.dtype).names)
@@ -249,6 +255,16 @@ class Store:
             raise StoreError(f"{self.path}: cannot read shards ({str(e).splitlines()[0]}); a shard "
                              "damaged outside embedder can be moved away and the extraction rerun") from None
 
+    def _read_plain(self, columns: list[str]) -> pa.Table:
+        schema = row_schema(self.dim, self.dtype)
+        try:
+            sub = pa.schema([schema.field(c) for c in columns])
+            parts = [pq.ParquetFile(p).read(columns=columns).cast(sub) for p in self.shard_files()]
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.path}: cannot read shards ({str(e).splitlines()[0]}); a shard "
+                             "damaged outside embedder can be moved away and the extraction rerun") from None
+        return pa.concat_tables(parts) if parts else pa.schema([schema.field(c) for c in columns]).empty_table()
+
     def ids(self) -> set[str]:
         return set(self.read(["id"]).column("id").to_pylist())
 
@@ -256,7 +272,7 @@ class Store:
         files = self.error_files()
         if not files:
             return ERRORS_SCHEMA.empty_table()
-        return ds.dataset([str(p) for p in files], format="parquet", schema=ERRORS_SCHEMA).to_table()
+        return pa.concat_tables([pq.ParquetFile(p).read().cast(ERRORS_SCHEMA) for p in files])
 
     def failed_ids(self) -> set[str]:
         return set(self.errors().column("id").to_pylist())
@@ -267,10 +283,12 @@ class Store:
     def info(self) -> StoreInfo:
         labels = self.read(["label"]).column("label").to_pylist()
         counts = Counter("(none)" if lab is None else lab for lab in labels)
-        errors = self.errors()
-        # An image that failed once and succeeded on a retry is no longer an error.
-        ok = self.ids() if errors.num_rows else set()
-        n_err = len({i for i in errors.column("id").to_pylist() if i not in ok})
+        n_err = 0
+        if self.error_files():  # (an empty Arrow table would import pandas: `info` starts fast)
+            errors = self.errors()
+            # An image that failed once and succeeded on a retry is no longer an error.
+            ok = self.ids() if errors.num_rows else set()
+            n_err = len({i for i in errors.column("id").to_pylist() if i not in ok})
         m = self.manifest()
         return StoreInfo(str(self.path), Provenance.from_dict(m["provenance"]), len(labels), self.dim,
                          dict(sorted(counts.items())), n_err, len(self.shard_files()), m["runs"])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedder.backbones import REGISTRY, Backbone, Preprocessing
+from embedder.backbones import REGISTRY, Backbone, Preprocessing, cache_dir
 from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.provenance import WeightsRef
 
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 OFFLINE_ENV = "EMBEDDER_OFFLINE"
 
 
-def cache_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def sha256_file(path: Path) -> str:
@@ -62,12 +60,6 @@ def registry_file(backbone: Backbone, tag: str | None) -> tuple[str, Path]:
     w = backbone.torchvision_weights(tag)
     filename = w.url.rsplit("/", 1)[-1]
     return f"{type(w).__name__}.{w.name}", cache_dir() / filename
-
-
-def weights_present(backbone: Backbone, tag: str | None = None) -> bool:
-    if not backbone.is_torchvision:
-        return True
-    return registry_file(backbone, tag)[1].exists()
 
 
 def ensure_registry_file(backbone: Backbone, tag: str | None) -> WeightsRef:

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from embedder.backbones import REGISTRY, parse_backbone_spec
+from embedder.backbones import REGISTRY, parse_backbone_spec, weights_present
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
-from embedder.extract import EmbedOptions, RunOptions, extract
-from embedder.model import ModelSpec
-from embedder.weights import import_weights, weights_present
+
+if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
+    from embedder.model import ModelSpec
+
+DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.model.DEFAULT_BACKBONE; a test checks)
 
 EXIT_SOME_FAILED = 3
 
 weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache.", no_args_is_help=True)
 
 
-def model_spec(backbone: str, weights: Optional[Path], layer: Optional[str], pool: Optional[str],
+def model_spec(backbone: Optional[str], weights: Optional[Path], layer: Optional[str], pool: Optional[str],
                image_size: Optional[int]) -> ModelSpec:
+    """No --backbone: a checkpoint's own, else the default. A conflict is refused when loading."""
+    from embedder.model import ModelSpec
+
+    if backbone is None:
+        return ModelSpec(None if weights is not None else DEFAULT_BACKBONE, None, weights, layer, pool, image_size)
     entry, tag = parse_backbone_spec(backbone)
     return ModelSpec(entry.name, tag, weights, layer, pool, image_size)
 
@@ -30,7 +37,7 @@ def model_spec(backbone: str, weights: Optional[Path], layer: Optional[str], poo
 def extract_command(
     sources: Annotated[list[str], typer.Argument(help="Folders, globs, image files, or CSV/Parquet/text lists.")],
     out_store: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or appended).")],
-    backbone: Annotated[str, typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG.")] = "resnet50",
+    backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local state dict or finetune checkpoint.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,
     pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
@@ -48,6 +55,8 @@ def extract_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Embed images with a frozen pretrained backbone into a resumable Parquet store."""
+    from embedder.extract import EmbedOptions, RunOptions, extract
+
     setup_logging(verbose)
     spec = model_spec(backbone, weights, layer, pool, image_size)
     embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
@@ -89,8 +98,7 @@ def backbones_command(
     for b in REGISTRY.values():
         meta = b.meta()
         rows.append({"name": b.name, "dim": b.dim, "gflops": meta["gflops"], "acc1": meta["acc1"],
-                     "weights": b.weights if not b.is_torchvision else b.torchvision_weights().name,
-                     "file": meta["file"], "present": weights_present(b)})
+                     "weights": meta["weights"], "file": meta["file"], "present": weights_present(b)})
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -106,6 +114,8 @@ def backbones_command(
 @handle_errors
 def weights_import(file: Annotated[Path, typer.Argument(help="A torchvision weights file.")]) -> None:
     """Check FILE against the registry (SHA-256 prefix) and install it into torchvision's cache."""
+    from embedder.weights import import_weights
+
     which, target = import_weights(file)
     out.print(f"installed {which} → {target}")
 

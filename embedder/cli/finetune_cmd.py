@@ -19,7 +19,7 @@ def finetune_command(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
     val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation images (default: split of train).")] = None,
     val_fraction: Annotated[float, typer.Option()] = 0.1,
-    backbone: Annotated[str, typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG.")] = "resnet50",
+    backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     head_epochs: Annotated[int, typer.Option(min=0, help="Frozen-backbone epochs first.")] = 1,
@@ -41,10 +41,16 @@ def finetune_command(
     """Fine-tune a pretrained backbone with a new head; reports what it bought over a frozen probe."""
     from embedder.backbones import parse_backbone_spec
     from embedder.finetune import FinetuneOptions, finetune
+    from embedder.model import DEFAULT_BACKBONE
 
     setup_logging(verbose)
-    entry, tag = parse_backbone_spec(backbone)
-    opts = FinetuneOptions(backbone=entry.name, weights_tag=tag, weights_file=weights, image_size=image_size,
+    name, tag = None, None
+    if backbone is not None:
+        entry, tag = parse_backbone_spec(backbone)
+        name = entry.name
+    elif weights is None:
+        name = DEFAULT_BACKBONE
+    opts = FinetuneOptions(backbone=name, weights_tag=tag, weights_file=weights, image_size=image_size,
                            epochs=epochs, head_epochs=head_epochs, freeze_backbone=freeze_backbone,
                            unfreeze_from=unfreeze_from, lr_head=lr_head, lr_backbone=lr_backbone,
                            lr_decay=lr_decay, batch_size=batch_size, patience=patience,

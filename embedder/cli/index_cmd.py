@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from embedder import index as idx
+from embedder import generations as layout
 from embedder.cli.common import console, handle_errors, out
 from embedder.errors import IndexError_
 
@@ -32,6 +31,8 @@ def build_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Build an index over STORE; measures recall@10 against exact search on held-out queries."""
+    from embedder import index as idx
+
     budget = int(memory_budget_gb * 2**30) if memory_budget_gb else None
     with console.status(f"building {name}…"):
         meta = idx.build(str(store), name, idx.BuildOptions(kind=kind, metric=metric,
@@ -61,7 +62,7 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
 def info_command(name: str, home: HomeOpt = None,
                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Kind, size, provenance and measured quality of an index."""
-    meta = idx.info(name, home)
+    meta = layout.info(name, home)
     if as_json:
         out.print_json(json.dumps(meta))
     else:
@@ -73,8 +74,8 @@ def info_command(name: str, home: HomeOpt = None,
 def list_command(home: HomeOpt = None) -> None:
     """Indexes in the home."""
     table = Table("name", "kind", "count", "dim", "recall@10", "store")
-    for n in idx.names(home):
-        m = idx.info(n, home)
+    for n in layout.names(home):
+        m = layout.info(n, home)
         table.add_row(n, m["factory"], f"{m['count']:,}", str(m["dim"]),
                       str(m["quality"].get("recall_at_10")), m["store"])
     out.print(table)
@@ -84,7 +85,7 @@ def list_command(home: HomeOpt = None) -> None:
 @handle_errors
 def drop_command(name: str, home: HomeOpt = None) -> None:
     """Delete an index."""
-    idx.drop(name, home)
+    layout.drop(name, home)
     out.print(f"dropped {name}")
 
 
@@ -92,6 +93,8 @@ def drop_command(name: str, home: HomeOpt = None) -> None:
 @handle_errors
 def add_command(name: str, store: Path, home: HomeOpt = None) -> None:
     """Add STORE's rows that the index does not hold yet."""
+    from embedder import index as idx
+
     r = idx.add(name, str(store), home)
     out.print(f"added {r['added']}, skipped {r['skipped']} already present; {r['count']:,} vectors")
 
@@ -119,6 +122,10 @@ def search_command(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
 ) -> None:
     """Nearest neighbours of images, vectors or indexed ids; several queries in one batch."""
+    import numpy as np
+
+    from embedder import index as idx
+
     if k <= 0:
         raise IndexError_(f"-k must be positive, got {k}")
     loaded = idx.LoadedIndex(name, home)

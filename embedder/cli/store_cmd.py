@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from embedder.cli.common import handle_errors, out
-from embedder.store import Store
 
 
 @handle_errors
@@ -19,6 +18,8 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Provenance, row count, dim, label counts and error count of a store."""
+    from embedder.store import Store
+
     info = Store.open(store).info()
     if as_json:
         out.print_json(json.dumps(info.to_dict()))
