@@ -109,3 +109,58 @@ def test_preprocessing_is_bit_identical_to_weights_transforms(name: str, tag: st
 
 def test_preset_names_match_torchvision() -> None:
     assert get_backbone("resnet50").torchvision_weights() is models.ResNet50_Weights.IMAGENET1K_V2
+
+
+def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
+    """100000x10 passes the pixel limit but would be upscaled to ~2.6M x 256 before the crop."""
+    from embedder.decode import check_resize
+
+    pre = get_backbone("mobilenet_v2").preprocessing("IMAGENET1K_V1")  # resize 256
+    with pytest.raises(DecodeError, match="extreme aspect ratio"):
+        check_resize(100_000, 10, pre.resize_size, 89_478_485)
+    check_resize(4000, 3000, pre.resize_size, 89_478_485)  # an ordinary photo passes
+
+
+def test_extreme_aspect_ratio_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    from embedder.extract import EmbedOptions, extract
+    from embedder.model import ModelSpec
+    from embedder.store import Store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (100_000, 10), (200, 10, 10)).save(src / "strip.png")
+    _rgb().save(src / "ok.png")
+    out = str(tmp_path / "store")
+    # tiny_test resizes to 40: 100000x10 → 400000x40 = 16M pixels, over this run's 2M limit
+    s = extract([str(src)], out, ModelSpec("tiny_test"), EmbedOptions(max_pixels=2_000_000))
+    assert (s.done, s.failed) == (1, 1) and "extreme aspect ratio" in s.failures[0][1]
+    assert Store.open(out).errors().column("path").to_pylist() == [str(src / "strip.png")]
+
+
+@pytest.mark.parametrize("orientation,size", [(1, (800, 600)), (6, (600, 800))])
+def test_fast_decode_records_the_original_size(tmp_path: Path, orientation: int, size: tuple[int, int]) -> None:
+    """Draft mode decodes an 800x600 JPEG at 1/8 scale for tiny_test; the stored size is the file's."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "big.jpg"
+    _rgb(800, 600).save(p, "JPEG", exif=exif.tobytes())
+    pre = get_backbone("tiny_test").preprocessing()
+    fast, slow = decode_file(str(p), pre, fast=True), decode_file(str(p), pre)
+    assert (fast.width, fast.height) == (slow.width, slow.height) == size
+
+
+@pytest.mark.parametrize("name,tag", [("resnet50", None), ("mobilenet_v2", "IMAGENET1K_V1")])
+def test_decode_into_a_batch_buffer_matches_weights_transforms(tmp_path: Path, name: str, tag: str | None) -> None:
+    """The extraction path (pixels written into a reused buffer row) is the preset, bit for bit."""
+    from embedder.decode import decode_into
+
+    backbone = get_backbone(name)
+    pre = backbone.preprocessing(tag)
+    img = _rgb(333, 250)
+    p = tmp_path / "x.png"
+    img.save(p)
+    buf = torch.full((2, 3, pre.crop_size, pre.crop_size), 7, dtype=torch.uint8)
+    decode_into(str(p), pre, buf[1])
+    theirs = backbone.torchvision_weights(tag).transforms()(img)[None]
+    torch.testing.assert_close(normalize_batch(buf[1:], pre), theirs, rtol=0, atol=1e-6)
+    assert (buf[0] == 7).all()  # only its own row was written

@@ -70,3 +70,19 @@ def test_empty_folder_and_symlink_cycle(tmp_path: Path) -> None:
     make_images(tmp_path / "loop" / "a", {"": 2})
     (tmp_path / "loop" / "a" / "back").symlink_to(tmp_path / "loop")
     assert len(discover([tmp_path / "loop"])) == 2
+
+
+def test_upper_case_list_files(tmp_path: Path) -> None:
+    """LIST.CSV / PATHS.TXT / LIST.TSV are lists too (the suffix was compared case-sensitively)."""
+    paths = make_images(tmp_path / "imgs", {"c1": 2, "c2": 1})
+    with open(tmp_path / "LIST.CSV", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for p in paths:
+            w.writerow([p, "L-" + p.parent.name])
+    refs = discover([tmp_path / "LIST.CSV"])
+    assert len(refs) == 3 and {r.label for r in refs} == {"L-c1", "L-c2"}
+    (tmp_path / "LIST.TSV").write_text("path\tlabel\n" + "".join(f"{p}\tx\n" for p in paths))
+    assert {r.label for r in discover([tmp_path / "LIST.TSV"])} == {"x"}
+    (tmp_path / "PATHS.TXT").write_text("\n".join(str(p) for p in paths[:2]) + "\n")
+    assert [r.path for r in discover([tmp_path / "PATHS.TXT"])] == [str(p) for p in paths[:2]]
