@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchvision import models
 
 from embedder.backbones import REGISTRY, build_on_meta, get_backbone, parse_backbone_spec
 from embedder.errors import UnknownBackbone

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from embedder import index as idx
+from embedder.backbones import get_backbone
 from embedder.cli import app
 from embedder.errors import IndexError_, ProvenanceMismatch
 from embedder.extract import extract
 from embedder.model import ModelSpec
-from embedder.backbones import get_backbone
 from embedder.provenance import Provenance, WeightsRef
 from embedder.store import Store, embeddings_to_arrow
 
