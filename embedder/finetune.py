@@ -371,7 +371,9 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         if phase == "head":
             net.eval()  # frozen backbone: dropout off, BN statistics untouched
         _bn_eval(net)
-        g.manual_seed(options.seed + epoch)  # the same shuffles whether or not the run was resumed
+        # The same shuffles and augmentations whether or not the run was resumed.
+        g.manual_seed(options.seed + epoch)
+        torch.manual_seed(options.seed * 1_000_003 + epoch)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step, (x, y, failed) in enumerate(train_loader):
             for p, r in failed:

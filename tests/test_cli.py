@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from embedder.cli import app
@@ -57,9 +58,15 @@ def test_bad_input_is_one_line(image_tree: Path, tmp_path: Path) -> None:
     _one_line_error(["weights", "import", str(tmp_path / "f")], "matches no weights")
 
 
-def test_backbones_listing() -> None:
+def test_backbones_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     rows = json.loads(_ok(["backbones", "--json"]))
     by = {r["name"]: r for r in rows}
     assert by["resnet50"]["dim"] == 2048 and by["resnet50"]["acc1"] > 80 and by["resnet50"]["gflops"] > 4
-    assert by["tiny_test"]["present"] is True
+    assert by["resnet50"]["weights"] == "IMAGENET1K_V2" and by["resnet50"]["present"] is False
+    cache = tmp_path / "th" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / by["resnet50"]["file"]).write_bytes(b"")  # present means: the file is in torchvision's cache
+    by = {r["name"]: r for r in json.loads(_ok(["backbones", "--json"]))}
+    assert by["resnet50"]["present"] is True and by["resnet18"]["present"] is False
     assert "layer3" in _ok(["backbones", "--layers", "resnet50"])

@@ -39,6 +39,7 @@ def _tiny_checkpoint(path: Path) -> Path:
 
 
 # ---- 3: store creation is locked before anything is checked or written ---------------------------
+@pytest.mark.slow
 def test_two_first_time_writers_never_both_create_the_store(image_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "store"
     procs = [subprocess.Popen([sys.executable, "-m", "embedder", "extract", str(image_tree), "--out", str(out),

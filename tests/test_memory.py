@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_extraction_rss_does_not_grow_with_the_collection(tmp_path: Path) -> None:
     """Before the fix, RSS grew ~0.35 MiB per image on this run (947 → 1157 MiB from a quarter of
     the way to the end); a model with real activations (MobileNetV2) is needed to show it, the tiny

@@ -80,7 +80,13 @@ def test_probe_file_round_trip_is_not_a_pickle(tmp_path: Path) -> None:
     np.testing.assert_allclose(head.proba(x), result.head.proba(x), rtol=1e-6)
     assert meta["classes"] == ["class0", "class1", "class2"] and meta["C"] == result.C
     assert meta["provenance"]["backbone"] == "synthetic"
-    assert b"pickle" not in f.read_bytes()[:200] and f.read_bytes()[:8] != b"\x80\x04\x95"
+    data = f.read_bytes()
+    # The file is safetensors, byte for byte: an 8-byte little-endian header length, a JSON header
+    # naming every tensor, then raw tensor bytes. A pickle (any protocol) or a torch zip fails this.
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert set(header) - {"__metadata__"} == {"coef", "intercept", "mean", "scale"}
+    assert max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__") == len(data) - 8 - n
     (tmp_path / "bad").write_bytes(b"\x80\x04\x95 pickle-like junk")
     with pytest.raises(ProbeError, match="not a readable probe"):
         pr.load_probe(tmp_path / "bad")

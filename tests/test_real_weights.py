@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torchvision import models
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ from embedder.store import Store, arrow_to_embeddings
 from tests.conftest import mobilenet_weights_file, skimage_data
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow
 
 
 def test_mobilenet_v2_penultimate_plus_original_head_classifies(tmp_path: Path) -> None:

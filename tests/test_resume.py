@@ -8,18 +8,21 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from embedder.sources import discover
 from embedder.store import Store
 from tests.conftest import make_images
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     src = tmp_path / "imgs"
     make_images(src, {"a": 150, "b": 150}, size=(96, 96))
     store = tmp_path / "store"
     # The real CLI in a real process, slowed a little per batch so the kill lands mid-run.
-    slow = ("import sys, time, embedder.extract as e; orig = e.BatchEmbedder.rows; "
-            "e.BatchEmbedder.rows = lambda self, *a: (time.sleep(0.02), orig(self, *a))[1]; "
+    slow = ("import sys, time, embedder.extract as e; orig = e.BatchEmbedder.embed_pixels; "
+            "e.BatchEmbedder.embed_pixels = lambda self, *a: (time.sleep(0.02), orig(self, *a))[1]; "
             "from embedder.cli import main; main()")
     cmd = [sys.executable, "-c", slow, "extract", str(src), "--out", str(store),
            "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]
@@ -31,6 +34,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     proc.wait()
     partial = Store.open(store).count()
     assert 0 < partial < 300, partial
+    # Wherever the kill landed, a temporary it left is removed once the next writer holds the lock.
+    (store / ".part-99999-dead.parquet.tmp").write_bytes(b"half a shard")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     ids = Store.open(store).read(["id"]).column("id").to_pylist()

@@ -37,6 +37,7 @@ def index_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(home)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["backbones"], ["backbones", "--json"], ["info", str(STORE_V1)],
                                   ["info", str(STORE_V1), "--json"], ["index", "list"], ["index", "info", "v1"],
                                   ["extract", "--help"], ["search", "--help"]], ids=" ".join)
