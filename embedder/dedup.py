@@ -22,43 +22,42 @@ class DedupSummary:
     out: str
 
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
-
-
 def dedup(store_path: str, out: str, threshold: float = 0.95) -> DedupSummary:
     import faiss
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     if not 0 < threshold <= 1:
         raise IndexError_(f"--threshold is a cosine similarity in (0, 1], got {threshold}")
     t = Store.open(store_path).read(["id", "path", "embedding"])
     x = arrow_to_embeddings(t.column("embedding"))
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n = len(x)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
-    parent = np.arange(len(x))
+    rows, cols = [], []
     step = 4096
-    for start in range(0, len(x), step):
+    for start in range(0, n, step):
         lims, _, ids = index.range_search(x[start:start + step], threshold)
-        for qi in range(min(step, len(x) - start)):
-            a = start + qi
-            for b in ids[lims[qi]:lims[qi + 1]]:
-                ra, rb = _find(parent, a), _find(parent, int(b))
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([_find(parent, i) for i in range(len(x))])
-    uniq, counts = np.unique(roots, return_counts=True)
-    dup_roots = set(uniq[counts > 1].tolist())
-    group_of = {r: g for g, r in enumerate(sorted(dup_roots))}
-    rows = [i for i in range(len(x)) if roots[i] in dup_roots]
+        counts: np.ndarray = np.diff(np.asarray(lims, dtype=np.int64))
+        rows.append(np.repeat(np.arange(start, start + len(counts)), counts))
+        cols.append(ids)
+    r, c = (np.concatenate(rows), np.concatenate(cols)) if rows else (np.zeros(0, int), np.zeros(0, int))
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
+    n_comp, component = connected_components(graph, directed=True, connection="weak")
+    sizes = np.bincount(component, minlength=n_comp)
+    in_group = np.flatnonzero(sizes[component] > 1)
+    # groups numbered in the order of their first member, so the output is stable across runs
+    dup_components = np.unique(component[in_group])
+    number = np.full(n_comp, -1, dtype=np.int64)
+    first = np.full(n_comp, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    number[dup_components[np.argsort(first[dup_components])]] = np.arange(len(dup_components))
     table = pa.table({
-        "group": pa.array([group_of[roots[i]] for i in rows], pa.int64()),
-        "id": pa.array([t.column("id")[i].as_py() for i in rows], pa.string()),
-        "path": pa.array([t.column("path")[i].as_py() for i in rows], pa.string()),
+        "group": pa.array(number[component[in_group]], pa.int64()),
+        "id": t.column("id").take(pa.array(in_group)),
+        "path": t.column("path").take(pa.array(in_group)),
     }).sort_by([("group", "ascending"), ("path", "ascending")])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out)
-    return DedupSummary(len(x), len(dup_roots), len(rows) - len(dup_roots), threshold, out)
+    return DedupSummary(n, len(dup_components), len(in_group) - len(dup_components), threshold, out)

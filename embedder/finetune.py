@@ -224,11 +224,24 @@ def _bn_eval(net: nn.Module) -> None:
             m.eval()
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def phase_scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, done: int = 0) -> Any:
+    """Linear warm-up over WARMUP steps, then cosine decay to 0 at TOTAL, per batch, from each
+    group's base_lr (torch's SequentialLR of LinearLR and CosineAnnealingLR); fast-forwarded DONE
+    steps when a run resumes mid-phase."""
+    import warnings
+
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] = g["base_lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fast-forwarding steps before any optimizer step is the point
+        sched = SequentialLR(opt, [LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0,
+                                            total_iters=max(warmup - 1, 0)),
+                                   CosineAnnealingLR(opt, T_max=max(1, total - warmup))], milestones=[warmup])
+        for _ in range(done):
+            sched.step()
+    return sched
 
 
 @torch.no_grad()
@@ -360,12 +373,17 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     loss_fn = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
 
+    sched: Any = None
+    sched_phase: str | None = None
     for epoch in range(state["epoch"] + 1, options.epochs + 1):
         phase = "head" if epoch <= head_epochs else "full"
         phase_start = 1 if phase == "head" else head_epochs + 1
         phase_epochs = head_epochs if phase == "head" else options.epochs - head_epochs
         total_steps = phase_epochs * steps_per_epoch
         warmup = max(1, int(options.warmup_fraction * total_steps))
+        if sched_phase != phase:
+            sched = phase_scheduler(opt, total_steps, warmup, done=(epoch - phase_start) * steps_per_epoch)
+            sched_phase = phase
         _set_trainable(net, groups, backbone_on=phase == "full")
         net.train()
         if phase == "head":
@@ -379,11 +397,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             for p, r in failed:
                 skipped.setdefault(p, r)
             if x is None:
+                sched.step()  # a batch of undecodable images still counts as a step of the schedule
                 continue
-            global_step = (epoch - phase_start) * steps_per_epoch + step
-            factor = _schedule(global_step, total_steps, warmup)
-            for gr in opt.param_groups:
-                gr["lr"] = gr["base_lr"] * factor
             xb = normalize_batch(x.to(device, non_blocking=True), pre)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -392,6 +407,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
             if on_step:

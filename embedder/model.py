@@ -60,40 +60,70 @@ def pool_features(x: torch.Tensor, how: str) -> torch.Tensor:
     return gem(x.float()).to(x.dtype)
 
 
+def truncate_at(net: nn.Module, layer: str) -> nn.Module:
+    """The network cut after LAYER, as a graph that computes nothing past it (torchvision's
+    ``create_feature_extractor``: FX tracing, dead code removed), returning that layer's output."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        return _FirstOutput(create_feature_extractor(net, return_nodes={layer: "features"}))
+    except Exception as e:  # noqa: BLE001 - FX tracing limits are not the user's problem
+        log.info("%s is not traceable at %s (%s); tapping it with a forward hook", type(net).__name__, layer, e)
+        return _HookTap(net, layer)
+
+
+class _FirstOutput(nn.Module):
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.extractor(x)["features"]
+        return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
+
+
 class _Stop(Exception):
     pass
 
 
-class FeatureModel(nn.Module):
-    """Backbone with its head replaced by Identity, optionally tapped at an earlier layer."""
+class _HookTap(nn.Module):
+    """Fallback for graphs FX cannot trace: run forward, keep LAYER's output, stop there."""
 
-    def __init__(self, net: nn.Module, layer: str | None, pool: str) -> None:
+    def __init__(self, net: nn.Module, layer: str) -> None:
         super().__init__()
         self.net = net
-        self.layer = layer
-        self.pool = pool
         self._captured: torch.Tensor | None = None
-        if layer is not None:
-            net.get_submodule(layer).register_forward_hook(self._hook)
+        net.get_submodule(layer).register_forward_hook(self._hook)
 
     def _hook(self, _m: nn.Module, _inp: object, out: torch.Tensor) -> None:
         self._captured = out
-        raise _Stop  # the rest of the network is not needed
+        raise _Stop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layer is None:
-            out: torch.Tensor = self.net(x)
-            return out.flatten(1) if out.ndim > 2 else out
         try:
             self.net(x)
         except _Stop:
             pass
         feats, self._captured = self._captured, None
         if feats is None:
-            raise RuntimeError(f"layer {self.layer} was not reached in forward")
-        if isinstance(feats, (tuple, list)):
-            feats = feats[0]
-        return pool_features(feats, self.pool)
+            raise RuntimeError("the tapped layer was not reached in forward")
+        return feats[0] if isinstance(feats, (tuple, list)) else feats
+
+
+class FeatureModel(nn.Module):
+    """Backbone with its head replaced by Identity, optionally cut at an earlier layer and pooled."""
+
+    def __init__(self, net: nn.Module, layer: str | None, pool: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.pool = pool
+        self.net = net if layer is None else fold_batchnorm(truncate_at(net, layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        if self.layer is None:
+            return out.flatten(1) if out.ndim > 2 else out
+        return pool_features(out, self.pool)
 
 
 @dataclass
@@ -208,7 +238,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                 f"{backbone.name} has no layer {layer!r}; stage-level layers: {', '.join(valid)}"
             )
     if layer is None:
-        net = fold_batchnorm(net)  # hooks need the module tree, so only on the penultimate path
+        net = fold_batchnorm(net)
     model = FeatureModel(net, layer, pool or "avg").eval()
     with torch.inference_mode():
         probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)

@@ -96,3 +96,18 @@ def test_weights_tag_in_spec() -> None:
         parse_backbone_spec("mobilenet_v2:NOPE")
     with pytest.raises(UnknownBackbone, match="valid tags: SEED0"):
         parse_backbone_spec("tiny_test:V9")
+
+
+@pytest.mark.parametrize("entry", REGISTRY.values(), ids=lambda b: b.name)
+def test_layer_taps_are_truncated_graphs(entry) -> None:
+    """Cutting at the last feature map is torchvision's feature extractor (nothing computed past
+    it), not the forward-hook fallback, and gives what a hook on that module sees."""
+    from embedder.model import _FirstOutput, _HookTap, truncate_at
+
+    net = build_on_meta(entry).eval()
+    drop_aux_head(net)
+    pre = entry.preprocessing()
+    x = torch.zeros(2, 3, pre.crop_size, pre.crop_size, device="meta")
+    cut = truncate_at(net, entry.feature_map)
+    assert isinstance(cut, _FirstOutput), f"{entry.name} fell back to the hook"
+    assert tuple(cut(x).shape) == tuple(_HookTap(net, entry.feature_map)(x).shape)

@@ -175,3 +175,31 @@ def test_resume_after_kill(labelled: Path, tmp_path: Path) -> None:
     b, _ = checkpoint.load(straight)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_warmup_cosine_schedule_per_step() -> None:
+    """torch's SequentialLR(LinearLR, CosineAnnealingLR) gives exactly linear warm-up then cosine
+    to 0, per group, and fast-forwarding (resume) lands on the same values."""
+    import math
+
+    from embedder.finetune import phase_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 0.0, "base_lr": 0.1},
+                             {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.0, "base_lr": 0.01}])
+    total, warmup = 20, 4
+    sched = phase_scheduler(opt, total, warmup)
+    seen = []
+    for _ in range(total):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+
+    def expected(s: int) -> float:
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+
+    for s, (a, b) in enumerate(seen):
+        assert a == pytest.approx(0.1 * expected(s), rel=1e-6, abs=1e-12)
+        assert b == pytest.approx(0.01 * expected(s), rel=1e-6, abs=1e-12)
+    phase_scheduler(opt, total, warmup, done=7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(seen[7][0], rel=1e-9)

@@ -335,3 +335,18 @@ def test_filtered_ivfpq_search_with_no_allowed_candidate_falls_back(tmp_path: Pa
     far = x[1234] * -1.0  # a query nowhere near the one allowed row
     hits = loaded.search(far[None], 5, where={"label": "rare"})
     assert [h["id"] for h in hits[0]] == ["v001234"]
+
+
+def test_dedup_groups_are_transitive_and_numbered_in_order(tmp_path: Path) -> None:
+    """a~b and b~c put a, b, c in one group even though a and c are below the threshold."""
+    from embedder.dedup import dedup
+
+    angle = np.deg2rad([0.0, 10.0, 20.0, 90.0, 180.0, 181.0])  # 10° steps: cos 0.985; 20°: 0.94
+    x = np.zeros((6, 4), np.float32)
+    x[:, 0], x[:, 1] = np.cos(angle), np.sin(angle)
+    store = vector_store(tmp_path / "s", x)
+    s = dedup(store, str(tmp_path / "d.parquet"), threshold=0.97)
+    t = pq.read_table(tmp_path / "d.parquet")
+    assert (s.groups, s.duplicates) == (2, 3)
+    assert t.column("group").to_pylist() == [0, 0, 0, 1, 1]
+    assert t.column("id").to_pylist() == ["v000000", "v000001", "v000002", "v000004", "v000005"]
