@@ -7,6 +7,11 @@
 
 Prints img/s for each and the ratios. Weights do not change throughput, so any backbone runs with a
 seeded random state dict unless its real weights are in the cache.
+
+``--memory``: peak RSS of `embedder extract` (the CLI, each run in a fresh process) on N and 10xN
+images, beside the tutorial loop that keeps every feature in a list and saves them at the end (what
+users write), on the same images. A pipeline whose memory does not depend on the collection gives
+equal peaks for N and 10xN.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torchvision import datasets
 from embedder.backbones import get_backbone
 from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
 from embedder.model import ModelSpec, _set_module
-from embedder.weights import weights_present
+from embedder.weights import registry_file
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -47,11 +52,14 @@ def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Non
         Image.fromarray(arr).save(d / f"{i:05d}.jpg", quality=90)
 
 
-def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torch.Tensor],
-               device: torch.device, batch_size: int, workers: int) -> float:
+def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torch.Tensor] | None,
+               device: torch.device, batch_size: int, workers: int, keep: list[np.ndarray] | None = None) -> float:
     entry = get_backbone(backbone)
-    model = entry.build_architecture(tag)
-    model.load_state_dict(state, strict=False)
+    if state is None:
+        model = entry.build_pretrained(tag)
+    else:
+        model = entry.build_architecture(tag)
+        model.load_state_dict(state, strict=False)
     _set_module(model, entry.head, nn.Identity())
     model.eval().to(device)
     ds = datasets.ImageFolder(str(root), transform=entry.torchvision_weights(tag).transforms())
@@ -60,7 +68,9 @@ def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torc
     t0 = time.perf_counter()
     with torch.no_grad():
         for x, _ in loader:
-            model(x.to(device)).cpu()
+            out = model(x.to(device)).cpu()
+            if keep is not None:
+                keep.append(out.numpy())
             n += x.shape[0]
     return n / (time.perf_counter() - t0)
 
@@ -78,15 +88,25 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--fast-decode", action="store_true")
     ap.add_argument("--json", type=Path, help="also write results here")
+    ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10xN images (N = --images)")
+    ap.add_argument("--child", choices=["naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     name, _, tag = args.backbone.partition(":")
     tag = tag or None
     entry = get_backbone(name)
+    if args.child == "naive":  # one tutorial-loop run in this fresh process (for --memory)
+        keep: list[np.ndarray] = []
+        state = torch.load(args.root / "weights.pth") if (args.root / "weights.pth").exists() else None
+        naive_loop(args.root / "images", name, tag, state, torch.device("cpu"), args.naive_batch_size,
+                   args.naive_workers, keep)
+        np.save(args.root / "features.npy", np.concatenate(keep))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         weights_file = None
-        if entry.is_torchvision and not weights_present(entry, tag):
+        if entry.is_torchvision and not registry_file(entry, tag)[1].exists():
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 state = entry.build_architecture(tag).state_dict()
@@ -99,9 +119,12 @@ def main() -> None:
         root = tmp / "images"
         make_images(root, args.images, (w, h))
 
+        if args.memory:
+            memory_rows(args, tmp, w, h, weights_file)
+            return
         embedder = BatchEmbedder(spec, opts)
         if weights_file is None:
-            state = embedder.loaded.weights.state_dict
+            state = None
         crop = embedder.loaded.preprocessing.crop_size
         dev = embedder.device
         # (a) model only
@@ -143,6 +166,49 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _peak_rss_mib(cmd: list[str]) -> tuple[float, float]:
+    """Run CMD in a fresh process; its peak RSS in MiB (the largest of it and the children it reaped,
+    e.g. DataLoader workers: what wait4 reports) and wall seconds."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) not in (0, 3):
+        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read() if proc.stderr else ''}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def memory_rows(args: argparse.Namespace, tmp: Path, w: int, h: int, weights_file: Path | None) -> None:
+    import sys
+
+    n_small, n_big = args.images, args.images * 10
+    rows = []
+    for n in (n_small, n_big):
+        run = tmp / f"n{n}"
+        make_images(run / "images", n, (w, h))
+        if weights_file is not None:
+            shutil.copy(weights_file, run / "weights.pth")
+        cli = [sys.executable, "-m", "embedder", "extract", str(run / "images"), "--out", str(run / "store"),
+               "--backbone", args.backbone, "--json"]
+        if weights_file is not None:
+            cli += ["--weights", str(weights_file)]
+        rss_e, sec_e = _peak_rss_mib(cli)
+        naive = [sys.executable, __file__, "--child", "naive", "--root", str(run), "--backbone", args.backbone,
+                 "--naive-workers", str(args.naive_workers), "--naive-batch-size", str(args.naive_batch_size)]
+        rss_n, sec_n = _peak_rss_mib(naive)
+        rows.append({"images": n, "extract_peak_rss_mib": round(rss_e), "extract_img_s": round(n / sec_e, 1),
+                     "naive_peak_rss_mib": round(rss_n), "naive_img_s": round(n / sec_n, 1)})
+        shutil.rmtree(run / "images", ignore_errors=True)
+    result = {"backbone": args.backbone, "size": args.size, "cores": os.cpu_count(),
+              "cpu": platform.processor() or platform.machine(), "rows": rows,
+              "extract_rss_ratio_10x": round(rows[1]["extract_peak_rss_mib"] / rows[0]["extract_peak_rss_mib"], 3),
+              "naive_rss_ratio_10x": round(rows[1]["naive_peak_rss_mib"] / rows[0]["naive_peak_rss_mib"], 3)}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
