@@ -126,6 +126,10 @@ class BatchEmbedder:
         self.precision = options.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if self.device.type == "cuda" and self.precision == "fp32":
+            # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 on Ampere and later
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         model = self.loaded.model.to(self.device)
         if options.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -408,10 +412,10 @@ def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> M
 def embedder_for(prov: Provenance, weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
     """A BatchEmbedder that provably makes vectors comparable with those ``prov`` describes."""
     emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
-                        EmbedOptions(device=device, normalize=prov.normalize,
+                        EmbedOptions(device=device, normalize=prov.normalize, precision=prov.precision,
                                      fast_decode=prov.decoder == "pil-draft"))
     prov.require(emb.provenance(), store=False, what="the indexed or training vectors were",
-                 fix="the query model must be the same backbone, weights, layer and preprocessing")
+                 fix="the query model must be the same backbone, weights, layer, preprocessing and precision")
     return emb
 
 

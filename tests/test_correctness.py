@@ -141,7 +141,7 @@ def test_shards_are_stamped_by_the_run_that_wrote_them(image_tree: Path, tmp_pat
     assert Store.open(out).provenance.versions["embedder"] == real["embedder"]  # the store's first run
 
 
-def test_precision_is_part_of_a_stores_identity_not_of_comparability(image_tree: Path, tmp_path: Path) -> None:
+def test_precision_is_part_of_what_vectors_mean(image_tree: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "s")
     extract([str(image_tree / "cat")], out, TINY, EmbedOptions(precision="fp32"))
     with pytest.raises(ProvenanceMismatch, match="precision=fp32.*precision=bf16"):
@@ -149,9 +149,12 @@ def test_precision_is_part_of_a_stores_identity_not_of_comparability(image_tree:
     bf16 = str(tmp_path / "b")
     extract([str(image_tree)], bf16, TINY, EmbedOptions(precision="bf16"))
     assert Store.open(bf16).provenance.precision == "bf16"
-    # fp32 queries against bf16 vectors are allowed: the same function of the pixels
-    emb = embedder_for(Store.open(bf16).provenance, device="cpu")
-    assert emb.precision == "fp32" and emb.provenance().comparable(Store.open(bf16).provenance)
+    # queries against bf16 vectors are embedded in bf16 (measured: fp32 ones are not the same vectors)
+    prov = Store.open(bf16).provenance
+    emb = embedder_for(prov, device="cpu")
+    assert emb.precision == "bf16" and emb.provenance().comparable(prov)
+    fp32 = BatchEmbedder(TINY, EmbedOptions(precision="fp32")).provenance()
+    assert not fp32.comparable(prov) and fp32.differences(prov, Provenance.COMPARABLE) == ["precision"]
 
 
 # ---- typed provenance: stores written before it still open and accept appends ---------------------

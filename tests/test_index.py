@@ -350,3 +350,22 @@ def test_dedup_groups_are_transitive_and_numbered_in_order(tmp_path: Path) -> No
     assert (s.groups, s.duplicates) == (2, 3)
     assert t.column("group").to_pylist() == [0, 0, 0, 1, 1]
     assert t.column("id").to_pylist() == ["v000000", "v000001", "v000002", "v000004", "v000005"]
+
+
+def test_legacy_index_folder_is_read_and_migrated_by_add(tmp_path: Path) -> None:
+    """Indexes written before generations (files directly in NAME/) keep working."""
+    home = tmp_path / "h"
+    x = clustered(150, dim=8)
+    store_a = vector_store(tmp_path / "a", x[:100])
+    idx.build(store_a, "old", idx.BuildOptions(kind="flat"), str(home))
+    gen = idx.locate("old", str(home))
+    for f in gen.iterdir():  # lay it out the old way
+        f.rename(home / "old" / f.name)
+    gen.rmdir()
+    (home / "old" / "CURRENT").unlink()
+    assert idx.names(str(home)) == ["old"] and idx.locate("old", str(home)) == home / "old"
+    assert idx.LoadedIndex("old", str(home)).index.ntotal == 100
+    idx.add("old", vector_store(tmp_path / "b", x[100:], start=100), str(home))
+    assert idx.locate("old", str(home)).name == "gen-000001"
+    assert sorted(p.name for p in (home / "old").iterdir()) == [".lock", "CURRENT", "gen-000001"]
+    assert idx.LoadedIndex("old", str(home)).index.ntotal == 150
