@@ -5,8 +5,8 @@ weights: MobileNetV2 IMAGENET1K_V1 on scikit-learn's digits (1,797 8x8 scans of 
 Reports, for bf16 vs fp32 vectors of the same images: cosine similarity (median, 1st percentile,
 worst), linear-probe test accuracy (embedder's probe protocol) for fp32→fp32, bf16→bf16 and a probe
 trained on fp32 applied to bf16 vectors, and how many of the exact top 10 (cosine) of fp32 queries
-against bf16 train vectors are the ones they get against fp32 train vectors (id overlap). This decides what a store may mix (see
-embedder/provenance.py).
+against bf16 train vectors are the ones they get against fp32 train vectors (id overlap), and the
+same for bf16 queries. This decides what counts as the same vectors (embedder/provenance.py).
 """
 
 from __future__ import annotations
