@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedder import generations as gens
-from embedder.errors import IndexError_
+from embedder.errors import IndexError_, StoreError
 from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
 from embedder.provenance import Provenance
 from embedder.store import Store, arrow_to_embeddings
@@ -396,6 +397,14 @@ class LoadedIndex:
         fids = np.asarray(self.ids.column("faiss_id").to_numpy(), dtype=np.int64)
         self._order = np.argsort(fids, kind="stable")
         self._sorted_fids = fids[self._order]
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and self.searcher.vectors is None:
+            # vectors by id (queries by id, exact fallback), set up at load, never mid-search; a hash
+            # table because ids are not 0..n-1 in add order (held-out queries go in last)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self._filter_table: pa.Table | None = None  # id map + store columns, joined once
+        self._filter_lock = threading.Lock()
+        self.generation = int(self.meta.get("generation", 0))
 
     @property
     def dim(self) -> int:
@@ -415,18 +424,32 @@ class LoadedIndex:
             raise IndexError_(f"query vector has dim {q.shape[1]}, index {self.name!r} has dim {self.dim}")
         return _prepare(q, self.metric)
 
+    def filter_table(self) -> pa.Table:
+        """The id map joined with the store's other columns, read once per loaded index (a
+        service filters on them per query without re-reading the store)."""
+        with self._filter_lock:
+            if self._filter_table is None:
+                table = self.ids
+                try:
+                    store = Store.open(self.meta["store"])
+                    cols = [c for c in store.dataset().schema.names
+                            if c not in ("embedding", *table.column_names)]
+                    if cols:
+                        table = table.join(store.read(["id", *cols]), "id", join_type="left outer")
+                except StoreError as e:  # the store moved away: filter on the id map alone
+                    log.warning("index %s: store columns unavailable for filters (%s)", self.name, e)
+                self._filter_table = table
+            return self._filter_table
+
     def allowed_faiss_ids(self, where: dict[str, str]) -> np.ndarray:
         """FAISS ids whose store rows match every column=value condition."""
         table = self.ids
-        extra = [c for c in where if c not in table.column_names]
-        if extra:
-            store = Store.open(self.meta["store"])
-            cols = [c for c in store.dataset().schema.names if c != "embedding"]
-            missing = [c for c in extra if c not in cols]
-            if missing:
-                raise IndexError_(f"cannot filter on {missing[0]!r}; columns: {', '.join(cols)}")
-            srows = store.read(["id", *extra])
-            table = table.join(srows, "id", join_type="left outer")
+        if any(c not in table.column_names for c in where):
+            table = self.filter_table()
+        missing = [c for c in where if c not in table.column_names]
+        if missing:
+            valid = [c for c in table.column_names if c != "faiss_id"]
+            raise IndexError_(f"cannot filter on {missing[0]!r}; columns: {', '.join(valid)}")
         mask = None
         for col, value in where.items():
             column = table.column(col)
@@ -452,8 +475,9 @@ class LoadedIndex:
             return [[] for _ in range(len(q))]
         sel = faiss.IDSelectorBatch(allowed)
         for scale in (1, 8, 64, 512):
+            params = self._params_with(sel, scale, need)  # per call: concurrent searches share nothing
             try:
-                scores, ids = self.searcher.search(q, need, params=self._params_with(sel, scale, need))
+                scores, ids = self.searcher.search(q, need, params=params)
             except RuntimeError:  # this index type takes no selector: exact over the matches
                 break
             if (ids >= 0).sum(1).min() >= need:
@@ -464,10 +488,6 @@ class LoadedIndex:
         """Vectors for FAISS ids: the re-rank copies, the index itself, or the store on disk."""
         if self.searcher.vectors is not None:
             return np.asarray(self.searcher.vectors[np.sort(fids)], dtype=np.float32)[np.argsort(np.argsort(fids))]
-        faiss = _faiss()
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.make_direct_map()  # IVF lists are not addressable by id until asked
         try:
             return np.asarray(self.index.reconstruct_batch(fids), dtype=np.float32)
         except RuntimeError:
@@ -516,8 +536,7 @@ class LoadedIndex:
             p.nprobe = min(ivf.nlist, value * scale)
         else:
             p = faiss.SearchParameters()
-        p.sel = sel
-        self._keep_alive = (sel, p)  # FAISS holds raw pointers
+        p.sel = sel  # the caller keeps sel alive while p is in use (FAISS holds a raw pointer)
         return p
 
     def vector_of(self, store_id: str) -> np.ndarray:

@@ -85,7 +85,7 @@ def test_auto_plan_says_why() -> None:
     assert idx.plan(200_000, 512, "ivf", gb).train_size < 200_000
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_add_keeps_id_map_and_skips_present(tmp_path: Path, kind: str) -> None:
     x = clustered(1200, dim=16)
     a = vector_store(tmp_path / "a", x[:800])
