@@ -162,6 +162,12 @@ def decode_into(
     return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
+def decode_bytes(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An uploaded image's bytes → uint8 [3, crop, crop], exactly as extraction decodes files."""
+    img = load_rgb(data, max_pixels)
+    return preprocess(img, pre, max_pixels)
+
+
 def decode_file(
     path: str, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False
 ) -> Decoded:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -119,15 +120,25 @@ def search_command(
     weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one.")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     home: HomeOpt = None,
+    server: Annotated[Optional[str], typer.Option(help="Ask a running `embedder serve` (e.g. http://127.0.0.1:8000) instead of loading anything.")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the server's API key.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
 ) -> None:
     """Nearest neighbours of images, vectors or indexed ids; several queries in one batch."""
+    if k <= 0:
+        raise IndexError_(f"-k must be positive, got {k}")
+    if server:
+        from embedder.service.client import search_remote
+
+        key = os.environ.get(api_key_env) if api_key_env else None
+        where_ = _parse_where(where or [])
+        results = search_remote(server, name, queries or [], ids or [], k, where_, key)
+        _print_results(results, as_json)
+        return
     import numpy as np
 
     from embedder import index as idx
 
-    if k <= 0:
-        raise IndexError_(f"-k must be positive, got {k}")
     loaded = idx.LoadedIndex(name, home)
     labels: list[str] = []
     vecs: list[np.ndarray] = []
@@ -155,8 +166,12 @@ def search_command(
         labels.append(f"id:{i}")
     if not vecs:
         raise IndexError_("no query: give image files, .npy vectors or --id ID")
-    results = loaded.search(np.concatenate(vecs), k, _parse_where(where or []))
-    for label, hits in zip(labels, results):
+    found = loaded.search(np.concatenate(vecs), k, _parse_where(where or []))
+    _print_results(list(zip(labels, found)), as_json)
+
+
+def _print_results(results: list, as_json: bool) -> None:  # type: ignore[type-arg]
+    for label, hits in results:
         if as_json:
             for h in hits:
                 out.print(json.dumps({"query": label, **h}), soft_wrap=True, markup=False)

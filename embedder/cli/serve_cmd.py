@@ -1,0 +1,58 @@
+"""`embedder serve`: the search service over HTTP."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from embedder.cli.common import console, handle_errors, setup_logging
+from embedder.errors import EmbedderError
+
+
+@handle_errors
+def serve_command(
+    home: Annotated[Optional[str], typer.Option("--home", help="Index home (default: $EMBEDDER_HOME or ./indexes).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Name of an environment variable holding the API key.")] = None,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="Micro-batching window.")] = 5.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most queries in one micro-batch.")] = 32,
+    micro_batching: Annotated[bool, typer.Option(help="Batch concurrent queries into one forward pass.")] = True,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body.")] = 20.0,
+    poll_seconds: Annotated[float, typer.Option(min=0, help="How often indexes are checked for a new generation (0: never).")] = 2.0,
+    weights: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: weights file for an index made from one.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve every index in the home over HTTP: search, embed, items, a web page at /."""
+    try:
+        import uvicorn
+
+        from embedder.service.app import create_app
+        from embedder.service.engine import ServeOptions
+    except ImportError as e:
+        raise EmbedderError(f"the service needs its extra: pip install 'embedder[serve]' ({e.name} is missing)") from None
+    setup_logging(verbose)
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise EmbedderError(f"--api-key-env {api_key_env}: that environment variable is empty or unset")
+    pairs = {}
+    for w in weights or []:
+        name, sep, path = w.partition("=")
+        if not sep or not name or not path:
+            raise EmbedderError(f"--weights takes NAME=FILE, got {w!r}")
+        pairs[name] = path
+    options = ServeOptions(home=home, device=device, batch_window_ms=batch_window_ms, max_batch=max_batch,
+                           micro_batching=micro_batching, max_upload_bytes=int(max_upload_mb * 2**20),
+                           poll_seconds=poll_seconds, weights=pairs)
+    app = create_app(options, api_key=key)
+    console.print(f"serving on http://{host}:{port}  (docs at /docs{', API key required' if key else ''})")
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

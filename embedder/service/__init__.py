@@ -1,0 +1,1 @@
+"""`embedder serve`: the search as an HTTP service (engine, micro-batcher, FastAPI app, web page)."""

@@ -1,0 +1,317 @@
+"""The search service's engine, free of HTTP: loaded indexes (hot-swapped when a new generation
+appears), one embedder per distinct provenance, and the batched query path (decode in a thread
+pool, one forward pass per embedder, one FAISS call per index and filter).
+
+The HTTP layer (``embedder.service.app``) only parses requests, calls ``Engine.run_batch`` (through
+the micro-batcher) and turns ``EmbedderError``s into 4xx responses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder import generations as layout
+from embedder.errors import DecodeError, EmbedderError, IndexError_
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(EmbedderError):
+    """An unknown index or id (HTTP 404)."""
+
+
+class BadQuery(EmbedderError):
+    """A query the service cannot answer as asked (HTTP 400/422)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    home: str | None = None
+    device: str = "auto"
+    batch_window_ms: float = 5.0
+    max_batch: int = 32
+    micro_batching: bool = True
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 89_478_485
+    poll_seconds: float = 2.0  # how often each index's CURRENT pointer is checked; 0: never
+    max_k: int = 1000
+    thumbnail_px: int = 256
+    decode_threads: int | None = None  # None: the core count
+    weights: dict[str, str] = field(default_factory=dict)  # index name → weights file (file-made stores)
+
+
+@dataclass
+class Query:
+    """One query of a batch: exactly one of image (bytes), vector or id."""
+
+    index: str
+    k: int = 10
+    where: dict[str, str] | None = None
+    image: bytes | None = None
+    vector: list[float] | None = None
+    id: str | None = None
+
+
+@dataclass
+class Answer:
+    index: str
+    generation: int
+    hits: list[dict[str, Any]]
+
+
+StageTimer = Callable[[str, float], None]  # (stage, seconds)
+
+
+class Engine:
+    def __init__(self, options: ServeOptions = ServeOptions()) -> None:
+        self.options = options
+        self.indexes: dict[str, Any] = {}  # name → LoadedIndex (replaced whole on reload)
+        self.embedders: dict[str, Any] = {}  # comparable-provenance key → BatchEmbedder
+        self._embed_locks: dict[str, threading.Lock] = {}
+        self._reload_lock = threading.Lock()
+        self.ready = False
+        cores = os.cpu_count() or 2
+        self.decode_pool = ThreadPoolExecutor(options.decode_threads or cores, thread_name_prefix="decode")
+        self.stage_timer: StageTimer = lambda stage, seconds: None
+
+    # ---- loading --------------------------------------------------------------------------
+    def load_all(self) -> None:
+        """Every index in the home and each distinct embedder their provenance names, once."""
+        for name in layout.names(self.options.home):
+            try:
+                self._load(name)
+            except EmbedderError as e:  # one broken index must not keep the others from serving
+                log.error("index %s not served: %s", name, e)
+        self.ready = True
+
+    def _load(self, name: str) -> Any:
+        from embedder.index import LoadedIndex
+
+        loaded = LoadedIndex(name, self.options.home)
+        loaded.filter_table()  # filters never re-read the store per query
+        self._embedder_for(loaded)
+        self.indexes[name] = loaded  # one reference swap: searches in flight keep the old object
+        return loaded
+
+    def _key(self, loaded: Any) -> str:
+        prov = loaded.provenance
+        return json.dumps([prov.show(f) for f in prov.COMPARABLE], sort_keys=True, default=str)
+
+    def _embedder_for(self, loaded: Any) -> Any | None:
+        key = self._key(loaded)
+        if key not in self.embedders:
+            from embedder.extract import embedder_for
+
+            prov = loaded.provenance
+            weights = self.options.weights.get(loaded.name)
+            if prov.weights.needs_file and weights is None:
+                log.warning("index %s was made with weights file %s: image queries need "
+                            "--weights %s=FILE; vector and id queries work", loaded.name, prov.weights.name,
+                            loaded.name)
+                return None
+            try:
+                emb = embedder_for(prov, weights, self.options.device)
+            except EmbedderError as e:
+                log.warning("index %s: no embedder for image queries (%s)", loaded.name, e)
+                return None
+            self.embedders[key] = emb
+            self._embed_locks[key] = threading.Lock()
+        return self.embedders[key]
+
+    def generation_on_disk(self, name: str) -> int | None:
+        d = layout.index_dir(name, self.options.home)
+        cur = layout.current(d) if d.is_dir() else None
+        return None if cur is None else layout.generation_of(cur)
+
+    def reload(self, name: str | None = None) -> dict[str, int]:
+        """Load every index (or NAME) whose current generation on disk is not the one served,
+        and any new index in the home. The old object answers until the new one is in place."""
+        with self._reload_lock:
+            names = [name] if name else sorted(set(layout.names(self.options.home)) | set(self.indexes))
+            changed = {}
+            for n in names:
+                try:
+                    gen = self.generation_on_disk(n)
+                except IndexError_:
+                    gen = None
+                if gen is None:
+                    if name:
+                        raise NotFound(self._unknown_index(n))
+                    if n in self.indexes:  # dropped on disk
+                        del self.indexes[n]
+                        changed[n] = -1
+                    continue
+                served = self.indexes.get(n)
+                if served is None or served.generation != gen:
+                    try:
+                        changed[n] = self._load(n).generation
+                    except (EmbedderError, FileNotFoundError) as e:
+                        log.warning("reload of %s deferred: %s", n, e)
+            return changed
+
+    def poll_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(self.options.poll_seconds):
+            try:
+                changed = self.reload()
+                if changed:
+                    log.info("reloaded %s", changed)
+            except Exception as e:  # noqa: BLE001 - the poller must outlive any one bad reload
+                log.error("index poll failed: %s", e)
+
+    # ---- lookups ----------------------------------------------------------------------------
+    def _unknown_index(self, name: str) -> str:
+        return f"no index named {name!r}; available: {', '.join(sorted(self.indexes)) or 'none'}"
+
+    def index(self, name: str) -> Any:
+        layout.index_dir(name, self.options.home)  # a bad name is a clear error, never a path
+        loaded = self.indexes.get(name)
+        if loaded is None:
+            raise NotFound(self._unknown_index(name))
+        return loaded
+
+    def describe(self, name: str) -> dict[str, Any]:
+        loaded = self.index(name)
+        m = loaded.meta
+        labels = [v for v in loaded.ids.column("label").unique().to_pylist() if v is not None]
+        return {"name": name, "generation": loaded.generation, "count": int(loaded.index.ntotal),
+                "dim": loaded.dim, "kind": m.get("kind"), "factory": m.get("factory"), "metric": loaded.metric,
+                "quality": m.get("quality"), "provenance": m.get("provenance"), "built_at": m.get("built_at"),
+                "image_queries": self._embedder_for(loaded) is not None,
+                "labels": sorted(labels)[:500], "filter_columns": [c for c in loaded.filter_table().column_names
+                                                                   if c != "faiss_id"]}
+
+    def item(self, name: str, item_id: str) -> dict[str, Any]:
+        import pyarrow.compute as pc
+
+        loaded = self.index(name)
+        rows = loaded.ids.filter(pc.equal(loaded.ids.column("id"), item_id))
+        if rows.num_rows == 0:
+            raise NotFound(f"id {item_id!r} is not in index {name!r}")
+        return dict(rows.slice(0, 1).to_pylist()[0])
+
+    def item_path(self, name: str, item_id: str) -> Path:
+        """The image file of an id in the index's id map: never a path taken from the request."""
+        path = Path(self.item(name, item_id)["path"])
+        if not path.is_file():
+            raise NotFound(f"the image of {item_id!r} is no longer at {path}")
+        return path
+
+    def thumbnail(self, name: str, item_id: str) -> bytes:
+        import io
+
+        from PIL import Image
+
+        from embedder.decode import load_rgb
+
+        path = self.item_path(name, item_id)
+        img = load_rgb(path.read_bytes(), self.options.max_pixels)
+        img.thumbnail((self.options.thumbnail_px, self.options.thumbnail_px), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+    # ---- queries ----------------------------------------------------------------------------
+    def embed_images(self, name: str, images: list[bytes]) -> tuple[np.ndarray, Any]:
+        """Decode (thread pool) and embed (one forward pass) images as index NAME's vectors are made."""
+        import torch
+
+        from embedder.decode import decode_bytes
+
+        loaded = self.index(name)
+        emb = self._embedder_for(loaded)
+        if emb is None:
+            raise BadQuery(f"index {name!r} takes vector and id queries only (its weights file was not given "
+                           "to the server)")
+        t0 = time.perf_counter()
+        pre = emb.loaded.preprocessing
+        futures = [self.decode_pool.submit(decode_bytes, data, pre, self.options.max_pixels) for data in images]
+        pixels = []
+        for f in futures:
+            try:
+                pixels.append(f.result())
+            except DecodeError as e:
+                raise DecodeError(f"upload is not a usable image: {e}") from None
+        t1 = time.perf_counter()
+        self.stage_timer("decode", t1 - t0)
+        with self._embed_locks[self._key(loaded)]:  # one forward pass at a time per model
+            vectors = emb.embed_pixels(torch.stack(pixels))
+        self.stage_timer("embed", time.perf_counter() - t1)
+        return vectors, emb
+
+    def run_batch(self, queries: list[Query]) -> list[Answer | Exception]:
+        """Answer a batch: images per index embedded together, then one search per (index, filter)."""
+        out: list[Answer | Exception | None] = [None] * len(queries)
+        vectors: dict[int, np.ndarray] = {}
+        by_index: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            by_index.setdefault(q.index, []).append(i)
+        for name, members in by_index.items():
+            try:
+                loaded = self.index(name)
+            except EmbedderError as e:
+                for i in members:
+                    out[i] = e
+                continue
+            images = [i for i in members if queries[i].image is not None]
+            if images:
+                try:
+                    vecs, _ = self.embed_images(name, [queries[i].image for i in images])  # type: ignore[misc]
+                    vectors.update(zip(images, vecs))
+                except EmbedderError as e:
+                    if len(images) == 1:
+                        out[images[0]] = e
+                    else:  # find the culprit(s): embed one by one
+                        for i in images:
+                            try:
+                                vectors[i] = self.embed_images(name, [queries[i].image])[0][0]  # type: ignore[list-item]
+                            except EmbedderError as e1:
+                                out[i] = e1
+            for i in members:
+                q = queries[i]
+                if out[i] is not None or i in vectors:
+                    continue
+                try:
+                    if q.vector is not None:
+                        v = np.asarray(q.vector, dtype=np.float32)
+                        if v.ndim != 1 or not np.isfinite(v).all():
+                            raise BadQuery("vector must be a flat list of finite numbers")
+                        vectors[i] = loaded.prepare(v)[0]
+                    elif q.id is not None:
+                        vectors[i] = loaded.vector_of(q.id)[0]
+                    else:
+                        raise BadQuery("a query needs an image, a vector or an id")
+                except IndexError_ as e:
+                    out[i] = NotFound(str(e)) if "is not in index" in str(e) else BadQuery(str(e))
+                except EmbedderError as e:
+                    out[i] = e
+            groups: dict[str, list[int]] = {}
+            for i in members:
+                if out[i] is None:
+                    groups.setdefault(json.dumps(queries[i].where or {}, sort_keys=True), []).append(i)
+            for key, idxs in groups.items():
+                t0 = time.perf_counter()
+                k = max(queries[i].k for i in idxs)
+                try:
+                    hits = loaded.search(np.stack([vectors[i] for i in idxs]), k, json.loads(key) or None)
+                except EmbedderError as e:
+                    for i in idxs:
+                        out[i] = BadQuery(str(e))
+                    continue
+                self.stage_timer("search", time.perf_counter() - t0)
+                for i, h in zip(idxs, hits):
+                    out[i] = Answer(name, loaded.generation, h[:queries[i].k])
+        return [o if o is not None else BadQuery("unanswered") for o in out]
+
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)

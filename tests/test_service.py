@@ -1,0 +1,302 @@
+"""`embedder serve`: every endpoint and bad input through FastAPI's TestClient, a real uvicorn
+process over HTTP, hot reload under load, and the web page in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service extra is not installed: pip install 'embedder[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from embedder import index as idx  # noqa: E402
+from embedder.extract import extract  # noqa: E402
+from embedder.model import ModelSpec  # noqa: E402
+from embedder.service.app import create_app  # noqa: E402
+from embedder.service.engine import ServeOptions  # noqa: E402
+from embedder.sources import image_id  # noqa: E402
+from tests.conftest import make_images  # noqa: E402
+
+
+@pytest.fixture
+def served(image_tree: Path, tmp_path: Path) -> tuple[str, Path]:
+    store = str(tmp_path / "store")
+    extract([str(image_tree)], store, ModelSpec("tiny_test"))
+    home = str(tmp_path / "home")
+    idx.build(store, "pets", idx.BuildOptions(kind="flat"), home)
+    return home, image_tree
+
+
+def _client(home: str, **kw) -> TestClient:
+    api_key = kw.pop("api_key", None)
+    app = create_app(ServeOptions(home=home, poll_seconds=kw.pop("poll_seconds", 0), **kw), api_key=api_key)
+    return TestClient(app)
+
+
+def _wait_ready(client: TestClient, headers: dict | None = None) -> None:
+    for _ in range(200):
+        if client.get("/readyz", headers=headers or {}).status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("service never became ready")
+
+
+def _jpeg(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_endpoints(served: tuple[str, Path]) -> None:
+    home, images = served
+    cat = images / "cat" / "cat_0001.jpg"
+    with _client(home) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        _wait_ready(c)
+        listing = c.get("/indexes").json()
+        assert [i["name"] for i in listing] == ["pets"] and listing[0]["count"] == 11
+        info = c.get("/indexes/pets").json()
+        assert info["labels"] == ["cat", "dog"] and info["quality"]["recall_at_10"] == 1.0
+        assert info["provenance"]["backbone"] == "tiny_test" and info["image_queries"] is True
+        # image upload: the image itself comes first
+        r = c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}, data={"index": "pets", "k": "3"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["index"] == "pets" and body["generation"] == 1
+        first = body["results"][0][0]
+        assert first["id"] == image_id(cat) and first["score"] == pytest.approx(1.0, abs=1e-4)
+        assert len(body["results"][0]) == 3
+        # filter: always k results when k rows match
+        r = c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")},
+                   data={"index": "pets", "k": "4", "where": json.dumps({"label": "dog"})})
+        assert [h["label"] for h in r.json()["results"][0]] == ["dog"] * 4
+        # JSON: by id, by vector, a batch of both (the index is the only one: may be omitted)
+        r = c.post("/search", json={"id": first["id"], "k": 2})
+        assert r.json()["results"][0][0]["id"] == first["id"]
+        emb = c.post("/embed", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}).json()
+        assert emb["dim"] == 32 and len(emb["vector"]) == 32 and emb["provenance"]["backbone"] == "tiny_test"
+        r = c.post("/search", json={"index": "pets", "k": 1, "queries": [{"vector": emb["vector"]}, {"id": first["id"]}]})
+        assert [res[0]["id"] for res in r.json()["results"]] == [first["id"]] * 2
+        # items: metadata, the file itself, a bounded thumbnail
+        item = c.get(f"/items/pets/{first['id']}").json()
+        assert item["path"] == str(cat) and item["label"] == "cat"
+        assert c.get(f"/items/pets/{first['id']}/image").content == cat.read_bytes()
+        thumb = Image.open(io.BytesIO(c.get(f"/items/pets/{first['id']}/thumbnail").content))
+        assert thumb.format == "JPEG" and max(thumb.size) <= 256
+        metrics = c.get("/metrics").text
+        assert 'embedder_requests_total{endpoint="/search",status="200"}' in metrics
+        assert 'embedder_stage_seconds_count{stage="embed"}' in metrics and "embedder_batch_size" in metrics
+        assert c.get("/docs").status_code == 200 and "SearchIn" in c.get("/openapi.json").text
+        assert "<title>embedder" in c.get("/").text and c.get("/static/app.js").status_code == 200
+
+
+def test_bad_input_is_4xx_json_and_the_server_keeps_serving(served: tuple[str, Path], tmp_path: Path) -> None:
+    home, images = served
+    cat = images / "cat" / "cat_0001.jpg"
+    big = tmp_path / "big.png"
+    Image.new("RGB", (400, 400), (1, 2, 3)).save(big)
+    with _client(home, max_upload_bytes=64 * 1024, max_pixels=100_000) as c:
+        _wait_ready(c)
+        noise = os.urandom(200_000)
+        cases = [
+            (c.post("/search", files={"file": ("x.jpg", b"not an image", "image/jpeg")}), 422, "not_an_image"),
+            (c.post("/search", files={"file": ("x.bin", noise, "image/jpeg")}), 413, "too_large"),
+            (c.post("/search", files={"file": ("big.png", big.read_bytes(), "image/png")}), 422, "not_an_image"),
+            (c.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_query"),
+            (c.post("/search", json={"vector": [0.1] * 7}), 400, "bad_query"),
+            (c.post("/search", json={"vector": ["a"]}), 400, "bad_query"),
+            (c.post("/search", json={"id": "x", "k": 0}), 400, "bad_query"),
+            (c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}, data={"k": "many"}), 400, "bad_query"),
+            (c.post("/search", json={"index": "nope", "id": "x"}), 404, "not_found"),
+            (c.post("/search", json={"id": "no-such-id"}), 404, "not_found"),
+            (c.post("/search", json={"id": image_id(cat), "where": {"colour": "red"}}), 400, "bad_query"),
+            (c.post("/search", json={"index": "../etc", "id": "x"}), 400, "bad_query"),
+            (c.post("/search", json={}), 400, "bad_query"),
+            (c.get("/indexes/nope"), 404, "not_found"),
+            (c.get("/items/pets/no-such-id/image"), 404, "not_found"),
+            (c.get("/items/pets/..%2F..%2Fetc%2Fpasswd/image"), 404, "not_found"),
+            (c.get("/items/..%2Fhome/x"), 404, None),
+        ]
+        for r, status, kind in cases:
+            assert r.status_code == status, (r.request.url, r.text)
+            if kind:
+                assert r.json()["kind"] == kind and r.json()["error"], r.text
+        r = c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["results"][0][0]["id"] == image_id(cat)
+        assert 'embedder_errors_total{kind="not_found"}' in c.get("/metrics").text
+
+
+def test_api_key(served: tuple[str, Path]) -> None:
+    home, _ = served
+    with _client(home, api_key="s3cret") as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/indexes").status_code == 401 and c.get("/indexes").json()["kind"] == "unauthorised"
+        assert c.get("/indexes", headers={"x-api-key": "wrong"}).status_code == 401
+        _wait_ready(c, {"x-api-key": "s3cret"})
+        assert c.get("/indexes", headers={"x-api-key": "s3cret"}).status_code == 200
+        assert c.get("/indexes", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/metrics").status_code == 401
+
+
+def test_micro_batching_answers_like_one_at_a_time(served: tuple[str, Path]) -> None:
+    """Concurrent image queries are batched (batch sizes > 1 observed) with the same answers."""
+    home, images = served
+    paths = sorted(images.rglob("*.jpg"))
+    answers = {}
+    for batching in (False, True):
+        with _client(home, micro_batching=batching, batch_window_ms=50) as c:
+            _wait_ready(c)
+
+            def ask(p: Path) -> list[str]:
+                r = c.post("/search", files={"file": ("q.jpg", p.read_bytes(), "image/jpeg")}, data={"k": "3"})
+                assert r.status_code == 200, r.text
+                return [h["id"] for h in r.json()["results"][0]]
+
+            with ThreadPoolExecutor(8) as pool:
+                answers[batching] = list(pool.map(ask, paths))
+            sizes = c.get("/metrics").text
+            batches = float(sizes.split("embedder_batch_size_count ")[1].split()[0])
+            assert (batches < len(paths)) == batching  # fewer batches than queries only when batching
+    assert answers[True] == answers[False]
+
+
+def test_new_generation_is_picked_up_without_failing_a_request(served: tuple[str, Path], tmp_path: Path) -> None:
+    home, images = served
+    more = tmp_path / "more"
+    make_images(more, {"bird": 6}, seed=3)
+    store = str(tmp_path / "store")
+    extract([str(more)], store, ModelSpec("tiny_test"))  # same store: 11 + 6 rows
+    q = (images / "cat" / "cat_0001.jpg").read_bytes()
+    with _client(home, poll_seconds=0.1) as c:
+        _wait_ready(c)
+        stop = threading.Event()
+        statuses: list[int] = []
+        generations: set[int] = set()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                r = c.post("/search", files={"file": ("q.jpg", q, "image/jpeg")}, data={"k": "2"})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    generations.add(r.json()["generation"])
+
+        t = threading.Thread(target=hammer)
+        t.start()
+        time.sleep(0.3)
+        idx.add("pets", store, home)
+        deadline = time.time() + 10
+        while time.time() < deadline and c.get("/indexes/pets").json()["generation"] != 2:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        stop.set()
+        t.join()
+        assert c.get("/indexes/pets").json()["count"] == 17
+        assert set(statuses) == {200} and generations == {1, 2}, (set(statuses), generations)
+        r = c.post("/indexes/pets/reload")
+        assert r.json() == {"name": "pets", "generation": 2, "reloaded": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(served: tuple[str, Path]):  # type: ignore[no-untyped-def]
+    home, images = served
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "embedder", "serve", "--home", home, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise AssertionError(proc.communicate()[1][-2000:])
+    try:
+        yield url, home, images
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.slow
+def test_real_server_and_cli_client(server) -> None:  # type: ignore[no-untyped-def]
+    url, home, images = server
+    cat = images / "cat" / "cat_0001.jpg"
+    r = subprocess.run([sys.executable, "-m", "embedder", "search", "pets", str(cat), "-k", "2", "--server", url,
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    hits = [json.loads(line) for line in r.stdout.splitlines()]
+    assert hits[0]["id"] == image_id(cat) and hits[0]["query"] == str(cat) and len(hits) == 2
+    r = subprocess.run([sys.executable, "-m", "embedder", "search", "nope", str(cat), "--server", url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: server said 404")
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.slow
+def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyped-def]
+    """Drop an image on the page, see the grid with the image itself first, click a result to
+    search by it."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
+    url, _, images = server
+    cat = images / "cat" / "cat_0002.jpg"
+    import base64
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#index option", state="attached")
+        page.wait_for_function("() => document.querySelector('#info').textContent.includes('recall')")
+        assert "recall@10 1.000" in page.inner_text("#info")
+        data = base64.b64encode(cat.read_bytes()).decode()
+        transfer = page.evaluate_handle(
+            """(b64) => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                 const dt = new DataTransfer();
+                 dt.items.add(new File([bytes], "cat.jpg", {type: "image/jpeg"})); return dt; }""", data)
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_selector("#results li")
+        ids = page.eval_on_selector_all("#results button", "bs => bs.map(b => b.dataset.id)")
+        assert ids[0] == image_id(cat) and len(ids) == 11
+        second = ids[1]
+        page.click("#results li:nth-child(2) button")
+        page.wait_for_function(
+            "(id) => document.querySelector('#results button')?.dataset.id === id", arg=second)
+        page.select_option("#label", "dog")
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_function("() => [...document.querySelectorAll('#results .label')].every(l => l.textContent === 'dog')")
+        assert page.is_hidden("#error") and errors == []
+        browser.close()
