@@ -85,7 +85,8 @@ def test_endpoints(served: tuple[str, Path]) -> None:
         assert r.json()["results"][0][0]["id"] == first["id"]
         emb = c.post("/embed", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}).json()
         assert emb["dim"] == 32 and len(emb["vector"]) == 32 and emb["provenance"]["backbone"] == "tiny_test"
-        r = c.post("/search", json={"index": "pets", "k": 1, "queries": [{"vector": emb["vector"]}, {"id": first["id"]}]})
+        batch = [{"vector": emb["vector"]}, {"id": first["id"]}]
+        r = c.post("/search", json={"index": "pets", "k": 1, "queries": batch})
         assert [res[0]["id"] for res in r.json()["results"]] == [first["id"]] * 2
         # items: metadata, the file itself, a bounded thumbnail
         item = c.get(f"/items/pets/{first['id']}").json()
@@ -116,7 +117,8 @@ def test_bad_input_is_4xx_json_and_the_server_keeps_serving(served: tuple[str, P
             (c.post("/search", json={"vector": [0.1] * 7}), 400, "bad_query"),
             (c.post("/search", json={"vector": ["a"]}), 400, "bad_query"),
             (c.post("/search", json={"id": "x", "k": 0}), 400, "bad_query"),
-            (c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}, data={"k": "many"}), 400, "bad_query"),
+            (c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}, data={"k": "many"}), 400,
+             "bad_query"),
             (c.post("/search", json={"index": "nope", "id": "x"}), 404, "not_found"),
             (c.post("/search", json={"id": "no-such-id"}), 404, "not_found"),
             (c.post("/search", json={"id": image_id(cat), "where": {"colour": "red"}}), 400, "bad_query"),
@@ -297,6 +299,7 @@ def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyp
             "(id) => document.querySelector('#results button')?.dataset.id === id", arg=second)
         page.select_option("#label", "dog")
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
-        page.wait_for_function("() => [...document.querySelectorAll('#results .label')].every(l => l.textContent === 'dog')")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#results .label')].every(l => l.textContent === 'dog')")
         assert page.is_hidden("#error") and errors == []
         browser.close()
