@@ -33,3 +33,21 @@ embedder index drop faces >/dev/null 2>&1 || true
 embedder index build "$OUT/faces-train.store" --name faces
 embedder search faces "$OUT/images/faces/test/face/face_070.png" -k 5
 embedder search faces "$OUT/images/faces/test/face/face_070.png" -k 3 --where label=other
+
+echo; echo "== the search service: start it, ask it over HTTP (the CLI as a client), stop it"
+PORT=${DEMO_PORT:-8765}
+embedder serve --port "$PORT" --poll-seconds 0 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+python - "$PORT" <<'PY'
+import sys, time, urllib.request
+for _ in range(120):
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/readyz", timeout=1).status == 200:
+            break
+    except OSError:
+        time.sleep(0.5)
+PY
+embedder search faces "$OUT/images/faces/test/face/face_071.png" -k 3 --server "http://127.0.0.1:$PORT"
+kill $SERVER
+echo; echo "done. Browse the index: embedder serve --home $EMBEDDER_HOME, then open http://127.0.0.1:8000/"

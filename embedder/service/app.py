@@ -188,10 +188,15 @@ def create_app(options: ServeOptions = ServeOptions(), api_key: str | None = Non
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.perf_counter()
-        if api_key and request.url.path != "/healthz" and not _authorised(request, api_key):
-            response: Response = _error(401, "missing or wrong API key", "unauthorised")
-        else:
-            response = await call_next(request)
+        searching = request.url.path == "/search"
+        batcher.in_flight += searching  # the batcher waits for searches still being received
+        try:
+            if api_key and request.url.path != "/healthz" and not _authorised(request, api_key):
+                response: Response = _error(401, "missing or wrong API key", "unauthorised")
+            else:
+                response = await call_next(request)
+        finally:
+            batcher.in_flight -= searching
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "other")
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
