@@ -13,7 +13,6 @@ stays under the home: names arrive from the command line and from HTTP requests.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from embedder.errors import IndexError_
+from embedder.locks import exclusive
 
 HOME_ENV = "EMBEDDER_HOME"
 CURRENT = "CURRENT"
@@ -77,18 +77,12 @@ def exists(d: Path) -> bool:
 def writer(d: Path) -> Iterator[None]:
     """The one writer of index folder D; a second gets a one-line error at once."""
     d.mkdir(parents=True, exist_ok=True)
-    f = open(d / LOCK, "a+")  # noqa: SIM115 - held for the duration of the block
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexError_(f"index {d.name!r} is being written by another embedder process; "
-                              "try again when it has finished") from None
+    busy = IndexError_(f"index {d.name!r} is being written by another embedder process; "
+                       "try again when it has finished")
+    with exclusive(d / LOCK, lambda: busy):
         for stale in d.glob(".gen-*.tmp"):  # left by a killed writer
             shutil.rmtree(stale, ignore_errors=True)
         yield
-    finally:
-        f.close()
 
 
 def staging(d: Path) -> Path:

@@ -297,18 +297,12 @@ class Store:
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
         """One writer at a time: two extractions into one store would embed images twice."""
-        import fcntl
+        from embedder.locks import exclusive
 
-        f = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the duration of the block
-        try:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"{self.path} is being written by another embedder process; "
-                                 "wait for it to finish (it resumes where it stops)") from None
+        busy = StoreError(f"{self.path} is being written by another embedder process; "
+                          "wait for it to finish (it resumes where it stops)")
+        with exclusive(self.path / ".lock", lambda: busy):
             yield
-        finally:
-            f.close()
 
     def write_shard(self, table: pa.Table, provenance: Provenance | None = None) -> Path:
         """Write one shard atomically, stamped with the provenance of the run that wrote it

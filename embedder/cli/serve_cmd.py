@@ -21,6 +21,7 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(min=1, help="Most queries in one micro-batch.")] = 32,
     micro_batching: Annotated[bool, typer.Option(help="Batch concurrent queries into one forward pass.")] = True,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest uploaded image (width × height), and its resize target.")] = 89_478_485,
     poll_seconds: Annotated[float, typer.Option(min=0, help="How often indexes are checked for a new generation (0: never).")] = 2.0,
     weights: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: weights file for an index made from one.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
@@ -47,7 +48,7 @@ def serve_command(
             raise EmbedderError(f"--weights takes NAME=FILE, got {w!r}")
         pairs[name] = path
     options = ServeOptions(home=home, device=device, batch_window_ms=batch_window_ms, max_batch=max_batch,
-                           micro_batching=micro_batching, max_upload_bytes=int(max_upload_mb * 2**20),
+                           micro_batching=micro_batching, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                            poll_seconds=poll_seconds, weights=pairs)
     app = create_app(options, api_key=key)
     console.print(f"serving on http://{host}:{port}  (docs at /docs{', API key required' if key else ''})")
