@@ -55,7 +55,7 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
                   f"queries, {q['qps']:,.0f} QPS batched ({param}, target {q['target']})")
     out.print(f"store      {meta['store']} ({meta['provenance']['backbone']}, layer "
               f"{meta['provenance']['layer']})")
-    out.print(f"built      {meta['built_at']} in {meta['build_seconds']:.2f} s")
+    out.print(f"built      {meta['built_at']} in {meta['build_seconds']:.2f} s; generation {meta.get('generation', 0)}")
 
 
 @index_app.command("info")
