@@ -51,6 +51,7 @@ class FinetuneOptions:
     image_size: int | None = None  # crop size; None: the weights' own
     epochs: int = 10  # total, head phase included
     head_epochs: int = 1  # frozen-backbone epochs first
+    probe_init: bool = True  # LP-FT: the head starts as the frozen probe; epoch 0 is the probe
     freeze_backbone: bool = False  # head only, all epochs
     unfreeze_from: str | None = None  # earliest stage to train; None: everything
     lr_head: float = 3e-3
@@ -284,10 +285,12 @@ def _features(net: nn.Module, head: str, loader: DataLoader, pre: Preprocessing,
     return np.concatenate(feats), np.concatenate(labels)
 
 
-def frozen_probe_accuracy(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  # type: ignore[type-arg]
-                          val_loader: DataLoader, pre: Preprocessing, device: torch.device,  # type: ignore[type-arg]
-                          classes: list[str], seed: int) -> float:
-    """The feature-extraction baseline on the same split: logistic probe on pretrained features."""
+def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  # type: ignore[type-arg]
+                 val_loader: DataLoader, pre: Preprocessing, device: torch.device,  # type: ignore[type-arg]
+                 classes: list[str], seed: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """The feature-extraction baseline on the same split: a logistic probe on pretrained features
+    (the probe's protocol, raw features). Its validation accuracy, and its weights [classes, dim]
+    and biases, which initialise the new head (LP-FT: fine-tuning starts from the probe)."""
     from embedder.probe import Dataset as ProbeData
     from embedder.probe import ProbeOptions, train_probe
 
@@ -296,13 +299,22 @@ def frozen_probe_accuracy(net: nn.Module, backbone: Backbone, train_loader: Data
     data = ProbeData(xtr, ytr, classes, [], [], {})
     try:
         result = train_probe(data, ProbeOptions(seed=seed, c_min_exp=-4, c_max_exp=4, standardize="no"))
-        pred = result.head.logits(xva).argmax(1)
+        coef, icpt = result.head.coef, result.head.intercept
     except ProbeError:  # too few images per class to choose C on a split: scikit-learn's default C
         from sklearn.linear_model import LogisticRegression
 
         log.info("frozen probe: too few images to choose C, using C=1")
-        pred = LogisticRegression(max_iter=1000).fit(xtr, ytr).predict(xva)
-    return float((pred == yva).mean())
+        lr = LogisticRegression(max_iter=1000).fit(xtr, ytr)
+        coef, icpt = lr.coef_, lr.intercept_
+        if coef.shape[0] == 1:  # binary: one row; as a softmax pair
+            coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+        full_c = np.zeros((len(classes), xtr.shape[1]), np.float32)
+        full_i = np.full(len(classes), -30.0, np.float32)
+        full_c[lr.classes_], full_i[lr.classes_] = coef, icpt
+        coef, icpt = full_c, full_i
+    icpt = np.maximum(icpt, -30.0)  # a class absent from train: never wins, but a trainable bias
+    pred = (xva @ coef.T + icpt).argmax(1)
+    return float((pred == yva).mean()), np.asarray(coef, np.float32), np.asarray(icpt, np.float32)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -362,16 +374,34 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     elif resume:
         log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
 
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+
+    def save_best(epoch: int, val_acc: float) -> None:
+        meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
+                "preprocessing": pre.to_dict(), "settings": settings, "bn_policy": BN_POLICY,
+                "best_epoch": epoch, "best_val_accuracy": val_acc,
+                "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"]}
+        checkpoint.save(out, net.state_dict(), meta)
+
     if state["frozen_val_accuracy"] is None:
         eval_train = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
                                 batch_size=options.batch_size, **loader_kw)
-        state["frozen_val_accuracy"] = frozen_probe_accuracy(net, backbone, eval_train, val_loader, pre,
-                                                             device, classes, options.seed)
+        acc, coef, icpt = frozen_probe(net, backbone, eval_train, val_loader, pre, device, classes, options.seed)
+        state["frozen_val_accuracy"] = acc
+        if options.probe_init:
+            # LP-FT (Kumar et al., ICLR 2022): the new head starts as the probe, so epoch 0 is the
+            # probe's accuracy and fine-tuning does not first wreck the features with a random head.
+            head = net.get_submodule(backbone.head)
+            with torch.no_grad():
+                head.weight.copy_(torch.from_numpy(coef))  # type: ignore[operator]
+                head.bias.copy_(torch.from_numpy(icpt))  # type: ignore[operator]
+            state["best"] = evaluate(net, val_loader, pre, device, amp, skipped)
+            state["best_epoch"] = 0
+            save_best(0, state["best"])  # if no epoch beats it, the checkpoint is the probe
 
     head_epochs = options.epochs if options.freeze_backbone else min(options.head_epochs, options.epochs)
     steps_per_epoch = max(1, math.ceil(len(tr_refs) / options.batch_size))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
 
     sched: Any = None
     sched_phase: str | None = None
@@ -423,11 +453,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             on_epoch(rec)
         if val_acc > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = val_acc, epoch, 0
-            meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
-                    "preprocessing": pre.to_dict(), "settings": settings, "bn_policy": BN_POLICY,
-                    "best_epoch": epoch, "best_val_accuracy": val_acc,
-                    "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"]}
-            checkpoint.save(out, net.state_dict(), meta)
+            save_best(epoch, val_acc)
         else:
             state["bad_epochs"] += 1
         _save_resume(resume_path, net, opt, state)

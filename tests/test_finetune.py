@@ -33,7 +33,7 @@ def labelled(tmp_path: Path) -> Path:
 
 
 def test_training_lowers_the_loss(labelled: Path, tmp_path: Path) -> None:
-    opts = FinetuneOptions(**{**TINY.__dict__, "epochs": 4, "head_epochs": 1})
+    opts = FinetuneOptions(**{**TINY.__dict__, "epochs": 4, "head_epochs": 1, "probe_init": False})
     r = finetune([str(labelled)], tmp_path / "ck.safetensors", opts)
     losses = [h.train_loss for h in r.history]
     assert r.epochs_run == 4 and losses[-1] < losses[0]
@@ -203,3 +203,30 @@ def test_warmup_cosine_schedule_per_step() -> None:
         assert b == pytest.approx(0.01 * expected(s), rel=1e-6, abs=1e-12)
     phase_scheduler(opt, total, warmup, done=7)
     assert opt.param_groups[0]["lr"] == pytest.approx(seen[7][0], rel=1e-9)
+
+
+def test_lp_ft_starts_from_the_probe_and_never_ends_below_it(labelled: Path, tmp_path: Path) -> None:
+    """Epoch 0 is the frozen probe (the head starts as the probe); when every epoch is worse, the
+    checkpoint keeps the probe head on the untouched backbone and the CLI says so."""
+    ck = tmp_path / "ck.safetensors"
+    ruin = FinetuneOptions(**{**TINY.__dict__, "epochs": 2, "head_epochs": 0, "lr_head": 50.0,
+                              "lr_backbone": 50.0, "label_smoothing": 0.0})
+    r = finetune([str(labelled)], ck, ruin)
+    assert r.best_epoch == 0 and r.best_val_accuracy == pytest.approx(r.frozen_val_accuracy)
+    assert max(h.val_accuracy for h in r.history) < r.best_val_accuracy  # the recipe really was worse
+    state, meta = checkpoint.load(ck)
+    assert meta["best_epoch"] == 0
+    before = get_backbone("tiny_test").build_architecture().state_dict()
+    for k, v in before.items():
+        if not k.startswith("fc."):
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)  # pretrained backbone kept
+    r2 = finetune([str(labelled)], tmp_path / "probe-only.safetensors",
+                  FinetuneOptions(**{**TINY.__dict__, "epochs": 1, "freeze_backbone": True, "lr_head": 1e-9}))
+    probe_head, _ = checkpoint.load(tmp_path / "probe-only.safetensors")
+    torch.testing.assert_close(state["fc.weight"], probe_head["fc.weight"], rtol=1e-5, atol=1e-6)
+    assert r2.frozen_val_accuracy == pytest.approx(r.frozen_val_accuracy)
+    out = runner.invoke(app, ["finetune", str(labelled), "--out", str(tmp_path / "c2.safetensors"),
+                              "--backbone", "tiny_test", "--epochs", "1", "--head-epochs", "0", "--workers", "0",
+                              "--batch-size", "8", "--lr-head", "50", "--lr-backbone", "50"])
+    assert out.exit_code == 0, out.output
+    assert "fine-tuning did not help at this budget: use the probe" in out.output

@@ -23,6 +23,7 @@ def finetune_command(
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     head_epochs: Annotated[int, typer.Option(min=0, help="Frozen-backbone epochs first.")] = 1,
+    probe_init: Annotated[bool, typer.Option(help="Start the head from the frozen probe (LP-FT): never below the probe.")] = True,
     freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = False,
     unfreeze_from: Annotated[Optional[str], typer.Option(help="Earliest stage to train (e.g. layer3).")] = None,
     lr_head: Annotated[float, typer.Option()] = 3e-3,
@@ -51,7 +52,7 @@ def finetune_command(
     elif weights is None:
         name = DEFAULT_BACKBONE
     opts = FinetuneOptions(backbone=name, weights_tag=tag, weights_file=weights, image_size=image_size,
-                           epochs=epochs, head_epochs=head_epochs, freeze_backbone=freeze_backbone,
+                           epochs=epochs, head_epochs=head_epochs, probe_init=probe_init, freeze_backbone=freeze_backbone,
                            unfreeze_from=unfreeze_from, lr_head=lr_head, lr_backbone=lr_backbone,
                            lr_decay=lr_decay, batch_size=batch_size, patience=patience,
                            val_fraction=val_fraction, seed=seed, device=device, workers=workers)
@@ -83,8 +84,12 @@ def finetune_command(
     out.print(table)
     gain = result.best_val_accuracy - result.frozen_val_accuracy
     out.print(f"frozen probe (same split, before fine-tuning): {result.frozen_val_accuracy:.4f}")
-    out.print(f"fine-tuned best (epoch {result.best_epoch}):             {result.best_val_accuracy:.4f}  "
-              f"({gain:+.4f})")
+    if result.best_epoch == 0:
+        out.print("[yellow]fine-tuning did not help at this budget: use the probe[/yellow] (the checkpoint holds "
+                  "the probe's head on the unchanged pretrained backbone)")
+    else:
+        out.print(f"fine-tuned best (epoch {result.best_epoch}):             {result.best_val_accuracy:.4f}  "
+                  f"({gain:+.4f})")
     out.print(f"{result.n_train} train / {result.n_val} val images, {len(result.classes)} classes, "
               f"{result.seconds:.0f} s → {result.checkpoint}")
     if result.skipped_images:
