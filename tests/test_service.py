@@ -83,6 +83,8 @@ def test_endpoints(served: tuple[str, Path]) -> None:
         # JSON: by id, by vector, a batch of both (the index is the only one: may be omitted)
         r = c.post("/search", json={"id": first["id"], "k": 2})
         assert r.json()["results"][0][0]["id"] == first["id"]
+        r = c.post("/search", json={"id": first["id"], "k": 3, "where": {"width": 48, "label": "dog"}})
+        assert r.status_code == 200 and [h["label"] for h in r.json()["results"][0]] == ["dog"] * 3  # store column
         emb = c.post("/embed", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}).json()
         assert emb["dim"] == 32 and len(emb["vector"]) == 32 and emb["provenance"]["backbone"] == "tiny_test"
         batch = [{"vector": emb["vector"]}, {"id": first["id"]}]

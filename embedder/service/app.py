@@ -46,7 +46,8 @@ class QueryIn(BaseModel):
 class SearchIn(QueryIn):
     index: str | None = Field(None, description="Index name (optional when one index is served)")
     k: int = Field(10, ge=1, description="Results per query")
-    where: dict[str, str] | None = Field(None, description="COLUMN: VALUE filters (id map or store columns)")
+    where: dict[str, str | int | float | bool] | None = Field(
+        None, description="COLUMN: VALUE filters on the id map or the store's columns (compared as text)")
     queries: list[QueryIn] | None = Field(None, description="A batch of queries instead of vector/id")
 
 
@@ -291,7 +292,8 @@ def create_app(options: ServeOptions = ServeOptions(), api_key: str | None = Non
         items = body.queries if body.queries is not None else [QueryIn(vector=body.vector, id=body.id)]
         if not items:
             raise BadQuery("queries is empty")
-        return await _answer([Query(name, body.k, body.where, vector=q.vector, id=q.id) for q in items])
+        where = {k: str(v) for k, v in body.where.items()} if body.where else None
+        return await _answer([Query(name, body.k, where, vector=q.vector, id=q.id) for q in items])
 
     def _check_k(k: int) -> None:
         if not 1 <= k <= options.max_k:

@@ -80,6 +80,7 @@ class Engine:
         self.embedders: dict[str, Any] = {}  # comparable-provenance key → BatchEmbedder
         self._embed_locks: dict[str, threading.Lock] = {}
         self._reload_lock = threading.Lock()
+        self._embedders_lock = threading.Lock()
         self.ready = False
         cores = os.cpu_count() or 2
         self.decode_pool = ThreadPoolExecutor(options.decode_threads or cores, thread_name_prefix="decode")
@@ -110,6 +111,10 @@ class Engine:
 
     def _embedder_for(self, loaded: Any) -> Any | None:
         key = self._key(loaded)
+        with self._embedders_lock:  # the poller and request threads may ask at once: load once
+            return self._embedder_locked(loaded, key)
+
+    def _embedder_locked(self, loaded: Any, key: str) -> Any | None:
         if key not in self.embedders:
             from embedder.extract import embedder_for
 
