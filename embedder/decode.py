@@ -156,9 +156,12 @@ def decode_into(
     data = _read(path)
     img, (width, height) = load_rgb_sized(data, max_pixels, draft_size=pre.resize_size if fast else None)
     check_resize(img.width, img.height, pre.resize_size, max_pixels)
-    img = TF.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
-    img = TF.center_crop(img, [pre.crop_size])
-    out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    try:
+        img = TF.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
+        img = TF.center_crop(img, [pre.crop_size])
+        out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    except (OSError, ValueError, MemoryError, RuntimeError) as e:  # one bad image never ends a run
+        raise DecodeError(f"cannot resize: {type(e).__name__}: {e}") from None
     return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
 
 

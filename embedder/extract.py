@@ -249,11 +249,11 @@ def embed_stream(
 ) -> Generator[tuple[pa.Table, int], None, None]:
     """Decode in threads that run ahead of the model; yield (rows, failed in this batch) per batch.
 
-    Memory stays flat whatever the collection size: decode threads write pixels straight into a
-    fixed ring of ``prefetch_batches + 1`` batch buffers (pinned on CUDA), so no per-image tensor
-    is allocated in one thread and freed in another. (Per-image tensors made in decode threads and
-    freed by the model's thread fragmented glibc's heap: RSS grew ~0.4 MB per image, see
-    docs/benchmarks.md.) Shared by extract (which writes shards) and predict (which applies a head).
+    Decode threads write pixels straight into a fixed ring of ``prefetch_batches + 1`` reused
+    batch buffers (pinned on CUDA, so host-to-device copies need no staging): no per-image tensors,
+    no per-batch stacking, and the memory of the pipeline is fixed. (What made extraction memory
+    grow with the collection was elsewhere: see ``store.ShardBuffer``.) Shared by extract (which
+    writes shards) and predict (which applies a head).
     """
     bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
     crop = embedder.loaded.preprocessing.crop_size
