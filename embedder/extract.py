@@ -29,6 +29,7 @@ import torch
 
 from embedder import __version__
 from embedder.decode import (
+    DECODERS,
     DEFAULT_MAX_PIXELS,
     Decoded,
     ImageMeta,
@@ -57,7 +58,7 @@ class EmbedOptions:
     normalize: str = "none"  # none | l2
     channels_last: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
-    fast_decode: bool = False  # JPEG DCT-domain downscale (PIL draft): faster, not bit-identical
+    decoder: str = "pil"  # pil (bit-identical to weights.transforms()) | pil-draft | torchvision
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class BatchEmbedder:
             raise EmbedderError(f"unknown dtype {options.dtype!r}; valid: float32, float16")
         if options.normalize not in ("none", "l2"):
             raise EmbedderError(f"unknown normalisation {options.normalize!r}; valid: none, l2")
+        if options.decoder not in DECODERS:
+            raise EmbedderError(f"unknown decoder {options.decoder!r}; valid: {', '.join(DECODERS)}")
         if options.precision not in PRECISIONS:
             raise EmbedderError(f"unknown precision {options.precision!r}; valid: {', '.join(PRECISIONS)}")
         self.spec = spec
@@ -145,18 +148,16 @@ class BatchEmbedder:
         return Provenance(
             backbone=self.loaded.backbone.name, weights=self.loaded.weights.info,
             layer=self.loaded.layer, pool=self.loaded.pool, preprocessing=self.loaded.preprocessing,
-            dim=self.loaded.dim, decoder="pil-draft" if self.options.fast_decode else "pil",
+            dim=self.loaded.dim, decoder=self.options.decoder,
             precision=self.precision, normalize=self.options.normalize, dtype=self.options.dtype,
             versions=_versions(), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
 
     def decode(self, path: str) -> Decoded:
-        return decode_file(path, self.loaded.preprocessing, self.options.max_pixels,
-                           self.options.fast_decode)
+        return decode_file(path, self.loaded.preprocessing, self.options.max_pixels, self.options.decoder)
 
     def decode_into(self, path: str, out: torch.Tensor) -> ImageMeta:
-        return decode_into(path, self.loaded.preprocessing, out, self.options.max_pixels,
-                           self.options.fast_decode)
+        return decode_into(path, self.loaded.preprocessing, out, self.options.max_pixels, self.options.decoder)
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
@@ -413,7 +414,7 @@ def embedder_for(prov: Provenance, weights_file: str | None = None, device: str 
     """A BatchEmbedder that provably makes vectors comparable with those ``prov`` describes."""
     emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
                         EmbedOptions(device=device, normalize=prov.normalize, precision=prov.precision,
-                                     fast_decode=prov.decoder == "pil-draft"))
+                                     decoder=prov.decoder))
     prov.require(emb.provenance(), store=False, what="the indexed or training vectors were",
                  fix="the query model must be the same backbone, weights, layer, preprocessing and precision")
     return emb

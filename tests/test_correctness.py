@@ -180,3 +180,13 @@ def test_provenance_round_trip_and_unknown_version() -> None:
         Provenance.from_dict(newer)
     with pytest.raises(StoreError, match="unreadable provenance"):
         Provenance.from_dict({"version": 2, "backbone": "x"})
+
+
+def test_decoder_is_recorded_and_never_mixed_in_a_store(image_tree: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "s")
+    extract([str(image_tree / "cat")], out, TINY, EmbedOptions(decoder="torchvision"))
+    assert Store.open(out).provenance.decoder == "torchvision"
+    with pytest.raises(ProvenanceMismatch, match="decoder=torchvision.*decoder=pil"):
+        extract([str(image_tree)], out, TINY)
+    emb = embedder_for(Store.open(out).provenance, device="cpu")  # queries decode the same way
+    assert emb.options.decoder == "torchvision"

@@ -145,7 +145,7 @@ def test_fast_decode_records_the_original_size(tmp_path: Path, orientation: int,
     p = tmp_path / "big.jpg"
     _rgb(800, 600).save(p, "JPEG", exif=exif.tobytes())
     pre = get_backbone("tiny_test").preprocessing()
-    fast, slow = decode_file(str(p), pre, fast=True), decode_file(str(p), pre)
+    fast, slow = decode_file(str(p), pre, decoder="pil-draft"), decode_file(str(p), pre)
     assert (fast.width, fast.height) == (slow.width, slow.height) == size
 
 
@@ -164,3 +164,40 @@ def test_decode_into_a_batch_buffer_matches_weights_transforms(tmp_path: Path, n
     theirs = backbone.torchvision_weights(tag).transforms()(img)[None]
     torch.testing.assert_close(normalize_batch(buf[1:], pre), theirs, rtol=0, atol=1e-6)
     assert (buf[0] == 7).all()  # only its own row was written
+
+
+def _jpeg_file(path: Path, img: Image.Image, **kw) -> Path:
+    img.save(path, "JPEG", quality=90, **kw)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_torchvision_decoder_is_within_one_level_of_pil(tmp_path: Path, orientation: int) -> None:
+    """JPEGs (EXIF-rotated too) through torchvision.io give PIL's pixels within one level."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = _jpeg_file(tmp_path / "x.jpg", _rgb(333, 250), exif=exif.tobytes())
+    pre = get_backbone("mobilenet_v2").preprocessing("IMAGENET1K_V1")
+    a, b = decode_file(str(p), pre), decode_file(str(p), pre, decoder="torchvision")
+    assert (a.width, a.height) == (b.width, b.height) == ((333, 250) if orientation == 1 else (250, 333))
+    assert (a.pixels.int() - b.pixels.int()).abs().max() <= 1
+
+
+def test_torchvision_decoder_bad_input_and_fallbacks(tmp_path: Path) -> None:
+    pre = get_backbone("tiny_test").preprocessing()
+    good = _jpeg_file(tmp_path / "g.jpg", _rgb())
+    (tmp_path / "t.jpg").write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DecodeError, match="cannot decode"):
+        decode_file(str(tmp_path / "t.jpg"), pre, decoder="torchvision")
+    big = _jpeg_file(tmp_path / "b.jpg", _rgb(200, 200))
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_file(str(big), pre, max_pixels=10_000, decoder="torchvision")
+    for img in (_rgb().convert("CMYK"), _rgb().convert("L")):
+        p = _jpeg_file(tmp_path / f"{img.mode}.jpg", img)
+        a, b = decode_file(str(p), pre), decode_file(str(p), pre, decoder="torchvision")
+        assert (a.pixels.int() - b.pixels.int()).abs().max() <= 2, img.mode
+    png = tmp_path / "a.png"  # not a JPEG: PIL's path, identical
+    Image.new("RGBA", (20, 16), (0, 0, 0, 0)).save(png)
+    assert torch.equal(decode_file(str(png), pre, decoder="torchvision").pixels, decode_file(str(png), pre).pixels)
+    with pytest.raises(DecodeError, match="unknown decoder"):
+        decode_file(str(png), pre, decoder="nvjpeg-cpu")

@@ -50,7 +50,8 @@ def extract_command(
     normalize: Annotated[str, typer.Option(help="none | l2")] = "none",
     shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.")] = 4096,
     retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.")] = False,
-    fast_decode: Annotated[bool, typer.Option(help="JPEG draft-mode decode: faster, not bit-identical.")] = False,
+    decoder: Annotated[str, typer.Option(help="pil (bit-identical to the weights' transforms) | pil-draft | torchvision (JPEGs ~2x faster, pixels within 1 level).")] = "pil",
+    fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -60,7 +61,7 @@ def extract_command(
     setup_logging(verbose)
     spec = model_spec(backbone, weights, layer, pool, image_size)
     embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
-                         fast_decode=fast_decode)
+                         decoder="pil-draft" if fast_decode else decoder)
     run = RunOptions(batch_size=batch_size, workers=workers, shard_rows=shard_rows,
                      retry_failed=retry_failed)
     with image_progress("embedding", enabled=not as_json) as progress:

@@ -240,7 +240,8 @@ class Engine:
                            "to the server)")
         t0 = time.perf_counter()
         pre = emb.loaded.preprocessing
-        futures = [self.decode_pool.submit(decode_bytes, data, pre, self.options.max_pixels) for data in images]
+        futures = [self.decode_pool.submit(decode_bytes, data, pre, self.options.max_pixels, emb.options.decoder)
+                   for data in images]
         pixels = []
         for f in futures:
             try:

@@ -1,0 +1,136 @@
+"""Decoders side by side: speed per image, how far their vectors are from the default's, and
+whether a probe's accuracy moves. One run, one machine.
+
+- speed: decode + resize + crop of 500x375 photo-like JPEGs (quality 90), one thread, ms per image,
+  for `pil` (bit-identical to `weights.transforms()`, the default), `pil-draft` and `torchvision`;
+- vectors: MobileNetV2 IMAGENET1K_V1 on real photographs (scikit-image's bundled photos, as JPEGs,
+  quality 90): cosine between each decoder's vector and `pil`'s, median and worst; max pixel
+  difference;
+- probe: scikit-learn's digits as JPEGs (1,257 train / 540 test), the same probe protocol on each
+  decoder's vectors.
+
+    python scripts/bench_decoders.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_extract import make_images  # noqa: E402
+
+from embedder import probe as pr  # noqa: E402
+from embedder.backbones import get_backbone  # noqa: E402
+from embedder.decode import DECODERS, decode_file  # noqa: E402
+from embedder.extract import BatchEmbedder, EmbedOptions, extract  # noqa: E402
+from embedder.model import ModelSpec  # noqa: E402
+
+SPEC = ModelSpec("mobilenet_v2", "IMAGENET1K_V1")
+
+
+def real_photos(out: Path) -> list[Path]:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("scikit-image is not installed; run scripts/setup.sh")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in sorted(data.iterdir()):
+        if f.suffix.lower() not in (".png", ".jpg") or f.stat().st_size < 20_000:
+            continue
+        try:
+            img = Image.open(f)
+            img.load()
+        except OSError:
+            continue
+        if min(img.size) < 128 or img.mode not in ("RGB", "L", "RGBA"):
+            continue
+        p = out / (f.stem + ".jpg")
+        img.convert("RGB").save(p, "JPEG", quality=90)
+        paths.append(p)
+    return paths
+
+
+def digits_jpeg(root: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        idx = rng.permutation(np.flatnonzero(d.target == label))
+        cut = int(round(len(idx) * 0.7))
+        for split, members in (("train", idx[:cut]), ("test", idx[cut:])):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in members:
+                img = Image.fromarray((d.images[i] * 255 / 16).round().astype(np.uint8), "L")
+                img.save(folder / f"{i:04d}.jpg", "JPEG", quality=95)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=100, help="generated JPEGs for the speed row")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pre = get_backbone("mobilenet_v2").preprocessing("IMAGENET1K_V1")
+    with tempfile.TemporaryDirectory(prefix="bench_decoders_") as tmp:
+        root = Path(tmp)
+        make_images(root / "gen", args.images, (500, 375))
+        gen = sorted((root / "gen").rglob("*.jpg"))
+        speed = {}
+        for dec in DECODERS:
+            decode_file(str(gen[0]), pre, decoder=dec)
+            t0 = time.perf_counter()
+            for p in gen:
+                decode_file(str(p), pre, decoder=dec)
+            speed[dec] = round((time.perf_counter() - t0) * 1000 / len(gen), 2)
+        torch.set_num_threads(os.cpu_count() or 1)
+        photos = real_photos(root / "photos")
+        vecs, pix = {}, {}
+        for dec in DECODERS:
+            emb = BatchEmbedder(SPEC, EmbedOptions(device="cpu", decoder=dec))
+            decoded = [emb.decode(str(p)) for p in photos]
+            pix[dec] = torch.stack([d.pixels for d in decoded]).int()
+            vecs[dec] = emb.embed_pixels(torch.stack([d.pixels for d in decoded]))
+        ref = vecs["pil"]
+        cosine = {}
+        for dec in DECODERS[1:]:
+            v = vecs[dec]
+            c = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
+            cosine[dec] = {"median": round(float(np.median(c)), 5), "worst": round(float(c.min()), 5),
+                           "max_pixel_diff": int((pix[dec] - pix["pil"]).abs().max())}
+        digits_jpeg(root / "digits")
+        accuracy = {}
+        for dec in DECODERS:
+            stores = {}
+            for split in ("train", "test"):
+                stores[split] = str(root / f"{split}-{dec}")
+                extract([str(root / "digits" / split)], stores[split], SPEC, EmbedOptions(device="cpu", decoder=dec))
+            train = pr.load_dataset(stores["train"])
+            test = pr.load_dataset(stores["test"], classes=train.classes)
+            head = pr.train_probe(train, pr.ProbeOptions()).head
+            accuracy[dec] = round(pr.evaluate(head, train.classes, test.x, test.y)["accuracy"], 4)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+              "ms_per_image_one_thread": speed, "speedup_vs_pil": {d: round(speed["pil"] / speed[d], 2)
+                                                                   for d in DECODERS},
+              "real_photos": len(photos), "cosine_vs_pil": cosine, "digits_probe_test_accuracy": accuracy}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
