@@ -57,6 +57,7 @@ class EmbedOptions:
     dtype: str = "float32"  # stored dtype: float32 | float16
     normalize: str = "none"  # none | l2
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model (fixed batch shape; the last batch is padded)
     max_pixels: int = DEFAULT_MAX_PIXELS
     decoder: str = "pil"  # pil (bit-identical to weights.transforms()) | pil-draft | torchvision
 
@@ -136,6 +137,9 @@ class BatchEmbedder:
         model = self.loaded.model.to(self.device)
         if options.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if options.compile:
+            # one graph for one shape: embed_stream always passes whole batch buffers
+            model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
         self.model = model
         self.schema = row_schema(self.loaded.dim, options.dtype)
 
@@ -291,7 +295,10 @@ def embed_stream(
                         on_error(ref, str(e))
                         log.info("skipped %s: %s", ref.path, e)
                 if good:
-                    vectors = embedder.embed_pixels(slot.pixels[:len(slot.refs)])
+                    # a compiled model sees one shape: the whole buffer (the last batch padded with
+                    # stale rows, whose outputs are dropped)
+                    n = bs if embedder.options.compile else len(slot.refs)
+                    vectors = embedder.embed_pixels(slot.pixels[:n])[:len(slot.refs)]
                     if failed:
                         vectors = vectors[good]
                     table = embedder.rows_from([slot.refs[i] for i in good], metas, vectors)
@@ -351,6 +358,7 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: 
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": str(embedder.device), "precision": embedder.precision,
         "torch_threads": torch.get_num_threads(), "host": platform.node(),
+        "decoder": embedder.options.decoder, "compiled": embedder.options.compile,
     }
     if not todo:
         summary.seconds = time.perf_counter() - t_start

@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--fast-decode", action="store_true")
     ap.add_argument("--decoder", default="pil", help="pil | pil-draft | torchvision")
+    ap.add_argument("--compile", action="store_true", help="torch.compile embedder's model (both (a) and (b))")
     ap.add_argument("--json", type=Path, help="also write results here")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10xN images (N = --images)")
     ap.add_argument("--child", choices=["naive"], help=argparse.SUPPRESS)
@@ -116,7 +117,7 @@ def main() -> None:
             print(f"{args.backbone}: weights not in cache, using a seeded random state dict")
         spec = ModelSpec(name, tag, weights_file)
         opts = EmbedOptions(device=args.device, precision=args.precision,
-                            decoder="pil-draft" if args.fast_decode else args.decoder)
+                            decoder="pil-draft" if args.fast_decode else args.decoder, compile=args.compile)
         w, h = (int(v) for v in args.size.split("x"))
         root = tmp / "images"
         make_images(root, args.images, (w, h))

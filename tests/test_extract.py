@@ -204,3 +204,20 @@ def test_batch_embedder_travels_to_another_process(image_tree: Path) -> None:
     assert out.schema == local.schema and out.num_rows == len(paths)
     np.testing.assert_allclose(arrow_to_embeddings(out.column("embedding")),
                                arrow_to_embeddings(local.column("embedding")), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_vectors(image_tree: Path, tmp_path: Path) -> None:
+    """--compile: one graph for one batch shape (the last batch padded), the same vectors."""
+    eager, compiled = str(tmp_path / "e"), str(tmp_path / "c")
+    extract([str(image_tree)], eager, TINY, run=RunOptions(batch_size=4))
+    s = extract([str(image_tree)], compiled, TINY, EmbedOptions(compile=True), RunOptions(batch_size=4))
+    assert s.done == 11  # 4 + 4 + a padded last batch of 3
+    a, b = _vectors(eager), _vectors(compiled)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
+    import json as _json
+
+    runs = _json.loads((Path(compiled) / "_manifest.json").read_text())["runs"]
+    assert runs[-1]["compiled"] is True and runs[-1]["decoder"] == "pil"
