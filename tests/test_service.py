@@ -305,3 +305,14 @@ def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyp
             "() => [...document.querySelectorAll('#results .label')].every(l => l.textContent === 'dog')")
         assert page.is_hidden("#error") and errors == []
         browser.close()
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "--home", str(tmp_path), "--port", str(port)])
+    assert r.exit_code == 2 and r.output.startswith("error: cannot listen on") and len(r.output.splitlines()) == 1

@@ -50,9 +50,21 @@ def serve_command(
     options = ServeOptions(home=home, device=device, batch_window_ms=batch_window_ms, max_batch=max_batch,
                            micro_batching=micro_batching, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                            poll_seconds=poll_seconds, weights=pairs)
+    _check_port(host, port)
     app = create_app(options, api_key=key)
     console.print(f"serving on http://{host}:{port}  (docs at /docs{', API key required' if key else ''})")
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port in use (or a host that is not ours) is a one-line error before anything loads."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise EmbedderError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port") from None
 
 
 def register(app: typer.Typer) -> None:
