@@ -52,6 +52,7 @@ class FinetuneOptions:
     epochs: int = 10  # total, head phase included
     head_epochs: int = 1  # frozen-backbone epochs first
     probe_init: bool = True  # LP-FT: the head starts as the frozen probe; epoch 0 is the probe
+    flip: bool = True  # horizontal flips in training (wrong for text, digits, some medical images)
     freeze_backbone: bool = False  # head only, all epochs
     unfreeze_from: str | None = None  # earliest stage to train; None: everything
     lr_head: float = 3e-3
@@ -134,10 +135,10 @@ def _collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, lis
 class train_transform:  # noqa: N801 - a picklable function object (DataLoader workers may spawn)
     """Augmentation for classification: random resized crop and flip, at the weights' resolution."""
 
-    def __init__(self, pre: Preprocessing) -> None:
+    def __init__(self, pre: Preprocessing, flip: bool = True) -> None:
         self.crop = T.RandomResizedCrop(pre.crop_size, scale=(0.35, 1.0),
                                         interpolation=pre.interpolation_mode, antialias=True)
-        self.flip = T.RandomHorizontalFlip()
+        self.flip = T.RandomHorizontalFlip(p=0.5 if flip else 0.0)  # picklable either way
 
     def __call__(self, img: Any) -> torch.Tensor:
         return TF.pil_to_tensor(self.flip(self.crop(img)))
@@ -356,7 +357,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     loader_kw: dict[str, Any] = {"collate_fn": _collate, "num_workers": options.workers,
                                  "pin_memory": device.type == "cuda",
                                  "persistent_workers": options.workers > 0}
-    train_loader = DataLoader(_Images(tr_refs, ytr, train_transform(pre), options.max_pixels),
+    train_loader = DataLoader(_Images(tr_refs, ytr, train_transform(pre, options.flip), options.max_pixels),
                               batch_size=options.batch_size, shuffle=True, generator=g, drop_last=False,
                               **loader_kw)
     val_loader = DataLoader(_Images(vrefs, yva, eval_transform(pre), options.max_pixels),

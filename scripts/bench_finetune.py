@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--textbook", choices=["tutorial", "modern", "none"], default="tutorial")
     ap.add_argument("--head-epochs", type=int, default=None, help="embedder's head epochs (default: its own)")
+    ap.add_argument("--lr-head", type=float, default=None, help="embedder's head learning rate (default: its own)")
+    ap.add_argument("--no-flip", action="store_true", help="embedder without horizontal flips")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ft_"))
@@ -141,7 +143,9 @@ def main() -> None:
             opts = FinetuneOptions(backbone="mobilenet_v2", weights_tag="IMAGENET1K_V1",
                                    image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                                    patience=args.epochs, workers=2, seed=seed,
-                                   **({} if args.head_epochs is None else {"head_epochs": args.head_epochs}))
+                                   flip=not args.no_flip,
+                                   **({} if args.head_epochs is None else {"head_epochs": args.head_epochs}),
+                                   **({} if args.lr_head is None else {"lr_head": args.lr_head}))
             t0 = time.perf_counter()
             ours = finetune([str(tmp / "train")], tmp / f"ck{seed}.safetensors", opts, val_source=[str(tmp / "val")])
             ours_s = time.perf_counter() - t0

@@ -24,6 +24,7 @@ def finetune_command(
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     head_epochs: Annotated[int, typer.Option(min=0, help="Frozen-backbone epochs first.")] = 1,
     probe_init: Annotated[bool, typer.Option(help="Start the head from the frozen probe (LP-FT): never below the probe.")] = True,
+    flip: Annotated[bool, typer.Option(help="Horizontal flips in training (--no-flip for text, digits, ...).")] = True,
     freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = False,
     unfreeze_from: Annotated[Optional[str], typer.Option(help="Earliest stage to train (e.g. layer3).")] = None,
     lr_head: Annotated[float, typer.Option()] = 3e-3,
@@ -52,7 +53,7 @@ def finetune_command(
     elif weights is None:
         name = DEFAULT_BACKBONE
     opts = FinetuneOptions(backbone=name, weights_tag=tag, weights_file=weights, image_size=image_size,
-                           epochs=epochs, head_epochs=head_epochs, probe_init=probe_init, freeze_backbone=freeze_backbone,
+                           epochs=epochs, head_epochs=head_epochs, probe_init=probe_init, flip=flip, freeze_backbone=freeze_backbone,
                            unfreeze_from=unfreeze_from, lr_head=lr_head, lr_backbone=lr_backbone,
                            lr_decay=lr_decay, batch_size=batch_size, patience=patience,
                            val_fraction=val_fraction, seed=seed, device=device, workers=workers)
