@@ -202,11 +202,10 @@ def decode_data_into(
         return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
     draft = pre.resize_size if decoder == "pil-draft" else None
     img, (width, height) = load_rgb_sized(data, max_pixels, draft_size=draft)
-    check_resize(img.width, img.height, pre.resize_size, max_pixels)
     try:
-        img = TF.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
-        img = TF.center_crop(img, [pre.crop_size])
-        out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        out.copy_(preprocess(img, pre, max_pixels))  # checks the resize target before resizing
+    except DecodeError:
+        raise
     except (OSError, ValueError, MemoryError, RuntimeError) as e:  # one bad image never ends a run
         raise DecodeError(f"cannot resize: {type(e).__name__}: {e}") from None
     return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())

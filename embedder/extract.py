@@ -332,12 +332,14 @@ def extract(
     refs = discover(sources)
     embedder = embedder or BatchEmbedder(spec, embed)
     summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
-    with Store.writer(store_path, embedder.provenance()) as store:
-        _fill(store, refs, embedder, run, summary, progress, t_start)
+    provenance = embedder.provenance()
+    with Store.writer(store_path, provenance) as store:
+        _fill(store, refs, embedder, provenance, run, summary, progress, t_start)
     return summary
 
 
-def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: RunOptions,
+def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, provenance: Provenance,
+          run: RunOptions,
           summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
           t_start: float) -> None:
     """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock)."""
@@ -363,7 +365,6 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, run: 
     if not todo:
         summary.seconds = time.perf_counter() - t_start
         return
-    provenance = embedder.provenance()
 
     buffer = ShardBuffer(embedder.dim, embedder.options.dtype, run.shard_rows)
     pending_errors: list[dict[str, Any]] = []

@@ -92,10 +92,15 @@ def staging(d: Path) -> Path:
     return tmp
 
 
+def next_generation(d: Path) -> int:
+    cur = current(d)
+    return (generation_of(cur) if cur is not None else 0) + 1
+
+
 def commit(d: Path, staged: Path) -> Path:
     """Make STAGED the next generation and current, in one atomic step; remove superseded ones."""
     cur = current(d)
-    number = (generation_of(cur) if cur is not None else 0) + 1
+    number = next_generation(d)
     final = d / f"gen-{number:06d}"
     if final.exists():  # a crash after rename, before CURRENT moved: that folder never became current
         shutil.rmtree(final)
@@ -173,14 +178,12 @@ def _read_meta(folder: Path, name: str) -> dict[str, Any]:
 
 
 def info(name: str, index_home: str | None = None) -> dict[str, Any]:
-    for attempt in range(3):  # a writer may retire the generation between locating and reading it
-        folder = locate(name, index_home)
+    for _ in range(2):  # a writer may retire the generation between locating and reading it
         try:
-            return _read_meta(folder, name)
+            return _read_meta(locate(name, index_home), name)
         except FileNotFoundError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return _read_meta(locate(name, index_home), name)
 
 
 def drop(name: str, index_home: str | None = None) -> None:

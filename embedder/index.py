@@ -9,6 +9,7 @@ held-out random queries).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -346,7 +347,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
 
 def _commit(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """index.json goes in last; then the staged folder becomes the current generation."""
-    meta["generation"] = gens.generation_of(gens.current(target) or target) + 1
+    meta["generation"] = gens.next_generation(target)
     (tmpdir / META_FILE).write_text(json.dumps(meta, indent=2))
     gens.commit(target, tmpdir)
     return meta
@@ -410,8 +411,8 @@ class LoadedIndex:
     def dim(self) -> int:
         return int(self.meta["dim"])
 
-    @property
-    def provenance(self) -> Provenance:
+    @functools.cached_property
+    def provenance(self) -> Provenance:  # parsed once per loaded index (the service asks per query)
         return Provenance.from_dict(self.meta["provenance"])
 
     @property

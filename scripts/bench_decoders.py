@@ -30,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import make_images  # noqa: E402
+from bench_finetune import digits, peak_rss_mib  # noqa: E402
 
 from embedder import probe as pr  # noqa: E402
 from embedder.backbones import get_backbone  # noqa: E402
@@ -61,22 +62,6 @@ def real_photos(out: Path) -> list[Path]:
         img.convert("RGB").save(p, "JPEG", quality=90)
         paths.append(p)
     return paths
-
-
-def digits_jpeg(root: Path) -> None:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    rng = np.random.default_rng(0)
-    for label in range(10):
-        idx = rng.permutation(np.flatnonzero(d.target == label))
-        cut = int(round(len(idx) * 0.7))
-        for split, members in (("train", idx[:cut]), ("test", idx[cut:])):
-            folder = root / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in members:
-                img = Image.fromarray((d.images[i] * 255 / 16).round().astype(np.uint8), "L")
-                img.save(folder / f"{i:04d}.jpg", "JPEG", quality=95)
 
 
 def main() -> None:
@@ -112,7 +97,7 @@ def main() -> None:
             c = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
             cosine[dec] = {"median": round(float(np.median(c)), 5), "worst": round(float(c.min()), 5),
                            "max_pixel_diff": int((pix[dec] - pix["pil"]).abs().max())}
-        digits_jpeg(root / "digits")
+        digits(root / "digits", eval_split="test", fmt="jpg")
         accuracy = {}
         for dec in DECODERS:
             stores = {}
@@ -126,7 +111,8 @@ def main() -> None:
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
               "ms_per_image_one_thread": speed, "speedup_vs_pil": {d: round(speed["pil"] / speed[d], 2)
                                                                    for d in DECODERS},
-              "real_photos": len(photos), "cosine_vs_pil": cosine, "digits_probe_test_accuracy": accuracy}
+              "real_photos": len(photos), "cosine_vs_pil": cosine, "digits_probe_test_accuracy": accuracy,
+              "peak_rss_mib": peak_rss_mib()}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -55,8 +55,17 @@ def stripes(root: Path, per_class: int, size: int, seed: int) -> None:
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i:04d}.jpg", quality=92)
 
 
-def digits(root: Path) -> None:
-    """scikit-learn's digits as PNGs in class folders: train/ (70 %) and val/ (30 %) per class."""
+def peak_rss_mib() -> int:
+    """Largest RSS of this process and of the children it reaped (DataLoader workers), MiB."""
+    import resource
+
+    return round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+
+
+def digits(root: Path, eval_split: str = "val", fmt: str = "png") -> None:
+    """scikit-learn's digits in class folders: train/ (70 %) and EVAL_SPLIT/ (30 %) per class,
+    as PNG or JPEG (quality 95)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -64,12 +73,12 @@ def digits(root: Path) -> None:
     for label in range(10):
         idx = rng.permutation(np.flatnonzero(d.target == label))
         cut = int(round(len(idx) * 0.7))
-        for split, members in (("train", idx[:cut]), ("val", idx[cut:])):
+        for split, members in (("train", idx[:cut]), (eval_split, idx[cut:])):
             folder = root / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             for i in members:
-                img = (d.images[i] * 255 / 16).round().astype(np.uint8)
-                Image.fromarray(img, "L").save(folder / f"{i:04d}.png")
+                img = Image.fromarray((d.images[i] * 255 / 16).round().astype(np.uint8), "L")
+                img.save(folder / f"{i:04d}.{fmt}", quality=95)
 
 
 def textbook(train: Path, val: Path, size: int, epochs: int, batch: int, recipe: str,
@@ -171,6 +180,7 @@ def main() -> None:
             "embedder_finetune_best": summary([r["embedder_finetune"]["best"] for r in runs]),
             "textbook_best": summary([r["textbook"]["best"] for r in runs]),
             "textbook_final": summary([r["textbook"]["final"] for r in runs]),
+            "peak_rss_mib": peak_rss_mib(),
             "runs": runs,
         }
         print(json.dumps(out, indent=2))

@@ -15,12 +15,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_finetune import peak_rss_mib  # noqa: E402
 
 from embedder import probe as pr
 from embedder.extract import EmbedOptions, extract
@@ -99,7 +103,7 @@ def main() -> None:
             "probe_test_accuracy": {k: round(v, 4) for k, v in acc.items()},
             "top10_overlap_fp32_queries": {"bf16_train_vs_fp32_train": round(top10_overlap(tr16, tr32, x32), 4),
                                            "bf16_queries_bf16_train_vs_fp32": round(top10_overlap(tr16, tr32, x16), 4)},
-            "extract_seconds": seconds,
+            "extract_seconds": seconds, "peak_rss_mib": peak_rss_mib(),
         }
         print(json.dumps(result, indent=2))
         if args.json:

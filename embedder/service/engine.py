@@ -179,9 +179,9 @@ class Engine:
         return f"no index named {name!r}; available: {', '.join(sorted(self.indexes)) or 'none'}"
 
     def index(self, name: str) -> Any:
-        layout.index_dir(name, self.options.home)  # a bad name is a clear error, never a path
         loaded = self.indexes.get(name)
         if loaded is None:
+            layout.index_dir(name, self.options.home)  # a bad name is a clear error, never a path
             raise NotFound(self._unknown_index(name))
         return loaded
 
