@@ -56,3 +56,7 @@ class IndexError_(EmbedderError):
 
 class FinetuneError(EmbedderError):
     pass
+
+
+class InspectError(EmbedderError):
+    pass

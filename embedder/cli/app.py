@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from embedder.cli import extract_cmd, finetune_cmd, index_cmd, probe_cmd, serve_cmd, store_cmd
+from embedder.cli import extract_cmd, finetune_cmd, index_cmd, inspect_cmd, probe_cmd, serve_cmd, store_cmd
 
 app = typer.Typer(
     name="embedder",
@@ -20,6 +20,7 @@ index_cmd.register(app)
 probe_cmd.register(app)
 finetune_cmd.register(app)
 serve_cmd.register(app)
+inspect_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,59 @@
+"""Near-duplicate groups within a store (from the shared kNN graph) and train/test leakage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedder.analysis.knn import KnnGraph, nearest_in
+
+
+@dataclass
+class DuplicateGroup:
+    rows: np.ndarray  # row numbers, in store order
+    similarity: float  # the weakest link that joins the group (cosine)
+
+
+@dataclass
+class Leak:
+    test_row: int
+    train_row: int
+    similarity: float
+
+
+def duplicate_groups(graph: KnnGraph, threshold: float) -> list[DuplicateGroup]:
+    """Connected components of the graph's edges at cosine ≥ threshold, largest first.
+
+    A group larger than k + 1 is still found whole: its members link through each other."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(graph.nbrs)
+    mask = (graph.sims >= threshold) & (graph.nbrs >= 0)
+    r = np.repeat(np.arange(n), mask.sum(1))
+    c = graph.nbrs[mask]
+    s = graph.sims[mask]
+    adj = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
+    _, comp = connected_components(adj, directed=True, connection="weak")
+    sizes = np.bincount(comp)
+    groups = []
+    edge_comp = comp[r]
+    weakest = np.full(len(sizes), np.inf)
+    if len(s):
+        np.minimum.at(weakest, edge_comp, s)
+    for g in np.flatnonzero(sizes > 1):
+        groups.append(DuplicateGroup(np.flatnonzero(comp == g), float(weakest[g])))
+    groups.sort(key=lambda g: (-len(g.rows), -g.similarity, int(g.rows[0])))
+    return groups
+
+
+def leaks(train_x: np.ndarray, test_x: np.ndarray, threshold: float) -> list[Leak]:
+    """Test rows whose nearest train row is a near-duplicate (exact search), most similar first."""
+    sims, nbrs = nearest_in(train_x, test_x, 1)
+    if sims.shape[1] == 0:
+        return []
+    hit = np.flatnonzero(sims[:, 0] >= threshold)
+    out = [Leak(int(i), int(nbrs[i, 0]), float(sims[i, 0])) for i in hit]
+    out.sort(key=lambda lk: -lk.similarity)
+    return out

@@ -1,0 +1,287 @@
+"""`embedder inspect`: one pass over a store's vectors → duplicates, train/test leakage, likely
+label errors, outliers, class overlap, accuracies → findings.parquet, a static HTML report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.analysis.duplicates import duplicate_groups, leaks
+from embedder.analysis.knn import knn_graph
+from embedder.analysis.labels import (
+    LabelOptions,
+    class_overlap,
+    cross_validate,
+    knn_accuracy,
+    label_issues,
+)
+from embedder.analysis.outliers import FENCE, outliers
+from embedder.analysis.projection import PROJECTIONS, project
+from embedder.analysis.vectors import Vectors, load_vectors
+from embedder.errors import InspectError, ProbeError
+from embedder.provenance import Provenance
+
+log = logging.getLogger(__name__)
+
+THUMBNAILS = ("all", "findings", "none")
+KINDS = ("leak", "duplicate", "label_error", "outlier", "class_overlap")
+
+FINDINGS_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("rank", pa.int32()), ("ids", pa.list_(pa.string())),
+    ("paths", pa.list_(pa.string())), ("score", pa.float64()),
+    ("given", pa.string()), ("suggested", pa.string()), ("detail", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    label_column: str = "label"
+    k: int = 10  # neighbours in the shared kNN graph
+    duplicate_threshold: float = 0.95  # cosine; also the leakage threshold
+    outlier_fence: float = FENCE
+    folds: int = 5
+    projection: str = "pca"
+    thumbnails: str = "all"  # all | findings | none
+    listed: int = 200  # findings shown per section in the HTML (all are in findings.parquet)
+    exact_limit: int = 20_000  # exact kNN graph up to this many vectors, IVF (recall measured) above
+    seed: int = 0
+    labels: LabelOptions = field(default_factory=LabelOptions)
+
+    def check(self) -> None:
+        if not 0 < self.duplicate_threshold <= 1:
+            raise InspectError("--duplicate-threshold is a cosine similarity in (0, 1], "
+                               f"got {self.duplicate_threshold}")
+        if self.k < 1:
+            raise InspectError(f"--k must be at least 1, got {self.k}")
+        if self.folds < 2:
+            raise InspectError(f"--folds must be at least 2, got {self.folds}")
+        if self.projection not in PROJECTIONS:
+            raise InspectError(f"unknown projection {self.projection!r}; valid: {', '.join(PROJECTIONS)}")
+        if self.thumbnails not in THUMBNAILS:
+            raise InspectError(f"unknown --thumbnails {self.thumbnails!r}; valid: {', '.join(THUMBNAILS)}")
+
+
+@dataclass
+class InspectSummary:
+    store: str
+    report: str
+    findings: str
+    images: int
+    labelled: int
+    classes: dict[str, int]
+    test_images: int | None = None
+    probe_accuracy: float | None = None  # cross-validated, out of sample
+    knn_accuracy: float | None = None  # leave-one-out
+    probe_C: float | None = None
+    folds: int | None = None
+    duplicate_groups: int = 0
+    duplicate_images: int = 0  # images beyond the first of each group
+    leaks: int | None = None
+    label_issues: int | None = None  # likely (confident learning)
+    label_possible: int | None = None  # further disagreements between the probe and the given label
+    outliers: int = 0
+    outlier_fence: float | None = None
+    overlaps: list[dict[str, Any]] = field(default_factory=list)
+    graph: dict[str, Any] = field(default_factory=dict)
+    thumbnails: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Finding:
+    kind: str
+    rows: list[int]  # rows of the train store (for leaks: test row first, in ``test_rows``)
+    score: float
+    given: str | None = None
+    suggested: str | None = None
+    test_rows: list[int] = field(default_factory=list)
+    detail: str | None = None  # label errors: "likely" (confident learning) or "possible"
+    neighbours: list[int] = field(default_factory=list)  # rows shown beside it in the report
+
+
+@dataclass
+class Inspection:
+    """Everything the report renders."""
+
+    train: Vectors
+    test: Vectors | None
+    coords: np.ndarray
+    findings: list[Finding]
+    summary: InspectSummary
+    options: InspectOptions
+    thumbs: set[str] = field(default_factory=set)
+
+
+def _check_test(train: Vectors, test: Vectors) -> None:
+    if train.x.shape[1] != test.x.shape[1]:
+        raise InspectError(f"{test.store} has dim {test.x.shape[1]}, {train.store} dim {train.x.shape[1]}: "
+                           "embed both with the same backbone and layer")
+    diff = train.provenance.differences(test.provenance, Provenance.COMPARABLE)
+    if diff:
+        raise InspectError(f"{test.store} was embedded differently from {train.store} ({diff[0]} differs); "
+                           "re-extract it with the same settings")
+
+
+def inspect_store(store: str, out: str, test: str | None = None, options: InspectOptions = InspectOptions(),
+                  progress: Callable[[str, int, int], None] | None = None) -> Inspection:
+    options.check()
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[stage] = round(now - t, 3)
+        t = now
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+
+    train = load_vectors(store, options.label_column)
+    tv = load_vectors(test, options.label_column, classes=train.classes or None) if test else None
+    if tv is not None:
+        _check_test(train, tv)
+    lap("load")
+    counts = np.bincount(train.y[train.y >= 0], minlength=len(train.classes))
+    summary = InspectSummary(store, str(Path(out) / "index.html"), str(Path(out) / "findings.parquet"),
+                             len(train), int((train.y >= 0).sum()),
+                             {c: int(n) for c, n in zip(train.classes, counts)},
+                             test_images=len(tv) if tv is not None else None)
+    tick("kNN graph", 0, 1)
+    graph = knn_graph(train.x, options.k, options.exact_limit, options.seed)
+    summary.graph = {"k": graph.k, "exact": graph.exact, "recall": graph.recall}
+    lap("knn_graph")
+    findings: list[Finding] = []
+
+    if tv is not None:
+        found = leaks(train.x, tv.x, options.duplicate_threshold)
+        summary.leaks = len(found)
+        findings += [Finding("leak", [lk.train_row], lk.similarity, test_rows=[lk.test_row]) for lk in found]
+        lap("leakage")
+
+    groups = duplicate_groups(graph, options.duplicate_threshold)
+    summary.duplicate_groups = len(groups)
+    summary.duplicate_images = int(sum(len(g.rows) - 1 for g in groups))
+    findings += [Finding("duplicate", g.rows.tolist(), g.similarity) for g in groups]
+    lap("duplicates")
+
+    _labels(train, graph, options, summary, findings, tick)
+    lap("labels")
+
+    found_out = outliers(graph, options.outlier_fence)
+    summary.outliers = len(found_out.rows)
+    summary.outlier_fence = found_out.fence if np.isfinite(found_out.fence) else None
+    findings += [Finding("outlier", [int(r)], float(found_out.score[r]), neighbours=graph.nbrs[r, :5].tolist())
+                 for r in found_out.rows]
+    lap("outliers")
+
+    tick("projection", 0, 1)
+    coords = project(train.x, options.projection, options.seed)
+    lap("projection")
+    summary.seconds = seconds
+    return Inspection(train, tv, coords, findings, summary, options)
+
+
+def _labels(train: Vectors, graph: Any, options: InspectOptions, summary: InspectSummary,
+            findings: list[Finding], tick: Callable[[str, int, int], None]) -> None:
+    present = [c for c, n in summary.classes.items() if n > 0]
+    if summary.labelled == 0:
+        summary.skipped.append(f"label errors, class overlap and accuracies: the store has no "
+                               f"{options.label_column!r} labels")
+        return
+    if len(present) < 2:
+        summary.skipped.append(f"label errors, class overlap and accuracies: one class only ({present[0]})")
+        return
+    if summary.labelled < len(train):
+        summary.skipped.append(f"{len(train) - summary.labelled} unlabelled images take no part in the label analyses")
+    summary.knn_accuracy = knn_accuracy(graph, train.y, options.labels.knn_temperature)
+    rows = train.labelled
+    lab_options = LabelOptions(**{**asdict(options.labels), "probe": options.labels.probe,
+                                  "folds": options.folds, "seed": options.seed})
+    try:
+        cv = cross_validate(train.x[rows], train.y[rows], rows, train.classes, lab_options,
+                            lambda d, n, _s: tick("cross-validated probe", d, n))
+    except ProbeError as e:
+        summary.skipped.append(f"label errors and class overlap: {e}")
+        return
+    summary.probe_accuracy = cv.accuracy
+    summary.probe_C = cv.C
+    summary.folds = cv.folds
+    issues = label_issues(cv)
+    summary.label_issues = int(issues.likely.sum())
+    summary.label_possible = int((~issues.likely).sum())
+    for r, g, s, conf, lk in zip(issues.rows, issues.given, issues.suggested, issues.self_confidence, issues.likely):
+        findings.append(Finding("label_error", [int(r)], float(1.0 - conf), train.classes[g], train.classes[s],
+                                detail="likely" if lk else "possible", neighbours=graph.nbrs[r, :5].tolist()))
+    for ov in class_overlap(cv):
+        summary.overlaps.append({"a": train.classes[ov.a], "b": train.classes[ov.b], "rate": ov.rate,
+                                 "confusions": ov.count})
+        findings.append(Finding("class_overlap", ov.example_rows.tolist(), ov.rate, train.classes[ov.a],
+                                train.classes[ov.b]))
+
+
+def findings_table(insp: Inspection) -> pa.Table:
+    train_ids, train_paths = insp.train.ids, insp.train.paths
+    cols: dict[str, list[Any]] = {name: [] for name in FINDINGS_SCHEMA.names}
+    rank = dict.fromkeys(KINDS, 0)
+    for f in sorted(insp.findings, key=lambda f: KINDS.index(f.kind)):
+        rank[f.kind] += 1
+        ids = [train_ids[r].as_py() for r in f.rows]
+        paths = [train_paths[r].as_py() for r in f.rows]
+        if f.test_rows and insp.test is not None:  # leak: the test image first
+            ids = [insp.test.ids[r].as_py() for r in f.test_rows] + ids
+            paths = [insp.test.paths[r].as_py() for r in f.test_rows] + paths
+        for name, value in (("kind", f.kind), ("rank", rank[f.kind]), ("ids", ids), ("paths", paths),
+                            ("score", f.score), ("given", f.given), ("suggested", f.suggested),
+                            ("detail", f.detail)):
+            cols[name].append(value)
+    return pa.table(cols, schema=FINDINGS_SCHEMA)
+
+
+def write_outputs(insp: Inspection, out: str,
+                  progress: Callable[[str, int, int], None] | None = None) -> InspectSummary:
+    """findings.parquet, thumbnails and index.html under OUT."""
+    from embedder.analysis.report import write_html
+    from embedder.analysis.thumbs import make_thumbnails
+
+    t = time.perf_counter()
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(findings_table(insp), d / "findings.parquet")
+    want: dict[str, str] = {}
+    if insp.options.thumbnails != "none":
+        shown: set[int] = set()
+        per_kind: dict[str, int] = {}
+        for f in insp.findings:
+            per_kind[f.kind] = per_kind.get(f.kind, 0) + 1
+            if per_kind[f.kind] <= insp.options.listed:
+                shown.update(f.rows[:12])
+                shown.update(n for n in f.neighbours if n >= 0)
+        rows = range(len(insp.train)) if insp.options.thumbnails == "all" else sorted(shown)
+        ids, paths = insp.train.ids, insp.train.paths
+        want = {ids[r].as_py(): paths[r].as_py() for r in rows}
+        if insp.test is not None:
+            for f in insp.findings:
+                for r in f.test_rows:
+                    want[insp.test.ids[r].as_py()] = insp.test.paths[r].as_py()
+    insp.thumbs = make_thumbnails(want.items(), d, progress=lambda a, b: progress("thumbnails", a, b)
+                                  if progress else None)
+    insp.summary.thumbnails = {"made": len(insp.thumbs), "missing": len(want) - len(insp.thumbs)}
+    insp.summary.seconds["thumbnails"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    write_html(insp, d / "index.html")
+    insp.summary.seconds["report"] = round(time.perf_counter() - t, 3)
+    return insp.summary

@@ -1,0 +1,224 @@
+"""Out-of-sample class probabilities from a K-fold cross-validated linear probe, and what they say:
+likely label errors (confident learning), the classes the probe confuses, probe and kNN accuracy.
+
+Confident learning follows Northcutt, Jiang and Chuang (JAIR 2021), written here from the paper:
+per-class thresholds t_j = mean predicted probability of class j over the rows labelled j; a row
+labelled i is counted in the confident joint at (i, j*), j* = the most probable class among those
+whose probability reaches their own threshold; the joint, calibrated to the label counts, says how
+many rows labelled i are really j, and that many are flagged, largest margin p(j) − p(i) first
+("prune by noise rate"). Flagged rows are ranked by self-confidence p(given label), lowest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedder.analysis.knn import KnnGraph
+from embedder.errors import ProbeError
+from embedder.probe import (
+    LinearHead,
+    ProbeOptions,
+    _fitter,
+    _scaler,
+    stratified_split,
+)
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    folds: int = 5
+    seed: int = 0
+    select_rows: int = 10_000  # C is chosen on at most this many rows
+    knn_temperature: float = 0.07
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
+
+
+@dataclass
+class CrossValidated:
+    rows: np.ndarray  # the labelled rows of the store, in store order
+    y: np.ndarray  # their given labels
+    proba: np.ndarray  # [m, classes] out-of-sample probabilities (each row predicted by a model that never saw it)
+    C: float
+    standardize: bool
+    folds: int
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.proba.argmax(1) == self.y).mean())
+
+
+@dataclass
+class LabelIssues:
+    rows: np.ndarray  # store rows flagged: likely ones first, each tier lowest self-confidence first
+    given: np.ndarray  # class index given
+    suggested: np.ndarray  # class index the probe believes
+    self_confidence: np.ndarray
+    thresholds: np.ndarray  # per class
+    likely: np.ndarray  # bool per flagged row: confident learning's (likely) or only a disagreement (possible)
+
+
+@dataclass
+class Overlap:
+    a: int
+    b: int
+    rate: float  # (a→b + b→a confusions) / (n_a + n_b), out of sample
+    count: int
+    example_rows: np.ndarray  # store rows labelled a predicted b or the reverse, most confident first
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold number per row; each class dealt round-robin after a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(y), np.int64)
+    offset = 0
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        out[idx] = (np.arange(len(idx)) + offset) % folds
+        offset += len(idx)  # small classes do not all land in fold 0
+    return out
+
+
+def choose_c(x: np.ndarray, y: np.ndarray, n_classes: int, options: LabelOptions) -> tuple[float, bool]:
+    """C and standardisation by validation log-loss on a stratified split (at most ``select_rows``
+    rows): confident learning needs calibrated probabilities, and the accuracy criterion of
+    ``train_probe`` prefers the most regularised of equally accurate C, which is under-confident
+    (measured on planted label noise: recall 0.67 → see docs/benchmarks.md)."""
+    sel = np.arange(len(y))
+    if len(y) > options.select_rows:
+        _, sel = stratified_split(y, options.select_rows / len(y), options.seed)
+    tr, va = stratified_split(y[sel], 0.2, options.seed)
+    tr, va = sel[tr], sel[va]
+    if len(va) == 0:
+        raise ProbeError("too few images per class to choose the probe's C (need ≥ 2 per class)")
+    best = (np.inf, 1.0, False)
+    for std in (False, True):
+        mean, scale = _scaler(x[tr], std)
+        fitter = _fitter(options.probe, n_classes)
+        for e in range(options.probe.c_min_exp, options.probe.c_max_exp + 1):
+            C = 10.0 ** e
+            coef, icpt = fitter.fit((x[tr] - mean) / scale, y[tr], C)
+            p = LinearHead(coef, icpt, mean, scale).proba(x[va])
+            loss = float(-np.log(np.maximum(p[np.arange(len(va)), y[va]], 1e-12)).mean())
+            if loss < best[0] - 1e-9:
+                best = (loss, C, std)
+    return best[1], best[2]
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list[str],
+                   options: LabelOptions = LabelOptions(),
+                   progress: Callable[[int, int, str], None] | None = None) -> CrossValidated:
+    """K-fold out-of-sample probabilities; C and standardisation chosen once (``choose_c``), then
+    fixed for every fold."""
+    n_classes = len(classes)
+    counts = np.bincount(y, minlength=n_classes)
+    if (counts > 0).sum() < 2:
+        raise ProbeError("need at least 2 classes for a cross-validated probe")
+    folds = int(min(options.folds, max(2, counts.max())))
+    C, std = choose_c(x, y, n_classes, options)
+    fold = stratified_folds(y, folds, options.seed)
+    proba = np.zeros((len(y), n_classes), np.float32)
+    for f in range(folds):
+        test = fold == f
+        mean, scale = _scaler(x[~test], std)
+        coef, icpt = _fitter(options.probe, n_classes).fit((x[~test] - mean) / scale, y[~test], C)
+        proba[test] = LinearHead(coef, icpt, mean, scale).proba(x[test])
+        if progress:
+            progress(f + 1, folds, "cross-validated probe")
+    return CrossValidated(rows, y, proba, C, std, folds)
+
+
+def confident_joint(proba: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confident joint C[given, confident], confident class per row (-1: none), per-class thresholds)."""
+    n_classes = proba.shape[1]
+    thresholds = np.ones(n_classes, np.float64)
+    for j in range(n_classes):
+        if (y == j).any():
+            thresholds[j] = proba[y == j, j].mean()
+    above = proba >= thresholds[None, :] - 1e-12
+    confident = np.where(above.any(1), np.where(above, proba, -1.0).argmax(1), -1)
+    joint = np.zeros((n_classes, n_classes), np.int64)
+    has = confident >= 0
+    np.add.at(joint, (y[has], confident[has]), 1)
+    return joint, confident, thresholds
+
+
+def confident_learning(proba: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prune by noise rate (the paper's recommended method): calibrate the confident joint to the
+    given label counts; for each off-diagonal cell (i, j), flag its estimated count of rows labelled
+    i, taking those with the largest margin p(j) − p(i); never flag a row whose most probable class
+    is its given label. Returns (issue mask, suggested class, per-class thresholds)."""
+    n, n_classes = proba.shape
+    joint, _, thresholds = confident_joint(proba, y)
+    given = np.bincount(y, minlength=n_classes)
+    calibrated = joint / np.maximum(joint.sum(1, keepdims=True), 1) * given[:, None]
+    issue = np.zeros(n, bool)
+    suggested = proba.argmax(1)
+    for i in range(n_classes):
+        rows = np.flatnonzero(y == i)
+        for j in range(n_classes):
+            m = int(round(calibrated[i, j])) if i != j else 0
+            if m <= 0:
+                continue
+            margin = proba[rows, j] - proba[rows, i]
+            top = rows[np.argsort(-margin, kind="stable")[:m]]
+            issue[top] = True
+    issue &= suggested != y
+    return issue, suggested, thresholds
+
+
+def label_issues(cv: CrossValidated) -> LabelIssues:
+    """Two tiers, in one ranking: *likely* errors (confident learning, high precision) first, then
+    *possible* ones (the out-of-sample prediction disagrees with the given label, which the
+    confident-learning count left out: high recall); each tier by self-confidence, lowest first."""
+    issue, suggested, thresholds = confident_learning(cv.proba, cv.y)
+    self_conf = cv.proba[np.arange(len(cv.y)), cv.y]
+    possible = (suggested != cv.y) & ~issue
+    likely_rows = np.flatnonzero(issue)
+    likely_rows = likely_rows[np.argsort(self_conf[likely_rows], kind="stable")]
+    possible_rows = np.flatnonzero(possible)
+    possible_rows = possible_rows[np.argsort(self_conf[possible_rows], kind="stable")]
+    pick = np.concatenate([likely_rows, possible_rows])
+    likely = np.concatenate([np.ones(len(likely_rows), bool), np.zeros(len(possible_rows), bool)])
+    return LabelIssues(cv.rows[pick], cv.y[pick], suggested[pick], self_conf[pick], thresholds, likely)
+
+
+def class_overlap(cv: CrossValidated, top: int = 10, examples: int = 6) -> list[Overlap]:
+    n_classes = cv.proba.shape[1]
+    pred = cv.proba.argmax(1)
+    conf = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(conf, (cv.y, pred), 1)
+    counts = np.bincount(cv.y, minlength=n_classes)
+    pairs = []
+    for a in range(n_classes):
+        for b in range(a + 1, n_classes):
+            both = conf[a, b] + conf[b, a]
+            if both:
+                pairs.append((both / max(counts[a] + counts[b], 1), int(both), a, b))
+    pairs.sort(key=lambda p: (-p[0], -p[1], p[2], p[3]))
+    out = []
+    for rate, both, a, b in pairs[:top]:
+        m = ((cv.y == a) & (pred == b)) | ((cv.y == b) & (pred == a))
+        idx = np.flatnonzero(m)
+        idx = idx[np.argsort(-cv.proba[idx].max(1), kind="stable")][:examples]
+        out.append(Overlap(a, b, float(rate), both, cv.rows[idx]))
+    return out
+
+
+def knn_accuracy(graph: KnnGraph, y_all: np.ndarray, temperature: float = 0.07) -> float:
+    """Leave-one-out weighted kNN vote (DINOv2's weighting) over the labelled rows' neighbours."""
+    labelled = np.flatnonzero(y_all >= 0)
+    if len(labelled) == 0:
+        return float("nan")
+    n_classes = int(y_all.max()) + 1
+    nb = graph.nbrs[labelled]
+    valid = nb >= 0
+    lab = np.where(valid, y_all[np.maximum(nb, 0)], -1)
+    w = np.where(lab >= 0, np.exp(graph.sims[labelled] / temperature), 0.0)
+    scores = np.zeros((len(labelled), n_classes))
+    rows = np.repeat(np.arange(len(labelled)), nb.shape[1])
+    np.add.at(scores, (rows, np.maximum(lab, 0).ravel()), w.ravel())
+    return float((scores.argmax(1) == y_all[labelled]).mean())

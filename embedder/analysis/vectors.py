@@ -1,0 +1,81 @@
+"""A store's vectors, streamed shard by shard and batch by batch into one preallocated float32
+block (no Arrow combine, no second copy), L2-normalised in place, with ids, paths and labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from embedder.errors import InspectError
+from embedder.provenance import Provenance
+from embedder.store import Store
+
+BATCH_ROWS = 8192
+
+
+@dataclass
+class Vectors:
+    x: np.ndarray  # [n, dim] float32, unit length (cosine = inner product)
+    ids: pa.Array  # string
+    paths: pa.Array  # string
+    y: np.ndarray  # int64 class index per row; -1 where the row has no label
+    classes: list[str]
+    provenance: Provenance
+    store: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.y >= 0)
+
+
+def load_vectors(store_path: str | Path, label_column: str = "label", classes: list[str] | None = None,
+                 allow_empty: bool = False) -> Vectors:
+    """Read STORE into memory once: n × dim × 4 bytes plus ids and paths, whatever the shard count."""
+    store = Store.open(store_path)
+    n = store.count()
+    if n == 0 and not allow_empty:
+        raise InspectError(f"{store_path} holds no vectors: run `embedder extract` into it first")
+    names = store.dataset().schema.names if n else ["id", "path", "embedding"]
+    has_labels = label_column in names
+    columns = ["id", "path", "embedding"] + ([label_column] if has_labels else [])
+    x = np.empty((n, store.dim), np.float32)
+    ids, paths, labels = [], [], []
+    row = 0
+    for shard in store.shard_files():
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            emb = batch.column("embedding")
+            flat = emb.flatten() if emb.offset == 0 else emb.values.slice(emb.offset * store.dim,
+                                                                            len(emb) * store.dim)
+            block = flat.to_numpy(zero_copy_only=False).reshape(len(batch), store.dim)
+            x[row:row + len(batch)] = block
+            row += len(batch)
+            ids.append(batch.column("id"))
+            paths.append(batch.column("path"))
+            if has_labels:
+                labels.append(batch.column(label_column).cast(pa.string()))
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, np.maximum(norms, 1e-12), out=x)
+    id_arr = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+    path_arr = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
+    y = np.full(n, -1, np.int64)
+    found: list[str] = []
+    if has_labels and labels:
+        lab = pa.concat_arrays(labels)
+        valid = np.asarray(lab.is_valid().to_numpy(zero_copy_only=False)) & \
+            (np.asarray(pc.not_equal(lab, "").fill_null(False).to_numpy(zero_copy_only=False)))
+        enc = lab.dictionary_encode()
+        dictionary = enc.dictionary.to_pylist()
+        codes = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        present = sorted({dictionary[c] for c in np.unique(codes[valid])}) if valid.any() else []
+        found = classes or present
+        lookup = np.array([found.index(d) if d in found else -1 for d in dictionary] or [-1], np.int64)
+        y = np.where(valid, lookup[codes], -1)
+    return Vectors(x, id_arr, path_arr, y, found, store.provenance, str(store_path))

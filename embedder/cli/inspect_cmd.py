@@ -1,0 +1,71 @@
+"""`embedder inspect` (and, beside it, `embedder compare`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from embedder.cli.common import console, handle_errors, out, setup_logging
+
+
+@handle_errors
+def inspect_command(
+    store: Annotated[Path, typer.Argument(help="Store to inspect (train, when --test is given).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Report directory: index.html, findings.parquet, thumbs/.")],
+    test: Annotated[Optional[Path], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
+    label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
+    k: Annotated[int, typer.Option(help="Neighbours in the kNN graph.")] = 10,
+    duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity at which two images are near-duplicates (and a test image leaked).")] = 0.95,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validated probe behind label errors.")] = 5,
+    projection: Annotated[str, typer.Option(help="pca | umap (needs embedder[umap]).")] = "pca",
+    thumbnails: Annotated[str, typer.Option(help="all (every point of the map) | findings | none.")] = "all",
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Duplicates, train/test leakage, likely label errors, outliers and class overlap → a static report."""
+    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+
+    setup_logging(verbose)
+    options = InspectOptions(label_column=label_column, k=k, duplicate_threshold=duplicate_threshold,
+                             folds=folds, projection=projection, thumbnails=thumbnails, seed=seed)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=as_json, transient=True)
+    with progress:
+        task = progress.add_task("loading", total=None)
+
+        def tick(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        insp = inspect_store(str(store), str(out_dir), str(test) if test else None, options, tick)
+        s = write_outputs(insp, str(out_dir), tick)
+    if as_json:
+        out.print_json(json.dumps(s.to_dict()))
+        return
+    out.print(f"[bold]{s.store}[/bold]: {s.images} images, {s.labelled} labelled, {len(s.classes)} classes"
+              + (f"; test {s.test_images} images" if s.test_images is not None else ""))
+    if s.probe_accuracy is not None:
+        out.print(f"  linear probe {s.probe_accuracy:.1%} ({s.folds}-fold cross-validated), "
+                  f"kNN {s.knn_accuracy:.1%} (leave-one-out)")
+    if s.leaks is not None:
+        out.print(f"  [{'red' if s.leaks else 'green'}]leaked test images[/]  {s.leaks}")
+    out.print(f"  near-duplicate groups  {s.duplicate_groups} ({s.duplicate_images} extra copies)")
+    if s.label_issues is not None:
+        out.print(f"  likely label errors    {s.label_issues} (and {s.label_possible} possible)")
+    out.print(f"  outliers               {s.outliers}")
+    for ov in s.overlaps[:3]:
+        out.print(f"  overlap {ov['a']} ↔ {ov['b']}: {ov['rate']:.1%} confused")
+    for m in s.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {m}")
+    if s.thumbnails.get("missing"):
+        console.print(f"[yellow]note:[/yellow] {s.thumbnails['missing']} images could not be read for thumbnails "
+                      "(moved or deleted since extraction); the report marks them missing")
+    out.print(f"report → {s.report}  findings → {s.findings}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)
