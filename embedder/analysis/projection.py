@@ -25,5 +25,5 @@ def project(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     except ImportError:
         raise InspectError("--projection umap needs the optional package: pip install 'embedder[umap]'") from None
     z = PCA(min(50, d, n - 1), svd_solver="randomized", random_state=seed).fit_transform(x)
-    reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed)
+    reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed, n_jobs=1)  # seeded: one thread
     return np.asarray(reducer.fit_transform(z), np.float32)
