@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedder._registry_meta import REGISTRY_META
-from embedder.errors import UnknownBackbone
+from embedder.errors import UnknownBackbone, UnknownLayer
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model is built (fast CLI start)
     from torch import nn
@@ -307,3 +307,17 @@ def suggested_layers(name: str) -> list[str]:
     top = [n for n in names if "." not in n]
     feats = [n for n in names if n.startswith("features.") and n.count(".") == 1]
     return feats or top
+
+
+def check_layer(name: str, layer: str) -> None:
+    """Raise UnknownLayer (listing the stage-level layers) unless LAYER is a module of backbone NAME."""
+    if layer not in _module_names(name):
+        raise UnknownLayer(f"{name} has no layer {layer!r}; stage-level layers: {', '.join(suggested_layers(name))}")
+
+
+def layer_depth(name: str, layer: str) -> float:
+    """Where LAYER sits in the forward pass, 0..1 by module order (the penultimate features: 1)."""
+    names = _module_names(name)
+    if layer not in names:
+        return 1.0
+    return round((names.index(layer) + 1) / len(names), 3)

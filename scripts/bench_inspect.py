@@ -80,10 +80,19 @@ def child_make(n: int, dim: int, store: Path) -> None:
 def child_inspect(store: Path, out: Path) -> dict:  # type: ignore[type-arg]
     from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
 
+    import bokeh.plotting  # noqa: F401  (the libraries inspect loads anyway, loaded first:
+    import faiss  # noqa: F401           their RSS is the floor under any store size)
+    import scipy.sparse.csgraph  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import torch  # noqa: F401
+
+    import_floor = peak_rss_mib()
     t0 = time.perf_counter()
     insp = inspect_store(str(store), str(out), options=InspectOptions(thumbnails="none"))
     s = write_outputs(insp, str(out))
     return {"seconds": round(time.perf_counter() - t0, 1), "stages": s.seconds, "peak_rss_mib": peak_rss_mib(),
+            "rss_after_imports_mib": import_floor,
             "graph": s.graph, "probe_accuracy": s.probe_accuracy, "knn_accuracy": s.knn_accuracy,
             "report_mib": round((out / "index.html").stat().st_size / 2**20, 1)}
 

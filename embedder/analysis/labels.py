@@ -123,8 +123,13 @@ def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list
     proba = np.zeros((len(y), n_classes), np.float32)
     for f in range(folds):
         test = fold == f
-        mean, scale = _scaler(x[~test], std)
-        coef, icpt = _fitter(options.probe, n_classes).fit((x[~test] - mean) / scale, y[~test], C)
+        xt = x[~test]  # the one copy per fold: standardised in place
+        mean, scale = _scaler(xt, std)
+        if std:
+            xt -= mean
+            xt /= scale
+        coef, icpt = _fitter(options.probe, n_classes).fit(xt, y[~test], C)
+        del xt
         proba[test] = LinearHead(coef, icpt, mean, scale).proba(x[test])
         if progress:
             progress(f + 1, folds, "cross-validated probe")
@@ -217,7 +222,7 @@ def knn_accuracy(graph: KnnGraph, y_all: np.ndarray, temperature: float = 0.07) 
     nb = graph.nbrs[labelled]
     valid = nb >= 0
     lab = np.where(valid, y_all[np.maximum(nb, 0)], -1)
-    w = np.where(lab >= 0, np.exp(graph.sims[labelled] / temperature), 0.0)
+    w = np.where(lab >= 0, np.exp((graph.sims[labelled] - 1.0) / temperature), 0.0)  # cosine ≤ 1: no overflow
     scores = np.zeros((len(labelled), n_classes))
     rows = np.repeat(np.arange(len(labelled)), nb.shape[1])
     np.add.at(scores, (rows, np.maximum(lab, 0).ravel()), w.ravel())
