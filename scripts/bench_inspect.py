@@ -78,14 +78,14 @@ def child_make(n: int, dim: int, store: Path) -> None:
 
 
 def child_inspect(store: Path, out: Path) -> dict:  # type: ignore[type-arg]
-    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
-
     import bokeh.plotting  # noqa: F401  (the libraries inspect loads anyway, loaded first:
     import faiss  # noqa: F401           their RSS is the floor under any store size)
     import scipy.sparse.csgraph  # noqa: F401
     import sklearn.decomposition  # noqa: F401
     import sklearn.linear_model  # noqa: F401
     import torch  # noqa: F401
+
+    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
 
     import_floor = peak_rss_mib()
     t0 = time.perf_counter()
@@ -171,7 +171,8 @@ def digits_vectors(tmp: Path) -> tuple[np.ndarray, np.ndarray]:
     if spec is not None and spec.submodule_search_locations:
         import_weights(Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth")
     digits(tmp / "digits", eval_split="test")
-    extract([str(tmp / "digits" / "train"), str(tmp / "digits" / "test")], str(tmp / "digits_store"), ModelSpec("mobilenet_v2", "IMAGENET1K_V1"),
+    extract([str(tmp / "digits" / "train"), str(tmp / "digits" / "test")], str(tmp / "digits_store"),
+            ModelSpec("mobilenet_v2", "IMAGENET1K_V1"),
             EmbedOptions(device="cpu"))
     v = load_vectors(tmp / "digits_store")
     return v.x, v.y
@@ -199,7 +200,8 @@ def main() -> None:
         tmp = Path(t)
         for n in args.sizes:
             store = tmp / f"s{n}"
-            subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--_make", str(n), str(store)], check=True)
+            subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--_make", str(n), str(store)],
+                           check=True)
             r = subprocess.run([sys.executable, __file__, "--_inspect", str(store), str(tmp / f"r{n}")],
                                check=True, capture_output=True, text=True)
             row = {"n": n, "dim": args.dim, "vectors_mib": round(n * args.dim * 4 / 2**20), **json.loads(r.stdout)}

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+from embedder.analysis.inspection import InspectOptions, inspect_store
 from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import LabelOptions, cross_validate, label_issues
 from embedder.backbones import get_backbone
