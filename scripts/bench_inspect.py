@@ -13,6 +13,8 @@ Label errors: labels flipped uniformly at random to another class, 3 seeds per r
     - cl+possible: plus every row whose out-of-sample prediction disagrees with its label;
     - knn-vote: the baseline a user writes: flag a row when the majority label of its 10 nearest
       neighbours (cosine, itself excluded) differs from its own.
+    Plus precision at recall 0.8 of each ranking (embedder: self-confidence; knn-vote: the share of
+    neighbours agreeing with the given label), the issue's goal being ≥ 0.5.
 
 Usage: python scripts/bench_inspect.py [--sizes 10000 100000] [--seeds 3] [--json out.json]
 """
@@ -97,9 +99,11 @@ def child_inspect(store: Path, out: Path) -> dict:  # type: ignore[type-arg]
             "report_mib": round((out / "index.html").stat().st_size / 2**20, 1)}
 
 
-def knn_vote(x: np.ndarray, y: np.ndarray, k: int = 10) -> np.ndarray:
+def knn_vote(x: np.ndarray, y: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(flags: the neighbours' majority label differs; agreement: share of neighbours with the row's label)."""
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     flags = np.zeros(len(y), bool)
+    agree = np.zeros(len(y))
     n_classes = int(y.max()) + 1
     for s in range(0, len(y), 2048):
         sims = xn[s:s + 2048] @ xn.T
@@ -108,7 +112,15 @@ def knn_vote(x: np.ndarray, y: np.ndarray, k: int = 10) -> np.ndarray:
         votes = np.zeros((len(nn), n_classes), np.int64)
         np.add.at(votes, (np.repeat(np.arange(len(nn)), k), y[nn].ravel()), 1)
         flags[s:s + len(nn)] = votes.argmax(1) != y[s:s + len(nn)]
-    return flags
+        agree[s:s + len(nn)] = votes[np.arange(len(nn)), y[s:s + len(nn)]] / k
+    return flags, agree
+
+
+def precision_at_recall(order: np.ndarray, truth: np.ndarray, recall: float = 0.8) -> float:
+    """Precision of the shortest prefix of a ranking that reaches RECALL (nan if it never does)."""
+    hits = np.cumsum(truth[order])
+    i = int(np.searchsorted(hits, int(np.ceil(recall * truth.sum()))))
+    return float(hits[i] / (i + 1)) if i < len(order) else float("nan")
 
 
 def pr(flags: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -124,6 +136,7 @@ def label_bench(name: str, x: np.ndarray, y: np.ndarray, seeds: int) -> list[dic
     rows = []
     for rate in (0.02, 0.05, 0.10):
         acc: dict[str, list[tuple[float, float]]] = {"cl-likely": [], "cl+possible": [], "knn-vote": []}
+        p_at_r: dict[str, list[float]] = {"embedder": [], "knn-vote": []}
         secs: dict[str, float] = {"cl": 0.0, "knn-vote": 0.0}
         probe_true = []
         for seed in range(seeds):
@@ -144,8 +157,15 @@ def label_bench(name: str, x: np.ndarray, y: np.ndarray, seeds: int) -> list[dic
             everything = np.zeros(len(y), bool)
             everything[issues.rows] = True
             t0 = time.perf_counter()
-            kv = knn_vote(x, noisy)
+            kv, agree = knn_vote(x, noisy)
             secs["knn-vote"] += time.perf_counter() - t0
+            # rankings: embedder's flagged rows by self-confidence, then the rest by self-confidence;
+            # the baseline by the share of neighbours that agree with the given label
+            self_conf = cv.proba[np.arange(len(y)), noisy]
+            rest = np.setdiff1d(np.argsort(self_conf, kind="stable"), issues.rows, assume_unique=True)
+            rest = rest[np.argsort(self_conf[rest], kind="stable")]
+            p_at_r["embedder"].append(precision_at_recall(np.concatenate([issues.rows, rest]), truth))
+            p_at_r["knn-vote"].append(precision_at_recall(np.argsort(agree, kind="stable"), truth))
             acc["cl-likely"].append(pr(likely, truth))
             acc["cl+possible"].append(pr(everything, truth))
             acc["knn-vote"].append(pr(kv, truth))
@@ -153,6 +173,7 @@ def label_bench(name: str, x: np.ndarray, y: np.ndarray, seeds: int) -> list[dic
         for method, v in acc.items():
             a = np.array(v)
             row[method] = {"precision": round(float(a[:, 0].mean()), 3), "recall": round(float(a[:, 1].mean()), 3)}
+        row["precision_at_recall_0.8"] = {k: round(float(np.mean(v)), 3) for k, v in p_at_r.items()}
         row["seconds_per_run"] = {k: round(v / seeds, 2) for k, v in secs.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -52,6 +52,7 @@ class InspectOptions:
     projection: str = "pca"
     thumbnails: str = "all"  # all | findings | none
     listed: int = 200  # findings shown per section in the HTML (all are in findings.parquet)
+    map_points: int = 100_000  # the map shows a uniform sample beyond this (WebGL stays responsive)
     exact_limit: int = 20_000  # exact kNN graph up to this many vectors, IVF (recall measured) above
     seed: int = 0
     labels: LabelOptions = field(default_factory=LabelOptions)
@@ -118,7 +119,8 @@ class Inspection:
 
     train: Vectors
     test: Vectors | None
-    coords: np.ndarray
+    coords: np.ndarray  # [n, 2]
+    map_rows: np.ndarray  # the rows drawn on the map (all, or a uniform sample of map_points)
     findings: list[Finding]
     summary: InspectSummary
     options: InspectOptions
@@ -191,9 +193,13 @@ def inspect_store(store: str, out: str, test: str | None = None, options: Inspec
 
     tick("projection", 0, 1)
     coords = project(train.x, options.projection, options.seed)
+    map_rows = np.arange(len(train))
+    if len(train) > options.map_points:
+        rng = np.random.default_rng(options.seed)
+        map_rows = np.sort(rng.choice(len(train), options.map_points, replace=False))
     lap("projection")
     summary.seconds = seconds
-    return Inspection(train, tv, coords, findings, summary, options)
+    return Inspection(train, tv, coords, map_rows, findings, summary, options)
 
 
 def _labels(train: Vectors, graph: Any, options: InspectOptions, summary: InspectSummary,
@@ -271,7 +277,7 @@ def write_outputs(insp: Inspection, out: str,
             if per_kind[f.kind] <= insp.options.listed:
                 shown.update(f.rows[:12])
                 shown.update(n for n in f.neighbours if n >= 0)
-        rows = range(len(insp.train)) if insp.options.thumbnails == "all" else sorted(shown)
+        rows = sorted(shown | set(insp.map_rows.tolist())) if insp.options.thumbnails == "all" else sorted(shown)
         ids, paths = insp.train.ids, insp.train.paths
         want = {ids[r].as_py(): paths[r].as_py() for r in rows}
         if insp.test is not None:

@@ -52,7 +52,7 @@ class CrossValidated:
 
 @dataclass
 class LabelIssues:
-    rows: np.ndarray  # store rows flagged: likely ones first, each tier lowest self-confidence first
+    rows: np.ndarray  # store rows flagged, lowest self-confidence first
     given: np.ndarray  # class index given
     suggested: np.ndarray  # class index the probe believes
     self_confidence: np.ndarray
@@ -176,19 +176,16 @@ def confident_learning(proba: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np
 
 
 def label_issues(cv: CrossValidated) -> LabelIssues:
-    """Two tiers, in one ranking: *likely* errors (confident learning, high precision) first, then
-    *possible* ones (the out-of-sample prediction disagrees with the given label, which the
-    confident-learning count left out: high recall); each tier by self-confidence, lowest first."""
+    """Every row the out-of-sample probe disagrees with, in one ranking by self-confidence p(given
+    label), lowest first; each marked *likely* (confident learning counts it: high precision) or
+    *possible* (the rest: high recall). Measured on digits embeddings with 2-10 % flipped labels,
+    ranking by self-confidence alone reached precision 0.94-0.97 at recall 0.8, ahead of listing the
+    likely tier first (0.82-0.93): the tier says how sure, the rank says where to look first."""
     issue, suggested, thresholds = confident_learning(cv.proba, cv.y)
     self_conf = cv.proba[np.arange(len(cv.y)), cv.y]
-    possible = (suggested != cv.y) & ~issue
-    likely_rows = np.flatnonzero(issue)
-    likely_rows = likely_rows[np.argsort(self_conf[likely_rows], kind="stable")]
-    possible_rows = np.flatnonzero(possible)
-    possible_rows = possible_rows[np.argsort(self_conf[possible_rows], kind="stable")]
-    pick = np.concatenate([likely_rows, possible_rows])
-    likely = np.concatenate([np.ones(len(likely_rows), bool), np.zeros(len(possible_rows), bool)])
-    return LabelIssues(cv.rows[pick], cv.y[pick], suggested[pick], self_conf[pick], thresholds, likely)
+    pick = np.flatnonzero((suggested != cv.y) | issue)
+    pick = pick[np.argsort(self_conf[pick], kind="stable")]
+    return LabelIssues(cv.rows[pick], cv.y[pick], suggested[pick], self_conf[pick], thresholds, issue[pick])
 
 
 def class_overlap(cv: CrossValidated, top: int = 10, examples: int = 6) -> list[Overlap]:

@@ -19,9 +19,9 @@ TITLES = {
     "leak": ("Train/test leakage", "Test images with a near-duplicate in train: they inflate every test accuracy."),
     "duplicate": ("Near-duplicates", "Groups of images at cosine similarity ≥ the threshold (weakest link shown)."),
     "label_error": ("Likely label errors", "Out-of-sample probabilities from a cross-validated linear probe. "
-                    "<i>likely</i>: flagged by confident learning (high precision); <i>possible</i>: the probe "
-                    "disagrees with the given label but confident learning did not count it (catches the rest). "
-                    "Lowest confidence in the given label first."),
+                    "Lowest confidence in the given label first. <i>likely</i>: counted by confident learning (high "
+                    "precision); <i>possible</i>: the probe disagrees with the given label, confident learning "
+                    "did not count it."),
     "outlier": ("Outliers", "Images far from all others: mean cosine distance to their nearest neighbours "
                 "beyond Q3 + fence · IQR."),
     "class_overlap": ("Class overlap", "Class pairs the cross-validated probe confuses most, with examples."),
@@ -102,7 +102,8 @@ def _section(kind: str, items: list[Finding], cells: _Cells, listed: int) -> str
                     f"confidence in given label {1 - f.score:.2f}"
                     "<br><span class='note'>then its nearest neighbours</span>")
         elif kind == "outlier":
-            body = cells.train(f.rows[0]) + "".join(cells.train(n) for n in f.neighbours if n >= 0)
+            gap = '<span style="width:16px"></span>'
+            body = cells.train(f.rows[0]) + gap + "".join(cells.train(n) for n in f.neighbours if n >= 0)
             head = f"mean kNN distance {f.score:.3f}<br><span class='note'>then its nearest neighbours</span>"
         else:
             body = "".join(cells.train(r, labels[y[r]]) for r in f.rows)
@@ -120,19 +121,21 @@ def _map(insp: Inspection) -> tuple[str, str]:
     from bokeh.transform import factor_cmap
 
     v = insp.train
+    rows = insp.map_rows
     classes = list(v.classes)
     names = classes + ["(none)"]
-    label = [names[i] for i in v.y]  # -1 → "(none)"
-    ids = v.ids.to_pylist()
+    label = [names[i] for i in v.y[rows]]  # -1 → "(none)"
+    ids = v.ids.take(rows).to_pylist()
     thumb = [f"{THUMBS_DIR}/{thumb_name(i)}" if i in insp.thumbs else "" for i in ids]
     n = len(names)
     base = list(Category10[10] if n <= 10 else Category20[20] if n <= 20 else turbo(min(n, 256)))
     palette = [base[i % len(base)] for i in range(n)]
-    source = ColumnDataSource({"x": insp.coords[:, 0], "y": insp.coords[:, 1], "label": label,
-                               "path": v.paths.to_pylist(), "thumb": thumb})
+    source = ColumnDataSource({"x": insp.coords[rows, 0], "y": insp.coords[rows, 1], "label": label,
+                               "path": v.paths.take(rows).to_pylist(), "thumb": thumb})
+    shown = f"{len(v)} images" if len(rows) == len(v) else f"a uniform sample of {len(rows)} of {len(v)} images"
     fig = figure(output_backend="webgl", tools="pan,wheel_zoom,box_zoom,reset,save", active_scroll="wheel_zoom",
-                 sizing_mode="stretch_width", height=640, title=f"{len(v)} images ({insp.options.projection.upper()})")
-    size = 6 if len(v) < 2000 else 4 if len(v) < 20000 else 3
+                 sizing_mode="stretch_width", height=640, title=f"{shown} ({insp.options.projection.upper()})")
+    size = 6 if len(rows) < 2000 else 4 if len(rows) < 20000 else 3
     legend: dict[str, Any] = {"legend_field": "label"} if len(classes) <= 30 else {}
     fig.scatter("x", "y", source=source, size=size, alpha=0.7, line_color=None,
                 color=factor_cmap("label", palette, names), **legend)
