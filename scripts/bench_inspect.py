@@ -224,7 +224,7 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--_make", str(n), str(store)],
                            check=True)
             r = subprocess.run([sys.executable, __file__, "--_inspect", str(store), str(tmp / f"r{n}")],
-                               check=True, capture_output=True, text=True)
+                               check=True, stdout=subprocess.PIPE, text=True)
             row = {"n": n, "dim": args.dim, "vectors_mib": round(n * args.dim * 4 / 2**20), **json.loads(r.stdout)}
             result["speed"].append(row)
             print(json.dumps(row), flush=True)

@@ -219,7 +219,8 @@ def _labels(train: Vectors, graph: Any, options: InspectOptions, summary: Inspec
     lab_options = LabelOptions(**{**asdict(options.labels), "probe": options.labels.probe,
                                   "folds": options.folds, "seed": options.seed})
     try:
-        cv = cross_validate(train.x[rows], train.y[rows], rows, train.classes, lab_options,
+        x = train.x if len(rows) == len(train) else train.x[rows]  # no copy when every row is labelled
+        cv = cross_validate(x, train.y[rows], rows, train.classes, lab_options,
                             lambda d, n, _s: tick("cross-validated probe", d, n))
     except ProbeError as e:
         summary.skipped.append(f"label errors and class overlap: {e}")
