@@ -123,3 +123,20 @@ def test_bad_names_one_line(tmp_path: Path) -> None:
     r = runner.invoke(app, ["compare", str(flat), "--backbones", "tiny_test", "--work", str(tmp_path / "w2")])
     assert r.exit_code == 2 and "labelled images" in r.output and r.output.count("\n") == 1
     assert not (tmp_path / "w2").exists()  # refused before embedding anything
+
+
+@pytest.mark.slow
+def test_gflops_counted_up_to_the_layer_match_torchvision() -> None:
+    """Multiply-adds counted by torch agree with torchvision's published figure for the whole
+    MobileNetV2 (0.30 GFLOPS), and a tap halfway costs less."""
+    from embedder.analysis.compare import _gflops
+    from embedder.extract import BatchEmbedder
+    from embedder.model import ModelSpec
+    from embedder.weights import import_weights
+    from tests.conftest import mobilenet_weights_file
+
+    import_weights(mobilenet_weights_file())
+    full = _gflops(BatchEmbedder(ModelSpec("mobilenet_v2", "IMAGENET1K_V1")))
+    assert full == pytest.approx(0.301, rel=0.03)
+    half = _gflops(BatchEmbedder(ModelSpec("mobilenet_v2", "IMAGENET1K_V1", None, "features.7")))
+    assert 0.05 < half < full * 0.6

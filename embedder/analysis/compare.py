@@ -22,7 +22,7 @@ import numpy as np
 from embedder.errors import InspectError
 
 PENULTIMATE = "penultimate"
-SAFE = re.compile(r"[^A-Za-z0-9._-]")
+SAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +216,7 @@ def _labels(train: Vectors, graph: Any, options: InspectOptions, summary: Inspec
         summary.skipped.append(f"{len(train) - summary.labelled} unlabelled images take no part in the label analyses")
     summary.knn_accuracy = knn_accuracy(graph, train.y, options.labels.knn_temperature)
     rows = train.labelled
-    lab_options = LabelOptions(**{**asdict(options.labels), "probe": options.labels.probe,
-                                  "folds": options.folds, "seed": options.seed})
+    lab_options = replace(options.labels, folds=options.folds, seed=options.seed)
     try:
         x = train.x if len(rows) == len(train) else train.x[rows]  # no copy when every row is labelled
         cv = cross_validate(x, train.y[rows], rows, train.classes, lab_options,

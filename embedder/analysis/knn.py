@@ -44,6 +44,7 @@ def _ivf(x: np.ndarray, seed: int) -> object:
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]
     index.train(sample)
+    del sample  # the training copy goes before the index takes its own copy of every vector
     for s in range(0, n, 65_536):
         index.add(x[s:s + 65_536])
     index.nprobe = min(nlist, max(32, nlist // 32))
