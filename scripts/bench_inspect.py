@@ -199,12 +199,64 @@ def digits_vectors(tmp: Path) -> tuple[np.ndarray, np.ndarray]:
     return v.x, v.y
 
 
+def browser_map(tmp: Path, n: int) -> dict:  # type: ignore[type-arg]
+    """The report's map with N points in headless Chromium (no GPU here: WebGL runs on SwiftShader):
+    seconds to the first drawn frame, and per wheel-zoom step until the next frame is painted, for
+    Bokeh's canvas backend (the report's) and its WebGL backend."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+
+    x, y = synthetic(n, 64, classes=20, seed=2)
+    write_store(tmp / "map_store", x, y)
+    insp = inspect_store(str(tmp / "map_store"), str(tmp / "map_rep"), options=InspectOptions(thumbnails="none"))
+    write_outputs(insp, str(tmp / "map_rep"))
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    page_file = tmp / "map_rep" / "index.html"
+    row: dict = {"points": n, "report_mib": round(page_file.stat().st_size / 2**20, 1)}  # type: ignore[type-arg]
+    # the page as written (2-D canvas backend), and the same page with Bokeh's WebGL backend
+    from embedder.analysis import report
+
+    report.MAP_BACKEND = "webgl"
+    report.write_html(insp, tmp / "map_rep" / "webgl.html")
+    report.MAP_BACKEND = "canvas"
+    assert '"output_backend":"webgl"' in (tmp / "map_rep" / "webgl.html").read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        for backend, name in (("canvas", "index.html"), ("webgl", "webgl.html")):
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            t0 = time.perf_counter()
+            page.goto((tmp / "map_rep" / name).as_uri())
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && Bokeh.documents[0].is_idle",
+                                   timeout=300_000)
+            page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+            first = time.perf_counter() - t0
+            box = page.locator("canvas").first.bounding_box() or {"x": 300, "y": 300, "width": 400, "height": 300}
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            steps = []
+            for _ in range(10):
+                t = time.perf_counter()
+                page.mouse.wheel(0, -200)
+                page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+                steps.append(time.perf_counter() - t)
+            row[backend] = {"first_frame_s": round(first, 2),
+                            "zoom_step_ms_median": round(1000 * float(np.median(steps))),
+                            "zoom_step_ms_worst": round(1000 * max(steps))}
+            page.close()
+        browser.close()
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--skip-labels", action="store_true")
+    ap.add_argument("--browser", type=int, nargs="*", default=[],
+                    help="time the map with these point counts in Chromium")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_inspect", nargs=2, help=argparse.SUPPRESS)
@@ -227,6 +279,10 @@ def main() -> None:
                                check=True, stdout=subprocess.PIPE, text=True)
             row = {"n": n, "dim": args.dim, "vectors_mib": round(n * args.dim * 4 / 2**20), **json.loads(r.stdout)}
             result["speed"].append(row)
+            print(json.dumps(row), flush=True)
+        for n in args.browser:
+            row = browser_map(tmp, n)
+            result.setdefault("browser", []).append(row)
             print(json.dumps(row), flush=True)
         if not args.skip_labels:
             x, y = digits_vectors(tmp)

@@ -52,7 +52,7 @@ class InspectOptions:
     projection: str = "pca"
     thumbnails: str = "all"  # all | findings | none
     listed: int = 200  # findings shown per section in the HTML (all are in findings.parquet)
-    map_points: int = 100_000  # the map shows a uniform sample beyond this (WebGL stays responsive)
+    map_points: int = 100_000  # the map shows a uniform sample beyond this (measured responsive at 100k)
     exact_limit: int = 20_000  # exact kNN graph up to this many vectors, IVF (recall measured) above
     seed: int = 0
     labels: LabelOptions = field(default_factory=LabelOptions)
