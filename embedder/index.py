@@ -58,6 +58,7 @@ class BuildOptions:
     memory_budget: int | None = None  # bytes; None: a quarter of physical RAM
     queries: int = 1000  # held-out random queries used to measure recall
     seed: int = 0
+    on_disk: bool = False  # IVF kinds: streamed build, inverted lists on disk (automatic over budget)
 
 
 @dataclass
@@ -153,15 +154,15 @@ def ground_truth(x: np.ndarray, queries: np.ndarray, k: int, metric: str, block:
 
 
 def tie_aware_recall(exact_scores: np.ndarray, found_scores: np.ndarray, found_ids: np.ndarray,
-                     higher_is_better: bool, k: int) -> float:
+                     higher_is_better: bool, k: int, tol: float = 1e-5) -> float:
     """A hit is any returned item whose exact score is at least as good as the exact k-th
     neighbour's (so ties at the boundary never count as misses). Hand-written rather than
     faiss.contrib.evaluation's id-intersection measures: clustered and duplicated data have many
     exact ties, which id intersection counts as misses (recall 0.9x for an exact index)."""
     kth = exact_scores[:, k - 1:k]
-    tol = 1e-5 * np.maximum(1.0, np.abs(kth))
+    margin = tol * np.maximum(1.0, np.abs(kth))
     valid = found_ids[:, :k] >= 0
-    good = found_scores[:, :k] >= kth - tol if higher_is_better else found_scores[:, :k] <= kth + tol
+    good = found_scores[:, :k] >= kth - margin if higher_is_better else found_scores[:, :k] <= kth + margin
     return float(np.minimum((good & valid).sum(1), k).mean() / k)
 
 
@@ -227,11 +228,24 @@ def measure_and_tune(searcher: Searcher, x: np.ndarray, rest: np.ndarray, querie
                      target: float, metric: str) -> dict[str, Any]:
     """Recall@k against exact search on the same held-out queries; tune the search parameter to
     the cheapest value that reaches the target recall."""
-    index = searcher.index
-    k = min(k, index.ntotal)
+    k = min(k, searcher.index.ntotal)
     if k == 0 or len(queries) == 0:
         return {"recall_at_10": None, "qps": None, "param": None, "value": None, "queries": 0}
     exact_scores = ground_truth(x[rest], queries, k, metric)
+    return tune(searcher, queries, exact_scores, k, target, metric,
+                scores_of=lambda ids: true_scores(x, queries, ids, metric))
+
+
+def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | None, k: int, target: float,
+         metric: str, scores_of: Any = None, tol: float = 1e-5) -> dict[str, Any]:
+    """The sweep behind ``measure_and_tune``, given the exact k-NN scores. ``scores_of(ids)`` gives
+    the exact scores of returned ids; without it the searcher's own scores are taken (exact for
+    IVF-Flat codes; float16-exact after re-ranking, hence TOL)."""
+    index = searcher.index
+    k = min(k, index.ntotal)
+    if k == 0 or len(queries) == 0 or exact_scores is None:
+        return {"recall_at_10": None, "qps": None, "param": None, "value": None, "queries": 0}
+    exact_scores = exact_scores[:, :k]
     higher_is_better = metric == "ip"
     name, values = _param_name(index)
     tried: list[dict[str, Any]] = []
@@ -239,9 +253,9 @@ def measure_and_tune(searcher: Searcher, x: np.ndarray, rest: np.ndarray, querie
     candidates: list[int | None] = list(values) if values else [None]
     for v in candidates:
         _set_param(index, name, v)
-        _, ids = searcher.search(queries, k)
-        recall = tie_aware_recall(exact_scores, true_scores(x, queries, ids, metric), ids,
-                                  higher_is_better, k)
+        found, ids = searcher.search(queries, k)
+        scores = scores_of(ids) if scores_of is not None else found
+        recall = tie_aware_recall(exact_scores, scores, ids, higher_is_better, k, tol)
         tried.append({"value": v, "recall": round(recall, 4)})
         if recall >= target:
             chosen = {"value": v, "recall": recall}
@@ -272,9 +286,15 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         raise IndexError_(f"unknown metric {options.metric!r}; valid: {', '.join(METRICS)}")
     target = gens.index_dir(name, index_home)
     store = Store.open(store_path)
-    table = store.read(["id", "path", "label", "embedding"])
-    if table.num_rows == 0:
+    n = store.count()
+    if n == 0:
         raise IndexError_(f"{store_path} holds no vectors to index")
+    budget = options.memory_budget or default_budget()
+    p = plan(n, store.dim, options.kind, budget)
+    # IVF over budget (or asked): streamed, lists on disk; otherwise the store is read whole
+    streamed = p.kind in ("ivf", "ivfpq") and (options.on_disk or n * store.dim * 4 > budget)
+    if options.on_disk and not streamed:
+        raise IndexError_(f"--on-disk needs an IVF index (--kind ivf or ivfpq); {p.kind!r} lives in memory")
     if gens.exists(target):
         raise IndexError_(f"index {name!r} already exists in {target.parent}; "
                           f"`embedder index drop {name}` first or pick another --name")
@@ -282,10 +302,53 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         if gens.exists(target):
             raise IndexError_(f"index {name!r} was just built by another process")
         try:
+            if streamed:
+                return _build_streamed(store, store_path, name, target, p, options, budget)
+            table = store.read(["id", "path", "label", "embedding"])
             return _build(store, store_path, name, target, table, options)
         finally:
             if not gens.exists(target):  # a failed first build leaves no empty folder behind
                 shutil.rmtree(target, ignore_errors=True)
+
+
+def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: Plan, options: BuildOptions,
+                    budget: int) -> dict[str, Any]:
+    """IVF larger than RAM: see embedder.bigindex. Tuned like the in-memory build, against exact
+    ground truth streamed over the store."""
+    from embedder import bigindex as big
+
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    tmpdir = gens.staging(target)
+    r = big.build_streamed(store, tmpdir, p.factory, options.metric, p.train_size, budget, options.queries,
+                           options.seed, _faiss_metric(options.metric), lambda v: _prepare(v, options.metric))
+    index = r["index"]
+    vectors = np.load(tmpdir / VECTORS_FILE, mmap_mode="r")
+    rerank = p.kind == "ivfpq"
+    searcher = Searcher(index, options.metric, vectors if rerank else None)
+    quality = tune(searcher, r["queries"], r["exact"], 10, options.target_recall, options.metric,
+                   tol=1e-3 if rerank else 1e-5)  # re-ranked scores come from float16 copies
+    del searcher, index
+    index = r["finish"]()  # the final lists, held-out queries included
+    _set_param(index, quality.get("param"), quality.get("value"))
+    faiss.write_index(index, str(tmpdir / INDEX_FILE))
+    del vectors
+    meta = {
+        "name": name, "store": str(Path(store_path).absolute()),
+        "provenance": store.provenance.to_dict(), "kind": p.kind, "factory": p.factory,
+        "reason": p.reason + "; streamed build, inverted lists on disk",
+        "metric": options.metric, "dim": r["dim"], "count": int(index.ntotal), "next_id": r["n"],
+        "build_seconds": round(time.perf_counter() - t0, 3), "memory_budget": budget,
+        "index_bytes": (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / big.LISTS_FILE).stat().st_size,
+        "on_disk": {"lists": big.LISTS_FILE, "trained": big.TRAINED_FILE, "slices": r["slices"],
+                    "slice_rows": r["slice_rows"], "train_rows": r["train_rows"]},
+        "id_map": big.IDS_ARROW, "vectors": VECTORS_FILE,
+        "rerank": None if not rerank else {"file": VECTORS_FILE, "factor": RERANK_FACTOR,
+                                           "dtype": "float16", "memory_mapped": True},
+        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
+    }
+    return _commit(target, tmpdir, meta)
 
 
 def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Table,
@@ -371,9 +434,16 @@ class LoadedIndex:
         self.meta = _read_meta(self.dir, name)
         if not (self.dir / INDEX_FILE).is_file():
             raise FileNotFoundError(self.dir / INDEX_FILE)
+        on_disk = bool(self.meta.get("on_disk"))
         try:
-            self.index = faiss.read_index(str(self.dir / INDEX_FILE))
-            self.ids = pq.read_table(self.dir / IDS_FILE)
+            # on-disk lists are found beside the index file (generations are renamed after writing)
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0
+            self.index = faiss.read_index(str(self.dir / INDEX_FILE), flags)
+            id_map = self.meta.get("id_map", IDS_FILE)
+            if id_map == IDS_FILE:
+                self.ids = pq.read_table(self.dir / IDS_FILE)
+            else:  # an Arrow IPC file, memory-mapped: the id map of a huge index is not read into RAM
+                self.ids = pa.ipc.open_file(pa.memory_map(str(self.dir / id_map))).read_all()
         except (RuntimeError, OSError, pa.ArrowInvalid) as e:
             raise IndexError_(f"index {name!r} is corrupt or unreadable ({str(e).splitlines()[0]}); "
                               f"rebuild it with `embedder index drop {name}` then `index build`") from None
@@ -383,7 +453,7 @@ class LoadedIndex:
         search = self.meta.get("search", {})
         _set_param(self.index, search.get("param"), search.get("value"))
         vectors = None
-        if self.meta.get("rerank"):
+        if self.meta.get("rerank") or self.meta.get("vectors"):
             try:
                 vectors = np.load(self.dir / VECTORS_FILE, mmap_mode="r")
             except FileNotFoundError:
@@ -392,14 +462,18 @@ class LoadedIndex:
                 raise IndexError_(f"index {name!r}: cannot map {VECTORS_FILE} ({e}); rebuild it") from None
             if vectors.shape != (int(self.meta["next_id"]), self.meta["dim"]):
                 raise IndexError_(f"index {name!r}: {VECTORS_FILE} does not match the index; rebuild it")
-        self.searcher = Searcher(self.index, self.meta["metric"], vectors)
+        self.lookup_vectors = vectors  # float16 copies by FAISS id (memory-mapped), when the index has them
+        self.searcher = Searcher(self.index, self.meta["metric"], vectors if self.meta.get("rerank") else None)
         self.name = name
-        # FAISS id → id-map row, vectorised (sorted ids + searchsorted), built once per load.
-        fids = np.asarray(self.ids.column("faiss_id").to_numpy(), dtype=np.int64)
-        self._order = np.argsort(fids, kind="stable")
-        self._sorted_fids = fids[self._order]
+        # FAISS id → id-map row: the identity for streamed builds (FAISS id = store row = map row);
+        # otherwise vectorised through sorted ids + searchsorted, built once per load.
+        self._identity = self.meta.get("id_map") == "ids.arrow"
+        if not self._identity:
+            fids = np.asarray(self.ids.column("faiss_id").to_numpy(), dtype=np.int64)
+            self._order = np.argsort(fids, kind="stable")
+            self._sorted_fids = fids[self._order]
         ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None and self.searcher.vectors is None:
+        if ivf is not None and self.lookup_vectors is None:
             # vectors by id (queries by id, exact fallback), set up at load, never mid-search; a hash
             # table because ids are not 0..n-1 in add order (held-out queries go in last)
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -487,8 +561,8 @@ class LoadedIndex:
 
     def _vectors_of(self, fids: np.ndarray) -> np.ndarray:
         """Vectors for FAISS ids: the re-rank copies, the index itself, or the store on disk."""
-        if self.searcher.vectors is not None:
-            return np.asarray(self.searcher.vectors[np.sort(fids)], dtype=np.float32)[np.argsort(np.argsort(fids))]
+        if self.lookup_vectors is not None:
+            return np.asarray(self.lookup_vectors[np.sort(fids)], dtype=np.float32)[np.argsort(np.argsort(fids))]
         try:
             return np.asarray(self.index.reconstruct_batch(fids), dtype=np.float32)
         except RuntimeError:
@@ -508,6 +582,8 @@ class LoadedIndex:
         return self._hits(scores, np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1))
 
     def rows_of(self, fids: np.ndarray) -> np.ndarray:
+        if self._identity:
+            return np.asarray(fids, dtype=np.int64)
         return self._order[np.searchsorted(self._sorted_fids, fids)]  # type: ignore[no-any-return]
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict[str, Any]]]:
@@ -554,6 +630,10 @@ def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, 
     locate(name, index_home)
     with gens.writer(d):
         loaded = LoadedIndex(name, index_home)
+        if loaded.meta.get("on_disk"):
+            from embedder.bigindex import add_streamed
+
+            return add_streamed(loaded, d, store_path)
         store = Store.open(store_path)
         loaded.provenance.require(store.provenance, store=False, what=f"index {name!r} holds vectors",
                                   fix=f"{store_path} was embedded differently; build a new index for it")

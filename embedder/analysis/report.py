@@ -12,14 +12,14 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from embedder.analysis.thumbs import THUMBS_DIR, thumb_name
 
 if TYPE_CHECKING:
     from embedder.analysis.inspection import Finding, Inspection
 
-MAP_BACKEND = "canvas"
+MAP_BACKEND: Literal["canvas", "svg", "webgl"] = "canvas"
 
 TITLES = {
     "leak": ("Train/test leakage", "Test images with a near-duplicate in train: they inflate every test accuracy."),

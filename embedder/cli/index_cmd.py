@@ -19,6 +19,18 @@ index_app = typer.Typer(help="Build and manage FAISS indexes over stores.", no_a
 HomeOpt = Annotated[Optional[str], typer.Option("--home", help="Index home (default: $EMBEDDER_HOME or ./indexes).")]
 
 
+def parse_size(text: str) -> int:
+    """'512MB', '2GB', '1.5GiB', '1000000' → bytes (powers of 1024: budgets are memory)."""
+    import re
+
+    from embedder.errors import IndexError_
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not m:
+        raise IndexError_(f"cannot read the memory budget {text!r}; write e.g. 512MB or 2GB")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
 @index_app.command("build")
 @handle_errors
 def build_command(
@@ -27,17 +39,19 @@ def build_command(
     kind: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string")] = "auto",
     metric: Annotated[str, typer.Option(help="cosine | l2 | ip")] = "cosine",
     target_recall: Annotated[float, typer.Option(help="Recall@10 the search parameter is tuned to.")] = 0.95,
-    memory_budget_gb: Annotated[Optional[float], typer.Option(help="Default: a quarter of RAM.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="e.g. 512MB, 2GB (default: a quarter of RAM). IVF over budget is built streamed, its lists on disk.")] = None,
+    memory_budget_gb: Annotated[Optional[float], typer.Option(help="The budget in GiB (older spelling).")] = None,
+    on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF kinds: streamed build with inverted lists on disk, even within budget.")] = False,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Build an index over STORE; measures recall@10 against exact search on held-out queries."""
     from embedder import index as idx
 
-    budget = int(memory_budget_gb * 2**30) if memory_budget_gb else None
+    budget = parse_size(memory_budget) if memory_budget else (int(memory_budget_gb * 2**30) if memory_budget_gb else None)
     with console.status(f"building {name}…"):
         meta = idx.build(str(store), name, idx.BuildOptions(kind=kind, metric=metric,
-                         target_recall=target_recall, memory_budget=budget), home)
+                         target_recall=target_recall, memory_budget=budget, on_disk=on_disk), home)
     if as_json:
         out.print_json(json.dumps(meta))
         return

@@ -1,0 +1,308 @@
+"""Indexes larger than RAM: a streamed IVF build with on-disk inverted lists.
+
+Used by ``index build`` for IVF kinds when the raw vectors exceed the memory budget (or with
+``--on-disk``). Nothing holds all vectors: the store is read shard by shard and record batch by
+record batch, twice —
+1. a uniform random sample across all shards (global row numbers drawn up front, so every shard
+   contributes in proportion to its size, never "the first rows") for training, and the held-out
+   queries;
+2. every row: normalised, its float16 copy written into a memory-mapped ``vectors.npy`` (exact
+   re-ranking, lookups by id), its id-map row appended to an Arrow IPC file (``ids.arrow``: FAISS id
+   = store row number = id-map row, memory-mapped when loaded), added to a slice index that is
+   written to disk whenever it reaches its share of the budget, and streamed through the exact
+   ground truth of the held-out queries (a running top-k, ``faiss.ResultHeap``).
+The slices are merged into one ``lists.ivfdata`` (FAISS ``OnDiskInvertedLists``, as
+``faiss.contrib.ondisk.merge_ondisk`` does) that search maps from disk, so the codes may exceed RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.errors import IndexError_
+from embedder.store import Store
+
+
+def _faiss() -> Any:
+    from embedder.index import _faiss as load
+
+    return load()
+
+log = logging.getLogger(__name__)
+
+IDS_ARROW = "ids.arrow"
+LISTS_FILE = "lists.ivfdata"
+TRAINED_FILE = "trained.faiss"  # the empty trained index: `index add` merges new slices with it
+BATCH_ROWS = 16_384
+
+
+@dataclass
+class Batch:
+    start: int  # global row number of the first row
+    x: np.ndarray  # [n, dim] float32, prepared for the metric
+    table: pa.Table  # id, path, label
+
+
+def batches(store: Store, prepare: Callable[[np.ndarray], np.ndarray],
+            columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
+    """The store in global row order, one record batch at a time."""
+    from embedder.store import arrow_to_embeddings
+
+    row = 0
+    pool = pa.default_memory_pool()
+    for shard in store.shard_files():
+        for rb in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
+            x = prepare(arrow_to_embeddings(rb.column("embedding")))
+            yield Batch(row, x, pa.Table.from_batches([rb]).select(list(columns)))
+            row += rb.num_rows
+        pool.release_unused()
+
+
+def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Vectors of the given global rows (sorted), in one streamed pass."""
+    out = np.empty((len(rows), store.dim), np.float32)
+    for b in batches(store, prepare, ("id",)):
+        lo, hi = np.searchsorted(rows, [b.start, b.start + len(b.x)])
+        if hi > lo:
+            out[lo:hi] = b.x[rows[lo:hi] - b.start]
+    return out
+
+
+def slice_rows(dim: int, code_bytes: int, budget: int) -> int:
+    """Rows per slice index: a quarter of the budget for its codes and ids (the rest is the
+    training sample, the queries' ground truth, one record batch and FAISS's own buffers)."""
+    return max(BATCH_ROWS, int(budget // 4 // max(code_bytes + 8, 1)))
+
+
+def train_rows(plan_rows: int, dim: int, budget: int) -> int:
+    """The training sample, capped at a quarter of the budget."""
+    return int(max(1, min(plan_rows, budget // 4 // (dim * 4))))
+
+
+def merge_lists(trained: Any, fnames: list[str], ivfdata: str) -> Any:
+    """``faiss.contrib.ondisk.merge_ondisk``, with the slices read memory-mapped and the merged
+    lists written to IVFDATA; returns the index (its lists on disk)."""
+    faiss = _faiss()
+
+    ivfs = []
+    keep = []
+    for fname in fnames:
+        index = faiss.read_index(fname, faiss.IO_FLAG_MMAP)
+        ivf = faiss.extract_index_ivf(index)
+        ivfs.append(ivf.invlists)
+        ivf.own_invlists = False
+        keep.append(index)
+    out_ivf = faiss.extract_index_ivf(trained)
+    if trained.ntotal != 0:
+        raise IndexError_("internal: merging into a non-empty index")
+    invlists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, ivfdata)
+    vec = faiss.InvertedListsPtrVector()
+    for iv in ivfs:
+        vec.push_back(iv)
+    ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
+    trained.ntotal = out_ivf.ntotal = ntotal
+    out_ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    del keep  # as in faiss.contrib.ondisk: the slices' mapped lists are left to the process
+    return trained
+
+
+def build_streamed(store: Store, staging: Path, factory: str, metric: str, train_size: int, budget: int,
+                   queries: int, seed: int, faiss_metric: int,
+                   prepare: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """Write index.faiss (+ lists.ivfdata), trained.faiss, ids.arrow and vectors.npy into STAGING.
+    Returns what the caller needs for tuning and the metadata."""
+    faiss = _faiss()
+
+    n, dim = store.count(), store.dim
+    rng = np.random.default_rng(seed)
+    nq = min(queries, max(1, n // 10)) if n > 1 else 0
+    held = np.sort(rng.choice(n, nq, replace=False)) if nq else np.zeros(0, np.int64)
+    pool = np.setdiff1d(np.arange(n), held, assume_unique=True) if n <= 50_000_000 else None
+    n_train = train_rows(train_size, dim, budget)
+    if pool is not None:
+        sample_rows = np.sort(rng.choice(pool, min(len(pool), n_train), replace=False))
+    else:  # huge stores: draw from all rows, drop the held-out ones
+        sample_rows = np.setdiff1d(np.sort(rng.choice(n, n_train, replace=False)), held)
+    del pool
+    t0 = time.perf_counter()
+    both = np.union1d(sample_rows, held)
+    got = gather(store, both, prepare)
+    train_x = got[np.searchsorted(both, sample_rows)]
+    query_x = got[np.searchsorted(both, held)]
+    del got
+    try:
+        base = faiss.index_factory(dim, factory, faiss_metric)
+    except RuntimeError as e:
+        raise IndexError_(f"FAISS cannot build {factory!r}: {str(e).splitlines()[-1]}") from None
+    try:
+        base.train(train_x)
+    except RuntimeError as e:
+        raise IndexError_(f"training {factory} failed ({str(e).splitlines()[-1]}); too few vectors?") from None
+    del train_x
+    train_seconds = time.perf_counter() - t0
+    faiss.write_index(base, str(staging / TRAINED_FILE))
+    code_bytes = faiss.extract_index_ivf(base).code_size
+    per_slice = slice_rows(dim, code_bytes, budget)
+
+    k = 10
+    heap = faiss.ResultHeap(nq, min(k, max(n - nq, 1)), keep_max=(metric == "ip")) if nq else None
+    vectors = np.lib.format.open_memmap(staging / "vectors.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+    schema = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
+    slices: list[str] = []
+    current = faiss.clone_index(base)
+    in_slice = 0
+    with pa.OSFile(str(staging / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
+        for b in batches(store, prepare):
+            m = len(b.x)
+            rows = np.arange(b.start, b.start + m, dtype=np.int64)
+            vectors[b.start:b.start + m] = b.x.astype(np.float16)
+            ids_out.write_table(pa.table({
+                "faiss_id": pa.array(rows), "id": b.table.column("id").cast(pa.string()),
+                "path": b.table.column("path").cast(pa.string()),
+                "label": b.table.column("label").cast(pa.string())}, schema=schema))
+            lo, hi = np.searchsorted(held, [b.start, b.start + m])
+            keep = np.ones(m, bool)
+            keep[held[lo:hi] - b.start] = False
+            if keep.any():
+                xs, ids = b.x[keep], rows[keep]
+                current.add_with_ids(xs, ids)
+                in_slice += len(ids)
+                if heap is not None:
+                    d, i = faiss.knn(query_x, xs, min(heap.k, len(xs)), metric=faiss_metric)
+                    heap.add_result(d, ids[i])
+            if in_slice >= per_slice:
+                slices.append(str(staging / f"slice-{len(slices):05d}.faiss"))
+                faiss.write_index(current, slices[-1])
+                current = faiss.clone_index(base)
+                in_slice = 0
+        if in_slice:
+            slices.append(str(staging / f"slice-{len(slices):05d}.faiss"))
+            faiss.write_index(current, slices[-1])
+    del current
+    vectors.flush()
+    del vectors
+    held_slice = str(staging / "slice-held.faiss")
+    h = faiss.clone_index(base)
+    if nq:
+        h.add_with_ids(query_x, held.astype(np.int64))
+    faiss.write_index(h, held_slice)
+    del h
+    # Tuning needs the index without the held-out queries, and FAISS's on-disk lists must not be
+    # added to after a merge (measured: ids came back corrupted once the file was resized), so the
+    # slices are merged twice: without the queries for tuning, then with them for good.
+    tuning = merge_lists(faiss.read_index(str(staging / TRAINED_FILE)), slices, str(staging / "tuning.ivfdata"))
+
+    def finish() -> Any:
+        final = merge_lists(faiss.read_index(str(staging / TRAINED_FILE)), [*slices, held_slice],
+                            str(staging / LISTS_FILE))
+        for f in [*slices, held_slice, str(staging / "tuning.ivfdata")]:
+            Path(f).unlink(missing_ok=True)
+        return final
+
+    exact = None
+    if heap is not None:
+        heap.finalize()
+        exact = np.asarray(heap.D, np.float32)
+    return {"index": tuning, "finish": finish, "held": held, "queries": query_x, "exact": exact, "n": n,
+            "dim": dim, "slices": len(slices), "slice_rows": per_slice, "train_rows": len(sample_rows),
+            "train_seconds": round(train_seconds, 3)}
+
+
+def add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
+    """``index add`` for an on-disk index: only the store's new rows are embedded into a slice,
+    and the new generation's lists are the old lists merged with the slice (streamed, on disk);
+    the id map and float16 copies grow by copying in chunks. The old generation stays intact."""
+    import pyarrow.compute as pc
+
+    faiss = _faiss()
+
+    from embedder import generations as gens
+    from embedder.index import INDEX_FILE, VECTORS_FILE, _commit, _prepare
+
+    store = Store.open(store_path)
+    loaded.provenance.require(store.provenance, store=False, what=f"index {loaded.name!r} holds vectors",
+                              fix=f"{store_path} was embedded differently; build a new index for it")
+    present = loaded.ids.column("id")
+    masks = []
+    for shard in store.shard_files():  # pass 1: ids only
+        for rb in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
+            masks.append(np.asarray(pc.invert(pc.is_in(rb.column("id"), value_set=present)).to_numpy(
+                zero_copy_only=False), bool))
+    n_new = int(sum(m.sum() for m in masks))
+    total = sum(len(m) for m in masks)
+    if n_new == 0:
+        return {"added": 0, "skipped": total, "count": int(loaded.index.ntotal)}
+    start = int(loaded.meta["next_id"])
+    dim = loaded.dim
+    tmpdir = gens.staging(d)
+    old_vec = loaded.lookup_vectors
+    vectors = np.lib.format.open_memmap(tmpdir / VECTORS_FILE, mode="w+", dtype=np.float16, shape=(start + n_new, dim))
+    for s in range(0, start, 1 << 18):
+        vectors[s:min(start, s + (1 << 18))] = old_vec[s:s + (1 << 18)]
+    schema = loaded.ids.schema
+    trained = faiss.read_index(str(loaded.dir / TRAINED_FILE))
+    slice_index = faiss.clone_index(trained)
+    row = start
+    with pa.OSFile(str(tmpdir / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
+        for rb in loaded.ids.to_batches(max_chunksize=1 << 16):
+            ids_out.write_batch(rb)
+        for mask, b in zip(masks, batches(store, lambda v: _prepare(v, loaded.metric))):  # pass 2
+            if not mask.any():
+                continue
+            x = b.x[mask]
+            fids = np.arange(row, row + len(x), dtype=np.int64)
+            vectors[row:row + len(x)] = x.astype(np.float16)
+            t = b.table.filter(pa.array(mask))
+            ids_out.write_table(pa.table({
+                "faiss_id": pa.array(fids), "id": t.column("id").cast(pa.string()),
+                "path": t.column("path").cast(pa.string()), "label": t.column("label").cast(pa.string())},
+                schema=schema))
+            slice_index.add_with_ids(x, fids)
+            row += len(x)
+    vectors.flush()
+    del vectors
+    slice_file = str(tmpdir / "slice-new.faiss")
+    faiss.write_index(slice_index, slice_file)
+    del slice_index
+    old_index = str(loaded.dir / INDEX_FILE)
+    index = _merge_with_old(trained, old_index, slice_file, str(tmpdir / LISTS_FILE))
+    Path(slice_file).unlink()
+    search = loaded.meta.get("search", {})
+    if search.get("param") and search.get("value"):
+        faiss.ParameterSpace().set_index_parameter(index, search["param"], search["value"])
+    faiss.write_index(index, str(tmpdir / INDEX_FILE))
+    faiss.write_index(trained, str(tmpdir / TRAINED_FILE))
+    meta = {**loaded.meta, "count": int(index.ntotal), "next_id": start + n_new,
+            "index_bytes": (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / LISTS_FILE).stat().st_size}
+    _commit(d, tmpdir, meta)
+    return {"added": n_new, "skipped": total - n_new, "count": int(index.ntotal)}
+
+
+def _merge_with_old(trained: Any, old_index: str, slice_file: str, ivfdata: str) -> Any:
+    """Merge the current generation's on-disk lists (found beside its index file) and a new slice."""
+    faiss = _faiss()
+
+    old = faiss.read_index(old_index, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    new = faiss.read_index(slice_file, faiss.IO_FLAG_MMAP)
+    out = faiss.clone_index(trained)
+    out_ivf = faiss.extract_index_ivf(out)
+    invlists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, ivfdata)
+    vec = faiss.InvertedListsPtrVector()
+    for idx in (old, new):
+        vec.push_back(faiss.extract_index_ivf(idx).invlists)
+    ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
+    out.ntotal = out_ivf.ntotal = ntotal
+    out_ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    del old, new
+    return out
