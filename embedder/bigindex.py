@@ -88,6 +88,25 @@ def train_rows(plan_rows: int, dim: int, budget: int) -> int:
     return int(max(1, min(plan_rows, budget // 4 // (dim * 4))))
 
 
+def read_ondisk(path: str) -> Any:
+    """Open an index whose lists are on disk where its header says; if the folder was moved, beside
+    the index file (FAISS then notes the new path on stderr)."""
+    faiss = _faiss()
+    try:
+        return faiss.read_index(path)
+    except RuntimeError:
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def point_lists_at(index: Any, final: Path) -> None:
+    """Record where the lists will live once the staged generation is renamed into place (FAISS
+    stores an absolute path; loading with IO_FLAG_ONDISK_SAME_DIR would find them anyway, but says
+    so on stderr at every load)."""
+    faiss = _faiss()
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    lists.filename = str(final)
+
+
 def merge_lists(trained: Any, fnames: list[str], ivfdata: str) -> Any:
     """``faiss.contrib.ondisk.merge_ondisk``, with the slices read memory-mapped and the merged
     lists written to IVFDATA; returns the index (its lists on disk)."""
@@ -213,7 +232,8 @@ def build_streamed(store: Store, staging: Path, factory: str, metric: str, train
     if heap is not None:
         heap.finalize()
         exact = np.asarray(heap.D, np.float32)
-    return {"index": tuning, "finish": finish, "held": held, "queries": query_x, "exact": exact, "n": n,
+    return {"index": tuning, "finish": finish, "held": held, "sample": sample_rows, "queries": query_x,
+            "exact": exact, "n": n,
             "dim": dim, "slices": len(slices), "slice_rows": per_slice, "train_rows": len(sample_rows),
             "train_seconds": round(train_seconds, 3)}
 
@@ -280,6 +300,7 @@ def add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
     search = loaded.meta.get("search", {})
     if search.get("param") and search.get("value"):
         faiss.ParameterSpace().set_index_parameter(index, search["param"], search["value"])
+    point_lists_at(index, d / f"gen-{gens.next_generation(d):06d}" / LISTS_FILE)
     faiss.write_index(index, str(tmpdir / INDEX_FILE))
     faiss.write_index(trained, str(tmpdir / TRAINED_FILE))
     meta = {**loaded.meta, "count": int(index.ntotal), "next_id": start + n_new,
@@ -292,7 +313,7 @@ def _merge_with_old(trained: Any, old_index: str, slice_file: str, ivfdata: str)
     """Merge the current generation's on-disk lists (found beside its index file) and a new slice."""
     faiss = _faiss()
 
-    old = faiss.read_index(old_index, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    old = read_ondisk(old_index)
     new = faiss.read_index(slice_file, faiss.IO_FLAG_MMAP)
     out = faiss.clone_index(trained)
     out_ivf = faiss.extract_index_ivf(out)

@@ -39,6 +39,7 @@ METRICS = ("cosine", "l2", "ip")
 INDEX_FILE, IDS_FILE = "index.faiss", "ids.parquet"
 VECTORS_FILE = "vectors.npy"  # float16 copies for exact re-ranking of compressed (PQ) indexes
 RERANK_FACTOR = 8
+RERANK_CHUNK = 32  # queries re-ranked at a time (bounded temporaries)
 EXACT_BELOW = 50_000
 
 
@@ -204,15 +205,21 @@ class Searcher:
         if not (ids >= 0).any():  # e.g. a filter that no candidate passed
             none = np.full((len(q), k), -1, dtype=np.int64)
             return np.full((len(q), k), -np.inf if self.metric == "ip" else np.inf, np.float32), none
-        rows = np.sort(np.unique(ids[ids >= 0]))  # sorted reads from the memory map
-        lookup = np.searchsorted(rows, np.maximum(ids, 0))
-        v = np.asarray(self.vectors[rows], dtype=np.float32)[lookup]
+        d = np.empty(ids.shape, np.float32)
+        for s in range(0, len(q), RERANK_CHUNK):  # bounded temporaries, whatever the query batch
+            part = ids[s:s + RERANK_CHUNK]
+            rows = np.sort(np.unique(part[part >= 0]))  # sorted reads from the memory map
+            v = np.asarray(self.vectors[rows], dtype=np.float32)[np.searchsorted(rows, np.maximum(part, 0))]
+            qs = q[s:s + RERANK_CHUNK]
+            if self.metric == "ip":
+                d[s:s + len(part)] = np.einsum("qkd,qd->qk", v, qs)
+            else:  # l2, and cosine as L2 on unit vectors
+                v -= qs[:, None, :]
+                d[s:s + len(part)] = np.einsum("qkd,qkd->qk", v, v)
         if self.metric == "ip":
-            d = np.einsum("qkd,qd->qk", v, q)
             d[ids < 0] = -np.inf
             order = np.argsort(-d, axis=1)[:, :k]
-        else:  # l2, and cosine as L2 on unit vectors
-            d = ((v - q[:, None, :]) ** 2).sum(-1)
+        else:
             d[ids < 0] = np.inf
             order = np.argsort(d, axis=1)[:, :k]
         return np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
@@ -331,6 +338,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     del searcher, index
     index = r["finish"]()  # the final lists, held-out queries included
     _set_param(index, quality.get("param"), quality.get("value"))
+    big.point_lists_at(index, target / f"gen-{gens.next_generation(target):06d}" / big.LISTS_FILE)
     faiss.write_index(index, str(tmpdir / INDEX_FILE))
     del vectors
     meta = {
@@ -436,9 +444,12 @@ class LoadedIndex:
             raise FileNotFoundError(self.dir / INDEX_FILE)
         on_disk = bool(self.meta.get("on_disk"))
         try:
-            # on-disk lists are found beside the index file (generations are renamed after writing)
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0
-            self.index = faiss.read_index(str(self.dir / INDEX_FILE), flags)
+            if on_disk:
+                from embedder.bigindex import read_ondisk
+
+                self.index = read_ondisk(str(self.dir / INDEX_FILE))  # lists memory-mapped from disk
+            else:
+                self.index = faiss.read_index(str(self.dir / INDEX_FILE))
             id_map = self.meta.get("id_map", IDS_FILE)
             if id_map == IDS_FILE:
                 self.ids = pq.read_table(self.dir / IDS_FILE)

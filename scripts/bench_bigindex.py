@@ -1,0 +1,223 @@
+"""Indexes larger than RAM: streamed IVF-PQ builds with on-disk inverted lists under a memory budget.
+
+A generated store (clustered synthetic vectors, 256-d, stored as float16, written as a real embedder
+store in chunks: nothing here ever holds it whole) of N vectors is indexed with
+`index build --kind ivfpq --memory-budget 512MB` in its own process; then a search process loads
+the index (lists memory-mapped) and answers fresh queries from the same distribution one at a time
+and batched, with and without exact re-ranking; then `embedder serve` loads it and its peak RSS
+(VmHWM) is read. Beside it, at the smallest N only, the in-memory build (the same IVF-PQ, budget
+large enough that the store is read whole) — what the tool did before, and what a user writing
+`faiss.index_factory(...).add(all_vectors)` does.
+
+Recall@10 is tie-aware against exact search over the whole store, computed by streaming over it.
+
+Usage: python scripts/bench_bigindex.py [--sizes 1000000 5000000] [--budget 512MB] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+DIM = 256
+
+
+def peak_rss_mib() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def generator(dim: int, clusters: int = 2000, latent: int = 32,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 3, (clusters, latent)).astype(np.float32), rng.normal(0, 1, (latent, dim)).astype(np.float32)
+
+
+def chunk(centers: np.ndarray, lift: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = centers[rng.integers(0, len(centers), n)] + rng.normal(0, 1, (n, centers.shape[1])).astype(np.float32)
+    return (z @ lift + rng.normal(0, 0.2, (n, lift.shape[1])).astype(np.float32)).astype(np.float32)
+
+
+def make_store(n: int, path: Path) -> None:
+    from embedder.backbones import get_backbone
+    from embedder.provenance import Provenance, WeightsRef
+    from embedder.store import Store, embeddings_to_arrow
+
+    centers, lift = generator(DIM)
+    prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
+                      get_backbone("tiny_test").preprocessing(), DIM, dtype="float16")
+    step = 250_000
+    with Store.writer(path, prov) as st:
+        schema = st.read().schema
+        for s in range(0, n, step):
+            m = min(step, n - s)
+            x = chunk(centers, lift, m, seed=1 + s // step)
+            ids = [f"v{s + i:09d}" for i in range(m)]
+            st.write_shard(pa.table({
+                "id": ids, "path": ids, "label": [None] * m, "embedding": embeddings_to_arrow(x, "float16"),
+                "width": pa.array([0] * m, pa.int32()), "height": pa.array([0] * m, pa.int32()),
+                "file_hash": [None] * m}, schema=schema))
+        st.update_manifest()
+
+
+def child_build(store: Path, home: Path, budget: int, name: str) -> dict:  # type: ignore[type-arg]
+    from embedder import index as idx
+
+    t0 = time.perf_counter()
+    meta = idx.build(str(store), name, idx.BuildOptions(kind="ivfpq", memory_budget=budget), str(home))
+    gen = (home / name).resolve() / f"gen-{meta['generation']:06d}"
+    disk = sum(p.stat().st_size for p in gen.iterdir())
+    return {"build_s": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
+            "factory": meta["factory"], "on_disk": bool(meta.get("on_disk")), "disk_mib": round(disk / 2**20),
+            "tuned": f"{meta['search']['param']}={meta['search']['value']}",
+            "build_recall_at_10": meta["quality"]["recall_at_10"]}
+
+
+def exact_knn(store: Path, q: np.ndarray, k: int) -> np.ndarray:
+    """Exact L2 (cosine on unit vectors) top-k distances, streamed over the store."""
+    import faiss
+
+    from embedder import bigindex as big
+    from embedder.index import _prepare
+    from embedder.store import Store
+
+    heap = faiss.ResultHeap(len(q), k)
+    for b in big.batches(Store.open(store), lambda v: _prepare(v, "cosine"), ("id",)):
+        d, i = faiss.knn(q, b.x, k)
+        heap.add_result(d, i + b.start)
+    heap.finalize()
+    return np.asarray(heap.D, np.float32)
+
+
+def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  # type: ignore[type-arg]
+    from embedder import index as idx
+
+    centers, lift = generator(DIM)
+    q = idx._prepare(chunk(centers, lift, n_queries, seed=99_999), "cosine")
+    t0 = time.perf_counter()
+    loaded = idx.LoadedIndex(name, str(home))
+    load_s = time.perf_counter() - t0
+    exact = exact_knn(store, q, 10)
+    out: dict = {"load_s": round(load_s, 2)}  # type: ignore[type-arg]
+    for label, searcher in (("rerank", loaded.searcher),
+                            ("no_rerank", idx.Searcher(loaded.index, "cosine", None))):
+        searcher.search(q[:5], 10)
+        t = time.perf_counter()
+        for i in range(len(q)):
+            searcher.search(q[i:i + 1], 10)
+        one = len(q) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        d, ids = searcher.search(q, 10)
+        batched = len(q) / (time.perf_counter() - t)
+        found = _true(loaded, q, ids)
+        recall = idx.tie_aware_recall(exact, found, ids, False, 10, tol=1e-3)
+        out[label] = {"recall_at_10": round(recall, 4), "qps_one_at_a_time": round(one, 1),
+                      "qps_batched": round(batched, 1)}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def _true(loaded: object, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact distances of returned ids, from the float16 copies (hence the 1e-3 tolerance)."""
+    rows = np.sort(np.unique(ids[ids >= 0]))
+    v = np.asarray(loaded.lookup_vectors[rows], np.float32)  # type: ignore[attr-defined]
+    vv = v[np.searchsorted(rows, np.maximum(ids, 0))]
+    return ((vv - q[:, None, :]) ** 2).sum(-1)
+
+
+def serve_rss(home: Path) -> dict:  # type: ignore[type-arg]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "embedder"
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--home", str(home), "--port", str(port), "--poll-seconds", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < 600:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        ready = time.perf_counter() - t0
+        hwm = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM"))
+        return {"ready_s": round(ready, 1), "peak_rss_mib": round(hwm / 1024)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run(args: list[str]) -> dict:  # type: ignore[type-arg]
+    r = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    from embedder.cli.index_cmd import parse_size
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 5_000_000])
+    ap.add_argument("--budget", default="512MB")
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory build only up to this N")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_build", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--_search", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._make:
+        make_store(int(args._make[0]), Path(args._make[1]))
+        print(json.dumps({}))
+        return
+    if args._build:
+        b = args._build
+        print(json.dumps(child_build(Path(b[0]), Path(b[1]), int(b[2]), b[3])))
+        return
+    if args._search:
+        print(json.dumps(child_search(Path(args._search[0]), Path(args._search[1]), args._search[2], args.queries)))
+        return
+    budget = parse_size(args.budget)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    result: dict = {"machine": machine, "budget": args.budget, "rows": []}  # type: ignore[type-arg]
+    with tempfile.TemporaryDirectory(prefix="bench_bigindex_") as t:
+        tmp = Path(t)
+        for n in args.sizes:
+            store, home = tmp / f"s{n}", tmp / f"h{n}"
+            t0 = time.perf_counter()
+            run(["--_make", str(n), str(store)])
+            size = sum(p.stat().st_size for p in store.iterdir())
+            row: dict = {"n": n, "dim": DIM, "store_mib": round(size / 2**20),  # type: ignore[type-arg]
+                         "make_s": round(time.perf_counter() - t0, 1)}
+            row["build"] = run(["--_build", str(store), str(home), str(budget), "big"])
+            row["search"] = run(["--queries", str(args.queries), "--_search", str(store), str(home), "big"])
+            row["serve"] = serve_rss(home)
+            if n <= args.baseline_max:
+                row["in_memory_build"] = run(["--_build", str(store), str(tmp / f"m{n}"), str(64 << 30), "mem"])
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Indexes larger than the memory budget: streamed build, lists on disk, memory-mapped serving."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from embedder import bigindex as big
+from embedder import index as idx
+from embedder.backbones import get_backbone
+from embedder.cli import app
+from embedder.provenance import Provenance, WeightsRef
+from embedder.store import Store, embeddings_to_arrow
+from tests.test_index import clustered, recall_vs_numpy
+
+runner = CliRunner()
+
+
+def sharded_store(path: Path, parts: list[np.ndarray], prefix: str = "v") -> str:
+    """One shard per part; ids numbered across parts."""
+    prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
+                      get_backbone("tiny_test").preprocessing(), parts[0].shape[1])
+    start = 0
+    with Store.writer(path, prov) as st:
+        schema = st.read().schema
+        for x in parts:
+            ids = [f"{prefix}{start + i:06d}" for i in range(len(x))]
+            st.write_shard(pa.table({
+                "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": [f"c{i % 3}" for i in range(len(x))],
+                "embedding": embeddings_to_arrow(x, "float32"), "width": pa.array([1] * len(x), pa.int32()),
+                "height": pa.array([1] * len(x), pa.int32()), "file_hash": [None] * len(x)}, schema=schema))
+            start += len(x)
+        st.update_manifest()
+    return str(path)
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(big, "BATCH_ROWS", 1024)  # many record batches and slices on a small store
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_over_budget_build_streams_to_on_disk_lists(tmp_path: Path, kind: str, small_batches: None) -> None:
+    both = clustered(30_200, dim=32)
+    x, fresh = both[:30_000], both[30_000:]  # fresh: same distribution, never indexed
+    store = sharded_store(tmp_path / "s", np.array_split(x, 4))
+    raw = x.nbytes  # 3.8 MB; the budget is a third of it
+    warm = sharded_store(tmp_path / "w", [x[:3000]])  # imports FAISS & co. before memory is traced
+    idx.build(warm, "warm", idx.BuildOptions(kind=kind, on_disk=True, queries=50), str(tmp_path / "h"))
+    tracemalloc.start()
+    meta = idx.build(store, "big", idx.BuildOptions(kind=kind, memory_budget=raw // 3, queries=300),
+                     str(tmp_path / "h"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < raw  # numpy never held every vector at once (the in-memory path holds several copies)
+    assert meta["on_disk"]["slices"] > 1 and "streamed" in meta["reason"]
+    gen = Path(tmp_path / "h" / "big").resolve() / f"gen-{meta['generation']:06d}"
+    files = sorted(p.name for p in gen.iterdir())
+    assert files == sorted(["index.faiss", "lists.ivfdata", "trained.faiss", "ids.arrow", "vectors.npy",
+                            "index.json"])  # no slice or tuning files left behind
+    assert meta["quality"]["recall_at_10"] >= 0.95 and meta["count"] == 30_000
+    loaded = idx.LoadedIndex("big", str(tmp_path / "h"))
+    assert loaded.rows_of(np.array([5, 29_999])).tolist() == [5, 29_999]  # FAISS id = id-map row
+    assert loaded.ids.column("id")[29_999].as_py() == "v029999"
+    assert recall_vs_numpy(loaded, x, fresh) >= 0.9
+    hit = loaded.search(x[1234:1235], 1)[0][0]
+    assert hit["id"] == "v001234" and hit["score"] == pytest.approx(1.0, abs=1e-3)
+    # filters and lookups by id work on the mapped id map and float16 copies
+    assert {h["label"] for h in loaded.search(x[:2], 5, where={"label": "c1"})[0]} == {"c1"}
+    assert loaded.vector_of("v000007").shape == (1, 32)
+
+
+def test_training_sample_is_drawn_across_all_shards(tmp_path: Path, small_batches: None) -> None:
+    # four shards, each its own region of space: a first-rows sample would see one of them only
+    parts = [clustered(3000, dim=16, clusters=4, seed=s) + 40.0 * s for s in range(4)]
+    store = Store.open(sharded_store(tmp_path / "s", parts))
+    staging = tmp_path / "stage"
+    staging.mkdir()
+    r = big.build_streamed(store, staging, "IVF16,Flat", "l2", 800, 1 << 20, 100, 0, 1,
+                           lambda v: np.ascontiguousarray(v, np.float32))
+    assert r["train_rows"] == 800
+    per_shard = np.bincount(r["sample"] // 3000, minlength=4)
+    assert per_shard.min() > 150  # ~200 each, not 800 from the first shard
+    assert not np.isin(r["sample"], r["held"]).any()  # held-out queries never train the index
+
+
+def test_add_to_on_disk_index_merges_a_new_slice(tmp_path: Path, small_batches: None) -> None:
+    x = clustered(9000, dim=32)
+    home = str(tmp_path / "h")
+    a = sharded_store(tmp_path / "a", np.array_split(x[:6000], 2))
+    b = sharded_store(tmp_path / "b", np.array_split(x, 3))
+    meta = idx.build(a, "n", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
+    old_gen = Path(home, "n").resolve() / f"gen-{meta['generation']:06d}"
+    r = idx.add("n", b, home)
+    assert (r["added"], r["skipped"], r["count"]) == (3000, 6000, 9000)
+    assert idx.add("n", b, home)["added"] == 0
+    loaded = idx.LoadedIndex("n", home)
+    assert loaded.index.ntotal == 9000 and loaded.ids.num_rows == 9000 and loaded.generation == 2
+    assert loaded.search(x[7777:7778], 1)[0][0]["id"] == "v007777"
+    assert loaded.search(x[10:11], 1)[0][0]["id"] == "v000010"
+    assert loaded.meta["search"] == meta["search"]  # the tuned nprobe carries over
+    assert not old_gen.exists()  # superseded generation removed, the new one stands alone
+
+
+def test_a_failed_add_leaves_the_current_generation_served(tmp_path: Path, small_batches: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    x = clustered(6000, dim=32)
+    home = str(tmp_path / "h")
+    a = sharded_store(tmp_path / "a", [x[:4000]])
+    b = sharded_store(tmp_path / "b", [x])
+    idx.build(a, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=200), home)
+
+    def crash(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt  # killed mid-merge
+
+    monkeypatch.setattr(big, "_merge_with_old", crash)
+    with pytest.raises(KeyboardInterrupt):
+        idx.add("n", b, home)
+    loaded = idx.LoadedIndex("n", home)
+    assert loaded.generation == 1 and loaded.index.ntotal == 4000
+    assert loaded.search(x[5:6], 1)[0][0]["id"] == "v000005"
+    monkeypatch.undo()
+    monkeypatch.setattr(big, "BATCH_ROWS", 1024)
+    assert idx.add("n", b, home)["added"] == 2000  # running it again works
+
+
+def test_cli_memory_budget_and_on_disk_errors(tmp_path: Path) -> None:
+    x = clustered(4000, dim=16)
+    store = sharded_store(tmp_path / "s", [x])
+    home = str(tmp_path / "h")
+    r = runner.invoke(app, ["index", "build", store, "--name", "n", "--kind", "ivf", "--memory-budget", "100KB",
+                            "--home", home, "--json"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.output)
+    assert meta["on_disk"] and meta["memory_budget"] == 100 * 1024
+    r = runner.invoke(app, ["index", "build", store, "--name", "m", "--kind", "hnsw", "--on-disk", "--home", home])
+    assert r.exit_code == 2 and "--on-disk needs an IVF index" in r.output
+    r = runner.invoke(app, ["index", "build", store, "--name", "m", "--memory-budget", "lots", "--home", home])
+    assert r.exit_code == 2 and "cannot read the memory budget 'lots'" in r.output
+    r = runner.invoke(app, ["search", "n", "--id", "v000003", "-k", "2", "--home", home, "--json"])
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.output.splitlines()[0])  # JSON lines, one per hit
+    assert first["id"] == "v000003" and first["rank"] == 1
