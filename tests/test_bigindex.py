@@ -147,3 +147,14 @@ def test_cli_memory_budget_and_on_disk_errors(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     first = json.loads(r.output.splitlines()[0])  # JSON lines, one per hit
     assert first["id"] == "v000003" and first["rank"] == 1
+
+
+def test_a_moved_index_home_still_finds_its_lists(tmp_path: Path, small_batches: None) -> None:
+    import shutil
+
+    x = clustered(4000, dim=16)
+    store = sharded_store(tmp_path / "s", [x])
+    idx.build(store, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))  # the lists' recorded path no longer exists
+    loaded = idx.LoadedIndex("n", str(tmp_path / "b"))
+    assert loaded.search(x[42:43], 1)[0][0]["id"] == "v000042"
