@@ -42,6 +42,37 @@ def peak_rss_mib() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def status_mib(pid: int | str, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return round(next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024)
+
+
+class AnonPeak:
+    """Peak anonymous RSS (heap: what the process itself holds), sampled every 50 ms. RSS also
+    counts file pages the process has mapped (memory-mapped lists, vectors, id map), which the
+    kernel reclaims under pressure; both are reported."""
+
+    def __init__(self, pid: int | str = "self") -> None:
+        import threading
+
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, status_mib(self.pid, "RssAnon"))
+            except (OSError, StopIteration):
+                return
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
 def generator(dim: int, clusters: int = 2000, latent: int = 32,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -82,12 +113,14 @@ def child_build(store: Path, home: Path, budget: int, name: str) -> dict:  # typ
     from embedder import index as idx
 
     floor = peak_rss_mib()  # Python, NumPy, Arrow, FAISS loaded: the fixed overhead
+    anon = AnonPeak()
     t0 = time.perf_counter()
     meta = idx.build(str(store), name, idx.BuildOptions(kind="ivfpq", memory_budget=budget), str(home))
+    anon_peak = anon.stop()
     gen = (home / name).resolve() / f"gen-{meta['generation']:06d}"
     disk = sum(p.stat().st_size for p in gen.iterdir())
     return {"build_s": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
-            "rss_after_imports_mib": floor,
+            "rss_after_imports_mib": floor, "peak_anon_mib": anon_peak,
             "factory": meta["factory"], "on_disk": bool(meta.get("on_disk")), "disk_mib": round(disk / 2**20),
             "tuned": f"{meta['search']['param']}={meta['search']['value']}",
             "build_recall_at_10": meta["quality"]["recall_at_10"]}
@@ -114,11 +147,13 @@ def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  #
 
     centers, lift = generator(DIM)
     q = idx._prepare(chunk(centers, lift, n_queries, seed=99_999), "cosine")
+    exact = exact_knn(store, q, 10)  # first, and not in the search figures below
+    base = peak_rss_mib()
+    anon = AnonPeak()
     t0 = time.perf_counter()
     loaded = idx.LoadedIndex(name, str(home))
     load_s = time.perf_counter() - t0
-    exact = exact_knn(store, q, 10)
-    out: dict = {"load_s": round(load_s, 2)}  # type: ignore[type-arg]
+    out: dict = {"load_s": round(load_s, 2), "rss_before_load_mib": base}  # type: ignore[type-arg]
     for label, searcher in (("rerank", loaded.searcher),
                             ("no_rerank", idx.Searcher(loaded.index, "cosine", None))):
         searcher.search(q[:5], 10)
@@ -133,7 +168,9 @@ def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  #
         recall = idx.tie_aware_recall(exact, found, ids, False, 10, tol=1e-3)
         out[label] = {"recall_at_10": round(recall, 4), "qps_one_at_a_time": round(one, 1),
                       "qps_batched": round(batched, 1)}
-    out["peak_rss_mib"] = peak_rss_mib()
+    out["peak_anon_mib"] = anon.stop()
+    out["rss_mib"] = status_mib("self", "VmRSS")
+    out["rss_file_mib"] = status_mib("self", "RssFile")
     return out
 
 
@@ -154,6 +191,7 @@ def serve_rss(home: Path) -> dict:  # type: ignore[type-arg]
         [str(exe), "serve", "--home", str(home), "--port", str(port), "--poll-seconds", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.perf_counter()
+    anon = AnonPeak(proc.pid)
     try:
         while time.perf_counter() - t0 < 600:
             try:
@@ -162,8 +200,9 @@ def serve_rss(home: Path) -> dict:  # type: ignore[type-arg]
             except OSError:
                 time.sleep(0.5)
         ready = time.perf_counter() - t0
-        hwm = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM"))
-        return {"ready_s": round(ready, 1), "peak_rss_mib": round(hwm / 1024)}
+        time.sleep(1.0)
+        return {"ready_s": round(ready, 1), "peak_rss_mib": status_mib(proc.pid, "VmHWM"),
+                "peak_anon_mib": anon.stop(), "rss_file_mib": status_mib(proc.pid, "RssFile")}
     finally:
         proc.terminate()
         proc.wait(30)
