@@ -158,3 +158,22 @@ def test_a_moved_index_home_still_finds_its_lists(tmp_path: Path, small_batches:
     shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))  # the lists' recorded path no longer exists
     loaded = idx.LoadedIndex("n", str(tmp_path / "b"))
     assert loaded.search(x[42:43], 1)[0][0]["id"] == "v000042"
+
+
+def test_service_answers_from_an_on_disk_index(tmp_path: Path, small_batches: None) -> None:
+    pytest.importorskip("fastapi", reason="the service extra is not installed")
+    from tests.test_service import _client, _wait_ready
+
+    x = clustered(5000, dim=16)
+    store = sharded_store(tmp_path / "s", np.array_split(x, 2))
+    home = str(tmp_path / "h")
+    idx.build(store, "big", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=100), home)
+    with _client(home) as c:
+        _wait_ready(c)
+        r = c.post("/search", json={"id": "v004321", "k": 3, "index": "big"})
+        assert r.status_code == 200, r.text
+        hits = r.json()["results"][0]
+        assert hits[0]["id"] == "v004321" and len(hits) == 3
+        r = c.post("/search", json={"vector": x[17].tolist(), "k": 1, "index": "big", "where": {"label": "c2"}})
+        assert r.status_code == 200 and r.json()["results"][0][0]["label"] == "c2"
+        assert c.get("/indexes/big").json()["count"] == 5000
