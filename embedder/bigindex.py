@@ -18,8 +18,10 @@ The slices are merged into one ``lists.ivfdata`` (FAISS ``OnDiskInvertedLists``,
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ IDS_ARROW = "ids.arrow"
 LISTS_FILE = "lists.ivfdata"
 TRAINED_FILE = "trained.faiss"  # the empty trained index: `index add` merges new slices with it
 BATCH_ROWS = 16_384
+_TABLE_LOCK = threading.RLock()
 
 
 @dataclass
@@ -88,14 +91,32 @@ def train_rows(plan_rows: int, dim: int, budget: int) -> int:
     return int(max(1, min(plan_rows, budget // 4 // (dim * 4))))
 
 
+@contextmanager
+def no_precomputed_tables() -> Iterator[None]:
+    """FAISS gives every IVF-PQ index (on training, reading and cloning) a precomputed distance table
+    of nlist × M × 256 floats when it is under 2 GB: 586 MiB for IVF8944,PQ64, copied into every slice
+    clone — measured: the 5M build's own memory peaked at 3.7 GB for a 512 MB budget. At the small
+    nprobe these indexes are tuned to, computing the tables per query costs little; so they are
+    skipped for on-disk indexes (FAISS's process-wide limit, set for the duration and restored)."""
+    faiss = _faiss()
+    with _TABLE_LOCK:
+        before = faiss.cvar.precomputed_table_max_bytes
+        faiss.cvar.precomputed_table_max_bytes = 0
+        try:
+            yield
+        finally:
+            faiss.cvar.precomputed_table_max_bytes = before
+
+
 def read_ondisk(path: str) -> Any:
     """Open an index whose lists are on disk where its header says; if the folder was moved, beside
     the index file (FAISS then notes the new path on stderr)."""
     faiss = _faiss()
-    try:
-        return faiss.read_index(path)
-    except RuntimeError:
-        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    with no_precomputed_tables():
+        try:
+            return faiss.read_index(path)
+        except RuntimeError:
+            return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
 def point_lists_at(index: Any, final: Path) -> None:
@@ -135,7 +156,12 @@ def merge_lists(trained: Any, fnames: list[str], ivfdata: str) -> Any:
     return trained
 
 
-def build_streamed(store: Store, staging: Path, factory: str, metric: str, train_size: int, budget: int,
+def build_streamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    with no_precomputed_tables():
+        return _build_streamed(*args, **kwargs)
+
+
+def _build_streamed(store: Store, staging: Path, factory: str, metric: str, train_size: int, budget: int,
                    queries: int, seed: int, faiss_metric: int,
                    prepare: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
     """Write index.faiss (+ lists.ivfdata), trained.faiss, ids.arrow and vectors.npy into STAGING.
@@ -222,6 +248,10 @@ def build_streamed(store: Store, staging: Path, factory: str, metric: str, train
     tuning = merge_lists(faiss.read_index(str(staging / TRAINED_FILE)), slices, str(staging / "tuning.ivfdata"))
 
     def finish() -> Any:
+        with no_precomputed_tables():
+            return _finish()
+
+    def _finish() -> Any:
         final = merge_lists(faiss.read_index(str(staging / TRAINED_FILE)), [*slices, held_slice],
                             str(staging / LISTS_FILE))
         for f in [*slices, held_slice, str(staging / "tuning.ivfdata")]:
@@ -239,6 +269,11 @@ def build_streamed(store: Store, staging: Path, factory: str, metric: str, train
 
 
 def add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
+    with no_precomputed_tables():
+        return _add_streamed(loaded, d, store_path)
+
+
+def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
     """``index add`` for an on-disk index: only the store's new rows are embedded into a slice,
     and the new generation's lists are the old lists merged with the slice (streamed, on disk);
     the id map and float16 copies grow by copying in chunks. The old generation stays intact."""

@@ -527,6 +527,16 @@ class LoadedIndex:
                 self._filter_table = table
             return self._filter_table
 
+    def filter_columns(self) -> list[str]:
+        """Columns a filter may name, without joining the store (its schema is enough)."""
+        cols = [c for c in self.ids.column_names if c != "faiss_id"]
+        try:
+            store = Store.open(self.meta["store"])
+            cols += [c for c in store.dataset().schema.names if c not in ("embedding", *cols)]
+        except StoreError:
+            pass
+        return cols
+
     def allowed_faiss_ids(self, where: dict[str, str]) -> np.ndarray:
         """FAISS ids whose store rows match every column=value condition."""
         table = self.ids

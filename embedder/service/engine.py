@@ -100,7 +100,11 @@ class Engine:
         from embedder.index import LoadedIndex
 
         loaded = LoadedIndex(name, self.options.home)
-        loaded.filter_table()  # filters never re-read the store per query
+        if not loaded.meta.get("on_disk"):
+            # filters never re-read the store per query; an on-disk index's id map already holds the
+            # id, path and label columns, and joining the store's other columns for 100M rows would
+            # hold them all in memory: there they are joined on the first filter that needs them
+            loaded.filter_table()
         self._embedder_for(loaded)
         self.indexes[name] = loaded  # one reference swap: searches in flight keep the old object
         return loaded
@@ -193,8 +197,7 @@ class Engine:
                 "dim": loaded.dim, "kind": m.get("kind"), "factory": m.get("factory"), "metric": loaded.metric,
                 "quality": m.get("quality"), "provenance": m.get("provenance"), "built_at": m.get("built_at"),
                 "image_queries": self._embedder_for(loaded) is not None,
-                "labels": sorted(labels)[:500], "filter_columns": [c for c in loaded.filter_table().column_names
-                                                                   if c != "faiss_id"]}
+                "labels": sorted(labels)[:500], "filter_columns": loaded.filter_columns()}
 
     def item(self, name: str, item_id: str) -> dict[str, Any]:
         import pyarrow.compute as pc
