@@ -61,7 +61,8 @@ def inspect_command(
                   f"kNN {s.knn_accuracy:.1%} (leave-one-out)")
     if s.leaks is not None:
         out.print(f"  [{'red' if s.leaks else 'green'}]leaked test images[/]  {s.leaks}")
-    out.print(f"  near-duplicate groups  {s.duplicate_groups} ({s.duplicate_images} extra copies)")
+    out.print(f"  near-duplicate groups  {s.duplicate_groups} ({s.duplicate_images} extra "
+              f"{'copy' if s.duplicate_images == 1 else 'copies'})")
     if s.label_issues is not None:
         out.print(f"  likely label errors    {s.label_issues} (and {s.label_possible} possible)")
     out.print(f"  outliers               {s.outliers}")
