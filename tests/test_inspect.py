@@ -324,3 +324,14 @@ def test_map_samples_beyond_its_point_budget(tmp_path: Path) -> None:
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "a uniform sample of 100 of 600 images" in page
     assert insp.summary.probe_accuracy is not None  # the analyses still use every row
+
+
+@pytest.mark.parametrize("labels", [["a"], ["a", "b"], ["a", "a", "b"], [None, "a", "b", "a", "b"]])
+def test_tiny_stores_build_a_report_and_say_what_they_skip(tmp_path: Path, labels: list[str | None]) -> None:
+    x = np.random.default_rng(len(labels)).normal(size=(len(labels), 8)).astype(np.float32)
+    store = write_store(tmp_path / "s", x, labels)
+    r = runner.invoke(app, ["inspect", store, "--out", str(tmp_path / "rep"), "--thumbnails", "none"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "index.html").exists()
+    if len(labels) <= 3:
+        assert "skipped:" in r.output  # one class, or too few images per class for the probe

@@ -123,6 +123,9 @@ def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list
     proba = np.zeros((len(y), n_classes), np.float32)
     for f in range(folds):
         test = fold == f
+        if len(np.unique(y[~test])) < 2:
+            raise ProbeError(f"too few labelled images for a {folds}-fold cross-validated probe (a fold would "
+                             "train on one class); label more images per class")
         xt = x[~test]  # the one copy per fold: standardised in place
         mean, scale = _scaler(xt, std)
         if std:

@@ -71,7 +71,8 @@ def inspect_command(
     for m in s.skipped:
         console.print(f"[yellow]skipped:[/yellow] {m}")
     if s.thumbnails.get("missing"):
-        console.print(f"[yellow]note:[/yellow] {s.thumbnails['missing']} images could not be read for thumbnails "
+        n = s.thumbnails["missing"]
+        console.print(f"[yellow]note:[/yellow] {n} image{'' if n == 1 else 's'} could not be read for thumbnails "
                       "(moved or deleted since extraction); the report marks them missing")
     out.print(f"report → {s.report}  findings → {s.findings}")
 
