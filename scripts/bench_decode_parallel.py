@@ -24,9 +24,14 @@ PRE = None
 DECODER = "pil"
 
 
-def _init(decoder: str) -> None:
+def _init(decoder: str, one_torch_thread: bool = False) -> None:
     global PRE, DECODER
     from embedder.backbones import get_backbone
+
+    if one_torch_thread:  # a process pool: N processes × all-core torch pools would oversubscribe
+        import torch
+
+        torch.set_num_threads(1)
 
     PRE = get_backbone("resnet50").preprocessing()
     DECODER = decoder
@@ -39,7 +44,7 @@ def _decode(path: str) -> int:
 
 
 def rate(pool_cls: type, workers: int, paths: list[str], decoder: str) -> float:
-    with pool_cls(workers, initializer=_init, initargs=(decoder,)) as pool:
+    with pool_cls(workers, initializer=_init, initargs=(decoder, pool_cls is ProcessPoolExecutor)) as pool:
         list(pool.map(_decode, paths[:workers * 2]))  # warm-up: imports, first decodes
         t = time.perf_counter()
         list(pool.map(_decode, paths, chunksize=8) if pool_cls is ProcessPoolExecutor else pool.map(_decode, paths))
