@@ -132,28 +132,25 @@ def merge_lists(trained: Any, fnames: list[str], ivfdata: str) -> Any:
     """``faiss.contrib.ondisk.merge_ondisk``, with the slices read memory-mapped and the merged
     lists written to IVFDATA; returns the index (its lists on disk)."""
     faiss = _faiss()
-
-    ivfs = []
-    keep = []
-    for fname in fnames:
-        index = faiss.read_index(fname, faiss.IO_FLAG_MMAP)
-        ivf = faiss.extract_index_ivf(index)
-        ivfs.append(ivf.invlists)
-        ivf.own_invlists = False
-        keep.append(index)
-    out_ivf = faiss.extract_index_ivf(trained)
     if trained.ntotal != 0:
         raise IndexError_("internal: merging into a non-empty index")
+    return _merge_into(trained, [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in fnames], ivfdata)
+
+
+def _merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
+    """The inverted lists of SOURCES (kept alive by the caller's list meanwhile) merged into one
+    on-disk file IVFDATA, which becomes OUT's lists."""
+    faiss = _faiss()
+    out_ivf = faiss.extract_index_ivf(out)
     invlists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, ivfdata)
     vec = faiss.InvertedListsPtrVector()
-    for iv in ivfs:
-        vec.push_back(iv)
+    for src in sources:
+        vec.push_back(faiss.extract_index_ivf(src).invlists)
     ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
-    trained.ntotal = out_ivf.ntotal = ntotal
+    out.ntotal = out_ivf.ntotal = ntotal
     out_ivf.replace_invlists(invlists, True)
     invlists.this.disown()
-    del keep  # as in faiss.contrib.ondisk: the slices' mapped lists are left to the process
-    return trained
+    return out
 
 
 def build_streamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -347,18 +344,5 @@ def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
 def _merge_with_old(trained: Any, old_index: str, slice_file: str, ivfdata: str) -> Any:
     """Merge the current generation's on-disk lists (found beside its index file) and a new slice."""
     faiss = _faiss()
-
-    old = read_ondisk(old_index)
-    new = faiss.read_index(slice_file, faiss.IO_FLAG_MMAP)
-    out = faiss.clone_index(trained)
-    out_ivf = faiss.extract_index_ivf(out)
-    invlists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, ivfdata)
-    vec = faiss.InvertedListsPtrVector()
-    for idx in (old, new):
-        vec.push_back(faiss.extract_index_ivf(idx).invlists)
-    ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
-    out.ntotal = out_ivf.ntotal = ntotal
-    out_ivf.replace_invlists(invlists, True)
-    invlists.this.disown()
-    del old, new
-    return out
+    sources = [read_ondisk(old_index), faiss.read_index(slice_file, faiss.IO_FLAG_MMAP)]
+    return _merge_into(faiss.clone_index(trained), sources, ivfdata)

@@ -489,6 +489,7 @@ class LoadedIndex:
             # table because ids are not 0..n-1 in add order (held-out queries go in last)
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         self._filter_table: pa.Table | None = None  # id map + store columns, joined once
+        self._filter_cols: list[str] | None = None
         self._filter_lock = threading.Lock()
         self.generation = int(self.meta.get("generation", 0))
 
@@ -528,14 +529,18 @@ class LoadedIndex:
             return self._filter_table
 
     def filter_columns(self) -> list[str]:
-        """Columns a filter may name, without joining the store (its schema is enough)."""
+        """Columns a filter may name, without joining the store (its schema is enough); read once
+        per loaded index (`GET /indexes/NAME` asks per request)."""
+        if self._filter_cols is not None:
+            return list(self._filter_cols)
         cols = [c for c in self.ids.column_names if c != "faiss_id"]
         try:
             store = Store.open(self.meta["store"])
             cols += [c for c in store.dataset().schema.names if c not in ("embedding", *cols)]
         except StoreError:
             pass
-        return cols
+        self._filter_cols = cols
+        return list(cols)
 
     def allowed_faiss_ids(self, where: dict[str, str]) -> np.ndarray:
         """FAISS ids whose store rows match every column=value condition."""

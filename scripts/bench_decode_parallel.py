@@ -51,6 +51,13 @@ def rate(pool_cls: type, workers: int, paths: list[str], decoder: str) -> float:
         return len(paths) / (time.perf_counter() - t)
 
 
+def peak_rss_mib(who: str) -> int:
+    import resource
+
+    which = resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN
+    return round(resource.getrusage(which).ru_maxrss / 1024)
+
+
 def main() -> None:
     from bench_extract import make_images
 
@@ -69,7 +76,9 @@ def main() -> None:
         procs = rate(ProcessPoolExecutor, args.workers, paths, args.decoder)
     out = {"cores": os.cpu_count(), "workers": args.workers, "decoder": args.decoder, "images": len(paths),
            "one_thread_img_s": round(one, 1), "threads_img_s": round(threads, 1),
-           "processes_img_s": round(procs, 1), "processes_vs_threads": round(procs / threads, 2)}
+           "processes_img_s": round(procs, 1), "processes_vs_threads": round(procs / threads, 2),
+           "peak_rss_mib": {"threads (this process)": peak_rss_mib("self"),
+                            "one worker process": peak_rss_mib("children")}}
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out))

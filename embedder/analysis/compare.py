@@ -150,12 +150,6 @@ def _extract_cell(cell: Cell, sources: list[str], test_sources: list[str] | None
     cell.gflops = meta["gflops"]
 
 
-def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from embedder.probe import stratified_split
-
-    return stratified_split(y, fraction, seed)
-
-
 @dataclass
 class CellData:
     xtr: np.ndarray
@@ -182,7 +176,9 @@ def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOpti
         tk = te.y >= 0
         t_order = np.argsort(np.asarray(te.ids.to_pylist(), dtype=object)[tk], kind="stable")
         return CellData(x, y, te.x[tk][t_order], te.y[tk][t_order], tr.classes)
-    a, b = _split(y, options.test_fraction, options.seed)
+    from embedder.probe import stratified_split
+
+    a, b = stratified_split(y, options.test_fraction, options.seed)
     return CellData(x[a], y[a], x[b], y[b], tr.classes)
 
 
