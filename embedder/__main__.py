@@ -1,3 +1,4 @@
 from embedder.cli import main
 
-main()
+if __name__ == "__main__":  # decode processes are spawned: they re-import this module
+    main()

@@ -140,7 +140,7 @@ def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_M
     return TF.pil_to_tensor(img)
 
 
-def _read(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -148,7 +148,7 @@ def _read(path: str) -> bytes:
         raise DecodeError(f"cannot read: {e.strerror or e}") from None
 
 
-DECODERS = ("pil", "pil-draft", "torchvision")
+DECODERS = ("pil", "pil-draft", "torchvision", "nvjpeg")
 
 
 def _check_decoder(decoder: str) -> None:
@@ -188,8 +188,9 @@ def decode_into(
     """Decode PATH and write its uint8 [3, crop, crop] pixels into ``out`` (a row of a reused
     batch buffer). Decoders: ``pil`` (bit-identical to ``weights.transforms()``, the default),
     ``pil-draft`` (JPEG DCT-domain downscale first), ``torchvision`` (JPEGs through torchvision.io;
-    other formats through PIL)."""
-    return decode_data_into(_read(path), pre, out, max_pixels, decoder)
+    other formats through PIL), ``nvjpeg`` (JPEGs on the GPU: batched by the pipeline, see
+    ``decode_gpu``; one by one here)."""
+    return decode_data_into(read_bytes(path), pre, out, max_pixels, decoder)
 
 
 def decode_data_into(
@@ -197,6 +198,16 @@ def decode_data_into(
 ) -> ImageMeta:
     """``decode_into`` for bytes already in memory (uploads)."""
     _check_decoder(decoder)
+    if decoder == "nvjpeg":
+        # one image at a time (queries, uploads): on the GPU when there is one; without one, the
+        # torchvision decoder (libjpeg-turbo, the same tensor resize) is the nearest CPU decoder
+        if torch.cuda.is_available():
+            from embedder.decode_gpu import decode_one
+
+            meta = decode_one(data, pre, out, max_pixels)
+            if meta is not None:
+                return meta
+        decoder = "torchvision"
     if decoder == "torchvision" and data[:3] == b"\xff\xd8\xff":
         width, height = _torchvision_jpeg_into(data, pre, out, max_pixels)
         return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import platform
 import time
 import uuid
@@ -21,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +35,15 @@ from embedder.decode import (
     decode_file,
     decode_into,
     normalize_batch,
+)
+from embedder.decode_pool import (
+    DecodeSpec,
+    DecodeWorkers,
+    Outcome,
+    Ring,
+    default_workers,
+    resolve_decode_in,
+    start_server,
 )
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
 from embedder.model import LoadedModel, ModelSpec, load_model, resolve_device
@@ -67,7 +75,8 @@ class RunOptions:
     """How the local pipeline schedules work."""
 
     batch_size: int | None = None  # None: 8 on CPU (cache-friendly, measured), 128 on CUDA
-    workers: int | None = None  # decode threads; None: from the core count
+    workers: int | None = None  # decode workers; None: one per core but one
+    decode_in: str = "auto"  # threads | processes | auto (processes with a GPU, threads without)
     prefetch_batches: int = 4
     shard_rows: int = 4096
     flush_seconds: float = 60.0
@@ -85,6 +94,7 @@ class ExtractSummary:
     device: str = ""
     store: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)  # StageTimes.report: what bounded the run
 
     @property
     def images_per_second(self) -> float:
@@ -95,6 +105,52 @@ class ExtractSummary:
         d["images_per_second"] = round(self.images_per_second, 2)
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures[:100]]
         return d
+
+
+@dataclass
+class StageTimes:
+    """Where a run's time went, to name the stage that bounds throughput."""
+
+    decode_wait_s: float = 0.0  # the model loop waiting for decoded pixels
+    copy_s: float = 0.0  # host-to-device copies (CUDA events on the copy stream)
+    # the model: on CUDA the span from its first to its last kernel of each batch (CUDA events; it
+    # includes gaps where the GPU waits for the host to launch kernels), wall time on CPU
+    model_s: float = 0.0
+    launch_s: float = 0.0  # CUDA: host time spent launching the model's kernels (Python, the GIL)
+    write_s: float = 0.0  # rows into the shard buffer, and waiting for the shard writer
+
+    def report(self, wall_s: float) -> dict[str, Any]:
+        busy = {"decode": self.decode_wait_s, "copy": self.copy_s, "model": self.model_s,
+                "launch": self.launch_s, "write": self.write_s}
+        if self.launch_s > 0.8 * self.model_s > 0:  # the GPU spent its span waiting for launches
+            busy["model"] = 0.0
+        return {**{k: round(v, 3) for k, v in self.__dict__.items()},
+                "model_utilisation": round(self.model_s / wall_s, 3) if wall_s > 0 else 0.0,
+                "bound_by": max(busy, key=lambda k: busy[k])}
+
+
+class Pending:
+    """A batch launched on the model (see ``BatchEmbedder.launch``)."""
+
+    def __init__(self, embedder: BatchEmbedder, vectors: np.ndarray | None, host: torch.Tensor | None = None,
+                 done: Any = None, copied: Any = None, timing: list[Any] | None = None) -> None:
+        self._embedder, self._vectors, self._host = embedder, vectors, host
+        self._done, self._copied, self._timing = done, copied, timing
+
+    def wait_copied(self) -> None:
+        """Block until the input pixels are on the device (their host buffer may then be reused)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def result(self) -> np.ndarray:
+        if self._vectors is None:
+            self._done.synchronize()
+            if self._timing is not None:
+                t = self._timing
+                self._embedder.stages.copy_s += t[0].elapsed_time(t[1]) / 1000
+                self._embedder.stages.model_s += t[2].elapsed_time(t[3]) / 1000
+            self._vectors = cast(torch.Tensor, self._host).numpy()
+        return self._vectors
 
 
 ProgressFn = Callable[[int, int], None]  # (images advanced, failed so far)
@@ -126,6 +182,9 @@ class BatchEmbedder:
         self.spec = spec
         self.options = options
         self.device = resolve_device(options.device)
+        if options.decoder == "nvjpeg" and self.device.type != "cuda":
+            raise EmbedderError("--decoder nvjpeg decodes on the GPU and needs a CUDA device; "
+                                "on CPU use --decoder torchvision (the same resize, libjpeg-turbo)")
         self.loaded: LoadedModel = load_model(spec)
         self.precision = options.precision
         if self.precision == "auto":
@@ -142,6 +201,8 @@ class BatchEmbedder:
             model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
         self.model = model
         self.schema = row_schema(self.loaded.dim, options.dtype)
+        self.stages = StageTimes()
+        self._copy_stream: Any = None
 
     @property
     def dim(self) -> int:
@@ -163,12 +224,8 @@ class BatchEmbedder:
     def decode_into(self, path: str, out: torch.Tensor) -> ImageMeta:
         return decode_into(path, self.loaded.preprocessing, out, self.options.max_pixels, self.options.decoder)
 
-    @torch.inference_mode()
-    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """uint8 [N,3,H,W] → float32 [N, dim] (L2-normalised when asked)."""
-        if self.device.type == "cuda" and not pixels.is_pinned():
-            pixels = pixels.pin_memory()  # lets the host-to-device copy run asynchronously
-        x = pixels.to(self.device, non_blocking=True)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] on the model's device → float32 [N, dim] on that device."""
         x = normalize_batch(x, self.loaded.preprocessing)
         if self.options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -181,7 +238,55 @@ class BatchEmbedder:
         out = out.float()
         if self.options.normalize == "l2":
             out = torch.nn.functional.normalize(out, dim=1)
-        return out.cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def launch(self, pixels: torch.Tensor) -> Pending:
+        """Start embedding a uint8 batch [N,3,H,W] (host memory, or already on the model's device).
+
+        On CUDA nothing here waits for the GPU: the host-to-device copy runs on a side stream
+        (overlapping the previous batch's compute), the model on the current stream after it, and
+        the result comes back into page-locked host memory; ``Pending.wait_copied`` says when the
+        host buffer may be refilled and ``Pending.result`` waits for the vectors. On CPU the batch
+        is computed before this returns.
+        """
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            vectors = self._forward(pixels.to(self.device)).numpy()
+            self.stages.model_s += time.perf_counter() - t0
+            return Pending(self, vectors)
+        t_host = time.perf_counter()
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        timing = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        copied = timing[1]
+        if pixels.device.type == "cuda":
+            x = pixels
+            timing[0].record()
+            copied.record()
+        else:
+            if not pixels.is_pinned():
+                pixels = pixels.pin_memory()  # staged: an asynchronous copy needs page-locked memory
+            with torch.cuda.stream(self._copy_stream):
+                timing[0].record(self._copy_stream)
+                x = pixels.to(self.device, non_blocking=True)
+                copied.record(self._copy_stream)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            x.record_stream(compute)  # allocated on the copy stream, consumed on this one
+        timing[2].record()
+        out = self._forward(x)
+        timing[3].record()
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.stages.launch_s += time.perf_counter() - t_host
+        return Pending(self, None, host, done, copied, timing)
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 [N,3,H,W] → float32 [N, dim] (L2-normalised when asked)."""
+        return self.launch(pixels).result()
 
     def rows(self, refs: Sequence[ImageRef], decoded: Sequence[Decoded]) -> pa.Table:
         vectors = self.embed_pixels(torch.stack([d.pixels for d in decoded]))
@@ -232,18 +337,15 @@ class BatchEmbedder:
         return table
 
 
-def default_workers() -> int:
-    cores = os.cpu_count() or 2
-    return max(1, min(16, cores - 1))
+@dataclass
+class _Launched:
+    """A batch on the model: which rows came through decoding, and the pending vectors."""
 
-
-class _Batch:
-    """One slot of the ring: a reused uint8 pixel buffer and the decode futures writing into it."""
-
-    def __init__(self, pixels: torch.Tensor) -> None:
-        self.pixels = pixels
-        self.refs: list[ImageRef] = []
-        self.futures: list[Future[ImageMeta]] = []
+    refs: list[ImageRef]
+    metas: list[ImageMeta]
+    good: list[int]
+    failed: int
+    pending: Pending | None
 
 
 def embed_stream(
@@ -252,66 +354,96 @@ def embed_stream(
     run: RunOptions,
     on_error: Callable[[ImageRef, str], None],
 ) -> Generator[tuple[pa.Table, int], None, None]:
-    """Decode in threads that run ahead of the model; yield (rows, failed in this batch) per batch.
+    """Decode in workers that run ahead of the model; yield (rows, failed in this batch) per batch.
 
-    Decode threads write pixels straight into a fixed ring of ``prefetch_batches + 1`` reused
-    batch buffers (pinned on CUDA, so host-to-device copies need no staging): no per-image tensors,
-    no per-batch stacking, and the memory of the pipeline is fixed. (What made extraction memory
-    grow with the collection was elsewhere: see ``store.ShardBuffer``.) Shared by extract (which
-    writes shards) and predict (which applies a head).
+    Decode workers (threads or processes, ``decode_pool``) write pixels straight into a fixed ring
+    of ``prefetch_batches + 1`` reused batch buffers (shared and page-locked where that helps): no
+    per-image tensors, no per-batch stacking, fixed memory. Batch k+1 is launched on the model
+    before batch k's vectors are collected, so on a GPU the device works while the host turns
+    vectors into rows; a slot is refilled as soon as its pixels are on the device. Shared by
+    extract (which writes shards) and predict (which applies a head).
     """
     bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
     crop = embedder.loaded.preprocessing.crop_size
     n_slots = max(2, run.prefetch_batches) + 1
-    pin = embedder.device.type == "cuda"
-    slots = [_Batch(torch.empty((bs, 3, crop, crop), dtype=torch.uint8, pin_memory=pin))
-             for _ in range(n_slots)]
-    in_flight: deque[_Batch] = deque()
-    free: deque[_Batch] = deque(slots)
+    workers = run.workers or default_workers()
+    kind = resolve_decode_in(run.decode_in, embedder.device, workers, n_slots * bs * 3 * crop * crop,
+                             embedder.options.decoder)
+    ring = Ring(n_slots, bs, crop, shared=kind == "processes", pin=embedder.device.type == "cuda")
+    spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder)
+    on_device = spec.decoder == "nvjpeg"  # decode threads write the batch on the GPU directly
+    slot_device: list[torch.Tensor | None] = [None] * n_slots
+    slot_refs: list[list[ImageRef]] = [[] for _ in range(n_slots)]
+    slot_futures: list[list[Future[list[Outcome]]]] = [[] for _ in range(n_slots)]
+    in_flight: deque[int] = deque()
     it = iter(refs)
-    with ThreadPoolExecutor(max_workers=run.workers or default_workers(),
-                            thread_name_prefix="decode") as pool:
+    stages = embedder.stages
 
-        def fill(slot: _Batch) -> bool:
-            slot.refs = [r for _, r in zip(range(bs), it)]
-            slot.futures = [pool.submit(embedder.decode_into, r.path, slot.pixels[i])
-                            for i, r in enumerate(slot.refs)]
-            return bool(slot.refs)
+    def finish(b: _Launched) -> tuple[pa.Table, int]:
+        if b.pending is None:
+            return embedder.schema.empty_table(), b.failed
+        vectors = b.pending.result()[:len(b.refs)]
+        if b.failed:
+            vectors = vectors[b.good]
+        return embedder.rows_from([b.refs[i] for i in b.good], b.metas, vectors), b.failed
 
-        try:
-            while free and fill(free[0]):
-                in_flight.append(free.popleft())
+    try:
+        with DecodeWorkers(ring, spec, kind, workers) as pool:
+
+            def fill(slot: int) -> bool:
+                slot_refs[slot] = [r for _, r in zip(range(bs), it)]
+                target, ready = None, None
+                if on_device and slot_refs[slot]:
+                    # a fresh block from the caching allocator; written on the decode threads' streams
+                    # only after the model's stream has passed this point (it may hold a batch that
+                    # used the block before)
+                    target = torch.empty((bs, 3, crop, crop), dtype=torch.uint8, device=embedder.device)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                slot_device[slot] = target
+                slot_futures[slot] = pool.submit(slot, [r.path for r in slot_refs[slot]], target, ready)
+                return bool(slot_refs[slot])
+
+            for slot in range(n_slots):
+                if not fill(slot):
+                    break
+                in_flight.append(slot)
+            previous: _Launched | None = None
             while in_flight:
                 slot = in_flight.popleft()
-                good: list[int] = []
-                metas: list[ImageMeta] = []
-                failed = 0
-                for i, (ref, fut) in enumerate(zip(slot.refs, slot.futures)):
-                    try:
-                        metas.append(fut.result())
-                        good.append(i)
-                    except DecodeError as e:
-                        failed += 1
-                        on_error(ref, str(e))
-                        log.info("skipped %s: %s", ref.path, e)
-                if good:
+                t0 = time.perf_counter()
+                outcomes = [o for fut in slot_futures[slot] for o in fut.result()]
+                stages.decode_wait_s += time.perf_counter() - t0
+                batch = _Launched(slot_refs[slot], [], [], 0, None)
+                n = bs if embedder.options.compile else len(batch.refs)
+                source = slot_device[slot] if on_device else ring.pixels[slot]
+                pixels = cast(torch.Tensor, source)[:n]
+                for i, (ref, outcome) in enumerate(zip(batch.refs, outcomes)):
+                    if isinstance(outcome, str):
+                        batch.failed += 1
+                        on_error(ref, outcome)
+                        log.info("skipped %s: %s", ref.path, outcome)
+                    else:
+                        batch.metas.append(outcome)
+                        batch.good.append(i)
+                if batch.good:
                     # a compiled model sees one shape: the whole buffer (the last batch padded with
                     # stale rows, whose outputs are dropped)
-                    n = bs if embedder.options.compile else len(slot.refs)
-                    vectors = embedder.embed_pixels(slot.pixels[:n])[:len(slot.refs)]
-                    if failed:
-                        vectors = vectors[good]
-                    table = embedder.rows_from([slot.refs[i] for i in good], metas, vectors)
-                else:
-                    table = embedder.schema.empty_table()
-                slot.futures = []
+                    batch.pending = embedder.launch(pixels)
+                    batch.pending.wait_copied()
+                slot_futures[slot] = []
                 if fill(slot):  # the buffer is free again: decode the batch after the queued ones
                     in_flight.append(slot)
-                yield table, failed
-        finally:
-            for slot in in_flight:
-                for fut in slot.futures:
-                    fut.cancel()
+                if previous is not None:
+                    yield finish(previous)  # while this batch runs on the device
+                previous = batch
+            if previous is not None:
+                yield finish(previous)
+    finally:
+        for futures in slot_futures:
+            for fut in futures:
+                fut.cancel()
+        ring.close()
 
 
 def extract(
@@ -329,6 +461,8 @@ def extract(
     then after every batch.
     """
     t_start = time.perf_counter()
+    if embedder is None and run.decode_in != "threads" and resolve_device(embed.device).type == "cuda":
+        start_server()  # decode processes' imports overlap loading the model
     refs = discover(sources)
     embedder = embedder or BatchEmbedder(spec, embed)
     summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
@@ -366,21 +500,39 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, prove
         summary.seconds = time.perf_counter() - t_start
         return
 
-    buffer = ShardBuffer(embedder.dim, embedder.options.dtype, run.shard_rows)
+    # Two shard buffers: one fills while the other is written by one writer thread (Parquet
+    # encoding, zstd and fsync release the GIL, so writing overlaps the model loop). At most one
+    # write is in flight, so memory stays two shards, and shards land in order.
+    buffers = [ShardBuffer(embedder.dim, embedder.options.dtype, run.shard_rows) for _ in range(2)]
+    buffer = buffers[0]
     pending_errors: list[dict[str, Any]] = []
     last_flush = time.monotonic()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+    in_flight: Future[None] | None = None
 
-    def flush() -> None:
-        nonlocal last_flush
-        if buffer.rows:
-            store.write_shard(buffer.take(), provenance)
-        if pending_errors:
-            store.write_errors(pa.Table.from_pylist(pending_errors, schema=ERRORS_SCHEMA))
+    def write(table: pa.Table | None, errors: pa.Table | None, record: dict[str, Any]) -> None:
+        if table is not None:
+            store.write_shard(table, provenance)
+        if errors is not None:
+            store.write_errors(errors)
+        store.update_manifest(record)
+
+    def flush(wait: bool = False) -> None:
+        nonlocal last_flush, buffer, in_flight
+        if in_flight is not None:
+            in_flight.result()  # the other buffer is free again (and a failed write surfaces here)
+            in_flight = None
+        table = buffer.take() if buffer.rows else None
+        errors = pa.Table.from_pylist(pending_errors, schema=ERRORS_SCHEMA) if pending_errors else None
         pending_errors.clear()
         last_flush = time.monotonic()
         run_record.update(done=summary.done, failed=summary.failed,
                           seconds=round(time.perf_counter() - t_start, 2))
-        store.update_manifest(run_record)
+        in_flight = writer.submit(write, table, errors, dict(run_record))
+        buffer = buffers[1] if buffer is buffers[0] else buffers[0]
+        if wait:
+            in_flight.result()
+            in_flight = None
 
     def on_error(ref: ImageRef, reason: str) -> None:
         summary.failed += 1
@@ -389,8 +541,10 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, prove
                                "time": dt.datetime.now(dt.UTC)})
 
     try:
+        embedder.stages = StageTimes()
         with closing(embed_stream(todo, embedder, run, on_error)) as stream:
             for table, n_failed in stream:
+                t_write = time.perf_counter()
                 summary.done += table.num_rows
                 rest = buffer.append(table)
                 while rest.num_rows:  # a batch larger than what is left of the shard
@@ -400,10 +554,15 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, prove
                     progress(len(todo), table.num_rows + n_failed, summary.failed)
                 if buffer.full or time.monotonic() - last_flush >= run.flush_seconds:
                     flush()
+                embedder.stages.write_s += time.perf_counter() - t_write
     finally:
         # Whatever finished is kept, even on Ctrl-C or an unexpected error.
+        try:
+            flush(wait=True)
+        finally:
+            writer.shutdown(wait=True)
         summary.seconds = time.perf_counter() - t_start
-        flush()
+        summary.stages = embedder.stages.report(summary.seconds)
 
 
 def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> ModelSpec:

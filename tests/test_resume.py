@@ -21,8 +21,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     make_images(src, {"a": 150, "b": 150}, size=(96, 96))
     store = tmp_path / "store"
     # The real CLI in a real process, slowed a little per batch so the kill lands mid-run.
-    slow = ("import sys, time, embedder.extract as e; orig = e.BatchEmbedder.embed_pixels; "
-            "e.BatchEmbedder.embed_pixels = lambda self, *a: (time.sleep(0.02), orig(self, *a))[1]; "
+    slow = ("import sys, time, embedder.extract as e; orig = e.BatchEmbedder.launch; "
+            "e.BatchEmbedder.launch = lambda self, *a: (time.sleep(0.02), orig(self, *a))[1]; "
             "from embedder.cli import main; main()")
     cmd = [sys.executable, "-c", slow, "extract", str(src), "--out", str(store),
            "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]

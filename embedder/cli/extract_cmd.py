@@ -43,14 +43,15 @@ def extract_command(
     pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 8 on CPU, 128 on CUDA.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode threads (default: cores - 1).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decode workers (default: cores - 1).")] = None,
+    decode_in: Annotated[str, typer.Option(help="threads | processes | auto (processes when the model is on a GPU).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16")] = "float32",
     normalize: Annotated[str, typer.Option(help="none | l2")] = "none",
     shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.")] = 4096,
     retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.")] = False,
-    decoder: Annotated[str, typer.Option(help="pil (bit-identical to the weights' transforms) | pil-draft | torchvision (JPEGs ~2x faster, pixels within 1 level).")] = "pil",
+    decoder: Annotated[str, typer.Option(help="pil (bit-identical to the weights' transforms) | pil-draft | torchvision (JPEGs ~2x faster, pixels within 1 level) | nvjpeg (JPEGs decoded on the GPU).")] = "pil",
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -63,7 +64,7 @@ def extract_command(
     spec = model_spec(backbone, weights, layer, pool, image_size)
     embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
                          decoder="pil-draft" if fast_decode else decoder, compile=compile_model)
-    run = RunOptions(batch_size=batch_size, workers=workers, shard_rows=shard_rows,
+    run = RunOptions(batch_size=batch_size, workers=workers, decode_in=decode_in, shard_rows=shard_rows,
                      retry_failed=retry_failed)
     with image_progress("embedding", enabled=not as_json) as progress:
         summary = extract(sources, str(out_store), spec, embed, run, progress)
@@ -75,6 +76,10 @@ def extract_command(
             f"  skipped (failed before) {summary.skipped_failed_before}  failed {summary.failed}"
             f"  {summary.images_per_second:.1f} img/s on {summary.device}  → {out_store}"
         )
+        st = summary.stages
+        if st and summary.done:
+            console.print(f"  bound by {st['bound_by']}: model busy {st['model_utilisation']:.0%} of the run, "
+                          f"waited {st['decode_wait_s']:.1f} s for decoding, {st['write_s']:.1f} s writing")
         for path, reason in summary.failures[:10]:
             console.print(f"  [red]failed[/red] {path}: {reason}")
         if summary.failed > 10:

@@ -1,0 +1,209 @@
+"""The decode seam and the pipeline around it: decode processes against threads, the reused ring,
+the stage report, the GPU decoder's chunk logic (run on CPU tensors here), and the GPU benchmark's
+smoke mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from embedder.backbones import get_backbone
+from embedder.cli import app
+from embedder.decode import decode_file
+from embedder.decode_gpu import decode_chunk, encode_header, orient
+from embedder.decode_pool import resolve_decode_in
+from embedder.errors import EmbedderError
+from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.model import ModelSpec
+from embedder.store import Store
+from tests.conftest import make_images
+
+TINY = ModelSpec("tiny_test")
+ROOT = Path(__file__).parent.parent
+
+
+def _vectors(store: str) -> tuple[list[str], np.ndarray]:
+    t = Store.open(store).read(["id", "embedding"]).sort_by("id")
+    return t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_decode_processes_give_the_same_store_as_threads(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 13, "b": 12}, size=(64, 48))
+    (src / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    stores = {}
+    for kind in ("threads", "processes"):
+        stores[kind] = str(tmp_path / kind)
+        s = extract([str(src)], stores[kind], TINY, EmbedOptions(),
+                    RunOptions(batch_size=4, decode_in=kind, workers=2))
+        assert (s.done, s.failed) == (25, 1)
+        assert [p for p, _ in s.failures] == [str(src / "a" / "broken.jpg")]
+    ids_t, vec_t = _vectors(stores["threads"])
+    ids_p, vec_p = _vectors(stores["processes"])
+    assert ids_t == ids_p
+    np.testing.assert_array_equal(vec_t, vec_p)
+
+
+def test_the_batch_ring_is_reused_not_reallocated(tmp_path: Path) -> None:
+    """Every batch reaches the model from one of the ring's fixed buffers (no per-batch tensors)."""
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 20, "b": 20}, size=(40, 40))
+    emb = BatchEmbedder(TINY)
+    seen: list[int] = []
+    launch = emb.launch
+
+    def recording(pixels: torch.Tensor) -> object:
+        seen.append(pixels.data_ptr())
+        return launch(pixels)
+
+    emb.launch = recording  # type: ignore[method-assign]
+    run = RunOptions(batch_size=4, prefetch_batches=2, decode_in="threads", workers=2)
+    extract([str(src)], str(tmp_path / "s"), TINY, EmbedOptions(), run, embedder=emb)
+    assert len(seen) == 10
+    assert len(set(seen)) <= 3  # prefetch_batches + 1 slots, whatever the number of batches
+
+
+def test_the_stage_report_names_what_bounds_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 12}, size=(40, 40))
+    import embedder.decode_pool as dp
+
+    decode = dp.decode_into
+
+    def slow_decode(*a: object, **k: object) -> object:
+        time.sleep(0.05)
+        return decode(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp, "decode_into", slow_decode)
+    s = extract([str(src)], str(tmp_path / "d"), TINY, EmbedOptions(),
+                RunOptions(batch_size=4, decode_in="threads", workers=1))
+    assert s.stages["bound_by"] == "decode" and s.stages["decode_wait_s"] > 0.3
+    monkeypatch.setattr(dp, "decode_into", decode)
+
+    emb = BatchEmbedder(TINY)
+    model = emb.model
+
+    class Slow(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.1)
+            return model(x)  # type: ignore[no-any-return]
+
+    emb.model = Slow()  # type: ignore[assignment]
+    s = extract([str(src)], str(tmp_path / "m"), TINY, EmbedOptions(),
+                RunOptions(batch_size=4, decode_in="threads", workers=1), embedder=emb)
+    assert s.stages["bound_by"] == "model" and s.stages["model_s"] >= 0.3
+    assert 0 < s.stages["model_utilisation"] <= 1
+
+
+def test_decode_in_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(EmbedderError, match="valid: auto, threads, processes"):
+        resolve_decode_in("fork", cpu, 4, 1)
+    assert resolve_decode_in("auto", cpu, 15, 1) == "threads"
+    assert resolve_decode_in("auto", cuda, 15, 1) == "processes"
+    assert resolve_decode_in("processes", cuda, 15, 1, decoder="nvjpeg") == "threads"
+    import embedder.decode_pool as dp
+
+    monkeypatch.setattr(dp, "shm_free_bytes", lambda: 64 << 20)  # a container's default /dev/shm
+    assert resolve_decode_in("processes", cuda, 15, 96 << 20) == "threads"
+
+
+def test_nvjpeg_without_a_gpu_is_a_one_line_error(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 2})
+    r = CliRunner().invoke(app, ["extract", str(src), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
+                                 "--decoder", "nvjpeg", "--device", "cpu"])
+    assert r.exit_code != 0
+    assert r.output.strip().count("\n") == 0 and "needs a CUDA device" in r.output
+    assert not (tmp_path / "s").exists()
+
+
+def _oriented_jpeg(path: Path, orientation: int) -> None:
+    rng = np.random.default_rng(orientation)
+    arr = np.zeros((90, 150, 3), np.uint8)
+    arr[:30, :50] = 255  # a corner marker: any wrong flip or rotation moves it
+    arr += rng.integers(0, 40, arr.shape, dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, "JPEG", quality=92, exif=exif)
+
+
+def test_gpu_decoder_chunk_logic_matches_the_torchvision_decoder(tmp_path: Path) -> None:
+    """decode_chunk is what nvjpeg decode threads run; on CPU tensors it runs libjpeg instead of
+    nvJPEG, so its orientation, grouping, resize, crop and fallbacks must reproduce the torchvision
+    decoder (JPEG) and the pil decoder (others) exactly."""
+    pre = get_backbone("tiny_test").preprocessing()
+    paths = []
+    for k in range(1, 9):
+        p = tmp_path / f"o{k}.jpg"
+        _oriented_jpeg(p, k)
+        paths.append(p)
+    png = tmp_path / "x.png"
+    Image.fromarray(np.full((50, 70, 3), 77, np.uint8)).save(png)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (60, 40), (10, 200, 30, 0)).save(cmyk, "JPEG")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    paths += [png, cmyk, bad]
+    n = len(paths) + 2
+    host = torch.zeros((n, 3, pre.crop_size, pre.crop_size), dtype=torch.uint8)
+    target = torch.zeros_like(host)
+    outcomes = decode_chunk([str(p) for p in paths], 2, host, target, None, pre)
+    assert isinstance(outcomes[-1], str) and outcomes[-1]
+    for i, p in enumerate(paths[:-1]):
+        reference = decode_file(str(p), pre, decoder="torchvision")
+        meta = outcomes[i]
+        assert not isinstance(meta, str), (p, meta)
+        assert (meta.width, meta.height) == (reference.width, reference.height), p
+        assert torch.equal(target[2 + i], reference.pixels), p
+
+
+def test_orientation_matches_pil_exif_transpose() -> None:
+    from PIL import ImageOps
+
+    arr = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    for k in range(1, 9):
+        img = Image.fromarray(arr)
+        exif = img.getexif()
+        exif[0x0112] = k
+        img.info["exif"] = exif.tobytes()
+        expected = np.asarray(ImageOps.exif_transpose(img))
+        got = orient(torch.from_numpy(arr).permute(2, 0, 1), k).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(got, expected, err_msg=f"orientation {k}")
+
+
+def test_gpu_header_checks_refuse_bombs_and_hand_odd_files_to_the_cpu(tmp_path: Path) -> None:
+    pre = get_backbone("tiny_test").preprocessing()
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (300, 200)).save(p)
+    data = p.read_bytes()
+    with pytest.raises(EmbedderError, match="decompression bomb"):
+        encode_header(data, pre, max_pixels=300 * 200 - 1)
+    enc = encode_header(data, pre, max_pixels=10**8)
+    assert enc is not None and (enc.meta.width, enc.meta.height) == (300, 200)
+    assert encode_header(b"\x89PNG\r\n\x1a\n", pre, 10**8) is None
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), "--smoke", "--only", "model,extract,probe",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert not [row for row in rows if "error" in row], rows
+    sections = [row["section"] for row in rows]
+    assert sections.count("model_only") == 2 and sections.count("extract") == 4 and sections.count("probe") == 2
+    assert all(row["img_s"] > 0 for row in rows if "img_s" in row)
+    assert all(row["images"] == 48 for row in rows if row["section"] == "extract")
+    assert "| end to end |" in r.stdout
