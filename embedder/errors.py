@@ -60,3 +60,7 @@ class FinetuneError(EmbedderError):
 
 class InspectError(EmbedderError):
     pass
+
+
+class RayError(EmbedderError):
+    """The Ray engine: Ray missing, the cluster unreachable, or a worker that cannot run the model."""

@@ -467,16 +467,27 @@ def extract(
     embedder = embedder or BatchEmbedder(spec, embed)
     summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
     provenance = embedder.provenance()
+    local = embedder
+
+    def stream(todo: list[ImageRef], on_error: Callable[[ImageRef, str], None]
+               ) -> Generator[tuple[pa.Table, int], None, None]:
+        return embed_stream(todo, local, run, on_error)
+
     with Store.writer(store_path, provenance) as store:
-        _fill(store, refs, embedder, provenance, run, summary, progress, t_start)
+        fill_store(store, refs, embedder, provenance, run, summary, progress, t_start, stream)
     return summary
 
 
-def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, provenance: Provenance,
-          run: RunOptions,
-          summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
-          t_start: float) -> None:
-    """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock)."""
+# Rows in, per batch: (the batch's embedded rows, how many of its images failed); failures are
+# reported through the callback. The local pipeline and the Ray engine both produce one.
+StreamFn = Callable[[list[ImageRef], Callable[[ImageRef, str], None]], Generator[tuple[pa.Table, int], None, None]]
+
+
+def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, provenance: Provenance,
+               run: RunOptions, summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
+               t_start: float, stream_fn: StreamFn, engine: dict[str, Any] | None = None) -> None:
+    """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock).
+    ``embedder`` gives the shapes and the run record; ``stream_fn`` computes the vectors."""
     present = store.ids()
     failed_before = set() if run.retry_failed else store.failed_ids() - present
     todo = []
@@ -495,6 +506,7 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, prove
         "device": str(embedder.device), "precision": embedder.precision,
         "torch_threads": torch.get_num_threads(), "host": platform.node(),
         "decoder": embedder.options.decoder, "compiled": embedder.options.compile,
+        **(engine or {"engine": "local"}),
     }
     if not todo:
         summary.seconds = time.perf_counter() - t_start
@@ -542,7 +554,7 @@ def _fill(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, prove
 
     try:
         embedder.stages = StageTimes()
-        with closing(embed_stream(todo, embedder, run, on_error)) as stream:
+        with closing(stream_fn(todo, on_error)) as stream:
             for table, n_failed in stream:
                 t_write = time.perf_counter()
                 summary.done += table.num_rows

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from embedder.backbones import REGISTRY, parse_backbone_spec, weights_present
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
+from embedder.errors import EmbedderError
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
     from embedder.model import ModelSpec
@@ -43,7 +44,7 @@ def extract_command(
     pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 8 on CPU, 128 on CUDA.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode workers (default: cores - 1).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1); with --engine ray, model actors (default 1).")] = None,
     decode_in: Annotated[str, typer.Option(help="threads | processes | auto (processes when the model is on a GPU).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
@@ -54,6 +55,11 @@ def extract_command(
     decoder: Annotated[str, typer.Option(help="pil (bit-identical to the weights' transforms) | pil-draft | torchvision (JPEGs ~2x faster, pixels within 1 level) | nvjpeg (JPEGs decoded on the GPU).")] = "pil",
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray (Ray Data: decode tasks + model actors; pip install 'embedder[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray: auto | HOST:PORT | ray://HOST:PORT (default: a local Ray instance).")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="Ray: GPUs per model actor (--workers actors).")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="Ray: CPUs per model actor (fractional).")] = 0.5,
+    decode_cpus: Annotated[float, typer.Option(min=0.01, help="Ray: CPUs per decode task.")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -66,8 +72,17 @@ def extract_command(
                          decoder="pil-draft" if fast_decode else decoder, compile=compile_model)
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=decode_in, shard_rows=shard_rows,
                      retry_failed=retry_failed)
+    if engine not in ("local", "ray"):
+        raise EmbedderError(f"unknown engine {engine!r}; valid: local, ray")
     with image_progress("embedding", enabled=not as_json) as progress:
-        summary = extract(sources, str(out_store), spec, embed, run, progress)
+        if engine == "ray":
+            from embedder.ray_engine import RayOptions, extract_ray
+
+            ray_opts = RayOptions(address=address, workers=workers or 1, gpus_per_worker=gpus_per_worker,
+                                  cpus_per_worker=cpus_per_worker, decode_cpus=decode_cpus, batch_size=batch_size)
+            summary = extract_ray(sources, str(out_store), spec, embed, run, ray_opts, progress)
+        else:
+            summary = extract(sources, str(out_store), spec, embed, run, progress)
     if as_json:
         out.print_json(json.dumps(summary.to_dict()))
     else:
