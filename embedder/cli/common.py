@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
@@ -39,7 +40,8 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except EmbedderError as e:
-            console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+            # escaped: a message may hold brackets (pip extras, paths) that are not rich markup
+            console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             console.print("interrupted; completed shards are kept, rerun the same command to resume")

@@ -1,0 +1,221 @@
+"""The Ray engine against a real local Ray cluster (`ray start --head`, 2 CPUs, started once for
+this module): the same store as the local engine, resume, a worker and the driver killed with
+SIGKILL mid-run, and the one-line errors. Every test runs under a time limit."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedder.cli import app
+from embedder.errors import RayError
+from embedder.extract import EmbedOptions, RunOptions, extract
+from embedder.model import ModelSpec
+from embedder.sources import discover
+from embedder.store import Store
+from tests.conftest import make_images
+
+ray = pytest.importorskip("ray")
+
+TINY = ModelSpec("tiny_test")
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+EMBEDDER_CLI = [sys.executable, "-m", "embedder"]
+LIMIT_S = 240  # per test
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    # A throwaway cluster on 127.0.0.1: Ray's token authentication is left off for it (the head and
+    # every client of these tests must agree on it, subprocesses included, through the environment).
+    import os
+
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield from _cluster()
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+def _cluster() -> Iterator[str]:
+    port = _free_port()
+    head = subprocess.Popen([RAY_CLI, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        head.kill()
+        pytest.fail("ray start --head did not come up in 90 s")
+    time.sleep(2)
+    try:
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        head.send_signal(signal.SIGTERM)  # --block: the head tears its cluster down on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            import os
+
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    def expired(*_: object) -> None:
+        raise TimeoutError(f"Ray test exceeded {LIMIT_S} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _store_vectors(path: Path) -> tuple[list[str], np.ndarray]:
+    t = Store.open(str(path)).read(["id", "embedding"]).sort_by("id")
+    return t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, cluster: str) -> None:
+    from embedder.ray_engine import RayOptions, extract_ray
+
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 14, "b": 13}, size=(64, 48))
+    (src / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    opts = RayOptions(address=cluster, workers=1)
+    s = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
+    assert (s.done, s.failed) == (27, 1)
+    local = extract([str(src)], str(tmp_path / "local"), TINY, EmbedOptions(), RunOptions(batch_size=4))
+    assert (local.done, local.failed) == (27, 1)
+    ids_r, vec_r = _store_vectors(tmp_path / "ray")
+    ids_l, vec_l = _store_vectors(tmp_path / "local")
+    assert ids_r == ids_l
+    np.testing.assert_allclose(vec_r, vec_l, atol=1e-5)
+    ray_store, local_store = Store.open(str(tmp_path / "ray")), Store.open(str(tmp_path / "local"))
+    assert ray_store.failed_ids() == local_store.failed_ids() and len(ray_store.failed_ids()) == 1
+    a, b = ray_store.provenance, local_store.provenance
+    assert (a.backbone, a.weights, a.preprocessing, a.decoder, a.precision, a.dim) == \
+        (b.backbone, b.weights, b.preprocessing, b.decoder, b.precision, b.dim)
+    # resume: nothing new is scheduled, the failure is not retried
+    again = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
+    assert (again.done, again.skipped_present, again.skipped_failed_before) == (0, 27, 1)
+    # new images only
+    make_images(src / "c", {"": 3}, size=(64, 48), seed=5)
+    more = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
+    assert (more.done, more.skipped_present) == (3, 27)
+    assert Store.open(str(tmp_path / "ray")).count() == 30
+
+
+def _cli(src: Path, store: Path, address: str) -> list[str]:
+    return [*EMBEDDER_CLI, "extract", str(src), "--out", str(store), "--backbone", "tiny_test", "--engine", "ray",
+            "--address", address, "--workers", "1", "--batch-size", "2", "--shard-rows", "4"]
+
+
+def _wait_for_shards(store: Path, n: int, proc: subprocess.Popen[bytes], limit: float = 120) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline and len(list(store.glob("part-*.parquet"))) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {n} shards were written")
+        time.sleep(0.1)
+
+
+def _exactly_once(src: Path, store: Path) -> None:
+    ids = Store.open(str(store)).read(["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an image was written twice"
+    assert set(ids) == {r.id for r in discover([str(src)])}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp_path: Path, cluster: str) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 100, "b": 100}, size=(64, 48))
+    store = tmp_path / "store"
+    proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_shards(store, 2, proc)
+    pids = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(_Embed"], capture_output=True,
+                          text=True).stdout.split()
+    assert pids, "no model actor process found"
+    for pid in pids:
+        subprocess.run(["kill", "-9", pid])
+    _, err = proc.communicate(timeout=200)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    _exactly_once(src, store)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_on_the_next_run(tmp_path: Path, cluster: str) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 100, "b": 100}, size=(64, 48))
+    store = tmp_path / "store"
+    proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_shards(store, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Store.open(str(store)).count()
+    assert 0 < partial < 200, partial
+    done = subprocess.run(_cli(src, store, cluster), capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _exactly_once(src, store)
+    assert not list(store.glob(".*tmp"))
+
+
+def test_without_ray_installed_the_error_names_the_fix(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 2})
+    shim = "import sys; sys.modules['ray'] = None; from embedder.cli import main; main()"
+    r = subprocess.run([sys.executable, "-c", shim, "extract", str(src), "--out", str(tmp_path / "s"),
+                        "--backbone", "tiny_test", "--engine", "ray"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "pip install 'embedder[ray]'" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 2})
+    port = _free_port()  # nothing listens there
+    t0 = time.time()
+    r = CliRunner().invoke(app, ["extract", str(src), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
+                                 "--engine", "ray", "--address", f"127.0.0.1:{port}"])
+    assert r.exit_code == RayError.exit_code
+    assert r.output.strip().count("\n") == 0 and "cannot reach the Ray cluster" in r.output
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "s").exists()
+
+
+def test_nvjpeg_is_refused_by_the_ray_engine(tmp_path: Path) -> None:
+    from embedder.ray_engine import RayOptions, extract_ray
+
+    with pytest.raises(RayError, match="use --decoder torchvision"):
+        extract_ray([str(tmp_path)], str(tmp_path / "s"), TINY, EmbedOptions(decoder="nvjpeg"), RunOptions(),
+                    RayOptions(address="127.0.0.1:1"))
