@@ -42,6 +42,9 @@ from embedder.store import Store
 log = logging.getLogger(__name__)
 
 
+DECODE_BLOCK = 64
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """Where and how wide the Ray engine runs (defaults in one place)."""
@@ -181,9 +184,12 @@ def _stream(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedOpt
     # row, with headroom), so the scheduler can pack them; with the actors' arguments differing, Ray
     # Data also does not fuse the stages (fused, decoding would run inside the model's actors,
     # serially with the model).
-    decode_memory = batch_size * 3 * pre.crop_size * pre.crop_size * 8 + (576 << 20)  # measured: 451 MiB idle
+    # Decode tasks take blocks of at least 64 images (a Ray task costs milliseconds of scheduling;
+    # the actors re-batch to the model's batch size).
+    decode_batch = max(batch_size, DECODE_BLOCK)
+    decode_memory = decode_batch * 3 * pre.crop_size * pre.crop_size * 8 + (576 << 20)  # measured: 451 MiB idle
     ds = ds.map_batches(_decode_batch, fn_kwargs={"pre": pre, "max_pixels": max_pixels, "decoder": embed.decoder},
-                        batch_size=batch_size, batch_format="numpy", num_cpus=options.decode_cpus,
+                        batch_size=decode_batch, batch_format="numpy", num_cpus=options.decode_cpus,
                         memory=decode_memory)
     ds = ds.map_batches(_Embed, fn_constructor_kwargs={"spec": spec, "embed": embed}, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),
