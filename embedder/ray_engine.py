@@ -70,15 +70,20 @@ def _import_ray() -> Any:
 def connect(options: RayOptions) -> Any:
     """Join the cluster at ``options.address`` (or start a local one); a one-line error if not."""
     ray = _import_ray()
-    if ray.is_initialized():
+    if options.address not in (None, "auto", "local"):
+        _check_reachable(options.address)
+    if ray.is_initialized():  # inside a Ray job or a session that already connected: use it
+        current = str(ray.get_runtime_context().gcs_address)
+        wanted = options.address
+        # hosts are compared loosely (Ray reports the node's own IP for 127.0.0.1), ports exactly
+        if wanted not in (None, "auto", "local") and wanted.rpartition(":")[2] != current.rpartition(":")[2]:
+            raise RayError(f"this process is already connected to the Ray cluster at {current}, not {wanted}")
         return ray
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "logging_level": logging.WARNING, "configure_logging": False}
-    if options.address not in (None, "auto", "local"):
-        _check_reachable(options.address)
     try:
         if options.address is None:
-            ray.init(num_cpus=options.local_cpus or os.cpu_count() or 2, **kwargs)
+            ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count() or 2, **kwargs)
         else:
             ray.init(address=options.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -172,6 +177,34 @@ class _Embed:
         return pa.table(cols)
 
 
+def _can_load(spec: ModelSpec, embed: EmbedOptions) -> str | None:
+    """On one node: can a worker there build the model? None, or why not."""
+    try:
+        BatchEmbedder(spec, replace(embed, device="cpu", compile=False))
+    except EmbedderError as e:
+        return f"{os.uname().nodename}: {e}"
+    return None
+
+
+def preflight(ray: Any, spec: ModelSpec, embed: EmbedOptions, timeout_s: float = 600) -> None:
+    """Before the store is touched: every alive node loads the model once (weights present, spec
+    valid there), so that a node without the weights is a one-line error, not a failed run."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0)(_can_load)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(spec, embed)
+            for node in nodes]
+    try:
+        problems = [p for p in ray.get(refs, timeout=timeout_s) if p]
+    except ray.exceptions.RayError as e:
+        raise RayError(f"checking the Ray workers failed: {_reason(e)}") from None
+    if problems:
+        more = f" (and {len(problems) - 1} more nodes)" if len(problems) > 1 else ""
+        raise RayError(f"a Ray worker cannot load the model: {problems[0]}{more}; every node needs the same "
+                       "weights (embedder weights import FILE on each, or a shared TORCH_HOME)")
+
+
 def _stream(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedOptions, options: RayOptions,
             batch_size: int, pre: Any, max_pixels: int, schema: pa.Schema,
             on_error: Callable[[ImageRef, str], None]) -> Generator[tuple[pa.Table, int], None, None]:
@@ -235,6 +268,7 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     driver = BatchEmbedder(spec, replace(worker_embed, device="cpu", compile=False))
     provenance = driver.provenance()
     refs = discover(sources)
+    preflight(ray, spec, worker_embed)
     summary = ExtractSummary(discovered=len(refs), device=f"ray ({options.workers} workers, "
                              f"{options.gpus_per_worker:g} GPU each)", store=store_path)
     batch_size = options.batch_size or run.batch_size or (128 if on_gpu else 8)

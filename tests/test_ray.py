@@ -219,3 +219,47 @@ def test_nvjpeg_is_refused_by_the_ray_engine(tmp_path: Path) -> None:
     with pytest.raises(RayError, match="use --decoder torchvision"):
         extract_ray([str(tmp_path)], str(tmp_path / "s"), TINY, EmbedOptions(decoder="nvjpeg"), RunOptions(),
                     RayOptions(address="127.0.0.1:1"))
+
+
+WITHOUT_WEIGHTS = """
+import sys, ray
+from pathlib import Path
+from embedder.errors import RayError
+from embedder.extract import EmbedOptions, RunOptions
+from embedder.model import ModelSpec
+from embedder.ray_engine import RayOptions, extract_ray
+
+src, store, empty_home = sys.argv[1:4]
+# this driver's TORCH_HOME has the weights; the workers' (their runtime environment) does not
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"TORCH_HOME": empty_home, "EMBEDDER_OFFLINE": "1"}})
+try:
+    extract_ray([src], store, ModelSpec("mobilenet_v2", "IMAGENET1K_V1"), EmbedOptions(), RunOptions(batch_size=4),
+                RayOptions())
+except RayError as e:
+    print("RayError:", e)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_without_the_weights_is_a_one_line_error_and_nothing_is_written(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from tests.conftest import mobilenet_weights_file
+
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 3})
+    home = tmp_path / "driver_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(mobilenet_weights_file(), home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth")
+    (tmp_path / "empty_home").mkdir()
+    env = {**os.environ, "TORCH_HOME": str(home), "EMBEDDER_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-c", WITHOUT_WEIGHTS, str(src), str(tmp_path / "s"),
+                        str(tmp_path / "empty_home")], capture_output=True, text=True, timeout=200, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr[-2000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RayError:")]
+    assert line and "cannot load the model" in line[0] and "every node needs the same weights" in line[0], r.stdout
+    assert "mobilenet_v2" in line[0]
+    assert not (tmp_path / "s").exists()
