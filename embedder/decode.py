@@ -141,6 +141,17 @@ def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_M
 
 
 def read_bytes(path: str) -> bytes:
+    """A file's bytes, from a local path or an object-storage URI (s3://…)."""
+    if "://" in path and not path.startswith("file://"):
+        from embedder.errors import SourceError
+        from embedder.sources import filesystem
+
+        try:
+            fs, key = filesystem(path)
+            with fs.open_input_stream(key) as f:  # type: ignore[attr-defined]
+                return bytes(f.read())
+        except (OSError, SourceError) as e:
+            raise DecodeError(f"cannot read: {str(e).splitlines()[0][:200]}") from None
     try:
         with open(path, "rb") as f:
             return f.read()

@@ -1,7 +1,8 @@
 """Turn SOURCE arguments (folders, globs, list files, single images) into image references.
 
 Labels follow the ImageFolder convention: the top-level subfolder under the SOURCE root.
-Ids are stable for the same file across runs (a hash of its absolute path), so a rerun can skip
+A SOURCE may also be an object-storage prefix (s3://bucket/prefix, through pyarrow.fs).
+Ids are stable for the same file across runs (a hash of its absolute path or URI), so a rerun can skip
 what a store already holds and nothing is ever aligned by row position.
 """
 
@@ -31,8 +32,61 @@ class ImageRef:
     label: str | None
 
 
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """An object-storage location (s3://bucket/key, gs://…), read through pyarrow.fs."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
 def image_id(path: str | os.PathLike[str]) -> str:
-    return hashlib.blake2b(os.path.abspath(path).encode(), digest_size=16).hexdigest()
+    key = str(path) if is_uri(path) else os.path.abspath(path)
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def filesystem(uri: str) -> tuple[object, str]:
+    """(pyarrow FileSystem, path inside it) for URI; credentials and endpoint come from the usual
+    environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …), one filesystem per bucket and process."""
+    scheme, _, rest = uri.partition("://")
+    bucket = rest.split("/", 1)[0]
+    fs = _filesystems.get((scheme, bucket))
+    if fs is None:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, _ = pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"cannot open {uri}: {str(e).splitlines()[0][:200]}") from None
+        _filesystems[(scheme, bucket)] = fs
+    return fs, rest.rstrip("/")
+
+
+_filesystems: dict[tuple[str, str], object] = {}
+
+
+def _walk_uri(uri: str) -> Iterable[ImageRef]:
+    """Every image under an object-storage prefix (labels: the first key part below it)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri)
+    scheme = uri.partition("://")[0]
+    try:
+        info = fs.get_file_info(root)  # type: ignore[attr-defined]
+        if info.type == pafs.FileType.File:
+            infos = [info]
+            root = root.rsplit("/", 1)[0]
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))  # type: ignore[attr-defined]
+        else:
+            raise SourceError(f"SOURCE {uri} does not exist")
+    except OSError as e:
+        raise SourceError(f"cannot list {uri}: {str(e).splitlines()[0][:200]}") from None
+    for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        name = i.path.rsplit("/", 1)[-1]
+        if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
+            continue
+        rel = i.path[len(root):].lstrip("/").split("/")
+        full = f"{scheme}://{i.path}"
+        yield ImageRef(image_id(full), full, rel[0] if len(rel) > 1 else None)
 
 
 def _ref(path: Path, label: str | None) -> ImageRef:
@@ -97,6 +151,9 @@ def _read_list(path: Path) -> Iterable[ImageRef]:
         with open(path) as f:
             rows = [(line.strip(), None) for line in f if line.strip() and not line.startswith("#")]
     for p, label in rows:
+        if is_uri(p):
+            yield ImageRef(image_id(p), p, label)
+            continue
         full = Path(p) if os.path.isabs(p) else base / p
         yield _ref(full, label)
 
@@ -109,8 +166,11 @@ def discover(sources: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
     for src in sources:
         s = str(src)
         p = Path(s)
-        if p.is_dir():
-            found: Iterable[ImageRef] = _walk(p)
+        found: Iterable[ImageRef]
+        if is_uri(s):
+            found = list(_walk_uri(s))
+        elif p.is_dir():
+            found = _walk(p)
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             found = _read_list(p)
         elif p.is_file():
