@@ -1,10 +1,11 @@
 """Batched inference of a frozen backbone into a store.
 
-``BatchEmbedder`` is the engine-agnostic unit: the model is loaded once in ``__init__``; a
-``pa.Table`` of paths goes in and a ``pa.Table`` of vectors comes out. The local pipeline below
-and a Ray Data actor pool (``map_batches(BatchEmbedder, fn_constructor_args=..., batch_format=
-"pyarrow")``) both drive it unchanged. The local pipeline adds what one machine needs: decode
-threads that run ahead of the model, atomic shards, resume and error bookkeeping.
+``BatchEmbedder`` is the engine-agnostic unit: the model is loaded once in ``__init__``; decoded
+uint8 pixels go in (``launch`` / ``embed_pixels``, the pixels-in entry point) and vectors come out;
+``__call__`` is the paths-in entry point built on it (a ``pa.Table`` of paths in, rows out). The
+local pipeline below (decode workers running ahead of the model into a ring of batch buffers) and
+the Ray engine (``ray_engine``: decode tasks, model actors) both feed the pixels-in entry point, and
+both write through ``fill_store``: atomic shards, resume and error bookkeeping.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from embedder.decode import (
     Decoded,
     ImageMeta,
     decode_file,
-    decode_into,
     normalize_batch,
 )
 from embedder.decode_pool import (
@@ -153,7 +153,6 @@ class Pending:
         return self._vectors
 
 
-ProgressFn = Callable[[int, int], None]  # (images advanced, failed so far)
 
 
 def _versions() -> dict[str, str]:
@@ -220,9 +219,6 @@ class BatchEmbedder:
 
     def decode(self, path: str) -> Decoded:
         return decode_file(path, self.loaded.preprocessing, self.options.max_pixels, self.options.decoder)
-
-    def decode_into(self, path: str, out: torch.Tensor) -> ImageMeta:
-        return decode_into(path, self.loaded.preprocessing, out, self.options.max_pixels, self.options.decoder)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] on the model's device → float32 [N, dim] on that device."""
