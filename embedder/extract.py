@@ -548,8 +548,9 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
         pending_errors.append({"id": ref.id, "path": ref.path, "reason": reason,
                                "time": dt.datetime.now(dt.UTC)})
 
+    embedder.stages = StageTimes()
+    t_stream = time.perf_counter()  # the stages share this span, not model loading or discovery
     try:
-        embedder.stages = StageTimes()
         with closing(stream_fn(todo, on_error)) as stream:
             for table, n_failed in stream:
                 t_write = time.perf_counter()
@@ -570,7 +571,7 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
         finally:
             writer.shutdown(wait=True)
         summary.seconds = time.perf_counter() - t_start
-        summary.stages = embedder.stages.report(summary.seconds)
+        summary.stages = embedder.stages.report(time.perf_counter() - t_stream)
 
 
 def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> ModelSpec:

@@ -58,10 +58,14 @@ def setup_logging(verbose: bool) -> None:
 
 
 class ImageRate(ProgressColumn):
-    """Images per second (rich's own speed column speaks in bytes)."""
+    """Images per second (rich's own speed column speaks in bytes): a recent window while running,
+    the whole run's average once finished (batches arrive in bursts; the last window can be ms)."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        if task.finished and task.elapsed:
+            speed: float | None = task.completed / task.elapsed
+        else:
+            speed = task.speed
         return Text(f"{speed:,.1f} img/s" if speed else "… img/s", style="cyan")
 
 
