@@ -186,15 +186,19 @@ def _can_load(spec: ModelSpec, embed: EmbedOptions) -> str | None:
     return None
 
 
-def preflight(ray: Any, spec: ModelSpec, embed: EmbedOptions, timeout_s: float = 600) -> None:
+def preflight(ray: Any, spec: ModelSpec, embed: EmbedOptions) -> list[Any]:
     """Before the store is touched: every alive node loads the model once (weights present, spec
-    valid there), so that a node without the weights is a one-line error, not a failed run."""
+    valid there), so that a node without the weights is a one-line error, not a failed run. Returns
+    the checks running; ``check_preflight`` waits for them (so that they overlap discovery)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     check = ray.remote(num_cpus=0)(_can_load)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(spec, embed)
+    return [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(spec, embed)
             for node in nodes]
+
+
+def check_preflight(ray: Any, refs: list[Any], timeout_s: float = 600) -> None:
     try:
         problems = [p for p in ray.get(refs, timeout=timeout_s) if p]
     except ray.exceptions.RayError as e:
@@ -267,8 +271,9 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     # scheduled or written, and states the provenance every worker's vectors will carry.
     driver = BatchEmbedder(spec, replace(worker_embed, device="cpu", compile=False))
     provenance = driver.provenance()
-    refs = discover(sources)
-    preflight(ray, spec, worker_embed)
+    checks = preflight(ray, spec, worker_embed)
+    refs = discover(sources)  # while every node loads the model once
+    check_preflight(ray, checks)
     summary = ExtractSummary(discovered=len(refs), device=f"ray ({options.workers} workers, "
                              f"{options.gpus_per_worker:g} GPU each)", store=store_path)
     batch_size = options.batch_size or run.batch_size or (128 if on_gpu else 8)
