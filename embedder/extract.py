@@ -474,16 +474,8 @@ def extract(
     return summary
 
 
-# Rows in, per batch: (the batch's embedded rows, how many of its images failed); failures are
-# reported through the callback. The local pipeline and the Ray engine both produce one.
-StreamFn = Callable[[list[ImageRef], Callable[[ImageRef, str], None]], Generator[tuple[pa.Table, int], None, None]]
-
-
-def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, provenance: Provenance,
-               run: RunOptions, summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
-               t_start: float, stream_fn: StreamFn, engine: dict[str, Any] | None = None) -> None:
-    """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock).
-    ``embedder`` gives the shapes and the run record; ``stream_fn`` computes the vectors."""
+def still_to_do(store: Store, refs: Sequence[ImageRef], run: RunOptions, summary: ExtractSummary) -> list[ImageRef]:
+    """The refs the store lacks (resume), minus earlier failures unless they are to be retried."""
     present = store.ids()
     failed_before = set() if run.retry_failed else store.failed_ids() - present
     todo = []
@@ -494,9 +486,12 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
             summary.skipped_failed_before += 1
         else:
             todo.append(r)
-    if progress:
-        progress(len(todo), 0, 0)
-    run_record: dict[str, Any] = {
+    return todo
+
+
+def new_run_record(embedder: BatchEmbedder, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the manifest says of one run (updated with its counts as it goes)."""
+    return {
         "run_id": uuid.uuid4().hex[:12],
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": str(embedder.device), "precision": embedder.precision,
@@ -504,6 +499,22 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
         "decoder": embedder.options.decoder, "compiled": embedder.options.compile,
         **(engine or {"engine": "local"}),
     }
+
+
+# Rows in, per batch: (the batch's embedded rows, how many of its images failed); failures are
+# reported through the callback. The local pipeline and the Ray engine both produce one.
+StreamFn = Callable[[list[ImageRef], Callable[[ImageRef, str], None]], Generator[tuple[pa.Table, int], None, None]]
+
+
+def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, provenance: Provenance,
+               run: RunOptions, summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
+               t_start: float, stream_fn: StreamFn, engine: dict[str, Any] | None = None) -> None:
+    """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock).
+    ``embedder`` gives the shapes and the run record; ``stream_fn`` computes the vectors."""
+    todo = still_to_do(store, refs, run, summary)
+    if progress:
+        progress(len(todo), 0, 0)
+    run_record = new_run_record(embedder, engine)
     if not todo:
         summary.seconds = time.perf_counter() - t_start
         return

@@ -1,25 +1,28 @@
 """`embedder extract --engine ray`: the same store, computed on a Ray cluster with Ray Data.
 
-The driver discovers the images, drops the ones the store already has (resume), and builds one
+The driver discovers the images, drops the ones the store already has (resume), and runs one
 streaming Ray Data pipeline over the rest:
 
-    paths ──map_batches(decode, CPU tasks)──▶ uint8 pixels ──map_batches(_Embed, actor pool)──▶ rows
+    paths ─map_batches(decode: CPU tasks)─▶ uint8 pixels ─map_batches(_Embed: actor pool)─▶ rows
+          ─map_batches(write: tasks, one shard each)─▶ staged shard names ─▶ the driver commits
 
-Decoding runs as CPU tasks, so it scales with the cluster's cores independently of the model;
-the model runs in a pool of actors that load it once (fractional CPUs, one GPU each when asked) and
-take decoded uint8 batches through the pixels-in entry point (``BatchEmbedder.embed_pixels``), the
-one the local pipeline uses. Actors return Arrow tables with the store's own
-``fixed_size_list<float32>[dim]`` column. The driver streams the results into the store through the
-same shard writer as the local engine (``extract.fill_store``): same schema, provenance, errors
-table, atomic shards and resume. Bad images are recorded, never fail a block; a worker killed
-mid-run is restarted by Ray and its batches retried; a killed driver resumes on the next run.
+Decoding runs as CPU tasks, so it scales with the cluster's cores independently of the model; the
+model runs in a pool of actors that load it once (fractional CPUs, GPUs per actor when asked) and take
+decoded uint8 batches through the pixels-in entry point (``BatchEmbedder.embed_pixels``), the one the
+local pipeline uses; they return Arrow tables with the store's ``fixed_size_list<float32>[dim]``
+column. Write tasks put each shard into the store's ``.staging`` directory under a name derived from
+its ids (a retried task rewrites the same file); the driver, holding the store's lock, commits each
+reported shard with one atomic rename, records failures in the errors table and keeps the manifest
+current — no vector passes through the driver. A shard is in the store only once committed; what a
+killed run staged but never committed is swept by the next writer. Bad images are recorded and never
+fail a block; a worker killed mid-run is restarted by Ray and its batches retried.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,7 +36,8 @@ from embedder.extract import (
     EmbedOptions,
     ExtractSummary,
     RunOptions,
-    fill_store,
+    new_run_record,
+    still_to_do,
 )
 from embedder.model import ModelSpec
 from embedder.sources import ImageRef, discover
@@ -209,20 +213,49 @@ def check_preflight(ray: Any, refs: list[Any], timeout_s: float = 600) -> None:
                        "weights (embedder weights import FILE on each, or a shared TORCH_HOME)")
 
 
-def _stream(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedOptions, options: RayOptions,
-            batch_size: int, pre: Any, max_pixels: int, schema: pa.Schema,
-            on_error: Callable[[ImageRef, str], None]) -> Generator[tuple[pa.Table, int], None, None]:
+def _write_block(batch: pa.Table, store_path: str, provenance_json: str, dim: int, dtype: str) -> pa.Table:
+    """A Ray task: one shard's worth of rows → a staged Parquet file in the store's ``.staging``
+    (named by the block's ids, so a retried task rewrites the same file). Returns what the driver
+    needs: the staged name and row count, and one row per failed image."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    from embedder.store import Store, row_schema
+
+    schema = row_schema(dim, dtype)
+    failed_mask = pc.is_valid(batch.column("error"))
+    good = batch.filter(pc.invert(failed_mask)).select(schema.names).cast(schema)
+    failed = batch.filter(failed_mask)
+    out: dict[str, list[Any]] = {"kind": [], "name": [], "rows": [], "id": [], "reason": []}
+    if good.num_rows:
+        ids = good.column("id").to_pylist()
+        name = hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest() + ".parquet"
+        Store(store_path).stage_shard(good, provenance_json, name)
+        for k, v in (("kind", "shard"), ("name", name), ("rows", good.num_rows), ("id", None), ("reason", None)):
+            out[k].append(v)
+    for rid, reason in zip(failed.column("id").to_pylist(), failed.column("error").to_pylist()):
+        for k, v in (("kind", "error"), ("name", None), ("rows", 0), ("id", rid), ("reason", reason)):
+            out[k].append(v)
+    return pa.table({"kind": pa.array(out["kind"], pa.string()), "name": pa.array(out["name"], pa.string()),
+                     "rows": pa.array(out["rows"], pa.int64()), "id": pa.array(out["id"], pa.string()),
+                     "reason": pa.array(out["reason"], pa.string())})
+
+
+def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedOptions, options: RayOptions,
+              batch_size: int, shard_rows: int, pre: Any, max_pixels: int, store: Store,
+              provenance_json: str, dim: int) -> Any:
+    """paths → decode tasks → model actors → shard-writing tasks (a Ray Dataset, not yet run)."""
     block = max(batch_size, 256)
     tables = [pa.table({"id": [r.id for r in todo[i:i + block]], "path": [r.path for r in todo[i:i + block]],
                         "label": pa.array([r.label for r in todo[i:i + block]], pa.string())})
               for i in range(0, len(todo), block)]
     ds = ray.data.from_arrow(tables)
-    # Two stages. Decode tasks state the memory a batch needs (its pixels and a decoded photo per
-    # row, with headroom), so the scheduler can pack them; with the actors' arguments differing, Ray
-    # Data also does not fuse the stages (fused, decoding would run inside the model's actors,
-    # serially with the model).
     # Decode tasks take blocks of at least 64 images (a Ray task costs milliseconds of scheduling;
-    # the actors re-batch to the model's batch size).
+    # the actors re-batch to the model's batch size). They state the memory a batch needs (its
+    # pixels and a decoded photo per row, with headroom), so the scheduler can pack them; with the
+    # actors' arguments differing, Ray Data also does not fuse the two stages (fused, decoding would
+    # run inside the model's actors, serially with the model).
     decode_batch = max(batch_size, DECODE_BLOCK)
     decode_memory = decode_batch * 3 * pre.crop_size * pre.crop_size * 8 + (576 << 20)  # measured: 451 MiB idle
     ds = ds.map_batches(_decode_batch, fn_kwargs={"pre": pre, "max_pixels": max_pixels, "decoder": embed.decoder},
@@ -231,17 +264,10 @@ def _stream(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedOpt
     ds = ds.map_batches(_Embed, fn_constructor_kwargs={"spec": spec, "embed": embed}, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),
                         num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None)
-    refs_by_id = {r.id: r for r in todo}
-    columns = schema.names
-    try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            failed = table.filter(pa.compute.invert(pa.compute.is_null(table.column("error"))))
-            for rid, reason in zip(failed.column("id").to_pylist(), failed.column("error").to_pylist()):
-                on_error(refs_by_id[rid], reason)
-            good = table.filter(pa.compute.is_null(table.column("error"))).select(columns).cast(schema)
-            yield good, failed.num_rows
-    except ray.exceptions.RayError as e:
-        raise RayError(f"the Ray pipeline failed: {_reason(e)}") from None
+    # Workers write the shards; the driver only commits them (no vectors pass through the driver).
+    return ds.map_batches(_write_block, fn_kwargs={"store_path": str(store.path), "provenance_json": provenance_json,
+                                                   "dim": dim, "dtype": embed.dtype},
+                          batch_size=shard_rows, batch_format="pyarrow", num_cpus=options.decode_cpus)
 
 
 def _reason(e: BaseException) -> str:
@@ -280,13 +306,55 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     pre = driver.loaded.preprocessing
     max_pixels = embed.max_pixels or DEFAULT_MAX_PIXELS
 
-    def stream(todo: list[ImageRef], on_error: Callable[[ImageRef, str], None]
-               ) -> Generator[tuple[pa.Table, int], None, None]:
-        return _stream(ray, todo, spec, worker_embed, options, batch_size, pre, max_pixels, driver.schema, on_error)
-
-    with Store.writer(store_path, provenance) as store:
-        fill_store(store, refs, driver, provenance, run, summary, progress, t_start, stream,
-                   engine={"engine": "ray", "device": worker_embed.device, "address": options.address or "local",
-                           "workers": options.workers, "gpus_per_worker": options.gpus_per_worker})
-    summary.stages = {}  # the driver's stage clock sees only the writing; Ray's own stats cover the rest
+    with Store.writer(store_path, provenance) as store:  # also sweeps shards staged by a killed run
+        todo = still_to_do(store, refs, run, summary)
+        if progress:
+            progress(len(todo), 0, 0)
+        if todo:
+            record = new_run_record(driver, {"engine": "ray", "device": worker_embed.device,
+                                             "address": options.address or "local", "workers": options.workers,
+                                             "gpus_per_worker": options.gpus_per_worker})
+            ds = _pipeline(ray, todo, spec, worker_embed, options, batch_size, run.shard_rows, pre, max_pixels,
+                           store, provenance.to_json(), driver.dim)
+            _commit(ray, ds, store, todo, record, summary, progress, t_start)
+    summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: dict[str, Any],
+            summary: ExtractSummary, progress: Callable[[int, int, int], None] | None, t_start: float) -> None:
+    """Run the pipeline; commit each staged shard as it is reported, record failures, keep the
+    manifest current. A shard reported twice (a retried task) is committed once."""
+    import datetime as dt
+    import time
+
+    from embedder.store import ERRORS_SCHEMA
+
+    by_id = {r.id: r for r in todo}
+    committed: set[str] = set()
+    try:
+        for res in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            advanced, errors = 0, []
+            for row in res.to_pylist():
+                if row["kind"] == "shard":
+                    if row["name"] in committed:
+                        continue
+                    store.commit_shard(row["name"])
+                    committed.add(row["name"])
+                    summary.done += row["rows"]
+                    advanced += row["rows"]
+                else:
+                    ref = by_id[row["id"]]
+                    summary.failed += 1
+                    summary.failures.append((ref.path, row["reason"]))
+                    errors.append({"id": ref.id, "path": ref.path, "reason": row["reason"],
+                                   "time": dt.datetime.now(dt.UTC)})
+                    advanced += 1
+            if errors:
+                store.write_errors(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+            record.update(done=summary.done, failed=summary.failed, seconds=round(time.perf_counter() - t_start, 2))
+            store.update_manifest(record)
+            if progress:
+                progress(len(todo), advanced, summary.failed)
+    except ray.exceptions.RayError as e:
+        raise RayError(f"the Ray pipeline failed: {_reason(e)}") from None

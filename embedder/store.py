@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 FORMAT = "embedder-store/1"
 MANIFEST = "_manifest.json"
 ERRORS_DIR = "_errors"
+STAGING_DIR = ".staging"  # shards written by remote workers, part of the store only once committed
 META_KEY = b"embedder"
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("reason", pa.string()),
@@ -210,6 +211,10 @@ class Store:
         for d in (self.path, self.path / ERRORS_DIR):
             for tmp in d.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+        staging = self.path / STAGING_DIR
+        if staging.is_dir():  # staged by workers of a run that ended before committing them
+            for orphan in staging.iterdir():
+                orphan.unlink(missing_ok=True)
 
     # ---- metadata -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -312,6 +317,22 @@ class Store:
         n = len(self.shard_files())
         path = self.path / f"part-{n:05d}-{uuid.uuid4().hex[:8]}.parquet"
         _atomic_write_table(path, table)
+        return path
+
+    def stage_shard(self, table: pa.Table, provenance_json: str, name: str) -> Path:
+        """In a remote worker (no lock): write a shard under ``.staging/NAME`` atomically. A
+        retried task writes the same NAME again; nothing is in the store until ``commit_shard``."""
+        d = self.path / STAGING_DIR
+        d.mkdir(exist_ok=True)
+        path = d / name
+        _atomic_write_table(path, table.replace_schema_metadata({META_KEY: provenance_json.encode()}))
+        return path
+
+    def commit_shard(self, name: str) -> Path:
+        """Under the writer lock: a staged shard becomes part of the store (one atomic rename)."""
+        staged = self.path / STAGING_DIR / name
+        path = self.path / f"part-{len(self.shard_files()):05d}-{Path(name).stem[:8]}.parquet"
+        os.replace(staged, path)
         return path
 
     def write_errors(self, table: pa.Table) -> None:

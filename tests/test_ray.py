@@ -114,6 +114,7 @@ def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, c
     opts = RayOptions(address=cluster, workers=1)
     s = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
     assert (s.done, s.failed) == (27, 1)
+    assert not list((tmp_path / "ray" / ".staging").iterdir())  # workers staged, the driver committed all
     local = extract([str(src)], str(tmp_path / "local"), TINY, EmbedOptions(), RunOptions(batch_size=4))
     assert (local.done, local.failed) == (27, 1)
     ids_r, vec_r = _store_vectors(tmp_path / "ray")
@@ -174,18 +175,21 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
 @pytest.mark.slow
 def test_a_killed_driver_resumes_on_the_next_run(tmp_path: Path, cluster: str) -> None:
     src = tmp_path / "imgs"
-    make_images(src, {"a": 100, "b": 100}, size=(64, 48))
+    make_images(src, {"a": 200, "b": 200}, size=(64, 48))
     store = tmp_path / "store"
     proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_shards(store, 3, proc)
+    _wait_for_shards(store, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = Store.open(str(store)).count()
-    assert 0 < partial < 200, partial
+    assert 0 < partial < 400, partial
+    (store / ".staging").mkdir(exist_ok=True)
+    (store / ".staging" / "0123456789abcdef.parquet").write_bytes(b"staged by a killed run, never committed")
     done = subprocess.run(_cli(src, store, cluster), capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-2000:]
     _exactly_once(src, store)
     assert not list(store.glob(".*tmp"))
+    assert not list((store / ".staging").iterdir())  # orphans swept, every staged shard committed
 
 
 def test_without_ray_installed_the_error_names_the_fix(tmp_path: Path) -> None:
