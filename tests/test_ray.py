@@ -158,7 +158,7 @@ def _exactly_once(src: Path, store: Path) -> None:
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp_path: Path, cluster: str) -> None:
     src = tmp_path / "imgs"
-    make_images(src, {"a": 100, "b": 100}, size=(64, 48))
+    make_images(src, {"a": 150, "b": 150}, size=(64, 48))
     store = tmp_path / "store"
     proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for_shards(store, 2, proc)
@@ -177,7 +177,14 @@ def test_a_killed_driver_resumes_on_the_next_run(tmp_path: Path, cluster: str) -
     src = tmp_path / "imgs"
     make_images(src, {"a": 200, "b": 200}, size=(64, 48))
     store = tmp_path / "store"
-    proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the real CLI, its commits slowed a little so that the kill lands mid-run (workers stage
+    # shards faster than a 2-core machine lets the driver be scheduled)
+    slow = ("import time, embedder.store as s; commit = s.Store.commit_shard; "
+            "s.Store.commit_shard = lambda self, name: (time.sleep(0.05), commit(self, name))[1]; "
+            "from embedder.cli import main; main()")
+    cli = _cli(src, store, cluster)
+    proc = subprocess.Popen([sys.executable, "-c", slow, *cli[3:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     _wait_for_shards(store, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
