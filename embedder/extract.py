@@ -530,11 +530,12 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
     in_flight: Future[None] | None = None
 
     def write(table: pa.Table | None, errors: pa.Table | None, record: dict[str, Any]) -> None:
+        added = []
         if table is not None:
-            store.write_shard(table, provenance)
+            added.append((store.write_shard(table, provenance).name, table.num_rows))
         if errors is not None:
             store.write_errors(errors)
-        store.update_manifest(record)
+        store.update_manifest(record, added)
 
     def flush(wait: bool = False) -> None:
         nonlocal last_flush, buffer, in_flight

@@ -334,12 +334,12 @@ def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: d
     committed: set[str] = set()
     try:
         for res in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            advanced, errors = 0, []
+            advanced, errors, added = 0, [], []
             for row in res.to_pylist():
                 if row["kind"] == "shard":
                     if row["name"] in committed:
                         continue
-                    store.commit_shard(row["name"])
+                    added.append((store.commit_shard(row["name"]).name, row["rows"]))
                     committed.add(row["name"])
                     summary.done += row["rows"]
                     advanced += row["rows"]
@@ -353,7 +353,7 @@ def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: d
             if errors:
                 store.write_errors(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
             record.update(done=summary.done, failed=summary.failed, seconds=round(time.perf_counter() - t_start, 2))
-            store.update_manifest(record)
+            store.update_manifest(record, added)
             if progress:
                 progress(len(todo), advanced, summary.failed)
     except ray.exceptions.RayError as e:

@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,10 +202,24 @@ class Store:
             if (store.path / MANIFEST).is_file():
                 store.provenance.require(provenance, store=True, what=f"{path} holds vectors",
                                          fix="write to a new --out STORE instead")
+                store._reconcile_shards()
             else:
                 manifest = {"format": FORMAT, "provenance": provenance.to_dict(), "shards": [], "runs": []}
                 _atomic_write_bytes(store.path / MANIFEST, json.dumps(manifest, indent=2).encode())
             yield store
+
+    def _reconcile_shards(self) -> None:
+        """Under the lock, once per writer: the manifest's shard list matches the files (a writer
+        killed between a shard and its manifest update left it behind). Footers are read only for
+        files the list lacks."""
+        m = self.manifest()
+        on_disk = {p.name: p for p in self.shard_files()}
+        listed = [s for s in m["shards"] if s["file"] in on_disk]
+        missing = sorted(set(on_disk) - {s["file"] for s in listed})
+        if missing or len(listed) != len(m["shards"]):
+            m["shards"] = listed + [{"file": n, "rows": pq.ParquetFile(on_disk[n]).metadata.num_rows}
+                                    for n in missing]
+            _atomic_write_bytes(self.path / MANIFEST, json.dumps(m, indent=2).encode())
 
     def _remove_stale_temporaries(self) -> None:
         for d in (self.path, self.path / ERRORS_DIR):
@@ -341,10 +355,18 @@ class Store:
         _atomic_write_table(d / f"part-{int(time.time() * 1e6)}-{uuid.uuid4().hex[:8]}.parquet",
                             table.cast(ERRORS_SCHEMA))
 
-    def update_manifest(self, run: dict[str, Any] | None = None) -> None:
+    def update_manifest(self, run: dict[str, Any] | None = None,
+                        added: Sequence[tuple[str, int]] | None = None) -> None:
+        """Record RUN and the shards listed in ADDED (name, rows). Without ADDED, the shard list is
+        rebuilt from the files (reading every footer: O(shards)); with it, only the new entries are
+        appended, so a long run's flushes do not grow slower with the store."""
         m = self.manifest()
-        m["shards"] = [{"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows}
-                       for p in self.shard_files()]
+        if added is None:
+            m["shards"] = [{"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows}
+                           for p in self.shard_files()]
+        else:
+            known = {s["file"] for s in m["shards"]}
+            m["shards"] += [{"file": name, "rows": rows} for name, rows in added if name not in known]
         if run is not None:
             runs = [r for r in m["runs"] if r.get("run_id") != run.get("run_id")]
             m["runs"] = [*runs, run]

@@ -42,3 +42,38 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert len(ids) == 300 and len(set(ids)) == 300
     assert set(ids) == {r.id for r in discover([src])}
     assert not list(store.glob(".*tmp"))
+
+
+def test_the_manifest_lists_every_shard_and_is_reconciled_after_a_crash(tmp_path: Path) -> None:
+    """Flushes append their shard to the manifest (no footer re-reads); a writer killed between a
+    shard and its manifest update, or a shard moved away, is reconciled when the next writer opens."""
+    import json
+
+    from embedder.extract import EmbedOptions, RunOptions, extract
+    from embedder.model import ModelSpec
+
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 15, "b": 15}, size=(40, 40))
+    store_dir = tmp_path / "store"
+    spec = ModelSpec("tiny_test")
+    extract([str(src)], str(store_dir), spec, EmbedOptions(), RunOptions(batch_size=4, shard_rows=4))
+
+    def listed() -> dict[str, int]:
+        return {s["file"]: s["rows"] for s in json.loads((store_dir / "_manifest.json").read_text())["shards"]}
+
+    def on_disk() -> dict[str, int]:
+        import pyarrow.parquet as pq
+
+        return {p.name: pq.ParquetFile(p).metadata.num_rows for p in Store.open(store_dir).shard_files()}
+
+    assert listed() == on_disk() and sum(listed().values()) == 30 and len(listed()) == 8
+    store = Store.open(store_dir)
+    extra = store.read().slice(0, 3)
+    first = sorted(listed())[0]
+    with Store.writer(store_dir, store.provenance) as w:
+        written = w.write_shard(extra)  # ... and the writer dies before updating the manifest
+    (store_dir / first).unlink()  # a shard moved away by hand
+    assert written.name not in listed() and first in listed()
+    with Store.writer(store_dir, store.provenance):
+        pass
+    assert listed() == on_disk() and written.name in listed() and first not in listed()
