@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from embedder.backbones import Preprocessing
 from embedder.errors import DecodeError
 from embedder.provenance import DECODE_POLICY  # noqa: F401 - re-exported: what decoding does
+from embedder.sources import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_M
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, from a local path or an object-storage URI (s3://…)."""
-    if "://" in path and not path.startswith("file://"):
+    if is_uri(path):
         from embedder.errors import SourceError
         from embedder.sources import filesystem
 

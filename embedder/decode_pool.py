@@ -118,8 +118,9 @@ def _init_process(pixels: torch.Tensor, spec: DecodeSpec) -> None:
     _WORKER["spec"] = spec
 
 
-def _decode_rows(pixels: torch.Tensor, spec: DecodeSpec, slot: int, start: int,
+def decode_rows(pixels: torch.Tensor, spec: DecodeSpec, slot: int, start: int,
                  paths: Sequence[str]) -> list[Outcome]:
+    """Decode PATHS into rows ``start..`` of ring slot SLOT; per image its metadata or why not."""
     out: list[Outcome] = []
     for i, path in enumerate(paths):
         try:
@@ -130,7 +131,7 @@ def _decode_rows(pixels: torch.Tensor, spec: DecodeSpec, slot: int, start: int,
 
 
 def _decode_in_process(slot: int, start: int, paths: Sequence[str]) -> list[Outcome]:
-    return _decode_rows(cast(torch.Tensor, _WORKER["pixels"]), cast(DecodeSpec, _WORKER["spec"]),
+    return decode_rows(cast(torch.Tensor, _WORKER["pixels"]), cast(DecodeSpec, _WORKER["spec"]),
                         slot, start, paths)
 
 
@@ -185,7 +186,7 @@ class DecodeWorkers:
                 futures.append(self._pool.submit(decode_chunk, part, start, self.ring.pixels[slot], target, ready,
                                                  self.spec.pre, self.spec.max_pixels))
             elif self.kind == "threads":
-                futures.append(self._pool.submit(_decode_rows, self.ring.pixels, self.spec, slot, start, part))
+                futures.append(self._pool.submit(decode_rows, self.ring.pixels, self.spec, slot, start, part))
             else:
                 futures.append(self._pool.submit(_decode_in_process, slot, start, part))
         return futures

@@ -457,7 +457,8 @@ def extract(
     then after every batch.
     """
     t_start = time.perf_counter()
-    if embedder is None and run.decode_in != "threads" and resolve_device(embed.device).type == "cuda":
+    if (embedder is None and run.decode_in != "threads" and embed.decoder != "nvjpeg"
+            and resolve_device(embed.device).type == "cuda"):
         start_server()  # decode processes' imports overlap loading the model
     refs = discover(sources)
     embedder = embedder or BatchEmbedder(spec, embed)

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder.decode import DEFAULT_MAX_PIXELS, decode_into
-from embedder.errors import DecodeError, EmbedderError, RayError
+from embedder.decode import DEFAULT_MAX_PIXELS
+from embedder.decode_pool import DecodeSpec, decode_rows
+from embedder.errors import EmbedderError, RayError
 from embedder.extract import (
     BatchEmbedder,
     EmbedOptions,
@@ -134,13 +135,13 @@ def _decode_batch(batch: dict[str, np.ndarray], pre: Any, max_pixels: int, decod
     height = np.zeros(n, dtype=np.int32)
     file_hash = np.empty(n, dtype=object)
     error = np.empty(n, dtype=object)
-    view = torch.from_numpy(pixels)
-    for i, path in enumerate(paths):
-        try:
-            meta = decode_into(str(path), pre, view[i], max_pixels, decoder)
+    outcomes = decode_rows(torch.from_numpy(pixels)[None], DecodeSpec(pre, max_pixels, decoder), 0, 0,
+                           [str(p) for p in paths])
+    for i, meta in enumerate(outcomes):
+        if isinstance(meta, str):
+            file_hash[i], error[i] = "", meta
+        else:
             width[i], height[i], file_hash[i], error[i] = meta.width, meta.height, meta.file_hash, ""
-        except DecodeError as e:
-            file_hash[i], error[i] = "", str(e)
     return {"id": batch["id"], "path": paths, "label": batch["label"], "pixels": pixels,
             "width": width, "height": height, "file_hash": file_hash, "error": error}
 

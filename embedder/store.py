@@ -328,10 +328,13 @@ class Store:
         (default: the store's)."""
         meta = {META_KEY: (provenance or self.provenance).to_json().encode()}
         table = table.replace_schema_metadata(meta)
-        n = len(self.shard_files())
-        path = self.path / f"part-{n:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        path = self._next_shard_path(uuid.uuid4().hex[:8])
         _atomic_write_table(path, table)
         return path
+
+    def _next_shard_path(self, tag: str) -> Path:
+        """Shards are numbered in the order they joined the store (the tag keeps names unique)."""
+        return self.path / f"part-{len(self.shard_files()):05d}-{tag}.parquet"
 
     def stage_shard(self, table: pa.Table, provenance_json: str, name: str) -> Path:
         """In a remote worker (no lock): write a shard under ``.staging/NAME`` atomically. A
@@ -345,7 +348,7 @@ class Store:
     def commit_shard(self, name: str) -> Path:
         """Under the writer lock: a staged shard becomes part of the store (one atomic rename)."""
         staged = self.path / STAGING_DIR / name
-        path = self.path / f"part-{len(self.shard_files()):05d}-{Path(name).stem[:8]}.parquet"
+        path = self._next_shard_path(Path(name).stem[:8])
         os.replace(staged, path)
         return path
 

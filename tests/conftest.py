@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,12 @@ def skimage_data(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("scikit-image is not installed; run scripts/setup.sh")
     return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+def slowed_cli(module: str, owner: str, method: str, seconds: float) -> list[str]:
+    """``python -c`` running the real CLI with ``module.owner.method`` delayed by SECONDS per call:
+    lets a test's SIGKILL land mid-run on a machine fast enough to finish first."""
+    code = (f"import time, {module} as m; orig = m.{owner}.{method}; "
+            f"m.{owner}.{method} = lambda self, *a: (time.sleep({seconds}), orig(self, *a))[1]; "
+            "from embedder.cli import main; main()")
+    return [sys.executable, "-c", code]

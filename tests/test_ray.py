@@ -22,7 +22,7 @@ from embedder.extract import EmbedOptions, RunOptions, extract
 from embedder.model import ModelSpec
 from embedder.sources import discover
 from embedder.store import Store
-from tests.conftest import make_images
+from tests.conftest import make_images, slowed_cli
 
 ray = pytest.importorskip("ray")
 
@@ -179,11 +179,8 @@ def test_a_killed_driver_resumes_on_the_next_run(tmp_path: Path, cluster: str) -
     store = tmp_path / "store"
     # the real CLI, its commits slowed a little so that the kill lands mid-run (workers stage
     # shards faster than a 2-core machine lets the driver be scheduled)
-    slow = ("import time, embedder.store as s; commit = s.Store.commit_shard; "
-            "s.Store.commit_shard = lambda self, name: (time.sleep(0.05), commit(self, name))[1]; "
-            "from embedder.cli import main; main()")
-    cli = _cli(src, store, cluster)
-    proc = subprocess.Popen([sys.executable, "-c", slow, *cli[3:]], stdout=subprocess.DEVNULL,
+    slow = slowed_cli("embedder.store", "Store", "commit_shard", 0.05)
+    proc = subprocess.Popen([*slow, *_cli(src, store, cluster)[3:]], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_for_shards(store, 1, proc)
     proc.send_signal(signal.SIGKILL)

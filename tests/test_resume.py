@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from embedder.sources import discover
 from embedder.store import Store
-from tests.conftest import make_images
+from tests.conftest import make_images, slowed_cli
 
 
 @pytest.mark.slow
@@ -21,10 +20,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     make_images(src, {"a": 150, "b": 150}, size=(96, 96))
     store = tmp_path / "store"
     # The real CLI in a real process, slowed a little per batch so the kill lands mid-run.
-    slow = ("import sys, time, embedder.extract as e; orig = e.BatchEmbedder.launch; "
-            "e.BatchEmbedder.launch = lambda self, *a: (time.sleep(0.02), orig(self, *a))[1]; "
-            "from embedder.cli import main; main()")
-    cmd = [sys.executable, "-c", slow, "extract", str(src), "--out", str(store),
+    cmd = [*slowed_cli("embedder.extract", "BatchEmbedder", "launch", 0.02), "extract", str(src), "--out", str(store),
            "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
