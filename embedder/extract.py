@@ -37,6 +37,7 @@ from embedder.decode import (
     normalize_batch,
 )
 from embedder.decode_pool import (
+    DECODE_IN,
     DecodeSpec,
     DecodeWorkers,
     Outcome,
@@ -81,6 +82,11 @@ class RunOptions:
     shard_rows: int = 4096
     flush_seconds: float = 60.0
     retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        # checked before anything is created or started, not when the first batch is decoded
+        if self.decode_in not in DECODE_IN:
+            raise EmbedderError(f"unknown --decode-in {self.decode_in!r}; valid: {', '.join(DECODE_IN)}")
 
 
 @dataclass

@@ -207,3 +207,17 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert all(row["img_s"] > 0 for row in rows if "img_s" in row)
     assert all(row["images"] == 48 for row in rows if row["section"] == "extract")
     assert "| end to end |" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decode-in", "fork"], "unknown --decode-in 'fork'; valid: auto, threads, processes"),
+    (["--engine", "spark"], "unknown engine 'spark'; valid: local, ray"),
+    (["--engine", "ray", "--address", "nohost"], "expected auto, HOST:PORT or ray://HOST:PORT"),
+], ids=["decode-in", "engine", "address"])
+def test_bad_pipeline_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 2})
+    r = CliRunner().invoke(app, ["extract", str(src), "--out", str(tmp_path / "s"), "--backbone", "tiny_test", *args])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and message in r.output
+    assert not (tmp_path / "s").exists()
