@@ -58,11 +58,17 @@ class Batch:
 def batches(store: Store, prepare: Callable[[np.ndarray], np.ndarray],
             columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
     """The store in global row order, one record batch at a time."""
+    return batches_of([str(f) for f in store.shard_files()], 0, prepare, columns)
+
+
+def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.ndarray],
+               columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
+    """The given shards (whose first row is global row START), one record batch at a time."""
     from embedder.store import arrow_to_embeddings
 
-    row = 0
+    row = start
     pool = pa.default_memory_pool()
-    for shard in store.shard_files():
+    for shard in files:
         for rb in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
             x = prepare(arrow_to_embeddings(rb.column("embedding")))
             yield Batch(row, x, pa.Table.from_batches([rb]).select(list(columns)))
@@ -78,6 +84,95 @@ def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.nd
         if hi > lo:
             out[lo:hi] = b.x[rows[lo:hi] - b.start]
     return out
+
+
+ID_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of consecutive shards to add to slice indexes: the unit of a parallel build."""
+
+    shards: list[str]
+    start: int  # global row number of the first row of the first shard
+    tag: str  # names this part's files in the staging folder ("" for a single local part)
+    held: np.ndarray  # the held-out query rows (global, sorted): never added, ground truth only
+    queries: np.ndarray  # their vectors
+    k: int  # ground-truth depth (0: no queries)
+    per_slice: int  # rows per slice index
+    metric: str
+
+
+# runs the parts of PART (all shards) somewhere, returns the slice files in row order and the
+# ground-truth (distances, ids) of each part; joins the parts' vectors and id maps in STAGING
+Parallel = Callable[[Part, Path], tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]]
+
+
+def write_npy_header(f: Any, n: int, dim: int) -> None:
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                             "fortran_order": False, "shape": (n, dim)})
+
+
+def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Callable[[np.ndarray], np.ndarray],
+             faiss_metric: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Add PART's rows to clones of the trained index in STAGING, writing a slice whenever one
+    reaches ``per_slice`` rows; the rows' float16 copies go to VECTORS (a binary file) and their
+    id-map rows to IDS_OUT (an Arrow IPC writer), in row order. Returns the slice files and the
+    part's exact top-k of the held-out queries (distances, global ids)."""
+    faiss = _faiss()
+    base = faiss.read_index(str(staging / TRAINED_FILE))
+    held = part.held
+    heap = faiss.ResultHeap(len(held), part.k, keep_max=(part.metric == "ip")) if part.k else None
+    prefix = f"slice-{part.tag}-" if part.tag else "slice-"
+    slices: list[str] = []
+    current = faiss.clone_index(base)
+    in_slice = 0
+
+    def flush() -> None:
+        nonlocal current, in_slice
+        slices.append(str(staging / f"{prefix}{len(slices):05d}.faiss"))
+        faiss.write_index(current, slices[-1])
+        current = faiss.clone_index(base)
+        in_slice = 0
+
+    for b in batches_of(part.shards, part.start, prepare):
+        m = len(b.x)
+        rows = np.arange(b.start, b.start + m, dtype=np.int64)
+        vectors.write(np.ascontiguousarray(b.x, np.float16).tobytes())
+        ids_out.write_table(pa.table({
+            "faiss_id": pa.array(rows), "id": b.table.column("id").cast(pa.string()),
+            "path": b.table.column("path").cast(pa.string()),
+            "label": b.table.column("label").cast(pa.string())}, schema=ID_SCHEMA))
+        lo, hi = np.searchsorted(held, [b.start, b.start + m])
+        keep = np.ones(m, bool)
+        keep[held[lo:hi] - b.start] = False
+        if keep.any():
+            xs, ids = b.x[keep], rows[keep]
+            current.add_with_ids(xs, ids)
+            in_slice += len(ids)
+            if heap is not None:
+                d, i = faiss.knn(part.queries, xs, min(heap.k, len(xs)), metric=faiss_metric)
+                heap.add_result(d, ids[i])
+        if in_slice >= part.per_slice:
+            flush()
+    if in_slice:
+        flush()
+    if heap is None:
+        return slices, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+    heap.finalize()
+    return slices, np.asarray(heap.D, np.float32), np.asarray(heap.I, np.int64)
+
+
+QUANTIZER_EF = 128  # an HNSW coarse quantizer's efSearch (kept in the index file)
+
+
+def set_quantizer_ef(index: Any) -> None:
+    """An HNSW coarse quantizer searches its centroids at efSearch ≥ nprobe (FAISS's default, 16,
+    would cap the lists it can return well below the nprobe values tuned to)."""
+    faiss = _faiss()
+    q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(q, faiss.IndexHNSW):
+        q.hnsw.efSearch = QUANTIZER_EF
 
 
 def slice_rows(dim: int, code_bytes: int, budget: int) -> int:
@@ -160,7 +255,7 @@ def build_streamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _build_streamed(store: Store, staging: Path, factory: str, metric: str, train_size: int, budget: int,
                    queries: int, seed: int, faiss_metric: int,
-                   prepare: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+                   prepare: Callable[[np.ndarray], np.ndarray], parallel: Parallel | None = None) -> dict[str, Any]:
     """Write index.faiss (+ lists.ivfdata), trained.faiss, ids.arrow and vectors.npy into STAGING.
     Returns what the caller needs for tuning and the metadata."""
     faiss = _faiss()
@@ -188,6 +283,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     except RuntimeError as e:
         raise IndexError_(f"training {factory} failed ({str(e).splitlines()[-1]}); too few vectors?") from None
     del train_x
+    set_quantizer_ef(base)
     train_seconds = time.perf_counter() - t0
     faiss.write_index(base, str(staging / TRAINED_FILE))
     code_bytes = faiss.extract_index_ivf(base).code_size
@@ -195,44 +291,22 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
 
     k = 10
     heap = faiss.ResultHeap(nq, min(k, max(n - nq, 1)), keep_max=(metric == "ip")) if nq else None
-    # float16 copies appended with plain writes (rows arrive in order): a writable memory map would
-    # count every written page in this process's RSS (measured: +0.5 GB at 1M × 256)
-    vectors = open(staging / "vectors.npy", "wb")  # noqa: SIM115 - closed below, after the loop
-    np.lib.format.write_array_header_1_0(vectors, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                                   "fortran_order": False, "shape": (n, dim)})
-    schema = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
-    slices: list[str] = []
-    current = faiss.clone_index(base)
-    in_slice = 0
-    with pa.OSFile(str(staging / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
-        for b in batches(store, prepare):
-            m = len(b.x)
-            rows = np.arange(b.start, b.start + m, dtype=np.int64)
-            vectors.write(np.ascontiguousarray(b.x, np.float16).tobytes())
-            ids_out.write_table(pa.table({
-                "faiss_id": pa.array(rows), "id": b.table.column("id").cast(pa.string()),
-                "path": b.table.column("path").cast(pa.string()),
-                "label": b.table.column("label").cast(pa.string())}, schema=schema))
-            lo, hi = np.searchsorted(held, [b.start, b.start + m])
-            keep = np.ones(m, bool)
-            keep[held[lo:hi] - b.start] = False
-            if keep.any():
-                xs, ids = b.x[keep], rows[keep]
-                current.add_with_ids(xs, ids)
-                in_slice += len(ids)
-                if heap is not None:
-                    d, i = faiss.knn(query_x, xs, min(heap.k, len(xs)), metric=faiss_metric)
-                    heap.add_result(d, ids[i])
-            if in_slice >= per_slice:
-                slices.append(str(staging / f"slice-{len(slices):05d}.faiss"))
-                faiss.write_index(current, slices[-1])
-                current = faiss.clone_index(base)
-                in_slice = 0
-        if in_slice:
-            slices.append(str(staging / f"slice-{len(slices):05d}.faiss"))
-            faiss.write_index(current, slices[-1])
-    del current
-    vectors.close()
+    part = Part(shards=[str(f) for f in store.shard_files()], start=0, tag="", held=held, queries=query_x,
+                k=heap.k if heap is not None else 0, per_slice=per_slice, metric=metric)
+    if parallel is not None:  # e.g. Ray: one task per group of shards, then the parts joined here
+        slices, results = parallel(part, staging)
+        if heap is not None:
+            for d_, i_ in results:
+                heap.add_result(d_, i_)
+    else:
+        # float16 copies appended with plain writes (rows arrive in order): a writable memory map
+        # would count every written page in this process's RSS (measured: +0.5 GB at 1M × 256)
+        with open(staging / "vectors.npy", "wb") as vectors:
+            write_npy_header(vectors, n, dim)
+            with pa.OSFile(str(staging / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, ID_SCHEMA) as ids_out:
+                slices, d_, i_ = add_part(part, staging, vectors, ids_out, prepare, faiss_metric)
+        if heap is not None:
+            heap.add_result(d_, i_)
     held_slice = str(staging / "slice-held.faiss")
     h = faiss.clone_index(base)
     if nq:

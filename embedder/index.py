@@ -41,6 +41,7 @@ VECTORS_FILE = "vectors.npy"  # float16 copies for exact re-ranking of compresse
 RERANK_FACTOR = 8
 RERANK_CHUNK = 32  # queries re-ranked at a time (bounded temporaries)
 EXACT_BELOW = 50_000
+ENGINES = ("local", "ray")
 
 
 def _faiss() -> Any:
@@ -60,6 +61,10 @@ class BuildOptions:
     queries: int = 1000  # held-out random queries used to measure recall
     seed: int = 0
     on_disk: bool = False  # IVF kinds: streamed build, inverted lists on disk (automatic over budget)
+    coarse: str = "auto"  # IVF kinds' coarse quantizer: auto | flat | hnsw
+    opq: bool = False  # IVF-PQ: learn a rotation (OPQ) before product quantization
+    engine: str = "local"  # local | ray (streamed IVF builds: the adds as Ray tasks)
+    address: str | None = None  # the Ray cluster (None: a local Ray instance)
 
 
 @dataclass
@@ -84,8 +89,14 @@ def default_budget() -> int:
         return 4 << 30
 
 
-def plan(n: int, dim: int, kind: str, budget: int) -> Plan:
+COARSE = ("auto", "flat", "hnsw")
+HNSW_COARSE_FROM = 4000  # lists (n ≥ 1M at 4√n): an HNSW graph over the centroids assigns vectors
+
+
+def plan(n: int, dim: int, kind: str, budget: int, coarse: str = "auto", opq: bool = False) -> Plan:
     """Pick an index from size and a memory budget, and say why."""
+    if coarse not in COARSE:
+        raise IndexError_(f"unknown coarse quantizer {coarse!r}; valid: {', '.join(COARSE)}")
     flat_bytes = n * dim * 4
     nlist = max(1, min(65536, int(4 * math.sqrt(max(n, 1)))))
     if kind not in KINDS:
@@ -106,13 +117,21 @@ def plan(n: int, dim: int, kind: str, budget: int) -> Plan:
         return Plan("Flat", kind, why)
     if kind == "hnsw":
         return Plan("HNSW32", kind, why)
+    if opq and kind != "ivfpq":
+        raise IndexError_(f"--opq rotates vectors for product quantization: it needs --kind ivfpq, not {kind!r}")
     train = min(n, max(64 * nlist, 10_000))
+    hnsw = coarse == "hnsw" or (coarse == "auto" and nlist >= HNSW_COARSE_FROM)
+    ivf = f"IVF{nlist}_HNSW32" if hnsw else f"IVF{nlist}"
+    if hnsw:  # a flat quantizer costs nlist distances per vector added or searched
+        why += "; HNSW32 coarse quantizer" + (f" (≥ {HNSW_COARSE_FROM:,} lists)" if coarse == "auto" else "")
     if kind == "ivf":
-        return Plan(f"IVF{nlist},Flat", kind, why + f"; nlist={nlist} (≈4√n)", train)
+        return Plan(f"{ivf},Flat", kind, why + f"; nlist={nlist} (≈4√n)", train)
     # 8-bit PQ at 4 dims per byte: 1/16 of float32's memory (d=512 → PQ128, 128 bytes/vector).
     # (4-bit fast-scan trains faster but reached only ~0.6 recall@10 on our clustered tests.)
     m = next((m for m in (dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0), 1)
-    return Plan(f"IVF{nlist},PQ{m}", kind, why + f"; nlist={nlist}, PQ{m} ({m} bytes/vector)", train)
+    rotation = f"OPQ{m}_{dim}," if opq else ""
+    return Plan(f"{rotation}{ivf},PQ{m}", kind, why + f"; nlist={nlist}, {'OPQ + ' if opq else ''}PQ{m} "
+                f"({m} bytes/vector)", train)
 
 
 def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
@@ -297,11 +316,16 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
     if n == 0:
         raise IndexError_(f"{store_path} holds no vectors to index")
     budget = options.memory_budget or default_budget()
-    p = plan(n, store.dim, options.kind, budget)
+    if options.engine not in ENGINES:
+        raise IndexError_(f"unknown engine {options.engine!r}; valid: {', '.join(ENGINES)}")
+    p = plan(n, store.dim, options.kind, budget, options.coarse, options.opq)
     # IVF over budget (or asked): streamed, lists on disk; otherwise the store is read whole
-    streamed = p.kind in ("ivf", "ivfpq") and (options.on_disk or n * store.dim * 4 > budget)
-    if options.on_disk and not streamed:
-        raise IndexError_(f"--on-disk needs an IVF index (--kind ivf or ivfpq); {p.kind!r} lives in memory")
+    on_disk = options.on_disk or options.engine == "ray"
+    streamed = p.kind in ("ivf", "ivfpq") and (on_disk or n * store.dim * 4 > budget)
+    if on_disk and not streamed:
+        why = "--engine ray builds" if options.engine == "ray" else "--on-disk needs"
+        raise IndexError_(f"{why} an IVF index with lists on disk (--kind ivf or ivfpq); "
+                          f"{p.kind!r} lives in memory")
     if gens.exists(target):
         raise IndexError_(f"index {name!r} already exists in {target.parent}; "
                           f"`embedder index drop {name}` first or pick another --name")
@@ -327,8 +351,15 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     faiss = _faiss()
     t0 = time.perf_counter()
     tmpdir = gens.staging(target)
+    parallel = None
+    if options.engine == "ray":
+        from embedder import ray_index
+        from embedder.ray_engine import RayOptions
+
+        parallel = ray_index.parallel(RayOptions(address=options.address), _faiss_metric(options.metric))
     r = big.build_streamed(store, tmpdir, p.factory, options.metric, p.train_size, budget, options.queries,
-                           options.seed, _faiss_metric(options.metric), lambda v: _prepare(v, options.metric))
+                           options.seed, _faiss_metric(options.metric), lambda v: _prepare(v, options.metric),
+                           parallel)
     index = r["index"]
     vectors = np.load(tmpdir / VECTORS_FILE, mmap_mode="r")
     rerank = p.kind == "ivfpq"
@@ -344,7 +375,8 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     meta = {
         "name": name, "store": str(Path(store_path).absolute()),
         "provenance": store.provenance.to_dict(), "kind": p.kind, "factory": p.factory,
-        "reason": p.reason + "; streamed build, inverted lists on disk",
+        "reason": p.reason + "; streamed build, inverted lists on disk"
+                  + ("; adds as Ray tasks" if options.engine == "ray" else ""),
         "metric": options.metric, "dim": r["dim"], "count": int(index.ntotal), "next_id": r["n"],
         "build_seconds": round(time.perf_counter() - t0, 3), "memory_budget": budget,
         "index_bytes": (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / big.LISTS_FILE).stat().st_size,
@@ -365,7 +397,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
     n, dim = table.num_rows, store.dim
     x = _prepare(arrow_to_embeddings(table.column("embedding")), options.metric)
     budget = options.memory_budget or default_budget()
-    p = plan(n, dim, options.kind, budget)
+    p = plan(n, dim, options.kind, budget, options.coarse, options.opq)
     t0 = time.perf_counter()
     try:
         base = faiss.index_factory(dim, p.factory, _faiss_metric(options.metric))
@@ -385,6 +417,10 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
         except RuntimeError as e:
             raise IndexError_(f"training {p.factory} failed ({str(e).splitlines()[-1]}); "
                               "too few vectors for this kind? try --kind flat") from None
+    if faiss.try_extract_index_ivf(base) is not None:
+        from embedder.bigindex import set_quantizer_ef
+
+        set_quantizer_ef(base)
     faiss_ids = np.arange(n, dtype=np.int64)
     index.add_with_ids(x[rest], faiss_ids[rest])
     vectors = x.astype(np.float16) if p.kind == "ivfpq" else None

@@ -15,6 +15,7 @@ from embedder import bigindex as big
 from embedder import index as idx
 from embedder.backbones import get_backbone
 from embedder.cli import app
+from embedder.errors import IndexError_
 from embedder.provenance import Provenance, WeightsRef
 from embedder.store import Store, embeddings_to_arrow
 from tests.test_index import clustered, recall_vs_numpy
@@ -177,3 +178,74 @@ def test_service_answers_from_an_on_disk_index(tmp_path: Path, small_batches: No
         r = c.post("/search", json={"vector": x[17].tolist(), "k": 1, "index": "big", "where": {"label": "c2"}})
         assert r.status_code == 200 and r.json()["results"][0][0]["label"] == "c2"
         assert c.get("/indexes/big").json()["count"] == 5000
+
+
+def test_plan_uses_an_hnsw_coarse_quantizer_for_many_lists_and_opq_on_request() -> None:
+
+    budget = 1 << 20  # everything here is over budget: IVF-PQ
+    assert idx.plan(100_000, 256, "auto", budget).factory == "IVF1264,PQ64"  # few lists: flat quantizer
+    big_plan = idx.plan(1_000_000, 256, "auto", budget)
+    assert big_plan.factory == "IVF4000_HNSW32,PQ64" and "HNSW32 coarse quantizer" in big_plan.reason
+    assert idx.plan(1_000_000, 256, "ivf", budget, coarse="flat").factory == "IVF4000,Flat"
+    assert idx.plan(1000, 32, "ivf", budget, coarse="hnsw").factory == "IVF126_HNSW32,Flat"
+    assert idx.plan(1_000_000, 256, "ivfpq", budget, opq=True).factory == "OPQ64_256,IVF4000_HNSW32,PQ64"
+    with pytest.raises(IndexError_, match="--opq .* needs --kind ivfpq"):
+        idx.plan(1000, 32, "ivf", budget, opq=True)
+    with pytest.raises(IndexError_, match="unknown coarse quantizer 'tree'; valid: auto, flat, hnsw"):
+        idx.plan(1000, 32, "ivf", budget, coarse="tree")
+
+
+def test_hnsw_coarse_quantizer_and_opq_in_a_streamed_build(tmp_path: Path, small_batches: None) -> None:
+    import faiss
+
+    x = clustered(12_000, dim=32)
+    store = sharded_store(tmp_path / "s", np.array_split(x, 3))
+    home = str(tmp_path / "h")
+    meta = idx.build(store, "q", idx.BuildOptions(kind="ivfpq", coarse="hnsw", opq=True, on_disk=True,
+                                                  memory_budget=x.nbytes // 3, queries=200), home)
+    assert meta["factory"].startswith("OPQ8_32,IVF") and "_HNSW32,PQ8" in meta["factory"]
+    assert meta["on_disk"]["slices"] > 1 and meta["quality"]["recall_at_10"] >= 0.95
+    loaded = idx.LoadedIndex("q", home)
+    assert isinstance(loaded.index, faiss.IndexPreTransform)  # the OPQ rotation travels with the index
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(loaded.index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.hnsw.efSearch == big.QUANTIZER_EF
+    assert loaded.search(x[4321:4322], 1)[0][0]["id"] == "v004321"
+    assert idx.add("q", sharded_store(tmp_path / "b", [x, clustered(500, dim=32, seed=3)]), home)["added"] == 500
+    assert idx.LoadedIndex("q", home).index.ntotal == 12_500
+
+
+def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    x = clustered(9000, dim=16)
+    store = sharded_store(tmp_path / "s", [x[:6000]])
+    more = sharded_store(tmp_path / "m", [x])
+    home = tmp_path / "h"
+
+    def killed(*args: str) -> None:
+        # the real CLI with the final merge slowed, so that the kill lands after slices are staged
+        code = ("import time, embedder.bigindex as b; orig = b._merge_into; "
+                "b._merge_into = lambda *a: (time.sleep(60), orig(*a))[1]; "
+                "from embedder.cli import main; main()")
+        p = subprocess.Popen([sys.executable, "-c", code, "index", *args, "--home", str(home)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not list(home.glob("n/.gen-*/slice-*.faiss")) and time.time() < deadline:
+            time.sleep(0.1)
+        assert list(home.glob("n/.gen-*/slice-*.faiss")), "the command never staged a slice"
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+
+    killed("build", store, "--name", "n", "--kind", "ivf", "--on-disk")
+    with pytest.raises(IndexError_, match="no index named .n."):
+        idx.LoadedIndex("n", str(home))  # the half-built index is never current
+    r = runner.invoke(app, ["index", "build", store, "--name", "n", "--kind", "ivf", "--on-disk", "--home", str(home)])
+    assert r.exit_code == 0, r.output  # building again works
+    killed("add", "n", more)
+    loaded = idx.LoadedIndex("n", str(home))
+    assert loaded.generation == 1 and loaded.index.ntotal == 6000  # the previous generation is served
+    assert idx.add("n", more, str(home))["added"] == 3000  # adding again works
+    assert not list(home.glob("n/.gen-*"))  # the killed writers' staging folders were swept

@@ -271,3 +271,45 @@ def test_a_worker_without_the_weights_is_a_one_line_error_and_nothing_is_written
     assert line and "cannot load the model" in line[0] and "every node needs the same weights" in line[0], r.stdout
     assert "mobilenet_v2" in line[0]
     assert not (tmp_path / "s").exists()
+
+
+def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # the adds as Ray tasks (one per run of shards), then one merge: the same codes in the same lists,
+    # the same id map and float16 copies, the same tuned recall as the local streamed build
+    import faiss
+
+    from embedder import bigindex as big
+    from embedder import index as idx
+    from tests.test_bigindex import sharded_store
+    from tests.test_index import clustered
+
+    monkeypatch.setattr(big, "BATCH_ROWS", 1024)  # slices of 6,000 rows: two Ray tasks of three shards
+    x = clustered(12_000, dim=32)
+    store = sharded_store(tmp_path / "s", np.array_split(x, 6))
+    home = str(tmp_path / "h")
+    common = ["--kind", "ivfpq", "--memory-budget", str(x.nbytes // 4), "--home", home, "--json"]
+    runner = CliRunner()
+    r = runner.invoke(app, ["index", "build", store, "--name", "local", *common])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["index", "build", store, "--name", "ray", "--engine", "ray", "--address", cluster, *common])
+    assert r.exit_code == 0, r.output
+    a, b = idx.LoadedIndex("local", home), idx.LoadedIndex("ray", home)
+    assert "adds as Ray tasks" in b.meta["reason"] and b.meta["on_disk"]["slices"] > 1
+    la, lb = faiss.extract_index_ivf(a.index).invlists, faiss.extract_index_ivf(b.index).invlists
+    code_size = faiss.extract_index_ivf(a.index).code_size
+    for lst in range(la.nlist):
+        n = la.list_size(lst)
+        assert lb.list_size(lst) == n
+        if n:
+            assert np.array_equal(faiss.rev_swig_ptr(la.get_ids(lst), n), faiss.rev_swig_ptr(lb.get_ids(lst), n))
+            assert np.array_equal(faiss.rev_swig_ptr(la.get_codes(lst), n * code_size),
+                                  faiss.rev_swig_ptr(lb.get_codes(lst), n * code_size))
+    assert a.ids.equals(b.ids) and np.array_equal(a.lookup_vectors, b.lookup_vectors)
+    assert abs(a.meta["quality"]["recall_at_10"] - b.meta["quality"]["recall_at_10"]) <= 0.005
+    assert b.search(x[777:778], 1)[0][0]["id"] == "v000777"
+    assert sorted(p.name for p in b.dir.iterdir()) == sorted(  # no part files left behind
+        ["index.faiss", big.LISTS_FILE, big.TRAINED_FILE, big.IDS_ARROW, "vectors.npy", "index.json"])
+    r = runner.invoke(app, ["index", "build", store, "--name", "h", "--kind", "hnsw", "--engine", "ray",
+                            "--address", cluster, "--home", home])
+    assert r.exit_code == 2 and "--engine ray builds an IVF index with lists on disk" in r.output

@@ -42,6 +42,10 @@ def build_command(
     memory_budget: Annotated[Optional[str], typer.Option(help="e.g. 512MB, 2GB (default: a quarter of RAM). IVF over budget is built streamed, its lists on disk.")] = None,
     memory_budget_gb: Annotated[Optional[float], typer.Option(help="The budget in GiB (older spelling).")] = None,
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF kinds: streamed build with inverted lists on disk, even within budget.")] = False,
+    coarse: Annotated[str, typer.Option(help="IVF coarse quantizer: auto (HNSW from 4,000 lists) | flat | hnsw")] = "auto",
+    opq: Annotated[bool, typer.Option("--opq", help="IVF-PQ: learn a rotation (OPQ) before product quantization.")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="--engine ray: auto, HOST:PORT or ray://… (default: a local Ray instance).")] = None,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -51,7 +55,8 @@ def build_command(
     budget = parse_size(memory_budget) if memory_budget else (int(memory_budget_gb * 2**30) if memory_budget_gb else None)
     with console.status(f"building {name}…"):
         meta = idx.build(str(store), name, idx.BuildOptions(kind=kind, metric=metric,
-                         target_recall=target_recall, memory_budget=budget, on_disk=on_disk), home)
+                         target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
+                         coarse=coarse, opq=opq, engine=engine, address=address), home)
     if as_json:
         out.print_json(json.dumps(meta))
         return

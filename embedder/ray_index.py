@@ -1,0 +1,100 @@
+"""`embedder index build --engine ray`: the streamed on-disk IVF build with its adds on a Ray cluster.
+
+The driver does what must be done once — the uniform training sample, training, the held-out
+queries — and writes the trained empty index into the generation's staging folder. The store's shards
+are then split into runs of consecutive shards (about one slice's worth of rows each), and one Ray
+task per run adds its rows to clones of the trained index (``bigindex.add_part``, the same code the
+local build runs), writing its slice indexes, its float16 copies and its id-map rows into the staging
+folder under names derived from the run (a retried task rewrites the same files), and returns its
+exact top-k of the held-out queries. The driver joins the parts in row order and merges the slices
+into one ``lists.ivfdata`` exactly as the local build does, so the same vectors get the same codes in
+the same lists. The staging folder (the index home) must be on a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder import bigindex as big
+from embedder.errors import RayError
+from embedder.ray_engine import RayOptions, connect
+
+COPY_CHUNK = 16 << 20
+
+
+def runs(shards: list[str], start: int, per_run: int) -> list[tuple[list[str], int]]:
+    """Consecutive shards grouped into runs of at least PER_RUN rows (a shard is never split),
+    each with the global row number of its first row."""
+    out: list[tuple[list[str], int]] = []
+    group: list[str] = []
+    first = row = start
+    for f in shards:
+        group.append(f)
+        row += pq.ParquetFile(f).metadata.num_rows
+        if row - first >= per_run:
+            out.append((group, first))
+            group, first = [], row
+    if group:
+        out.append((group, first))
+    return out
+
+
+def _add_task(part: big.Part, queries: np.ndarray, staging: str, faiss_metric: int,
+              threads: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    import faiss
+
+    from embedder.index import _prepare
+
+    faiss.omp_set_num_threads(threads)
+    part = big.Part(**{**part.__dict__, "queries": np.array(queries)})  # writable, off the object store
+    d = Path(staging)
+    with big.no_precomputed_tables(), open(d / f"vectors-{part.tag}.f16", "wb") as vectors, \
+            pa.OSFile(str(d / f"ids-{part.tag}.arrow"), "wb") as sink, pa.ipc.new_file(sink, big.ID_SCHEMA) as ids_out:
+        return big.add_part(part, d, vectors, ids_out, lambda v: _prepare(v, part.metric), faiss_metric)
+
+
+def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> big.Parallel:
+    """A ``bigindex.Parallel`` that runs each run of shards as a Ray task."""
+
+    def run(whole: big.Part, staging: Path) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+        ray = connect(options)
+        task = ray.remote(num_cpus=task_cpus, max_retries=3)(_add_task)
+        queries = ray.put(whole.queries)
+        parts = [big.Part(shards=files, start=start, tag=f"{i:05d}", held=whole.held,
+                          queries=np.zeros((0, 0), np.float32), k=whole.k, per_slice=whole.per_slice,
+                          metric=whole.metric)
+                 for i, (files, start) in enumerate(runs(whole.shards, whole.start, whole.per_slice))]
+        refs = [task.remote(p, queries, str(staging), faiss_metric, max(1, int(task_cpus))) for p in parts]
+        try:
+            done = ray.get(refs)
+        except ray.exceptions.RayError as e:  # a task that failed after its retries: one line, the generation unchanged
+            raise RayError(f"a Ray index-build task failed: {str(e).strip().splitlines()[-1][:300]}") from None
+        _join(parts, staging, sum(pq.ParquetFile(f).metadata.num_rows for f in whole.shards), whole)
+        slices = [f for files, _, _ in done for f in files]
+        return slices, [(d, i) for _, d, i in done if d.size]
+
+    return run
+
+
+def _join(parts: list[big.Part], staging: Path, n: int, whole: big.Part) -> None:
+    """The parts' float16 copies and id maps, concatenated in row order (streamed copies)."""
+    with open(staging / "vectors.npy", "wb") as out:
+        big.write_npy_header(out, n, whole.queries.shape[1])  # queries: (n_queries, dim), maybe 0 rows
+        for p in parts:
+            with open(staging / f"vectors-{p.tag}.f16", "rb") as f:
+                shutil.copyfileobj(f, out, COPY_CHUNK)
+    with pa.OSFile(str(staging / big.IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, big.ID_SCHEMA) as ids_out:
+        for p in parts:
+            with pa.memory_map(str(staging / f"ids-{p.tag}.arrow")) as src:
+                reader = pa.ipc.open_file(src)
+                for i in range(reader.num_record_batches):
+                    ids_out.write_batch(reader.get_batch(i))
+    for p in parts:
+        (staging / f"vectors-{p.tag}.f16").unlink(missing_ok=True)
+        (staging / f"ids-{p.tag}.arrow").unlink(missing_ok=True)
+
