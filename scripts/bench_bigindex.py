@@ -11,7 +11,11 @@ large enough that the store is read whole) — what the tool did before, and wha
 
 Recall@10 is tie-aware against exact search over the whole store, computed by streaming over it.
 
-Usage: python scripts/bench_bigindex.py [--sizes 1000000 5000000] [--budget 512MB] [--json out.json]
+At sizes up to --variants-max, the same store is also built (and searched) with the flat coarse
+quantizer, with OPQ, and with the adds as Ray tasks on a local Ray instance (`--engine ray`).
+
+Usage: python scripts/bench_bigindex.py [--sizes 1000000 5000000] [--budget 512MB] [--variants ...]
+       [--baseline-max N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -107,7 +111,16 @@ def make_store(n: int, path: Path) -> None:
         st.update_manifest()
 
 
-def child_build(store: Path, home: Path, budget: int, name: str) -> dict:  # type: ignore[type-arg]
+# build variants compared at sizes up to --variants-max (same store, same budget)
+VARIANTS: dict[str, dict[str, object]] = {
+    "auto": {},  # what `index build` picks: an HNSW coarse quantizer from 4,000 lists (1M)
+    "flat-coarse": {"coarse": "flat"},  # the previous default: nlist distances per vector added
+    "opq": {"opq": True},
+    "ray": {"engine": "ray"},  # the adds as Ray tasks on a local Ray instance (all cores)
+}
+
+
+def child_build(store: Path, home: Path, budget: int, name: str, variant: str = "auto") -> dict:  # type: ignore[type-arg]
     import faiss  # noqa: F401
 
     from embedder import index as idx
@@ -115,7 +128,8 @@ def child_build(store: Path, home: Path, budget: int, name: str) -> dict:  # typ
     floor = peak_rss_mib()  # Python, NumPy, Arrow, FAISS loaded: the fixed overhead
     anon = AnonPeak()
     t0 = time.perf_counter()
-    meta = idx.build(str(store), name, idx.BuildOptions(kind="ivfpq", memory_budget=budget), str(home))
+    opts = idx.BuildOptions(kind="ivfpq", memory_budget=budget, **VARIANTS[variant])  # type: ignore[arg-type]
+    meta = idx.build(str(store), name, opts, str(home))
     anon_peak = anon.stop()
     gen = (home / name).resolve() / f"gen-{meta['generation']:06d}"
     disk = sum(p.stat().st_size for p in gen.iterdir())
@@ -221,9 +235,13 @@ def main() -> None:
     ap.add_argument("--budget", default="512MB")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory build only up to this N")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="build variants compared (each built and searched) at sizes up to --variants-max")
+    ap.add_argument("--variants-max", type=int, default=1_000_000)
+    ap.add_argument("--no-serve", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
-    ap.add_argument("--_build", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--_build", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--_search", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._make:
@@ -232,7 +250,7 @@ def main() -> None:
         return
     if args._build:
         b = args._build
-        print(json.dumps(child_build(Path(b[0]), Path(b[1]), int(b[2]), b[3])))
+        print(json.dumps(child_build(Path(b[0]), Path(b[1]), int(b[2]), b[3], b[4])))
         return
     if args._search:
         print(json.dumps(child_search(Path(args._search[0]), Path(args._search[1]), args._search[2], args.queries)))
@@ -249,11 +267,23 @@ def main() -> None:
             size = sum(p.stat().st_size for p in store.iterdir())
             row: dict = {"n": n, "dim": DIM, "store_mib": round(size / 2**20),  # type: ignore[type-arg]
                          "make_s": round(time.perf_counter() - t0, 1)}
-            row["build"] = run(["--_build", str(store), str(home), str(budget), "big"])
+            row["build"] = run(["--_build", str(store), str(home), str(budget), "big", "auto"])
             row["search"] = run(["--queries", str(args.queries), "--_search", str(store), str(home), "big"])
-            row["serve"] = serve_rss(home)
+            print(json.dumps(row), flush=True)
+            if not args.no_serve:
+                row["serve"] = serve_rss(home)
+            if n <= args.variants_max:
+                row["variants"] = {}
+                for v in args.variants:
+                    if v == "auto":
+                        continue
+                    vb = run(["--_build", str(store), str(home), str(budget), v, v])
+                    vs = run(["--queries", str(args.queries), "--_search", str(store), str(home), v])
+                    row["variants"][v] = {"build": vb, "search": vs}
+                    print(json.dumps({"n": n, "variant": v, "build": vb, "search": vs}), flush=True)
             if n <= args.baseline_max:
-                row["in_memory_build"] = run(["--_build", str(store), str(tmp / f"m{n}"), str(64 << 30), "mem"])
+                row["in_memory_build"] = run(["--_build", str(store), str(tmp / f"m{n}"), str(64 << 30), "mem",
+                                              "auto"])
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(store, ignore_errors=True)
