@@ -6,13 +6,19 @@ with a smaller learning rate than the head, optionally decayed stage by stage (d
 rates). AdamW, linear warm-up then cosine decay per phase, label smoothing, early stopping on
 validation accuracy keeping the best epoch.
 
-BatchNorm policy (small data): running statistics stay frozen at their pretrained values in both
-phases (BN layers in eval mode, affine parameters trainable once unfrozen). Small batches give
-noisy batch statistics; ImageNet's are a better estimate for a few hundred images.
+BatchNorm policy (``bn``): by default running statistics stay frozen at their pretrained values in
+both phases (BN layers in eval mode, affine parameters trainable once unfrozen); ``bn="train"``
+updates them from each batch, as a plain ``model.train()`` loop does. Optional weight EMA (``ema``):
+the evaluated and saved weights are an exponential moving average of the trained ones.
+
+A time budget (``budget_minutes``) picks the crop size and epoch count before training, from a few
+timed steps on the real model: the largest size at which the probe and ``BUDGET_MIN_EPOCHS`` epochs
+fit (costs scale with pixels); training stops after the epoch that reaches the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,7 +46,11 @@ from embedder.sources import ImageRef, discover
 
 log = logging.getLogger(__name__)
 
-BN_POLICY = "running statistics frozen (BN in eval mode); affine parameters train when unfrozen"
+BN_POLICIES = {"frozen": "running statistics frozen (BN in eval mode); affine parameters train when unfrozen",
+               "train": "running statistics updated from each training batch (BN in train mode)"}
+BUDGET_MIN_EPOCHS = 3  # full-phase epochs a budget must leave room for before the size drops
+BUDGET_MAX_EPOCHS = 30
+BUDGET_SIZE_FACTORS = (1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7)  # 224 → 224, 192, 160, 128, 96
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,10 @@ class FinetuneOptions:
     lr_decay: float = 1.0  # per stage going down from the top (e.g. 0.5): discriminative rates
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    crop_scale: float = 0.35  # smallest area fraction of RandomResizedCrop
+    bn: str = "frozen"  # frozen | train: see BN_POLICIES
+    ema: float = 0.0  # weight EMA decay per step (e.g. 0.999; warmed up as min(ema, (1+t)/(10+t))); 0: off
+    budget_minutes: float | None = None  # pick crop size and epochs to fit (then `epochs` is ignored)
     warmup_fraction: float = 0.1
     batch_size: int = 32
     patience: int = 3  # early stopping on validation accuracy
@@ -68,6 +82,16 @@ class FinetuneOptions:
     device: str = "auto"
     workers: int = 2
     max_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        if self.bn not in BN_POLICIES:
+            raise FinetuneError(f"unknown BatchNorm policy {self.bn!r}; valid: {', '.join(BN_POLICIES)}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise FinetuneError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if not 0.0 <= self.ema < 1.0:
+            raise FinetuneError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise FinetuneError(f"--budget must be a positive number of minutes, got {self.budget_minutes}")
 
 
 @dataclass
@@ -79,6 +103,19 @@ class EpochRecord:
     images_per_second: float
     lr_head: float
     lr_backbone: float
+    elapsed_s: float = 0.0  # since the run started (model loading and the probe included)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What a time budget bought: the crop size and epochs chosen, from timed steps."""
+
+    budget_s: float
+    image_size: int
+    epochs: int
+    epoch_s: float  # estimated seconds per epoch (training + validation) at image_size
+    probe_s: float  # estimated seconds for the frozen probe at image_size
+    reason: str
 
 
 @dataclass
@@ -94,6 +131,9 @@ class FinetuneResult:
     n_train: int = 0
     n_val: int = 0
     seconds: float = 0.0
+    probe_seconds: float = 0.0  # elapsed when the frozen probe's accuracy was known
+    budget: BudgetPlan | None = None
+    stopped_by_budget: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,8 +175,8 @@ def _collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, lis
 class train_transform:  # noqa: N801 - a picklable function object (DataLoader workers may spawn)
     """Augmentation for classification: random resized crop and flip, at the weights' resolution."""
 
-    def __init__(self, pre: Preprocessing, flip: bool = True) -> None:
-        self.crop = T.RandomResizedCrop(pre.crop_size, scale=(0.35, 1.0),
+    def __init__(self, pre: Preprocessing, flip: bool = True, crop_scale: float = 0.35) -> None:
+        self.crop = T.RandomResizedCrop(pre.crop_size, scale=(crop_scale, 1.0),
                                         interpolation=pre.interpolation_mode, antialias=True)
         self.flip = T.RandomHorizontalFlip(p=0.5 if flip else 0.0)  # picklable either way
 
@@ -318,6 +358,87 @@ def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  
     return float((pred == yva).mean()), np.asarray(coef, np.float32), np.asarray(icpt, np.float32)
 
 
+# ---- the time budget -----------------------------------------------------------------------------
+def budget_sizes(full: int) -> list[int]:
+    """Candidate crop sizes, largest first: the weights' own and smaller, multiples of 8, ≥ 16."""
+    return sorted({min(full, max(16, round(full * f / 8) * 8)) for f in BUDGET_SIZE_FACTORS}, reverse=True)
+
+
+def plan_budget(budget_s: float, full: int, train_step_s: float, eval_step_s: float, train_steps: int,
+                val_steps: int, probe_steps: int, head_epochs: int) -> BudgetPlan:
+    """The largest crop size at which the probe and ``head_epochs + BUDGET_MIN_EPOCHS`` epochs fit in
+    BUDGET_S, and as many epochs as fit there (at most BUDGET_MAX_EPOCHS). Step costs are measured
+    at size FULL and scale with the pixel count."""
+    sizes = budget_sizes(full)
+    epoch_full = train_steps * train_step_s + val_steps * eval_step_s
+    probe_full = probe_steps * eval_step_s
+    for size in sizes:
+        r = (size / full) ** 2
+        epoch_s, probe_s = epoch_full * r, probe_full * r
+        fits = int((budget_s - probe_s) // epoch_s) if epoch_s > 0 else BUDGET_MAX_EPOCHS
+        wanted = head_epochs + BUDGET_MIN_EPOCHS
+        if fits >= wanted or size == sizes[-1]:
+            if fits < 1:
+                raise FinetuneError(f"a {budget_s / 60:.1f}-minute budget does not fit one epoch even at "
+                                    f"{size} px (≈ {probe_s + epoch_s:.0f} s with the probe): raise --budget")
+            epochs = min(BUDGET_MAX_EPOCHS, fits)
+            why = (f"{size} px: the largest size where the probe and {wanted} epochs fit" if fits >= wanted
+                   else f"{size} px, the smallest size: only {fits} epoch(s) fit")
+            return BudgetPlan(round(budget_s, 1), size, epochs, round(epoch_s, 2), round(probe_s, 2),
+                              f"{why}; ≈ {epoch_s:.1f} s per epoch, probe ≈ {probe_s:.1f} s")
+    raise AssertionError("unreachable: the last size always returns")  # pragma: no cover
+
+
+def time_steps(net: nn.Module, size: int, batch: int, device: torch.device,
+               amp: torch.dtype | None) -> tuple[float, float]:
+    """Seconds per training step (forward, backward, AdamW) and per evaluation batch at SIZE, on a
+    copy of the model (the real one is untouched): one warm-up step, then the mean of two."""
+    import copy
+
+    twin = copy.deepcopy(net).to(device)
+    twin.requires_grad_(True)
+    opt = torch.optim.AdamW(twin.parameters(), lr=0.0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = nn.functional.cross_entropy(twin(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def eval_step() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            twin(x)
+
+    out = []
+    for step, mode in ((train_step, True), (eval_step, False)):
+        twin.train(mode)
+        step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            step()
+        sync()
+        out.append((time.perf_counter() - t0) / 2)
+    return out[0], out[1]
+
+
+def _ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+        if not averaged.is_floating_point():
+            return current  # counters (BatchNorm's num_batches_tracked)
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))  # short runs: the average warms up
+        return averaged * d + current * (1.0 - d)
+
+    return avg
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 def finetune(train_source: list[str], out: Path, options: FinetuneOptions = FinetuneOptions(),
              val_source: list[str] | None = None, resume: bool = False,
@@ -352,43 +473,68 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     net.to(device)
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
+    resume_path = out.with_name(out.name + ".resume")
+    plan: BudgetPlan | None = None
+    if options.budget_minutes is not None:
+        earlier = _peek_state(resume_path) if resume else None
+        if earlier and earlier.get("budget"):
+            plan = BudgetPlan(**earlier["budget"])  # a resumed run keeps its plan
+        else:
+            train_s, eval_s = time_steps(net, pre.crop_size, options.batch_size, device, amp)
+            head_e = options.epochs if options.freeze_backbone else options.head_epochs
+            plan = plan_budget(options.budget_minutes * 60 - (time.perf_counter() - t_start), pre.crop_size,
+                               train_s, eval_s, math.ceil(len(tr_refs) / options.batch_size),
+                               math.ceil(len(vrefs) / options.batch_size),
+                               math.ceil((len(tr_refs) + len(vrefs)) / options.batch_size), min(head_e, 1))
+            plan = dataclasses.replace(plan, budget_s=options.budget_minutes * 60)
+        log.info("budget: %s, %d epochs", plan.reason, plan.epochs)
+        options = dataclasses.replace(options, epochs=plan.epochs, image_size=plan.image_size)
+        if plan.image_size != pre.crop_size:
+            pre = pre.at_size(plan.image_size)
     groups = param_groups(net, backbone, options)
     g = torch.Generator().manual_seed(options.seed)
     loader_kw: dict[str, Any] = {"collate_fn": _collate, "num_workers": options.workers,
                                  "pin_memory": device.type == "cuda",
                                  "persistent_workers": options.workers > 0}
-    train_loader = DataLoader(_Images(tr_refs, ytr, train_transform(pre, options.flip), options.max_pixels),
+    train_loader = DataLoader(_Images(tr_refs, ytr, train_transform(pre, options.flip, options.crop_scale),
+                                      options.max_pixels),
                               batch_size=options.batch_size, shuffle=True, generator=g, drop_last=False,
                               **loader_kw)
     val_loader = DataLoader(_Images(vrefs, yva, eval_transform(pre), options.max_pixels),
                             batch_size=options.batch_size, **loader_kw)
     skipped: dict[str, str] = {}
 
-    resume_path = out.with_name(out.name + ".resume")
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "history": [], "bad_epochs": 0,
-                             "frozen_val_accuracy": None}
+                             "frozen_val_accuracy": None, "probe_seconds": 0.0,
+                             "budget": None if plan is None else dataclasses.asdict(plan)}
     opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
                             weight_decay=options.weight_decay)
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel once the backbone trains
     if resume and resume_path.exists():
-        state = _load_resume(resume_path, net, opt)
+        state, ema_state = _load_resume(resume_path, net, opt)
+        if ema_state:
+            ema = _new_ema(net, options.ema)
+            ema.load_state_dict(ema_state)
         log.info("resuming after epoch %d", state["epoch"])
     elif resume:
         log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
 
-    def save_best(epoch: int, val_acc: float) -> None:
+    def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
         meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
-                "preprocessing": pre.to_dict(), "settings": settings, "bn_policy": BN_POLICY,
+                "preprocessing": pre.to_dict(), "settings": settings, "bn_policy": BN_POLICIES[options.bn],
+                "ema": options.ema or None, "budget": state["budget"],
                 "best_epoch": epoch, "best_val_accuracy": val_acc,
                 "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"]}
-        checkpoint.save(out, net.state_dict(), meta)
+        checkpoint.save(out, model.state_dict(), meta)
 
     if state["frozen_val_accuracy"] is None:
         eval_train = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
                                 batch_size=options.batch_size, **loader_kw)
         acc, coef, icpt = frozen_probe(net, backbone, eval_train, val_loader, pre, device, classes, options.seed)
         state["frozen_val_accuracy"] = acc
+        state["probe_seconds"] = round(time.perf_counter() - t_start, 2)
         if options.probe_init:
             # LP-FT (Kumar et al., ICLR 2022): the new head starts as the probe, so epoch 0 is the
             # probe's accuracy and fine-tuning does not first wreck the features with a random head.
@@ -398,7 +544,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
                 head.bias.copy_(torch.from_numpy(icpt))  # type: ignore[operator]
             state["best"] = evaluate(net, val_loader, pre, device, amp, skipped)
             state["best_epoch"] = 0
-            save_best(0, state["best"])  # if no epoch beats it, the checkpoint is the probe
+            save_best(0, state["best"], net)  # if no epoch beats it, the checkpoint is the probe
 
     head_epochs = options.epochs if options.freeze_backbone else min(options.head_epochs, options.epochs)
     steps_per_epoch = max(1, math.ceil(len(tr_refs) / options.batch_size))
@@ -406,6 +552,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
 
     sched: Any = None
     sched_phase: str | None = None
+    stopped_by_budget = False
     for epoch in range(state["epoch"] + 1, options.epochs + 1):
         phase = "head" if epoch <= head_epochs else "full"
         phase_start = 1 if phase == "head" else head_epochs + 1
@@ -419,7 +566,10 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         net.train()
         if phase == "head":
             net.eval()  # frozen backbone: dropout off, BN statistics untouched
-        _bn_eval(net)
+        elif options.bn == "frozen":
+            _bn_eval(net)
+        if phase == "full" and options.ema > 0 and ema is None:
+            ema = _new_ema(net, options.ema)  # averages from the probe-initialised weights on
         # The same shuffles and augmentations whether or not the run was resumed.
         g.manual_seed(options.seed + epoch)
         torch.manual_seed(options.seed * 1_000_003 + epoch)
@@ -439,27 +589,37 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None and phase == "full":
+                ema.update_parameters(net)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             if on_step:
                 on_step(epoch, step + 1, steps_per_epoch, loss.item())
-        val_acc = evaluate(net, val_loader, pre, device, amp, skipped)
+        evaluated = ema.module if ema is not None and phase == "full" else net
+        val_acc = evaluate(evaluated, val_loader, pre, device, amp, skipped)
         rec = EpochRecord(epoch, phase, loss_sum / max(seen, 1), val_acc,
                           seen / max(time.perf_counter() - t0, 1e-9),
                           opt.param_groups[0]["base_lr"],
-                          opt.param_groups[1]["base_lr"] if len(opt.param_groups) > 1 and phase == "full" else 0.0)
+                          opt.param_groups[1]["base_lr"] if len(opt.param_groups) > 1 and phase == "full" else 0.0,
+                          round(time.perf_counter() - t_start, 2))
+        epoch_s = time.perf_counter() - t0
         state["history"].append(asdict(rec))
         state["epoch"] = epoch
         if on_epoch:
             on_epoch(rec)
         if val_acc > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = val_acc, epoch, 0
-            save_best(epoch, val_acc)
+            save_best(epoch, val_acc, evaluated)
         else:
             state["bad_epochs"] += 1
-        _save_resume(resume_path, net, opt, state)
+        _save_resume(resume_path, net, opt, state, ema)
         if phase == "full" and state["bad_epochs"] >= options.patience:
             log.info("early stop: no validation gain for %d epochs", options.patience)
+            break
+        if plan is not None and epoch < options.epochs and \
+                time.perf_counter() - t_start + epoch_s > plan.budget_s:
+            log.info("budget: another epoch would end after %.0f s; stopping after epoch %d", plan.budget_s, epoch)
+            stopped_by_budget = True
             break
     if resume_path.exists():
         resume_path.unlink()
@@ -467,11 +627,32 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         str(out), classes, float(state["best"]), int(state["best_epoch"]),
         float(state["frozen_val_accuracy"]), int(state["epoch"]),
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
-        len(tr_refs), len(vrefs), time.perf_counter() - t_start)
+        len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
+        plan, stopped_by_budget)
 
 
-def _save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _new_ema(net: nn.Module, decay: float) -> Any:
+    from torch.optim.swa_utils import AveragedModel
+
+    return AveragedModel(net, avg_fn=_ema_avg(decay), use_buffers=True)
+
+
+def _peek_state(path: Path) -> dict[str, Any] | None:
+    """The resume file's run state (no tensors read), or None."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state: dict[str, Any] = json.loads((f.metadata() or {})["state"])
+    return state
+
+
+def _save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                 ema: Any = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
     for pid, st in opt_state["state"].items():
         for k, v in st.items():
@@ -482,7 +663,8 @@ def _save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: 
     tmp.replace(path)
 
 
-def _load_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _load_resume(path: Path, net: nn.Module,
+                 opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -497,4 +679,4 @@ def _load_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> dict
             per.setdefault(int(pid), {})[name] = v
     opt_state["state"] = per
     opt.load_state_dict(opt_state)
-    return state
+    return state, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}

@@ -230,3 +230,70 @@ def test_lp_ft_starts_from_the_probe_and_never_ends_below_it(labelled: Path, tmp
                               "--batch-size", "8", "--lr-head", "50", "--lr-backbone", "50"])
     assert out.exit_code == 0, out.output
     assert "fine-tuning did not help at this budget: use the probe" in out.output
+
+
+def test_budget_plan_picks_the_largest_size_that_fits_and_the_epochs_there() -> None:
+    from embedder.finetune import BUDGET_MAX_EPOCHS, BUDGET_MIN_EPOCHS, budget_sizes, plan_budget
+
+    assert budget_sizes(224) == [224, 192, 160, 128, 96] and budget_sizes(32) == [32, 24, 16]
+    # 1 s per training step and 0.25 s per evaluation batch at 224 px; 50 train / 10 val batches:
+    # an epoch is 52.5 s, the probe 15 s, at 224 px; both scale with the pixel count
+    costs = {"full": 224, "train_step_s": 1.0, "eval_step_s": 0.25, "train_steps": 50, "val_steps": 10,
+             "probe_steps": 60, "head_epochs": 0}
+    roomy = plan_budget(600, **costs)
+    assert (roomy.image_size, roomy.epochs) == (224, 11)  # (600 - 15) // 52.5
+    tight = plan_budget(120, **costs)  # 3 epochs need 172.5 s at 224, 126.7 s at 192, 88 s at 160
+    assert tight.image_size == 160 and tight.epochs == int((120 - 15 * (160 / 224) ** 2) // (52.5 * (160 / 224) ** 2))
+    assert tight.epochs >= BUDGET_MIN_EPOCHS and "160 px" in tight.reason
+    assert plan_budget(10**6, **costs).epochs == BUDGET_MAX_EPOCHS
+    smallest = plan_budget(20, **costs)  # not even 3 epochs at 96 px: the smallest size, what fits
+    assert smallest.image_size == 96 and 1 <= smallest.epochs < BUDGET_MIN_EPOCHS
+    with pytest.raises(FinetuneError, match="does not fit one epoch even at 96 px"):
+        plan_budget(5, **costs)
+
+
+def test_a_budget_sets_size_and_epochs_and_the_report_shows_accuracy_against_time(labelled: Path,
+                                                                                   tmp_path: Path) -> None:
+    ck = tmp_path / "ck.safetensors"
+    r = finetune([str(labelled)], ck, FinetuneOptions(**{**TINY.__dict__, "budget_minutes": 0.5}))
+    plan = r.budget
+    assert plan is not None and plan.image_size in (32, 24, 16) and 1 <= plan.epochs
+    assert r.epochs_run <= plan.epochs and len(r.history) == r.epochs_run
+    _, meta = checkpoint.load(ck)
+    assert meta["preprocessing"]["crop_size"] == plan.image_size and meta["budget"]["epochs"] == plan.epochs
+    times = [r.probe_seconds] + [h.elapsed_s for h in r.history]
+    assert r.probe_seconds > 0 and times == sorted(times)  # accuracy against time, in order
+    out = runner.invoke(app, ["finetune", str(labelled), "--out", str(tmp_path / "c.safetensors"),
+                              "--backbone", "tiny_test", "--budget", "0.5", "--workers", "0", "--batch-size", "8"])
+    assert out.exit_code == 0, out.output
+    assert "budget     0.5 min →" in out.output and "accuracy against time" in out.output and "probe" in out.output
+    bad = runner.invoke(app, ["finetune", str(labelled), "--out", str(tmp_path / "d.safetensors"),
+                              "--backbone", "tiny_test", "--bn", "sometimes"])
+    assert bad.exit_code == 2 and "unknown BatchNorm policy 'sometimes'; valid: frozen, train" in bad.output
+
+
+def test_bn_policy_and_weight_ema(labelled: Path, tmp_path: Path) -> None:
+    from embedder.finetune import _ema_avg
+
+    base = {**TINY.__dict__, "epochs": 2, "head_epochs": 0, "probe_init": False}
+    pre = get_backbone("tiny_test").build_architecture().state_dict()
+    finetune([str(labelled)], tmp_path / "frozen.safetensors", FinetuneOptions(**base))
+    finetune([str(labelled)], tmp_path / "train.safetensors", FinetuneOptions(**{**base, "bn": "train"}))
+    frozen, _ = checkpoint.load(tmp_path / "frozen.safetensors")
+    trained, meta = checkpoint.load(tmp_path / "train.safetensors")
+    stats = [k for k in pre if k.endswith("running_mean")]
+    assert stats
+    for k in stats:  # frozen: ImageNet's statistics kept; train: moved by the batches
+        torch.testing.assert_close(frozen[k], pre[k], rtol=0, atol=0)
+    assert any(not torch.equal(trained[k], pre[k]) for k in stats) and "train mode" in meta["bn_policy"]
+    # EMA: the warm-up keeps early averages close to the current weights, then the decay takes over
+    avg = _ema_avg(0.99)
+    a, c = torch.zeros(3), torch.ones(3)
+    assert avg(a, c, torch.tensor(0)).tolist() == pytest.approx([0.9] * 3)  # d = 1/10
+    assert avg(a, c, torch.tensor(10_000)).tolist() == pytest.approx([0.01] * 3)  # d = 0.99
+    assert torch.equal(avg(torch.tensor([3]), torch.tensor([7]), 5), torch.tensor([7]))  # counters copied
+    r = finetune([str(labelled)], tmp_path / "ema.safetensors", FinetuneOptions(**{**base, "ema": 0.9}))
+    ema_state, meta = checkpoint.load(tmp_path / "ema.safetensors")
+    assert meta["ema"] == 0.9 and r.best_epoch >= 1
+    plain, _ = checkpoint.load(tmp_path / "frozen.safetensors")  # same seed and data, no EMA
+    assert any(not torch.allclose(ema_state[k], plain[k]) for k in plain if k.endswith("weight"))

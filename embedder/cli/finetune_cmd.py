@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -21,19 +21,24 @@ def finetune_command(
     val_fraction: Annotated[float, typer.Option()] = 0.1,
     backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    head_epochs: Annotated[int, typer.Option(min=0, help="Frozen-backbone epochs first.")] = 1,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Total epochs, head epochs included [default: 10].")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Minutes: pick the crop size and epochs to fit (instead of --epochs/--image-size).")] = None,
+    head_epochs: Annotated[Optional[int], typer.Option(min=0, help="Frozen-backbone epochs first [default: 1].")] = None,
     probe_init: Annotated[bool, typer.Option(help="Start the head from the frozen probe (LP-FT): never below the probe.")] = True,
     flip: Annotated[bool, typer.Option(help="Horizontal flips in training (--no-flip for text, digits, ...).")] = True,
     freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = False,
     unfreeze_from: Annotated[Optional[str], typer.Option(help="Earliest stage to train (e.g. layer3).")] = None,
-    lr_head: Annotated[float, typer.Option()] = 3e-3,
-    lr_backbone: Annotated[float, typer.Option()] = 1e-4,
-    lr_decay: Annotated[float, typer.Option(help="Per-stage factor going down (discriminative rates).")] = 1.0,
+    lr_head: Annotated[Optional[float], typer.Option(help="[default: 3e-3]")] = None,
+    lr_backbone: Annotated[Optional[float], typer.Option(help="[default: 1e-4]")] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help="Per-stage factor going down (discriminative rates) [default: 1.0].")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="[default: 0.1]")] = None,
+    crop_scale: Annotated[Optional[float], typer.Option(help="Smallest area fraction of the random resized crop [default: 0.35].")] = None,
+    bn: Annotated[Optional[str], typer.Option(help="BatchNorm statistics: frozen | train [default: frozen].")] = None,
+    ema: Annotated[Optional[float], typer.Option(help="Weight EMA decay per step, e.g. 0.999; 0 is off [default: 0].")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size (default: the weights' own).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    patience: Annotated[int, typer.Option(min=1)] = 3,
-    workers: Annotated[int, typer.Option(min=0)] = 2,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="[default: 32]")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="[default: 3]")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="[default: 2]")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last completed epoch.")] = False,
@@ -52,11 +57,14 @@ def finetune_command(
         name = entry.name
     elif weights is None:
         name = DEFAULT_BACKBONE
+    given: dict[str, Any] = {"epochs": epochs, "budget_minutes": budget, "head_epochs": head_epochs, "lr_head": lr_head,
+             "lr_backbone": lr_backbone, "lr_decay": lr_decay, "label_smoothing": label_smoothing,
+             "crop_scale": crop_scale, "bn": bn, "ema": ema, "batch_size": batch_size, "patience": patience,
+             "workers": workers}  # unset options keep FinetuneOptions' defaults (one place)
     opts = FinetuneOptions(backbone=name, weights_tag=tag, weights_file=weights, image_size=image_size,
-                           epochs=epochs, head_epochs=head_epochs, probe_init=probe_init, flip=flip, freeze_backbone=freeze_backbone,
-                           unfreeze_from=unfreeze_from, lr_head=lr_head, lr_backbone=lr_backbone,
-                           lr_decay=lr_decay, batch_size=batch_size, patience=patience,
-                           val_fraction=val_fraction, seed=seed, device=device, workers=workers)
+                           probe_init=probe_init, flip=flip, freeze_backbone=freeze_backbone,
+                           unfreeze_from=unfreeze_from, val_fraction=val_fraction, seed=seed, device=device,
+                           **{k: v for k, v in given.items() if v is not None})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                         disable=as_json)
@@ -77,11 +85,19 @@ def finetune_command(
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
-    table = Table("epoch", "phase", "train loss", "val acc", "img/s", title="fine-tuning", title_justify="left")
+    if result.budget is not None:
+        b = result.budget
+        out.print(f"budget     {b.budget_s / 60:g} min → {b.image_size} px, {b.epochs} epochs ({b.reason})"
+                  + ("; stopped early to stay within it" if result.stopped_by_budget else ""))
+    table = Table("epoch", "phase", "train loss", "val acc", "img/s", "at", title="accuracy against time",
+                  title_justify="left")
+    mark0 = " ← best" if result.best_epoch == 0 else ""
+    table.add_row("probe", "frozen", "", f"{result.frozen_val_accuracy:.4f}{mark0}", "",
+                  f"{result.probe_seconds:.0f} s")
     for r in result.history:
         mark = " ← best" if r.epoch == result.best_epoch else ""
         table.add_row(str(r.epoch), r.phase, f"{r.train_loss:.4f}", f"{r.val_accuracy:.4f}{mark}",
-                      f"{r.images_per_second:.1f}")
+                      f"{r.images_per_second:.1f}", f"{r.elapsed_s:.0f} s")
     out.print(table)
     gain = result.best_val_accuracy - result.frozen_val_accuracy
     out.print(f"frozen probe (same split, before fine-tuning): {result.frozen_val_accuracy:.4f}")
