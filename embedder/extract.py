@@ -483,11 +483,11 @@ def extract(
 
 def still_to_do(store: Store, refs: Sequence[ImageRef], run: RunOptions, summary: ExtractSummary) -> list[ImageRef]:
     """The refs the store lacks (resume), minus earlier failures unless they are to be retried."""
-    present = store.ids()
-    failed_before = set() if run.retry_failed else store.failed_ids() - present
+    present = store.present([r.id for r in refs])  # the id index: never the store's ids as a set
+    failed_before = set() if run.retry_failed else store.failed_ids()
     todo = []
-    for r in refs:
-        if r.id in present:
+    for r, held in zip(refs, present):
+        if held:
             summary.skipped_present += 1
         elif r.id in failed_before:
             summary.skipped_failed_before += 1

@@ -5,6 +5,7 @@ Polars' ``STORE/*.parquet`` globs never reach the subfolder):
 
     STORE/part-<n>-<uuid>.parquet   rows: id, path, label, embedding, width, height, file_hash
     STORE/_errors/part-*.parquet    images that failed: id, path, reason, time
+    STORE/_ids/part-<n>-<uuid>.npy  per shard, the sorted digests of its ids (see embedder.id_index)
     STORE/_manifest.json            provenance, shard list, run history
 
 Shards are written to a temporary name and renamed, so a killed run leaves only whole shards.
@@ -229,6 +230,9 @@ class Store:
         if staging.is_dir():  # staged by workers of a run that ended before committing them
             for orphan in staging.iterdir():
                 orphan.unlink(missing_ok=True)
+        from embedder import id_index
+
+        id_index.sweep(self.path, {p.stem for p in self.shard_files()})
 
     # ---- metadata -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -285,7 +289,15 @@ class Store:
         return pa.concat_tables(parts) if parts else pa.schema([schema.field(c) for c in columns]).empty_table()
 
     def ids(self) -> set[str]:
+        """Every id, as Python strings: O(rows) memory; resume uses ``present`` instead."""
         return set(self.read(["id"]).column("id").to_pylist())
+
+    def present(self, ids: Sequence[str]) -> np.ndarray:
+        """For each of IDS, whether the store holds it — through the per-shard id index (memory
+        O(len(ids) + one shard), whatever the store's size)."""
+        from embedder import id_index
+
+        return id_index.contains(self.shard_files(), ids)
 
     def errors(self) -> pa.Table:
         files = self.error_files()
@@ -306,8 +318,8 @@ class Store:
         if self.error_files():  # (an empty Arrow table would import pandas: `info` starts fast)
             errors = self.errors()
             # An image that failed once and succeeded on a retry is no longer an error.
-            ok = self.ids() if errors.num_rows else set()
-            n_err = len({i for i in errors.column("id").to_pylist() if i not in ok})
+            failed = sorted({i for i in errors.column("id").to_pylist() if i is not None})
+            n_err = int((~self.present(failed)).sum()) if failed else 0
         m = self.manifest()
         return StoreInfo(str(self.path), Provenance.from_dict(m["provenance"]), len(labels), self.dim,
                          dict(sorted(counts.items())), n_err, len(self.shard_files()), m["runs"])
@@ -329,6 +341,9 @@ class Store:
         meta = {META_KEY: (provenance or self.provenance).to_json().encode()}
         table = table.replace_schema_metadata(meta)
         path = self._next_shard_path(uuid.uuid4().hex[:8])
+        from embedder import id_index
+
+        id_index.write(path, table.column("id").to_pylist())  # first: a shard never lacks its index
         _atomic_write_table(path, table)
         return path
 
@@ -349,6 +364,9 @@ class Store:
         """Under the writer lock: a staged shard becomes part of the store (one atomic rename)."""
         staged = self.path / STAGING_DIR / name
         path = self._next_shard_path(Path(name).stem[:8])
+        from embedder import id_index
+
+        id_index.write(path, pq.ParquetFile(staged).read(columns=["id"]).column("id").to_pylist())
         os.replace(staged, path)
         return path
 

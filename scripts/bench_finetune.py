@@ -121,6 +121,19 @@ def textbook(train: Path, val: Path, size: int, epochs: int, batch: int, recipe:
     return accs, time.perf_counter() - t0
 
 
+def _variant(text: str) -> tuple[str, dict[str, object]]:
+    """NAME[:KEY=VALUE,...] → FinetuneOptions overrides (values parsed as JSON when they can be)."""
+    name, _, rest = text.partition(":")
+    overrides: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", choices=["digits", "stripes"], default="stripes")
@@ -134,6 +147,10 @@ def main() -> None:
     ap.add_argument("--head-epochs", type=int, default=None, help="embedder's head epochs (default: its own)")
     ap.add_argument("--lr-head", type=float, default=None, help="embedder's head learning rate (default: its own)")
     ap.add_argument("--no-flip", action="store_true", help="embedder without horizontal flips")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                    help="an embedder recipe to run beside the defaults: FinetuneOptions fields overridden, "
+                         "e.g. bn_train:bn=train or ema:ema=0.998 (repeatable); 'budget' alone: the defaults "
+                         "with --budget set to the textbook loop's seconds (equal wall-clock)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ft_"))
@@ -146,28 +163,37 @@ def main() -> None:
             stripes(tmp / "val", args.val_per_class, 128, seed=1)
             what = (f"stripes by frequency, 4 classes, {args.per_class}/class train, "
                     f"{args.val_per_class}/class val")
+        variants = [("defaults", {})] + [_variant(v) for v in args.variant]
         runs = []
         for seed in (int(v) for v in args.seeds.split(",")):
             torch.manual_seed(seed)
-            opts = FinetuneOptions(backbone="mobilenet_v2", weights_tag="IMAGENET1K_V1",
-                                   image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                                   patience=args.epochs, workers=2, seed=seed,
-                                   flip=not args.no_flip,
-                                   **({} if args.head_epochs is None else {"head_epochs": args.head_epochs}),
-                                   **({} if args.lr_head is None else {"lr_head": args.lr_head}))
-            t0 = time.perf_counter()
-            ours = finetune([str(tmp / "train")], tmp / f"ck{seed}.safetensors", opts, val_source=[str(tmp / "val")])
-            ours_s = time.perf_counter() - t0
             tb_accs, tb_s = ([float("nan")], 0.0) if args.textbook == "none" else textbook(
                 tmp / "train", tmp / "val", args.image_size, args.epochs, args.batch_size, args.textbook, seed)
-            runs.append({
-                "seed": seed, "frozen_probe": round(ours.frozen_val_accuracy, 4),
-                "embedder_finetune": {"best": round(ours.best_val_accuracy, 4), "best_epoch": ours.best_epoch,
-                                      "seconds": round(ours_s, 1),
-                                      "per_epoch": [round(h.val_accuracy, 3) for h in ours.history]},
-                "textbook": {"best": round(max(tb_accs), 4), "final": round(tb_accs[-1], 4),
-                             "seconds": round(tb_s, 1), "per_epoch": [round(a, 3) for a in tb_accs]},
-            })
+            run: dict = {"seed": seed, "textbook": {  # type: ignore[type-arg]
+                "best": round(max(tb_accs), 4), "final": round(tb_accs[-1], 4), "seconds": round(tb_s, 1),
+                "per_epoch": [round(a, 3) for a in tb_accs]}}
+            for name, overrides in variants:
+                if name == "budget":
+                    overrides = {"budget_minutes": tb_s / 60}
+                torch.manual_seed(seed)
+                base = {"backbone": "mobilenet_v2", "weights_tag": "IMAGENET1K_V1", "image_size": args.image_size,
+                        "epochs": args.epochs, "batch_size": args.batch_size, "patience": args.epochs,
+                        "workers": 2, "seed": seed, "flip": not args.no_flip,
+                        **({} if args.head_epochs is None else {"head_epochs": args.head_epochs}),
+                        **({} if args.lr_head is None else {"lr_head": args.lr_head})}
+                opts = FinetuneOptions(**{**base, **overrides})  # type: ignore[arg-type]
+                t0 = time.perf_counter()
+                ours = finetune([str(tmp / "train")], tmp / f"ck{seed}.safetensors", opts,
+                                val_source=[str(tmp / "val")])
+                run["frozen_probe"] = round(ours.frozen_val_accuracy, 4)
+                run[name] = {"best": round(ours.best_val_accuracy, 4), "best_epoch": ours.best_epoch,
+                             "final": round(ours.history[-1].val_accuracy, 4) if ours.history else None,
+                             "seconds": round(time.perf_counter() - t0, 1), "probe_seconds": ours.probe_seconds,
+                             "per_epoch": [round(h.val_accuracy, 3) for h in ours.history],
+                             **({"budget": ours.budget.reason, "size": ours.budget.image_size,
+                                 "epochs": ours.epochs_run} if ours.budget else {})}
+                print(json.dumps({"seed": seed, "variant": name, **run[name]}), flush=True)
+            runs.append(run)
             print(json.dumps(runs[-1]), flush=True)
 
         def summary(values: list[float]) -> dict[str, float]:
@@ -177,7 +203,10 @@ def main() -> None:
             "data": f"{what}, {args.image_size}px", "backbone": "mobilenet_v2 IMAGENET1K_V1",
             "epochs": args.epochs, "textbook": args.textbook, "cores": os.cpu_count(), "cpu": platform.machine(),
             "frozen_probe": summary([r["frozen_probe"] for r in runs]),
-            "embedder_finetune_best": summary([r["embedder_finetune"]["best"] for r in runs]),
+            **{f"{name}_best": summary([r[name]["best"] for r in runs]) for name, _ in variants},
+            **{f"{name}_final": summary([r[name]["final"] for r in runs]) for name, _ in variants},
+            **{f"{name}_seconds": summary([r[name]["seconds"] for r in runs]) for name, _ in variants},
+            "textbook_seconds": summary([r["textbook"]["seconds"] for r in runs]),
             "textbook_best": summary([r["textbook"]["best"] for r in runs]),
             "textbook_final": summary([r["textbook"]["final"] for r in runs]),
             "peak_rss_mib": peak_rss_mib(),
