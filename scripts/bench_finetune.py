@@ -11,6 +11,10 @@ Backbone: MobileNetV2 with its real ImageNet weights (IMAGENET1K_V1; import them
 (a) frozen probe: logistic regression on the pretrained penultimate features (embedder's protocol);
 (b) `embedder finetune` defaults: 1 head epoch, then all layers, head 3e-3 / backbone 1e-4, AdamW,
     warm-up + cosine, label smoothing, BN statistics frozen, best epoch kept;
+(b') --variant NAME:KEY=VALUE,...: embedder with FinetuneOptions fields overridden (one measured
+    change each: bn=train, ema=0.99, crop_scale=0.08, label_smoothing=0, head_epochs=0, lr_decay=0.7,
+    ...); --variant budget: the defaults with --budget set to the textbook loop's seconds, so the two
+    are compared at equal wall-clock (the other rows are at equal epochs);
 (c) --textbook tutorial: the torchvision tutorial — pretrained model, new head, one SGD optimiser
     (lr 1e-3, momentum 0.9) over all parameters, fixed learning rate, model.train();
     --textbook modern: new head, AdamW (backbone 1e-4, head 1e-3), random resized crop + flip,
