@@ -163,16 +163,18 @@ def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Cal
     return slices, np.asarray(heap.D, np.float32), np.asarray(heap.I, np.int64)
 
 
-QUANTIZER_EF = 128  # an HNSW coarse quantizer's efSearch (kept in the index file)
+QUANTIZER_EF = 128  # an HNSW coarse quantizer's efSearch for searches (kept in the index file)
+QUANTIZER_EF_ADD = 32  # ... and while adding: one nearest centroid per vector needs less
 
 
-def set_quantizer_ef(index: Any) -> None:
+def set_quantizer_ef(index: Any, ef: int = QUANTIZER_EF) -> None:
     """An HNSW coarse quantizer searches its centroids at efSearch ≥ nprobe (FAISS's default, 16,
-    would cap the lists it can return well below the nprobe values tuned to)."""
+    would cap the lists it can return well below the nprobe values tuned to); adds assign each
+    vector to one list, at a smaller efSearch."""
     faiss = _faiss()
     q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
     if isinstance(q, faiss.IndexHNSW):
-        q.hnsw.efSearch = QUANTIZER_EF
+        q.hnsw.efSearch = ef
 
 
 def slice_rows(dim: int, code_bytes: int, budget: int) -> int:
@@ -245,6 +247,7 @@ def _merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
     out.ntotal = out_ivf.ntotal = ntotal
     out_ivf.replace_invlists(invlists, True)
     invlists.this.disown()
+    set_quantizer_ef(out)  # merged indexes are searched
     return out
 
 
@@ -283,7 +286,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     except RuntimeError as e:
         raise IndexError_(f"training {factory} failed ({str(e).splitlines()[-1]}); too few vectors?") from None
     del train_x
-    set_quantizer_ef(base)
+    set_quantizer_ef(base, QUANTIZER_EF_ADD)  # the trained index is cloned for every slice's adds
     train_seconds = time.perf_counter() - t0
     faiss.write_index(base, str(staging / TRAINED_FILE))
     code_bytes = faiss.extract_index_ivf(base).code_size

@@ -90,7 +90,10 @@ def default_budget() -> int:
 
 
 COARSE = ("auto", "flat", "hnsw")
-HNSW_COARSE_FROM = 4000  # lists (n ≥ 1M at 4√n): an HNSW graph over the centroids assigns vectors
+# From this many lists (n ≥ 16.7M at 4√n) an HNSW graph over the centroids assigns vectors. Below,
+# the flat quantizer's BLAS distances win: measured at 1M × 256 (4,000 lists) on 2 cores, see
+# docs/benchmarks.md; FAISS's guidelines use HNSW quantizers for 65,536 lists and more.
+HNSW_COARSE_FROM = 16_384
 
 
 def plan(n: int, dim: int, kind: str, budget: int, coarse: str = "auto", opq: bool = False) -> Plan:
@@ -418,11 +421,15 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
             raise IndexError_(f"training {p.factory} failed ({str(e).splitlines()[-1]}); "
                               "too few vectors for this kind? try --kind flat") from None
     if faiss.try_extract_index_ivf(base) is not None:
-        from embedder.bigindex import set_quantizer_ef
+        from embedder.bigindex import QUANTIZER_EF_ADD, set_quantizer_ef
 
-        set_quantizer_ef(base)
+        set_quantizer_ef(base, QUANTIZER_EF_ADD)
     faiss_ids = np.arange(n, dtype=np.int64)
     index.add_with_ids(x[rest], faiss_ids[rest])
+    if faiss.try_extract_index_ivf(base) is not None:
+        from embedder.bigindex import set_quantizer_ef
+
+        set_quantizer_ef(base)  # searched from here on (the held-out rows' adds are few)
     vectors = x.astype(np.float16) if p.kind == "ivfpq" else None
     # While tuning, only indexed rows may be candidates: the held-out ones are not in FAISS yet.
     quality = measure_and_tune(Searcher(index, options.metric, vectors), x, rest, x[held], 10,

@@ -113,8 +113,9 @@ def make_store(n: int, path: Path) -> None:
 
 # build variants compared at sizes up to --variants-max (same store, same budget)
 VARIANTS: dict[str, dict[str, object]] = {
-    "auto": {},  # what `index build` picks: an HNSW coarse quantizer from 4,000 lists (1M)
-    "flat-coarse": {"coarse": "flat"},  # the previous default: nlist distances per vector added
+    "auto": {},  # what `index build` picks (a flat coarse quantizer below 16,384 lists)
+    "flat-coarse": {"coarse": "flat"},  # nlist distances per vector added or searched (BLAS)
+    "hnsw-coarse": {"coarse": "hnsw"},  # an HNSW graph over the centroids
     "opq": {"opq": True},
     "ray": {"engine": "ray"},  # the adds as Ray tasks on a local Ray instance (all cores)
 }

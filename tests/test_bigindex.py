@@ -183,12 +183,12 @@ def test_service_answers_from_an_on_disk_index(tmp_path: Path, small_batches: No
 def test_plan_uses_an_hnsw_coarse_quantizer_for_many_lists_and_opq_on_request() -> None:
 
     budget = 1 << 20  # everything here is over budget: IVF-PQ
-    assert idx.plan(100_000, 256, "auto", budget).factory == "IVF1264,PQ64"  # few lists: flat quantizer
-    big_plan = idx.plan(1_000_000, 256, "auto", budget)
-    assert big_plan.factory == "IVF4000_HNSW32,PQ64" and "HNSW32 coarse quantizer" in big_plan.reason
-    assert idx.plan(1_000_000, 256, "ivf", budget, coarse="flat").factory == "IVF4000,Flat"
+    assert idx.plan(1_000_000, 256, "auto", budget).factory == "IVF4000,PQ64"  # flat quantizer below 16,384
+    big_plan = idx.plan(20_000_000, 256, "auto", budget)
+    assert big_plan.factory == "IVF17888_HNSW32,PQ64" and "HNSW32 coarse quantizer" in big_plan.reason
+    assert idx.plan(20_000_000, 256, "ivf", budget, coarse="flat").factory == "IVF17888,Flat"
     assert idx.plan(1000, 32, "ivf", budget, coarse="hnsw").factory == "IVF126_HNSW32,Flat"
-    assert idx.plan(1_000_000, 256, "ivfpq", budget, opq=True).factory == "OPQ64_256,IVF4000_HNSW32,PQ64"
+    assert idx.plan(1_000_000, 256, "ivfpq", budget, opq=True).factory == "OPQ64_256,IVF4000,PQ64"
     with pytest.raises(IndexError_, match="--opq .* needs --kind ivfpq"):
         idx.plan(1000, 32, "ivf", budget, opq=True)
     with pytest.raises(IndexError_, match="unknown coarse quantizer 'tree'; valid: auto, flat, hnsw"):
@@ -209,6 +209,8 @@ def test_hnsw_coarse_quantizer_and_opq_in_a_streamed_build(tmp_path: Path, small
     assert isinstance(loaded.index, faiss.IndexPreTransform)  # the OPQ rotation travels with the index
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(loaded.index).quantizer)
     assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.hnsw.efSearch == big.QUANTIZER_EF
+    trained = faiss.read_index(str(loaded.dir / big.TRAINED_FILE))  # what slices are cloned from: adds
+    assert faiss.downcast_index(faiss.extract_index_ivf(trained).quantizer).hnsw.efSearch == big.QUANTIZER_EF_ADD
     assert loaded.search(x[4321:4322], 1)[0][0]["id"] == "v004321"
     assert idx.add("q", sharded_store(tmp_path / "b", [x, clustered(500, dim=32, seed=3)]), home)["added"] == 500
     assert idx.LoadedIndex("q", home).index.ntotal == 12_500

@@ -42,7 +42,7 @@ def build_command(
     memory_budget: Annotated[Optional[str], typer.Option(help="e.g. 512MB, 2GB (default: a quarter of RAM). IVF over budget is built streamed, its lists on disk.")] = None,
     memory_budget_gb: Annotated[Optional[float], typer.Option(help="The budget in GiB (older spelling).")] = None,
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF kinds: streamed build with inverted lists on disk, even within budget.")] = False,
-    coarse: Annotated[str, typer.Option(help="IVF coarse quantizer: auto (HNSW from 4,000 lists) | flat | hnsw")] = "auto",
+    coarse: Annotated[str, typer.Option(help="IVF coarse quantizer: auto (HNSW from 16,384 lists) | flat | hnsw")] = "auto",
     opq: Annotated[bool, typer.Option("--opq", help="IVF-PQ: learn a rotation (OPQ) before product quantization.")] = False,
     engine: Annotated[str, typer.Option(help="local | ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: auto, HOST:PORT or ray://… (default: a local Ray instance).")] = None,
