@@ -63,12 +63,14 @@ def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> 
 
     def run(whole: big.Part, staging: Path) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
         ray = connect(options)
+        staging = staging.resolve()  # workers run in their own directories: absolute paths only
         task = ray.remote(num_cpus=task_cpus, max_retries=3)(_add_task)
         queries = ray.put(whole.queries)
         parts = [big.Part(shards=files, start=start, tag=f"{i:05d}", held=whole.held,
                           queries=np.zeros((0, 0), np.float32), k=whole.k, per_slice=whole.per_slice,
                           metric=whole.metric)
-                 for i, (files, start) in enumerate(runs(whole.shards, whole.start, whole.per_slice))]
+                 for i, (files, start) in enumerate(runs([str(Path(f).resolve()) for f in whole.shards],
+                                                          whole.start, whole.per_slice))]
         refs = [task.remote(p, queries, str(staging), faiss_metric, max(1, int(task_cpus))) for p in parts]
         try:
             done = ray.get(refs)
