@@ -266,8 +266,9 @@ def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedO
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),
                         num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None)
     # Workers write the shards; the driver only commits them (no vectors pass through the driver).
-    return ds.map_batches(_write_block, fn_kwargs={"store_path": str(store.path.absolute()),
-                                                   "provenance_json": provenance_json, "dim": dim, "dtype": embed.dtype},
+    where = {"store_path": str(store.path.absolute()), "provenance_json": provenance_json, "dim": dim,
+             "dtype": embed.dtype}
+    return ds.map_batches(_write_block, fn_kwargs=where,
                           batch_size=shard_rows, batch_format="pyarrow", num_cpus=options.decode_cpus)
 
 
