@@ -343,7 +343,7 @@ class Store:
         path = self._next_shard_path(uuid.uuid4().hex[:8])
         from embedder import id_index
 
-        id_index.write(path, table.column("id").to_pylist())  # first: a shard never lacks its index
+        id_index.write(path, table.column("id"))  # first: a shard never lacks its index
         _atomic_write_table(path, table)
         return path
 
@@ -366,7 +366,7 @@ class Store:
         path = self._next_shard_path(Path(name).stem[:8])
         from embedder import id_index
 
-        id_index.write(path, pq.ParquetFile(staged).read(columns=["id"]).column("id").to_pylist())
+        id_index.write(path, pq.ParquetFile(staged).read(columns=["id"]).column("id"))
         os.replace(staged, path)
         return path
 

@@ -71,3 +71,21 @@ def test_membership_memory_does_not_hold_the_stores_ids(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert len(everything) == 200_000
     assert peak < 1_000_000 < peak_set / 10  # < 1 MB against > 10 MB for the set of all ids
+
+
+def test_embedder_ids_are_their_own_digest_and_other_ids_are_hashed() -> None:
+    import hashlib
+
+    from embedder.sources import image_id
+
+    ids = [image_id(f"/data/{i}.jpg") for i in range(5)]
+    d = id_index.digests(ids)
+    assert [bytes(x).ljust(16, b"\0") for x in d] == [bytes.fromhex(i) for i in ids]  # decoded in bulk
+    mixed = [ids[0], "holiday/beach.jpg", ids[1].upper(), ""]
+    got = [bytes(x).ljust(16, b"\0") for x in id_index.digests(mixed)]
+    assert got[0] == bytes.fromhex(ids[0])
+    assert got[1] == hashlib.blake2b(b"holiday/beach.jpg", digest_size=16).digest()
+    assert got[2] == hashlib.blake2b(ids[1].upper().encode(), digest_size=16).digest()  # not lowercase hex
+    assert got[3] == hashlib.blake2b(b"", digest_size=16).digest()
+    chunked = pa.chunked_array([pa.array(ids[:2]), pa.array(ids[2:])])
+    assert (id_index.digests(chunked) == d).all() and (id_index.digests(pa.array(ids).slice(1)) == d[1:]).all()
