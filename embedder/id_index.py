@@ -32,27 +32,43 @@ _HEX = np.full(256, 255, np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
+CHUNK = 1 << 18  # ids converted at a time (bounded temporaries)
+
+
 def digests(ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The 16-byte digest of each id, in order (an ``S16`` array)."""
-    arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.string())
-    arr = arr.cast(pa.large_string())
+    if isinstance(ids, pa.ChunkedArray):
+        parts = [_digests(c) for c in ids.chunks]
+        return np.concatenate(parts) if parts else np.empty(0, DIGEST)
+    if isinstance(ids, pa.Array):
+        return _digests(ids)
+    seq = ids if isinstance(ids, Sequence) else list(ids)
+    out = np.empty(len(seq), DIGEST)
+    for s in range(0, len(seq), CHUNK):  # Python strings → Arrow a chunk at a time
+        out[s:s + CHUNK] = _digests(pa.array(seq[s:s + CHUNK], pa.string()))
+    return out
+
+
+def _digests(arr: pa.Array) -> np.ndarray:
     n = len(arr)
     out = np.empty(n, DIGEST)
     if n == 0:
         return out
-    offsets = np.frombuffer(arr.buffers()[1], np.int64, n + 1, arr.offset * 8)
-    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    hexlike = (lengths == 32) & (np.asarray(arr.is_valid()) if arr.null_count else True)
-    if hexlike.all() and len(data) >= offsets[-1] and offsets[-1] - offsets[0] == 32 * n:
-        nib = _HEX[data[offsets[0]:offsets[-1]]].reshape(n, 32)
+    if arr.type not in (pa.string(), pa.large_string()):
+        arr = arr.cast(pa.string())
+    wide = np.int64 if arr.type == pa.large_string() else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], wide, n + 1, arr.offset * np.dtype(wide).itemsize).astype(np.int64)
+    data = arr.buffers()[2]
+    if not arr.null_count and data is not None and offsets[-1] - offsets[0] == 32 * n \
+            and (np.diff(offsets) == 32).all():
+        text = np.frombuffer(data, np.uint8, offsets[-1] - offsets[0], offsets[0])
+        nib = _HEX[text].reshape(n, 32)
         if (nib != 255).all():  # every id is 32 lowercase hex characters: the digest is in the text
-            packed = (nib[:, 0::2] << 4) | nib[:, 1::2]
-            return np.ascontiguousarray(packed).view(DIGEST).reshape(n)
-    for i, text in enumerate(arr.to_pylist()):  # mixed ids: one at a time
-        out[i] = _one(text or "")
+            nib[:, 0::2] <<= 4
+            nib[:, 0::2] |= nib[:, 1::2]
+            return np.ascontiguousarray(nib[:, 0::2]).view(DIGEST).reshape(n)
+    for i, text_ in enumerate(arr.to_pylist()):  # mixed ids: one at a time
+        out[i] = _one(text_ or "")
     return out
 
 
@@ -76,7 +92,7 @@ def write(shard: Path, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> None:
     p.parent.mkdir(exist_ok=True)
     tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
-        np.save(f, np.sort(digests(ids)))
+        np.save(f, _sorted(digests(ids)))
     os.replace(tmp, p)
 
 
@@ -92,30 +108,45 @@ def load(shard: Path) -> np.ndarray:
     try:
         write(shard, ids)
     except OSError:  # a read-only store: compute, do not keep
-        return np.sort(digests(ids))
+        return _sorted(digests(ids))
     return np.load(p, mmap_mode="r")
 
 
+def _sorted(d: np.ndarray) -> np.ndarray:
+    """Digests in the order of their first 8 bytes read as a native uint64 (how lookups compare)."""
+    return d[np.argsort(_halves(d)[0], kind="stable")]
+
+
+def _halves(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A digest array as two uint64 arrays (first and last 8 bytes): integer sorts and compares."""
+    u = np.ascontiguousarray(d).view(np.uint64).reshape(-1, 2)
+    return u[:, 0], u[:, 1]
+
+
 def contains(shards: Sequence[Path], ids: Sequence[str]) -> np.ndarray:
-    """For each of IDS, whether one of SHARDS holds it (a bool array)."""
+    """For each of IDS, whether one of SHARDS holds it (a bool array). The asked digests are sorted
+    once by their first 8 bytes (~40 bytes per asked id in all); each shard's digests are looked up
+    in them and confirmed on the other 8 — one shard in memory at a time."""
     if not len(ids):
         return np.zeros(0, bool)
-    asked = digests(ids)
-    order = np.argsort(asked, kind="stable")
-    asked = asked[order]  # sorted; ~40 bytes per asked id in all, whatever the store's size
-    hit = np.zeros(len(asked), bool)
+    hi, lo = _halves(digests(ids))
+    order = np.argsort(hi, kind="stable")
+    hi, lo = hi[order], lo[order]
+    hit = np.zeros(len(hi), bool)
+    shared = np.flatnonzero(hi[1:] == hi[:-1])  # the same id asked twice (or a shared 64-bit prefix)
+    shared_hi = np.unique(hi[shared]) if len(shared) else None
     for shard in shards:
         d = load(shard)
         if not len(d):
             continue
-        pos = np.searchsorted(asked, d)
-        ok = pos < len(asked)
-        pos, d = pos[ok], d[ok]
-        hit[pos[asked[pos] == d]] = True
-    dup = np.flatnonzero(asked[1:] == asked[:-1]) + 1  # an id asked twice: searchsorted found its first
-    for i in dup:  # (rare: the same file given twice)
-        hit[i] = hit[i - 1]
-    out = np.empty(len(asked), bool)
+        shi, slo = _halves(np.asarray(d))  # sorted by shi: the lookups walk `hi` forwards
+        pos = np.minimum(np.searchsorted(hi, shi), len(hi) - 1)
+        hit[pos[(hi[pos] == shi) & (lo[pos] == slo)]] = True
+        if shared_hi is not None:  # rare: every asked copy of a shared prefix is compared
+            for j in np.flatnonzero(np.isin(shi, shared_hi)):
+                span = slice(np.searchsorted(hi, shi[j], "left"), np.searchsorted(hi, shi[j], "right"))
+                hit[span] |= lo[span] == slo[j]
+    out = np.empty(len(hi), bool)
     out[order] = hit
     return out
 
