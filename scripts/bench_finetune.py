@@ -9,8 +9,8 @@ Backbone: MobileNetV2 with its real ImageNet weights (IMAGENET1K_V1; import them
 `embedder weights import`), crop --image-size. --seeds runs every recipe once per seed.
 
 (a) frozen probe: logistic regression on the pretrained penultimate features (embedder's protocol);
-(b) `embedder finetune` defaults: 1 head epoch, then all layers, head 3e-3 / backbone 1e-4, AdamW,
-    warm-up + cosine, label smoothing, BN statistics frozen, best epoch kept;
+(b) `embedder finetune` defaults: the head starts as the probe (LP-FT), then all layers, head 3e-3 /
+    backbone 1e-4, AdamW, warm-up + cosine, crops ≥ 60 %, BN statistics frozen, best epoch kept;
 (b') --variant NAME:KEY=VALUE,...: embedder with FinetuneOptions fields overridden (one measured
     change each: bn=train, ema=0.99, crop_scale=0.08, label_smoothing=0, head_epochs=0, lr_decay=0.7,
     ...); --variant budget: the defaults with --budget set to the textbook loop's seconds, so the two
