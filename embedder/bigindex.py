@@ -300,9 +300,6 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
                 k=heap.k if heap is not None else 0, per_slice=per_slice, metric=metric)
     if parallel is not None:  # e.g. Ray: one task per group of shards, then the parts joined here
         slices, results = parallel(part, staging)
-        if heap is not None:
-            for d_, i_ in results:
-                heap.add_result(d_, i_)
     else:
         # float16 copies appended with plain writes (rows arrive in order): a writable memory map
         # would count every written page in this process's RSS (measured: +0.5 GB at 1M × 256)
@@ -310,7 +307,9 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
             write_npy_header(vectors, n, dim)
             with pa.OSFile(str(staging / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, ID_SCHEMA) as ids_out:
                 slices, d_, i_ = add_part(part, staging, vectors, ids_out, prepare, faiss_metric)
-        if heap is not None:
+        results = [(d_, i_)]
+    if heap is not None:
+        for d_, i_ in results:
             heap.add_result(d_, i_)
     held_slice = str(staging / "slice-held.faiss")
     h = faiss.clone_index(base)

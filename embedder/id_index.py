@@ -86,9 +86,10 @@ def path_for(shard: Path) -> Path:
     return shard.parent / INDEX_DIR / f"{shard.stem}.npy"
 
 
-def write(shard: Path, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> None:
-    """Atomically write SHARD's index (sorted digests of IDS)."""
-    p = path_for(shard)
+def write(shard: Path, ids: Iterable[str] | pa.Array | pa.ChunkedArray, dest: Path | None = None) -> None:
+    """Atomically write SHARD's index (sorted digests of IDS), to DEST if given (a staged shard's
+    index, renamed into place when the shard is committed)."""
+    p = dest or path_for(shard)
     p.parent.mkdir(exist_ok=True)
     tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:

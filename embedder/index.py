@@ -339,7 +339,7 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
             if streamed:
                 return _build_streamed(store, store_path, name, target, p, options, budget)
             table = store.read(["id", "path", "label", "embedding"])
-            return _build(store, store_path, name, target, table, options)
+            return _build(store, store_path, name, target, table, options, p)
         finally:
             if not gens.exists(target):  # a failed first build leaves no empty folder behind
                 shutil.rmtree(target, ignore_errors=True)
@@ -395,12 +395,11 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
 
 
 def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Table,
-           options: BuildOptions) -> dict[str, Any]:
+           options: BuildOptions, p: Plan) -> dict[str, Any]:
     faiss = _faiss()
     n, dim = table.num_rows, store.dim
     x = _prepare(arrow_to_embeddings(table.column("embedding")), options.metric)
     budget = options.memory_budget or default_budget()
-    p = plan(n, dim, options.kind, budget, options.coarse, options.opq)
     t0 = time.perf_counter()
     try:
         base = faiss.index_factory(dim, p.factory, _faiss_metric(options.metric))

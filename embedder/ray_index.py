@@ -13,6 +13,7 @@ the same lists. The staging folder (the index home) must be on a file system eve
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -27,9 +28,9 @@ from embedder.ray_engine import RayOptions, connect
 COPY_CHUNK = 16 << 20
 
 
-def runs(shards: list[str], start: int, per_run: int) -> list[tuple[list[str], int]]:
+def runs(shards: list[str], start: int, per_run: int) -> tuple[list[tuple[list[str], int]], int]:
     """Consecutive shards grouped into runs of at least PER_RUN rows (a shard is never split),
-    each with the global row number of its first row."""
+    each with the global row number of its first row; and the row number after the last."""
     out: list[tuple[list[str], int]] = []
     group: list[str] = []
     first = row = start
@@ -41,7 +42,7 @@ def runs(shards: list[str], start: int, per_run: int) -> list[tuple[list[str], i
             group, first = [], row
     if group:
         out.append((group, first))
-    return out
+    return out, row
 
 
 def _add_task(part: big.Part, queries: np.ndarray, staging: str, faiss_metric: int,
@@ -51,7 +52,7 @@ def _add_task(part: big.Part, queries: np.ndarray, staging: str, faiss_metric: i
     from embedder.index import _prepare
 
     faiss.omp_set_num_threads(threads)
-    part = big.Part(**{**part.__dict__, "queries": np.array(queries)})  # writable, off the object store
+    part = dataclasses.replace(part, queries=np.array(queries))  # writable, off the object store
     d = Path(staging)
     with big.no_precomputed_tables(), open(d / f"vectors-{part.tag}.f16", "wb") as vectors, \
             pa.OSFile(str(d / f"ids-{part.tag}.arrow"), "wb") as sink, pa.ipc.new_file(sink, big.ID_SCHEMA) as ids_out:
@@ -66,27 +67,26 @@ def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> 
         staging = staging.resolve()  # workers run in their own directories: absolute paths only
         task = ray.remote(num_cpus=task_cpus, max_retries=3)(_add_task)
         queries = ray.put(whole.queries)
-        parts = [big.Part(shards=files, start=start, tag=f"{i:05d}", held=whole.held,
-                          queries=np.zeros((0, 0), np.float32), k=whole.k, per_slice=whole.per_slice,
-                          metric=whole.metric)
-                 for i, (files, start) in enumerate(runs([str(Path(f).resolve()) for f in whole.shards],
-                                                          whole.start, whole.per_slice))]
+        groups, end = runs([str(Path(f).resolve()) for f in whole.shards], whole.start, whole.per_slice)
+        parts = [dataclasses.replace(whole, shards=files, start=start, tag=f"{i:05d}",
+                                     queries=np.zeros((0, 0), np.float32))  # the queries go by reference
+                 for i, (files, start) in enumerate(groups)]
         refs = [task.remote(p, queries, str(staging), faiss_metric, max(1, int(task_cpus))) for p in parts]
         try:
             done = ray.get(refs)
         except ray.exceptions.RayError as e:  # a task that failed after its retries: one line, the generation unchanged
             raise RayError(f"a Ray index-build task failed: {str(e).strip().splitlines()[-1][:300]}") from None
-        _join(parts, staging, sum(pq.ParquetFile(f).metadata.num_rows for f in whole.shards), whole)
+        _join(parts, staging, end - whole.start, whole.queries.shape[1])
         slices = [f for files, _, _ in done for f in files]
         return slices, [(d, i) for _, d, i in done if d.size]
 
     return run
 
 
-def _join(parts: list[big.Part], staging: Path, n: int, whole: big.Part) -> None:
-    """The parts' float16 copies and id maps, concatenated in row order (streamed copies)."""
+def _join(parts: list[big.Part], staging: Path, n: int, dim: int) -> None:
+    """The parts' N float16 copies of DIM and id maps, concatenated in row order (streamed copies)."""
     with open(staging / "vectors.npy", "wb") as out:
-        big.write_npy_header(out, n, whole.queries.shape[1])  # queries: (n_queries, dim), maybe 0 rows
+        big.write_npy_header(out, n, dim)
         for p in parts:
             with open(staging / f"vectors-{p.tag}.f16", "rb") as f:
                 shutil.copyfileobj(f, out, COPY_CHUNK)

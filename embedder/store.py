@@ -318,7 +318,7 @@ class Store:
         if self.error_files():  # (an empty Arrow table would import pandas: `info` starts fast)
             errors = self.errors()
             # An image that failed once and succeeded on a retry is no longer an error.
-            failed = sorted({i for i in errors.column("id").to_pylist() if i is not None})
+            failed = list({i for i in errors.column("id").to_pylist() if i is not None})
             n_err = int((~self.present(failed)).sum()) if failed else 0
         m = self.manifest()
         return StoreInfo(str(self.path), Provenance.from_dict(m["provenance"]), len(labels), self.dim,
@@ -354,19 +354,27 @@ class Store:
     def stage_shard(self, table: pa.Table, provenance_json: str, name: str) -> Path:
         """In a remote worker (no lock): write a shard under ``.staging/NAME`` atomically. A
         retried task writes the same NAME again; nothing is in the store until ``commit_shard``."""
+        from embedder import id_index
+
         d = self.path / STAGING_DIR
         d.mkdir(exist_ok=True)
         path = d / name
+        id_index.write(path, table.column("id"), dest=d / f"{name}.ids.npy")  # first, like write_shard
         _atomic_write_table(path, table.replace_schema_metadata({META_KEY: provenance_json.encode()}))
         return path
 
     def commit_shard(self, name: str) -> Path:
         """Under the writer lock: a staged shard becomes part of the store (one atomic rename)."""
-        staged = self.path / STAGING_DIR / name
-        path = self._next_shard_path(Path(name).stem[:8])
         from embedder import id_index
 
-        id_index.write(path, pq.ParquetFile(staged).read(columns=["id"]).column("id"))
+        staged = self.path / STAGING_DIR / name
+        path = self._next_shard_path(Path(name).stem[:8])
+        index = staged.with_name(f"{name}.ids.npy")  # written by the worker that staged the shard
+        id_index.path_for(path).parent.mkdir(exist_ok=True)
+        try:
+            os.replace(index, id_index.path_for(path))
+        except FileNotFoundError:  # staged by an older worker: built here from the shard's ids
+            id_index.write(path, pq.ParquetFile(staged).read(columns=["id"]).column("id"))
         os.replace(staged, path)
         return path
 
