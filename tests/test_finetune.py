@@ -297,3 +297,13 @@ def test_bn_policy_and_weight_ema(labelled: Path, tmp_path: Path) -> None:
     assert meta["ema"] == 0.9 and r.best_epoch >= 1
     plain, _ = checkpoint.load(tmp_path / "frozen.safetensors")  # same seed and data, no EMA
     assert any(not torch.allclose(ema_state[k], plain[k]) for k in plain if k.endswith("weight"))
+
+
+def test_cli_finetune_option_errors_are_one_line(labelled: Path, tmp_path: Path) -> None:
+    for args, message in ((["--crop-scale", "0"], "--crop-scale must be in (0, 1], got 0.0"),
+                          (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
+                          (["--budget", "0"], "--budget must be a positive number of minutes, got 0.0")):
+        out = runner.invoke(app, ["finetune", str(labelled), "--out", str(tmp_path / "c.safetensors"),
+                                  "--backbone", "tiny_test", *args])
+        assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output, out.output
+        assert not (tmp_path / "c.safetensors").exists()
