@@ -150,6 +150,8 @@ def _wait_for_shards(store: Path, n: int, proc: subprocess.Popen[bytes], limit: 
         if proc.poll() is not None:
             pytest.fail(f"the run ended before {n} shards were written")
         time.sleep(0.1)
+    if len(list(store.glob("part-*.parquet"))) < n:
+        pytest.fail(f"fewer than {n} shards after {limit:.0f} s")
 
 
 def _exactly_once(src: Path, store: Path) -> None:
@@ -164,13 +166,22 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
     make_images(src, {"a": 150, "b": 150}, size=(64, 48))
     store = tmp_path / "store"
     proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for_shards(store, 2, proc)
-    pids = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(_Embed"], capture_output=True,
-                          text=True).stdout.split()
-    assert pids, "no model actor process found"
-    for pid in pids:
-        subprocess.run(["kill", "-9", pid])
-    _, err = proc.communicate(timeout=200)
+    try:
+        _wait_for_shards(store, 2, proc)
+        pids: list[str] = []
+        deadline = time.time() + 30  # the actor's process title is set once it runs; poll for it
+        while not pids and time.time() < deadline and proc.poll() is None:
+            pids = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(_Embed"], capture_output=True,
+                                  text=True).stdout.split()
+            time.sleep(0.2)
+        assert pids, "no model actor process found"
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid])
+        _, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:  # a failed assertion must not leave the run behind for the next test
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err.decode()[-2000:]
     _exactly_once(src, store)
 
