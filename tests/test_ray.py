@@ -165,7 +165,11 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
     src = tmp_path / "imgs"
     make_images(src, {"a": 150, "b": 150}, size=(64, 48))
     store = tmp_path / "store"
-    proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the real CLI, its commits slowed a little: committing a shard is a rename and the tiny model is
+    # fast, so without it the run can end before the test finds the actor to kill
+    slow = slowed_cli("embedder.store", "Store", "commit_shard", 0.05)
+    proc = subprocess.Popen([*slow, *_cli(src, store, cluster)[3:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
         _wait_for_shards(store, 2, proc)
         pids: list[str] = []
@@ -181,7 +185,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
     finally:
         if proc.poll() is None:  # a failed assertion must not leave the run behind for the next test
             proc.kill()
-            proc.communicate()
+        if proc.stderr is not None and not proc.stderr.closed:
+            proc.communicate()  # reaps it and closes its stderr pipe
     assert proc.returncode == 0, err.decode()[-2000:]
     _exactly_once(src, store)
 
