@@ -145,12 +145,15 @@ def _cli(src: Path, store: Path, address: str) -> list[str]:
 
 
 def _wait_for_shards(store: Path, n: int, proc: subprocess.Popen[bytes], limit: float = 120) -> None:
+    def count() -> int:
+        return len(list(store.glob("part-*.parquet")))
+
     deadline = time.time() + limit
-    while time.time() < deadline and len(list(store.glob("part-*.parquet"))) < n:
+    while time.time() < deadline and count() < n:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before {n} shards were written")
-        time.sleep(0.1)
-    if len(list(store.glob("part-*.parquet"))) < n:
+        time.sleep(0.05)
+    if count() < n:
         pytest.fail(f"fewer than {n} shards after {limit:.0f} s")
 
 
@@ -162,23 +165,32 @@ def _exactly_once(src: Path, store: Path) -> None:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp_path: Path, cluster: str) -> None:
+    import json
+    import os
+
+    from tests import ray_hooks
+
     src = tmp_path / "imgs"
-    make_images(src, {"a": 150, "b": 150}, size=(64, 48))
+    make_images(src, {"a": 300, "b": 300}, size=(64, 48))  # 300 batches of 2 for the model actor
     store = tmp_path / "store"
-    # the real CLI, its commits slowed a little: committing a shard is a rename and the tiny model is
-    # fast, so without it the run can end before the test finds the actor to kill
-    slow = slowed_cli("embedder.store", "Store", "commit_shard", 0.05)
-    proc = subprocess.Popen([*slow, *_cli(src, store, cluster)[3:]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    log = tmp_path / "batches.log"
+    # The real CLI, its model actor slowed and counted by a Ray worker set-up hook given to the job
+    # through Ray's job config (what `ray job submit --runtime-env-json` does): the actor is killed
+    # half-way through its batches, with seconds of work left, not at a moment guessed from outside.
+    job = {"runtime_env": {"worker_process_setup_hook": "tests.ray_hooks.slow_embedding",
+                           "env_vars": {"PYTHONPATH": str(Path(__file__).parent.parent),
+                                        ray_hooks.BATCH_LOG: str(log)}}}
+    env = dict(os.environ, RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps(job))
+    proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        _wait_for_shards(store, 2, proc)
-        pids: list[str] = []
-        deadline = time.time() + 30  # the actor's process title is set once it runs; poll for it
-        while not pids and time.time() < deadline and proc.poll() is None:
-            pids = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(_Embed"], capture_output=True,
-                                  text=True).stdout.split()
-            time.sleep(0.2)
+        deadline = time.time() + 120
+        while (not log.exists() or log.stat().st_size < 150) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None and log.exists() and log.stat().st_size >= 150, "the actor never got half-way"
+        pids = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(_Embed"], capture_output=True,
+                              text=True).stdout.split()
         assert pids, "no model actor process found"
+        killed_at = log.stat().st_size
         for pid in pids:
             subprocess.run(["kill", "-9", pid])
         _, err = proc.communicate(timeout=200)
@@ -188,6 +200,9 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
         if proc.stderr is not None and not proc.stderr.closed:
             proc.communicate()  # reaps it and closes its stderr pipe
     assert proc.returncode == 0, err.decode()[-2000:]
+    assert killed_at < 300
+    # the kill landed inside a block of 256 images: Ray re-ran that block's batches in a new actor
+    assert log.stat().st_size > 300, log.stat().st_size
     _exactly_once(src, store)
 
 
