@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from embedder import storage
 from embedder.errors import IndexError_
 from embedder.store import Store
 
@@ -69,7 +69,7 @@ def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.
     row = start
     pool = pa.default_memory_pool()
     for shard in files:
-        for rb in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
+        for rb in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
             x = prepare(arrow_to_embeddings(rb.column("embedding")))
             yield Batch(row, x, pa.Table.from_batches([rb]).select(list(columns)))
             row += rb.num_rows
@@ -365,7 +365,7 @@ def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
     present = loaded.ids.column("id")
     masks = []
     for shard in store.shard_files():  # pass 1: ids only
-        for rb in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
+        for rb in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
             masks.append(np.asarray(pc.invert(pc.is_in(rb.column("id"), value_set=present)).to_numpy(
                 zero_copy_only=False), bool))
     n_new = int(sum(m.sum() for m in masks))

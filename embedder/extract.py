@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embedder import __version__
+from embedder import __version__, storage
 from embedder.decode import (
     DECODERS,
     DEFAULT_MAX_PIXELS,
@@ -539,7 +539,7 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
     def write(table: pa.Table | None, errors: pa.Table | None, record: dict[str, Any]) -> None:
         added = []
         if table is not None:
-            added.append((store.write_shard(table, provenance).name, table.num_rows))
+            added.append((storage.name(store.write_shard(table, provenance)), table.num_rows))
         if errors is not None:
             store.write_errors(errors)
         store.update_manifest(record, added)

@@ -15,14 +15,13 @@ about 10⁻²¹ for a billion stored ids against a billion asked.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from embedder import storage
+from embedder.errors import StoreError
 
 INDEX_DIR = "_ids"
 DIGEST = np.dtype("S16")
@@ -82,35 +81,32 @@ def _one(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def path_for(shard: Path) -> Path:
-    return shard.parent / INDEX_DIR / f"{shard.stem}.npy"
+def path_for(shard: str) -> str:
+    return storage.join(storage.parent(shard), INDEX_DIR, f"{storage.stem(shard)}.npy")
 
 
-def write(shard: Path, ids: Iterable[str] | pa.Array | pa.ChunkedArray, dest: Path | None = None) -> None:
+def write(shard: str, ids: Iterable[str] | pa.Array | pa.ChunkedArray, dest: str | None = None) -> None:
     """Atomically write SHARD's index (sorted digests of IDS), to DEST if given (a staged shard's
     index, renamed into place when the shard is committed)."""
     p = dest or path_for(shard)
-    p.parent.mkdir(exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, _sorted(digests(ids)))
-    os.replace(tmp, p)
+    storage.makedirs(storage.parent(p))
+    storage.write_bytes(p, storage.npy_bytes(_sorted(digests(ids))))
 
 
-def load(shard: Path) -> np.ndarray:
-    """SHARD's sorted digests: its index file (memory-mapped), or built from its id column (and
-    saved, when the store is writable)."""
+def load(shard: str) -> np.ndarray:
+    """SHARD's sorted digests: its index file (memory-mapped when local), or built from its id
+    column (and saved, when the store is writable)."""
     p = path_for(shard)
     try:
-        return np.load(p, mmap_mode="r")
+        return storage.load_npy(p)
     except (OSError, ValueError):
         pass
-    ids = pq.ParquetFile(shard).read(columns=["id"]).column("id")
+    ids = storage.open_parquet(shard).read(columns=["id"]).column("id")
     try:
         write(shard, ids)
-    except OSError:  # a read-only store: compute, do not keep
+    except (OSError, StoreError):  # a read-only store: compute, do not keep
         return _sorted(digests(ids))
-    return np.load(p, mmap_mode="r")
+    return storage.load_npy(p)
 
 
 def _sorted(d: np.ndarray) -> np.ndarray:
@@ -124,7 +120,7 @@ def _halves(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u[:, 0], u[:, 1]
 
 
-def contains(shards: Sequence[Path], ids: Sequence[str]) -> np.ndarray:
+def contains(shards: Sequence[str], ids: Sequence[str]) -> np.ndarray:
     """For each of IDS, whether one of SHARDS holds it (a bool array). The asked digests are sorted
     once by their first 8 bytes (~40 bytes per asked id in all); each shard's digests are looked up
     in them and confirmed on the other 8 — one shard in memory at a time."""
@@ -152,11 +148,9 @@ def contains(shards: Sequence[Path], ids: Sequence[str]) -> np.ndarray:
     return out
 
 
-def sweep(store_dir: Path, shard_stems: set[str]) -> None:
+def sweep(store_root: str, shard_stems: set[str]) -> None:
     """Under the writer lock: index files whose shard is gone, and temporaries, are removed."""
-    d = store_dir / INDEX_DIR
-    if not d.is_dir():
-        return
-    for f in d.iterdir():
-        if f.name.endswith(".tmp") or (f.suffix == ".npy" and f.stem not in shard_stems):
-            f.unlink(missing_ok=True)
+    d = storage.join(store_root, INDEX_DIR)
+    for n in storage.list_names(d):
+        if n.endswith(".tmp") or (n.endswith(".npy") and n[:-4] not in shard_stems):
+            storage.delete(storage.join(d, n))

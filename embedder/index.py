@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedder import generations as gens
+from embedder import storage
 from embedder.errors import IndexError_, StoreError
 from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
 from embedder.provenance import Provenance
@@ -376,7 +377,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     faiss.write_index(index, str(tmpdir / INDEX_FILE))
     del vectors
     meta = {
-        "name": name, "store": str(Path(store_path).absolute()),
+        "name": name, "store": storage.resolve(store_path),
         "provenance": store.provenance.to_dict(), "kind": p.kind, "factory": p.factory,
         "reason": p.reason + "; streamed build, inverted lists on disk"
                   + ("; adds as Ray tasks" if options.engine == "ray" else ""),
@@ -445,7 +446,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
     if vectors is not None:
         np.save(tmpdir / VECTORS_FILE, vectors)
     meta = {
-        "name": name, "store": str(Path(store_path).absolute()),
+        "name": name, "store": storage.resolve(store_path),
         "provenance": store.provenance.to_dict(), "kind": p.kind, "factory": p.factory, "reason": p.reason,
         "metric": options.metric, "dim": dim, "count": int(index.ntotal), "next_id": n,
         "build_seconds": round(build_seconds, 3), "memory_budget": budget,

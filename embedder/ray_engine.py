@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embedder import storage
 from embedder.decode import DEFAULT_MAX_PIXELS
 from embedder.decode_pool import DecodeSpec, decode_rows
 from embedder.errors import EmbedderError, RayError
@@ -266,7 +267,7 @@ def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedO
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),
                         num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None)
     # Workers write the shards; the driver only commits them (no vectors pass through the driver).
-    where = {"store_path": str(store.path.absolute()), "provenance_json": provenance_json, "dim": dim,
+    where = {"store_path": store.root, "provenance_json": provenance_json, "dim": dim,
              "dtype": embed.dtype}
     return ds.map_batches(_write_block, fn_kwargs=where,
                           batch_size=shard_rows, batch_format="pyarrow", num_cpus=options.decode_cpus)
@@ -341,7 +342,7 @@ def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: d
                 if row["kind"] == "shard":
                     if row["name"] in committed:
                         continue
-                    added.append((store.commit_shard(row["name"]).name, row["rows"]))
+                    added.append((storage.name(store.commit_shard(row["name"])), row["rows"]))
                     committed.add(row["name"])
                     summary.done += row["rows"]
                     advanced += row["rows"]

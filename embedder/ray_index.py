@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embedder import bigindex as big
+from embedder import storage
 from embedder.errors import RayError
 from embedder.ray_engine import RayOptions, connect
 
@@ -36,7 +36,7 @@ def runs(shards: list[str], start: int, per_run: int) -> tuple[list[tuple[list[s
     first = row = start
     for f in shards:
         group.append(f)
-        row += pq.ParquetFile(f).metadata.num_rows
+        row += storage.open_parquet(f).metadata.num_rows
         if row - first >= per_run:
             out.append((group, first))
             group, first = [], row

@@ -1,4 +1,5 @@
-"""The embedding store: a directory of Parquet shards that any Parquet reader sees as one table.
+"""The embedding store: a directory (or an object-storage prefix, ``s3://bucket/prefix``) of Parquet
+shards that any Parquet reader sees as one table.
 
 Layout (files starting with '_' or '.' are ignored by pyarrow/pandas datasets, and DuckDB's and
 Polars' ``STORE/*.parquet`` globs never reach the subfolder):
@@ -7,10 +8,13 @@ Polars' ``STORE/*.parquet`` globs never reach the subfolder):
     STORE/_errors/part-*.parquet    images that failed: id, path, reason, time
     STORE/_ids/part-<n>-<uuid>.npy  per shard, the sorted digests of its ids (see embedder.id_index)
     STORE/_manifest.json            provenance, shard list, run history
+    STORE/.staging/                 shards written by remote workers, not yet committed
+    STORE/.lock | STORE/.writer.lock  the writer's lock file (on disk) or lease (object storage)
 
-Shards are written to a temporary name and renamed, so a killed run leaves only whole shards.
-The directory, not the manifest, is the truth about which rows exist; the manifest is rewritten
-after every shard and reconciled on open.
+Every file is written whole or not at all (see embedder.storage), so a killed run leaves only
+whole shards. The directory, not the manifest, is the truth about which rows exist; the manifest
+is rewritten after every shard and reconciled on open. One writer at a time: a lock file on disk,
+a renewed lease object in object storage (embedder.locks).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from embedder import storage
 from embedder.errors import StoreError
 from embedder.provenance import Provenance
+from embedder.sources import is_uri
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
@@ -131,23 +136,6 @@ def arrow_to_embeddings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.array(flat.reshape(-1, dim), dtype=np.float32)  # writable, float32
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class StoreInfo:
     path: str
@@ -164,17 +152,25 @@ class StoreInfo:
 
 
 class Store:
-    """Read and append access to one store directory."""
+    """Read and append access to one store (a local directory or an object-storage prefix)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.root = storage.resolve(path)  # an absolute path or a URI: what workers are given
+        self.remote = is_uri(self.root)
+        self._shard_count: int | None = None  # kept by the writer: numbering without a listing
+
+    def __str__(self) -> str:
+        return self.root
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
         store = cls(path)
-        if not (store.path / MANIFEST).is_file():
-            if store.path.is_dir() and any(store.path.glob("part-*.parquet")):
+        if not storage.exists(store._at(MANIFEST)):
+            if store.shard_files():
                 raise StoreError(f"{path}: shards present but {MANIFEST} is missing")
             raise StoreError(f"{path} is not an embedding store (no {MANIFEST}); create one with "
                              "`embedder extract SOURCE --out STORE`")
@@ -190,56 +186,60 @@ class Store:
         it. Temporaries left by a killed writer are removed once the lock is held."""
         store = cls(path)
         try:
-            store.path.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(store.root)
         except PermissionError:
             raise StoreError(f"cannot write to {path}: permission denied") from None
         except OSError as e:
             raise StoreError(f"cannot create store {path}: {e.strerror or e}") from None
-        if not (store.path / MANIFEST).is_file() and any(
-                p for p in store.path.iterdir() if not p.name.startswith(".")):
+        if not storage.exists(store._at(MANIFEST)) and any(
+                not n.startswith(".") for n in storage.list_names(store.root)):
             raise StoreError(f"{path} exists, is not empty and is not an embedding store")
         with store.writer_lock():
             store._remove_stale_temporaries()
-            if (store.path / MANIFEST).is_file():
+            if storage.exists(store._at(MANIFEST)):
                 store.provenance.require(provenance, store=True, what=f"{path} holds vectors",
                                          fix="write to a new --out STORE instead")
                 store._reconcile_shards()
             else:
                 manifest = {"format": FORMAT, "provenance": provenance.to_dict(), "shards": [], "runs": []}
-                _atomic_write_bytes(store.path / MANIFEST, json.dumps(manifest, indent=2).encode())
-            yield store
+                storage.write_bytes(store._at(MANIFEST), json.dumps(manifest, indent=2).encode())
+            store._shard_count = len(store.shard_files())
+            try:
+                yield store
+            finally:
+                store._shard_count = None
 
     def _reconcile_shards(self) -> None:
         """Under the lock, once per writer: the manifest's shard list matches the files (a writer
         killed between a shard and its manifest update left it behind). Footers are read only for
         files the list lacks."""
         m = self.manifest()
-        on_disk = {p.name: p for p in self.shard_files()}
+        on_disk = {storage.name(p): p for p in self.shard_files()}
         listed = [s for s in m["shards"] if s["file"] in on_disk]
         missing = sorted(set(on_disk) - {s["file"] for s in listed})
         if missing or len(listed) != len(m["shards"]):
-            m["shards"] = listed + [{"file": n, "rows": pq.ParquetFile(on_disk[n]).metadata.num_rows}
+            m["shards"] = listed + [{"file": n, "rows": storage.open_parquet(on_disk[n]).metadata.num_rows}
                                     for n in missing]
-            _atomic_write_bytes(self.path / MANIFEST, json.dumps(m, indent=2).encode())
+            storage.write_bytes(self._at(MANIFEST), json.dumps(m, indent=2).encode())
 
     def _remove_stale_temporaries(self) -> None:
-        for d in (self.path, self.path / ERRORS_DIR):
-            for tmp in d.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-        staging = self.path / STAGING_DIR
-        if staging.is_dir():  # staged by workers of a run that ended before committing them
-            for orphan in staging.iterdir():
-                orphan.unlink(missing_ok=True)
+        for d in (self.root, self._at(ERRORS_DIR)):
+            for n in storage.list_names(d):
+                if n.startswith(".") and n.endswith(".tmp"):
+                    storage.delete(storage.join(d, n))
+        staging = self._at(STAGING_DIR)
+        for orphan in storage.list_names(staging):  # staged by workers of a run that ended before committing them
+            storage.delete(storage.join(staging, orphan))
         from embedder import id_index
 
-        id_index.sweep(self.path, {p.stem for p in self.shard_files()})
+        id_index.sweep(self.root, {storage.stem(p) for p in self.shard_files()})
 
     # ---- metadata -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         try:
-            return json.loads((self.path / MANIFEST).read_text())  # type: ignore[no-any-return]
+            return json.loads(storage.read_bytes(self._at(MANIFEST)))  # type: ignore[no-any-return]
         except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{self.path}/{MANIFEST} is unreadable: {e}") from None
+            raise StoreError(f"{self._at(MANIFEST)} is unreadable: {e}") from None
 
     @property
     def provenance(self) -> Provenance:
@@ -253,18 +253,18 @@ class Store:
     def dtype(self) -> str:
         return self.provenance.dtype
 
-    def shard_files(self) -> list[Path]:
-        return sorted(self.path.glob("part-*.parquet"))
+    def shard_files(self) -> list[str]:
+        """The shards' locations (absolute paths, or URIs), in the order they joined the store."""
+        return [self._at(n) for n in storage.list_names(self.root)
+                if n.startswith("part-") and n.endswith(".parquet")]
 
-    def error_files(self) -> list[Path]:
-        return sorted((self.path / ERRORS_DIR).glob("part-*.parquet"))
+    def error_files(self) -> list[str]:
+        return [storage.join(self._at(ERRORS_DIR), n) for n in storage.list_names(self._at(ERRORS_DIR))
+                if n.startswith("part-") and n.endswith(".parquet")]
 
     # ---- reading --------------------------------------------------------------------------
     def dataset(self) -> ds.Dataset:
-        import pyarrow.dataset as ds
-
-        return ds.dataset([str(p) for p in self.shard_files()], format="parquet",
-                          schema=row_schema(self.dim, self.dtype))
+        return storage.dataset(self.shard_files(), row_schema(self.dim, self.dtype))
 
     def read(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
         if filter is None and columns is not None and "embedding" not in columns:
@@ -275,16 +275,16 @@ class Store:
         try:
             return self.dataset().to_table(columns=columns, filter=filter)
         except (pa.ArrowInvalid, OSError) as e:
-            raise StoreError(f"{self.path}: cannot read shards ({str(e).splitlines()[0]}); a shard "
+            raise StoreError(f"{self.root}: cannot read shards ({str(e).splitlines()[0]}); a shard "
                              "damaged outside embedder can be moved away and the extraction rerun") from None
 
     def _read_plain(self, columns: list[str]) -> pa.Table:
         schema = row_schema(self.dim, self.dtype)
         try:
             sub = pa.schema([schema.field(c) for c in columns])
-            parts = [pq.ParquetFile(p).read(columns=columns).cast(sub) for p in self.shard_files()]
+            parts = [storage.open_parquet(p).read(columns=columns).cast(sub) for p in self.shard_files()]
         except (pa.ArrowInvalid, OSError) as e:
-            raise StoreError(f"{self.path}: cannot read shards ({str(e).splitlines()[0]}); a shard "
+            raise StoreError(f"{self.root}: cannot read shards ({str(e).splitlines()[0]}); a shard "
                              "damaged outside embedder can be moved away and the extraction rerun") from None
         return pa.concat_tables(parts) if parts else pa.schema([schema.field(c) for c in columns]).empty_table()
 
@@ -303,13 +303,13 @@ class Store:
         files = self.error_files()
         if not files:
             return ERRORS_SCHEMA.empty_table()
-        return pa.concat_tables([pq.ParquetFile(p).read().cast(ERRORS_SCHEMA) for p in files])
+        return pa.concat_tables([storage.open_parquet(p).read().cast(ERRORS_SCHEMA) for p in files])
 
     def failed_ids(self) -> set[str]:
         return set(self.errors().column("id").to_pylist())
 
     def count(self) -> int:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.shard_files())
+        return sum(storage.open_parquet(p).metadata.num_rows for p in self.shard_files())
 
     def info(self) -> StoreInfo:
         labels = self.read(["label"]).column("label").to_pylist()
@@ -321,21 +321,27 @@ class Store:
             failed = list({i for i in errors.column("id").to_pylist() if i is not None})
             n_err = int((~self.present(failed)).sum()) if failed else 0
         m = self.manifest()
-        return StoreInfo(str(self.path), Provenance.from_dict(m["provenance"]), len(labels), self.dim,
+        return StoreInfo(self.root, Provenance.from_dict(m["provenance"]), len(labels), self.dim,
                          dict(sorted(counts.items())), n_err, len(self.shard_files()), m["runs"])
 
     # ---- writing --------------------------------------------------------------------------
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
         """One writer at a time: two extractions into one store would embed images twice."""
-        from embedder.locks import exclusive
+        from embedder.locks import exclusive, lease
 
-        busy = StoreError(f"{self.path} is being written by another embedder process; "
+        busy = StoreError(f"{self.root} is being written by another embedder process; "
                           "wait for it to finish (it resumes where it stops)")
-        with exclusive(self.path / ".lock", lambda: busy):
+        if not self.remote:
+            with exclusive(Path(self._at(".lock")), lambda: busy):
+                yield
+            return
+        with lease(self._at(".writer.lock"), lambda holder: StoreError(
+                f"{self.root} is being written by {holder}; wait for it to finish (it resumes where it "
+                f"stops), or, if that run is gone, wait for its lease to end or delete {self._at('.writer.lock')}")):
             yield
 
-    def write_shard(self, table: pa.Table, provenance: Provenance | None = None) -> Path:
+    def write_shard(self, table: pa.Table, provenance: Provenance | None = None) -> str:
         """Write one shard atomically, stamped with the provenance of the run that wrote it
         (default: the store's)."""
         meta = {META_KEY: (provenance or self.provenance).to_json().encode()}
@@ -344,45 +350,53 @@ class Store:
         from embedder import id_index
 
         id_index.write(path, table.column("id"))  # first: a shard never lacks its index
-        _atomic_write_table(path, table)
+        storage.write_parquet(path, table)
+        self._joined()
         return path
 
-    def _next_shard_path(self, tag: str) -> Path:
+    def _next_shard_path(self, tag: str) -> str:
         """Shards are numbered in the order they joined the store (the tag keeps names unique)."""
-        return self.path / f"part-{len(self.shard_files()):05d}-{tag}.parquet"
+        n = self._shard_count if self._shard_count is not None else len(self.shard_files())
+        return self._at(f"part-{n:05d}-{tag}.parquet")
 
-    def stage_shard(self, table: pa.Table, provenance_json: str, name: str) -> Path:
+    def _joined(self) -> None:
+        if self._shard_count is not None:
+            self._shard_count += 1
+
+    def stage_shard(self, table: pa.Table, provenance_json: str, name: str) -> str:
         """In a remote worker (no lock): write a shard under ``.staging/NAME`` atomically. A
         retried task writes the same NAME again; nothing is in the store until ``commit_shard``."""
         from embedder import id_index
 
-        d = self.path / STAGING_DIR
-        d.mkdir(exist_ok=True)
-        path = d / name
-        id_index.write(path, table.column("id"), dest=d / f"{name}.ids.npy")  # first, like write_shard
-        _atomic_write_table(path, table.replace_schema_metadata({META_KEY: provenance_json.encode()}))
+        d = self._at(STAGING_DIR)
+        storage.makedirs(d)
+        path = storage.join(d, name)
+        id_index.write(path, table.column("id"), dest=storage.join(d, f"{name}.ids.npy"))  # first, like write_shard
+        storage.write_parquet(path, table.replace_schema_metadata({META_KEY: provenance_json.encode()}))
         return path
 
-    def commit_shard(self, name: str) -> Path:
-        """Under the writer lock: a staged shard becomes part of the store (one atomic rename)."""
+    def commit_shard(self, name: str) -> str:
+        """Under the writer lock: a staged shard becomes part of the store (one atomic rename
+        locally; a copy and a delete in object storage, see embedder.storage)."""
         from embedder import id_index
 
-        staged = self.path / STAGING_DIR / name
-        path = self._next_shard_path(Path(name).stem[:8])
-        index = staged.with_name(f"{name}.ids.npy")  # written by the worker that staged the shard
-        id_index.path_for(path).parent.mkdir(exist_ok=True)
+        staged = self._at(STAGING_DIR, name)
+        path = self._next_shard_path(name[:8])
+        index = f"{staged}.ids.npy"  # written by the worker that staged the shard
+        storage.makedirs(storage.parent(id_index.path_for(path)))
         try:
-            os.replace(index, id_index.path_for(path))
+            storage.move(index, id_index.path_for(path))
         except FileNotFoundError:  # staged by an older worker: built here from the shard's ids
-            id_index.write(path, pq.ParquetFile(staged).read(columns=["id"]).column("id"))
-        os.replace(staged, path)
+            id_index.write(path, storage.open_parquet(staged).read(columns=["id"]).column("id"))
+        storage.move(staged, path)
+        self._joined()
         return path
 
     def write_errors(self, table: pa.Table) -> None:
-        d = self.path / ERRORS_DIR
-        d.mkdir(exist_ok=True)
-        _atomic_write_table(d / f"part-{int(time.time() * 1e6)}-{uuid.uuid4().hex[:8]}.parquet",
-                            table.cast(ERRORS_SCHEMA))
+        d = self._at(ERRORS_DIR)
+        storage.makedirs(d)
+        storage.write_parquet(storage.join(d, f"part-{int(time.time() * 1e6)}-{uuid.uuid4().hex[:8]}.parquet"),
+                              table.cast(ERRORS_SCHEMA))
 
     def update_manifest(self, run: dict[str, Any] | None = None,
                         added: Sequence[tuple[str, int]] | None = None) -> None:
@@ -391,7 +405,7 @@ class Store:
         appended, so a long run's flushes do not grow slower with the store."""
         m = self.manifest()
         if added is None:
-            m["shards"] = [{"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows}
+            m["shards"] = [{"file": storage.name(p), "rows": storage.open_parquet(p).metadata.num_rows}
                            for p in self.shard_files()]
         else:
             known = {s["file"] for s in m["shards"]}
@@ -399,6 +413,6 @@ class Store:
         if run is not None:
             runs = [r for r in m["runs"] if r.get("run_id") != run.get("run_id")]
             m["runs"] = [*runs, run]
-        _atomic_write_bytes(self.path / MANIFEST, json.dumps(m, indent=2).encode())
+        storage.write_bytes(self._at(MANIFEST), json.dumps(m, indent=2).encode())
 
 

@@ -1,25 +1,33 @@
-"""Images in object storage: a real S3-protocol server (moto's standalone server, started here on a
-free port) and pyarrow's S3 client, no mocked calls. Sources at s3://bucket/prefix give the same
-store as the same files on disk, with the local engine and with the Ray engine."""
+"""Object storage: a real S3-protocol server (moto's standalone server, started here on a free port)
+and pyarrow's S3 client, no mocked calls. Sources at s3://bucket/prefix give the same store as the
+same files on disk, and a store at s3://bucket/prefix is the same store as one on disk — written,
+resumed after a SIGKILL, read, indexed, guarded by its writer lease — with the local engine and with
+the Ray engine."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from embedder.errors import SourceError
+from embedder.cli import app
+from embedder.errors import SourceError, StoreError
 from embedder.extract import EmbedOptions, RunOptions, extract
 from embedder.model import ModelSpec
 from embedder.sources import discover
 from embedder.store import Store
-from tests.conftest import make_images
+from tests.conftest import make_images, slowed_cli
 
 moto_server = pytest.importorskip("moto.server")
 pafs = pytest.importorskip("pyarrow.fs")
@@ -65,7 +73,13 @@ def _upload(local_root: Path, bucket: str, prefix: str) -> None:
                 f.write(p.read_bytes())
 
 
-def _vectors(store: Path) -> tuple[list[str], list[str | None], np.ndarray]:
+def _keys(prefix: str) -> list[str]:
+    """Every object under PREFIX (bucket/prefix), relative to it."""
+    infos = _admin().get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _vectors(store: Path | str) -> tuple[list[str], list[str | None], np.ndarray]:
     t = Store.open(str(store)).read(["path", "label", "embedding"]).sort_by("path")
     names = [p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in t.column("path").to_pylist()]
     return names, t.column("label").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
@@ -105,17 +119,113 @@ def test_missing_prefix_and_unreachable_endpoint_are_one_line_errors(s3_env: dic
 
 
 @pytest.mark.slow
-def test_the_ray_engine_reads_s3_sources(tmp_path: Path, s3_env: dict[str, str]) -> None:
-    """A local Ray instance started by the CLI: its workers inherit the S3 settings of the driver."""
+def test_the_ray_engine_reads_s3_sources_into_an_s3_store(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    """A local Ray instance started by the CLI: its workers inherit the S3 settings of the driver,
+    stage their shards in the bucket, and the driver commits them there (copy, then delete)."""
     local = tmp_path / "imgs"
     make_images(local, {"a": 6, "b": 6}, size=(64, 48))
     _upload(local, "raybucket", "p")
     env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "embedder", "extract", "s3://raybucket/p", "--out", str(tmp_path / "s"),
-                        "--backbone", "tiny_test", "--engine", "ray", "--batch-size", "4", "--json"],
-                       capture_output=True, text=True, timeout=240, env=env)
+    r = subprocess.run([sys.executable, "-m", "embedder", "extract", "s3://raybucket/p", "--out", "s3://raybucket/store",
+                        "--backbone", "tiny_test", "--engine", "ray", "--batch-size", "4", "--shard-rows", "5",
+                        "--json"], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     extract([str(local)], str(tmp_path / "disk"), TINY, EmbedOptions(), RunOptions(batch_size=4))
-    a, b = _vectors(tmp_path / "s"), _vectors(tmp_path / "disk")
+    a, b = _vectors("s3://raybucket/store"), _vectors(tmp_path / "disk")
     assert a[0] == b[0] and a[1] == b[1]
     np.testing.assert_allclose(a[2], b[2], atol=1e-5)
+    keys = _keys("raybucket/store")
+    shards = [k for k in keys if k.startswith("part-")]
+    assert len(shards) >= 3 and sorted(k for k in keys if k.startswith("_ids/")) == sorted(
+        f"_ids/{k.removesuffix('.parquet')}.npy" for k in shards)
+    assert not [k for k in keys if k.startswith(".staging/")] and ".writer.lock" not in keys
+
+
+def test_a_store_in_object_storage_is_written_resumed_read_and_indexed(tmp_path: Path,
+                                                                      s3_env: dict[str, str]) -> None:
+    local = tmp_path / "imgs"
+    make_images(local, {"cat": 6, "dog": 5}, size=(64, 48))
+    (local / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    _admin().create_dir("stores")
+    uri = "s3://stores/emb"
+    s3 = extract([str(local)], uri, TINY, EmbedOptions(), RunOptions(batch_size=4, shard_rows=4))
+    disk = extract([str(local)], str(tmp_path / "disk"), TINY, EmbedOptions(), RunOptions(batch_size=4, shard_rows=4))
+    assert (s3.done, s3.failed) == (disk.done, disk.failed) == (11, 1)
+    a, b = _vectors(uri), _vectors(tmp_path / "disk")
+    assert a[0] == b[0] and a[1] == b[1]
+    np.testing.assert_array_equal(a[2], b[2])
+    keys = _keys("stores/emb")
+    shards = [k for k in keys if k.startswith("part-")]
+    assert len(shards) == 3 and "_manifest.json" in keys and len([k for k in keys if k.startswith("_errors/")]) == 1
+    assert [k for k in keys if k.startswith("_ids/")] == [f"_ids/{k.removesuffix('.parquet')}.npy" for k in shards]
+    assert ".writer.lock" not in keys  # the lease is given back
+    again = extract([str(local)], uri, TINY, EmbedOptions(), RunOptions(batch_size=4, shard_rows=4))
+    assert (again.done, again.skipped_present, again.skipped_failed_before) == (0, 11, 1)
+    runner = CliRunner()
+    r = runner.invoke(app, ["info", uri, "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert (info["rows"], info["errors"], info["shards"], info["path"]) == (11, 1, 3, uri)
+    r = runner.invoke(app, ["index", "build", uri, "--name", "froms3", "--kind", "flat", "--home", str(tmp_path / "h"),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["count"] == 11
+    r = runner.invoke(app, ["probe", uri, "--out", str(tmp_path / "p.probe")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", uri, "--out", str(tmp_path / "report"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["images"] == 11
+    r = runner.invoke(app, ["extract", str(local), "--out", "s3://no-such-bucket/x", "--backbone", "tiny_test"])
+    assert r.exit_code != 0 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+
+
+def test_one_writer_at_a_time_in_object_storage(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    local = tmp_path / "imgs"
+    make_images(local, {"a": 3}, size=(64, 48))
+    admin = _admin()
+    admin.create_dir("locked")
+
+    def lease(pid: int, host: str = socket.gethostname(), left: float = 60) -> None:
+        with admin.open_output_stream("locked/s/.writer.lock") as f:
+            f.write(json.dumps({"token": "another", "host": host, "pid": pid, "expires": time.time() + left}).encode())
+
+    lease(os.getpid())  # a live writer on this host
+    with pytest.raises(StoreError, match=f"being written by pid {os.getpid()} on"):
+        extract([str(local)], "s3://locked/s", TINY, EmbedOptions(), RunOptions(batch_size=4))
+    lease(1234, host="another-host")  # a writer elsewhere whose lease has not ended
+    with pytest.raises(StoreError, match="on another-host"):
+        extract([str(local)], "s3://locked/s", TINY, EmbedOptions(), RunOptions(batch_size=4))
+    assert _keys("locked/s") == [".writer.lock"]  # nothing written while refused
+    lease(1234, host="another-host", left=-1)  # ... whose lease ran out: it is gone
+    assert extract([str(local)], "s3://locked/s", TINY, EmbedOptions(), RunOptions(batch_size=4)).done == 3
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lease(gone.pid)  # a killed writer of this host: taken over at once
+    make_images(local, {"b": 2}, size=(64, 48))
+    assert extract([str(local)], "s3://locked/s", TINY, EmbedOptions(), RunOptions(batch_size=4)).done == 2
+    assert ".writer.lock" not in _keys("locked/s")
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_run_resumes_in_object_storage(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    local = tmp_path / "imgs"
+    make_images(local, {"a": 30, "b": 30}, size=(64, 48))
+    _admin().create_dir("killed")
+    slow = slowed_cli("embedder.store", "Store", "write_shard", 0.3)
+    cmd = ["extract", str(local), "--out", "s3://killed/s", "--backbone", "tiny_test", "--batch-size", "4",
+           "--shard-rows", "4"]
+    proc = subprocess.Popen([*slow, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and \
+            sum(k.startswith("part-") for k in _keys("killed/s")) < 2:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Store.open("s3://killed/s").count()
+    assert 0 < partial < 60 and ".writer.lock" in _keys("killed/s")  # its lease is left behind
+    r = subprocess.run([sys.executable, "-m", "embedder", *cmd], capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = Store.open("s3://killed/s").read(["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 60
+    assert set(ids) == {ref.id for ref in discover([str(local)])}

@@ -117,7 +117,7 @@ def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, c
     assert not list((tmp_path / "ray" / ".staging").iterdir())  # workers staged, the driver committed all
     from embedder import id_index
 
-    assert all(id_index.path_for(f).is_file() for f in Store.open(str(tmp_path / "ray")).shard_files())
+    assert all(Path(id_index.path_for(f)).is_file() for f in Store.open(str(tmp_path / "ray")).shard_files())
     local = extract([str(src)], str(tmp_path / "local"), TINY, EmbedOptions(), RunOptions(batch_size=4))
     assert (local.done, local.failed) == (27, 1)
     ids_r, vec_r = _store_vectors(tmp_path / "ray")

@@ -60,14 +60,14 @@ def test_the_manifest_lists_every_shard_and_is_reconciled_after_a_crash(tmp_path
     def on_disk() -> dict[str, int]:
         import pyarrow.parquet as pq
 
-        return {p.name: pq.ParquetFile(p).metadata.num_rows for p in Store.open(store_dir).shard_files()}
+        return {Path(p).name: pq.ParquetFile(p).metadata.num_rows for p in Store.open(store_dir).shard_files()}
 
     assert listed() == on_disk() and sum(listed().values()) == 30 and len(listed()) == 8
     store = Store.open(store_dir)
     extra = store.read().slice(0, 3)
     first = sorted(listed())[0]
     with Store.writer(store_dir, store.provenance) as w:
-        written = w.write_shard(extra)  # ... and the writer dies before updating the manifest
+        written = Path(w.write_shard(extra))  # ... and the writer dies before updating the manifest
     (store_dir / first).unlink()  # a shard moved away by hand
     assert written.name not in listed() and first in listed()
     with Store.writer(store_dir, store.provenance):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from embedder import storage
 from embedder.errors import InspectError
 from embedder.provenance import Provenance
 from embedder.store import Store
@@ -59,7 +59,7 @@ def load_vectors(store_path: str | Path, label_column: str = "label", classes: l
     row = 0
     pool = pa.default_memory_pool()
     for shard in store.shard_files():
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        for batch in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=columns):
             emb = batch.column("embedding")
             flat = emb.flatten() if emb.offset == 0 else emb.values.slice(emb.offset * store.dim,
                                                                             len(emb) * store.dim)

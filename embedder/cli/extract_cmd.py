@@ -37,7 +37,7 @@ def model_spec(backbone: Optional[str], weights: Optional[Path], layer: Optional
 @handle_errors
 def extract_command(
     sources: Annotated[list[str], typer.Argument(help="Folders, globs, image files, or CSV/Parquet/text lists.")],
-    out_store: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or appended).")],
+    out_store: Annotated[str, typer.Option("--out", "-o", help="Store directory or s3://bucket/prefix (created or appended).")],
     backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local state dict or finetune checkpoint.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,

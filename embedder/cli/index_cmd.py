@@ -34,7 +34,7 @@ def parse_size(text: str) -> int:
 @index_app.command("build")
 @handle_errors
 def build_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store directory or s3://bucket/prefix.")],
     name: Annotated[str, typer.Option("--name", help="Index name.")],
     kind: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string")] = "auto",
     metric: Annotated[str, typer.Option(help="cosine | l2 | ip")] = "cosine",
@@ -111,7 +111,7 @@ def drop_command(name: str, home: HomeOpt = None) -> None:
 
 @index_app.command("add")
 @handle_errors
-def add_command(name: str, store: Path, home: HomeOpt = None) -> None:
+def add_command(name: str, store: str, home: HomeOpt = None) -> None:
     """Add STORE's rows that the index does not hold yet."""
     from embedder import index as idx
 
@@ -203,7 +203,7 @@ def _print_results(results: list, as_json: bool) -> None:  # type: ignore[type-a
 
 @handle_errors
 def dedup_command(
-    store: Path,
+    store: str,
     out_file: Annotated[Path, typer.Option("--out", help="Parquet file: group, id, path.")] = Path("duplicates.parquet"),
     threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images group.")] = 0.95,
 ) -> None:

@@ -15,9 +15,9 @@ from embedder.cli.common import console, handle_errors, out, setup_logging
 
 @handle_errors
 def inspect_command(
-    store: Annotated[Path, typer.Argument(help="Store to inspect (train, when --test is given).")],
+    store: Annotated[str, typer.Argument(help="Store to inspect (train, when --test is given).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Report directory: index.html, findings.parquet, thumbs/.")],
-    test: Annotated[Optional[Path], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
     k: Annotated[int, typer.Option(help="Neighbours in the kNN graph.")] = 10,
     duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63.")] = 0.90,

@@ -16,9 +16,9 @@ from embedder.cli.extract_cmd import EXIT_SOME_FAILED
 
 @handle_errors
 def probe_command(
-    train_store: Annotated[Path, typer.Argument(help="Store with labelled training vectors.")],
+    train_store: Annotated[str, typer.Argument(help="Store with labelled training vectors.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON).")],
-    test: Annotated[Optional[Path], typer.Option(help="Store with labelled test vectors.")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Store with labelled test vectors.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
     val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,

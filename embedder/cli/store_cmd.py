@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,7 +13,7 @@ from embedder.cli.common import handle_errors, out
 
 @handle_errors
 def info_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store directory or s3://bucket/prefix.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Provenance, row count, dim, label counts and error count of a store."""
