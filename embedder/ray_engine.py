@@ -248,7 +248,10 @@ def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedO
               batch_size: int, shard_rows: int, pre: Any, max_pixels: int, store: Store,
               provenance_json: str, dim: int) -> Any:
     """paths → decode tasks → model actors → shard-writing tasks (a Ray Dataset, not yet run)."""
-    block = max(batch_size, 256)
+    # Input blocks of one decode batch: each stage emits a block's rows when it has processed all of
+    # them, so a block is the pipeline's grain (blocks of 256 instead: 0.51x/0.55x local with 1/2
+    # actors at 1,024 images on 2 cores, against 0.54x/0.60x, and 0.4-0.9 GB more worker memory).
+    block = max(batch_size, DECODE_BLOCK)
     tables = [pa.table({"id": [r.id for r in todo[i:i + block]], "path": [r.path for r in todo[i:i + block]],
                         "label": pa.array([r.label for r in todo[i:i + block]], pa.string())})
               for i in range(0, len(todo), block)]

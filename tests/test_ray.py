@@ -201,7 +201,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
             proc.communicate()  # reaps it and closes its stderr pipe
     assert proc.returncode == 0, err.decode()[-2000:]
     assert killed_at < 300
-    # the kill landed inside a block of 256 images: Ray re-ran that block's batches in a new actor
+    # the kill landed inside a block of 64 images (150 batches of 2 is not a block boundary): Ray
+    # re-ran that block's batches in a new actor
     assert log.stat().st_size > 300, log.stat().st_size
     _exactly_once(src, store)
 
