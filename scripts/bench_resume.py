@@ -9,7 +9,12 @@ N ids plus 10 % new ones, in a fresh process per method:
 Both get the same list of asked ids (built first; its own memory is reported apart). Reports seconds
 and peak RSS above the list's.
 
-Usage: python scripts/bench_resume.py [--rows 2000000] [--json out.json]
+With `--manifest-shards N` it measures instead what keeping the manifest costs a writer whose store
+already has N shards (250,000 shards of 4,096 rows: a billion images): the seconds of 50 shard
+commits when the manifest is rewritten after every shard (what a writer would otherwise do, and what
+embedder did) against embedder's `update_manifest` (rewritten at most every 10 s, and at the end).
+
+Usage: python scripts/bench_resume.py [--rows 2000000] [--manifest-shards N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -81,14 +86,45 @@ def child(method: str, path: Path, n: int) -> dict:  # type: ignore[type-arg]
             "peak_rss_above_list_mib": round(peak_mib() - base), "rss_with_list_mib": round(base)}
 
 
+def manifest_upkeep(shards: int, commits: int = 50) -> dict:  # type: ignore[type-arg]
+    """Seconds per shard commit spent on the manifest, per shard and throttled, at SHARDS shards."""
+    from embedder.store import FORMAT, MANIFEST, Store
+
+    out: dict = {"shards": shards, "commits": commits}  # type: ignore[type-arg]
+    for mode in ("every shard", "embedder"):
+        with tempfile.TemporaryDirectory(prefix="bench_manifest_") as t:
+            m = {"format": FORMAT, "provenance": {}, "runs": [],
+                 "shards": [{"file": f"part-{i:05d}-{i:08x}.parquet", "rows": SHARD} for i in range(shards)]}
+            Path(t, MANIFEST).write_text(json.dumps(m, indent=2))
+            st = Store(t)
+            t0 = time.perf_counter()
+            for i in range(commits):
+                st.update_manifest({"run_id": "r", "done": i * SHARD}, [(f"part-{shards + i:05d}-new.parquet", SHARD)],
+                                   now=mode == "every shard")
+            st._save_manifest()  # what closing the writer does
+            seconds = time.perf_counter() - t0
+            assert len(json.loads(Path(t, MANIFEST).read_text())["shards"]) == shards + commits
+            out[mode] = {"seconds": round(seconds, 2), "ms_per_commit": round(seconds / commits * 1000, 1),
+                         "manifest_mib": round(Path(t, MANIFEST).stat().st_size / 2**20, 1)}
+        print(mode, json.dumps(out[mode]), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--manifest-shards", type=int)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         print(json.dumps(child(args._child[0], Path(args._child[1]), int(args._child[2]))))
+        return
+    if args.manifest_shards:
+        res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               **manifest_upkeep(args.manifest_shards)}
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
         return
     with tempfile.TemporaryDirectory(prefix="bench_resume_") as t:
         store = Path(t) / "s"

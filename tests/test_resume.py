@@ -73,3 +73,36 @@ def test_the_manifest_lists_every_shard_and_is_reconciled_after_a_crash(tmp_path
     with Store.writer(store_dir, store.provenance):
         pass
     assert listed() == on_disk() and written.name in listed() and first not in listed()
+
+
+def test_a_long_runs_manifest_is_rewritten_at_most_every_few_seconds_and_completed_on_close(
+        tmp_path: Path) -> None:
+    import json
+
+    from embedder.extract import EmbedOptions, RunOptions, extract
+    from embedder.model import ModelSpec
+
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 4}, size=(40, 40))
+    store_dir = tmp_path / "store"
+    extract([str(src)], str(store_dir), ModelSpec("tiny_test"), EmbedOptions(), RunOptions(batch_size=4))
+    prov = Store.open(store_dir).provenance
+    extra = Store.open(store_dir).read().slice(0, 1)
+
+    def listed() -> list[str]:
+        return [s["file"] for s in json.loads((store_dir / "_manifest.json").read_text())["shards"]]
+
+    with Store.writer(store_dir, prov) as w:
+        names = []
+        for i in range(3):
+            names.append(Path(w.write_shard(extra)).name)
+            w.update_manifest({"run_id": "r", "done": i + 1}, [(names[-1], 1)])
+        assert names[0] in listed() and not set(names[1:]) & set(listed())  # the first at once, then held
+        w.update_manifest(None, [], now=True)
+        assert set(names) <= set(listed())
+        names.append(Path(w.write_shard(extra)).name)
+        w.update_manifest({"run_id": "r", "done": 4}, [(names[-1], 1)])
+        assert names[-1] not in listed()
+    assert names[-1] in listed()  # closing the writer saves what was held back
+    runs = json.loads((store_dir / "_manifest.json").read_text())["runs"]
+    assert runs[-1] == {"run_id": "r", "done": 4}
