@@ -60,7 +60,12 @@ def _fs(loc: str) -> tuple[Any, str]:
 
 
 def _failed(what: str, loc: str, e: BaseException) -> StoreError:
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    if "NO_SUCH_BUCKET" in text or "bucket does not exist" in text.lower():
+        bucket = loc.partition("://")[2].split("/", 1)[0]
+        return StoreError(f"cannot {what} {loc}: bucket {bucket!r} does not exist (embedder does not create "
+                          "buckets: create it first)")
+    first = text.splitlines()[0][:200] if text else type(e).__name__
     return StoreError(f"cannot {what} {loc}: {first}")
 
 
@@ -77,11 +82,12 @@ def exists(loc: str) -> bool:
         raise _failed("reach", loc, e) from None
 
 
-def list_names(folder: str) -> list[str]:
-    """The names of the files directly in FOLDER, sorted ([] when it does not exist)."""
+def list_names(folder: str, folders: bool = False) -> list[str]:
+    """The names of the files (with FOLDERS, and of the folders) directly in FOLDER, sorted ([] when
+    it does not exist)."""
     if not is_uri(folder):
         try:
-            return sorted(e.name for e in os.scandir(folder) if e.is_file())
+            return sorted(e.name for e in os.scandir(folder) if e.is_file() or (folders and e.is_dir()))
         except (FileNotFoundError, NotADirectoryError):
             return []
     import pyarrow.fs as pafs
@@ -91,7 +97,8 @@ def list_names(folder: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
     except OSError as e:
         raise _failed("list", folder, e) from None
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    kinds = (pafs.FileType.File, pafs.FileType.Directory) if folders else (pafs.FileType.File,)
+    return sorted(i.base_name for i in infos if i.type in kinds)
 
 
 def read_bytes(loc: str) -> bytes:

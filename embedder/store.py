@@ -198,7 +198,7 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create store {path}: {e.strerror or e}") from None
         if not storage.exists(store._at(MANIFEST)) and any(
-                not n.startswith(".") for n in storage.list_names(store.root)):
+                not n.startswith(".") for n in storage.list_names(store.root, folders=True)):
             raise StoreError(f"{path} exists, is not empty and is not an embedding store")
         with store.writer_lock():
             store._remove_stale_temporaries()

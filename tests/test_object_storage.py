@@ -175,8 +175,12 @@ def test_a_store_in_object_storage_is_written_resumed_read_and_indexed(tmp_path:
     r = runner.invoke(app, ["inspect", uri, "--out", str(tmp_path / "report"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["images"] == 11
-    r = runner.invoke(app, ["extract", str(local), "--out", "s3://no-such-bucket/x", "--backbone", "tiny_test"])
-    assert r.exit_code != 0 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+    for bad in ("s3://no-such-bucket/x", "s3://stores"):  # no bucket; a prefix that holds other things
+        r = runner.invoke(app, ["extract", str(local), "--out", bad, "--backbone", "tiny_test"])
+        assert r.exit_code == 2 and r.output.strip().startswith("error:"), r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+        assert ("bucket 'no-such-bucket' does not exist" if "no-such" in bad else
+                "is not empty and is not an embedding store") in r.output
 
 
 def test_one_writer_at_a_time_in_object_storage(tmp_path: Path, s3_env: dict[str, str]) -> None:
