@@ -47,18 +47,21 @@ def lease(lock_object: str, busy: Callable[[str], Exception], ttl_s: float = LEA
     from embedder import storage
 
     def read() -> dict[str, object] | None:
+        """The lease held now; None when there is none, or it is not one (taken over like an expired one)."""
         try:
             held = json.loads(storage.read_bytes(lock_object))
         except (FileNotFoundError, ValueError):
             return None
-        return held if isinstance(held, dict) else None
+        if not isinstance(held, dict) or not isinstance(held.get("expires"), (int, float)):
+            return None
+        return held
 
     def describe(held: dict[str, object]) -> str:
-        left = max(0.0, float(held.get("expires", 0)) - time.time())  # type: ignore[arg-type]
+        left = max(0.0, float(held["expires"]) - time.time())  # type: ignore[arg-type]
         return f"pid {held.get('pid')} on {held.get('host')} (its lease ends in {left:.0f} s unless renewed)"
 
     def stale(held: dict[str, object]) -> bool:
-        if float(held.get("expires", 0)) < time.time():  # type: ignore[arg-type]
+        if float(held["expires"]) < time.time():  # type: ignore[arg-type]
             return True
         if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
             try:

@@ -208,6 +208,10 @@ def test_one_writer_at_a_time_in_object_storage(tmp_path: Path, s3_env: dict[str
     make_images(local, {"b": 2}, size=(64, 48))
     assert extract([str(local)], "s3://locked/s", TINY, EmbedOptions(), RunOptions(batch_size=4)).done == 2
     assert ".writer.lock" not in _keys("locked/s")
+    with admin.open_output_stream("locked/s/.writer.lock") as f:
+        f.write(b"{not a lease")  # damaged by hand: not a lease, so not respected
+    make_images(local, {"c": 1}, size=(64, 48))
+    assert extract([str(local)], "s3://locked/s", TINY, EmbedOptions(), RunOptions(batch_size=4)).done == 1
 
 
 @pytest.mark.slow
