@@ -102,7 +102,10 @@ def plan(n: int, dim: int, kind: str, budget: int, coarse: str = "auto", opq: bo
     if coarse not in COARSE:
         raise IndexError_(f"unknown coarse quantizer {coarse!r}; valid: {', '.join(COARSE)}")
     flat_bytes = n * dim * 4
-    nlist = max(1, min(65536, int(4 * math.sqrt(max(n, 1)))))
+    # ≈4√n lists, but never fewer than 39 vectors per list to train on (FAISS's own floor: k-means
+    # with fewer gives poor centroids, and fewer vectors than lists cannot train at all): the cap
+    # binds below ~24,000 vectors, i.e. only for an IVF kind asked for on a small store
+    nlist = max(1, min(65536, int(4 * math.sqrt(max(n, 1))), n // 39))
     if kind not in KINDS:
         return Plan(kind, "factory", "FAISS factory string given by the user",
                     train_size=min(n, 256 * 64))
@@ -129,7 +132,7 @@ def plan(n: int, dim: int, kind: str, budget: int, coarse: str = "auto", opq: bo
     if hnsw:  # a flat quantizer costs nlist distances per vector added or searched
         why += "; HNSW32 coarse quantizer" + (f" (≥ {HNSW_COARSE_FROM:,} lists)" if coarse == "auto" else "")
     if kind == "ivf":
-        return Plan(f"{ivf},Flat", kind, why + f"; nlist={nlist} (≈4√n)", train)
+        return Plan(f"{ivf},Flat", kind, why + f"; nlist={nlist} (≈4√n, ≥ 39 vectors per list)", train)
     # 8-bit PQ at 4 dims per byte: 1/16 of float32's memory (d=512 → PQ128, 128 bytes/vector).
     # (4-bit fast-scan trains faster but reached only ~0.6 recall@10 on our clustered tests.)
     m = next((m for m in (dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0), 1)

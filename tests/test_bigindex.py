@@ -187,7 +187,9 @@ def test_plan_uses_an_hnsw_coarse_quantizer_for_many_lists_and_opq_on_request() 
     big_plan = idx.plan(20_000_000, 256, "auto", budget)
     assert big_plan.factory == "IVF17888_HNSW32,PQ64" and "HNSW32 coarse quantizer" in big_plan.reason
     assert idx.plan(20_000_000, 256, "ivf", budget, coarse="flat").factory == "IVF17888,Flat"
-    assert idx.plan(1000, 32, "ivf", budget, coarse="hnsw").factory == "IVF126_HNSW32,Flat"
+    assert idx.plan(1000, 32, "ivf", budget, coarse="hnsw").factory == "IVF25_HNSW32,Flat"  # ≥ 39 per list
+    assert idx.plan(11, 32, "ivf", budget).factory == "IVF1,Flat"  # a tiny store still trains
+    assert idx.plan(30_000, 32, "ivf", budget).factory == "IVF692,Flat"  # ≈4√n once that leaves 39 per list
     assert idx.plan(1_000_000, 256, "ivfpq", budget, opq=True).factory == "OPQ64_256,IVF4000,PQ64"
     with pytest.raises(IndexError_, match="--opq .* needs --kind ivfpq"):
         idx.plan(1000, 32, "ivf", budget, opq=True)

@@ -170,6 +170,10 @@ def test_a_store_in_object_storage_is_written_resumed_read_and_indexed(tmp_path:
                             "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["count"] == 11
+    r = runner.invoke(app, ["index", "build", uri, "--name", "streamed", "--kind", "ivf", "--on-disk",
+                            "--home", str(tmp_path / "h"), "--json"])  # shards streamed from the bucket
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["count"] == 11
     r = runner.invoke(app, ["probe", uri, "--out", str(tmp_path / "p.probe")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["inspect", uri, "--out", str(tmp_path / "report"), "--json"])
