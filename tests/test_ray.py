@@ -175,8 +175,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
     store = tmp_path / "store"
     log = tmp_path / "batches.log"
     # The real CLI, its model actor slowed and counted by a Ray worker set-up hook given to the job
-    # through Ray's job config (what `ray job submit --runtime-env-json` does): the actor is killed
-    # half-way through its batches, with seconds of work left, not at a moment guessed from outside.
+    # through Ray's job config (what `ray job submit --runtime-env-json` does): the actor holds still
+    # in its 150th batch of 300 and is killed there, not at a moment guessed from outside.
     job = {"runtime_env": {"worker_process_setup_hook": "tests.ray_hooks.slow_embedding",
                            "env_vars": {"PYTHONPATH": str(Path(__file__).parent.parent),
                                         ray_hooks.BATCH_LOG: str(log)}}}
@@ -184,9 +184,11 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
     proc = subprocess.Popen(_cli(src, store, cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.time() + 120
-        while (not log.exists() or log.stat().st_size < 150) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        assert proc.poll() is None and log.exists() and log.stat().st_size >= 150, "the actor never got half-way"
+        while (not log.exists() or log.stat().st_size < ray_hooks.HOLD_AT) and time.time() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None and log.exists() and log.stat().st_size == ray_hooks.HOLD_AT, \
+            "the actor never got half-way"
         pids = subprocess.run(["pgrep", "-f", r"MapWorker\(MapBatches\(_Embed"], capture_output=True,
                               text=True).stdout.split()
         assert pids, "no model actor process found"
@@ -200,9 +202,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp
         if proc.stderr is not None and not proc.stderr.closed:
             proc.communicate()  # reaps it and closes its stderr pipe
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert killed_at < 300
-    # the kill landed inside a block of 64 images (150 batches of 2 is not a block boundary): Ray
-    # re-ran that block's batches in a new actor
+    assert killed_at == ray_hooks.HOLD_AT
+    # the actor died inside a batch: Ray re-ran that batch's task (at least that batch) in a new actor
     assert log.stat().st_size > 300, log.stat().st_size
     _exactly_once(src, store)
 
