@@ -22,11 +22,19 @@ class DedupSummary:
     out: str
 
 
-def dedup(store_path: str, out: str, threshold: float = 0.95) -> DedupSummary:
+# Cosine at which two images are near-duplicates, for `dedup` and `inspect` alike. Measured with
+# MobileNetV2: JPEG-recompressed, 0.7x downscaled copies of photos at 0.93-0.998, distinct photos at
+# most 0.63 (docs/benchmarks.md, "Inspect").
+NEAR_DUPLICATE_COSINE = 0.90
+
+
+def dedup(store_path: str, out: str, threshold: float | None = None) -> DedupSummary:
+    """Groups of near-duplicates (cosine >= THRESHOLD, default NEAR_DUPLICATE_COSINE), joined transitively."""
     import faiss
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    threshold = NEAR_DUPLICATE_COSINE if threshold is None else threshold
     if not 0 < threshold <= 1:
         raise IndexError_(f"--threshold is a cosine similarity in (0, 1], got {threshold}")
     t = Store.open(store_path).read(["id", "path", "embedding"])

@@ -369,3 +369,23 @@ def test_legacy_index_folder_is_read_and_migrated_by_add(tmp_path: Path) -> None
     assert idx.locate("old", str(home)).name == "gen-000001"
     assert sorted(p.name for p in (home / "old").iterdir()) == [".lock", "CURRENT", "gen-000001"]
     assert idx.LoadedIndex("old", str(home)).index.ntotal == 150
+
+
+def test_dedup_and_inspect_share_the_measured_near_duplicate_default(tmp_path: Path) -> None:
+    """A pair at cosine 0.93 (a recompressed, downscaled copy measures 0.93-0.998) is a duplicate for
+    `embedder dedup` without --threshold, as for inspect; --threshold 0.95 separates it."""
+    from embedder.analysis.inspection import InspectOptions
+    from embedder.dedup import NEAR_DUPLICATE_COSINE
+
+    x = np.zeros((3, 4), np.float32)
+    x[0, 0] = 1.0
+    x[1, 0], x[1, 1] = 0.93, np.sqrt(1 - 0.93**2)
+    x[2, 2] = 1.0
+    store = vector_store(tmp_path / "s", x)
+    runner = CliRunner()
+    r = runner.invoke(app, ["dedup", store, "--out", str(tmp_path / "d.parquet")])
+    assert r.exit_code == 0, r.output
+    assert "1 near-duplicate groups, 1 images beyond" in r.output and "cosine ≥ 0.9)" in r.output
+    r = runner.invoke(app, ["dedup", store, "--out", str(tmp_path / "e.parquet"), "--threshold", "0.95"])
+    assert r.exit_code == 0 and "0 near-duplicate groups" in r.output, r.output
+    assert InspectOptions().duplicate_threshold == NEAR_DUPLICATE_COSINE == 0.90

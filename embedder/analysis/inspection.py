@@ -26,6 +26,7 @@ from embedder.analysis.labels import (
 from embedder.analysis.outliers import FENCE, outliers
 from embedder.analysis.projection import PROJECTIONS, project
 from embedder.analysis.vectors import Vectors, load_vectors
+from embedder.dedup import NEAR_DUPLICATE_COSINE
 from embedder.errors import InspectError, ProbeError
 from embedder.provenance import Provenance
 
@@ -45,8 +46,7 @@ FINDINGS_SCHEMA = pa.schema([
 class InspectOptions:
     label_column: str = "label"
     k: int = 10  # neighbours in the shared kNN graph
-    # cosine; also the leakage threshold. MobileNetV2: re-encoded 0.7x copies 0.93-0.998, distinct photos ≤ 0.63
-    duplicate_threshold: float = 0.90
+    duplicate_threshold: float = NEAR_DUPLICATE_COSINE  # cosine; also the leakage threshold
     outlier_fence: float = FENCE
     folds: int = 5
     projection: str = "pca"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ def inspect_command(
     test: Annotated[Optional[str], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
     k: Annotated[int, typer.Option(help="Neighbours in the kNN graph.")] = 10,
-    duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63.")] = 0.90,
+    duplicate_threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63 (default 0.90).")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validated probe behind label errors.")] = 5,
     projection: Annotated[str, typer.Option(help="pca | umap (needs embedder[umap]).")] = "pca",
     thumbnails: Annotated[str, typer.Option(help="all (every point of the map) | findings | none.")] = "all",
@@ -32,8 +33,10 @@ def inspect_command(
     from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
 
     setup_logging(verbose)
-    options = InspectOptions(label_column=label_column, k=k, duplicate_threshold=duplicate_threshold,
-                             folds=folds, projection=projection, thumbnails=thumbnails, seed=seed)
+    options = InspectOptions(label_column=label_column, k=k, folds=folds, projection=projection,
+                             thumbnails=thumbnails, seed=seed)
+    if duplicate_threshold is not None:  # the default lives in one place: embedder.dedup
+        options = dataclasses.replace(options, duplicate_threshold=duplicate_threshold)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=as_json, transient=True)
     task = None
