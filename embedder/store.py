@@ -201,27 +201,29 @@ class Store:
                 not n.startswith(".") for n in storage.list_names(store.root, folders=True)):
             raise StoreError(f"{path} exists, is not empty and is not an embedding store")
         with store.writer_lock():
-            store._remove_stale_temporaries()
+            names = storage.list_names(store.root)  # one listing (a LIST per 1,000 keys in object storage)
+            shards = store._shards_among(names)
+            store._remove_stale_temporaries(names, shards)
             if storage.exists(store._at(MANIFEST)):
                 store.provenance.require(provenance, store=True, what=f"{path} holds vectors",
                                          fix="write to a new --out STORE instead")
-                store._reconcile_shards()
+                store._reconcile_shards(shards)
             else:
                 manifest = {"format": FORMAT, "provenance": provenance.to_dict(), "shards": [], "runs": []}
                 storage.write_bytes(store._at(MANIFEST), json.dumps(manifest, indent=2).encode())
-            store._shard_count = len(store.shard_files())
+            store._shard_count = len(shards)
             try:
                 yield store
             finally:
                 store._shard_count = None
                 store._save_manifest()
 
-    def _reconcile_shards(self) -> None:
-        """Under the lock, once per writer: the manifest's shard list matches the files (a writer
-        killed between a shard and its manifest update left it behind). Footers are read only for
-        files the list lacks."""
+    def _reconcile_shards(self, shards: list[str]) -> None:
+        """Under the lock, once per writer: the manifest's shard list matches the files SHARDS (a
+        writer killed between a shard and its manifest update left it behind). Footers are read only
+        for files the list lacks."""
         m = self.manifest()
-        on_disk = {storage.name(p): p for p in self.shard_files()}
+        on_disk = {storage.name(p): p for p in shards}
         listed = [s for s in m["shards"] if s["file"] in on_disk]
         missing = sorted(set(on_disk) - {s["file"] for s in listed})
         if missing or len(listed) != len(m["shards"]):
@@ -229,17 +231,21 @@ class Store:
                                     for n in missing]
             storage.write_bytes(self._at(MANIFEST), json.dumps(m, indent=2).encode())
 
-    def _remove_stale_temporaries(self) -> None:
-        for d in (self.root, self._at(ERRORS_DIR)):
-            for n in storage.list_names(d):
+    def _remove_stale_temporaries(self, names: list[str], shards: list[str]) -> None:
+        """Under the lock: temporaries of a killed writer (NAMES: the store's top level), shards
+        staged by workers of a run that ended before committing them, index files whose shard
+        (of SHARDS) is gone."""
+        errors = self._at(ERRORS_DIR)
+        for d, listed in ((self.root, names), (errors, storage.list_names(errors))):
+            for n in listed:
                 if n.startswith(".") and n.endswith(".tmp"):
                     storage.delete(storage.join(d, n))
         staging = self._at(STAGING_DIR)
-        for orphan in storage.list_names(staging):  # staged by workers of a run that ended before committing them
+        for orphan in storage.list_names(staging):
             storage.delete(storage.join(staging, orphan))
         from embedder import id_index
 
-        id_index.sweep(self.root, {storage.stem(p) for p in self.shard_files()})
+        id_index.sweep(self.root, {storage.stem(p) for p in shards})
 
     # ---- metadata -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -262,8 +268,10 @@ class Store:
 
     def shard_files(self) -> list[str]:
         """The shards' locations (absolute paths, or URIs), in the order they joined the store."""
-        return [self._at(n) for n in storage.list_names(self.root)
-                if n.startswith("part-") and n.endswith(".parquet")]
+        return self._shards_among(storage.list_names(self.root))
+
+    def _shards_among(self, names: list[str]) -> list[str]:
+        return [self._at(n) for n in names if n.startswith("part-") and n.endswith(".parquet")]
 
     def error_files(self) -> list[str]:
         return [storage.join(self._at(ERRORS_DIR), n) for n in storage.list_names(self._at(ERRORS_DIR))

@@ -171,13 +171,13 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _peak_rss_mib(cmd: list[str]) -> tuple[float, float]:
+def _peak_rss_mib(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Run CMD in a fresh process; its peak RSS in MiB (the largest of it and the children it reaped,
     e.g. DataLoader workers: what wait4 reports) and wall seconds."""
     import subprocess
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) not in (0, 3):
         raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read() if proc.stderr else ''}")

@@ -32,6 +32,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_extract import _peak_rss_mib  # noqa: E402
 
 
 def free_port() -> int:
@@ -42,15 +44,8 @@ def free_port() -> int:
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     """Seconds and peak RSS (MiB) of one CLI process."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-    if proc.stderr:
-        proc.stderr.close()
-    return seconds, usage.ru_maxrss // 1024
+    rss, seconds = _peak_rss_mib(cmd, env)
+    return seconds, round(rss)
 
 
 def requests_since(log: Path, offset: int) -> tuple[Counter[str], int]:
