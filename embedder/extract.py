@@ -16,9 +16,9 @@ import platform
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -38,12 +38,15 @@ from embedder.decode import (
 )
 from embedder.decode_pool import (
     DECODE_IN,
+    DECODE_PRIORITIES,
     DecodeSpec,
     DecodeWorkers,
     Outcome,
     Ring,
+    default_lanes,
     default_workers,
     resolve_decode_in,
+    resolve_decode_priority,
     start_server,
 )
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
@@ -78,6 +81,8 @@ class RunOptions:
     batch_size: int | None = None  # None: 8 on CPU (cache-friendly, measured), 128 on CUDA
     workers: int | None = None  # decode workers; None: one per core but one
     decode_in: str = "auto"  # threads | processes | auto (processes with a GPU, threads without)
+    decode_priority: str = "auto"  # normal | idle | auto (idle when the model runs on the CPU)
+    model_lanes: int | None = None  # CPU: batches computed at once; None: 2 where there are 2+ cores
     prefetch_batches: int = 4
     shard_rows: int = 4096
     flush_seconds: float = 60.0
@@ -87,6 +92,11 @@ class RunOptions:
         # checked before anything is created or started, not when the first batch is decoded
         if self.decode_in not in DECODE_IN:
             raise EmbedderError(f"unknown --decode-in {self.decode_in!r}; valid: {', '.join(DECODE_IN)}")
+        if self.model_lanes is not None and self.model_lanes < 1:
+            raise EmbedderError(f"--model-lanes must be at least 1, got {self.model_lanes}")
+        if self.decode_priority not in DECODE_PRIORITIES:
+            raise EmbedderError(f"unknown --decode-priority {self.decode_priority!r}; "
+                                f"valid: {', '.join(DECODE_PRIORITIES)}")
 
 
 @dataclass
@@ -124,14 +134,15 @@ class StageTimes:
     model_s: float = 0.0
     launch_s: float = 0.0  # CUDA: host time spent launching the model's kernels (Python, the GIL)
     write_s: float = 0.0  # rows into the shard buffer, and waiting for the shard writer
+    lanes: int = 1  # batches the model computes at once (CPU lanes); model_s sums over them
 
     def report(self, wall_s: float) -> dict[str, Any]:
-        busy = {"decode": self.decode_wait_s, "copy": self.copy_s, "model": self.model_s,
+        busy = {"decode": self.decode_wait_s, "copy": self.copy_s, "model": self.model_s / self.lanes,
                 "launch": self.launch_s, "write": self.write_s}
         if self.launch_s > 0.8 * self.model_s > 0:  # the GPU spent its span waiting for launches
             busy["model"] = 0.0
         return {**{k: round(v, 3) for k, v in self.__dict__.items()},
-                "model_utilisation": round(self.model_s / wall_s, 3) if wall_s > 0 else 0.0,
+                "model_utilisation": round(self.model_s / self.lanes / wall_s, 3) if wall_s > 0 else 0.0,
                 "bound_by": max(busy, key=lambda k: busy[k])}
 
 
@@ -139,16 +150,25 @@ class Pending:
     """A batch launched on the model (see ``BatchEmbedder.launch``)."""
 
     def __init__(self, embedder: BatchEmbedder, vectors: np.ndarray | None, host: torch.Tensor | None = None,
-                 done: Any = None, copied: Any = None, timing: list[Any] | None = None) -> None:
+                 done: Any = None, copied: Any = None, timing: list[Any] | None = None,
+                 lane: Future[tuple[np.ndarray, float]] | None = None) -> None:
         self._embedder, self._vectors, self._host = embedder, vectors, host
         self._done, self._copied, self._timing = done, copied, timing
+        self._lane = lane
 
     def wait_copied(self) -> None:
-        """Block until the input pixels are on the device (their host buffer may then be reused)."""
+        """Block until the input pixels are on the device (their host buffer may then be reused);
+        on a CPU lane the pixels are in use until the batch is computed."""
         if self._copied is not None:
             self._copied.synchronize()
+        elif self._lane is not None:
+            self.result()
 
     def result(self) -> np.ndarray:
+        if self._lane is not None:
+            self._vectors, seconds = self._lane.result()
+            self._embedder.stages.model_s += seconds
+            self._lane = None
         if self._vectors is None:
             self._done.synchronize()
             if self._timing is not None:
@@ -208,6 +228,39 @@ class BatchEmbedder:
         self.schema = row_schema(self.loaded.dim, options.dtype)
         self.stages = StageTimes()
         self._copy_stream: Any = None
+        self._lanes: ThreadPoolExecutor | None = None
+
+    @contextmanager
+    def cpu_lanes(self, lanes: int) -> Iterator[int]:
+        """On a CPU, compute up to LANES batches at once, each on its own thread with its share of
+        torch's threads (``launch`` then returns at once). Yields the number of lanes in use: 1 on
+        CUDA, with a compiled model (its kernels fix their thread count when compiled) or when
+        LANES is 1.
+
+        Why: a parallel region is as slow as its slowest thread, so one batch on all cores stalls
+        whenever anything else (decoding) takes a core from one of torch's threads; independent
+        lanes do not wait for each other. Measured on 2 cores, MobileNetV2 at batch 8: one batch
+        on 2 threads 97-122 img/s, two lanes of 1 thread 97-122 alone but 92-105 beside decoding,
+        where the single lane fell to 72-85 (docs/benchmarks.md).
+        """
+        if self.device.type != "cpu" or self.options.compile or lanes <= 1:
+            yield 1
+            return
+        threads = max(1, torch.get_num_threads() // lanes)
+        self._lanes = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="model-lane",
+                                         initializer=torch.set_num_threads, initargs=(threads,))
+        self.stages.lanes = lanes
+        try:
+            yield lanes
+        finally:
+            self._lanes.shutdown(wait=True)
+            self._lanes = None
+
+    def _compute(self, pixels: torch.Tensor) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            vectors = self._forward(pixels.to(self.device)).numpy()
+        return vectors, time.perf_counter() - t0
 
     @property
     def dim(self) -> int:
@@ -253,9 +306,10 @@ class BatchEmbedder:
         is computed before this returns.
         """
         if self.device.type != "cuda":
-            t0 = time.perf_counter()
-            vectors = self._forward(pixels.to(self.device)).numpy()
-            self.stages.model_s += time.perf_counter() - t0
+            if self._lanes is not None:
+                return Pending(self, None, lane=self._lanes.submit(self._compute, pixels))
+            vectors, seconds = self._compute(pixels)
+            self.stages.model_s += seconds
             return Pending(self, vectors)
         t_host = time.perf_counter()
         if self._copy_stream is None:
@@ -343,6 +397,7 @@ class BatchEmbedder:
 class _Launched:
     """A batch on the model: which rows came through decoding, and the pending vectors."""
 
+    slot: int
     refs: list[ImageRef]
     metas: list[ImageMeta]
     good: list[int]
@@ -362,7 +417,10 @@ def embed_stream(
     of ``prefetch_batches + 1`` reused batch buffers (shared and page-locked where that helps): no
     per-image tensors, no per-batch stacking, fixed memory. Batch k+1 is launched on the model
     before batch k's vectors are collected, so on a GPU the device works while the host turns
-    vectors into rows; a slot is refilled as soon as its pixels are on the device. Shared by
+    vectors into rows, and on a CPU two lanes compute batches k and k+1 at once (see
+    ``BatchEmbedder.cpu_lanes``); a slot is refilled as soon as its pixels are on the device (on a
+    CPU lane: once its vectors are back). On a CPU the decode workers run at idle priority
+    (``decode_pool.resolve_decode_priority``) so that they take only cores the model leaves. Shared by
     extract (which writes shards) and predict (which applies a head).
     """
     bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
@@ -390,7 +448,12 @@ def embed_stream(
         return embedder.rows_from([b.refs[i] for i in b.good], b.metas, vectors), b.failed
 
     try:
-        with DecodeWorkers(ring, spec, kind, workers) as pool:
+        priority = resolve_decode_priority(run.decode_priority, embedder.device)
+        with DecodeWorkers(ring, spec, kind, workers, priority) as pool, \
+                embedder.cpu_lanes(default_lanes() if run.model_lanes is None else run.model_lanes) as lanes:
+            # with CPU lanes a batch's slot is in use until its vectors are back: it is refilled
+            # then, one batch later, while the next batch computes on the other lane
+            deferred = lanes > 1
 
             def fill(slot: int) -> bool:
                 slot_refs[slot] = [r for _, r in zip(range(bs), it)]
@@ -404,43 +467,52 @@ def embed_stream(
                     ready.record()
                 slot_device[slot] = target
                 slot_futures[slot] = pool.submit(slot, [r.path for r in slot_refs[slot]], target, ready)
+                if slot_refs[slot]:
+                    in_flight.append(slot)
                 return bool(slot_refs[slot])
 
             for slot in range(n_slots):
                 if not fill(slot):
                     break
-                in_flight.append(slot)
-            previous: _Launched | None = None
-            while in_flight:
-                slot = in_flight.popleft()
-                t0 = time.perf_counter()
-                outcomes = [o for fut in slot_futures[slot] for o in fut.result()]
-                stages.decode_wait_s += time.perf_counter() - t0
-                batch = _Launched(slot_refs[slot], [], [], 0, None)
-                n = bs if embedder.options.compile else len(batch.refs)
-                source = slot_device[slot] if on_device else ring.pixels[slot]
-                pixels = cast(torch.Tensor, source)[:n]
-                for i, (ref, outcome) in enumerate(zip(batch.refs, outcomes)):
-                    if isinstance(outcome, str):
-                        batch.failed += 1
-                        on_error(ref, outcome)
-                        log.info("skipped %s: %s", ref.path, outcome)
-                    else:
-                        batch.metas.append(outcome)
-                        batch.good.append(i)
-                if batch.good:
-                    # a compiled model sees one shape: the whole buffer (the last batch padded with
-                    # stale rows, whose outputs are dropped)
-                    batch.pending = embedder.launch(pixels)
-                    batch.pending.wait_copied()
-                slot_futures[slot] = []
-                if fill(slot):  # the buffer is free again: decode the batch after the queued ones
-                    in_flight.append(slot)
-                if previous is not None:
-                    yield finish(previous)  # while this batch runs on the device
-                previous = batch
-            if previous is not None:
-                yield finish(previous)
+            # batches launched and not yet collected: the newest computes while the oldest is
+            # turned into rows (on CPU lanes, as many compute at once as there are lanes)
+            launched: deque[_Launched] = deque()
+            depth = max(lanes, 2)
+            while in_flight or launched:
+                if in_flight:
+                    slot = in_flight.popleft()
+                    t0 = time.perf_counter()
+                    outcomes = [o for fut in slot_futures[slot] for o in fut.result()]
+                    stages.decode_wait_s += time.perf_counter() - t0
+                    batch = _Launched(slot, slot_refs[slot], [], [], 0, None)
+                    n = bs if embedder.options.compile else len(batch.refs)
+                    source = slot_device[slot] if on_device else ring.pixels[slot]
+                    pixels = cast(torch.Tensor, source)[:n]
+                    for i, (ref, outcome) in enumerate(zip(batch.refs, outcomes)):
+                        if isinstance(outcome, str):
+                            batch.failed += 1
+                            on_error(ref, outcome)
+                            log.info("skipped %s: %s", ref.path, outcome)
+                        else:
+                            batch.metas.append(outcome)
+                            batch.good.append(i)
+                    if batch.good:
+                        # a compiled model sees one shape: the whole buffer (the last batch padded with
+                        # stale rows, whose outputs are dropped)
+                        batch.pending = embedder.launch(pixels)
+                    slot_futures[slot] = []
+                    if not deferred:
+                        if batch.pending is not None:
+                            batch.pending.wait_copied()
+                        fill(slot)  # the buffer is free again: decode the batch after the queued ones
+                    launched.append(batch)
+                    if len(launched) < depth and in_flight:
+                        continue
+                oldest = launched.popleft()
+                done = finish(oldest)  # while the newer batches run on the device (or the other lanes)
+                if deferred:
+                    fill(oldest.slot)
+                yield done
     finally:
         for futures in slot_futures:
             for fut in futures:

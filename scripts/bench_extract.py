@@ -5,8 +5,10 @@
 (c) the naive loop from the torchvision transfer-learning tutorial: ImageFolder + DataLoader
     (batch_size=4, num_workers=4) + the model with its head replaced by Identity, under no_grad.
 
-Prints img/s for each and the ratios. Weights do not change throughput, so any backbone runs with a
-seeded random state dict unless its real weights are in the cache.
+Prints img/s for each and the ratios: medians of ``--repeat`` interleaved rounds (each round runs
+(a), every (b) row, then (c)), with every round's figures beside them. Weights do not change
+throughput, so any backbone runs with a seeded random state dict unless its real weights are in the
+cache.
 
 ``--memory``: peak RSS of `embedder extract` (the CLI, each run in a fresh process) on N and 10xN
 images, beside the tutorial loop that keeps every feature in a list and saves them at the end (what
@@ -33,7 +35,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from embedder.backbones import get_backbone
-from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.decode_pool import default_lanes
+from embedder.extract import BatchEmbedder, EmbedOptions, Pending, RunOptions, extract
 from embedder.model import ModelSpec, _set_module
 from embedder.weights import registry_file
 
@@ -75,6 +78,30 @@ def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torc
     return n / (time.perf_counter() - t0)
 
 
+def model_only(embedder: BatchEmbedder, x: torch.Tensor, reps: int, lanes: int) -> float:
+    """img/s of the model alone on one uint8 batch, LANES batches in flight (CPU lanes)."""
+    from collections import deque
+
+    with embedder.cpu_lanes(lanes) as used:
+        pending: deque[Pending] = deque()
+        for _ in range(2 * used):  # warm every lane
+            pending.append(embedder.launch(x))
+        while pending:
+            pending.popleft().result()
+        if embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            pending.append(embedder.launch(x))
+            if len(pending) >= used:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+        if embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+        return reps * x.shape[0] / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="mobilenet_v2:IMAGENET1K_V1")
@@ -89,6 +116,11 @@ def main() -> None:
     ap.add_argument("--fast-decode", action="store_true")
     ap.add_argument("--decoder", default="pil", help="pil | pil-draft | torchvision")
     ap.add_argument("--compile", action="store_true", help="torch.compile embedder's model (both (a) and (b))")
+    ap.add_argument("--variants", default="auto/auto,normal/1",
+                    help="comma list of PRIORITY/LANES: one (b) row each, decode-worker priority (auto | normal "
+                         "| idle) and CPU model lanes (auto | N); normal/1 is the pipeline before both existed")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds of (a), (b) rows and (c), interleaved; medians reported (shared machines are noisy)")
     ap.add_argument("--json", type=Path, help="also write results here")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10xN images (N = --images)")
     ap.add_argument("--child", choices=["naive"], help=argparse.SUPPRESS)
@@ -130,39 +162,59 @@ def main() -> None:
             state = None
         crop = embedder.loaded.preprocessing.crop_size
         dev = embedder.device
-        # (a) model only
         bs = args.batch_size or (128 if dev.type == "cuda" else 8)
         x = torch.randint(0, 256, (bs, 3, crop, crop), dtype=torch.uint8)
         for _ in range(2):
             embedder.embed_pixels(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        reps = max(3, args.images // bs)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            embedder.embed_pixels(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        model_only = reps * bs / (time.perf_counter() - t0)
+        variants = [tuple(v.split("/")) for v in args.variants.split(",")]
+        lane_counts = sorted({1, default_lanes()} if dev.type == "cpu" else {1})
+        rounds: list[dict[str, float]] = []
+        stages: dict[str, dict[str, object]] = {}
+        for r in range(args.repeat):
+            row: dict[str, float] = {}
+            # (a) model only: one batch at a time on every thread, and (CPU) lanes of batches at once
+            for lanes in lane_counts:
+                row[f"model_only_lanes{lanes}"] = model_only(embedder, x, max(3, args.images // bs), lanes)
 
-        # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
-        t0 = time.perf_counter()
-        summary = extract([str(root)], str(tmp / "store"), spec, opts,
-                          RunOptions(batch_size=bs, workers=args.workers), embedder=embedder)
-        e2e = summary.done / (time.perf_counter() - t0)
+            # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
+            for prio, lanes in variants:
+                key = f"extract_{prio}_lanes{lanes}"
+                t0 = time.perf_counter()
+                summary = extract([str(root)], str(tmp / f"store-{r}-{key}"), spec, opts,
+                                  RunOptions(batch_size=bs, workers=args.workers, decode_priority=prio,
+                                             model_lanes=None if lanes == "auto" else int(lanes)),
+                                  embedder=embedder)
+                row[key] = summary.done / (time.perf_counter() - t0)
+                stages[key] = summary.stages
+                shutil.rmtree(tmp / f"store-{r}-{key}", ignore_errors=True)
 
-        # (c) the tutorial loop
-        naive = naive_loop(root, name, tag, state, dev, args.naive_batch_size, args.naive_workers)
+            # (c) the tutorial loop
+            row["naive"] = naive_loop(root, name, tag, state, dev, args.naive_batch_size, args.naive_workers)
+            rounds.append(row)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
 
+        med = {k: float(np.median([row[k] for row in rounds])) for k in rounds[0]}
+        ceiling = max(v for k, v in med.items() if k.startswith("model_only"))  # the model's best, alone
+        first = f"extract_{variants[0][0]}_lanes{variants[0][1]}"
         result = {
             "backbone": args.backbone, "images": args.images, "size": args.size, "device": str(dev),
-            "precision": embedder.precision, "batch_size": bs,
+            "precision": embedder.precision, "batch_size": bs, "decoder": opts.decoder,
             "decode_threads": args.workers, "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "model_only_img_s": round(model_only, 1), "extract_img_s": round(e2e, 1),
-            "naive_img_s": round(naive, 1),
-            "extract_vs_naive": round(e2e / naive, 2), "extract_vs_model_only": round(e2e / model_only, 3),
+            "rounds": len(rounds),
+            **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
+            "model_only_img_s": round(ceiling, 1),
+            "extract_img_s": round(med[first], 1),
+            "extract_vs_naive": round(med[first] / med["naive"], 2),
+            "extract_vs_model_only": round(med[first] / ceiling, 3),
+            **{f"{k}_vs_model_only": round(v / ceiling, 3) for k, v in med.items() if k.startswith("extract_")},
+            # the same ratio within each round (the machine's speed drifts between rounds), median
+            **{f"{k}_vs_model_only_per_round": round(float(np.median(
+                [row[k] / max(v for m, v in row.items() if m.startswith("model_only")) for row in rounds])), 3)
+               for k in med if k.startswith("extract_")},
+            "stages_last_round": stages,
+            "per_round": [{k: round(v, 1) for k, v in row.items()} for row in rounds],
         }
         print(json.dumps(result, indent=2))
         if args.json:

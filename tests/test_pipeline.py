@@ -5,8 +5,10 @@ smoke mode."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -102,6 +104,83 @@ def test_the_stage_report_names_what_bounds_the_run(tmp_path: Path, monkeypatch:
                 RunOptions(batch_size=4, decode_in="threads", workers=1), embedder=emb)
     assert s.stages["bound_by"] == "model" and s.stages["model_s"] >= 0.3
     assert 0 < s.stages["model_utilisation"] <= 1
+
+
+class _Concurrency(torch.nn.Module):
+    """The model, counting how many batches it computes at once."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.now, self.most = model, 0, 0
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.03)  # long enough for the next batch to be launched meanwhile
+        try:
+            return self.model(x)  # type: ignore[no-any-return]
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_cpu_lanes_compute_batches_at_once_and_keep_the_order(tmp_path: Path) -> None:
+    """Two lanes must really overlap (a lane that waited for the other would be one lane), and the
+    rows must come out in discovery order with the same vectors as one lane, failures included."""
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 17, "b": 14}, size=(48, 40))
+    (src / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    stores = {}
+    for lanes in (1, 3):
+        emb = BatchEmbedder(TINY)
+        watched = _Concurrency(emb.model)
+        emb.model = watched  # type: ignore[assignment]
+        stores[lanes] = str(tmp_path / f"lanes{lanes}")
+        s = extract([str(src)], stores[lanes], TINY, EmbedOptions(),
+                    RunOptions(batch_size=4, workers=2, model_lanes=lanes, shard_rows=8), embedder=emb)
+        assert (s.done, s.failed) == (31, 1)
+        assert s.stages["lanes"] == lanes and 0 < s.stages["model_utilisation"] <= 1
+        assert watched.most == lanes
+    rows = {k: Store.open(v).read(["id", "embedding"]) for k, v in stores.items()}
+    assert rows[1].column("id").to_pylist() == rows[3].column("id").to_pylist()  # shard by shard, row by row
+    np.testing.assert_allclose(np.stack(rows[1].column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(rows[3].column("embedding").to_numpy(zero_copy_only=False)), atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_decode_workers_yield_the_cpu_to_a_cpu_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the decode threads run under SCHED_IDLE (they take only cores the model leaves);
+    asked for normal priority, or beside a GPU model, they keep the normal policy."""
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 8}, size=(40, 40))
+    import embedder.decode_pool as dp
+
+    decode = dp.decode_into
+    policies: set[int] = set()
+
+    def recording(*a: object, **k: object) -> object:
+        policies.add(os.sched_getscheduler(0))  # the calling thread's own policy
+        return decode(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp, "decode_into", recording)
+    for priority, expected in (("auto", os.SCHED_IDLE), ("normal", os.SCHED_OTHER), ("idle", os.SCHED_IDLE)):
+        policies.clear()
+        extract([str(src)], str(tmp_path / priority), TINY, EmbedOptions(),
+                RunOptions(batch_size=4, decode_in="threads", workers=2, decode_priority=priority))
+        assert policies == {expected}, priority
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is never lowered
+    assert dp.resolve_decode_priority("auto", torch.device("cuda")) == "normal"
+
+    # decode processes are lowered too (asked in the workers, after their initializer)
+    pre = get_backbone("tiny_test").preprocessing()
+    ring = dp.Ring(2, 4, pre.crop_size, shared=True, pin=False)
+    with dp.DecodeWorkers(ring, dp.DecodeSpec(pre), "processes", 2, "idle") as pool:
+        for fut in pool.submit(0, [str(p) for p in sorted(src.rglob("*.jpg"))[:4]]):
+            assert not isinstance(fut.result()[0], str)
+        seen = {f.result() for f in [pool._pool.submit(os.sched_getscheduler, 0) for _ in range(6)]}
+        assert seen == {os.SCHED_IDLE}
 
 
 def test_decode_in_choices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,7 +292,9 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     (["--decode-in", "fork"], "unknown --decode-in 'fork'; valid: auto, threads, processes"),
     (["--engine", "spark"], "unknown engine 'spark'; valid: local, ray"),
     (["--engine", "ray", "--address", "nohost"], "expected auto, HOST:PORT or ray://HOST:PORT"),
-], ids=["decode-in", "engine", "address"])
+    (["--decode-priority", "high"], "unknown --decode-priority 'high'; valid: auto, normal, idle"),
+    (["--model-lanes", "0"], "--model-lanes must be at least 1, got 0"),
+], ids=["decode-in", "engine", "address", "decode-priority", "model-lanes"])
 def test_bad_pipeline_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     src = tmp_path / "imgs"
     make_images(src, {"a": 2})

@@ -46,6 +46,8 @@ def extract_command(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 8 on CPU, 128 on CUDA.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1); with --engine ray, model actors (default 1).")] = None,
     decode_in: Annotated[str, typer.Option(help="threads | processes | auto (processes when the model is on a GPU).")] = "auto",
+    decode_priority: Annotated[str, typer.Option(help="normal | idle (decode only on cores the model leaves) | auto (idle when the model is on the CPU).")] = "auto",
+    model_lanes: Annotated[Optional[int], typer.Option(help="CPU: batches computed at once, each on its share of the threads (default: 2 with 2+ cores).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16")] = "float32",
@@ -71,7 +73,7 @@ def extract_command(
     embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
                          decoder="pil-draft" if fast_decode else decoder, compile=compile_model)
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=decode_in, shard_rows=shard_rows,
-                     retry_failed=retry_failed)
+                     retry_failed=retry_failed, decode_priority=decode_priority, model_lanes=model_lanes)
     if engine not in ("local", "ray"):
         raise EmbedderError(f"unknown engine {engine!r}; valid: local, ray")
     with image_progress("embedding", enabled=not as_json) as progress:
