@@ -29,7 +29,13 @@ from embedder.errors import DecodeError, EmbedderError
 log = logging.getLogger(__name__)
 
 DECODE_IN = ("auto", "threads", "processes")
-DECODE_PRIORITIES = ("auto", "normal", "idle")
+# ``idle``: decode workers under SCHED_IDLE, taking only cores nothing else wants. On a CPU the
+# model's threads and the decode workers share the cores, and a parallel region is as slow as its
+# slowest thread (2 cores: MobileNetV2 at 120 img/s alone, 64 beside one busy decode thread, 46
+# beside a busy zlib thread). Measured end to end it is not a reliable gain once the model runs in
+# two lanes (``BatchEmbedder.cpu_lanes``): the starved decoders then make the lanes wait
+# (docs/benchmarks.md), so it is opt-in.
+DECODE_PRIORITIES = ("normal", "idle")
 
 # What one decode task returns per image: its metadata (its pixels are in place), or the reason it
 # was skipped.
@@ -66,24 +72,6 @@ def resolve_decode_in(decode_in: str, device: torch.device, workers: int, ring_b
                         "(give the container more, e.g. docker --shm-size 1g)", free >> 20, ring_bytes >> 20)
             kind = "threads"
     return kind
-
-
-def resolve_decode_priority(priority: str, device: torch.device) -> str:
-    """``auto``: ``idle`` when the model runs on the CPU, ``normal`` otherwise.
-
-    On a CPU the model's OpenMP threads and the decode workers share the cores, and a parallel
-    region is as slow as its slowest thread: every time a decode worker takes a core from one of
-    torch's threads, the whole region waits for it (measured on 2 cores: MobileNetV2 at 120 img/s
-    alone, 64 beside one busy decode thread, 46 beside a busy zlib thread). Decode workers under
-    ``SCHED_IDLE`` run only on cores that nothing else wants — the gaps between and inside the
-    model's regions — so they stay ahead of the model without slowing it (104 img/s). On a GPU
-    machine decoding is the work that bounds the run and keeps its normal priority.
-    """
-    if priority not in DECODE_PRIORITIES:
-        raise EmbedderError(f"unknown --decode-priority {priority!r}; valid: {', '.join(DECODE_PRIORITIES)}")
-    if priority == "auto":
-        return "idle" if device.type == "cpu" else "normal"
-    return priority
 
 
 def lower_priority(priority: str) -> None:

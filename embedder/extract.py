@@ -46,7 +46,6 @@ from embedder.decode_pool import (
     default_lanes,
     default_workers,
     resolve_decode_in,
-    resolve_decode_priority,
     start_server,
 )
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
@@ -81,7 +80,7 @@ class RunOptions:
     batch_size: int | None = None  # None: 8 on CPU (cache-friendly, measured), 128 on CUDA
     workers: int | None = None  # decode workers; None: one per core but one
     decode_in: str = "auto"  # threads | processes | auto (processes with a GPU, threads without)
-    decode_priority: str = "auto"  # normal | idle | auto (idle when the model runs on the CPU)
+    decode_priority: str = "normal"  # normal | idle (decode workers only on cores nothing else wants)
     model_lanes: int | None = None  # CPU: batches computed at once; None: 2 where there are 2+ cores
     prefetch_batches: int = 4
     shard_rows: int = 4096
@@ -239,9 +238,9 @@ class BatchEmbedder:
 
         Why: a parallel region is as slow as its slowest thread, so one batch on all cores stalls
         whenever anything else (decoding) takes a core from one of torch's threads; independent
-        lanes do not wait for each other. Measured on 2 cores, MobileNetV2 at batch 8: one batch
-        on 2 threads 97-122 img/s, two lanes of 1 thread 97-122 alone but 92-105 beside decoding,
-        where the single lane fell to 72-85 (docs/benchmarks.md).
+        lanes do not wait for each other. Measured on 2 cores, MobileNetV2 at batch 8, 500x375
+        JPEGs: the model alone is as fast either way, end to end two lanes were faster than one in
+        each of 6 interleaved runs, by 1-16 % (docs/benchmarks.md, "Model lanes").
         """
         if self.device.type != "cpu" or self.options.compile or lanes <= 1:
             yield 1
@@ -419,8 +418,7 @@ def embed_stream(
     before batch k's vectors are collected, so on a GPU the device works while the host turns
     vectors into rows, and on a CPU two lanes compute batches k and k+1 at once (see
     ``BatchEmbedder.cpu_lanes``); a slot is refilled as soon as its pixels are on the device (on a
-    CPU lane: once its vectors are back). On a CPU the decode workers run at idle priority
-    (``decode_pool.resolve_decode_priority``) so that they take only cores the model leaves. Shared by
+    CPU lane: once its vectors are back). Shared by
     extract (which writes shards) and predict (which applies a head).
     """
     bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
@@ -448,8 +446,7 @@ def embed_stream(
         return embedder.rows_from([b.refs[i] for i in b.good], b.metas, vectors), b.failed
 
     try:
-        priority = resolve_decode_priority(run.decode_priority, embedder.device)
-        with DecodeWorkers(ring, spec, kind, workers, priority) as pool, \
+        with DecodeWorkers(ring, spec, kind, workers, run.decode_priority) as pool, \
                 embedder.cpu_lanes(default_lanes() if run.model_lanes is None else run.model_lanes) as lanes:
             # with CPU lanes a batch's slot is in use until its vectors are back: it is refilled
             # then, one batch later, while the next batch computes on the other lane

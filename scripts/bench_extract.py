@@ -116,9 +116,10 @@ def main() -> None:
     ap.add_argument("--fast-decode", action="store_true")
     ap.add_argument("--decoder", default="pil", help="pil | pil-draft | torchvision")
     ap.add_argument("--compile", action="store_true", help="torch.compile embedder's model (both (a) and (b))")
-    ap.add_argument("--variants", default="auto/auto,normal/1",
-                    help="comma list of PRIORITY/LANES: one (b) row each, decode-worker priority (auto | normal "
-                         "| idle) and CPU model lanes (auto | N); normal/1 is the pipeline before both existed")
+    ap.add_argument("--variants", default="normal/auto,normal/1,idle/auto",
+                    help="comma list of PRIORITY/LANES: one (b) row each, decode-worker priority (normal | idle) "
+                         "and CPU model lanes (auto | N); the first is the default, normal/1 the pipeline before "
+                         "lanes existed")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of (a), (b) rows and (c), interleaved; medians reported (shared machines are noisy)")
     ap.add_argument("--json", type=Path, help="also write results here")

@@ -150,9 +150,9 @@ def test_cpu_lanes_compute_batches_at_once_and_keep_the_order(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_decode_workers_yield_the_cpu_to_a_cpu_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU the decode threads run under SCHED_IDLE (they take only cores the model leaves);
-    asked for normal priority, or beside a GPU model, they keep the normal policy."""
+def test_idle_decode_workers_run_under_sched_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--decode-priority idle``: decode threads and processes run under SCHED_IDLE (only on cores
+    nothing else wants); by default they keep the normal policy, and the caller is never lowered."""
     src = tmp_path / "imgs"
     make_images(src, {"a": 8}, size=(40, 40))
     import embedder.decode_pool as dp
@@ -165,13 +165,12 @@ def test_decode_workers_yield_the_cpu_to_a_cpu_model(tmp_path: Path, monkeypatch
         return decode(*a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(dp, "decode_into", recording)
-    for priority, expected in (("auto", os.SCHED_IDLE), ("normal", os.SCHED_OTHER), ("idle", os.SCHED_IDLE)):
+    for priority, expected in (("normal", os.SCHED_OTHER), ("idle", os.SCHED_IDLE)):
         policies.clear()
         extract([str(src)], str(tmp_path / priority), TINY, EmbedOptions(),
                 RunOptions(batch_size=4, decode_in="threads", workers=2, decode_priority=priority))
         assert policies == {expected}, priority
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is never lowered
-    assert dp.resolve_decode_priority("auto", torch.device("cuda")) == "normal"
 
     # decode processes are lowered too (asked in the workers, after their initializer)
     pre = get_backbone("tiny_test").preprocessing()
@@ -292,7 +291,7 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     (["--decode-in", "fork"], "unknown --decode-in 'fork'; valid: auto, threads, processes"),
     (["--engine", "spark"], "unknown engine 'spark'; valid: local, ray"),
     (["--engine", "ray", "--address", "nohost"], "expected auto, HOST:PORT or ray://HOST:PORT"),
-    (["--decode-priority", "high"], "unknown --decode-priority 'high'; valid: auto, normal, idle"),
+    (["--decode-priority", "high"], "unknown --decode-priority 'high'; valid: normal, idle"),
     (["--model-lanes", "0"], "--model-lanes must be at least 1, got 0"),
 ], ids=["decode-in", "engine", "address", "decode-priority", "model-lanes"])
 def test_bad_pipeline_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:

@@ -46,7 +46,7 @@ def extract_command(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 8 on CPU, 128 on CUDA.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1); with --engine ray, model actors (default 1).")] = None,
     decode_in: Annotated[str, typer.Option(help="threads | processes | auto (processes when the model is on a GPU).")] = "auto",
-    decode_priority: Annotated[str, typer.Option(help="normal | idle (decode only on cores the model leaves) | auto (idle when the model is on the CPU).")] = "auto",
+    decode_priority: Annotated[str, typer.Option(help="normal | idle (decode workers only on cores nothing else wants).")] = "normal",
     model_lanes: Annotated[Optional[int], typer.Option(help="CPU: batches computed at once, each on its share of the threads (default: 2 with 2+ cores).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
