@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +35,7 @@ from embedder.decode import (
     ImageMeta,
     decode_file,
     normalize_batch,
+    resolve_decoder,
 )
 from embedder.decode_pool import (
     DECODE_IN,
@@ -70,7 +71,7 @@ class EmbedOptions:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (fixed batch shape; the last batch is padded)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decoder: str = "pil"  # pil (bit-identical to weights.transforms()) | pil-draft | torchvision
+    decoder: str = "pil"  # pil (bit-identical to weights.transforms()) | pil-draft | torchvision | nvjpeg | auto
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,9 @@ class BatchEmbedder:
             raise EmbedderError(f"unknown dtype {options.dtype!r}; valid: float32, float16")
         if options.normalize not in ("none", "l2"):
             raise EmbedderError(f"unknown normalisation {options.normalize!r}; valid: none, l2")
-        if options.decoder not in DECODERS:
-            raise EmbedderError(f"unknown decoder {options.decoder!r}; valid: {', '.join(DECODERS)}")
+        if options.decoder not in (*DECODERS, "auto"):
+            raise EmbedderError(f"unknown decoder {options.decoder!r}; valid: auto, {', '.join(DECODERS)}")
+        options = replace(options, decoder=resolve_decoder(options.decoder))  # provenance names the real one
         if options.precision not in PRECISIONS:
             raise EmbedderError(f"unknown precision {options.precision!r}; valid: {', '.join(PRECISIONS)}")
         self.spec = spec

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedder import storage
-from embedder.decode import DEFAULT_MAX_PIXELS
+from embedder.decode import DEFAULT_MAX_PIXELS, resolve_decoder
 from embedder.decode_pool import DecodeSpec, decode_rows
 from embedder.errors import EmbedderError, RayError
 from embedder.extract import (
@@ -292,6 +292,7 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     import time
 
     t_start = time.perf_counter()
+    embed = replace(embed, decoder=resolve_decoder(embed.decoder))  # tasks get the real decoder's name
     if embed.decoder == "nvjpeg":
         raise RayError("--decoder nvjpeg decodes in the model's process; the Ray engine decodes in CPU tasks: "
                        "use --decoder torchvision (the same resize, libjpeg-turbo) or pil")

@@ -17,7 +17,7 @@ from embedder import checkpoint
 from embedder import index as idx
 from embedder.backbones import get_backbone
 from embedder.cli import app
-from embedder.errors import ProvenanceMismatch, StoreError, WeightsMismatch
+from embedder.errors import EmbedderError, ProvenanceMismatch, StoreError, WeightsMismatch
 from embedder.extract import BatchEmbedder, EmbedOptions, embedder_for, extract
 from embedder.model import ModelSpec, load_network
 from embedder.provenance import Provenance
@@ -190,3 +190,8 @@ def test_decoder_is_recorded_and_never_mixed_in_a_store(image_tree: Path, tmp_pa
         extract([str(image_tree)], out, TINY)
     emb = embedder_for(Store.open(out).provenance, device="cpu")  # queries decode the same way
     assert emb.options.decoder == "torchvision"
+    # auto is the torchvision decoder, and is recorded by that name: it extends the same store
+    s = extract([str(image_tree)], out, TINY, EmbedOptions(decoder="auto"))
+    assert s.done > 0 and Store.open(out).provenance.decoder == "torchvision"
+    with pytest.raises(EmbedderError, match="valid: auto, pil, pil-draft, torchvision, nvjpeg"):
+        extract([str(image_tree)], out, TINY, EmbedOptions(decoder="turbo"))
