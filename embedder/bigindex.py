@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder import storage
+from embedder import faiss_gpu, storage
 from embedder.errors import IndexError_
 from embedder.store import Store
 
@@ -284,7 +284,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     except RuntimeError as e:
         raise IndexError_(f"FAISS cannot build {factory!r}: {str(e).splitlines()[-1]}") from None
     try:
-        base.train(train_x)
+        trained_on = faiss_gpu.train(base, train_x)
     except RuntimeError as e:
         raise IndexError_(f"training {factory} failed ({str(e).splitlines()[-1]}); too few vectors?") from None
     del train_x
@@ -340,7 +340,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     return {"index": tuning, "finish": finish, "held": held, "sample": sample_rows, "queries": query_x,
             "exact": exact, "n": n,
             "dim": dim, "slices": len(slices), "slice_rows": per_slice, "train_rows": len(sample_rows),
-            "train_seconds": round(train_seconds, 3)}
+            "train_seconds": round(train_seconds, 3), "trained_on": trained_on}
 
 
 def add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:

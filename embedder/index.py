@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedder import faiss_gpu, storage
 from embedder import generations as gens
-from embedder import storage
 from embedder.errors import IndexError_, StoreError
 from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
 from embedder.provenance import Provenance
@@ -176,7 +176,7 @@ def ground_truth(x: np.ndarray, queries: np.ndarray, k: int, metric: str, block:
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
     blocks = (x[i:i + block] for i in range(0, len(x), block))
-    d, _ = knn_ground_truth(queries, blocks, k, metric_type=_faiss_metric(metric), ngpu=0)
+    d, _ = knn_ground_truth(queries, blocks, k, metric_type=_faiss_metric(metric), ngpu=faiss_gpu.gpu_count())
     return np.asarray(d, dtype=np.float32)
 
 
@@ -386,6 +386,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
                   + ("; adds as Ray tasks" if options.engine == "ray" else ""),
         "metric": options.metric, "dim": r["dim"], "count": int(index.ntotal), "next_id": r["n"],
         "build_seconds": round(time.perf_counter() - t0, 3), "memory_budget": budget,
+        "trained_on": r["trained_on"],
         "index_bytes": (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / big.LISTS_FILE).stat().st_size,
         "on_disk": {"lists": big.LISTS_FILE, "trained": big.TRAINED_FILE, "slices": r["slices"],
                     "slice_rows": r["slice_rows"], "train_rows": r["train_rows"]},
@@ -415,11 +416,12 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
     order = rng.permutation(n)
     nq = min(options.queries, max(1, n // 10)) if n > 1 else 0
     held, rest = order[:nq], order[nq:]
+    trained_on = None
     if not index.is_trained:
         # A random sample, never the first rows (which are often one class or one folder).
         sample = x[rng.choice(rest, size=min(len(rest), max(p.train_size, 1)), replace=False)]
         try:
-            index.train(sample)
+            trained_on = faiss_gpu.train(index, sample)
         except RuntimeError as e:
             raise IndexError_(f"training {p.factory} failed ({str(e).splitlines()[-1]}); "
                               "too few vectors for this kind? try --kind flat") from None
@@ -452,7 +454,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
         "name": name, "store": storage.resolve(store_path),
         "provenance": store.provenance.to_dict(), "kind": p.kind, "factory": p.factory, "reason": p.reason,
         "metric": options.metric, "dim": dim, "count": int(index.ntotal), "next_id": n,
-        "build_seconds": round(build_seconds, 3), "memory_budget": budget,
+        "build_seconds": round(build_seconds, 3), "memory_budget": budget, "trained_on": trained_on,
         "index_bytes": (tmpdir / INDEX_FILE).stat().st_size,
         "rerank": None if vectors is None else {"file": VECTORS_FILE, "factor": RERANK_FACTOR,
                                                  "dtype": "float16", "memory_mapped": True},

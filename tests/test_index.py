@@ -73,6 +73,40 @@ def test_recall_floors_against_exact(tmp_path: Path, kind: str, floor: float) ->
     assert (meta["rerank"] is not None) == (kind == "ivfpq")
     loaded = idx.LoadedIndex(kind, str(tmp_path / "h"))
     assert recall_vs_numpy(loaded, x, fresh) >= floor
+    assert meta["trained_on"] == (None if kind in ("flat", "hnsw") else "cpu")  # no GPU on a CPU build
+
+
+@pytest.mark.parametrize("factory,metric", [("IVF24,Flat", "ip"), ("IVF24,Flat", "l2"),
+                                            ("IVF24_HNSW32,Flat", "ip"), ("OPQ8_32,IVF24,PQ8", "l2")])
+def test_training_through_the_gpu_hook_gives_faiss_own_centroids(factory: str, metric: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine the IVF k-means assigns with a flat index on the GPUs (FAISS's
+    ``clustering_index``). Given a CPU flat index of the metric ``assigner_metric`` picks, the hook
+    must reproduce FAISS's own training exactly: a wrong metric (IP against L2, or the HNSW
+    quantizer's L2 clustering) moves the centroids."""
+    import faiss
+
+    from embedder import faiss_gpu
+
+    x = clustered(3000, dim=32)
+    m = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    reference = faiss.index_factory(32, factory, m)
+    reference.train(x)
+    hooked = faiss.index_factory(32, factory, m)
+    ivf = faiss.extract_index_ivf(hooked)
+    assert faiss_gpu.train(hooked, x, faiss.IndexFlat(ivf.d, faiss_gpu.assigner_metric(ivf))) == "cpu"
+    assert ivf.clustering_index is None  # the hook is removed again
+
+    def centroids(index: object) -> np.ndarray:
+        q = faiss.extract_index_ivf(index).quantizer
+        return q.reconstruct_n(0, q.ntotal)
+
+    np.testing.assert_array_equal(centroids(reference), centroids(hooked))
+    if "HNSW" in factory:  # a quantizer that trains alone is clustered with L2, whatever the metric
+        assert faiss_gpu.assigner_metric(ivf) == faiss.METRIC_L2
+    assert faiss_gpu.gpu_count() == 0  # faiss-cpu here; and EMBEDDER_FAISS_GPU=0 always means none
+    monkeypatch.setenv(faiss_gpu.ENV, "0")
+    assert faiss_gpu.gpu_count() == 0
 
 
 def test_auto_plan_says_why() -> None:

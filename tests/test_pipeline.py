@@ -274,14 +274,17 @@ def test_gpu_header_checks_refuse_bombs_and_hand_odd_files_to_the_cpu(tmp_path: 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), "--smoke", "--only", "model,extract,probe",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300,
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), "--smoke",
+                        "--only", "model,extract,probe,faiss", "--out", str(out)], capture_output=True, text=True, timeout=300,
                        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert not [row for row in rows if "error" in row], rows
     sections = [row["section"] for row in rows]
     assert sections.count("model_only") == 2 and sections.count("extract") == 4 and sections.count("probe") == 2
+    # faiss-cpu here: the raw IVF row and embedder's training row, both on the CPU
+    assert [(row["section"], row["where"]) for row in rows if row["section"].startswith("faiss")] == \
+        [("faiss", "cpu"), ("faiss_train", "cpu")]
     assert all(row["img_s"] > 0 for row in rows if "img_s" in row)
     assert all(row["images"] == 48 for row in rows if row["section"] == "extract")
     assert "| end to end |" in r.stdout
