@@ -276,7 +276,8 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), "--smoke",
                         "--only", "model,extract,probe,faiss", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+                       capture_output=True, text=True, timeout=300,
+                       env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert not [row for row in rows if "error" in row], rows
