@@ -55,7 +55,7 @@ def train(index: Any, sample: Any, assigner: Any = None) -> str:
     (a CPU assigner gives the very same centroids: tested)."""
     import faiss
 
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf: Any = faiss.try_extract_index_ivf(index)
     if ivf is None:
         index.train(sample)
         return "cpu"
