@@ -242,7 +242,7 @@ class BatchEmbedder:
         whenever anything else (decoding) takes a core from one of torch's threads; independent
         lanes do not wait for each other. Measured on 2 cores, MobileNetV2 at batch 8, 500x375
         JPEGs: the model alone is as fast either way, end to end two lanes were faster than one in
-        each of 6 interleaved runs, by 1-16 % (docs/benchmarks.md, "Model lanes").
+        each of 7 interleaved runs, by 1-16 % (docs/benchmarks.md, "Model lanes").
         """
         if self.device.type != "cpu" or self.options.compile or lanes <= 1:
             yield 1
