@@ -58,6 +58,15 @@ from embedder.store import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arro
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Batch sizes when none is given. CPU: small batches keep activations in cache; measured on 2 cores
+# in one interleaved run (MobileNetV2, 500x375 JPEGs, 5 rounds): batch 4 against 8, model only
+# 182-189 vs 144-156 img/s, extract with two lanes 117-124 vs 96-104; batches 2 and 6 level with 4;
+# ResNet-50 level or better at 4 (docs/benchmarks.md, "Model lanes"). CUDA: 128.
+CPU_BATCH, CUDA_BATCH = 4, 128
+
+
+def default_batch(device: torch.device) -> int:
+    return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class EmbedOptions:
 class RunOptions:
     """How the local pipeline schedules work."""
 
-    batch_size: int | None = None  # None: 8 on CPU (cache-friendly, measured), 128 on CUDA
+    batch_size: int | None = None  # None: default_batch (4 on CPU, 128 on CUDA)
     workers: int | None = None  # decode workers; None: one per core but one
     decode_in: str = "auto"  # threads | processes | auto (processes with a GPU, threads without)
     decode_priority: str = "normal"  # normal | idle (decode workers only on cores nothing else wants)
@@ -423,7 +432,7 @@ def embed_stream(
     CPU lane: once its vectors are back). Shared by
     extract (which writes shards) and predict (which applies a head).
     """
-    bs = run.batch_size or (128 if embedder.device.type == "cuda" else 8)
+    bs = run.batch_size or default_batch(embedder.device)
     crop = embedder.loaded.preprocessing.crop_size
     n_slots = max(2, run.prefetch_batches) + 1
     workers = run.workers or default_workers()

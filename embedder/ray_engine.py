@@ -309,6 +309,7 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     check_preflight(ray, checks)
     summary = ExtractSummary(discovered=len(refs), device=f"ray ({options.workers} workers, "
                              f"{options.gpus_per_worker:g} GPU each)", store=store_path)
+    # CPU actors keep batch 8, at which this engine was measured (the local engine's 4 is unmeasured here)
     batch_size = options.batch_size or run.batch_size or (128 if on_gpu else 8)
     pre = driver.loaded.preprocessing
     max_pixels = embed.max_pixels or DEFAULT_MAX_PIXELS

@@ -36,7 +36,7 @@ from torchvision import datasets
 
 from embedder.backbones import get_backbone
 from embedder.decode_pool import default_lanes
-from embedder.extract import BatchEmbedder, EmbedOptions, Pending, RunOptions, extract
+from embedder.extract import BatchEmbedder, EmbedOptions, Pending, RunOptions, default_batch, extract
 from embedder.model import ModelSpec, _set_module
 from embedder.weights import registry_file
 
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="mobilenet_v2:IMAGENET1K_V1")
     ap.add_argument("--images", type=int, default=192)
     ap.add_argument("--size", default="500x375", help="WxH of generated JPEGs (ImageNet's median is ~500x375)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: embedder's (8 CPU, 128 CUDA)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: embedder's (4 CPU, 128 CUDA)")
     ap.add_argument("--workers", type=int, default=None, help="decode threads for (b)")
     ap.add_argument("--naive-workers", type=int, default=4)
     ap.add_argument("--naive-batch-size", type=int, default=4)
@@ -117,9 +117,9 @@ def main() -> None:
     ap.add_argument("--decoder", default="pil", help="pil | pil-draft | torchvision")
     ap.add_argument("--compile", action="store_true", help="torch.compile embedder's model (both (a) and (b))")
     ap.add_argument("--variants", default="normal/auto,normal/1,idle/auto",
-                    help="comma list of PRIORITY/LANES: one (b) row each, decode-worker priority (normal | idle) "
-                         "and CPU model lanes (auto | N); the first is the default, normal/1 the pipeline before "
-                         "lanes existed")
+                    help="comma list of PRIORITY/LANES[/BATCH]: one (b) row each, decode-worker priority (normal | "
+                         "idle), CPU model lanes (auto | N) and batch size (default: --batch-size); the first is the "
+                         "default, normal/1 the pipeline before lanes existed. (a) runs at every batch size named")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of (a), (b) rows and (c), interleaved; medians reported (shared machines are noisy)")
     ap.add_argument("--json", type=Path, help="also write results here")
@@ -163,26 +163,31 @@ def main() -> None:
             state = None
         crop = embedder.loaded.preprocessing.crop_size
         dev = embedder.device
-        bs = args.batch_size or (128 if dev.type == "cuda" else 8)
+        bs = args.batch_size or default_batch(dev)
         x = torch.randint(0, 256, (bs, 3, crop, crop), dtype=torch.uint8)
         for _ in range(2):
             embedder.embed_pixels(x)
-        variants = [tuple(v.split("/")) for v in args.variants.split(",")]
+        variants = [(*v.split("/")[:2], int(v.split("/")[2]) if v.count("/") == 2 else bs)
+                    for v in args.variants.split(",")]
         lane_counts = sorted({1, default_lanes()} if dev.type == "cpu" else {1})
+        batches = sorted({bs, *(b for _, _, b in variants)})
+        pixels = {b: torch.randint(0, 256, (b, 3, crop, crop), dtype=torch.uint8) for b in batches}
         rounds: list[dict[str, float]] = []
         stages: dict[str, dict[str, object]] = {}
         for r in range(args.repeat):
             row: dict[str, float] = {}
             # (a) model only: one batch at a time on every thread, and (CPU) lanes of batches at once
-            for lanes in lane_counts:
-                row[f"model_only_lanes{lanes}"] = model_only(embedder, x, max(3, args.images // bs), lanes)
+            for b in batches:
+                for lanes in lane_counts:
+                    row[f"model_only_lanes{lanes}_b{b}"] = model_only(embedder, pixels[b], max(3, args.images // b),
+                                                                      lanes)
 
             # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
-            for prio, lanes in variants:
-                key = f"extract_{prio}_lanes{lanes}"
+            for prio, lanes, b in variants:
+                key = f"extract_{prio}_lanes{lanes}_b{b}"
                 t0 = time.perf_counter()
                 summary = extract([str(root)], str(tmp / f"store-{r}-{key}"), spec, opts,
-                                  RunOptions(batch_size=bs, workers=args.workers, decode_priority=prio,
+                                  RunOptions(batch_size=b, workers=args.workers, decode_priority=prio,
                                              model_lanes=None if lanes == "auto" else int(lanes)),
                                   embedder=embedder)
                 row[key] = summary.done / (time.perf_counter() - t0)
@@ -196,7 +201,7 @@ def main() -> None:
 
         med = {k: float(np.median([row[k] for row in rounds])) for k in rounds[0]}
         ceiling = max(v for k, v in med.items() if k.startswith("model_only"))  # the model's best, alone
-        first = f"extract_{variants[0][0]}_lanes{variants[0][1]}"
+        first = "extract_{}_lanes{}_b{}".format(*variants[0])
         result = {
             "backbone": args.backbone, "images": args.images, "size": args.size, "device": str(dev),
             "precision": embedder.precision, "batch_size": bs, "decoder": opts.decoder,
