@@ -61,7 +61,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Batch sizes when none is given. CPU: small batches keep activations in cache; measured on 2 cores
 # in one interleaved run (MobileNetV2, 500x375 JPEGs, 5 rounds): batch 4 against 8, model only
 # 182-189 vs 144-156 img/s, extract with two lanes 117-124 vs 96-104; batches 2 and 6 level with 4;
-# ResNet-50 level or better at 4 (docs/benchmarks.md, "Model lanes"). CUDA: 128.
+# ResNet-50 level or better at 4; the Ray engine's CPU actors level or slightly ahead at 4
+# (docs/benchmarks.md, "Model lanes" and "Ray engine"). CUDA: 128.
 CPU_BATCH, CUDA_BATCH = 4, 128
 
 

@@ -34,6 +34,8 @@ from embedder.decode import DEFAULT_MAX_PIXELS, resolve_decoder
 from embedder.decode_pool import DecodeSpec, decode_rows
 from embedder.errors import EmbedderError, RayError
 from embedder.extract import (
+    CPU_BATCH,
+    CUDA_BATCH,
     BatchEmbedder,
     EmbedOptions,
     ExtractSummary,
@@ -309,8 +311,9 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     check_preflight(ray, checks)
     summary = ExtractSummary(discovered=len(refs), device=f"ray ({options.workers} workers, "
                              f"{options.gpus_per_worker:g} GPU each)", store=store_path)
-    # CPU actors keep batch 8, at which this engine was measured (the local engine's 4 is unmeasured here)
-    batch_size = options.batch_size or run.batch_size or (128 if on_gpu else 8)
+    # the local engine's defaults (CPU actors: 4 measured against 8 with bench_ray, 1 and 2 actors:
+    # level or slightly ahead in all 4 pairs, docs/benchmarks.md)
+    batch_size = options.batch_size or run.batch_size or (CUDA_BATCH if on_gpu else CPU_BATCH)
     pre = driver.loaded.preprocessing
     max_pixels = embed.max_pixels or DEFAULT_MAX_PIXELS
 

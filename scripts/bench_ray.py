@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--backbone", default="mobilenet_v2:IMAGENET1K_V1")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the Ray cluster")
+    ap.add_argument("--ray-batch", default="",
+                    help="comma list of model batch sizes for the Ray rows (default: the engine's own)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
@@ -108,15 +110,17 @@ def main() -> None:
         local_rate = summary["done"] / wall
         rows.append({"engine": "local", "workers": "decode threads", "img_s": round(local_rate, 1),
                      "peak_rss_mib": {"command": peak}})
-        for workers in (1, 2):
+        for k, (batch, workers) in enumerate([(b, w) for b in (args.ray_batch.split(",") if args.ray_batch else [""])
+                                              for w in (1, 2)]):
             sampler = RaySampler()
             sampler.start()
-            summary, wall, _ = run_cli([str(images), "--out", str(tmp / f"ray{workers}"), *base, "--engine", "ray",
-                                        "--address", f"127.0.0.1:{port}", "--workers", str(workers)])
+            summary, wall, _ = run_cli([str(images), "--out", str(tmp / f"ray{k}"), *base,
+                                        "--engine", "ray", "--address", f"127.0.0.1:{port}",
+                                        "--workers", str(workers), *(["--batch-size", batch] if batch else [])])
             sampler.stop.set()
             sampler.join()
             rate = summary["done"] / wall
-            rows.append({"engine": "ray", "workers": workers, "img_s": round(rate, 1),
+            rows.append({"engine": "ray", "workers": workers, "batch": batch or "default", "img_s": round(rate, 1),
                          "vs_local": round(rate / local_rate, 2),
                          "peak_rss_mib": {"ray_workers_sum": sampler.total_mib(), "worker_processes":
                                           len(sampler.peaks)}})

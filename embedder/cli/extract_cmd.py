@@ -43,7 +43,7 @@ def extract_command(
     layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,
     pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 4 on CPU (8 for Ray's CPU actors), 128 on CUDA.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 4 on CPU, 128 on CUDA.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1); with --engine ray, model actors (default 1).")] = None,
     decode_in: Annotated[str, typer.Option(help="threads | processes | auto (processes when the model is on a GPU).")] = "auto",
     decode_priority: Annotated[str, typer.Option(help="normal | idle (decode workers only on cores nothing else wants).")] = "normal",
