@@ -186,8 +186,8 @@ class DecodeWorkers:
     def __init__(self, ring: Ring, spec: DecodeSpec, kind: str, workers: int, priority: str = "normal") -> None:
         if kind not in ("threads", "processes"):
             raise EmbedderError(f"unknown decode worker kind {kind!r}; valid: threads, processes")
-        if priority not in ("normal", "idle"):
-            raise EmbedderError(f"unknown decode priority {priority!r}; valid: normal, idle")
+        if priority not in DECODE_PRIORITIES:
+            raise EmbedderError(f"unknown decode priority {priority!r}; valid: {', '.join(DECODE_PRIORITIES)}")
         self.ring, self.spec, self.kind, self.workers = ring, spec, kind, workers
         self._pool: Executor
         if kind == "threads":
@@ -228,11 +228,6 @@ class DecodeWorkers:
 
     def __exit__(self, *exc: object) -> None:
         self.close(cancel=exc[0] is not None)
-
-
-def default_lanes() -> int:
-    """CPU model lanes: two batches at once wherever there are two cores to run them on."""
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def default_workers() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import platform
 import time
 import uuid
@@ -44,7 +45,6 @@ from embedder.decode_pool import (
     DecodeWorkers,
     Outcome,
     Ring,
-    default_lanes,
     default_workers,
     resolve_decode_in,
     start_server,
@@ -68,6 +68,12 @@ CPU_BATCH, CUDA_BATCH = 4, 128
 
 def default_batch(device: torch.device) -> int:
     return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
+
+
+def default_lanes() -> int:
+    """CPU model lanes (``BatchEmbedder.cpu_lanes``): two batches at once wherever there are two
+    cores to run them on."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -35,8 +36,15 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from embedder.backbones import get_backbone
-from embedder.decode_pool import default_lanes
-from embedder.extract import BatchEmbedder, EmbedOptions, Pending, RunOptions, default_batch, extract
+from embedder.extract import (
+    BatchEmbedder,
+    EmbedOptions,
+    Pending,
+    RunOptions,
+    default_batch,
+    default_lanes,
+    extract,
+)
 from embedder.model import ModelSpec, _set_module
 from embedder.weights import registry_file
 
@@ -219,6 +227,10 @@ def main() -> None:
             **{f"{k}_vs_model_only_per_round": round(float(np.median(
                 [row[k] / max(v for m, v in row.items() if m.startswith("model_only")) for row in rounds])), 3)
                for k in med if k.startswith("extract_")},
+            # the whole script's process (every row ran in it; the tutorial loop's workers are its
+            # children): one peak for all rows; --memory gives each row its own process
+            "peak_rss_mib_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mib_children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
             "stages_last_round": stages,
             "per_round": [{k: round(v, 1) for k, v in row.items()} for row in rounds],
         }
