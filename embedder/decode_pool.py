@@ -28,7 +28,9 @@ from embedder.errors import DecodeError, EmbedderError
 
 log = logging.getLogger(__name__)
 
-DECODE_IN = ("auto", "threads", "processes")
+# ``lanes``: no decode workers; each CPU model lane (``BatchEmbedder.cpu_lanes``) decodes its own
+# batch and then computes it, so the cores never hold more busy threads than there are lanes.
+DECODE_IN = ("auto", "threads", "processes", "lanes")
 # ``idle``: decode workers under SCHED_IDLE, taking only cores nothing else wants. On a CPU the
 # model's threads and the decode workers share the cores, and a parallel region is as slow as its
 # slowest thread (2 cores: MobileNetV2 at 120 img/s alone, 64 beside one busy decode thread, 46
@@ -52,19 +54,27 @@ class DecodeSpec:
 
 
 def resolve_decode_in(decode_in: str, device: torch.device, workers: int, ring_bytes: int,
-                      decoder: str = "pil") -> str:
-    """``auto``: processes when the model runs on a GPU and there are cores to decode on, threads on
-    a CPU-only machine (the model already uses every core there; measured on an H200 with 16 cores:
-    processes 2,486 img/s against threads 770 for the pil decoder). Processes need the ring in shared
-    memory: where /dev/shm is too small for it (a container's 64 MB default) they would die of
-    SIGBUS, so threads are used instead, with a warning."""
+                      decoder: str = "pil", lane_threads: int | None = None) -> str:
+    """``auto``: processes when the model runs on a GPU and there are cores to decode on (measured on
+    an H200 with 16 cores: processes 2,486 img/s against threads 770 for the pil decoder); on a CPU,
+    decoding inside the model lanes when each lane has one thread (``lane_threads``: torch threads
+    per CPU model lane, None without lanes; measured on 2 cores: 8-25 % faster end to end than decode
+    threads beside the lanes, docs/benchmarks.md "Decoding in the lanes"), else threads. Processes
+    need the ring in shared memory: where /dev/shm is too small for it (a container's 64 MB default)
+    they would die of SIGBUS, so threads are used instead, with a warning."""
     if decode_in not in DECODE_IN:
         raise EmbedderError(f"unknown --decode-in {decode_in!r}; valid: {', '.join(DECODE_IN)}")
     kind = decode_in
     if decoder == "nvjpeg":  # decode threads drive the GPU (a CUDA context per process would not pay)
         return "threads"
+    if kind == "lanes" and lane_threads is None:
+        raise EmbedderError("--decode-in lanes decodes inside the CPU model lanes: it needs a CPU device, "
+                            "--model-lanes 2 or more and no --compile")
     if kind == "auto":
-        kind = "processes" if device.type == "cuda" and workers >= 4 else "threads"
+        if device.type == "cuda":
+            kind = "processes" if workers >= 4 else "threads"
+        else:
+            kind = "lanes" if lane_threads == 1 else "threads"
     if kind == "processes":
         free = shm_free_bytes()
         if free is not None and free < ring_bytes * 1.25:

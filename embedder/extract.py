@@ -21,6 +21,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,6 +46,7 @@ from embedder.decode_pool import (
     DecodeWorkers,
     Outcome,
     Ring,
+    decode_rows,
     default_workers,
     resolve_decode_in,
     start_server,
@@ -96,7 +98,8 @@ class RunOptions:
 
     batch_size: int | None = None  # None: default_batch (4 on CPU, 128 on CUDA)
     workers: int | None = None  # decode workers; None: one per core but one
-    decode_in: str = "auto"  # threads | processes | auto (processes with a GPU, threads without)
+    decode_in: str = "auto"  # threads | processes | lanes | auto (processes with a GPU; lanes on a CPU
+    # when each model lane has one thread, threads otherwise)
     decode_priority: str = "normal"  # normal | idle (decode workers only on cores nothing else wants)
     model_lanes: int | None = None  # CPU: batches computed at once; None: 2 where there are 2+ cores
     prefetch_batches: int = 4
@@ -150,16 +153,28 @@ class StageTimes:
     model_s: float = 0.0
     launch_s: float = 0.0  # CUDA: host time spent launching the model's kernels (Python, the GIL)
     write_s: float = 0.0  # rows into the shard buffer, and waiting for the shard writer
+    decode_s: float = 0.0  # decoding inside the CPU model lanes (--decode-in lanes), summed over them
     lanes: int = 1  # batches the model computes at once (CPU lanes); model_s sums over them
 
     def report(self, wall_s: float) -> dict[str, Any]:
-        busy = {"decode": self.decode_wait_s, "copy": self.copy_s, "model": self.model_s / self.lanes,
+        busy = {"decode": self.decode_wait_s + self.decode_s / self.lanes, "copy": self.copy_s,
+                "model": self.model_s / self.lanes,
                 "launch": self.launch_s, "write": self.write_s}
         if self.launch_s > 0.8 * self.model_s > 0:  # the GPU spent its span waiting for launches
             busy["model"] = 0.0
         return {**{k: round(v, 3) for k, v in self.__dict__.items()},
                 "model_utilisation": round(self.model_s / self.lanes / wall_s, 3) if wall_s > 0 else 0.0,
                 "bound_by": max(busy, key=lambda k: busy[k])}
+
+
+@dataclass(frozen=True)
+class LaneResult:
+    """What a lane that decoded its own batch returns (``BatchEmbedder.launch_decoding``)."""
+
+    outcomes: list[Outcome]  # per row: its metadata, or why it was skipped
+    vectors: np.ndarray | None  # one row per outcome (None: every row failed)
+    decode_s: float
+    model_s: float
 
 
 class Pending:
@@ -260,10 +275,11 @@ class BatchEmbedder:
         JPEGs: the model alone is as fast either way, end to end two lanes were faster than one in
         each of 7 interleaved runs, by 1-16 % (docs/benchmarks.md, "Model lanes").
         """
-        if self.device.type != "cpu" or self.options.compile or lanes <= 1:
+        lanes = self.usable_lanes(lanes)
+        if lanes <= 1:
             yield 1
             return
-        threads = max(1, torch.get_num_threads() // lanes)
+        threads = self.lane_threads(lanes)
         self._lanes = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="model-lane",
                                          initializer=torch.set_num_threads, initargs=(threads,))
         self.stages.lanes = lanes
@@ -272,6 +288,34 @@ class BatchEmbedder:
         finally:
             self._lanes.shutdown(wait=True)
             self._lanes = None
+
+    def usable_lanes(self, lanes: int) -> int:
+        """The lanes ``cpu_lanes(LANES)`` runs: 1 on CUDA or with a compiled model."""
+        return 1 if self.device.type != "cpu" or self.options.compile else max(1, lanes)
+
+    @staticmethod
+    def lane_threads(lanes: int) -> int:
+        """Torch threads each of LANES lanes computes on: its share of the caller's."""
+        return max(1, torch.get_num_threads() // lanes)
+
+    def launch_decoding(self, decode: Callable[[], list[Outcome]], pixels: torch.Tensor) -> Future[LaneResult]:
+        """On a CPU lane (inside ``cpu_lanes``): run DECODE, which fills PIXELS and says per row what
+        came of it, then embed PIXELS, as one task. A lane's thread decodes its own batch and then
+        computes it, so the cores never hold more busy threads than there are lanes (decode threads
+        beside the lanes take cores from them; measured on 2 cores, docs/benchmarks.md "Decoding in
+        the lanes"). Rows that failed to decode are computed on stale pixels and dropped by the caller."""
+        if self._lanes is None:
+            raise EmbedderError("decoding in lanes needs CPU model lanes (inside cpu_lanes, 2 or more)")
+        return self._lanes.submit(self._decode_and_compute, decode, pixels)
+
+    def _decode_and_compute(self, decode: Callable[[], list[Outcome]], pixels: torch.Tensor) -> LaneResult:
+        t0 = time.perf_counter()
+        outcomes = decode()
+        decoded = time.perf_counter() - t0
+        if not any(isinstance(o, ImageMeta) for o in outcomes):
+            return LaneResult(outcomes, None, decoded, 0.0)
+        vectors, seconds = self._compute(pixels[:len(outcomes)])
+        return LaneResult(outcomes, vectors, decoded, seconds)
 
     def _compute(self, pixels: torch.Tensor) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -443,8 +487,15 @@ def embed_stream(
     crop = embedder.loaded.preprocessing.crop_size
     n_slots = max(2, run.prefetch_batches) + 1
     workers = run.workers or default_workers()
+    lanes_wanted = embedder.usable_lanes(default_lanes() if run.model_lanes is None else run.model_lanes)
     kind = resolve_decode_in(run.decode_in, embedder.device, workers, n_slots * bs * 3 * crop * crop,
-                             embedder.options.decoder)
+                             embedder.options.decoder,
+                             # idle decode priority is for decode workers: auto keeps them then
+                             embedder.lane_threads(lanes_wanted) if lanes_wanted > 1 and (
+                                 run.decode_in == "lanes" or run.decode_priority == "normal") else None)
+    if kind == "lanes":
+        yield from _stream_in_lanes(refs, embedder, bs, lanes_wanted, on_error)
+        return
     ring = Ring(n_slots, bs, crop, shared=kind == "processes", pin=embedder.device.type == "cuda")
     spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder)
     on_device = spec.decoder == "nvjpeg"  # decode threads write the batch on the GPU directly
@@ -465,7 +516,7 @@ def embed_stream(
 
     try:
         with DecodeWorkers(ring, spec, kind, workers, run.decode_priority) as pool, \
-                embedder.cpu_lanes(default_lanes() if run.model_lanes is None else run.model_lanes) as lanes:
+                embedder.cpu_lanes(lanes_wanted) as lanes:
             # with CPU lanes a batch's slot is in use until its vectors are back: it is refilled
             # then, one batch later, while the next batch computes on the other lane
             deferred = lanes > 1
@@ -535,6 +586,51 @@ def embed_stream(
         ring.close()
 
 
+def _stream_in_lanes(refs: Sequence[ImageRef], embedder: BatchEmbedder, bs: int, lanes: int,
+                     on_error: Callable[[ImageRef, str], None]) -> Generator[tuple[pa.Table, int], None, None]:
+    """``embed_stream`` with ``--decode-in lanes``: every batch is one lane task that decodes its
+    images into its slot of a fixed ring and then computes them (``BatchEmbedder.launch_decoding``).
+    One task per lane is queued behind the running ones, so a lane that finishes starts its next
+    batch at once; rows come out in order, and a slot is refilled as soon as its batch is back."""
+    spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder)
+    n_slots = 2 * lanes
+    ring = Ring(n_slots, bs, spec.pre.crop_size, shared=False, pin=False)
+    it = iter(refs)
+    queued: deque[tuple[int, list[ImageRef], Future[LaneResult]]] = deque()
+    stages = embedder.stages
+    with embedder.cpu_lanes(lanes):
+        try:
+            def fill(slot: int) -> None:
+                chunk = [r for _, r in zip(range(bs), it)]
+                if chunk:
+                    paths = [r.path for r in chunk]
+                    decode = partial(decode_rows, ring.pixels, spec, slot, 0, paths)
+                    queued.append((slot, chunk, embedder.launch_decoding(decode, ring.pixels[slot])))
+
+            for slot in range(n_slots):
+                fill(slot)
+            while queued:
+                slot, chunk, fut = queued.popleft()
+                done = fut.result()  # waiting here is waiting for the lanes: decode_s and model_s say on what
+                stages.decode_s += done.decode_s
+                stages.model_s += done.model_s
+                fill(slot)  # its pixels are no longer needed: the vectors are back
+                good = [i for i, o in enumerate(done.outcomes) if isinstance(o, ImageMeta)]
+                for ref, outcome in zip(chunk, done.outcomes):
+                    if isinstance(outcome, str):
+                        on_error(ref, outcome)
+                        log.info("skipped %s: %s", ref.path, outcome)
+                if done.vectors is None:
+                    yield embedder.schema.empty_table(), len(chunk)
+                    continue
+                metas = [cast(ImageMeta, done.outcomes[i]) for i in good]
+                yield embedder.rows_from([chunk[i] for i in good], metas, done.vectors[good]), len(chunk) - len(good)
+        finally:
+            for _, _, fut in queued:
+                fut.cancel()
+            ring.close()
+
+
 def extract(
     sources: Sequence[str],
     store_path: str,
@@ -555,6 +651,10 @@ def extract(
         start_server()  # decode processes' imports overlap loading the model
     refs = discover(sources)
     embedder = embedder or BatchEmbedder(spec, embed)
+    lanes = embedder.usable_lanes(default_lanes() if run.model_lanes is None else run.model_lanes)
+    # a combination that cannot run is refused before the store is created
+    resolve_decode_in(run.decode_in, embedder.device, 1, 0, embedder.options.decoder,
+                      embedder.lane_threads(lanes) if lanes > 1 else None)
     summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
     provenance = embedder.provenance()
     local = embedder

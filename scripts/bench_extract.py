@@ -124,10 +124,12 @@ def main() -> None:
     ap.add_argument("--fast-decode", action="store_true")
     ap.add_argument("--decoder", default="pil", help="pil | pil-draft | torchvision")
     ap.add_argument("--compile", action="store_true", help="torch.compile embedder's model (both (a) and (b))")
-    ap.add_argument("--variants", default="normal/auto,normal/1,idle/auto",
-                    help="comma list of PRIORITY/LANES[/BATCH]: one (b) row each, decode-worker priority (normal | "
-                         "idle), CPU model lanes (auto | N) and batch size (default: --batch-size); the first is the "
-                         "default, normal/1 the pipeline before lanes existed. (a) runs at every batch size named")
+    ap.add_argument("--variants", default="normal/auto,normal/auto/-/threads,normal/1",
+                    help="comma list of PRIORITY/LANES[/BATCH[/DECODE_IN]]: one (b) row each, decode-worker priority "
+                         "(normal | idle), CPU model lanes (auto | N), batch size (- or absent: --batch-size) and "
+                         "--decode-in (auto | threads | processes | lanes); the first is the default, "
+                         "normal/auto/-/threads decode threads beside two lanes (the default before decoding in the "
+                         "lanes), normal/1 the pipeline before lanes existed. (a) runs at every batch size named")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of (a), (b) rows and (c), interleaved; medians reported (shared machines are noisy)")
     ap.add_argument("--json", type=Path, help="also write results here")
@@ -175,10 +177,13 @@ def main() -> None:
         x = torch.randint(0, 256, (bs, 3, crop, crop), dtype=torch.uint8)
         for _ in range(2):
             embedder.embed_pixels(x)
-        variants = [(*v.split("/")[:2], int(v.split("/")[2]) if v.count("/") == 2 else bs)
-                    for v in args.variants.split(",")]
+        variants = []
+        for v in args.variants.split(","):
+            prio, lanes, *rest = v.split("/")
+            b = int(rest[0]) if rest and rest[0] not in ("", "-") else bs
+            variants.append((prio, lanes, b, rest[1] if len(rest) > 1 else "auto"))
         lane_counts = sorted({1, default_lanes()} if dev.type == "cpu" else {1})
-        batches = sorted({bs, *(b for _, _, b in variants)})
+        batches = sorted({bs, *(b for _, _, b, _ in variants)})
         pixels = {b: torch.randint(0, 256, (b, 3, crop, crop), dtype=torch.uint8) for b in batches}
         rounds: list[dict[str, float]] = []
         stages: dict[str, dict[str, object]] = {}
@@ -191,12 +196,12 @@ def main() -> None:
                                                                       lanes)
 
             # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
-            for prio, lanes, b in variants:
-                key = f"extract_{prio}_lanes{lanes}_b{b}"
+            for prio, lanes, b, decode_in in variants:
+                key = f"extract_{prio}_lanes{lanes}_b{b}" + ("" if decode_in == "auto" else f"_{decode_in}")
                 t0 = time.perf_counter()
                 summary = extract([str(root)], str(tmp / f"store-{r}-{key}"), spec, opts,
                                   RunOptions(batch_size=b, workers=args.workers, decode_priority=prio,
-                                             model_lanes=None if lanes == "auto" else int(lanes)),
+                                             decode_in=decode_in, model_lanes=None if lanes == "auto" else int(lanes)),
                                   embedder=embedder)
                 row[key] = summary.done / (time.perf_counter() - t0)
                 stages[key] = summary.stages
@@ -209,7 +214,8 @@ def main() -> None:
 
         med = {k: float(np.median([row[k] for row in rounds])) for k in rounds[0]}
         ceiling = max(v for k, v in med.items() if k.startswith("model_only"))  # the model's best, alone
-        first = "extract_{}_lanes{}_b{}".format(*variants[0])
+        first = "extract_{}_lanes{}_b{}".format(*variants[0][:3]) + (
+            "" if variants[0][3] == "auto" else f"_{variants[0][3]}")
         result = {
             "backbone": args.backbone, "images": args.images, "size": args.size, "device": str(dev),
             "precision": embedder.precision, "batch_size": bs, "decoder": opts.decoder,

@@ -149,6 +149,64 @@ def test_cpu_lanes_compute_batches_at_once_and_keep_the_order(tmp_path: Path) ->
                                np.stack(rows[3].column("embedding").to_numpy(zero_copy_only=False)), atol=1e-5)
 
 
+def test_lanes_decode_their_own_batches_and_give_the_same_store(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--decode-in lanes``: every image is decoded on a model-lane thread (no decode workers), that
+    thread then computes the batch, and the store is the one decode threads give: the same rows in
+    the same order, the same vectors, the same skipped image; a batch that fails whole is recorded."""
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 17, "b": 14}, size=(48, 40))
+    (src / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    import embedder.decode_pool as dp
+
+    decode = dp.decode_into
+    decoded_on: list[str] = []
+
+    def recording(*a: object, **k: object) -> object:
+        decoded_on.append(threading.current_thread().name)
+        return decode(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp, "decode_into", recording)
+    stores, computed_on = {}, {}
+    for kind in ("threads", "lanes"):
+        decoded_on.clear()
+        emb = BatchEmbedder(TINY)
+        model = emb.model
+        seen: list[str] = []
+
+        def forward(x: torch.Tensor, model: torch.nn.Module = model, seen: list[str] = seen) -> torch.Tensor:
+            seen.append(threading.current_thread().name)
+            return model(x)  # type: ignore[no-any-return]
+
+        emb.model = forward  # type: ignore[assignment]
+        stores[kind] = str(tmp_path / kind)
+        s = extract([str(src)], stores[kind], TINY, EmbedOptions(),
+                    RunOptions(batch_size=4, workers=2, decode_in=kind, model_lanes=2, shard_rows=8), embedder=emb)
+        assert (s.done, s.failed) == (31, 1)
+        assert [p for p, _ in s.failures] == [str(src / "a" / "broken.jpg")]
+        assert len(decoded_on) == 32
+        prefix = "model-lane" if kind == "lanes" else "decode"
+        assert {n.split("_")[0] for n in decoded_on} == {prefix}, (kind, set(decoded_on))
+        computed_on[kind] = set(seen)
+        if kind == "lanes":
+            assert s.stages["decode_s"] > 0 and s.stages["decode_wait_s"] == 0
+    assert {n.split("_")[0] for n in computed_on["lanes"]} == {"model-lane"}
+    rows = {k: Store.open(v).read(["id", "embedding"]) for k, v in stores.items()}
+    assert rows["threads"].column("id").to_pylist() == rows["lanes"].column("id").to_pylist()
+    np.testing.assert_array_equal(np.stack(rows["threads"].column("embedding").to_numpy(zero_copy_only=False)),
+                                  np.stack(rows["lanes"].column("embedding").to_numpy(zero_copy_only=False)))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(5):  # a first batch of 4 that fails whole, then one good image
+        (bad / f"{i}.jpg").write_bytes(b"not an image")
+    make_images(bad / "z", {"ok": 1}, size=(48, 40))
+    s = extract([str(bad)], str(tmp_path / "bad-store"), TINY, EmbedOptions(),
+                RunOptions(batch_size=4, decode_in="lanes", model_lanes=2))
+    assert (s.done, s.failed) == (1, 5)
+    assert len(Store.open(str(tmp_path / "bad-store")).failed_ids()) == 5
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 def test_idle_decode_workers_run_under_sched_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--decode-priority idle``: decode threads and processes run under SCHED_IDLE (only on cores
@@ -184,9 +242,14 @@ def test_idle_decode_workers_run_under_sched_idle(tmp_path: Path, monkeypatch: p
 
 def test_decode_in_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with pytest.raises(EmbedderError, match="valid: auto, threads, processes"):
+    with pytest.raises(EmbedderError, match="valid: auto, threads, processes, lanes"):
         resolve_decode_in("fork", cpu, 4, 1)
-    assert resolve_decode_in("auto", cpu, 15, 1) == "threads"
+    assert resolve_decode_in("auto", cpu, 15, 1) == "threads"  # no lanes
+    assert resolve_decode_in("auto", cpu, 1, 1, lane_threads=1) == "lanes"  # one thread per lane
+    assert resolve_decode_in("auto", cpu, 15, 1, lane_threads=8) == "threads"  # a lane's threads would wait
+    assert resolve_decode_in("lanes", cpu, 15, 1, lane_threads=8) == "lanes"  # asked for
+    with pytest.raises(EmbedderError, match="needs a CPU device, --model-lanes 2 or more"):
+        resolve_decode_in("lanes", cpu, 1, 1)
     assert resolve_decode_in("auto", cuda, 15, 1) == "processes"
     assert resolve_decode_in("processes", cuda, 15, 1, decoder="nvjpeg") == "threads"
     import embedder.decode_pool as dp
@@ -292,12 +355,13 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--decode-in", "fork"], "unknown --decode-in 'fork'; valid: auto, threads, processes"),
+    (["--decode-in", "fork"], "unknown --decode-in 'fork'; valid: auto, threads, processes, lanes"),
+    (["--decode-in", "lanes", "--model-lanes", "1"], "--decode-in lanes decodes inside the CPU model lanes"),
     (["--engine", "spark"], "unknown engine 'spark'; valid: local, ray"),
     (["--engine", "ray", "--address", "nohost"], "expected auto, HOST:PORT or ray://HOST:PORT"),
     (["--decode-priority", "high"], "unknown --decode-priority 'high'; valid: normal, idle"),
     (["--model-lanes", "0"], "--model-lanes must be at least 1, got 0"),
-], ids=["decode-in", "engine", "address", "decode-priority", "model-lanes"])
+], ids=["decode-in", "decode-in-lanes", "engine", "address", "decode-priority", "model-lanes"])
 def test_bad_pipeline_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     src = tmp_path / "imgs"
     make_images(src, {"a": 2})

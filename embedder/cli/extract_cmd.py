@@ -45,7 +45,7 @@ def extract_command(
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 4 on CPU, 128 on CUDA.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1); with --engine ray, model actors (default 1).")] = None,
-    decode_in: Annotated[str, typer.Option(help="threads | processes | auto (processes when the model is on a GPU).")] = "auto",
+    decode_in: Annotated[str, typer.Option(help="threads | processes | lanes (each CPU model lane decodes its own batch) | auto (processes when the model is on a GPU, lanes on a CPU whose lanes have one thread each).")] = "auto",
     decode_priority: Annotated[str, typer.Option(help="normal | idle (decode workers only on cores nothing else wants).")] = "normal",
     model_lanes: Annotated[Optional[int], typer.Option(help="CPU: batches computed at once, each on its share of the threads (default: 2 with 2+ cores).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
