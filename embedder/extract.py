@@ -480,8 +480,10 @@ def embed_stream(
     before batch k's vectors are collected, so on a GPU the device works while the host turns
     vectors into rows, and on a CPU two lanes compute batches k and k+1 at once (see
     ``BatchEmbedder.cpu_lanes``); a slot is refilled as soon as its pixels are on the device (on a
-    CPU lane: once its vectors are back). Shared by
-    extract (which writes shards) and predict (which applies a head).
+    CPU lane: once its vectors are back). With ``decode_in="lanes"`` (what ``auto`` picks on a CPU
+    whose lanes have one thread each) there are no decode workers: each lane decodes its own batch
+    and then computes it (``_stream_in_lanes``). Shared by extract (which writes shards) and predict
+    (which applies a head).
     """
     bs = run.batch_size or default_batch(embedder.device)
     crop = embedder.loaded.preprocessing.crop_size
