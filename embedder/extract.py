@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from embedder import __version__, storage
+from embedder.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
 from embedder.decode import (
     DECODERS,
     DEFAULT_MAX_PIXELS,
@@ -90,6 +91,7 @@ class EmbedOptions:
     compile: bool = False  # torch.compile the model (fixed batch shape; the last batch is padded)
     max_pixels: int = DEFAULT_MAX_PIXELS
     decoder: str = "pil"  # pil (bit-identical to weights.transforms()) | pil-draft | torchvision | nvjpeg | auto
+    cpu_graph: str = "auto"  # CPU, fp32: eager | onednn (TorchScript, oneDNN) | auto (timed on long runs)
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,8 @@ class BatchEmbedder:
         options = replace(options, decoder=resolve_decoder(options.decoder))  # provenance names the real one
         if options.precision not in PRECISIONS:
             raise EmbedderError(f"unknown precision {options.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if options.cpu_graph not in CPU_GRAPHS:
+            raise EmbedderError(f"unknown --cpu-graph {options.cpu_graph!r}; valid: {', '.join(CPU_GRAPHS)}")
         self.spec = spec
         self.options = options
         self.device = resolve_device(options.device)
@@ -256,11 +260,17 @@ class BatchEmbedder:
         if options.compile:
             # one graph for one shape: embed_stream always passes whole batch buffers
             model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
-        self.model = model
+        self.model: torch.nn.Module = model
+        self._eager: torch.nn.Module = model
+        self._onednn: torch.nn.Module | None = None
+        self._onednn_built = False
+        self._graph_choices: dict[tuple[int, int], GraphChoice] = {}
+        self.graph_choice: GraphChoice | None = None  # set by prepare_graph (CPU runs)
         self.schema = row_schema(self.loaded.dim, options.dtype)
         self.stages = StageTimes()
         self._copy_stream: Any = None
         self._lanes: ThreadPoolExecutor | None = None
+        self._lane_count = 1
 
     @contextmanager
     def cpu_lanes(self, lanes: int) -> Iterator[int]:
@@ -282,12 +292,63 @@ class BatchEmbedder:
         threads = self.lane_threads(lanes)
         self._lanes = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="model-lane",
                                          initializer=torch.set_num_threads, initargs=(threads,))
-        self.stages.lanes = lanes
+        self.stages.lanes = self._lane_count = lanes
         try:
             yield lanes
         finally:
             self._lanes.shutdown(wait=True)
             self._lanes = None
+            self._lane_count = 1
+
+    def prepare_graph(self, batch: int, batches: int) -> GraphChoice:
+        """Settle which graph computes this run's batches (``cpu_graph``), for BATCH-sized batches on
+        the lanes now open (``cpu_lanes``), the run being BATCHES batches long. ``auto`` times the
+        eager model against the oneDNN graph on a lane (its thread count is the run's) and keeps the
+        faster; a run shorter than ``AUTO_MIN_BATCHES`` is not worth the timing and stays eager,
+        unless this embedder has timed that setting already. Only on a CPU, in fp32, uncompiled."""
+        option = self.options.cpu_graph
+        if self.device.type != "cpu":
+            return GraphChoice("eager")  # not recorded: there is no CPU graph to speak of
+        if self.options.compile or self.precision != "fp32":
+            choice = GraphChoice("eager", reason="the oneDNN graph is for fp32, uncompiled")
+        elif option == "eager":
+            choice = GraphChoice("eager")
+        else:
+            key = (batch, self._lane_count)
+            cached = self._graph_choices.get(key)
+            if cached is not None:
+                choice = cached
+            elif option == "auto" and batches < AUTO_MIN_BATCHES:
+                choice = GraphChoice("eager", reason=f"a run of fewer than {AUTO_MIN_BATCHES} batches is not timed")
+            else:
+                x = normalize_batch(torch.randint(0, 256, (batch, 3, self.loaded.preprocessing.crop_size,
+                                                           self.loaded.preprocessing.crop_size), dtype=torch.uint8),
+                                    self.loaded.preprocessing)
+                if self.options.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                graph = self._onednn_graph(x)
+                if graph is None:
+                    choice = GraphChoice("eager", reason="no oneDNN graph for this model")
+                elif option == "onednn":
+                    choice = GraphChoice("onednn")
+                else:
+                    eager = self._eager
+                    task = partial(pick, partial(eager, x), partial(graph, x))
+                    choice = self._lanes.submit(task).result() if self._lanes is not None else task()
+                self._graph_choices[key] = choice
+        if choice.graph == "onednn" and self._onednn is not None:
+            self.model = self._onednn
+        elif self.model is self._onednn:
+            self.model = self._eager
+        self.graph_choice = choice
+        log.info("CPU graph: %s %s", choice.graph, choice.record())
+        return choice
+
+    def _onednn_graph(self, example: torch.Tensor) -> torch.nn.Module | None:
+        if not self._onednn_built:
+            self._onednn = onednn_graph(self._eager, example)
+            self._onednn_built = True
+        return self._onednn
 
     def usable_lanes(self, lanes: int) -> int:
         """The lanes ``cpu_lanes(LANES)`` runs: 1 on CUDA or with a compiled model."""
@@ -519,6 +580,7 @@ def embed_stream(
     try:
         with DecodeWorkers(ring, spec, kind, workers, run.decode_priority) as pool, \
                 embedder.cpu_lanes(lanes_wanted) as lanes:
+            embedder.prepare_graph(bs, -(-len(refs) // bs))
             # with CPU lanes a batch's slot is in use until its vectors are back: it is refilled
             # then, one batch later, while the next batch computes on the other lane
             deferred = lanes > 1
@@ -601,6 +663,7 @@ def _stream_in_lanes(refs: Sequence[ImageRef], embedder: BatchEmbedder, bs: int,
     queued: deque[tuple[int, list[ImageRef], Future[LaneResult]]] = deque()
     stages = embedder.stages
     with embedder.cpu_lanes(lanes):
+        embedder.prepare_graph(bs, -(-len(refs) // bs))
         try:
             def fill(slot: int) -> None:
                 chunk = [r for _, r in zip(range(bs), it)]
@@ -744,6 +807,8 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
         last_flush = time.monotonic()
         run_record.update(done=summary.done, failed=summary.failed,
                           seconds=round(time.perf_counter() - t_start, 2))
+        if embedder.graph_choice is not None:  # what computed the vectors on a CPU
+            run_record.update(embedder.graph_choice.record())
         in_flight = writer.submit(write, table, errors, dict(run_record))
         buffer = buffers[1] if buffer is buffers[0] else buffers[0]
         if wait:

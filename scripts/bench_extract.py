@@ -26,7 +26,9 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from embedder.backbones import get_backbone
+from embedder.cpu_graph import AUTO_MIN_BATCHES
 from embedder.extract import (
     BatchEmbedder,
     EmbedOptions,
@@ -91,6 +94,7 @@ def model_only(embedder: BatchEmbedder, x: torch.Tensor, reps: int, lanes: int) 
     from collections import deque
 
     with embedder.cpu_lanes(lanes) as used:
+        embedder.prepare_graph(x.shape[0], AUTO_MIN_BATCHES)  # the graph a long run would use
         pending: deque[Pending] = deque()
         for _ in range(2 * used):  # warm every lane
             pending.append(embedder.launch(x))
@@ -130,6 +134,10 @@ def main() -> None:
                          "--decode-in (auto | threads | processes | lanes); the first is the default, "
                          "normal/auto/-/threads decode threads beside two lanes (the default before decoding in the "
                          "lanes), normal/1 the pipeline before lanes existed. (a) runs at every batch size named")
+    ap.add_argument("--graphs", default="auto",
+                    help="comma list of --cpu-graph values (auto | eager | onednn): (a) and (b) run for each, keys "
+                         "suffixed with the graph when more than one. auto is timed once, before the rounds, for "
+                         "every batch size and lane count (as a long run would at its start; the cost is printed)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of (a), (b) rows and (c), interleaved; medians reported (shared machines are noisy)")
     ap.add_argument("--json", type=Path, help="also write results here")
@@ -177,6 +185,7 @@ def main() -> None:
         x = torch.randint(0, 256, (bs, 3, crop, crop), dtype=torch.uint8)
         for _ in range(2):
             embedder.embed_pixels(x)
+        graphs = args.graphs.split(",")
         variants = []
         for v in args.variants.split(","):
             prio, lanes, *rest = v.split("/")
@@ -185,27 +194,44 @@ def main() -> None:
         lane_counts = sorted({1, default_lanes()} if dev.type == "cpu" else {1})
         batches = sorted({bs, *(b for _, _, b, _ in variants)})
         pixels = {b: torch.randint(0, 256, (b, 3, crop, crop), dtype=torch.uint8) for b in batches}
+        graph_choices: dict[str, object] = {}
+        base = embedder.options  # the decoder resolved (auto: torchvision)
+        for g in graphs:  # what auto settles on, per batch and lane count, timed once like a long run would
+            embedder.options = replace(base, cpu_graph=g)
+            for b in batches:
+                for lanes in lane_counts:
+                    with embedder.cpu_lanes(lanes):
+                        t0 = time.perf_counter()
+                        choice = embedder.prepare_graph(b, AUTO_MIN_BATCHES)
+                        graph_choices[f"{g}_lanes{lanes}_b{b}"] = {**choice.record(),
+                                                                   "seconds": round(time.perf_counter() - t0, 2)}
+        print("CPU graphs:", json.dumps(graph_choices), flush=True)
         rounds: list[dict[str, float]] = []
         stages: dict[str, dict[str, object]] = {}
         for r in range(args.repeat):
             row: dict[str, float] = {}
-            # (a) model only: one batch at a time on every thread, and (CPU) lanes of batches at once
-            for b in batches:
-                for lanes in lane_counts:
-                    row[f"model_only_lanes{lanes}_b{b}"] = model_only(embedder, pixels[b], max(3, args.images // b),
-                                                                      lanes)
+            for g in graphs:
+                embedder.options = replace(base, cpu_graph=g)
+                suffix = f"_{g}" if len(graphs) > 1 else ""
+                # (a) model only: one batch at a time on every thread, and (CPU) lanes of batches at once
+                for b in batches:
+                    for lanes in lane_counts:
+                        row[f"model_only_lanes{lanes}_b{b}{suffix}"] = model_only(
+                            embedder, pixels[b], max(3, args.images // b), lanes)
 
-            # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
-            for prio, lanes, b, decode_in in variants:
-                key = f"extract_{prio}_lanes{lanes}_b{b}" + ("" if decode_in == "auto" else f"_{decode_in}")
-                t0 = time.perf_counter()
-                summary = extract([str(root)], str(tmp / f"store-{r}-{key}"), spec, opts,
-                                  RunOptions(batch_size=b, workers=args.workers, decode_priority=prio,
-                                             decode_in=decode_in, model_lanes=None if lanes == "auto" else int(lanes)),
-                                  embedder=embedder)
-                row[key] = summary.done / (time.perf_counter() - t0)
-                stages[key] = summary.stages
-                shutil.rmtree(tmp / f"store-{r}-{key}", ignore_errors=True)
+                # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
+                for prio, lanes, b, decode_in in variants:
+                    key = (f"extract_{prio}_lanes{lanes}_b{b}" + ("" if decode_in == "auto" else f"_{decode_in}")
+                           + suffix)
+                    t0 = time.perf_counter()
+                    summary = extract([str(root)], str(tmp / f"store-{r}-{key}"), spec, embedder.options,
+                                      RunOptions(batch_size=b, workers=args.workers, decode_priority=prio,
+                                                 decode_in=decode_in,
+                                                 model_lanes=None if lanes == "auto" else int(lanes)),
+                                      embedder=embedder)
+                    row[key] = summary.done / (time.perf_counter() - t0)
+                    stages[key] = summary.stages
+                    shutil.rmtree(tmp / f"store-{r}-{key}", ignore_errors=True)
 
             # (c) the tutorial loop
             row["naive"] = naive_loop(root, name, tag, state, dev, args.naive_batch_size, args.naive_workers)
@@ -215,14 +241,14 @@ def main() -> None:
         med = {k: float(np.median([row[k] for row in rounds])) for k in rounds[0]}
         ceiling = max(v for k, v in med.items() if k.startswith("model_only"))  # the model's best, alone
         first = "extract_{}_lanes{}_b{}".format(*variants[0][:3]) + (
-            "" if variants[0][3] == "auto" else f"_{variants[0][3]}")
+            "" if variants[0][3] == "auto" else f"_{variants[0][3]}") + (f"_{graphs[0]}" if len(graphs) > 1 else "")
         result = {
             "backbone": args.backbone, "images": args.images, "size": args.size, "device": str(dev),
             "precision": embedder.precision, "batch_size": bs, "decoder": opts.decoder,
             "decode_threads": args.workers, "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "rounds": len(rounds),
+            "rounds": len(rounds), "cpu_graphs": graph_choices,
             **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
             "model_only_img_s": round(ceiling, 1),
             "extract_img_s": round(med[first], 1),
@@ -270,21 +296,32 @@ def memory_rows(args: argparse.Namespace, tmp: Path, w: int, h: int, weights_fil
         make_images(run / "images", n, (w, h))
         if weights_file is not None:
             shutil.copy(weights_file, run / "weights.pth")
-        cli = [sys.executable, "-m", "embedder", "extract", str(run / "images"), "--out", str(run / "store"),
-               "--backbone", args.backbone, "--json"]
-        if weights_file is not None:
-            cli += ["--weights", str(weights_file)]
-        rss_e, sec_e = _peak_rss_mib(cli)
+        row: dict[str, object] = {"images": n}
+        for g in args.graphs.split(","):  # the CLI in a fresh process: model loading and graph timing included
+            store = run / f"store-{g}"
+            cli = [sys.executable, "-m", "embedder", "extract", str(run / "images"), "--out", str(store),
+                   "--backbone", args.backbone, "--decoder", args.decoder, "--cpu-graph", g, "--json"]
+            if weights_file is not None:
+                cli += ["--weights", str(weights_file)]
+            rss_e, sec_e = _peak_rss_mib(cli)
+            used = json.loads((store / "_manifest.json").read_text())["runs"][-1].get("cpu_graph")
+            if "extract_img_s" not in row:  # the first graph under the keys earlier runs reported
+                row.update(extract_peak_rss_mib=round(rss_e), extract_img_s=round(n / sec_e, 1))
+            row.update({f"extract_{g}_img_s": round(n / sec_e, 1), f"extract_{g}_peak_rss_mib": round(rss_e),
+                        f"extract_{g}_ran": used})
+            shutil.rmtree(store, ignore_errors=True)
         naive = [sys.executable, __file__, "--child", "naive", "--root", str(run), "--backbone", args.backbone,
                  "--naive-workers", str(args.naive_workers), "--naive-batch-size", str(args.naive_batch_size)]
         rss_n, sec_n = _peak_rss_mib(naive)
-        rows.append({"images": n, "extract_peak_rss_mib": round(rss_e), "extract_img_s": round(n / sec_e, 1),
-                     "naive_peak_rss_mib": round(rss_n), "naive_img_s": round(n / sec_n, 1)})
+        row.update(naive_peak_rss_mib=round(rss_n), naive_img_s=round(n / sec_n, 1))
+        rows.append(row)
         shutil.rmtree(run / "images", ignore_errors=True)
     result = {"backbone": args.backbone, "size": args.size, "cores": os.cpu_count(),
               "cpu": platform.processor() or platform.machine(), "rows": rows,
-              "extract_rss_ratio_10x": round(rows[1]["extract_peak_rss_mib"] / rows[0]["extract_peak_rss_mib"], 3),
-              "naive_rss_ratio_10x": round(rows[1]["naive_peak_rss_mib"] / rows[0]["naive_peak_rss_mib"], 3)}
+              "extract_rss_ratio_10x": round(cast(float, rows[1]["extract_peak_rss_mib"])
+                                             / cast(float, rows[0]["extract_peak_rss_mib"]), 3),
+              "naive_rss_ratio_10x": round(cast(float, rows[1]["naive_peak_rss_mib"])
+                                           / cast(float, rows[0]["naive_peak_rss_mib"]), 3)}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

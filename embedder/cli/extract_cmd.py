@@ -57,6 +57,7 @@ def extract_command(
     decoder: Annotated[str, typer.Option(help="pil (bit-identical to the weights' transforms) | pil-draft | torchvision (JPEGs ~2x faster, pixels within 1 level) | nvjpeg (JPEGs decoded on the GPU) | auto (the fastest measured to match pil: torchvision).")] = "pil",
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).")] = False,
+    cpu_graph: Annotated[str, typer.Option(help="CPU, fp32: eager | onednn (TorchScript graph optimised for oneDNN) | auto (time both on runs of 1,000+ images at batch 4, keep the faster).")] = "auto",
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data: decode tasks + model actors; pip install 'embedder[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray: auto | HOST:PORT | ray://HOST:PORT (default: a local Ray instance).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="Ray: GPUs per model actor (--workers actors).")] = 0.0,
@@ -71,7 +72,7 @@ def extract_command(
     setup_logging(verbose)
     spec = model_spec(backbone, weights, layer, pool, image_size)
     embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
-                         decoder="pil-draft" if fast_decode else decoder, compile=compile_model)
+                         decoder="pil-draft" if fast_decode else decoder, compile=compile_model, cpu_graph=cpu_graph)
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=decode_in, shard_rows=shard_rows,
                      retry_failed=retry_failed, decode_priority=decode_priority, model_lanes=model_lanes)
     if engine not in ("local", "ray"):

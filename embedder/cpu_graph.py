@@ -1,0 +1,97 @@
+"""Which graph computes a CPU batch: the eager model, or the same model traced into TorchScript,
+frozen and optimised for inference (``torch.jit.optimize_for_inference``: oneDNN layouts across
+convolution chains, convolution + activation fused) — and the timing that picks one.
+
+Neither wins everywhere. Measured on 2 cores, batch 4, one thread (docs/benchmarks.md, "A faster CPU
+graph"): the oneDNN graph is 24 % faster for MobileNetV2, 17 % for MNASNet, 18 % for ResNet-50, level
+for ResNet-18 or VGG, 18-40 % slower for EfficientNets and DenseNet; ResNet-50's gain is gone at two
+threads. So ``auto`` times both, on the batch size and the thread count the run will use, and keeps
+the oneDNN graph only when it is clearly faster. The two give the same vectors to fp32 rounding
+(checked on every build: a graph further than ``MAX_REL_DIFF`` from eager is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CPU_GRAPHS = ("auto", "eager", "onednn")
+# auto keeps the oneDNN graph only when it is at least this much faster (timing noise on a shared
+# machine is a few per cent; eager is the reference)
+MIN_GAIN = 1.05
+# auto times the graphs only when the run has at least this many batches: the timing costs ~12
+# batches plus tracing (~0.5 s for MobileNetV2, ~4 s for ResNet-50 on 1 thread), which a short
+# run would not win back
+AUTO_MIN_BATCHES = 250
+MAX_REL_DIFF = 1e-4
+_WARMUP, _TIMED = 3, 3  # TorchScript's profiling executor optimises a graph on its first calls
+
+
+@dataclass(frozen=True)
+class GraphChoice:
+    """What ``auto`` (or the option) settled on, for the run record."""
+
+    graph: str  # eager | onednn
+    eager_ms: float | None = None  # per batch, best of the timed calls (auto only)
+    onednn_ms: float | None = None
+    reason: str = ""
+
+    def record(self) -> dict[str, object]:
+        out: dict[str, object] = {"cpu_graph": self.graph}
+        if self.eager_ms is not None:
+            out["cpu_graph_ms"] = {"eager": self.eager_ms, "onednn": self.onednn_ms}
+        if self.reason:
+            out["cpu_graph_reason"] = self.reason
+        return out
+
+
+def onednn_graph(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """MODEL traced on EXAMPLE (a float batch in the model's input layout), frozen and optimised for
+    CPU inference; None where tracing or optimising fails or the graph's output moves from eager's."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
+        try:
+            graph = torch.jit.optimize_for_inference(torch.jit.trace(model.eval(), example))
+            reference, got = model(example), graph(example)
+        except Exception as e:  # noqa: BLE001 - a graph TorchScript cannot take stays eager
+            log.info("no oneDNN graph for this model (%s: %s); eager", type(e).__name__, str(e)[:200])
+            return None
+    if not isinstance(got, torch.Tensor) or got.shape != reference.shape:
+        log.info("the oneDNN graph returns another shape; eager")
+        return None
+    scale = float(reference.abs().max()) or 1.0
+    diff = float((got - reference).abs().max()) / scale
+    if diff > MAX_REL_DIFF:
+        log.info("the oneDNN graph differs from eager by %.2e (relative); eager", diff)
+        return None
+    return graph  # type: ignore[no-any-return]
+
+
+def seconds_per_call(fn: Callable[[], object], warmup: int = _WARMUP, timed: int = _TIMED) -> float:
+    """The best of TIMED calls of FN after WARMUP untimed ones."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(timed):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def pick(eager: Callable[[], object], onednn: Callable[[], object]) -> GraphChoice:
+    """Time both on the calling thread (its thread count is the run's); eager unless oneDNN is at
+    least ``MIN_GAIN`` times faster."""
+    with torch.inference_mode():
+        t_eager = seconds_per_call(eager)
+        t_onednn = seconds_per_call(onednn)
+    graph = "onednn" if t_eager >= MIN_GAIN * t_onednn else "eager"
+    return GraphChoice(graph, round(t_eager * 1000, 2), round(t_onednn * 1000, 2))
