@@ -4,9 +4,10 @@ convolution chains, convolution + activation fused) — and the timing that pick
 
 Neither wins everywhere. Measured on 2 cores, batch 4, one thread (docs/benchmarks.md, "A faster CPU
 graph"): the oneDNN graph is 24 % faster for MobileNetV2, 17 % for MNASNet, 18 % for ResNet-50, level
-for ResNet-18 or VGG, 18-40 % slower for EfficientNets and DenseNet; ResNet-50's gain is gone at two
-threads. So ``auto`` times both, on the batch size and the thread count the run will use, and keeps
-the oneDNN graph only when it is clearly faster. The two give the same vectors to fp32 rounding
+for ResNet-18 or VGG, 18-40 % slower for EfficientNets and DenseNet, and ResNet-50's gain at two
+threads moved between 0 and 12 % from one run to the next. So ``auto`` times both, on the batch
+size and the thread count the run will use, and keeps the oneDNN graph only when it is clearly
+faster. The two give the same vectors to fp32 rounding
 (checked on every build: a graph further than ``MAX_REL_DIFF`` from eager is refused).
 """
 
@@ -27,9 +28,9 @@ CPU_GRAPHS = ("auto", "eager", "onednn")
 # auto keeps the oneDNN graph only when it is at least this much faster (timing noise on a shared
 # machine is a few per cent; eager is the reference)
 MIN_GAIN = 1.05
-# auto times the graphs only when the run has at least this many batches: the timing costs ~12
-# batches plus tracing (~0.5 s for MobileNetV2, ~4 s for ResNet-50 on 1 thread), which a short
-# run would not win back
+# auto times the graphs only when the run has at least this many batches: the timing costs 12
+# batches plus tracing (measured at batch 4 on 2 cores: ~1 s for MobileNetV2, ~3 s for ResNet-50),
+# which a short run would not win back
 AUTO_MIN_BATCHES = 250
 MAX_REL_DIFF = 1e-4
 _WARMUP, _TIMED = 3, 3  # TorchScript's profiling executor optimises a graph on its first calls

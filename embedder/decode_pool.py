@@ -58,8 +58,9 @@ def resolve_decode_in(decode_in: str, device: torch.device, workers: int, ring_b
     """``auto``: processes when the model runs on a GPU and there are cores to decode on (measured on
     an H200 with 16 cores: processes 2,486 img/s against threads 770 for the pil decoder); on a CPU,
     decoding inside the model lanes when each lane has one thread (``lane_threads``: torch threads
-    per CPU model lane, None without lanes; measured on 2 cores: 8-25 % faster end to end than decode
-    threads beside the lanes, docs/benchmarks.md "Decoding in the lanes"), else threads. Processes
+    per CPU model lane, None without lanes; measured on 2 cores, medians of 5 rounds: 5 % (pil) and
+    14 % (torchvision decoder) faster end to end than decode threads beside the lanes,
+    docs/benchmarks.md "Decoding in the lanes"), else threads. Processes
     need the ring in shared memory: where /dev/shm is too small for it (a container's 64 MB default)
     they would die of SIGBUS, so threads are used instead, with a warning."""
     if decode_in not in DECODE_IN:

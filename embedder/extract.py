@@ -264,7 +264,7 @@ class BatchEmbedder:
         self._eager: torch.nn.Module = model
         self._onednn: torch.nn.Module | None = None
         self._onednn_built = False
-        self._graph_choices: dict[tuple[int, int], GraphChoice] = {}
+        self._graph_choices: dict[tuple[str, int, int], GraphChoice] = {}
         self.graph_choice: GraphChoice | None = None  # set by prepare_graph (CPU runs)
         self.schema = row_schema(self.loaded.dim, options.dtype)
         self.stages = StageTimes()
@@ -314,7 +314,7 @@ class BatchEmbedder:
         elif option == "eager":
             choice = GraphChoice("eager")
         else:
-            key = (batch, self._lane_count)
+            key = (option, batch, self._lane_count)
             cached = self._graph_choices.get(key)
             if cached is not None:
                 choice = cached

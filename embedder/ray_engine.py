@@ -152,11 +152,14 @@ def _decode_batch(batch: dict[str, np.ndarray], pre: Any, max_pixels: int, decod
 class _Embed:
     """A Ray actor: the model loaded once; decoded batches in, the store's rows out (+ ``error``)."""
 
-    def __init__(self, spec: ModelSpec, embed: EmbedOptions) -> None:
+    def __init__(self, spec: ModelSpec, embed: EmbedOptions, batch_size: int = CPU_BATCH, batches: int = 0) -> None:
         try:
             self.embedder = BatchEmbedder(spec, embed)
         except EmbedderError as e:  # surfaces on the driver as the actor's death reason
             raise RuntimeError(f"worker on {os.uname().nodename} cannot load the model: {e}") from None
+        # a CPU actor settles its graph once (--cpu-graph; auto times both when its share of the
+        # run, BATCHES batches, is long enough), on its own threads
+        self.embedder.prepare_graph(batch_size, batches)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
@@ -268,7 +271,9 @@ def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedO
     ds = ds.map_batches(_decode_batch, fn_kwargs={"pre": pre, "max_pixels": max_pixels, "decoder": embed.decoder},
                         batch_size=decode_batch, batch_format="numpy", num_cpus=options.decode_cpus,
                         memory=decode_memory)
-    ds = ds.map_batches(_Embed, fn_constructor_kwargs={"spec": spec, "embed": embed}, batch_size=batch_size,
+    per_actor = -(-len(todo) // (batch_size * max(1, options.workers)))
+    ds = ds.map_batches(_Embed, fn_constructor_kwargs={"spec": spec, "embed": embed, "batch_size": batch_size,
+                                                       "batches": per_actor}, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),
                         num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None)
     # Workers write the shards; the driver only commits them (no vectors pass through the driver).
@@ -324,7 +329,9 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
         if todo:
             record = new_run_record(driver, {"engine": "ray", "device": worker_embed.device,
                                              "address": options.address or "local", "workers": options.workers,
-                                             "gpus_per_worker": options.gpus_per_worker})
+                                             "gpus_per_worker": options.gpus_per_worker,
+                                             # each CPU actor settles its own graph (auto: timed there)
+                                             **({} if on_gpu else {"cpu_graph": worker_embed.cpu_graph})})
             ds = _pipeline(ray, todo, spec, worker_embed, options, batch_size, run.shard_rows, pre, max_pixels,
                            store, provenance.to_json(), driver.dim)
             _commit(ray, ds, store, todo, record, summary, progress, t_start)

@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the Ray cluster")
     ap.add_argument("--ray-batch", default="",
                     help="comma list of model batch sizes for the Ray rows (default: the engine's own)")
+    ap.add_argument("--cpu-graphs", default="auto",
+                    help="comma list of --cpu-graph values (auto | eager | onednn): every row runs with each; auto "
+                         "times the graphs only on runs of 250+ batches (per actor on Ray)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
@@ -105,26 +108,27 @@ def main() -> None:
         images = tmp / "images"
         make_images(images, args.images, (500, 375))
         time.sleep(8)  # the head's processes settle
-        base = ["--backbone", args.backbone]
-        summary, wall, peak = run_cli([str(images), "--out", str(tmp / "local"), *base])
-        local_rate = summary["done"] / wall
-        rows.append({"engine": "local", "workers": "decode threads", "img_s": round(local_rate, 1),
-                     "peak_rss_mib": {"command": peak}})
-        for k, (batch, workers) in enumerate([(b, w) for b in (args.ray_batch.split(",") if args.ray_batch else [""])
-                                              for w in (1, 2)]):
-            sampler = RaySampler()
-            sampler.start()
-            summary, wall, _ = run_cli([str(images), "--out", str(tmp / f"ray{k}"), *base,
-                                        "--engine", "ray", "--address", f"127.0.0.1:{port}",
-                                        "--workers", str(workers), *(["--batch-size", batch] if batch else [])])
-            sampler.stop.set()
-            sampler.join()
-            rate = summary["done"] / wall
-            rows.append({"engine": "ray", "workers": workers, "batch": batch or "default", "img_s": round(rate, 1),
-                         "vs_local": round(rate / local_rate, 2),
-                         "peak_rss_mib": {"ray_workers_sum": sampler.total_mib(), "worker_processes":
-                                          len(sampler.peaks)}})
-            assert summary["done"] == args.images, summary
+        for graph in args.cpu_graphs.split(","):
+            base = ["--backbone", args.backbone, "--cpu-graph", graph]
+            summary, wall, peak = run_cli([str(images), "--out", str(tmp / f"local-{graph}"), *base])
+            local_rate = summary["done"] / wall
+            rows.append({"engine": "local", "cpu_graph": graph, "workers": "decode in lanes",
+                         "img_s": round(local_rate, 1), "peak_rss_mib": {"command": peak}})
+            for k, (batch, workers) in enumerate([(b, w) for b in (args.ray_batch.split(",") if args.ray_batch
+                                                                   else [""]) for w in (1, 2)]):
+                sampler = RaySampler()
+                sampler.start()
+                summary, wall, _ = run_cli([str(images), "--out", str(tmp / f"ray{k}-{graph}"), *base,
+                                            "--engine", "ray", "--address", f"127.0.0.1:{port}",
+                                            "--workers", str(workers), *(["--batch-size", batch] if batch else [])])
+                sampler.stop.set()
+                sampler.join()
+                rate = summary["done"] / wall
+                rows.append({"engine": "ray", "cpu_graph": graph, "workers": workers, "batch": batch or "default",
+                             "img_s": round(rate, 1), "vs_local": round(rate / local_rate, 2),
+                             "peak_rss_mib": {"ray_workers_sum": sampler.total_mib(), "worker_processes":
+                                              len(sampler.peaks)}})
+                assert summary["done"] == args.images, summary
     finally:
         head.terminate()
         try:

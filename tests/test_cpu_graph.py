@@ -95,6 +95,8 @@ def test_extract_records_the_graph_and_onednn_gives_eager_vectors(tmp_path: Path
             assert emb._onednn is not None and emb.model is emb._onednn
         else:
             assert emb.model is emb._eager
+    info = CliRunner().invoke(app, ["info", stores["onednn"]])
+    assert info.exit_code == 0 and "CPU graph onednn" in info.output, info.output
     eager, onednn = _vectors(stores["eager"]), _vectors(stores["onednn"])
     np.testing.assert_allclose(onednn, eager, rtol=0, atol=1e-5 * float(np.abs(eager).max()))
 

@@ -132,11 +132,18 @@ def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, c
     # resume: nothing new is scheduled, the failure is not retried
     again = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
     assert (again.done, again.skipped_present, again.skipped_failed_before) == (0, 27, 1)
-    # new images only
+    # new images only, embedded by actors on the oneDNN graph: the local engine's vectors still
     make_images(src / "c", {"": 3}, size=(64, 48), seed=5)
-    more = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
+    more = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(cpu_graph="onednn"),
+                       RunOptions(batch_size=4), opts)
     assert (more.done, more.skipped_present) == (3, 27)
     assert Store.open(str(tmp_path / "ray")).count() == 30
+    assert Store.open(str(tmp_path / "ray")).manifest()["runs"][-1]["cpu_graph"] == "onednn"
+    extract([str(src)], str(tmp_path / "local"), TINY, EmbedOptions(), RunOptions(batch_size=4))
+    ids_r, vec_r = _store_vectors(tmp_path / "ray")
+    ids_l, vec_l = _store_vectors(tmp_path / "local")
+    assert ids_r == ids_l and len(ids_r) == 30
+    np.testing.assert_allclose(vec_r, vec_l, atol=1e-5)
 
 
 def _cli(src: Path, store: Path, address: str) -> list[str]:

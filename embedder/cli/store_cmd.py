@@ -36,7 +36,8 @@ def info_command(
     out.print("versions   " + ", ".join(f"{k} {v}" for k, v in p.versions.items()))
     if info.runs:
         last = info.runs[-1]
-        out.print(f"last run   {last.get('started')} on {last.get('device')} ({last.get('precision')})")
+        graph = f", CPU graph {last['cpu_graph']}" if last.get("cpu_graph") else ""
+        out.print(f"last run   {last.get('started')} on {last.get('device')} ({last.get('precision')}{graph})")
     if info.labels:
         table = Table("label", "images")
         for label, n in info.labels.items():
