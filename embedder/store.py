@@ -324,7 +324,15 @@ class Store:
         return set(self.errors().column("id").to_pylist())
 
     def count(self) -> int:
-        return sum(storage.open_parquet(p).metadata.num_rows for p in self.shard_files())
+        """Rows in the store: the manifest's row count for each shard it lists (one read, where a
+        footer per shard would be a ranged GET each in object storage), a footer for a shard it does
+        not list yet (a running writer's newest shards, a killed writer's last)."""
+        listed = {s["file"]: int(s["rows"]) for s in self.manifest().get("shards", [])}
+        total = 0
+        for p in self.shard_files():
+            rows = listed.get(storage.name(p))
+            total += rows if rows is not None else storage.open_parquet(p).metadata.num_rows
+        return total
 
     def info(self) -> StoreInfo:
         labels = self.read(["label"]).column("label").to_pylist()

@@ -221,3 +221,36 @@ def test_compiled_model_gives_the_same_vectors(image_tree: Path, tmp_path: Path)
 
     runs = _json.loads((Path(compiled) / "_manifest.json").read_text())["runs"]
     assert runs[-1]["compiled"] is True and runs[-1]["decoder"] == "pil"
+
+
+def test_count_reads_the_manifest_not_a_footer_per_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Store.count`` takes the manifest's row counts (in object storage a footer is a ranged GET per
+    shard) and reads a footer only for a shard the manifest does not list yet."""
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 11, "b": 10}, size=(40, 40))
+    out = str(tmp_path / "s")
+    extract([str(src)], out, TINY, run=RunOptions(batch_size=4, shard_rows=5))
+    store = Store.open(out)
+    files = store.shard_files()
+    assert len(files) == 5
+    from embedder import storage
+
+    footers: list[str] = []
+    open_parquet = storage.open_parquet
+
+    def counting(path: str) -> object:
+        footers.append(path)
+        return open_parquet(path)
+
+    monkeypatch.setattr(storage, "open_parquet", counting)
+    assert store.count() == 21 and footers == []
+    # a shard the manifest does not list yet (a writer killed before its manifest update)
+    manifest_path = tmp_path / "s" / "_manifest.json"
+    m = json.loads(manifest_path.read_text())
+    dropped = m["shards"].pop()
+    manifest_path.write_text(json.dumps(m))
+    assert store.count() == 21 and [Path(p).name for p in footers] == [dropped["file"]]
+    # a shard the manifest lists but that is gone is not counted
+    gone = pq.read_metadata(files[0]).num_rows
+    Path(files[0]).unlink()
+    assert store.count() == 21 - gone
