@@ -306,42 +306,39 @@ class BatchEmbedder:
         eager model against the oneDNN graph on a lane (its thread count is the run's) and keeps the
         faster; a run shorter than ``AUTO_MIN_BATCHES`` is not worth the timing and stays eager,
         unless this embedder has timed that setting already. Only on a CPU, in fp32, uncompiled."""
-        option = self.options.cpu_graph
         if self.device.type != "cpu":
             return GraphChoice("eager")  # not recorded: there is no CPU graph to speak of
-        if self.options.compile or self.precision != "fp32":
-            choice = GraphChoice("eager", reason="the oneDNN graph is for fp32, uncompiled")
-        elif option == "eager":
-            choice = GraphChoice("eager")
-        else:
-            key = (option, batch, self._lane_count)
-            cached = self._graph_choices.get(key)
-            if cached is not None:
-                choice = cached
-            elif option == "auto" and batches < AUTO_MIN_BATCHES:
-                choice = GraphChoice("eager", reason=f"a run of fewer than {AUTO_MIN_BATCHES} batches is not timed")
-            else:
-                x = normalize_batch(torch.randint(0, 256, (batch, 3, self.loaded.preprocessing.crop_size,
-                                                           self.loaded.preprocessing.crop_size), dtype=torch.uint8),
-                                    self.loaded.preprocessing)
-                if self.options.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                graph = self._onednn_graph(x)
-                if graph is None:
-                    choice = GraphChoice("eager", reason="no oneDNN graph for this model")
-                elif option == "onednn":
-                    choice = GraphChoice("onednn")
-                else:
-                    eager = self._eager
-                    task = partial(pick, partial(eager, x), partial(graph, x))
-                    choice = self._lanes.submit(task).result() if self._lanes is not None else task()
-                self._graph_choices[key] = choice
+        choice = self._settle_graph(batch, batches)
         if choice.graph == "onednn" and self._onednn is not None:
             self.model = self._onednn
         elif self.model is self._onednn:
             self.model = self._eager
         self.graph_choice = choice
         log.info("CPU graph: %s %s", choice.graph, choice.record())
+        return choice
+
+    def _settle_graph(self, batch: int, batches: int) -> GraphChoice:
+        option = self.options.cpu_graph
+        if self.options.compile or self.precision != "fp32":
+            return GraphChoice("eager", reason="the oneDNN graph is for fp32, uncompiled")
+        if option == "eager":
+            return GraphChoice("eager")
+        key = (option, batch, self._lane_count)
+        if key in self._graph_choices:
+            return self._graph_choices[key]
+        if option == "auto" and batches < AUTO_MIN_BATCHES:
+            return GraphChoice("eager", reason=f"a run of fewer than {AUTO_MIN_BATCHES} batches is not timed")
+        crop = self.loaded.preprocessing.crop_size
+        x = self._model_input(torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8))
+        graph = self._onednn_graph(x)
+        if graph is None:
+            choice = GraphChoice("eager", reason="no oneDNN graph for this model")
+        elif option == "onednn":
+            choice = GraphChoice("onednn")
+        else:
+            task = partial(pick, partial(self._eager, x), partial(graph, x))
+            choice = self._lanes.submit(task).result() if self._lanes is not None else task()
+        self._graph_choices[key] = choice
         return choice
 
     def _onednn_graph(self, example: torch.Tensor) -> torch.nn.Module | None:
@@ -401,11 +398,14 @@ class BatchEmbedder:
     def decode(self, path: str) -> Decoded:
         return decode_file(path, self.loaded.preprocessing, self.options.max_pixels, self.options.decoder)
 
+    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] → the normalised float batch the model takes, in its memory layout."""
+        x = normalize_batch(pixels, self.loaded.preprocessing)
+        return x.contiguous(memory_format=torch.channels_last) if self.options.channels_last else x
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] on the model's device → float32 [N, dim] on that device."""
-        x = normalize_batch(x, self.loaded.preprocessing)
-        if self.options.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._model_input(x)
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             with torch.autocast(self.device.type, dtype=dtype):
@@ -527,6 +527,11 @@ class _Launched:
     pending: Pending | None
 
 
+def _run_lanes(embedder: BatchEmbedder, run: RunOptions) -> int:
+    """The CPU model lanes a run gets: ``--model-lanes`` or the default, as far as the model allows."""
+    return embedder.usable_lanes(default_lanes() if run.model_lanes is None else run.model_lanes)
+
+
 def embed_stream(
     refs: Sequence[ImageRef],
     embedder: BatchEmbedder,
@@ -550,7 +555,7 @@ def embed_stream(
     crop = embedder.loaded.preprocessing.crop_size
     n_slots = max(2, run.prefetch_batches) + 1
     workers = run.workers or default_workers()
-    lanes_wanted = embedder.usable_lanes(default_lanes() if run.model_lanes is None else run.model_lanes)
+    lanes_wanted = _run_lanes(embedder, run)
     kind = resolve_decode_in(run.decode_in, embedder.device, workers, n_slots * bs * 3 * crop * crop,
                              embedder.options.decoder,
                              # idle decode priority is for decode workers: auto keeps them then
@@ -716,7 +721,7 @@ def extract(
         start_server()  # decode processes' imports overlap loading the model
     refs = discover(sources)
     embedder = embedder or BatchEmbedder(spec, embed)
-    lanes = embedder.usable_lanes(default_lanes() if run.model_lanes is None else run.model_lanes)
+    lanes = _run_lanes(embedder, run)
     # a combination that cannot run is refused before the store is created
     resolve_decode_in(run.decode_in, embedder.device, 1, 0, embedder.options.decoder,
                       embedder.lane_threads(lanes) if lanes > 1 else None)

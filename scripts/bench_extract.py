@@ -89,6 +89,11 @@ def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torc
     return n / (time.perf_counter() - t0)
 
 
+def variant_key(prio: str, lanes: str, batch: int, decode_in: str) -> str:
+    """An extract row's name: extract_PRIORITY_lanesN_bBATCH, with _DECODE_IN unless auto."""
+    return f"extract_{prio}_lanes{lanes}_b{batch}" + ("" if decode_in == "auto" else f"_{decode_in}")
+
+
 def model_only(embedder: BatchEmbedder, x: torch.Tensor, reps: int, lanes: int) -> float:
     """img/s of the model alone on one uint8 batch, LANES batches in flight (CPU lanes)."""
     from collections import deque
@@ -221,8 +226,7 @@ def main() -> None:
 
                 # (b) embedder extract, end to end (the model is already loaded, as in a warm pipeline)
                 for prio, lanes, b, decode_in in variants:
-                    key = (f"extract_{prio}_lanes{lanes}_b{b}" + ("" if decode_in == "auto" else f"_{decode_in}")
-                           + suffix)
+                    key = variant_key(prio, lanes, b, decode_in) + suffix
                     t0 = time.perf_counter()
                     summary = extract([str(root)], str(tmp / f"store-{r}-{key}"), spec, embedder.options,
                                       RunOptions(batch_size=b, workers=args.workers, decode_priority=prio,
@@ -240,8 +244,7 @@ def main() -> None:
 
         med = {k: float(np.median([row[k] for row in rounds])) for k in rounds[0]}
         ceiling = max(v for k, v in med.items() if k.startswith("model_only"))  # the model's best, alone
-        first = "extract_{}_lanes{}_b{}".format(*variants[0][:3]) + (
-            "" if variants[0][3] == "auto" else f"_{variants[0][3]}") + (f"_{graphs[0]}" if len(graphs) > 1 else "")
+        first = variant_key(*variants[0]) + (f"_{graphs[0]}" if len(graphs) > 1 else "")
         result = {
             "backbone": args.backbone, "images": args.images, "size": args.size, "device": str(dev),
             "precision": embedder.precision, "batch_size": bs, "decoder": opts.decoder,
