@@ -90,7 +90,8 @@ class EmbedOptions:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (fixed batch shape; the last batch is padded)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decoder: str = "pil"  # pil (bit-identical to weights.transforms()) | pil-draft | torchvision | nvjpeg | auto
+    # pil (bit-identical to weights.transforms()) | pil-draft | pil-reduce | torchvision | nvjpeg | auto
+    decoder: str = "pil"
     cpu_graph: str = "auto"  # CPU, fp32: eager | onednn (TorchScript, oneDNN) | auto (timed on long runs)
 
 

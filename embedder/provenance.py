@@ -30,7 +30,7 @@ from embedder.errors import ProvenanceMismatch, StoreError
 
 VERSION = 2
 WEIGHT_KINDS = ("registry", "seeded", "file", "finetune")
-DECODERS = ("pil", "pil-draft", "torchvision", "nvjpeg")  # a record names the decoder used, never "auto"
+DECODERS = ("pil", "pil-draft", "pil-reduce", "torchvision", "nvjpeg")  # a record names the decoder used, never "auto"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # What the default decoder does beyond resize/crop; recorded so a reader knows.
@@ -88,7 +88,9 @@ class Provenance:
     pool: str
     preprocessing: Preprocessing
     dim: int
-    decoder: str = "pil"  # pil | pil-draft (JPEG DCT-domain downscale) | torchvision (torchvision.io) | nvjpeg
+    # pil | pil-draft (JPEG DCT-domain downscale) | pil-reduce (the same, to 2x the target) |
+    # torchvision (torchvision.io) | nvjpeg
+    decoder: str = "pil"
     precision: str = "fp32"  # compute precision: fp32 | bf16 | fp16 (autocast)
     normalize: str = "none"  # none | l2
     dtype: str = "float32"  # stored: float32 | float16

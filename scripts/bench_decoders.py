@@ -2,10 +2,12 @@
 whether a probe's accuracy moves. One run, one machine.
 
 - speed: decode + resize + crop of 500x375 photo-like JPEGs (quality 90), one thread, ms per image,
-  for `pil` (bit-identical to `weights.transforms()`, the default), `pil-draft` and `torchvision`;
+  for `pil` (bit-identical to `weights.transforms()`, the default), `pil-draft`, `pil-reduce` and
+  `torchvision`; the same for 12 MP (4032x3024) JPEGs, where the DCT-domain decoders differ;
 - vectors: MobileNetV2 IMAGENET1K_V1 on real photographs (scikit-image's bundled photos, as JPEGs,
   quality 90): cosine between each decoder's vector and `pil`'s, median and worst; max pixel
-  difference;
+  difference; the same photos at half the target (resize 128, crop 112: the ratio of a 1024 px photo
+  to the real target, where `pil-reduce` reduces too), since the bundled photos are small;
 - probe: scikit-learn's digits as JPEGs (1,257 train / 540 test), the same probe protocol on each
   decoder's vectors.
 
@@ -22,7 +24,9 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +37,7 @@ from bench_extract import make_images  # noqa: E402
 from bench_finetune import digits, peak_rss_mib  # noqa: E402
 
 from embedder import probe as pr  # noqa: E402
-from embedder.backbones import get_backbone  # noqa: E402
+from embedder.backbones import Preprocessing, get_backbone  # noqa: E402
 from embedder.decode import DECODERS, decode_file  # noqa: E402
 from embedder.extract import BatchEmbedder, EmbedOptions, extract  # noqa: E402
 from embedder.model import ModelSpec  # noqa: E402
@@ -64,9 +68,40 @@ def real_photos(out: Path) -> list[Path]:
     return paths
 
 
+def ms_per_image(paths: list[Path], pre: Preprocessing, decoders: list[str]) -> dict[str, float]:
+    """Decode + resize + crop, one thread; decoders interleaved image by image (fair under drift)."""
+    total = dict.fromkeys(decoders, 0.0)
+    for d in decoders:
+        decode_file(str(paths[0]), pre, decoder=d)  # warm
+    for p in paths:
+        for d in decoders:
+            t0 = time.perf_counter()
+            decode_file(str(p), pre, decoder=d)
+            total[d] += time.perf_counter() - t0
+    return {d: round(t * 1000 / len(paths), 2) for d, t in total.items()}
+
+
+def agreement(emb: BatchEmbedder, photos: list[Path], pre: Preprocessing, decoders: list[str]) -> dict[str, Any]:
+    """Cosine of each decoder's vector to `pil`'s (same model, same arithmetic), pixel differences, and
+    how many photos the decoder decoded differently at all."""
+    pix = {d: torch.stack([decode_file(str(p), pre, decoder=d).pixels for p in photos]) for d in decoders}
+    vecs = {d: emb.embed_pixels(x) for d, x in pix.items()}
+    ref, ref_pix = vecs["pil"], pix["pil"].int()
+    out: dict[str, Any] = {}
+    for d in decoders[1:]:
+        v = vecs[d]
+        c = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
+        diff = (pix[d].int() - ref_pix).abs()
+        out[d] = {"median": round(float(np.median(c)), 5), "worst": round(float(c.min()), 5),
+                  "max_pixel_diff": int(diff.max()), "mean_pixel_diff": round(float(diff.float().mean()), 3),
+                  "photos_changed": int((diff.flatten(1).amax(1) > 0).sum())}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100, help="generated JPEGs for the speed row")
+    ap.add_argument("--large", type=int, default=8, help="generated 4032x3024 JPEGs for the 12 MP speed row")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cpu", help="where the model runs (nvjpeg is measured only on cuda)")
     args = ap.parse_args()
@@ -79,30 +114,18 @@ def main() -> None:
         root = Path(tmp)
         make_images(root / "gen", args.images, (500, 375))
         gen = sorted((root / "gen").rglob("*.jpg"))
-        speed = {}
-        for dec in decoders:
-            if dec == "nvjpeg":  # one image at a time is not how it runs (bench_gpu.sh: batched)
-                continue
-            decode_file(str(gen[0]), pre, decoder=dec)
-            t0 = time.perf_counter()
-            for p in gen:
-                decode_file(str(p), pre, decoder=dec)
-            speed[dec] = round((time.perf_counter() - t0) * 1000 / len(gen), 2)
+        make_images(root / "large", args.large, (4032, 3024))
+        large = sorted((root / "large").rglob("*.jpg"))
+        # nvjpeg: one image at a time is not how it runs (bench_gpu.sh: batched)
+        cpu_decoders = [d for d in decoders if d != "nvjpeg"]
+        speed = {"500x375": ms_per_image(gen, pre, cpu_decoders),
+                 "4032x3024": ms_per_image(large, pre, cpu_decoders)}
         torch.set_num_threads(os.cpu_count() or 1)
         photos = real_photos(root / "photos")
-        vecs, pix = {}, {}
-        for dec in decoders:
-            emb = BatchEmbedder(SPEC, EmbedOptions(decoder=dec, **embed))
-            decoded = [emb.decode(str(p)) for p in photos]
-            pix[dec] = torch.stack([d.pixels for d in decoded]).int()
-            vecs[dec] = emb.embed_pixels(torch.stack([d.pixels for d in decoded]))
-        ref = vecs["pil"]
-        cosine = {}
-        for dec in decoders[1:]:
-            v = vecs[dec]
-            c = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
-            cosine[dec] = {"median": round(float(np.median(c)), 5), "worst": round(float(c.min()), 5),
-                           "max_pixel_diff": int((pix[dec] - pix["pil"]).abs().max())}
+        emb = BatchEmbedder(SPEC, EmbedOptions(**embed))
+        half = replace(pre, resize_size=128, crop_size=112)
+        cosine = {"target_224": agreement(emb, photos, pre, decoders),
+                  "half_target_112": agreement(emb, photos, half, decoders)}
         digits(root / "digits", eval_split="test", fmt="jpg")
         accuracy = {}
         for dec in decoders:
@@ -116,8 +139,8 @@ def main() -> None:
             accuracy[dec] = round(pr.evaluate(head, train.classes, test.x, test.y)["accuracy"], 4)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "model_device": args.device},
-              "ms_per_image_one_thread": speed, "speedup_vs_pil": {d: round(speed["pil"] / speed[d], 2)
-                                                                   for d in speed},
+              "ms_per_image_one_thread": speed,
+              "speedup_vs_pil": {size: {d: round(row["pil"] / row[d], 2) for d in row} for size, row in speed.items()},
               "real_photos": len(photos), "cosine_vs_pil": cosine, "digits_probe_test_accuracy": accuracy,
               "peak_rss_mib": peak_rss_mib()}
     print(json.dumps(result, indent=2))

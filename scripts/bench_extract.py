@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--fast-decode", action="store_true")
-    ap.add_argument("--decoder", default="pil", help="pil | pil-draft | torchvision")
+    ap.add_argument("--decoder", default="pil", help="pil | pil-draft | pil-reduce | torchvision")
     ap.add_argument("--compile", action="store_true", help="torch.compile embedder's model (both (a) and (b))")
     ap.add_argument("--variants", default="normal/auto,normal/auto/-/threads,normal/1",
                     help="comma list of PRIORITY/LANES[/BATCH[/DECODE_IN]]: one (b) row each, decode-worker priority "

@@ -193,5 +193,5 @@ def test_decoder_is_recorded_and_never_mixed_in_a_store(image_tree: Path, tmp_pa
     # auto is the torchvision decoder, and is recorded by that name: it extends the same store
     s = extract([str(image_tree)], out, TINY, EmbedOptions(decoder="auto"))
     assert s.done > 0 and Store.open(out).provenance.decoder == "torchvision"
-    with pytest.raises(EmbedderError, match="valid: auto, pil, pil-draft, torchvision, nvjpeg"):
+    with pytest.raises(EmbedderError, match="valid: auto, pil, pil-draft, pil-reduce, torchvision, nvjpeg"):
         extract([str(image_tree)], out, TINY, EmbedOptions(decoder="turbo"))
