@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from embedder import faiss_gpu, storage
 from embedder.errors import IndexError_
+from embedder.native_output import quiet
 from embedder.store import Store
 
 
@@ -76,10 +77,13 @@ def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.
         pool.release_unused()
 
 
-def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Vectors of the given global rows (sorted), in one streamed pass."""
+def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray],
+           files: list[str] | None = None) -> np.ndarray:
+    """Vectors of the given global rows (sorted) of FILES (default: the store's shards now), in one
+    streamed pass."""
     out = np.empty((len(rows), store.dim), np.float32)
-    for b in batches(store, prepare, ("id",)):
+    shards = [str(f) for f in store.shard_files()] if files is None else files
+    for b in batches_of(shards, 0, prepare, ("id",)):
         lo, hi = np.searchsorted(rows, [b.start, b.start + len(b.x)])
         if hi > lo:
             out[lo:hi] = b.x[rows[lo:hi] - b.start]
@@ -206,23 +210,19 @@ def no_precomputed_tables() -> Iterator[None]:
 
 
 def read_ondisk(path: str) -> Any:
-    """Open an index whose lists are on disk where its header says; if the folder was moved, beside
-    the index file (FAISS then notes the new path on stderr)."""
+    """Open an index whose lists lie beside its index file. A generation is self-contained: its
+    header names the lists file alone, never an absolute path, so a copied or moved index home reads
+    its own lists (FAISS's IO_FLAG_ONDISK_SAME_DIR), never the original's."""
     faiss = _faiss()
-    with no_precomputed_tables():
-        try:
-            return faiss.read_index(path)
-        except RuntimeError:
-            return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    with no_precomputed_tables(), quiet():
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
 def point_lists_at(index: Any, final: Path) -> None:
-    """Record where the lists will live once the staged generation is renamed into place (FAISS
-    stores an absolute path; loading with IO_FLAG_ONDISK_SAME_DIR would find them anyway, but says
-    so on stderr at every load)."""
+    """Record the lists file by its name alone (see ``read_ondisk``); FINAL is where it will live."""
     faiss = _faiss()
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    lists.filename = str(final)
+    lists.filename = final.name
 
 
 def merge_lists(trained: Any, fnames: list[str], ivfdata: str) -> Any:
@@ -243,7 +243,8 @@ def _merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
     vec = faiss.InvertedListsPtrVector()
     for src in sources:
         vec.push_back(faiss.extract_index_ivf(src).invlists)
-    ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
+    with quiet():  # FAISS prints "resizing …" as the file grows
+        ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
     out.ntotal = out_ivf.ntotal = ntotal
     out_ivf.replace_invlists(invlists, True)
     invlists.this.disown()
@@ -263,7 +264,10 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     Returns what the caller needs for tuning and the metadata."""
     faiss = _faiss()
 
-    n, dim = store.count(), store.dim
+    # one listing: a writer appending shards meanwhile must not make the count, the sample and the
+    # adds see different stores (duplicate FAISS ids, rows missing from the id map)
+    files = [str(f) for f in store.shard_files()]
+    n, dim = store.count(files), store.dim
     rng = np.random.default_rng(seed)
     nq = min(queries, max(1, n // 10)) if n > 1 else 0
     held = np.sort(rng.choice(n, nq, replace=False)) if nq else np.zeros(0, np.int64)
@@ -275,7 +279,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     sample_rows = np.sort(candidates[~np.isin(candidates, held)][:n_train])
     t0 = time.perf_counter()
     both = np.union1d(sample_rows, held)
-    got = gather(store, both, prepare)
+    got = gather(store, both, prepare, files)
     train_x = got[np.searchsorted(both, sample_rows)]
     query_x = got[np.searchsorted(both, held)]
     del got
@@ -296,7 +300,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
 
     k = 10
     heap = faiss.ResultHeap(nq, min(k, max(n - nq, 1)), keep_max=(metric == "ip")) if nq else None
-    part = Part(shards=[str(f) for f in store.shard_files()], start=0, tag="", held=held, queries=query_x,
+    part = Part(shards=files, start=0, tag="", held=held, queries=query_x,
                 k=heap.k if heap is not None else 0, per_slice=per_slice, metric=metric)
     if parallel is not None:  # e.g. Ray: one task per group of shards, then the parts joined here
         slices, results = parallel(part, staging)
@@ -364,7 +368,8 @@ def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
                               fix=f"{store_path} was embedded differently; build a new index for it")
     present = loaded.ids.column("id")
     masks = []
-    for shard in store.shard_files():  # pass 1: ids only
+    files = [str(f) for f in store.shard_files()]  # one listing for both passes
+    for shard in files:  # pass 1: ids only
         for rb in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
             masks.append(np.asarray(pc.invert(pc.is_in(rb.column("id"), value_set=present)).to_numpy(
                 zero_copy_only=False), bool))
@@ -386,7 +391,7 @@ def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
     with pa.OSFile(str(tmpdir / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
         for rb in loaded.ids.to_batches(max_chunksize=1 << 16):
             ids_out.write_batch(rb)
-        for mask, b in zip(masks, batches(store, lambda v: _prepare(v, loaded.metric))):  # pass 2
+        for mask, b in zip(masks, batches_of(files, 0, lambda v: _prepare(v, loaded.metric))):  # pass 2
             if not mask.any():
                 continue
             x = b.x[mask]

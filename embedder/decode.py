@@ -194,6 +194,8 @@ def _torchvision_jpeg_into(data: bytes, pre: Preprocessing, out: torch.Tensor, m
     try:
         with Image.open(io.BytesIO(data)) as probe:  # header only: the bomb check before decoding
             w, h = probe.size
+    except Image.DecompressionBombError as e:  # PIL refuses the header itself past 2x its own limit
+        raise DecodeError(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"cannot decode: {e}") from None
     if w * h > max_pixels:

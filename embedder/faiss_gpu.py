@@ -48,6 +48,14 @@ def assigner_metric(ivf: Any) -> int:
 
 
 def train(index: Any, sample: Any, assigner: Any = None) -> str:
+    """Train INDEX on SAMPLE (``_train``), without FAISS's clustering warnings on stdout/stderr."""
+    from embedder.native_output import quiet
+
+    with quiet():
+        return _train(index, sample, assigner)
+
+
+def _train(index: Any, sample: Any, assigner: Any = None) -> str:
     """Train INDEX on SAMPLE; for an IVF index, its k-means assigns with ASSIGNER (default: a flat
     index of FAISS's own metric on every GPU, when there are GPUs). Returns where the k-means ran.
 

@@ -42,7 +42,7 @@ from embedder.backbones import Backbone, Preprocessing, suggested_layers
 from embedder.decode import load_rgb, normalize_batch, preprocess
 from embedder.errors import DecodeError, FinetuneError, ProbeError
 from embedder.model import ModelSpec, _set_module, load_network, resolve_device
-from embedder.probe import stratified_split
+from embedder.selection import stratified_split
 from embedder.sources import ImageRef, discover
 
 log = logging.getLogger(__name__)

@@ -122,17 +122,13 @@ def commit(d: Path, staged: Path) -> Path:
 
 
 def remove(d: Path) -> None:
-    """Delete the whole index (under the writer lock, so never in the middle of a write)."""
+    """Delete the whole index. Under the writer lock (so never in the middle of a write) the folder
+    is renamed out of the home in one step; only then, lock released, is the renamed copy deleted:
+    a writer that starts meanwhile makes a new folder and never sees a half-deleted one."""
+    tomb = d.parent / f".dropped-{d.name}-{uuid.uuid4().hex[:8]}"
     with writer(d):
-        for child in d.iterdir():
-            if child.name == LOCK:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    (d / LOCK).unlink(missing_ok=True)
-    d.rmdir()
+        os.rename(d, tomb)
+    shutil.rmtree(tomb, ignore_errors=True)
 
 
 def _fsync_dir_files(folder: Path) -> None:
@@ -166,6 +162,24 @@ def locate(name: str, index_home: str | None = None) -> Path:
         listing = ", ".join(available) if available else "none; build one with `embedder index build`"
         raise IndexError_(f"no index named {name!r} in {home(index_home)}; available: {listing}")
     return cur
+
+
+def identity(folder: Path) -> str:
+    """What tells one generation from every other, ever: its build id (a fresh one per commit,
+    so a drop and rebuild that restarts at gen-000001 is still a new generation), or for indexes
+    written before build ids, the generation's name and index.json's modification time."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    build = meta.get("build_id") if isinstance(meta, dict) else None
+    if build:
+        return str(build)
+    try:
+        stamp = (folder / META_FILE).stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return f"{folder.name}@{stamp}"
 
 
 def _read_meta(folder: Path, name: str) -> dict[str, Any]:

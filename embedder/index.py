@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,9 @@ class Searcher:
         for s in range(0, len(q), RERANK_CHUNK):  # bounded temporaries, whatever the query batch
             part = ids[s:s + RERANK_CHUNK]
             rows = np.sort(np.unique(part[part >= 0]))  # sorted reads from the memory map
+            if len(rows) == 0:  # no query of this chunk has a candidate (a selective filter)
+                d[s:s + len(part)] = 0.0  # masked to ±inf below
+                continue
             v = np.asarray(self.vectors[rows], dtype=np.float32)[np.searchsorted(rows, np.maximum(part, 0))]
             qs = q[s:s + RERANK_CHUNK]
             if self.metric == "ip":
@@ -467,6 +471,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
 def _commit(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """index.json goes in last; then the staged folder becomes the current generation."""
     meta["generation"] = gens.next_generation(target)
+    meta["build_id"] = uuid.uuid4().hex  # never reused: see generations.identity
     (tmpdir / META_FILE).write_text(json.dumps(meta, indent=2))
     gens.commit(target, tmpdir)
     return meta
@@ -503,6 +508,8 @@ class LoadedIndex:
                 self.ids = pq.read_table(self.dir / IDS_FILE)
             else:  # an Arrow IPC file, memory-mapped: the id map of a huge index is not read into RAM
                 self.ids = pa.ipc.open_file(pa.memory_map(str(self.dir / id_map))).read_all()
+        except FileNotFoundError:
+            raise  # a writer retired this generation while we opened it: the caller tries again
         except (RuntimeError, OSError, pa.ArrowInvalid) as e:
             raise IndexError_(f"index {name!r} is corrupt or unreadable ({str(e).splitlines()[0]}); "
                               f"rebuild it with `embedder index drop {name}` then `index build`") from None
@@ -540,6 +547,7 @@ class LoadedIndex:
         self._filter_cols: list[str] | None = None
         self._filter_lock = threading.Lock()
         self.generation = int(self.meta.get("generation", 0))
+        self.identity = gens.identity(self.dir)  # what a reload compares (numbers restart after a drop)
 
     @property
     def dim(self) -> int:

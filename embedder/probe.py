@@ -1,10 +1,11 @@
 """Linear probes on frozen features, measured the way the CLIP and DINOv2 papers do.
 
-Multinomial logistic regression; C chosen on a stratified validation split carved from train
-(fixed seed) over a log grid from 1e-6 to 1e5 (coarse decades, then a refinement around the best),
-warm-started along the path; refit on all of train with the best C. A temperature-weighted cosine
-kNN is the second baseline. The probe file is safetensors (arrays) plus JSON metadata: loading it
-never executes code.
+Multinomial logistic regression; C chosen on held-out predictions over a log grid from 1e-6 to 1e5
+(coarse decades, then a refinement around the best, warm-started along the path): a stratified
+validation split when it holds enough images, stratified K-fold on all of train when it does not,
+near-ties broken by log-loss (``embedder.selection``); refit on all of train with the best C. A
+temperature-weighted cosine kNN is the second baseline. The probe file is safetensors (arrays) plus
+JSON metadata: loading it never executes code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from embedder.errors import ProbeError
 from embedder.provenance import Provenance
+from embedder.selection import Selection, SelectOptions, scaler, select_c, sweep_steps
 from embedder.store import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class ProbeOptions:
     knn_k: int = 20
     knn_temperature: float = 0.07
     standardize: str = "auto"  # auto (decided on validation) | yes | no
+    min_val_rows: int = 500  # a validation split smaller than this: C chosen by K-fold on all of train
+    folds: int = 5
     backend: str = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
     device: str = "auto"
 
@@ -88,6 +92,8 @@ class ProbeResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     backend: str = "sklearn"
     seconds: float = 0.0
+    selection: str = ""  # how C was chosen, and on how many images
+    n_select: int = 0
 
 
 def load_dataset(store_path: str, label_column: str = "label",
@@ -113,32 +119,6 @@ def load_dataset(store_path: str, label_column: str = "label",
     return Dataset(x, y, known, t.column("id").to_pylist(), t.column("path").to_pylist(),
                    store.provenance.to_dict(), dropped_unlabelled=n_rows - len(keep),
                    unseen=sorted(set(labels) - set(known)))
-
-
-def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        n_val = int(round(len(idx) * fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        else:
-            n_val = 0
-        val.extend(idx[:n_val].tolist())
-    val_mask = np.zeros(len(y), dtype=bool)
-    val_mask[val] = True
-    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-
-
-def _scaler(x: np.ndarray, on: bool) -> tuple[np.ndarray, np.ndarray]:
-    if not on:
-        return np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
-    mean = x.mean(0)
-    scale = x.std(0)
-    scale[scale < 1e-8] = 1.0
-    return mean.astype(np.float32), scale.astype(np.float32)
 
 
 class _SklearnFitter:
@@ -167,6 +147,8 @@ class _SklearnFitter:
         self.model.set_params(C=C)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
+            # few images per class (2 each of 21 classes) is a classification all the same
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
             self.model.fit(x, y)
         coef, icpt = self.model.coef_, self.model.intercept_
         if coef.shape[0] == 1:  # binary: sklearn keeps one row; expand to a softmax pair
@@ -239,40 +221,24 @@ def _fitter(options: ProbeOptions, n_classes: int) -> _SklearnFitter | _TorchFit
     return _SklearnFitter(n_classes, options.max_iter)
 
 
-def _accuracy(head: LinearHead, x: np.ndarray, y: np.ndarray) -> float:
-    return float((head.logits(x).argmax(1) == y).mean()) if len(y) else float("nan")
-
-
-def _sweep(fitter_factory: Callable[[], Any], xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray,
-           yva: np.ndarray, Cs: list[float], mean: np.ndarray, scale: np.ndarray,
-           tick: Callable[[], None]) -> list[dict[str, Any]]:
-    fitter = fitter_factory()
-    xs, xvs = (xtr - mean) / scale, xva
-    rows: list[dict[str, Any]] = []
-    for C in sorted(Cs):  # small to large C: each fit warm-starts from the more regularised one
-        coef, icpt = fitter.fit(xs, ytr, C)
-        acc = _accuracy(LinearHead(coef, icpt, mean, scale), xvs, yva)
-        rows.append({"C": C, "val_accuracy": acc, "_solution": (coef, icpt)})
-        tick()
-    return rows
+def select_options(options: ProbeOptions, criterion: str = "accuracy") -> SelectOptions:
+    return SelectOptions(c_min_exp=options.c_min_exp, c_max_exp=options.c_max_exp, refine=options.refine,
+                         val_fraction=options.val_fraction, min_val_rows=options.min_val_rows,
+                         folds=options.folds, seed=options.seed, standardize=options.standardize,
+                         criterion=criterion)
 
 
 def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
                 progress: Callable[[int, int, str], None] | None = None) -> ProbeResult:
+    """C and standardisation chosen on held-out predictions (``selection.select_c``: a split when it
+    is large, K-fold on all of train when it is not), then refit on all of train."""
     t0 = time.perf_counter()
     counts = np.bincount(train.y, minlength=len(train.classes))
     if len(train.classes) < 2 or (counts > 0).sum() < 2:
         raise ProbeError(f"need at least 2 classes to train a probe, found {len(train.classes)} "
                          f"({', '.join(train.classes)})")
-    tr, va = stratified_split(train.y, options.val_fraction, options.seed)
-    if len(va) == 0:
-        raise ProbeError("too few images per class for a validation split (need ≥ 2 per class)")
-    xtr, ytr, xva, yva = train.x[tr], train.y[tr], train.x[va], train.y[va]
-    coarse = [10.0 ** e for e in range(options.c_min_exp, options.c_max_exp + 1)]
-    modes = {"auto": [False, True], "yes": [True], "no": [False]}.get(options.standardize)
-    if modes is None:
-        raise ProbeError(f"--standardize takes auto, yes or no, got {options.standardize!r}")
-    total = len(coarse) * len(modes) + (4 if options.refine else 0) + 1
+    sel_opts = select_options(options)
+    total = sweep_steps(train.y, sel_opts) + 1
     done = 0
 
     def tick(desc: str = "C sweep") -> None:
@@ -284,38 +250,19 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     def factory() -> Any:
         return _fitter(options, len(train.classes))
 
-    results: dict[bool, list[dict[str, Any]]] = {}
-    scalers = {}
-    for std in modes:
-        mean, scale = _scaler(xtr, std)
-        scalers[std] = (mean, scale)
-        results[std] = _sweep(factory, xtr, ytr, xva, yva, coarse, mean, scale, tick)
-    # Ties go to stronger regularisation and to no standardisation (the simpler model).
-    best_std, best = max(((s, r) for s in modes for r in results[s]),
-                         key=lambda sr: (sr[1]["val_accuracy"], -sr[0], -np.log10(sr[1]["C"])))
-    sweep = [{**r, "standardize": s} for s in modes for r in results[s]]
-    solution = best["_solution"]
-    if options.refine:
-        c = best["C"]
-        fine = [c * 10 ** d for d in (-0.5, -0.25, 0.25, 0.5)]
-        mean, scale = scalers[best_std]
-        fine_rows = _sweep(factory, xtr, ytr, xva, yva, fine, mean, scale, tick)
-        sweep += [{**r, "standardize": best_std} for r in fine_rows]
-        top = max(fine_rows, key=lambda r: (r["val_accuracy"], -np.log10(r["C"])))
-        if top["val_accuracy"] > best["val_accuracy"]:
-            best = top
-            solution = top["_solution"]
+    chosen: Selection = select_c(train.x, train.y, len(train.classes), sel_opts, factory, tick)
     # Refit on all of train with the chosen C and standardisation.
-    mean, scale = _scaler(train.x, best_std)
+    mean, scale = scaler(train.x, chosen.standardize)
     fitter = factory()
-    fitter.init(*solution, train.y)  # warm start from the chosen solution on the split
-    coef, icpt = fitter.fit((train.x - mean) / scale, train.y, best["C"])
+    if chosen.solution is not None:
+        fitter.init(*chosen.solution, train.y)  # warm start from the held-out fit at that C
+    coef, icpt = fitter.fit((train.x - mean) / scale, train.y, chosen.C)
     tick("refit")
-    sweep = [{k: v for k, v in r.items() if k != "_solution"} for r in sweep]
     head = LinearHead(coef.astype(np.float32), icpt.astype(np.float32), mean, scale)
-    return ProbeResult(head, train.classes, float(best["C"]), bool(best_std),
-                       float(best["val_accuracy"]), sweep, len(train.y), provenance=train.provenance,
-                       backend=fitter.name, seconds=time.perf_counter() - t0)
+    log.info("probe: %s", chosen.describe())
+    return ProbeResult(head, train.classes, chosen.C, chosen.standardize, chosen.accuracy, chosen.sweep,
+                       len(train.y), provenance=train.provenance, backend=fitter.name,
+                       seconds=time.perf_counter() - t0, selection=chosen.describe(), n_select=chosen.n_rows)
 
 
 def knn_predict(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, n_classes: int, k: int = 20,
@@ -371,7 +318,8 @@ def save_probe(path: Path, result: ProbeResult) -> None:
 
     meta = {"format": PROBE_FORMAT, "classes": result.classes, "C": result.C,
             "standardize": result.standardize, "val_accuracy": result.val_accuracy,
-            "n_train": result.n_train, "backend": result.backend, "provenance": result.provenance,
+            "selection": result.selection, "n_select": result.n_select, "n_train": result.n_train,
+            "backend": result.backend, "provenance": result.provenance,
             "metrics": {k: v for k, v in result.metrics.items() if k != "sweep"}}
     h = result.head
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +354,7 @@ def result_json(result: ProbeResult) -> dict[str, Any]:
     m = result.metrics
     return {
         "C": result.C, "standardize": result.standardize, "val_accuracy": result.val_accuracy,
+        "selection": result.selection, "n_select": result.n_select,
         "test_accuracy": m.get("test", {}).get("accuracy"),
         "test_top5_accuracy": m.get("test", {}).get("top5_accuracy"),
         "test_balanced_accuracy": m.get("test", {}).get("balanced_accuracy"),
@@ -454,7 +403,7 @@ def write_report(directory: Path, result: ProbeResult) -> None:
                     label="standardised" if std else "raw")
     ax.axvline(result.C, color="gray", ls="--", label=f"chosen C={result.C:.3g}")
     ax.set_xlabel("C (inverse regularisation)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"held-out accuracy ({result.n_select} images)")
     ax.set_title("C sweep")
     ax.legend()
     fig.tight_layout()

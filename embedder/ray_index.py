@@ -67,7 +67,8 @@ def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> 
         staging = staging.resolve()  # workers run in their own directories: absolute paths only
         task = ray.remote(num_cpus=task_cpus, max_retries=3)(_add_task)
         queries = ray.put(whole.queries)
-        groups, end = runs([str(Path(f).resolve()) for f in whole.shards], whole.start, whole.per_slice)
+        # workers run in their own directories: local shards by absolute path, URIs as they are
+        groups, end = runs([storage.resolve(f) for f in whole.shards], whole.start, whole.per_slice)
         parts = [dataclasses.replace(whole, shards=files, start=start, tag=f"{i:05d}",
                                      queries=np.zeros((0, 0), np.float32))  # the queries go by reference
                  for i, (files, start) in enumerate(groups)]

@@ -323,13 +323,14 @@ class Store:
     def failed_ids(self) -> set[str]:
         return set(self.errors().column("id").to_pylist())
 
-    def count(self) -> int:
-        """Rows in the store: the manifest's row count for each shard it lists (one read, where a
-        footer per shard would be a ranged GET each in object storage), a footer for a shard it does
-        not list yet (a running writer's newest shards, a killed writer's last)."""
+    def count(self, files: list[str] | None = None) -> int:
+        """Rows in the store (or in FILES, a snapshot of ``shard_files()``): the manifest's row count
+        for each shard it lists (one read, where a footer per shard would be a ranged GET each in
+        object storage), a footer for a shard it does not list yet (a running writer's newest
+        shards, a killed writer's last)."""
         listed = {s["file"]: int(s["rows"]) for s in self.manifest().get("shards", [])}
         total = 0
-        for p in self.shard_files():
+        for p in self.shard_files() if files is None else files:
             rows = listed.get(storage.name(p))
             total += rows if rows is not None else storage.open_parquet(p).metadata.num_rows
         return total

@@ -290,3 +290,47 @@ def test_extract_with_pil_reduce_records_it_and_stores_its_vectors(tmp_path: Pat
     exact = emb.embed_pixels(decode_file(big, emb.loaded.preprocessing).pixels[None])[0]
     np.testing.assert_allclose(stored[big], reduced, rtol=1e-5, atol=1e-6)
     assert np.abs(stored[big] - exact).max() > 1e-4
+
+
+def _declared_huge_jpeg(path: Path) -> Path:
+    """A small real JPEG whose SOF header declares 60000x60000 pixels: past 2x PIL's own bomb limit,
+    so PIL's header read itself raises DecompressionBombError (not an OSError)."""
+    data = bytearray(_bytes(_rgb(64, 48), "JPEG"))
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            data[i + 5:i + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+            break
+        i += 2 + length
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision", "pil-reduce"])
+def test_header_past_pils_own_bomb_limit_is_a_decode_error(tmp_path: Path, decoder: str) -> None:
+    p = _declared_huge_jpeg(tmp_path / "huge.jpg")
+    with pytest.raises(Image.DecompressionBombError):  # what PIL itself raises: not an OSError
+        Image.open(p)
+    pre = get_backbone("tiny_test").preprocessing()
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_file(str(p), pre, decoder=decoder)
+
+
+def test_extract_records_a_declared_bomb_and_embeds_the_rest(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from embedder.store import Store
+    from tests.conftest import make_images
+
+    make_images(tmp_path / "imgs", {"a": 3})
+    _declared_huge_jpeg(tmp_path / "imgs" / "a" / "huge.jpg")
+    r = CliRunner().invoke(app, ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"),
+                                 "--backbone", "tiny_test", "--decoder", "torchvision"])
+    assert r.exit_code == 3, r.output  # EXIT_SOME_FAILED: the run finished, one image recorded as failed
+    assert "Traceback" not in r.output
+    st = Store.open(tmp_path / "s")
+    assert st.count() == 3
+    errors = st.errors().to_pylist()
+    assert len(errors) == 1 and "huge.jpg" in errors[0]["path"] and "bomb" in errors[0]["reason"]

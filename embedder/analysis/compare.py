@@ -176,7 +176,7 @@ def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOpti
         tk = te.y >= 0
         t_order = np.argsort(np.asarray(te.ids.to_pylist(), dtype=object)[tk], kind="stable")
         return CellData(x, y, te.x[tk][t_order], te.y[tk][t_order], tr.classes)
-    from embedder.probe import stratified_split
+    from embedder.selection import stratified_split
 
     a, b = stratified_split(y, options.test_fraction, options.seed)
     return CellData(x[a], y[a], x[b], y[b], tr.classes)

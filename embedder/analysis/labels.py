@@ -18,13 +18,8 @@ import numpy as np
 
 from embedder.analysis.knn import KnnGraph
 from embedder.errors import ProbeError
-from embedder.probe import (
-    LinearHead,
-    ProbeOptions,
-    _fitter,
-    _scaler,
-    stratified_split,
-)
+from embedder.probe import LinearHead, ProbeOptions, _fitter, select_options
+from embedder.selection import scaler, select_c, stratified_folds, stratified_split
 
 
 @dataclass(frozen=True)
@@ -69,43 +64,17 @@ class Overlap:
     example_rows: np.ndarray  # store rows labelled a predicted b or the reverse, most confident first
 
 
-def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number per row; each class dealt round-robin after a seeded shuffle."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(len(y), np.int64)
-    offset = 0
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        out[idx] = (np.arange(len(idx)) + offset) % folds
-        offset += len(idx)  # small classes do not all land in fold 0
-    return out
-
-
 def choose_c(x: np.ndarray, y: np.ndarray, n_classes: int, options: LabelOptions) -> tuple[float, bool]:
-    """C and standardisation by validation log-loss on a stratified split (at most ``select_rows``
-    rows): confident learning needs calibrated probabilities, and the accuracy criterion of
-    ``train_probe`` prefers the most regularised of equally accurate C, which is under-confident
-    (measured on planted label noise: recall 0.67 → see docs/benchmarks.md)."""
+    """C and standardisation by held-out log-loss (the shared ``select_c``, on at most ``select_rows``
+    rows): confident learning needs calibrated probabilities, and the accuracy criterion prefers
+    the more regularised of near-equally accurate C, which is under-confident (measured on planted
+    label noise: recall 0.67 → see docs/benchmarks.md)."""
     sel = np.arange(len(y))
     if len(y) > options.select_rows:
         _, sel = stratified_split(y, options.select_rows / len(y), options.seed)
-    tr, va = stratified_split(y[sel], 0.2, options.seed)
-    tr, va = sel[tr], sel[va]
-    if len(va) == 0:
-        raise ProbeError("too few images per class to choose the probe's C (need ≥ 2 per class)")
-    best = (np.inf, 1.0, False)
-    for std in (False, True):
-        mean, scale = _scaler(x[tr], std)
-        fitter = _fitter(options.probe, n_classes)
-        for e in range(options.probe.c_min_exp, options.probe.c_max_exp + 1):
-            C = 10.0 ** e
-            coef, icpt = fitter.fit((x[tr] - mean) / scale, y[tr], C)
-            p = LinearHead(coef, icpt, mean, scale).proba(x[va])
-            loss = float(-np.log(np.maximum(p[np.arange(len(va)), y[va]], 1e-12)).mean())
-            if loss < best[0] - 1e-9:
-                best = (loss, C, std)
-    return best[1], best[2]
+    chosen = select_c(x[sel], y[sel], n_classes, select_options(options.probe, "log_loss"),
+                      lambda: _fitter(options.probe, n_classes))
+    return chosen.C, chosen.standardize
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list[str],
@@ -127,7 +96,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list
             raise ProbeError(f"too few labelled images for a {folds}-fold cross-validated probe (a fold would "
                              "train on one class); label more images per class")
         xt = x[~test]  # the one copy per fold: standardised in place
-        mean, scale = _scaler(xt, std)
+        mean, scale = scaler(xt, std)
         if std:
             xt -= mean
             xt /= scale

@@ -61,7 +61,9 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends (the float arithmetic above gives 0.9999999999999999 for 1.0)
+    return (0.0 if correct == 0 else lo, 1.0 if correct == n else hi)
 
 
 def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> float:

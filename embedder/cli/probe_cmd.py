@@ -70,9 +70,8 @@ def probe_command(
         out.print_json(json.dumps({k: v for k, v in data.items() if k != "sweep"}))
         return
     out.print(f"probe → {out_file}  ({result.backend}, {result.seconds:.1f} s)")
-    out.print(f"C {result.C:.3g}  standardise {'yes' if result.standardize else 'no'}  "
-              f"validation accuracy {result.val_accuracy:.4f}  ({result.n_train} train images, "
-              f"{len(train.classes)} classes)")
+    out.print(f"{result.selection}; refit on {result.n_train} train images, {len(train.classes)} classes",
+              markup=False)
     if "test" in metrics:
         t = metrics["test"]
         line = f"test accuracy {t['accuracy']:.4f}  balanced {t['balanced_accuracy']:.4f}"

@@ -76,7 +76,8 @@ StageTimer = Callable[[str, float], None]  # (stage, seconds)
 class Engine:
     def __init__(self, options: ServeOptions = ServeOptions()) -> None:
         self.options = options
-        self.indexes: dict[str, Any] = {}  # name → LoadedIndex (replaced whole on reload)
+        self.indexes: dict[str, Any] = {}  # name → LoadedIndex (the mapping replaced whole on reload)
+        self._failed: dict[str, str] = {}  # name → identity of a generation that failed to load
         self.embedders: dict[str, Any] = {}  # comparable-provenance key → BatchEmbedder
         self._embed_locks: dict[str, threading.Lock] = {}
         self._reload_lock = threading.Lock()
@@ -106,7 +107,9 @@ class Engine:
             # hold them all in memory: there they are joined on the first filter that needs them
             loaded.filter_table()
         self._embedder_for(loaded)
-        self.indexes[name] = loaded  # one reference swap: searches in flight keep the old object
+        # one reference swap of the whole mapping: searches in flight and readers iterating it keep
+        # the old objects (never a dict changing size under a reader)
+        self.indexes = {**self.indexes, name: loaded}
         return loaded
 
     def _key(self, loaded: Any) -> str:
@@ -138,35 +141,49 @@ class Engine:
             self._embed_locks[key] = threading.Lock()
         return self.embedders[key]
 
-    def generation_on_disk(self, name: str) -> int | None:
+    def identity_on_disk(self, name: str) -> str | None:
+        """The identity (``generations.identity``) of NAME's current generation, None if none."""
         d = layout.index_dir(name, self.options.home)
         cur = layout.current(d) if d.is_dir() else None
-        return None if cur is None else layout.generation_of(cur)
+        return None if cur is None else layout.identity(cur)
 
     def reload(self, name: str | None = None) -> dict[str, int]:
-        """Load every index (or NAME) whose current generation on disk is not the one served,
-        and any new index in the home. The old object answers until the new one is in place."""
+        """Load every index (or NAME) whose current generation on disk is not the one served (by
+        build id: a drop and rebuild is a new generation even where its number repeats), and any new
+        index in the home. The old object answers until the new one is in place. A generation that
+        failed to load is not read again until it changes (one warning, not one per poll)."""
         with self._reload_lock:
             names = [name] if name else sorted(set(layout.names(self.options.home)) | set(self.indexes))
             changed = {}
             for n in names:
                 try:
-                    gen = self.generation_on_disk(n)
+                    ident = self.identity_on_disk(n)
                 except IndexError_:
-                    gen = None
-                if gen is None:
+                    ident = None
+                if ident is None:
                     if name:
                         raise NotFound(self._unknown_index(n))
                     if n in self.indexes:  # dropped on disk
-                        del self.indexes[n]
+                        self.indexes = {k: v for k, v in self.indexes.items() if k != n}
                         changed[n] = -1
+                        log.info("index %s dropped on disk: no longer served", n)
                     continue
                 served = self.indexes.get(n)
-                if served is None or served.generation != gen:
-                    try:
-                        changed[n] = self._load(n).generation
-                    except (EmbedderError, FileNotFoundError) as e:
-                        log.warning("reload of %s deferred: %s", n, e)
+                if served is not None and served.identity == ident:
+                    continue
+                if self._failed.get(n) == ident and not name:
+                    continue
+                try:
+                    loaded = self._load(n)
+                except (EmbedderError, FileNotFoundError) as e:
+                    self._failed[n] = ident
+                    log.warning("index %s: generation not loaded (%s); still serving %s", n, e,
+                                "the previous one" if served is not None else "nothing for it")
+                    continue
+                self._failed.pop(n, None)
+                changed[n] = loaded.generation
+                log.info("index %s: serving generation %d (%d vectors)", n, loaded.generation,
+                         int(loaded.index.ntotal))
             return changed
 
     def poll_forever(self, stop: threading.Event) -> None:
