@@ -264,3 +264,39 @@ def test_cli_build_option_errors_are_one_line(tmp_path: Path) -> None:
         r = runner.invoke(app, ["index", "build", store, "--name", "n", "--home", home, *args])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "h" / "n").exists()  # nothing written
+
+
+def test_a_copied_home_searches_its_own_lists_after_the_original_is_rebuilt(tmp_path: Path,
+                                                                           small_batches: None) -> None:
+    """Each generation is self-contained: the header names its lists file alone, so a copy reads the
+    copy's lists even while the original's still exist (and after they are replaced by other data)."""
+    import shutil
+
+    x = clustered(4000, dim=16)
+    store = sharded_store(tmp_path / "s", [x])
+    idx.build(store, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    idx.drop("n", str(tmp_path / "a"))  # the original rebuilt from other vectors, at the same path
+    other = sharded_store(tmp_path / "o", [clustered(4000, dim=16, seed=7)], prefix="o")
+    idx.build(other, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
+    copy = idx.LoadedIndex("n", str(tmp_path / "b"))
+    assert copy.search(x[42:43], 1)[0][0]["id"] == "v000042"
+    lists = next((tmp_path / "b" / "n").glob("gen-*/index.faiss")).read_bytes()
+    assert str(tmp_path).encode() not in lists  # no absolute path inside the generation
+
+
+def test_filtered_ivfpq_with_a_query_chunk_that_finds_no_candidate(tmp_path: Path, small_batches: None) -> None:
+    """More than one re-rank chunk (32 queries) where a whole chunk passes no candidate of the filter
+    through nprobe: the widened probes and the exact fallback answer, never an IndexError."""
+    x = clustered(6000, dim=16)
+    labels = ["rare" if i == 5 else "common" for i in range(len(x))]
+    from tests.test_index import vector_store
+
+    store = vector_store(tmp_path / "s", x, labels)
+    home = str(tmp_path / "h")
+    idx.build(store, "pq", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=100), home)
+    loaded = idx.LoadedIndex("pq", home)
+    far = x[np.argsort(-np.linalg.norm(x - x[5], axis=1))[:32]]  # the first chunk: far from the one match
+    near = np.repeat(x[5:6], 8, axis=0)  # the second chunk finds it at once
+    out = loaded.search(np.concatenate([far, near]), 1, where={"label": "rare"})
+    assert len(out) == 40 and all(len(h) == 1 and h[0]["id"] == "v000005" for h in out)

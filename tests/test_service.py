@@ -210,6 +210,46 @@ def test_new_generation_is_picked_up_without_failing_a_request(served: tuple[str
         assert r.json() == {"name": "pets", "generation": 2, "reloaded": False}
 
 
+def test_a_drop_and_rebuild_is_a_new_generation_for_the_service(served: tuple[str, Path], tmp_path: Path) -> None:
+    """The rebuilt index restarts at gen-000001: the service must still see that it changed."""
+    home, images = served
+    more = tmp_path / "more"
+    make_images(more, {"bird": 4}, seed=3)
+    store2 = str(tmp_path / "store2")
+    extract([str(more)], store2, ModelSpec("tiny_test"))
+    with _client(home) as c:
+        _wait_ready(c)
+        assert c.get("/indexes/pets").json()["count"] == 11
+        idx.drop("pets", home)
+        idx.build(store2, "pets", idx.BuildOptions(kind="flat"), home)
+        assert idx.info("pets", home)["generation"] == 1  # the same number as the served one
+        r = c.post("/indexes/pets/reload")
+        assert r.json() == {"name": "pets", "generation": 1, "reloaded": True}, r.text
+        assert c.get("/indexes/pets").json()["count"] == 4
+
+
+def test_a_broken_generation_is_read_once_not_at_every_poll(served: tuple[str, Path],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from embedder.service.engine import Engine
+
+    home, _ = served
+    engine = Engine(ServeOptions(home=home, poll_seconds=0))
+    engine.load_all()
+    gen = next((Path(home) / "pets").glob("gen-*"))
+    (gen / "index.faiss").write_bytes(b"garbage")
+    meta = json.loads((gen / "index.json").read_text())
+    (gen / "index.json").write_text(json.dumps({**meta, "build_id": "broken-copy"}))  # a new identity
+    with caplog.at_level(logging.WARNING, logger="embedder.service.engine"):
+        for _ in range(5):
+            assert engine.reload() == {}
+    warnings = [r for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert engine.index("pets").ids.num_rows == 11  # the previous generation still answers
+    engine.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
