@@ -64,3 +64,10 @@ class InspectError(EmbedderError):
 
 class RayError(EmbedderError):
     """The Ray engine: Ray missing, the cluster unreachable, or a worker that cannot run the model."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """VALUE as it may be echoed in an error message: its repr, cut to LIMIT characters (input that
+    arrives over HTTP is echoed back in the error body, never at whatever length it came in)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from embedder.errors import IndexError_
+from embedder.errors import IndexError_, shown
 from embedder.locks import exclusive
 
 HOME_ENV = "EMBEDDER_HOME"
@@ -42,12 +42,12 @@ def home(path: str | os.PathLike[str] | None = None) -> Path:
 def index_dir(name: str, index_home: str | os.PathLike[str] | None = None) -> Path:
     """NAME's folder under the home; anything but a plain name is refused."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise IndexError_(f"invalid index name {name!r}: use letters, digits, '.', '_' and '-' "
+        raise IndexError_(f"invalid index name {shown(name)}: use letters, digits, '.', '_' and '-' "
                           "(at most 128, not starting with '.')")
     root = home(index_home).resolve()
     d = (root / name).resolve()
     if d.parent != root:  # e.g. a symlink planted in the home pointing elsewhere
-        raise IndexError_(f"index name {name!r} resolves outside the index home {root}")
+        raise IndexError_(f"index name {shown(name)} resolves outside the index home {root}")
     return root / name
 
 
@@ -160,7 +160,7 @@ def locate(name: str, index_home: str | None = None) -> Path:
     if cur is None or not (cur / META_FILE).is_file():
         available = names(index_home)
         listing = ", ".join(available) if available else "none; build one with `embedder index build`"
-        raise IndexError_(f"no index named {name!r} in {home(index_home)}; available: {listing}")
+        raise IndexError_(f"no index named {shown(name)} in {home(index_home)}; available: {listing}")
     return cur
 
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from embedder import faiss_gpu, storage
 from embedder import generations as gens
-from embedder.errors import IndexError_, StoreError
+from embedder.errors import IndexError_, StoreError, shown
 from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
 from embedder.provenance import Provenance
 from embedder.store import Store, arrow_to_embeddings
@@ -701,7 +701,7 @@ class LoadedIndex:
     def vector_of(self, store_id: str) -> np.ndarray:
         rows = self.ids.filter(pc.equal(self.ids.column("id"), store_id))
         if rows.num_rows == 0:
-            raise IndexError_(f"id {store_id!r} is not in index {self.name!r}")
+            raise IndexError_(f"id {shown(store_id)} is not in index {self.name!r}")
         return self._vectors_of(np.array([rows.column("faiss_id")[0].as_py()], dtype=np.int64))
 
 

@@ -250,6 +250,184 @@ def test_a_broken_generation_is_read_once_not_at_every_poll(served: tuple[str, P
     engine.close()
 
 
+def test_over_limit_bodies_are_413_with_or_without_a_content_length(served: tuple[str, Path]) -> None:
+    """A chunked upload (no Content-Length) over --max-upload-mb is counted as it arrives: 413 with the
+    JSON body, never a 500 from an exception a middleware wrapped."""
+    home, images = served
+    cat = (images / "cat" / "cat_0001.jpg").read_bytes()
+    limit = 64 * 1024
+    with _client(home, max_upload_bytes=limit) as c:
+        _wait_ready(c)
+        boundary = "x0x0x0"
+        part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode()
+
+        def multipart():  # type: ignore[no-untyped-def]
+            yield part
+            for _ in range(40):
+                yield os.urandom(4096)
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        def big_json():  # type: ignore[no-untyped-def]
+            yield b'{"queries": ['
+            for _ in range(3000):
+                yield b'{"vector": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]},'
+            yield b'{"id": "x"}]}'
+
+        for body, ctype in ((multipart(), f"multipart/form-data; boundary={boundary}"),
+                            (big_json(), "application/json")):
+            r = c.post("/search", content=body, headers={"content-type": ctype})
+            assert "content-length" not in {k.lower() for k in r.request.headers}
+            assert r.status_code == 413, r.text
+            assert r.json() == {"error": "request body over 0.0625 MiB", "kind": "too_large"}
+        ok = c.post("/search", files={"file": ("q.jpg", cat, "image/jpeg")})  # and the server goes on
+        assert ok.status_code == 200
+
+
+def test_api_key_guards_the_api_not_the_page(served: tuple[str, Path]) -> None:
+    home, _ = served
+    key = {"x-api-key": "s3cret"}
+    with _client(home, api_key="s3cret") as c:
+        _wait_ready(c)
+        for public in ("/", "/static/app.js", "/static/style.css", "/docs", "/openapi.json", "/healthz", "/readyz"):
+            assert c.get(public).status_code == 200, public
+        assert "indexes" not in c.get("/readyz").json()  # index names are the API's to tell
+        for private in ("/indexes", "/indexes/pets", "/metrics", "/items/pets/x"):
+            r = c.get(private)
+            assert r.status_code == 401 and r.json()["kind"] == "unauthorised", private
+        assert c.post("/search", json={"id": "x"}).status_code == 401
+        assert c.get("/indexes", headers=key).status_code == 200
+        assert c.get("/indexes", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        spec = c.get("/openapi.json").json()
+        schemes = spec["components"]["securitySchemes"]
+        assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+        assert spec["paths"]["/search"]["post"]["security"] and "security" not in spec["paths"]["/healthz"]["get"]
+    with _client(home) as c:  # no key: no security in the OpenAPI either
+        _wait_ready(c)
+        assert "securitySchemes" not in c.get("/openapi.json").json().get("components", {})
+        assert c.get("/readyz").json()["indexes"] == ["pets"]
+
+
+def test_docs_page_works_offline(served: tuple[str, Path]) -> None:
+    home, _ = served
+    with _client(home) as c:
+        html = c.get("/docs").text
+        assert "cdn." not in html and "/docs-assets/swagger-ui-bundle.js" in html
+        js = c.get("/docs-assets/swagger-ui-bundle.js")
+        assert js.status_code == 200 and len(js.content) > 100_000
+        assert c.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
+def test_query_caps_zero_vectors_and_clear_messages(served: tuple[str, Path]) -> None:
+    home, images = served
+    cat_id = image_id(images / "cat" / "cat_0001.jpg")
+    with _client(home, max_queries=50, max_results=400) as c:
+        _wait_ready(c)
+        dim = c.get("/indexes/pets").json()["dim"]
+
+        def err(body: dict) -> tuple[int, str]:  # type: ignore[type-arg]
+            r = c.post("/search", json=body)
+            return r.status_code, r.json()["error"]
+
+        assert err({"queries": [{"id": cat_id}] * 51}) == (400, "at most 50 queries per request, got 51: send "
+                                                           "them in several")
+        status, msg = err({"queries": [{"id": cat_id}] * 41, "k": 10})
+        assert status == 400 and "k × queries is 410" in msg
+        assert c.post("/search", json={"queries": [{"id": cat_id}] * 40, "k": 10}).status_code == 200
+        status, msg = err({"vector": [0.0] * dim})
+        assert status == 400 and "all zeros" in msg
+        status, msg = err({"id": cat_id, "vector": [0.1] * dim})
+        assert status == 400 and "not both" in msg
+        status, msg = err({"id": cat_id, "where": {"label": ["cat", "dog"]}})
+        assert status == 400 and "must be a string, number or boolean, got list" in msg
+        r = c.post("/search", files={"file": ("q.jpg", b"x", "image/jpeg")}, data={"where": '{"label": ["cat"]}'})
+        assert r.status_code == 400 and "got list" in r.json()["error"]
+        long_id = "x" * 100_000
+        r = c.post("/search", json={"id": long_id})
+        assert r.status_code == 404 and len(r.content) < 500, len(r.content)
+        r = c.get(f"/indexes/{'y' * 5000}")
+        assert r.status_code in (400, 404) and len(r.content) < 500
+
+
+def test_search_by_id_can_leave_the_query_item_out(served: tuple[str, Path]) -> None:
+    home, images = served
+    cat_id = image_id(images / "cat" / "cat_0001.jpg")
+    with _client(home) as c:
+        _wait_ready(c)
+        hits = c.post("/search", json={"id": cat_id, "k": 3}).json()["results"][0]
+        assert hits[0]["id"] == cat_id
+        out = c.post("/search", json={"id": cat_id, "k": 3, "exclude_self": True}).json()["results"][0]
+        assert [h["id"] for h in out] == [h["id"] for h in c.post("/search", json={"id": cat_id, "k": 4}).json()
+                                          ["results"][0][1:]]
+        assert [h["rank"] for h in out] == [1, 2, 3]
+
+
+def test_head_requests_and_index_gauges(served: tuple[str, Path]) -> None:
+    home, _ = served
+    with _client(home) as c:
+        _wait_ready(c)
+        for path in ("/", "/healthz", "/readyz"):
+            assert c.head(path).status_code == 200, path
+        metrics = c.get("/metrics").text
+        assert 'embedder_index_generation{index="pets"} 1.0' in metrics
+        assert 'embedder_index_vectors{index="pets"} 11.0' in metrics
+        assert "embedder_in_flight_requests 1.0" in metrics  # the scrape itself
+
+
+def test_indexes_that_differ_only_in_normalisation_get_their_own_query_model(image_tree: Path,
+                                                                             tmp_path: Path) -> None:
+    from embedder.extract import EmbedOptions
+
+    home = str(tmp_path / "home")
+    for norm in ("none", "l2"):
+        store = str(tmp_path / f"store-{norm}")
+        extract([str(image_tree)], store, ModelSpec("tiny_test"), EmbedOptions(normalize=norm))
+        idx.build(store, norm, idx.BuildOptions(kind="flat", metric="l2"), home)
+    cat = (image_tree / "cat" / "cat_0001.jpg").read_bytes()
+    with _client(home) as c:
+        _wait_ready(c)
+        for norm in ("none", "l2"):
+            e = c.post("/embed", files={"file": ("q.jpg", cat, "image/jpeg")}, data={"index": norm}).json()
+            assert e["provenance"]["normalize"] == norm
+            length = float(sum(v * v for v in e["vector"]) ** 0.5)
+            assert (abs(length - 1.0) < 1e-4) == (norm == "l2"), (norm, length)
+            r = c.post("/search", files={"file": ("q.jpg", cat, "image/jpeg")}, data={"index": norm, "k": "1"})
+            assert r.json()["results"][0][0]["score"] == pytest.approx(0.0, abs=1e-4), (norm, r.json())
+
+
+def test_id_queries_do_not_wait_behind_a_forward_pass(served: tuple[str, Path]) -> None:
+    """Order, not speed: while an image query's forward pass is held for a second, an id query is
+    answered (it has its own batcher and thread)."""
+    home, images = served
+    cat = (images / "cat" / "cat_0001.jpg").read_bytes()
+    cat_id = image_id(images / "cat" / "cat_0001.jpg")
+    with _client(home) as c:
+        _wait_ready(c)
+        engine = c.app.state.engine  # type: ignore[attr-defined]
+        real = engine.embed_images
+        started = threading.Event()
+
+        def held(*a, **kw):  # type: ignore[no-untyped-def]
+            started.set()
+            time.sleep(1.5)
+            return real(*a, **kw)
+
+        engine.embed_images = held
+        done: dict[str, float] = {}
+
+        def image() -> None:
+            c.post("/search", files={"file": ("q.jpg", cat, "image/jpeg")})
+            done["image"] = time.monotonic()
+
+        t = threading.Thread(target=image)
+        t.start()
+        assert started.wait(10)
+        r = c.post("/search", json={"id": cat_id, "k": 2})
+        done["id"] = time.monotonic()
+        t.join()
+        assert r.status_code == 200 and done["id"] < done["image"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

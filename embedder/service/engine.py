@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from embedder import generations as layout
-from embedder.errors import DecodeError, EmbedderError, IndexError_
+from embedder.errors import DecodeError, EmbedderError, IndexError_, shown
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class ServeOptions:
     max_pixels: int = 89_478_485
     poll_seconds: float = 2.0  # how often each index's CURRENT pointer is checked; 0: never
     max_k: int = 1000
+    max_queries: int = 1000  # queries in one request
+    max_results: int = 100_000  # k × queries in one request (the size of the answer)
     thumbnail_px: int = 256
     decode_threads: int | None = None  # None: the core count
     weights: dict[str, str] = field(default_factory=dict)  # index name → weights file (file-made stores)
@@ -61,6 +63,7 @@ class Query:
     image: bytes | None = None
     vector: list[float] | None = None
     id: str | None = None
+    exclude_self: bool = False  # an id query: leave the query item out of its own results
 
 
 @dataclass
@@ -113,8 +116,10 @@ class Engine:
         return loaded
 
     def _key(self, loaded: Any) -> str:
+        """One query model per distinct way of making vectors: everything that makes them, their
+        normalisation and dtype included (two indexes that differ only there need two models)."""
         prov = loaded.provenance
-        return json.dumps([prov.show(f) for f in prov.COMPARABLE], sort_keys=True, default=str)
+        return json.dumps([prov.show(f) for f in prov.SAME_STORE], sort_keys=True, default=str)
 
     def _embedder_for(self, loaded: Any) -> Any | None:
         key = self._key(loaded)
@@ -197,7 +202,7 @@ class Engine:
 
     # ---- lookups ----------------------------------------------------------------------------
     def _unknown_index(self, name: str) -> str:
-        return f"no index named {name!r}; available: {', '.join(sorted(self.indexes)) or 'none'}"
+        return f"no index named {shown(name)}; available: {', '.join(sorted(self.indexes)) or 'none'}"
 
     def index(self, name: str) -> Any:
         loaded = self.indexes.get(name)
@@ -222,14 +227,14 @@ class Engine:
         loaded = self.index(name)
         rows = loaded.ids.filter(pc.equal(loaded.ids.column("id"), item_id))
         if rows.num_rows == 0:
-            raise NotFound(f"id {item_id!r} is not in index {name!r}")
+            raise NotFound(f"id {shown(item_id)} is not in index {name!r}")
         return dict(rows.slice(0, 1).to_pylist()[0])
 
     def item_path(self, name: str, item_id: str) -> Path:
         """The image file of an id in the index's id map: never a path taken from the request."""
         path = Path(self.item(name, item_id)["path"])
         if not path.is_file():
-            raise NotFound(f"the image of {item_id!r} is no longer at {path}")
+            raise NotFound(f"the image of {shown(item_id)} is no longer at {path}")
         return path
 
     def thumbnail(self, name: str, item_id: str) -> bytes:
@@ -312,6 +317,9 @@ class Engine:
                         v = np.asarray(q.vector, dtype=np.float32)
                         if v.ndim != 1 or not np.isfinite(v).all():
                             raise BadQuery("vector must be a flat list of finite numbers")
+                        if loaded.metric in ("cosine", "ip") and not np.any(v):
+                            raise BadQuery(f"vector is all zeros: it has no direction to search by "
+                                           f"(index {name!r} ranks by {loaded.metric})")
                         vectors[i] = loaded.prepare(v)[0]
                     elif q.id is not None:
                         vectors[i] = loaded.vector_of(q.id)[0]
@@ -327,7 +335,8 @@ class Engine:
                     groups.setdefault(json.dumps(queries[i].where or {}, sort_keys=True), []).append(i)
             for key, idxs in groups.items():
                 t0 = time.perf_counter()
-                k = max(queries[i].k for i in idxs)
+                # one more for queries that leave themselves out
+                k = max(queries[i].k + int(queries[i].exclude_self) for i in idxs)
                 try:
                     hits = loaded.search(np.stack([vectors[i] for i in idxs]), k, json.loads(key) or None)
                 except EmbedderError as e:
@@ -336,7 +345,10 @@ class Engine:
                     continue
                 self.stage_timer("search", time.perf_counter() - t0)
                 for i, h in zip(idxs, hits):
-                    out[i] = Answer(name, loaded.generation, h[:queries[i].k])
+                    q = queries[i]
+                    if q.exclude_self and q.id is not None:
+                        h = [dict(hit, rank=r) for r, hit in enumerate((x for x in h if x["id"] != q.id), 1)]
+                    out[i] = Answer(name, loaded.generation, h[:q.k])
         return [o if o is not None else BadQuery("unanswered") for o in out]
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 // The search page: plain ES module, no build step. Errors are shown in the page (#error).
+// With an API key on the server, the page asks for it once (kept for this tab) and sends it with
+// every request; thumbnails are then fetched with it too.
 const $ = (id) => document.getElementById(id);
-const state = { indexes: [] };
+const state = { indexes: [], last: null, key: sessionStorage.getItem("embedder-key") || "" };
 
 function showError(message) {
   const box = $("error");
@@ -10,16 +12,42 @@ function showError(message) {
 
 function status(message) { $("status").textContent = message; }
 
-async function api(path, options = {}) {
-  let response;
+function headers(extra = {}) {
+  return state.key ? { ...extra, "X-API-Key": state.key } : extra;
+}
+
+async function request(path, options = {}) {
   try {
-    response = await fetch(path, options);
+    return await fetch(path, { ...options, headers: headers(options.headers) });
   } catch (e) {
     throw new Error(`cannot reach the server (${e.message})`);
   }
+}
+
+async function api(path, options = {}) {
+  let response = await request(path, options);
+  if (response.status === 401) {  // ask once; a wrong key asks again on the next request
+    const key = window.prompt("This server needs its API key:", "");
+    if (key) {
+      state.key = key;
+      sessionStorage.setItem("embedder-key", key);
+      response = await request(path, options);
+    }
+  }
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  if (!response.ok) {
+    const error = new Error(body.error || `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    throw error;
+  }
   return body;
+}
+
+function thumbnail(img, index, id) {
+  const url = `/items/${encodeURIComponent(index)}/${encodeURIComponent(id)}/thumbnail`;
+  if (!state.key) { img.src = url; return; }
+  request(url).then((r) => (r.ok ? r.blob() : null)).then((b) => { if (b) img.src = URL.createObjectURL(b); })
+    .catch(() => {});
 }
 
 function current() { return state.indexes.find((i) => i.name === $("index").value); }
@@ -28,15 +56,17 @@ function showInfo() {
   const info = current();
   const box = $("info");
   const labels = $("label");
+  const chosen = labels.value;
   labels.replaceChildren(new Option("any", ""));
   if (!info) { box.textContent = "No index is served."; return; }
   for (const l of info.labels) labels.append(new Option(l, l));
+  if (info.labels.includes(chosen)) labels.value = chosen;
   const p = info.provenance || {};
   const q = info.quality || {};
-  const recall = q.recall_at_10 == null ? "n/a" : q.recall_at_10.toFixed(3);
+  const recall = q.recall_at_10 == null ? "not measured" : q.recall_at_10.toFixed(3);
   box.textContent = `${info.count.toLocaleString()} images · ${info.factory} (${info.metric}) · ` +
     `${p.backbone} ${p.weights ? p.weights.name : ""} layer ${p.layer} · ` +
-    `recall@10 ${recall} measured on ${q.queries ?? 0} held-out queries · generation ${info.generation}`;
+    `recall@10 ${recall} on ${q.queries ?? 0} held-out queries · generation ${info.generation}`;
 }
 
 function filters() {
@@ -45,6 +75,8 @@ function filters() {
 }
 
 function k() { return Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12)); }
+
+function clearResults() { $("results").replaceChildren(); }
 
 function render(result) {
   const list = $("results");
@@ -55,11 +87,11 @@ function render(result) {
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.id = hit.id;
-    button.title = `${hit.path}\nclick to search by this image`;
+    button.title = "search by this image";
     const img = document.createElement("img");
     img.loading = "lazy";
     img.alt = hit.label ? `${hit.label}: ${hit.path}` : hit.path;
-    img.src = `/items/${encodeURIComponent(result.index)}/${encodeURIComponent(hit.id)}/thumbnail`;
+    thumbnail(img, result.index, hit.id);
     const meta = document.createElement("div");
     meta.className = "meta";
     const label = document.createElement("span");
@@ -69,7 +101,10 @@ function render(result) {
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
     meta.append(label, score);
-    button.append(img, meta);
+    const path = document.createElement("div");
+    path.className = "path";
+    path.textContent = hit.path;
+    button.append(img, meta, path);
     button.addEventListener("click", () => searchById(hit.id));
     li.append(button);
     list.append(li);
@@ -77,39 +112,70 @@ function render(result) {
   status(`${hits.length} results from ${result.index} (generation ${result.generation})`);
 }
 
-async function searchImage(file) {
-  if (!file) return;
-  if (!file.type.startsWith("image/")) { showError(`${file.name || "that"} is not an image`); return; }
+async function run(ask) {
   showError("");
-  const query = $("query");
-  query.src = URL.createObjectURL(file);
-  query.alt = `query: ${file.name || "pasted image"}`;
-  query.hidden = false;
+  status("searching…");
+  try {
+    render(await ask());
+  } catch (e) {
+    clearResults();  // never an old answer under a new error
+    showError(e.message);
+    status("");
+  }
+}
+
+function imageSearch(file) {
   const form = new FormData();
   form.append("file", file);
   form.append("index", $("index").value);
   form.append("k", String(k()));
   const where = filters();
   if (where) form.append("where", JSON.stringify(where));
-  status("searching…");
-  try {
-    render(await api("/search", { method: "POST", body: form }));
-  } catch (e) { showError(e.message); status(""); }
+  return api("/search", { method: "POST", body: form });
+}
+
+function idSearch(id) {
+  return api("/search", {
+    method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ index: $("index").value, id, k: k(), where: filters(),
+                           exclude_self: $("exclude").checked }),
+  });
+}
+
+async function searchImage(file) {
+  if (!file) return;
+  if (!file.type.startsWith("image/")) { showError(`${file.name || "that"} is not an image`); return; }
+  const query = $("query");
+  query.src = URL.createObjectURL(file);
+  query.alt = `query: ${file.name || "pasted image"}`;
+  query.hidden = false;
+  state.last = { kind: "image", file };
+  await run(() => imageSearch(file));
 }
 
 async function searchById(id) {
-  showError("");
   const query = $("query");
-  query.src = `/items/${encodeURIComponent($("index").value)}/${encodeURIComponent(id)}/thumbnail`;
+  thumbnail(query, $("index").value, id);
   query.alt = `query: item ${id}`;
   query.hidden = false;
-  status("searching…");
-  try {
-    render(await api("/search", {
-      method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ index: $("index").value, id, k: k(), where: filters() }),
-    }));
-  } catch (e) { showError(e.message); status(""); }
+  state.last = { kind: "id", id, index: $("index").value };
+  await run(() => idSearch(id));
+}
+
+function again() {  // the settings changed: the same query again
+  const last = state.last;
+  if (!last) return;
+  if (last.kind === "image") run(() => imageSearch(last.file));
+  else if (last.index === $("index").value) run(() => idSearch(last.id));
+  else { state.last = null; clearResults(); $("query").hidden = true; status("drop an image to search"); }
+}
+
+function wireControls() {
+  $("controls").addEventListener("submit", (e) => { e.preventDefault(); again(); });  // Enter in k
+  $("label").addEventListener("change", again);
+  $("k").addEventListener("change", again);
+  $("exclude").addEventListener("change", () => { if (state.last?.kind === "id") again(); });
+  $("index").addEventListener("change", () => { showInfo(); again(); });
 }
 
 function wireDrop() {
@@ -124,21 +190,37 @@ function wireDrop() {
   zone.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
   });
-  $("file").addEventListener("change", (e) => searchImage(e.target.files[0]));
+  $("file").addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    e.target.value = "";  // choosing the same file again is a new search
+    searchImage(file);
+  });
   document.addEventListener("paste", (e) => {
     const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
     if (item) searchImage(item.getAsFile());
   });
 }
 
+async function loadIndexes() {
+  for (let wait = 500; ; wait = Math.min(wait * 2, 5000)) {
+    try {
+      return await api("/indexes");
+    } catch (e) {
+      if (e.status !== 503) throw e;
+      status("the server is still loading its indexes… retrying");
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  }
+}
+
 async function init() {
   wireDrop();
+  wireControls();
   try {
-    state.indexes = await api("/indexes");
-  } catch (e) { showError(e.message); return; }
+    state.indexes = await loadIndexes();
+  } catch (e) { showError(e.message); status(""); return; }
   const select = $("index");
   for (const i of state.indexes) select.append(new Option(`${i.name} (${i.count})`, i.name));
-  select.addEventListener("change", showInfo);
   showInfo();
   status(state.indexes.length ? "drop an image to search" : "no index is served");
 }
