@@ -517,12 +517,89 @@ def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyp
         page.click("#results li:nth-child(2) button")
         page.wait_for_function(
             "(id) => document.querySelector('#results button')?.dataset.id === id", arg=second)
-        page.select_option("#label", "dog")
-        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})  # the cat image again
+        page.wait_for_function("(id) => document.querySelector('#results button')?.dataset.id === id",
+                               arg=image_id(cat))
+        page.select_option("#label", "dog")  # a new filter re-runs the same search, nothing dropped again
         page.wait_for_function(
             "() => [...document.querySelectorAll('#results .label')].every(l => l.textContent === 'dog')")
-        assert page.is_hidden("#error") and errors == []
+        page.evaluate("() => { window.__same_page = true; }")
+        page.fill("#k", "2")
+        page.press("#k", "Enter")  # re-runs with k=2, does not reload the page
+        page.wait_for_function("() => document.querySelectorAll('#results li').length === 2")
+        assert page.evaluate("() => window.__same_page === true")
+        assert page.inner_text("#results li .path").endswith(".jpg")  # the path is on the card
+        page.select_option("#label", "")
+        page.fill("#k", "5")
+        page.press("#k", "Enter")
+        page.wait_for_function("() => document.querySelectorAll('#results li').length === 5")
+        page.set_input_files("#file", str(cat))  # the file picker, twice with the same file
+        page.wait_for_function("(id) => document.querySelector('#results button')?.dataset.id === id",
+                               arg=image_id(cat))
+        page.click("#results li:nth-child(2) button")  # now results of another image
+        page.wait_for_function("(id) => document.querySelector('#results button')?.dataset.id === id", arg=second)
+        page.set_input_files("#file", str(cat))
+        page.wait_for_function("(id) => document.querySelector('#results button')?.dataset.id === id",
+                               arg=image_id(cat))
+        page.check("#exclude")  # searching by a result, without that result itself
+        page.click("#results li:nth-child(2) button")
+        page.wait_for_function("(id) => document.querySelector('#results button') && "
+                               "document.querySelector('#results button').dataset.id !== id", arg=second)
+        assert second not in page.eval_on_selector_all("#results button", "bs => bs.map(b => b.dataset.id)")
+        page.set_input_files("#file", {"name": "bad.jpg", "mimeType": "image/jpeg", "buffer": b"not an image"})
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.eval_on_selector_all("#results li", "ls => ls.length") == 0  # no stale results under it
+        assert errors == []
         browser.close()
+
+
+@pytest.mark.slow
+def test_web_page_asks_for_the_api_key_once(served: tuple[str, Path]) -> None:
+    """With --api-key-env the page and its assets load without a key; the page asks for it once and
+    then searches (thumbnails included) with it."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
+    home, images = served
+    port = _free_port()
+    env = {**os.environ, "EMBEDDER_TEST_KEY": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "embedder", "serve", "--home", home, "--port", str(port),
+                             "--api-key-env", "EMBEDDER_TEST_KEY"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            asked: list[str] = []
+
+            def answer(dialog) -> None:  # type: ignore[no-untyped-def]
+                asked.append(dialog.message)
+                dialog.accept("s3cret")
+
+            page.on("dialog", answer)
+            page.goto(url + "/")
+            page.wait_for_function("() => document.querySelector('#info').textContent.includes('recall')")
+            page.set_input_files("#file", str(images / "cat" / "cat_0001.jpg"))
+            page.wait_for_selector("#results li")
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')].every("
+                                   "i => i.complete && i.naturalWidth > 0)")
+            assert len(asked) == 1 and "API key" in asked[0]
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_serve_on_a_busy_port_is_a_one_line_error(tmp_path: Path) -> None:
