@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from embedder import choices
+
 log = logging.getLogger(__name__)
 
-CPU_GRAPHS = ("auto", "eager", "onednn")
+CPU_GRAPHS = choices.CPU_GRAPHS
 # auto keeps the oneDNN graph only when it is at least this much faster (timing noise on a shared
 # machine is a few per cent; eager is the reference)
 MIN_GAIN = 1.05

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import torch
 
+from embedder import choices
 from embedder.backbones import Preprocessing
 from embedder.decode import DEFAULT_MAX_PIXELS, ImageMeta, decode_into
 from embedder.decode_gpu import decode_chunk
@@ -30,14 +31,14 @@ log = logging.getLogger(__name__)
 
 # ``lanes``: no decode workers; each CPU model lane (``BatchEmbedder.cpu_lanes``) decodes its own
 # batch and then computes it, so the cores never hold more busy threads than there are lanes.
-DECODE_IN = ("auto", "threads", "processes", "lanes")
+DECODE_IN = choices.DECODE_IN
 # ``idle``: decode workers under SCHED_IDLE, taking only cores nothing else wants. On a CPU the
 # model's threads and the decode workers share the cores, and a parallel region is as slow as its
 # slowest thread (2 cores: MobileNetV2 at 120 img/s alone, 64 beside one busy decode thread, 46
 # beside a busy zlib thread). Measured end to end it is not a reliable gain once the model runs in
 # two lanes (``BatchEmbedder.cpu_lanes``): the starved decoders then make the lanes wait
 # (docs/benchmarks.md), so it is opt-in.
-DECODE_PRIORITIES = ("normal", "idle")
+DECODE_PRIORITIES = choices.DECODE_PRIORITIES
 
 # What one decode task returns per image: its metadata (its pixels are in place), or the reason it
 # was skipped.

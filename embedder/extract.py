@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embedder import __version__, storage
+from embedder import __version__, choices, storage
 from embedder.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
 from embedder.decode import (
     DECODERS,
@@ -60,7 +60,7 @@ from embedder.store import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arro
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = choices.PRECISION_CHOICES
 # Batch sizes when none is given. CPU: small batches keep activations in cache; measured on 2 cores
 # in one interleaved run (MobileNetV2, 500x375 JPEGs, 5 rounds): batch 4 against 8, model only
 # 182-189 vs 144-156 img/s, extract with two lanes 117-124 vs 96-104; batches 2 and 6 level with 4;

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedder import faiss_gpu, storage
+from embedder import choices, faiss_gpu, storage
 from embedder import generations as gens
 from embedder.errors import IndexError_, StoreError, shown
 from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
@@ -36,14 +36,15 @@ from embedder.store import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
-METRICS = ("cosine", "l2", "ip")
+KINDS = choices.INDEX_KINDS
+METRICS = choices.METRICS
 INDEX_FILE, IDS_FILE = "index.faiss", "ids.parquet"
 VECTORS_FILE = "vectors.npy"  # float16 copies for exact re-ranking of compressed (PQ) indexes
 RERANK_FACTOR = 8
+MIN_RECALL_QUERIES = 50  # fewer held-out queries: recall is reported as not measured
 RERANK_CHUNK = 32  # queries re-ranked at a time (bounded temporaries)
 EXACT_BELOW = 50_000
-ENGINES = ("local", "ray")
+ENGINES = choices.ENGINES
 
 
 def _faiss() -> Any:
@@ -91,7 +92,7 @@ def default_budget() -> int:
         return 4 << 30
 
 
-COARSE = ("auto", "flat", "hnsw")
+COARSE = choices.COARSE
 # From this many lists (n ≥ 16.7M at 4√n) an HNSW graph over the centroids assigns vectors. Below,
 # the flat quantizer's BLAS distances win: measured at 1M × 256 (4,000 lists) on 2 cores, see
 # docs/benchmarks.md; FAISS's guidelines use HNSW quantizers for 65,536 lists and more.
@@ -303,10 +304,15 @@ def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | Non
         log.warning("target recall %.2f not reached; best %.3f at %s=%s", target, best["recall"],
                     name, best["value"])
     _set_param(index, name, chosen["value"])
-    return {"recall_at_10": round(float(chosen["recall"]), 4), "k": k, "param": name,
-            "value": chosen["value"], "qps": round(_qps(searcher, queries, k), 1),
-            "queries": len(queries), "target": target, "sweep": tried,
-            "rerank": None if searcher.vectors is None else RERANK_FACTOR}
+    out = {"recall_at_10": round(float(chosen["recall"]), 4), "k": k, "param": name,
+           "value": chosen["value"], "qps": round(_qps(searcher, queries, k), 1),
+           "queries": len(queries), "target": target, "sweep": tried,
+           "rerank": None if searcher.vectors is None else RERANK_FACTOR}
+    if len(queries) < MIN_RECALL_QUERIES:  # a figure from a handful of queries is no measurement
+        out["recall_at_10"] = None
+        out["not_measured"] = (f"{len(queries)} held-out {'query' if len(queries) == 1 else 'queries'} "
+                               f"(10 % of the store); {MIN_RECALL_QUERIES} are needed to measure recall")
+    return out
 
 
 def _exact(x: np.ndarray, metric: str) -> Any:

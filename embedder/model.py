@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from embedder import choices
 from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
 from embedder.errors import DeviceError, UnknownLayer, WeightsMismatch
 from embedder.weights import (
@@ -21,7 +22,7 @@ from embedder.weights import (
 
 log = logging.getLogger(__name__)
 
-POOLS = ("avg", "max", "gem")
+POOLS = choices.POOLS
 DEFAULT_BACKBONE = "resnet50"
 
 

@@ -25,13 +25,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedder import choices
 from embedder.backbones import Preprocessing
 from embedder.errors import ProvenanceMismatch, StoreError
 
 VERSION = 2
 WEIGHT_KINDS = ("registry", "seeded", "file", "finetune")
-DECODERS = ("pil", "pil-draft", "pil-reduce", "torchvision", "nvjpeg")  # a record names the decoder used, never "auto"
-PRECISIONS = ("fp32", "bf16", "fp16")
+DECODERS = choices.DECODERS  # a record names the decoder used, never "auto"
+PRECISIONS = choices.PRECISIONS
 
 # What the default decoder does beyond resize/crop; recorded so a reader knows.
 DECODE_POLICY = {

@@ -120,7 +120,7 @@ def main() -> None:
                 sampler.start()
                 summary, wall, _ = run_cli([str(images), "--out", str(tmp / f"ray{k}-{graph}"), *base,
                                             "--engine", "ray", "--address", f"127.0.0.1:{port}",
-                                            "--workers", str(workers), *(["--batch-size", batch] if batch else [])])
+                                            "--actors", str(workers), *(["--batch-size", batch] if batch else [])])
                 sampler.stop.set()
                 sampler.join()
                 rate = summary["done"] / wall

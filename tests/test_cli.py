@@ -40,7 +40,7 @@ def _one_line_error(args: list[str], needle: str) -> None:
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     assert r.output.startswith("error:") and needle in r.output, r.output
-    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception  # no traceback behind it
 
 
 def test_bad_input_is_one_line(image_tree: Path, tmp_path: Path) -> None:
@@ -70,3 +70,47 @@ def test_backbones_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     by = {r["name"]: r for r in json.loads(_ok(["backbones", "--json"]))}
     assert by["resnet50"]["present"] is True and by["resnet18"]["present"] is False
     assert "layer3" in _ok(["backbones", "--layers", "resnet50"])
+
+
+def test_bracketed_help_text_survives_rich_markup() -> None:
+    """Every option's help is rendered as written: brackets (pip extras, 'cuda[:N]', defaults) are
+    never eaten as rich markup."""
+    import re
+
+    import typer.main
+
+    def walk(cmd, path):  # type: ignore[no-untyped-def]
+        sub = getattr(cmd, "commands", None)
+        if sub:
+            for name, c in sub.items():
+                yield from walk(c, [*path, name])
+        else:
+            yield path, cmd
+
+    checked = 0
+    for path, cmd in walk(typer.main.get_command(app), []):
+        r = runner.invoke(app, [*path, "--help"], terminal_width=400, env={"COLUMNS": "400"})
+        assert r.exit_code == 0, (path, r.output)
+        text = " ".join(r.output.split())
+        for p in cmd.params:
+            for bracketed in re.findall(r"\[[^\]]*\]", (p.help or "").replace("\\[", "[")):
+                assert bracketed in text, (path, p.name, bracketed)
+                checked += 1
+    assert checked >= 2  # at least 'embedder[ray]', 'embedder[umap]' and 'cuda[:N]' are checked
+
+
+def test_choices_are_checked_when_parsing(image_tree: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--decoder", "pillow"])
+    assert r.exit_code == 2 and "pil-reduce" in r.output and "torchvision" in r.output  # the valid ones listed
+    assert not (tmp_path / "s").exists()
+    r = runner.invoke(app, ["index", "build", str(tmp_path / "s"), "--name", "x", "--target-recall", "2"])
+    assert r.exit_code == 2 and "target-recall" in r.output
+    r = runner.invoke(app, ["index", "build", str(tmp_path / "s"), "--name", "x", "--metric", "cos"])
+    assert r.exit_code == 2 and "cosine" in r.output
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
+                     "--fast-decode", "--decoder", "torchvision"], "--fast-decode is --decoder pil-draft")
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
+                     "--engine", "ray", "--workers", "2"], "--actors")
+    _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
+                     "--actors", "2"], "--engine ray")
+    assert "memory-budget-gb" not in runner.invoke(app, ["index", "build", "--help"]).output

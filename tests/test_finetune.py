@@ -38,7 +38,8 @@ def test_training_lowers_the_loss(labelled: Path, tmp_path: Path) -> None:
     losses = [h.train_loss for h in r.history]
     assert r.epochs_run == 4 and losses[-1] < losses[0]
     vals = [h.val_accuracy for h in r.history]
-    assert 0 <= r.frozen_val_accuracy <= 1
+    # three mean colours: the frozen probe on the same split separates them (chance is 1/3)
+    assert r.frozen_val_accuracy >= 0.9, r.frozen_val_accuracy
     assert r.best_epoch == int(np.argmax(vals)) + 1 and r.best_val_accuracy == vals[r.best_epoch - 1]
     _, meta = checkpoint.load(tmp_path / "ck.safetensors")  # the file holds the best epoch, not the last
     assert meta["best_epoch"] == r.best_epoch and meta["best_val_accuracy"] == r.best_val_accuracy

@@ -148,7 +148,7 @@ def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, c
 
 def _cli(src: Path, store: Path, address: str) -> list[str]:
     return [*EMBEDDER_CLI, "extract", str(src), "--out", str(store), "--backbone", "tiny_test", "--engine", "ray",
-            "--address", address, "--workers", "1", "--batch-size", "2", "--shard-rows", "4"]
+            "--address", address, "--actors", "1", "--batch-size", "2", "--shard-rows", "4"]
 
 
 def _wait_for_shards(store: Path, n: int, proc: subprocess.Popen[bytes], limit: float = 120) -> None:

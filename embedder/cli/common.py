@@ -32,6 +32,11 @@ out = Console(highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def value(choice: str | None) -> str | None:
+    """A typed choice (``embedder.choices``) as the plain string the library records."""
+    return None if choice is None else str(getattr(choice, "value", choice))
+
+
 def handle_errors(fn: F) -> F:
     """Domain errors become 'error: …' on stderr and an exit code; bugs keep their traceback."""
 

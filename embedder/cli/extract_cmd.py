@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
+from embedder import choices
 from embedder.backbones import REGISTRY, parse_backbone_spec, weights_present
-from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
+from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging, value
 from embedder.errors import EmbedderError
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
@@ -19,6 +20,9 @@ if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
 DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.model.DEFAULT_BACKBONE; a test checks)
 
 EXIT_SOME_FAILED = 3
+PERF = "Speed"
+STORE = "Store"
+RAY = "Ray cluster (--engine ray)"
 
 weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache.", no_args_is_help=True)
 
@@ -41,28 +45,29 @@ def extract_command(
     backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local state dict or finetune checkpoint.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,
-    pool: Annotated[Optional[str], typer.Option(help="avg | max | gem (default: the model's own).")] = None,
+    pool: Annotated[Optional[choices.Pool], typer.Option(help="Pooling of a --layer's feature map (default: the model's own).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 4 on CPU, 128 on CUDA.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1); with --engine ray, model actors (default 1).")] = None,
-    decode_in: Annotated[str, typer.Option(help="threads | processes | lanes (each CPU model lane decodes its own batch) | auto (processes when the model is on a GPU, lanes on a CPU whose lanes have one thread each).")] = "auto",
-    decode_priority: Annotated[str, typer.Option(help="normal | idle (decode workers only on cores nothing else wants).")] = "normal",
-    model_lanes: Annotated[Optional[int], typer.Option(help="CPU: batches computed at once, each on its share of the threads (default: 2 with 2+ cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1). Not on Ray: there decode tasks take --decode-cpus, model actors are --actors.", rich_help_panel=PERF)] = None,
+    decode_in: Annotated[choices.DecodeIn, typer.Option(help="threads, processes, lanes (each CPU model lane decodes its own batch), or auto (processes when the model is on a GPU, lanes on a CPU whose lanes have one thread each).", rich_help_panel=PERF)] = choices.DecodeIn.auto,
+    decode_priority: Annotated[choices.DecodePriority, typer.Option(help="idle: decode workers only on cores nothing else wants.", rich_help_panel=PERF)] = choices.DecodePriority.normal,
+    model_lanes: Annotated[Optional[int], typer.Option(help="CPU: batches computed at once, each on its share of the threads (default: 2 with 2+ cores).", rich_help_panel=PERF)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16")] = "float32",
-    normalize: Annotated[str, typer.Option(help="none | l2")] = "none",
-    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.")] = 4096,
-    retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.")] = False,
-    decoder: Annotated[str, typer.Option(help="pil (bit-identical to the weights' transforms) | pil-draft | pil-reduce (large JPEGs ~2x faster: DCT-domain downscale to 2x the target, then the exact resize) | torchvision (JPEGs ~2x faster, pixels within 1 level) | nvjpeg (JPEGs decoded on the GPU) | auto (the fastest measured to match pil: torchvision).")] = "pil",
-    fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).")] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).")] = False,
-    cpu_graph: Annotated[str, typer.Option(help="CPU, fp32: eager | onednn (TorchScript graph optimised for oneDNN) | auto (time both on runs of 1,000+ images at batch 4, keep the faster).")] = "auto",
-    engine: Annotated[str, typer.Option(help="local | ray (Ray Data: decode tasks + model actors; pip install 'embedder[ray]').")] = "local",
-    address: Annotated[Optional[str], typer.Option(help="Ray: auto | HOST:PORT | ray://HOST:PORT (default: a local Ray instance).")] = None,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="Ray: GPUs per model actor (--workers actors).")] = 0.0,
-    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="Ray: CPUs per model actor (fractional).")] = 0.5,
-    decode_cpus: Annotated[float, typer.Option(min=0.01, help="Ray: CPUs per decode task.")] = 0.5,
+    precision: Annotated[choices.Precision, typer.Option(help="Compute precision (auto: bf16 on CUDA, fp32 on CPU).")] = choices.Precision.auto,
+    dtype: Annotated[choices.Dtype, typer.Option(help="Stored dtype.", rich_help_panel=STORE)] = choices.Dtype.float32,
+    normalize: Annotated[choices.Normalize, typer.Option(help="Stored vectors L2-normalised or as the model gives them.", rich_help_panel=STORE)] = choices.Normalize.none,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.", rich_help_panel=STORE)] = 4096,
+    retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.", rich_help_panel=STORE)] = False,
+    decoder: Annotated[choices.Decoder, typer.Option(help="pil: bit-identical to the weights' transforms; pil-draft: JPEG draft mode; pil-reduce: large JPEGs ~2x faster (DCT-domain downscale to 2x the target, then the exact resize); torchvision: JPEGs ~2x faster, pixels within 1 level; nvjpeg: JPEGs decoded on the GPU; auto: the fastest measured to match pil (torchvision).", rich_help_panel=PERF)] = choices.Decoder.pil,
+    fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).", rich_help_panel=PERF)] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).", rich_help_panel=PERF)] = False,
+    cpu_graph: Annotated[choices.CpuGraph, typer.Option(help="CPU, fp32: eager, onednn (TorchScript graph optimised for oneDNN), or auto (time both on runs of 1,000+ images at batch 4, keep the faster).", rich_help_panel=PERF)] = choices.CpuGraph.auto,
+    engine: Annotated[choices.Engine, typer.Option(help="ray: Ray Data, decode tasks + model actors (pip install 'embedder\\[ray]').", rich_help_panel=RAY)] = choices.Engine.local,
+    address: Annotated[Optional[str], typer.Option(help="auto, HOST:PORT or ray://HOST:PORT (default: a local Ray instance).", rich_help_panel=RAY)] = None,
+    actors: Annotated[Optional[int], typer.Option(min=1, help="Model actors (default 1).", rich_help_panel=RAY)] = None,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per model actor.", rich_help_panel=RAY)] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="CPUs per model actor (fractional).", rich_help_panel=RAY)] = 0.5,
+    decode_cpus: Annotated[float, typer.Option(min=0.01, help="CPUs per decode task.", rich_help_panel=RAY)] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -70,18 +75,25 @@ def extract_command(
     from embedder.extract import EmbedOptions, RunOptions, extract
 
     setup_logging(verbose)
-    spec = model_spec(backbone, weights, layer, pool, image_size)
-    embed = EmbedOptions(device=device, precision=precision, dtype=dtype, normalize=normalize,
-                         decoder="pil-draft" if fast_decode else decoder, compile=compile_model, cpu_graph=cpu_graph)
-    run = RunOptions(batch_size=batch_size, workers=workers, decode_in=decode_in, shard_rows=shard_rows,
-                     retry_failed=retry_failed, decode_priority=decode_priority, model_lanes=model_lanes)
-    if engine not in ("local", "ray"):
-        raise EmbedderError(f"unknown engine {engine!r}; valid: local, ray")
+    spec = model_spec(backbone, weights, layer, value(pool), image_size)
+    if fast_decode and decoder not in ("pil", "pil-draft"):
+        raise EmbedderError(f"--fast-decode is --decoder pil-draft; it cannot go with --decoder {decoder}: give one")
+    if engine == "ray" and workers is not None:
+        raise EmbedderError("--workers is the local engine's decode workers; on Ray give --actors (model actors) "
+                            "and --decode-cpus (per decode task)")
+    if engine != "ray" and actors is not None:
+        raise EmbedderError("--actors is for --engine ray (model actors); locally --workers sets the decode workers")
+    # the typed choices go on as the plain strings the library records
+    embed = EmbedOptions(device=device, precision=str(precision), dtype=str(dtype), normalize=str(normalize),
+                         decoder="pil-draft" if fast_decode else str(decoder), compile=compile_model,
+                         cpu_graph=str(cpu_graph))
+    run = RunOptions(batch_size=batch_size, workers=workers, decode_in=str(decode_in), shard_rows=shard_rows,
+                     retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes)
     with image_progress("embedding", enabled=not as_json) as progress:
         if engine == "ray":
             from embedder.ray_engine import RayOptions, extract_ray
 
-            ray_opts = RayOptions(address=address, workers=workers or 1, gpus_per_worker=gpus_per_worker,
+            ray_opts = RayOptions(address=address, workers=actors or 1, gpus_per_worker=gpus_per_worker,
                                   cpus_per_worker=cpus_per_worker, decode_cpus=decode_cpus, batch_size=batch_size)
             summary = extract_ray(sources, str(out_store), spec, embed, run, ray_opts, progress)
         else:

@@ -10,7 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from embedder.cli.common import console, handle_errors, out, setup_logging
+from embedder import choices
+from embedder.cli.common import console, handle_errors, out, setup_logging, value
 
 
 @handle_errors
@@ -21,24 +22,24 @@ def finetune_command(
     val_fraction: Annotated[float, typer.Option()] = 0.1,
     backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Total epochs, head epochs included [default: 10].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Total epochs, head epochs included (default: 10).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Minutes: pick the crop size and epochs to fit (instead of --epochs/--image-size).")] = None,
-    head_epochs: Annotated[Optional[int], typer.Option(min=0, help="Frozen-backbone epochs first [default: 0: the head starts as the probe].")] = None,
+    head_epochs: Annotated[Optional[int], typer.Option(min=0, help="Frozen-backbone epochs first (default: 0: the head starts as the probe).")] = None,
     probe_init: Annotated[bool, typer.Option(help="Start the head from the frozen probe (LP-FT): never below the probe.")] = True,
     flip: Annotated[bool, typer.Option(help="Horizontal flips in training (--no-flip for text, digits, ...).")] = True,
     freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = False,
     unfreeze_from: Annotated[Optional[str], typer.Option(help="Earliest stage to train (e.g. layer3).")] = None,
-    lr_head: Annotated[Optional[float], typer.Option(help="[default: 3e-3]")] = None,
-    lr_backbone: Annotated[Optional[float], typer.Option(help="[default: 1e-4]")] = None,
-    lr_decay: Annotated[Optional[float], typer.Option(help="Per-stage factor going down (discriminative rates) [default: 1.0].")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="[default: 0]")] = None,
-    crop_scale: Annotated[Optional[float], typer.Option(help="Smallest area fraction of the random resized crop [default: 0.6].")] = None,
-    bn: Annotated[Optional[str], typer.Option(help="BatchNorm statistics: frozen | train [default: frozen].")] = None,
-    ema: Annotated[Optional[float], typer.Option(help="Weight EMA decay per step, e.g. 0.999; 0 is off [default: 0].")] = None,
+    lr_head: Annotated[Optional[float], typer.Option(help="(default: 3e-3)")] = None,
+    lr_backbone: Annotated[Optional[float], typer.Option(help="(default: 1e-4)")] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help="Per-stage factor going down (discriminative rates) (default: 1.0).")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="(default: 0)")] = None,
+    crop_scale: Annotated[Optional[float], typer.Option(help="Smallest area fraction of the random resized crop (default: 0.6).")] = None,
+    bn: Annotated[Optional[choices.BatchNorm], typer.Option(help="BatchNorm statistics (default: frozen).")] = None,
+    ema: Annotated[Optional[float], typer.Option(help="Weight EMA decay per step, e.g. 0.999; 0 is off (default: 0).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size (default: the weights' own).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="[default: 32]")] = None,
-    patience: Annotated[Optional[int], typer.Option(min=1, help="[default: 3]")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="[default: 2]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="(default: 32)")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="(default: 3)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="(default: 2)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last completed epoch.")] = False,
@@ -59,7 +60,7 @@ def finetune_command(
         name = DEFAULT_BACKBONE
     given: dict[str, Any] = {"epochs": epochs, "budget_minutes": budget, "head_epochs": head_epochs, "lr_head": lr_head,
              "lr_backbone": lr_backbone, "lr_decay": lr_decay, "label_smoothing": label_smoothing,
-             "crop_scale": crop_scale, "bn": bn, "ema": ema, "batch_size": batch_size, "patience": patience,
+             "crop_scale": crop_scale, "bn": value(bn), "ema": ema, "batch_size": batch_size, "patience": patience,
              "workers": workers}  # unset options keep FinetuneOptions' defaults (one place)
     opts = FinetuneOptions(backbone=name, weights_tag=tag, weights_file=weights, image_size=image_size,
                            probe_init=probe_init, flip=flip, freeze_backbone=freeze_backbone,

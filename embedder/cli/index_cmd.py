@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from embedder import choices
 from embedder import generations as layout
 from embedder.cli.common import console, handle_errors, out
 from embedder.errors import IndexError_
@@ -37,14 +38,13 @@ def build_command(
     store: Annotated[str, typer.Argument(help="Store directory or s3://bucket/prefix.")],
     name: Annotated[str, typer.Option("--name", help="Index name.")],
     kind: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string")] = "auto",
-    metric: Annotated[str, typer.Option(help="cosine | l2 | ip")] = "cosine",
-    target_recall: Annotated[float, typer.Option(help="Recall@10 the search parameter is tuned to.")] = 0.95,
+    metric: Annotated[choices.Metric, typer.Option(help="How vectors are compared.")] = choices.Metric.cosine,
+    target_recall: Annotated[float, typer.Option(min=0.01, max=1.0, help="Recall@10 the search parameter is tuned to.")] = 0.95,
     memory_budget: Annotated[Optional[str], typer.Option(help="e.g. 512MB, 2GB (default: a quarter of RAM). IVF over budget is built streamed, its lists on disk.")] = None,
-    memory_budget_gb: Annotated[Optional[float], typer.Option(help="The budget in GiB (older spelling).")] = None,
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF kinds: streamed build with inverted lists on disk, even within budget.")] = False,
-    coarse: Annotated[str, typer.Option(help="IVF coarse quantizer: auto (HNSW from 16,384 lists) | flat | hnsw")] = "auto",
+    coarse: Annotated[choices.Coarse, typer.Option(help="IVF coarse quantizer (auto: HNSW from 16,384 lists).")] = choices.Coarse.auto,
     opq: Annotated[bool, typer.Option("--opq", help="IVF-PQ: learn a rotation (OPQ) before product quantization.")] = False,
-    engine: Annotated[str, typer.Option(help="local | ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = "local",
+    engine: Annotated[choices.Engine, typer.Option(help="ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = choices.Engine.local,
     address: Annotated[Optional[str], typer.Option(help="--engine ray: auto, HOST:PORT or ray://… (default: a local Ray instance).")] = None,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -52,11 +52,11 @@ def build_command(
     """Build an index over STORE; measures recall@10 against exact search on held-out queries."""
     from embedder import index as idx
 
-    budget = parse_size(memory_budget) if memory_budget else (int(memory_budget_gb * 2**30) if memory_budget_gb else None)
+    budget = parse_size(memory_budget) if memory_budget else None
     with console.status(f"building {name}…"):
-        meta = idx.build(str(store), name, idx.BuildOptions(kind=kind, metric=metric,
+        meta = idx.build(str(store), name, idx.BuildOptions(kind=kind, metric=str(metric),
                          target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
-                         coarse=coarse, opq=opq, engine=engine, address=address), home)
+                         coarse=str(coarse), opq=opq, engine=str(engine), address=address), home)
     if as_json:
         out.print_json(json.dumps(meta))
         return
@@ -72,6 +72,8 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
         param = f"{q['param']}={q['value']}" if q.get("param") else "exact"
         out.print(f"quality    recall@{q['k']} {q['recall_at_10']:.3f} vs exact on {q['queries']} held-out "
                   f"queries, {q['qps']:,.0f} QPS batched ({param}, target {q['target']})")
+    elif q.get("not_measured"):
+        out.print(f"quality    recall@10 not measured: {q['not_measured']}")
     out.print(f"store      {meta['store']} ({meta['provenance']['backbone']}, layer "
               f"{meta['provenance']['layer']})")
     out.print(f"built      {meta['built_at']} in {meta['build_seconds']:.2f} s; generation {meta.get('generation', 0)}")

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from embedder import choices
 from embedder.cli.common import console, handle_errors, out, setup_logging
 
 
@@ -20,10 +21,10 @@ def inspect_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Report directory: index.html, findings.parquet, thumbs/.")],
     test: Annotated[Optional[str], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
-    k: Annotated[int, typer.Option(help="Neighbours in the kNN graph.")] = 10,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours in the kNN graph.")] = 10,
     duplicate_threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63 (default 0.90).")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validated probe behind label errors.")] = 5,
-    projection: Annotated[str, typer.Option(help="pca | umap (needs embedder[umap]).")] = "pca",
+    projection: Annotated[choices.Projection, typer.Option(help="The map's projection (umap needs embedder\\[umap]).")] = choices.Projection.pca,
     thumbnails: Annotated[str, typer.Option(help="all (every point of the map) | findings | none.")] = "all",
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
@@ -33,7 +34,7 @@ def inspect_command(
     from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
 
     setup_logging(verbose)
-    options = InspectOptions(label_column=label_column, k=k, folds=folds, projection=projection,
+    options = InspectOptions(label_column=label_column, k=k, folds=folds, projection=str(projection),
                              thumbnails=thumbnails, seed=seed)
     if duplicate_threshold is not None:  # the default lives in one place: embedder.dedup
         options = dataclasses.replace(options, duplicate_threshold=duplicate_threshold)

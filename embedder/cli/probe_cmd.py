@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from embedder import choices
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
 from embedder.cli.extract_cmd import EXIT_SOME_FAILED
 
@@ -22,9 +23,9 @@ def probe_command(
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
     val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
-    standardize: Annotated[str, typer.Option(help="auto (decided on validation) | yes | no")] = "auto",
+    standardize: Annotated[choices.Standardize, typer.Option(help="Standardise features (auto: chosen with C on held-out predictions).")] = choices.Standardize.auto,
     knn_k: Annotated[int, typer.Option(help="k of the kNN baseline.")] = 20,
-    backend: Annotated[str, typer.Option(help="auto (torch L-BFGS on CUDA, else sklearn) | sklearn | torch")] = "auto",
+    backend: Annotated[choices.ProbeBackend, typer.Option(help="auto: torch L-BFGS on CUDA, else scikit-learn.")] = choices.ProbeBackend.auto,
     report: Annotated[Optional[Path], typer.Option(help="Directory for confusion-matrix PNG + metrics.json.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -34,7 +35,7 @@ def probe_command(
 
     setup_logging(verbose)
     opts = pr.ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
-                           standardize=standardize, knn_k=knn_k, backend=backend)
+                           standardize=str(standardize), knn_k=knn_k, backend=str(backend))
     train = pr.load_dataset(str(train_store), label_column)
     test_ds = pr.load_dataset(str(test), label_column, train.classes) if test else None
     if test_ds is not None:
