@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from embedder.backbones import Preprocessing
-from embedder.errors import WeightsMismatch
+from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.provenance import WeightsRef
 from embedder.weights import LoadedWeights, sha256_file
 
@@ -30,12 +30,24 @@ def save(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's description, or None for a file that is not an embedder checkpoint (another
+    format, a plain safetensors file). A file that cannot be read is an error, not a "no"."""
+    from safetensors import SafetensorError
+
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-    except Exception:  # noqa: BLE001 - not a safetensors file at all
+    except SafetensorError:  # not a safetensors file at all
         return None
-    return json.loads(raw) if raw else None
+    except OSError as e:
+        raise WeightsUnavailable(f"cannot read {path}: {e.strerror or e}") from None
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise WeightsMismatch(f"{path}: its embedder metadata is not valid JSON (a damaged checkpoint)") from None
+    return meta if isinstance(meta, dict) else None
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -511,8 +511,14 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
                             weight_decay=options.weight_decay)
     ema: Any = None  # torch.optim.swa_utils.AveragedModel once the backbone trains
+    # what a resumed run must share with the run that wrote the resume file
+    run_key = {"classes": classes, "train": len(tr_refs), "val": len(vrefs),
+               "settings": {k: v for k, v in _settings(options).items() if k not in RESUMABLE_CHANGES}}
+    state["run"] = run_key
     if resume and resume_path.exists():
+        _check_resume(resume_path, run_key)
         state, ema_state = _load_resume(resume_path, net, opt)
+        state["run"] = run_key
         if ema_state:
             ema = _new_ema(net, options.ema)
             ema.load_state_dict(ema_state)
@@ -520,7 +526,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     elif resume:
         log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
 
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    settings = _settings(options)
 
     def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
         meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
@@ -636,6 +642,37 @@ def _new_ema(net: nn.Module, decay: float) -> Any:
     from torch.optim.swa_utils import AveragedModel
 
     return AveragedModel(net, avg_fn=_ema_avg(decay), use_buffers=True)
+
+
+# settings a resumed run may change: where and how fast it runs, and how long it goes on
+RESUMABLE_CHANGES = ("workers", "device", "epochs", "patience", "budget_minutes")
+
+
+def _settings(options: FinetuneOptions) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+
+
+def _check_resume(path: Path, run_key: dict[str, Any]) -> None:
+    """--resume continues the same run: the same classes, images and settings, or a one-line error
+    (a resume file written before these were recorded is taken as it is)."""
+    earlier = (_peek_state(path) or {}).get("run")
+    if earlier is None:
+        log.warning("%s records no run settings (an older file); resuming without checking them", path)
+        return
+    if earlier["classes"] != run_key["classes"]:
+        raise FinetuneError(f"--resume: {path.name} was written for classes {', '.join(earlier['classes'])[:200]}, "
+                            f"not {', '.join(run_key['classes'])[:200]}; rerun without --resume to start over")
+    for what in ("train", "val"):
+        if earlier[what] != run_key[what]:
+            raise FinetuneError(f"--resume: {path.name} was written for {earlier[what]} {what} images, now "
+                                f"{run_key[what]}; rerun without --resume to start over")
+    diff = [k for k in sorted(set(earlier["settings"]) | set(run_key["settings"]))
+            if earlier["settings"].get(k) != run_key["settings"].get(k)]
+    if diff:
+        k = diff[0]
+        raise FinetuneError(f"--resume: {path.name} was written with {k}={earlier['settings'].get(k)!r}, now "
+                            f"{run_key['settings'].get(k)!r}{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; "
+                            "resume with the same settings or rerun without --resume")
 
 
 def _peek_state(path: Path) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -549,6 +549,8 @@ class LoadedIndex:
             # vectors by id (queries by id, exact fallback), set up at load, never mid-search; a hash
             # table because ids are not 0..n-1 in add order (held-out queries go in last)
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self._id_order: np.ndarray | None = None  # id-map rows in id order (row_of), made on first use
+        self._id_chunks: np.ndarray | None = None
         self._filter_table: pa.Table | None = None  # id map + store columns, joined once
         self._filter_cols: list[str] | None = None
         self._filter_lock = threading.Lock()
@@ -704,11 +706,43 @@ class LoadedIndex:
         p.sel = sel  # the caller keeps sel alive while p is in use (FAISS holds a raw pointer)
         return p
 
-    def vector_of(self, store_id: str) -> np.ndarray:
-        rows = self.ids.filter(pc.equal(self.ids.column("id"), store_id))
-        if rows.num_rows == 0:
+    def row_of(self, store_id: str) -> int | None:
+        """The id map's row of STORE_ID, or None: a binary search over the ids in sorted order (the
+        order computed once per loaded generation, 4-8 bytes a row; the id map itself may be
+        memory-mapped), never a scan of the whole map per request."""
+        with self._filter_lock:
+            if self._id_order is None:
+                column = self.ids.column("id")
+                order = pc.sort_indices(column).to_numpy()
+                self._id_order = order.astype(np.int32) if len(order) < 2**31 else order
+                self._id_chunks = np.cumsum([0, *(len(c) for c in column.chunks)])
+            order, starts = cast(np.ndarray, self._id_order), cast(np.ndarray, self._id_chunks)
+        chunks = self.ids.column("id").chunks
+
+        def at(i: int) -> str:
+            row = int(order[i])
+            c = int(np.searchsorted(starts, row, side="right")) - 1
+            return str(chunks[c][row - int(starts[c])].as_py())
+
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid) < store_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        return int(order[lo]) if lo < len(order) and at(lo) == store_id else None
+
+    def item(self, store_id: str) -> dict[str, Any]:
+        """The id map's row of STORE_ID (faiss_id, id, path, label)."""
+        row = self.row_of(store_id)
+        if row is None:
             raise IndexError_(f"id {shown(store_id)} is not in index {self.name!r}")
-        return self._vectors_of(np.array([rows.column("faiss_id")[0].as_py()], dtype=np.int64))
+        return dict(self.ids.slice(row, 1).to_pylist()[0])
+
+    def vector_of(self, store_id: str) -> np.ndarray:
+        fid = self.item(store_id)["faiss_id"]
+        return self._vectors_of(np.array([fid], dtype=np.int64))
 
 
 def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, int]:

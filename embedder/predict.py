@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.errors import ProbeError
 from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, embed_stream, embedder_for
 from embedder.model import ModelSpec
 from embedder.probe import LinearHead, load_probe
@@ -31,6 +32,8 @@ def load_classifier(path: Path, weights: str | None = None, device: str = "auto"
     (whose own head classifies its own penultimate features)."""
     from embedder import checkpoint
 
+    if not path.is_file():
+        raise ProbeError(f"probe file {path} does not exist")
     if checkpoint.is_checkpoint(path):
         head, classes = checkpoint.head(path)
         return head, classes, BatchEmbedder(ModelSpec(None, weights_file=path), EmbedOptions(device=device))

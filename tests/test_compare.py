@@ -141,3 +141,23 @@ def test_gflops_counted_up_to_the_layer_match_torchvision() -> None:
     assert full == pytest.approx(0.301, rel=0.03)
     half = _gflops(BatchEmbedder(ModelSpec("mobilenet_v2", "IMAGENET1K_V1", None, "features.7")))
     assert 0.05 < half < full * 0.6
+
+
+def test_a_rerun_with_other_images_ranks_only_those(tmp_path: Path) -> None:
+    """The cells' stores are a cache shared by runs with the same --work: a second run with other
+    images embeds them, and ranks them alone (never the union with the first run's)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_images(first, {"a": 15, "b": 15, "c": 15})
+    make_images(second, {"a": 6, "b": 6, "c": 6}, seed=9)
+    work = tmp_path / "work"
+    base = ["--backbones", "tiny_test", "--layers", "penultimate", "--work", str(work), "--json"]
+    r = runner.invoke(app, ["compare", str(first), *base])
+    assert r.exit_code == 0, r.output
+    one = json.loads(r.output)
+    assert one["n_train"] + one["n_test"] == 45
+    r = runner.invoke(app, ["compare", str(second), *base])
+    assert r.exit_code == 0, r.output
+    two = json.loads(r.output)
+    assert two["n_train"] + two["n_test"] == 18  # not 63
+    assert len(load_vectors(work / "tiny_test" / "penultimate" / "train")) == 63  # the cache keeps both
+    assert not list(work.rglob(".cell.json.tmp"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -157,6 +158,18 @@ def test_resume_after_kill(labelled: Path, tmp_path: Path) -> None:
     proc.kill()
     proc.wait()
     assert 2 <= epoch < 5
+    # --resume continues the same run only: other settings or other classes are a one-line error
+    other_lr = [a if a != "0.05" else "0.01" for a in args]
+    bad = subprocess.run([sys.executable, "-m", "embedder", *other_lr, "--resume"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "lr_head=0.05" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    more = tmp_path / "more"
+    shutil.copytree(labelled, more)
+    make_images(more / "yellow", {"": 16}, seed=5)
+    bad = subprocess.run([sys.executable, "-m", "embedder", args[0], str(more), *args[2:], "--resume"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "classes" in bad.stderr, bad.stderr
     r = subprocess.run([sys.executable, "-m", "embedder", *args, "--resume", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -308,3 +321,15 @@ def test_cli_finetune_option_errors_are_one_line(labelled: Path, tmp_path: Path)
                                   "--backbone", "tiny_test", *args])
         assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output, out.output
         assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_read_meta_tells_unreadable_from_not_a_checkpoint(tmp_path: Path) -> None:
+    from embedder.errors import WeightsUnavailable
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not safetensors at all")
+    assert checkpoint.read_meta(junk) is None and not checkpoint.is_checkpoint(junk)
+    with pytest.raises(WeightsUnavailable, match="cannot read"):
+        checkpoint.read_meta(tmp_path)  # a folder: an I/O error, not "not a checkpoint"
+    with pytest.raises(WeightsUnavailable, match="cannot read"):
+        checkpoint.read_meta(tmp_path / "missing.safetensors")

@@ -424,3 +424,26 @@ def test_dedup_and_inspect_share_the_measured_near_duplicate_default(tmp_path: P
     r = runner.invoke(app, ["dedup", store, "--out", str(tmp_path / "e.parquet"), "--threshold", "0.95"])
     assert r.exit_code == 0 and "0 near-duplicate groups" in r.output, r.output
     assert InspectOptions().duplicate_threshold == NEAR_DUPLICATE_COSINE == 0.90
+
+
+def test_id_lookups_find_every_id_and_refuse_others(tmp_path: Path) -> None:
+    """row_of: binary search over the ids in sorted order, across the id map's chunks, with ids in
+    any order (unicode included); the same answers as a scan."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 8)).astype(np.float32)
+    store = vector_store(tmp_path / "s", x[:2000])
+    home = str(tmp_path / "h")
+    idx.build(store, "ids", idx.BuildOptions(kind="flat"), home)
+    idx.add("ids", vector_store(tmp_path / "s2", x[2000:], start=2000), home)  # a second chunk, later ids
+    loaded = idx.LoadedIndex("ids", home)
+    assert loaded.ids.column("id").num_chunks >= 1
+    ids = loaded.ids.column("id").to_pylist()
+    for i in [0, 1, 999, 1999, 2000, 2999, *rng.integers(0, 3000, 50).tolist()]:
+        row = loaded.row_of(ids[i])
+        assert row is not None and ids[row] == ids[i]
+        assert loaded.item(ids[i])["id"] == ids[i]
+    for missing in ["", "v", "v0000000", "v003000", "zzz", "é", "v000001 "]:
+        assert loaded.row_of(missing) is None
+    with pytest.raises(IndexError_, match="is not in index"):
+        loaded.vector_of("nope")
+    np.testing.assert_allclose(loaded.vector_of(ids[2500])[0], idx._prepare(x[2500:2501], "cosine")[0], atol=1e-6)

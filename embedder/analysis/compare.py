@@ -145,7 +145,9 @@ def _extract_cell(cell: Cell, sources: list[str], test_sources: list[str] | None
             meta["device"] = summary.device
     if "gflops" not in meta:
         meta["gflops"] = _gflops(embedder)
-    meta_file.write_text(json.dumps(meta))
+    tmp = meta_file.with_name(".cell.json.tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(meta_file)  # never half a file for the next run to read
     cell.images_per_second = meta.get("images_per_second")
     cell.gflops = meta["gflops"]
 
@@ -159,10 +161,16 @@ class CellData:
     classes: list[str]
 
 
-def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOptions) -> CellData:
+def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOptions,
+               train_ids: list[str] | None = None, test_ids: list[str] | None = None) -> CellData:
+    """The cell's vectors of this run's images only: a cell's stores are a cache shared by every run
+    with the same WORK, and may hold images an earlier run was given (TRAIN_IDS / TEST_IDS, the ids
+    of this run's sources, select them; None takes everything)."""
     from embedder.analysis.vectors import load_vectors
 
     tr = load_vectors(d / "train", options.label_column)
+    if train_ids is not None:
+        _keep_only(tr, train_ids)
     if (tr.y >= 0).sum() == 0:
         raise InspectError(f"compare needs labelled images (one folder per class); {sources[0]} has none")
     if len(tr.classes) < 2:
@@ -173,6 +181,8 @@ def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOpti
     x, y = tr.x[keep][order], tr.y[keep][order]
     if has_test:
         te = load_vectors(d / "test", options.label_column, classes=tr.classes)
+        if test_ids is not None:
+            _keep_only(te, test_ids)
         tk = te.y >= 0
         t_order = np.argsort(np.asarray(te.ids.to_pylist(), dtype=object)[tk], kind="stable")
         return CellData(x, y, te.x[tk][t_order], te.y[tk][t_order], tr.classes)
@@ -180,6 +190,15 @@ def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOpti
 
     a, b = stratified_split(y, options.test_fraction, options.seed)
     return CellData(x[a], y[a], x[b], y[b], tr.classes)
+
+
+def _keep_only(v: Any, ids: list[str]) -> None:
+    """Mark rows whose id is not in IDS as unlabelled (y = -1): they take part in nothing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    inside = pc.is_in(v.ids, value_set=pa.array(ids, pa.string())).to_numpy(zero_copy_only=False)
+    v.y = np.where(np.asarray(inside, bool), v.y, -1)
 
 
 def score_cell(cell: Cell, data: CellData, options: CompareOptions) -> None:
@@ -243,7 +262,11 @@ def compare(sources: list[str], work: str, options: CompareOptions, test_sources
 
     say = status or (lambda _m: None)
     cells = plan_cells(options)
-    labels = {r.label for r in discover(sources) if r.label}
+    refs = discover(sources)
+    labels = {r.label for r in refs if r.label}
+    train_ids = [r.id for r in refs]
+    test_ids = [r.id for r in discover(test_sources)] if test_sources else None
+    del refs
     if not labels:
         raise InspectError(f"compare needs labelled images (one folder per class); {sources[0]} has none")
     if len(labels) < 2:
@@ -254,7 +277,8 @@ def compare(sources: list[str], work: str, options: CompareOptions, test_sources
     for cell in cells:
         t0 = time.perf_counter()
         _extract_cell(cell, sources, test_sources, wd, options, progress)
-        d = _cell_data(cell_dir(wd, cell.backbone, cell.layer), bool(test_sources), sources, options)
+        d = _cell_data(cell_dir(wd, cell.backbone, cell.layer), bool(test_sources), sources, options,
+                       train_ids, test_ids)
         score_cell(cell, d, options)
         data.append(d)
         cell.seconds = round(time.perf_counter() - t0, 1)

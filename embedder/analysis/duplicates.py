@@ -42,8 +42,11 @@ def duplicate_groups(graph: KnnGraph, threshold: float) -> list[DuplicateGroup]:
     weakest = np.full(len(sizes), np.inf)
     if len(s):
         np.minimum.at(weakest, edge_comp, s)
+    # rows of each component in one sort (a scan per group would be O(rows x groups))
+    order = np.argsort(comp, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
     for g in np.flatnonzero(sizes > 1):
-        groups.append(DuplicateGroup(np.flatnonzero(comp == g), float(weakest[g])))
+        groups.append(DuplicateGroup(np.sort(order[bounds[g]:bounds[g + 1]]), float(weakest[g])))
     groups.sort(key=lambda g: (-len(g.rows), -g.similarity, int(g.rows[0])))
     return groups
 

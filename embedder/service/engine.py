@@ -222,13 +222,11 @@ class Engine:
                 "labels": sorted(labels)[:500], "filter_columns": loaded.filter_columns()}
 
     def item(self, name: str, item_id: str) -> dict[str, Any]:
-        import pyarrow.compute as pc
-
         loaded = self.index(name)
-        rows = loaded.ids.filter(pc.equal(loaded.ids.column("id"), item_id))
-        if rows.num_rows == 0:
-            raise NotFound(f"id {shown(item_id)} is not in index {name!r}")
-        return dict(rows.slice(0, 1).to_pylist()[0])
+        try:
+            return dict(loaded.item(item_id))
+        except IndexError_ as e:
+            raise NotFound(str(e)) from None
 
     def item_path(self, name: str, item_id: str) -> Path:
         """The image file of an id in the index's id map: never a path taken from the request."""
