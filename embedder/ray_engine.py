@@ -62,7 +62,7 @@ class RayOptions:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 0.5  # fractional: actors that take whole CPUs starve decode tasks
     decode_cpus: float = 0.5  # per decode task
-    batch_size: int | None = None  # None: 8 without GPUs, 128 with
+    batch_size: int | None = None  # None: the local engine's default (4 without GPUs, 128 with)
     local_cpus: int | None = None  # a local instance's CPUs; None: all of this machine's
 
 

@@ -46,6 +46,7 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(big, "BATCH_ROWS", 1024)  # many record batches and slices on a small store
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_over_budget_build_streams_to_on_disk_lists(tmp_path: Path, kind: str, small_batches: None) -> None:
     both = clustered(30_200, dim=32)
@@ -197,6 +198,7 @@ def test_plan_uses_an_hnsw_coarse_quantizer_for_many_lists_and_opq_on_request() 
         idx.plan(1000, 32, "ivf", budget, coarse="tree")
 
 
+@pytest.mark.slow
 def test_hnsw_coarse_quantizer_and_opq_in_a_streamed_build(tmp_path: Path, small_batches: None) -> None:
     import faiss
 
@@ -218,6 +220,7 @@ def test_hnsw_coarse_quantizer_and_opq_in_a_streamed_build(tmp_path: Path, small
     assert idx.LoadedIndex("q", home).index.ntotal == 12_500
 
 
+@pytest.mark.slow
 def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_path: Path) -> None:
     import signal
     import subprocess

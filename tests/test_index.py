@@ -76,6 +76,7 @@ def test_recall_floors_against_exact(tmp_path: Path, kind: str, floor: float) ->
     assert meta["trained_on"] == (None if kind in ("flat", "hnsw") else "cpu")  # no GPU on a CPU build
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory,metric", [("IVF24,Flat", "ip"), ("IVF24,Flat", "l2"),
                                             ("IVF24_HNSW32,Flat", "ip"), ("OPQ8_32,IVF24,PQ8", "l2")])
 def test_training_through_the_gpu_hook_gives_faiss_own_centroids(factory: str, metric: str,

@@ -105,6 +105,7 @@ def _store_vectors(path: Path) -> tuple[list[str], np.ndarray]:
     return t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, cluster: str) -> None:
     from embedder.ray_engine import RayOptions, extract_ray
 
@@ -316,6 +317,7 @@ def test_a_worker_without_the_weights_is_a_one_line_error_and_nothing_is_written
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # the adds as Ray tasks (one per run of shards), then one merge: the same codes in the same lists,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Annotated, Optional
 
@@ -36,6 +37,8 @@ def serve_command(
     except ImportError as e:
         raise EmbedderError(f"the service needs its extra: pip install 'embedder[serve]' ({e.name} is missing)") from None
     setup_logging(verbose)
+    # a server's own events (a generation loaded, an index dropped or broken) are logged in any case
+    logging.getLogger("embedder.service").setLevel(logging.INFO)
     key = None
     if api_key_env:
         key = os.environ.get(api_key_env)
