@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embedder import __version__, choices, storage
+from embedder import __version__, choices, storage, worklist
 from embedder.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
 from embedder.decode import (
     DECODERS,
@@ -55,7 +55,7 @@ from embedder.decode_pool import (
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
 from embedder.model import LoadedModel, ModelSpec, load_model, resolve_device
 from embedder.provenance import Provenance
-from embedder.sources import ImageRef, discover, image_id
+from embedder.sources import ImageRef, image_id, iter_discover
 from embedder.store import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arrow, row_schema
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ class RunOptions:
                                 f"valid: {', '.join(DECODE_PRIORITIES)}")
 
 
+MAX_FAILURES_SHOWN = 100  # failures a summary lists (all of them are in the store's errors table)
+
+
 @dataclass
 class ExtractSummary:
     discovered: int = 0
@@ -131,8 +134,13 @@ class ExtractSummary:
     seconds: float = 0.0
     device: str = ""
     store: str = ""
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_FAILURES_SHOWN only
     stages: dict[str, Any] = field(default_factory=dict)  # StageTimes.report: what bounded the run
+
+    def note_failure(self, path: str, reason: str) -> None:
+        """Every failure is in the store's errors table; the summary keeps the first few to show."""
+        if len(self.failures) < MAX_FAILURES_SHOWN:
+            self.failures.append((path, reason))
 
     @property
     def images_per_second(self) -> float:
@@ -534,7 +542,7 @@ def _run_lanes(embedder: BatchEmbedder, run: RunOptions) -> int:
 
 
 def embed_stream(
-    refs: Sequence[ImageRef],
+    refs: worklist.Refs,
     embedder: BatchEmbedder,
     run: RunOptions,
     on_error: Callable[[ImageRef, str], None],
@@ -656,7 +664,7 @@ def embed_stream(
         ring.close()
 
 
-def _stream_in_lanes(refs: Sequence[ImageRef], embedder: BatchEmbedder, bs: int, lanes: int,
+def _stream_in_lanes(refs: worklist.Refs, embedder: BatchEmbedder, bs: int, lanes: int,
                      on_error: Callable[[ImageRef, str], None]) -> Generator[tuple[pa.Table, int], None, None]:
     """``embed_stream`` with ``--decode-in lanes``: every batch is one lane task that decodes its
     images into its slot of a fixed ring and then computes them (``BatchEmbedder.launch_decoding``).
@@ -720,38 +728,33 @@ def extract(
     if (embedder is None and run.decode_in != "threads" and embed.decoder != "nvjpeg"
             and resolve_device(embed.device).type == "cuda"):
         start_server()  # decode processes' imports overlap loading the model
-    refs = discover(sources)
-    embedder = embedder or BatchEmbedder(spec, embed)
-    lanes = _run_lanes(embedder, run)
-    # a combination that cannot run is refused before the store is created
-    resolve_decode_in(run.decode_in, embedder.device, 1, 0, embedder.options.decoder,
-                      embedder.lane_threads(lanes) if lanes > 1 else None)
-    summary = ExtractSummary(discovered=len(refs), device=str(embedder.device), store=store_path)
-    provenance = embedder.provenance()
-    local = embedder
+    with worklist.build(iter_discover(sources), spill_dir=worklist.spill_dir()) as work:
+        embedder = embedder or BatchEmbedder(spec, embed)
+        lanes = _run_lanes(embedder, run)
+        # a combination that cannot run is refused before the store is created
+        resolve_decode_in(run.decode_in, embedder.device, 1, 0, embedder.options.decoder,
+                          embedder.lane_threads(lanes) if lanes > 1 else None)
+        summary = ExtractSummary(device=str(embedder.device), store=store_path)
+        provenance = embedder.provenance()
+        local = embedder
 
-    def stream(todo: list[ImageRef], on_error: Callable[[ImageRef, str], None]
-               ) -> Generator[tuple[pa.Table, int], None, None]:
-        return embed_stream(todo, local, run, on_error)
+        def stream(todo: worklist.Refs, on_error: Callable[[ImageRef, str], None]
+                   ) -> Generator[tuple[pa.Table, int], None, None]:
+            return embed_stream(todo, local, run, on_error)
 
-    with Store.writer(store_path, provenance) as store:
-        fill_store(store, refs, embedder, provenance, run, summary, progress, t_start, stream)
+        with Store.writer(store_path, provenance) as store:
+            still_to_do(store, work, run, summary)
+            fill_store(store, work, embedder, provenance, run, summary, progress, t_start, stream)
     return summary
 
 
-def still_to_do(store: Store, refs: Sequence[ImageRef], run: RunOptions, summary: ExtractSummary) -> list[ImageRef]:
-    """The refs the store lacks (resume), minus earlier failures unless they are to be retried."""
-    present = store.present([r.id for r in refs])  # the id index: never the store's ids as a set
-    failed_before = set() if run.retry_failed else store.failed_ids()
-    todo = []
-    for r, held in zip(refs, present):
-        if held:
-            summary.skipped_present += 1
-        elif r.id in failed_before:
-            summary.skipped_failed_before += 1
-        else:
-            todo.append(r)
-    return todo
+def still_to_do(store: Store, work: worklist.WorkList, run: RunOptions, summary: ExtractSummary) -> None:
+    """Leave out of WORK what the store holds (resume: its id index, never its ids as a set) and
+    earlier failures unless they are to be retried; the counts go to SUMMARY."""
+    work.drop_held(store.shard_files(), None if run.retry_failed else store.errors().column("id"))
+    summary.discovered = work.counts.discovered
+    summary.skipped_present = work.counts.present
+    summary.skipped_failed_before = work.counts.failed_before
 
 
 def new_run_record(embedder: BatchEmbedder, engine: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -768,15 +771,16 @@ def new_run_record(embedder: BatchEmbedder, engine: dict[str, Any] | None = None
 
 # Rows in, per batch: (the batch's embedded rows, how many of its images failed); failures are
 # reported through the callback. The local pipeline and the Ray engine both produce one.
-StreamFn = Callable[[list[ImageRef], Callable[[ImageRef, str], None]], Generator[tuple[pa.Table, int], None, None]]
+StreamFn = Callable[[worklist.Refs, Callable[[ImageRef, str], None]],
+                    Generator[tuple[pa.Table, int], None, None]]
 
 
-def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, provenance: Provenance,
+def fill_store(store: Store, todo: worklist.Refs, embedder: BatchEmbedder, provenance: Provenance,
                run: RunOptions, summary: ExtractSummary, progress: Callable[[int, int, int], None] | None,
                t_start: float, stream_fn: StreamFn, engine: dict[str, Any] | None = None) -> None:
-    """Embed what the store lacks, flushing whole shards as it goes (caller holds the lock).
-    ``embedder`` gives the shapes and the run record; ``stream_fn`` computes the vectors."""
-    todo = still_to_do(store, refs, run, summary)
+    """Embed TODO (what the store lacks: ``still_to_do``), flushing whole shards as it goes (caller
+    holds the lock). ``embedder`` gives the shapes and the run record; ``stream_fn`` computes the
+    vectors."""
     if progress:
         progress(len(todo), 0, 0)
     run_record = new_run_record(embedder, engine)
@@ -823,7 +827,7 @@ def fill_store(store: Store, refs: Sequence[ImageRef], embedder: BatchEmbedder, 
 
     def on_error(ref: ImageRef, reason: str) -> None:
         summary.failed += 1
-        summary.failures.append((ref.path, reason))
+        summary.note_failure(ref.path, reason)
         pending_errors.append({"id": ref.id, "path": ref.path, "reason": reason,
                                "time": dt.datetime.now(dt.UTC)})
 

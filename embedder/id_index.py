@@ -121,12 +121,17 @@ def _halves(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def contains(shards: Sequence[str], ids: Sequence[str]) -> np.ndarray:
-    """For each of IDS, whether one of SHARDS holds it (a bool array). The asked digests are sorted
-    once by their first 8 bytes (~40 bytes per asked id in all); each shard's digests are looked up
-    in them and confirmed on the other 8 — one shard in memory at a time."""
-    if not len(ids):
+    """For each of IDS, whether one of SHARDS holds it (a bool array)."""
+    return contains_digests(shards, digests(ids))
+
+
+def contains_digests(shards: Sequence[str], asked: np.ndarray) -> np.ndarray:
+    """For each asked digest (``digests``), whether one of SHARDS holds its id. The asked digests are
+    sorted once by their first 8 bytes (~40 bytes per asked id in all); each shard's digests are
+    looked up in them and confirmed on the other 8 — one shard in memory at a time."""
+    if not len(asked):
         return np.zeros(0, bool)
-    hi, lo = _halves(digests(ids))
+    hi, lo = _halves(asked)
     order = np.argsort(hi, kind="stable")
     hi, lo = hi[order], lo[order]
     hit = np.zeros(len(hi), bool)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder import storage
+from embedder import storage, worklist
 from embedder.decode import DEFAULT_MAX_PIXELS, resolve_decoder
 from embedder.decode_pool import DecodeSpec, decode_rows
 from embedder.errors import EmbedderError, RayError
@@ -44,8 +44,9 @@ from embedder.extract import (
     still_to_do,
 )
 from embedder.model import ModelSpec
-from embedder.sources import ImageRef, discover
+from embedder.sources import iter_discover
 from embedder.store import Store
+from embedder.worklist import WorkList
 
 log = logging.getLogger(__name__)
 
@@ -234,22 +235,24 @@ def _write_block(batch: pa.Table, store_path: str, provenance_json: str, dim: in
     failed_mask = pc.is_valid(batch.column("error"))
     good = batch.filter(pc.invert(failed_mask)).select(schema.names).cast(schema)
     failed = batch.filter(failed_mask)
-    out: dict[str, list[Any]] = {"kind": [], "name": [], "rows": [], "id": [], "reason": []}
+    out: dict[str, list[Any]] = {"kind": [], "name": [], "rows": [], "id": [], "path": [], "reason": []}
     if good.num_rows:
         ids = good.column("id").to_pylist()
         name = hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest() + ".parquet"
         Store(store_path).stage_shard(good, provenance_json, name)
-        for k, v in (("kind", "shard"), ("name", name), ("rows", good.num_rows), ("id", None), ("reason", None)):
+        for k, v in (("kind", "shard"), ("name", name), ("rows", good.num_rows), ("id", None), ("path", None),
+                     ("reason", None)):
             out[k].append(v)
-    for rid, reason in zip(failed.column("id").to_pylist(), failed.column("error").to_pylist()):
-        for k, v in (("kind", "error"), ("name", None), ("rows", 0), ("id", rid), ("reason", reason)):
+    for rid, path, reason in zip(failed.column("id").to_pylist(), failed.column("path").to_pylist(),
+                                 failed.column("error").to_pylist()):
+        for k, v in (("kind", "error"), ("name", None), ("rows", 0), ("id", rid), ("path", path), ("reason", reason)):
             out[k].append(v)
     return pa.table({"kind": pa.array(out["kind"], pa.string()), "name": pa.array(out["name"], pa.string()),
                      "rows": pa.array(out["rows"], pa.int64()), "id": pa.array(out["id"], pa.string()),
-                     "reason": pa.array(out["reason"], pa.string())})
+                     "path": pa.array(out["path"], pa.string()), "reason": pa.array(out["reason"], pa.string())})
 
 
-def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedOptions, options: RayOptions,
+def _pipeline(ray: Any, todo: WorkList, spec: ModelSpec, embed: EmbedOptions, options: RayOptions,
               batch_size: int, shard_rows: int, pre: Any, max_pixels: int, store: Store,
               provenance_json: str, dim: int) -> Any:
     """paths → decode tasks → model actors → shard-writing tasks (a Ray Dataset, not yet run)."""
@@ -257,10 +260,9 @@ def _pipeline(ray: Any, todo: Sequence[ImageRef], spec: ModelSpec, embed: EmbedO
     # them, so a block is the pipeline's grain (blocks of 256 instead: 0.51x/0.55x local with 1/2
     # actors at 1,024 images on 2 cores, against 0.54x/0.60x, and 0.4-0.9 GB more worker memory).
     block = max(batch_size, DECODE_BLOCK)
-    tables = [pa.table({"id": [r.id for r in todo[i:i + block]], "path": [r.path for r in todo[i:i + block]],
-                        "label": pa.array([r.label for r in todo[i:i + block]], pa.string())})
-              for i in range(0, len(todo), block)]
-    ds = ray.data.from_arrow(tables)
+    # straight from the work list's spill file into the object store, a block at a time: the driver
+    # never holds the list (or a Python object per image)
+    ds = ray.data.from_arrow_refs([ray.put(t) for t in todo.tables(block)])
     # Decode tasks take blocks of at least 64 images (a Ray task costs milliseconds of scheduling;
     # the actors re-batch to the model's batch size). They state the memory a batch needs (its
     # pixels and a decoded photo per row, with headroom), so the scheduler can pack them; with the
@@ -310,12 +312,24 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     # The driver loads the model once on CPU: it checks the spec and weights before anything is
     # scheduled or written, and states the provenance every worker's vectors will carry.
     driver = BatchEmbedder(spec, replace(worker_embed, device="cpu", compile=False))
-    provenance = driver.provenance()
     checks = preflight(ray, spec, worker_embed)
-    refs = discover(sources)  # while every node loads the model once
-    check_preflight(ray, checks)
-    summary = ExtractSummary(discovered=len(refs), device=f"ray ({options.workers} workers, "
-                             f"{options.gpus_per_worker:g} GPU each)", store=store_path)
+    work = worklist.build(iter_discover(sources), spill_dir=worklist.spill_dir())  # while nodes load the model
+    try:
+        check_preflight(ray, checks)
+        return _extract_ray(ray, work, store_path, spec, embed, worker_embed, run, options, driver, progress,
+                            t_start, on_gpu)
+    finally:
+        work.close()
+
+
+def _extract_ray(ray: Any, todo: WorkList, store_path: str, spec: ModelSpec, embed: EmbedOptions,
+                 worker_embed: EmbedOptions, run: RunOptions, options: RayOptions, driver: BatchEmbedder,
+                 progress: Callable[[int, int, int], None] | None, t_start: float, on_gpu: bool) -> ExtractSummary:
+    import time
+
+    provenance = driver.provenance()
+    summary = ExtractSummary(device=f"ray ({options.workers} workers, {options.gpus_per_worker:g} GPU each)",
+                             store=store_path)
     # the local engine's defaults (CPU actors: 4 measured against 8 with bench_ray, 1 and 2 actors:
     # level or slightly ahead in all 4 pairs, docs/benchmarks.md)
     batch_size = options.batch_size or run.batch_size or (CUDA_BATCH if on_gpu else CPU_BATCH)
@@ -323,7 +337,7 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     max_pixels = embed.max_pixels or DEFAULT_MAX_PIXELS
 
     with Store.writer(store_path, provenance) as store:  # also sweeps shards staged by a killed run
-        todo = still_to_do(store, refs, run, summary)
+        still_to_do(store, todo, run, summary)
         if progress:
             progress(len(todo), 0, 0)
         if todo:
@@ -339,7 +353,7 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     return summary
 
 
-def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: dict[str, Any],
+def _commit(ray: Any, ds: Any, store: Store, todo: WorkList, record: dict[str, Any],
             summary: ExtractSummary, progress: Callable[[int, int, int], None] | None, t_start: float) -> None:
     """Run the pipeline; commit each staged shard as it is reported, record failures, keep the
     manifest current. A shard reported twice (a retried task) is committed once."""
@@ -348,8 +362,7 @@ def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: d
 
     from embedder.store import ERRORS_SCHEMA
 
-    by_id = {r.id: r for r in todo}
-    committed: set[str] = set()
+    committed: set[str] = set()  # staged shard names: one per shard of this run
     try:
         for res in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             advanced, errors, added = 0, [], []
@@ -362,10 +375,9 @@ def _commit(ray: Any, ds: Any, store: Store, todo: Sequence[ImageRef], record: d
                     summary.done += row["rows"]
                     advanced += row["rows"]
                 else:
-                    ref = by_id[row["id"]]
                     summary.failed += 1
-                    summary.failures.append((ref.path, row["reason"]))
-                    errors.append({"id": ref.id, "path": ref.path, "reason": row["reason"],
+                    summary.note_failure(row["path"], row["reason"])
+                    errors.append({"id": row["id"], "path": row["path"], "reason": row["reason"],
                                    "time": dt.datetime.now(dt.UTC)})
                     advanced += 1
             if errors:

@@ -12,7 +12,7 @@ import csv
 import glob
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,27 +129,16 @@ def _glob(pattern: str) -> Iterable[ImageRef]:
 
 
 def _read_list(path: Path) -> Iterable[ImageRef]:
+    """The rows of a list file, read as they are needed (a million-line list is never held whole)."""
     base = path.parent
     suffix = path.suffix.lower()  # LIST.CSV is a CSV list too
-    rows: list[tuple[str, str | None]]
+    rows: Iterable[tuple[str, str | None]]
     if suffix == ".parquet":
-        table = pq.read_table(path)
-        cols = table.column_names
-        col = "path" if "path" in cols else cols[0]
-        paths = table.column(col).to_pylist()
-        labels = table.column("label").to_pylist() if "label" in cols else [None] * len(paths)
-        rows = [(str(p), None if lab is None else str(lab)) for p, lab in zip(paths, labels)]
+        rows = _parquet_rows(path)
     elif suffix in (".csv", ".tsv"):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            fields = reader.fieldnames or []
-            if not fields:
-                raise SourceError(f"{path} is empty; expected a header with a 'path' column")
-            col = "path" if "path" in fields else fields[0]
-            rows = [(r[col], r.get("label") or None) for r in reader if r.get(col)]
+        rows = _csv_rows(path, "\t" if suffix == ".tsv" else ",")
     else:
-        with open(path) as f:
-            rows = [(line.strip(), None) for line in f if line.strip() and not line.startswith("#")]
+        rows = _text_rows(path)
     for p, label in rows:
         if is_uri(p):
             yield ImageRef(image_id(p), p, label)
@@ -158,17 +147,50 @@ def _read_list(path: Path) -> Iterable[ImageRef]:
         yield _ref(full, label)
 
 
-def discover(sources: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
-    """Every image reachable from SOURCE arguments, deduplicated, in a stable order."""
+def _parquet_rows(path: Path) -> Iterator[tuple[str, str | None]]:
+    f = pq.ParquetFile(path)
+    cols = f.schema_arrow.names
+    col = "path" if "path" in cols else cols[0]
+    wanted = [col, "label"] if "label" in cols and col != "label" else [col]
+    for batch in f.iter_batches(batch_size=65_536, columns=wanted):
+        paths = batch.column(0).to_pylist()
+        labels = batch.column(1).to_pylist() if len(wanted) == 2 else [None] * len(paths)
+        yield from ((str(p), None if lab is None else str(lab)) for p, lab in zip(paths, labels))
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, str | None]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        fields = reader.fieldnames or []
+        if not fields:
+            raise SourceError(f"{path} is empty; expected a header with a 'path' column")
+        col = "path" if "path" in fields else fields[0]
+        for r in reader:
+            if r.get(col):
+                yield r[col], r.get("label") or None
+
+
+def _text_rows(path: Path) -> Iterator[tuple[str, str | None]]:
+    with open(path) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                yield line.strip(), None
+
+
+def iter_discover(sources: Sequence[str | os.PathLike[str]]) -> Iterator[ImageRef]:
+    """Every image reachable from SOURCE arguments, in a stable order, as it is found: not
+    deduplicated (an image reachable through two sources comes twice: ``discover`` drops repeats,
+    extraction's work list drops them by id digest), held nowhere. Raises SourceError for a SOURCE
+    that does not exist or, once all are walked, when none held an image."""
     if not sources:
         raise SourceError("no SOURCE given: pass folders, globs, image files or a list file")
-    seen: dict[str, ImageRef] = {}
+    any_found = False
     for src in sources:
         s = str(src)
         p = Path(s)
         found: Iterable[ImageRef]
         if is_uri(s):
-            found = list(_walk_uri(s))
+            found = _walk_uri(s)
         elif p.is_dir():
             found = _walk(p)
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
@@ -187,8 +209,17 @@ def discover(sources: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
         else:
             raise SourceError(f"SOURCE {s} does not exist")
         for ref in found:
-            seen.setdefault(ref.id, ref)
-    if not seen:
+            any_found = True
+            yield ref
+    if not any_found:
         raise SourceError(f"no images found in {', '.join(str(s) for s in sources)} "
                           f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
+def discover(sources: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
+    """Every image reachable from SOURCE arguments, deduplicated, in a stable order (a list: for the
+    few-thousand-image commands; extraction streams ``iter_discover`` instead)."""
+    seen: dict[str, ImageRef] = {}
+    for ref in iter_discover(sources):
+        seen.setdefault(ref.id, ref)
     return list(seen.values())

@@ -261,8 +261,8 @@ def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_pat
 def test_cli_build_option_errors_are_one_line(tmp_path: Path) -> None:
     store = sharded_store(tmp_path / "s", [clustered(2000, dim=16)])
     home = str(tmp_path / "h")
-    for args, message in ((["--engine", "spark"], "unknown engine 'spark'; valid: local, ray"),
-                          (["--coarse", "tree"], "unknown coarse quantizer 'tree'; valid: auto, flat, hnsw"),
+    for args, message in ((["--engine", "spark"], "'spark' is not one of 'local', 'ray'"),
+                          (["--coarse", "tree"], "'tree' is not one of 'auto', 'flat', 'hnsw'"),
                           (["--kind", "ivf", "--opq"], "--opq rotates vectors for product quantization")):
         r = runner.invoke(app, ["index", "build", store, "--name", "n", "--home", home, *args])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output

@@ -355,11 +355,12 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--decode-in", "fork"], "unknown --decode-in 'fork'; valid: auto, threads, processes, lanes"),
+    (["--decode-in", "fork"], "Invalid value for '--decode-in': 'fork' is not one of 'auto', 'threads', "
+                              "'processes', 'lanes'"),  # refused when the command line is parsed
     (["--decode-in", "lanes", "--model-lanes", "1"], "--decode-in lanes decodes inside the CPU model lanes"),
-    (["--engine", "spark"], "unknown engine 'spark'; valid: local, ray"),
+    (["--engine", "spark"], "'spark' is not one of 'local', 'ray'"),
     (["--engine", "ray", "--address", "nohost"], "expected auto, HOST:PORT or ray://HOST:PORT"),
-    (["--decode-priority", "high"], "unknown --decode-priority 'high'; valid: normal, idle"),
+    (["--decode-priority", "high"], "'high' is not one of 'normal', 'idle'"),
     (["--model-lanes", "0"], "--model-lanes must be at least 1, got 0"),
 ], ids=["decode-in", "decode-in-lanes", "engine", "address", "decode-priority", "model-lanes"])
 def test_bad_pipeline_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:

@@ -1,0 +1,173 @@
+"""What an extraction run is to embed, held on disk rather than in memory.
+
+Discovery streams: the refs found under the SOURCEs are written as they come, 65,536 at a time, to an
+Arrow IPC file in a temporary folder (id, path, label), and only each ref's 16-byte id digest stays in
+memory. The digests then decide, in bulk and without a Python string per image: repeats (the same
+image reachable through two sources: its first occurrence is kept), what the store already holds
+(its per-shard id index, ``id_index.contains_digests``) and what failed in an earlier run (the
+errors table). What is left is a sorted array of row numbers into the spill file; iterating reads
+the file one record batch at a time and yields ``ImageRef``s for those rows.
+
+Memory per discovered image: 16 bytes of digest while the list is built (plus 3 bool masks), then
+8 bytes per image still to do — against ~374 bytes per image for a list of ``ImageRef``s and their
+strings (measured: docs/benchmarks.md, "Discovery"). The spill file is removed when the list is
+closed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from embedder import id_index
+from embedder.sources import ImageRef
+
+CHUNK = 65_536  # refs per spilled record batch
+SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
+
+
+class Refs(Protocol):
+    """What the embedding loops take: refs they can count and walk (a list, or a ``WorkList``)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[ImageRef]: ...
+
+
+@dataclass
+class Counts:
+    discovered: int = 0  # distinct images
+    repeats: int = 0  # the same image reached again through another source
+    present: int = 0  # already in the store
+    failed_before: int = 0  # failed in an earlier run (skipped unless retried)
+
+
+class WorkList:
+    """A sized, re-iterable sequence of the ``ImageRef``s still to embed (``len``, ``iter``,
+    ``tables``), backed by a spill file. Use as a context manager, or ``close()`` it."""
+
+    def __init__(self, folder: Path, file: Path, digests: np.ndarray, batch_rows: int) -> None:
+        self._folder, self._file, self._batch_rows = folder, file, batch_rows
+        keep = np.zeros(len(digests), bool)
+        keep[np.unique(digests, return_index=True)[1]] = True  # the first occurrence of each id
+        self.counts = Counts(discovered=int(keep.sum()), repeats=int(len(keep) - keep.sum()))
+        self.todo = np.flatnonzero(keep)
+        self._digests: np.ndarray | None = digests  # until drop_held: 16 bytes per discovered image
+
+    def drop_held(self, shards: list[str], failed_ids: Any = None) -> None:
+        """Leave out what SHARDS (a store's shard files) hold and, unless FAILED_IDS is None, the ids
+        in it (an Arrow array of a store's failed ids). Called once, under the store's writer lock;
+        the digests are freed after it."""
+        if self._digests is None:
+            raise RuntimeError("drop_held is called once")  # a bug, not input
+        asked = self._digests[self.todo]
+        self._digests = None
+        keep = np.ones(len(asked), bool)
+        if shards:
+            keep &= ~id_index.contains_digests(shards, asked)
+            self.counts.present = int(len(keep) - keep.sum())
+        if failed_ids is not None and len(failed_ids):
+            failed = np.isin(asked, id_index.digests(failed_ids)) & keep
+            self.counts.failed_before = int(failed.sum())
+            keep &= ~failed
+        self.todo = self.todo[keep]
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __bool__(self) -> bool:
+        return len(self.todo) > 0
+
+    def tables(self, rows: int = CHUNK) -> Iterator[pa.Table]:
+        """The rows still to do as Arrow tables of at most ROWS rows (id, path, label), in order."""
+        pending: list[pa.Table] = []
+        held = 0
+        for table in self._batches():
+            pending.append(table)
+            held += table.num_rows
+            while held >= rows:
+                whole = pa.concat_tables(pending)
+                yield whole.slice(0, rows)
+                rest = whole.slice(rows)
+                pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+        if held:
+            yield pa.concat_tables(pending)
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for table in self._batches():
+            ids, paths, labels = (table.column(c).to_pylist() for c in ("id", "path", "label"))
+            yield from (ImageRef(i, p, lab) for i, p, lab in zip(ids, paths, labels))
+
+    def _batches(self) -> Iterator[pa.Table]:
+        """Each spilled record batch's rows that are still to do (record batch b holds rows
+        b*batch_rows … (b+1)*batch_rows - 1)."""
+        if not len(self.todo):
+            return
+        with pa.OSFile(str(self._file), "rb") as f:
+            reader = pa.ipc.open_file(f)
+            n = reader.num_record_batches
+            bounds = np.searchsorted(self.todo, np.arange(n + 1) * self._batch_rows)
+            for b in range(n):
+                lo, hi = int(bounds[b]), int(bounds[b + 1])
+                if hi <= lo:
+                    continue
+                rows = self.todo[lo:hi] - b * self._batch_rows
+                yield pa.Table.from_batches([reader.get_batch(b)]).take(pa.array(rows))
+
+    def close(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> WorkList:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | None = None) -> WorkList:
+    """The work list of REFS (streamed once, spilled under SPILL_DIR, default the system's temporary
+    folder), repeats dropped; ``drop_held`` then leaves out what a store holds."""
+    folder = Path(tempfile.mkdtemp(prefix="embedder-worklist-", dir=spill_dir))
+    file = folder / "refs.arrow"
+    parts: list[np.ndarray] = []
+    try:
+        with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as out:
+            ids: list[str] = []
+            paths: list[str] = []
+            labels: list[str | None] = []
+
+            def spill() -> None:
+                arr = pa.array(ids, pa.string())
+                out.write_batch(pa.record_batch([arr, pa.array(paths, pa.string()), pa.array(labels, pa.string())],
+                                                schema=SCHEMA))
+                parts.append(id_index.digests(arr))
+                ids.clear()
+                paths.clear()
+                labels.clear()
+
+            for ref in refs:
+                ids.append(ref.id)
+                paths.append(ref.path)
+                labels.append(ref.label)
+                if len(ids) == batch_rows:
+                    spill()
+            if ids:
+                spill()
+        digests = np.concatenate(parts) if parts else np.empty(0, id_index.DIGEST)
+        return WorkList(folder, file, digests, batch_rows)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def spill_dir() -> str | None:
+    """Where work lists spill: $EMBEDDER_TMPDIR, else the system's temporary folder."""
+    return os.environ.get("EMBEDDER_TMPDIR") or None
