@@ -194,7 +194,8 @@ def test_empty_store_and_bad_options_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "holds no vectors" in r.output and r.output.count("\n") == 1
     x, y = classes_data()
     full = write_store(tmp_path / "f", x, [f"c{c}" for c in y])
-    for args, msg in ((["--projection", "tsne"], "'tsne' is not one of 'pca', 'umap'"), (["--thumbnails", "some"], "valid: all"),
+    for args, msg in ((["--projection", "tsne"], "'tsne' is not one of 'pca', 'umap'"),
+                      (["--thumbnails", "some"], "valid: all"),
                       (["--duplicate-threshold", "1.5"], "(0, 1]")):
         r = runner.invoke(app, ["inspect", full, "--out", str(tmp_path / "rep"), *args])
         assert r.exit_code == 2 and msg in r.output, r.output
