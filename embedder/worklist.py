@@ -8,10 +8,11 @@ image reachable through two sources: its first occurrence is kept), what the sto
 errors table). What is left is a sorted array of row numbers into the spill file; iterating reads
 the file one record batch at a time and yields ``ImageRef``s for those rows.
 
-Memory per discovered image: 16 bytes of digest while the list is built (plus 3 bool masks), then
-8 bytes per image still to do — against ~374 bytes per image for a list of ``ImageRef``s and their
-strings (measured: docs/benchmarks.md, "Discovery"). The spill file is removed when the list is
-closed.
+Memory per discovered image: its 16-byte digest while the list is built, about 40 bytes more for a
+moment while repeats are found (one stable sort) and while the store is asked (``contains_digests``),
+then 4 bytes per image still to do — against ~350 bytes per image for a list of ``ImageRef``s and
+their strings (measured: docs/benchmarks.md, "Discovery"). The spill files are removed when the list
+is closed.
 """
 
 from __future__ import annotations
@@ -56,10 +57,18 @@ class WorkList:
 
     def __init__(self, folder: Path, file: Path, digests: np.ndarray, batch_rows: int) -> None:
         self._folder, self._file, self._batch_rows = folder, file, batch_rows
-        keep = np.zeros(len(digests), bool)
-        keep[np.unique(digests, return_index=True)[1]] = True  # the first occurrence of each id
-        self.counts = Counts(discovered=int(keep.sum()), repeats=int(len(keep) - keep.sum()))
-        self.todo = np.flatnonzero(keep)
+        n = len(digests)
+        keep = np.ones(n, bool)
+        if n > 1:  # repeats: equal digests side by side in sorted order; a stable sort keeps the first
+            order = np.argsort(digests, kind="stable")
+            ordered = digests[order]
+            later = np.zeros(n, bool)
+            later[1:] = ordered[1:] == ordered[:-1]
+            del ordered
+            keep[order[later]] = False
+            del order, later
+        self.counts = Counts(discovered=int(keep.sum()), repeats=int(n - keep.sum()))
+        self.todo = np.flatnonzero(keep).astype(np.int32 if n < 2**31 else np.int64)  # 4 bytes a row
         self._digests: np.ndarray | None = digests  # until drop_held: 16 bytes per discovered image
 
     def drop_held(self, shards: list[str], failed_ids: Any = None) -> None:
@@ -137,9 +146,10 @@ def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | No
     folder), repeats dropped; ``drop_held`` then leaves out what a store holds."""
     folder = Path(tempfile.mkdtemp(prefix="embedder-worklist-", dir=spill_dir))
     file = folder / "refs.arrow"
-    parts: list[np.ndarray] = []
+    digest_file = folder / "digests.bin"  # 16 bytes per ref, appended: read back in one piece
     try:
-        with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as out:
+        with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as out, \
+                open(digest_file, "wb") as digest_out:
             ids: list[str] = []
             paths: list[str] = []
             labels: list[str | None] = []
@@ -148,7 +158,7 @@ def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | No
                 arr = pa.array(ids, pa.string())
                 out.write_batch(pa.record_batch([arr, pa.array(paths, pa.string()), pa.array(labels, pa.string())],
                                                 schema=SCHEMA))
-                parts.append(id_index.digests(arr))
+                digest_out.write(id_index.digests(arr).tobytes())
                 ids.clear()
                 paths.clear()
                 labels.clear()
@@ -161,7 +171,8 @@ def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | No
                     spill()
             if ids:
                 spill()
-        digests = np.concatenate(parts) if parts else np.empty(0, id_index.DIGEST)
+        digests = np.fromfile(digest_file, dtype=id_index.DIGEST)
+        digest_file.unlink()
         return WorkList(folder, file, digests, batch_rows)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

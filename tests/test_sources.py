@@ -86,3 +86,13 @@ def test_upper_case_list_files(tmp_path: Path) -> None:
     assert {r.label for r in discover([tmp_path / "LIST.TSV"])} == {"x"}
     (tmp_path / "PATHS.TXT").write_text("\n".join(str(p) for p in paths[:2]) + "\n")
     assert [r.path for r in discover([tmp_path / "PATHS.TXT"])] == [str(p) for p in paths[:2]]
+
+
+@pytest.mark.parametrize("p", ["a/b.jpg", "./a//b/./c.jpg", "/x/../y.jpg", "//net/share/a.jpg", "///a//b.jpg",
+                               "/", "a/", "../up.jpg", ".", "é/ü.png", "/a/./././b"])
+def test_absolute_is_pathlibs_absolute(p: str) -> None:
+    """Discovery builds paths without pathlib (a Path object per image, and its interning of every
+    name, cost 2.3x the time on a 1M-line list): the same strings, hence the same ids and paths."""
+    from embedder.sources import _absolute
+
+    assert _absolute(p) == str(Path(p).absolute())

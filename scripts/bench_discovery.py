@@ -1,0 +1,120 @@
+"""Driver memory of an extraction against the number of images it discovers: 10,000 and 1,000,000.
+
+The case a large collection meets every day: a resume. A text list of N image paths, of which all but
+64 are already in the store (written here as synthetic shards with the real ids of those paths), and
+64 real new JPEGs that the run embeds with the tiny registered backbone. Each measurement is a fresh
+process; peak RSS (ru_maxrss) is reported beside the wall time. In the same run, as the yardstick,
+what the previous implementation held: ``discover()`` (an ``ImageRef`` per image, deduplicated in a
+dict) plus the store's membership check over those ids.
+
+    python scripts/bench_discovery.py [--sizes 10000,1000000] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+mode, lst, store = sys.argv[1:4]
+t0 = time.perf_counter()
+if mode == "extract":
+    from embedder.extract import extract
+    from embedder.model import ModelSpec
+    s = extract([lst], store, ModelSpec("tiny_test"))
+    out = {"discovered": s.discovered, "present": s.skipped_present, "done": s.done}
+else:  # the previous way: a list of ImageRefs, then the membership check over their ids
+    from embedder.sources import discover
+    from embedder.store import Store
+    refs = discover([lst])
+    held = Store.open(store).present([r.id for r in refs])
+    out = {"discovered": len(refs), "present": int(held.sum()), "done": 0}
+out["seconds"] = round(time.perf_counter() - t0, 2)
+out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+print(json.dumps(out))
+"""
+
+
+def make_case(root: Path, n: int) -> tuple[Path, Path]:
+    """A store holding n - 64 synthetic rows (ids of listed paths), 64 real new JPEGs, the list."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from embedder.extract import extract
+    from embedder.model import ModelSpec
+    from embedder.sources import image_id
+    from embedder.store import Store, embeddings_to_arrow
+
+    real = root / "new"
+    real.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(real / f"new_{i:03d}.jpg")
+    seed = root / "seed"
+    seed.mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(seed / "seed.jpg")
+    store = root / "store"
+    extract([str(seed)], str(store), ModelSpec("tiny_test"))  # the store and its provenance
+    fake = [f"{root}/collection/{i // 1000:04d}/img_{i:07d}.jpg" for i in range(n - 64)]
+    with Store.writer(store, Store.open(store).provenance) as st:
+        schema = st.read().schema
+        dim = st.dim
+        for s in range(0, len(fake), 65_536):
+            part = fake[s:s + 65_536]
+            st.write_shard(pa.table({
+                "id": [image_id(p) for p in part], "path": part, "label": [None] * len(part),
+                "embedding": embeddings_to_arrow(np.zeros((len(part), dim), np.float32), "float32"),
+                "width": pa.array([48] * len(part), pa.int32()), "height": pa.array([40] * len(part), pa.int32()),
+                "file_hash": [None] * len(part)}, schema=schema))
+        st.update_manifest()
+    lst = root / "list.txt"
+    with open(lst, "w") as f:
+        for p in fake:
+            f.write(p + "\n")
+        for p in sorted(real.iterdir()):
+            f.write(str(p) + "\n")
+    return lst, store
+
+
+def run(mode: str, lst: Path, store: Path) -> dict[str, float]:
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(lst), str(store)], capture_output=True, text=True,
+                       env={**os.environ, "EMBEDDER_OFFLINE": "1"}, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,1000000")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rows = []
+    print(f"{'images':>10} {'method':>22} {'peak RSS MiB':>13} {'seconds':>8} {'present':>9} {'embedded':>9}")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            lst, store = make_case(Path(tmp), n)
+            setup = time.perf_counter() - t0
+            old = run("previous", lst, store)
+            new = run("extract", lst, store)
+            for name, r in (("previous: refs + check", old), ("embedder extract", new)):
+                rows.append({"images": n, "method": name, **r, "setup_seconds": round(setup, 1)})
+                print(f"{n:>10,} {name:>22} {r['peak_rss_mib']:>13,.0f} {r['seconds']:>8.1f} {r['present']:>9,} "
+                      f"{r['done']:>9,}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
