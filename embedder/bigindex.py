@@ -18,6 +18,8 @@ The slices are merged into one ``lists.ivfdata`` (FAISS ``OnDiskInvertedLists``,
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -252,6 +254,71 @@ def _merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
     return out
 
 
+# ---- delta slices: an add costs what it adds -----------------------------------------------
+# An `index add` to an on-disk index writes the new rows as a delta beside the current lists (hard
+# links to the unchanged files, so the new generation is still one self-contained folder); search
+# reads the lists and the deltas as one (FAISS's HStackInvertedLists: each inverted list is the
+# concatenation of the list in every part, so results are those of a single index). The deltas are
+# merged into the lists when they hold more than DELTA_FRACTION of the rows or number DELTA_MAX.
+DELTA_FRACTION = 0.10
+DELTA_MAX = 16
+
+
+class RowStack:
+    """Several row-aligned arrays (the float16 re-rank copies of the lists and of each delta) read as
+    one: rows (an index array, or a slice) by global row number."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0, *(len(p) for p in parts)])
+        self.shape = (int(self.starts[-1]), int(parts[0].shape[1]))
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, arr in enumerate(self.parts):
+            m = part == i
+            if m.any():
+                out[m] = arr[rows[m] - self.starts[i]]
+        return out
+
+
+def stack_deltas(index_file: str, trained_file: str, delta_files: list[str]) -> tuple[Any, list[Any]]:
+    """An index that searches the lists of INDEX_FILE (on disk) and every delta as one set of inverted
+    lists: a copy of the trained empty index whose lists are FAISS's HStackInvertedLists of theirs.
+    Returns it and what must stay alive while it is used (it owns none of the lists: the indexes
+    they came from do, each as FAISS made it, so nothing changes owner)."""
+    faiss = _faiss()
+    with no_precomputed_tables():
+        base = read_ondisk(index_file)
+        deltas = [faiss.read_index(f) for f in delta_files]
+        combined = faiss.read_index(trained_file)
+    parts = faiss.InvertedListsPtrVector()
+    for ix in (base, *deltas):
+        parts.push_back(faiss.extract_index_ivf(ix).invlists)
+    stacked = faiss.HStackInvertedLists(parts.size(), parts.data())
+    ivf = faiss.extract_index_ivf(combined)
+    ivf.replace_invlists(stacked, False)  # the trained copy's own (empty) lists are freed by FAISS
+    ivf.ntotal = combined.ntotal = int(base.ntotal) + sum(int(d.ntotal) for d in deltas)
+    set_quantizer_ef(combined)
+    return combined, [base, deltas, stacked, parts]
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """DST the same file as SRC without copying (a hard link), or a copy where links are refused."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def build_streamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
     with no_precomputed_tables():
         return _build_streamed(*args, **kwargs)
@@ -347,15 +414,19 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
             "train_seconds": round(train_seconds, 3), "trained_on": trained_on}
 
 
-def add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
+
+def add_streamed(loaded: Any, d: Path, store_path: str, merge: bool = False) -> dict[str, int]:
     with no_precomputed_tables():
-        return _add_streamed(loaded, d, store_path)
+        return _add_streamed(loaded, d, store_path, merge)
 
 
-def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
-    """``index add`` for an on-disk index: only the store's new rows are embedded into a slice,
-    and the new generation's lists are the old lists merged with the slice (streamed, on disk);
-    the id map and float16 copies grow by copying in chunks. The old generation stays intact."""
+def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[str, int]:
+    """``index add`` for an on-disk index: only the store's new rows are embedded, into a delta
+    (its own small IVF lists of the same trained quantizer, id map rows and float16 copies) beside
+    hard links to the current generation's files: the add costs what it adds. When the deltas hold
+    more than DELTA_FRACTION of the rows, number more than DELTA_MAX, or MERGE asks, the lists and
+    every delta are merged into one lists file instead (streamed, on disk). The current generation
+    is never written to."""
     import pyarrow.compute as pc
 
     faiss = _faiss()
@@ -375,28 +446,29 @@ def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
                 zero_copy_only=False), bool))
     n_new = int(sum(m.sum() for m in masks))
     total = sum(len(m) for m in masks)
-    if n_new == 0:
-        return {"added": 0, "skipped": total, "count": int(loaded.index.ntotal)}
+    deltas: list[dict[str, Any]] = list(loaded.meta.get("deltas") or [])
+    if n_new == 0 and not (merge and deltas):
+        return {"added": 0, "skipped": total, "count": int(loaded.index.ntotal), "deltas": len(deltas)}
     start = int(loaded.meta["next_id"])
     dim = loaded.dim
+    in_deltas = sum(int(x["rows"]) for x in deltas)
+    merge = merge or len(deltas) + 1 > DELTA_MAX or in_deltas + n_new > DELTA_FRACTION * (start - in_deltas)
     tmpdir = gens.staging(d)
-    old_vec = loaded.lookup_vectors
-    vectors = np.lib.format.open_memmap(tmpdir / VECTORS_FILE, mode="w+", dtype=np.float16, shape=(start + n_new, dim))
-    for s in range(0, start, 1 << 18):
-        vectors[s:min(start, s + (1 << 18))] = old_vec[s:s + (1 << 18)]
+    k = max((int(x["k"]) for x in deltas), default=0) + 1
+    delta: dict[str, Any] = {"k": k, "index": f"delta-{k:04d}.faiss", "ids": f"ids-delta-{k:04d}.arrow",
+                             "vectors": f"vectors-delta-{k:04d}.npy", "rows": n_new, "first_id": start}
     schema = loaded.ids.schema
     trained = faiss.read_index(str(loaded.dir / TRAINED_FILE))
     slice_index = faiss.clone_index(trained)
+    vectors = np.lib.format.open_memmap(tmpdir / delta["vectors"], mode="w+", dtype=np.float16, shape=(n_new, dim))
     row = start
-    with pa.OSFile(str(tmpdir / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
-        for rb in loaded.ids.to_batches(max_chunksize=1 << 16):
-            ids_out.write_batch(rb)
+    with pa.OSFile(str(tmpdir / delta["ids"]), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
         for mask, b in zip(masks, batches_of(files, 0, lambda v: _prepare(v, loaded.metric))):  # pass 2
             if not mask.any():
                 continue
             x = b.x[mask]
             fids = np.arange(row, row + len(x), dtype=np.int64)
-            vectors[row:row + len(x)] = x.astype(np.float16)
+            vectors[row - start:row - start + len(x)] = x.astype(np.float16)
             t = b.table.filter(pa.array(mask))
             ids_out.write_table(pa.table({
                 "faiss_id": pa.array(fids), "id": t.column("id").cast(pa.string()),
@@ -406,26 +478,68 @@ def _add_streamed(loaded: Any, d: Path, store_path: str) -> dict[str, int]:
             row += len(x)
     vectors.flush()
     del vectors
-    slice_file = str(tmpdir / "slice-new.faiss")
-    faiss.write_index(slice_index, slice_file)
+    faiss.write_index(slice_index, str(tmpdir / delta["index"]))
     del slice_index
-    old_index = str(loaded.dir / INDEX_FILE)
-    index = _merge_with_old(trained, old_index, slice_file, str(tmpdir / LISTS_FILE))
-    Path(slice_file).unlink()
+    if n_new:
+        deltas.append(delta)
+    else:  # a merge with nothing new: the empty delta's files go
+        for f in ("index", "ids", "vectors"):
+            (tmpdir / delta[f]).unlink()
     search = loaded.meta.get("search", {})
-    if search.get("param") and search.get("value"):
-        faiss.ParameterSpace().set_index_parameter(index, search["param"], search["value"])
-    point_lists_at(index, d / f"gen-{gens.next_generation(d):06d}" / LISTS_FILE)
-    faiss.write_index(index, str(tmpdir / INDEX_FILE))
-    faiss.write_index(trained, str(tmpdir / TRAINED_FILE))
-    meta = {**loaded.meta, "count": int(index.ntotal), "next_id": start + n_new,
-            "index_bytes": (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / LISTS_FILE).stat().st_size}
+    if merge:
+        index = _merge_generation(trained, loaded, tmpdir, deltas, str(tmpdir / LISTS_FILE), schema, dim)
+        if search.get("param") and search.get("value"):
+            faiss.ParameterSpace().set_index_parameter(index, search["param"], search["value"])
+        point_lists_at(index, d / f"gen-{gens.next_generation(d):06d}" / LISTS_FILE)
+        faiss.write_index(index, str(tmpdir / INDEX_FILE))
+        faiss.write_index(trained, str(tmpdir / TRAINED_FILE))
+        del index
+        for x in deltas:
+            for f in ("index", "ids", "vectors"):
+                (tmpdir / x[f]).unlink(missing_ok=True)
+        deltas = []
+    else:  # the unchanged files of the current generation, linked: no byte of them is copied
+        for f in (INDEX_FILE, LISTS_FILE, TRAINED_FILE, IDS_ARROW, VECTORS_FILE):
+            link_or_copy(loaded.dir / f, tmpdir / f)
+        for x in deltas[:-1]:
+            for f in ("index", "ids", "vectors"):
+                link_or_copy(loaded.dir / x[f], tmpdir / x[f])
+    count = start + n_new
+    nbytes = (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / LISTS_FILE).stat().st_size + sum(
+        (tmpdir / x["index"]).stat().st_size for x in deltas)
+    meta = {**loaded.meta, "count": count, "next_id": count, "deltas": deltas, "index_bytes": nbytes}
     _commit(d, tmpdir, meta)
-    return {"added": n_new, "skipped": total - n_new, "count": int(index.ntotal)}
+    return {"added": n_new, "skipped": total - n_new, "count": count, "deltas": len(deltas)}
 
 
-def _merge_with_old(trained: Any, old_index: str, slice_file: str, ivfdata: str) -> Any:
-    """Merge the current generation's on-disk lists (found beside its index file) and a new slice."""
+def _merge_generation(trained: Any, loaded: Any, tmpdir: Path, deltas: list[dict[str, Any]], ivfdata: str,
+                      schema: pa.Schema, dim: int) -> Any:
+    """The current lists and every delta (the newest in TMPDIR, the others in the current
+    generation) merged into one on-disk lists file; the id maps and float16 copies concatenated by
+    streamed copies. Returns the merged index."""
+    from embedder.index import INDEX_FILE, VECTORS_FILE
+
     faiss = _faiss()
-    sources = [read_ondisk(old_index), faiss.read_index(slice_file, faiss.IO_FLAG_MMAP)]
-    return _merge_into(faiss.clone_index(trained), sources, ivfdata)
+
+    def where(name: str) -> Path:
+        return tmpdir / name if (tmpdir / name).exists() else loaded.dir / name
+
+    sources = [read_ondisk(str(loaded.dir / INDEX_FILE)),
+               *(faiss.read_index(str(where(x["index"]))) for x in deltas)]
+    index = _merge_into(faiss.clone_index(trained), sources, ivfdata)
+    del sources
+    parts = [np.load(loaded.dir / VECTORS_FILE, mmap_mode="r"),
+             *(np.load(where(x["vectors"]), mmap_mode="r") for x in deltas)]
+    with open(tmpdir / VECTORS_FILE, "wb") as out:  # plain writes: a writable map would count in RSS
+        write_npy_header(out, sum(len(p) for p in parts), dim)
+        for part in parts:
+            for s in range(0, len(part), 1 << 18):
+                out.write(np.ascontiguousarray(part[s:s + (1 << 18)], dtype=np.float16).tobytes())
+    del parts
+    with pa.OSFile(str(tmpdir / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
+        for name in [str(loaded.dir / IDS_ARROW), *(str(where(x["ids"])) for x in deltas)]:
+            with pa.memory_map(name) as src:
+                reader = pa.ipc.open_file(src)
+                for i in range(reader.num_record_batches):
+                    ids_out.write_batch(reader.get_batch(i))
+    return index

@@ -503,17 +503,26 @@ class LoadedIndex:
             raise FileNotFoundError(self.dir / INDEX_FILE)
         on_disk = bool(self.meta.get("on_disk"))
         try:
+            deltas = self.meta.get("deltas") or []  # on-disk adds not merged yet (bigindex: delta slices)
+            self._keepalive: list[Any] = []
             if on_disk:
-                from embedder.bigindex import read_ondisk
+                from embedder.bigindex import TRAINED_FILE as big_trained
+                from embedder.bigindex import read_ondisk, stack_deltas
 
-                self.index = read_ondisk(str(self.dir / INDEX_FILE))  # lists memory-mapped from disk
+                if deltas:  # searched with the lists as one set of inverted lists
+                    self.index, self._keepalive = stack_deltas(
+                        str(self.dir / INDEX_FILE), str(self.dir / big_trained),
+                        [str(self.dir / x["index"]) for x in deltas])
+                else:
+                    self.index = read_ondisk(str(self.dir / INDEX_FILE))  # lists memory-mapped from disk
             else:
                 self.index = faiss.read_index(str(self.dir / INDEX_FILE))
             id_map = self.meta.get("id_map", IDS_FILE)
             if id_map == IDS_FILE:
                 self.ids = pq.read_table(self.dir / IDS_FILE)
-            else:  # an Arrow IPC file, memory-mapped: the id map of a huge index is not read into RAM
-                self.ids = pa.ipc.open_file(pa.memory_map(str(self.dir / id_map))).read_all()
+            else:  # Arrow IPC files, memory-mapped: the id map of a huge index is not read into RAM
+                self.ids = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(self.dir / f))).read_all()
+                                             for f in [id_map, *(x["ids"] for x in deltas)]])
         except FileNotFoundError:
             raise  # a writer retired this generation while we opened it: the caller tries again
         except (RuntimeError, OSError, pa.ArrowInvalid) as e:
@@ -528,6 +537,10 @@ class LoadedIndex:
         if self.meta.get("rerank") or self.meta.get("vectors"):
             try:
                 vectors = np.load(self.dir / VECTORS_FILE, mmap_mode="r")
+                if deltas:
+                    from embedder.bigindex import RowStack
+
+                    vectors = RowStack([vectors, *(np.load(self.dir / x["vectors"], mmap_mode="r") for x in deltas)])
             except FileNotFoundError:
                 raise
             except (OSError, ValueError) as e:
@@ -745,7 +758,7 @@ class LoadedIndex:
         return self._vectors_of(np.array([fid], dtype=np.int64))
 
 
-def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, int]:
+def add(name: str, store_path: str, index_home: str | None = None, merge: bool = False) -> dict[str, int]:
     """Add a store's rows that the index does not hold yet (ids already present are skipped), as a
     new generation: readers keep the old one until the switch; one writer at a time."""
     d = gens.index_dir(name, index_home)
@@ -755,7 +768,7 @@ def add(name: str, store_path: str, index_home: str | None = None) -> dict[str, 
         if loaded.meta.get("on_disk"):
             from embedder.bigindex import add_streamed
 
-            return add_streamed(loaded, d, store_path)
+            return add_streamed(loaded, d, store_path, merge)
         store = Store.open(store_path)
         loaded.provenance.require(store.provenance, store=False, what=f"index {name!r} holds vectors",
                                   fix=f"{store_path} was embedded differently; build a new index for it")

@@ -110,6 +110,50 @@ def test_add_to_on_disk_index_merges_a_new_slice(tmp_path: Path, small_batches: 
     assert not old_gen.exists()  # superseded generation removed, the new one stands alone
 
 
+def test_a_small_add_is_a_delta_that_searches_as_the_merged_lists(tmp_path: Path, small_batches: None) -> None:
+    """1 % added to an on-disk IVF-PQ index: a delta beside hard links to the unchanged files (no
+    byte of them rewritten); search, filters, re-ranking and id lookups see old and new rows, with
+    exactly the answers of the merged index; more deltas merge by themselves past DELTA_FRACTION."""
+    import os
+
+    x = clustered(10_400, dim=32)
+    home = str(tmp_path / "h")
+    base = sharded_store(tmp_path / "a", np.array_split(x[:10_000], 2))
+    idx.build(base, "n", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
+    lists = next(Path(home, "n").glob("gen-*")) / big.LISTS_FILE
+    inode = os.stat(lists).st_ino
+    one = sharded_store(tmp_path / "b", [x[:10_100]])
+    r = idx.add("n", one, home)
+    assert (r["added"], r["count"], r["deltas"]) == (100, 10_100, 1)
+    loaded = idx.LoadedIndex("n", home)
+    assert os.stat(loaded.dir / big.LISTS_FILE).st_ino == inode  # the same file: linked, not rewritten
+    assert loaded.index.ntotal == 10_100 and loaded.ids.num_rows == 10_100 and loaded.lookup_vectors.shape[0] == 10_100
+    q = np.concatenate([x[10_000:10_020], x[:20]])
+    before = loaded.search(q, 5)
+    assert [h[0]["id"] for h in before[:20]] == [f"v{i:06d}" for i in range(10_000, 10_020)]
+    assert [h[0]["id"] for h in before[20:]] == [f"v{i:06d}" for i in range(20)]
+    labelled = loaded.search(x[10_050:10_051], 3, where={"label": "c2"})[0]
+    assert len(labelled) == 3 and all(h["label"] == "c2" for h in labelled)
+    assert loaded.item("v010077")["faiss_id"] == 10_077
+    np.testing.assert_allclose(loaded.vector_of("v010077")[0], idx._prepare(x[10_077:10_078], "cosine")[0], atol=2e-3)
+    r = idx.add("n", sharded_store(tmp_path / "c", [x[:10_200]]), home)
+    assert r["deltas"] == 2
+    before = idx.LoadedIndex("n", home).search(q, 5)  # the lists and two deltas
+    r = idx.add("n", one, home, merge=True)  # nothing new, the deltas merged on request
+    assert (r["added"], r["count"], r["deltas"]) == (0, 10_200, 0)
+    merged = idx.LoadedIndex("n", home)
+    assert not list(merged.dir.glob("delta-*")) and merged.meta["deltas"] == []
+    after = merged.search(q, 5)
+    assert [[h["id"] for h in hs] for hs in after] == [[h["id"] for h in hs] for hs in before]
+    assert np.allclose([[h["score"] for h in hs] for hs in after], [[h["score"] for h in hs] for hs in before])
+    r = idx.add("n", sharded_store(tmp_path / "d", [x]), home)  # 200 more on 10,200: still a delta
+    assert r["deltas"] == 1
+    many = clustered(12_000, dim=32)
+    r = idx.add("n", sharded_store(tmp_path / "e", [np.concatenate([x, many[10_400:11_800]])]), home)
+    assert r["deltas"] == 0 and r["count"] == 11_800  # 1,600 in deltas on 10,200: past 10 %, merged
+    assert idx.LoadedIndex("n", home).search(many[11_000:11_001], 1)[0][0]["id"] == "v011000"
+
+
 def test_a_failed_add_leaves_the_current_generation_served(tmp_path: Path, small_batches: None,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     x = clustered(6000, dim=32)
@@ -121,7 +165,7 @@ def test_a_failed_add_leaves_the_current_generation_served(tmp_path: Path, small
     def crash(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt  # killed mid-merge
 
-    monkeypatch.setattr(big, "_merge_with_old", crash)
+    monkeypatch.setattr(big, "_merge_generation", crash)  # 2,000 on 4,000: over DELTA_FRACTION, so merged
     with pytest.raises(KeyboardInterrupt):
         idx.add("n", b, home)
     loaded = idx.LoadedIndex("n", home)

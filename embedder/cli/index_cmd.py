@@ -113,12 +113,14 @@ def drop_command(name: str, home: HomeOpt = None) -> None:
 
 @index_app.command("add")
 @handle_errors
-def add_command(name: str, store: str, home: HomeOpt = None) -> None:
+def add_command(name: str, store: str, home: HomeOpt = None,
+                merge: Annotated[bool, typer.Option("--merge", help="On-disk index: merge every delta into the lists now (an add otherwise writes a delta and merges only once the deltas hold 10 % of the rows).")] = False) -> None:
     """Add STORE's rows that the index does not hold yet."""
     from embedder import index as idx
 
-    r = idx.add(name, str(store), home)
-    out.print(f"added {r['added']}, skipped {r['skipped']} already present; {r['count']:,} vectors")
+    r = idx.add(name, str(store), home, merge=merge)
+    deltas = f"; {r['deltas']} delta{'s' if r['deltas'] != 1 else ''} beside the lists" if r.get("deltas") else ""
+    out.print(f"added {r['added']}, skipped {r['skipped']} already present; {r['count']:,} vectors{deltas}")
 
 
 def _parse_where(where: list[str]) -> dict[str, str]:
