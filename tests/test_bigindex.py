@@ -347,3 +347,40 @@ def test_filtered_ivfpq_with_a_query_chunk_that_finds_no_candidate(tmp_path: Pat
     near = np.repeat(x[5:6], 8, axis=0)  # the second chunk finds it at once
     out = loaded.search(np.concatenate([far, near]), 1, where={"label": "rare"})
     assert len(out) == 40 and all(len(h) == 1 and h[0]["id"] == "v000005" for h in out)
+
+
+def test_a_streamed_build_beside_a_writer_indexes_one_snapshot(tmp_path: Path, small_batches: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer appends a shard while a streamed build reads the store (here: right after the build
+    counted the rows and before it gathers its sample and adds): the build lists the shards once and
+    indexes that snapshot, so no FAISS id repeats and every id finds itself. Listing them again for
+    each step (as the build once did) added the new shard's rows under ids already taken."""
+    x = clustered(5000, dim=16)
+    store = sharded_store(tmp_path / "s", np.array_split(x[:4000], 2))
+    real_gather = big.gather
+    appended = []
+
+    def gather_after_a_write(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not appended:  # a real writer, through the store's own API, between two steps of the build
+            with Store.writer(tmp_path / "s", Store.open(tmp_path / "s").provenance) as st:
+                schema = st.read().schema
+                ids = [f"w{i:06d}" for i in range(1000)]
+                st.write_shard(pa.table({
+                    "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": ["c0"] * 1000,
+                    "embedding": embeddings_to_arrow(x[4000:], "float32"), "width": pa.array([1] * 1000, pa.int32()),
+                    "height": pa.array([1] * 1000, pa.int32()), "file_hash": [None] * 1000}, schema=schema))
+                st.update_manifest()
+            appended.append(True)
+        return real_gather(*args, **kwargs)
+
+    monkeypatch.setattr(big, "gather", gather_after_a_write)
+    home = str(tmp_path / "h")
+    meta = idx.build(store, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), home)
+    assert appended and meta["count"] == 4000  # the snapshot the build started from
+    loaded = idx.LoadedIndex("n", home)
+    fids = loaded.ids.column("faiss_id").to_numpy()
+    assert len(np.unique(fids)) == len(fids) == loaded.index.ntotal == 4000
+    assert len(set(loaded.ids.column("id").to_pylist())) == 4000
+    for i in (0, 1999, 2000, 3999):
+        assert loaded.search(x[i:i + 1], 1)[0][0]["id"] == f"v{i:06d}"
+    assert idx.add("n", store, home)["added"] == 1000  # the writer's rows come with the next add

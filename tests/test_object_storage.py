@@ -119,6 +119,29 @@ def test_missing_prefix_and_unreachable_endpoint_are_one_line_errors(s3_env: dic
 
 
 @pytest.mark.slow
+def test_a_ray_index_build_streams_an_s3_store(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    """`index build --engine ray` on an s3:// store: the tasks read the shards by their URIs (the
+    build once turned them into local paths and failed with a traceback)."""
+    local = tmp_path / "imgs"
+    make_images(local, {"a": 30, "b": 30}, size=(40, 32))
+    _admin().create_dir("raystore")
+    uri = "s3://raystore/emb"
+    extract([str(local)], uri, TINY, EmbedOptions(), RunOptions(batch_size=8, shard_rows=16))
+    env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "disabled"}
+    home = tmp_path / "h"
+    r = subprocess.run([sys.executable, "-m", "embedder", "index", "build", uri, "--name", "r", "--kind", "ivf",
+                        "--engine", "ray", "--home", str(home), "--json"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["count"] == 60
+    from embedder import index as idx
+
+    loaded = idx.LoadedIndex("r", str(home))
+    some = loaded.ids.column("id")[7].as_py()
+    assert loaded.search(loaded.vector_of(some), 1)[0][0]["id"] == some
+
+
+@pytest.mark.slow
 def test_the_ray_engine_reads_s3_sources_into_an_s3_store(tmp_path: Path, s3_env: dict[str, str]) -> None:
     """A local Ray instance started by the CLI: its workers inherit the S3 settings of the driver,
     stage their shards in the bucket, and the driver commits them there (copy, then delete)."""
