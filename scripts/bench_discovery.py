@@ -3,9 +3,10 @@
 The case a large collection meets every day: a resume. A text list of N image paths, of which all but
 64 are already in the store (written here as synthetic shards with the real ids of those paths), and
 64 real new JPEGs that the run embeds with the tiny registered backbone. Each measurement is a fresh
-process; peak RSS (ru_maxrss) is reported beside the wall time. In the same run, as the yardstick,
-what the previous implementation held: ``discover()`` (an ``ImageRef`` per image, deduplicated in a
-dict) plus the store's membership check over those ids.
+process; peak RSS (ru_maxrss) is reported beside the wall time. In the same run, as yardsticks: what
+list-based discovery holds (``discover()``: an ``ImageRef`` per image in a dict, then the store's
+membership check over those ids, without torch or a model), and with ``--before DIR`` the extract of
+an earlier checkout (the same command, its code).
 
     python scripts/bench_discovery.py [--sizes 10000,1000000] [--out results.json]
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,9 +87,22 @@ def make_case(root: Path, n: int) -> tuple[Path, Path]:
     return lst, store
 
 
-def run(mode: str, lst: Path, store: Path) -> dict[str, float]:
+def fresh(store: Path) -> Path:
+    """A copy of STORE: every run starts from the same store (an extract adds its 64 images)."""
+    import uuid
+
+    copy = store.with_name(f"store-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(store, copy)
+    return copy
+
+
+def run(mode: str, lst: Path, store: Path, tree: Path | None = None) -> dict[str, float]:
+    """One measurement in a fresh process; TREE: run another checkout's embedder (its root on the path)."""
+    env = {**os.environ, "EMBEDDER_OFFLINE": "1"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     r = subprocess.run([sys.executable, "-c", CHILD, mode, str(lst), str(store)], capture_output=True, text=True,
-                       env={**os.environ, "EMBEDDER_OFFLINE": "1"}, timeout=3600)
+                       env=env, timeout=3600, cwd=tree or Path(__file__).parent.parent)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -96,20 +111,24 @@ def run(mode: str, lst: Path, store: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,1000000")
+    ap.add_argument("--before", type=Path, help="a checkout of an earlier embedder: its extract is measured too")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
-    print(f"{'images':>10} {'method':>22} {'peak RSS MiB':>13} {'seconds':>8} {'present':>9} {'embedded':>9}")
+    print(f"{'images':>10} {'method':>24} {'peak RSS MiB':>13} {'seconds':>8} {'present':>9} {'embedded':>9}")
     for n in [int(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             lst, store = make_case(Path(tmp), n)
             setup = time.perf_counter() - t0
-            old = run("previous", lst, store)
-            new = run("extract", lst, store)
-            for name, r in (("previous: refs + check", old), ("embedder extract", new)):
+            measured: list[tuple[str, dict[str, float]]] = []
+            measured.append(("discover() + check", run("previous", lst, fresh(store))))
+            if args.before:
+                measured.append(("extract, --before tree", run("extract", lst, fresh(store), args.before)))
+            measured.append(("embedder extract", run("extract", lst, fresh(store))))
+            for name, r in measured:
                 rows.append({"images": n, "method": name, **r, "setup_seconds": round(setup, 1)})
-                print(f"{n:>10,} {name:>22} {r['peak_rss_mib']:>13,.0f} {r['seconds']:>8.1f} {r['present']:>9,} "
+                print(f"{n:>10,} {name:>24} {r['peak_rss_mib']:>13,.0f} {r['seconds']:>8.1f} {r['present']:>9,} "
                       f"{r['done']:>9,}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     if args.out:
