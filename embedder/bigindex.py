@@ -427,7 +427,6 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     more than DELTA_FRACTION of the rows, number more than DELTA_MAX, or MERGE asks, the lists and
     every delta are merged into one lists file instead (streamed, on disk). The current generation
     is never written to."""
-    import pyarrow.compute as pc
 
     faiss = _faiss()
 
@@ -437,13 +436,20 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     store = Store.open(store_path)
     loaded.provenance.require(store.provenance, store=False, what=f"index {loaded.name!r} holds vectors",
                               fix=f"{store_path} was embedded differently; build a new index for it")
-    present = loaded.ids.column("id")
+    from embedder import id_index
+
+    # the index's ids as sorted 16-byte digests, once: asking Arrow's is_in per record batch rebuilt
+    # a hash set of every indexed id each time (measured: 340 s of a 1 % add to a 5M index)
+    present = np.sort(id_index.digests(loaded.ids.column("id")))
     masks = []
     files = [str(f) for f in store.shard_files()]  # one listing for both passes
     for shard in files:  # pass 1: ids only
         for rb in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
-            masks.append(np.asarray(pc.invert(pc.is_in(rb.column("id"), value_set=present)).to_numpy(
-                zero_copy_only=False), bool))
+            asked = id_index.digests(rb.column("id"))
+            pos = np.minimum(np.searchsorted(present, asked), max(len(present) - 1, 0))
+            held = present[pos] == asked if len(present) else np.zeros(len(asked), bool)
+            masks.append(~held)
+    del present
     n_new = int(sum(m.sum() for m in masks))
     total = sum(len(m) for m in masks)
     deltas: list[dict[str, Any]] = list(loaded.meta.get("deltas") or [])
