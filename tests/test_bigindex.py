@@ -276,26 +276,27 @@ def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_pat
     more = sharded_store(tmp_path / "m", [x])
     home = tmp_path / "h"
 
-    def killed(*args: str) -> None:
-        # the real CLI with the final merge slowed, so that the kill lands after slices are staged
+    def killed(staged: str, *args: str) -> None:
+        # the real CLI with the final merge slowed, so that the kill lands after STAGED files (the
+        # build's slices, the add's delta) are in the staging folder
         code = ("import time, embedder.bigindex as b; orig = b._merge_into; "
                 "b._merge_into = lambda *a: (time.sleep(60), orig(*a))[1]; "
                 "from embedder.cli import main; main()")
         p = subprocess.Popen([sys.executable, "-c", code, "index", *args, "--home", str(home)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not list(home.glob("n/.gen-*/slice-*.faiss")) and time.time() < deadline:
+        while not list(home.glob(f"n/.gen-*/{staged}")) and time.time() < deadline:
             time.sleep(0.1)
-        assert list(home.glob("n/.gen-*/slice-*.faiss")), "the command never staged a slice"
+        assert list(home.glob(f"n/.gen-*/{staged}")), f"the command never staged {staged}"
         p.send_signal(signal.SIGKILL)
         p.wait(30)
 
-    killed("build", store, "--name", "n", "--kind", "ivf", "--on-disk")
+    killed("slice-*.faiss", "build", store, "--name", "n", "--kind", "ivf", "--on-disk")
     with pytest.raises(IndexError_, match="no index named .n."):
         idx.LoadedIndex("n", str(home))  # the half-built index is never current
     r = runner.invoke(app, ["index", "build", store, "--name", "n", "--kind", "ivf", "--on-disk", "--home", str(home)])
     assert r.exit_code == 0, r.output  # building again works
-    killed("add", "n", more)
+    killed("delta-*.faiss", "add", "n", more)  # 3,000 on 6,000: merged, and killed in the merge
     loaded = idx.LoadedIndex("n", str(home))
     assert loaded.generation == 1 and loaded.index.ntotal == 6000  # the previous generation is served
     assert idx.add("n", more, str(home))["added"] == 3000  # adding again works
