@@ -284,12 +284,14 @@ def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_pat
                 "from embedder.cli import main; main()")
         p = subprocess.Popen([sys.executable, "-c", code, "index", *args, "--home", str(home)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not list(home.glob(f"n/.gen-*/{staged}")) and time.time() < deadline:
-            time.sleep(0.1)
-        assert list(home.glob(f"n/.gen-*/{staged}")), f"the command never staged {staged}"
-        p.send_signal(signal.SIGKILL)
-        p.wait(30)
+        try:
+            deadline = time.time() + 120
+            while not list(home.glob(f"n/.gen-*/{staged}")) and time.time() < deadline:
+                time.sleep(0.1)
+            assert list(home.glob(f"n/.gen-*/{staged}")), f"the command never staged {staged}"
+        finally:  # killed in any case: a failed wait must not leave the process to the next test
+            p.send_signal(signal.SIGKILL)
+            p.wait(30)
 
     killed("slice-*.faiss", "build", store, "--name", "n", "--kind", "ivf", "--on-disk")
     with pytest.raises(IndexError_, match="no index named .n."):
