@@ -429,6 +429,22 @@ def test_id_queries_do_not_wait_behind_a_forward_pass(served: tuple[str, Path]) 
         assert r.status_code == 200 and done["id"] < done["image"]
 
 
+def _wait_served(url: str, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Until a real `embedder serve` answers /readyz; its stderr if it never does."""
+    import urllib.request
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(proc.communicate()[1][-2000:])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -442,19 +458,7 @@ def server(served: tuple[str, Path]):  # type: ignore[no-untyped-def]
     proc = subprocess.Popen([sys.executable, "-m", "embedder", "serve", "--home", home, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise AssertionError(proc.communicate()[1][-2000:])
+    _wait_served(url, proc)
     try:
         yield url, home, images
     finally:
@@ -569,17 +573,8 @@ def test_web_page_asks_for_the_api_key_once(served: tuple[str, Path]) -> None:
                              "--api-key-env", "EMBEDDER_TEST_KEY"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
+        _wait_served(url, proc)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page()
