@@ -533,7 +533,8 @@ def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyp
         page.press("#k", "Enter")  # re-runs with k=2, does not reload the page
         page.wait_for_function("() => document.querySelectorAll('#results li').length === 2")
         assert page.evaluate("() => window.__same_page === true")
-        assert page.inner_text("#results li .path").endswith(".jpg")  # the path is on the card
+        shown = page.inner_text("#results li .path").replace("\u200e", "")  # the path is on the card
+        assert shown.endswith(".jpg") and shown.startswith("/")
         page.select_option("#label", "")
         page.fill("#k", "5")
         page.press("#k", "Enter")

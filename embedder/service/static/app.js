@@ -63,10 +63,11 @@ function showInfo() {
   if (info.labels.includes(chosen)) labels.value = chosen;
   const p = info.provenance || {};
   const q = info.quality || {};
-  const recall = q.recall_at_10 == null ? "not measured" : q.recall_at_10.toFixed(3);
+  const recall = q.recall_at_10 == null
+    ? `recall@10 not measured (${q.not_measured || "no held-out queries"})`
+    : `recall@10 ${q.recall_at_10.toFixed(3)} on ${q.queries} held-out queries`;
   box.textContent = `${info.count.toLocaleString()} images · ${info.factory} (${info.metric}) · ` +
-    `${p.backbone} ${p.weights ? p.weights.name : ""} layer ${p.layer} · ` +
-    `recall@10 ${recall} on ${q.queries ?? 0} held-out queries · generation ${info.generation}`;
+    `${p.backbone} ${p.weights ? p.weights.name : ""} layer ${p.layer} · ${recall} · generation ${info.generation}`;
 }
 
 function filters() {
@@ -103,7 +104,9 @@ function render(result) {
     meta.append(label, score);
     const path = document.createElement("div");
     path.className = "path";
-    path.textContent = hit.path;
+    // shown from its end (the file name) when too long; the marks keep its slashes in place
+    path.textContent = `\u200e${hit.path}\u200e`;
+    path.title = hit.path;
     button.append(img, meta, path);
     button.addEventListener("click", () => searchById(hit.id));
     li.append(button);
