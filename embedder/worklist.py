@@ -32,6 +32,7 @@ from embedder import id_index
 from embedder.sources import ImageRef
 
 CHUNK = 65_536  # refs per spilled record batch
+SPILL_ENV = "EMBEDDER_TMPDIR"  # where work lists spill (default: the system's temporary folder)
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
 
 
@@ -142,9 +143,9 @@ class WorkList:
 
 
 def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | None = None) -> WorkList:
-    """The work list of REFS (streamed once, spilled under SPILL_DIR, default the system's temporary
-    folder), repeats dropped; ``drop_held`` then leaves out what a store holds."""
-    folder = Path(tempfile.mkdtemp(prefix="embedder-worklist-", dir=spill_dir))
+    """The work list of REFS (streamed once, spilled under SPILL_DIR, default $EMBEDDER_TMPDIR or the
+    system's temporary folder), repeats dropped; ``drop_held`` then leaves out what a store holds."""
+    folder = Path(tempfile.mkdtemp(prefix="embedder-worklist-", dir=spill_dir or os.environ.get(SPILL_ENV) or None))
     file = folder / "refs.arrow"
     digest_file = folder / "digests.bin"  # 16 bytes per ref, appended: read back in one piece
     try:
@@ -177,8 +178,3 @@ def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | No
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-
-
-def spill_dir() -> str | None:
-    """Where work lists spill: $EMBEDDER_TMPDIR, else the system's temporary folder."""
-    return os.environ.get("EMBEDDER_TMPDIR") or None
