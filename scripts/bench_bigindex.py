@@ -90,9 +90,9 @@ def chunk(centers: np.ndarray, lift: np.ndarray, n: int, seed: int) -> np.ndarra
 
 
 def make_store(n: int, path: Path) -> None:
-    from embedder.backbones import get_backbone
-    from embedder.provenance import Provenance, WeightsRef
-    from embedder.store import Store, embeddings_to_arrow
+    from embedder.models.registry import get_backbone
+    from embedder.store.provenance import Provenance, WeightsRef
+    from embedder.store.shards import Store, embeddings_to_arrow
 
     centers, lift = generator(DIM)
     prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
@@ -124,7 +124,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 def child_build(store: Path, home: Path, budget: int, name: str, variant: str = "auto") -> dict:  # type: ignore[type-arg]
     import faiss  # noqa: F401
 
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     floor = peak_rss_mib()  # Python, NumPy, Arrow, FAISS loaded: the fixed overhead
     anon = AnonPeak()
@@ -145,9 +145,9 @@ def exact_knn(store: Path, q: np.ndarray, k: int) -> np.ndarray:
     """Exact L2 (cosine on unit vectors) top-k distances, streamed over the store."""
     import faiss
 
-    from embedder import bigindex as big
-    from embedder.index import _prepare
-    from embedder.store import Store
+    from embedder.index import ondisk as big
+    from embedder.index.build import _prepare
+    from embedder.store.shards import Store
 
     heap = faiss.ResultHeap(len(q), k)
     for b in big.batches(Store.open(store), lambda v: _prepare(v, "cosine"), ("id",)):
@@ -158,7 +158,7 @@ def exact_knn(store: Path, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  # type: ignore[type-arg]
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     centers, lift = generator(DIM)
     q = idx._prepare(chunk(centers, lift, n_queries, seed=99_999), "cosine")

@@ -26,7 +26,7 @@ DECODER = "pil"
 
 def _init(decoder: str, one_torch_thread: bool = False) -> None:
     global PRE, DECODER
-    from embedder.backbones import get_backbone
+    from embedder.models.registry import get_backbone
 
     if one_torch_thread:  # a process pool: N processes × all-core torch pools would oversubscribe
         import torch
@@ -38,7 +38,7 @@ def _init(decoder: str, one_torch_thread: bool = False) -> None:
 
 
 def _decode(path: str) -> int:
-    from embedder.decode import decode_file
+    from embedder.decode.cpu import decode_file
 
     return int(decode_file(path, PRE, decoder=DECODER).pixels.shape[-1])  # type: ignore[arg-type]
 

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import make_images  # noqa: E402
 from bench_finetune import digits, peak_rss_mib  # noqa: E402
 
-from embedder import probe as pr  # noqa: E402
-from embedder.backbones import Preprocessing, get_backbone  # noqa: E402
-from embedder.decode import DECODERS, decode_file  # noqa: E402
-from embedder.extract import BatchEmbedder, EmbedOptions, extract  # noqa: E402
-from embedder.model import ModelSpec  # noqa: E402
+from embedder.decode.cpu import DECODERS, decode_file  # noqa: E402
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, extract  # noqa: E402
+from embedder.learn import probe as pr  # noqa: E402
+from embedder.models.features import ModelSpec  # noqa: E402
+from embedder.models.registry import Preprocessing, get_backbone  # noqa: E402
 
 SPEC = ModelSpec("mobilenet_v2", "IMAGENET1K_V1")
 

@@ -29,13 +29,13 @@ import json, resource, sys, time
 mode, lst, store = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "extract":
-    from embedder.extract import extract
-    from embedder.model import ModelSpec
+    from embedder.embed.fill import extract
+    from embedder.models.features import ModelSpec
     s = extract([lst], store, ModelSpec("tiny_test"))
     out = {"discovered": s.discovered, "present": s.skipped_present, "done": s.done}
 else:  # the previous way: a list of ImageRefs, then the membership check over their ids
-    from embedder.sources import discover
-    from embedder.store import Store
+    from embedder.io.sources import discover
+    from embedder.store.shards import Store
     refs = discover([lst])
     held = Store.open(store).present([r.id for r in refs])
     out = {"discovered": len(refs), "present": int(held.sum()), "done": 0}
@@ -51,10 +51,10 @@ def make_case(root: Path, n: int) -> tuple[Path, Path]:
     import pyarrow as pa
     from PIL import Image
 
-    from embedder.extract import extract
-    from embedder.model import ModelSpec
-    from embedder.sources import image_id
-    from embedder.store import Store, embeddings_to_arrow
+    from embedder.embed.fill import extract
+    from embedder.io.sources import image_id
+    from embedder.models.features import ModelSpec
+    from embedder.store.shards import Store, embeddings_to_arrow
 
     real = root / "new"
     real.mkdir(parents=True)

@@ -37,9 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from embedder.backbones import get_backbone
-from embedder.cpu_graph import AUTO_MIN_BATCHES
-from embedder.extract import (
+from embedder.embed.fill import (
     BatchEmbedder,
     EmbedOptions,
     Pending,
@@ -48,8 +46,10 @@ from embedder.extract import (
     default_lanes,
     extract,
 )
-from embedder.model import ModelSpec, _set_module
-from embedder.weights import registry_file
+from embedder.models.cpu_graph import AUTO_MIN_BATCHES
+from embedder.models.features import ModelSpec, _set_module
+from embedder.models.registry import get_backbone
+from embedder.models.weights import registry_file
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, models
 from torchvision import transforms as T
 
-from embedder.finetune import FinetuneOptions, finetune
+from embedder.learn.finetune import FinetuneOptions, finetune
 
 
 def stripes(root: Path, per_class: int, size: int, seed: int) -> None:

@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench_extract import make_images  # noqa: E402
 
-from embedder.backbones import get_backbone  # noqa: E402
-from embedder.decode_pool import start_server  # noqa: E402
-from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract  # noqa: E402
-from embedder.model import ModelSpec  # noqa: E402
+from embedder.decode.pool import start_server  # noqa: E402
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract  # noqa: E402
+from embedder.models.features import ModelSpec  # noqa: E402
+from embedder.models.registry import get_backbone  # noqa: E402
 
 RESULTS: dict[str, Any] = {"rows": []}
 
@@ -176,7 +176,7 @@ def tutorial_loop(args: argparse.Namespace, tmp: Path, root: Path) -> None:
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    from embedder.model import _set_module
+    from embedder.models.features import _set_module
 
     name = args.e2e_backbone
     entry = get_backbone(name)
@@ -208,7 +208,7 @@ def tutorial_loop(args: argparse.Namespace, tmp: Path, root: Path) -> None:
 
 
 def probe_fits(args: argparse.Namespace) -> None:
-    from embedder.probe import ProbeOptions, _fitter
+    from embedder.learn.probe import ProbeOptions, _fitter
 
     rng = np.random.default_rng(0)
     n, d, k = args.probe_rows, args.probe_dim, 10
@@ -261,21 +261,21 @@ def faiss_rows(args: argparse.Namespace) -> None:
         record("faiss", args.out, where=where, rows=n, dim=d, index=f"IVF{nlist},Flat nprobe 32",
                build_s=round(build, 2), qps_batch_1000=round(qps, 1), recall_at_10=round(recall, 4))
 
-    # embedder's own path: `index build` trains IVF k-means through embedder.faiss_gpu (a flat
+    # embedder's own path: `index build` trains IVF k-means through embedder.index.gpu (a flat
     # assigner on every GPU when faiss-gpu finds one), the written index is a CPU index either way
     import os
 
-    from embedder import faiss_gpu
+    from embedder.index import gpu as index_gpu
 
     sample = xb[rng.choice(n, min(n, 50 * nlist), replace=False)]
     for where in targets:
-        os.environ[faiss_gpu.ENV] = "1" if where == "gpu" else "0"
+        os.environ[index_gpu.ENV] = "1" if where == "gpu" else "0"
         index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
         t0 = time.perf_counter()
-        ran_on = faiss_gpu.train(index, sample)
+        ran_on = index_gpu.train(index, sample)
         record("faiss_train", args.out, where=ran_on, rows=len(sample), dim=d, index=f"IVF{nlist},Flat",
                train_s=round(time.perf_counter() - t0, 2))
-    os.environ.pop(faiss_gpu.ENV, None)
+    os.environ.pop(index_gpu.ENV, None)
 
 
 def table() -> str:

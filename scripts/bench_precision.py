@@ -6,7 +6,7 @@ Reports, for bf16 vs fp32 vectors of the same images: cosine similarity (median,
 worst), linear-probe test accuracy (embedder's probe protocol) for fp32→fp32, bf16→bf16 and a probe
 trained on fp32 applied to bf16 vectors, and how many of the exact top 10 (cosine) of fp32 queries
 against bf16 train vectors are the ones they get against fp32 train vectors (id overlap), and the
-same for bf16 queries. This decides what counts as the same vectors (embedder/provenance.py).
+same for bf16 queries. This decides what counts as the same vectors (embedder/store/provenance.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_finetune import peak_rss_mib  # noqa: E402
 
-from embedder import probe as pr
-from embedder.extract import EmbedOptions, extract
-from embedder.model import ModelSpec
-from embedder.store import Store, arrow_to_embeddings
+from embedder.embed.fill import EmbedOptions, extract
+from embedder.learn import probe as pr
+from embedder.models.features import ModelSpec
+from embedder.store.shards import Store, arrow_to_embeddings
 
 
 def write_digits(root: Path, n: int | None) -> None:

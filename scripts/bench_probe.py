@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder import probe as pr
+from embedder.learn import probe as pr
 
 
 def features(n: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedder import probe as pr
-from embedder.selection import scaler, stratified_split
+from embedder.learn import probe as pr
+from embedder.learn.selection import scaler, stratified_split
 
 BACKBONE = "mobilenet_v2:IMAGENET1K_V1"
 

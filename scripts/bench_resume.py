@@ -45,9 +45,9 @@ def ids_for(n: int, start: int = 0) -> list[str]:
 
 
 def make(n: int, path: Path) -> None:
-    from embedder.backbones import get_backbone
-    from embedder.provenance import Provenance, WeightsRef
-    from embedder.store import Store, embeddings_to_arrow
+    from embedder.models.registry import get_backbone
+    from embedder.store.provenance import Provenance, WeightsRef
+    from embedder.store.shards import Store, embeddings_to_arrow
 
     prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
                       get_backbone("tiny_test").preprocessing(), 2, dtype="float16")
@@ -69,7 +69,7 @@ def peak_mib() -> float:
 
 
 def child(method: str, path: Path, n: int) -> dict:  # type: ignore[type-arg]
-    from embedder.store import Store
+    from embedder.store.shards import Store
 
     asked = ids_for(n + n // 10)  # the store's N ids and 10 % new ones
     st = Store.open(path)
@@ -88,7 +88,7 @@ def child(method: str, path: Path, n: int) -> dict:  # type: ignore[type-arg]
 
 def manifest_upkeep(shards: int, commits: int = 50) -> dict:  # type: ignore[type-arg]
     """Seconds per shard commit spent on the manifest, per shard and throttled, at SHARDS shards."""
-    from embedder.store import FORMAT, MANIFEST, Store
+    from embedder.store.shards import FORMAT, MANIFEST, Store
 
     out: dict = {"shards": shards, "commits": commits}  # type: ignore[type-arg]
     for mode in ("every shard", "embedder"):

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embedder import index as idx
-from embedder.backbones import Preprocessing
-from embedder.provenance import Provenance, WeightsRef
-from embedder.store import Store, arrow_to_embeddings, embeddings_to_arrow
+from embedder.index import build as idx
+from embedder.models.registry import Preprocessing
+from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.shards import Store, arrow_to_embeddings, embeddings_to_arrow
 
 
 def clustered(n: int, dim: int, latent: int = 16, clusters: int = 200, seed: int = 0) -> np.ndarray:

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import make_images  # noqa: E402
 from bench_search import clustered, write_store  # noqa: E402
 
-from embedder import index as idx  # noqa: E402
-from embedder.backbones import get_backbone  # noqa: E402
-from embedder.extract import extract  # noqa: E402
-from embedder.model import ModelSpec  # noqa: E402
-from embedder.weights import registry_file  # noqa: E402
+from embedder.embed.fill import extract  # noqa: E402
+from embedder.index import build as idx  # noqa: E402
+from embedder.models.features import ModelSpec  # noqa: E402
+from embedder.models.registry import get_backbone  # noqa: E402
+from embedder.models.weights import registry_file  # noqa: E402
 
 
 def free_port() -> int:

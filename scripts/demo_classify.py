@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torchvision import models
 
-from embedder.store import Store, arrow_to_embeddings
-from embedder.weights import cache_dir
+from embedder.models.weights import cache_dir
+from embedder.store.shards import Store, arrow_to_embeddings
 
 
 def main(store_path: str, only: str = "") -> None:

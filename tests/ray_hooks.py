@@ -18,9 +18,9 @@ def slow_embedding() -> None:
     a second); the HOLD_AT-th batch then waits, so that the test kills the actor in the middle of a
     batch, never between two, and can count afterwards the batches embedded again after the kill.
     The restarted actor never waits: the log is past HOLD_AT for it."""
-    from embedder import ray_engine
+    from embedder.embed import ray as embed_ray
 
-    original = ray_engine._Embed.__call__
+    original = embed_ray._Embed.__call__
 
     def logged(self: Any, batch: Any) -> Any:
         with open(os.environ[BATCH_LOG], "ab") as f:
@@ -30,4 +30,4 @@ def slow_embedding() -> None:
         time.sleep(PAUSE_S)
         return original(self, batch)
 
-    ray_engine._Embed.__call__ = logged  # type: ignore[method-assign]
+    embed_ray._Embed.__call__ = logged  # type: ignore[method-assign]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from embedder.backbones import REGISTRY, build_on_meta, get_backbone, parse_backbone_spec
 from embedder.errors import UnknownBackbone
-from embedder.model import _set_module, drop_aux_head
+from embedder.models.features import _set_module, drop_aux_head
+from embedder.models.registry import REGISTRY, build_on_meta, get_backbone, parse_backbone_spec
 
 TORCHVISION = [b for b in REGISTRY.values() if b.is_torchvision]
 
@@ -61,7 +61,7 @@ def test_official_weights_fit_every_architecture(entry) -> None:
     """Without downloading: the architecture we build has exactly the parameter count of its
     official weights (torchvision's meta), and a state dict keyed like the official file (DenseNet's
     legacy names, Inception's auxiliary head, MNASNet's version metadata) loads through our loader."""
-    from embedder.weights import apply_weights
+    from embedder.models.weights import apply_weights
 
     net = build_on_meta(entry)
     n_params = sum(p.numel() for p in net.parameters())
@@ -102,7 +102,7 @@ def test_weights_tag_in_spec() -> None:
 def test_layer_taps_are_truncated_graphs(entry) -> None:
     """Cutting at the last feature map is torchvision's feature extractor (nothing computed past
     it), not the forward-hook fallback, and gives what a hook on that module sees."""
-    from embedder.model import _FirstOutput, _HookTap, truncate_at
+    from embedder.models.features import _FirstOutput, _HookTap, truncate_at
 
     net = build_on_meta(entry).eval()
     drop_aux_head(net)
@@ -119,8 +119,8 @@ def test_layer_taps_fold_batchnorm_and_keep_the_function() -> None:
     what the unfused network computes."""
     from torch import nn
 
-    from embedder.model import ModelSpec, _HookTap, load_model
-    from embedder.tiny import tiny
+    from embedder.models.features import ModelSpec, _HookTap, load_model
+    from embedder.models.tiny import tiny
 
     loaded = load_model(ModelSpec("tiny_test", None, None, "stage1"))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.model.modules())

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from embedder import bigindex as big
-from embedder import index as idx
-from embedder.backbones import get_backbone
 from embedder.cli import app
 from embedder.errors import IndexError_
-from embedder.provenance import Provenance, WeightsRef
-from embedder.store import Store, embeddings_to_arrow
+from embedder.index import build as idx
+from embedder.index import ondisk as big
+from embedder.models.registry import get_backbone
+from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.shards import Store, embeddings_to_arrow
 from tests.test_index import clustered, recall_vs_numpy
 
 runner = CliRunner()
@@ -279,7 +279,7 @@ def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_pat
     def killed(staged: str, *args: str) -> None:
         # the real CLI with the final merge slowed, so that the kill lands after STAGED files (the
         # build's slices, the add's delta) are in the staging folder
-        code = ("import time, embedder.bigindex as b; orig = b._merge_into; "
+        code = ("import time, embedder.index.ondisk as b; orig = b._merge_into; "
                 "b._merge_into = lambda *a: (time.sleep(60), orig(*a))[1]; "
                 "from embedder.cli import main; main()")
         p = subprocess.Popen([sys.executable, "-c", code, "index", *args, "--home", str(home)],

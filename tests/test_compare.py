@@ -14,8 +14,8 @@ from embedder.analysis.compare import Cell, CellData, CompareOptions, rank, scor
 from embedder.analysis.transfer import logme, mcnemar, wilson
 from embedder.analysis.vectors import load_vectors
 from embedder.cli import app
-from embedder.probe import Dataset, ProbeOptions, train_probe
-from embedder.selection import stratified_split
+from embedder.learn.probe import Dataset, ProbeOptions, train_probe
+from embedder.learn.selection import stratified_split
 from tests.conftest import make_images
 
 runner = CliRunner()
@@ -131,9 +131,9 @@ def test_gflops_counted_up_to_the_layer_match_torchvision() -> None:
     """Multiply-adds counted by torch agree with torchvision's published figure for the whole
     MobileNetV2 (0.30 GFLOPS), and a tap halfway costs less."""
     from embedder.analysis.compare import _gflops
-    from embedder.extract import BatchEmbedder
-    from embedder.model import ModelSpec
-    from embedder.weights import import_weights
+    from embedder.embed.fill import BatchEmbedder
+    from embedder.models.features import ModelSpec
+    from embedder.models.weights import import_weights
     from tests.conftest import mobilenet_weights_file
 
     import_weights(mobilenet_weights_file())

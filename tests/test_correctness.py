@@ -13,15 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from embedder import checkpoint
-from embedder import index as idx
-from embedder.backbones import get_backbone
 from embedder.cli import app
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, embedder_for, extract
 from embedder.errors import EmbedderError, ProvenanceMismatch, StoreError, WeightsMismatch
-from embedder.extract import BatchEmbedder, EmbedOptions, embedder_for, extract
-from embedder.model import ModelSpec, load_network
-from embedder.provenance import Provenance
-from embedder.store import META_KEY, Store
+from embedder.index import build as idx
+from embedder.models import checkpoint
+from embedder.models.features import ModelSpec, load_network
+from embedder.models.registry import get_backbone
+from embedder.store.provenance import Provenance
+from embedder.store.shards import META_KEY, Store
 from tests.conftest import make_images
 
 runner = CliRunner()
@@ -128,7 +128,7 @@ def test_wrongly_shaped_weights_are_a_one_line_error(image_tree: Path, tmp_path:
 # ---- 13: every shard carries the provenance of the run that wrote it; precision is identity ------
 def test_shards_are_stamped_by_the_run_that_wrote_them(image_tree: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedder import extract as ex
+    from embedder.embed import fill as ex
 
     out = str(tmp_path / "s")
     extract([str(image_tree / "cat")], out, TINY)

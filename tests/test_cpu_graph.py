@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-import embedder.extract as ex
-from embedder.backbones import get_backbone
 from embedder.cli import app
-from embedder.cpu_graph import MIN_GAIN, onednn_graph, pick
-from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
-from embedder.model import ModelSpec, _set_module, fold_batchnorm
-from embedder.store import Store
+from embedder.embed import fill
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.models.cpu_graph import MIN_GAIN, onednn_graph, pick
+from embedder.models.features import ModelSpec, _set_module, fold_batchnorm
+from embedder.models.registry import get_backbone
+from embedder.store.shards import Store
 from tests.conftest import make_images
 
 TINY = ModelSpec("tiny_test")
@@ -106,7 +106,7 @@ def test_extract_records_the_graph_and_onednn_gives_eager_vectors(tmp_path: Path
     assert run["cpu_graph"] == "eager" and "not timed" in str(run["cpu_graph_reason"])
 
     # auto on a long run (the threshold lowered): both graphs timed on a lane, the faster kept
-    monkeypatch.setattr(ex, "AUTO_MIN_BATCHES", 2)
+    monkeypatch.setattr(fill, "AUTO_MIN_BATCHES", 2)
     emb = BatchEmbedder(TINY)
     extract([str(src)], str(tmp_path / "auto"), TINY, EmbedOptions(), RunOptions(batch_size=4, model_lanes=2),
             embedder=emb)

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from torchvision import models
 
-from embedder.backbones import get_backbone
-from embedder.decode import (
+from embedder.decode.cpu import (
     REDUCING_GAP,
     decode_bytes,
     decode_data_into,
@@ -23,6 +22,7 @@ from embedder.decode import (
     preprocess,
 )
 from embedder.errors import DecodeError
+from embedder.models.registry import get_backbone
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -122,7 +122,7 @@ def test_preset_names_match_torchvision() -> None:
 
 def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
     """100000x10 passes the pixel limit but would be upscaled to ~2.6M x 256 before the crop."""
-    from embedder.decode import check_resize
+    from embedder.decode.cpu import check_resize
 
     pre = get_backbone("mobilenet_v2").preprocessing("IMAGENET1K_V1")  # resize 256
     with pytest.raises(DecodeError, match="extreme aspect ratio"):
@@ -131,9 +131,9 @@ def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
 
 
 def test_extreme_aspect_ratio_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
-    from embedder.extract import EmbedOptions, extract
-    from embedder.model import ModelSpec
-    from embedder.store import Store
+    from embedder.embed.fill import EmbedOptions, extract
+    from embedder.models.features import ModelSpec
+    from embedder.store.shards import Store
 
     src = tmp_path / "src"
     src.mkdir()
@@ -161,7 +161,7 @@ def test_fast_decode_records_the_original_size(tmp_path: Path, orientation: int,
 @pytest.mark.parametrize("name,tag", [("resnet50", None), ("mobilenet_v2", "IMAGENET1K_V1")])
 def test_decode_into_a_batch_buffer_matches_weights_transforms(tmp_path: Path, name: str, tag: str | None) -> None:
     """The extraction path (pixels written into a reused buffer row) is the preset, bit for bit."""
-    from embedder.decode import decode_into
+    from embedder.decode.cpu import decode_into
 
     backbone = get_backbone(name)
     pre = backbone.preprocessing(tag)
@@ -268,8 +268,8 @@ def test_extract_with_pil_reduce_records_it_and_stores_its_vectors(tmp_path: Pat
     from typer.testing import CliRunner
 
     from embedder.cli import app
-    from embedder.extract import embedder_for
-    from embedder.store import Store, arrow_to_embeddings
+    from embedder.embed.fill import embedder_for
+    from embedder.store.shards import Store, arrow_to_embeddings
 
     src = tmp_path / "src"
     src.mkdir()
@@ -321,7 +321,7 @@ def test_extract_records_a_declared_bomb_and_embeds_the_rest(tmp_path: Path) -> 
     from typer.testing import CliRunner
 
     from embedder.cli import app
-    from embedder.store import Store
+    from embedder.store.shards import Store
     from tests.conftest import make_images
 
     make_images(tmp_path / "imgs", {"a": 3})

@@ -9,10 +9,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
 from embedder.errors import ProvenanceMismatch, StoreError, UnknownLayer
-from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
-from embedder.model import ModelSpec
-from embedder.store import Store, arrow_to_embeddings
+from embedder.models.features import ModelSpec
+from embedder.store.shards import Store, arrow_to_embeddings
 from tests.conftest import make_images
 
 TINY = ModelSpec("tiny_test")
@@ -155,7 +155,7 @@ def test_store_errors(tmp_path: Path) -> None:
 def test_weights_file_gives_same_vectors_and_records_it(image_tree: Path, tmp_path: Path) -> None:
     import torch
 
-    from embedder.backbones import get_backbone
+    from embedder.models.registry import get_backbone
 
     f = tmp_path / "tiny.pth"
     torch.save(get_backbone("tiny_test").build_architecture().state_dict(), f)
@@ -233,7 +233,7 @@ def test_count_reads_the_manifest_not_a_footer_per_shard(tmp_path: Path, monkeyp
     store = Store.open(out)
     files = store.shard_files()
     assert len(files) == 5
-    from embedder import storage
+    from embedder.io import storage
 
     footers: list[str] = []
     open_parquet = storage.open_parquet

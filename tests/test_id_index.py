@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embedder import id_index
-from embedder.backbones import get_backbone
-from embedder.provenance import Provenance, WeightsRef
-from embedder.store import Store, embeddings_to_arrow
+from embedder.models.registry import get_backbone
+from embedder.store import id_index
+from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.shards import Store, embeddings_to_arrow
 
 
 def _store(path: Path, shards: list[list[str]]) -> Store:
@@ -78,7 +78,7 @@ def test_membership_memory_does_not_hold_the_stores_ids(tmp_path: Path) -> None:
 def test_embedder_ids_are_their_own_digest_and_other_ids_are_hashed() -> None:
     import hashlib
 
-    from embedder.sources import image_id
+    from embedder.io.sources import image_id
 
     ids = [image_id(f"/data/{i}.jpg") for i in range(5)]
     d = id_index.digests(ids)

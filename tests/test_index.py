@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from embedder import index as idx
-from embedder.backbones import get_backbone
 from embedder.cli import app
+from embedder.embed.fill import extract
 from embedder.errors import IndexError_, ProvenanceMismatch
-from embedder.extract import extract
-from embedder.model import ModelSpec
-from embedder.provenance import Provenance, WeightsRef
-from embedder.store import Store, embeddings_to_arrow
+from embedder.index import build as idx
+from embedder.models.features import ModelSpec
+from embedder.models.registry import get_backbone
+from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.shards import Store, embeddings_to_arrow
 
 runner = CliRunner()
 
@@ -87,7 +87,7 @@ def test_training_through_the_gpu_hook_gives_faiss_own_centroids(factory: str, m
     quantizer's L2 clustering) moves the centroids."""
     import faiss
 
-    from embedder import faiss_gpu
+    from embedder.index import gpu as index_gpu
 
     x = clustered(3000, dim=32)
     m = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
@@ -95,7 +95,7 @@ def test_training_through_the_gpu_hook_gives_faiss_own_centroids(factory: str, m
     reference.train(x)
     hooked = faiss.index_factory(32, factory, m)
     ivf = faiss.extract_index_ivf(hooked)
-    assert faiss_gpu.train(hooked, x, faiss.IndexFlat(ivf.d, faiss_gpu.assigner_metric(ivf))) == "cpu"
+    assert index_gpu.train(hooked, x, faiss.IndexFlat(ivf.d, index_gpu.assigner_metric(ivf))) == "cpu"
     assert ivf.clustering_index is None  # the hook is removed again
 
     def centroids(index: object) -> np.ndarray:
@@ -104,10 +104,10 @@ def test_training_through_the_gpu_hook_gives_faiss_own_centroids(factory: str, m
 
     np.testing.assert_array_equal(centroids(reference), centroids(hooked))
     if "HNSW" in factory:  # a quantizer that trains alone is clustered with L2, whatever the metric
-        assert faiss_gpu.assigner_metric(ivf) == faiss.METRIC_L2
-    assert faiss_gpu.gpu_count() == 0  # faiss-cpu here; and EMBEDDER_FAISS_GPU=0 always means none
-    monkeypatch.setenv(faiss_gpu.ENV, "0")
-    assert faiss_gpu.gpu_count() == 0
+        assert index_gpu.assigner_metric(ivf) == faiss.METRIC_L2
+    assert index_gpu.gpu_count() == 0  # faiss-cpu here; and EMBEDDER_FAISS_GPU=0 always means none
+    monkeypatch.setenv(index_gpu.ENV, "0")
+    assert index_gpu.gpu_count() == 0
 
 
 def test_auto_plan_says_why() -> None:
@@ -222,7 +222,7 @@ def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> No
 def test_query_model_must_match_index_provenance(image_tree: Path, tmp_path: Path) -> None:
     import torch
 
-    from embedder.backbones import get_backbone
+    from embedder.models.registry import get_backbone
 
     f = tmp_path / "w.pth"
     state = get_backbone("tiny_test").build_architecture().state_dict()
@@ -329,7 +329,7 @@ def test_add_is_a_new_generation_and_readers_never_see_a_mix(tmp_path: Path) -> 
     assert reader.index.ntotal == 300 and len(reader.search(x[:2], 5)[0]) == 5
     assert idx.LoadedIndex("g", home).index.ntotal == 400
     # A writer killed mid-generation leaves a staged folder that never becomes current ...
-    from embedder import generations as gens
+    from embedder.index import generations as gens
 
     d = gens.index_dir("g", home)
     with gens.writer(d):
@@ -341,7 +341,7 @@ def test_add_is_a_new_generation_and_readers_never_see_a_mix(tmp_path: Path) -> 
 
 
 def test_second_index_writer_is_refused(tmp_path: Path) -> None:
-    from embedder import generations as gens
+    from embedder.index import generations as gens
 
     home = str(tmp_path / "h")
     x = clustered(120, dim=8)
@@ -375,7 +375,7 @@ def test_filtered_ivfpq_search_with_no_allowed_candidate_falls_back(tmp_path: Pa
 
 def test_dedup_groups_are_transitive_and_numbered_in_order(tmp_path: Path) -> None:
     """a~b and b~c put a, b, c in one group even though a and c are below the threshold."""
-    from embedder.dedup import dedup
+    from embedder.analysis.dedup import dedup
 
     angle = np.deg2rad([0.0, 10.0, 20.0, 90.0, 180.0, 181.0])  # 10° steps: cos 0.985; 20°: 0.94
     x = np.zeros((6, 4), np.float32)
@@ -410,8 +410,8 @@ def test_legacy_index_folder_is_read_and_migrated_by_add(tmp_path: Path) -> None
 def test_dedup_and_inspect_share_the_measured_near_duplicate_default(tmp_path: Path) -> None:
     """A pair at cosine 0.93 (a recompressed, downscaled copy measures 0.93-0.998) is a duplicate for
     `embedder dedup` without --threshold, as for inspect; --threshold 0.95 separates it."""
+    from embedder.analysis.dedup import NEAR_DUPLICATE_COSINE
     from embedder.analysis.inspection import InspectOptions
-    from embedder.dedup import NEAR_DUPLICATE_COSINE
 
     x = np.zeros((3, 4), np.float32)
     x[0, 0] = 1.0

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
 from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import LabelOptions, cross_validate, label_issues
-from embedder.backbones import get_backbone
 from embedder.cli import app
 from embedder.errors import InspectError
-from embedder.provenance import Provenance, WeightsRef
-from embedder.store import Store, embeddings_to_arrow
+from embedder.models.registry import get_backbone
+from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.shards import Store, embeddings_to_arrow
 from tests.conftest import make_images, mobilenet_weights_file, skimage_data
 
 runner = CliRunner()

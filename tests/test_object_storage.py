@@ -22,11 +22,11 @@ import pytest
 from typer.testing import CliRunner
 
 from embedder.cli import app
+from embedder.embed.fill import EmbedOptions, RunOptions, extract
 from embedder.errors import SourceError, StoreError
-from embedder.extract import EmbedOptions, RunOptions, extract
-from embedder.model import ModelSpec
-from embedder.sources import discover
-from embedder.store import Store
+from embedder.io.sources import discover
+from embedder.models.features import ModelSpec
+from embedder.store.shards import Store
 from tests.conftest import make_images, slowed_cli
 
 moto_server = pytest.importorskip("moto.server")
@@ -52,7 +52,7 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
            "AWS_ENDPOINT_URL": s3_endpoint}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    import embedder.sources as sources
+    from embedder.io import sources
 
     monkeypatch.setattr(sources, "_filesystems", {})  # a filesystem per test: the endpoint differs
     return env
@@ -110,7 +110,7 @@ def test_missing_prefix_and_unreachable_endpoint_are_one_line_errors(s3_env: dic
     with pytest.raises(SourceError, match="does not exist"):
         discover(["s3://empty/nothing/here"])
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    import embedder.sources as sources
+    from embedder.io import sources
 
     monkeypatch.setattr(sources, "_filesystems", {})
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
@@ -134,7 +134,7 @@ def test_a_ray_index_build_streams_an_s3_store(tmp_path: Path, s3_env: dict[str,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["count"] == 60
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     loaded = idx.LoadedIndex("r", str(home))
     some = loaded.ids.column("id")[7].as_py()
@@ -246,7 +246,7 @@ def test_a_writer_killed_mid_run_resumes_in_object_storage(tmp_path: Path, s3_en
     local = tmp_path / "imgs"
     make_images(local, {"a": 30, "b": 30}, size=(64, 48))
     _admin().create_dir("killed")
-    slow = slowed_cli("embedder.store", "Store", "write_shard", 0.3)
+    slow = slowed_cli("embedder.store.shards", "Store", "write_shard", 0.3)
     cmd = ["extract", str(local), "--out", "s3://killed/s", "--backbone", "tiny_test", "--batch-size", "4",
            "--shard-rows", "4"]
     proc = subprocess.Popen([*slow, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

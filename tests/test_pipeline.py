@@ -18,15 +18,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from embedder.backbones import get_backbone
 from embedder.cli import app
-from embedder.decode import decode_file
-from embedder.decode_gpu import decode_chunk, encode_header, orient
-from embedder.decode_pool import resolve_decode_in
+from embedder.decode.cpu import decode_file
+from embedder.decode.nvjpeg import decode_chunk, encode_header, orient
+from embedder.decode.pool import resolve_decode_in
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
 from embedder.errors import EmbedderError
-from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
-from embedder.model import ModelSpec
-from embedder.store import Store
+from embedder.models.features import ModelSpec
+from embedder.models.registry import get_backbone
+from embedder.store.shards import Store
 from tests.conftest import make_images
 
 TINY = ModelSpec("tiny_test")
@@ -77,7 +77,7 @@ def test_the_batch_ring_is_reused_not_reallocated(tmp_path: Path) -> None:
 def test_the_stage_report_names_what_bounds_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "imgs"
     make_images(src, {"a": 12}, size=(40, 40))
-    import embedder.decode_pool as dp
+    from embedder.decode import pool as dp
 
     decode = dp.decode_into
 
@@ -157,7 +157,7 @@ def test_lanes_decode_their_own_batches_and_give_the_same_store(tmp_path: Path,
     src = tmp_path / "imgs"
     make_images(src, {"a": 17, "b": 14}, size=(48, 40))
     (src / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    import embedder.decode_pool as dp
+    from embedder.decode import pool as dp
 
     decode = dp.decode_into
     decoded_on: list[str] = []
@@ -213,7 +213,7 @@ def test_idle_decode_workers_run_under_sched_idle(tmp_path: Path, monkeypatch: p
     nothing else wants); by default they keep the normal policy, and the caller is never lowered."""
     src = tmp_path / "imgs"
     make_images(src, {"a": 8}, size=(40, 40))
-    import embedder.decode_pool as dp
+    from embedder.decode import pool as dp
 
     decode = dp.decode_into
     policies: set[int] = set()
@@ -252,7 +252,7 @@ def test_decode_in_choices(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_decode_in("lanes", cpu, 1, 1)
     assert resolve_decode_in("auto", cuda, 15, 1) == "processes"
     assert resolve_decode_in("processes", cuda, 15, 1, decoder="nvjpeg") == "threads"
-    import embedder.decode_pool as dp
+    from embedder.decode import pool as dp
 
     monkeypatch.setattr(dp, "shm_free_bytes", lambda: 64 << 20)  # a container's default /dev/shm
     assert resolve_decode_in("processes", cuda, 15, 96 << 20) == "threads"

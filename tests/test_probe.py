@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from embedder import probe as pr
 from embedder.cli import app
+from embedder.embed.fill import extract
 from embedder.errors import ProbeError
-from embedder.extract import extract
-from embedder.model import ModelSpec
+from embedder.learn import probe as pr
+from embedder.models.features import ModelSpec
 from tests.conftest import make_images
 from tests.test_index import vector_store
 

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from embedder import probe as pr
 from embedder.cli import app
-from embedder.selection import SelectOptions, holdout_splits
+from embedder.learn import probe as pr
+from embedder.learn.selection import SelectOptions, holdout_splits
 from tests.conftest import mobilenet_weights_file, skimage_data
 
 runner = CliRunner()

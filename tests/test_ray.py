@@ -17,11 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from embedder.cli import app
+from embedder.embed.fill import EmbedOptions, RunOptions, extract
 from embedder.errors import RayError
-from embedder.extract import EmbedOptions, RunOptions, extract
-from embedder.model import ModelSpec
-from embedder.sources import discover
-from embedder.store import Store
+from embedder.io.sources import discover
+from embedder.models.features import ModelSpec
+from embedder.store.shards import Store
 from tests.conftest import make_images, slowed_cli
 
 ray = pytest.importorskip("ray")
@@ -107,7 +107,7 @@ def _store_vectors(path: Path) -> tuple[list[str], np.ndarray]:
 
 @pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, cluster: str) -> None:
-    from embedder.ray_engine import RayOptions, extract_ray
+    from embedder.embed.ray import RayOptions, extract_ray
 
     src = tmp_path / "imgs"
     make_images(src, {"a": 14, "b": 13}, size=(64, 48))
@@ -116,7 +116,7 @@ def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, c
     s = extract_ray([str(src)], str(tmp_path / "ray"), TINY, EmbedOptions(), RunOptions(batch_size=4), opts)
     assert (s.done, s.failed) == (27, 1)
     assert not list((tmp_path / "ray" / ".staging").iterdir())  # workers staged, the driver committed all
-    from embedder import id_index
+    from embedder.store import id_index
 
     assert all(Path(id_index.path_for(f)).is_file() for f in Store.open(str(tmp_path / "ray")).shard_files())
     local = extract([str(src)], str(tmp_path / "local"), TINY, EmbedOptions(), RunOptions(batch_size=4))
@@ -223,7 +223,7 @@ def test_a_killed_driver_resumes_on_the_next_run(tmp_path: Path, cluster: str) -
     store = tmp_path / "store"
     # the real CLI, its commits slowed a little so that the kill lands mid-run (workers stage
     # shards faster than a 2-core machine lets the driver be scheduled)
-    slow = slowed_cli("embedder.store", "Store", "commit_shard", 0.05)
+    slow = slowed_cli("embedder.store.shards", "Store", "commit_shard", 0.05)
     proc = subprocess.Popen([*slow, *_cli(src, store, cluster)[3:]], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_for_shards(store, 1, proc)
@@ -266,7 +266,7 @@ def test_an_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_nvjpeg_is_refused_by_the_ray_engine(tmp_path: Path) -> None:
-    from embedder.ray_engine import RayOptions, extract_ray
+    from embedder.embed.ray import RayOptions, extract_ray
 
     with pytest.raises(RayError, match="use --decoder torchvision"):
         extract_ray([str(tmp_path)], str(tmp_path / "s"), TINY, EmbedOptions(decoder="nvjpeg"), RunOptions(),
@@ -277,9 +277,9 @@ WITHOUT_WEIGHTS = """
 import sys, ray
 from pathlib import Path
 from embedder.errors import RayError
-from embedder.extract import EmbedOptions, RunOptions
-from embedder.model import ModelSpec
-from embedder.ray_engine import RayOptions, extract_ray
+from embedder.embed.fill import EmbedOptions, RunOptions
+from embedder.models.features import ModelSpec
+from embedder.embed.ray import RayOptions, extract_ray
 
 src, store, empty_home = sys.argv[1:4]
 # this driver's TORCH_HOME has the weights; the workers' (their runtime environment) does not
@@ -324,8 +324,8 @@ def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: s
     # the same id map and float16 copies, the same tuned recall as the local streamed build
     import faiss
 
-    from embedder import bigindex as big
-    from embedder import index as idx
+    from embedder.index import build as idx
+    from embedder.index import ondisk as big
     from tests.test_bigindex import sharded_store
     from tests.test_index import clustered
 

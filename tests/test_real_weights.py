@@ -13,7 +13,7 @@ from torchvision import models
 from typer.testing import CliRunner
 
 from embedder.cli import app
-from embedder.store import Store, arrow_to_embeddings
+from embedder.store.shards import Store, arrow_to_embeddings
 from tests.conftest import mobilenet_weights_file, skimage_data
 
 runner = CliRunner()

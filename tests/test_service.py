@@ -21,12 +21,12 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the service extra is not installed: pip install 'embedder[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from embedder import index as idx  # noqa: E402
-from embedder.extract import extract  # noqa: E402
-from embedder.model import ModelSpec  # noqa: E402
+from embedder.embed.fill import extract  # noqa: E402
+from embedder.index import build as idx  # noqa: E402
+from embedder.io.sources import image_id  # noqa: E402
+from embedder.models.features import ModelSpec  # noqa: E402
 from embedder.service.app import create_app  # noqa: E402
 from embedder.service.engine import ServeOptions  # noqa: E402
-from embedder.sources import image_id  # noqa: E402
 from tests.conftest import make_images  # noqa: E402
 
 
@@ -377,7 +377,7 @@ def test_head_requests_and_index_gauges(served: tuple[str, Path]) -> None:
 
 def test_indexes_that_differ_only_in_normalisation_get_their_own_query_model(image_tree: Path,
                                                                              tmp_path: Path) -> None:
-    from embedder.extract import EmbedOptions
+    from embedder.embed.fill import EmbedOptions
 
     home = str(tmp_path / "home")
     for norm in ("none", "l2"):

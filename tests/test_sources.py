@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedder.errors import SourceError
-from embedder.sources import discover, image_id
+from embedder.io.sources import discover, image_id
 from tests.conftest import make_images
 
 
@@ -93,6 +93,6 @@ def test_upper_case_list_files(tmp_path: Path) -> None:
 def test_absolute_is_pathlibs_absolute(p: str) -> None:
     """Discovery builds paths without pathlib (a Path object per image, and its interning of every
     name, cost 2.3x the time on a 1M-line list): the same strings, hence the same ids and paths."""
-    from embedder.sources import _absolute
+    from embedder.io.sources import _absolute
 
     assert _absolute(p) == str(Path(p).absolute())

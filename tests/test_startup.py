@@ -30,7 +30,7 @@ def _modules_after(args: list[str], env: dict[str, str]) -> tuple[int, list[str]
 
 @pytest.fixture(scope="module")
 def index_home(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     home = tmp_path_factory.mktemp("home")
     idx.build(str(STORE_V1), "v1", idx.BuildOptions(kind="flat"), str(home))
@@ -50,8 +50,8 @@ def test_light_commands_import_no_heavy_library(args: list[str], index_home: str
 
 def test_registry_meta_matches_torchvision() -> None:
     """The data that lets `backbones` skip torch is what torchvision says, entry by entry."""
-    from embedder._registry_meta import REGISTRY_META
-    from embedder.backbones import REGISTRY
+    from embedder.models._registry_meta import REGISTRY_META
+    from embedder.models.registry import REGISTRY
 
     tv = {b.name: b.torchvision_meta() for b in REGISTRY.values() if b.is_torchvision}
     assert REGISTRY_META == tv, "stale: run python scripts/gen_registry_meta.py"
@@ -61,7 +61,7 @@ def test_registry_meta_matches_torchvision() -> None:
 def test_cache_dir_is_torch_hubs(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from embedder.backbones import cache_dir
+    from embedder.models.registry import cache_dir
 
     for k in ("TORCH_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(k, raising=False)
@@ -72,6 +72,6 @@ def test_cache_dir_is_torch_hubs(env: dict[str, str], monkeypatch: pytest.Monkey
 
 def test_cli_default_backbone_is_the_librarys() -> None:
     from embedder.cli import extract_cmd
-    from embedder.model import DEFAULT_BACKBONE
+    from embedder.models.features import DEFAULT_BACKBONE
 
     assert extract_cmd.DEFAULT_BACKBONE == DEFAULT_BACKBONE

@@ -82,7 +82,7 @@ def cell_dir(work: Path, backbone: str, layer: str) -> Path:
 
 def plan_cells(options: CompareOptions) -> list[Cell]:
     """Validate every backbone and layer name before any work (unknown names list the valid ones)."""
-    from embedder.backbones import check_layer, layer_depth, parse_backbone_spec, suggested_layers
+    from embedder.models.registry import check_layer, layer_depth, parse_backbone_spec, suggested_layers
 
     if not options.backbones:
         raise InspectError("--backbones names at least one backbone (see `embedder backbones`)")
@@ -117,9 +117,9 @@ def _gflops(embedder: Any) -> float:
 
 def _extract_cell(cell: Cell, sources: list[str], test_sources: list[str] | None, work: Path,
                   options: CompareOptions, progress: Callable[[str, int, int, int], None] | None) -> None:
-    from embedder.backbones import parse_backbone_spec
-    from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, extract
-    from embedder.model import ModelSpec
+    from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+    from embedder.models.features import ModelSpec
+    from embedder.models.registry import parse_backbone_spec
 
     d = cell_dir(work, cell.backbone, cell.layer)
     d.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOpti
         tk = te.y >= 0
         t_order = np.argsort(np.asarray(te.ids.to_pylist(), dtype=object)[tk], kind="stable")
         return CellData(x, y, te.x[tk][t_order], te.y[tk][t_order], tr.classes)
-    from embedder.selection import stratified_split
+    from embedder.learn.selection import stratified_split
 
     a, b = stratified_split(y, options.test_fraction, options.seed)
     return CellData(x[a], y[a], x[b], y[b], tr.classes)
@@ -206,7 +206,7 @@ def score_cell(cell: Cell, data: CellData, options: CompareOptions) -> None:
     from embedder.analysis.knn import knn_graph
     from embedder.analysis.labels import knn_accuracy
     from embedder.analysis.transfer import logme
-    from embedder.probe import knn_predict
+    from embedder.learn.probe import knn_predict
 
     cell.dim = data.xtr.shape[1]
     unit = data.xtr / np.maximum(np.linalg.norm(data.xtr, axis=1, keepdims=True), 1e-12)
@@ -221,7 +221,7 @@ def rank(cells: list[Cell], data: list[CellData], options: CompareOptions, test:
     """Probe the most promising cells (mean rank of the two cheap scores), order the board, and
     say whether the winner's margin over the runner-up is more than noise."""
     from embedder.analysis.transfer import mcnemar, wilson
-    from embedder.probe import Dataset, ProbeOptions, train_probe
+    from embedder.learn.probe import Dataset, ProbeOptions, train_probe
 
     say = status or (lambda _m: None)
     rank_knn = np.argsort(np.argsort([-(c.knn_loo or 0) for c in cells], kind="stable"), kind="stable")
@@ -258,7 +258,7 @@ def rank(cells: list[Cell], data: list[CellData], options: CompareOptions, test:
 def compare(sources: list[str], work: str, options: CompareOptions, test_sources: list[str] | None = None,
             progress: Callable[[str, int, int, int], None] | None = None,
             status: Callable[[str], None] | None = None) -> Leaderboard:
-    from embedder.sources import discover
+    from embedder.io.sources import discover
 
     say = status or (lambda _m: None)
     cells = plan_cells(options)

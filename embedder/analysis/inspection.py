@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.analysis.dedup import NEAR_DUPLICATE_COSINE
 from embedder.analysis.duplicates import duplicate_groups, leaks
 from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import (
@@ -26,9 +27,8 @@ from embedder.analysis.labels import (
 from embedder.analysis.outliers import FENCE, outliers
 from embedder.analysis.projection import PROJECTIONS, project
 from embedder.analysis.vectors import Vectors, load_vectors
-from embedder.dedup import NEAR_DUPLICATE_COSINE
 from embedder.errors import InspectError, ProbeError
-from embedder.provenance import Provenance
+from embedder.store.provenance import Provenance
 
 log = logging.getLogger(__name__)
 

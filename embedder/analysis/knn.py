@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedder import faiss_gpu
+from embedder.index import gpu as index_gpu
 
 QUERY_BLOCK = 4096
 
@@ -45,7 +45,7 @@ def _ivf(x: np.ndarray, seed: int) -> object:
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]
-    faiss_gpu.train(index, sample)  # k-means on GPUs where faiss-gpu finds them
+    index_gpu.train(index, sample)  # k-means on GPUs where faiss-gpu finds them
     del sample  # the training copy goes before the index takes its own copy of every vector
     for s in range(0, n, 65_536):
         index.add(x[s:s + 65_536])
@@ -94,7 +94,7 @@ def knn_graph(x: np.ndarray, k: int = 10, exact_limit: int = 20_000, seed: int =
 
         blocks = (x[i:i + 65_536] for i in range(0, n, 65_536))
         d_true, _ = knn_ground_truth(x[rows], blocks, k_eff + 1, metric_type=faiss.METRIC_INNER_PRODUCT,
-                                     ngpu=faiss_gpu.gpu_count())
+                                     ngpu=index_gpu.gpu_count())
         # tie-aware: a hit is any neighbour at least as similar as the exact k-th (self excluded by
         # taking the (k+1)-th similarity, self being the most similar row to itself)
         kth = np.asarray(d_true, np.float32)[:, -1:]

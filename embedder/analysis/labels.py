@@ -18,8 +18,8 @@ import numpy as np
 
 from embedder.analysis.knn import KnnGraph
 from embedder.errors import ProbeError
-from embedder.probe import LinearHead, ProbeOptions, _fitter, select_options
-from embedder.selection import scaler, select_c, stratified_folds, stratified_split
+from embedder.learn.probe import LinearHead, ProbeOptions, _fitter, select_options
+from embedder.learn.selection import scaler, select_c, stratified_folds, stratified_split
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def thumb_name(store_id: str) -> str:
 def _make(path: str, target: Path) -> bool:
     from PIL import Image
 
-    from embedder.decode import load_rgb
+    from embedder.decode.cpu import load_rgb
     from embedder.errors import DecodeError
 
     if target.exists():

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedder import storage
 from embedder.errors import InspectError
-from embedder.provenance import Provenance
-from embedder.store import Store
+from embedder.io import storage
+from embedder.store.provenance import Provenance
+from embedder.store.shards import Store
 
 BATCH_ROWS = 8192
 

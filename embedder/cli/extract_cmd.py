@@ -10,14 +10,14 @@ import typer
 from rich.table import Table
 
 from embedder import choices
-from embedder.backbones import REGISTRY, parse_backbone_spec, weights_present
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging, value
 from embedder.errors import EmbedderError
+from embedder.models.registry import REGISTRY, parse_backbone_spec, weights_present
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
-    from embedder.model import ModelSpec
+    from embedder.models.features import ModelSpec
 
-DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.model.DEFAULT_BACKBONE; a test checks)
+DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.models.features.DEFAULT_BACKBONE; a test checks)
 
 EXIT_SOME_FAILED = 3
 PERF = "Speed"
@@ -30,7 +30,7 @@ weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache
 def model_spec(backbone: Optional[str], weights: Optional[Path], layer: Optional[str], pool: Optional[str],
                image_size: Optional[int]) -> ModelSpec:
     """No --backbone: a checkpoint's own, else the default. A conflict is refused when loading."""
-    from embedder.model import ModelSpec
+    from embedder.models.features import ModelSpec
 
     if backbone is None:
         return ModelSpec(None if weights is not None else DEFAULT_BACKBONE, None, weights, layer, pool, image_size)
@@ -72,7 +72,7 @@ def extract_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Embed images with a frozen pretrained backbone into a resumable Parquet store."""
-    from embedder.extract import EmbedOptions, RunOptions, extract
+    from embedder.embed.fill import EmbedOptions, RunOptions, extract
 
     setup_logging(verbose)
     spec = model_spec(backbone, weights, layer, value(pool), image_size)
@@ -91,7 +91,7 @@ def extract_command(
                      retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes)
     with image_progress("embedding", enabled=not as_json) as progress:
         if engine == "ray":
-            from embedder.ray_engine import RayOptions, extract_ray
+            from embedder.embed.ray import RayOptions, extract_ray
 
             ray_opts = RayOptions(address=address, workers=actors or 1, gpus_per_worker=gpus_per_worker,
                                   cpus_per_worker=cpus_per_worker, decode_cpus=decode_cpus, batch_size=batch_size)
@@ -125,7 +125,7 @@ def backbones_command(
 ) -> None:
     """List registered backbones: dim, GFLOPs, ImageNet acc@1, weights present locally."""
     if layers:
-        from embedder.backbones import get_backbone, suggested_layers
+        from embedder.models.registry import get_backbone, suggested_layers
 
         entry = get_backbone(layers)
         for name in suggested_layers(entry.name):
@@ -151,7 +151,7 @@ def backbones_command(
 @handle_errors
 def weights_import(file: Annotated[Path, typer.Argument(help="A torchvision weights file.")]) -> None:
     """Check FILE against the registry (SHA-256 prefix) and install it into torchvision's cache."""
-    from embedder.weights import import_weights
+    from embedder.models.weights import import_weights
 
     which, target = import_weights(file)
     out.print(f"installed {which} → {target}")

@@ -47,9 +47,9 @@ def finetune_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head; reports what it bought over a frozen probe."""
-    from embedder.backbones import parse_backbone_spec
-    from embedder.finetune import FinetuneOptions, finetune
-    from embedder.model import DEFAULT_BACKBONE
+    from embedder.learn.finetune import FinetuneOptions, finetune
+    from embedder.models.features import DEFAULT_BACKBONE
+    from embedder.models.registry import parse_backbone_spec
 
     setup_logging(verbose)
     name, tag = None, None

@@ -11,9 +11,9 @@ import typer
 from rich.table import Table
 
 from embedder import choices
-from embedder import generations as layout
 from embedder.cli.common import console, handle_errors, out
 from embedder.errors import IndexError_
+from embedder.index import generations as layout
 
 index_app = typer.Typer(help="Build and manage FAISS indexes over stores.", no_args_is_help=True)
 
@@ -50,7 +50,7 @@ def build_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Build an index over STORE; measures recall@10 against exact search on held-out queries."""
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     budget = parse_size(memory_budget) if memory_budget else None
     with console.status(f"building {name}…"):
@@ -116,7 +116,7 @@ def drop_command(name: str, home: HomeOpt = None) -> None:
 def add_command(name: str, store: str, home: HomeOpt = None,
                 merge: Annotated[bool, typer.Option("--merge", help="On-disk index: merge every delta into the lists now (an add otherwise writes a delta and merges only once the deltas hold 10 % of the rows).")] = False) -> None:
     """Add STORE's rows that the index does not hold yet."""
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     r = idx.add(name, str(store), home, merge=merge)
     deltas = f"; {r['deltas']} delta{'s' if r['deltas'] != 1 else ''} beside the lists" if r.get("deltas") else ""
@@ -160,7 +160,7 @@ def search_command(
         return
     import numpy as np
 
-    from embedder import index as idx
+    from embedder.index import build as idx
 
     loaded = idx.LoadedIndex(name, home)
     labels: list[str] = []
@@ -176,7 +176,7 @@ def search_command(
             vecs.append(loaded.prepare(v))
             labels += [q] * len(v)
     if images:
-        from embedder.extract import embed_files, embedder_for
+        from embedder.embed.fill import embed_files, embedder_for
 
         missing = [p for p in images if not Path(p).is_file()]
         if missing:
@@ -212,7 +212,7 @@ def dedup_command(
     threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity at or above which images group (default 0.90, as `inspect`: JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63).")] = None,
 ) -> None:
     """Near-duplicate groups by range search."""
-    from embedder.dedup import dedup
+    from embedder.analysis.dedup import dedup
 
     s = dedup(str(store), str(out_file), threshold)
     out.print(f"{s.images:,} images: {s.groups:,} near-duplicate groups, {s.duplicates:,} images beyond "

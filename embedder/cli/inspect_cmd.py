@@ -36,7 +36,7 @@ def inspect_command(
     setup_logging(verbose)
     options = InspectOptions(label_column=label_column, k=k, folds=folds, projection=str(projection),
                              thumbnails=thumbnails, seed=seed)
-    if duplicate_threshold is not None:  # the default lives in one place: embedder.dedup
+    if duplicate_threshold is not None:  # the default lives in one place: embedder.analysis.dedup
         options = dataclasses.replace(options, duplicate_threshold=duplicate_threshold)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=as_json, transient=True)

@@ -31,7 +31,7 @@ def probe_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a linear probe (logistic regression, C chosen on validation) and a kNN baseline."""
-    from embedder import probe as pr
+    from embedder.learn import probe as pr
 
     setup_logging(verbose)
     opts = pr.ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
@@ -100,7 +100,7 @@ def predict_command(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
 ) -> None:
     """Classify images with a probe; embeds them exactly as the probe's training store was."""
-    from embedder.predict import predict, write
+    from embedder.learn.predict import predict, write
 
     with image_progress("predicting", enabled=not as_json and out_file is not None) as progress:
         pred = predict(probe, sources, top_k, device, weights, progress=progress)

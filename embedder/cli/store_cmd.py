@@ -17,7 +17,7 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Provenance, row count, dim, label counts and error count of a store."""
-    from embedder.store import Store
+    from embedder.store.shards import Store
 
     info = Store.open(store).info()
     if as_json:

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from embedder import generations as layout
 from embedder.errors import DecodeError, EmbedderError, IndexError_, shown
+from embedder.index import generations as layout
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Engine:
         self.ready = True
 
     def _load(self, name: str) -> Any:
-        from embedder.index import LoadedIndex
+        from embedder.index.build import LoadedIndex
 
         loaded = LoadedIndex(name, self.options.home)
         if not loaded.meta.get("on_disk"):
@@ -128,7 +128,7 @@ class Engine:
 
     def _embedder_locked(self, loaded: Any, key: str) -> Any | None:
         if key not in self.embedders:
-            from embedder.extract import embedder_for
+            from embedder.embed.fill import embedder_for
 
             prov = loaded.provenance
             weights = self.options.weights.get(loaded.name)
@@ -240,7 +240,7 @@ class Engine:
 
         from PIL import Image
 
-        from embedder.decode import load_rgb
+        from embedder.decode.cpu import load_rgb
 
         path = self.item_path(name, item_id)
         img = load_rgb(path.read_bytes(), self.options.max_pixels)
@@ -254,7 +254,7 @@ class Engine:
         """Decode (thread pool) and embed (one forward pass) images as index NAME's vectors are made."""
         import torch
 
-        from embedder.decode import decode_bytes
+        from embedder.decode.cpu import decode_bytes
 
         loaded = self.index(name)
         emb = self._embedder_for(loaded)

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedder.backbones import get_backbone
-from embedder.extract import RunOptions, extract
-from embedder.model import ModelSpec
+from embedder.embed.fill import RunOptions, extract
+from embedder.models.features import ModelSpec
+from embedder.models.registry import get_backbone
 
 
 def rss() -> float:

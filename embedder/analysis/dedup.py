@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import IndexError_
-from embedder.store import Store, arrow_to_embeddings
+from embedder.store.shards import Store, arrow_to_embeddings
 
 
 @dataclass

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedder.backbones import REGISTRY, Backbone, Preprocessing, cache_dir
 from embedder.errors import WeightsMismatch, WeightsUnavailable
-from embedder.provenance import WeightsRef
+from embedder.models.registry import REGISTRY, Backbone, Preprocessing, cache_dir
+from embedder.store.provenance import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def load_weights_file(path: Path) -> LoadedWeights:
     """A local state dict (.pth/.pt/.safetensors) or an `embedder finetune` checkpoint."""
     if not path.exists():
         raise WeightsUnavailable(f"weights file {path} does not exist")
-    from embedder import checkpoint  # local: checkpoint imports this module
+    from embedder.models import checkpoint  # local: checkpoint imports this module
 
     if checkpoint.is_checkpoint(path):
         return checkpoint.load_for_extraction(path)

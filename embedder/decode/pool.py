@@ -22,10 +22,10 @@ from typing import Any, cast
 import torch
 
 from embedder import choices
-from embedder.backbones import Preprocessing
-from embedder.decode import DEFAULT_MAX_PIXELS, ImageMeta, decode_into
-from embedder.decode_gpu import decode_chunk
+from embedder.decode.cpu import DEFAULT_MAX_PIXELS, ImageMeta, decode_into
+from embedder.decode.nvjpeg import decode_chunk
 from embedder.errors import DecodeError, EmbedderError
+from embedder.models.registry import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _context() -> BaseContext:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["embedder.decode_pool"])
+    ctx.set_forkserver_preload(["embedder.decode.pool"])
     return ctx
 
 

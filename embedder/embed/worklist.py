@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from embedder import id_index
-from embedder.sources import ImageRef
+from embedder.io.sources import ImageRef
+from embedder.store import id_index
 
 CHUNK = 65_536  # refs per spilled record batch
 SPILL_ENV = "EMBEDDER_TMPDIR"  # where work lists spill (default: the system's temporary folder)

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from embedder.backbones import Preprocessing
 from embedder.errors import WeightsMismatch, WeightsUnavailable
-from embedder.provenance import WeightsRef
-from embedder.weights import LoadedWeights, sha256_file
+from embedder.models.registry import Preprocessing
+from embedder.models.weights import LoadedWeights, sha256_file
+from embedder.store.provenance import WeightsRef
 
 META_KEY = "embedder_checkpoint"
 FORMAT = "embedder-checkpoint/1"
@@ -71,9 +71,9 @@ def load_for_extraction(path: Path) -> LoadedWeights:
 
 def head(path: Path) -> tuple[Any, list[str]]:
     """The checkpoint's own classification head as a LinearHead on its penultimate features."""
-    from embedder.backbones import get_backbone
     from embedder.errors import ProbeError
-    from embedder.probe import LinearHead
+    from embedder.learn.probe import LinearHead
+    from embedder.models.registry import get_backbone
 
     state, meta = load(path)
     backbone = get_backbone(meta["backbone"])

@@ -24,9 +24,9 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
-from embedder.backbones import Preprocessing
-from embedder.decode import DEFAULT_MAX_PIXELS, ImageMeta, check_resize, decode_data_into, read_bytes
+from embedder.decode.cpu import DEFAULT_MAX_PIXELS, ImageMeta, check_resize, decode_data_into, read_bytes
 from embedder.errors import DecodeError
+from embedder.models.registry import Preprocessing
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 _local = threading.local()

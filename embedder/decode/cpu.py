@@ -17,13 +17,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from embedder.backbones import Preprocessing
 from embedder.errors import DecodeError
-from embedder.provenance import (
-    DECODE_POLICY,  # noqa: F401 - re-exported: what decoding does
-    DECODERS,
-)
-from embedder.sources import is_uri
+from embedder.io.sources import is_uri
+from embedder.models.registry import Preprocessing
+from embedder.store.provenance import DECODERS
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +145,7 @@ def read_bytes(path: str) -> bytes:
     """A file's bytes, from a local path or an object-storage URI (s3://…)."""
     if is_uri(path):
         from embedder.errors import SourceError
-        from embedder.sources import filesystem
+        from embedder.io.sources import filesystem
 
         try:
             fs, key = filesystem(path)
@@ -233,7 +230,7 @@ def decode_data_into(
         # one image at a time (queries, uploads): on the GPU when there is one; without one, the
         # torchvision decoder (libjpeg-turbo, the same tensor resize) is the nearest CPU decoder
         if torch.cuda.is_available():
-            from embedder.decode_gpu import decode_one
+            from embedder.decode.nvjpeg import decode_one
 
             meta = decode_one(data, pre, out, max_pixels)
             if meta is not None:

@@ -27,12 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedder import choices, faiss_gpu, storage
-from embedder import generations as gens
+from embedder import choices
 from embedder.errors import IndexError_, StoreError, shown
-from embedder.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
-from embedder.provenance import Provenance
-from embedder.store import Store, arrow_to_embeddings
+from embedder.index import generations as gens
+from embedder.index import gpu as index_gpu
+from embedder.index.generations import HOME_ENV, META_FILE, _read_meta, drop, home, info, locate, names  # noqa: F401
+from embedder.io import storage
+from embedder.store.provenance import Provenance
+from embedder.store.shards import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,7 @@ def ground_truth(x: np.ndarray, queries: np.ndarray, k: int, metric: str, block:
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
     blocks = (x[i:i + block] for i in range(0, len(x), block))
-    d, _ = knn_ground_truth(queries, blocks, k, metric_type=_faiss_metric(metric), ngpu=faiss_gpu.gpu_count())
+    d, _ = knn_ground_truth(queries, blocks, k, metric_type=_faiss_metric(metric), ngpu=index_gpu.gpu_count())
     return np.asarray(d, dtype=np.float32)
 
 
@@ -361,19 +363,19 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
 
 def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: Plan, options: BuildOptions,
                     budget: int) -> dict[str, Any]:
-    """IVF larger than RAM: see embedder.bigindex. Tuned like the in-memory build, against exact
+    """IVF larger than RAM: see embedder.index.ondisk. Tuned like the in-memory build, against exact
     ground truth streamed over the store."""
-    from embedder import bigindex as big
+    from embedder.index import ondisk as big
 
     faiss = _faiss()
     t0 = time.perf_counter()
     tmpdir = gens.staging(target)
     parallel = None
     if options.engine == "ray":
-        from embedder import ray_index
-        from embedder.ray_engine import RayOptions
+        from embedder.embed.ray import RayOptions
+        from embedder.index import ray as index_ray
 
-        parallel = ray_index.parallel(RayOptions(address=options.address), _faiss_metric(options.metric))
+        parallel = index_ray.parallel(RayOptions(address=options.address), _faiss_metric(options.metric))
     r = big.build_streamed(store, tmpdir, p.factory, options.metric, p.train_size, budget, options.queries,
                            options.seed, _faiss_metric(options.metric), lambda v: _prepare(v, options.metric),
                            parallel)
@@ -431,18 +433,18 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
         # A random sample, never the first rows (which are often one class or one folder).
         sample = x[rng.choice(rest, size=min(len(rest), max(p.train_size, 1)), replace=False)]
         try:
-            trained_on = faiss_gpu.train(index, sample)
+            trained_on = index_gpu.train(index, sample)
         except RuntimeError as e:
             raise IndexError_(f"training {p.factory} failed ({str(e).splitlines()[-1]}); "
                               "too few vectors for this kind? try --kind flat") from None
     if faiss.try_extract_index_ivf(base) is not None:
-        from embedder.bigindex import QUANTIZER_EF_ADD, set_quantizer_ef
+        from embedder.index.ondisk import QUANTIZER_EF_ADD, set_quantizer_ef
 
         set_quantizer_ef(base, QUANTIZER_EF_ADD)
     faiss_ids = np.arange(n, dtype=np.int64)
     index.add_with_ids(x[rest], faiss_ids[rest])
     if faiss.try_extract_index_ivf(base) is not None:
-        from embedder.bigindex import set_quantizer_ef
+        from embedder.index.ondisk import set_quantizer_ef
 
         set_quantizer_ef(base)  # searched from here on (the held-out rows' adds are few)
     vectors = x.astype(np.float16) if p.kind == "ivfpq" else None
@@ -506,8 +508,8 @@ class LoadedIndex:
             deltas = self.meta.get("deltas") or []  # on-disk adds not merged yet (bigindex: delta slices)
             self._keepalive: list[Any] = []
             if on_disk:
-                from embedder.bigindex import TRAINED_FILE as big_trained
-                from embedder.bigindex import read_ondisk, stack_deltas
+                from embedder.index.ondisk import TRAINED_FILE as big_trained
+                from embedder.index.ondisk import read_ondisk, stack_deltas
 
                 if deltas:  # searched with the lists as one set of inverted lists
                     self.index, self._keepalive = stack_deltas(
@@ -538,7 +540,7 @@ class LoadedIndex:
             try:
                 vectors = np.load(self.dir / VECTORS_FILE, mmap_mode="r")
                 if deltas:
-                    from embedder.bigindex import RowStack
+                    from embedder.index.ondisk import RowStack
 
                     vectors = RowStack([vectors, *(np.load(self.dir / x["vectors"], mmap_mode="r") for x in deltas)])
             except FileNotFoundError:
@@ -766,7 +768,7 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
     with gens.writer(d):
         loaded = LoadedIndex(name, index_home)
         if loaded.meta.get("on_disk"):
-            from embedder.bigindex import add_streamed
+            from embedder.index.ondisk import add_streamed
 
             return add_streamed(loaded, d, store_path, merge)
         store = Store.open(store_path)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embedder import bigindex as big
-from embedder import storage
+from embedder.embed.ray import RayOptions, connect
 from embedder.errors import RayError
-from embedder.ray_engine import RayOptions, connect
+from embedder.index import ondisk as big
+from embedder.io import storage
 
 COPY_CHUNK = 16 << 20
 
@@ -49,7 +49,7 @@ def _add_task(part: big.Part, queries: np.ndarray, staging: str, faiss_metric: i
               threads: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     import faiss
 
-    from embedder.index import _prepare
+    from embedder.index.build import _prepare
 
     faiss.omp_set_num_threads(threads)
     part = dataclasses.replace(part, queries=np.array(queries))  # writable, off the object store

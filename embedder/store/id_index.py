@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from embedder import storage
 from embedder.errors import StoreError
+from embedder.io import storage
 
 INDEX_DIR = "_ids"
 DIGEST = np.dtype("S16")

@@ -18,8 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedder._registry_meta import REGISTRY_META
 from embedder.errors import UnknownBackbone, UnknownLayer
+from embedder.models._registry_meta import REGISTRY_META
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model is built (fast CLI start)
     from torch import nn
@@ -171,7 +171,7 @@ class Backbone:
 
 
 def _tiny() -> nn.Module:
-    from embedder.tiny import tiny
+    from embedder.models.tiny import tiny
 
     return tiny()
 

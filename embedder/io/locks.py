@@ -44,7 +44,7 @@ def lease(lock_object: str, busy: Callable[[str], Exception], ttl_s: float = LEA
     import time
     import uuid
 
-    from embedder import storage
+    from embedder.io import storage
 
     def read() -> dict[str, object] | None:
         """The lease held now; None when there is none, or it is not one (taken over like an expired one)."""

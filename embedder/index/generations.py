@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from embedder.errors import IndexError_, shown
-from embedder.locks import exclusive
+from embedder.io.locks import exclusive
 
 HOME_ENV = "EMBEDDER_HOME"
 CURRENT = "CURRENT"

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from embedder import choices
-from embedder.backbones import Backbone, Preprocessing, get_backbone, suggested_layers
 from embedder.errors import DeviceError, UnknownLayer, WeightsMismatch
-from embedder.weights import (
+from embedder.models.registry import Backbone, Preprocessing, get_backbone, suggested_layers
+from embedder.models.weights import (
     LoadedWeights,
     apply_weights,
     ensure_registry_file,

@@ -31,14 +31,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder import faiss_gpu, storage
 from embedder.errors import IndexError_
+from embedder.index import gpu as index_gpu
+from embedder.io import storage
 from embedder.native_output import quiet
-from embedder.store import Store
+from embedder.store.shards import Store
 
 
 def _faiss() -> Any:
-    from embedder.index import _faiss as load
+    from embedder.index.build import _faiss as load
 
     return load()
 
@@ -67,7 +68,7 @@ def batches(store: Store, prepare: Callable[[np.ndarray], np.ndarray],
 def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.ndarray],
                columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
     """The given shards (whose first row is global row START), one record batch at a time."""
-    from embedder.store import arrow_to_embeddings
+    from embedder.store.shards import arrow_to_embeddings
 
     row = start
     pool = pa.default_memory_pool()
@@ -355,7 +356,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
     except RuntimeError as e:
         raise IndexError_(f"FAISS cannot build {factory!r}: {str(e).splitlines()[-1]}") from None
     try:
-        trained_on = faiss_gpu.train(base, train_x)
+        trained_on = index_gpu.train(base, train_x)
     except RuntimeError as e:
         raise IndexError_(f"training {factory} failed ({str(e).splitlines()[-1]}); too few vectors?") from None
     del train_x
@@ -430,13 +431,13 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
 
     faiss = _faiss()
 
-    from embedder import generations as gens
-    from embedder.index import INDEX_FILE, VECTORS_FILE, _commit, _prepare
+    from embedder.index import generations as gens
+    from embedder.index.build import INDEX_FILE, VECTORS_FILE, _commit, _prepare
 
     store = Store.open(store_path)
     loaded.provenance.require(store.provenance, store=False, what=f"index {loaded.name!r} holds vectors",
                               fix=f"{store_path} was embedded differently; build a new index for it")
-    from embedder import id_index
+    from embedder.store import id_index
 
     # the index's ids as sorted 16-byte digests, once: asking Arrow's is_in per record batch rebuilt
     # a hash set of every indexed id each time (measured: 340 s of a 1 % add to a 5M index)
@@ -523,7 +524,7 @@ def _merge_generation(trained: Any, loaded: Any, tmpdir: Path, deltas: list[dict
     """The current lists and every delta (the newest in TMPDIR, the others in the current
     generation) merged into one on-disk lists file; the id maps and float16 copies concatenated by
     streamed copies. Returns the merged index."""
-    from embedder.index import INDEX_FILE, VECTORS_FILE
+    from embedder.index.build import INDEX_FILE, VECTORS_FILE
 
     faiss = _faiss()
 

@@ -29,9 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embedder import __version__, choices, storage, worklist
-from embedder.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
-from embedder.decode import (
+from embedder import __version__, choices
+from embedder.decode.cpu import (
     DECODERS,
     DEFAULT_MAX_PIXELS,
     Decoded,
@@ -40,7 +39,7 @@ from embedder.decode import (
     normalize_batch,
     resolve_decoder,
 )
-from embedder.decode_pool import (
+from embedder.decode.pool import (
     DECODE_IN,
     DECODE_PRIORITIES,
     DecodeSpec,
@@ -52,11 +51,14 @@ from embedder.decode_pool import (
     resolve_decode_in,
     start_server,
 )
+from embedder.embed import worklist
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
-from embedder.model import LoadedModel, ModelSpec, load_model, resolve_device
-from embedder.provenance import Provenance
-from embedder.sources import ImageRef, image_id, iter_discover
-from embedder.store import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arrow, row_schema
+from embedder.io import storage
+from embedder.io.sources import ImageRef, image_id, iter_discover
+from embedder.models.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
+from embedder.models.features import LoadedModel, ModelSpec, load_model, resolve_device
+from embedder.store.provenance import Provenance
+from embedder.store.shards import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arrow, row_schema
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder import storage, worklist
-from embedder.decode import DEFAULT_MAX_PIXELS, resolve_decoder
-from embedder.decode_pool import DecodeSpec, decode_rows
-from embedder.errors import EmbedderError, RayError
-from embedder.extract import (
+from embedder.decode.cpu import DEFAULT_MAX_PIXELS, resolve_decoder
+from embedder.decode.pool import DecodeSpec, decode_rows
+from embedder.embed import worklist
+from embedder.embed.fill import (
     CPU_BATCH,
     CUDA_BATCH,
     BatchEmbedder,
@@ -43,10 +42,12 @@ from embedder.extract import (
     new_run_record,
     still_to_do,
 )
-from embedder.model import ModelSpec
-from embedder.sources import iter_discover
-from embedder.store import Store
-from embedder.worklist import WorkList
+from embedder.embed.worklist import WorkList
+from embedder.errors import EmbedderError, RayError
+from embedder.io import storage
+from embedder.io.sources import iter_discover
+from embedder.models.features import ModelSpec
+from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class _Embed:
         vectors = np.zeros((n, emb.dim), dtype=np.float32)
         if ok.any():
             vectors[ok] = emb.embed_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-        from embedder.store import embeddings_to_arrow
+        from embedder.store.shards import embeddings_to_arrow
 
         flat = embeddings_to_arrow(vectors, emb.options.dtype)
         mask = pa.array(~ok)
@@ -229,7 +230,7 @@ def _write_block(batch: pa.Table, store_path: str, provenance_json: str, dim: in
 
     import pyarrow.compute as pc
 
-    from embedder.store import Store, row_schema
+    from embedder.store.shards import Store, row_schema
 
     schema = row_schema(dim, dtype)
     failed_mask = pc.is_valid(batch.column("error"))
@@ -360,7 +361,7 @@ def _commit(ray: Any, ds: Any, store: Store, todo: WorkList, record: dict[str, A
     import datetime as dt
     import time
 
-    from embedder.store import ERRORS_SCHEMA
+    from embedder.store.shards import ERRORS_SCHEMA
 
     committed: set[str] = set()  # staged shard names: one per shard of this run
     try:

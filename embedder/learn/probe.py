@@ -3,7 +3,7 @@
 Multinomial logistic regression; C chosen on held-out predictions over a log grid from 1e-6 to 1e5
 (coarse decades, then a refinement around the best, warm-started along the path): a stratified
 validation split when it holds enough images, stratified K-fold on all of train when it does not,
-near-ties broken by log-loss (``embedder.selection``); refit on all of train with the best C. A
+near-ties broken by log-loss (``embedder.learn.selection``); refit on all of train with the best C. A
 temperature-weighted cosine kNN is the second baseline. The probe file is safetensors (arrays) plus
 JSON metadata: loading it never executes code.
 """
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from embedder.errors import ProbeError
-from embedder.provenance import Provenance
-from embedder.selection import Selection, SelectOptions, scaler, select_c, sweep_steps
-from embedder.store import Store, arrow_to_embeddings
+from embedder.learn.selection import Selection, SelectOptions, scaler, select_c, sweep_steps
+from embedder.store.provenance import Provenance
+from embedder.store.shards import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class _TorchFitter:
     def __init__(self, n_classes: int, max_iter: int, device: str) -> None:
         import torch
 
-        from embedder.model import resolve_device
+        from embedder.models.features import resolve_device
 
         self.torch = torch
         self.device = resolve_device(device)

@@ -37,13 +37,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from embedder import checkpoint
-from embedder.backbones import Backbone, Preprocessing, suggested_layers
-from embedder.decode import load_rgb, normalize_batch, preprocess
+from embedder.decode.cpu import load_rgb, normalize_batch, preprocess
 from embedder.errors import DecodeError, FinetuneError, ProbeError
-from embedder.model import ModelSpec, _set_module, load_network, resolve_device
-from embedder.selection import stratified_split
-from embedder.sources import ImageRef, discover
+from embedder.io.sources import ImageRef, discover
+from embedder.learn.selection import stratified_split
+from embedder.models import checkpoint
+from embedder.models.features import ModelSpec, _set_module, load_network, resolve_device
+from embedder.models.registry import Backbone, Preprocessing, suggested_layers
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +333,8 @@ def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  
     """The feature-extraction baseline on the same split: a logistic probe on pretrained features
     (the probe's protocol, raw features). Its validation accuracy, and its weights [classes, dim]
     and biases, which initialise the new head (LP-FT: fine-tuning starts from the probe)."""
-    from embedder.probe import Dataset as ProbeData
-    from embedder.probe import ProbeOptions, train_probe
+    from embedder.learn.probe import Dataset as ProbeData
+    from embedder.learn.probe import ProbeOptions, train_probe
 
     xtr, ytr = _features(net, backbone.head, train_loader, pre, device)
     xva, yva = _features(net, backbone.head, val_loader, pre, device)

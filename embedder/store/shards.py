@@ -6,15 +6,15 @@ Polars' ``STORE/*.parquet`` globs never reach the subfolder):
 
     STORE/part-<n>-<uuid>.parquet   rows: id, path, label, embedding, width, height, file_hash
     STORE/_errors/part-*.parquet    images that failed: id, path, reason, time
-    STORE/_ids/part-<n>-<uuid>.npy  per shard, the sorted digests of its ids (see embedder.id_index)
+    STORE/_ids/part-<n>-<uuid>.npy  per shard, the sorted digests of its ids (see embedder.store.id_index)
     STORE/_manifest.json            provenance, shard list, run history
     STORE/.staging/                 shards written by remote workers, not yet committed
     STORE/.lock | STORE/.writer.lock  the writer's lock file (on disk) or lease (object storage)
 
-Every file is written whole or not at all (see embedder.storage), so a killed run leaves only
+Every file is written whole or not at all (see embedder.io.storage), so a killed run leaves only
 whole shards. The directory, not the manifest, is the truth about which rows exist; the manifest
 is rewritten after every shard and reconciled on open. One writer at a time: a lock file on disk,
-a renewed lease object in object storage (embedder.locks).
+a renewed lease object in object storage (embedder.io.locks).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from embedder import storage
 from embedder.errors import StoreError
-from embedder.provenance import Provenance
-from embedder.sources import is_uri
+from embedder.io import storage
+from embedder.io.sources import is_uri
+from embedder.store.provenance import Provenance
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
@@ -243,7 +243,7 @@ class Store:
         staging = self._at(STAGING_DIR)
         for orphan in storage.list_names(staging):
             storage.delete(storage.join(staging, orphan))
-        from embedder import id_index
+        from embedder.store import id_index
 
         id_index.sweep(self.root, {storage.stem(p) for p in shards})
 
@@ -310,7 +310,7 @@ class Store:
     def present(self, ids: Sequence[str]) -> np.ndarray:
         """For each of IDS, whether the store holds it — through the per-shard id index (memory
         O(len(ids) + one shard), whatever the store's size)."""
-        from embedder import id_index
+        from embedder.store import id_index
 
         return id_index.contains(self.shard_files(), ids)
 
@@ -352,7 +352,7 @@ class Store:
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
         """One writer at a time: two extractions into one store would embed images twice."""
-        from embedder.locks import exclusive, lease
+        from embedder.io.locks import exclusive, lease
 
         busy = StoreError(f"{self.root} is being written by another embedder process; "
                           "wait for it to finish (it resumes where it stops)")
@@ -371,7 +371,7 @@ class Store:
         meta = {META_KEY: (provenance or self.provenance).to_json().encode()}
         table = table.replace_schema_metadata(meta)
         path = self._next_shard_path(uuid.uuid4().hex[:8])
-        from embedder import id_index
+        from embedder.store import id_index
 
         id_index.write(path, table.column("id"))  # first: a shard never lacks its index
         storage.write_parquet(path, table)
@@ -390,7 +390,7 @@ class Store:
     def stage_shard(self, table: pa.Table, provenance_json: str, name: str) -> str:
         """In a remote worker (no lock): write a shard under ``.staging/NAME`` atomically. A
         retried task writes the same NAME again; nothing is in the store until ``commit_shard``."""
-        from embedder import id_index
+        from embedder.store import id_index
 
         d = self._at(STAGING_DIR)
         storage.makedirs(d)
@@ -401,8 +401,8 @@ class Store:
 
     def commit_shard(self, name: str) -> str:
         """Under the writer lock: a staged shard becomes part of the store (one atomic rename
-        locally; a copy and a delete in object storage, see embedder.storage)."""
-        from embedder import id_index
+        locally; a copy and a delete in object storage, see embedder.io.storage)."""
+        from embedder.store import id_index
 
         staged = self._at(STAGING_DIR, name)
         path = self._next_shard_path(name[:8])

@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, embed_stream, embedder_for
 from embedder.errors import ProbeError
-from embedder.extract import BatchEmbedder, EmbedOptions, RunOptions, embed_stream, embedder_for
-from embedder.model import ModelSpec
-from embedder.probe import LinearHead, load_probe
-from embedder.provenance import Provenance
-from embedder.sources import ImageRef, discover
-from embedder.store import arrow_to_embeddings
+from embedder.io.sources import ImageRef, discover
+from embedder.learn.probe import LinearHead, load_probe
+from embedder.models.features import ModelSpec
+from embedder.store.provenance import Provenance
+from embedder.store.shards import arrow_to_embeddings
 
 
 @dataclass
@@ -30,7 +30,7 @@ def load_classifier(path: Path, weights: str | None = None, device: str = "auto"
                     ) -> tuple[LinearHead, list[str], BatchEmbedder]:
     """A probe file (embedding as its training store was), or an `embedder finetune` checkpoint
     (whose own head classifies its own penultimate features)."""
-    from embedder import checkpoint
+    from embedder.models import checkpoint
 
     if not path.is_file():
         raise ProbeError(f"probe file {path} does not exist")

@@ -1,0 +1,1 @@
+"""Where images and stores live: sources, local and object storage, file locks."""

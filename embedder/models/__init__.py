@@ -1,0 +1,1 @@
+"""Backbones: the registry, weights and checkpoints, the cut-and-pool feature model, CPU graphs."""

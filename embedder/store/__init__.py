@@ -1,0 +1,1 @@
+"""The Parquet embedding store: shards, the id index, provenance."""
