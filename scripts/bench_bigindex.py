@@ -90,8 +90,9 @@ def chunk(centers: np.ndarray, lift: np.ndarray, n: int, seed: int) -> np.ndarra
 
 
 def make_store(n: int, path: Path) -> None:
+    from embedder.models.origin import WeightsRef
     from embedder.models.registry import get_backbone
-    from embedder.store.provenance import Provenance, WeightsRef
+    from embedder.store.provenance import Provenance
     from embedder.store.shards import Store, embeddings_to_arrow
 
     centers, lift = generator(DIM)

@@ -39,8 +39,9 @@ from bench_finetune import digits, peak_rss_mib  # noqa: E402
 from embedder.decode.cpu import DECODERS, decode_file  # noqa: E402
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, extract  # noqa: E402
 from embedder.learn import probe as pr  # noqa: E402
-from embedder.models.features import ModelSpec  # noqa: E402
-from embedder.models.registry import Preprocessing, get_backbone  # noqa: E402
+from embedder.models.builder import ModelSpec  # noqa: E402
+from embedder.models.preprocessing import Preprocessing  # noqa: E402
+from embedder.models.registry import get_backbone
 
 SPEC = ModelSpec("mobilenet_v2", "IMAGENET1K_V1")
 

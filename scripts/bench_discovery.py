@@ -53,7 +53,7 @@ def make_case(root: Path, n: int) -> tuple[Path, Path]:
 
     from embedder.embed.fill import extract
     from embedder.io.sources import image_id
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
     from embedder.store.shards import Store, embeddings_to_arrow
 
     real = root / "new"

@@ -46,10 +46,11 @@ from embedder.embed.fill import (
     default_lanes,
     extract,
 )
+from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import AUTO_MIN_BATCHES
-from embedder.models.features import ModelSpec, _set_module
+from embedder.models.features import _set_module
+from embedder.models.hub import registry_file
 from embedder.models.registry import get_backbone
-from embedder.models.weights import registry_file
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

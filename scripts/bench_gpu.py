@@ -44,7 +44,7 @@ from bench_extract import make_images  # noqa: E402
 
 from embedder.decode.pool import start_server  # noqa: E402
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract  # noqa: E402
-from embedder.models.features import ModelSpec  # noqa: E402
+from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.models.registry import get_backbone  # noqa: E402
 
 RESULTS: dict[str, Any] = {"rows": []}

@@ -56,8 +56,9 @@ def write_store(path: Path, n: int, dim: int, seed: int = 0) -> None:
     """N clustered vectors (the first n of one fixed sequence: a larger store holds a smaller one's rows)."""
     import pyarrow as pa
 
+    from embedder.models.origin import WeightsRef
     from embedder.models.registry import get_backbone
-    from embedder.store.provenance import Provenance, WeightsRef
+    from embedder.store.provenance import Provenance
     from embedder.store.shards import Store, embeddings_to_arrow
 
     prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",

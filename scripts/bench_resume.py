@@ -45,8 +45,9 @@ def ids_for(n: int, start: int = 0) -> list[str]:
 
 
 def make(n: int, path: Path) -> None:
+    from embedder.models.origin import WeightsRef
     from embedder.models.registry import get_backbone
-    from embedder.store.provenance import Provenance, WeightsRef
+    from embedder.store.provenance import Provenance
     from embedder.store.shards import Store, embeddings_to_arrow
 
     prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",

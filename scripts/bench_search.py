@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.index import build as idx
-from embedder.models.registry import Preprocessing
-from embedder.store.provenance import Provenance, WeightsRef
+from embedder.models.origin import WeightsRef
+from embedder.models.preprocessing import Preprocessing
+from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, arrow_to_embeddings, embeddings_to_arrow
 
 

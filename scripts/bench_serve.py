@@ -35,9 +35,9 @@ from bench_search import clustered, write_store  # noqa: E402
 
 from embedder.embed.fill import extract  # noqa: E402
 from embedder.index import build as idx  # noqa: E402
-from embedder.models.features import ModelSpec  # noqa: E402
+from embedder.models.builder import ModelSpec  # noqa: E402
+from embedder.models.hub import registry_file  # noqa: E402
 from embedder.models.registry import get_backbone  # noqa: E402
-from embedder.models.weights import registry_file  # noqa: E402
 
 
 def free_port() -> int:

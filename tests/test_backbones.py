@@ -5,8 +5,10 @@ import torch
 from torch import nn
 
 from embedder.errors import UnknownBackbone
-from embedder.models.features import _set_module, drop_aux_head
-from embedder.models.registry import REGISTRY, build_on_meta, get_backbone, parse_backbone_spec
+from embedder.models.builder import drop_aux_head
+from embedder.models.features import _set_module
+from embedder.models.layers import build_on_meta
+from embedder.models.registry import REGISTRY, get_backbone, parse_backbone_spec
 
 TORCHVISION = [b for b in REGISTRY.values() if b.is_torchvision]
 
@@ -119,7 +121,8 @@ def test_layer_taps_fold_batchnorm_and_keep_the_function() -> None:
     what the unfused network computes."""
     from torch import nn
 
-    from embedder.models.features import ModelSpec, _HookTap, load_model
+    from embedder.models.builder import ModelSpec
+    from embedder.models.features import _HookTap, load_model
     from embedder.models.tiny import tiny
 
     loaded = load_model(ModelSpec("tiny_test", None, None, "stage1"))

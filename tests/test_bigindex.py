@@ -15,8 +15,9 @@ from embedder.cli import app
 from embedder.errors import IndexError_
 from embedder.index import build as idx
 from embedder.index import ondisk as big
+from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
-from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, embeddings_to_arrow
 from tests.test_index import clustered, recall_vs_numpy
 

@@ -132,8 +132,8 @@ def test_gflops_counted_up_to_the_layer_match_torchvision() -> None:
     MobileNetV2 (0.30 GFLOPS), and a tap halfway costs less."""
     from embedder.analysis.compare import _gflops
     from embedder.embed.fill import BatchEmbedder
-    from embedder.models.features import ModelSpec
-    from embedder.models.weights import import_weights
+    from embedder.models.builder import ModelSpec
+    from embedder.models.hub import import_weights
     from tests.conftest import mobilenet_weights_file
 
     import_weights(mobilenet_weights_file())

@@ -18,7 +18,7 @@ from embedder.embed.fill import BatchEmbedder, EmbedOptions, embedder_for, extra
 from embedder.errors import EmbedderError, ProvenanceMismatch, StoreError, WeightsMismatch
 from embedder.index import build as idx
 from embedder.models import checkpoint
-from embedder.models.features import ModelSpec, load_network
+from embedder.models.builder import ModelSpec, load_network
 from embedder.models.registry import get_backbone
 from embedder.store.provenance import Provenance
 from embedder.store.shards import META_KEY, Store

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from embedder.cli import app
 from embedder.embed import fill
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import MIN_GAIN, onednn_graph, pick
-from embedder.models.features import ModelSpec, _set_module, fold_batchnorm
+from embedder.models.features import _set_module, fold_batchnorm
 from embedder.models.registry import get_backbone
 from embedder.store.shards import Store
 from tests.conftest import make_images

@@ -132,7 +132,7 @@ def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
 
 def test_extreme_aspect_ratio_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     from embedder.embed.fill import EmbedOptions, extract
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
     from embedder.store.shards import Store
 
     src = tmp_path / "src"

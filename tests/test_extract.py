@@ -11,7 +11,7 @@ import pytest
 
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
 from embedder.errors import ProvenanceMismatch, StoreError, UnknownLayer
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store, arrow_to_embeddings
 from tests.conftest import make_images
 

@@ -17,7 +17,7 @@ from embedder.embed.fill import extract
 from embedder.errors import FinetuneError, SourceError
 from embedder.learn.finetune import FinetuneOptions, build_model, finetune, param_groups
 from embedder.models import checkpoint
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.models.registry import get_backbone
 from embedder.store.shards import Store
 from tests.conftest import make_images
@@ -83,7 +83,7 @@ def test_checkpoint_feeds_extract_and_predict(labelled: Path, tmp_path: Path) ->
     assert prov.weights.origin is not None and prov.weights.origin["name"] == "tiny_test.SEED0"
     import shutil
 
-    from embedder.models.weights import load_weights_file
+    from embedder.models.builder import load_weights_file
 
     renamed = tmp_path / "my-model.bin"  # recognised by content, whatever the name
     shutil.copy(ck, renamed)
@@ -99,7 +99,7 @@ def test_checkpoint_feeds_extract_and_predict(labelled: Path, tmp_path: Path) ->
     net.load_state_dict(state)
     net.eval()
     from embedder.decode.cpu import decode_file, normalize_batch
-    from embedder.models.registry import Preprocessing
+    from embedder.models.preprocessing import Preprocessing
 
     pre = Preprocessing.from_dict(meta["preprocessing"])
     x = normalize_batch(torch.stack([decode_file(row["path"], pre).pixels for row in rows]), pre)

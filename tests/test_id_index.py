@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
 from embedder.store import id_index
-from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, embeddings_to_arrow
 
 

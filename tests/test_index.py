@@ -14,9 +14,10 @@ from embedder.cli import app
 from embedder.embed.fill import extract
 from embedder.errors import IndexError_, ProvenanceMismatch
 from embedder.index import build as idx
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
+from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
-from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, embeddings_to_arrow
 
 runner = CliRunner()

@@ -19,8 +19,9 @@ from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import LabelOptions, cross_validate, label_issues
 from embedder.cli import app
 from embedder.errors import InspectError
+from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
-from embedder.store.provenance import Provenance, WeightsRef
+from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, embeddings_to_arrow
 from tests.conftest import make_images, mobilenet_weights_file, skimage_data
 

@@ -25,7 +25,7 @@ from embedder.cli import app
 from embedder.embed.fill import EmbedOptions, RunOptions, extract
 from embedder.errors import SourceError, StoreError
 from embedder.io.sources import discover
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
 from tests.conftest import make_images, slowed_cli
 

@@ -24,7 +24,7 @@ from embedder.decode.nvjpeg import decode_chunk, encode_header, orient
 from embedder.decode.pool import resolve_decode_in
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
 from embedder.errors import EmbedderError
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.models.registry import get_backbone
 from embedder.store.shards import Store
 from tests.conftest import make_images

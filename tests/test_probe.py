@@ -11,7 +11,7 @@ from embedder.cli import app
 from embedder.embed.fill import extract
 from embedder.errors import ProbeError
 from embedder.learn import probe as pr
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from tests.conftest import make_images
 from tests.test_index import vector_store
 

@@ -46,7 +46,7 @@ def test_the_manifest_lists_every_shard_and_is_reconciled_after_a_crash(tmp_path
     import json
 
     from embedder.embed.fill import EmbedOptions, RunOptions, extract
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
 
     src = tmp_path / "imgs"
     make_images(src, {"a": 15, "b": 15}, size=(40, 40))
@@ -80,7 +80,7 @@ def test_a_long_runs_manifest_is_rewritten_at_most_every_few_seconds_and_complet
     import json
 
     from embedder.embed.fill import EmbedOptions, RunOptions, extract
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
 
     src = tmp_path / "imgs"
     make_images(src, {"a": 4}, size=(40, 40))

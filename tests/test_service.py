@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from embedder.embed.fill import extract  # noqa: E402
 from embedder.index import build as idx  # noqa: E402
 from embedder.io.sources import image_id  # noqa: E402
-from embedder.models.features import ModelSpec  # noqa: E402
+from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.service.app import create_app  # noqa: E402
 from embedder.service.engine import ServeOptions  # noqa: E402
 from tests.conftest import make_images  # noqa: E402

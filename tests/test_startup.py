@@ -61,7 +61,7 @@ def test_registry_meta_matches_torchvision() -> None:
 def test_cache_dir_is_torch_hubs(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from embedder.models.registry import cache_dir
+    from embedder.models.hub import cache_dir
 
     for k in ("TORCH_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(k, raising=False)
@@ -72,6 +72,6 @@ def test_cache_dir_is_torch_hubs(env: dict[str, str], monkeypatch: pytest.Monkey
 
 def test_cli_default_backbone_is_the_librarys() -> None:
     from embedder.cli import extract_cmd
-    from embedder.models.features import DEFAULT_BACKBONE
+    from embedder.models.builder import DEFAULT_BACKBONE
 
     assert extract_cmd.DEFAULT_BACKBONE == DEFAULT_BACKBONE

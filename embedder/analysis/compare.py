@@ -82,7 +82,8 @@ def cell_dir(work: Path, backbone: str, layer: str) -> Path:
 
 def plan_cells(options: CompareOptions) -> list[Cell]:
     """Validate every backbone and layer name before any work (unknown names list the valid ones)."""
-    from embedder.models.registry import check_layer, layer_depth, parse_backbone_spec, suggested_layers
+    from embedder.models.layers import check_layer, layer_depth, suggested_layers
+    from embedder.models.registry import parse_backbone_spec
 
     if not options.backbones:
         raise InspectError("--backbones names at least one backbone (see `embedder backbones`)")
@@ -118,7 +119,7 @@ def _gflops(embedder: Any) -> float:
 def _extract_cell(cell: Cell, sources: list[str], test_sources: list[str] | None, work: Path,
                   options: CompareOptions, progress: Callable[[str, int, int, int], None] | None) -> None:
     from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
     from embedder.models.registry import parse_backbone_spec
 
     d = cell_dir(work, cell.backbone, cell.layer)

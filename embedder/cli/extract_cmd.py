@@ -12,12 +12,13 @@ from rich.table import Table
 from embedder import choices
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging, value
 from embedder.errors import EmbedderError
-from embedder.models.registry import REGISTRY, parse_backbone_spec, weights_present
+from embedder.models.hub import weights_present
+from embedder.models.registry import REGISTRY, parse_backbone_spec
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
 
-DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.models.features.DEFAULT_BACKBONE; a test checks)
+DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.models.builder.DEFAULT_BACKBONE; a test checks)
 
 EXIT_SOME_FAILED = 3
 PERF = "Speed"
@@ -30,7 +31,7 @@ weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache
 def model_spec(backbone: Optional[str], weights: Optional[Path], layer: Optional[str], pool: Optional[str],
                image_size: Optional[int]) -> ModelSpec:
     """No --backbone: a checkpoint's own, else the default. A conflict is refused when loading."""
-    from embedder.models.features import ModelSpec
+    from embedder.models.builder import ModelSpec
 
     if backbone is None:
         return ModelSpec(None if weights is not None else DEFAULT_BACKBONE, None, weights, layer, pool, image_size)
@@ -125,7 +126,8 @@ def backbones_command(
 ) -> None:
     """List registered backbones: dim, GFLOPs, ImageNet acc@1, weights present locally."""
     if layers:
-        from embedder.models.registry import get_backbone, suggested_layers
+        from embedder.models.layers import suggested_layers
+        from embedder.models.registry import get_backbone
 
         entry = get_backbone(layers)
         for name in suggested_layers(entry.name):
@@ -151,7 +153,7 @@ def backbones_command(
 @handle_errors
 def weights_import(file: Annotated[Path, typer.Argument(help="A torchvision weights file.")]) -> None:
     """Check FILE against the registry (SHA-256 prefix) and install it into torchvision's cache."""
-    from embedder.models.weights import import_weights
+    from embedder.models.hub import import_weights
 
     which, target = import_weights(file)
     out.print(f"installed {which} → {target}")

@@ -48,7 +48,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune a pretrained backbone with a new head; reports what it bought over a frozen probe."""
     from embedder.learn.finetune import FinetuneOptions, finetune
-    from embedder.models.features import DEFAULT_BACKBONE
+    from embedder.models.builder import DEFAULT_BACKBONE
     from embedder.models.registry import parse_backbone_spec
 
     setup_logging(verbose)

@@ -19,14 +19,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedder.errors import DecodeError
 from embedder.io.sources import is_uri
-from embedder.models.registry import Preprocessing
+from embedder.models.preprocessing import Preprocessing
 from embedder.store.provenance import DECODERS
 
 log = logging.getLogger(__name__)
 
 # PIL's own default; beyond it an image is treated as a decompression bomb and skipped.
 DEFAULT_MAX_PIXELS = 89_478_485
-
 
 
 @dataclass(frozen=True)

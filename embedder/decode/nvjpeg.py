@@ -26,7 +26,7 @@ from PIL import Image
 
 from embedder.decode.cpu import DEFAULT_MAX_PIXELS, ImageMeta, check_resize, decode_data_into, read_bytes
 from embedder.errors import DecodeError
-from embedder.models.registry import Preprocessing
+from embedder.models.preprocessing import Preprocessing
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 _local = threading.local()

@@ -25,7 +25,7 @@ from embedder import choices
 from embedder.decode.cpu import DEFAULT_MAX_PIXELS, ImageMeta, decode_into
 from embedder.decode.nvjpeg import decode_chunk
 from embedder.errors import DecodeError, EmbedderError
-from embedder.models.registry import Preprocessing
+from embedder.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 

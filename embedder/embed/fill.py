@@ -55,8 +55,10 @@ from embedder.embed import worklist
 from embedder.errors import DecodeError, EmbedderError, ProvenanceMismatch
 from embedder.io import storage
 from embedder.io.sources import ImageRef, image_id, iter_discover
+from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
-from embedder.models.features import LoadedModel, ModelSpec, load_model, resolve_device
+from embedder.models.devices import resolve_device
+from embedder.models.features import LoadedModel, load_model
 from embedder.store.provenance import Provenance
 from embedder.store.shards import ERRORS_SCHEMA, ShardBuffer, Store, embeddings_to_arrow, row_schema
 
@@ -221,8 +223,6 @@ class Pending:
                 self._embedder.stages.model_s += t[2].elapsed_time(t[3]) / 1000
             self._vectors = cast(torch.Tensor, self._host).numpy()
         return self._vectors
-
-
 
 
 def _versions() -> dict[str, str]:

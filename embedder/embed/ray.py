@@ -46,7 +46,7 @@ from embedder.embed.worklist import WorkList
 from embedder.errors import EmbedderError, RayError
 from embedder.io import storage
 from embedder.io.sources import iter_discover
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)

@@ -415,7 +415,6 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
             "train_seconds": round(train_seconds, 3), "trained_on": trained_on}
 
 
-
 def add_streamed(loaded: Any, d: Path, store_path: str, merge: bool = False) -> dict[str, int]:
     with no_precomputed_tables():
         return _add_streamed(loaded, d, store_path, merge)

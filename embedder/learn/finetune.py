@@ -42,8 +42,12 @@ from embedder.errors import DecodeError, FinetuneError, ProbeError
 from embedder.io.sources import ImageRef, discover
 from embedder.learn.selection import stratified_split
 from embedder.models import checkpoint
-from embedder.models.features import ModelSpec, _set_module, load_network, resolve_device
-from embedder.models.registry import Backbone, Preprocessing, suggested_layers
+from embedder.models.builder import ModelSpec, load_network
+from embedder.models.devices import resolve_device
+from embedder.models.features import _set_module
+from embedder.models.layers import suggested_layers
+from embedder.models.preprocessing import Preprocessing
+from embedder.models.registry import Backbone
 
 log = logging.getLogger(__name__)
 

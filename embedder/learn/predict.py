@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, embed_stream, embedder_for
 from embedder.errors import ProbeError
 from embedder.io.sources import ImageRef, discover
-from embedder.learn.probe import LinearHead, load_probe
-from embedder.models.features import ModelSpec
+from embedder.learn.probe import load_probe
+from embedder.models.builder import ModelSpec
+from embedder.models.heads import LinearHead, checkpoint_head
 from embedder.store.provenance import Provenance
 from embedder.store.shards import arrow_to_embeddings
 
@@ -35,7 +36,7 @@ def load_classifier(path: Path, weights: str | None = None, device: str = "auto"
     if not path.is_file():
         raise ProbeError(f"probe file {path} does not exist")
     if checkpoint.is_checkpoint(path):
-        head, classes = checkpoint.head(path)
+        head, classes = checkpoint_head(path)
         return head, classes, BatchEmbedder(ModelSpec(None, weights_file=path), EmbedOptions(device=device))
     head, meta = load_probe(path)
     return head, meta["classes"], embedder_for(Provenance.from_dict(meta["provenance"]), weights, device)

@@ -23,6 +23,7 @@ import numpy as np
 
 from embedder.errors import ProbeError
 from embedder.learn.selection import Selection, SelectOptions, scaler, select_c, sweep_steps
+from embedder.models.heads import LinearHead
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, arrow_to_embeddings
 
@@ -61,23 +62,6 @@ class Dataset:
     provenance: dict[str, Any]
     dropped_unlabelled: int = 0
     unseen: list[str] = field(default_factory=list)  # labels absent from the given class list (y = -1)
-
-
-@dataclass
-class LinearHead:
-    coef: np.ndarray  # [classes, dim]
-    intercept: np.ndarray  # [classes]
-    mean: np.ndarray  # standardisation (zeros/ones when off)
-    scale: np.ndarray
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
-
-    def proba(self, x: np.ndarray) -> np.ndarray:
-        z = self.logits(x)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -175,7 +159,7 @@ class _TorchFitter:
     def __init__(self, n_classes: int, max_iter: int, device: str) -> None:
         import torch
 
-        from embedder.models.features import resolve_device
+        from embedder.models.devices import resolve_device
 
         self.torch = torch
         self.device = resolve_device(device)

@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from embedder import choices
-from embedder.errors import DeviceError, UnknownLayer, WeightsMismatch
-from embedder.models.registry import Backbone, Preprocessing, get_backbone, suggested_layers
-from embedder.models.weights import (
-    LoadedWeights,
-    apply_weights,
-    ensure_registry_file,
-    load_weights_file,
-    seeded_weights,
-)
+from embedder.errors import UnknownLayer
+from embedder.models.builder import ModelSpec, load_network
+from embedder.models.layers import suggested_layers
+from embedder.models.preprocessing import Preprocessing
+from embedder.models.registry import Backbone
+from embedder.models.weights import LoadedWeights
 
 log = logging.getLogger(__name__)
 
 POOLS = choices.POOLS
-DEFAULT_BACKBONE = "resnet50"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything that determines what a vector means. Recorded in the store."""
-
-    backbone: str | None = DEFAULT_BACKBONE  # None: the one a checkpoint in weights_file names
-    weights_tag: str | None = None  # None: the registry's tag
-    weights_file: Path | None = None  # local state dict or finetune checkpoint
-    layer: str | None = None  # None: penultimate (the model's own pooled features)
-    pool: str | None = None  # None: the model's own pooling; avg | max | gem on a feature map
-    image_size: int | None = None  # None: the weights' own crop size
 
 
 def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -138,14 +121,6 @@ class LoadedModel:
     dim: int
 
 
-def drop_aux_head(net: nn.Module) -> None:
-    """Inception's auxiliary classifier is a training device; features come from the main path."""
-    if hasattr(net, "aux_logits"):
-        setattr(net, "aux_logits", False)  # noqa: B010
-        if getattr(net, "AuxLogits", None) is not None:
-            setattr(net, "AuxLogits", None)  # noqa: B010
-
-
 def fold_batchnorm(net: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold eval-mode BatchNorm into the preceding conv (same function, fewer memory passes:
     2-3x faster on CPU for MobileNet-style nets). Falls back to the unfused model when the
@@ -169,66 +144,6 @@ def _folded(tap: nn.Module) -> nn.Module:
         tap.extractor = fold_batchnorm(tap.extractor.eval(), inplace=True)
         return tap
     return fold_batchnorm(tap.eval())
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' means cuda when present; the choice is always explicit and recorded."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {device} requested but CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise DeviceError(f"unsupported device {device!r}; use auto, cpu or cuda[:N]")
-    return dev
-
-
-def resolve_weights(spec: ModelSpec) -> tuple[Backbone, LoadedWeights | None]:
-    """Which architecture and which weights file. A checkpoint names its own backbone: used when
-    ``spec.backbone`` is None, refused when it names another. A plain state dict does not say what
-    it is for, so it needs a backbone. Registry weights: None (torchvision's builder loads them)."""
-    if spec.weights_file is None:
-        return get_backbone(spec.backbone or DEFAULT_BACKBONE), None
-    weights = load_weights_file(Path(spec.weights_file))
-    if weights.backbone is not None:
-        if spec.backbone is not None and spec.backbone != weights.backbone:
-            raise WeightsMismatch(f"{spec.weights_file} is a {weights.backbone} checkpoint but --backbone "
-                                  f"{spec.backbone} was given; drop --backbone (the checkpoint says its own)")
-        return get_backbone(weights.backbone), weights
-    if spec.backbone is None:
-        raise WeightsMismatch(f"{spec.weights_file} is a plain state dict, which does not say its "
-                              "architecture; pass --backbone NAME")
-    return get_backbone(spec.backbone), weights
-
-
-def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, Preprocessing]:
-    """The pretrained network with its weights applied (all but the classification head, which
-    callers replace; auxiliary heads removed) and the preprocessing that matches them. Shared by
-    extraction and fine-tuning. Registry weights load through torchvision's own builder, with its
-    key remapping (DenseNet's legacy names, MNASNet's versions), from torchvision's cache."""
-    backbone, weights = resolve_weights(spec)
-    tag = spec.weights_tag if weights is None else None
-    if weights is None and not backbone.is_torchvision:
-        weights = seeded_weights(backbone)
-    if weights is None:
-        ref = ensure_registry_file(backbone, tag)
-        net = backbone.build_pretrained(tag)
-        weights = LoadedWeights(None, ref)
-    else:
-        net = backbone.build_architecture(tag)
-        if weights.state_dict is not None:
-            apply_weights(net, weights.state_dict, backbone)
-    drop_aux_head(net)
-    pre = weights.preprocessing or backbone.preprocessing(tag)
-    if spec.image_size is not None and spec.image_size != pre.crop_size:
-        pre = pre.at_size(spec.image_size)
-    return net, backbone, weights, pre
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:

@@ -9,74 +9,18 @@ Adding a backbone is one line in ``_ENTRIES``.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedder.errors import UnknownBackbone, UnknownLayer
+from embedder.errors import UnknownBackbone
 from embedder.models._registry_meta import REGISTRY_META
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model is built (fast CLI start)
     from torch import nn
     from torchvision.models import WeightsEnum
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms._presets import ImageClassification
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What torchvision's ImageClassification preset does, as plain data (recorded in stores)."""
-
-    resize_size: int  # shorter side after resize
-    crop_size: int  # square centre crop
-    interpolation: str  # "bilinear" | "bicubic" | "nearest"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    antialias: bool = True
-
-    @classmethod
-    def from_transforms(cls, t: ImageClassification) -> Preprocessing:
-        return cls(
-            resize_size=int(t.resize_size[0]),
-            crop_size=int(t.crop_size[0]),
-            interpolation=t.interpolation.value,
-            mean=tuple(float(x) for x in t.mean),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
-            antialias=bool(t.antialias),
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            resize_size=int(d["resize_size"]),
-            crop_size=int(d["crop_size"]),
-            interpolation=str(d["interpolation"]),
-            mean=tuple(d["mean"]),  # type: ignore[arg-type]
-            std=tuple(d["std"]),  # type: ignore[arg-type]
-            antialias=bool(d.get("antialias", True)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        return d
-
-    def at_size(self, crop_size: int) -> Preprocessing:
-        """Same preset at another resolution, keeping the resize/crop ratio (low-res fine-tuning)."""
-        ratio = self.resize_size / self.crop_size
-        return dataclasses.replace(self, crop_size=crop_size, resize_size=round(crop_size * ratio))
-
-    @property
-    def interpolation_mode(self) -> InterpolationMode:
-        from torchvision.transforms import InterpolationMode
-
-        return InterpolationMode(self.interpolation)
+from embedder.models.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -255,69 +199,3 @@ def parse_backbone_spec(spec: str) -> tuple[Backbone, str | None]:
     return backbone, tag or None
 
 
-def build_on_meta(backbone: Backbone, tag: str | None = None) -> nn.Module:
-    """The architecture with parameters on the meta device: shapes without memory or init cost."""
-    import torch
-    from torch import nn
-
-    try:
-        with torch.device("meta"):
-            return backbone.build_architecture(tag)
-    except (NotImplementedError, RuntimeError):
-        pass  # some builders (regnet) compute widths with .tolist(); move parameters as created
-    original = nn.Module.register_parameter
-
-    def to_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
-    try:
-        model = backbone.build_architecture(tag)
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-    return model.to("meta")
-
-
-@cache
-def _module_names(name: str) -> tuple[str, ...]:
-    model = build_on_meta(get_backbone(name))
-    return tuple(n for n, _ in model.named_modules() if n)
-
-
-def cache_dir() -> Path:
-    """torchvision's weights cache, ``torch.hub.get_dir()/checkpoints``, worked out the way torch.hub
-    does it without importing torch ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch)."""
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
-    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
-
-
-def weights_present(backbone: Backbone) -> bool:
-    """Whether the default weights' file is in torchvision's cache."""
-    if not backbone.is_torchvision:
-        return True
-    return (cache_dir() / str(REGISTRY_META[backbone.name]["file"])).exists()
-
-
-def suggested_layers(name: str) -> list[str]:
-    """Stage-level module names worth cutting at (children, and children of `features`)."""
-    names = _module_names(name)
-    top = [n for n in names if "." not in n]
-    feats = [n for n in names if n.startswith("features.") and n.count(".") == 1]
-    return feats or top
-
-
-def check_layer(name: str, layer: str) -> None:
-    """Raise UnknownLayer (listing the stage-level layers) unless LAYER is a module of backbone NAME."""
-    if layer not in _module_names(name):
-        raise UnknownLayer(f"{name} has no layer {layer!r}; stage-level layers: {', '.join(suggested_layers(name))}")
-
-
-def layer_depth(name: str, layer: str) -> float:
-    """Where LAYER sits in the forward pass, 0..1 by module order (the penultimate features: 1)."""
-    names = _module_names(name)
-    if layer not in names:
-        return 1.0
-    return round((names.index(layer) + 1) / len(names), 3)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,23 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedder.errors import WeightsMismatch, WeightsUnavailable
-from embedder.models.registry import REGISTRY, Backbone, Preprocessing, cache_dir
-from embedder.store.provenance import WeightsRef
+from embedder.errors import WeightsMismatch
+from embedder.models.origin import WeightsRef
+from embedder.models.preprocessing import Preprocessing
+from embedder.models.registry import Backbone
 
 log = logging.getLogger(__name__)
-
-OFFLINE_ENV = "EMBEDDER_OFFLINE"
-
-
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
@@ -54,31 +41,6 @@ class LoadedWeights:
     preprocessing: Preprocessing | None = None  # set when a checkpoint carries its own
     extra: dict[str, Any] | None = None  # a checkpoint's metadata
     backbone: str | None = None  # the architecture the file says it is for (checkpoints)
-
-
-def registry_file(backbone: Backbone, tag: str | None) -> tuple[str, Path]:
-    w = backbone.torchvision_weights(tag)
-    filename = w.url.rsplit("/", 1)[-1]
-    return f"{type(w).__name__}.{w.name}", cache_dir() / filename
-
-
-def ensure_registry_file(backbone: Backbone, tag: str | None) -> WeightsRef:
-    """The registry weights' file is in torchvision's cache (downloaded if allowed): its reference."""
-    full_tag, path = registry_file(backbone, tag)
-    if not path.exists():
-        w = backbone.torchvision_weights(tag)
-        how = (
-            f"weights file {path.name} for {backbone.name} is not in {path.parent}; supply it with "
-            f"`embedder weights import FILE` or `--weights FILE` (download URL: {w.url})"
-        )
-        if os.environ.get(OFFLINE_ENV):
-            raise WeightsUnavailable(how + f" [{OFFLINE_ENV} is set, download not tried]")
-        try:
-            log.info("downloading %s", w.url)
-            w.get_state_dict(progress=True, check_hash=True)
-        except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
-            raise WeightsUnavailable(f"download failed ({type(e).__name__}); {how}") from None
-    return WeightsRef("registry", full_tag, sha256_file(path))
 
 
 def seeded_weights(backbone: Backbone) -> LoadedWeights:
@@ -104,27 +66,6 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         out._metadata = OrderedDict((k.removeprefix("module."), v)  # type: ignore[attr-defined]
                                     for k, v in metadata.items())
     return out
-
-
-def load_weights_file(path: Path) -> LoadedWeights:
-    """A local state dict (.pth/.pt/.safetensors) or an `embedder finetune` checkpoint."""
-    if not path.exists():
-        raise WeightsUnavailable(f"weights file {path} does not exist")
-    from embedder.models import checkpoint  # local: checkpoint imports this module
-
-    if checkpoint.is_checkpoint(path):
-        return checkpoint.load_for_extraction(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise WeightsMismatch(f"cannot read weights file {path} ({e})") from None
-    else:
-        state = _torch_load(path)
-    return LoadedWeights(state, WeightsRef("file", path.name, sha256_file(path)))
 
 
 # torchvision's own renaming for DenseNet's official files, which predate today's module names
@@ -174,25 +115,3 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Ba
         raise WeightsMismatch(f"these weights do not fit {name}: {first[:200]}") from None
 
 
-def import_weights(path: Path) -> tuple[str, Path]:
-    """Check a file against the registry by its SHA-256 prefix and install it in the cache."""
-    if not path.is_file():
-        raise WeightsUnavailable(f"{path} is not a file")
-    digest = sha256_file(path)
-    for backbone in REGISTRY.values():
-        if not backbone.is_torchvision:
-            continue
-        for tag in backbone.weights_tags():
-            full_tag, target = registry_file(backbone, tag)
-            prefix = target.stem.rsplit("-", 1)[-1]
-            if digest.startswith(prefix):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.exists() or sha256_file(target) != digest:
-                    tmp = target.with_suffix(".partial")
-                    shutil.copyfile(path, tmp)
-                    os.replace(tmp, target)
-                return f"{backbone.name}:{tag} ({full_tag})", target
-    raise WeightsMismatch(
-        f"{path.name} (sha256 {digest[:8]}…) matches no weights in the registry; "
-        "use it directly with `--weights FILE --backbone NAME` instead"
-    )

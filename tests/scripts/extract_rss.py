@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from embedder.embed.fill import RunOptions, extract
-from embedder.models.features import ModelSpec
+from embedder.models.builder import ModelSpec
 from embedder.models.registry import get_backbone
 
 

@@ -1,0 +1,103 @@
+"""One pass from a backbone spec to a loaded network, as timm's builder does it: which architecture,
+which weights (the registry's, a state dict or a fine-tuned checkpoint), the architecture built, the
+weights applied and filtered, and the preprocessing that matches them. A new family of backbones
+plugs in here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from embedder.errors import WeightsMismatch, WeightsUnavailable
+from embedder.models.hub import ensure_registry_file, sha256_file
+from embedder.models.origin import WeightsRef
+from embedder.models.preprocessing import Preprocessing
+from embedder.models.registry import Backbone, get_backbone
+from embedder.models.weights import LoadedWeights, _torch_load, apply_weights, seeded_weights
+
+DEFAULT_BACKBONE = "resnet50"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that determines what a vector means. Recorded in the store."""
+
+    backbone: str | None = DEFAULT_BACKBONE  # None: the one a checkpoint in weights_file names
+    weights_tag: str | None = None  # None: the registry's tag
+    weights_file: Path | None = None  # local state dict or finetune checkpoint
+    layer: str | None = None  # None: penultimate (the model's own pooled features)
+    pool: str | None = None  # None: the model's own pooling; avg | max | gem on a feature map
+    image_size: int | None = None  # None: the weights' own crop size
+
+
+def drop_aux_head(net: nn.Module) -> None:
+    """Inception's auxiliary classifier is a training device; features come from the main path."""
+    if hasattr(net, "aux_logits"):
+        setattr(net, "aux_logits", False)  # noqa: B010
+        if getattr(net, "AuxLogits", None) is not None:
+            setattr(net, "AuxLogits", None)  # noqa: B010
+
+
+def resolve_weights(spec: ModelSpec) -> tuple[Backbone, LoadedWeights | None]:
+    """Which architecture and which weights file. A checkpoint names its own backbone: used when
+    ``spec.backbone`` is None, refused when it names another. A plain state dict does not say what
+    it is for, so it needs a backbone. Registry weights: None (torchvision's builder loads them)."""
+    if spec.weights_file is None:
+        return get_backbone(spec.backbone or DEFAULT_BACKBONE), None
+    weights = load_weights_file(Path(spec.weights_file))
+    if weights.backbone is not None:
+        if spec.backbone is not None and spec.backbone != weights.backbone:
+            raise WeightsMismatch(f"{spec.weights_file} is a {weights.backbone} checkpoint but --backbone "
+                                  f"{spec.backbone} was given; drop --backbone (the checkpoint says its own)")
+        return get_backbone(weights.backbone), weights
+    if spec.backbone is None:
+        raise WeightsMismatch(f"{spec.weights_file} is a plain state dict, which does not say its "
+                              "architecture; pass --backbone NAME")
+    return get_backbone(spec.backbone), weights
+
+
+def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, Preprocessing]:
+    """The pretrained network with its weights applied (all but the classification head, which
+    callers replace; auxiliary heads removed) and the preprocessing that matches them. Shared by
+    extraction and fine-tuning. Registry weights load through torchvision's own builder, with its
+    key remapping (DenseNet's legacy names, MNASNet's versions), from torchvision's cache."""
+    backbone, weights = resolve_weights(spec)
+    tag = spec.weights_tag if weights is None else None
+    if weights is None and not backbone.is_torchvision:
+        weights = seeded_weights(backbone)
+    if weights is None:
+        ref = ensure_registry_file(backbone, tag)
+        net = backbone.build_pretrained(tag)
+        weights = LoadedWeights(None, ref)
+    else:
+        net = backbone.build_architecture(tag)
+        if weights.state_dict is not None:
+            apply_weights(net, weights.state_dict, backbone)
+    drop_aux_head(net)
+    pre = weights.preprocessing or backbone.preprocessing(tag)
+    if spec.image_size is not None and spec.image_size != pre.crop_size:
+        pre = pre.at_size(spec.image_size)
+    return net, backbone, weights, pre
+
+
+def load_weights_file(path: Path) -> LoadedWeights:
+    """A local state dict (.pth/.pt/.safetensors) or an `embedder finetune` checkpoint."""
+    if not path.exists():
+        raise WeightsUnavailable(f"weights file {path} does not exist")
+    from embedder.models import checkpoint  # local: checkpoint imports this module
+
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.load_for_extraction(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise WeightsMismatch(f"cannot read weights file {path} ({e})") from None
+    else:
+        state = _torch_load(path)
+    return LoadedWeights(state, WeightsRef("file", path.name, sha256_file(path)))
