@@ -38,7 +38,7 @@ def _init(decoder: str, one_torch_thread: bool = False) -> None:
 
 
 def _decode(path: str) -> int:
-    from embedder.decode.cpu import decode_file
+    from embedder.decode.decoders import decode_file
 
     return int(decode_file(path, PRE, decoder=DECODER).pixels.shape[-1])  # type: ignore[arg-type]
 

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_extract import make_images  # noqa: E402
 from bench_finetune import digits, peak_rss_mib  # noqa: E402
 
-from embedder.decode.cpu import DECODERS, decode_file  # noqa: E402
+from embedder.choices import DECODERS  # noqa: E402
+from embedder.decode.decoders import decode_file
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, extract  # noqa: E402
 from embedder.learn import probe as pr  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402

@@ -11,16 +11,9 @@ import torch
 from PIL import Image
 from torchvision import models
 
-from embedder.decode.cpu import (
-    REDUCING_GAP,
-    decode_bytes,
-    decode_data_into,
-    decode_file,
-    load_rgb,
-    load_rgb_sized,
-    normalize_batch,
-    preprocess,
-)
+from embedder.decode.common import normalize_batch
+from embedder.decode.cpu import REDUCING_GAP, load_rgb, load_rgb_sized, preprocess
+from embedder.decode.decoders import decode_bytes, decode_data_into, decode_file
 from embedder.errors import DecodeError
 from embedder.models.registry import get_backbone
 
@@ -122,7 +115,7 @@ def test_preset_names_match_torchvision() -> None:
 
 def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
     """100000x10 passes the pixel limit but would be upscaled to ~2.6M x 256 before the crop."""
-    from embedder.decode.cpu import check_resize
+    from embedder.decode.common import check_resize
 
     pre = get_backbone("mobilenet_v2").preprocessing("IMAGENET1K_V1")  # resize 256
     with pytest.raises(DecodeError, match="extreme aspect ratio"):
@@ -161,7 +154,7 @@ def test_fast_decode_records_the_original_size(tmp_path: Path, orientation: int,
 @pytest.mark.parametrize("name,tag", [("resnet50", None), ("mobilenet_v2", "IMAGENET1K_V1")])
 def test_decode_into_a_batch_buffer_matches_weights_transforms(tmp_path: Path, name: str, tag: str | None) -> None:
     """The extraction path (pixels written into a reused buffer row) is the preset, bit for bit."""
-    from embedder.decode.cpu import decode_into
+    from embedder.decode.decoders import decode_into
 
     backbone = get_backbone(name)
     pre = backbone.preprocessing(tag)

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from embedder.cli import app
-from embedder.decode.cpu import decode_file
+from embedder.decode.decoders import decode_file
 from embedder.decode.nvjpeg import decode_chunk, encode_header, orient
 from embedder.decode.pool import resolve_decode_in
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract

@@ -10,40 +10,22 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from embedder.decode.common import DEFAULT_MAX_PIXELS, ImageMeta, check_resize
 from embedder.errors import DecodeError
-from embedder.io.sources import is_uri
 from embedder.models.preprocessing import Preprocessing
-from embedder.store.provenance import DECODERS
 
 log = logging.getLogger(__name__)
 
-# PIL's own default; beyond it an image is treated as a decompression bomb and skipped.
-DEFAULT_MAX_PIXELS = 89_478_485
 
 
-@dataclass(frozen=True)
-class ImageMeta:
-    """What is stored beside a vector: the original image's size (after EXIF rotation, before any
-    draft-mode reduction) and a hash of the file's bytes."""
-
-    width: int
-    height: int
-    file_hash: str
 
 
-@dataclass(frozen=True)
-class Decoded:
-    pixels: torch.Tensor  # uint8 [3, crop, crop]
-    width: int  # of the (EXIF-rotated) original
-    height: int
-    file_hash: str
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -116,20 +98,8 @@ def load_rgb_sized(
         raise DecodeError(f"cannot convert mode {img.mode}: {e}") from None
 
 
-def resize_target(width: int, height: int, shorter: int) -> tuple[int, int]:
-    """The size torchvision's resize to ``shorter`` (shorter side) produces: (width, height)."""
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
 
 
-def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None:
-    """An extreme aspect ratio (say 100000x10) would be upscaled to billions of pixels before the
-    centre crop; such an image is refused like a decompression bomb instead of exhausting memory."""
-    tw, th = resize_target(width, height, shorter)
-    if tw * th > max_pixels:
-        raise DecodeError(f"extreme aspect ratio: {width}x{height} resized to {tw}x{th} would exceed "
-                          f"{max_pixels} pixels")
 
 
 def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -140,44 +110,16 @@ def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_M
     return TF.pil_to_tensor(img)
 
 
-def read_bytes(path: str) -> bytes:
-    """A file's bytes, from a local path or an object-storage URI (s3://…)."""
-    if is_uri(path):
-        from embedder.errors import SourceError
-        from embedder.io.sources import filesystem
-
-        try:
-            fs, key = filesystem(path)
-            with fs.open_input_stream(key) as f:  # type: ignore[attr-defined]
-                return bytes(f.read())
-        except (OSError, SourceError) as e:
-            raise DecodeError(f"cannot read: {str(e).splitlines()[0][:200]}") from None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DecodeError(f"cannot read: {e.strerror or e}") from None
 
 
 # ``pil-reduce``: the JPEG DCT-domain downscale stops at no less than this many times the resize
 # target, and the preset's own antialiased resize does the rest (PIL's ``reducing_gap``). Large photos
 # decode ~2x faster (a 12 MP JPEG at 1/4 scale); smaller ones are decoded exactly as by ``pil``.
 REDUCING_GAP = 2
-# ``--decoder auto``: the fastest decoder measured to give the default's vectors. torchvision:
-# pixels within one level of PIL's, cosine to PIL's vectors >= 0.99999 on real photos, the same
-# probe accuracy, 1.9x faster per JPEG on a CPU (docs/benchmarks.md, "Decoders"). Not nvjpeg: its
-# vectors move further (worst cosine 0.9991, digits probe 0.963 against 0.974).
-AUTO_DECODER = "torchvision"
 
 
-def resolve_decoder(decoder: str) -> str:
-    """The decoder ``auto`` stands for; any other name as it is (checked where it is used)."""
-    return AUTO_DECODER if decoder == "auto" else decoder
 
 
-def _check_decoder(decoder: str) -> None:
-    if decoder not in DECODERS:
-        raise DecodeError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
 
 
 def _torchvision_jpeg_into(data: bytes, pre: Preprocessing, out: torch.Tensor, max_pixels: int) -> tuple[int, int]:
@@ -208,33 +150,9 @@ def _torchvision_jpeg_into(data: bytes, pre: Preprocessing, out: torch.Tensor, m
     return width, height
 
 
-def decode_into(
-    path: str, pre: Preprocessing, out: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil"
-) -> ImageMeta:
-    """Decode PATH and write its uint8 [3, crop, crop] pixels into ``out`` (a row of a reused
-    batch buffer). Decoders: ``pil`` (bit-identical to ``weights.transforms()``, the default),
-    ``pil-draft`` (JPEG DCT-domain downscale first, down to the resize target), ``pil-reduce`` (the
-    same, stopping at twice the target: large photos only, pixels near ``pil``'s), ``torchvision``
-    (JPEGs through torchvision.io; other formats through PIL), ``nvjpeg`` (JPEGs on the GPU: batched
-    by the pipeline, see ``decode_gpu``; one by one here)."""
-    return decode_data_into(read_bytes(path), pre, out, max_pixels, decoder)
-
-
-def decode_data_into(
-    data: bytes, pre: Preprocessing, out: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil"
-) -> ImageMeta:
-    """``decode_into`` for bytes already in memory (uploads)."""
-    _check_decoder(decoder)
-    if decoder == "nvjpeg":
-        # one image at a time (queries, uploads): on the GPU when there is one; without one, the
-        # torchvision decoder (libjpeg-turbo, the same tensor resize) is the nearest CPU decoder
-        if torch.cuda.is_available():
-            from embedder.decode.nvjpeg import decode_one
-
-            meta = decode_one(data, pre, out, max_pixels)
-            if meta is not None:
-                return meta
-        decoder = "torchvision"
+def decode_cpu_into(data: bytes, pre: Preprocessing, out: torch.Tensor, max_pixels: int, decoder: str) -> ImageMeta:
+    """One image on the CPU with a named CPU decoder (``pil``, ``pil-draft``, ``pil-reduce``,
+    ``torchvision``; a non-JPEG through PIL whatever the name)."""
     if decoder == "torchvision" and data[:3] == b"\xff\xd8\xff":
         width, height = _torchvision_jpeg_into(data, pre, out, max_pixels)
         return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
@@ -247,26 +165,3 @@ def decode_data_into(
     except (OSError, ValueError, MemoryError, RuntimeError) as e:  # one bad image never ends a run
         raise DecodeError(f"cannot resize: {type(e).__name__}: {e}") from None
     return ImageMeta(width, height, hashlib.blake2b(data, digest_size=16).hexdigest())
-
-
-def decode_bytes(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 decoder: str = "pil") -> torch.Tensor:
-    """An uploaded image's bytes → uint8 [3, crop, crop], exactly as extraction decodes files."""
-    pixels = torch.empty(3, pre.crop_size, pre.crop_size, dtype=torch.uint8)
-    decode_data_into(data, pre, pixels, max_pixels, decoder)
-    return pixels
-
-
-def decode_file(
-    path: str, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil"
-) -> Decoded:
-    pixels = torch.empty(3, pre.crop_size, pre.crop_size, dtype=torch.uint8)
-    meta = decode_into(path, pre, pixels, max_pixels, decoder)
-    return Decoded(pixels, meta.width, meta.height, meta.file_hash)
-
-
-def normalize_batch(x: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [N,3,H,W] → normalised float, on whatever device x lives."""
-    mean = torch.tensor(pre.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x.float() / 255.0 - mean) / std).to(dtype)

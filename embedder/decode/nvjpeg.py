@@ -24,7 +24,8 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
-from embedder.decode.cpu import DEFAULT_MAX_PIXELS, ImageMeta, check_resize, decode_data_into, read_bytes
+from embedder.decode.common import DEFAULT_MAX_PIXELS, ImageMeta, check_resize, read_bytes
+from embedder.decode.cpu import decode_cpu_into
 from embedder.errors import DecodeError
 from embedder.models.preprocessing import Preprocessing
 
@@ -140,7 +141,7 @@ def decode_chunk(paths: Sequence[str], start: int, host_rows: torch.Tensor, targ
             data = read_bytes(path)
             enc = encode_header(data, pre, max_pixels)
             if enc is None:
-                outcomes[i] = decode_data_into(data, pre, host_rows[start + i], max_pixels, "pil")
+                outcomes[i] = decode_cpu_into(data, pre, host_rows[start + i], max_pixels, "pil")
                 on_cpu.append(i)
             else:
                 encoded.append((i, enc))
@@ -155,7 +156,7 @@ def decode_chunk(paths: Sequence[str], start: int, host_rows: torch.Tensor, targ
         for k, ((i, e), img) in enumerate(zip(encoded, images)):
             if img is None:  # refused by nvJPEG: the CPU decoder decides
                 try:
-                    outcomes[i] = decode_data_into(e.data, pre, host_rows[start + i], max_pixels, "pil")
+                    outcomes[i] = decode_cpu_into(e.data, pre, host_rows[start + i], max_pixels, "pil")
                     on_cpu.append(i)
                 except DecodeError as err:
                     outcomes[i] = str(err)

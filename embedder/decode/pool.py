@@ -22,7 +22,8 @@ from typing import Any, cast
 import torch
 
 from embedder import choices
-from embedder.decode.cpu import DEFAULT_MAX_PIXELS, ImageMeta, decode_into
+from embedder.decode.common import DEFAULT_MAX_PIXELS, ImageMeta
+from embedder.decode.decoders import decode_into
 from embedder.decode.nvjpeg import decode_chunk
 from embedder.errors import DecodeError, EmbedderError
 from embedder.models.preprocessing import Preprocessing

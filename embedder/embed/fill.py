@@ -30,15 +30,9 @@ import pyarrow as pa
 import torch
 
 from embedder import __version__, choices
-from embedder.decode.cpu import (
-    DECODERS,
-    DEFAULT_MAX_PIXELS,
-    Decoded,
-    ImageMeta,
-    decode_file,
-    normalize_batch,
-    resolve_decoder,
-)
+from embedder.choices import DECODERS
+from embedder.decode.common import DEFAULT_MAX_PIXELS, Decoded, ImageMeta, normalize_batch
+from embedder.decode.decoders import decode_file, resolve_decoder
 from embedder.decode.pool import (
     DECODE_IN,
     DECODE_PRIORITIES,

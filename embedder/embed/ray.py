@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder.decode.cpu import DEFAULT_MAX_PIXELS, resolve_decoder
+from embedder.decode.common import DEFAULT_MAX_PIXELS
+from embedder.decode.decoders import resolve_decoder
 from embedder.decode.pool import DecodeSpec, decode_rows
 from embedder.embed import worklist
 from embedder.embed.fill import (

@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from embedder.decode.cpu import load_rgb, normalize_batch, preprocess
+from embedder.decode.common import normalize_batch
+from embedder.decode.cpu import load_rgb, preprocess
 from embedder.errors import DecodeError, FinetuneError, ProbeError
 from embedder.io.sources import ImageRef, discover
 from embedder.learn.selection import stratified_split

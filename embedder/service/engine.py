@@ -254,7 +254,7 @@ class Engine:
         """Decode (thread pool) and embed (one forward pass) images as index NAME's vectors are made."""
         import torch
 
-        from embedder.decode.cpu import decode_bytes
+        from embedder.decode.decoders import decode_bytes
 
         loaded = self.index(name)
         emb = self._embedder_for(loaded)

@@ -1,0 +1,81 @@
+"""What every decoder shares: the pixel limit, an image's metadata, the resize target and its
+check, reading bytes from a path or URI, normalisation in batch on the model's device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from embedder.errors import DecodeError
+from embedder.io.sources import is_uri
+from embedder.models.preprocessing import Preprocessing
+
+# PIL's own default; beyond it an image is treated as a decompression bomb and skipped.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What is stored beside a vector: the original image's size (after EXIF rotation, before any
+    draft-mode reduction) and a hash of the file's bytes."""
+
+    width: int
+    height: int
+    file_hash: str
+
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: torch.Tensor  # uint8 [3, crop, crop]
+    width: int  # of the (EXIF-rotated) original
+    height: int
+    file_hash: str
+
+
+
+def resize_target(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """The size torchvision's resize to ``shorter`` (shorter side) produces: (width, height)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+
+def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None:
+    """An extreme aspect ratio (say 100000x10) would be upscaled to billions of pixels before the
+    centre crop; such an image is refused like a decompression bomb instead of exhausting memory."""
+    tw, th = resize_target(width, height, shorter)
+    if tw * th > max_pixels:
+        raise DecodeError(f"extreme aspect ratio: {width}x{height} resized to {tw}x{th} would exceed "
+                          f"{max_pixels} pixels")
+
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes, from a local path or an object-storage URI (s3://…)."""
+    if is_uri(path):
+        from embedder.errors import SourceError
+        from embedder.io.sources import filesystem
+
+        try:
+            fs, key = filesystem(path)
+            with fs.open_input_stream(key) as f:  # type: ignore[attr-defined]
+                return bytes(f.read())
+        except (OSError, SourceError) as e:
+            raise DecodeError(f"cannot read: {str(e).splitlines()[0][:200]}") from None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from None
+
+
+
+def normalize_batch(x: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N,3,H,W] → normalised float, on whatever device x lives."""
+    mean = torch.tensor(pre.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x.float() / 255.0 - mean) / std).to(dtype)
