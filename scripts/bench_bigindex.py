@@ -126,11 +126,12 @@ def child_build(store: Path, home: Path, budget: int, name: str, variant: str = 
     import faiss  # noqa: F401
 
     from embedder.index import build as idx
+    from embedder.index import plan as index_plan
 
     floor = peak_rss_mib()  # Python, NumPy, Arrow, FAISS loaded: the fixed overhead
     anon = AnonPeak()
     t0 = time.perf_counter()
-    opts = idx.BuildOptions(kind="ivfpq", memory_budget=budget, **VARIANTS[variant])  # type: ignore[arg-type]
+    opts = index_plan.BuildOptions(kind="ivfpq", memory_budget=budget, **VARIANTS[variant])  # type: ignore[arg-type]
     meta = idx.build(str(store), name, opts, str(home))
     anon_peak = anon.stop()
     gen = (home / name).resolve() / f"gen-{meta['generation']:06d}"
@@ -146,12 +147,12 @@ def exact_knn(store: Path, q: np.ndarray, k: int) -> np.ndarray:
     """Exact L2 (cosine on unit vectors) top-k distances, streamed over the store."""
     import faiss
 
-    from embedder.index import ondisk as big
-    from embedder.index.build import _prepare
+    from embedder.index import stream as index_stream
+    from embedder.index.faiss_util import _prepare
     from embedder.store.shards import Store
 
     heap = faiss.ResultHeap(len(q), k)
-    for b in big.batches(Store.open(store), lambda v: _prepare(v, "cosine"), ("id",)):
+    for b in index_stream.batches(Store.open(store), lambda v: _prepare(v, "cosine"), ("id",)):
         d, i = faiss.knn(q, b.x, k)
         heap.add_result(d, i + b.start)
     heap.finalize()
@@ -159,19 +160,21 @@ def exact_knn(store: Path, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  # type: ignore[type-arg]
-    from embedder.index import build as idx
+    from embedder.index import faiss_util
+    from embedder.index import quality as index_quality
+    from embedder.index import search as index_search
 
     centers, lift = generator(DIM)
-    q = idx._prepare(chunk(centers, lift, n_queries, seed=99_999), "cosine")
+    q = faiss_util._prepare(chunk(centers, lift, n_queries, seed=99_999), "cosine")
     exact = exact_knn(store, q, 10)  # first, and not in the search figures below
     base = peak_rss_mib()
     anon = AnonPeak()
     t0 = time.perf_counter()
-    loaded = idx.LoadedIndex(name, str(home))
+    loaded = index_search.LoadedIndex(name, str(home))
     load_s = time.perf_counter() - t0
     out: dict = {"load_s": round(load_s, 2), "rss_before_load_mib": base}  # type: ignore[type-arg]
     for label, searcher in (("rerank", loaded.searcher),
-                            ("no_rerank", idx.Searcher(loaded.index, "cosine", None))):
+                            ("no_rerank", index_quality.Searcher(loaded.index, "cosine", None))):
         searcher.search(q[:5], 10)
         t = time.perf_counter()
         for i in range(len(q)):
@@ -181,7 +184,7 @@ def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  #
         d, ids = searcher.search(q, 10)
         batched = len(q) / (time.perf_counter() - t)
         found = _true(loaded, q, ids)
-        recall = idx.tie_aware_recall(exact, found, ids, False, 10, tol=1e-3)
+        recall = index_quality.tie_aware_recall(exact, found, ids, False, 10, tol=1e-3)
         out[label] = {"recall_at_10": round(recall, 4), "qps_one_at_a_time": round(one, 1),
                       "qps_batched": round(batched, 1)}
     out["peak_anon_mib"] = anon.stop()

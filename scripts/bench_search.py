@@ -22,6 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.index import build as idx
+from embedder.index import generations as index_generations
+from embedder.index import plan as index_plan
+from embedder.index import quality as index_quality
+from embedder.index import search as index_search
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 from embedder.store.provenance import Provenance
@@ -101,8 +105,8 @@ def main() -> None:
                  "qps_one_by_one": round(numpy_single), "bytes": int(xn.nbytes), "build_s": 0.0}]
         home = str(tmp / "home")
         for kind in args.kinds.split(","):
-            meta = idx.build(store, kind, idx.BuildOptions(kind=kind), home)
-            loaded = idx.LoadedIndex(kind, home)
+            meta = idx.build(store, kind, index_plan.BuildOptions(kind=kind), home)
+            loaded = index_search.LoadedIndex(kind, home)
             searcher = loaded.searcher  # what `embedder search` runs: FAISS, plus re-ranking for PQ
             t0 = time.perf_counter()
             d, ids = searcher.search(qn, 10)
@@ -111,13 +115,13 @@ def main() -> None:
             for i in range(args.one_by_one):
                 searcher.search(qn[i:i + 1], 10)
             single = args.one_by_one / (time.perf_counter() - t0)
-            true = idx.true_scores(xn, qn, ids, "ip")  # faiss ids are store row positions here
-            recall = idx.tie_aware_recall(exact_scores, true, ids, True, 10)
+            true = index_quality.true_scores(xn, qn, ids, "ip")  # faiss ids are store row positions here
+            recall = index_quality.tie_aware_recall(exact_scores, true, ids, True, 10)
             rows.append({"kind": f"{kind} ({meta['factory']}, {meta['search']['param']}="
                                  f"{meta['search']['value']})",
                          "recall_at_10": round(recall, 4), "qps_batched": round(batched),
                          "qps_one_by_one": round(single), "bytes": meta["index_bytes"],
-                         "rerank_bytes": (Path(home) / kind / idx.VECTORS_FILE).stat().st_size
+                         "rerank_bytes": (Path(home) / kind / index_generations.VECTORS_FILE).stat().st_size
                          if meta.get("rerank") else 0,
                          "build_s": meta["build_seconds"],
                          "speedup_batched_vs_numpy": round(batched / numpy_batched, 1),

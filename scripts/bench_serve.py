@@ -35,6 +35,7 @@ from bench_search import clustered, write_store  # noqa: E402
 
 from embedder.embed.fill import extract  # noqa: E402
 from embedder.index import build as idx  # noqa: E402
+from embedder.index import plan as index_plan
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.models.hub import registry_file  # noqa: E402
 from embedder.models.registry import get_backbone  # noqa: E402
@@ -150,12 +151,12 @@ def main() -> None:
         spec = ModelSpec("mobilenet_v2", "IMAGENET1K_V1", f)
         weights["photos"] = str(f)
     extract([str(tmp / "images")], str(tmp / "photos.store"), spec)
-    idx.build(str(tmp / "photos.store"), "photos", idx.BuildOptions(kind="flat"), str(home))
+    idx.build(str(tmp / "photos.store"), "photos", index_plan.BuildOptions(kind="flat"), str(home))
     # vector index
     x = clustered(args.vectors + 1000, 512, seed=0)
     queries = x[args.vectors:]
     write_store(tmp / "vec.store", x[:args.vectors])
-    meta = idx.build(str(tmp / "vec.store"), "vectors", idx.BuildOptions(kind="hnsw"), str(home))
+    meta = idx.build(str(tmp / "vec.store"), "vectors", index_plan.BuildOptions(kind="hnsw"), str(home))
     images = [p.read_bytes() for p in sorted((tmp / "images").rglob("*.jpg"))]
 
     def image_body(rng):  # type: ignore[no-untyped-def]

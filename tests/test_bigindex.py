@@ -14,7 +14,11 @@ from typer.testing import CliRunner
 from embedder.cli import app
 from embedder.errors import IndexError_
 from embedder.index import build as idx
-from embedder.index import ondisk as big
+from embedder.index import faiss_util, ondisk
+from embedder.index import generations as index_generations
+from embedder.index import plan as index_plan
+from embedder.index import search as index_search
+from embedder.index import stream as index_stream
 from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
 from embedder.store.provenance import Provenance
@@ -44,7 +48,7 @@ def sharded_store(path: Path, parts: list[np.ndarray], prefix: str = "v") -> str
 
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(big, "BATCH_ROWS", 1024)  # many record batches and slices on a small store
+    monkeypatch.setattr(index_stream, "BATCH_ROWS", 1024)  # many record batches and slices on a small store
 
 
 @pytest.mark.slow
@@ -55,9 +59,9 @@ def test_over_budget_build_streams_to_on_disk_lists(tmp_path: Path, kind: str, s
     store = sharded_store(tmp_path / "s", np.array_split(x, 4))
     raw = x.nbytes  # 3.8 MB; the budget is a third of it
     warm = sharded_store(tmp_path / "w", [x[:3000]])  # imports FAISS & co. before memory is traced
-    idx.build(warm, "warm", idx.BuildOptions(kind=kind, on_disk=True, queries=50), str(tmp_path / "h"))
+    idx.build(warm, "warm", index_plan.BuildOptions(kind=kind, on_disk=True, queries=50), str(tmp_path / "h"))
     tracemalloc.start()
-    meta = idx.build(store, "big", idx.BuildOptions(kind=kind, memory_budget=raw // 3, queries=300),
+    meta = idx.build(store, "big", index_plan.BuildOptions(kind=kind, memory_budget=raw // 3, queries=300),
                      str(tmp_path / "h"))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -68,7 +72,7 @@ def test_over_budget_build_streams_to_on_disk_lists(tmp_path: Path, kind: str, s
     assert files == sorted(["index.faiss", "lists.ivfdata", "trained.faiss", "ids.arrow", "vectors.npy",
                             "index.json"])  # no slice or tuning files left behind
     assert meta["quality"]["recall_at_10"] >= 0.95 and meta["count"] == 30_000
-    loaded = idx.LoadedIndex("big", str(tmp_path / "h"))
+    loaded = index_search.LoadedIndex("big", str(tmp_path / "h"))
     assert loaded.rows_of(np.array([5, 29_999])).tolist() == [5, 29_999]  # FAISS id = id-map row
     assert loaded.ids.column("id")[29_999].as_py() == "v029999"
     assert recall_vs_numpy(loaded, x, fresh) >= 0.9
@@ -85,7 +89,7 @@ def test_training_sample_is_drawn_across_all_shards(tmp_path: Path, small_batche
     store = Store.open(sharded_store(tmp_path / "s", parts))
     staging = tmp_path / "stage"
     staging.mkdir()
-    r = big.build_streamed(store, staging, "IVF16,Flat", "l2", 800, 1 << 20, 100, 0, 1,
+    r = index_stream.build_streamed(store, staging, "IVF16,Flat", "l2", 800, 1 << 20, 100, 0, 1,
                            lambda v: np.ascontiguousarray(v, np.float32))
     assert r["train_rows"] == 800
     per_shard = np.bincount(r["sample"] // 3000, minlength=4)
@@ -98,12 +102,12 @@ def test_add_to_on_disk_index_merges_a_new_slice(tmp_path: Path, small_batches: 
     home = str(tmp_path / "h")
     a = sharded_store(tmp_path / "a", np.array_split(x[:6000], 2))
     b = sharded_store(tmp_path / "b", np.array_split(x, 3))
-    meta = idx.build(a, "n", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
+    meta = idx.build(a, "n", index_plan.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
     old_gen = Path(home, "n").resolve() / f"gen-{meta['generation']:06d}"
     r = idx.add("n", b, home)
     assert (r["added"], r["skipped"], r["count"]) == (3000, 6000, 9000)
     assert idx.add("n", b, home)["added"] == 0
-    loaded = idx.LoadedIndex("n", home)
+    loaded = index_search.LoadedIndex("n", home)
     assert loaded.index.ntotal == 9000 and loaded.ids.num_rows == 9000 and loaded.generation == 2
     assert loaded.search(x[7777:7778], 1)[0][0]["id"] == "v007777"
     assert loaded.search(x[10:11], 1)[0][0]["id"] == "v000010"
@@ -120,14 +124,14 @@ def test_a_small_add_is_a_delta_that_searches_as_the_merged_lists(tmp_path: Path
     x = clustered(10_400, dim=32)
     home = str(tmp_path / "h")
     base = sharded_store(tmp_path / "a", np.array_split(x[:10_000], 2))
-    idx.build(base, "n", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
-    lists = next(Path(home, "n").glob("gen-*")) / big.LISTS_FILE
+    idx.build(base, "n", index_plan.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
+    lists = next(Path(home, "n").glob("gen-*")) / ondisk.LISTS_FILE
     inode = os.stat(lists).st_ino
     one = sharded_store(tmp_path / "b", [x[:10_100]])
     r = idx.add("n", one, home)
     assert (r["added"], r["count"], r["deltas"]) == (100, 10_100, 1)
-    loaded = idx.LoadedIndex("n", home)
-    assert os.stat(loaded.dir / big.LISTS_FILE).st_ino == inode  # the same file: linked, not rewritten
+    loaded = index_search.LoadedIndex("n", home)
+    assert os.stat(loaded.dir / ondisk.LISTS_FILE).st_ino == inode  # the same file: linked, not rewritten
     assert loaded.index.ntotal == 10_100 and loaded.ids.num_rows == 10_100 and loaded.lookup_vectors.shape[0] == 10_100
     q = np.concatenate([x[10_000:10_020], x[:20]])
     before = loaded.search(q, 5)
@@ -136,13 +140,14 @@ def test_a_small_add_is_a_delta_that_searches_as_the_merged_lists(tmp_path: Path
     labelled = loaded.search(x[10_050:10_051], 3, where={"label": "c2"})[0]
     assert len(labelled) == 3 and all(h["label"] == "c2" for h in labelled)
     assert loaded.item("v010077")["faiss_id"] == 10_077
-    np.testing.assert_allclose(loaded.vector_of("v010077")[0], idx._prepare(x[10_077:10_078], "cosine")[0], atol=2e-3)
+    np.testing.assert_allclose(loaded.vector_of("v010077")[0], faiss_util._prepare(x[10_077:10_078], "cosine")[0],
+                               atol=2e-3)
     r = idx.add("n", sharded_store(tmp_path / "c", [x[:10_200]]), home)
     assert r["deltas"] == 2
-    before = idx.LoadedIndex("n", home).search(q, 5)  # the lists and two deltas
+    before = index_search.LoadedIndex("n", home).search(q, 5)  # the lists and two deltas
     r = idx.add("n", one, home, merge=True)  # nothing new, the deltas merged on request
     assert (r["added"], r["count"], r["deltas"]) == (0, 10_200, 0)
-    merged = idx.LoadedIndex("n", home)
+    merged = index_search.LoadedIndex("n", home)
     assert not list(merged.dir.glob("delta-*")) and merged.meta["deltas"] == []
     after = merged.search(q, 5)
     assert [[h["id"] for h in hs] for hs in after] == [[h["id"] for h in hs] for hs in before]
@@ -152,7 +157,7 @@ def test_a_small_add_is_a_delta_that_searches_as_the_merged_lists(tmp_path: Path
     many = clustered(12_000, dim=32)
     r = idx.add("n", sharded_store(tmp_path / "e", [np.concatenate([x, many[10_400:11_800]])]), home)
     assert r["deltas"] == 0 and r["count"] == 11_800  # 1,600 in deltas on 10,200: past 10 %, merged
-    assert idx.LoadedIndex("n", home).search(many[11_000:11_001], 1)[0][0]["id"] == "v011000"
+    assert index_search.LoadedIndex("n", home).search(many[11_000:11_001], 1)[0][0]["id"] == "v011000"
 
 
 def test_a_failed_add_leaves_the_current_generation_served(tmp_path: Path, small_batches: None,
@@ -161,19 +166,19 @@ def test_a_failed_add_leaves_the_current_generation_served(tmp_path: Path, small
     home = str(tmp_path / "h")
     a = sharded_store(tmp_path / "a", [x[:4000]])
     b = sharded_store(tmp_path / "b", [x])
-    idx.build(a, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=200), home)
+    idx.build(a, "n", index_plan.BuildOptions(kind="ivf", on_disk=True, queries=200), home)
 
     def crash(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt  # killed mid-merge
 
-    monkeypatch.setattr(big, "_merge_generation", crash)  # 2,000 on 4,000: over DELTA_FRACTION, so merged
+    monkeypatch.setattr(index_stream, "_merge_generation", crash)  # 2,000 on 4,000: over DELTA_FRACTION, so merged
     with pytest.raises(KeyboardInterrupt):
         idx.add("n", b, home)
-    loaded = idx.LoadedIndex("n", home)
+    loaded = index_search.LoadedIndex("n", home)
     assert loaded.generation == 1 and loaded.index.ntotal == 4000
     assert loaded.search(x[5:6], 1)[0][0]["id"] == "v000005"
     monkeypatch.undo()
-    monkeypatch.setattr(big, "BATCH_ROWS", 1024)
+    monkeypatch.setattr(index_stream, "BATCH_ROWS", 1024)
     assert idx.add("n", b, home)["added"] == 2000  # running it again works
 
 
@@ -201,9 +206,9 @@ def test_a_moved_index_home_still_finds_its_lists(tmp_path: Path, small_batches:
 
     x = clustered(4000, dim=16)
     store = sharded_store(tmp_path / "s", [x])
-    idx.build(store, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
+    idx.build(store, "n", index_plan.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
     shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))  # the lists' recorded path no longer exists
-    loaded = idx.LoadedIndex("n", str(tmp_path / "b"))
+    loaded = index_search.LoadedIndex("n", str(tmp_path / "b"))
     assert loaded.search(x[42:43], 1)[0][0]["id"] == "v000042"
 
 
@@ -214,7 +219,7 @@ def test_service_answers_from_an_on_disk_index(tmp_path: Path, small_batches: No
     x = clustered(5000, dim=16)
     store = sharded_store(tmp_path / "s", np.array_split(x, 2))
     home = str(tmp_path / "h")
-    idx.build(store, "big", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=100), home)
+    idx.build(store, "big", index_plan.BuildOptions(kind="ivfpq", on_disk=True, queries=100), home)
     with _client(home) as c:
         _wait_ready(c)
         r = c.post("/search", json={"id": "v004321", "k": 3, "index": "big"})
@@ -229,18 +234,18 @@ def test_service_answers_from_an_on_disk_index(tmp_path: Path, small_batches: No
 def test_plan_uses_an_hnsw_coarse_quantizer_for_many_lists_and_opq_on_request() -> None:
 
     budget = 1 << 20  # everything here is over budget: IVF-PQ
-    assert idx.plan(1_000_000, 256, "auto", budget).factory == "IVF4000,PQ64"  # flat quantizer below 16,384
-    big_plan = idx.plan(20_000_000, 256, "auto", budget)
+    assert index_plan.plan(1_000_000, 256, "auto", budget).factory == "IVF4000,PQ64"  # flat quantizer below 16,384
+    big_plan = index_plan.plan(20_000_000, 256, "auto", budget)
     assert big_plan.factory == "IVF17888_HNSW32,PQ64" and "HNSW32 coarse quantizer" in big_plan.reason
-    assert idx.plan(20_000_000, 256, "ivf", budget, coarse="flat").factory == "IVF17888,Flat"
-    assert idx.plan(1000, 32, "ivf", budget, coarse="hnsw").factory == "IVF25_HNSW32,Flat"  # ≥ 39 per list
-    assert idx.plan(11, 32, "ivf", budget).factory == "IVF1,Flat"  # a tiny store still trains
-    assert idx.plan(30_000, 32, "ivf", budget).factory == "IVF692,Flat"  # ≈4√n once that leaves 39 per list
-    assert idx.plan(1_000_000, 256, "ivfpq", budget, opq=True).factory == "OPQ64_256,IVF4000,PQ64"
+    assert index_plan.plan(20_000_000, 256, "ivf", budget, coarse="flat").factory == "IVF17888,Flat"
+    assert index_plan.plan(1000, 32, "ivf", budget, coarse="hnsw").factory == "IVF25_HNSW32,Flat"  # ≥ 39 per list
+    assert index_plan.plan(11, 32, "ivf", budget).factory == "IVF1,Flat"  # a tiny store still trains
+    assert index_plan.plan(30_000, 32, "ivf", budget).factory == "IVF692,Flat"  # ≈4√n once that leaves 39 per list
+    assert index_plan.plan(1_000_000, 256, "ivfpq", budget, opq=True).factory == "OPQ64_256,IVF4000,PQ64"
     with pytest.raises(IndexError_, match="--opq .* needs --kind ivfpq"):
-        idx.plan(1000, 32, "ivf", budget, opq=True)
+        index_plan.plan(1000, 32, "ivf", budget, opq=True)
     with pytest.raises(IndexError_, match="unknown coarse quantizer 'tree'; valid: auto, flat, hnsw"):
-        idx.plan(1000, 32, "ivf", budget, coarse="tree")
+        index_plan.plan(1000, 32, "ivf", budget, coarse="tree")
 
 
 @pytest.mark.slow
@@ -250,19 +255,19 @@ def test_hnsw_coarse_quantizer_and_opq_in_a_streamed_build(tmp_path: Path, small
     x = clustered(12_000, dim=32)
     store = sharded_store(tmp_path / "s", np.array_split(x, 3))
     home = str(tmp_path / "h")
-    meta = idx.build(store, "q", idx.BuildOptions(kind="ivfpq", coarse="hnsw", opq=True, on_disk=True,
+    meta = idx.build(store, "q", index_plan.BuildOptions(kind="ivfpq", coarse="hnsw", opq=True, on_disk=True,
                                                   memory_budget=x.nbytes // 3, queries=200), home)
     assert meta["factory"].startswith("OPQ8_32,IVF") and "_HNSW32,PQ8" in meta["factory"]
     assert meta["on_disk"]["slices"] > 1 and meta["quality"]["recall_at_10"] >= 0.95
-    loaded = idx.LoadedIndex("q", home)
+    loaded = index_search.LoadedIndex("q", home)
     assert isinstance(loaded.index, faiss.IndexPreTransform)  # the OPQ rotation travels with the index
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(loaded.index).quantizer)
-    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.hnsw.efSearch == big.QUANTIZER_EF
-    trained = faiss.read_index(str(loaded.dir / big.TRAINED_FILE))  # what slices are cloned from: adds
-    assert faiss.downcast_index(faiss.extract_index_ivf(trained).quantizer).hnsw.efSearch == big.QUANTIZER_EF_ADD
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.hnsw.efSearch == faiss_util.QUANTIZER_EF
+    trained = faiss.read_index(str(loaded.dir / ondisk.TRAINED_FILE))  # what slices are cloned from: adds
+    assert faiss.downcast_index(faiss.extract_index_ivf(trained).quantizer).hnsw.efSearch == faiss_util.QUANTIZER_EF_ADD
     assert loaded.search(x[4321:4322], 1)[0][0]["id"] == "v004321"
     assert idx.add("q", sharded_store(tmp_path / "b", [x, clustered(500, dim=32, seed=3)]), home)["added"] == 500
-    assert idx.LoadedIndex("q", home).index.ntotal == 12_500
+    assert index_search.LoadedIndex("q", home).index.ntotal == 12_500
 
 
 @pytest.mark.slow
@@ -296,11 +301,11 @@ def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_pat
 
     killed("slice-*.faiss", "build", store, "--name", "n", "--kind", "ivf", "--on-disk")
     with pytest.raises(IndexError_, match="no index named .n."):
-        idx.LoadedIndex("n", str(home))  # the half-built index is never current
+        index_search.LoadedIndex("n", str(home))  # the half-built index is never current
     r = runner.invoke(app, ["index", "build", store, "--name", "n", "--kind", "ivf", "--on-disk", "--home", str(home)])
     assert r.exit_code == 0, r.output  # building again works
     killed("delta-*.faiss", "add", "n", more)  # 3,000 on 6,000: merged, and killed in the merge
-    loaded = idx.LoadedIndex("n", str(home))
+    loaded = index_search.LoadedIndex("n", str(home))
     assert loaded.generation == 1 and loaded.index.ntotal == 6000  # the previous generation is served
     assert idx.add("n", more, str(home))["added"] == 3000  # adding again works
     assert not list(home.glob("n/.gen-*"))  # the killed writers' staging folders were swept
@@ -325,12 +330,12 @@ def test_a_copied_home_searches_its_own_lists_after_the_original_is_rebuilt(tmp_
 
     x = clustered(4000, dim=16)
     store = sharded_store(tmp_path / "s", [x])
-    idx.build(store, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
+    idx.build(store, "n", index_plan.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    idx.drop("n", str(tmp_path / "a"))  # the original rebuilt from other vectors, at the same path
+    index_generations.drop("n", str(tmp_path / "a"))  # the original rebuilt from other vectors, at the same path
     other = sharded_store(tmp_path / "o", [clustered(4000, dim=16, seed=7)], prefix="o")
-    idx.build(other, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
-    copy = idx.LoadedIndex("n", str(tmp_path / "b"))
+    idx.build(other, "n", index_plan.BuildOptions(kind="ivf", on_disk=True, queries=100), str(tmp_path / "a"))
+    copy = index_search.LoadedIndex("n", str(tmp_path / "b"))
     assert copy.search(x[42:43], 1)[0][0]["id"] == "v000042"
     lists = next((tmp_path / "b" / "n").glob("gen-*/index.faiss")).read_bytes()
     assert str(tmp_path).encode() not in lists  # no absolute path inside the generation
@@ -345,8 +350,8 @@ def test_filtered_ivfpq_with_a_query_chunk_that_finds_no_candidate(tmp_path: Pat
 
     store = vector_store(tmp_path / "s", x, labels)
     home = str(tmp_path / "h")
-    idx.build(store, "pq", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=100), home)
-    loaded = idx.LoadedIndex("pq", home)
+    idx.build(store, "pq", index_plan.BuildOptions(kind="ivfpq", on_disk=True, queries=100), home)
+    loaded = index_search.LoadedIndex("pq", home)
     far = x[np.argsort(-np.linalg.norm(x - x[5], axis=1))[:32]]  # the first chunk: far from the one match
     near = np.repeat(x[5:6], 8, axis=0)  # the second chunk finds it at once
     out = loaded.search(np.concatenate([far, near]), 1, where={"label": "rare"})
@@ -361,7 +366,7 @@ def test_a_streamed_build_beside_a_writer_indexes_one_snapshot(tmp_path: Path, s
     each step (as the build once did) added the new shard's rows under ids already taken."""
     x = clustered(5000, dim=16)
     store = sharded_store(tmp_path / "s", np.array_split(x[:4000], 2))
-    real_gather = big.gather
+    real_gather = index_stream.gather
     appended = []
 
     def gather_after_a_write(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -377,11 +382,11 @@ def test_a_streamed_build_beside_a_writer_indexes_one_snapshot(tmp_path: Path, s
             appended.append(True)
         return real_gather(*args, **kwargs)
 
-    monkeypatch.setattr(big, "gather", gather_after_a_write)
+    monkeypatch.setattr(index_stream, "gather", gather_after_a_write)
     home = str(tmp_path / "h")
-    meta = idx.build(store, "n", idx.BuildOptions(kind="ivf", on_disk=True, queries=100), home)
+    meta = idx.build(store, "n", index_plan.BuildOptions(kind="ivf", on_disk=True, queries=100), home)
     assert appended and meta["count"] == 4000  # the snapshot the build started from
-    loaded = idx.LoadedIndex("n", home)
+    loaded = index_search.LoadedIndex("n", home)
     fids = loaded.ids.column("faiss_id").to_numpy()
     assert len(np.unique(fids)) == len(fids) == loaded.index.ntotal == 4000
     assert len(set(loaded.ids.column("id").to_pylist())) == 4000

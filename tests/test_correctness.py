@@ -17,6 +17,7 @@ from embedder.cli import app
 from embedder.embed.fill import BatchEmbedder, EmbedOptions, embedder_for, extract
 from embedder.errors import EmbedderError, ProvenanceMismatch, StoreError, WeightsMismatch
 from embedder.index import build as idx
+from embedder.index import plan as index_plan
 from embedder.models import checkpoint
 from embedder.models.builder import ModelSpec, load_network
 from embedder.models.registry import get_backbone
@@ -104,7 +105,7 @@ def test_weights_file_with_image_size_can_be_queried(image_tree: Path, tmp_path:
     prov = Store.open(store).provenance
     assert prov.preprocessing.crop_size == 48 and prov.preprocessing.resize_size == 60
     home = str(tmp_path / "h")
-    idx.build(store, "sized", idx.BuildOptions(kind="flat"), home)
+    idx.build(store, "sized", index_plan.BuildOptions(kind="flat"), home)
     q = str(image_tree / "cat" / "cat_0001.jpg")
     r = runner.invoke(app, ["search", "sized", q, "--weights", str(f), "--home", home, "--json", "-k", "1"])
     assert r.exit_code == 0, r.output

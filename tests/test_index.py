@@ -14,6 +14,11 @@ from embedder.cli import app
 from embedder.embed.fill import extract
 from embedder.errors import IndexError_, ProvenanceMismatch
 from embedder.index import build as idx
+from embedder.index import faiss_util
+from embedder.index import generations as index_generations
+from embedder.index import plan as index_plan
+from embedder.index import quality as index_quality
+from embedder.index import search as index_search
 from embedder.models.builder import ModelSpec
 from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
@@ -53,13 +58,13 @@ def _write_vectors(st: Store, x: np.ndarray, labels: list[str] | None, start: in
     st.update_manifest()
 
 
-def recall_vs_numpy(loaded: idx.LoadedIndex, x: np.ndarray, q: np.ndarray, k: int = 10) -> float:
+def recall_vs_numpy(loaded: index_search.LoadedIndex, x: np.ndarray, q: np.ndarray, k: int = 10) -> float:
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     exact = np.sort(qn @ xn.T, axis=1)[:, ::-1][:, :k]
     hits = loaded.search(q, k)
     ids = np.array([[int(h["id"][1:]) for h in row] + [-1] * (k - len(row)) for row in hits])
-    return idx.tie_aware_recall(exact, idx.true_scores(xn, qn, ids, "ip"), ids, True, k)
+    return index_quality.tie_aware_recall(exact, index_quality.true_scores(xn, qn, ids, "ip"), ids, True, k)
 
 
 @pytest.mark.parametrize("kind,floor", [("flat", 1.0), ("hnsw", 0.95), ("ivf", 0.93), ("ivfpq", 0.93)])
@@ -68,11 +73,11 @@ def test_recall_floors_against_exact(tmp_path: Path, kind: str, floor: float) ->
     both = clustered(n + 200, dim=32 if kind == "ivfpq" else 64)
     x, fresh = both[:n], both[n:]  # fresh: same distribution, never indexed
     store = vector_store(tmp_path / "s", x)
-    meta = idx.build(store, kind, idx.BuildOptions(kind=kind, queries=300), str(tmp_path / "h"))
+    meta = idx.build(store, kind, index_plan.BuildOptions(kind=kind, queries=300), str(tmp_path / "h"))
     assert meta["kind"] == kind and meta["count"] == n
     assert meta["quality"]["recall_at_10"] >= 0.95  # PQ reaches it through exact re-ranking
     assert (meta["rerank"] is not None) == (kind == "ivfpq")
-    loaded = idx.LoadedIndex(kind, str(tmp_path / "h"))
+    loaded = index_search.LoadedIndex(kind, str(tmp_path / "h"))
     assert recall_vs_numpy(loaded, x, fresh) >= floor
     assert meta["trained_on"] == (None if kind in ("flat", "hnsw") else "cpu")  # no GPU on a CPU build
 
@@ -113,12 +118,12 @@ def test_training_through_the_gpu_hook_gives_faiss_own_centroids(factory: str, m
 
 def test_auto_plan_says_why() -> None:
     gb = 1 << 30
-    assert idx.plan(10_000, 512, "auto", 8 * gb).kind == "flat"
-    p = idx.plan(200_000, 512, "auto", 8 * gb)
+    assert index_plan.plan(10_000, 512, "auto", 8 * gb).kind == "flat"
+    p = index_plan.plan(200_000, 512, "auto", 8 * gb)
     assert p.kind == "hnsw" and "budget" in p.reason
-    p = idx.plan(200_000, 512, "auto", 100 << 20)
+    p = index_plan.plan(200_000, 512, "auto", 100 << 20)
     assert p.kind == "ivfpq" and p.factory == "IVF1788,PQ128" and "exceeds" in p.reason
-    assert idx.plan(200_000, 512, "ivf", gb).train_size < 200_000
+    assert index_plan.plan(200_000, 512, "ivf", gb).train_size < 200_000
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
@@ -127,11 +132,11 @@ def test_add_keeps_id_map_and_skips_present(tmp_path: Path, kind: str) -> None:
     a = vector_store(tmp_path / "a", x[:800])
     b = vector_store(tmp_path / "b", x)
     home = str(tmp_path / "h")
-    idx.build(a, "n", idx.BuildOptions(kind=kind), home)
+    idx.build(a, "n", index_plan.BuildOptions(kind=kind), home)
     r = idx.add("n", b, home)
     assert (r["added"], r["skipped"], r["count"]) == (400, 800, 1200)
     assert idx.add("n", b, home)["added"] == 0
-    loaded = idx.LoadedIndex("n", home)
+    loaded = index_search.LoadedIndex("n", home)
     ids = loaded.ids.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 1200
     for probe in ("v000003", "v000950"):
@@ -151,8 +156,8 @@ def test_filters_return_k(tmp_path: Path, kind: str) -> None:
     labels = ["rare" if i % 250 == 0 else "common" for i in range(4000)]  # 16 rare rows
     store = vector_store(tmp_path / "s", x, labels)
     home = str(tmp_path / "h")
-    idx.build(store, "f", idx.BuildOptions(kind=kind), home)
-    loaded = idx.LoadedIndex("f", home)
+    idx.build(store, "f", index_plan.BuildOptions(kind=kind), home)
+    loaded = index_search.LoadedIndex("f", home)
     for hits in loaded.search(q, 10, {"label": "rare"}):
         assert len(hits) == 10 and {h["label"] for h in hits} == {"rare"}
     for hits in loaded.search(q, 50, {"label": "rare"}):
@@ -169,21 +174,21 @@ def test_bad_inputs(tmp_path: Path) -> None:
     x = clustered(300)
     store = vector_store(tmp_path / "s", x)
     home = str(tmp_path / "h")
-    idx.build(store, "ok", idx.BuildOptions(kind="flat"), home)
+    idx.build(store, "ok", index_plan.BuildOptions(kind="flat"), home)
     with pytest.raises(IndexError_, match="available: ok"):
-        idx.LoadedIndex("nope", home)
-    loaded = idx.LoadedIndex("ok", home)
+        index_search.LoadedIndex("nope", home)
+    loaded = index_search.LoadedIndex("ok", home)
     with pytest.raises(IndexError_, match="dim 3"):
         loaded.search(np.zeros((1, 3)), 5)
     with pytest.raises(IndexError_, match="positive"):
         loaded.search(x[:1], 0)
     with pytest.raises(IndexError_, match="already exists"):
-        idx.build(store, "ok", idx.BuildOptions(kind="flat"), home)
+        idx.build(store, "ok", index_plan.BuildOptions(kind="flat"), home)
     with pytest.raises(IndexError_, match="FAISS cannot build"):
-        idx.build(store, "bad", idx.BuildOptions(kind="NotAFactory"), home)
-    (idx.locate("ok", home) / "index.faiss").write_bytes(b"garbage")
+        idx.build(store, "bad", index_plan.BuildOptions(kind="NotAFactory"), home)
+    (index_generations.locate("ok", home) / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexError_, match="corrupt"):
-        idx.LoadedIndex("ok", home)
+        index_search.LoadedIndex("ok", home)
 
 
 def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> None:
@@ -217,7 +222,7 @@ def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> No
     r = runner.invoke(app, ["index", "list", "--home", home])
     assert "imgs" in r.output
     r = runner.invoke(app, ["index", "drop", "imgs", "--home", home])
-    assert r.exit_code == 0 and idx.names(home) == []
+    assert r.exit_code == 0 and index_generations.names(home) == []
 
 
 def test_query_model_must_match_index_provenance(image_tree: Path, tmp_path: Path) -> None:
@@ -231,7 +236,7 @@ def test_query_model_must_match_index_provenance(image_tree: Path, tmp_path: Pat
     store = str(tmp_path / "store")
     extract([str(image_tree)], store, ModelSpec("tiny_test", weights_file=f))
     home = str(tmp_path / "h")
-    idx.build(store, "w", idx.BuildOptions(kind="flat"), home)
+    idx.build(store, "w", index_plan.BuildOptions(kind="flat"), home)
     q = str(image_tree / "cat" / "cat_0001.jpg")
     r = runner.invoke(app, ["search", "w", q, "--home", home])
     assert r.exit_code == 2 and "--weights" in r.output
@@ -263,8 +268,8 @@ def test_filter_falls_back_to_exact_search_when_selectors_fail(tmp_path: Path, m
     x, q = both[:1000], both[1000:]
     labels = ["rare" if i % 50 == 0 else "common" for i in range(1000)]  # 20 rare rows
     home = str(tmp_path / "h")
-    idx.build(vector_store(tmp_path / "s", x, labels), "f", idx.BuildOptions(kind="hnsw"), home)
-    loaded = idx.LoadedIndex("f", home)
+    idx.build(vector_store(tmp_path / "s", x, labels), "f", index_plan.BuildOptions(kind="hnsw"), home)
+    loaded = index_search.LoadedIndex("f", home)
     original = loaded.searcher.search
 
     def no_selectors(qq, k, params=None):
@@ -290,17 +295,17 @@ def test_index_names_never_escape_the_home(tmp_path: Path, bad: str) -> None:
     victim.mkdir()
     (victim / "index.json").write_text("{}")  # looks like a legacy index, to tempt a lax check
     store = vector_store(tmp_path / "s", clustered(50, dim=8))
-    idx.build(store, "ok", idx.BuildOptions(kind="flat"), str(home))
-    for call in (lambda: idx.build(store, bad, idx.BuildOptions(kind="flat"), str(home)),
-                 lambda: idx.locate(bad, str(home)), lambda: idx.info(bad, str(home)),
-                 lambda: idx.drop(bad, str(home)), lambda: idx.add(bad, store, str(home)),
-                 lambda: idx.LoadedIndex(bad, str(home))):
+    idx.build(store, "ok", index_plan.BuildOptions(kind="flat"), str(home))
+    for call in (lambda: idx.build(store, bad, index_plan.BuildOptions(kind="flat"), str(home)),
+                 lambda: index_generations.locate(bad, str(home)), lambda: index_generations.info(bad, str(home)),
+                 lambda: index_generations.drop(bad, str(home)), lambda: idx.add(bad, store, str(home)),
+                 lambda: index_search.LoadedIndex(bad, str(home))):
         with pytest.raises(IndexError_, match="invalid index name"):
             call()
     for args in (["index", "drop", bad], ["index", "info", bad], ["search", bad, "--id", "v000001"]):
         r = runner.invoke(app, [*args, "--home", str(home)])
         assert r.exit_code == 2 and r.output.startswith("error:"), r.output
-    assert (victim / "index.json").exists() and idx.names(str(home)) == ["ok"]
+    assert (victim / "index.json").exists() and index_generations.names(str(home)) == ["ok"]
 
 
 def test_symlinked_name_pointing_outside_is_refused(tmp_path: Path) -> None:
@@ -310,7 +315,7 @@ def test_symlinked_name_pointing_outside_is_refused(tmp_path: Path) -> None:
     outside.mkdir()
     (home / "link").symlink_to(outside)
     with pytest.raises(IndexError_, match="outside the index home"):
-        idx.drop("link", str(home))
+        index_generations.drop("link", str(home))
     assert outside.exists()
 
 
@@ -319,16 +324,16 @@ def test_add_is_a_new_generation_and_readers_never_see_a_mix(tmp_path: Path) -> 
     x = clustered(400, dim=16)
     store_a = vector_store(tmp_path / "a", x[:300])
     store_b = vector_store(tmp_path / "b", x[300:], start=300)
-    idx.build(store_a, "g", idx.BuildOptions(kind="flat"), home)
-    first = idx.locate("g", home)
-    assert first.name == "gen-000001" and idx.info("g", home)["generation"] == 1
-    reader = idx.LoadedIndex("g", home)  # opened before the add: keeps answering from gen 1
+    idx.build(store_a, "g", index_plan.BuildOptions(kind="flat"), home)
+    first = index_generations.locate("g", home)
+    assert first.name == "gen-000001" and index_generations.info("g", home)["generation"] == 1
+    reader = index_search.LoadedIndex("g", home)  # opened before the add: keeps answering from gen 1
     r = idx.add("g", store_b, home)
     assert r["added"] == 100 and r["count"] == 400
-    second = idx.locate("g", home)
+    second = index_generations.locate("g", home)
     assert second.name == "gen-000002" and not first.exists()  # superseded generation removed
     assert reader.index.ntotal == 300 and len(reader.search(x[:2], 5)[0]) == 5
-    assert idx.LoadedIndex("g", home).index.ntotal == 400
+    assert index_search.LoadedIndex("g", home).index.ntotal == 400
     # A writer killed mid-generation leaves a staged folder that never becomes current ...
     from embedder.index import generations as gens
 
@@ -336,7 +341,7 @@ def test_add_is_a_new_generation_and_readers_never_see_a_mix(tmp_path: Path) -> 
     with gens.writer(d):
         staged = gens.staging(d)
         (staged / "index.faiss").write_bytes(b"half-written")
-    assert idx.LoadedIndex("g", home).index.ntotal == 400  # ... and readers never see it
+    assert index_search.LoadedIndex("g", home).index.ntotal == 400  # ... and readers never see it
     assert idx.add("g", store_b, home)["added"] == 0  # the next writer cleans it up
     assert not staged.exists()
 
@@ -348,15 +353,15 @@ def test_second_index_writer_is_refused(tmp_path: Path) -> None:
     x = clustered(120, dim=8)
     store = vector_store(tmp_path / "a", x[:100])
     more = vector_store(tmp_path / "b", x[100:], start=100)
-    idx.build(store, "g", idx.BuildOptions(kind="flat"), home)
+    idx.build(store, "g", index_plan.BuildOptions(kind="flat"), home)
     with gens.writer(gens.index_dir("g", home)):  # another process's add, in flight
         with pytest.raises(IndexError_, match="being written by another"):
             idx.add("g", more, home)
         with pytest.raises(IndexError_, match="being written by another"):
-            idx.drop("g", home)
-    ids = idx.LoadedIndex("g", home).ids.column("faiss_id").to_pylist()
+            index_generations.drop("g", home)
+    ids = index_search.LoadedIndex("g", home).ids.column("faiss_id").to_pylist()
     assert idx.add("g", more, home)["count"] == 120
-    ids = idx.LoadedIndex("g", home).ids.column("faiss_id").to_pylist()
+    ids = index_search.LoadedIndex("g", home).ids.column("faiss_id").to_pylist()
     assert len(set(ids)) == len(ids) == 120  # no duplicate FAISS ids
 
 
@@ -367,8 +372,8 @@ def test_filtered_ivfpq_search_with_no_allowed_candidate_falls_back(tmp_path: Pa
     labels[1234] = "rare"
     store = vector_store(tmp_path / "s", x, labels=labels)
     home = str(tmp_path / "h")
-    idx.build(store, "pq", idx.BuildOptions(kind="ivfpq", queries=100), home)
-    loaded = idx.LoadedIndex("pq", home)
+    idx.build(store, "pq", index_plan.BuildOptions(kind="ivfpq", queries=100), home)
+    loaded = index_search.LoadedIndex("pq", home)
     far = x[1234] * -1.0  # a query nowhere near the one allowed row
     hits = loaded.search(far[None], 5, where={"label": "rare"})
     assert [h["id"] for h in hits[0]] == ["v001234"]
@@ -394,18 +399,18 @@ def test_legacy_index_folder_is_read_and_migrated_by_add(tmp_path: Path) -> None
     home = tmp_path / "h"
     x = clustered(150, dim=8)
     store_a = vector_store(tmp_path / "a", x[:100])
-    idx.build(store_a, "old", idx.BuildOptions(kind="flat"), str(home))
-    gen = idx.locate("old", str(home))
+    idx.build(store_a, "old", index_plan.BuildOptions(kind="flat"), str(home))
+    gen = index_generations.locate("old", str(home))
     for f in gen.iterdir():  # lay it out the old way
         f.rename(home / "old" / f.name)
     gen.rmdir()
     (home / "old" / "CURRENT").unlink()
-    assert idx.names(str(home)) == ["old"] and idx.locate("old", str(home)) == home / "old"
-    assert idx.LoadedIndex("old", str(home)).index.ntotal == 100
+    assert index_generations.names(str(home)) == ["old"] and index_generations.locate("old", str(home)) == home / "old"
+    assert index_search.LoadedIndex("old", str(home)).index.ntotal == 100
     idx.add("old", vector_store(tmp_path / "b", x[100:], start=100), str(home))
-    assert idx.locate("old", str(home)).name == "gen-000001"
+    assert index_generations.locate("old", str(home)).name == "gen-000001"
     assert sorted(p.name for p in (home / "old").iterdir()) == [".lock", "CURRENT", "gen-000001"]
-    assert idx.LoadedIndex("old", str(home)).index.ntotal == 150
+    assert index_search.LoadedIndex("old", str(home)).index.ntotal == 150
 
 
 def test_dedup_and_inspect_share_the_measured_near_duplicate_default(tmp_path: Path) -> None:
@@ -435,9 +440,9 @@ def test_id_lookups_find_every_id_and_refuse_others(tmp_path: Path) -> None:
     x = rng.normal(size=(3000, 8)).astype(np.float32)
     store = vector_store(tmp_path / "s", x[:2000])
     home = str(tmp_path / "h")
-    idx.build(store, "ids", idx.BuildOptions(kind="flat"), home)
+    idx.build(store, "ids", index_plan.BuildOptions(kind="flat"), home)
     idx.add("ids", vector_store(tmp_path / "s2", x[2000:], start=2000), home)  # a second chunk, later ids
-    loaded = idx.LoadedIndex("ids", home)
+    loaded = index_search.LoadedIndex("ids", home)
     assert loaded.ids.column("id").num_chunks >= 1
     ids = loaded.ids.column("id").to_pylist()
     for i in [0, 1, 999, 1999, 2000, 2999, *rng.integers(0, 3000, 50).tolist()]:
@@ -448,4 +453,5 @@ def test_id_lookups_find_every_id_and_refuse_others(tmp_path: Path) -> None:
         assert loaded.row_of(missing) is None
     with pytest.raises(IndexError_, match="is not in index"):
         loaded.vector_of("nope")
-    np.testing.assert_allclose(loaded.vector_of(ids[2500])[0], idx._prepare(x[2500:2501], "cosine")[0], atol=1e-6)
+    np.testing.assert_allclose(loaded.vector_of(ids[2500])[0], faiss_util._prepare(x[2500:2501], "cosine")[0],
+                               atol=1e-6)

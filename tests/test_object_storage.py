@@ -134,9 +134,9 @@ def test_a_ray_index_build_streams_an_s3_store(tmp_path: Path, s3_env: dict[str,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["count"] == 60
-    from embedder.index import build as idx
+    from embedder.index import search as index_search
 
-    loaded = idx.LoadedIndex("r", str(home))
+    loaded = index_search.LoadedIndex("r", str(home))
     some = loaded.ids.column("id")[7].as_py()
     assert loaded.search(loaded.vector_of(some), 1)[0][0]["id"] == some
 

@@ -324,12 +324,13 @@ def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: s
     # the same id map and float16 copies, the same tuned recall as the local streamed build
     import faiss
 
-    from embedder.index import build as idx
-    from embedder.index import ondisk as big
+    from embedder.index import ondisk
+    from embedder.index import search as index_search
+    from embedder.index import stream as index_stream
     from tests.test_bigindex import sharded_store
     from tests.test_index import clustered
 
-    monkeypatch.setattr(big, "BATCH_ROWS", 1024)  # slices of 6,000 rows: two Ray tasks of three shards
+    monkeypatch.setattr(index_stream, "BATCH_ROWS", 1024)  # slices of 6,000 rows: two Ray tasks of three shards
     x = clustered(12_000, dim=32)
     store = sharded_store(tmp_path / "s", np.array_split(x, 6))
     home = str(tmp_path / "h")
@@ -339,7 +340,7 @@ def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: s
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["index", "build", store, "--name", "ray", "--engine", "ray", "--address", cluster, *common])
     assert r.exit_code == 0, r.output
-    a, b = idx.LoadedIndex("local", home), idx.LoadedIndex("ray", home)
+    a, b = index_search.LoadedIndex("local", home), index_search.LoadedIndex("ray", home)
     assert "adds as Ray tasks" in b.meta["reason"] and b.meta["on_disk"]["slices"] > 1
     la, lb = faiss.extract_index_ivf(a.index).invlists, faiss.extract_index_ivf(b.index).invlists
     code_size = faiss.extract_index_ivf(a.index).code_size
@@ -354,7 +355,7 @@ def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: s
     assert abs(a.meta["quality"]["recall_at_10"] - b.meta["quality"]["recall_at_10"]) <= 0.005
     assert b.search(x[777:778], 1)[0][0]["id"] == "v000777"
     assert sorted(p.name for p in b.dir.iterdir()) == sorted(  # no part files left behind
-        ["index.faiss", big.LISTS_FILE, big.TRAINED_FILE, big.IDS_ARROW, "vectors.npy", "index.json"])
+        ["index.faiss", ondisk.LISTS_FILE, ondisk.TRAINED_FILE, ondisk.IDS_ARROW, "vectors.npy", "index.json"])
     r = runner.invoke(app, ["index", "build", store, "--name", "h", "--kind", "hnsw", "--engine", "ray",
                             "--address", cluster, "--home", home])
     assert r.exit_code == 2 and "--engine ray builds an IVF index with lists on disk" in r.output

@@ -23,6 +23,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from embedder.embed.fill import extract  # noqa: E402
 from embedder.index import build as idx  # noqa: E402
+from embedder.index import generations as index_generations
+from embedder.index import plan as index_plan
 from embedder.io.sources import image_id  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.service.app import create_app  # noqa: E402
@@ -35,7 +37,7 @@ def served(image_tree: Path, tmp_path: Path) -> tuple[str, Path]:
     store = str(tmp_path / "store")
     extract([str(image_tree)], store, ModelSpec("tiny_test"))
     home = str(tmp_path / "home")
-    idx.build(store, "pets", idx.BuildOptions(kind="flat"), home)
+    idx.build(store, "pets", index_plan.BuildOptions(kind="flat"), home)
     return home, image_tree
 
 
@@ -221,9 +223,9 @@ def test_a_drop_and_rebuild_is_a_new_generation_for_the_service(served: tuple[st
     with _client(home) as c:
         _wait_ready(c)
         assert c.get("/indexes/pets").json()["count"] == 11
-        idx.drop("pets", home)
-        idx.build(store2, "pets", idx.BuildOptions(kind="flat"), home)
-        assert idx.info("pets", home)["generation"] == 1  # the same number as the served one
+        index_generations.drop("pets", home)
+        idx.build(store2, "pets", index_plan.BuildOptions(kind="flat"), home)
+        assert index_generations.info("pets", home)["generation"] == 1  # the same number as the served one
         r = c.post("/indexes/pets/reload")
         assert r.json() == {"name": "pets", "generation": 1, "reloaded": True}, r.text
         assert c.get("/indexes/pets").json()["count"] == 4
@@ -383,7 +385,7 @@ def test_indexes_that_differ_only_in_normalisation_get_their_own_query_model(ima
     for norm in ("none", "l2"):
         store = str(tmp_path / f"store-{norm}")
         extract([str(image_tree)], store, ModelSpec("tiny_test"), EmbedOptions(normalize=norm))
-        idx.build(store, norm, idx.BuildOptions(kind="flat", metric="l2"), home)
+        idx.build(store, norm, index_plan.BuildOptions(kind="flat", metric="l2"), home)
     cat = (image_tree / "cat" / "cat_0001.jpg").read_bytes()
     with _client(home) as c:
         _wait_ready(c)

@@ -31,9 +31,10 @@ def _modules_after(args: list[str], env: dict[str, str]) -> tuple[int, list[str]
 @pytest.fixture(scope="module")
 def index_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     from embedder.index import build as idx
+    from embedder.index import plan as index_plan
 
     home = tmp_path_factory.mktemp("home")
-    idx.build(str(STORE_V1), "v1", idx.BuildOptions(kind="flat"), str(home))
+    idx.build(str(STORE_V1), "v1", index_plan.BuildOptions(kind="flat"), str(home))
     return str(home)
 
 

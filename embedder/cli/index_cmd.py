@@ -51,10 +51,11 @@ def build_command(
 ) -> None:
     """Build an index over STORE; measures recall@10 against exact search on held-out queries."""
     from embedder.index import build as idx
+    from embedder.index import plan as index_plan
 
     budget = parse_size(memory_budget) if memory_budget else None
     with console.status(f"building {name}…"):
-        meta = idx.build(str(store), name, idx.BuildOptions(kind=kind, metric=str(metric),
+        meta = idx.build(str(store), name, index_plan.BuildOptions(kind=kind, metric=str(metric),
                          target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
                          coarse=str(coarse), opq=opq, engine=str(engine), address=address), home)
     if as_json:
@@ -160,9 +161,9 @@ def search_command(
         return
     import numpy as np
 
-    from embedder.index import build as idx
+    from embedder.index import search as index_search
 
-    loaded = idx.LoadedIndex(name, home)
+    loaded = index_search.LoadedIndex(name, home)
     labels: list[str] = []
     vecs: list[np.ndarray] = []
     images = [q for q in queries or [] if not q.endswith(".npy")]

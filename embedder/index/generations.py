@@ -203,3 +203,21 @@ def info(name: str, index_home: str | None = None) -> dict[str, Any]:
 def drop(name: str, index_home: str | None = None) -> None:
     locate(name, index_home)  # a clear error for a name that is not an index
     remove(index_dir(name, index_home))
+
+
+INDEX_FILE = "index.faiss"
+
+
+IDS_FILE = "ids.parquet"
+
+
+VECTORS_FILE = "vectors.npy"  # float16 copies for exact re-ranking of compressed (PQ) indexes
+
+
+def _commit(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """index.json goes in last; then the staged folder becomes the current generation."""
+    meta["generation"] = next_generation(target)
+    meta["build_id"] = uuid.uuid4().hex  # never reused: see generations.identity
+    (tmpdir / META_FILE).write_text(json.dumps(meta, indent=2))
+    commit(target, tmpdir)
+    return meta

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from embedder.embed.ray import RayOptions, connect
 from embedder.errors import RayError
-from embedder.index import ondisk as big
+from embedder.index import faiss_util, ondisk
+from embedder.index.stream import ID_SCHEMA, Parallel, Part, add_part, write_npy_header
 from embedder.io import storage
 
 COPY_CHUNK = 16 << 20
@@ -45,24 +46,24 @@ def runs(shards: list[str], start: int, per_run: int) -> tuple[list[tuple[list[s
     return out, row
 
 
-def _add_task(part: big.Part, queries: np.ndarray, staging: str, faiss_metric: int,
+def _add_task(part: Part, queries: np.ndarray, staging: str, faiss_metric: int,
               threads: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     import faiss
 
-    from embedder.index.build import _prepare
+    from embedder.index.faiss_util import _prepare
 
     faiss.omp_set_num_threads(threads)
     part = dataclasses.replace(part, queries=np.array(queries))  # writable, off the object store
     d = Path(staging)
-    with big.no_precomputed_tables(), open(d / f"vectors-{part.tag}.f16", "wb") as vectors, \
-            pa.OSFile(str(d / f"ids-{part.tag}.arrow"), "wb") as sink, pa.ipc.new_file(sink, big.ID_SCHEMA) as ids_out:
-        return big.add_part(part, d, vectors, ids_out, lambda v: _prepare(v, part.metric), faiss_metric)
+    with faiss_util.no_precomputed_tables(), open(d / f"vectors-{part.tag}.f16", "wb") as vectors, \
+            pa.OSFile(str(d / f"ids-{part.tag}.arrow"), "wb") as sink, pa.ipc.new_file(sink, ID_SCHEMA) as ids_out:
+        return add_part(part, d, vectors, ids_out, lambda v: _prepare(v, part.metric), faiss_metric)
 
 
-def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> big.Parallel:
+def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> Parallel:
     """A ``bigindex.Parallel`` that runs each run of shards as a Ray task."""
 
-    def run(whole: big.Part, staging: Path) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    def run(whole: Part, staging: Path) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
         ray = connect(options)
         staging = staging.resolve()  # workers run in their own directories: absolute paths only
         task = ray.remote(num_cpus=task_cpus, max_retries=3)(_add_task)
@@ -84,14 +85,14 @@ def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> 
     return run
 
 
-def _join(parts: list[big.Part], staging: Path, n: int, dim: int) -> None:
+def _join(parts: list[Part], staging: Path, n: int, dim: int) -> None:
     """The parts' N float16 copies of DIM and id maps, concatenated in row order (streamed copies)."""
     with open(staging / "vectors.npy", "wb") as out:
-        big.write_npy_header(out, n, dim)
+        write_npy_header(out, n, dim)
         for p in parts:
             with open(staging / f"vectors-{p.tag}.f16", "rb") as f:
                 shutil.copyfileobj(f, out, COPY_CHUNK)
-    with pa.OSFile(str(staging / big.IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, big.ID_SCHEMA) as ids_out:
+    with pa.OSFile(str(staging / ondisk.IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, ID_SCHEMA) as ids_out:
         for p in parts:
             with pa.memory_map(str(staging / f"ids-{p.tag}.arrow")) as src:
                 reader = pa.ipc.open_file(src)

@@ -1,4 +1,5 @@
-"""torchvision's weights cache ($TORCH_HOME/hub/checkpoints): where registry weights live, how they get there."""
+"""torchvision's weights cache ($TORCH_HOME/hub/checkpoints): where registry weights live, how they get
+there."""
 
 from __future__ import annotations
 

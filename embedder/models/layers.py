@@ -1,4 +1,5 @@
-"""Where a backbone can be cut: module names from the architecture built on the meta device (no memory, no weights)."""
+"""Where a backbone can be cut: module names from the architecture built on the meta device (no memory,
+no weights)."""
 
 from __future__ import annotations
 

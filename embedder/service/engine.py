@@ -101,7 +101,7 @@ class Engine:
         self.ready = True
 
     def _load(self, name: str) -> Any:
-        from embedder.index.build import LoadedIndex
+        from embedder.index.search import LoadedIndex
 
         loaded = LoadedIndex(name, self.options.home)
         if not loaded.meta.get("on_disk"):
