@@ -38,7 +38,9 @@ from bench_finetune import digits, peak_rss_mib  # noqa: E402
 
 from embedder.choices import DECODERS  # noqa: E402
 from embedder.decode.decoders import decode_file
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, extract  # noqa: E402
+from embedder.embed.batch import BatchEmbedder  # noqa: E402
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions
 from embedder.learn import probe as pr  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.models.preprocessing import Preprocessing  # noqa: E402

@@ -37,15 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from embedder.embed.fill import (
-    BatchEmbedder,
-    EmbedOptions,
-    Pending,
-    RunOptions,
-    default_batch,
-    default_lanes,
-    extract,
-)
+from embedder.embed.batch import BatchEmbedder, Pending
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions, RunOptions, default_batch, default_lanes
 from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import AUTO_MIN_BATCHES
 from embedder.models.features import _set_module

@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench_extract import make_images  # noqa: E402
 
 from embedder.decode.pool import start_server  # noqa: E402
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract  # noqa: E402
+from embedder.embed.batch import BatchEmbedder  # noqa: E402
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.models.registry import get_backbone  # noqa: E402
 

@@ -185,7 +185,8 @@ def digits_vectors(tmp: Path) -> tuple[np.ndarray, np.ndarray]:
     from bench_finetune import digits
 
     from embedder.analysis.vectors import load_vectors
-    from embedder.embed.fill import EmbedOptions, extract
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions
     from embedder.models.builder import ModelSpec
     from embedder.models.hub import import_weights
 

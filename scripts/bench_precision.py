@@ -26,7 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_finetune import peak_rss_mib  # noqa: E402
 
-from embedder.embed.fill import EmbedOptions, extract
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions
 from embedder.learn import probe as pr
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store, arrow_to_embeddings

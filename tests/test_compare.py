@@ -131,7 +131,7 @@ def test_gflops_counted_up_to_the_layer_match_torchvision() -> None:
     """Multiply-adds counted by torch agree with torchvision's published figure for the whole
     MobileNetV2 (0.30 GFLOPS), and a tap halfway costs less."""
     from embedder.analysis.compare import _gflops
-    from embedder.embed.fill import BatchEmbedder
+    from embedder.embed.batch import BatchEmbedder
     from embedder.models.builder import ModelSpec
     from embedder.models.hub import import_weights
     from tests.conftest import mobilenet_weights_file

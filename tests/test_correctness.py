@@ -14,7 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from embedder.cli import app
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, embedder_for, extract
+from embedder.embed.batch import BatchEmbedder
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions
+from embedder.embed.query import embedder_for
 from embedder.errors import EmbedderError, ProvenanceMismatch, StoreError, WeightsMismatch
 from embedder.index import build as idx
 from embedder.index import plan as index_plan
@@ -129,12 +132,12 @@ def test_wrongly_shaped_weights_are_a_one_line_error(image_tree: Path, tmp_path:
 # ---- 13: every shard carries the provenance of the run that wrote it; precision is identity ------
 def test_shards_are_stamped_by_the_run_that_wrote_them(image_tree: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedder.embed import fill as ex
+    from embedder.embed import batch as embed_batch
 
     out = str(tmp_path / "s")
     extract([str(image_tree / "cat")], out, TINY)
-    real = ex._versions()
-    monkeypatch.setattr(ex, "_versions", lambda: {**real, "embedder": "second-run"})
+    real = embed_batch._versions()
+    monkeypatch.setattr(embed_batch, "_versions", lambda: {**real, "embedder": "second-run"})
     extract([str(image_tree)], out, TINY)
     stamps = sorted(Provenance.from_json(pq.read_schema(s).metadata[META_KEY]).versions["embedder"]
                     for s in Store(out).shard_files())

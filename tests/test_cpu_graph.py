@@ -14,8 +14,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from embedder.cli import app
-from embedder.embed import fill
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.embed import batch as embed_batch
+from embedder.embed.batch import BatchEmbedder
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import MIN_GAIN, onednn_graph, pick
 from embedder.models.features import _set_module, fold_batchnorm
@@ -107,7 +109,7 @@ def test_extract_records_the_graph_and_onednn_gives_eager_vectors(tmp_path: Path
     assert run["cpu_graph"] == "eager" and "not timed" in str(run["cpu_graph_reason"])
 
     # auto on a long run (the threshold lowered): both graphs timed on a lane, the faster kept
-    monkeypatch.setattr(fill, "AUTO_MIN_BATCHES", 2)
+    monkeypatch.setattr(embed_batch, "AUTO_MIN_BATCHES", 2)
     emb = BatchEmbedder(TINY)
     extract([str(src)], str(tmp_path / "auto"), TINY, EmbedOptions(), RunOptions(batch_size=4, model_lanes=2),
             embedder=emb)

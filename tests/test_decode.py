@@ -124,7 +124,8 @@ def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
 
 
 def test_extreme_aspect_ratio_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
-    from embedder.embed.fill import EmbedOptions, extract
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions
     from embedder.models.builder import ModelSpec
     from embedder.store.shards import Store
 
@@ -261,7 +262,7 @@ def test_extract_with_pil_reduce_records_it_and_stores_its_vectors(tmp_path: Pat
     from typer.testing import CliRunner
 
     from embedder.cli import app
-    from embedder.embed.fill import embedder_for
+    from embedder.embed.query import embedder_for
     from embedder.store.shards import Store, arrow_to_embeddings
 
     src = tmp_path / "src"

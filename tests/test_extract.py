@@ -9,7 +9,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.embed.batch import BatchEmbedder
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.errors import ProvenanceMismatch, StoreError, UnknownLayer
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store, arrow_to_embeddings

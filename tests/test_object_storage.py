@@ -22,7 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from embedder.cli import app
-from embedder.embed.fill import EmbedOptions, RunOptions, extract
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.errors import SourceError, StoreError
 from embedder.io.sources import discover
 from embedder.models.builder import ModelSpec

@@ -22,7 +22,9 @@ from embedder.cli import app
 from embedder.decode.decoders import decode_file
 from embedder.decode.nvjpeg import decode_chunk, encode_header, orient
 from embedder.decode.pool import resolve_decode_in
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+from embedder.embed.batch import BatchEmbedder
+from embedder.embed.fill import extract
+from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.errors import EmbedderError
 from embedder.models.builder import ModelSpec
 from embedder.models.registry import get_backbone

@@ -20,7 +20,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     make_images(src, {"a": 150, "b": 150}, size=(96, 96))
     store = tmp_path / "store"
     # The real CLI in a real process, slowed a little per batch so the kill lands mid-run.
-    cmd = [*slowed_cli("embedder.embed.fill", "BatchEmbedder", "launch", 0.02), "extract", str(src),
+    cmd = [*slowed_cli("embedder.embed.batch", "BatchEmbedder", "launch", 0.02), "extract", str(src),
            "--out", str(store), "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -45,7 +45,8 @@ def test_the_manifest_lists_every_shard_and_is_reconciled_after_a_crash(tmp_path
     shard and its manifest update, or a shard moved away, is reconciled when the next writer opens."""
     import json
 
-    from embedder.embed.fill import EmbedOptions, RunOptions, extract
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions, RunOptions
     from embedder.models.builder import ModelSpec
 
     src = tmp_path / "imgs"
@@ -79,7 +80,8 @@ def test_a_long_runs_manifest_is_rewritten_at_most_every_few_seconds_and_complet
         tmp_path: Path) -> None:
     import json
 
-    from embedder.embed.fill import EmbedOptions, RunOptions, extract
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions, RunOptions
     from embedder.models.builder import ModelSpec
 
     src = tmp_path / "imgs"

@@ -379,7 +379,7 @@ def test_head_requests_and_index_gauges(served: tuple[str, Path]) -> None:
 
 def test_indexes_that_differ_only_in_normalisation_get_their_own_query_model(image_tree: Path,
                                                                              tmp_path: Path) -> None:
-    from embedder.embed.fill import EmbedOptions
+    from embedder.embed.options import EmbedOptions
 
     home = str(tmp_path / "home")
     for norm in ("none", "l2"):

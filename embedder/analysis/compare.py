@@ -118,7 +118,9 @@ def _gflops(embedder: Any) -> float:
 
 def _extract_cell(cell: Cell, sources: list[str], test_sources: list[str] | None, work: Path,
                   options: CompareOptions, progress: Callable[[str, int, int, int], None] | None) -> None:
-    from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, extract
+    from embedder.embed.batch import BatchEmbedder
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions, RunOptions
     from embedder.models.builder import ModelSpec
     from embedder.models.registry import parse_backbone_spec
 

@@ -73,7 +73,8 @@ def extract_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Embed images with a frozen pretrained backbone into a resumable Parquet store."""
-    from embedder.embed.fill import EmbedOptions, RunOptions, extract
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions, RunOptions
 
     setup_logging(verbose)
     spec = model_spec(backbone, weights, layer, value(pool), image_size)

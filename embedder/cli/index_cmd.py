@@ -177,7 +177,7 @@ def search_command(
             vecs.append(loaded.prepare(v))
             labels += [q] * len(v)
     if images:
-        from embedder.embed.fill import embed_files, embedder_for
+        from embedder.embed.query import embed_files, embedder_for
 
         missing = [p for p in images if not Path(p).is_file()]
         if missing:

@@ -33,16 +33,9 @@ from embedder.decode.common import DEFAULT_MAX_PIXELS
 from embedder.decode.decoders import resolve_decoder
 from embedder.decode.pool import DecodeSpec, decode_rows
 from embedder.embed import worklist
-from embedder.embed.fill import (
-    CPU_BATCH,
-    CUDA_BATCH,
-    BatchEmbedder,
-    EmbedOptions,
-    ExtractSummary,
-    RunOptions,
-    new_run_record,
-    still_to_do,
-)
+from embedder.embed.batch import BatchEmbedder
+from embedder.embed.fill import ExtractSummary, new_run_record, still_to_do
+from embedder.embed.options import CPU_BATCH, CUDA_BATCH, EmbedOptions, RunOptions
 from embedder.embed.worklist import WorkList
 from embedder.errors import EmbedderError, RayError
 from embedder.io import storage

@@ -11,7 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.embed.fill import BatchEmbedder, EmbedOptions, RunOptions, embed_stream, embedder_for
+from embedder.embed.batch import BatchEmbedder
+from embedder.embed.lanes import embed_stream
+from embedder.embed.options import EmbedOptions, RunOptions
+from embedder.embed.query import embedder_for
 from embedder.errors import ProbeError
 from embedder.io.sources import ImageRef, discover
 from embedder.learn.probe import load_probe

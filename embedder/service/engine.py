@@ -128,7 +128,7 @@ class Engine:
 
     def _embedder_locked(self, loaded: Any, key: str) -> Any | None:
         if key not in self.embedders:
-            from embedder.embed.fill import embedder_for
+            from embedder.embed.query import embedder_for
 
             prov = loaded.provenance
             weights = self.options.weights.get(loaded.name)

@@ -13,7 +13,7 @@ Two questions, answered here and nowhere else:
   the same images are at median cosine 0.992 (worst 0.968) from fp32 ones; a probe trained on fp32
   vectors loses 2.2 points on bf16 ones, and fp32 queries against a bf16 index share only 71 % of
   their top 10 with the fp32 index's. So queries and predictions are embedded at the precision
-  recorded for the index or probe (``embedder.embed.fill.embedder_for``).
+  recorded for the index or probe (``embedder.embed.query.embedder_for``).
 - ``same_store(other)``: may these vectors share one store? Comparable, and also the same stored
   dtype and normalisation.
 """

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedder.embed.fill import RunOptions, extract
+from embedder.embed.fill import extract
+from embedder.embed.options import RunOptions
 from embedder.models.builder import ModelSpec
 from embedder.models.registry import get_backbone
 
