@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, models
 from torchvision import transforms as T
 
-from embedder.learn.finetune import FinetuneOptions, finetune
+from embedder.learn.finetune.options import FinetuneOptions
+from embedder.learn.finetune.train import finetune
 
 
 def stripes(root: Path, per_class: int, size: int, seed: int) -> None:

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from embedder.cli import app
 from embedder.embed.fill import extract
 from embedder.errors import FinetuneError, SourceError
-from embedder.learn.finetune import FinetuneOptions, build_model, finetune, param_groups
+from embedder.learn.finetune.options import FinetuneOptions
+from embedder.learn.finetune.schedule import param_groups
+from embedder.learn.finetune.train import build_model, finetune
 from embedder.models import checkpoint
 from embedder.models.builder import ModelSpec
 from embedder.models.registry import get_backbone
@@ -136,7 +138,7 @@ def test_broken_images_are_skipped_and_unseen_val_classes_warned(labelled: Path,
 @pytest.mark.slow
 def test_resume_after_kill(labelled: Path, tmp_path: Path) -> None:
     ck = tmp_path / "ck.safetensors"
-    slow = ("import time, embedder.learn.finetune as f; orig = f.evaluate; "
+    slow = ("import time, embedder.learn.finetune.train as f; orig = f.evaluate; "
             "f.evaluate = lambda *a, **k: (time.sleep(1.0), orig(*a, **k))[1]; "
             "from embedder.cli import main; main()")
     args = ["finetune", str(labelled), "--out", str(ck), "--backbone", "tiny_test", "--epochs", "5",
@@ -197,7 +199,7 @@ def test_warmup_cosine_schedule_per_step() -> None:
     to 0, per group, and fast-forwarding (resume) lands on the same values."""
     import math
 
-    from embedder.learn.finetune import phase_scheduler
+    from embedder.learn.finetune.schedule import phase_scheduler
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [p], "lr": 0.0, "base_lr": 0.1},
@@ -248,7 +250,7 @@ def test_lp_ft_starts_from_the_probe_and_never_ends_below_it(labelled: Path, tmp
 
 
 def test_budget_plan_picks_the_largest_size_that_fits_and_the_epochs_there() -> None:
-    from embedder.learn.finetune import BUDGET_MAX_EPOCHS, BUDGET_MIN_EPOCHS, budget_sizes, plan_budget
+    from embedder.learn.finetune.budget import BUDGET_MAX_EPOCHS, BUDGET_MIN_EPOCHS, budget_sizes, plan_budget
 
     assert budget_sizes(224) == [224, 192, 160, 128, 96] and budget_sizes(32) == [32, 24, 16]
     # 1 s per training step and 0.25 s per evaluation batch at 224 px; 50 train / 10 val batches:
@@ -288,7 +290,7 @@ def test_a_budget_sets_size_and_epochs_and_the_report_shows_accuracy_against_tim
 
 
 def test_bn_policy_and_weight_ema(labelled: Path, tmp_path: Path) -> None:
-    from embedder.learn.finetune import _ema_avg
+    from embedder.learn.finetune.schedule import _ema_avg
 
     base = {**TINY.__dict__, "epochs": 2, "head_epochs": 0, "probe_init": False}
     pre = get_backbone("tiny_test").build_architecture().state_dict()

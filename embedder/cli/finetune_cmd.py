@@ -47,7 +47,8 @@ def finetune_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head; reports what it bought over a frozen probe."""
-    from embedder.learn.finetune import FinetuneOptions, finetune
+    from embedder.learn.finetune.options import FinetuneOptions
+    from embedder.learn.finetune.train import finetune
     from embedder.models.builder import DEFAULT_BACKBONE
     from embedder.models.registry import parse_backbone_spec
 

@@ -1,4 +1,5 @@
-"""Streaming lanes: decode, copy and model steps overlapped across lanes, results in order, every failure kept."""
+"""Streaming lanes: decode, copy and model steps overlapped across lanes, results in order, every
+failure kept."""
 
 from __future__ import annotations
 

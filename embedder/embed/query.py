@@ -1,4 +1,5 @@
-"""Query embedding: the model a store or index was made with, rebuilt from its provenance, applied to new images."""
+"""Query embedding: the model a store or index was made with, rebuilt from its provenance, applied to
+new images."""
 
 from __future__ import annotations
 

@@ -1,0 +1,81 @@
+"""Labelled images for training: the dataset, its collate, the training and evaluation transforms
+(picklable, for spawned workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torch.utils.data import Dataset
+
+from embedder.decode.cpu import load_rgb, preprocess
+from embedder.errors import DecodeError, FinetuneError
+from embedder.io.sources import ImageRef, discover
+from embedder.models.preprocessing import Preprocessing
+
+_Item = tuple[torch.Tensor | None, int, str, str]  # pixels (None: failed), label, path, reason
+
+
+# ---- data --------------------------------------------------------------------------------------
+class _Images(Dataset):  # type: ignore[type-arg]
+    def __init__(self, refs: list[ImageRef], labels: list[int], transform: Callable[[Any], torch.Tensor],
+                 max_pixels: int) -> None:
+        self.refs, self.labels, self.transform, self.max_pixels = refs, labels, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, str]:
+        ref = self.refs[i]
+        try:
+            with open(ref.path, "rb") as f:
+                img = load_rgb(f.read(), self.max_pixels)
+            return self.transform(img), self.labels[i], ref.path, ""
+        except (DecodeError, OSError) as e:
+            return None, self.labels[i], ref.path, str(e)
+
+
+
+def _collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    good = [(x, y) for x, y, _, _ in batch if x is not None]
+    failed = [(p, r) for x, _, p, r in batch if x is None]
+    if not good:
+        return None, torch.zeros(0, dtype=torch.long), failed
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failed
+
+
+
+class train_transform:  # noqa: N801 - a picklable function object (DataLoader workers may spawn)
+    """Augmentation for classification: random resized crop and flip, at the weights' resolution."""
+
+    def __init__(self, pre: Preprocessing, flip: bool = True, crop_scale: float = 0.6) -> None:
+        self.crop = T.RandomResizedCrop(pre.crop_size, scale=(crop_scale, 1.0),
+                                        interpolation=pre.interpolation_mode, antialias=True)
+        self.flip = T.RandomHorizontalFlip(p=0.5 if flip else 0.0)  # picklable either way
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return TF.pil_to_tensor(self.flip(self.crop(img)))
+
+
+
+class eval_transform:  # noqa: N801
+    """Exactly the extraction preprocessing (resize, centre crop)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return preprocess(img, self.pre)
+
+
+
+def _labelled(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:
+    refs = discover(source)
+    unlabelled = [r for r in refs if r.label is None]
+    if len(unlabelled) == len(refs):
+        raise FinetuneError(f"no labels in {', '.join(source)}: put images in one subfolder per class")
+    refs = [r for r in refs if r.label is not None]
+    return refs, sorted({r.label for r in refs if r.label is not None}) if classes is None else classes
