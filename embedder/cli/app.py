@@ -16,7 +16,18 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import exceptions as cx  # type: ignore[no-redef]
     from click.utils import echo  # type: ignore[no-redef]
 
-from embedder.cli import extract_cmd, finetune_cmd, index_cmd, inspect_cmd, probe_cmd, serve_cmd, store_cmd
+from embedder.cli import (
+    compare_cmd,
+    dedup_cmd,
+    extract_cmd,
+    finetune_cmd,
+    index_cmd,
+    inspect_cmd,
+    probe_cmd,
+    search_cmd,
+    serve_cmd,
+    store_cmd,
+)
 
 
 class OneLineErrors(TyperGroup):
@@ -58,10 +69,13 @@ app = typer.Typer(
 extract_cmd.register(app)
 store_cmd.register(app)
 index_cmd.register(app)
+search_cmd.register(app)
+dedup_cmd.register(app)
 probe_cmd.register(app)
 finetune_cmd.register(app)
 serve_cmd.register(app)
 inspect_cmd.register(app)
+compare_cmd.register(app)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -102,3 +102,6 @@ def image_progress(description: str, enabled: bool = True) -> Iterator[Callable[
     finally:
         if task is not None:
             progress.stop()
+
+
+HomeOpt = Annotated[Optional[str], typer.Option("--home", help="Index home (default: $EMBEDDER_HOME or ./indexes).")]

@@ -1,30 +1,26 @@
-"""`embedder index build|add|list|info|drop`, `embedder search`, `embedder dedup`."""
+"""`embedder index build|add|list|info|drop`."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from embedder import choices
-from embedder.cli.common import console, handle_errors, out
+from embedder.cli.common import HomeOpt, console, handle_errors, out
 from embedder.errors import IndexError_
 from embedder.index import generations as layout
 
 index_app = typer.Typer(help="Build and manage FAISS indexes over stores.", no_args_is_help=True)
 
-HomeOpt = Annotated[Optional[str], typer.Option("--home", help="Index home (default: $EMBEDDER_HOME or ./indexes).")]
 
 
 def parse_size(text: str) -> int:
     """'512MB', '2GB', '1.5GiB', '1000000' → bytes (powers of 1024: budgets are memory)."""
     import re
 
-    from embedder.errors import IndexError_
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
     if not m:
@@ -124,103 +120,13 @@ def add_command(name: str, store: str, home: HomeOpt = None,
     out.print(f"added {r['added']}, skipped {r['skipped']} already present; {r['count']:,} vectors{deltas}")
 
 
-def _parse_where(where: list[str]) -> dict[str, str]:
-    cond = {}
-    for w in where:
-        col, sep, value = w.partition("=")
-        if not sep or not col:
-            raise IndexError_(f"--where takes COLUMN=VALUE, got {w!r}")
-        cond[col.strip()] = value
-    return cond
 
 
-@handle_errors
-def search_command(
-    name: Annotated[str, typer.Argument(help="Index name.")],
-    queries: Annotated[Optional[list[str]], typer.Argument(help="Image files or .npy vectors.")] = None,
-    k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
-    ids: Annotated[Optional[list[str]], typer.Option("--id", help="Query by an indexed item's id.")] = None,
-    where: Annotated[Optional[list[str]], typer.Option(help="COLUMN=VALUE filter, e.g. label=shirt.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one.")] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    home: HomeOpt = None,
-    server: Annotated[Optional[str], typer.Option(help="Ask a running `embedder serve` (e.g. http://127.0.0.1:8000) instead of loading anything.")] = None,
-    api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the server's API key.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
-) -> None:
-    """Nearest neighbours of images, vectors or indexed ids; several queries in one batch."""
-    if k <= 0:
-        raise IndexError_(f"-k must be positive, got {k}")
-    if server:
-        from embedder.service.client import search_remote
-
-        key = os.environ.get(api_key_env) if api_key_env else None
-        where_ = _parse_where(where or [])
-        results = search_remote(server, name, queries or [], ids or [], k, where_, key)
-        _print_results(results, as_json)
-        return
-    import numpy as np
-
-    from embedder.index import search as index_search
-
-    loaded = index_search.LoadedIndex(name, home)
-    labels: list[str] = []
-    vecs: list[np.ndarray] = []
-    images = [q for q in queries or [] if not q.endswith(".npy")]
-    for q in queries or []:
-        if q.endswith(".npy"):
-            try:
-                v = np.load(q, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise IndexError_(f"cannot read vector file {q}: {e}") from None
-            v = np.atleast_2d(v)
-            vecs.append(loaded.prepare(v))
-            labels += [q] * len(v)
-    if images:
-        from embedder.embed.query import embed_files, embedder_for
-
-        missing = [p for p in images if not Path(p).is_file()]
-        if missing:
-            raise IndexError_(f"query {missing[0]} is not a file (images or .npy vectors)")
-        emb = embedder_for(loaded.provenance, weights, device)
-        vecs.append(embed_files(emb, images))
-        labels += images
-    for i in ids or []:
-        vecs.append(loaded.vector_of(i))
-        labels.append(f"id:{i}")
-    if not vecs:
-        raise IndexError_("no query: give image files, .npy vectors or --id ID")
-    found = loaded.search(np.concatenate(vecs), k, _parse_where(where or []))
-    _print_results(list(zip(labels, found)), as_json)
 
 
-def _print_results(results: list, as_json: bool) -> None:  # type: ignore[type-arg]
-    for label, hits in results:
-        if as_json:
-            for h in hits:
-                out.print(json.dumps({"query": label, **h}), soft_wrap=True, markup=False)
-            continue
-        table = Table("rank", "score", "id", "path", "label", title=f"query: {label}", title_justify="left")
-        for h in hits:
-            table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["id"][:12], h["path"], h["label"] or "")
-        out.print(table)
 
 
-@handle_errors
-def dedup_command(
-    store: str,
-    out_file: Annotated[Path, typer.Option("--out", help="Parquet file: group, id, path.")] = Path("duplicates.parquet"),
-    threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity at or above which images group (default 0.90, as `inspect`: JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63).")] = None,
-) -> None:
-    """Near-duplicate groups by range search."""
-    from embedder.analysis.dedup import dedup
-
-    s = dedup(str(store), str(out_file), threshold)
-    out.print(f"{s.images:,} images: {s.groups:,} near-duplicate groups, {s.duplicates:,} images beyond "
-              f"the first of each group (cosine ≥ {s.threshold}) → {s.out}")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(index_app, name="index")
-    app.command("search")(search_command)
-    app.command("dedup")(dedup_command)

@@ -19,7 +19,7 @@ from embedder.errors import ProbeError
 from embedder.io.sources import ImageRef, discover
 from embedder.learn.probe import load_probe
 from embedder.models.builder import ModelSpec
-from embedder.models.heads import LinearHead, checkpoint_head
+from embedder.models.heads import LinearHead
 from embedder.store.provenance import Provenance
 from embedder.store.shards import arrow_to_embeddings
 
@@ -39,7 +39,7 @@ def load_classifier(path: Path, weights: str | None = None, device: str = "auto"
     if not path.is_file():
         raise ProbeError(f"probe file {path} does not exist")
     if checkpoint.is_checkpoint(path):
-        head, classes = checkpoint_head(path)
+        head, classes = checkpoint.head(path)
         return head, classes, BatchEmbedder(ModelSpec(None, weights_file=path), EmbedOptions(device=device))
     head, meta = load_probe(path)
     return head, meta["classes"], embedder_for(Provenance.from_dict(meta["provenance"]), weights, device)

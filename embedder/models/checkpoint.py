@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from embedder.errors import WeightsMismatch, WeightsUnavailable
+from embedder.errors import ProbeError, WeightsMismatch, WeightsUnavailable
+from embedder.models.heads import LinearHead
 from embedder.models.hub import sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
@@ -69,3 +71,16 @@ def load_for_extraction(path: Path) -> LoadedWeights:
     return LoadedWeights(state, info, pre, meta, backbone=meta.get("backbone"))
 
 
+def head(path: Path) -> tuple[LinearHead, list[str]]:
+    """The checkpoint's own classification head as a LinearHead on its penultimate features."""
+    from embedder.models.registry import get_backbone
+
+    state, meta = load(path)
+    backbone = get_backbone(meta["backbone"])
+    try:
+        w = state[f"{backbone.head}.weight"].float().numpy()
+        b = state[f"{backbone.head}.bias"].float().numpy()
+    except KeyError:
+        raise ProbeError(f"{path} holds no classification head ({backbone.head})") from None
+    dim = w.shape[1]
+    return LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32)), list(meta["classes"])

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-from embedder.errors import ProbeError
 
 
 @dataclass
@@ -27,17 +24,3 @@ class LinearHead:
         return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
-def checkpoint_head(path: Path) -> tuple[LinearHead, list[str]]:
-    """The checkpoint's own classification head as a LinearHead on its penultimate features."""
-    from embedder.models.checkpoint import load
-    from embedder.models.registry import get_backbone
-
-    state, meta = load(path)
-    backbone = get_backbone(meta["backbone"])
-    try:
-        w = state[f"{backbone.head}.weight"].float().numpy()
-        b = state[f"{backbone.head}.bias"].float().numpy()
-    except KeyError:
-        raise ProbeError(f"{path} holds no classification head ({backbone.head})") from None
-    dim = w.shape[1]
-    return LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32)), list(meta["classes"])
