@@ -41,6 +41,7 @@ from embedder.decode.decoders import decode_file
 from embedder.embed.batch import BatchEmbedder  # noqa: E402
 from embedder.embed.fill import extract
 from embedder.embed.options import EmbedOptions
+from embedder.learn import options as learn_options
 from embedder.learn import probe as pr  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.models.preprocessing import Preprocessing  # noqa: E402
@@ -139,7 +140,7 @@ def main() -> None:
                 extract([str(root / "digits" / split)], stores[split], SPEC, EmbedOptions(decoder=dec, **embed))
             train = pr.load_dataset(stores["train"])
             test = pr.load_dataset(stores["test"], classes=train.classes)
-            head = pr.train_probe(train, pr.ProbeOptions()).head
+            head = pr.train_probe(train, learn_options.ProbeOptions()).head
             accuracy[dec] = round(pr.evaluate(head, train.classes, test.x, test.y)["accuracy"], 4)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "model_device": args.device},

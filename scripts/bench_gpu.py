@@ -210,7 +210,8 @@ def tutorial_loop(args: argparse.Namespace, tmp: Path, root: Path) -> None:
 
 
 def probe_fits(args: argparse.Namespace) -> None:
-    from embedder.learn.probe import ProbeOptions, _fitter
+    from embedder.learn.options import ProbeOptions
+    from embedder.learn.probe import _fitter
 
     rng = np.random.default_rng(0)
     n, d, k = args.probe_rows, args.probe_dim, 10

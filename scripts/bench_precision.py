@@ -28,6 +28,7 @@ from bench_finetune import peak_rss_mib  # noqa: E402
 
 from embedder.embed.fill import extract
 from embedder.embed.options import EmbedOptions
+from embedder.learn import options as learn_options
 from embedder.learn import probe as pr
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store, arrow_to_embeddings
@@ -82,7 +83,7 @@ def main() -> None:
         ids16, x16 = vectors(stores["test", "bf16"])
         assert ids32 == ids16
         cos = (x32 * x16).sum(1) / (np.linalg.norm(x32, axis=1) * np.linalg.norm(x16, axis=1))
-        opts = pr.ProbeOptions()
+        opts = learn_options.ProbeOptions()
         acc = {}
         probes = {}
         for precision in ("fp32", "bf16"):

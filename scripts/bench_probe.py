@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.learn import options as learn_options
 from embedder.learn import probe as pr
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     data = pr.Dataset(xtr, ytr, classes, [], [], {})
 
     t0 = time.perf_counter()
-    result = pr.train_probe(data, pr.ProbeOptions(backend=args.backend))
+    result = pr.train_probe(data, learn_options.ProbeOptions(backend=args.backend))
     ours_s = time.perf_counter() - t0
     ours_acc = float((result.head.logits(xte).argmax(1) == yte).mean())
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from embedder.learn import options as learn_options
 from embedder.learn import probe as pr
 from embedder.learn.selection import scaler, stratified_split
 from embedder.models import heads as models_heads
@@ -96,7 +97,7 @@ def embed(folder: Path, store: Path, weights: Path) -> pr.Dataset:
 def previous_protocol(xtr: np.ndarray, ytr: np.ndarray, n_classes: int) -> np.ndarray:
     """The protocol before K-fold: one stratified 10 % split, accuracy, ties to the most regularised
     C and to no standardisation; refit on all of train. Returns (coef, icpt, mean, scale)."""
-    opts = pr.ProbeOptions()
+    opts = learn_options.ProbeOptions()
     tr, va = stratified_split(ytr, 0.1, 0)
     best = None
     for std in (False, True):

@@ -14,7 +14,8 @@ from embedder.analysis.compare import Cell, CellData, CompareOptions, rank, scor
 from embedder.analysis.transfer import logme, mcnemar, wilson
 from embedder.analysis.vectors import load_vectors
 from embedder.cli import app
-from embedder.learn.probe import Dataset, ProbeOptions, train_probe
+from embedder.learn.options import ProbeOptions
+from embedder.learn.probe import Dataset, train_probe
 from embedder.learn.selection import stratified_split
 from tests.conftest import make_images
 

@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 from torchvision import models
 
-from embedder.decode.common import normalize_batch
 from embedder.decode.cpu import REDUCING_GAP, load_rgb, load_rgb_sized, preprocess
-from embedder.decode.decoders import decode_bytes, decode_data_into, decode_file
+from embedder.decode.decoders import decode_bytes, decode_data_into, decode_file, normalize_batch
 from embedder.errors import DecodeError
 from embedder.models.registry import get_backbone
 

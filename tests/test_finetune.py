@@ -100,8 +100,7 @@ def test_checkpoint_feeds_extract_and_predict(labelled: Path, tmp_path: Path) ->
     net.fc = torch.nn.Linear(32, 3)
     net.load_state_dict(state)
     net.eval()
-    from embedder.decode.common import normalize_batch
-    from embedder.decode.decoders import decode_file
+    from embedder.decode.decoders import decode_file, normalize_batch
     from embedder.models.preprocessing import Preprocessing
 
     pre = Preprocessing.from_dict(meta["preprocessing"])

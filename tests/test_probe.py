@@ -10,13 +10,14 @@ from typer.testing import CliRunner
 from embedder.cli import app
 from embedder.embed.fill import extract
 from embedder.errors import ProbeError
+from embedder.learn import options as learn_options
 from embedder.learn import probe as pr
 from embedder.models.builder import ModelSpec
 from tests.conftest import make_images
 from tests.test_index import vector_store
 
 runner = CliRunner()
-FAST = pr.ProbeOptions(c_min_exp=-4, c_max_exp=3)
+FAST = learn_options.ProbeOptions(c_min_exp=-4, c_max_exp=3)
 
 
 def blobs(n_per: int, classes: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -63,7 +64,7 @@ def test_torch_lbfgs_agrees_with_sklearn(tmp_path: Path) -> None:
     test = pr.load_dataset(vector_store(tmp_path / "te", xt, yt), classes=train.classes)
     accs = {}
     for backend in ("sklearn", "torch"):
-        opts = pr.ProbeOptions(c_min_exp=-4, c_max_exp=3, backend=backend, device="cpu", standardize="no")
+        opts = learn_options.ProbeOptions(c_min_exp=-4, c_max_exp=3, backend=backend, device="cpu", standardize="no")
         r = pr.train_probe(train, opts)
         accs[backend] = (r.C, pr.evaluate(r.head, train.classes, test.x, test.y)["accuracy"])
     assert accs["sklearn"][0] == accs["torch"][0]

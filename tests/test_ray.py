@@ -108,7 +108,8 @@ def _store_vectors(path: Path) -> tuple[list[str], np.ndarray]:
 
 @pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_store_and_resumes(tmp_path: Path, cluster: str) -> None:
-    from embedder.embed.ray import RayOptions, extract_ray
+    from embedder.embed.options import RayOptions
+    from embedder.embed.ray import extract_ray
 
     src = tmp_path / "imgs"
     make_images(src, {"a": 14, "b": 13}, size=(64, 48))
@@ -267,7 +268,8 @@ def test_an_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_nvjpeg_is_refused_by_the_ray_engine(tmp_path: Path) -> None:
-    from embedder.embed.ray import RayOptions, extract_ray
+    from embedder.embed.options import RayOptions
+    from embedder.embed.ray import extract_ray
 
     with pytest.raises(RayError, match="use --decoder torchvision"):
         extract_ray([str(tmp_path)], str(tmp_path / "s"), TINY, EmbedOptions(decoder="nvjpeg"), RunOptions(),

@@ -224,7 +224,8 @@ def rank(cells: list[Cell], data: list[CellData], options: CompareOptions, test:
     """Probe the most promising cells (mean rank of the two cheap scores), order the board, and
     say whether the winner's margin over the runner-up is more than noise."""
     from embedder.analysis.transfer import mcnemar, wilson
-    from embedder.learn.probe import Dataset, ProbeOptions, train_probe
+    from embedder.learn.options import ProbeOptions
+    from embedder.learn.probe import Dataset, train_probe
 
     say = status or (lambda _m: None)
     rank_knn = np.argsort(np.argsort([-(c.knn_loo or 0) for c in cells], kind="stable"), kind="stable")

@@ -18,7 +18,8 @@ import numpy as np
 
 from embedder.analysis.knn import KnnGraph
 from embedder.errors import ProbeError
-from embedder.learn.probe import ProbeOptions, _fitter, select_options
+from embedder.learn.options import ProbeOptions
+from embedder.learn.probe import _fitter, select_options
 from embedder.learn.selection import scaler, select_c, stratified_folds, stratified_split
 from embedder.models.heads import LinearHead
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from embedder import choices
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging, value
+from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
 from embedder.errors import EmbedderError
 from embedder.models.hub import weights_present
 from embedder.models.registry import REGISTRY, parse_backbone_spec
@@ -50,31 +51,30 @@ def extract_command(
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the weights' own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 4 on CPU, 128 on CUDA.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode workers (default: cores - 1). Not on Ray: there decode tasks take --decode-cpus, model actors are --actors.", rich_help_panel=PERF)] = None,
-    decode_in: Annotated[choices.DecodeIn, typer.Option(help="threads, processes, lanes (each CPU model lane decodes its own batch), or auto (processes when the model is on a GPU, lanes on a CPU whose lanes have one thread each).", rich_help_panel=PERF)] = choices.DecodeIn.auto,
-    decode_priority: Annotated[choices.DecodePriority, typer.Option(help="idle: decode workers only on cores nothing else wants.", rich_help_panel=PERF)] = choices.DecodePriority.normal,
+    decode_in: Annotated[choices.DecodeIn, typer.Option(help="threads, processes, lanes (each CPU model lane decodes its own batch), or auto (processes when the model is on a GPU, lanes on a CPU whose lanes have one thread each).", rich_help_panel=PERF)] = choices.DecodeIn(RunOptions.decode_in),
+    decode_priority: Annotated[choices.DecodePriority, typer.Option(help="idle: decode workers only on cores nothing else wants.", rich_help_panel=PERF)] = choices.DecodePriority(RunOptions.decode_priority),
     model_lanes: Annotated[Optional[int], typer.Option(help="CPU: batches computed at once, each on its share of the threads (default: 2 with 2+ cores).", rich_help_panel=PERF)] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    precision: Annotated[choices.Precision, typer.Option(help="Compute precision (auto: bf16 on CUDA, fp32 on CPU).")] = choices.Precision.auto,
-    dtype: Annotated[choices.Dtype, typer.Option(help="Stored dtype.", rich_help_panel=STORE)] = choices.Dtype.float32,
-    normalize: Annotated[choices.Normalize, typer.Option(help="Stored vectors L2-normalised or as the model gives them.", rich_help_panel=STORE)] = choices.Normalize.none,
-    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.", rich_help_panel=STORE)] = 4096,
-    retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.", rich_help_panel=STORE)] = False,
-    decoder: Annotated[choices.Decoder, typer.Option(help="pil: bit-identical to the weights' transforms; pil-draft: JPEG draft mode; pil-reduce: large JPEGs ~2x faster (DCT-domain downscale to 2x the target, then the exact resize); torchvision: JPEGs ~2x faster, pixels within 1 level; nvjpeg: JPEGs decoded on the GPU; auto: the fastest measured to match pil (torchvision).", rich_help_panel=PERF)] = choices.Decoder.pil,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = EmbedOptions.device,
+    precision: Annotated[choices.Precision, typer.Option(help="Compute precision (auto: bf16 on CUDA, fp32 on CPU).")] = choices.Precision(EmbedOptions.precision),
+    dtype: Annotated[choices.Dtype, typer.Option(help="Stored dtype.", rich_help_panel=STORE)] = choices.Dtype(EmbedOptions.dtype),
+    normalize: Annotated[choices.Normalize, typer.Option(help="Stored vectors L2-normalised or as the model gives them.", rich_help_panel=STORE)] = choices.Normalize(EmbedOptions.normalize),
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.", rich_help_panel=STORE)] = RunOptions.shard_rows,
+    retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.", rich_help_panel=STORE)] = RunOptions.retry_failed,
+    decoder: Annotated[choices.Decoder, typer.Option(help="pil: bit-identical to the weights' transforms; pil-draft: JPEG draft mode; pil-reduce: large JPEGs ~2x faster (DCT-domain downscale to 2x the target, then the exact resize); torchvision: JPEGs ~2x faster, pixels within 1 level; nvjpeg: JPEGs decoded on the GPU; auto: the fastest measured to match pil (torchvision).", rich_help_panel=PERF)] = choices.Decoder(EmbedOptions.decoder),
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).", rich_help_panel=PERF)] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).", rich_help_panel=PERF)] = False,
-    cpu_graph: Annotated[choices.CpuGraph, typer.Option(help="CPU, fp32: eager, onednn (TorchScript graph optimised for oneDNN), or auto (time both on runs of 1,000+ images at batch 4, keep the faster).", rich_help_panel=PERF)] = choices.CpuGraph.auto,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).", rich_help_panel=PERF)] = EmbedOptions.compile,
+    cpu_graph: Annotated[choices.CpuGraph, typer.Option(help="CPU, fp32: eager, onednn (TorchScript graph optimised for oneDNN), or auto (time both on runs of 1,000+ images at batch 4, keep the faster).", rich_help_panel=PERF)] = choices.CpuGraph(EmbedOptions.cpu_graph),
     engine: Annotated[choices.Engine, typer.Option(help="ray: Ray Data, decode tasks + model actors (pip install 'embedder\\[ray]').", rich_help_panel=RAY)] = choices.Engine.local,
     address: Annotated[Optional[str], typer.Option(help="auto, HOST:PORT or ray://HOST:PORT (default: a local Ray instance).", rich_help_panel=RAY)] = None,
     actors: Annotated[Optional[int], typer.Option(min=1, help="Model actors (default 1).", rich_help_panel=RAY)] = None,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per model actor.", rich_help_panel=RAY)] = 0.0,
-    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="CPUs per model actor (fractional).", rich_help_panel=RAY)] = 0.5,
-    decode_cpus: Annotated[float, typer.Option(min=0.01, help="CPUs per decode task.", rich_help_panel=RAY)] = 0.5,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per model actor.", rich_help_panel=RAY)] = RayOptions.gpus_per_worker,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="CPUs per model actor (fractional).", rich_help_panel=RAY)] = RayOptions.cpus_per_worker,
+    decode_cpus: Annotated[float, typer.Option(min=0.01, help="CPUs per decode task.", rich_help_panel=RAY)] = RayOptions.decode_cpus,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Embed images with a frozen pretrained backbone into a resumable Parquet store."""
     from embedder.embed.fill import extract
-    from embedder.embed.options import EmbedOptions, RunOptions
 
     setup_logging(verbose)
     spec = model_spec(backbone, weights, layer, value(pool), image_size)
@@ -93,7 +93,8 @@ def extract_command(
                      retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes)
     with image_progress("embedding", enabled=not as_json) as progress:
         if engine == "ray":
-            from embedder.embed.ray import RayOptions, extract_ray
+            from embedder.embed.options import RayOptions
+            from embedder.embed.ray import extract_ray
 
             ray_opts = RayOptions(address=address, workers=actors or 1, gpus_per_worker=gpus_per_worker,
                                   cpus_per_worker=cpus_per_worker, decode_cpus=decode_cpus, batch_size=batch_size)

@@ -12,6 +12,7 @@ from embedder import choices
 from embedder.cli.common import HomeOpt, console, handle_errors, out
 from embedder.errors import IndexError_
 from embedder.index import generations as layout
+from embedder.index.plan import BuildOptions
 
 index_app = typer.Typer(help="Build and manage FAISS indexes over stores.", no_args_is_help=True)
 
@@ -33,14 +34,14 @@ def parse_size(text: str) -> int:
 def build_command(
     store: Annotated[str, typer.Argument(help="Store directory or s3://bucket/prefix.")],
     name: Annotated[str, typer.Option("--name", help="Index name.")],
-    kind: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string")] = "auto",
-    metric: Annotated[choices.Metric, typer.Option(help="How vectors are compared.")] = choices.Metric.cosine,
-    target_recall: Annotated[float, typer.Option(min=0.01, max=1.0, help="Recall@10 the search parameter is tuned to.")] = 0.95,
+    kind: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq | a FAISS factory string")] = BuildOptions.kind,
+    metric: Annotated[choices.Metric, typer.Option(help="How vectors are compared.")] = choices.Metric(BuildOptions.metric),
+    target_recall: Annotated[float, typer.Option(min=0.01, max=1.0, help="Recall@10 the search parameter is tuned to.")] = BuildOptions.target_recall,
     memory_budget: Annotated[Optional[str], typer.Option(help="e.g. 512MB, 2GB (default: a quarter of RAM). IVF over budget is built streamed, its lists on disk.")] = None,
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF kinds: streamed build with inverted lists on disk, even within budget.")] = False,
-    coarse: Annotated[choices.Coarse, typer.Option(help="IVF coarse quantizer (auto: HNSW from 16,384 lists).")] = choices.Coarse.auto,
+    coarse: Annotated[choices.Coarse, typer.Option(help="IVF coarse quantizer (auto: HNSW from 16,384 lists).")] = choices.Coarse(BuildOptions.coarse),
     opq: Annotated[bool, typer.Option("--opq", help="IVF-PQ: learn a rotation (OPQ) before product quantization.")] = False,
-    engine: Annotated[choices.Engine, typer.Option(help="ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = choices.Engine.local,
+    engine: Annotated[choices.Engine, typer.Option(help="ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = choices.Engine(BuildOptions.engine),
     address: Annotated[Optional[str], typer.Option(help="--engine ray: auto, HOST:PORT or ray://… (default: a local Ray instance).")] = None,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,

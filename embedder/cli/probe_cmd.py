@@ -13,6 +13,7 @@ from rich.table import Table
 from embedder import choices
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging
 from embedder.cli.extract_cmd import EXIT_SOME_FAILED
+from embedder.learn.options import ProbeOptions
 
 
 @handle_errors
@@ -20,12 +21,12 @@ def probe_command(
     train_store: Annotated[str, typer.Argument(help="Store with labelled training vectors.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON).")],
     test: Annotated[Optional[str], typer.Option(help="Store with labelled test vectors.")] = None,
-    label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
-    val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = 0.1,
-    seed: Annotated[int, typer.Option()] = 0,
-    standardize: Annotated[choices.Standardize, typer.Option(help="Standardise features (auto: chosen with C on held-out predictions).")] = choices.Standardize.auto,
-    knn_k: Annotated[int, typer.Option(help="k of the kNN baseline.")] = 20,
-    backend: Annotated[choices.ProbeBackend, typer.Option(help="auto: torch L-BFGS on CUDA, else scikit-learn.")] = choices.ProbeBackend.auto,
+    label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = ProbeOptions.label_column,
+    val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = ProbeOptions.val_fraction,
+    seed: Annotated[int, typer.Option()] = ProbeOptions.seed,
+    standardize: Annotated[choices.Standardize, typer.Option(help="Standardise features (auto: chosen with C on held-out predictions).")] = choices.Standardize(ProbeOptions.standardize),
+    knn_k: Annotated[int, typer.Option(help="k of the kNN baseline.")] = ProbeOptions.knn_k,
+    backend: Annotated[choices.ProbeBackend, typer.Option(help="auto: torch L-BFGS on CUDA, else scikit-learn.")] = choices.ProbeBackend(ProbeOptions.backend),
     report: Annotated[Optional[Path], typer.Option(help="Directory for confusion-matrix PNG + metrics.json.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -34,7 +35,7 @@ def probe_command(
     from embedder.learn import probe as pr
 
     setup_logging(verbose)
-    opts = pr.ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
+    opts = ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
                            standardize=str(standardize), knn_k=knn_k, backend=str(backend))
     train = pr.load_dataset(str(train_store), label_column)
     test_ds = pr.load_dataset(str(test), label_column, train.classes) if test else None

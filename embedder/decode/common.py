@@ -1,15 +1,15 @@
 """What every decoder shares: the pixel limit, an image's metadata, the resize target and its
-check, reading bytes from a path or URI, normalisation in batch on the model's device."""
+check, reading bytes from a path or URI."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # light: the CLI reads the pixel limit without loading torch
+    import torch
 
 from embedder.errors import DecodeError
-from embedder.io.sources import is_uri
-from embedder.models.preprocessing import Preprocessing
 
 # PIL's own default; beyond it an image is treated as a decompression bomb and skipped.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -56,6 +56,8 @@ def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, from a local path or an object-storage URI (s3://…)."""
+    from embedder.io.sources import is_uri  # pyarrow: only when a path is read
+
     if is_uri(path):
         from embedder.errors import SourceError
         from embedder.io.sources import filesystem
@@ -74,8 +76,3 @@ def read_bytes(path: str) -> bytes:
 
 
 
-def normalize_batch(x: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [N,3,H,W] → normalised float, on whatever device x lives."""
-    mean = torch.tensor(pre.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x.float() / 255.0 - mean) / std).to(dtype)

@@ -77,3 +77,10 @@ def decode_file(
     pixels = torch.empty(3, pre.crop_size, pre.crop_size, dtype=torch.uint8)
     meta = decode_into(path, pre, pixels, max_pixels, decoder)
     return Decoded(pixels, meta.width, meta.height, meta.file_hash)
+
+
+def normalize_batch(x: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N,3,H,W] → normalised float, on whatever device x lives."""
+    mean = torch.tensor(pre.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x.float() / 255.0 - mean) / std).to(dtype)

@@ -20,8 +20,8 @@ import torch
 
 from embedder import __version__
 from embedder.choices import DECODERS
-from embedder.decode.common import Decoded, ImageMeta, normalize_batch
-from embedder.decode.decoders import decode_file, resolve_decoder
+from embedder.decode.common import Decoded, ImageMeta
+from embedder.decode.decoders import decode_file, normalize_batch, resolve_decoder
 from embedder.decode.pool import (
     Outcome,
 )

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from embedder import choices
 from embedder.decode.common import DEFAULT_MAX_PIXELS
-from embedder.decode.pool import (
-    DECODE_IN,
-    DECODE_PRIORITIES,
-)
 from embedder.errors import EmbedderError
 
+if TYPE_CHECKING:  # light: the CLI reads these defaults without loading torch
+    import torch
+
 PRECISIONS = choices.PRECISION_CHOICES
+DECODE_IN = choices.DECODE_IN
+DECODE_PRIORITIES = choices.DECODE_PRIORITIES
 
 
 
@@ -82,3 +82,16 @@ class RunOptions:
         if self.decode_priority not in DECODE_PRIORITIES:
             raise EmbedderError(f"unknown --decode-priority {self.decode_priority!r}; "
                                 f"valid: {', '.join(DECODE_PRIORITIES)}")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray engine runs (defaults in one place)."""
+
+    address: str | None = None  # None: start a local Ray instance sized to this machine
+    workers: int = 1  # model actors
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5  # fractional: actors that take whole CPUs starve decode tasks
+    decode_cpus: float = 0.5  # per decode task
+    batch_size: int | None = None  # None: the local engine's default (4 without GPUs, 128 with)
+    local_cpus: int | None = None  # a local instance's CPUs; None: all of this machine's

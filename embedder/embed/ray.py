@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from embedder.decode.pool import DecodeSpec, decode_rows
 from embedder.embed import worklist
 from embedder.embed.batch import BatchEmbedder
 from embedder.embed.fill import ExtractSummary, new_run_record, still_to_do
-from embedder.embed.options import CPU_BATCH, CUDA_BATCH, EmbedOptions, RunOptions
+from embedder.embed.options import CPU_BATCH, CUDA_BATCH, EmbedOptions, RayOptions, RunOptions
 from embedder.embed.worklist import WorkList
 from embedder.errors import EmbedderError, RayError
 from embedder.io import storage
@@ -49,17 +49,6 @@ log = logging.getLogger(__name__)
 DECODE_BLOCK = 64
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide the Ray engine runs (defaults in one place)."""
-
-    address: str | None = None  # None: start a local Ray instance sized to this machine
-    workers: int = 1  # model actors
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.5  # fractional: actors that take whole CPUs starve decode tasks
-    decode_cpus: float = 0.5  # per decode task
-    batch_size: int | None = None  # None: the local engine's default (4 without GPUs, 128 with)
-    local_cpus: int | None = None  # a local instance's CPUs; None: all of this machine's
 
 
 def _import_ray() -> Any:

@@ -136,7 +136,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     tmpdir = gens.staging(target)
     parallel = None
     if options.engine == "ray":
-        from embedder.embed.ray import RayOptions
+        from embedder.embed.options import RayOptions
         from embedder.index import ray as index_ray
 
         parallel = index_ray.parallel(RayOptions(address=options.address), _faiss_metric(options.metric))

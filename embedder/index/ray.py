@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embedder.embed.ray import RayOptions, connect
+from embedder.embed.options import RayOptions
+from embedder.embed.ray import connect
 from embedder.errors import RayError
 from embedder.index import faiss_util, ondisk
 from embedder.index.stream import ID_SCHEMA, Parallel, Part, add_part, write_npy_header

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from embedder.errors import ProbeError
+from embedder.learn.options import ProbeOptions
 from embedder.learn.selection import Selection, SelectOptions, scaler, select_c, sweep_steps
 from embedder.models.heads import LinearHead
 from embedder.store.provenance import Provenance
@@ -34,22 +35,6 @@ SMALL_FIT = 2_000_000  # rows x dim below which a fit runs on one BLAS thread
 PROBE_FORMAT = "embedder-probe/1"
 
 
-@dataclass(frozen=True)
-class ProbeOptions:
-    label_column: str = "label"
-    val_fraction: float = 0.1
-    seed: int = 0
-    c_min_exp: int = -6
-    c_max_exp: int = 5
-    refine: bool = True
-    max_iter: int = 1000
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    standardize: str = "auto"  # auto (decided on validation) | yes | no
-    min_val_rows: int = 500  # a validation split smaller than this: C chosen by K-fold on all of train
-    folds: int = 5
-    backend: str = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
-    device: str = "auto"
 
 
 @dataclass

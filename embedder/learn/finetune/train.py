@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from embedder.decode.common import normalize_batch
+from embedder.decode.decoders import normalize_batch
 from embedder.errors import FinetuneError, ProbeError
 from embedder.learn.finetune.budget import plan_budget, time_steps
 from embedder.learn.finetune.data import _collate, _Images, _labelled, eval_transform, train_transform
@@ -146,8 +146,9 @@ def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  
     """The feature-extraction baseline on the same split: a logistic probe on pretrained features
     (the probe's protocol, raw features). Its validation accuracy, and its weights [classes, dim]
     and biases, which initialise the new head (LP-FT: fine-tuning starts from the probe)."""
+    from embedder.learn.options import ProbeOptions
     from embedder.learn.probe import Dataset as ProbeData
-    from embedder.learn.probe import ProbeOptions, train_probe
+    from embedder.learn.probe import train_probe
 
     xtr, ytr = _features(net, backbone.head, train_loader, pre, device)
     xva, yva = _features(net, backbone.head, val_loader, pre, device)
