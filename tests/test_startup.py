@@ -71,8 +71,14 @@ def test_cache_dir_is_torch_hubs(env: dict[str, str], monkeypatch: pytest.Monkey
     assert cache_dir() == Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def test_cli_default_backbone_is_the_librarys() -> None:
-    from embedder.cli import extract_cmd
+def test_cli_help_names_the_librarys_default_backbone() -> None:
+    """The CLI has no default of its own (``spec_for`` applies the library's); its help says which."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
     from embedder.models.builder import DEFAULT_BACKBONE
 
-    assert extract_cmd.DEFAULT_BACKBONE == DEFAULT_BACKBONE
+    text = re.sub(r"[\s│]+", " ", CliRunner().invoke(app, ["extract", "--help"], env={"COLUMNS": "200"}).output)
+    assert f"(default: {DEFAULT_BACKBONE}, or the --weights checkpoint's own)" in text

@@ -14,12 +14,11 @@ from embedder.cli.common import console, handle_errors, image_progress, out, set
 from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
 from embedder.errors import EmbedderError
 from embedder.models.hub import weights_present
-from embedder.models.registry import REGISTRY, parse_backbone_spec
+from embedder.models.registry import REGISTRY
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
-    from embedder.models.builder import ModelSpec
+    pass
 
-DEFAULT_BACKBONE = "resnet50"  # the library's default (embedder.models.builder.DEFAULT_BACKBONE; a test checks)
 
 EXIT_SOME_FAILED = 3
 PERF = "Speed"
@@ -27,17 +26,6 @@ STORE = "Store"
 RAY = "Ray cluster (--engine ray)"
 
 weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache.", no_args_is_help=True)
-
-
-def model_spec(backbone: Optional[str], weights: Optional[Path], layer: Optional[str], pool: Optional[str],
-               image_size: Optional[int]) -> ModelSpec:
-    """No --backbone: a checkpoint's own, else the default. A conflict is refused when loading."""
-    from embedder.models.builder import ModelSpec
-
-    if backbone is None:
-        return ModelSpec(None if weights is not None else DEFAULT_BACKBONE, None, weights, layer, pool, image_size)
-    entry, tag = parse_backbone_spec(backbone)
-    return ModelSpec(entry.name, tag, weights, layer, pool, image_size)
 
 
 @handle_errors
@@ -74,10 +62,11 @@ def extract_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Embed images with a frozen pretrained backbone into a resumable Parquet store."""
-    from embedder.embed.fill import extract
+    from embedder.embed.run import run_extract
+    from embedder.models.builder import spec_for
 
     setup_logging(verbose)
-    spec = model_spec(backbone, weights, layer, value(pool), image_size)
+    spec = spec_for(backbone, weights, layer, value(pool), image_size)
     if fast_decode and decoder not in ("pil", "pil-draft"):
         raise EmbedderError(f"--fast-decode is --decoder pil-draft; it cannot go with --decoder {decoder}: give one")
     if engine == "ray" and workers is not None:
@@ -92,15 +81,11 @@ def extract_command(
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=str(decode_in), shard_rows=shard_rows,
                      retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes)
     with image_progress("embedding", enabled=not as_json) as progress:
+        ray_opts = None
         if engine == "ray":
-            from embedder.embed.options import RayOptions
-            from embedder.embed.ray import extract_ray
-
             ray_opts = RayOptions(address=address, workers=actors or 1, gpus_per_worker=gpus_per_worker,
                                   cpus_per_worker=cpus_per_worker, decode_cpus=decode_cpus, batch_size=batch_size)
-            summary = extract_ray(sources, str(out_store), spec, embed, run, ray_opts, progress)
-        else:
-            summary = extract(sources, str(out_store), spec, embed, run, progress)
+        summary = run_extract(sources, str(out_store), spec, embed, run, ray_opts, progress)
     if as_json:
         out.print_json(json.dumps(summary.to_dict()))
     else:

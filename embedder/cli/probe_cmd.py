@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,13 +38,9 @@ def probe_command(
     opts = ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
                            standardize=str(standardize), knn_k=knn_k, backend=str(backend))
     train = pr.load_dataset(str(train_store), label_column)
-    test_ds = pr.load_dataset(str(test), label_column, train.classes) if test else None
-    if test_ds is not None:
-        pr.check_compatible(train, test_ds)
-        if test_ds.unseen:
-            console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(test_ds.unseen)}")
-            keep = test_ds.y >= 0
-            test_ds.x, test_ds.y = test_ds.x[keep], test_ds.y[keep]
+    test_ds = pr.load_test(str(test), train, label_column) if test else None
+    if test_ds is not None and test_ds.unseen:
+        console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(test_ds.unseen)}")
     if train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
 
@@ -57,12 +53,8 @@ def probe_command(
             progress.update(task, completed=done, total=total, description=desc)
 
         result = pr.train_probe(train, opts, tick)
-    metrics: dict = {"knn_k": knn_k}  # type: ignore[type-arg]
-    if test_ds is not None and len(test_ds.y):
-        metrics["test"] = pr.evaluate(result.head, train.classes, test_ds.x, test_ds.y)
-        scores = pr.knn_predict(train.x, train.y, test_ds.x, len(train.classes), knn_k, opts.knn_temperature)
-        metrics["knn_test_accuracy"] = float((scores.argmax(1) == test_ds.y).mean())
-        metrics["n_test"] = int(len(test_ds.y))
+    metrics: dict[str, Any] = (pr.test_metrics(result, train, test_ds, opts) if test_ds is not None
+                               else {"knn_k": opts.knn_k})
     result.metrics = metrics
     pr.save_probe(out_file, result)
     if report:

@@ -110,6 +110,18 @@ def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_M
     return TF.pil_to_tensor(img)
 
 
+def pil_pixels(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image already in memory (a PIL image) → uint8 [3, crop, crop], as the ``pil`` decoder
+    treats a file's: EXIF orientation applied, converted to RGB, resized and cropped."""
+    if img.width * img.height > max_pixels:
+        raise DecodeError(f"decompression bomb: {img.width}x{img.height} exceeds {max_pixels} pixels")
+    try:
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+        return preprocess(rgb, pre, max_pixels)
+    except DecodeError:
+        raise
+    except (OSError, ValueError, MemoryError, RuntimeError) as e:
+        raise DecodeError(f"cannot convert: {type(e).__name__}: {e}") from None
 
 
 # ``pil-reduce``: the JPEG DCT-domain downscale stops at no less than this many times the resize

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embedder import __version__
+from embedder._version import __version__
 from embedder.choices import DECODERS
 from embedder.decode.common import Decoded, ImageMeta
 from embedder.decode.decoders import decode_file, normalize_batch, resolve_decoder

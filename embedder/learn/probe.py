@@ -287,6 +287,28 @@ def check_compatible(train: Dataset, test: Dataset) -> None:
 
 
 # ---- the probe file --------------------------------------------------------------------------
+def load_test(path: str, train: Dataset, label_column: str = "label") -> Dataset:
+    """A test store for a trained probe: embedded as train was (else an error), its rows of
+    classes train never saw dropped (named in ``.unseen``)."""
+    test = load_dataset(path, label_column, train.classes)
+    check_compatible(train, test)
+    if test.unseen:
+        keep = test.y >= 0
+        test.x, test.y = test.x[keep], test.y[keep]
+    return test
+
+
+def test_metrics(result: ProbeResult, train: Dataset, test: Dataset, options: ProbeOptions) -> dict[str, Any]:
+    """Test accuracy (overall, per class, confusion) and the kNN baseline on the same images."""
+    metrics: dict[str, Any] = {"knn_k": options.knn_k}
+    if len(test.y):
+        metrics["test"] = evaluate(result.head, train.classes, test.x, test.y)
+        scores = knn_predict(train.x, train.y, test.x, len(train.classes), options.knn_k, options.knn_temperature)
+        metrics["knn_test_accuracy"] = float((scores.argmax(1) == test.y).mean())
+        metrics["n_test"] = int(len(test.y))
+    return metrics
+
+
 def save_probe(path: Path, result: ProbeResult) -> None:
     from safetensors.numpy import save_file
 

@@ -14,7 +14,7 @@ from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.models.hub import ensure_registry_file, sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.registry import Backbone, get_backbone
+from embedder.models.registry import Backbone, get_backbone, parse_backbone_spec
 from embedder.models.weights import LoadedWeights, _torch_load, apply_weights, seeded_weights
 
 DEFAULT_BACKBONE = "resnet50"
@@ -30,6 +30,18 @@ class ModelSpec:
     layer: str | None = None  # None: penultimate (the model's own pooled features)
     pool: str | None = None  # None: the model's own pooling; avg | max | gem on a feature map
     image_size: int | None = None  # None: the weights' own crop size
+
+
+def spec_for(backbone: str | None, weights: str | Path | None = None, layer: str | None = None,
+             pool: str | None = None, image_size: int | None = None) -> ModelSpec:
+    """A ModelSpec from what a user types: ``NAME`` or ``NAME:WEIGHTS_TAG`` (checked against the
+    registry, close matches listed). No backbone: a checkpoint's own, else the default; a conflict
+    between the two is refused when loading."""
+    wfile = Path(weights) if weights is not None else None
+    if backbone is None:
+        return ModelSpec(None if wfile is not None else DEFAULT_BACKBONE, None, wfile, layer, pool, image_size)
+    entry, tag = parse_backbone_spec(backbone)
+    return ModelSpec(entry.name, tag, wfile, layer, pool, image_size)
 
 
 def drop_aux_head(net: nn.Module) -> None:

@@ -165,6 +165,17 @@ class Store:
         self._unsaved_run: dict[str, Any] | None = None
         self._saved_at = -MANIFEST_EVERY_S
 
+    def __len__(self) -> int:
+        return self.count()
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        """The store's rows as one Arrow table (``columns``: a subset, e.g. ``["id", "label"]``)."""
+        return self.read(columns)
+
+    def vectors(self) -> np.ndarray:
+        """Every embedding as float32 ``(len(store), dim)``, in ``table()``'s row order."""
+        return arrow_to_embeddings(self.read(["embedding"]).column("embedding"))
+
     def __str__(self) -> str:
         return self.root
 

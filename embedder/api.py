@@ -1,0 +1,280 @@
+"""The Python API: a few typed entry points for notebooks and other programs. Each is a thin layer
+over the functions the CLI and the service call; nothing here re-implements a step. Heavy libraries
+load when a function needs them, so ``import embedder`` stays as light as the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from embedder.errors import EmbedderError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from embedder.embed.batch import BatchEmbedder
+    from embedder.embed.fill import ExtractSummary
+    from embedder.index.search import LoadedIndex
+    from embedder.learn.probe import ProbeResult
+    from embedder.store.provenance import Provenance
+    from embedder.store.shards import Store
+
+ImageLike = Union[str, Path, "Image.Image"]
+
+
+def _split_options(options: dict[str, Any], *targets: type) -> list[dict[str, Any]]:
+    """Keyword options dealt to the options dataclasses that declare them; an unknown one is an
+    error that lists every valid name."""
+    fields = [{f.name for f in dataclasses.fields(t)} for t in targets]
+    unknown = sorted(k for k in options if not any(k in f for f in fields))
+    if unknown:
+        valid = sorted(set().union(*fields))
+        raise EmbedderError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                            f"valid: {', '.join(valid)}")
+    return [{k: v for k, v in options.items() if k in f} for f in fields]
+
+
+class Embedder:
+    """A frozen backbone that turns images into vectors exactly as ``embedder extract`` stores them.
+
+    >>> emb = embedder.Embedder("mobilenet_v2:IMAGENET1K_V1")
+    >>> emb.embed(["a.jpg", "b.png"]).shape
+    (2, 1280)
+
+    ``options`` are ``EmbedOptions`` fields (``decoder``, ``precision``, ``normalize``, ``dtype``…),
+    with the same defaults as the CLI's. ``backbone=None`` with ``weights=`` a fine-tuned checkpoint:
+    the checkpoint's own backbone."""
+
+    def __init__(self, backbone: str | None, *, weights: str | Path | None = None,
+                 layer: str | None = None, pool: str = "avg", device: str = "auto", image_size: int | None = None,
+                 **options: Any) -> None:
+        from embedder.embed.batch import BatchEmbedder
+        from embedder.embed.options import EmbedOptions
+        from embedder.models.builder import spec_for
+
+        (embed_kw,) = _split_options(options, EmbedOptions)
+        # "avg" without a layer is the model's own pooled features: the spec the CLI's default makes
+        spec = spec_for(backbone, weights, layer, None if (layer is None and pool == "avg") else pool, image_size)
+        self._batch: BatchEmbedder = BatchEmbedder(spec, EmbedOptions(device=device, **embed_kw))
+
+    @classmethod
+    def _wrap(cls, batch: BatchEmbedder) -> Embedder:
+        self = cls.__new__(cls)
+        self._batch = batch
+        return self
+
+    @property
+    def provenance(self) -> Provenance:
+        """How these vectors are made (the record every store shard carries)."""
+        return self._batch.provenance()
+
+    @property
+    def dim(self) -> int:
+        return int(self._batch.loaded.dim)
+
+    def embed(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
+        """Paths (local or object-storage URIs) or PIL images → float32 ``(n, dim)``. A path decodes
+        with the embedder's decoder, as extraction does; a PIL image goes through the ``pil`` path (the
+        weights' own transforms). An image that cannot be decoded is an error naming it."""
+        import numpy as np
+        import torch
+
+        from embedder.decode.cpu import pil_pixels
+        from embedder.errors import DecodeError
+
+        items = list(images)
+        if batch_size < 1:
+            raise EmbedderError(f"batch_size must be at least 1, got {batch_size}")
+        out = np.empty((len(items), self.dim), np.float32)
+        pre, max_pixels = self._batch.loaded.preprocessing, self._batch.options.max_pixels
+        for start in range(0, len(items), batch_size):
+            pixels = []
+            for i, item in enumerate(items[start:start + batch_size], start):
+                try:
+                    if isinstance(item, (str, Path)):
+                        pixels.append(self._batch.decode(str(item)).pixels)
+                    else:
+                        pixels.append(pil_pixels(item, pre, max_pixels))
+                except DecodeError as e:
+                    raise DecodeError(f"image {i} ({item if isinstance(item, (str, Path)) else 'PIL image'}): "
+                                      f"{e}") from None
+                except (AttributeError, TypeError):
+                    raise EmbedderError(f"image {i}: expected a path or a PIL image, got "
+                                        f"{type(item).__name__}") from None
+            if pixels:
+                out[start:start + len(pixels)] = self._batch.embed_pixels(torch.stack(pixels))
+        return out
+
+
+def extract(sources: str | Sequence[str], out: str | Path, *, backbone: str | None,
+            weights: str | Path | None = None, layer: str | None = None, pool: str | None = None,
+            image_size: int | None = None, engine: str = "local", **options: Any) -> ExtractSummary:
+    """``embedder extract``: embed every image under SOURCES not already in the store at OUT
+    (created or appended; resumable). ``options`` are ``EmbedOptions``, ``RunOptions`` or (with
+    ``engine="ray"``) ``RayOptions`` fields. Returns the run's summary (``.done``, ``.failed``,
+    ``.failures``, ``.to_dict()``)."""
+    from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
+    from embedder.embed.run import run_extract
+    from embedder.models.builder import spec_for
+
+    if engine not in ("local", "ray"):
+        raise EmbedderError(f"unknown engine {engine!r}; valid: local, ray")
+    ray_fields = {f.name for f in dataclasses.fields(RayOptions)}
+    ray_kw = {k: options.pop(k) for k in list(options) if k in ray_fields and engine == "ray"
+              and k not in {f.name for f in dataclasses.fields(RunOptions)}}
+    embed_kw, run_kw = _split_options(options, EmbedOptions, RunOptions)
+    spec = spec_for(backbone, weights, layer, pool, image_size)
+    srcs = [sources] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
+    ray = RayOptions(**ray_kw, batch_size=run_kw.get("batch_size")) if engine == "ray" else None
+    return run_extract([str(s) for s in srcs], str(out), spec, EmbedOptions(**embed_kw), RunOptions(**run_kw), ray)
+
+
+def open_store(path: str | Path) -> Store:
+    """An embedding store: ``len(store)``, ``.provenance``, ``.table(columns=None)`` (a
+    ``pyarrow.Table``) and ``.vectors()`` (float32 numpy, in the table's row order)."""
+    from embedder.store.shards import Store
+
+    return Store.open(str(path))
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    id: str
+    path: str
+    label: str | None
+    score: float
+    rank: int
+
+
+class Index:
+    """A built index: ``.search(queries, k=10, where=None)``, ``len(index)``, ``.info``."""
+
+    def __init__(self, loaded: LoadedIndex, device: str = "auto") -> None:
+        self._loaded = loaded
+        self._device = device
+        self._embedder: Embedder | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self._loaded.name)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The index's metadata: kind, factory, metric, count, measured recall and speed."""
+        return dict(self._loaded.meta)
+
+    def __len__(self) -> int:
+        return int(self._loaded.index.ntotal)
+
+    def embedder(self) -> Embedder:
+        """The model the index's store was made with, rebuilt from its provenance (for image queries)."""
+        if self._embedder is None:
+            from embedder.embed.query import embedder_for
+
+            self._embedder = Embedder._wrap(embedder_for(self._loaded.provenance, None, self._device))
+        return self._embedder
+
+    def search(self, queries: Any, k: int = 10, where: dict[str, str] | None = None) -> list[list[Hit]]:
+        """Nearest items per query. QUERIES: a vector ``(dim,)``, vectors ``(n, dim)``, or images
+        (paths or PIL images, embedded with the index's own model). ``where`` filters on store
+        columns (``{"label": "cat"}``); k results whenever k rows match."""
+        import numpy as np
+
+        if isinstance(queries, np.ndarray):
+            q = np.atleast_2d(queries).astype(np.float32, copy=False)
+            if q.ndim != 2 or q.shape[1] != self._loaded.dim:
+                raise EmbedderError(f"query vectors must be (n, {self._loaded.dim}), got {queries.shape}")
+        else:
+            items = [queries] if isinstance(queries, (str, Path)) or hasattr(queries, "convert") else list(queries)
+            q = self.embedder().embed(items)
+        return [[Hit(h["id"], h["path"], h["label"], float(h["score"]), int(h["rank"])) for h in hits]
+                for hits in self._loaded.search(q, k, where)]
+
+
+def build_index(store: str | Path, name: str, *, home: str | Path | None = None, kind: str = "auto",
+                **options: Any) -> Index:
+    """``embedder index build``: a FAISS index over STORE, named NAME in the index home (``home``,
+    else ``$EMBEDDER_HOME``, else ``./indexes``), its recall measured against exact search.
+    ``options`` are ``BuildOptions`` fields (``metric``, ``target_recall``, ``memory_budget``…)."""
+    from embedder.index.build import build
+    from embedder.index.plan import BuildOptions
+
+    (build_kw,) = _split_options(options, BuildOptions)
+    build(str(store), name, BuildOptions(kind=kind, **build_kw), None if home is None else str(home))
+    return open_index(name, home=home)
+
+
+def open_index(name: str, *, home: str | Path | None = None, device: str = "auto") -> Index:
+    """A built index by name (an unknown name lists the valid ones)."""
+    from embedder.index.search import LoadedIndex
+
+    return Index(LoadedIndex(name, None if home is None else str(home)), device)
+
+
+class Probe:
+    """A linear probe trained on a store: ``.predict(images)``, ``.classes``, ``.metrics``."""
+
+    def __init__(self, result: ProbeResult, device: str = "auto") -> None:
+        self.result = result
+        self._device = device
+        self._embedder: Embedder | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.result.classes)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Validation and (with a test store) test accuracy, the kNN baseline, how C was chosen."""
+        return {"C": self.result.C, "selection": self.result.selection, **self.result.metrics}
+
+    def save(self, path: str | Path) -> None:
+        """The probe file ``embedder predict`` reads."""
+        from embedder.learn.probe import save_probe
+
+        save_probe(Path(path), self.result)
+
+    def predict_vectors(self, vectors: np.ndarray) -> list[str]:
+        return [self.result.classes[i] for i in self.result.head.logits(vectors).argmax(1)]
+
+    def predict_proba(self, images: Iterable[ImageLike]) -> np.ndarray:
+        """Class probabilities ``(n, classes)``, columns in ``.classes`` order."""
+        return self.result.head.proba(self._embed(images))
+
+    def predict(self, images: Iterable[ImageLike]) -> list[str]:
+        """The most likely class of each image, embedded exactly as the training store was."""
+        return self.predict_vectors(self._embed(images))
+
+    def _embed(self, images: Iterable[ImageLike]) -> np.ndarray:
+        if self._embedder is None:
+            from embedder.embed.query import embedder_for
+            from embedder.store.provenance import Provenance
+
+            prov = Provenance.from_dict(self.result.provenance)
+            self._embedder = Embedder._wrap(embedder_for(prov, None, self._device))
+        return self._embedder.embed(images)
+
+
+def train_probe(train_store: str | Path, *, test_store: str | Path | None = None, device: str = "auto",
+                **options: Any) -> Probe:
+    """``embedder probe``: logistic regression on a labelled store's frozen features, C chosen on
+    held-out predictions; with ``test_store``, its test accuracy and the kNN baseline in
+    ``.metrics``. ``options`` are ``ProbeOptions`` fields (``label_column``, ``standardize``…)."""
+    from embedder.learn.options import ProbeOptions
+    from embedder.learn.probe import load_dataset, load_test, test_metrics
+    from embedder.learn.probe import train_probe as fit
+
+    (probe_kw,) = _split_options(options, ProbeOptions)
+    opts = ProbeOptions(**probe_kw)
+    train = load_dataset(str(train_store), opts.label_column)
+    result = fit(train, opts)
+    result.metrics = {"knn_k": opts.knn_k}
+    if test_store is not None:
+        result.metrics = test_metrics(result, train, load_test(str(test_store), train, opts.label_column), opts)
+    return Probe(result, device)
