@@ -1,0 +1,117 @@
+"""POST /search (an uploaded image, vectors or ids; filters; batches) and POST /embed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from embedder.errors import shown
+from embedder.service.engine import BadQuery, Query
+from embedder.service.schemas import QueryIn, SearchIn, SearchOut
+from embedder.service.state import ServiceDep
+
+router = APIRouter()
+MULTIPART_SEARCH = {"requestBody": {"content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/SearchIn"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}, "index": {"type": "string"},
+        "k": {"type": "integer"}, "where": {"type": "string", "description": "JSON object"}}}}}}}
+
+
+@router.post("/search", response_model=SearchOut, openapi_extra=MULTIPART_SEARCH)
+async def search(request: Request, svc: ServiceDep) -> SearchOut:
+    """Nearest neighbours of an uploaded image (multipart `file`), or of vectors / ids (JSON)."""
+    svc.need_ready()
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        async with request.form(max_files=1, max_fields=10) as form:  # closes the spooled upload
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise BadQuery("multipart search needs an image in the 'file' field")
+            data = await upload.read()
+            k = _int(form.get("k"), 10)
+            where = _where(form.get("where"))
+            name = svc.default_index(_str(form.get("index")))
+        svc.check_size(k, 1)
+        return await svc.answer([Query(name, k, where, image=data)])
+    try:
+        body = SearchIn.model_validate_json(await request.body())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where_ = ".".join(str(p) for p in first.get("loc", ()))
+        raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
+    name = svc.default_index(body.index)
+    items = body.queries if body.queries is not None else [
+        QueryIn(vector=body.vector, id=body.id, exclude_self=body.exclude_self)]
+    if not items:
+        raise BadQuery("queries is empty")
+    svc.check_size(body.k, len(items))
+    for n, q in enumerate(items):
+        if q.vector is not None and q.id is not None:
+            raise BadQuery(f"query {n}: give a vector or an id, not both")
+        if q.vector is None and q.id is None:
+            raise BadQuery(f"query {n}: needs a vector or an id (JSON), or an image (multipart 'file')")
+    where = _where_values(body.where) if body.where else None
+    return await svc.answer([Query(name, body.k, where, vector=q.vector, id=q.id, exclude_self=q.exclude_self)
+                             for q in items])
+
+
+@router.post("/embed")
+async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
+    """An uploaded image's vector, made as the index's vectors are, with that provenance."""
+    svc.need_ready()
+    async with request.form(max_files=1, max_fields=5) as form:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise BadQuery("embed needs an image in the 'file' field (multipart)")
+        name = svc.default_index(_str(form.get("index")))
+        data = await upload.read()
+    vectors, emb = await asyncio.get_running_loop().run_in_executor(
+        svc.executor, svc.engine.embed_images, name, [data])
+    return {"index": name, "vector": vectors[0].tolist(), "dim": int(vectors.shape[1]),
+            "provenance": emb.provenance().to_dict()}
+
+
+# ---- the multipart form's fields -----------------------------------------------------------------
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+
+def _int(value: Any, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BadQuery(f"k must be an integer, got {str(value)[:20]!r}") from None
+
+
+
+def _where(value: Any) -> dict[str, str] | None:
+    """The multipart form's ``where`` (a JSON object as text)."""
+    if value is None or value == "":
+        return None
+    try:
+        where = json.loads(value)
+    except json.JSONDecodeError:
+        raise BadQuery("where must be a JSON object of COLUMN: VALUE (it is not JSON)") from None
+    if not isinstance(where, dict):
+        raise BadQuery(f"where must be a JSON object of COLUMN: VALUE, got a {type(where).__name__}")
+    return _where_values(where)
+
+
+
+def _where_values(where: dict[str, Any]) -> dict[str, str]:
+    """COLUMN: VALUE filters, values compared as text: strings and numbers only."""
+    out = {}
+    for col, v in where.items():
+        if not isinstance(v, str | int | float):  # bool is an int
+            raise BadQuery(f"where[{shown(col, 40)}] must be a string, number or boolean, got "
+                           f"{'null' if v is None else type(v).__name__}: one value per column")
+        out[str(col)] = ("true" if v else "false") if isinstance(v, bool) else str(v)  # as Arrow casts
+    return out
