@@ -159,3 +159,24 @@ def test_import_embedder_is_as_light_as_the_cli() -> None:
         assert name in dir(embedder) and (name == "__version__" or getattr(embedder, name).__doc__)
     with pytest.raises(AttributeError, match="no attribute 'embed_images'"):
         embedder.embed_images  # noqa: B018
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    """The README's Python API block, as written (the tiny backbone in place of MobileNetV2)."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- api-example[^>]*-->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README lost its api-example block"
+    code = block.group(1).replace("mobilenet_v2:IMAGENET1K_V1", "tiny_test")
+    make_images(tmp_path / "photos", {"cat": 8, "dog": 8})
+    (tmp_path / "photos" / "cat" / "cat_0000.jpg").rename(tmp_path / "photos" / "cat" / "1.jpg")
+    (tmp_path / "photos" / "dog" / "dog_0000.jpg").rename(tmp_path / "photos" / "dog" / "2.jpg")
+    env = {**os.environ, "EMBEDDER_HOME": str(tmp_path / "indexes")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("16 tiny_test (16, 32) 16")
+    assert lines[1].startswith("1 1.0 cat ") and lines[1].endswith("1.jpg")
+    assert lines[-1].endswith("['dog']")
