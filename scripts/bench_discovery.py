@@ -52,7 +52,7 @@ def make_case(root: Path, n: int) -> tuple[Path, Path]:
     from PIL import Image
 
     from embedder.embed.fill import extract
-    from embedder.io.sources import image_id
+    from embedder.io.uri import image_id
     from embedder.models.builder import ModelSpec
     from embedder.store.shards import Store, embeddings_to_arrow
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import embedder
 from embedder.cli import app
 from embedder.errors import EmbedderError, IndexError_, UnknownBackbone
-from embedder.io.sources import image_id
+from embedder.io.uri import image_id
 from tests.conftest import make_images
 
 pytest.importorskip("sklearn", reason="the probe extra is not installed")

@@ -79,7 +79,7 @@ def test_membership_memory_does_not_hold_the_stores_ids(tmp_path: Path) -> None:
 def test_embedder_ids_are_their_own_digest_and_other_ids_are_hashed() -> None:
     import hashlib
 
-    from embedder.io.sources import image_id
+    from embedder.io.uri import image_id
 
     ids = [image_id(f"/data/{i}.jpg") for i in range(5)]
     d = id_index.digests(ids)

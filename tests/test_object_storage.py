@@ -25,6 +25,7 @@ from embedder.cli import app
 from embedder.embed.fill import extract
 from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.errors import SourceError, StoreError
+from embedder.io import uri
 from embedder.io.sources import discover
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
@@ -53,9 +54,8 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
            "AWS_ENDPOINT_URL": s3_endpoint}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    from embedder.io import sources
 
-    monkeypatch.setattr(sources, "_filesystems", {})  # a filesystem per test: the endpoint differs
+    monkeypatch.setattr(uri, "_filesystems", {})  # a filesystem per test: the endpoint differs
     return env
 
 
@@ -111,9 +111,8 @@ def test_missing_prefix_and_unreachable_endpoint_are_one_line_errors(s3_env: dic
     with pytest.raises(SourceError, match="does not exist"):
         discover(["s3://empty/nothing/here"])
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    from embedder.io import sources
 
-    monkeypatch.setattr(sources, "_filesystems", {})
+    monkeypatch.setattr(uri, "_filesystems", {})
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(SourceError, match="cannot list s3://photos"):
         discover(["s3://photos/set1"])

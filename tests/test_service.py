@@ -25,7 +25,7 @@ from embedder.embed.fill import extract  # noqa: E402
 from embedder.index import build as idx  # noqa: E402
 from embedder.index import generations as index_generations
 from embedder.index import plan as index_plan
-from embedder.io.sources import image_id  # noqa: E402
+from embedder.io.uri import image_id  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.service.app import create_app  # noqa: E402
 from embedder.service.engine import ServeOptions  # noqa: E402

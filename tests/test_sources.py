@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedder.errors import SourceError
-from embedder.io.sources import discover, image_id
+from embedder.io.sources import discover
+from embedder.io.uri import image_id
 from tests.conftest import make_images
 
 

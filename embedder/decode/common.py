@@ -56,11 +56,11 @@ def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, from a local path or an object-storage URI (s3://…)."""
-    from embedder.io.sources import is_uri  # pyarrow: only when a path is read
+    from embedder.io.uri import is_uri  # pyarrow: only when a path is read
 
     if is_uri(path):
         from embedder.errors import SourceError
-        from embedder.io.sources import filesystem
+        from embedder.io.uri import filesystem
 
         try:
             fs, key = filesystem(path)

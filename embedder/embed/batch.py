@@ -27,7 +27,8 @@ from embedder.decode.pool import (
 )
 from embedder.embed.options import PRECISIONS, EmbedOptions
 from embedder.errors import DecodeError, EmbedderError
-from embedder.io.sources import ImageRef, image_id
+from embedder.io.sources import ImageRef
+from embedder.io.uri import image_id
 from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
 from embedder.models.devices import resolve_device

@@ -1,4 +1,5 @@
-"""Turn SOURCE arguments (folders, globs, list files, single images) into image references.
+"""Turn SOURCE arguments (folders, globs, list files, single images, tar shards, image tables)
+into image references.
 
 Labels follow the ImageFolder convention: the top-level subfolder under the SOURCE root.
 A SOURCE may also be an object-storage prefix (s3://bucket/prefix, through pyarrow.fs).
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import SourceError
+from embedder.io.shards import expand_braces, is_shard, iter_samples
+from embedder.io.tables import TABLE_SUFFIXES, TableOptions, image_column, iter_rows
+from embedder.io.uri import filesystem, image_id, is_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 LIST_EXTENSIONS = frozenset({".csv", ".tsv", ".parquet", ".txt"})
@@ -28,39 +33,63 @@ _GLOB_CHARS = set("*?[")
 @dataclass(frozen=True)
 class ImageRef:
     id: str
-    path: str  # absolute
+    path: str  # absolute; SHARD#MEMBER in a tar shard, FILE#COLUMN/GROUP/ROW in a table
     label: str | None
+    caption: str | None = None
 
 
-def is_uri(path: str | os.PathLike[str]) -> bool:
-    """An object-storage location (s3://bucket/key, gs://…), read through pyarrow.fs."""
-    s = str(path)
-    return "://" in s and not s.startswith("file://")
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read sources that are not loose files (defaults in one place, read by the CLI)."""
+
+    image_column: str | None = None  # tables: the image bytes (default: first binary / {bytes, path} column)
+    label_column: str | None = None  # tables: the class (default: "label"; ClassLabel ints get their names)
+    caption_column: str | None = None  # tables: the caption (default: "caption", "text" or "txt")
+    id_column: str | None = None  # tables: a key column for ids (default: ids from the row's location)
+    json_label_key: str = "label"  # tar shards: the key of a sample's .json that holds its label
+
+    def tables(self) -> TableOptions:
+        return TableOptions(self.image_column, self.label_column, self.caption_column, self.id_column)
 
 
-def image_id(path: str | os.PathLike[str]) -> str:
-    key = str(path) if is_uri(path) else os.path.abspath(path)
-    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+def _shard_refs(shard: str, options: SourceOptions) -> Iterator[ImageRef]:
+    for sample in iter_samples(shard if is_uri(shard) else _absolute(shard), options.json_label_key):
+        yield ImageRef(image_id(sample.locator), sample.locator, sample.label, sample.caption)
 
 
-def filesystem(uri: str) -> tuple[object, str]:
-    """(pyarrow FileSystem, path inside it) for URI; credentials and endpoint come from the usual
-    environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …), one filesystem per bucket and process."""
-    scheme, _, rest = uri.partition("://")
-    bucket = rest.split("/", 1)[0]
-    fs = _filesystems.get((scheme, bucket))
-    if fs is None:
-        import pyarrow.fs as pafs
-
-        try:
-            fs, _ = pafs.FileSystem.from_uri(uri)
-        except (OSError, ValueError) as e:
-            raise SourceError(f"cannot open {uri}: {str(e).splitlines()[0][:200]}") from None
-        _filesystems[(scheme, bucket)] = fs
-    return fs, rest.rstrip("/")
+def _table_refs(path: str, options: SourceOptions) -> Iterator[ImageRef]:
+    for row in iter_rows(path if is_uri(path) else _absolute(path), options.tables()):
+        yield ImageRef(row.id, row.locator, row.label, row.caption)
 
 
-_filesystems: dict[tuple[str, str], object] = {}
+def _is_image_table(path: Path) -> bool:
+    """A Parquet file holding image bytes (not a list of paths): told apart by its schema."""
+    if path.suffix.lower() != ".parquet":
+        return path.suffix.lower() in TABLE_SUFFIXES
+    try:
+        return image_column(pq.read_schema(path)) is not None
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SourceError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _saved_dataset(root: Path) -> list[str] | None:
+    """A folder written by ``datasets.Dataset.save_to_disk``: its Arrow files, in order."""
+    state = root / "state.json"
+    if not state.is_file():
+        return None
+    try:
+        files = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+    except (ValueError, KeyError, TypeError):
+        raise SourceError(f"{state} is not a datasets state file") from None
+    return [str(root / f) for f in files] or None
+
+
+
+
+
+
+
+
 
 
 def _walk_uri(uri: str) -> Iterable[ImageRef]:
@@ -130,14 +159,20 @@ def _walk(root: Path) -> Iterable[ImageRef]:
                 yield _ref(f"{dirpath}/{name}", label)
 
 
-def _glob(pattern: str) -> Iterable[ImageRef]:
+def _glob(pattern: str, options: SourceOptions) -> Iterable[ImageRef]:
     parts = Path(pattern).parts
     fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]]
     root = Path(*fixed) if fixed else Path(".")
     for m in sorted(glob.glob(pattern, recursive=True)):
         p = Path(m)
-        if p.is_file() and _is_image(p):
+        if not p.is_file():
+            continue
+        if _is_image(p):
             yield _ref(p, _label_under(root, p))
+        elif is_shard(m):
+            yield from _shard_refs(m, options)
+        elif p.suffix.lower() in TABLE_SUFFIXES and _is_image_table(p):
+            yield from _table_refs(m, options)
 
 
 def _read_list(path: Path) -> Iterable[ImageRef]:
@@ -188,33 +223,50 @@ def _text_rows(path: Path) -> Iterator[tuple[str, str | None]]:
                 yield line.strip(), None
 
 
-def iter_discover(sources: Sequence[str | os.PathLike[str]]) -> Iterator[ImageRef]:
+def iter_discover(sources: Sequence[str | os.PathLike[str]],
+                  options: SourceOptions = SourceOptions()) -> Iterator[ImageRef]:
     """Every image reachable from SOURCE arguments, in a stable order, as it is found: not
     deduplicated (an image reachable through two sources comes twice: ``discover`` drops repeats,
     extraction's work list drops them by id digest), held nowhere. Raises SourceError for a SOURCE
-    that does not exist or, once all are walked, when none held an image."""
+    that does not exist or, once all are walked, when none held an image.
+
+    A SOURCE is a folder (labels: its top-level subfolders), a glob, an image, a list file (CSV,
+    TSV, text, or Parquet with a path column), a WebDataset tar shard (or a brace range of them:
+    ``shards/{00000..00099}.tar``), a Parquet / Arrow / Feather file whose rows hold image bytes (told
+    apart from a Parquet list by its schema), a ``datasets.save_to_disk`` folder, or any of these in
+    object storage (s3://…)."""
     if not sources:
-        raise SourceError("no SOURCE given: pass folders, globs, image files or a list file")
+        raise SourceError("no SOURCE given: pass folders, globs, image files, list files, tar shards or tables")
     any_found = False
-    for src in sources:
-        s = str(src)
+    expanded = [e for src in sources for e in expand_braces(str(src))]
+    for s in expanded:
         p = Path(s)
         found: Iterable[ImageRef]
-        if is_uri(s):
+        if is_uri(s) and is_shard(s):
+            found = _shard_refs(s, options)
+        elif is_uri(s) and s.lower().endswith(".parquet"):
+            found = _table_refs(s, options)
+        elif is_uri(s):
             found = _walk_uri(s)
         elif p.is_dir():
-            found = _walk(p)
+            saved = _saved_dataset(p)
+            found = (r for f in saved for r in _table_refs(f, options)) if saved else _walk(p)
+        elif p.is_file() and is_shard(s):
+            found = _shard_refs(s, options)
+        elif p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and _is_image_table(p):
+            found = _table_refs(s, options)
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             found = _read_list(p)
         elif p.is_file():
             if not _is_image(p):
                 raise SourceError(
-                    f"{s} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor a list "
-                    f"file ({', '.join(sorted(LIST_EXTENSIONS))})"
+                    f"{s} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), a list file "
+                    f"({', '.join(sorted(LIST_EXTENSIONS))}), a tar shard nor a table of images "
+                    f"({', '.join(TABLE_SUFFIXES)})"
                 )
             found = [_ref(p, None)]
         elif _GLOB_CHARS & set(s):
-            found = list(_glob(s))
+            found = list(_glob(s, options))
             if not found:
                 raise SourceError(f"glob {s!r} matched no images")
         else:
@@ -227,10 +279,10 @@ def iter_discover(sources: Sequence[str | os.PathLike[str]]) -> Iterator[ImageRe
                           f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
-def discover(sources: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
+def discover(sources: Sequence[str | os.PathLike[str]], options: SourceOptions = SourceOptions()) -> list[ImageRef]:
     """Every image reachable from SOURCE arguments, deduplicated, in a stable order (a list: for the
     few-thousand-image commands; extraction streams ``iter_discover`` instead)."""
     seen: dict[str, ImageRef] = {}
-    for ref in iter_discover(sources):
+    for ref in iter_discover(sources, options):
         seen.setdefault(ref.id, ref)
     return list(seen.values())

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import SourceError, StoreError
-from embedder.io.sources import filesystem, is_uri
+from embedder.io.uri import filesystem, is_uri
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds

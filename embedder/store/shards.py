@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from embedder.errors import StoreError
 from embedder.io import storage
-from embedder.io.sources import is_uri
+from embedder.io.uri import is_uri
 from embedder.store.provenance import Provenance
 
 if TYPE_CHECKING:

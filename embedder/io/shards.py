@@ -1,0 +1,220 @@
+"""WebDataset tar shards as a source: ``shards/*.tar``, brace ranges ``shards/{00000..00099}.tar``,
+local or in object storage.
+
+A shard is a plain tar whose members are grouped into samples by key (the member name up to the
+first dot of its file name: ``000031234.jpg``, ``000031234.txt``, ``000031234.json`` are one sample),
+as img2dataset writes them. Each sample's image is located as ``SHARD#MEMBER``
+(``/data/shards/00003.tar#000031234.jpg``): its id is a hash of that location, so a rerun skips what a
+store holds and a killed run resumes with every sample exactly once. Discovery reads the shard's
+headers once, in order (tarfile; no member is extracted to disk) and the small members that carry a
+label (``.cls``, or the ``label`` key of ``.json``) or a caption (``.txt``); decoding later reads each
+image's bytes at the offset recorded then, through the same decode path as a file's.
+
+Nothing bad is dropped silently: a sample with no image member, a key that repeats within a shard,
+or a shard cut short (the samples before the cut are kept) become failing locations
+(``SHARD#!KEY!reason``) that decoding records in the store's errors table with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from embedder.errors import DecodeError, SourceError
+from embedder.io.uri import filesystem, is_uri
+
+TAR_SUFFIXES = (".tar",)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's own split: dir/KEY . ext
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+FAILED = "!"  # SHARD#!KEY!reason: a location that decoding refuses, with that reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    locator: str  # SHARD#MEMBER (or SHARD#!KEY!reason: recorded as a failure)
+    label: str | None
+    caption: str | None
+
+
+def is_shard(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``shards/{00000..00003}.tar`` → the four names, zero-padding kept (webdataset's notation)."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    if int(hi) < int(lo):
+        raise SourceError(f"brace range {{{lo}..{hi}}} in {pattern!r} runs backwards")
+    if int(hi) - int(lo) > 1_000_000:
+        raise SourceError(f"brace range {{{lo}..{hi}}} in {pattern!r} names over a million shards")
+    width = len(lo) if lo.startswith("0") else 0
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():]))
+    return out
+
+
+def _open(path: str) -> tuple[IO[bytes], int]:
+    """A seekable binary file and its size, local or in object storage."""
+
+    if is_uri(path):
+        fs, key = filesystem(path)
+        try:
+            f = fs.open_input_file(key)  # type: ignore[attr-defined]
+        except (OSError, FileNotFoundError) as e:
+            raise SourceError(f"cannot open shard {path}: {str(e).splitlines()[0][:200]}") from None
+        return f, int(f.size())
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as e:
+        raise SourceError(f"cannot open shard {path}: {e.strerror or e}") from None
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(0)
+    return f, size
+
+
+def _members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | str]:
+    """(name, data offset, size) per regular member in order; a trailing string says why the
+    shard stopped early (cut short, or damaged)."""
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:")  # type: ignore[call-overload]
+    except tarfile.ReadError as e:
+        yield f"not a readable tar ({e})"
+        return
+    while True:
+        try:
+            info = tf.next()
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            yield f"damaged after the last good member ({type(e).__name__}: {e})"
+            return
+        if info is None:
+            return
+        if not info.isreg():
+            continue
+        if info.offset_data + info.size > size:
+            yield f"cut short inside {info.name} ({size:,} bytes of the {info.offset_data + info.size:,} it needs)"
+            return
+        yield info.name, info.offset_data, info.size
+
+
+def _read_at(f: IO[bytes], offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _label_of(members: dict[str, tuple[int, int]], f: IO[bytes], label_key: str) -> str | None:
+    if "cls" in members:
+        text = _read_at(f, *members["cls"]).decode("utf-8", "replace").strip()
+        return text or None
+    if "json" in members:
+        try:
+            meta: Any = json.loads(_read_at(f, *members["json"]))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if isinstance(meta, dict) and meta.get(label_key) is not None:
+            return str(meta[label_key])
+    return None
+
+
+def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
+    """The samples of one shard, in order (see the module's docstring)."""
+    f, size = _open(shard)
+    try:
+        seen: set[str] = set()
+        key: str | None = None
+        group: dict[str, tuple[int, int]] = {}
+        names: dict[str, str] = {}
+
+        def flush() -> Iterator[Sample]:
+            if key is None:
+                return
+            if key in seen:
+                yield Sample(f"{shard}#{FAILED}{key}{FAILED}duplicate key {key} in this shard: the later sample "
+                             f"is not embedded", None, None)
+                return
+            seen.add(key)
+            image = next((e for e in IMAGE_EXTS if e in group), None)
+            if image is None:
+                listed = ", ".join(sorted(names.values()))
+                yield Sample(f"{shard}#{FAILED}{key}{FAILED}sample {key} has no image member ({listed})", None, None)
+                return
+            caption = None
+            if "txt" in group:
+                caption = _read_at(f, *group["txt"]).decode("utf-8", "replace").strip() or None
+            yield Sample(f"{shard}#{names[image]}", _label_of(group, f, label_key), caption)
+
+        for m in _members(f, size):
+            if isinstance(m, str):
+                yield from flush()
+                key = None
+                yield Sample(f"{shard}#{FAILED}end{FAILED}shard {m}; the samples before it are kept", None, None)
+                return
+            name, offset, length = m
+            km = _KEY.match(name)
+            if km is None:
+                continue  # no extension at all: not part of any sample
+            k, ext = km.group(1), km.group(2).lower()
+            if k != key:
+                yield from flush()
+                key, group, names = k, {}, {}
+            if ext in group:  # the same member twice: a repeated key
+                yield from flush()
+                key, group, names = k, {}, {}
+            group[ext] = (offset, length)
+            names[ext] = name
+        yield from flush()
+    finally:
+        f.close()
+
+
+# ---- reading a sample's image back by its location -----------------------------------------------
+_INDEX_CACHE: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+_INDEX_LOCK = threading.Lock()
+INDEXES_KEPT = 4  # shards whose member offsets a process keeps (a few KB per thousand members)
+
+
+def _index(shard: str) -> dict[str, tuple[int, int]]:
+    with _INDEX_LOCK:
+        hit = _INDEX_CACHE.get(shard)
+        if hit is not None:
+            _INDEX_CACHE.move_to_end(shard)
+            return hit
+    f, size = _open(shard)
+    try:
+        index = {m[0]: (m[1], m[2]) for m in _members(f, size) if not isinstance(m, str)}
+    finally:
+        f.close()
+    with _INDEX_LOCK:
+        _INDEX_CACHE[shard] = index
+        while len(_INDEX_CACHE) > INDEXES_KEPT:
+            _INDEX_CACHE.popitem(last=False)
+    return index
+
+
+def read_member(locator: str) -> bytes:
+    """The bytes at ``SHARD#MEMBER``; a failing location raises DecodeError with its reason."""
+    shard, _, member = locator.rpartition("#")
+    if member.startswith(FAILED):
+        raise DecodeError(member.split(FAILED, 2)[2])
+    try:
+        offset, size = _index(shard)[member]
+    except KeyError:
+        raise DecodeError(f"{member} is not in shard {shard}") from None
+    except SourceError as e:
+        raise DecodeError(str(e)) from None
+    f, _ = _open(shard)
+    try:
+        return _read_at(f, offset, size)
+    finally:
+        f.close()
