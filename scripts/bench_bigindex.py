@@ -108,7 +108,7 @@ def make_store(n: int, path: Path) -> None:
             st.write_shard(pa.table({
                 "id": ids, "path": ids, "label": [None] * m, "embedding": embeddings_to_arrow(x, "float16"),
                 "width": pa.array([0] * m, pa.int32()), "height": pa.array([0] * m, pa.int32()),
-                "file_hash": [None] * m}, schema=schema))
+                "file_hash": [None] * m, "caption": [None] * m}, schema=schema))
         st.update_manifest()
 
 

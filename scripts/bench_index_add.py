@@ -77,7 +77,8 @@ def write_store(path: Path, n: int, dim: int, seed: int = 0) -> None:
             st.write_shard(pa.table({
                 "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": [f"c{i % 5}" for i in range(m)],
                 "embedding": embeddings_to_arrow(x, "float16"), "width": pa.array([1] * m, pa.int32()),
-                "height": pa.array([1] * m, pa.int32()), "file_hash": [None] * m}, schema=schema))
+                "height": pa.array([1] * m, pa.int32()), "file_hash": [None] * m,
+                "caption": [None] * m}, schema=schema))
         st.update_manifest()
 
 

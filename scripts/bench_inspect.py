@@ -71,7 +71,8 @@ def write_store(path: Path, x: np.ndarray, y: np.ndarray) -> None:
             st.write_shard(pa.table({
                 "id": ids, "path": [f"/synthetic/{i}.jpg" for i in ids], "label": [f"c{v}" for v in y[s:s + len(c)]],
                 "embedding": embeddings_to_arrow(c, "float32"), "width": pa.array([0] * len(c), pa.int32()),
-                "height": pa.array([0] * len(c), pa.int32()), "file_hash": [None] * len(c)}, schema=schema))
+                "height": pa.array([0] * len(c), pa.int32()), "file_hash": [None] * len(c),
+                "caption": [None] * len(c)}, schema=schema))
         st.update_manifest()
 
 

@@ -61,7 +61,7 @@ def make(n: int, path: Path) -> None:
                 "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": [None] * m,
                 "embedding": embeddings_to_arrow(np.zeros((m, 2), np.float32), "float16"),
                 "width": pa.array([0] * m, pa.int32()), "height": pa.array([0] * m, pa.int32()),
-                "file_hash": [None] * m}, schema=schema))
+                "file_hash": [None] * m, "caption": [None] * m}, schema=schema))
         st.update_manifest()
 
 

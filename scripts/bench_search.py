@@ -52,7 +52,7 @@ def write_store(path: Path, x: np.ndarray) -> str:
                 "id": ids, "path": ids, "label": [None] * len(ids),
                 "embedding": embeddings_to_arrow(chunk, "float32"),
                 "width": pa.array([0] * len(ids), pa.int32()), "height": pa.array([0] * len(ids), pa.int32()),
-                "file_hash": [None] * len(ids)}, schema=schema))
+                "file_hash": [None] * len(ids), "caption": [None] * len(ids)}, schema=schema))
         st.update_manifest()
     return str(path)
 

@@ -40,7 +40,8 @@ def sharded_store(path: Path, parts: list[np.ndarray], prefix: str = "v") -> str
             st.write_shard(pa.table({
                 "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": [f"c{i % 3}" for i in range(len(x))],
                 "embedding": embeddings_to_arrow(x, "float32"), "width": pa.array([1] * len(x), pa.int32()),
-                "height": pa.array([1] * len(x), pa.int32()), "file_hash": [None] * len(x)}, schema=schema))
+                "height": pa.array([1] * len(x), pa.int32()), "file_hash": [None] * len(x),
+                "caption": [None] * len(x)}, schema=schema))
             start += len(x)
         st.update_manifest()
     return str(path)
@@ -377,7 +378,8 @@ def test_a_streamed_build_beside_a_writer_indexes_one_snapshot(tmp_path: Path, s
                 st.write_shard(pa.table({
                     "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": ["c0"] * 1000,
                     "embedding": embeddings_to_arrow(x[4000:], "float32"), "width": pa.array([1] * 1000, pa.int32()),
-                    "height": pa.array([1] * 1000, pa.int32()), "file_hash": [None] * 1000}, schema=schema))
+                    "height": pa.array([1] * 1000, pa.int32()), "file_hash": [None] * 1000,
+                    "caption": [None] * 1000}, schema=schema))
                 st.update_manifest()
             appended.append(True)
         return real_gather(*args, **kwargs)

@@ -26,7 +26,7 @@ def _store(path: Path, shards: list[list[str]]) -> Store:
                 "id": ids, "path": ids, "label": [None] * n,
                 "embedding": embeddings_to_arrow(np.zeros((n, 4), np.float32), "float32"),
                 "width": pa.array([1] * n, pa.int32()), "height": pa.array([1] * n, pa.int32()),
-                "file_hash": [None] * n}, schema=schema))
+                "file_hash": [None] * n, "caption": [None] * n}, schema=schema))
         st.update_manifest()
     return Store.open(path)
 

@@ -53,7 +53,7 @@ def _write_vectors(st: Store, x: np.ndarray, labels: list[str] | None, start: in
         "label": labels or [f"c{i % 5}" for i in range(n)],
         "embedding": embeddings_to_arrow(x, "float32"),
         "width": pa.array([1] * n, pa.int32()), "height": pa.array([1] * n, pa.int32()),
-        "file_hash": [None] * n,
+        "file_hash": [None] * n, "caption": [None] * n,
     }, schema=st.read().schema))
     st.update_manifest()
 

@@ -51,7 +51,7 @@ def write_store(path: Path, x: np.ndarray, labels: list[str | None] | None, pref
                 "label": labels if labels is not None else [None] * n,
                 "embedding": embeddings_to_arrow(x, "float32"),
                 "width": pa.array([1] * n, pa.int32()), "height": pa.array([1] * n, pa.int32()),
-                "file_hash": [None] * n,
+                "file_hash": [None] * n, "caption": [None] * n,
             }, schema=st.read().schema))
         st.update_manifest()
     return str(path)

@@ -55,9 +55,20 @@ def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None
 
 
 def read_bytes(path: str) -> bytes:
-    """A file's bytes, from a local path or an object-storage URI (s3://…)."""
+    """An image's bytes, from a local path, an object-storage URI (s3://…), a tar shard's member
+    (``SHARD#MEMBER``) or a table's row (``FILE#COLUMN/GROUP/ROW``): one decode path for all."""
     from embedder.io.uri import is_uri  # pyarrow: only when a path is read
 
+    container, sep, _ = path.rpartition("#")
+    if sep:
+        from embedder.io.shards import is_shard, read_member
+
+        if is_shard(container):
+            return read_member(path)
+        from embedder.io.tables import is_table, read_row
+
+        if is_table(container):
+            return read_row(path)
     if is_uri(path):
         from embedder.errors import SourceError
         from embedder.io.uri import filesystem

@@ -377,6 +377,7 @@ class BatchEmbedder:
             pa.array([d.width for d in metas], pa.int32()),
             pa.array([d.height for d in metas], pa.int32()),
             pa.array([d.file_hash for d in metas], pa.string()),
+            pa.array([r.caption for r in refs], pa.string()),
         ], schema=self.schema)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -387,7 +388,8 @@ class BatchEmbedder:
         paths = batch.column("path").to_pylist()
         ids = batch.column("id").to_pylist() if "id" in batch.column_names else None
         labels = batch.column("label").to_pylist() if "label" in batch.column_names else None
-        refs = [ImageRef(ids[i] if ids else image_id(p), p, labels[i] if labels else None)
+        caps = batch.column("caption").to_pylist() if "caption" in batch.column_names else None
+        refs = [ImageRef(ids[i] if ids else image_id(p), p, labels[i] if labels else None, caps[i] if caps else None)
                 for i, p in enumerate(paths)]
         good_refs, good, errors = [], [], {}
         for ref in refs:
@@ -406,6 +408,7 @@ class BatchEmbedder:
                 "embedding": pa.nulls(len(failed), self.schema.field("embedding").type),
                 "width": pa.nulls(len(failed), pa.int32()), "height": pa.nulls(len(failed), pa.int32()),
                 "file_hash": pa.nulls(len(failed), pa.string()),
+                "caption": [r.caption for r in failed],
                 "error": [errors[r.id] for r in failed],
             }, schema=table.schema)
             table = pa.concat_tables([table, fail_table])

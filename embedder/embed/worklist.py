@@ -33,7 +33,7 @@ from embedder.store import id_index
 
 CHUNK = 65_536  # refs per spilled record batch
 SPILL_ENV = "EMBEDDER_TMPDIR"  # where work lists spill (default: the system's temporary folder)
-SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
+SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("caption", pa.string())])
 
 
 class Refs(Protocol):
@@ -113,8 +113,8 @@ class WorkList:
 
     def __iter__(self) -> Iterator[ImageRef]:
         for table in self._batches():
-            ids, paths, labels = (table.column(c).to_pylist() for c in ("id", "path", "label"))
-            yield from (ImageRef(i, p, lab) for i, p, lab in zip(ids, paths, labels))
+            ids, paths, labels, caps = (table.column(c).to_pylist() for c in ("id", "path", "label", "caption"))
+            yield from (ImageRef(i, p, lab, cap) for i, p, lab, cap in zip(ids, paths, labels, caps))
 
     def _batches(self) -> Iterator[pa.Table]:
         """Each spilled record batch's rows that are still to do (record batch b holds rows
@@ -154,20 +154,23 @@ def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | No
             ids: list[str] = []
             paths: list[str] = []
             labels: list[str | None] = []
+            captions: list[str | None] = []
 
             def spill() -> None:
                 arr = pa.array(ids, pa.string())
-                out.write_batch(pa.record_batch([arr, pa.array(paths, pa.string()), pa.array(labels, pa.string())],
-                                                schema=SCHEMA))
+                out.write_batch(pa.record_batch([arr, pa.array(paths, pa.string()), pa.array(labels, pa.string()),
+                                                 pa.array(captions, pa.string())], schema=SCHEMA))
                 digest_out.write(id_index.digests(arr).tobytes())
                 ids.clear()
                 paths.clear()
                 labels.clear()
+                captions.clear()
 
             for ref in refs:
                 ids.append(ref.id)
                 paths.append(ref.path)
                 labels.append(ref.label)
+                captions.append(ref.caption)
                 if len(ids) == batch_rows:
                     spill()
             if ids:

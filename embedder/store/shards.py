@@ -68,7 +68,19 @@ def row_schema(dim: int, dtype: str) -> pa.Schema:
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("file_hash", pa.string()),
+        ("caption", pa.string()),  # a sample's caption (tar .txt, a table's caption column); null elsewhere
     ])
+
+
+def _with_columns(f: Any, columns: list[str]) -> pa.Table:
+    """COLUMNS of one shard; a column added to the schema after the shard was written (``caption``)
+    reads as nulls."""
+    have = set(f.schema_arrow.names)
+    t = f.read(columns=[c for c in columns if c in have])
+    for c in columns:
+        if c not in have:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+    return t.select(columns)
 
 
 def embeddings_to_arrow(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -96,7 +108,7 @@ class ShardBuffer:
         self.dim, self.dtype, self.capacity = dim, dtype, capacity
         self.vectors = np.empty((capacity, dim), dtype=np.float16 if dtype == "float16" else np.float32)
         self.columns: dict[str, list[Any]] = {c: [] for c in ("id", "path", "label", "width", "height",
-                                                              "file_hash")}
+                                                              "file_hash", "caption")}
         self.rows = 0
 
     @property
@@ -122,7 +134,7 @@ class ShardBuffer:
             pa.array(c["id"], pa.string()), pa.array(c["path"], pa.string()),
             pa.array(c["label"], pa.string()), embeddings_to_arrow(self.vectors[:self.rows], self.dtype),
             pa.array(c["width"], pa.int32()), pa.array(c["height"], pa.int32()),
-            pa.array(c["file_hash"], pa.string())], schema=schema)
+            pa.array(c["file_hash"], pa.string()), pa.array(c["caption"], pa.string())], schema=schema)
         for values in c.values():
             values.clear()
         self.rows = 0
@@ -308,7 +320,7 @@ class Store:
         schema = row_schema(self.dim, self.dtype)
         try:
             sub = pa.schema([schema.field(c) for c in columns])
-            parts = [storage.open_parquet(p).read(columns=columns).cast(sub) for p in self.shard_files()]
+            parts = [_with_columns(storage.open_parquet(p), columns).cast(sub) for p in self.shard_files()]
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{self.root}: cannot read shards ({str(e).splitlines()[0]}); a shard "
                              "damaged outside embedder can be moved away and the extraction rerun") from None
