@@ -119,6 +119,7 @@ def extract(sources: str | Sequence[str], out: str | Path, *, backbone: str | No
     ``.failures``, ``.to_dict()``)."""
     from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
     from embedder.embed.run import run_extract
+    from embedder.io.options import SourceOptions
     from embedder.models.builder import spec_for
 
     if engine not in ("local", "ray"):
@@ -126,11 +127,12 @@ def extract(sources: str | Sequence[str], out: str | Path, *, backbone: str | No
     ray_fields = {f.name for f in dataclasses.fields(RayOptions)}
     ray_kw = {k: options.pop(k) for k in list(options) if k in ray_fields and engine == "ray"
               and k not in {f.name for f in dataclasses.fields(RunOptions)}}
-    embed_kw, run_kw = _split_options(options, EmbedOptions, RunOptions)
+    embed_kw, run_kw, source_kw = _split_options(options, EmbedOptions, RunOptions, SourceOptions)
     spec = spec_for(backbone, weights, layer, pool, image_size)
     srcs = [sources] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     ray = RayOptions(**ray_kw, batch_size=run_kw.get("batch_size")) if engine == "ray" else None
-    return run_extract([str(s) for s in srcs], str(out), spec, EmbedOptions(**embed_kw), RunOptions(**run_kw), ray)
+    run = RunOptions(**run_kw, sources=SourceOptions(**source_kw))
+    return run_extract([str(s) for s in srcs], str(out), spec, EmbedOptions(**embed_kw), run, ray)
 
 
 def open_store(path: str | Path) -> Store:

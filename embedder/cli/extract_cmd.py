@@ -13,6 +13,7 @@ from embedder import choices
 from embedder.cli.common import console, handle_errors, image_progress, out, setup_logging, value
 from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
 from embedder.errors import EmbedderError
+from embedder.io.options import SourceOptions
 from embedder.models.hub import weights_present
 from embedder.models.registry import REGISTRY
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
 EXIT_SOME_FAILED = 3
 PERF = "Speed"
 STORE = "Store"
+SOURCES = "Tar shards and tables"
 RAY = "Ray cluster (--engine ray)"
 
 weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache.", no_args_is_help=True)
@@ -30,7 +32,7 @@ weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache
 
 @handle_errors
 def extract_command(
-    sources: Annotated[list[str], typer.Argument(help="Folders, globs, image files, or CSV/Parquet/text lists.")],
+    sources: Annotated[list[str], typer.Argument(help="Folders, globs, image files, CSV/TSV/text lists, WebDataset tar shards (brace ranges: shards/{00000..00099}.tar), Parquet/Arrow/Feather tables of image bytes, datasets.save_to_disk folders; local or s3://. A Parquet file with an image-bytes column is read as images, one without as a list of paths.")],
     out_store: Annotated[str, typer.Option("--out", "-o", help="Store directory or s3://bucket/prefix (created or appended).")],
     backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local state dict or finetune checkpoint.")] = None,
@@ -48,6 +50,11 @@ def extract_command(
     normalize: Annotated[choices.Normalize, typer.Option(help="Stored vectors L2-normalised or as the model gives them.", rich_help_panel=STORE)] = choices.Normalize(EmbedOptions.normalize),
     shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.", rich_help_panel=STORE)] = RunOptions.shard_rows,
     retry_failed: Annotated[bool, typer.Option(help="Try images that failed in earlier runs again.", rich_help_panel=STORE)] = RunOptions.retry_failed,
+    image_column: Annotated[Optional[str], typer.Option(help="Tables: the column of image bytes (default: the first binary or {bytes, path} column, e.g. Hugging Face's image).", rich_help_panel=SOURCES)] = SourceOptions.image_column,
+    label_column: Annotated[Optional[str], typer.Option(help="Tables: the label column (default: label; ClassLabel integers get their names from the schema).", rich_help_panel=SOURCES)] = SourceOptions.label_column,
+    caption_column: Annotated[Optional[str], typer.Option(help="Tables: the caption column, stored as caption (default: caption, text or txt). Tar shards: a sample's .txt.", rich_help_panel=SOURCES)] = SourceOptions.caption_column,
+    id_column: Annotated[Optional[str], typer.Option(help="Tables: a key column whose values make the ids (default: ids from where the row lives; a repeated key is recorded, not merged).", rich_help_panel=SOURCES)] = SourceOptions.id_column,
+    json_label_key: Annotated[str, typer.Option(help="Tar shards: the key of a sample's .json holding its label (a .cls member wins).", rich_help_panel=SOURCES)] = SourceOptions.json_label_key,
     decoder: Annotated[choices.Decoder, typer.Option(help="pil: bit-identical to the weights' transforms; pil-draft: JPEG draft mode; pil-reduce: large JPEGs ~2x faster (DCT-domain downscale to 2x the target, then the exact resize); torchvision: JPEGs ~2x faster, pixels within 1 level; nvjpeg: JPEGs decoded on the GPU; auto: the fastest measured to match pil (torchvision).", rich_help_panel=PERF)] = choices.Decoder(EmbedOptions.decoder),
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).", rich_help_panel=PERF)] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).", rich_help_panel=PERF)] = EmbedOptions.compile,
@@ -79,7 +86,8 @@ def extract_command(
                          decoder="pil-draft" if fast_decode else str(decoder), compile=compile_model,
                          cpu_graph=str(cpu_graph))
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=str(decode_in), shard_rows=shard_rows,
-                     retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes)
+                     retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes,
+                     sources=SourceOptions(image_column, label_column, caption_column, id_column, json_label_key))
     with image_progress("embedding", enabled=not as_json) as progress:
         ray_opts = None
         if engine == "ray":

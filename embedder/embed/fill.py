@@ -119,7 +119,7 @@ def extract(
     if (embedder is None and run.decode_in != "threads" and embed.decoder != "nvjpeg"
             and resolve_device(embed.device).type == "cuda"):
         start_server()  # decode processes' imports overlap loading the model
-    with worklist.build(iter_discover(sources)) as work:
+    with worklist.build(iter_discover(sources, run.sources)) as work:
         embedder = embedder or BatchEmbedder(spec, embed)
         lanes = _run_lanes(embedder, run)
         # a combination that cannot run is refused before the store is created

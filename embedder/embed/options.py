@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from embedder import choices
 from embedder.decode.common import DEFAULT_MAX_PIXELS
 from embedder.errors import EmbedderError
+from embedder.io.options import SourceOptions
 
 if TYPE_CHECKING:  # light: the CLI reads these defaults without loading torch
     import torch
@@ -72,6 +73,7 @@ class RunOptions:
     shard_rows: int = 4096
     flush_seconds: float = 60.0
     retry_failed: bool = False
+    sources: SourceOptions = SourceOptions()  # tar shards' and image tables' columns and keys
 
     def __post_init__(self) -> None:
         # checked before anything is created or started, not when the first batch is decoded

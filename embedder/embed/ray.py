@@ -297,7 +297,7 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     # scheduled or written, and states the provenance every worker's vectors will carry.
     driver = BatchEmbedder(spec, replace(worker_embed, device="cpu", compile=False))
     checks = preflight(ray, spec, worker_embed)
-    work = worklist.build(iter_discover(sources))  # while nodes load the model
+    work = worklist.build(iter_discover(sources, run.sources))  # while nodes load the model
     try:
         check_preflight(ray, checks)
         return _extract_ray(ray, work, store_path, spec, embed, worker_embed, run, options, driver, progress,

@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import SourceError
+from embedder.io.options import SourceOptions
 from embedder.io.shards import expand_braces, is_shard, iter_samples
-from embedder.io.tables import TABLE_SUFFIXES, TableOptions, image_column, iter_rows
+from embedder.io.tables import TABLE_SUFFIXES, image_column, iter_rows
 from embedder.io.uri import filesystem, image_id, is_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -38,18 +39,6 @@ class ImageRef:
     caption: str | None = None
 
 
-@dataclass(frozen=True)
-class SourceOptions:
-    """How to read sources that are not loose files (defaults in one place, read by the CLI)."""
-
-    image_column: str | None = None  # tables: the image bytes (default: first binary / {bytes, path} column)
-    label_column: str | None = None  # tables: the class (default: "label"; ClassLabel ints get their names)
-    caption_column: str | None = None  # tables: the caption (default: "caption", "text" or "txt")
-    id_column: str | None = None  # tables: a key column for ids (default: ids from the row's location)
-    json_label_key: str = "label"  # tar shards: the key of a sample's .json that holds its label
-
-    def tables(self) -> TableOptions:
-        return TableOptions(self.image_column, self.label_column, self.caption_column, self.id_column)
 
 
 def _shard_refs(shard: str, options: SourceOptions) -> Iterator[ImageRef]:
@@ -58,7 +47,7 @@ def _shard_refs(shard: str, options: SourceOptions) -> Iterator[ImageRef]:
 
 
 def _table_refs(path: str, options: SourceOptions) -> Iterator[ImageRef]:
-    for row in iter_rows(path if is_uri(path) else _absolute(path), options.tables()):
+    for row in iter_rows(path if is_uri(path) else _absolute(path), options):
         yield ImageRef(row.id, row.locator, row.label, row.caption)
 
 

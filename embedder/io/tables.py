@@ -26,20 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import DecodeError, SourceError
+from embedder.io.options import SourceOptions
 from embedder.io.uri import filesystem, image_id, is_uri
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 FAILED = "!"  # FILE#!ROW!reason
-
-
-@dataclass(frozen=True)
-class TableOptions:
-    """Which columns mean what (None: found from the schema)."""
-
-    image_column: str | None = None  # default: the first binary or {bytes, path} struct column
-    label_column: str | None = None  # default: "label" when there is one
-    caption_column: str | None = None  # default: "caption", "text" or "txt" when there is one
-    id_column: str | None = None  # default: ids from the row's location
 
 
 @dataclass(frozen=True)
@@ -158,7 +149,7 @@ def _key_id(value: Any) -> str:
     return hashlib.blake2b(f"key:{value}".encode(), digest_size=16).hexdigest()
 
 
-def iter_rows(path: str, options: TableOptions = TableOptions()) -> Iterator[Row]:
+def iter_rows(path: str, options: SourceOptions = SourceOptions()) -> Iterator[Row]:
     """Every row of an image table, in order, with its id, location, label and caption."""
 
     r = _Reader(path)

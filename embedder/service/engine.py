@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -228,12 +227,18 @@ class Engine:
         except IndexError_ as e:
             raise NotFound(str(e)) from None
 
-    def item_path(self, name: str, item_id: str) -> Path:
-        """The image file of an id in the index's id map: never a path taken from the request."""
-        path = Path(self.item(name, item_id)["path"])
-        if not path.is_file():
-            raise NotFound(f"the image of {shown(item_id)} is no longer at {path}")
-        return path
+    def item_bytes(self, name: str, item_id: str) -> tuple[bytes, str]:
+        """The image of an id, read by the location its index's id map records (a file, a tar
+        shard's member, a table's row): never a path taken from the request. With its media type."""
+        from embedder.decode.common import read_bytes
+        from embedder.errors import DecodeError
+
+        path = str(self.item(name, item_id)["path"])
+        try:
+            data = read_bytes(path)
+        except DecodeError as e:
+            raise NotFound(f"the image of {shown(item_id)} cannot be read at {shown(path, 200)}: {e}") from None
+        return data, _media_type(data)
 
     def thumbnail(self, name: str, item_id: str) -> bytes:
         import io
@@ -242,8 +247,8 @@ class Engine:
 
         from embedder.decode.cpu import load_rgb
 
-        path = self.item_path(name, item_id)
-        img = load_rgb(path.read_bytes(), self.options.max_pixels)
+        data, _ = self.item_bytes(name, item_id)
+        img = load_rgb(data, self.options.max_pixels)
         img.thumbnail((self.options.thumbnail_px, self.options.thumbnail_px), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
@@ -351,3 +356,14 @@ class Engine:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+_MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"),
+          (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
+
+
+def _media_type(data: bytes) -> str:
+    """By the bytes' signature, never by a name (a shard member's or a row's has none to trust)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((t for magic, t in _MAGIC if data.startswith(magic)), "application/octet-stream")

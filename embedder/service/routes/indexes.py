@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from embedder.service.state import ServiceDep
@@ -43,10 +43,12 @@ async def item(name: str, item_id: str, svc: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/items/{name}/{item_id}/image")
-async def item_image(name: str, item_id: str, svc: ServiceDep) -> FileResponse:
-    """The image file of an id in that index (looked up in the id map, never a path from the URL)."""
+async def item_image(name: str, item_id: str, svc: ServiceDep) -> Response:
+    """The image of an id in that index, read where its id map says (a file, a tar shard's member, a
+    table's row), never a path from the URL."""
     svc.need_ready()
-    return FileResponse(svc.engine.item_path(name, item_id))
+    data, media_type = await asyncio.to_thread(svc.engine.item_bytes, name, item_id)
+    return Response(data, media_type=media_type)
 
 
 @router.get("/items/{name}/{item_id}/thumbnail")
