@@ -105,6 +105,27 @@ def test_s3_sources_give_the_same_store_as_the_same_files_on_disk(tmp_path: Path
     assert (again.done, again.skipped_present, again.skipped_failed_before) == (0, 9, 1)
 
 
+def test_tar_shards_and_parquet_tables_in_s3(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    """Shards and tables read from object storage (ranged reads, nothing copied to disk) give the
+    vectors the same files give from local disk."""
+    from tests.test_shards_tables import write_hf_parquet, write_shards
+
+    files = sorted(make_images(tmp_path / "f", {"red": 4, "blue": 3}, size=(64, 48)))
+    write_shards(tmp_path / "up" / "shards", files, per_shard=4)
+    write_hf_parquet(tmp_path / "up" / "t.parquet", files, row_group_size=3)
+    _upload(tmp_path / "up", "wds", "v1")
+    disk = extract([str(tmp_path / "f")], str(tmp_path / "disk"), TINY)
+    want = sorted(np.asarray(v).tobytes() for v in Store.open(tmp_path / "disk").read(["embedding"])
+                  .column("embedding").to_pylist())
+    for src in (["s3://wds/v1/shards/00000.tar", "s3://wds/v1/shards/00001.tar"], ["s3://wds/v1/t.parquet"]):
+        out = tmp_path / src[0].rsplit("/", 1)[1]
+        s = extract(src, str(out), TINY)
+        assert (s.done, s.failed) == (disk.done, 0) == (7, 0)
+        got = Store.open(out).read(["path", "embedding"])
+        assert all(p.startswith("s3://wds/v1/") and "#" in p for p in got.column("path").to_pylist())
+        assert sorted(np.asarray(v).tobytes() for v in got.column("embedding").to_pylist()) == want
+
+
 def test_missing_prefix_and_unreachable_endpoint_are_one_line_errors(s3_env: dict[str, str],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     _admin().create_dir("empty")
