@@ -362,3 +362,29 @@ def test_ray_index_build_gives_the_local_builds_lists(tmp_path: Path, cluster: s
     r = runner.invoke(app, ["index", "build", store, "--name", "h", "--kind", "hnsw", "--engine", "ray",
                             "--address", cluster, "--home", home])
     assert r.exit_code == 2 and "--engine ray builds an IVF index with lists on disk" in r.output
+
+
+@pytest.mark.slow
+def test_the_ray_engine_reads_tar_shards_and_tables_as_the_local_one(tmp_path: Path, cluster: str) -> None:
+    """Shard members and table rows reach Ray's decode tasks by their recorded location (the same
+    read path as a file's), with their labels and captions: the local engine's store."""
+    from embedder.embed.options import RayOptions
+    from embedder.embed.ray import extract_ray
+    from tests.test_shards_tables import write_hf_parquet, write_shards
+
+    files = sorted(make_images(tmp_path / "f", {"red": 6, "blue": 5}, size=(64, 48)))
+    write_shards(tmp_path / "s", files, per_shard=4)
+    write_hf_parquet(tmp_path / "t.parquet", files, row_group_size=4)
+    for src in ([str(tmp_path / "s" / "*.tar")], [str(tmp_path / "t.parquet")]):
+        name = "shards" if src[0].endswith(".tar") else "table"
+        s = extract_ray(src, str(tmp_path / f"ray-{name}"), TINY, EmbedOptions(), RunOptions(batch_size=4),
+                        RayOptions(address=cluster, workers=1))
+        local = extract(src, str(tmp_path / f"local-{name}"), TINY, EmbedOptions(), RunOptions(batch_size=4))
+        assert (s.done, s.failed) == (local.done, local.failed) == (11, 0)
+        ids_r, vec_r = _store_vectors(tmp_path / f"ray-{name}")
+        ids_l, vec_l = _store_vectors(tmp_path / f"local-{name}")
+        assert ids_r == ids_l
+        np.testing.assert_allclose(vec_r, vec_l, atol=1e-5)
+        cols = ["id", "label", "caption"]
+        assert (Store.open(str(tmp_path / f"ray-{name}")).read(cols).sort_by("id").to_pylist()
+                == Store.open(str(tmp_path / f"local-{name}")).read(cols).sort_by("id").to_pylist())

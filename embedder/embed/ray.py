@@ -130,7 +130,7 @@ def _decode_batch(batch: dict[str, np.ndarray], pre: Any, max_pixels: int, decod
             file_hash[i], error[i] = "", meta
         else:
             width[i], height[i], file_hash[i], error[i] = meta.width, meta.height, meta.file_hash, ""
-    return {"id": batch["id"], "path": paths, "label": batch["label"], "pixels": pixels,
+    return {"id": batch["id"], "path": paths, "label": batch["label"], "caption": batch["caption"], "pixels": pixels,
             "width": width, "height": height, "file_hash": file_hash, "error": error}
 
 
@@ -168,6 +168,7 @@ class _Embed:
             "width": pa.array(batch["width"], pa.int32()),
             "height": pa.array(batch["height"], pa.int32()),
             "file_hash": pa.array(list(batch["file_hash"]), pa.string()),
+            "caption": pa.array([None if v is None else str(v) for v in batch["caption"]], pa.string()),
             "error": pa.array([e or None for e in batch["error"]], pa.string()),
         }
         return pa.table(cols)
