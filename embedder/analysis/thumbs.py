@@ -21,14 +21,14 @@ def thumb_name(store_id: str) -> str:
 def _make(path: str, target: Path) -> bool:
     from PIL import Image
 
+    from embedder.decode.common import read_bytes
     from embedder.decode.cpu import load_rgb
     from embedder.errors import DecodeError
 
     if target.exists():
         return True
-    try:
-        with open(path, "rb") as f:
-            img = load_rgb(f.read(), draft_size=THUMB_PX)
+    try:  # a file, a tar shard's member, a table's row: read where the store says it lives
+        img = load_rgb(read_bytes(path), draft_size=THUMB_PX)
         img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         img.save(tmp, "JPEG", quality=80)

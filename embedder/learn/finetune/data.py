@@ -11,6 +11,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
+from embedder.decode.common import read_bytes
 from embedder.decode.cpu import load_rgb, preprocess
 from embedder.errors import DecodeError, FinetuneError
 from embedder.io.sources import ImageRef, discover
@@ -31,8 +32,7 @@ class _Images(Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, str]:
         ref = self.refs[i]
         try:
-            with open(ref.path, "rb") as f:
-                img = load_rgb(f.read(), self.max_pixels)
+            img = load_rgb(read_bytes(ref.path), self.max_pixels)  # a file, a shard member, a table row
             return self.transform(img), self.labels[i], ref.path, ""
         except (DecodeError, OSError) as e:
             return None, self.labels[i], ref.path, str(e)

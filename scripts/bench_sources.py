@@ -1,0 +1,129 @@
+"""The same images as loose files, as WebDataset tar shards and as a Parquet table of image bytes:
+`embedder extract` img/s and peak RSS for each, one run on one machine; then many more samples in
+shards, to show memory does not grow with the number of samples.
+
+    python scripts/bench_sources.py [--images 10000] [--many 100000] [--shards 10] [--backbone tiny_test]
+
+Each extraction is its own process (`python -m embedder extract`); peak RSS is that process's
+(``wait4``'s ru_maxrss). The images are small generated JPEGs (class-coloured noise, 96x72), so
+the numbers compare reading and decoding paths, not a model: the default backbone is the tiny test
+network (`--backbone mobilenet_v2:IMAGENET1K_V1` for a real one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """(class, JPEG bytes): 10 classes of coloured noise, 96x72, quality 90."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        c = i % 10
+        base = np.array([(c * 25) % 256, (c * 70) % 256, (c * 130) % 256], np.float32)
+        px = np.clip(base + rng.normal(0, 40, (72, 96, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, "JPEG", quality=90)
+        out.append((f"c{c}", buf.getvalue()))
+    return out
+
+
+def write_files(root: Path, images: list[tuple[str, bytes]]) -> None:
+    for i, (label, data) in enumerate(images):
+        d = root / label
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:07d}.jpg").write_bytes(data)
+
+
+def write_shards(root: Path, images: list[tuple[str, bytes]], shards: int, start: int = 0) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-len(images) // shards)
+    for s in range(shards):
+        with tarfile.open(root / f"{start + s:05d}.tar", "w") as tf:
+            for i in range(s * per, min(len(images), (s + 1) * per)):
+                label, data = images[i]
+                for name, payload in ((f"{i:09d}.jpg", data), (f"{i:09d}.txt", f"a {label}".encode()),
+                                      (f"{i:09d}.json", json.dumps({"label": label}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+
+
+def write_table(path: Path, images: list[tuple[str, bytes]]) -> None:
+    t = pa.table({"image": pa.array([d for _, d in images], pa.binary()), "label": [lab for lab, _ in images],
+                  "caption": [f"a {lab}" for lab, _ in images]})
+    pq.write_table(t, path, row_group_size=1000)
+
+
+def run_extract(sources: list[str], out: Path, backbone: str) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "embedder", "extract", *sources, "--out", str(out), "--backbone", backbone,
+           "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+    summary = json.loads(stdout[stdout.index("{"):])
+    return {"images": summary["done"], "seconds": round(seconds, 1),
+            "img_per_s": round(summary["done"] / seconds, 1),
+            "img_per_s_extract": summary["images_per_second"],
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--many", type=int, default=100_000, help="samples in shards for the memory row (0: skip)")
+    ap.add_argument("--shards", type=int, default=10)
+    ap.add_argument("--backbone", default="tiny_test")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_sources_"))
+    try:
+        images = make_jpegs(args.images)
+        write_files(work / "files", images)
+        write_shards(work / "shards", images, args.shards)
+        write_table(work / "table.parquet", images)
+        rows = {
+            "loose files": run_extract([str(work / "files")], work / "s_files", args.backbone),
+            f"{args.shards} tar shards": run_extract([str(work / "shards" / "*.tar")], work / "s_shards",
+                                                     args.backbone),
+            "Parquet (image bytes)": run_extract([str(work / "table.parquet")], work / "s_table", args.backbone),
+        }
+        if args.many:
+            shutil.rmtree(work / "files")
+            many = work / "many"
+            per_round = args.images
+            for r in range(args.many // per_round):  # the same JPEGs again, in more shards
+                write_shards(many, images, args.shards, start=r * args.shards)
+            rows[f"{args.many:,} samples, {args.many // per_round * args.shards} tar shards"] = run_extract(
+                [str(many / "*.tar")], work / "s_many", args.backbone)
+        print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "backbone": args.backbone,
+                          "rows": rows}, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
