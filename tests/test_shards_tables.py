@@ -138,6 +138,25 @@ def test_cls_labels_brace_ranges_and_rerun_skips(photos, tmp_path: Path) -> None
         discover([str(tmp_path / "s" / "{00003..00001}.tar")])
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_names_and_every_tar_format_read_alike(photos, tmp_path: Path, fmt: int) -> None:  # type: ignore[no-untyped-def]
+    """Plain ustar headers are read directly, GNU long names and pax headers by tarfile: the same
+    samples either way (names past 100 characters need one of the two)."""
+    _, files = photos
+    shard = tmp_path / "s.tar"
+    deep = "d" * 60 + "/" + "e" * 30 if fmt == tarfile.USTAR_FORMAT else "d" * 120
+    with tarfile.open(shard, "w", format=fmt) as tf:
+        for i, f in enumerate(files[:3]):
+            _add(tf, f"{deep}/{i:04d}{f.suffix}", f.read_bytes())
+            _add(tf, f"{deep}/{i:04d}.txt", f"caption {i}".encode())
+    refs = discover([str(shard)])
+    assert [r.path.rsplit("#", 1)[1] for r in refs] == [f"{deep}/{i:04d}{f.suffix}" for i, f in enumerate(files[:3])]
+    assert [r.caption for r in refs] == ["caption 0", "caption 1", "caption 2"]
+    from embedder.decode.common import read_bytes
+
+    assert [read_bytes(r.path) for r in refs] == [f.read_bytes() for f in files[:3]]
+
+
 def test_a_cut_shard_keeps_what_came_before_and_records_the_rest(photos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, files = photos
     (shard,) = write_shards(tmp_path / "s", files[:6], per_shard=6)
