@@ -136,6 +136,10 @@ def test_cls_labels_brace_ranges_and_rerun_skips(photos, tmp_path: Path) -> None
     assert len(ids) == len(set(ids)) == len(files)
     with pytest.raises(SourceError, match="runs backwards"):
         discover([str(tmp_path / "s" / "{00003..00001}.tar")])
+    (tmp_path / "s" / "00009.tar.gz").write_bytes(b"\x1f\x8b")
+    for src in ("00009.tar.gz", "*.tar.gz"):
+        with pytest.raises(SourceError, match="gzip'd tar shards are not read .* gunzip them first"):
+            discover([str(tmp_path / "s" / src)])
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])

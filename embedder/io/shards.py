@@ -47,6 +47,14 @@ def is_shard(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
+def refuse_compressed(path: str) -> None:
+    """gzip'd shards are refused with the fix: members are read in place by offset, which a gzip
+    stream does not allow without decompressing it from the start."""
+    if path.lower().endswith((".tar.gz", ".tgz")):
+        raise SourceError(f"{path}: gzip'd tar shards are not read (images are read in place by offset, "
+                          "which gzip does not allow); gunzip them first (`gunzip shards/*.tar.gz`)")
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``shards/{00000..00003}.tar`` → the four names, zero-padding kept (webdataset's notation)."""
     m = _BRACE.search(pattern)
