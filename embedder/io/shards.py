@@ -72,16 +72,51 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
-def _open(path: str) -> tuple[IO[bytes], int]:
-    """A seekable binary file and its size, local or in object storage."""
+WINDOW = 8 << 20  # object storage: bytes per ranged read (headers and members served from it)
 
+
+class _Windowed:
+    """A seekable file over object storage whose reads are ranged GETs of WINDOW bytes: walking a
+    shard's headers, or reading its members in order, costs one request per window instead of one
+    per header or member."""
+
+    def __init__(self, f: Any, size: int, window: int = WINDOW) -> None:
+        self.f, self.size, self.window = f, size, window
+        self.pos, self.start, self.buf = 0, 0, b""
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.size + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end - self.pos > self.window:  # a member larger than a window: read it whole
+            out = bytes(self.f.read_at(end - self.pos, self.pos))
+        else:
+            if not (self.start <= self.pos and end <= self.start + len(self.buf)):
+                self.start = self.pos
+                self.buf = bytes(self.f.read_at(min(self.window, self.size - self.pos), self.pos))
+            out = self.buf[self.pos - self.start:end - self.start]
+        self.pos = end
+        return out
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _open(path: str) -> tuple[IO[bytes], int]:
+    """A seekable binary file and its size, local or in object storage (windowed reads)."""
     if is_uri(path):
         fs, key = filesystem(path)
         try:
             f = fs.open_input_file(key)  # type: ignore[attr-defined]
         except (OSError, FileNotFoundError) as e:
             raise SourceError(f"cannot open shard {path}: {str(e).splitlines()[0][:200]}") from None
-        return f, int(f.size())
+        size = int(f.size())
+        return _Windowed(f, size), size  # type: ignore[return-value]
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the caller
     except OSError as e:
@@ -275,8 +310,21 @@ def read_member(locator: str) -> bytes:
         raise DecodeError(f"{member} is not in shard {shard}") from None
     except SourceError as e:
         raise DecodeError(str(e)) from None
+    if is_uri(shard):  # members are read in order: keep this thread's window on the shard
+        held = getattr(_THREAD, "shard", None)
+        if held is None or held[0] != shard:
+            if held is not None:
+                held[1].close()
+            try:
+                _THREAD.shard = held = (shard, _open(shard)[0])
+            except SourceError as e:
+                raise DecodeError(str(e)) from None
+        return _read_at(held[1], offset, size)
     f, _ = _open(shard)
     try:
         return _read_at(f, offset, size)
     finally:
         f.close()
+
+
+_THREAD = threading.local()
