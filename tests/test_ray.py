@@ -174,14 +174,21 @@ def _exactly_once(src: Path, store: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp_path: Path, cluster: str) -> None:
+@pytest.mark.parametrize("kind", ["files", "tar shards"])
+def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(tmp_path: Path, cluster: str,
+                                                                             kind: str) -> None:
     import json
     import os
 
     from tests import ray_hooks
 
     src = tmp_path / "imgs"
-    make_images(src, {"a": 300, "b": 300}, size=(64, 48))  # 300 batches of 2 for the model actor
+    files = make_images(src, {"a": 300, "b": 300}, size=(64, 48))  # 300 batches of 2 for the model actor
+    if kind == "tar shards":  # the same images in 3 shards: the retried task re-reads members by offset
+        from tests.test_shards_tables import write_shards
+
+        write_shards(tmp_path / "shards", sorted(files), per_shard=200)
+        src = tmp_path / "shards" / "*.tar"
     store = tmp_path / "store"
     log = tmp_path / "batches.log"
     # The real CLI, its model actor slowed and counted by a Ray worker set-up hook given to the job
