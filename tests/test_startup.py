@@ -82,3 +82,19 @@ def test_cli_help_names_the_librarys_default_backbone() -> None:
 
     text = re.sub(r"[\s│]+", " ", CliRunner().invoke(app, ["extract", "--help"], env={"COLUMNS": "200"}).output)
     assert f"(default: {DEFAULT_BACKBONE}, or the --weights checkpoint's own)" in text
+
+
+def test_finetune_help_states_the_options_defaults() -> None:
+    """The defaults `finetune --help` states come from FinetuneOptions (change one, the help follows)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from embedder.learn.finetune.options import FinetuneOptions as F
+
+    text = re.sub(r"[\s│]+", " ", CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "250"}).output)
+    for want in (f"(default: {F.epochs})", f"(default: {F.lr_head:g})", f"(default: {F.lr_backbone:g})",
+                 f"(default: {F.crop_scale:g})", f"(default: {F.bn})", f"(default: {F.batch_size})",
+                 f"(default: {F.label_smoothing:g})", f"[default: {F.val_fraction}]"):
+        assert want in text, want

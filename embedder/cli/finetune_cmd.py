@@ -12,6 +12,8 @@ from rich.table import Table
 
 from embedder import choices
 from embedder.cli.common import console, handle_errors, out, setup_logging, value
+from embedder.learn.finetune.options import FinetuneOptions
+from embedder.models.registry import DEFAULT_BACKBONE
 
 
 @handle_errors
@@ -19,46 +21,40 @@ def finetune_command(
     train_source: Annotated[list[str], typer.Argument(help="Labelled images (one subfolder per class).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
     val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation images (default: split of train).")] = None,
-    val_fraction: Annotated[float, typer.Option()] = 0.1,
-    backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
+    val_fraction: Annotated[float, typer.Option()] = FinetuneOptions.val_fraction,
+    backbone: Annotated[Optional[str], typer.Option(help=f"Registry name, optionally NAME:WEIGHTS_TAG (default: {DEFAULT_BACKBONE}, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Total epochs, head epochs included (default: 10).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help=f"Total epochs, head epochs included (default: {FinetuneOptions.epochs}).")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Minutes: pick the crop size and epochs to fit (instead of --epochs/--image-size).")] = None,
-    head_epochs: Annotated[Optional[int], typer.Option(min=0, help="Frozen-backbone epochs first (default: 0: the head starts as the probe).")] = None,
-    probe_init: Annotated[bool, typer.Option(help="Start the head from the frozen probe (LP-FT): never below the probe.")] = True,
-    flip: Annotated[bool, typer.Option(help="Horizontal flips in training (--no-flip for text, digits, ...).")] = True,
-    freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = False,
+    head_epochs: Annotated[Optional[int], typer.Option(min=0, help=f"Frozen-backbone epochs first (default: {FinetuneOptions.head_epochs}; 0: the head starts as the probe).")] = None,
+    probe_init: Annotated[bool, typer.Option(help="Start the head from the frozen probe (LP-FT): never below the probe.")] = FinetuneOptions.probe_init,
+    flip: Annotated[bool, typer.Option(help="Horizontal flips in training (--no-flip for text, digits, ...).")] = FinetuneOptions.flip,
+    freeze_backbone: Annotated[bool, typer.Option(help="Train the head only.")] = FinetuneOptions.freeze_backbone,
     unfreeze_from: Annotated[Optional[str], typer.Option(help="Earliest stage to train (e.g. layer3).")] = None,
-    lr_head: Annotated[Optional[float], typer.Option(help="(default: 3e-3)")] = None,
-    lr_backbone: Annotated[Optional[float], typer.Option(help="(default: 1e-4)")] = None,
-    lr_decay: Annotated[Optional[float], typer.Option(help="Per-stage factor going down (discriminative rates) (default: 1.0).")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="(default: 0)")] = None,
-    crop_scale: Annotated[Optional[float], typer.Option(help="Smallest area fraction of the random resized crop (default: 0.6).")] = None,
-    bn: Annotated[Optional[choices.BatchNorm], typer.Option(help="BatchNorm statistics (default: frozen).")] = None,
-    ema: Annotated[Optional[float], typer.Option(help="Weight EMA decay per step, e.g. 0.999; 0 is off (default: 0).")] = None,
+    lr_head: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.lr_head:g})")] = None,
+    lr_backbone: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.lr_backbone:g})")] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help=f"Per-stage factor going down (discriminative rates) (default: {FinetuneOptions.lr_decay:g}).")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.label_smoothing:g})")] = None,
+    crop_scale: Annotated[Optional[float], typer.Option(help=f"Smallest area fraction of the random resized crop (default: {FinetuneOptions.crop_scale:g}).")] = None,
+    bn: Annotated[Optional[choices.BatchNorm], typer.Option(help=f"BatchNorm statistics (default: {FinetuneOptions.bn}).")] = None,
+    ema: Annotated[Optional[float], typer.Option(help=f"Weight EMA decay per step, e.g. 0.999; 0 is off (default: {FinetuneOptions.ema:g}).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size (default: the weights' own).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="(default: 32)")] = None,
-    patience: Annotated[Optional[int], typer.Option(min=1, help="(default: 3)")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="(default: 2)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"(default: {FinetuneOptions.batch_size})")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help=f"(default: {FinetuneOptions.patience})")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help=f"(default: {FinetuneOptions.workers})")] = None,
+    seed: Annotated[int, typer.Option()] = FinetuneOptions.seed,
+    device: Annotated[str, typer.Option()] = FinetuneOptions.device,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last completed epoch.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head; reports what it bought over a frozen probe."""
-    from embedder.learn.finetune.options import FinetuneOptions
     from embedder.learn.finetune.train import finetune
-    from embedder.models.builder import DEFAULT_BACKBONE
-    from embedder.models.registry import parse_backbone_spec
+    from embedder.models.builder import spec_for
 
     setup_logging(verbose)
-    name, tag = None, None
-    if backbone is not None:
-        entry, tag = parse_backbone_spec(backbone)
-        name = entry.name
-    elif weights is None:
-        name = DEFAULT_BACKBONE
+    spec = spec_for(backbone, weights)  # no --backbone: a checkpoint's own, else the default
+    name, tag = spec.backbone, spec.weights_tag
     given: dict[str, Any] = {"epochs": epochs, "budget_minutes": budget, "head_epochs": head_epochs, "lr_head": lr_head,
              "lr_backbone": lr_backbone, "lr_decay": lr_decay, "label_smoothing": label_smoothing,
              "crop_scale": crop_scale, "bn": value(bn), "ema": ema, "batch_size": batch_size, "patience": patience,

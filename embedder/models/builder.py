@@ -14,10 +14,8 @@ from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.models.hub import ensure_registry_file, sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.registry import Backbone, get_backbone, parse_backbone_spec
+from embedder.models.registry import DEFAULT_BACKBONE, Backbone, get_backbone, parse_backbone_spec
 from embedder.models.weights import LoadedWeights, _torch_load, apply_weights, seeded_weights
-
-DEFAULT_BACKBONE = "resnet50"
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,7 @@ _ENTRIES: list[Backbone] = [
 ]
 
 REGISTRY: dict[str, Backbone] = {b.name: b for b in _ENTRIES}
+DEFAULT_BACKBONE = "resnet50"  # what --backbone means when none is given (and no checkpoint names one)
 
 
 def get_backbone(name: str) -> Backbone:

@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedder.decode.common import DEFAULT_MAX_PIXELS
 from embedder.errors import FinetuneError
+from embedder.models.registry import DEFAULT_BACKBONE
 
 BN_POLICIES = {"frozen": "running statistics frozen (BN in eval mode); affine parameters train when unfrozen",
                "train": "running statistics updated from each training batch (BN in train mode)"}
@@ -15,7 +17,7 @@ BN_POLICIES = {"frozen": "running statistics frozen (BN in eval mode); affine pa
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    backbone: str | None = "resnet50"  # None: the --weights checkpoint's own
+    backbone: str | None = DEFAULT_BACKBONE  # None: the --weights checkpoint's own
     weights_tag: str | None = None
     weights_file: Path | None = None
     image_size: int | None = None  # crop size; None: the weights' own
@@ -41,7 +43,7 @@ class FinetuneOptions:
     seed: int = 0
     device: str = "auto"
     workers: int = 2
-    max_pixels: int = 89_478_485
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.bn not in BN_POLICIES:
