@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torchvision import models
 
-from embedder.models.weights import cache_dir
+from embedder.models.hub import cache_dir
 from embedder.store.shards import Store, arrow_to_embeddings
 
 
