@@ -144,3 +144,32 @@ def test_the_walk_sees_cycles_through_function_bodies_and_skips_type_checking(tm
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"}
     assert graph["pkg.c"] == set() and graph["pkg.d"] == {"pkg.c"}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+def test_every_embedder_import_in_the_scripts_resolves() -> None:
+    """The benchmarks and the demo are not imported by the suite: their `from embedder… import
+    name` lines are checked here (a module moved or a name renamed is caught before a user runs them)."""
+    import importlib
+
+    scripts = Path(__file__).parent.parent / "scripts"
+    missing = []
+    for path in sorted(scripts.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("embedder"):
+                module = importlib.import_module(node.module or "")
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not _is_module(f"{node.module}.{a.name}")]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("embedder") and not _is_module(a.name):
+                        missing.append(f"{path.name}: {a.name}")
+    assert len(list(scripts.glob("*.py"))) > 10 and missing == []
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
