@@ -28,7 +28,7 @@ from embedder.index import plan as index_plan
 from embedder.io.uri import image_id  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.service.app import create_app  # noqa: E402
-from embedder.service.engine import ServeOptions  # noqa: E402
+from embedder.service.options import ServeOptions  # noqa: E402
 from tests.conftest import make_images  # noqa: E402
 
 

@@ -273,7 +273,7 @@ def test_the_service_shows_a_shard_members_image(photos, tmp_path: Path) -> None
     from embedder.index.build import build
     from embedder.index.plan import BuildOptions
     from embedder.service.app import create_app
-    from embedder.service.engine import ServeOptions
+    from embedder.service.options import ServeOptions
 
     _, files = photos
     write_shards(tmp_path / "s", files, per_shard=30)

@@ -10,6 +10,7 @@ import typer
 
 from embedder.cli.common import console, handle_errors, setup_logging
 from embedder.errors import EmbedderError
+from embedder.service.options import ServeOptions
 
 
 @handle_errors
@@ -18,14 +19,14 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     api_key_env: Annotated[Optional[str], typer.Option(help="Name of an environment variable holding the API key.")] = None,
-    batch_window_ms: Annotated[float, typer.Option(min=0, help="Micro-batching window.")] = 5.0,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most queries in one micro-batch.")] = 32,
-    micro_batching: Annotated[bool, typer.Option(help="Batch concurrent queries into one forward pass.")] = True,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body.")] = 20.0,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest uploaded image (width × height), and its resize target.")] = 89_478_485,
-    poll_seconds: Annotated[float, typer.Option(min=0, help="How often indexes are checked for a new generation (0: never).")] = 2.0,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="Micro-batching window.")] = ServeOptions.batch_window_ms,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most queries in one micro-batch.")] = ServeOptions.max_batch,
+    micro_batching: Annotated[bool, typer.Option(help="Batch concurrent queries into one forward pass.")] = ServeOptions.micro_batching,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body.")] = ServeOptions.max_upload_bytes / 2**20,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest uploaded image (width × height), and its resize target.")] = ServeOptions.max_pixels,
+    poll_seconds: Annotated[float, typer.Option(min=0, help="How often indexes are checked for a new generation (0: never).")] = ServeOptions.poll_seconds,
     weights: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: weights file for an index made from one.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = ServeOptions.device,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve every index in the home over HTTP: search, embed, items, a web page at /."""
@@ -33,7 +34,7 @@ def serve_command(
         import uvicorn
 
         from embedder.service.app import create_app
-        from embedder.service.engine import ServeOptions
+        from embedder.service.options import ServeOptions
     except ImportError as e:
         raise EmbedderError(f"the service needs its extra: pip install 'embedder[serve]' ({e.name} is missing)") from None
     setup_logging(verbose)

@@ -25,9 +25,10 @@ from fastapi.staticfiles import StaticFiles
 
 from embedder.service import auth, http_errors
 from embedder.service.batcher import MicroBatcher
-from embedder.service.engine import Answer, Engine, Query, ServeOptions
+from embedder.service.engine import Answer, Engine, Query
 from embedder.service.limits import BodyLimit
 from embedder.service.metrics import IndexGauges, Metrics
+from embedder.service.options import ServeOptions
 from embedder.service.routes import indexes, public, search
 from embedder.service.schemas import ERRORS
 from embedder.service.state import Service

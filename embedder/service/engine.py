@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from embedder.errors import DecodeError, EmbedderError, IndexError_, shown
 from embedder.index import generations as layout
+from embedder.service.options import ServeOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +35,6 @@ class BadQuery(EmbedderError):
     """A query the service cannot answer as asked (HTTP 400/422)."""
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    home: str | None = None
-    device: str = "auto"
-    batch_window_ms: float = 5.0
-    max_batch: int = 32
-    micro_batching: bool = True
-    max_upload_bytes: int = 20 * 2**20
-    max_pixels: int = 89_478_485
-    poll_seconds: float = 2.0  # how often each index's CURRENT pointer is checked; 0: never
-    max_k: int = 1000
-    max_queries: int = 1000  # queries in one request
-    max_results: int = 100_000  # k × queries in one request (the size of the answer)
-    thumbnail_px: int = 256
-    decode_threads: int | None = None  # None: the core count
-    weights: dict[str, str] = field(default_factory=dict)  # index name → weights file (file-made stores)
 
 
 @dataclass

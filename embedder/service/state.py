@@ -12,9 +12,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from embedder.service.batcher import MicroBatcher
-from embedder.service.engine import Answer, BadQuery, Engine, Query, ServeOptions
+from embedder.service.engine import Answer, BadQuery, Engine, Query
 from embedder.service.http_errors import NotReady
 from embedder.service.metrics import Metrics
+from embedder.service.options import ServeOptions
 from embedder.service.schemas import Hit, SearchOut
 
 

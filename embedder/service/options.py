@@ -1,0 +1,25 @@
+"""What the service is told, every default in one place (light: the CLI reads it at start-up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from embedder.decode.common import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    home: str | None = None
+    device: str = "auto"
+    batch_window_ms: float = 5.0
+    max_batch: int = 32
+    micro_batching: bool = True
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    poll_seconds: float = 2.0  # how often each index's CURRENT pointer is checked; 0: never
+    max_k: int = 1000
+    max_queries: int = 1000  # queries in one request
+    max_results: int = 100_000  # k × queries in one request (the size of the answer)
+    thumbnail_px: int = 256
+    decode_threads: int | None = None  # None: the core count
+    weights: dict[str, str] = field(default_factory=dict)  # index name → weights file (file-made stores)
