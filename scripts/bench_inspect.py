@@ -89,7 +89,8 @@ def child_inspect(store: Path, out: Path) -> dict:  # type: ignore[type-arg]
     import sklearn.linear_model  # noqa: F401
     import torch  # noqa: F401
 
-    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+    from embedder.analysis.inspection import inspect_store, write_outputs
+    from embedder.analysis.options import InspectOptions
 
     import_floor = peak_rss_mib()
     t0 = time.perf_counter()
@@ -131,7 +132,8 @@ def pr(flags: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 def label_bench(name: str, x: np.ndarray, y: np.ndarray, seeds: int) -> list[dict]:  # type: ignore[type-arg]
-    from embedder.analysis.labels import LabelOptions, cross_validate, label_issues
+    from embedder.analysis.labels import cross_validate, label_issues
+    from embedder.analysis.options import LabelOptions
 
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     n_classes = int(y.max()) + 1
@@ -210,7 +212,8 @@ def browser_map(tmp: Path, n: int) -> dict:  # type: ignore[type-arg]
 
     from playwright.sync_api import sync_playwright
 
-    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+    from embedder.analysis.inspection import inspect_store, write_outputs
+    from embedder.analysis.options import InspectOptions
 
     x, y = synthetic(n, 64, classes=20, seed=2)
     write_store(tmp / "map_store", x, y)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from embedder.analysis.compare import Cell, CellData, CompareOptions, rank, score_cell
+from embedder.analysis.compare import Cell, CellData, rank, score_cell
+from embedder.analysis.options import CompareOptions
 from embedder.analysis.transfer import logme, mcnemar, wilson
 from embedder.analysis.vectors import load_vectors
 from embedder.cli import app

@@ -416,8 +416,7 @@ def test_legacy_index_folder_is_read_and_migrated_by_add(tmp_path: Path) -> None
 def test_dedup_and_inspect_share_the_measured_near_duplicate_default(tmp_path: Path) -> None:
     """A pair at cosine 0.93 (a recompressed, downscaled copy measures 0.93-0.998) is a duplicate for
     `embedder dedup` without --threshold, as for inspect; --threshold 0.95 separates it."""
-    from embedder.analysis.dedup import NEAR_DUPLICATE_COSINE
-    from embedder.analysis.inspection import InspectOptions
+    from embedder.analysis.options import NEAR_DUPLICATE_COSINE, InspectOptions
 
     x = np.zeros((3, 4), np.float32)
     x[0, 0] = 1.0

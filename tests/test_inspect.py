@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+from embedder.analysis.inspection import inspect_store, write_outputs
 from embedder.analysis.knn import knn_graph
-from embedder.analysis.labels import LabelOptions, cross_validate, label_issues
+from embedder.analysis.labels import cross_validate, label_issues
+from embedder.analysis.options import InspectOptions, LabelOptions
 from embedder.cli import app
 from embedder.errors import InspectError
 from embedder.models.origin import WeightsRef

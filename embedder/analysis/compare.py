@@ -19,23 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from embedder.analysis.options import PENULTIMATE, CompareOptions
 from embedder.errors import InspectError
 
-PENULTIMATE = "penultimate"
 SAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 
-@dataclass(frozen=True)
-class CompareOptions:
-    backbones: tuple[str, ...]
-    layers: tuple[str, ...] = (PENULTIMATE,)  # or ("all",)
-    probe_top: int = 3  # cells that get the full probe (all when ≥ the cell count)
-    test_fraction: float = 0.2  # held out from train when no test source is given
-    knn_k: int = 20
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int | None = None
-    label_column: str = "label"
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.analysis.options import NEAR_DUPLICATE_COSINE
 from embedder.errors import IndexError_
 from embedder.store.shards import Store, arrow_to_embeddings
 
@@ -22,10 +23,6 @@ class DedupSummary:
     out: str
 
 
-# Cosine at which two images are near-duplicates, for `dedup` and `inspect` alike. Measured with
-# MobileNetV2: JPEG-recompressed, 0.7x downscaled copies of photos at 0.93-0.998, distinct photos at
-# most 0.63 (docs/benchmarks.md, "Inspect").
-NEAR_DUPLICATE_COSINE = 0.90
 
 
 def dedup(store_path: str, out: str, threshold: float | None = None, k: int = 10) -> DedupSummary:

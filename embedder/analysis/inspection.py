@@ -14,25 +14,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.analysis.dedup import NEAR_DUPLICATE_COSINE
 from embedder.analysis.duplicates import duplicate_groups, leaks
 from embedder.analysis.knn import knn_graph
-from embedder.analysis.labels import (
-    LabelOptions,
-    class_overlap,
-    cross_validate,
-    knn_accuracy,
-    label_issues,
-)
-from embedder.analysis.outliers import FENCE, outliers
-from embedder.analysis.projection import PROJECTIONS, project
+from embedder.analysis.labels import class_overlap, cross_validate, knn_accuracy, label_issues
+from embedder.analysis.options import InspectOptions
+from embedder.analysis.outliers import outliers
+from embedder.analysis.projection import project
 from embedder.analysis.vectors import Vectors, load_vectors
 from embedder.errors import InspectError, ProbeError
 from embedder.store.provenance import Provenance
 
 log = logging.getLogger(__name__)
 
-THUMBNAILS = ("all", "findings", "none")
 KINDS = ("leak", "duplicate", "label_error", "outlier", "class_overlap")
 
 FINDINGS_SCHEMA = pa.schema([
@@ -42,33 +35,6 @@ FINDINGS_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class InspectOptions:
-    label_column: str = "label"
-    k: int = 10  # neighbours in the shared kNN graph
-    duplicate_threshold: float = NEAR_DUPLICATE_COSINE  # cosine; also the leakage threshold
-    outlier_fence: float = FENCE
-    folds: int = 5
-    projection: str = "pca"
-    thumbnails: str = "all"  # all | findings | none
-    listed: int = 200  # findings shown per section in the HTML (all are in findings.parquet)
-    map_points: int = 100_000  # the map shows a uniform sample beyond this (measured responsive at 100k)
-    exact_limit: int = 20_000  # exact kNN graph up to this many vectors, IVF (recall measured) above
-    seed: int = 0
-    labels: LabelOptions = field(default_factory=LabelOptions)
-
-    def check(self) -> None:
-        if not 0 < self.duplicate_threshold <= 1:
-            raise InspectError("--duplicate-threshold is a cosine similarity in (0, 1], "
-                               f"got {self.duplicate_threshold}")
-        if self.k < 1:
-            raise InspectError(f"--k must be at least 1, got {self.k}")
-        if self.folds < 2:
-            raise InspectError(f"--folds must be at least 2, got {self.folds}")
-        if self.projection not in PROJECTIONS:
-            raise InspectError(f"unknown projection {self.projection!r}; valid: {', '.join(PROJECTIONS)}")
-        if self.thumbnails not in THUMBNAILS:
-            raise InspectError(f"unknown --thumbnails {self.thumbnails!r}; valid: {', '.join(THUMBNAILS)}")
 
 
 @dataclass

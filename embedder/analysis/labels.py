@@ -12,25 +12,16 @@ many rows labelled i are really j, and that many are flagged, largest margin p(j
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from embedder.analysis.knn import KnnGraph
+from embedder.analysis.options import LabelOptions
 from embedder.errors import ProbeError
-from embedder.learn.options import ProbeOptions
 from embedder.learn.probe import _fitter, select_options
 from embedder.learn.selection import scaler, select_c, stratified_folds, stratified_split
 from embedder.models.heads import LinearHead
-
-
-@dataclass(frozen=True)
-class LabelOptions:
-    folds: int = 5
-    seed: int = 0
-    select_rows: int = 10_000  # C is chosen on at most this many rows
-    knn_temperature: float = 0.07
-    probe: ProbeOptions = field(default_factory=ProbeOptions)
 
 
 @dataclass

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedder.analysis.knn import KnnGraph
-
-FENCE = 1.7
+from embedder.analysis.options import FENCE
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedder.analysis.options import PROJECTIONS
 from embedder.errors import InspectError
-
-PROJECTIONS = ("pca", "umap")
 
 
 def project(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from embedder.analysis.options import PENULTIMATE, CompareOptions
 from embedder.cli.common import console, handle_errors, out, setup_logging
 
 
@@ -18,18 +19,19 @@ def compare_command(
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names, e.g. resnet50,mobilenet_v2:IMAGENET1K_V1.")],
     work: Annotated[Path, typer.Option(help="Directory for the per-cell stores (cached: a second run reuses them), leaderboard and plots.")],
     test: Annotated[Optional[list[str]], typer.Option(help="Labelled test images (default: hold out 20 % of train).")] = None,
-    layers: Annotated[str, typer.Option(help="Comma-separated: penultimate, module names (see `embedder backbones --layers NAME`), or all.")] = "penultimate",
-    probe_top: Annotated[int, typer.Option(min=1, help="Cells, best by the cheap scores, that get the full linear probe.")] = 3,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    layers: Annotated[str, typer.Option(help="Comma-separated: penultimate, module names (see `embedder backbones --layers NAME`), or all.")] = PENULTIMATE,
+    probe_top: Annotated[int, typer.Option(min=1, help="Cells, best by the cheap scores, that get the full linear probe.")] = CompareOptions.probe_top,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = CompareOptions.device,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option()] = CompareOptions.seed,
     as_json: Annotated[bool, typer.Option("--json", help="Print the leaderboard as one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Rank backbones × layers on your own labelled images: kNN, LogME, linear probe, speed."""
     from rich.table import Table
 
-    from embedder.analysis.compare import CompareOptions, compare
+    from embedder.analysis.compare import compare
+    from embedder.analysis.options import CompareOptions
     from embedder.cli.common import image_progress
 
     setup_logging(verbose)

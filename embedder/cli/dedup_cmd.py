@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from embedder.analysis.options import NEAR_DUPLICATE_COSINE
 from embedder.cli.common import handle_errors, out
 
 
@@ -14,7 +15,7 @@ from embedder.cli.common import handle_errors, out
 def dedup_command(
     store: str,
     out_file: Annotated[Path, typer.Option("--out", help="Parquet file: group, id, path.")] = Path("duplicates.parquet"),
-    threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity at or above which images group (default 0.90, as `inspect`: JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help=f"Cosine similarity at or above which images group (default {NEAR_DUPLICATE_COSINE:g}, as `inspect`: JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63).")] = None,
 ) -> None:
     """Near-duplicate groups by range search."""
     from embedder.analysis.dedup import dedup

@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedder import choices
+from embedder.analysis.options import NEAR_DUPLICATE_COSINE, InspectOptions
 from embedder.cli.common import console, handle_errors, out, setup_logging
 
 
@@ -19,18 +20,19 @@ def inspect_command(
     store: Annotated[str, typer.Argument(help="Store to inspect (train, when --test is given).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Report directory: index.html, findings.parquet, thumbs/.")],
     test: Annotated[Optional[str], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
-    label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = "label",
-    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours in the kNN graph.")] = 10,
-    duplicate_threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63 (default 0.90).")] = None,
-    folds: Annotated[int, typer.Option(help="Folds of the cross-validated probe behind label errors.")] = 5,
-    projection: Annotated[choices.Projection, typer.Option(help="The map's projection (umap needs embedder\\[umap]).")] = choices.Projection.pca,
-    thumbnails: Annotated[str, typer.Option(help="all (every point of the map) | findings | none.")] = "all",
-    seed: Annotated[int, typer.Option()] = 0,
+    label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = InspectOptions.label_column,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours in the kNN graph.")] = InspectOptions.k,
+    duplicate_threshold: Annotated[Optional[float], typer.Option(help=f"Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63 (default {NEAR_DUPLICATE_COSINE:g}).")] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validated probe behind label errors.")] = InspectOptions.folds,
+    projection: Annotated[choices.Projection, typer.Option(help="The map's projection (umap needs embedder\\[umap]).")] = choices.Projection(InspectOptions.projection),
+    thumbnails: Annotated[str, typer.Option(help="all (every point of the map) | findings | none.")] = InspectOptions.thumbnails,
+    seed: Annotated[int, typer.Option()] = InspectOptions.seed,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Duplicates, train/test leakage, likely label errors, outliers and class overlap → a static report."""
-    from embedder.analysis.inspection import InspectOptions, inspect_store, write_outputs
+    from embedder.analysis.inspection import inspect_store, write_outputs
+    from embedder.analysis.options import InspectOptions
 
     setup_logging(verbose)
     options = InspectOptions(label_column=label_column, k=k, folds=folds, projection=str(projection),
