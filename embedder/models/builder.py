@@ -11,10 +11,11 @@ from pathlib import Path
 from torch import nn
 
 from embedder.errors import WeightsMismatch, WeightsUnavailable
+from embedder.models.backbone import Backbone
 from embedder.models.hub import ensure_registry_file, sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.registry import DEFAULT_BACKBONE, Backbone, get_backbone, parse_backbone_spec
+from embedder.models.registry import DEFAULT_BACKBONE, get_backbone, parse_backbone_spec
 from embedder.models.weights import LoadedWeights, _torch_load, apply_weights, seeded_weights
 
 
@@ -75,16 +76,20 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
     key remapping (DenseNet's legacy names, MNASNet's versions), from torchvision's cache."""
     backbone, weights = resolve_weights(spec)
     tag = spec.weights_tag if weights is None else None
-    if weights is None and not backbone.is_torchvision:
-        weights = seeded_weights(backbone)
-    if weights is None:
-        ref = ensure_registry_file(backbone, tag)
-        net = backbone.build_pretrained(tag)
+    if weights is None and backbone.source is not None:  # another family: its own hub download
+        net, ref = backbone.source.pretrained()
         weights = LoadedWeights(None, ref)
     else:
-        net = backbone.build_architecture(tag)
-        if weights.state_dict is not None:
-            apply_weights(net, weights.state_dict, backbone)
+        if weights is None and not backbone.is_torchvision:
+            weights = seeded_weights(backbone)
+        if weights is None:
+            ref = ensure_registry_file(backbone, tag)
+            net = backbone.build_pretrained(tag)
+            weights = LoadedWeights(None, ref)
+        else:
+            net = backbone.build_architecture(tag)
+            if weights.state_dict is not None:
+                apply_weights(net, weights.state_dict, backbone)
     drop_aux_head(net)
     pre = weights.preprocessing or backbone.preprocessing(tag)
     if spec.image_size is not None and spec.image_size != pre.crop_size:

@@ -10,10 +10,10 @@ from torch import nn
 
 from embedder import choices
 from embedder.errors import UnknownLayer
+from embedder.models.backbone import Backbone
 from embedder.models.builder import ModelSpec, load_network
 from embedder.models.layers import suggested_layers
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.registry import Backbone
 from embedder.models.weights import LoadedWeights
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if pool is not None and pool not in POOLS:
         raise UnknownLayer(f"unknown pooling {pool!r}; valid: {', '.join(POOLS)}")
     if layer is None and pool not in (None, "avg"):
+        if not backbone.feature_map:
+            raise UnknownLayer(f"--pool {pool} on {backbone.name} needs --layer (a module whose feature map "
+                               f"to pool); stage-level layers: {', '.join(suggested_layers(backbone.name))}")
         layer = backbone.feature_map  # --pool alone: the last feature map, pooled that way
     if layer is not None:
         names = {n for n, _ in net.named_modules() if n}

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.models._registry_meta import REGISTRY_META
+from embedder.models.backbone import Backbone
 from embedder.models.origin import WeightsRef
-from embedder.models.registry import REGISTRY, Backbone
+from embedder.models.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from embedder.errors import UnknownLayer
 
 if TYPE_CHECKING:  # torch and torchvision load only where a model is built (fast CLI start)
     from torch import nn
-from embedder.models.registry import Backbone, get_backbone
+from embedder.models.backbone import Backbone
+from embedder.models.registry import get_backbone
 
 
 def build_on_meta(backbone: Backbone, tag: str | None = None) -> nn.Module:

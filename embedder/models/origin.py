@@ -11,7 +11,7 @@ from typing import Any
 class WeightsRef:
     """Which exact weights: identity is the SHA-256 of the bytes, whatever the file is called."""
 
-    kind: str  # registry | seeded | file | finetune
+    kind: str  # registry | seeded | file | finetune | hub (a family's own hub download, e.g. timm)
     name: str  # registry: "MobileNet_V2_Weights.IMAGENET1K_V1"; seeded: "tiny_test.SEED0"; else the file name
     sha256: str
     origin: dict[str, Any] | None = None  # finetune: the pretrained weights it started from

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from embedder.errors import WeightsMismatch
+from embedder.models.backbone import Backbone
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.registry import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Ba
     body: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in state.items() if not k.startswith(skip))
     body._metadata = getattr(state, "_metadata", None) or getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     own = model.state_dict()
-    missing = [k for k in own if not k.startswith(skip) and k not in body]
+    # BatchNorm's step counters change nothing at inference; converted files often leave them out
+    missing = [k for k in own if not k.startswith(skip) and k not in body and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in body if k not in own]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items()
              if k in own and tuple(v.shape) != tuple(own[k].shape)]

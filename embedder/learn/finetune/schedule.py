@@ -11,8 +11,8 @@ from torch import nn
 
 from embedder.errors import FinetuneError
 from embedder.learn.finetune.options import FinetuneOptions
+from embedder.models.backbone import Backbone
 from embedder.models.layers import suggested_layers
-from embedder.models.registry import Backbone
 
 
 def param_groups(net: nn.Module, backbone: Backbone, options: FinetuneOptions) -> list[dict[str, Any]]:

@@ -49,11 +49,11 @@ from embedder.learn.finetune.resume import (
 from embedder.learn.finetune.schedule import _bn_eval, _new_ema, _set_trainable, param_groups, phase_scheduler
 from embedder.learn.selection import stratified_split
 from embedder.models import checkpoint
+from embedder.models.backbone import Backbone
 from embedder.models.builder import ModelSpec, load_network
 from embedder.models.devices import resolve_device
 from embedder.models.features import _set_module
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.registry import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ log = logging.getLogger(__name__)
 def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Backbone, Preprocessing, dict[str, Any]]:
     net, backbone, loaded, pre = load_network(ModelSpec(options.backbone, options.weights_tag,
                                                         options.weights_file, image_size=options.image_size))
+    if backbone.source is not None:
+        raise FinetuneError(f"fine-tuning {backbone.name} is not supported yet (torchvision backbones are); "
+                            "its frozen features work with extract, probe and index")
     old = net.get_submodule(backbone.head)
     if not isinstance(old, nn.Linear):
         raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")

@@ -1,0 +1,111 @@
+"""timm's models as backbones: ``--backbone timm:MODEL[.TAG]`` (``timm:vit_small_patch14_dinov2.lvd142m``,
+``timm:convnext_tiny.fb_in22k``, ``timm:tf_efficientnet_lite0``), any name timm knows.
+
+Features are timm's own pre-logits (``num_classes=0``). Preprocessing comes from the model's
+pretrained config, as timm's ``resolve_data_config`` + ``create_transform`` make it for evaluation
+(shorter side to ``floor(size / crop_pct)``, centre crop, its interpolation, mean and std), kept as
+the same typed record torchvision's presets become, so every decoder reproduces it. Weights: a
+local state dict or safetensors file (``--weights FILE``: the classifier's tensors are left out, the
+rest loaded strictly), or timm's own Hugging Face hub download when none is given
+(``EMBEDDER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: the local hub cache only).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from embedder.errors import UnknownBackbone, WeightsUnavailable
+from embedder.models.origin import WeightsRef
+from embedder.models.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PREFIX = "timm:"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UnknownBackbone("timm backbones need timm: pip install 'embedder[timm]'") from None
+    return timm
+
+
+@dataclass(frozen=True)
+class TimmModel:
+    """The family's part of a registry entry: how to build, preprocess and fetch this model."""
+
+    arch: str  # MODEL or MODEL.TAG, as timm names it
+
+    def cfg(self) -> Any:
+        timm = _timm()
+        return timm.models.get_pretrained_cfg(self.arch) or timm.models.get_pretrained_cfg(self.arch.split(".")[0])
+
+    def build(self) -> nn.Module:
+        return _timm().create_model(self.arch, pretrained=False, num_classes=0)
+
+    def preprocessing(self) -> Preprocessing:
+        timm = _timm()
+        cfg = timm.data.resolve_data_config({}, pretrained_cfg=self.cfg().to_dict())
+        _, h, w = cfg["input_size"]
+        if h != w:
+            raise UnknownBackbone(f"timm:{self.arch} takes {h}x{w} images; only square inputs are supported")
+        if cfg.get("crop_mode", "center") != "center":
+            raise UnknownBackbone(f"timm:{self.arch} evaluates with crop_mode={cfg['crop_mode']!r}; only the "
+                                  "centre crop (resize the shorter side, crop the middle) is supported")
+        interpolation = str(cfg["interpolation"])
+        if interpolation not in INTERPOLATIONS:
+            interpolation = "bicubic" if interpolation == "random" else "bilinear"
+        return Preprocessing(resize_size=math.floor(h / float(cfg["crop_pct"])), crop_size=int(h),
+                             interpolation=interpolation, mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+                             std=tuple(float(x) for x in cfg["std"]))  # type: ignore[arg-type]
+
+    def pretrained(self) -> tuple[nn.Module, WeightsRef]:
+        """The model with timm's pretrained weights, through the Hugging Face hub cache."""
+        from embedder.models.weights import state_dict_digest
+
+        if os.environ.get("EMBEDDER_OFFLINE"):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            net = _timm().create_model(self.arch, pretrained=True, num_classes=0)
+        except (OSError, RuntimeError, ValueError) as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise WeightsUnavailable(
+                f"cannot load timm:{self.arch}'s pretrained weights ({first[:200]}); where the hub is "
+                "unreachable, give the weights file: --weights FILE (a state dict or safetensors file)") from None
+        digest = state_dict_digest(net.state_dict())  # of the tensors as loaded (the hub file is timm's)
+        return net, WeightsRef("hub", f"timm:{self.arch}", digest)
+
+
+@cache
+def _names() -> tuple[str, ...]:
+    return tuple(_timm().list_models())
+
+
+@cache
+def entry(name: str) -> Any:
+    """The registry entry of ``timm:MODEL[.TAG]``; an unknown model lists timm's close matches."""
+    from embedder.models.backbone import Backbone
+
+    arch = name[len(PREFIX):]
+    base = arch.split(".", 1)[0]
+    timm = _timm()
+    if not arch or not timm.is_model(base):
+        close = difflib.get_close_matches(base, _names(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise UnknownBackbone(f"timm has no model {base!r}.{hint} (timm.list_models() lists {len(_names())})")
+    model = TimmModel(arch)
+    cfg = model.cfg()
+    head = cfg.classifier if cfg is not None and cfg.classifier else "head"
+    return Backbone(name=name, head=head, dim=0, family="timm", feature_map="", weights="hub", source=model)
