@@ -67,6 +67,36 @@ def test_timm_models_give_timms_own_features(arch: str, suffix: str, tmp_path: P
     assert pre.resize_size == int(cfg["input_size"][1] / cfg["crop_pct"])
 
 
+def test_dinov2_defaults_to_its_authors_224_not_timms_518(tmp_path: Path) -> None:
+    """timm's DINOv2 config is 518 px at crop_pct 1.0 (1,370 tokens); the default here is what the
+    DINOv2 authors' linear probes use (resize 256, crop 224), with interpolated positional
+    embeddings, recorded in the store; the vectors are timm's own at that size."""
+    torch.manual_seed(2)
+    arch = "vit_small_patch14_dinov2"
+    model = timm.create_model(arch, pretrained=False)  # the 518-px architecture, as its hub file is
+    wfile = tmp_path / "dinov2.pth"
+    torch.save(model.state_dict(), wfile)
+    files = sorted(make_images(tmp_path / "imgs", {"a": 2}, size=(300, 200), seed=4))
+    out = tmp_path / "store"
+    _extract(tmp_path / "imgs", out, "--backbone", f"timm:{arch}", "--weights", str(wfile))
+    pre = Store.open(out).provenance.preprocessing
+    assert (pre.resize_size, pre.crop_size, pre.interpolation) == (256, 224, "bicubic")
+    ours = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    ours.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+    ours.eval()
+    cfg = {**timm.data.resolve_model_data_config(ours), "input_size": (3, 224, 224), "crop_pct": 224 / 256}
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    with torch.inference_mode():
+        want = ours(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).numpy()
+    stored = _stored(out)
+    got = np.stack([stored[image_id(f)] for f in files])
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.9999, cos
+    big = tmp_path / "big"  # --image-size gives timm's own 518 back when wanted
+    _extract(tmp_path / "imgs", big, "--backbone", f"timm:{arch}", "--weights", str(wfile), "--image-size", "518")
+    assert Store.open(big).provenance.preprocessing.crop_size == 518
+
+
 def test_a_vit_layer_is_its_tokens_pooled(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 PREFIX = "timm:"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Where timm's config is not what the model's authors evaluate at. DINOv2: timm says 518 px, crop_pct
+# 1.0 (1,370 tokens, ~5x the cost of 224); the DINOv2 authors' linear probes resize to 256 and crop
+# 224 (their eval transform), so that is the default here, with positional embeddings interpolated to
+# the input size (timm's dynamic_img_size); --image-size changes it, and the store records it.
+AUTHORS_EVAL = {"_dinov2": (224, 224 / 256)}
 
 
 def is_timm(name: str) -> bool:
@@ -52,12 +57,22 @@ class TimmModel:
         timm = _timm()
         return timm.models.get_pretrained_cfg(self.arch) or timm.models.get_pretrained_cfg(self.arch.split(".")[0])
 
+    def _eval_size(self) -> tuple[int, float] | None:
+        base = self.arch.split(".", 1)[0]
+        return next((v for k, v in AUTHORS_EVAL.items() if k in base), None)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"num_classes": 0, **({"dynamic_img_size": True} if self._eval_size() else {})}
+
     def build(self) -> nn.Module:
-        return _timm().create_model(self.arch, pretrained=False, num_classes=0)
+        return _timm().create_model(self.arch, pretrained=False, **self._kwargs())
 
     def preprocessing(self) -> Preprocessing:
         timm = _timm()
         cfg = timm.data.resolve_data_config({}, pretrained_cfg=self.cfg().to_dict())
+        if self._eval_size() is not None:
+            size, crop_pct = self._eval_size()  # type: ignore[misc]
+            cfg = {**cfg, "input_size": (3, size, size), "crop_pct": crop_pct}
         _, h, w = cfg["input_size"]
         if h != w:
             raise UnknownBackbone(f"timm:{self.arch} takes {h}x{w} images; only square inputs are supported")
@@ -78,7 +93,7 @@ class TimmModel:
         if os.environ.get("EMBEDDER_OFFLINE"):
             os.environ["HF_HUB_OFFLINE"] = "1"
         try:
-            net = _timm().create_model(self.arch, pretrained=True, num_classes=0)
+            net = _timm().create_model(self.arch, pretrained=True, **self._kwargs())
         except (OSError, RuntimeError, ValueError) as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise WeightsUnavailable(
