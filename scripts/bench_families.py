@@ -1,0 +1,130 @@
+"""Backbone families: `embedder extract` against the library's own loop, in one run on one machine.
+
+    python scripts/bench_families.py [--images 600] [--rounds 2]
+
+Per model: a torchvision CNN (MobileNetV2, random weights: speed does not depend on them) and timm
+models (ResNet-18 and a ViT, random weights of the real architectures). "Library loop" is what each
+library's README writes: timm's `resolve_model_data_config` + `create_transform` (torchvision's
+`weights.transforms()`), an `ImageFolder` and a `DataLoader` (2 workers, batch 32), the model in
+inference mode. `embedder extract` runs as a fresh CLI process into a fresh store (its img/s is its
+own count over the run, discovery and writing included). Peak RSS: each in its own process.
+Rounds are interleaved; ratios per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+LOOP = r'''
+import sys, time, json, resource, torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+family, name, root = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+if family == "timm":
+    import timm
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+else:
+    from torchvision import models
+    weights = models.get_model_weights(name).DEFAULT
+    model = models.get_model(name, weights=None).eval()
+    model.classifier = torch.nn.Identity()
+    transform = weights.transforms()
+loader = DataLoader(ImageFolder(root, transform=transform), batch_size=32, num_workers=2)
+t0 = time.perf_counter(); n = 0
+with torch.inference_mode():
+    for x, _ in loader:
+        model(x); n += len(x)
+s = time.perf_counter() - t0
+print(json.dumps({"img_per_s": n / s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def make_images(root: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"c{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        px = np.clip(rng.normal(120 + 30 * (i % 4), 50, (375, 500, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(px).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def run_loop(family: str, name: str, root: Path) -> dict[str, float]:
+    r = subprocess.run([sys.executable, "-c", LOOP, family, name, str(root)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_embedder(backbone: str, root: Path, work: Path, weights: Path | None) -> dict[str, float]:
+    out = work / f"store-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "embedder", "extract", str(root), "--out", str(out), "--backbone", backbone, "--json"]
+    if weights is not None:
+        cmd += ["--weights", str(weights)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit((proc.stderr.read().decode() if proc.stderr else "")[-2000:])
+    summary = json.loads(stdout[stdout.index("{"):])
+    shutil.rmtree(out, ignore_errors=True)
+    return {"img_per_s": summary["images_per_second"], "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="bench_families_"))
+    try:
+        root = work / "imgs"
+        make_images(root, args.images)
+        models: list[tuple[str, str, str, Path | None]] = []
+        mv2 = work / "mobilenet_v2.pth"
+        from torchvision import models as tvm
+
+        torch.manual_seed(0)
+        torch.save(tvm.mobilenet_v2(weights=None).state_dict(), mv2)
+        models.append(("torchvision", "mobilenet_v2", "mobilenet_v2", mv2))
+        import timm
+
+        for name in ("resnet18", "vit_tiny_patch16_224"):
+            f = work / f"{name}.pth"
+            torch.save(timm.create_model(name, pretrained=False).state_dict(), f)
+            models.append(("timm", name, f"timm:{name}", f))
+        rows: dict[str, dict[str, list[float]]] = {}
+        for _ in range(args.rounds):
+            for family, name, backbone, wfile in models:
+                lib = run_loop(family, name, root)
+                emb = run_embedder(backbone, root, work, wfile)
+                r = rows.setdefault(f"{family} {name}", {"library": [], "embedder": [], "ratio": [],
+                                                          "rss_library": [], "rss_embedder": []})
+                r["library"].append(round(lib["img_per_s"], 1))
+                r["embedder"].append(round(emb["img_per_s"], 1))
+                r["ratio"].append(round(emb["img_per_s"] / lib["img_per_s"], 2))
+                r["rss_library"].append(round(lib["peak_rss_mib"]))
+                r["rss_embedder"].append(round(emb["peak_rss_mib"]))
+        print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": args.images,
+                          "rows": rows}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
