@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from embedder.errors import DecodeError, SourceError
-from embedder.io.uri import filesystem, is_uri
+from embedder.io.uri import failing, filesystem, is_uri, refusal
 
 TAR_SUFFIXES = (".tar",)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's own split: dir/KEY . ext
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-FAILED = "!"  # SHARD#!KEY!reason: a location that decoding refuses, with that reason
 
 
 @dataclass(frozen=True)
@@ -237,14 +236,14 @@ def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
             if key is None:
                 return
             if key in seen:
-                yield Sample(f"{shard}#{FAILED}{key}{FAILED}duplicate key {key} in this shard: the later sample "
-                             f"is not embedded", None, None)
+                yield Sample(failing(shard, key, f"duplicate key {key} in this shard: the later sample "
+                                     "is not embedded"), None, None)
                 return
             seen.add(key)
             image = next((e for e in IMAGE_EXTS if e in group), None)
             if image is None:
                 listed = ", ".join(sorted(names.values()))
-                yield Sample(f"{shard}#{FAILED}{key}{FAILED}sample {key} has no image member ({listed})", None, None)
+                yield Sample(failing(shard, key, f"sample {key} has no image member ({listed})"), None, None)
                 return
             caption = None
             if "txt" in group:
@@ -255,7 +254,7 @@ def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
             if isinstance(m, str):
                 yield from flush()
                 key = None
-                yield Sample(f"{shard}#{FAILED}end{FAILED}shard {m}; the samples before it are kept", None, None)
+                yield Sample(failing(shard, "end", f"shard {m}; the samples before it are kept"), None, None)
                 return
             name, offset, length = m
             km = _KEY.match(name)
@@ -302,8 +301,9 @@ def _index(shard: str) -> dict[str, tuple[int, int]]:
 def read_member(locator: str) -> bytes:
     """The bytes at ``SHARD#MEMBER``; a failing location raises DecodeError with its reason."""
     shard, _, member = locator.rpartition("#")
-    if member.startswith(FAILED):
-        raise DecodeError(member.split(FAILED, 2)[2])
+    reason = refusal(member)
+    if reason is not None:
+        raise DecodeError(reason)
     try:
         offset, size = _index(shard)[member]
     except KeyError:

@@ -27,10 +27,9 @@ import pyarrow.parquet as pq
 
 from embedder.errors import DecodeError, SourceError
 from embedder.io.options import SourceOptions
-from embedder.io.uri import filesystem, image_id, is_uri
+from embedder.io.uri import failing, filesystem, image_id, is_uri, refusal
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
-FAILED = "!"  # FILE#!ROW!reason
 
 
 @dataclass(frozen=True)
@@ -178,8 +177,9 @@ def iter_rows(path: str, options: SourceOptions = SourceOptions()) -> Iterator[R
                 k = keys[i]
                 if k is None or str(k) in seen:
                     why = "no key" if k is None else f"duplicate key {k}"
-                    yield Row(image_id(f"{path}#{FAILED}{g}/{i}"), f"{path}#{FAILED}{g}/{i}{FAILED}{why} in "
-                              f"--id-column {options.id_column}: the row is not embedded", None, None)
+                    yield Row(image_id(failing(path, f"{g}/{i}", "")), failing(
+                        path, f"{g}/{i}", f"{why} in --id-column {options.id_column}: the row is not embedded"),
+                        None, None)
                     continue
                 seen.add(str(k))
                 rid = _key_id(k)
@@ -214,8 +214,9 @@ def _group_images(path: str, column: str, group: int) -> pa.Array:
 def read_row(locator: str) -> bytes:
     """The image bytes at ``FILE#COLUMN/GROUP/ROW``; a failing location raises DecodeError."""
     path, _, where = locator.rpartition("#")
-    if where.startswith(FAILED):
-        raise DecodeError(where.split(FAILED, 2)[2])
+    reason = refusal(where)
+    if reason is not None:
+        raise DecodeError(reason)
     try:
         column, group, row = where.rsplit("/", 2)
         arr = _group_images(path, column, int(group))

@@ -38,3 +38,18 @@ def filesystem(uri: str) -> tuple[object, str]:
 
 
 _filesystems: dict[tuple[str, str], object] = {}
+
+
+# A location that decoding refuses, with the reason: CONTAINER#!KEY!reason. Discovery makes one for
+# what cannot be embedded (a sample with no image, a repeated key, a shard cut short), so that it
+# goes through the same failure path as an undecodable file: recorded in the store's errors table.
+FAILED = "!"
+
+
+def failing(container: str, key: str, reason: str) -> str:
+    return f"{container}#{FAILED}{key}{FAILED}{reason}"
+
+
+def refusal(fragment: str) -> str | None:
+    """The reason a location's fragment (after the last ``#``) carries, or None for a real one."""
+    return fragment.split(FAILED, 2)[2] if fragment.startswith(FAILED) and fragment.count(FAILED) >= 2 else None
