@@ -64,3 +64,22 @@ def slowed_cli(module: str, owner: str, method: str, seconds: float) -> list[str
             f"m.{owner}.{method} = lambda self, *a: (time.sleep({seconds}), orig(self, *a))[1]; "
             "from embedder.cli import main; main()")
     return [sys.executable, "-c", code]
+
+
+def extract_killed_mid_run(source: str, store: Path, after_shards: int = 3) -> list[str]:
+    """The real `extract` CLI, slowed a little per batch, SIGKILLed once AFTER_SHARDS shards are on
+    disk (so the kill lands mid-run on a machine fast enough to finish first). Returns the command,
+    to run again for the resume."""
+    import signal
+    import subprocess
+    import time
+
+    cmd = [*slowed_cli("embedder.embed.batch", "BatchEmbedder", "launch", 0.02), "extract", source,
+           "--out", str(store), "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(store.glob("part-*.parquet"))) < after_shards:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return cmd

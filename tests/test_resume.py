@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from embedder.io.sources import discover
 from embedder.store.shards import Store
-from tests.conftest import make_images, slowed_cli
+from tests.conftest import extract_killed_mid_run, make_images
 
 
 @pytest.mark.slow
@@ -20,14 +18,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     make_images(src, {"a": 150, "b": 150}, size=(96, 96))
     store = tmp_path / "store"
     # The real CLI in a real process, slowed a little per batch so the kill lands mid-run.
-    cmd = [*slowed_cli("embedder.embed.batch", "BatchEmbedder", "launch", 0.02), "extract", str(src),
-           "--out", str(store), "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(store.glob("part-*.parquet"))) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = extract_killed_mid_run(str(src), store)
     partial = Store.open(store).count()
     assert 0 < partial < 300, partial
     # Wherever the kill landed, a temporary it left is removed once the next writer holds the lock.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
 import tarfile
 import time
@@ -26,7 +25,7 @@ from embedder.io.shards import expand_braces
 from embedder.io.sources import discover
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
-from tests.conftest import make_images, slowed_cli
+from tests.conftest import extract_killed_mid_run, make_images
 
 TINY = ModelSpec("tiny_test")
 CLASSES = ["red", "green", "blue"]
@@ -245,14 +244,7 @@ def test_a_run_killed_mid_shard_resumes_with_every_sample_once(tmp_path: Path) -
     clean = tmp_path / "clean"
     assert extract([src], str(clean), TINY).done == 120
     store = tmp_path / "store"
-    cmd = [*slowed_cli("embedder.embed.batch", "BatchEmbedder", "launch", 0.02), "extract", src,
-           "--out", str(store), "--backbone", "tiny_test", "--batch-size", "2", "--shard-rows", "4", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(store.glob("part-*.parquet"))) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = extract_killed_mid_run(src, store)
     assert 0 < Store.open(store).count() < 120
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -292,6 +284,9 @@ def test_the_service_shows_a_shard_members_image(photos, tmp_path: Path) -> None
         with tarfile.open(tmp_path / "s" / "00000.tar") as tf:
             assert r.content == tf.extractfile(member).read()  # type: ignore[union-attr]
         assert c.get(f"/items/shards/{row['id']}/thumbnail").status_code == 200
+        (tmp_path / "s" / "00000.tar").rename(tmp_path / "moved.tar")  # the shard is gone: a 404, in JSON
+        r = c.get(f"/items/shards/{row['id']}/image")
+        assert r.status_code == 404 and r.json()["kind"] == "not_found" and "cannot be read" in r.json()["error"]
 
 
 def test_object_storage_reads_come_in_windows(photos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -326,3 +321,20 @@ def test_object_storage_reads_come_in_windows(photos, tmp_path: Path) -> None:  
     with tarfile.open(shard) as tf:
         assert got == [tf.extractfile(m).read() for m in tf.getmembers()]  # type: ignore[union-attr]
     assert raw.calls <= 2 * (size // (64 << 10) + 1)  # a walk and a read pass, a window at a time
+
+
+def test_discovery_reads_no_image_bytes_and_arrow_in_object_storage_is_refused(
+        photos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A table with nothing but its image column is counted from metadata: discovery never reads the
+    image bytes (decoding reads them, once). Arrow files in object storage: a one-line error."""
+    from embedder.io import tables
+
+    _, files = photos
+    pq.write_table(pa.table({"image": [f.read_bytes() for f in files]}), tmp_path / "only.parquet", row_group_size=4)
+    asked: list[list[str]] = []
+    real = tables._Reader.group
+    monkeypatch.setattr(tables._Reader, "group", lambda self, i, cols: asked.append(cols) or real(self, i, cols))
+    refs = discover([str(tmp_path / "only.parquet")])
+    assert len(refs) == len(files) and all("image" not in cols for cols in asked)
+    with pytest.raises(SourceError, match="Arrow files are read locally"):
+        discover(["s3://bucket/data/train.arrow"])

@@ -29,6 +29,10 @@ def _extract(src: Path | list[Path], out: Path, *args: str) -> None:
     assert r.exit_code == 0, r.output
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))  # type: ignore[no-any-return]
+
+
 def _stored(out: Path) -> dict[str, np.ndarray]:
     t = Store.open(out).read(["id", "embedding"])
     return dict(zip(t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))))
@@ -57,7 +61,7 @@ def test_timm_models_give_timms_own_features(arch: str, suffix: str, tmp_path: P
         want = model(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).numpy()
     stored = _stored(out)
     got = np.stack([stored[image_id(f)] for f in files])
-    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    cos = _cosines(got, want)
     assert got.shape == want.shape and cos.min() >= 0.9999, cos
     prov = Store.open(out).provenance
     pre = prov.preprocessing
@@ -90,7 +94,7 @@ def test_dinov2_defaults_to_its_authors_224_not_timms_518(tmp_path: Path) -> Non
         want = ours(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).numpy()
     stored = _stored(out)
     got = np.stack([stored[image_id(f)] for f in files])
-    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    cos = _cosines(got, want)
     assert cos.min() >= 0.9999, cos
     big = tmp_path / "big"  # --image-size gives timm's own 518 back when wanted
     _extract(tmp_path / "imgs", big, "--backbone", f"timm:{arch}", "--weights", str(wfile), "--image-size", "518")

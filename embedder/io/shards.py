@@ -320,7 +320,10 @@ def read_member(locator: str) -> bytes:
             except SourceError as e:
                 raise DecodeError(str(e)) from None
         return _read_at(held[1], offset, size)
-    f, _ = _open(shard)
+    try:  # a shard moved or deleted since discovery: that image fails, the run goes on
+        f, _ = _open(shard)
+    except SourceError as e:
+        raise DecodeError(str(e)) from None
     try:
         return _read_at(f, offset, size)
     finally:

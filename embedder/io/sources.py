@@ -235,7 +235,7 @@ def iter_discover(sources: Sequence[str | os.PathLike[str]],
         refuse_compressed(s)
         if is_uri(s) and is_shard(s):
             found = _shard_refs(s, options)
-        elif is_uri(s) and s.lower().endswith(".parquet"):
+        elif is_uri(s) and s.lower().endswith(TABLE_SUFFIXES):  # Arrow: refused with the reason
             found = _table_refs(s, options)
         elif is_uri(s):
             found = _walk_uri(s)

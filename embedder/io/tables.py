@@ -97,6 +97,12 @@ class _Reader:
         except (OSError, pa.ArrowInvalid) as e:
             raise SourceError(f"cannot read {path} as a table: {str(e).splitlines()[0][:200]}") from None
 
+    def rows(self, i: int) -> int:
+        """Row group (record batch) I's length, from metadata: no column is read."""
+        if self.parquet:
+            return int(self.pf.metadata.row_group(i).num_rows)
+        return int(self._ipc.get_batch(i).num_rows)
+
     def group(self, i: int, columns: list[str]) -> pa.Table:
         if self.parquet:
             return self.pf.read_row_group(i, columns=columns)
@@ -167,7 +173,7 @@ def iter_rows(path: str, options: SourceOptions = SourceOptions()) -> Iterator[R
     seen: set[str] = set()
     for g in range(r.groups):
         t = r.group(g, small) if small else None
-        n = t.num_rows if t is not None else r.group(g, [col]).num_rows
+        n = r.rows(g)  # never the image column: discovery reads only the small ones
         keys = t.column(options.id_column).to_pylist() if options.id_column and t is not None else None
         labels = t.column(label_col).to_pylist() if label_col and t is not None else [None] * n
         caps = t.column(caption_col).to_pylist() if caption_col and t is not None else [None] * n
