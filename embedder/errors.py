@@ -38,6 +38,10 @@ class ProvenanceMismatch(StoreError):
     pass
 
 
+class TextQueryError(EmbedderError):
+    """A text query the model cannot take: empty, over its context length, or a model with no text tower."""
+
+
 class DecodeError(EmbedderError):
     """One image could not be turned into pixels; recorded and skipped, never fatal."""
 

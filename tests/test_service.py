@@ -340,7 +340,7 @@ def test_query_caps_zero_vectors_and_clear_messages(served: tuple[str, Path]) ->
         status, msg = err({"vector": [0.0] * dim})
         assert status == 400 and "all zeros" in msg
         status, msg = err({"id": cat_id, "vector": [0.1] * dim})
-        assert status == 400 and "not both" in msg
+        assert status == 400 and "not several" in msg
         status, msg = err({"id": cat_id, "where": {"label": ["cat", "dog"]}})
         assert status == 400 and "must be a string, number or boolean, got list" in msg
         r = c.post("/search", files={"file": ("q.jpg", b"x", "image/jpeg")}, data={"where": '{"label": ["cat"]}'})

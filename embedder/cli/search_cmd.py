@@ -31,6 +31,7 @@ def search_command(
     queries: Annotated[Optional[list[str]], typer.Argument(help="Image files or .npy vectors.")] = None,
     k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
     ids: Annotated[Optional[list[str]], typer.Option("--id", help="Query by an indexed item's id.")] = None,
+    texts: Annotated[Optional[list[str]], typer.Option("--text", help="Query by text (repeatable), on an index made with a CLIP-family backbone (open_clip:…): its text tower embeds it. An empty text, or one longer than the model's context length (77 tokens for CLIP), is refused, never cut.")] = None,
     where: Annotated[Optional[list[str]], typer.Option(help="COLUMN=VALUE filter, e.g. label=shirt.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one.")] = None,
     device: Annotated[str, typer.Option()] = "auto",
@@ -39,7 +40,7 @@ def search_command(
     api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the server's API key.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
 ) -> None:
-    """Nearest neighbours of images, vectors or indexed ids; several queries in one batch."""
+    """Nearest neighbours of images, vectors, indexed ids or texts; several queries in one batch."""
     if k <= 0:
         raise IndexError_(f"-k must be positive, got {k}")
     if server:
@@ -47,7 +48,7 @@ def search_command(
 
         key = os.environ.get(api_key_env) if api_key_env else None
         where_ = _parse_where(where or [])
-        results = search_remote(server, name, queries or [], ids or [], k, where_, key)
+        results = search_remote(server, name, queries or [], ids or [], k, where_, key, texts or [])
         _print_results(results, as_json)
         return
     import numpy as np
@@ -55,9 +56,14 @@ def search_command(
     from embedder.index import search as index_search
 
     loaded = index_search.LoadedIndex(name, home)
+    if texts:
+        from embedder.embed.query import require_text_tower
+
+        require_text_tower(loaded.provenance, f"index {name!r}")
     labels: list[str] = []
     vecs: list[np.ndarray] = []
     images = [q for q in queries or [] if not q.endswith(".npy")]
+    emb = None
     for q in queries or []:
         if q.endswith(".npy"):
             try:
@@ -76,11 +82,18 @@ def search_command(
         emb = embedder_for(loaded.provenance, weights, device)
         vecs.append(embed_files(emb, images))
         labels += images
+    if texts:
+        from embedder.embed.query import embed_texts, embedder_for
+
+        if emb is None:
+            emb = embedder_for(loaded.provenance, weights, device)
+        vecs.append(embed_texts(emb, texts, loaded.metric))
+        labels += [f"text:{t}" for t in texts]
     for i in ids or []:
         vecs.append(loaded.vector_of(i))
         labels.append(f"id:{i}")
     if not vecs:
-        raise IndexError_("no query: give image files, .npy vectors or --id ID")
+        raise IndexError_("no query: give image files, .npy vectors, --id ID or --text TEXT")
     found = loaded.search(np.concatenate(vecs), k, _parse_where(where or []))
     _print_results(list(zip(labels, found)), as_json)
 

@@ -105,7 +105,7 @@ def load_rgb_sized(
 def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Resize (shorter side) and centre-crop exactly as torchvision's ImageClassification preset."""
     check_resize(img.width, img.height, pre.resize_size, max_pixels)
-    img = TF.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
+    img = TF.resize(img, pre.resize_arg, interpolation=pre.interpolation_mode, antialias=pre.antialias)
     img = TF.center_crop(img, [pre.crop_size])
     return TF.pil_to_tensor(img)
 
@@ -157,7 +157,7 @@ def _torchvision_jpeg_into(data: bytes, pre: Preprocessing, out: torch.Tensor, m
         raise DecodeError(f"cannot decode: {str(e).splitlines()[-1][:200]}") from None
     height, width = int(t.shape[-2]), int(t.shape[-1])
     check_resize(width, height, pre.resize_size, max_pixels)
-    t = F2.resize(t, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
+    t = F2.resize(t, pre.resize_arg, interpolation=pre.interpolation_mode, antialias=pre.antialias)
     out.copy_(F2.center_crop(t, [pre.crop_size]))
     return width, height
 

@@ -88,7 +88,7 @@ def resize_crop(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """uint8 [3,H,W] (any device) → [3, crop, crop]: the preset's resize and centre crop on tensors."""
     import torchvision.transforms.v2.functional as F2
 
-    img = F2.resize(img, [pre.resize_size], interpolation=pre.interpolation_mode, antialias=pre.antialias)
+    img = F2.resize(img, pre.resize_arg, interpolation=pre.interpolation_mode, antialias=pre.antialias)
     return F2.center_crop(img, [pre.crop_size])
 
 

@@ -290,7 +290,25 @@ class BatchEmbedder:
             dim=self.loaded.dim, decoder=self.options.decoder,
             precision=self.precision, normalize=self.options.normalize, dtype=self.options.dtype,
             versions=_versions(), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            text=self.loaded.text.spec() if self.loaded.text is not None else None,
         )
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts → float32 [N, dim] by the model's text tower, at this embedder's precision and
+        normalisation (the space of its image vectors). ``TextQueryError`` for a model without one,
+        an empty text or one over the context length."""
+        from embedder.errors import TextQueryError
+
+        if self.loaded.text is None:
+            raise TextQueryError(f"{self.loaded.backbone.name} has no text tower: text queries need a CLIP-family "
+                                 "backbone (open_clip:ARCH:PRETRAINED)")
+        if self.loaded.layer != "penultimate":
+            raise TextQueryError(f"these vectors are {self.loaded.layer}'s features, not the model's image "
+                                 "embedding: text shares only the embedding's space")
+        out = torch.from_numpy(self.loaded.text.encode(texts, self.device, self.precision))
+        if self.options.normalize == "l2":
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out.numpy()
 
     def decode(self, path: str) -> Decoded:
         return decode_file(path, self.loaded.preprocessing, self.options.max_pixels, self.options.decoder)

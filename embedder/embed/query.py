@@ -50,3 +50,24 @@ def embed_files(emb: BatchEmbedder, paths: Sequence[str]) -> np.ndarray:
         except DecodeError as e:
             raise DecodeError(f"query image {p}: {e}") from None
     return emb.embed_pixels(torch.stack([d.pixels for d in decoded]))
+
+
+def embed_texts(emb: BatchEmbedder, texts: Sequence[str], metric: str) -> np.ndarray:
+    """Text queries against an index of this embedder's image vectors. A CLIP model's text and image
+    vectors are compared by cosine: an index that ranks raw vectors by L2 or inner product (built on
+    unnormalised vectors) would rank images by their norm as much as by their match, so it is refused."""
+    from embedder.errors import TextQueryError
+
+    if metric != "cosine" and emb.options.normalize != "l2":
+        raise TextQueryError(f"text queries rank by cosine; this index ranks unnormalised vectors by {metric}: "
+                             "build it with --metric cosine (or extract with --normalize l2)")
+    return emb.embed_texts(list(texts))
+
+
+def require_text_tower(prov: Provenance, what: str) -> None:
+    """A one-line refusal of text queries on vectors whose model has no text tower (before loading it)."""
+    from embedder.errors import TextQueryError
+
+    if not prov.has_text:
+        raise TextQueryError(f"{what} was made with {prov.backbone}, which has no text tower: text queries need "
+                             "a CLIP-family backbone (open_clip:ARCH:PRETRAINED)")

@@ -5,6 +5,7 @@ plugs in here."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,11 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
             weights = LoadedWeights(None, ref)
         else:
             net = backbone.build_architecture(tag)
-            if weights.state_dict is not None:
+            if weights.state_dict is not None and hasattr(backbone.source, "load_file"):
+                # a family with its own loader (OpenCLIP's conversions); the tensors need not stay held
+                backbone.source.load_file(net, Path(spec.weights_file))  # type: ignore[arg-type]
+                weights = dataclasses.replace(weights, state_dict=None)
+            elif weights.state_dict is not None:
                 apply_weights(net, weights.state_dict, backbone)
     drop_aux_head(net)
     pre = weights.preprocessing or backbone.preprocessing(tag)

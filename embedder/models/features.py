@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,6 +120,7 @@ class LoadedModel:
     layer: str  # "penultimate" or a module name
     pool: str
     dim: int
+    text: Any = None  # the model's text tower (embedder.models.text.TextTower), CLIP-family models only
 
 
 def fold_batchnorm(net: nn.Module, inplace: bool = False) -> nn.Module:
@@ -148,8 +150,10 @@ def _folded(tap: nn.Module) -> nn.Module:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     net, backbone, weights, pre = load_network(spec)
-    _set_module(net, backbone.head, nn.Identity())
+    if backbone.head:  # a family without a classifier (CLIP's image tower) has none to drop
+        _set_module(net, backbone.head, nn.Identity())
     net.eval().requires_grad_(False)
+    text = backbone.source.text_tower(net) if hasattr(backbone.source, "text_tower") else None
 
     layer, pool = spec.layer, spec.pool
     if pool is not None and pool not in POOLS:
@@ -172,4 +176,4 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     with torch.inference_mode():
         probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)
         dim = int(model(probe).shape[1])
-    return LoadedModel(model, backbone, weights, pre, layer or "penultimate", pool or "avg", dim)
+    return LoadedModel(model, backbone, weights, pre, layer or "penultimate", pool or "avg", dim, text)

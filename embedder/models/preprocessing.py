@@ -21,6 +21,10 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     antialias: bool = True
+    # "shorter": the shorter side to resize_size, then the centre crop (torchvision's presets, timm's
+    # eval transform, OpenCLIP's "shortest"); "squash": both sides to crop_size, aspect ratio not kept
+    # (OpenCLIP's SigLIP configs). OpenCLIP's "longest" (fit and pad) is refused where it is asked.
+    resize_mode: str = "shorter"
 
     @classmethod
     def from_transforms(cls, t: ImageClassification) -> Preprocessing:
@@ -42,6 +46,7 @@ class Preprocessing:
             mean=tuple(d["mean"]),  # type: ignore[arg-type]
             std=tuple(d["std"]),  # type: ignore[arg-type]
             antialias=bool(d.get("antialias", True)),
+            resize_mode=str(d.get("resize_mode", "shorter")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +59,11 @@ class Preprocessing:
         """Same preset at another resolution, keeping the resize/crop ratio (low-res fine-tuning)."""
         ratio = self.resize_size / self.crop_size
         return dataclasses.replace(self, crop_size=crop_size, resize_size=round(crop_size * ratio))
+
+    @property
+    def resize_arg(self) -> list[int]:
+        """The size argument of torchvision's resize that does this record's resize."""
+        return [self.crop_size, self.crop_size] if self.resize_mode == "squash" else [self.resize_size]
 
     @property
     def interpolation_mode(self) -> InterpolationMode:

@@ -84,30 +84,45 @@ REGISTRY: dict[str, Backbone] = {b.name: b for b in _ENTRIES}
 DEFAULT_BACKBONE = "resnet50"  # what --backbone means when none is given (and no checkpoint names one)
 
 
+FAMILY_PREFIXES = ("timm:", "open_clip:")  # families whose names carry their weights; their modules load lazily
+
+
+def _family_entry(name: str) -> Backbone | None:
+    """Another family's entry (``timm:MODEL[.TAG]``, ``open_clip:ARCH[:TAG]``), None for a registry name."""
+    if name.startswith("timm:"):
+        from embedder.models import timm_family
+
+        return timm_family.entry(name)  # type: ignore[no-any-return]
+    if name.startswith("open_clip:"):
+        from embedder.models import openclip_family
+
+        return openclip_family.entry(name)  # type: ignore[no-any-return]
+    return None
+
+
 def get_backbone(name: str) -> Backbone:
     """A registry entry by name: torchvision's (and the test model) by their names, another family's
     by its prefix (``timm:MODEL[.TAG]``); an unknown name lists close matches."""
-    from embedder.models import timm_family
-
-    if timm_family.is_timm(name):
-        return timm_family.entry(name)  # type: ignore[no-any-return]
+    family = _family_entry(name)
+    if family is not None:
+        return family
     try:
         return REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownBackbone(
-            f"unknown backbone {name!r}.{hint} Valid: {', '.join(sorted(REGISTRY))}, or timm:MODEL[.TAG]"
+            f"unknown backbone {name!r}.{hint} Valid: {', '.join(sorted(REGISTRY))}, or timm:MODEL[.TAG], "
+            "or open_clip:ARCH[:PRETRAINED]"
         ) from None
 
 
 def parse_backbone_spec(spec: str) -> tuple[Backbone, str | None]:
     """'resnet50' or 'mobilenet_v2:IMAGENET1K_V1' → (entry, weights tag or None); a family's name
     (``timm:MODEL.TAG``) carries its weights in the name."""
-    from embedder.models import timm_family
-
-    if timm_family.is_timm(spec):
-        return timm_family.entry(spec), None
+    family = _family_entry(spec)
+    if family is not None:
+        return family, None
     name, _, tag = spec.partition(":")
     backbone = get_backbone(name)
     if tag and backbone.is_torchvision:

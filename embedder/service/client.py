@@ -42,7 +42,8 @@ def _multipart(fields: dict[str, str], file: Path) -> tuple[bytes, str]:
 
 
 def search_remote(server: str, index: str, queries: list[str], ids: list[str], k: int,
-                  where: dict[str, str], key: str | None) -> list[tuple[str, list[dict[str, Any]]]]:
+                  where: dict[str, str], key: str | None,
+                  texts: list[str] | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
     """(query label, hits) per query, answered by a running service."""
     url = server.rstrip("/") + "/search"
     out: list[tuple[str, list[dict[str, Any]]]] = []
@@ -69,6 +70,11 @@ def search_remote(server: str, index: str, queries: list[str], ids: list[str], k
                            "queries": [{"id": i} for i in ids]}).encode()
         r = _post(url, body, "application/json", key)
         out += [(f"id:{i}", hits) for i, hits in zip(ids, r["results"])]
+    if texts:
+        body = json.dumps({"index": index, "k": k, "where": where or None,
+                           "queries": [{"text": t} for t in texts]}).encode()
+        r = _post(url, body, "application/json", key)
+        out += [(f"text:{t}", hits) for t, hits in zip(texts, r["results"])]
     if not out:
-        raise EmbedderError("no query: give image files, .npy vectors or --id ID")
+        raise EmbedderError("no query: give image files, .npy vectors, --id ID or --text TEXT")
     return out

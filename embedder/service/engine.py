@@ -47,6 +47,7 @@ class Query:
     image: bytes | None = None
     vector: list[float] | None = None
     id: str | None = None
+    text: str | None = None
     exclude_self: bool = False  # an id query: leave the query item out of its own results
 
 
@@ -203,6 +204,7 @@ class Engine:
                 "dim": loaded.dim, "kind": m.get("kind"), "factory": m.get("factory"), "metric": loaded.metric,
                 "quality": m.get("quality"), "provenance": m.get("provenance"), "built_at": m.get("built_at"),
                 "image_queries": self._embedder_for(loaded) is not None,
+                "text_queries": loaded.provenance.has_text and self._embedder_for(loaded) is not None,
                 "labels": sorted(labels)[:500], "filter_columns": loaded.filter_columns()}
 
     def item(self, name: str, item_id: str) -> dict[str, Any]:
@@ -268,6 +270,23 @@ class Engine:
         self.stage_timer("embed", time.perf_counter() - t1)
         return vectors, emb
 
+    def embed_texts(self, name: str, texts: list[str]) -> tuple[np.ndarray, Any]:
+        """Texts through the text tower of index NAME's model (one pass for the batch), as vectors
+        comparable with the index's."""
+        from embedder.embed.query import embed_texts, require_text_tower
+
+        loaded = self.index(name)
+        require_text_tower(loaded.provenance, f"index {name!r}")
+        emb = self._embedder_for(loaded)
+        if emb is None:
+            raise BadQuery(f"index {name!r} takes vector and id queries only (its weights file was not given "
+                           "to the server)")
+        t0 = time.perf_counter()
+        with self._embed_locks[self._key(loaded)]:  # one forward pass at a time per model
+            vectors = embed_texts(emb, texts, loaded.metric)
+        self.stage_timer("embed_text", time.perf_counter() - t0)
+        return vectors, emb
+
     def run_batch(self, queries: list[Query]) -> list[Answer | Exception]:
         """Answer a batch: images per index embedded together, then one search per (index, filter)."""
         out: list[Answer | Exception | None] = [None] * len(queries)
@@ -296,6 +315,9 @@ class Engine:
                                 vectors[i] = self.embed_images(name, [queries[i].image])[0][0]  # type: ignore[list-item]
                             except EmbedderError as e1:
                                 out[i] = e1
+            texts = [i for i in members if queries[i].text is not None]
+            if texts:
+                self._embed_text_queries(name, queries, texts, vectors, out)
             for i in members:
                 q = queries[i]
                 if out[i] is not None or i in vectors:
@@ -338,6 +360,22 @@ class Engine:
                         h = [dict(hit, rank=r) for r, hit in enumerate((x for x in h if x["id"] != q.id), 1)]
                     out[i] = Answer(name, loaded.generation, h[:q.k])
         return [o if o is not None else BadQuery("unanswered") for o in out]
+
+    def _embed_text_queries(self, name: str, queries: list[Query], members: list[int],
+                            vectors: dict[int, np.ndarray], out: list[Any]) -> None:
+        """The batch's text queries for one index in one text-tower pass; a bad text fails only itself."""
+        try:
+            vecs, _ = self.embed_texts(name, [queries[i].text for i in members])  # type: ignore[misc]
+            vectors.update(zip(members, vecs))
+        except EmbedderError as e:
+            if len(members) == 1:
+                out[members[0]] = e
+                return
+            for i in members:  # find the culprit(s): embed one by one
+                try:
+                    vectors[i] = self.embed_texts(name, [queries[i].text])[0][0]  # type: ignore[list-item]
+                except EmbedderError as e1:
+                    out[i] = e1
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

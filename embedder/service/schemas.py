@@ -12,6 +12,9 @@ class QueryIn(BaseModel):
     vector: list[float] | None = Field(None, description="A query vector of the index's dim (not all zeros "
                                        "for a cosine or ip index)")
     id: str | None = Field(None, description="An id in the index: search by its vector")
+    text: str | None = Field(None, description="A text, embedded by the text tower of the index's model (CLIP-family "
+                             "backbones only); an empty text or one over the model's context length is refused "
+                             "(400), never cut")
     exclude_self: bool = Field(False, description="With id: leave the query item out of its results")
 
 
@@ -25,6 +28,11 @@ class SearchIn(QueryIn):
     queries: list[QueryIn] | None = Field(None, description="A batch of queries instead of vector/id (at most "
                                           "max_queries, and k × queries at most max_results)")
 
+
+
+class EmbedIn(BaseModel):
+    index: str | None = Field(None, description="Index name (optional when one index is served)")
+    text: str | list[str] = Field(..., description="A text or a list of texts to embed with the index's text tower")
 
 
 class Hit(BaseModel):

@@ -50,7 +50,7 @@ class Service:
             raise BadQuery(f"k × queries is {k * n:,}; at most {o.max_results:,} results per request")
 
     async def answer(self, queries: list[Query]) -> SearchOut:
-        answers = await asyncio.gather(*((self.batcher if q.image is not None else self.cheap).submit(q)
+        answers = await asyncio.gather(*((self.batcher if q.image is not None or q.text is not None else self.cheap).submit(q)
                                          for q in queries))
         first = answers[0]
         return SearchOut(index=first.index, generation=first.generation,

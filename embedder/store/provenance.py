@@ -30,7 +30,7 @@ from embedder.errors import ProvenanceMismatch, StoreError
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 
-VERSION = 2
+VERSION = 3  # 3: preprocessing's resize_mode, the text tower (tokenizer, context length)
 WEIGHT_KINDS = ("registry", "seeded", "file", "finetune")
 DECODERS = choices.DECODERS  # a record names the decoder used, never "auto"
 PRECISIONS = choices.PRECISIONS
@@ -61,6 +61,8 @@ class Provenance:
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     version: int = VERSION
+    # the text tower that shares this vector space (CLIP-family models): {"tokenizer", "context_length"}
+    text: dict[str, Any] | None = None
 
     COMPARABLE = ("backbone", "weights", "layer", "pool", "preprocessing", "decoder", "precision", "dim")
     SAME_STORE = (*COMPARABLE, "normalize", "dtype")
@@ -87,6 +89,11 @@ class Provenance:
             raise ProvenanceMismatch(f"{what} made with {k}={_short(self.show(k))}, this would use "
                                      f"{k}={_short(other.show(k))}; {fix}")
 
+    @property
+    def has_text(self) -> bool:
+        """Whether the model that made these vectors has a text tower (text queries, zero-shot)."""
+        return bool(self.text)
+
     def show(self, name: str) -> Any:
         value = getattr(self, name)
         if isinstance(value, WeightsRef):
@@ -102,7 +109,7 @@ class Provenance:
             "layer": self.layer, "pool": self.pool, "preprocessing": self.preprocessing.to_dict(),
             "dim": self.dim, "decoder": self.decoder, "decode_policy": DECODE_POLICY,
             "precision": self.precision, "normalize": self.normalize, "dtype": self.dtype,
-            "versions": dict(self.versions), "created_at": self.created_at,
+            "versions": dict(self.versions), "created_at": self.created_at, "text": self.text,
         }
 
     def to_json(self) -> str:
@@ -126,7 +133,7 @@ class Provenance:
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]), dim=int(d["dim"]),
                 decoder=decoder, precision=precision, normalize=str(d.get("normalize", "none")),
                 dtype=str(d.get("dtype", "float32")), versions=dict(d.get("versions") or {}),
-                created_at=str(d.get("created_at", "")),
+                created_at=str(d.get("created_at", "")), text=d.get("text"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"unreadable provenance record (version {version}): missing or bad {e}") from None

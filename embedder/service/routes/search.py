@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from embedder.errors import shown
 from embedder.service.engine import BadQuery, Query
-from embedder.service.schemas import QueryIn, SearchIn, SearchOut
+from embedder.service.schemas import EmbedIn, QueryIn, SearchIn, SearchOut
 from embedder.service.state import ServiceDep
 
 router = APIRouter()
@@ -46,24 +46,48 @@ async def search(request: Request, svc: ServiceDep) -> SearchOut:
         raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
     name = svc.default_index(body.index)
     items = body.queries if body.queries is not None else [
-        QueryIn(vector=body.vector, id=body.id, exclude_self=body.exclude_self)]
+        QueryIn(vector=body.vector, id=body.id, text=body.text, exclude_self=body.exclude_self)]
     if not items:
         raise BadQuery("queries is empty")
     svc.check_size(body.k, len(items))
     for n, q in enumerate(items):
-        if q.vector is not None and q.id is not None:
-            raise BadQuery(f"query {n}: give a vector or an id, not both")
-        if q.vector is None and q.id is None:
-            raise BadQuery(f"query {n}: needs a vector or an id (JSON), or an image (multipart 'file')")
+        given = sum(x is not None for x in (q.vector, q.id, q.text))
+        if given > 1:
+            raise BadQuery(f"query {n}: give one of a vector, an id or a text, not several")
+        if given == 0:
+            raise BadQuery(f"query {n}: needs a vector, an id or a text (JSON), or an image (multipart 'file')")
     where = _where_values(body.where) if body.where else None
-    return await svc.answer([Query(name, body.k, where, vector=q.vector, id=q.id, exclude_self=q.exclude_self)
-                             for q in items])
+    return await svc.answer([Query(name, body.k, where, vector=q.vector, id=q.id, text=q.text,
+                                   exclude_self=q.exclude_self) for q in items])
 
 
-@router.post("/embed")
+EMBED_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/EmbedIn"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}, "index": {"type": "string"}}}}}}}
+
+
+@router.post("/embed", openapi_extra=EMBED_BODY)
 async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
-    """An uploaded image's vector, made as the index's vectors are, with that provenance."""
+    """An uploaded image's vector (multipart ``file``), or texts' vectors (JSON ``{"text": ...}``, models
+    with a text tower), made as the index's vectors are, with that provenance."""
     svc.need_ready()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = EmbedIn.model_validate_json(await request.body())
+        except ValidationError as e:
+            first = e.errors()[0]
+            where_ = ".".join(str(p) for p in first.get("loc", ()))
+            raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        if not texts:
+            raise BadQuery("text is an empty list")
+        svc.check_size(1, len(texts))
+        name = svc.default_index(body.index)
+        vectors, emb = await asyncio.get_running_loop().run_in_executor(
+            svc.executor, svc.engine.embed_texts, name, texts)
+        return {"index": name, "vectors": vectors.tolist(), "dim": int(vectors.shape[1]),
+                "provenance": emb.provenance().to_dict()}
     async with request.form(max_files=1, max_fields=5) as form:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):

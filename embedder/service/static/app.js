@@ -58,6 +58,11 @@ function showInfo() {
   const labels = $("label");
   const chosen = labels.value;
   labels.replaceChildren(new Option("any", ""));
+  const text = $("text");
+  const canText = Boolean(info && info.text_queries);
+  text.disabled = $("textgo").disabled = !canText;
+  text.placeholder = canText ? "describe what to find, e.g. a red shoe"
+    : "text search needs an index made with a CLIP-family backbone (open_clip:…)";
   if (!info) { box.textContent = "No index is served."; return; }
   for (const l of info.labels) labels.append(new Option(l, l));
   if (info.labels.includes(chosen)) labels.value = chosen;
@@ -137,6 +142,22 @@ function imageSearch(file) {
   return api("/search", { method: "POST", body: form });
 }
 
+function textSearch(text) {
+  return api("/search", {
+    method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ index: $("index").value, text, k: k(), where: filters() }),
+  });
+}
+
+async function searchText(text) {
+  if (!text.trim()) { showError("type some words to search by"); return; }
+  const query = $("query");
+  query.hidden = true;
+  query.removeAttribute("src");
+  state.last = { kind: "text", text };
+  await run(() => textSearch(text));
+}
+
 function idSearch(id) {
   return api("/search", {
     method: "POST", headers: { "content-type": "application/json" },
@@ -169,6 +190,7 @@ function again() {  // the settings changed: the same query again
   const last = state.last;
   if (!last) return;
   if (last.kind === "image") run(() => imageSearch(last.file));
+  else if (last.kind === "text") run(() => textSearch(last.text));
   else if (last.index === $("index").value) run(() => idSearch(last.id));
   else { state.last = null; clearResults(); $("query").hidden = true; status("drop an image to search"); }
 }
@@ -179,6 +201,7 @@ function wireControls() {
   $("k").addEventListener("change", again);
   $("exclude").addEventListener("change", () => { if (state.last?.kind === "id") again(); });
   $("index").addEventListener("change", () => { showInfo(); again(); });
+  $("textform").addEventListener("submit", (e) => { e.preventDefault(); searchText($("text").value); });
 }
 
 function wireDrop() {
@@ -225,7 +248,8 @@ async function init() {
   const select = $("index");
   for (const i of state.indexes) select.append(new Option(`${i.name} (${i.count})`, i.name));
   showInfo();
-  status(state.indexes.length ? "drop an image to search" : "no index is served");
+  status(state.indexes.length ? (current()?.text_queries ? "type a text or drop an image to search"
+    : "drop an image to search") : "no index is served");
 }
 
 init();

@@ -1,0 +1,247 @@
+"""OpenCLIP's models as backbones: ``--backbone open_clip:ARCH[:PRETRAINED]``
+(``open_clip:ViT-B-32:laion2b_s34b_b79k``, ``open_clip:ViT-B-16-SigLIP2:webli``,
+``open_clip:MobileCLIP2-S0:dfndr2b``), any pair ``open_clip.list_pretrained()`` knows, or an
+architecture alone with ``--weights FILE``.
+
+The image vector is the model's ``encode_image`` (the projected embedding, the space its text tower
+shares); the text tower stays loaded beside it for text queries and zero-shot heads
+(``embedder.models.text``). Preprocessing is OpenCLIP's inference transform for that pretrained tag
+(``image_transform_v2`` of the model's preprocess config with the tag's mean, std, interpolation and
+resize mode merged in, as ``create_model_and_transforms`` makes it), kept as the typed record every
+decoder reproduces. Weights: a local state dict or safetensors file (``--weights FILE``, loaded by
+OpenCLIP's own ``load_checkpoint``: its key conversions, strict), or OpenCLIP's Hugging Face hub
+download when none is given (``EMBEDDER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: the local hub cache
+only), recorded with the SHA-256 of the file's bytes. Models whose blocks train with parallel
+branches (MobileCLIP's FastViT) are reparameterised for inference with timm's
+``reparameterize_model`` (the same function, one branch).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedder.errors import UnknownBackbone, WeightsMismatch, WeightsUnavailable
+from embedder.models.origin import WeightsRef
+from embedder.models.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PREFIX = "open_clip:"
+_RESIZE_MODES = {"shortest": "shorter", "squash": "squash"}
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def is_open_clip(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def _open_clip() -> Any:
+    if os.environ.get("EMBEDDER_OFFLINE"):  # before huggingface_hub reads its constants
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import open_clip
+    except ImportError:
+        raise UnknownBackbone("OpenCLIP backbones need open_clip: pip install 'embedder[clip]'") from None
+    return open_clip
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+
+
+@dataclass(frozen=True)
+class OpenClipModel:
+    """The family's part of a registry entry: how to build, preprocess, load and tokenise this model."""
+
+    arch: str
+    tag: str | None  # OpenCLIP's pretrained tag; None: an architecture for --weights FILE
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}{self.arch}" + (f":{self.tag}" if self.tag else "")
+
+    def tag_cfg(self) -> dict[str, Any]:
+        return dict(_open_clip().get_pretrained_cfg(self.arch, self.tag) or {}) if self.tag else {}
+
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """OpenCLIP's final preprocess config for this model and tag, without building the model:
+        its defaults, the tag's keys merged in, the size from the vision tower's config."""
+        oc = _open_clip()
+        from dataclasses import asdict
+
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        cfg = merge_preprocess_dict(asdict(PreprocessCfg()), self.tag_cfg())
+        size = (oc.get_model_config(self.arch) or {}).get("vision_cfg", {}).get("image_size")
+        if size is not None:
+            cfg["size"] = size
+        return cfg  # type: ignore[no-any-return]
+
+    def _create(self) -> Any:
+        """The whole CLIP model, randomly initialised, with the tag's preprocess config attached."""
+        oc = _open_clip()
+        keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+        force = {k: v for k, v in self.tag_cfg().items() if k in keys}
+        import logging
+
+        quiet = logging.getLogger()  # OpenCLIP warns on the root logger that nothing was loaded yet
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return oc.create_model(self.arch, pretrained=None, force_preprocess_cfg=force,
+                                   force_quick_gelu=bool(self.tag_cfg().get("quick_gelu", False)))
+        finally:
+            quiet.setLevel(level)
+
+    def build(self) -> nn.Module:
+        return ClipImage(self._create())
+
+    def preprocessing(self) -> Preprocessing:
+        cfg = self.preprocess_cfg()
+        size = cfg["size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if h != w:
+            raise UnknownBackbone(f"{self.name} takes {h}x{w} images; only square inputs are supported")
+        mode = _RESIZE_MODES.get(str(cfg.get("resize_mode", "shortest")))
+        if mode is None:
+            raise UnknownBackbone(f"{self.name} preprocesses with resize_mode={cfg['resize_mode']!r} (fit the "
+                                  "longest side and pad); only 'shortest' and 'squash' are supported")
+        interpolation = str(cfg.get("interpolation", "bicubic"))
+        if interpolation not in _INTERPOLATIONS:
+            raise UnknownBackbone(f"{self.name} resizes with {interpolation!r}; supported: "
+                                  f"{', '.join(_INTERPOLATIONS)}")
+        return Preprocessing(resize_size=int(h), crop_size=int(h), interpolation=interpolation,
+                             mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+                             std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
+                             resize_mode=mode)
+
+    def load_file(self, net: nn.Module, path: Path) -> None:
+        """A local weights file into the model, by OpenCLIP's own loader (its conversions, strict)."""
+        oc = _open_clip()
+        clip = getattr(net, "clip", net)
+        try:
+            oc.load_checkpoint(clip, str(path), strict=True)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            missing = str(e).count('", "') + 1 if "Missing key" in str(e) else 0
+            hint = f" ({missing}+ tensors missing)" if missing else ""
+            raise WeightsMismatch(f"{path} does not fit {self.name}{hint}: {_first_line(e)}; is it an OpenCLIP "
+                                  f"{self.arch} state dict?") from None
+        _reparameterize(clip)
+
+    def pretrained(self) -> tuple[nn.Module, WeightsRef]:
+        """The model with the tag's weights, through OpenCLIP's Hugging Face hub download (the hub
+        cache, ``HF_HOME``); the record names the file's SHA-256."""
+        from embedder.models.hub import sha256_file
+
+        if not self.tag:
+            tags = _tags_for(self.arch)
+            raise WeightsUnavailable(
+                f"{self.name} names no pretrained weights: add a tag ({', '.join(tags[:6]) or 'OpenCLIP has none'}"
+                f"{' …' if len(tags) > 6 else ''}) or give --weights FILE")
+        oc = _open_clip()
+        try:
+            path = oc.download_pretrained(self.tag_cfg())
+        except (OSError, RuntimeError, ValueError) as e:
+            hub = self.tag_cfg().get("hf_hub", "")
+            raise WeightsUnavailable(
+                f"cannot load {self.name}'s weights ({_first_line(e)}); the hub file is {hub or 'not on the hub'}"
+                "; where the hub is unreachable, give the file: --weights FILE (a state dict or safetensors "
+                "file), or put it in the Hugging Face cache (HF_HOME)") from None
+        if not path:
+            raise WeightsUnavailable(f"OpenCLIP names no file for {self.name}; give --weights FILE")
+        net = self.build()
+        self.load_file(net, Path(path))
+        return net, WeightsRef("hub", f"{self.name} ({Path(path).name})", sha256_file(Path(path)))
+
+    def text_spec(self) -> dict[str, Any]:
+        """What the text tower reads, as data (recorded in the store): tokenizer and context length."""
+        oc = _open_clip()
+        text_cfg = (oc.get_model_config(self.arch) or {}).get("text_cfg", {})
+        tok = text_cfg.get("hf_tokenizer_name") or "openai-clip-bpe"
+        return {"tokenizer": str(tok), "context_length": int(text_cfg.get("context_length", 77))}
+
+    def tokenizer(self) -> Any:
+        oc = _open_clip()
+        try:
+            return oc.get_tokenizer(self.arch)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise WeightsUnavailable(f"cannot load {self.name}'s tokenizer ({_first_line(e)}); it comes from the "
+                                     "Hugging Face hub the first time (HF_HOME)") from None
+
+    def text_tower(self, net: nn.Module) -> Any:
+        from embedder.models.text import TextTower
+
+        clip = getattr(net, "clip", net)
+        spec = self.text_spec()
+        return TextTower(clip, self.tokenizer(), spec["context_length"], spec["tokenizer"])
+
+
+def _reparameterize(clip: Any) -> None:
+    """MobileCLIP's training-time branches folded into one (timm's own function); a no-op elsewhere."""
+    if not any(hasattr(m, "reparameterize") for m in clip.visual.modules()):
+        return
+    from timm.utils.model import reparameterize_model
+
+    clip.visual = reparameterize_model(clip.visual.eval(), inplace=True)
+
+
+@cache
+def _clip_image_class() -> type:
+    from torch import nn
+
+    class ClipImage(nn.Module):
+        """The image side of a CLIP model: ``encode_image`` (unnormalised; the run's ``--normalize``
+        and the index's metric decide), the whole model kept for its text tower."""
+
+        def __init__(self, clip: nn.Module) -> None:
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, x: Any) -> Any:
+            return self.clip.encode_image(x)
+
+    return ClipImage
+
+
+def ClipImage(clip: Any) -> nn.Module:  # noqa: N802 - a class made on first use (no torch at import)
+    return _clip_image_class()(clip)  # type: ignore[no-any-return]
+
+
+@cache
+def _pretrained() -> tuple[tuple[str, str], ...]:
+    return tuple((str(a), str(t)) for a, t in _open_clip().list_pretrained())
+
+
+def _tags_for(arch: str) -> list[str]:
+    return [t for a, t in _pretrained() if a == arch]
+
+
+@cache
+def entry(name: str) -> Any:
+    """The registry entry of ``open_clip:ARCH[:TAG]``; an unknown architecture or tag lists OpenCLIP's
+    close matches (``list_pretrained``)."""
+    from embedder.models.backbone import Backbone
+
+    oc = _open_clip()
+    arch, _, tag = name[len(PREFIX):].partition(":")
+    if not arch or oc.get_model_config(arch) is None:
+        archs = sorted(set(oc.list_models()))
+        close = difflib.get_close_matches(arch, archs, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
+        raise UnknownBackbone(f"OpenCLIP has no model {arch!r}.{hint} (open_clip.list_models() lists {len(archs)})")
+    if tag and oc.get_pretrained_cfg(arch, tag) == {}:
+        tags = _tags_for(arch)
+        close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
+        listed = ", ".join(close or tags[:8]) or "none: use --weights FILE"
+        raise UnknownBackbone(f"OpenCLIP has no pretrained tag {tag!r} for {arch}; its tags "
+                              f"(open_clip.list_pretrained()): {listed}")
+    model = OpenClipModel(arch, tag or None)
+    dim = int((oc.get_model_config(arch) or {}).get("embed_dim", 0))
+    return Backbone(name=name, head="", dim=dim, family="open_clip", feature_map="",
+                    weights="hub" if tag else "file", source=model)
