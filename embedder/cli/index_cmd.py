@@ -10,7 +10,7 @@ from rich.table import Table
 
 from embedder import choices
 from embedder.cli.common import HomeOpt, console, handle_errors, out
-from embedder.errors import IndexError_
+from embedder.errors import EmbedderError, IndexError_
 from embedder.index import generations as layout
 from embedder.index.plan import BuildOptions
 
@@ -43,10 +43,13 @@ def build_command(
     opq: Annotated[bool, typer.Option("--opq", help="IVF-PQ: learn a rotation (OPQ) before product quantization.")] = False,
     engine: Annotated[choices.Engine, typer.Option(help="ray: the streamed IVF build's adds as Ray tasks (lists on disk).")] = choices.Engine(BuildOptions.engine),
     address: Annotated[Optional[str], typer.Option(help="--engine ray: auto, HOST:PORT or ray://… (default: a local Ray instance).")] = None,
+    text_recall: Annotated[bool, typer.Option("--text-recall/--no-text-recall", help="On a store with captions made by a backbone with a text tower: measure text → image recall@1/5/10 (caption i should find image i) on a sample of captions.")] = True,
+    weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one (--text-recall loads the model).")] = None,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Build an index over STORE; measures recall@10 against exact search on held-out queries."""
+    """Build an index over STORE; measures recall@10 against exact search on held-out queries, and
+    text → image recall on the store's captions where its model has a text tower."""
     from embedder.index import build as idx
     from embedder.index import plan as index_plan
 
@@ -55,6 +58,17 @@ def build_command(
         meta = idx.build(str(store), name, index_plan.BuildOptions(kind=kind, metric=str(metric),
                          target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
                          coarse=str(coarse), opq=opq, engine=str(engine), address=address), home)
+    if text_recall and (meta.get("provenance") or {}).get("text"):
+        from embedder.index.text_recall import TextRecallOptions, text_to_image_recall
+
+        try:
+            with console.status("text → image recall on the store's captions…"):
+                tr = text_to_image_recall(name, home, TextRecallOptions(weights=weights))
+        except EmbedderError as e:  # the index is built; only the measurement could not be made
+            console.print(f"[yellow]warning:[/yellow] text → image recall not measured: {e}", markup=True)
+            tr = None
+        if tr is not None:
+            meta["text_recall"] = tr
     if as_json:
         out.print_json(json.dumps(meta))
         return
@@ -72,6 +86,11 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
                   f"queries, {q['qps']:,.0f} QPS batched ({param}, target {q['target']})")
     elif q.get("not_measured"):
         out.print(f"quality    recall@10 not measured: {q['not_measured']}")
+    tr = meta.get("text_recall")
+    if tr and tr.get("captions"):
+        out.print(f"text→image recall@1 {tr['recall_at_1']:.3f}  @5 {tr['recall_at_5']:.3f}  @10 "
+                  f"{tr['recall_at_10']:.3f} on {tr['captions']:,} captions (caption i finds image i)"
+                  + (f"; {tr['skipped']} left out (empty or over the context length)" if tr["skipped"] else ""))
     out.print(f"store      {meta['store']} ({meta['provenance']['backbone']}, layer "
               f"{meta['provenance']['layer']})")
     out.print(f"built      {meta['built_at']} in {meta['build_seconds']:.2f} s; generation {meta.get('generation', 0)}")

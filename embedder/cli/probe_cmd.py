@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,7 +19,7 @@ from embedder.learn.options import ProbeOptions
 @handle_errors
 def probe_command(
     train_store: Annotated[str, typer.Argument(help="Store with labelled training vectors.")],
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON).")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON); not needed with --zero-shot-only.")] = None,
     test: Annotated[Optional[str], typer.Option(help="Store with labelled test vectors.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = ProbeOptions.label_column,
     val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = ProbeOptions.val_fraction,
@@ -28,13 +28,21 @@ def probe_command(
     knn_k: Annotated[int, typer.Option(help="k of the kNN baseline.")] = ProbeOptions.knn_k,
     backend: Annotated[choices.ProbeBackend, typer.Option(help="auto: torch L-BFGS on CUDA, else scikit-learn.")] = choices.ProbeBackend(ProbeOptions.backend),
     report: Annotated[Optional[Path], typer.Option(help="Directory for confusion-matrix PNG + metrics.json.")] = None,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="On a store whose backbone has a text tower (open_clip:…), also report zero-shot accuracy: the class names through prompt templates, no training.")] = True,
+    zero_shot_only: Annotated[bool, typer.Option("--zero-shot-only", help="Only the zero-shot accuracy (on --test, else on TRAIN_STORE's labelled images, which it never trains on); no probe is trained or written.")] = False,
+    prompts: Annotated[Optional[list[str]], typer.Option("--prompt", help="Zero-shot prompt template with {} for the class name (repeatable; default: OpenCLIP's 7-prompt ensemble, e.g. 'a bad photo of the {}.').")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one (zero-shot loads the model).")] = None,
+    device: Annotated[str, typer.Option(help="Device for the zero-shot text tower.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train a linear probe (logistic regression, C chosen on validation) and a kNN baseline."""
+    """Train a linear probe (logistic regression, C chosen on validation) and a kNN baseline; with a
+    CLIP-family backbone, zero-shot accuracy beside them."""
     from embedder.learn import probe as pr
 
     setup_logging(verbose)
+    if out_file is None and not zero_shot_only:
+        raise pr.ProbeError("--out PROBE is needed (the probe file to write), unless --zero-shot-only")
     opts = ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
                            standardize=str(standardize), knn_k=knn_k, backend=str(backend))
     train = pr.load_dataset(str(train_store), label_column)
@@ -44,6 +52,13 @@ def probe_command(
     if train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
 
+    zs = _zero_shot(train, test_ds, prompts, weights, device, zero_shot or zero_shot_only, zero_shot_only)
+    if zero_shot_only:
+        if as_json:
+            out.print_json(json.dumps({"zero_shot": zs}))
+        else:
+            _print_zero_shot(zs)
+        return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=as_json)
     with progress:
@@ -55,7 +70,10 @@ def probe_command(
         result = pr.train_probe(train, opts, tick)
     metrics: dict[str, Any] = (pr.test_metrics(result, train, test_ds, opts) if test_ds is not None
                                else {"knn_k": opts.knn_k})
+    if zs is not None:
+        metrics["zero_shot"] = zs
     result.metrics = metrics
+    out_file = cast(Path, out_file)  # given: checked above unless --zero-shot-only, which has returned
     pr.save_probe(out_file, result)
     if report:
         pr.write_report(report, result)
@@ -78,8 +96,42 @@ def probe_command(
         out.print(table)
     else:
         out.print("no --test store: only validation accuracy is reported")
+    if zs is not None:
+        _print_zero_shot(zs)
     if report:
         out.print(f"report → {report}/confusion_matrix.png, {report}/metrics.json")
+
+
+def _zero_shot(train: Any, test: Any, prompts: list[str] | None, weights: str | None, device: str,
+               wanted: bool, required: bool) -> dict[str, Any] | None:
+    """Zero-shot metrics on the test store (else train's labelled images), when the store's model has a
+    text tower; None when it has none and zero-shot was not insisted on."""
+    from embedder.errors import ProbeError
+    from embedder.store.provenance import Provenance
+
+    prov = Provenance.from_dict(train.provenance)
+    if not wanted or not prov.has_text:
+        if required:
+            raise ProbeError(f"zero-shot needs a backbone with a text tower; {prov.backbone} has none "
+                             "(use open_clip:ARCH:PRETRAINED)")
+        return None
+    from embedder.embed.query import embedder_for
+    from embedder.learn import zeroshot
+
+    emb = embedder_for(prov, weights, device)
+    head = zeroshot.build_head(emb, train.classes, prompts)
+    data = test if test is not None and len(test.y) else train
+    metrics = zeroshot.evaluate(head, train.classes, data.x, data.y)
+    metrics["on"] = "test" if data is test else "train (never trained on)"
+    return metrics
+
+
+def _print_zero_shot(zs: dict[str, Any]) -> None:
+    line = f"zero-shot accuracy {zs['accuracy']:.4f}  balanced {zs['balanced_accuracy']:.4f}"
+    if "top5_accuracy" in zs:
+        line += f"  top-5 {zs['top5_accuracy']:.4f}"
+    n = len(zs["templates"])
+    out.print(line + f"  on {zs['n']} {zs['on']} images, {n} prompt{'s' if n != 1 else ''} per class", markup=False)
 
 
 @handle_errors

@@ -1,0 +1,74 @@
+"""Zero-shot classification with a CLIP-family model's text tower: class names through prompt templates
+into a head of text vectors (OpenCLIP's ``build_zero_shot_classifier``: each prompt's vector
+normalised, averaged over the templates, normalised again), applied to the stored image vectors by
+cosine. What a user's labels bought is then the linear probe's accuracy over this one, on the same
+test images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedder.errors import ProbeError
+
+
+def default_templates() -> list[str]:
+    """OpenCLIP's short prompt ensemble (from the CLIP authors' prompt-engineering notebook), as text."""
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+
+
+def class_text(label: str) -> str:
+    """A folder-style class name as words: ``golden_retriever`` → ``golden retriever``."""
+    return " ".join(label.replace("_", " ").replace("-", " ").split())
+
+
+@dataclass
+class ZeroShotHead:
+    weights: np.ndarray  # [classes, dim], unit rows
+    templates: list[str]
+    logit_scale: float
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return self.logit_scale * (x @ self.weights.T)  # type: ignore[no-any-return]
+
+
+def build_head(emb: Any, classes: Sequence[str], templates: Sequence[str] | None = None) -> ZeroShotHead:
+    """The zero-shot head of EMB's model (a ``BatchEmbedder`` with a text tower) for CLASSES."""
+    import torch
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    text = emb.loaded.text
+    if text is None:
+        raise ProbeError(f"{emb.loaded.backbone.name} has no text tower: zero-shot needs a CLIP-family backbone")
+    templates = list(templates) if templates else default_templates()
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ProbeError(f"a prompt template holds the class name as {{}} exactly once, e.g. 'a photo of a {{}}.'; "
+                         f"got {bad[0]!r}")
+    names = [class_text(c) for c in classes]
+    text.check([t.format(n) for n in names for t in templates])  # none over the context length
+    with torch.inference_mode():
+        w = build_zero_shot_classifier(text.clip, text.tokenizer, names, templates, num_classes_per_batch=10,
+                                       device=emb.device)
+        scale = float(text.clip.logit_scale.exp().item()) if hasattr(text.clip, "logit_scale") else 100.0
+    return ZeroShotHead(w.T.float().cpu().numpy(), templates, scale)
+
+
+def evaluate(head: ZeroShotHead, classes: list[str], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    from sklearn.metrics import balanced_accuracy_score
+
+    logits = head.logits(x)
+    pred = logits.argmax(1)
+    out: dict[str, Any] = {"accuracy": float((pred == y).mean()),
+                           "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+                           "n": int(len(y)), "templates": head.templates}
+    if len(classes) > 5:
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        out["top5_accuracy"] = float((top5 == y[:, None]).any(1).mean())
+    return out
