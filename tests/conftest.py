@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 os.environ["EMBEDDER_OFFLINE"] = "1"  # never try a hub download from tests
+os.environ["HF_HUB_OFFLINE"] = "1"  # nor a Hugging Face hub request (set before huggingface_hub is imported)
 
 
 @pytest.fixture(autouse=True)

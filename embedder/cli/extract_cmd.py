@@ -119,7 +119,8 @@ def backbones_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     layers: Annotated[Optional[str], typer.Option(help="List the stage-level layers of this backbone.")] = None,
 ) -> None:
-    """List registered backbones: dim, GFLOPs, ImageNet acc@1, weights present locally."""
+    """List backbones: torchvision's registry (dim, GFLOPs, ImageNet acc@1) and a curated handful of timm and
+    OpenCLIP models (published figure, text tower); whether their weights are present locally."""
     if layers:
         from embedder.models.layers import suggested_layers
         from embedder.models.registry import get_backbone
@@ -133,8 +134,16 @@ def backbones_command(
         meta = b.meta()
         rows.append({"name": b.name, "dim": b.dim, "gflops": meta["gflops"], "acc1": meta["acc1"],
                      "weights": meta["weights"], "file": meta["file"], "present": weights_present(b)})
+    from embedder.models.curated import CURATED, MEASURED, hub_cached
+
+    family_rows = []
+    for c in CURATED:
+        m = MEASURED.get(c.name, {})
+        family_rows.append({"name": c.name, "family": c.family, "dim": m.get("dim"), "gflops": m.get("gflops"),
+                            "image_size": m.get("size"), "published": c.figure, "source": c.source,
+                            "text_tower": c.text, "hub": m.get("hub"), "present": hub_cached(str(m.get("hub") or ""))})
     if as_json:
-        out.print_json(json.dumps(rows))
+        out.print_json(json.dumps([{"family": "torchvision", **r} for r in rows] + family_rows))
         return
     table = Table("name", "dim", "GFLOPs", "acc@1", "weights", "present")
     for r in rows:
@@ -142,9 +151,19 @@ def backbones_command(
                       "" if r["acc1"] is None else f"{r['acc1']:.2f}", r["weights"],
                       "[green]yes[/green]" if r["present"] else "no")
     out.print(table)
-    out.print("and any timm model as timm:MODEL[.TAG] (pip install 'embedder[timm]'), e.g. "
-              "timm:vit_small_patch14_dinov2.lvd142m, timm:convnext_tiny.fb_in22k, timm:tf_efficientnet_lite0",
-              markup=False)
+    from rich.table import Column
+
+    fam = Table(Column("timm and OpenCLIP (a few of many)", no_wrap=True), "dim", "GFLOPs", "size",
+                "published", "text", "present")
+    for r in family_rows:
+        figure = f"{r['published']} ({r['source']})" if r["published"] else ""
+        fam.add_row(r["name"], str(r["dim"] or ""), "" if r["gflops"] is None else f"{r['gflops']:.2f}",
+                    str(r["image_size"] or ""), figure, "yes" if r["text_tower"] else "no",
+                    "[green]yes[/green]" if r["present"] else "no")
+    out.print(fam)
+    out.print("and any other timm model as timm:MODEL[.TAG] (pip install 'embedder[timm]') or OpenCLIP model as "
+              "open_clip:ARCH[:PRETRAINED] (pip install 'embedder[clip]'; open_clip.list_pretrained() names them); "
+              "weights come from the Hugging Face hub cache (HF_HOME) or --weights FILE", markup=False)
 
 
 @weights_app.command("import")

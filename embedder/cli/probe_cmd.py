@@ -112,7 +112,7 @@ def _zero_shot(train: Any, test: Any, prompts: list[str] | None, weights: str | 
     prov = Provenance.from_dict(train.provenance)
     if not wanted or not prov.has_text:
         if required:
-            raise ProbeError(f"zero-shot needs a backbone with a text tower; {prov.backbone} has none "
+            raise ProbeError(f"zero-shot needs a text tower; {prov.backbone} has no text tower "
                              "(use open_clip:ARCH:PRETRAINED)")
         return None
     from embedder.embed.query import embedder_for

@@ -360,6 +360,7 @@ def result_json(result: ProbeResult) -> dict[str, Any]:
         "per_class": m.get("test", {}).get("per_class"),
         "confusion_matrix": m.get("test", {}).get("confusion_matrix"),
         "sweep": result.sweep,
+        **({"zero_shot": m["zero_shot"]} if "zero_shot" in m else {}),
     }
 
 

@@ -19,7 +19,6 @@ branches (MobileCLIP's FastViT) are reparameterised for inference with timm's
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -42,8 +41,9 @@ def is_open_clip(name: str) -> bool:
 
 
 def _open_clip() -> Any:
-    if os.environ.get("EMBEDDER_OFFLINE"):  # before huggingface_hub reads its constants
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    from embedder.models.curated import honour_offline
+
+    honour_offline()
     try:
         import open_clip
     except ImportError:
@@ -179,7 +179,7 @@ class OpenClipModel:
 
         clip = getattr(net, "clip", net)
         spec = self.text_spec()
-        return TextTower(clip, self.tokenizer(), spec["context_length"], spec["tokenizer"])
+        return TextTower(clip, self.tokenizer, spec["context_length"], spec["tokenizer"])
 
 
 def _reparameterize(clip: Any) -> None:

@@ -8,7 +8,8 @@ naming both lengths (``TextQueryError``: HTTP 400, CLI exit 2).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,20 @@ MAX_CHARS = 10_000  # longer texts are refused before tokenising (no context len
 
 
 class TextTower:
-    def __init__(self, clip: Any, tokenizer: Any, context_length: int, tokenizer_name: str) -> None:
+    def __init__(self, clip: Any, tokenizer: Callable[[], Any], context_length: int, tokenizer_name: str) -> None:
         self.clip = clip
-        self.tokenizer = tokenizer
+        self._make_tokenizer = tokenizer  # loaded on first use: image extraction never needs it
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
         self.context_length = int(context_length)
         self.tokenizer_name = tokenizer_name
+
+    @property
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._make_tokenizer()
+            return self._tokenizer
 
     def spec(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer_name, "context_length": self.context_length}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -90,8 +89,9 @@ class TimmModel:
         """The model with timm's pretrained weights, through the Hugging Face hub cache."""
         from embedder.models.weights import state_dict_digest
 
-        if os.environ.get("EMBEDDER_OFFLINE"):
-            os.environ["HF_HUB_OFFLINE"] = "1"
+        from embedder.models.curated import honour_offline
+
+        honour_offline()
         try:
             net = _timm().create_model(self.arch, pretrained=True, **self._kwargs())
         except (OSError, RuntimeError, ValueError) as e:
