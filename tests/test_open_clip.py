@@ -345,3 +345,36 @@ def test_the_default_hub_path_offline_loads_the_cached_file(clip: dict, tmp_path
                         str(tmp_path / "x"), "--backbone", NAME], env=env, capture_output=True, text=True, timeout=300)
     msg = " ".join(r.stderr.split()) + " ".join(r.stdout.split())
     assert r.returncode == 2 and HUB_REPO in msg and "--weights FILE" in msg, msg
+
+
+def test_weights_import_installs_a_family_file_where_the_name_alone_finds_it(clip: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """`embedder weights import FILE --backbone NAME` for timm and OpenCLIP: checked by loading, put in
+    the Hugging Face cache; then `--backbone NAME` alone, offline, gives the --weights FILE vectors."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "EMBEDDER_OFFLINE": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "embedder", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    torch.manual_seed(4)
+    net = timm.create_model("resnet18", pretrained=False)
+    tfile = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tfile))
+    imgs = str(clip["root"] / "imgs")
+    for name, wfile in [("timm:resnet18.a1_in1k", tfile), (NAME, clip["wfile"])]:
+        r = run("weights", "import", str(wfile), "--backbone", name)
+        assert r.returncode == 0 and "installed" in r.stdout, r.stderr[-2000:]
+        by_name, by_file = tmp_path / f"{name}-hub", tmp_path / f"{name}-file"
+        assert run("extract", imgs, "--out", str(by_name), "--backbone", name, "--json").returncode == 0
+        if name == NAME:
+            by_file = clip["store"]  # the module's store: made with --weights FILE
+        else:
+            _cli("extract", imgs, "--out", str(by_file), "--backbone", name, "--weights", str(wfile), "--json")
+        a, b = _stored(by_name), _stored(by_file)
+        assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a), name
+        assert Store.open(by_name).provenance.weights.kind == "hub"
+    r = run("weights", "import", str(tfile), "--backbone", NAME)  # a ResNet-18 file is no MobileCLIP
+    assert r.returncode == 2 and "does not fit" in r.stderr + r.stdout

@@ -168,11 +168,16 @@ def backbones_command(
 
 @weights_app.command("import")
 @handle_errors
-def weights_import(file: Annotated[Path, typer.Argument(help="A torchvision weights file.")]) -> None:
-    """Check FILE against the registry (SHA-256 prefix) and install it into torchvision's cache."""
+def weights_import(
+    file: Annotated[Path, typer.Argument(help="A weights file.")],
+    backbone: Annotated[Optional[str], typer.Option(help="timm:MODEL.TAG or open_clip:ARCH:TAG: check FILE by loading it into that model and install it in the Hugging Face cache, where the name alone then finds it offline.")] = None,
+) -> None:
+    """Install a weights file where the default path finds it: a torchvision file into torchvision's cache
+    (recognised by its SHA-256 prefix), a timm or OpenCLIP file into the Hugging Face cache (--backbone)."""
+    from embedder.models.builder import import_family_weights
     from embedder.models.hub import import_weights
 
-    which, target = import_weights(file)
+    which, target = import_family_weights(file, backbone) if backbone else import_weights(file)
     out.print(f"installed {which} → {target}")
 
 

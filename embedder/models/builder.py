@@ -121,3 +121,20 @@ def load_weights_file(path: Path) -> LoadedWeights:
     else:
         state = _torch_load(path)
     return LoadedWeights(state, WeightsRef("file", path.name, sha256_file(path)))
+
+
+def import_family_weights(path: Path, name: str) -> tuple[str, Path]:
+    """A timm or OpenCLIP weights file, checked by loading it into NAME's architecture (strictly, by the
+    family's own loader), installed in the Hugging Face hub cache where that library's download finds
+    it: the model then loads by name alone, offline."""
+    from embedder.models.hf_cache import install
+
+    if not path.is_file():
+        raise WeightsUnavailable(f"{path} is not a file")
+    backbone = get_backbone(name)
+    if not hasattr(backbone.source, "hub_target"):
+        raise WeightsMismatch(f"--backbone {name}: only timm:… and open_clip:… names install into the hub cache; "
+                              "torchvision files are recognised by their SHA-256 without --backbone")
+    repo, filename = backbone.source.hub_target(path.suffix)
+    load_network(spec_for(name, path))  # a file that does not fit is refused before anything is written
+    return f"{name} ({repo})", install(path, repo, filename, sha256_file(path))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from embedder.models.hf_cache import hub_cached  # noqa: F401 - listed with the curated entries
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,6 @@ MEASURED: dict[str, dict[str, object]] = {
     'open_clip:ViT-B-16-SigLIP2:webli': {'dim': 768, 'size': 224, 'gflops': 17.71, 'hub': 'timm/ViT-B-16-SigLIP2'},
     'open_clip:MobileCLIP2-S0:dfndr2b': {'dim': 512, 'size': 256, 'gflops': 2.39, 'hub': 'timm/MobileCLIP2-S0-OpenCLIP'},
 }
-
-
-def hub_cache() -> Path:
-    """The Hugging Face hub cache, where timm and OpenCLIP keep downloaded weights."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def hub_cached(repo: str) -> bool:
-    """Whether a hub repository's files are in the local cache (a snapshot holds a file)."""
-    if not repo:
-        return False
-    snapshots = hub_cache() / ("models--" + repo.replace("/", "--")) / "snapshots"
-    return snapshots.is_dir() and any(p.is_file() for p in snapshots.rglob("*"))
 
 
 def honour_offline() -> None:

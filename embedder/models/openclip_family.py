@@ -19,6 +19,7 @@ branches (MobileCLIP's FastViT) are reparameterised for inference with timm's
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -53,6 +54,26 @@ def _open_clip() -> Any:
 
 def _first_line(e: BaseException) -> str:
     return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+
+
+def _load_errors(e: BaseException) -> str:
+    """torch's load_state_dict complaint, counted: N missing, N unexpected, N wrongly shaped (e.g. …)."""
+    import re
+
+    text = str(e)
+    if "Error(s) in loading state_dict" not in text:
+        return _first_line(e)
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)")):
+        m = re.search(pattern, text)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label} tensors (e.g. {', '.join(keys[:2])})")
+    shapes = re.findall(r"size mismatch for ([^:]+):", text)
+    if shapes:
+        parts.append(f"{len(shapes)} wrongly shaped (e.g. {', '.join(shapes[:2])})")
+    return "; ".join(parts) or _first_line(e)
 
 
 @dataclass(frozen=True)
@@ -128,9 +149,7 @@ class OpenClipModel:
         try:
             oc.load_checkpoint(clip, str(path), strict=True)
         except (RuntimeError, ValueError, KeyError, OSError) as e:
-            missing = str(e).count('", "') + 1 if "Missing key" in str(e) else 0
-            hint = f" ({missing}+ tensors missing)" if missing else ""
-            raise WeightsMismatch(f"{path} does not fit {self.name}{hint}: {_first_line(e)}; is it an OpenCLIP "
+            raise WeightsMismatch(f"{path.name} does not fit {self.name}: {_load_errors(e)}; is it an OpenCLIP "
                                   f"{self.arch} state dict?") from None
         _reparameterize(clip)
 
@@ -158,6 +177,18 @@ class OpenClipModel:
         net = self.build()
         self.load_file(net, Path(path))
         return net, WeightsRef("hub", f"{self.name} ({Path(path).name})", sha256_file(Path(path)))
+
+    def hub_target(self, suffix: str) -> tuple[str, str]:
+        """(hub repository, file name) where OpenCLIP's download looks for this tag's weights."""
+        hub = str(self.tag_cfg().get("hf_hub", ""))
+        if not hub:
+            raise WeightsUnavailable(f"{self.name} is not on the Hugging Face hub; use --weights FILE")
+        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        if not filename:
+            filename = "open_clip_model.safetensors" if suffix == ".safetensors" else "open_clip_pytorch_model.bin"
+        elif suffix == ".safetensors" and filename.endswith(".bin"):
+            filename = filename[:-4] + ".safetensors"  # OpenCLIP looks for the safetensors twin first
+        return repo, filename
 
     def text_spec(self) -> dict[str, Any]:
         """What the text tower reads, as data (recorded in the store): tokenizer and context length."""

@@ -85,6 +85,14 @@ class TimmModel:
                              interpolation=interpolation, mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
                              std=tuple(float(x) for x in cfg["std"]))  # type: ignore[arg-type]
 
+    def hub_target(self, suffix: str) -> tuple[str, str]:
+        """(hub repository, file name) where timm's download looks for this model's weights."""
+        cfg = self.cfg()
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not repo:
+            raise WeightsUnavailable(f"timm:{self.arch} is not on the Hugging Face hub; use --weights FILE")
+        return str(repo), "model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin"
+
     def pretrained(self) -> tuple[nn.Module, WeightsRef]:
         """The model with timm's pretrained weights, through the Hugging Face hub cache."""
         from embedder.models.weights import state_dict_digest

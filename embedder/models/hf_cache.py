@@ -1,0 +1,49 @@
+"""The Hugging Face hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``), where timm and OpenCLIP keep
+downloaded weights: whether a repository's files are there, and installing a local file where their
+hub download finds it offline (``embedder weights import FILE --backbone timm:…|open_clip:…``). The
+layout is huggingface_hub's: ``models--ORG--NAME/refs/main`` names a snapshot folder holding the file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+
+def hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def repo_dir(repo: str) -> Path:
+    return hub_cache() / ("models--" + repo.strip("/").replace("/", "--"))
+
+
+def hub_cached(repo: str) -> bool:
+    """Whether a hub repository's files are in the local cache (a snapshot holds a file)."""
+    if not repo:
+        return False
+    snapshots = repo_dir(repo) / "snapshots"
+    return snapshots.is_dir() and any(p.is_file() for p in snapshots.rglob("*"))
+
+
+def install(src: Path, repo: str, filename: str, digest: str) -> Path:
+    """Put SRC in REPO's current snapshot as FILENAME (a new snapshot named by the file's digest when the
+    repository has none), atomically; returns the installed path."""
+    base = repo_dir(repo)
+    ref = base / "refs" / "main"
+    if ref.is_file() and ref.read_text().strip():
+        revision = ref.read_text().strip()
+    else:
+        revision = hashlib.sha1(digest.encode()).hexdigest()  # 40 hex, like a commit id
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(revision)
+    target = base / "snapshots" / revision / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
+    return target
