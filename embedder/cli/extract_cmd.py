@@ -157,7 +157,7 @@ def backbones_command(
                 "published", "text", "present")
     for r in family_rows:
         figure = f"{r['published']} ({r['source']})" if r["published"] else ""
-        fam.add_row(r["name"], str(r["dim"] or ""), "" if r["gflops"] is None else f"{r['gflops']:.2f}",
+        fam.add_row(str(r["name"]), str(r["dim"] or ""), "" if r["gflops"] is None else f"{r['gflops']:.2f}",
                     str(r["image_size"] or ""), figure, "yes" if r["text_tower"] else "no",
                     "[green]yes[/green]" if r["present"] else "no")
     out.print(fam)

@@ -56,7 +56,7 @@ def probe_command(
     if zero_shot_only:
         if as_json:
             out.print_json(json.dumps({"zero_shot": zs}))
-        else:
+        elif zs is not None:  # --zero-shot-only without a text tower has raised
             _print_zero_shot(zs)
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -230,9 +230,9 @@ def _clip_image_class() -> type:
         """The image side of a CLIP model: ``encode_image`` (unnormalised; the run's ``--normalize``
         and the index's metric decide), the whole model kept for its text tower."""
 
-        def __init__(self, clip: nn.Module) -> None:
+        def __init__(self, clip: Any) -> None:
             super().__init__()
-            self.clip = clip
+            self.clip: Any = clip
 
         def forward(self, x: Any) -> Any:
             return self.clip.encode_image(x)

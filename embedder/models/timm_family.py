@@ -95,9 +95,8 @@ class TimmModel:
 
     def pretrained(self) -> tuple[nn.Module, WeightsRef]:
         """The model with timm's pretrained weights, through the Hugging Face hub cache."""
-        from embedder.models.weights import state_dict_digest
-
         from embedder.models.curated import honour_offline
+        from embedder.models.weights import state_dict_digest
 
         honour_offline()
         try:

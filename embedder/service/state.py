@@ -50,8 +50,10 @@ class Service:
             raise BadQuery(f"k × queries is {k * n:,}; at most {o.max_results:,} results per request")
 
     async def answer(self, queries: list[Query]) -> SearchOut:
-        answers = await asyncio.gather(*((self.batcher if q.image is not None or q.text is not None else self.cheap).submit(q)
-                                         for q in queries))
+        # images and texts go through the model, micro-batched together; vectors and ids do not
+        model = [q.image is not None or q.text is not None for q in queries]
+        answers = await asyncio.gather(*((self.batcher if m else self.cheap).submit(q)
+                                         for q, m in zip(queries, model)))
         first = answers[0]
         return SearchOut(index=first.index, generation=first.generation,
                          results=[[Hit(**h) for h in a.hits] for a in answers])
