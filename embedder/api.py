@@ -109,6 +109,11 @@ class Embedder:
                 out[start:start + len(pixels)] = self._batch.embed_pixels(torch.stack(pixels))
         return out
 
+    def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Texts → float32 ``(n, dim)`` in the space of the image vectors, by the model's text tower
+        (CLIP-family backbones). An empty text or one over the context length is an error, never cut."""
+        return self._batch.embed_texts([texts] if isinstance(texts, str) else list(texts))
+
 
 def extract(sources: str | Sequence[str], out: str | Path, *, backbone: str | None,
             weights: str | Path | None = None, layer: str | None = None, pool: str | None = None,
@@ -157,9 +162,10 @@ class Hit:
 class Index:
     """A built index: ``.search(queries, k=10, where=None)``, ``len(index)``, ``.info``."""
 
-    def __init__(self, loaded: LoadedIndex, device: str = "auto") -> None:
+    def __init__(self, loaded: LoadedIndex, device: str = "auto", weights: str | Path | None = None) -> None:
         self._loaded = loaded
         self._device = device
+        self._weights = str(weights) if weights is not None else None
         self._embedder: Embedder | None = None
 
     @property
@@ -179,16 +185,28 @@ class Index:
         if self._embedder is None:
             from embedder.embed.query import embedder_for
 
-            self._embedder = Embedder._wrap(embedder_for(self._loaded.provenance, None, self._device))
+            self._embedder = Embedder._wrap(embedder_for(self._loaded.provenance, self._weights, self._device))
         return self._embedder
 
-    def search(self, queries: Any, k: int = 10, where: dict[str, str] | None = None) -> list[list[Hit]]:
+    def search(self, queries: Any = None, k: int = 10, where: dict[str, str] | None = None, *,
+               text: str | Sequence[str] | None = None) -> list[list[Hit]]:
         """Nearest items per query. QUERIES: a vector ``(dim,)``, vectors ``(n, dim)``, or images
-        (paths or PIL images, embedded with the index's own model). ``where`` filters on store
-        columns (``{"label": "cat"}``); k results whenever k rows match."""
+        (paths or PIL images, embedded with the index's own model); or ``text=`` (a text or texts, by
+        the model's text tower). ``where`` filters on store columns (``{"label": "cat"}``); k results
+        whenever k rows match."""
         import numpy as np
 
-        if isinstance(queries, np.ndarray):
+        if text is not None:
+            from embedder.embed.query import embed_texts, require_text_tower
+
+            if queries is not None:
+                raise EmbedderError("give queries or text=, not both")
+            require_text_tower(self._loaded.provenance, f"index {self.name!r}")
+            texts = [text] if isinstance(text, str) else list(text)
+            q = embed_texts(self.embedder()._batch, texts, self._loaded.metric)
+        elif queries is None:
+            raise EmbedderError("no query: give vectors, images or text=")
+        elif isinstance(queries, np.ndarray):
             q = np.atleast_2d(queries).astype(np.float32, copy=False)
             if q.ndim != 2 or q.shape[1] != self._loaded.dim:
                 raise EmbedderError(f"query vectors must be (n, {self._loaded.dim}), got {queries.shape}")
@@ -212,11 +230,13 @@ def build_index(store: str | Path, name: str, *, home: str | Path | None = None,
     return open_index(name, home=home)
 
 
-def open_index(name: str, *, home: str | Path | None = None, device: str = "auto") -> Index:
-    """A built index by name (an unknown name lists the valid ones)."""
+def open_index(name: str, *, home: str | Path | None = None, device: str = "auto",
+               weights: str | Path | None = None) -> Index:
+    """A built index by name (an unknown name lists the valid ones); WEIGHTS: the file its store was made
+    from, when it was (image and text queries rebuild that model)."""
     from embedder.index.search import LoadedIndex
 
-    return Index(LoadedIndex(name, None if home is None else str(home)), device)
+    return Index(LoadedIndex(name, None if home is None else str(home)), device, weights)
 
 
 class Probe:

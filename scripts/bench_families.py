@@ -1,14 +1,17 @@
 """Backbone families: `embedder extract` against the library's own loop, in one run on one machine.
 
-    python scripts/bench_families.py [--images 600] [--rounds 2]
+    python scripts/bench_families.py [--images 600] [--rounds 2] [--service] [--only NAME]
 
-Per model: a torchvision CNN (MobileNetV2, random weights: speed does not depend on them) and timm
-models (ResNet-18 and a ViT, random weights of the real architectures). "Library loop" is what each
-library's README writes: timm's `resolve_model_data_config` + `create_transform` (torchvision's
-`weights.transforms()`), an `ImageFolder` and a `DataLoader` (2 workers, batch 32), the model in
-inference mode. `embedder extract` runs as a fresh CLI process into a fresh store (its img/s is its
-own count over the run, discovery and writing included). Peak RSS: each in its own process.
-Rounds are interleaved; ratios per round.
+Per model: a torchvision CNN (MobileNetV2, random weights: speed does not depend on them), timm
+models (ResNet-18 and a ViT) and OpenCLIP models (MobileCLIP2-S0, ViT-B-32), random weights of the real
+architectures. "Library loop" is what each library's README writes: timm's `resolve_model_data_config`
++ `create_transform` (torchvision's `weights.transforms()`; OpenCLIP's `create_model_and_transforms`
+for the tag, `encode_image`, MobileCLIP reparameterised as its README says), an `ImageFolder` and a
+`DataLoader` (2 workers, batch 32), the model in inference mode. Then, with --service, text-query
+and image-query latency through `embedder serve` (a real uvicorn process) on a MobileCLIP2-S0 index:
+one client, one query at a time, p50 and p95. `embedder extract` runs as a fresh CLI process into a
+fresh store (its img/s is its own count over the run, discovery and writing included). Peak RSS: each
+in its own process. Rounds are interleaved; ratios per round.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ if family == "timm":
     import timm
     model = timm.create_model(name, pretrained=False, num_classes=0).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+elif family == "open_clip":
+    import open_clip
+    arch, tag = name.split(":")
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    cfg = {k: v for k, v in open_clip.get_pretrained_cfg(arch, tag).items() if k in keys}
+    clip, _, transform = open_clip.create_model_and_transforms(arch, pretrained=None, force_preprocess_cfg=cfg)
+    clip.eval()
+    if "MobileCLIP" in arch:
+        from timm.utils.model import reparameterize_model
+        clip = reparameterize_model(clip)
+    model = clip.encode_image
 else:
     from torchvision import models
     weights = models.get_model_weights(name).DEFAULT
@@ -84,10 +98,72 @@ def run_embedder(backbone: str, root: Path, work: Path, weights: Path | None) ->
     return {"img_per_s": summary["images_per_second"], "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def _post(url: str, body: bytes, ctype: str) -> float:
+    import urllib.request
+
+    t0 = time.perf_counter()
+    req = urllib.request.Request(url, data=body, headers={"content-type": ctype}, method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 - the local server
+        r.read()
+    return (time.perf_counter() - t0) * 1000
+
+
+def bench_service(work: Path, root: Path, weights: Path | None, n: int) -> dict[str, object]:
+    """p50/p95 of text and image queries, one at a time, through a real `embedder serve` process."""
+    import socket
+    import urllib.request
+    import uuid
+
+    store, home = work / "clip-store", work / "home"
+    name = "open_clip:MobileCLIP2-S0:dfndr2b"
+    base = [sys.executable, "-m", "embedder"]
+    subprocess.run([*base, "extract", str(root), "--out", str(store), "--backbone", name, "--weights", str(weights),
+                    "--json"], check=True, capture_output=True)
+    subprocess.run([*base, "index", "build", str(store), "--name", "clip", "--home", str(home)], check=True,
+                   capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([*base, "serve", "--home", str(home), "--port", str(port), "--weights",
+                               f"clip={weights}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:  # noqa: S310
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        words = ["a red shoe", "a dog on the beach", "two cats on a sofa", "a plate of food", "a city at night"]
+        images = sorted(root.rglob("*.jpg"))
+        text_ms, image_ms = [], []
+        for i in range(n + 5):  # the first 5 of each warm up
+            body = json.dumps({"text": f"{words[i % len(words)]} {i}", "k": 10}).encode()
+            t = _post(url + "/search", body, "application/json")
+            boundary = uuid.uuid4().hex
+            data = images[i % len(images)].read_bytes()
+            form = (f"--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"q.jpg\"\r\n"
+                    f"content-type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+            m = _post(url + "/search", form, f"multipart/form-data; boundary={boundary}")
+            if i >= 5:
+                text_ms.append(t)
+                image_ms.append(m)
+        def pct(xs: list[float]) -> dict[str, float]:
+            return {"p50_ms": round(float(np.percentile(xs, 50)), 1), "p95_ms": round(float(np.percentile(xs, 95)), 1)}
+        return {"index_size": len(images), "queries": n, "text": pct(text_ms), "image": pct(image_ms)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--service", action="store_true", help="also text and image query latency through the service")
+    ap.add_argument("--queries", type=int, default=100, help="--service: queries of each kind")
+    ap.add_argument("--only", default="", help="only the backbones whose name contains this")
     args = ap.parse_args()
     import torch
 
@@ -108,6 +184,16 @@ def main() -> None:
             f = work / f"{name}.pth"
             torch.save(timm.create_model(name, pretrained=False).state_dict(), f)
             models.append(("timm", name, f"timm:{name}", f))
+        import open_clip
+
+        for name in ("MobileCLIP2-S0:dfndr2b", "ViT-B-32:laion2b_s34b_b79k"):
+            f = work / f"{name.split(':')[0]}.pth"
+            torch.save(open_clip.create_model(name.split(":")[0], pretrained=None).state_dict(), f)
+            models.append(("open_clip", name, f"open_clip:{name}", f))
+        if args.service:
+            print(json.dumps({"service": bench_service(work, root, models[-2][3], args.queries)}, indent=1),
+                  flush=True)
+        models = [m for m in models if not args.only or args.only in m[2]]
         rows: dict[str, dict[str, list[float]]] = {}
         for _ in range(args.rounds):
             for family, name, backbone, wfile in models:

@@ -378,3 +378,75 @@ def test_weights_import_installs_a_family_file_where_the_name_alone_finds_it(cli
         assert Store.open(by_name).provenance.weights.kind == "hub"
     r = run("weights", "import", str(tfile), "--backbone", NAME)  # a ResNet-18 file is no MobileCLIP
     assert r.returncode == 2 and "does not fit" in r.stderr + r.stdout
+
+
+def test_text_search_on_the_page_and_through_the_cli_client(clip: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """A real `embedder serve` (uvicorn) on a CLIP index: `search --text --server` and the page's text
+    box (Enter searches) give the service's own answer; an over-long text shows the error, no results."""
+    from tests.test_service import _chromium, _free_port, _wait_served
+
+    home = tmp_path / "home"
+    _cli("index", "build", str(clip["store"]), "--name", "c", "--home", str(home))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "embedder", "serve", "--home", str(home), "--port", str(port),
+                             "--weights", f"c={clip['wfile']}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_served(url, proc)
+        import urllib.request
+
+        req = urllib.request.Request(url + "/search", data=json.dumps({"text": "a small dog", "k": 5}).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            want = [h["id"] for h in json.loads(r.read())["results"][0]]
+        r2 = subprocess.run([sys.executable, "-m", "embedder", "search", "c", "--text", "a small dog", "-k", "5",
+                             "--server", url, "--json"], capture_output=True, text=True, timeout=60)
+        assert r2.returncode == 0, r2.stderr
+        hits = [json.loads(line) for line in r2.stdout.splitlines()]
+        assert [h["id"] for h in hits] == want and hits[0]["query"] == "text:a small dog"
+        playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+        browser_path = _chromium()
+        if browser_path is None:
+            pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("#index option", state="attached")
+            page.wait_for_function("() => !document.querySelector('#text').disabled")
+            page.fill("#k", "5")
+            page.fill("#text", "a small dog")
+            page.press("#text", "Enter")
+            page.wait_for_function("() => document.querySelectorAll('#results li').length === 5")
+            assert page.eval_on_selector_all("#results button", "bs => bs.map(b => b.dataset.id)") == want
+            page.fill("#text", "word " * 90)
+            page.press("#text", "Enter")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "context length" in page.inner_text("#error")
+            assert page.eval_on_selector_all("#results li", "ls => ls.length") == 0
+            assert errors == []
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_python_api_embeds_text_and_searches_by_it(clip: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    import embedder
+
+    emb = embedder.Embedder(NAME, weights=clip["wfile"])
+    got = emb.embed_text(["a photo of a cat", "two dogs"])
+    assert _cos(got, _ref_text(clip, ["a photo of a cat", "two dogs"])).min() >= 0.9999
+    embedder.build_index(clip["store"], "api", home=tmp_path / "h")
+    index = embedder.open_index("api", home=tmp_path / "h", weights=clip["wfile"])
+    hits = index.search(text="a photo of a cat", k=3)
+    vecs = _stored(clip["store"])
+    want = _cos(np.stack([vecs[h.id] for h in hits[0]]), np.repeat(got[:1], 3, 0))
+    assert np.allclose([h.score for h in hits[0]], want, atol=1e-4)
+    from embedder.errors import TextQueryError
+
+    with pytest.raises(TextQueryError, match="empty"):
+        emb.embed_text("")
