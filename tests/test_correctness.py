@@ -167,7 +167,9 @@ def test_version_1_store_opens_and_appends(tmp_path: Path) -> None:
     shutil.copytree(STORE_V1, store)
     prov = Store.open(store).provenance
     assert (prov.version, prov.backbone, prov.weights.kind, prov.decoder, prov.precision) == (
-        2, "tiny_test", "seeded", "pil", "fp32")
+        3, "tiny_test", "seeded", "pil", "fp32")
+    # read as the record's current version: no text tower, the shorter-side resize every old store used
+    assert prov.text is None and prov.preprocessing.resize_mode == "shorter"
     assert prov.weights.tag == "SEED0" and Store.open(store).count() == 5
     make_images(tmp_path / "new", {"bird": 3}, seed=9)
     s = extract([str(tmp_path / "new")], str(store), TINY)  # same vectors: accepted

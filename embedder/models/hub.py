@@ -12,7 +12,7 @@ from pathlib import Path
 from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.models._registry_meta import REGISTRY_META
 from embedder.models.backbone import Backbone
-from embedder.models.origin import WeightsRef
+from embedder.models.origin import WeightsRef, sha256_file
 from embedder.models.registry import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,4 @@ def import_weights(path: Path) -> tuple[str, Path]:
     )
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 

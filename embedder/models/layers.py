@@ -34,6 +34,9 @@ def build_on_meta(backbone: Backbone, tag: str | None = None) -> nn.Module:
     nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
     try:
         model = backbone.build_architecture(tag)
+    except (NotImplementedError, RuntimeError):  # a builder that moves its model (OpenCLIP): built for real
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        return backbone.build_architecture(tag)
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
     return model.to("meta")

@@ -156,7 +156,7 @@ class OpenClipModel:
     def pretrained(self) -> tuple[nn.Module, WeightsRef]:
         """The model with the tag's weights, through OpenCLIP's Hugging Face hub download (the hub
         cache, ``HF_HOME``); the record names the file's SHA-256."""
-        from embedder.models.hub import sha256_file
+        from embedder.models.origin import sha256_file
 
         if not self.tag:
             tags = _tags_for(self.arch)

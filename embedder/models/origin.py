@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -43,3 +45,12 @@ class WeightsRef:
             kind, _, name = tag.partition(":")
             return cls(kind, d.get("file") or name, str(d["sha256"]), d.get("origin"))
         return cls("seeded" if tag.endswith(".SEED0") else "registry", tag, str(d["sha256"]))
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
