@@ -1,5 +1,5 @@
-"""The same images as loose files, as WebDataset tar shards and as a Parquet table of image bytes:
-`embedder extract` img/s and peak RSS for each, one run on one machine; then many more samples in
+"""The same images as loose files, as WebDataset tar shards (plain and gzip'd) and as a Parquet table of
+image bytes: `embedder extract` img/s and peak RSS for each, one run on one machine; then many more samples in
 shards, to show memory does not grow with the number of samples.
 
     python scripts/bench_sources.py [--images 10000] [--many 100000] [--shards 10] [--backbone tiny_test]
@@ -104,10 +104,17 @@ def main() -> None:
         write_files(work / "files", images)
         write_shards(work / "shards", images, args.shards)
         write_table(work / "table.parquet", images)
+        import gzip
+
+        (work / "gz").mkdir()
+        for shard in sorted((work / "shards").glob("*.tar")):  # the same shards, gzip'd (level 6, gzip's own)
+            (work / "gz" / (shard.name + ".gz")).write_bytes(gzip.compress(shard.read_bytes(), 6))
         rows = {
             "loose files": run_extract([str(work / "files")], work / "s_files", args.backbone),
             f"{args.shards} tar shards": run_extract([str(work / "shards" / "*.tar")], work / "s_shards",
                                                      args.backbone),
+            f"{args.shards} gzip'd tar shards": run_extract([str(work / "gz" / "*.tar.gz")], work / "s_gz",
+                                                            args.backbone),
             "Parquet (image bytes)": run_extract([str(work / "table.parquet")], work / "s_table", args.backbone),
         }
         if args.many:

@@ -1,14 +1,16 @@
 """WebDataset tar shards as a source: ``shards/*.tar``, brace ranges ``shards/{00000..00099}.tar``,
 local or in object storage.
 
-A shard is a plain tar whose members are grouped into samples by key (the member name up to the
-first dot of its file name: ``000031234.jpg``, ``000031234.txt``, ``000031234.json`` are one sample),
-as img2dataset writes them. Each sample's image is located as ``SHARD#MEMBER``
+A shard is a tar, plain or gzip'd (``.tar.gz``, ``.tgz``), whose members are grouped into samples by
+key (the member name up to the first dot of its file name: ``000031234.jpg``, ``000031234.txt``,
+``000031234.json`` are one sample), as img2dataset writes them. Each sample's image is located as ``SHARD#MEMBER``
 (``/data/shards/00003.tar#000031234.jpg``): its id is a hash of that location, so a rerun skips what a
 store holds and a killed run resumes with every sample exactly once. Discovery reads the shard's
 headers once, in order (tarfile; no member is extracted to disk) and the small members that carry a
 label (``.cls``, or the ``label`` key of ``.json``) or a caption (``.txt``); decoding later reads each
-image's bytes at the offset recorded then, through the same decode path as a file's.
+image's bytes at the offset recorded then, through the same decode path as a file's. A gzip'd
+shard has no offsets to seek to: it is decompressed as a stream, once per reading thread, members
+read in order (``_Gunzipped``); a member read out of order (the service, one image) decompresses up to it.
 
 Nothing bad is dropped silently: a sample with no image member, a key that repeats within a shard,
 or a shard cut short (the samples before the cut are kept) become failing locations
@@ -21,6 +23,7 @@ import json
 import re
 import tarfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +32,9 @@ from typing import IO, Any
 from embedder.errors import DecodeError, SourceError
 from embedder.io.uri import failing, filesystem, is_uri, refusal
 
-TAR_SUFFIXES = (".tar",)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+GZ_SUFFIXES = (".tar.gz", ".tgz")
+UNKNOWN_SIZE = 1 << 62  # a gzip'd shard's length is known only once it is decompressed
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's own split: dir/KEY . ext
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -46,12 +51,8 @@ def is_shard(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
-def refuse_compressed(path: str) -> None:
-    """gzip'd shards are refused with the fix: members are read in place by offset, which a gzip
-    stream does not allow without decompressing it from the start."""
-    if path.lower().endswith((".tar.gz", ".tgz")):
-        raise SourceError(f"{path}: gzip'd tar shards are not read (images are read in place by offset, "
-                          "which gzip does not allow); gunzip them first (`gunzip shards/*.tar.gz`)")
+def is_gzipped(path: str) -> bool:
+    return path.lower().endswith(GZ_SUFFIXES)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -106,8 +107,82 @@ class _Windowed:
         self.f.close()
 
 
+class _Gunzipped:
+    """A gzip'd shard as a seekable file of its tar bytes: reading forward decompresses (what is
+    skipped is decompressed and dropped), the last KEEP bytes are kept so a sample's small members,
+    just behind, are read again from memory; further back it starts over (gzip has no index)."""
+
+    KEEP = 16 << 20
+
+    def __init__(self, raw: Any) -> None:
+        import gzip
+
+        self.raw = raw
+        self.gz = gzip.GzipFile(fileobj=raw, mode="rb")
+        self.want = 0  # where the next read starts
+        self.at = 0  # how far the stream is decompressed
+        self.tail = bytearray()  # the decompressed bytes just before ``at``
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise OSError("a gzip'd shard is read by absolute offsets")
+        self.want = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.want
+
+    def _advance(self, n: int) -> bytes:
+        data = self.gz.read(n)
+        self.at += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.KEEP:
+            del self.tail[:len(self.tail) - self.KEEP]
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        tail_start = self.at - len(self.tail)
+        if self.want < tail_start:  # behind what is kept: start over
+            self.gz.rewind()
+            self.at, self.tail = 0, bytearray()
+        while self.at < self.want:  # skip forward, decompressing
+            if not self._advance(min(self.want - self.at, 1 << 20)):
+                return b""
+        out = b""
+        if self.want < self.at:  # from memory, then the stream
+            start = len(self.tail) - (self.at - self.want)
+            out = bytes(self.tail[start:start + (n if n >= 0 else len(self.tail))])
+        if n < 0:
+            out += self.gz.read()
+        elif len(out) < n:
+            out += self._advance(n - len(out))
+        self.want += len(out)
+        return out
+
+    def close(self) -> None:
+        self.gz.close()
+        self.raw.close()
+
+    def __del__(self) -> None:  # a decode thread's held stream ends with its thread
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to close with
+            pass
+
+
+GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)  # a cut or damaged gzip stream
+
+
 def _open(path: str) -> tuple[IO[bytes], int]:
-    """A seekable binary file and its size, local or in object storage (windowed reads)."""
+    """A seekable binary file and its size, local or in object storage (windowed reads); a gzip'd
+    shard's tar bytes, as a stream, with its size unknown."""
+    if is_gzipped(path):
+        raw, _ = _open_raw(path)
+        return _Gunzipped(raw), UNKNOWN_SIZE  # type: ignore[return-value]
+    return _open_raw(path)
+
+
+def _open_raw(path: str) -> tuple[IO[bytes], int]:
     if is_uri(path):
         fs, key = filesystem(path)
         try:
@@ -161,7 +236,7 @@ def _plain_members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | s
                 return
             yield name, data, length
         pos = data + -(-length // 512) * 512
-    if pos < size:
+    if pos < size != UNKNOWN_SIZE:
         f.seek(pos)
         if f.read(size - pos).count(0) != size - pos:
             yield f"cut short inside a header ({size:,} bytes, the last header at {pos:,} incomplete)"
@@ -179,17 +254,20 @@ def _members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | str]:
         return
     except _NotPlain:
         pass
+    except GZIP_ERRORS as e:  # a gzip'd shard cut short or damaged: what came before is kept
+        yield f"gzip stream damaged or cut short ({type(e).__name__}: {e})"
+        return
     f.seek(0)
     try:
         tf = tarfile.open(fileobj=f, mode="r:")  # type: ignore[call-overload]
-    except tarfile.ReadError as e:
+    except (tarfile.ReadError, *GZIP_ERRORS) as e:
         yield f"not a readable tar ({e})"
         return
     seen = 0
     while True:
         try:
             info = tf.next()
-        except (tarfile.ReadError, EOFError, OSError) as e:
+        except (tarfile.ReadError, *GZIP_ERRORS) as e:
             yield f"damaged after the last good member ({type(e).__name__}: {e})"
             return
         if info is None:
@@ -310,16 +388,14 @@ def read_member(locator: str) -> bytes:
         raise DecodeError(f"{member} is not in shard {shard}") from None
     except SourceError as e:
         raise DecodeError(str(e)) from None
-    if is_uri(shard):  # members are read in order: keep this thread's window on the shard
-        held = getattr(_THREAD, "shard", None)
-        if held is None or held[0] != shard:
-            if held is not None:
-                held[1].close()
-            try:
-                _THREAD.shard = held = (shard, _open(shard)[0])
-            except SourceError as e:
-                raise DecodeError(str(e)) from None
-        return _read_at(held[1], offset, size)
+    if is_uri(shard) or is_gzipped(shard):
+        # members are read in order: keep this thread's window (or gzip stream) on the shard
+        try:
+            return _read_held(shard, offset, size)
+        except SourceError as e:
+            raise DecodeError(str(e)) from None
+        except GZIP_ERRORS as e:
+            raise DecodeError(f"{member}: gzip stream damaged or cut short ({type(e).__name__}: {e})") from None
     try:  # a shard moved or deleted since discovery: that image fails, the run goes on
         f, _ = _open(shard)
     except SourceError as e:
@@ -328,6 +404,19 @@ def read_member(locator: str) -> bytes:
         return _read_at(f, offset, size)
     finally:
         f.close()
+
+
+def _read_held(shard: str, offset: int, size: int) -> bytes:
+    held = getattr(_THREAD, "shard", None)
+    if held is None or held[0] != shard:
+        if held is not None:
+            held[1].close()
+        _THREAD.shard = None
+        _THREAD.shard = held = (shard, _open(shard)[0])
+    data = _read_at(held[1], offset, size)
+    if len(data) != size:
+        raise DecodeError(f"{shard} ends inside this member ({len(data):,} of {size:,} bytes)")
+    return data
 
 
 _THREAD = threading.local()

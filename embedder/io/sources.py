@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from embedder.errors import SourceError
 from embedder.io.options import SourceOptions
-from embedder.io.shards import expand_braces, is_shard, iter_samples, refuse_compressed
+from embedder.io.shards import expand_braces, is_shard, iter_samples
 from embedder.io.tables import TABLE_SUFFIXES, image_column, iter_rows
 from embedder.io.uri import filesystem, image_id, is_uri
 
@@ -156,7 +156,6 @@ def _glob(pattern: str, options: SourceOptions) -> Iterable[ImageRef]:
         p = Path(m)
         if not p.is_file():
             continue
-        refuse_compressed(m)
         if _is_image(p):
             yield _ref(p, _label_under(root, p))
         elif is_shard(m):
@@ -232,7 +231,6 @@ def iter_discover(sources: Sequence[str | os.PathLike[str]],
     for s in expanded:
         p = Path(s)
         found: Iterable[ImageRef]
-        refuse_compressed(s)
         if is_uri(s) and is_shard(s):
             found = _shard_refs(s, options)
         elif is_uri(s) and s.lower().endswith(TABLE_SUFFIXES):  # Arrow: refused with the reason
