@@ -170,7 +170,8 @@ class _Gunzipped:
             pass
 
 
-GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)  # a cut or damaged gzip stream
+GZIP_ERRORS: tuple[type[Exception], ...] = (EOFError, OSError, zlib.error)  # a cut or damaged gzip stream
+TAR_ERRORS: tuple[type[Exception], ...] = (tarfile.ReadError, *GZIP_ERRORS)
 
 
 def _open(path: str) -> tuple[IO[bytes], int]:
@@ -260,14 +261,14 @@ def _members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | str]:
     f.seek(0)
     try:
         tf = tarfile.open(fileobj=f, mode="r:")  # type: ignore[call-overload]
-    except (tarfile.ReadError, *GZIP_ERRORS) as e:
+    except TAR_ERRORS as e:
         yield f"not a readable tar ({e})"
         return
     seen = 0
     while True:
         try:
             info = tf.next()
-        except (tarfile.ReadError, *GZIP_ERRORS) as e:
+        except TAR_ERRORS as e:
             yield f"damaged after the last good member ({type(e).__name__}: {e})"
             return
         if info is None:

@@ -3,7 +3,6 @@ there."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
