@@ -60,6 +60,7 @@ class StageTimes:
         if self.launch_s > 0.8 * self.model_s > 0:  # the GPU spent its span waiting for launches
             busy["model"] = 0.0
         return {**{k: round(v, 3) for k, v in self.__dict__.items()},
+                "stream_s": round(wall_s, 3),  # the images' span: model loading and discovery before it
                 "model_utilisation": round(self.model_s / self.lanes / wall_s, 3) if wall_s > 0 else 0.0,
                 "bound_by": max(busy, key=lambda k: busy[k])}
 
