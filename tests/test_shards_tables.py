@@ -380,3 +380,26 @@ def test_discovery_reads_no_image_bytes_and_arrow_in_object_storage_is_refused(
     assert len(refs) == len(files) and all("image" not in cols for cols in asked)
     with pytest.raises(SourceError, match="Arrow files are read locally"):
         discover(["s3://bucket/data/train.arrow"])
+
+
+def test_the_gzip_reader_serves_any_offset_forward_back_and_to_the_end() -> None:
+    """The seekable view of a gzip stream: forward skips, reads from the kept tail just behind, reads
+    further back (which start over), and the rest of the stream — each the plain bytes at that offset."""
+    import gzip
+    import random
+
+    from embedder.io.shards import _Gunzipped
+
+    data = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
+    g = _Gunzipped(io.BytesIO(gzip.compress(data, 1)))
+    g.KEEP = 100_000  # small, so reads behind the tail and across its trimming both happen
+    rng = random.Random(1)
+    for _ in range(200):
+        off, n = rng.randrange(0, len(data)), rng.randrange(0, 50_000)
+        g.seek(off)
+        assert g.read(n) == data[off:off + n], (off, n)
+    g.seek(2_999_000)
+    assert g.read() == data[2_999_000:]
+    g.seek(10)
+    assert g.read(-1) == data[10:] and g.tell() == len(data)
+    g.close()

@@ -29,8 +29,11 @@ def info_command(
               f"{info.errors} failed images")
     out.print(f"backbone   {p.backbone}  layer {p.layer}  pool {p.pool}")
     out.print(f"weights    {p.weights.describe()}  sha256 {p.weights.sha256[:16]}…")
-    out.print(f"preprocess resize {pre.resize_size} ({pre.interpolation}), crop {pre.crop_size}, "
-              f"mean {list(pre.mean)}, std {list(pre.std)}; decoder {p.decoder}")
+    resize = (f"squash to {pre.crop_size}×{pre.crop_size} ({pre.interpolation})" if pre.resize_mode == "squash"
+              else f"resize {pre.resize_size} ({pre.interpolation}), crop {pre.crop_size}")
+    out.print(f"preprocess {resize}, mean {list(pre.mean)}, std {list(pre.std)}; decoder {p.decoder}")
+    if p.text:
+        out.print(f"text tower {p.text.get('tokenizer')}, context length {p.text.get('context_length')} tokens")
     out.print(f"vectors    {p.precision} compute, stored {p.dtype}, normalize {p.normalize}; "
               f"created {p.created_at} (provenance v{p.version})")
     out.print("versions   " + ", ".join(f"{k} {v}" for k, v in p.versions.items()))

@@ -152,8 +152,9 @@ class _Gunzipped:
         if self.want < self.at:  # from memory, then the stream
             start = len(self.tail) - (self.at - self.want)
             out = bytes(self.tail[start:start + (n if n >= 0 else len(self.tail))])
-        if n < 0:
-            out += self.gz.read()
+        if n < 0:  # the rest of the stream
+            while chunk := self._advance(1 << 20):
+                out += chunk
         elif len(out) < n:
             out += self._advance(n - len(out))
         self.want += len(out)
