@@ -8,6 +8,7 @@ the micro-batcher) and turns ``EmbedderError``s into 4xx responses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -303,21 +304,12 @@ class Engine:
                 continue
             images = [i for i in members if queries[i].image is not None]
             if images:
-                try:
-                    vecs, _ = self.embed_images(name, [queries[i].image for i in images])  # type: ignore[misc]
-                    vectors.update(zip(images, vecs))
-                except EmbedderError as e:
-                    if len(images) == 1:
-                        out[images[0]] = e
-                    else:  # find the culprit(s): embed one by one
-                        for i in images:
-                            try:
-                                vectors[i] = self.embed_images(name, [queries[i].image])[0][0]  # type: ignore[list-item]
-                            except EmbedderError as e1:
-                                out[i] = e1
+                _embed_each(functools.partial(self.embed_images, name), images,
+                            [queries[i].image for i in images], vectors, out)
             texts = [i for i in members if queries[i].text is not None]
             if texts:
-                self._embed_text_queries(name, queries, texts, vectors, out)
+                _embed_each(functools.partial(self.embed_texts, name), texts,
+                            [queries[i].text for i in texts], vectors, out)
             for i in members:
                 q = queries[i]
                 if out[i] is not None or i in vectors:
@@ -361,28 +353,29 @@ class Engine:
                     out[i] = Answer(name, loaded.generation, h[:q.k])
         return [o if o is not None else BadQuery("unanswered") for o in out]
 
-    def _embed_text_queries(self, name: str, queries: list[Query], members: list[int],
-                            vectors: dict[int, np.ndarray], out: list[Any]) -> None:
-        """The batch's text queries for one index in one text-tower pass; a bad text fails only itself."""
-        try:
-            vecs, _ = self.embed_texts(name, [queries[i].text for i in members])  # type: ignore[misc]
-            vectors.update(zip(members, vecs))
-        except EmbedderError as e:
-            if len(members) == 1:
-                out[members[0]] = e
-                return
-            for i in members:  # find the culprit(s): embed one by one
-                try:
-                    vectors[i] = self.embed_texts(name, [queries[i].text])[0][0]  # type: ignore[list-item]
-                except EmbedderError as e1:
-                    out[i] = e1
-
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 _MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"),
           (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
+
+
+def _embed_each(embed: Callable[[list[Any]], tuple[np.ndarray, Any]], members: list[int], items: list[Any],
+                vectors: dict[int, np.ndarray], out: list[Any]) -> None:
+    """Embed a batch's images (or texts) in one pass; when that fails, each alone, so that a bad one
+    fails only its own query."""
+    try:
+        vectors.update(zip(members, embed(items)[0]))
+    except EmbedderError as e:
+        if len(members) == 1:
+            out[members[0]] = e
+            return
+        for i, item in zip(members, items):  # find the culprit(s): embed one by one
+            try:
+                vectors[i] = embed([item])[0][0]
+            except EmbedderError as e1:
+                out[i] = e1
 
 
 def _media_type(data: bytes) -> str:

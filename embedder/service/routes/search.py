@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from embedder.errors import shown
 from embedder.service.engine import BadQuery, Query
@@ -38,12 +38,7 @@ async def search(request: Request, svc: ServiceDep) -> SearchOut:
             name = svc.default_index(_str(form.get("index")))
         svc.check_size(k, 1)
         return await svc.answer([Query(name, k, where, image=data)])
-    try:
-        body = SearchIn.model_validate_json(await request.body())
-    except ValidationError as e:
-        first = e.errors()[0]
-        where_ = ".".join(str(p) for p in first.get("loc", ()))
-        raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
+    body = _parse(SearchIn, await request.body())
     name = svc.default_index(body.index)
     items = body.queries if body.queries is not None else [
         QueryIn(vector=body.vector, id=body.id, text=body.text, exclude_self=body.exclude_self)]
@@ -73,17 +68,12 @@ async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
     with a text tower), made as the index's vectors are, with that provenance."""
     svc.need_ready()
     if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            body = EmbedIn.model_validate_json(await request.body())
-        except ValidationError as e:
-            first = e.errors()[0]
-            where_ = ".".join(str(p) for p in first.get("loc", ()))
-            raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
-        texts = [body.text] if isinstance(body.text, str) else body.text
+        text_body = _parse(EmbedIn, await request.body())
+        texts = [text_body.text] if isinstance(text_body.text, str) else text_body.text
         if not texts:
             raise BadQuery("text is an empty list")
         svc.check_size(1, len(texts))
-        name = svc.default_index(body.index)
+        name = svc.default_index(text_body.index)
         vectors, emb = await asyncio.get_running_loop().run_in_executor(
             svc.executor, svc.engine.embed_texts, name, texts)
         return {"index": name, "vectors": vectors.tolist(), "dim": int(vectors.shape[1]),
@@ -98,6 +88,19 @@ async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
         svc.executor, svc.engine.embed_images, name, [data])
     return {"index": name, "vector": vectors[0].tolist(), "dim": int(vectors.shape[1]),
             "provenance": emb.provenance().to_dict()}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], raw: bytes) -> M:
+    """A JSON body as MODEL; the first thing wrong with it as a one-line 400."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where_ = ".".join(str(p) for p in first.get("loc", ()))
+        raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
 
 
 # ---- the multipart form's fields -----------------------------------------------------------------
