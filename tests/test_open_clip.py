@@ -450,3 +450,27 @@ def test_python_api_embeds_text_and_searches_by_it(clip: dict, tmp_path: Path) -
 
     with pytest.raises(TextQueryError, match="empty"):
         emb.embed_text("")
+
+
+def test_a_stage_of_the_image_tower_as_layer(clip: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """`backbones --layers` lists the image tower's stages (never the text tower's blocks); `--layer`
+    at one gives OpenCLIP's own activations there, average-pooled; text is refused on such vectors."""
+    layers = _cli("backbones", "--layers", NAME).split()
+    assert layers == [f"clip.visual.trunk.stages.{i}" for i in range(4)]
+    out = tmp_path / "stage"
+    _cli("extract", str(clip["root"] / "imgs"), "--out", str(out), "--backbone", NAME, "--weights",
+         str(clip["wfile"]), "--layer", layers[2], "--json")
+    seen: list[torch.Tensor] = []
+    hook = clip["ref"].visual.trunk.stages[2].register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.inference_mode():
+        clip["ref"].encode_image(torch.stack([clip["transform"](Image.open(f)) for f in clip["files"]]))
+    hook.remove()
+    want = seen[0].mean(dim=(-2, -1)).numpy()
+    stored = _stored(out)
+    got = np.stack([stored[image_id(f)] for f in clip["files"]])
+    assert got.shape == want.shape and _cos(got, want).min() >= 0.9999
+    assert Store.open(out).provenance.layer == layers[2]
+    home = tmp_path / "h"
+    _cli("index", "build", str(out), "--name", "s", "--home", str(home))
+    msg = _fails("search", "s", "--home", str(home), "--text", "a cat", "--weights", str(clip["wfile"]))
+    assert "not the model's image embedding" in msg

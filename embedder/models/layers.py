@@ -49,11 +49,31 @@ def _module_names(name: str) -> tuple[str, ...]:
 
 
 def suggested_layers(name: str) -> list[str]:
-    """Stage-level module names worth cutting at (children, and children of `features`)."""
+    """Stage-level module names worth cutting at (children, and children of `features`; for a CLIP
+    model, the image tower's stages or blocks: its text tower is never on the image path)."""
     names = _module_names(name)
+    if "clip.visual" in names:
+        return _numbered_stages(names, "clip.visual.")
     top = [n for n in names if "." not in n]
     feats = [n for n in names if n.startswith("features.") and n.count(".") == 1]
     return feats or top
+
+
+def _numbered_stages(names: tuple[str, ...], under: str) -> list[str]:
+    """The shallowest list of numbered blocks under UNDER (a ViT's ``transformer.resblocks.N``, a
+    hierarchical trunk's ``stages.N``); the most numerous at that depth."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        m = re.fullmatch(r"(.*)\.(\d+)", n)
+        if m and n.startswith(under):
+            groups.setdefault(m.group(1), []).append(n)
+    groups = {k: v for k, v in groups.items() if len(v) >= 2}
+    if not groups:
+        return [n for n in names if n.startswith(under) and n.count(".") == under.count(".")]
+    best = min(groups, key=lambda k: (k.count("."), -len(groups[k])))
+    return groups[best]
 
 
 def check_layer(name: str, layer: str) -> None:
