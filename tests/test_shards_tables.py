@@ -400,6 +400,8 @@ def test_the_gzip_reader_serves_any_offset_forward_back_and_to_the_end() -> None
         assert g.read(n) == data[off:off + n], (off, n)
     g.seek(2_999_000)
     assert g.read() == data[2_999_000:]
+    g.seek(2_999_500)  # just behind the end: from the kept tail (a read-to-end must have kept it)
+    assert g.read(100) == data[2_999_500:2_999_600]
     g.seek(10)
     assert g.read(-1) == data[10:] and g.tell() == len(data)
     g.close()
