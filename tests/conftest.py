@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -84,3 +88,22 @@ def extract_killed_mid_run(source: str, store: Path, after_shards: int = 3) -> l
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return cmd
+
+
+@contextmanager
+def chromium_page() -> Iterator[tuple[Any, list[str]]]:
+    """A page in headless Chromium (Debian's `chromium`, driven by Playwright; never Playwright's own
+    download) and the page errors it records; skips where either is missing."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    path = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if path is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            yield page, errors
+        finally:
+            browser.close()

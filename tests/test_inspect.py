@@ -24,7 +24,7 @@ from embedder.models.origin import WeightsRef
 from embedder.models.registry import get_backbone
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, embeddings_to_arrow
-from tests.conftest import make_images, mobilenet_weights_file, skimage_data
+from tests.conftest import chromium_page, make_images, mobilenet_weights_file, skimage_data
 
 runner = CliRunner()
 
@@ -232,29 +232,15 @@ def test_end_to_end_on_images_with_thumbnails_and_moved_files(tmp_path: Path) ->
     assert r.exit_code == 0 and json.loads(r.output)["thumbnails"]["made"] == 21
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 @pytest.mark.slow
 def test_report_opens_from_disk_in_headless_chromium(tmp_path: Path) -> None:
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if _chromium() is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
     imgs = tmp_path / "imgs"
     make_images(imgs, {"cat": 10, "dog": 10})
     store = tmp_path / "store"
     assert runner.invoke(app, ["extract", str(imgs), "--out", str(store), "--backbone", "tiny_test"]).exit_code == 0
     rep = tmp_path / "rep"
     assert runner.invoke(app, ["inspect", str(store), "--out", str(rep)]).exit_code == 0
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with chromium_page() as (page, errors):
         page.goto((rep / "index.html").as_uri())
         page.wait_for_selector(".bk-Canvas, canvas", state="attached", timeout=30_000)
         # the map's data made it into Bokeh's document: one point per image, with a thumbnail each
@@ -268,7 +254,6 @@ def test_report_opens_from_disk_in_headless_chromium(tmp_path: Path) -> None:
         page.wait_for_function("() => [...document.querySelectorAll('.thumb img')].every(i => i.complete)")
         widths = page.eval_on_selector_all(".thumb img", "imgs => imgs.map(i => i.naturalWidth)")
         assert widths and all(w > 0 for w in widths)
-        browser.close()
     assert errors == []
 
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from embedder.cli import app
 from embedder.io.uri import image_id
 from embedder.store.shards import Store
-from tests.conftest import make_images
+from tests.conftest import chromium_page, make_images
 
 open_clip = pytest.importorskip("open_clip", reason="the clip extra is not installed: pip install 'embedder[clip]'")
 pytestmark = pytest.mark.slow
@@ -171,6 +171,10 @@ def test_text_search_cli_service_and_embed_are_open_clips_encode_text(clip: dict
             assert r.status_code == 400 and words in r.json()["error"], r.text
         r = c.post("/embed", json={"text": ["ok", "   "]})
         assert r.status_code == 400 and "empty" in r.json()["error"]
+        r = c.post("/embed", json={"text": []})
+        assert r.status_code == 400 and r.json() == {"error": "text is an empty list", "kind": "bad_query"}
+        r = c.post("/embed", json={"txt": "a cat"})
+        assert r.status_code == 400 and r.json()["error"].startswith("text:"), r.text
 
 
 def test_text_queries_need_a_text_tower_and_sane_text(clip: dict, image_tree: Path, tmp_path: Path) -> None:  # type: ignore[type-arg]
@@ -215,6 +219,9 @@ def test_bad_names_and_files_are_one_line_errors(clip: dict, image_tree: Path, t
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(bad))
     msg = _fails("extract", str(image_tree), "--out", out, "--backbone", NAME, "--weights", str(bad))
     assert "does not fit open_clip:MobileCLIP2-S0:dfndr2b" in msg
+    msg = _fails("weights", "import", str(bad), "--backbone", "tiny_test")
+    assert "only timm:… and open_clip:… names install into the hub cache" in msg
+    assert "is not a file" in _fails("weights", "import", str(tmp_path / "nope.safetensors"), "--backbone", NAME)
     # the image side works without the tokenizer; the squash resize of SigLIP's configs is recorded
     from embedder.models.registry import get_backbone
 
@@ -383,7 +390,7 @@ def test_weights_import_installs_a_family_file_where_the_name_alone_finds_it(cli
 def test_text_search_on_the_page_and_through_the_cli_client(clip: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
     """A real `embedder serve` (uvicorn) on a CLIP index: `search --text --server` and the page's text
     box (Enter searches) give the service's own answer; an over-long text shows the error, no results."""
-    from tests.test_service import _chromium, _free_port, _wait_served
+    from tests.test_service import _free_port, _wait_served
 
     home = tmp_path / "home"
     _cli("index", "build", str(clip["store"]), "--name", "c", "--home", str(home))
@@ -405,15 +412,7 @@ def test_text_search_on_the_page_and_through_the_cli_client(clip: dict, tmp_path
         assert r2.returncode == 0, r2.stderr
         hits = [json.loads(line) for line in r2.stdout.splitlines()]
         assert [h["id"] for h in hits] == want and hits[0]["query"] == "text:a small dog"
-        playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-        browser_path = _chromium()
-        if browser_path is None:
-            pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+        with chromium_page() as (page, errors):
             page.goto(url + "/")
             page.wait_for_selector("#index option", state="attached")
             page.wait_for_function("() => !document.querySelector('#text').disabled")
@@ -428,7 +427,6 @@ def test_text_search_on_the_page_and_through_the_cli_client(clip: dict, tmp_path
             assert "context length" in page.inner_text("#error")
             assert page.eval_on_selector_all("#results li", "ls => ls.length") == 0
             assert errors == []
-            browser.close()
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

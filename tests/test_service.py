@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from embedder.io.uri import image_id  # noqa: E402
 from embedder.models.builder import ModelSpec  # noqa: E402
 from embedder.service.app import create_app  # noqa: E402
 from embedder.service.options import ServeOptions  # noqa: E402
-from tests.conftest import make_images  # noqa: E402
+from tests.conftest import chromium_page, make_images  # noqa: E402
 
 
 @pytest.fixture
@@ -482,31 +481,15 @@ def test_real_server_and_cli_client(server) -> None:  # type: ignore[no-untyped-
     assert r.returncode == 2 and r.stderr.startswith("error: server said 404")
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 @pytest.mark.slow
 def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyped-def]
     """Drop an image on the page, see the grid with the image itself first, click a result to
     search by it."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
     url, _, images = server
     cat = images / "cat" / "cat_0002.jpg"
     import base64
 
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with chromium_page() as (page, errors):
         page.goto(url + "/")
         page.wait_for_selector("#index option", state="attached")
         page.wait_for_function("() => document.querySelector('#info').textContent.includes('recall')")
@@ -561,17 +544,12 @@ def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyp
         page.wait_for_selector("#error:not([hidden])")
         assert page.eval_on_selector_all("#results li", "ls => ls.length") == 0  # no stale results under it
         assert errors == []
-        browser.close()
 
 
 @pytest.mark.slow
 def test_web_page_asks_for_the_api_key_once(served: tuple[str, Path]) -> None:
     """With --api-key-env the page and its assets load without a key; the page asks for it once and
     then searches (thumbnails included) with it."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the page is untested here")
     home, images = served
     port = _free_port()
     env = {**os.environ, "EMBEDDER_TEST_KEY": "s3cret"}
@@ -581,9 +559,7 @@ def test_web_page_asks_for_the_api_key_once(served: tuple[str, Path]) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_served(url, proc)
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            page = browser.new_page()
+        with chromium_page() as (page, _):
             asked: list[str] = []
 
             def answer(dialog) -> None:  # type: ignore[no-untyped-def]
@@ -598,7 +574,6 @@ def test_web_page_asks_for_the_api_key_once(served: tuple[str, Path]) -> None:
             page.wait_for_function("() => [...document.querySelectorAll('#results img')].every("
                                    "i => i.complete && i.naturalWidth > 0)")
             assert len(asked) == 1 and "API key" in asked[0]
-            browser.close()
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

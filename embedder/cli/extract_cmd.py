@@ -134,7 +134,8 @@ def backbones_command(
         meta = b.meta()
         rows.append({"name": b.name, "dim": b.dim, "gflops": meta["gflops"], "acc1": meta["acc1"],
                      "weights": meta["weights"], "file": meta["file"], "present": weights_present(b)})
-    from embedder.models.curated import CURATED, MEASURED, hub_cached
+    from embedder.models.curated import CURATED, MEASURED
+    from embedder.models.hf_cache import hub_cached
 
     family_rows = []
     for c in CURATED:

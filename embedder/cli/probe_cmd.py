@@ -52,7 +52,10 @@ def probe_command(
     if train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
 
-    zs = _zero_shot(train, test_ds, prompts, weights, device, zero_shot or zero_shot_only, zero_shot_only)
+    from embedder.learn.zeroshot import zero_shot_metrics
+
+    zs = zero_shot_metrics(train, test_ds, prompts, weights, device, wanted=zero_shot or zero_shot_only,
+                           required=zero_shot_only)
     if zero_shot_only:
         if as_json:
             out.print_json(json.dumps({"zero_shot": zs}))
@@ -100,30 +103,6 @@ def probe_command(
         _print_zero_shot(zs)
     if report:
         out.print(f"report → {report}/confusion_matrix.png, {report}/metrics.json")
-
-
-def _zero_shot(train: Any, test: Any, prompts: list[str] | None, weights: str | None, device: str,
-               wanted: bool, required: bool) -> dict[str, Any] | None:
-    """Zero-shot metrics on the test store (else train's labelled images), when the store's model has a
-    text tower; None when it has none and zero-shot was not insisted on."""
-    from embedder.errors import ProbeError
-    from embedder.store.provenance import Provenance
-
-    prov = Provenance.from_dict(train.provenance)
-    if not wanted or not prov.has_text:
-        if required:
-            raise ProbeError(f"zero-shot needs a text tower; {prov.backbone} has no text tower "
-                             "(use open_clip:ARCH:PRETRAINED)")
-        return None
-    from embedder.embed.query import embedder_for
-    from embedder.learn import zeroshot
-
-    emb = embedder_for(prov, weights, device)
-    head = zeroshot.build_head(emb, train.classes, prompts)
-    data = test if test is not None and len(test.y) else train
-    metrics = zeroshot.evaluate(head, train.classes, data.x, data.y)
-    metrics["on"] = "test" if data is test else "train (never trained on)"
-    return metrics
 
 
 def _print_zero_shot(zs: dict[str, Any]) -> None:

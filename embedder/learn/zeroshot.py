@@ -72,3 +72,24 @@ def evaluate(head: ZeroShotHead, classes: list[str], x: np.ndarray, y: np.ndarra
         top5 = np.argsort(-logits, axis=1)[:, :5]
         out["top5_accuracy"] = float((top5 == y[:, None]).any(1).mean())
     return out
+
+
+def zero_shot_metrics(train: Any, test: Any, templates: Sequence[str] | None, weights: str | None, device: str,
+                      *, wanted: bool = True, required: bool = False) -> dict[str, Any] | None:
+    """Zero-shot metrics of the model that made TRAIN (a ``probe.Dataset``) on TEST, else on train's
+    labelled images (which zero-shot never trains on). None when that model has no text tower and
+    zero-shot was not REQUIRED (then: ``ProbeError``), or when it is not WANTED."""
+    from embedder.embed.query import embedder_for
+    from embedder.store.provenance import Provenance
+
+    prov = Provenance.from_dict(train.provenance)
+    if not wanted or not prov.has_text:
+        if required:
+            raise ProbeError(f"zero-shot needs a text tower; {prov.backbone} has no text tower "
+                             "(use open_clip:ARCH:PRETRAINED)")
+        return None
+    head = build_head(embedder_for(prov, weights, device), train.classes, templates)
+    data = test if test is not None and len(test.y) else train
+    metrics = evaluate(head, train.classes, data.x, data.y)
+    metrics["on"] = "test" if data is test else "train (never trained on)"
+    return metrics

@@ -4,10 +4,7 @@ tower, and facts measured by scripts/gen_family_meta.py. Any other timm or OpenC
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-from embedder.models.hf_cache import hub_cached  # noqa: F401 - listed with the curated entries
 
 
 @dataclass(frozen=True)
@@ -47,15 +44,3 @@ MEASURED: dict[str, dict[str, object]] = {
     'open_clip:MobileCLIP2-S0:dfndr2b': {'dim': 512, 'size': 256, 'gflops': 2.39, 'hub': 'timm/MobileCLIP2-S0-OpenCLIP'},
 }
 
-
-def honour_offline() -> None:
-    """``EMBEDDER_OFFLINE=1`` means the Hugging Face hub's offline mode too (the local cache only), even
-    where huggingface_hub was imported, and read its environment, before this was asked."""
-    if not os.environ.get("EMBEDDER_OFFLINE"):
-        return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import sys
-
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]

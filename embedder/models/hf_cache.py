@@ -47,3 +47,16 @@ def install(src: Path, repo: str, filename: str, digest: str) -> Path:
     shutil.copyfile(src, tmp)
     os.replace(tmp, target)
     return target
+
+
+def honour_offline() -> None:
+    """``EMBEDDER_OFFLINE=1`` means the Hugging Face hub's offline mode too (the local cache only), even
+    where huggingface_hub was imported, and read its environment, before this was asked."""
+    if not os.environ.get("EMBEDDER_OFFLINE"):
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]

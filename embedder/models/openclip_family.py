@@ -42,7 +42,7 @@ def is_open_clip(name: str) -> bool:
 
 
 def _open_clip() -> Any:
-    from embedder.models.curated import honour_offline
+    from embedder.models.hf_cache import honour_offline
 
     honour_offline()
     try:
@@ -108,7 +108,8 @@ class OpenClipModel:
         """The whole CLIP model, randomly initialised, with the tag's preprocess config attached."""
         oc = _open_clip()
         keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
-        force = {k: v for k, v in self.tag_cfg().items() if k in keys}
+        tag_cfg = self.tag_cfg()
+        force = {k: v for k, v in tag_cfg.items() if k in keys}
         import logging
 
         quiet = logging.getLogger()  # OpenCLIP warns on the root logger that nothing was loaded yet
@@ -116,7 +117,7 @@ class OpenClipModel:
         quiet.setLevel(logging.ERROR)
         try:
             return oc.create_model(self.arch, pretrained=None, force_preprocess_cfg=force,
-                                   force_quick_gelu=bool(self.tag_cfg().get("quick_gelu", False)))
+                                   force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
         finally:
             quiet.setLevel(level)
 

@@ -95,7 +95,7 @@ class TimmModel:
 
     def pretrained(self) -> tuple[nn.Module, WeightsRef]:
         """The model with timm's pretrained weights, through the Hugging Face hub cache."""
-        from embedder.models.curated import honour_offline
+        from embedder.models.hf_cache import honour_offline
         from embedder.models.weights import state_dict_digest
 
         honour_offline()
