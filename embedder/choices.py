@@ -90,6 +90,7 @@ class ProbeBackend(StrEnum):
 class BatchNorm(StrEnum):
     frozen = "frozen"
     train = "train"
+    adapt = "adapt"
 
 
 class Projection(StrEnum):

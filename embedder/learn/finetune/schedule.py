@@ -68,6 +68,27 @@ def _bn_eval(net: nn.Module) -> None:
 
 
 
+@torch.no_grad()
+def adapt_bn(net: nn.Module, batches: Any) -> int:
+    """AdaBN (Li et al., 2016): every BatchNorm layer's running statistics re-estimated as the plain
+    average over BATCHES (normalised input tensors) — the statistics of the user's images instead of
+    ImageNet's — with torch's own ``update_bn``. Returns the number of images seen."""
+    from torch.optim.swa_utils import update_bn
+
+    seen = 0
+
+    def counted() -> Any:
+        nonlocal seen
+        for x in batches:
+            seen += len(x)
+            yield x
+
+    update_bn(counted(), net)
+    net.eval()
+    return seen
+
+
+
 def phase_scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, done: int = 0) -> Any:
     """Linear warm-up over WARMUP steps, then cosine decay to 0 at TOTAL, per batch, from each
     group's base_lr (torch's SequentialLR of LinearLR and CosineAnnealingLR); fast-forwarded DONE

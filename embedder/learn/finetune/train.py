@@ -46,7 +46,7 @@ from embedder.learn.finetune.resume import (
     _save_resume,
     _settings,
 )
-from embedder.learn.finetune.schedule import _bn_eval, _new_ema, _set_trainable, param_groups, phase_scheduler
+from embedder.learn.finetune.schedule import _bn_eval, adapt_bn, _new_ema, _set_trainable, param_groups, phase_scheduler
 from embedder.learn.selection import stratified_split
 from embedder.models import checkpoint
 from embedder.models.backbone import Backbone
@@ -56,6 +56,21 @@ from embedder.models.features import _set_module
 from embedder.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
+
+ADAPT_BN_IMAGES = 2048  # enough for stable statistics; beyond it the pass only costs time
+
+
+def _normalised(loader: DataLoader, pre: Preprocessing, device: torch.device,  # type: ignore[type-arg]
+                limit: int) -> Any:
+    """The loader's decoded batches as normalised input tensors, up to LIMIT images."""
+    n = 0
+    for x, _, _ in loader:
+        if x is None:
+            continue
+        yield normalize_batch(x.to(device), pre)
+        n += len(x)
+        if n >= limit:
+            return
 
 
 
@@ -283,6 +298,14 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     if state["frozen_val_accuracy"] is None:
         eval_train = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
                                 batch_size=options.batch_size, **loader_kw)
+        if options.bn == "adapt":
+            # shuffled: the average of batch variances is the images' variance only when each batch is a
+            # random sample (class-sorted batches measured too low a variance)
+            shuffled = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
+                                  batch_size=options.batch_size, shuffle=True,
+                                  generator=torch.Generator().manual_seed(options.seed), **loader_kw)
+            seen = adapt_bn(net, _normalised(shuffled, pre, device, ADAPT_BN_IMAGES))
+            log.info("BatchNorm statistics re-estimated on %d training images", seen)
         acc, coef, icpt = frozen_probe(net, backbone, eval_train, val_loader, pre, device, classes, options.seed)
         state["frozen_val_accuracy"] = acc
         state["probe_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -317,8 +340,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         net.train()
         if phase == "head":
             net.eval()  # frozen backbone: dropout off, BN statistics untouched
-        elif options.bn == "frozen":
-            _bn_eval(net)
+        elif options.bn != "train":
+            _bn_eval(net)  # frozen: ImageNet's statistics; adapt: the user's, estimated before the probe
         if phase == "full" and options.ema > 0 and ema is None:
             ema = _new_ema(net, options.ema)  # averages from the probe-initialised weights on
         # The same shuffles and augmentations whether or not the run was resumed.
