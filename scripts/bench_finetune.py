@@ -205,7 +205,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--textbook-batch", type=int, default=None, help="the textbook loop's batch (default: --batch-size)")
+    ap.add_argument("--textbook-batch", type=int, default=None,
+                    help="the textbook loop's batch (default: --batch-size)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--textbook", choices=["tutorial", "modern", "none"], default="tutorial")
     ap.add_argument("--head-epochs", type=int, default=None, help="embedder's head epochs (default: its own)")

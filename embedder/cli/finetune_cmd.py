@@ -98,10 +98,12 @@ def finetune_command(
                       f"{r.images_per_second:.1f}", f"{r.elapsed_s:.0f} s")
     out.print(table)
     gain = result.best_val_accuracy - result.frozen_val_accuracy
+    out.print(f"tried: {result.recipe}", highlight=False)
     out.print(f"frozen probe (same split, before fine-tuning): {result.frozen_val_accuracy:.4f}")
     if result.best_epoch == 0:
         out.print("[yellow]fine-tuning did not help at this budget: use the probe[/yellow] (the checkpoint holds "
-                  "the probe's head on the unchanged pretrained backbone)")
+                  "the probe's head on the unchanged pretrained backbone); the levers that moved accuracy most "
+                  "in our measurements: more --epochs, --lr-backbone, --bn train at batch >= 32, --crop-scale")
     else:
         out.print(f"fine-tuned best (epoch {result.best_epoch}):             {result.best_val_accuracy:.4f}  "
                   f"({gain:+.4f})")

@@ -59,6 +59,27 @@ class FinetuneOptions:
 
 
 
+def recipe(options: FinetuneOptions, image_size: int) -> str:
+    """What a run tries, in one line: which layers, the rates, BatchNorm, augmentation, batch, epochs."""
+    if options.freeze_backbone:
+        layers = "head only"
+    else:
+        layers = f"layers from {options.unfreeze_from}" if options.unfreeze_from else "all layers"
+        layers += ", head from the probe" if options.probe_init else ", new head"
+        if options.head_epochs:
+            layers += f" after {options.head_epochs} head epoch{'s' * (options.head_epochs > 1)}"
+    rates = f"lr head {options.lr_head:g}" + ("" if options.freeze_backbone else
+                                               f" / backbone {options.lr_backbone:g}"
+                                               + (f" x{options.lr_decay:g} per stage" if options.lr_decay != 1 else ""))
+    extra = [f"label smoothing {options.label_smoothing:g}"] * bool(options.label_smoothing) + \
+            [f"weight EMA {options.ema:g}"] * bool(options.ema)
+    return (f"{layers}; AdamW {rates}, warm-up + cosine; BatchNorm {options.bn}; "
+            f"crops >= {options.crop_scale:.0%} of the image{', flips' if options.flip else ''}"
+            f"{''.join('; ' + e for e in extra)}; batch {options.batch_size}, "
+            f"{options.epochs} epoch{'s' * (options.epochs != 1)} at {image_size} px")
+
+
+
 @dataclass
 class EpochRecord:
     epoch: int
@@ -101,6 +122,7 @@ class FinetuneResult:
     probe_seconds: float = 0.0  # elapsed when the frozen probe's accuracy was known
     budget: BudgetPlan | None = None
     stopped_by_budget: bool = False
+    recipe: str = ""  # what was tried, in words (recipe())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -37,7 +37,14 @@ from embedder.decode.decoders import normalize_batch
 from embedder.errors import FinetuneError, ProbeError
 from embedder.learn.finetune.budget import plan_budget, time_steps
 from embedder.learn.finetune.data import _collate, _Images, _labelled, eval_transform, train_transform
-from embedder.learn.finetune.options import BN_POLICIES, BudgetPlan, EpochRecord, FinetuneOptions, FinetuneResult
+from embedder.learn.finetune.options import (
+    BN_POLICIES,
+    BudgetPlan,
+    EpochRecord,
+    FinetuneOptions,
+    FinetuneResult,
+    recipe,
+)
 from embedder.learn.finetune.resume import (
     RESUMABLE_CHANGES,
     _check_resume,
@@ -46,7 +53,7 @@ from embedder.learn.finetune.resume import (
     _save_resume,
     _settings,
 )
-from embedder.learn.finetune.schedule import _bn_eval, adapt_bn, _new_ema, _set_trainable, param_groups, phase_scheduler
+from embedder.learn.finetune.schedule import _bn_eval, _new_ema, _set_trainable, adapt_bn, param_groups, phase_scheduler
 from embedder.learn.selection import stratified_split
 from embedder.models import checkpoint
 from embedder.models.backbone import Backbone
@@ -289,7 +296,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
 
     def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
         meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
-                "preprocessing": pre.to_dict(), "settings": settings, "bn_policy": BN_POLICIES[options.bn],
+                "preprocessing": pre.to_dict(), "settings": settings, "recipe": recipe(options, pre.crop_size),
+                "bn_policy": BN_POLICIES[options.bn],
                 "ema": options.ema or None, "budget": state["budget"],
                 "best_epoch": epoch, "best_val_accuracy": val_acc,
                 "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"]}
@@ -402,7 +410,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         float(state["frozen_val_accuracy"]), int(state["epoch"]),
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
         len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
-        plan, stopped_by_budget)
+        plan, stopped_by_budget, recipe(options, pre.crop_size))
 
 
 
