@@ -293,10 +293,11 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
 
     settings = _settings(options)
+    tried = recipe(options, pre.crop_size)
 
     def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
         meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
-                "preprocessing": pre.to_dict(), "settings": settings, "recipe": recipe(options, pre.crop_size),
+                "preprocessing": pre.to_dict(), "settings": settings, "recipe": tried,
                 "bn_policy": BN_POLICIES[options.bn],
                 "ema": options.ema or None, "budget": state["budget"],
                 "best_epoch": epoch, "best_val_accuracy": val_acc,
@@ -311,7 +312,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             # random sample (class-sorted batches measured too low a variance)
             shuffled = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
                                   batch_size=options.batch_size, shuffle=True,
-                                  generator=torch.Generator().manual_seed(options.seed), **loader_kw)
+                                  generator=torch.Generator().manual_seed(options.seed),
+                                  **{**loader_kw, "persistent_workers": False})  # one pass: no idle workers after it
             seen = adapt_bn(net, _normalised(shuffled, pre, device, ADAPT_BN_IMAGES))
             log.info("BatchNorm statistics re-estimated on %d training images", seen)
         acc, coef, icpt = frozen_probe(net, backbone, eval_train, val_loader, pre, device, classes, options.seed)
@@ -410,7 +412,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         float(state["frozen_val_accuracy"]), int(state["epoch"]),
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
         len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
-        plan, stopped_by_budget, recipe(options, pre.crop_size))
+        plan, stopped_by_budget, tried)
 
 
 
