@@ -83,7 +83,6 @@ class Standardize(StrEnum):
 
 class ProbeBackend(StrEnum):
     auto = "auto"
-    sklearn = "sklearn"
     torch = "torch"
 
 

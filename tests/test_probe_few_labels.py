@@ -164,7 +164,7 @@ def test_the_scheme_follows_the_size_of_the_split() -> None:
 
 
 def test_cli_says_how_c_was_chosen(faces: tuple[pr.Dataset, pr.Dataset], tmp_path: Path) -> None:
-    store = Path(faces[0].paths[0]).parents[2] / "train.store"
+    store = Path(faces[0].paths[0].as_py()).parents[2] / "train.store"
     r = runner.invoke(app, ["probe", str(store), "--out", str(tmp_path / "p.probe")])
     assert r.exit_code == 0, r.output
     assert "chosen by 5-fold cross-validation on 140 images" in r.output

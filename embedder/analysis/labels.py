@@ -19,9 +19,8 @@ import numpy as np
 from embedder.analysis.knn import KnnGraph
 from embedder.analysis.options import LabelOptions
 from embedder.errors import ProbeError
-from embedder.learn.probe import _fitter, select_options
-from embedder.learn.selection import scaler, select_c, stratified_folds, stratified_split
-from embedder.models.heads import LinearHead
+from embedder.learn.probe import select_options
+from embedder.learn.selection import fold_heads, select_c, stratified_folds, stratified_split
 
 
 @dataclass
@@ -65,8 +64,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, n_classes: int, options: LabelOptions
     sel = np.arange(len(y))
     if len(y) > options.select_rows:
         _, sel = stratified_split(y, options.select_rows / len(y), options.seed)
-    chosen = select_c(x[sel], y[sel], n_classes, select_options(options.probe, "log_loss"),
-                      lambda: _fitter(options.probe, n_classes))
+    chosen = select_c(x[sel], y[sel], n_classes, select_options(options.probe, "log_loss"))
     return chosen.C, chosen.standardize
 
 
@@ -74,7 +72,8 @@ def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list
                    options: LabelOptions = LabelOptions(),
                    progress: Callable[[int, int, str], None] | None = None) -> CrossValidated:
     """K-fold out-of-sample probabilities; C and standardisation chosen once (``choose_c``), then
-    fixed for every fold."""
+    every fold's probe solved together (one batched problem: one pass over the vectors per step,
+    no per-fold copy of them)."""
     n_classes = len(classes)
     counts = np.bincount(y, minlength=n_classes)
     if (counts > 0).sum() < 2:
@@ -82,20 +81,18 @@ def cross_validate(x: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: list
     folds = int(min(options.folds, max(2, counts.max())))
     C, std = choose_c(x, y, n_classes, options)
     fold = stratified_folds(y, folds, options.seed)
-    proba = np.zeros((len(y), n_classes), np.float32)
     for f in range(folds):
-        test = fold == f
-        if len(np.unique(y[~test])) < 2:
+        if len(np.unique(y[fold != f])) < 2:
             raise ProbeError(f"too few labelled images for a {folds}-fold cross-validated probe (a fold would "
                              "train on one class); label more images per class")
-        xt = x[~test]  # the one copy per fold: standardised in place
-        mean, scale = scaler(xt, std)
-        if std:
-            xt -= mean
-            xt /= scale
-        coef, icpt = _fitter(options.probe, n_classes).fit(xt, y[~test], C)
-        del xt
-        proba[test] = LinearHead(coef, icpt, mean, scale).proba(x[test])
+    sel = select_options(options.probe)
+    heads = fold_heads(x, y, n_classes, fold, C, std, sel)
+    proba = np.zeros((len(y), n_classes), np.float32)
+    for f, head in enumerate(heads):
+        test = np.flatnonzero(fold == f)
+        for s in range(0, len(test), 65_536):
+            part = test[s:s + 65_536]
+            proba[part] = head.proba(x[part])
         if progress:
             progress(f + 1, folds, "cross-validated probe")
     return CrossValidated(rows, y, proba, C, std, folds)

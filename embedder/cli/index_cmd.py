@@ -19,14 +19,9 @@ index_app = typer.Typer(help="Build and manage FAISS indexes over stores.", no_a
 
 
 def parse_size(text: str) -> int:
-    """'512MB', '2GB', '1.5GiB', '1000000' → bytes (powers of 1024: budgets are memory)."""
-    import re
+    from embedder.sizes import parse_size as parse
 
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
-    if not m:
-        raise IndexError_(f"cannot read the memory budget {text!r}; write e.g. 512MB or 2GB")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    return parse(text, IndexError_)
 
 
 @index_app.command("build")

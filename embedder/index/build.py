@@ -37,7 +37,8 @@ from embedder.index.generations import (  # noqa: F401
     locate,
     names,
 )
-from embedder.index.plan import ENGINES, METRICS, RERANK_FACTOR, BuildOptions, Plan, default_budget, plan
+from embedder.index.plan import ENGINES, METRICS, RERANK_FACTOR, BuildOptions, Plan, plan
+from embedder.sizes import default_budget
 from embedder.index.quality import Searcher, measure_and_tune, tune
 from embedder.index.search import LoadedIndex
 from embedder.io import storage

@@ -4,7 +4,6 @@ training size, why) that a build follows."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,15 +60,6 @@ class IndexInfo:
     name: str
     path: str
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-
-def default_budget() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
 
 
 COARSE = choices.COARSE

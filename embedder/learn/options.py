@@ -20,5 +20,6 @@ class ProbeOptions:
     standardize: str = "auto"  # auto (decided on validation) | yes | no
     min_val_rows: int = 500  # a validation split smaller than this: C chosen by K-fold on all of train
     folds: int = 5
-    backend: str = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
+    backend: str = "auto"  # the solver is embedder's float32 L-BFGS: auto (CUDA when present) | torch
     device: str = "auto"
+    memory_budget: int | None = None  # bytes the training vectors may take (None: a quarter of RAM); streamed beyond

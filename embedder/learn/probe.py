@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,30 +22,64 @@ import numpy as np
 
 from embedder.errors import ProbeError
 from embedder.learn.options import ProbeOptions
-from embedder.learn.selection import Selection, SelectOptions, scaler, select_c, sweep_steps
+from embedder.learn.selection import Selection, SelectOptions, fit_all, select_c, sweep_steps
 from embedder.models.heads import LinearHead
+from embedder.sizes import default_budget
 from embedder.store.provenance import Provenance
-from embedder.store.shards import Store, arrow_to_embeddings
+from embedder.learn.logreg import CHUNK_ROWS, ArrayRows, RowSource
+from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)
 
 PROBE_KEY = "embedder_probe"
-SMALL_FIT = 2_000_000  # rows x dim below which a fit runs on one BLAS thread
 PROBE_FORMAT = "embedder-probe/1"
+BACKENDS = ("auto", "torch")  # the solver is embedder's float32 L-BFGS (``logreg``), on CPU or CUDA
 
 
 
 
 @dataclass
 class Dataset:
-    x: np.ndarray
-    y: np.ndarray  # int class indices
+    x: np.ndarray | RowSource  # float32 rows in memory, or streamed from the store (``StoreRows``)
+    y: np.ndarray  # int class indices (-1: a class outside ``classes``)
     classes: list[str]
-    ids: list[str]
-    paths: list[str]
+    ids: Any  # Arrow array or list of the rows' ids
+    paths: Any
     provenance: dict[str, Any]
     dropped_unlabelled: int = 0
     unseen: list[str] = field(default_factory=list)  # labels absent from the given class list (y = -1)
+
+    @property
+    def rows(self) -> RowSource:
+        return ArrayRows(self.x) if isinstance(self.x, np.ndarray) else self.x
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1]) if isinstance(self.x, np.ndarray) else self.x.dim
+
+
+class StoreRows:
+    """A store's labelled rows streamed record batch by record batch on every pass (a ``RowSource``):
+    what the probe reads when the vectors are larger than its memory budget."""
+
+    def __init__(self, store: Store, keep: np.ndarray, batch_rows: int = CHUNK_ROWS) -> None:
+        self.store, self.keep, self.batch_rows = store, keep, batch_rows
+        self.n, self.dim = int(keep.sum()), store.dim
+        self.reads = 0
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        self.reads += 1
+        row = at = 0
+        for block in self.store.iter_embeddings(self.batch_rows):
+            sel = self.keep[row:row + len(block)]
+            row += len(block)
+            if not sel.all():
+                block = block[sel]
+            if len(block):
+                yield at, block
+                at += len(block)
+        if at != self.n:
+            raise ProbeError(f"{self.store.root} changed while the probe was reading it; rerun")
 
 
 @dataclass
@@ -60,154 +93,85 @@ class ProbeResult:
     n_train: int
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    backend: str = "sklearn"
+    backend: str = "torch-cpu"
     seconds: float = 0.0
     selection: str = ""  # how C was chosen, and on how many images
     n_select: int = 0
+    select_seconds: float = 0.0  # of ``seconds``: choosing C
+    refit_seconds: float = 0.0  # of ``seconds``: the refit on all of train
 
 
-def load_dataset(store_path: str, label_column: str = "label",
-                 classes: list[str] | None = None) -> Dataset:
+def load_dataset(store_path: str, label_column: str = "label", classes: list[str] | None = None,
+                 memory_budget: int | None = None) -> Dataset:
+    """A store's labelled rows. Their vectors are one float32 matrix (filled record batch by record
+    batch: no Arrow copy beside it, never float64) unless that matrix would exceed MEMORY_BUDGET
+    bytes (default: a quarter of RAM); then they are streamed from the store on every pass
+    (``StoreRows``)."""
+    import pyarrow.compute as pc
+
     store = Store.open(store_path)
     names = store.dataset().schema.names
     if label_column not in names:
         raise ProbeError(f"{store_path} has no column {label_column!r}; columns: "
                          f"{', '.join(n for n in names if n != 'embedding')}")
-    t = store.read(["id", "path", "embedding", label_column])
-    labels = t.column(label_column).to_pylist()
-    keep = [i for i, lab in enumerate(labels) if lab is not None and lab != ""]
-    if not keep:
+    t = store.read(["id", "path", label_column])
+    lab = t.column(label_column).cast("string").combine_chunks() if t.num_rows else None
+    if lab is None:
+        raise ProbeError(f"{store_path} is empty: extract images into it first")
+    keep = np.asarray(pc.and_(pc.is_valid(lab), pc.not_equal(lab, "")).fill_null(False), bool)
+    if not keep.any():
         raise ProbeError(f"{store_path} has no labels in {label_column!r}: put images in one "
                          "subfolder per class (ImageFolder) or extract from a list with a label column")
-    n_rows = t.num_rows
-    t = t.take(keep)
-    labels = [str(labels[i]) for i in keep]
-    x = arrow_to_embeddings(t.column("embedding"))
-    known = classes or sorted(set(labels))
+    rows = np.flatnonzero(keep)
+    labels = lab.take(rows).dictionary_encode()
+    names_here = [str(v) for v in labels.dictionary.to_pylist()]
+    known = classes or sorted(set(names_here))
     index = {c: i for i, c in enumerate(known)}
-    y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
-    return Dataset(x, y, known, t.column("id").to_pylist(), t.column("path").to_pylist(),
-                   store.provenance.to_dict(), dropped_unlabelled=n_rows - len(keep),
-                   unseen=sorted(set(labels) - set(known)))
-
-
-class _SklearnFitter:
-    """Warm-started multinomial L-BFGS along a C path (sklearn's objective: C·Σloss + ½‖W‖²)."""
-
-    name = "sklearn"
-
-    def __init__(self, n_classes: int, max_iter: int) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        self.model = LogisticRegression(C=1.0, max_iter=max_iter, warm_start=True, tol=1e-4)
-        self.n_classes = n_classes
-
-    def init(self, coef: np.ndarray, icpt: np.ndarray, y: np.ndarray) -> None:
-        """Start the final fit from a known solution (sklearn's warm_start reads coef_); converge
-        it tightly, since a warm start at small C otherwise stops at once."""
-        self.model.set_params(tol=1e-7)
-        present = np.unique(y)
-        if len(present) > 2:
-            self.model.coef_ = coef[present].astype(np.float64)
-            self.model.intercept_ = icpt[present].astype(np.float64)
-
-    def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.exceptions import ConvergenceWarning
-        from threadpoolctl import threadpool_limits
-
-        self.model.set_params(C=C)
-        # a small problem on one BLAS thread: threads that wait for each other cost more than the
-        # products (measured: 100 x 1280, 10 classes, the whole K-fold sweep on 2 busy cores,
-        # 151.6 s with OpenBLAS's 2 threads, 4.2 s with 1)
-        with threadpool_limits(1 if x.size < SMALL_FIT else None), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            # few images per class (2 each of 21 classes) is a classification all the same
-            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-            self.model.fit(x, y)
-        coef, icpt = self.model.coef_, self.model.intercept_
-        if coef.shape[0] == 1:  # binary: sklearn keeps one row; expand to a softmax pair
-            coef = np.vstack([-coef / 2, coef / 2])
-            icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
-        full_c = np.zeros((self.n_classes, x.shape[1]), np.float32)
-        full_i = np.full(self.n_classes, -1e9, np.float32)  # classes absent from train never win
-        present = self.model.classes_
-        full_c[present] = coef
-        full_i[present] = icpt
-        return full_c, full_i
-
-
-class _TorchFitter:
-    """Full-batch L-BFGS in torch (the GPU path), same objective as scikit-learn's."""
-
-    name = "torch"
-
-    def __init__(self, n_classes: int, max_iter: int, device: str) -> None:
-        import torch
-
-        from embedder.models.devices import resolve_device
-
-        self.torch = torch
-        self.device = resolve_device(device)
-        self.n_classes = n_classes
-        self.max_iter = max_iter
-        self.w: Any = None
-        self.b: Any = None
-
-    def init(self, coef: np.ndarray, icpt: np.ndarray, y: np.ndarray) -> None:
-        torch = self.torch
-        self.w = torch.tensor(coef, device=self.device, dtype=torch.float32, requires_grad=True)
-        self.b = torch.tensor(icpt, device=self.device, dtype=torch.float32, requires_grad=True)
-
-    def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        X = torch.as_tensor(x, device=self.device, dtype=torch.float32)
-        Y = torch.as_tensor(y, device=self.device)
-        if self.w is None:
-            self.w = torch.zeros(self.n_classes, x.shape[1], device=self.device, requires_grad=True)
-            self.b = torch.zeros(self.n_classes, device=self.device, requires_grad=True)
-        opt = torch.optim.LBFGS([self.w, self.b], lr=1, max_iter=self.max_iter, history_size=20,
-                                tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-        n = len(y)
-
-        def closure() -> Any:
-            opt.zero_grad()
-            # sklearn's C·Σloss + ½‖W‖², divided by C·n: same minimiser, gradients of order one
-            # (so L-BFGS's tolerances mean the same at C=1e-6 as at C=1e5).
-            loss = torch.nn.functional.cross_entropy(X @ self.w.T + self.b, Y, reduction="mean")
-            loss = loss + (self.w * self.w).sum() / (2 * C * n)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return self.w.detach().cpu().numpy(), self.b.detach().cpu().numpy()
-
-
-def _fitter(options: ProbeOptions, n_classes: int) -> _SklearnFitter | _TorchFitter:
-    backend = options.backend
-    if backend == "auto":
-        import torch
-
-        backend = "torch" if torch.cuda.is_available() and options.device != "cpu" else "sklearn"
-    if backend == "torch":
-        return _TorchFitter(n_classes, options.max_iter, options.device)
-    if backend != "sklearn":
-        raise ProbeError(f"unknown backend {backend!r}; valid: auto, sklearn, torch")
-    return _SklearnFitter(n_classes, options.max_iter)
+    lut = np.array([index.get(v, -1) for v in names_here], np.int64)
+    y = lut[labels.indices.to_numpy(zero_copy_only=False)]
+    n = len(rows)
+    budget = default_budget() if memory_budget is None else memory_budget
+    if n * store.dim * 4 > budget:
+        x: np.ndarray | RowSource = StoreRows(store, keep)
+        log.info("probe: %d x %d vectors exceed the memory budget (%d MB): streamed from the store",
+                 n, store.dim, budget >> 20)
+    else:
+        x = store.read_embeddings(keep)
+    return Dataset(x, y, known, t.column("id").take(rows), t.column("path").take(rows),
+                   store.provenance.to_dict(), dropped_unlabelled=t.num_rows - n,
+                   unseen=sorted(set(names_here) - set(known)))
 
 
 def select_options(options: ProbeOptions, criterion: str = "accuracy") -> SelectOptions:
+    """The selection's settings from a probe's (one place: probe, finetune, inspect, compare)."""
     return SelectOptions(c_min_exp=options.c_min_exp, c_max_exp=options.c_max_exp, refine=options.refine,
                          val_fraction=options.val_fraction, min_val_rows=options.min_val_rows,
                          folds=options.folds, seed=options.seed, standardize=options.standardize,
-                         criterion=criterion)
+                         criterion=criterion, max_iter=options.max_iter, device=solver_device(options))
+
+
+def solver_device(options: ProbeOptions) -> str:
+    """Where the solver runs: CUDA when asked or (auto) present, else the CPU."""
+    if options.backend not in BACKENDS:
+        raise ProbeError(f"unknown backend {options.backend!r}; valid: {', '.join(BACKENDS)}")
+    if options.device not in ("auto", "cpu") or options.backend == "torch":
+        from embedder.models.devices import resolve_device
+
+        return str(resolve_device(options.device))
+    if options.device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
                 progress: Callable[[int, int, str], None] | None = None) -> ProbeResult:
     """C and standardisation chosen on held-out predictions (``selection.select_c``: a split when it
-    is large, K-fold on all of train when it is not), then refit on all of train."""
+    is large, K-fold on all of train when it is not), then refit on all of train, warm-started from
+    the chosen folds' mean. ``train.x`` is a float32 array or a ``logreg.RowSource`` (streamed)."""
     t0 = time.perf_counter()
-    counts = np.bincount(train.y, minlength=len(train.classes))
+    counts = np.bincount(train.y[train.y >= 0], minlength=len(train.classes))
     if len(train.classes) < 2 or (counts > 0).sum() < 2:
         raise ProbeError(f"need at least 2 classes to train a probe, found {len(train.classes)} "
                          f"({', '.join(train.classes)})")
@@ -215,69 +179,94 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     total = sweep_steps(train.y, sel_opts) + 1
     done = 0
 
-    def tick(desc: str = "C sweep") -> None:
+    def tick(n: int, desc: str = "C sweep") -> None:
         nonlocal done
-        done += 1
+        done += n
         if progress:
             progress(done, total, desc)
 
-    def factory() -> Any:
-        return _fitter(options, len(train.classes))
-
-    chosen: Selection = select_c(train.x, train.y, len(train.classes), sel_opts, factory, tick)
-    # Refit on all of train with the chosen C and standardisation.
-    mean, scale = scaler(train.x, chosen.standardize)
-    fitter = factory()
-    if chosen.solution is not None:
-        fitter.init(*chosen.solution, train.y)  # warm start from the held-out fit at that C
-    coef, icpt = fitter.fit((train.x - mean) / scale, train.y, chosen.C)
-    tick("refit")
-    head = LinearHead(coef.astype(np.float32), icpt.astype(np.float32), mean, scale)
-    log.info("probe: %s", chosen.describe())
+    x = np.asarray(train.x, np.float32) if isinstance(train.x, np.ndarray) else train.x
+    chosen: Selection = select_c(x, train.y, len(train.classes), sel_opts, tick)
+    t_refit = time.perf_counter()
+    head, sol = fit_all(x, train.y, len(train.classes), chosen.C, chosen.standardize, chosen.solution, sel_opts,
+                        chosen.history)
+    tick(1, "refit")
+    log.info("probe: %s; refit %d iterations", chosen.describe(), int(sol.iterations[0]))
     return ProbeResult(head, train.classes, chosen.C, chosen.standardize, chosen.accuracy, chosen.sweep,
-                       len(train.y), provenance=train.provenance, backend=fitter.name,
-                       seconds=time.perf_counter() - t0, selection=chosen.describe(), n_select=chosen.n_rows)
+                       int((train.y >= 0).sum()), provenance=train.provenance, backend=f"torch-{sel_opts.device}",
+                       seconds=time.perf_counter() - t0, selection=chosen.describe(), n_select=chosen.n_rows,
+                       select_seconds=chosen.seconds, refit_seconds=time.perf_counter() - t_refit)
 
 
-def knn_predict(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, n_classes: int, k: int = 20,
-                temperature: float = 0.07) -> np.ndarray:
-    """DINOv2's kNN: cosine on unit vectors, votes weighted by exp(sim / T). Returns class scores."""
-    a = xtr / np.maximum(np.linalg.norm(xtr, axis=1, keepdims=True), 1e-12)
-    b = xte / np.maximum(np.linalg.norm(xte, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(a))
-    scores = np.zeros((len(b), n_classes), np.float64)
-    for s in range(0, len(b), 1024):
-        sims = b[s:s + 1024] @ a.T
-        nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        w = np.exp(np.take_along_axis(sims, nn, 1) / temperature)
-        for j in range(k):
-            np.add.at(scores[s:s + 1024], (np.arange(len(nn)), ytr[nn[:, j]]), w[:, j])
+def as_rows(x: np.ndarray | RowSource) -> RowSource:
+    return ArrayRows(np.asarray(x, np.float32)) if isinstance(x, np.ndarray) else x
+
+
+def knn_predict(xtr: np.ndarray | RowSource, ytr: np.ndarray, xte: np.ndarray | RowSource, n_classes: int,
+                k: int = 20, temperature: float = 0.07, test_chunk: int = 2048) -> np.ndarray:
+    """DINOv2's kNN: cosine, votes weighted by exp(sim / T). Returns class scores [n_test, classes].
+    Train and test are in memory or streamed: the train rows' norms are taken once (no normalised
+    copy), and each block of test rows keeps its k best across the train chunks."""
+    train, test = as_rows(xtr), as_rows(xte)
+    k = min(k, train.n)
+    norms = np.empty(train.n, np.float32)
+    for start, a in train.chunks():
+        norms[start:start + len(a)] = np.maximum(np.linalg.norm(a, axis=1), 1e-12)
+    scores = np.zeros((test.n, n_classes), np.float64)
+    for t0, block in test.chunks():
+        for s in range(0, len(block), test_chunk):
+            b = block[s:s + test_chunk]
+            b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+            m = len(b)
+            best_s = np.full((m, 0), -np.inf, np.float32)
+            best_i = np.zeros((m, 0), np.int64)
+            for start, a in train.chunks():
+                sims = (b @ a.T) / norms[start:start + len(a)]
+                cand_s = np.concatenate([best_s, sims], 1)
+                cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(a)), sims.shape)], 1)
+                top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k] if cand_s.shape[1] > k else \
+                    np.broadcast_to(np.arange(cand_s.shape[1]), (m, cand_s.shape[1]))
+                best_s = np.take_along_axis(cand_s, top, 1)
+                best_i = np.take_along_axis(cand_i, top, 1)
+            w = np.exp(best_s.astype(np.float64) / temperature)
+            flat = (np.arange(m)[:, None] * n_classes + ytr[best_i]).ravel()
+            at = t0 + s
+            scores[at:at + m] = np.bincount(flat, weights=w.ravel(), minlength=m * n_classes).reshape(m, n_classes)
     return scores
 
 
-def evaluate(head: LinearHead, classes: list[str], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def evaluate(head: LinearHead, classes: list[str], x: np.ndarray | RowSource, y: np.ndarray) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class precision/recall/F1, confusion and top-5 on the rows
+    with a known class (y >= 0), predicted block by block."""
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-    proba = head.proba(x)
-    pred = proba.argmax(1)
+    pred = np.empty(len(y), np.int64)
+    top5_hit = np.zeros(len(y), bool)
+    for start, block in as_rows(x).chunks():
+        proba = head.proba(block)
+        yy = y[start:start + len(block)]
+        pred[start:start + len(block)] = proba.argmax(1)
+        if len(classes) > 5:
+            top5_hit[start:start + len(block)] = (np.argsort(-proba, axis=1)[:, :5] == yy[:, None]).any(1)
+    known = y >= 0
+    pred, yk, top5_hit = pred[known], y[known], top5_hit[known]
     labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    p, r, f, sup = precision_recall_fscore_support(yk, pred, labels=labels, zero_division=0)
     out: dict[str, Any] = {
-        "accuracy": float((pred == y).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "accuracy": float((pred == yk).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(yk, pred)),
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                          "support": int(s[i])} for i, c in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+                          "support": int(sup[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(yk, pred, labels=labels).tolist(),
     }
     if len(classes) > 5:
-        top5 = np.argsort(-proba, axis=1)[:, :5]
-        out["top5_accuracy"] = float((top5 == y[:, None]).any(1).mean())
+        out["top5_accuracy"] = float(top5_hit.mean())
     return out
 
 
 def check_compatible(train: Dataset, test: Dataset) -> None:
-    if train.x.shape[1] != test.x.shape[1]:
-        raise ProbeError(f"train vectors have dim {train.x.shape[1]}, test vectors {test.x.shape[1]}: "
+    if train.dim != test.dim:
+        raise ProbeError(f"train vectors have dim {train.dim}, test vectors {test.dim}: "
                          "embed both with the same backbone and layer")
     a, b = Provenance.from_dict(train.provenance), Provenance.from_dict(test.provenance)
     diff = a.differences(b, Provenance.COMPARABLE)
@@ -287,12 +276,13 @@ def check_compatible(train: Dataset, test: Dataset) -> None:
 
 
 # ---- the probe file --------------------------------------------------------------------------
-def load_test(path: str, train: Dataset, label_column: str = "label") -> Dataset:
+def load_test(path: str, train: Dataset, label_column: str = "label",
+              memory_budget: int | None = None) -> Dataset:
     """A test store for a trained probe: embedded as train was (else an error), its rows of
-    classes train never saw dropped (named in ``.unseen``)."""
-    test = load_dataset(path, label_column, train.classes)
+    classes train never saw left out of every metric (named in ``.unseen``)."""
+    test = load_dataset(path, label_column, train.classes, memory_budget)
     check_compatible(train, test)
-    if test.unseen:
+    if test.unseen and isinstance(test.x, np.ndarray):
         keep = test.y >= 0
         test.x, test.y = test.x[keep], test.y[keep]
     return test
@@ -301,11 +291,12 @@ def load_test(path: str, train: Dataset, label_column: str = "label") -> Dataset
 def test_metrics(result: ProbeResult, train: Dataset, test: Dataset, options: ProbeOptions) -> dict[str, Any]:
     """Test accuracy (overall, per class, confusion) and the kNN baseline on the same images."""
     metrics: dict[str, Any] = {"knn_k": options.knn_k}
-    if len(test.y):
+    known = test.y >= 0
+    if known.any():
         metrics["test"] = evaluate(result.head, train.classes, test.x, test.y)
         scores = knn_predict(train.x, train.y, test.x, len(train.classes), options.knn_k, options.knn_temperature)
-        metrics["knn_test_accuracy"] = float((scores.argmax(1) == test.y).mean())
-        metrics["n_test"] = int(len(test.y))
+        metrics["knn_test_accuracy"] = float((scores.argmax(1) == test.y)[known].mean())
+        metrics["n_test"] = int(known.sum())
     return metrics
 
 
@@ -315,7 +306,7 @@ def save_probe(path: Path, result: ProbeResult) -> None:
     meta = {"format": PROBE_FORMAT, "classes": result.classes, "C": result.C,
             "standardize": result.standardize, "val_accuracy": result.val_accuracy,
             "selection": result.selection, "n_select": result.n_select, "n_train": result.n_train,
-            "backend": result.backend, "provenance": result.provenance,
+            "backend": result.backend, "seconds": round(result.seconds, 2), "provenance": result.provenance,
             "metrics": {k: v for k, v in result.metrics.items() if k != "sweep"}}
     h = result.head
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +348,7 @@ def result_json(result: ProbeResult) -> dict[str, Any]:
         "knn_test_accuracy": m.get("knn_test_accuracy"), "knn_k": m.get("knn_k"),
         "n_train": result.n_train, "n_test": m.get("n_test", 0), "classes": result.classes,
         "backend": result.backend, "seconds": round(result.seconds, 2),
+        "select_seconds": round(result.select_seconds, 2), "refit_seconds": round(result.refit_seconds, 2),
         "per_class": m.get("test", {}).get("per_class"),
         "confusion_matrix": m.get("test", {}).get("confusion_matrix"),
         "sweep": result.sweep,

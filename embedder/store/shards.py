@@ -188,6 +188,37 @@ class Store:
         """Every embedding as float32 ``(len(store), dim)``, in ``table()``'s row order."""
         return arrow_to_embeddings(self.read(["embedding"]).column("embedding"))
 
+    def iter_embeddings(self, batch_rows: int = 8192) -> Iterator[np.ndarray]:
+        """Every embedding, in ``table()``'s row order, as float32 ``[≤ batch_rows, dim]`` blocks read
+        record batch by record batch (one batch in memory at a time)."""
+        try:
+            for loc in self.shard_files():
+                f = storage.open_parquet(loc)
+                for batch in f.iter_batches(batch_size=batch_rows, columns=["embedding"]):
+                    yield arrow_to_embeddings(batch.column(0))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.root}: cannot read shards ({str(e).splitlines()[0]}); a shard "
+                             "damaged outside embedder can be moved away and the extraction rerun") from None
+
+    def read_embeddings(self, keep: np.ndarray | None = None, batch_rows: int = 8192) -> np.ndarray:
+        """The embeddings of the rows where KEEP (bool, table order) is True, as one float32 matrix
+        filled batch by batch: one float32 copy plus one batch, never the Arrow table beside it."""
+        n = self.count() if keep is None else int(keep.sum())
+        out = np.empty((n, self.dim), np.float32)
+        at = row = 0
+        for block in self.iter_embeddings(batch_rows):
+            if keep is not None:
+                sel = keep[row:row + len(block)]
+                row += len(block)
+                block = block[sel]
+            if at + len(block) > n:
+                raise StoreError(f"{self.root}: its shards changed while being read; rerun")
+            out[at:at + len(block)] = block
+            at += len(block)
+        if at != n:
+            raise StoreError(f"{self.root}: its shards changed while being read; rerun")
+        return out
+
     def __str__(self) -> str:
         return self.root
 

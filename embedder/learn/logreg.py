@@ -1,0 +1,470 @@
+"""Multinomial logistic regression in float32 torch: many L2-regularised problems on one feature
+matrix, solved together.
+
+A probe's choice of C fits the same model on several row subsets (the folds of a cross-validation,
+or a split), with and without standardisation, at a path of C's. Each is scikit-learn's objective,
+divided by C·n so that tolerances mean the same at every C::
+
+    mean_i CE(x_i W'ᵀ + b, y_i) + ‖W‖² / (2·C·n),   W' = W / scale,  x centred by mean
+
+Here they are P independent problems that share the rows: one pass over the features computes the
+logits of all of them (``X @ [W'_1 … W'_P]ᵀ``: the matrix is read once, not P times), each row
+weighted 0 or 1 per problem (its fold), standardisation folded into the weights (never a
+standardised copy of the features). Each problem keeps its own L-BFGS state (history, step, stopping
+test) in batched tensors — so a fold that has converged stops costing anything — and a backtracking
+(Armijo) line search; the objective is strongly convex, so every step's curvature pair is valid.
+
+The features are read in row chunks (``RowSource``): an in-memory float32 array (no copy: float32
+is never widened to float64, as scikit-learn's solver does) or record batches streamed from a store
+on each pass, so memory stays at the parameters plus one chunk whatever the number of rows.
+
+Measured against scikit-learn's ``LogisticRegression`` (same objective, same gradient tolerance) in
+``scripts/bench_probe.py``; agreement is tested in ``tests/test_probe.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+CHUNK_ROWS = 16_384  # rows per pass step: the working set is CHUNK_ROWS x (dim + problems x classes)
+
+
+class RowSource(Protocol):
+    """Float32 feature rows in a fixed order, as many times as asked (one pass per call)."""
+
+    n: int
+    dim: int
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 [rows, dim]) for consecutive chunks covering all ``n`` rows."""
+        ...
+
+
+@dataclass
+class ArrayRows:
+    """An in-memory float32 matrix, read in slices (views: nothing is copied)."""
+
+    x: np.ndarray
+    chunk: int = CHUNK_ROWS
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != np.float32:
+            raise TypeError(f"features must be float32, got {self.x.dtype}")  # a caller's bug, not input
+        self.n, self.dim = self.x.shape
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for s in range(0, self.n, self.chunk):
+            yield s, self.x[s:s + self.chunk]
+
+
+@dataclass(frozen=True)
+class Problems:
+    """P problems on one row source. ``fold[i]`` is row i's fold (-1: in no fold, trained on by
+    every problem); problem p trains on the rows whose fold is not ``held_out[p]`` (-2: all rows)
+    and, when ``weight`` is given, only where weight[i] is True (rows without a label, say)."""
+
+    fold: np.ndarray  # int [n]
+    held_out: np.ndarray  # int [P]
+    mean: np.ndarray  # float32 [P, dim]
+    scale: np.ndarray  # float32 [P, dim]
+    C: np.ndarray  # float [P]
+
+    @property
+    def count(self) -> int:
+        return len(self.held_out)
+
+    def subset(self, idx: np.ndarray) -> Problems:
+        return Problems(self.fold, self.held_out[idx], self.mean[idx], self.scale[idx], self.C[idx])
+
+    def with_C(self, C: np.ndarray | float) -> Problems:
+        return Problems(self.fold, self.held_out, self.mean, self.scale,
+                        np.broadcast_to(np.asarray(C, np.float64), self.held_out.shape).copy())
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    tol: float = 1e-4  # max |gradient| of the scaled objective (scikit-learn's gtol, same scale)
+    max_iter: int = 1000
+    tol_floor: float = 1e-6  # what float32 gradients resolve
+    rtol: float = 1.0  # ... and at most this times the penalty's gradient, max |W| / (C n)
+    history: int = 10
+    device: str = "cpu"
+
+
+@dataclass
+class Solution:
+    coef: np.ndarray  # float32 [P, classes, dim], in each problem's standardised space
+    intercept: np.ndarray  # float32 [P, classes]
+    iterations: np.ndarray  # int [P]
+    converged: np.ndarray  # bool [P]: the gradient test met (not stopped by max_iter or float32's limit)
+    passes: int  # passes over the rows (objective and gradient evaluations)
+    history: History | None = None
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+SMALL_WORK = 20_000_000  # multiply-adds per pass below which the solver runs on one thread
+
+
+@contextlib.contextmanager
+def threads_for(work: float) -> Iterator[None]:
+    """One torch thread for a small problem (threads that wait for each other cost more than the
+    products when the cores are busy: measured 151.6 s against 4.2 s for a 100-image sweep with
+    OpenBLAS), torch's own setting otherwise."""
+    torch = _torch()
+    before = torch.get_num_threads()
+    if work >= SMALL_WORK or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Objective:
+    """Loss and gradient of a subset of the problems, summed over the row chunks."""
+
+    def __init__(self, rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems, device: Any) -> None:
+        torch = _torch()
+        self.torch = torch
+        self.rows, self.k, self.device = rows, n_classes, device
+        self.y = torch.as_tensor(np.asarray(y, np.int64))
+        self.fold = torch.as_tensor(np.asarray(problems.fold, np.int64))
+        self.problems = problems
+        self.held = torch.as_tensor(problems.held_out, device=device)
+        self.mean = torch.as_tensor(problems.mean, device=device)
+        self.scale = torch.as_tensor(problems.scale, device=device)
+        trains = (self.fold[:, None] != torch.as_tensor(problems.held_out)[None, :]) & (self.y[:, None] >= 0)
+        self.n_rows = trains.sum(0).to(torch.float64).clamp(min=1).to(device)  # [P]
+        self.lam = (1.0 / (torch.as_tensor(problems.C, dtype=torch.float64, device=device) * self.n_rows)
+                    ).to(torch.float32)
+        self.passes = 0
+
+    def __call__(self, w: Any, b: Any, idx: Any) -> tuple[Any, Any, Any]:
+        """(loss [p], grad_w [p, k, d], grad_b [p, k]) for problems ``idx`` at (w, b) [p, k, d], [p, k]."""
+        torch = self.torch
+        self.passes += 1
+        p, k, d = w.shape
+        scale, mean = self.scale[idx], self.mean[idx]
+        v = w / scale[:, None, :]  # raw-space weights
+        c = b - (v * mean[:, None, :]).sum(-1)  # raw-space intercepts
+        vt = v.reshape(p * k, d).T.contiguous()
+        held = self.held[idx]
+        inv_n = (1.0 / self.n_rows[idx]).to(torch.float32)
+        loss = torch.zeros(p, dtype=torch.float64, device=self.device)
+        gv = torch.zeros(p * k, d, device=self.device)
+        gc = torch.zeros(p, k, device=self.device)
+        ar = torch.arange(p, device=self.device)
+        for start, chunk in self.rows.chunks():
+            x = torch.as_tensor(chunk).to(self.device)
+            m = x.shape[0]
+            yy = self.y[start:start + m].to(self.device)
+            ff = self.fold[start:start + m].to(self.device)
+            wt = ((ff[:, None] != held[None, :]) & (yy[:, None] >= 0)).to(torch.float32) * inv_n  # [m, p]
+            z = torch.addmm(c.reshape(-1), x, vt).view(m, p, k)
+            top = z.amax(-1, keepdim=True)
+            e = torch.exp(z - top)  # one exponential serves the loss and the gradient
+            total = e.sum(-1)  # [m, p]
+            rows_m = torch.arange(m, device=self.device)
+            ysafe = yy.clamp(min=0)
+            zy = z[rows_m, :, ysafe] - top[..., 0]  # [m, p]
+            loss += ((torch.log(total) - zy) * wt).sum(0).to(torch.float64)
+            e /= total[..., None]
+            e[rows_m[:, None], ar[None, :], ysafe[:, None]] -= 1.0
+            e *= wt[:, :, None]
+            gv.addmm_(e.view(m, p * k).T, x)
+            gc += e.sum(0)
+        gv3 = gv.view(p, k, d)
+        gv3 -= gc[:, :, None] * mean[:, None, :]
+        lam = self.lam[idx]
+        gw = gv3 / scale[:, None, :] + lam[:, None, None] * w
+        loss += (0.5 * lam.to(torch.float64) * (w.to(torch.float64) ** 2).sum((1, 2)))
+        return loss, gw, gc
+
+
+@dataclass
+class History:
+    """Each problem's L-BFGS curvature pairs (oldest first), kept between solves on a C path: a pair
+    measured at penalty λ is exact at λ' once ``(λ' - λ)·s`` is added to its ``y`` (the penalty's
+    Hessian is λ·I on the weights), so a warm start at the next C starts with a good Hessian model."""
+
+    S: Any  # [m, P, D]
+    Y: Any  # [m, P, D]
+    lam: Any  # [P], the λ they were measured at
+
+    def take(self, idx: Any) -> History:
+        return History(self.S[:, idx], self.Y[:, idx], self.lam[idx])
+
+    @staticmethod
+    def cat(parts: list[History]) -> History:
+        torch = _torch()
+        return History(torch.cat([h.S for h in parts], 1), torch.cat([h.Y for h in parts], 1),
+                       torch.cat([h.lam for h in parts]))
+
+    def tile(self, n: int) -> History:
+        return History(self.S.repeat(1, n, 1), self.Y.repeat(1, n, 1), self.lam.repeat(n))
+
+
+def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
+          init: tuple[np.ndarray, np.ndarray] | None = None, options: SolverOptions = SolverOptions(),
+          history: History | None = None) -> Solution:
+    """Minimise every problem's objective with a per-problem L-BFGS, all problems evaluated in one
+    pass over the rows. ``init``: (coef [P, k, d], intercept [P, k]) to warm-start from;
+    ``history``: the curvature pairs of the solve that gave it (same problems, another C)."""
+    torch = _torch()
+    device = torch.device(options.device)
+    P, k, d = problems.count, n_classes, rows.dim
+    kd = k * d
+    obj = _Objective(rows, y, n_classes, problems, device)
+    if init is not None:
+        w = torch.as_tensor(np.asarray(init[0], np.float32), device=device).clone()
+        b = torch.as_tensor(np.asarray(init[1], np.float32), device=device).clone()
+    else:
+        w = torch.zeros(P, k, d, device=device)
+        b = torch.zeros(P, k, device=device)
+    D = kd + k
+    m_hist = options.history
+    lam_all = obj.lam
+    if history is not None and history.S.shape[0] == m_hist and history.S.shape[1:] == (P, D):
+        S, Yh = history.S.clone(), history.Y.clone()
+        Yh[:, :, :kd] += (lam_all - history.lam)[None, :, None] * S[:, :, :kd]
+        sy = (S * Yh).sum(2)
+        rho = torch.where(sy > 1e-10, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
+        filled = m_hist
+    else:
+        S = torch.zeros(m_hist, P, D, device=device)
+        Yh = torch.zeros(m_hist, P, D, device=device)
+        rho = torch.zeros(m_hist, P, device=device)
+        filled = 0
+    iters = np.zeros(P, np.int64)
+    converged = np.zeros(P, bool)
+    f, gw, gb = obj(w, b, torch.arange(P, device=device))
+    x = torch.cat([w.reshape(P, -1), b], 1)  # [P, D]
+    g = torch.cat([gw.reshape(P, -1), gb], 1)
+
+    def limit(xs: Any, lam: Any) -> Any:
+        # |gradient| ≤ tol, and — since a warm start at a larger C sits where the gradient is already
+        # small — ≤ rtol × the penalty's own gradient, so the weights move before a fit counts as done
+        return torch.clamp(torch.minimum(torch.full_like(lam, options.tol),
+                                         options.rtol * lam * xs[:, :kd].abs().amax(1)), min=options.tol_floor)
+
+    converged |= (g.abs().amax(1) <= limit(x, lam_all)).cpu().numpy()
+    for _ in range(options.max_iter):
+        active = torch.as_tensor(np.flatnonzero(~converged), device=device)
+        if len(active) == 0:
+            break
+        ga = g[active]
+        # two-loop recursion, per problem, newest pair last (rho = 0 marks an empty or skipped pair)
+        q = ga.clone()
+        slots = range(m_hist - filled, m_hist)
+        alpha = {}
+        for i in reversed(slots):
+            alpha[i] = rho[i, active] * (S[i, active] * q).sum(1)
+            q -= alpha[i][:, None] * Yh[i, active]
+        if filled:
+            sy_last = 1.0 / rho[m_hist - 1, active].clamp(min=1e-30)
+            yy_last = (Yh[m_hist - 1, active] ** 2).sum(1)
+            gam = torch.where(rho[m_hist - 1, active] > 0, sy_last / yy_last.clamp(min=1e-30),
+                              1.0 / ga.norm(dim=1).clamp(min=1e-12))
+        else:
+            gam = 1.0 / ga.norm(dim=1).clamp(min=1e-12)
+        r = q * gam[:, None]
+        for i in slots:
+            beta = rho[i, active] * (Yh[i, active] * r).sum(1)
+            r += S[i, active] * (alpha[i] - beta)[:, None]
+        direction = -r
+        slope = (ga * direction).sum(1)
+        bad = slope >= 0  # not a descent direction (numerical): the scaled gradient instead
+        if bool(bad.any()):
+            direction[bad] = -ga[bad] * gam[bad, None]
+            slope = (ga * direction).sum(1)
+        # backtracking (Armijo) line search, per problem; only the problems still searching are evaluated
+        t = torch.ones(len(active), device=device)
+        f0, xa = f[active], x[active]
+        todo = torch.arange(len(active), device=device)
+        new_x, new_f, new_g = xa.clone(), f0.clone(), ga.clone()
+        failed = torch.zeros(len(active), dtype=torch.bool, device=device)
+        for attempt in range(30):
+            trial = xa[todo] + t[todo, None] * direction[todo]
+            ft, gwt, gbt = obj(trial[:, :kd].reshape(-1, k, d), trial[:, kd:], active[todo])
+            gt = torch.cat([gwt.reshape(len(todo), -1), gbt], 1)
+            f0t, sl = f0[todo], slope[todo]
+            ok = ft <= f0t + 1e-4 * t[todo].to(torch.float64) * sl.to(torch.float64)  # Armijo
+            # near the line's minimum a decrease is below float32's resolution of the loss: accept a
+            # step that keeps the loss within that resolution and has not overshot (Hager and
+            # Zhang's approximate Wolfe condition)
+            ok |= (ft <= f0t + 1e-6 * f0t.abs()) & ((gt * direction[todo]).sum(1) <= -(1 - 2e-4) * sl)
+            acc = todo[ok]
+            new_x[acc] = trial[ok]
+            new_f[acc] = ft[ok]
+            new_g[acc] = gt[ok]
+            todo = todo[~ok]
+            if len(todo) == 0:
+                break
+            t[todo] *= 0.25 if attempt == 0 else 0.5
+        else:
+            failed[todo] = True  # no decrease found: as converged as float32 allows
+        s_new, y_new = new_x - xa, new_g - ga
+        sy = (s_new * y_new).sum(1)
+        good = (sy > 1e-10) & ~failed
+        # shift every active problem's pairs one place (oldest out), the new pair last
+        S[:, active] = torch.roll(S[:, active], -1, 0)
+        Yh[:, active] = torch.roll(Yh[:, active], -1, 0)
+        rho[:, active] = torch.roll(rho[:, active], -1, 0)
+        S[m_hist - 1, active] = torch.where(good[:, None], s_new, torch.zeros_like(s_new))
+        Yh[m_hist - 1, active] = torch.where(good[:, None], y_new, torch.zeros_like(y_new))
+        rho[m_hist - 1, active] = torch.where(good, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
+        filled = min(filled + 1, m_hist)
+        x[active], f[active], g[active] = new_x, new_f, new_g
+        a_np = active.cpu().numpy()
+        iters[a_np] += 1
+        rel = (f0 - new_f).abs() / torch.maximum(f0.abs(), new_f.abs()).clamp(min=1.0)
+        done = (new_g.abs().amax(1) <= limit(new_x, lam_all[active])) | failed | (rel <= 1e-10)
+        converged[a_np[done.cpu().numpy()]] = True
+    w = x[:, :kd].reshape(P, k, d)
+    b = x[:, kd:]
+    met = (g.abs().amax(1) <= limit(x, lam_all)).cpu().numpy()
+    return Solution(w.cpu().numpy(), b.cpu().numpy(), iters, met, obj.passes,
+                    History(S, Yh, lam_all.clone()))
+
+
+def predict_held_out(rows: RowSource, y: np.ndarray, problems: Problems, coef: np.ndarray,
+                     intercept: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Each problem's held-out predictions in one pass: (correct [P], log-loss sum [P]) over the
+    rows of fold ``held_out[p]`` with a label (y >= 0)."""
+    torch = _torch()
+    dev = torch.device(device)
+    P, k, d = coef.shape
+    w = torch.as_tensor(coef, device=dev)
+    b = torch.as_tensor(intercept, device=dev)
+    scale = torch.as_tensor(problems.scale, device=dev)
+    mean = torch.as_tensor(problems.mean, device=dev)
+    v = w / scale[:, None, :]
+    c = b - (v * mean[:, None, :]).sum(-1)
+    vt = v.reshape(P * k, d).T.contiguous()
+    held = torch.as_tensor(problems.held_out, device=dev)
+    yt = torch.as_tensor(np.asarray(y, np.int64))
+    ft = torch.as_tensor(np.asarray(problems.fold, np.int64))
+    correct = torch.zeros(P, dtype=torch.float64)
+    loss = torch.zeros(P, dtype=torch.float64)
+    for start, chunk in rows.chunks():
+        x = torch.as_tensor(chunk).to(dev)
+        m = x.shape[0]
+        yy = yt[start:start + m].to(dev)
+        ff = ft[start:start + m].to(dev)
+        mask = (ff[:, None] == held[None, :]) & (yy[:, None] >= 0)  # [m, P]
+        if not bool(mask.any()):
+            continue
+        z = torch.addmm(c.reshape(-1), x, vt).view(m, P, k)
+        logp = torch.log_softmax(z, -1)
+        ys = yy.clamp(min=0)
+        lp = logp[torch.arange(m, device=dev), :, ys]  # [m, P]
+        hit = (z.argmax(-1) == ys[:, None])
+        correct += (hit & mask).sum(0).to(torch.float64).cpu()
+        loss += (-lp.clamp(min=math.log(1e-12)) * mask).sum(0).to(torch.float64).cpu()
+    return correct.numpy(), loss.numpy()
+
+
+# ---- the space a family of problems is solved in --------------------------------------------
+@dataclass
+class Space:
+    """Where problems are solved. ``basis is None``: the rows themselves, each problem centred and
+    scaled by its own ``Problems.mean/scale``. Otherwise the rows' coordinates in the span of the
+    centred (and scaled) rows — exact for every problem on a subset of them, since the penalty is
+    isotropic and the part of W outside that span changes no logit — with ``full = reduced @ basisᵀ``
+    in the space of ``(x - center) / scale``; problems there have mean 0 and scale 1."""
+
+    rows: RowSource
+    basis: np.ndarray | None = None  # [dim, r]
+    center: np.ndarray | None = None  # [dim]
+    scale: np.ndarray | None = None  # [dim]
+
+    @property
+    def reduced(self) -> bool:
+        return self.basis is not None
+
+    def to_raw(self, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray,
+               scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A problem's solution (its own space; MEAN/SCALE: its standardisation) as raw-feature
+        weights and intercepts: logits = x @ coefᵀ + intercept."""
+        if self.basis is not None:
+            coef = coef @ self.basis.T
+            mean, scale = self.center, self.scale  # type: ignore[assignment]
+        v = coef / scale
+        return v.astype(np.float32), (intercept - v @ mean).astype(np.float32)
+
+    def from_raw(self, v: np.ndarray, c: np.ndarray, mean: np.ndarray,
+                 scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse of ``to_raw`` (a warm start: a reduced space keeps the part inside its span)."""
+        if self.basis is not None:
+            mean, scale = self.center, self.scale  # type: ignore[assignment]
+        w = v * scale
+        b = c + v @ mean
+        if self.basis is not None:
+            w = w @ self.basis
+        return w.astype(np.float32), b.astype(np.float32)
+
+
+def reduced_space(x: np.ndarray, standardize: bool) -> Space:
+    """The span of the centred (and, with STANDARDIZE, scaled) rows of an in-memory matrix with fewer
+    rows than dimensions, from the eigendecomposition of their Gram matrix (float64: n x n)."""
+    center = x.mean(0, dtype=np.float64)
+    scale = x.std(0, dtype=np.float64) if standardize else np.ones(x.shape[1])
+    scale[scale < 1e-8] = 1.0
+    xs = (x - center) / scale  # float64 [n, dim]: n < dim, so at most dim² numbers
+    evals, u = np.linalg.eigh(xs @ xs.T)
+    keep = evals > max(float(evals[-1]), 1e-30) * 1e-9
+    evals, u = evals[keep], u[:, keep]
+    root = np.sqrt(evals)
+    coords = (u * root).astype(np.float32)  # [n, r]
+    basis = (xs.T @ u) / root  # [dim, r], orthonormal columns
+    return Space(ArrayRows(np.ascontiguousarray(coords)), basis, center, scale)
+
+
+def fold_moments(rows: RowSource, y: np.ndarray, fold: np.ndarray,
+                 folds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per fold of FOLDS (fold ids >= -1): labelled-row counts, and sums and sums of squares of the
+    rows less a shift (the first chunk's mean, so the variance does not cancel), float64; one pass.
+    Returns (count [F], s1 [F, dim], s2 [F, dim], shift [dim])."""
+    F = len(folds)
+    count = np.zeros(F)
+    s1 = np.zeros((F, rows.dim))
+    s2 = np.zeros((F, rows.dim))
+    shift: np.ndarray | None = None
+    lut = np.full(int(max(fold.max(initial=-1), folds.max(initial=-1))) + 2, -1, np.int64)
+    lut[np.asarray(folds) + 1] = np.arange(F)
+    for start, chunk in rows.chunks():
+        m = len(chunk)
+        idx = lut[fold[start:start + m] + 1]
+        ok = (y[start:start + m] >= 0) & (idx >= 0)
+        if shift is None:
+            shift = chunk.mean(0, dtype=np.float64).astype(np.float32)
+        dev = chunk - shift
+        onehot = np.zeros((m, F), np.float32)
+        onehot[np.flatnonzero(ok), idx[ok]] = 1.0
+        count += onehot.sum(0)
+        s1 += onehot.T @ dev
+        s2 += onehot.T @ (dev * dev)
+    return count, s1, s2, (np.zeros(rows.dim, np.float32) if shift is None else shift)
+
+
+def moments_scaler(count: float, s1: np.ndarray, s2: np.ndarray,
+                   shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of the rows that ``fold_moments`` summed; a constant dimension keeps scale 1."""
+    n = max(count, 1.0)
+    dev = s1 / n
+    scale = np.sqrt(np.maximum(s2 / n - dev ** 2, 0.0))
+    scale[scale < 1e-8] = 1.0
+    return (dev + shift).astype(np.float32), scale.astype(np.float32)
