@@ -66,21 +66,24 @@ def relu_blobs(n_per: int, classes: int, dim: int, sep: float, seed: int) -> tup
     return x.astype(np.float32), y
 
 
-@pytest.mark.parametrize("standardize", [False, True])
-def test_solver_reaches_scikit_learns_optimum(standardize: bool) -> None:
-    """The float32 batched L-BFGS minimises scikit-learn's own objective (C·Σloss + ½‖W‖²): at a
-    small, the default and a large C, raw or standardised, its head is scikit-learn's converged one."""
+@pytest.mark.parametrize("standardize,classes", [(False, 4), (True, 4), (False, 2)])
+def test_solver_reaches_scikit_learns_optimum(standardize: bool, classes: int) -> None:
+    """The float32 batched L-BFGS minimises scikit-learn's own objective (C·Σloss + ½‖W‖²; with two
+    classes its binary one, one weight vector): at a small, the default and a large C, raw or
+    standardised, its head is scikit-learn's converged one."""
     from sklearn.linear_model import LogisticRegression
 
     from embedder.learn.selection import SelectOptions, fit_all, scaler
 
-    x, y = relu_blobs(80, 4, 24, sep=0.7, seed=3)
+    x, y = relu_blobs(80, classes, 24, sep=0.7, seed=3)
     mean, scale = scaler(x, standardize)
     for C in (1e-3, 1.0, 30.0):
-        head, sol = fit_all(x, y, 4, C, standardize, options=SelectOptions(refit_tol=1e-5))
+        head, sol = fit_all(x, y, classes, C, standardize, options=SelectOptions(refit_tol=1e-5))
         ref = LogisticRegression(C=C, tol=1e-10, max_iter=20_000).fit(((x - mean) / scale).astype(np.float64), y)
         ours = head.logits(x)
         theirs = ref.decision_function(((x - mean) / scale).astype(np.float64))
+        if classes == 2:  # scikit-learn's binary margin: the pair (-m/2, m/2) as a softmax
+            theirs = np.stack([-theirs / 2, theirs / 2], 1)
         # softmax logits are defined up to a constant per row
         diff = (ours - ours.mean(1, keepdims=True)) - (theirs - theirs.mean(1, keepdims=True))
         assert np.abs(diff).max() <= 0.02 * max(1.0, np.abs(theirs).max()), (C, np.abs(diff).max())

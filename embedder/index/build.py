@@ -38,10 +38,10 @@ from embedder.index.generations import (  # noqa: F401
     names,
 )
 from embedder.index.plan import ENGINES, METRICS, RERANK_FACTOR, BuildOptions, Plan, plan
-from embedder.sizes import default_budget
 from embedder.index.quality import Searcher, measure_and_tune, tune
 from embedder.index.search import LoadedIndex
 from embedder.io import storage
+from embedder.sizes import default_budget
 from embedder.store.shards import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)

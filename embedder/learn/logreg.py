@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,6 +61,22 @@ class ArrayRows:
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         for s in range(0, self.n, self.chunk):
             yield s, self.x[s:s + self.chunk]
+
+
+def device_chunks(rows: RowSource, device: Any) -> Iterator[tuple[int, Any]]:
+    """The rows as torch tensors on DEVICE: an in-memory matrix is copied to an accelerator once per
+    solve (cached on the source), never once per pass; on the CPU the chunks are views."""
+    torch = _torch()
+    if device.type != "cpu" and isinstance(rows, ArrayRows):
+        cached = getattr(rows, "_on_device", None)
+        if cached is None or cached.device != device:
+            cached = torch.as_tensor(rows.x, device=device)
+            rows._on_device = cached  # type: ignore[attr-defined]
+        for s in range(0, rows.n, rows.chunk):
+            yield s, cached[s:s + rows.chunk]
+        return
+    for s, chunk in rows.chunks():
+        yield s, torch.as_tensor(chunk).to(device)
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,26 @@ class Solution:
     converged: np.ndarray  # bool [P]: the gradient test met (not stopped by max_iter or float32's limit)
     passes: int  # passes over the rows (objective and gradient evaluations)
     history: History | None = None
+
+
+def params_per_problem(n_classes: int) -> int:
+    """Weight rows a problem solves for: one for two classes (scikit-learn's binary objective, whose
+    penalty is on the one vector; a softmax pair would halve the effective C), else one per class."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def pack(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[P, classes, d] heads → the solver's parameters (two classes: the difference of the rows)."""
+    if coef.shape[1] == 2:
+        return (coef[:, 1:] - coef[:, :1]).astype(np.float32), (intercept[:, 1:] - intercept[:, :1]).astype(np.float32)
+    return coef, intercept
+
+
+def unpack(w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The solver's parameters → [P, classes, d] heads (one vector v: the softmax pair -v/2, v/2)."""
+    if w.shape[1] == 1:
+        return np.concatenate([-w / 2, w / 2], 1), np.concatenate([-b / 2, b / 2], 1)
+    return w, b
 
 
 def _torch() -> Any:
@@ -167,13 +203,14 @@ class _Objective:
         gv = torch.zeros(p * k, d, device=self.device)
         gc = torch.zeros(p, k, device=self.device)
         ar = torch.arange(p, device=self.device)
-        for start, chunk in self.rows.chunks():
-            x = torch.as_tensor(chunk).to(self.device)
+        for start, x in device_chunks(self.rows, self.device):
             m = x.shape[0]
             yy = self.y[start:start + m].to(self.device)
             ff = self.fold[start:start + m].to(self.device)
             wt = ((ff[:, None] != held[None, :]) & (yy[:, None] >= 0)).to(torch.float32) * inv_n  # [m, p]
             z = torch.addmm(c.reshape(-1), x, vt).view(m, p, k)
+            if k == 1:  # binary: class 0's logit is 0 (scikit-learn's binary objective, one weight vector)
+                z = torch.cat([torch.zeros_like(z), z], -1)
             top = z.amax(-1, keepdim=True)
             e = torch.exp(z - top)  # one exponential serves the loss and the gradient
             total = e.sum(-1)  # [m, p]
@@ -184,6 +221,8 @@ class _Objective:
             e /= total[..., None]
             e[rows_m[:, None], ar[None, :], ysafe[:, None]] -= 1.0
             e *= wt[:, :, None]
+            if k == 1:
+                e = e[:, :, 1:].contiguous()
             gv.addmm_(e.view(m, p * k).T, x)
             gc += e.sum(0)
         gv3 = gv.view(p, k, d)
@@ -225,12 +264,13 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
     ``history``: the curvature pairs of the solve that gave it (same problems, another C)."""
     torch = _torch()
     device = torch.device(options.device)
-    P, k, d = problems.count, n_classes, rows.dim
+    P, k, d = problems.count, params_per_problem(n_classes), rows.dim
     kd = k * d
     obj = _Objective(rows, y, n_classes, problems, device)
     if init is not None:
-        w = torch.as_tensor(np.asarray(init[0], np.float32), device=device).clone()
-        b = torch.as_tensor(np.asarray(init[1], np.float32), device=device).clone()
+        w0, b0 = pack(np.asarray(init[0], np.float32), np.asarray(init[1], np.float32))
+        w = torch.as_tensor(w0, device=device).clone()
+        b = torch.as_tensor(b0, device=device).clone()
     else:
         w = torch.zeros(P, k, d, device=device)
         b = torch.zeros(P, k, device=device)
@@ -336,7 +376,8 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
     w = x[:, :kd].reshape(P, k, d)
     b = x[:, kd:]
     met = (g.abs().amax(1) <= limit(x, lam_all)).cpu().numpy()
-    return Solution(w.cpu().numpy(), b.cpu().numpy(), iters, met, obj.passes,
+    coef, icpt = unpack(w.cpu().numpy(), b.cpu().numpy())
+    return Solution(coef, icpt, iters, met, obj.passes,
                     History(S, Yh, lam_all.clone()))
 
 
@@ -359,8 +400,7 @@ def predict_held_out(rows: RowSource, y: np.ndarray, problems: Problems, coef: n
     ft = torch.as_tensor(np.asarray(problems.fold, np.int64))
     correct = torch.zeros(P, dtype=torch.float64)
     loss = torch.zeros(P, dtype=torch.float64)
-    for start, chunk in rows.chunks():
-        x = torch.as_tensor(chunk).to(dev)
+    for start, x in device_chunks(rows, dev):
         m = x.shape[0]
         yy = yt[start:start + m].to(dev)
         ff = ft[start:start + m].to(dev)
@@ -468,3 +508,85 @@ def moments_scaler(count: float, s1: np.ndarray, s2: np.ndarray,
     scale = np.sqrt(np.maximum(s2 / n - dev ** 2, 0.0))
     scale[scale < 1e-8] = 1.0
     return (dev + shift).astype(np.float32), scale.astype(np.float32)
+
+
+# ---- tiny problems: Newton's method -----------------------------------------------------------
+NEWTON_WORK = 3e7  # problems x rows x (weight rows x coordinates)² below which Newton's method solves them
+
+
+def newton_work(problems: int, rows: int, n_classes: int, coords: int) -> float:
+    """Multiply-adds of one Newton step's Hessians (coords: per problem, with the intercept's)."""
+    return float(problems) * rows * (params_per_problem(n_classes) * coords) ** 2
+
+
+def newton(X: np.ndarray, y: np.ndarray, n_classes: int, train: np.ndarray, lam: np.ndarray,
+           tol: float = 1e-6, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Newton's method on P small problems at once, in float64: X [P, n, r] (each problem's own
+    coordinates of the rows; the last column all ones: the intercept, unpenalised), y [n] class
+    indices, train [P, n] the rows each problem trains on, lam [P] = 1 / (C · its rows). Minimises
+    the same objective as ``solve``. Where the problem is a few rows in a few coordinates (a handful of
+    labelled images), a step of L-BFGS costs its fixed overhead, not arithmetic, and L-BFGS needs tens
+    of them; Newton needs a few. Returns (theta [P, k, r], iterations [P]); k = 1 for two classes."""
+    P, n, r = X.shape
+    k = params_per_problem(n_classes)
+    w = train / np.maximum(train.sum(1, keepdims=True), 1)  # [P, n]: the mean over its training rows
+    Y = (y == 1).astype(np.float64)[:, None] if k == 1 else np.eye(n_classes)[y]  # [n, k]
+    pen = np.ones(r)
+    pen[-1] = 0.0
+    theta = np.zeros((P, k, r))
+    iters = np.zeros(P, np.int64)
+
+    def value(th: np.ndarray, idx: np.ndarray, with_grad: bool) -> tuple[np.ndarray, ...]:
+        z = np.einsum("pnr,pkr->pnk", X[idx], th)
+        wi = w[idx]
+        if k == 1:
+            loss = (wi * (np.logaddexp(0.0, z[..., 0]) - Y[None, :, 0] * z[..., 0])).sum(1)
+        else:
+            top = z.max(-1, keepdims=True)
+            lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
+            loss = (wi * (lse - (z * Y[None]).sum(-1))).sum(1)
+        loss = loss + 0.5 * lam[idx] * (pen * th ** 2).sum((1, 2))
+        if not with_grad:
+            return (loss,)
+        if k == 1:
+            prob = 1.0 / (1.0 + np.exp(-z))  # [p, n, 1]
+            hn = (wi * (prob * (1 - prob))[..., 0])[..., None, None]  # [p, n, 1, 1]
+        else:
+            prob = np.exp(z - lse[..., None])
+            hn = wi[..., None, None] * (prob[..., :, None] * np.eye(k) - prob[..., :, None] * prob[..., None, :])
+        resid = (prob - Y[None]) * wi[..., None]
+        grad = np.einsum("pnk,pnr->pkr", resid, X[idx]) + lam[idx, None, None] * pen * th
+        xx = np.einsum("pnr,pns->pnrs", X[idx], X[idx])
+        hess = np.einsum("pnkl,pnrs->pkrls", hn, xx).reshape(len(idx), k * r, k * r)
+        ridge = np.tile(pen, k) * lam[idx, None] + 1e-10  # the intercepts' tiny ridge: a null direction
+        hess[:, np.arange(k * r), np.arange(k * r)] += ridge
+        return loss, grad, hess
+
+    active = np.arange(P)
+    f = value(theta, active, False)[0]
+    for _ in range(max_iter):
+        _, grad, hess = value(theta[active], active, True)
+        done = np.abs(grad).reshape(len(active), -1).max(1) <= tol
+        active, grad, hess = active[~done], grad[~done], hess[~done]
+        if not len(active):
+            break
+        step = -np.linalg.solve(hess, grad.reshape(len(active), -1)[..., None])[..., 0].reshape(len(active), k, r)
+        slope = (grad * step).sum((1, 2))
+        t = np.ones(len(active))
+        todo = np.arange(len(active))
+        for _ls in range(40):
+            trial = theta[active[todo]] + t[todo, None, None] * step[todo]
+            ft = value(trial, active[todo], False)[0]
+            ok = ft <= f[active[todo]] + 1e-4 * t[todo] * slope[todo] + 1e-12 * np.abs(f[active[todo]])
+            theta[active[todo[ok]]] = trial[ok]
+            f[active[todo[ok]]] = ft[ok]
+            todo = todo[~ok]
+            if not len(todo):
+                break
+            t[todo] *= 0.5
+        iters[active] += 1
+        if len(todo):  # no decrease at all: as converged as float64 allows
+            keep = np.ones(len(active), bool)
+            keep[todo] = False
+            active = active[keep]
+    return theta, iters

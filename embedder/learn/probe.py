@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from embedder.errors import ProbeError
+from embedder.learn.logreg import CHUNK_ROWS, ArrayRows, RowSource
 from embedder.learn.options import ProbeOptions
 from embedder.learn.selection import Selection, SelectOptions, fit_all, select_c, sweep_steps
 from embedder.models.heads import LinearHead
 from embedder.sizes import default_budget
 from embedder.store.provenance import Provenance
-from embedder.learn.logreg import CHUNK_ROWS, ArrayRows, RowSource
 from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)

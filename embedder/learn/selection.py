@@ -240,8 +240,8 @@ def _modes(rows: logreg.RowSource, y: np.ndarray, fold: np.ndarray, held: np.nda
         scales.append(s)
     # raw features are centred too (a reparameterisation: the intercept absorbs it), which conditions
     # the problem far better than raw ReLU features
-    return out + [_Mode(std, space, np.array(means), np.array(scales) if std else np.ones((len(held), rows.dim), np.float32))
-                  for std in stds]
+    ones = np.ones((len(held), rows.dim), np.float32)
+    return out + [_Mode(std, space, np.array(means), np.array(scales) if std else ones) for std in stds]
 
 
 def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, options: SelectOptions,
@@ -255,6 +255,10 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
     rows = logreg.ArrayRows(x) if isinstance(x, np.ndarray) else x
     fold, held, scheme = holdout_folds(y, options)
     n_pred = int((np.isin(fold, held) & (y >= 0)).sum())
+    coarse = [10.0 ** e for e in range(options.c_min_exp, options.c_max_exp + 1)]
+    xm = reducible(rows, y)
+    if xm is not None and tiny(len(stds) * len(held) * len(coarse), len(y), n_classes):
+        return _select_tiny(xm, y, n_classes, fold, held, stds, coarse, scheme, n_pred, options, tick, t0)
     modes = _modes(rows, y, fold, held, stds)
     F = len(held)
     solver = logreg.SolverOptions(tol=options.tol, max_iter=options.max_iter, device=options.device)
@@ -284,7 +288,8 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
                 hist = logreg.History.cat([m.hist.tile(len(Cs)) for m, Cs in group])  # type: ignore[union-attr]
             with logreg.threads_for(src.n * src.dim * n_classes * len(Cv)):
                 sol = logreg.solve(src, y, n_classes, problems, init, solver, hist)
-                log.debug("C %s: %s iterations, %d passes", sorted(set(Cv.tolist())), sol.iterations.tolist(), sol.passes)
+                log.debug("C %s: %s iterations, %d passes", sorted(set(Cv.tolist())), sol.iterations.tolist(),
+                          sol.passes)
                 correct, loss = logreg.predict_held_out(src, y, problems, sol.coef, sol.intercept, options.device)
             passes += sol.passes + 1
             p = 0
@@ -306,7 +311,6 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
                 r.pop("_solution", None)
         return best
 
-    coarse = [10.0 ** e for e in range(options.c_min_exp, options.c_max_exp + 1)]
     first = modes[0].space.rows
     if first.n * first.dim * n_classes * F * len(modes) * len(coarse) <= SMALL_ROUND:
         best = solve_round([(m, coarse) for m in modes])  # small: the solver's steps cost, not arithmetic
@@ -359,6 +363,112 @@ def _update_stopping(live: list[_Mode], best: dict[str, Any], everything: list[d
             mode.stopped = True
 
 
+def tiny(problems: int, rows: int, n_classes: int) -> bool:
+    """Few enough rows (and weight rows) that Newton's method in the rows' span is the cheaper solver."""
+    return logreg.newton_work(problems, rows, n_classes, rows + 1) <= logreg.NEWTON_WORK
+
+
+@dataclass
+class _Coords:
+    """A problem family's coordinates of every row: ((x - center) / scale) @ basis, plus a ones column."""
+
+    X: np.ndarray  # [n, R]
+    basis: np.ndarray  # [dim, r]
+    center: np.ndarray
+    scale: np.ndarray
+
+    def raw_head(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """theta [k, R] → raw-feature (coef [classes, dim], intercept [classes])."""
+        r = self.basis.shape[1]
+        v = (theta[:, :r] @ self.basis.T) / self.scale
+        c = theta[:, -1] - v @ self.center
+        coef, icpt = logreg.unpack(v[None], c[None])
+        return coef[0].astype(np.float32), icpt[0].astype(np.float32)
+
+
+def _coords(x: np.ndarray, train: np.ndarray, std: bool) -> _Coords:
+    """Coordinates in the span of the TRAIN rows, centred (and scaled) by their own statistics."""
+    xt = x[train].astype(np.float64)
+    center = xt.mean(0)
+    scale = xt.std(0) if std else np.ones(x.shape[1])
+    scale[scale < 1e-8] = 1.0
+    xs = (x - center) / scale
+    ts = xs[train]
+    evals, u = np.linalg.eigh(ts @ ts.T)
+    keep = evals > max(float(evals[-1]), 1e-30) * 1e-9
+    basis = (ts.T @ u[:, keep]) / np.sqrt(evals[keep])
+    return _Coords(np.concatenate([xs @ basis, np.ones((len(x), 1))], 1), basis, center, scale)
+
+
+def _stack(coords: list[_Coords]) -> np.ndarray:
+    """[families, n, R]: coordinates padded with zeros (unused, so penalised to 0) to one width, the ones last."""
+    R = max(c.X.shape[1] for c in coords)
+    out = np.zeros((len(coords), coords[0].X.shape[0], R))
+    for i, c in enumerate(coords):
+        out[i, :, :c.X.shape[1] - 1] = c.X[:, :-1]
+        out[i, :, -1] = 1.0
+    return out
+
+
+def _select_tiny(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, held: np.ndarray,
+                 stds: list[bool], coarse: list[float], scheme: str, n_pred: int, options: SelectOptions,
+                 tick: Callable[[int], None] | None, t0: float) -> Selection:
+    """``select_c`` for a handful of rows: every fold's problem in its own training rows' span (each
+    fold centred and, standardised, scaled by its own rows: exact), all C's at once, Newton's method."""
+    step = tick or (lambda _n: None)
+    F = len(held)
+    fam = {(std, f): _coords(x, (fold != f) & (y >= 0), std) for std in stds for f in held}
+    keys = list(fam)
+    X = _stack([fam[k] for k in keys])
+    everything: list[dict[str, Any]] = []
+
+    def solve_round(todo: list[tuple[bool, list[float]]]) -> dict[str, Any]:
+        which, Cs_p, f_p = [], [], []
+        for std, Cs in todo:
+            for C in Cs:
+                for f in held:
+                    which.append(keys.index((std, f)))
+                    Cs_p.append(C)
+                    f_p.append(f)
+        which_a, f_a = np.array(which), np.array(f_p)
+        train = (fold[None, :] != f_a[:, None]) & (y[None, :] >= 0)
+        lam = 1.0 / (np.array(Cs_p) * train.sum(1))
+        theta, _it = logreg.newton(X[which_a], np.maximum(y, 0), n_classes, train, lam)
+        z = np.einsum("pnr,pkr->pnk", X[which_a], theta)
+        if z.shape[2] == 1:
+            z = np.concatenate([np.zeros_like(z), z], 2)
+        logp = z - (z.max(2, keepdims=True) + np.log(np.exp(z - z.max(2, keepdims=True)).sum(2, keepdims=True)))
+        ys = np.maximum(y, 0)
+        val = (fold[None, :] == f_a[:, None]) & (y[None, :] >= 0)
+        hit = (z.argmax(2) == ys[None, :]) & val
+        nll = -np.maximum(logp[:, np.arange(len(y)), ys], np.log(1e-12)) * val
+        p = 0
+        for std, Cs in todo:
+            for C in Cs:
+                sl = slice(p, p + F)
+                everything.append({"C": float(C), "standardize": std, "val_accuracy": float(hit[sl].sum() / n_pred),
+                                   "val_log_loss": float(nll[sl].sum() / n_pred), "n": n_pred,
+                                   "_theta": theta[sl]})
+                p += F
+            step(len(Cs))
+        best = choose(everything, options.criterion)
+        for r in everything:
+            if r is not best:
+                r.pop("_theta", None)
+        return best
+
+    best = solve_round([(std, coarse) for std in stds])
+    if options.refine:
+        c = best["C"]
+        best = solve_round([(best["standardize"], [c * 10 ** d for d in (-0.5, -0.25, 0.25, 0.5)])])
+    heads = [fam[(best["standardize"], f)].raw_head(best["_theta"][i]) for i, f in enumerate(held)]
+    solution = (np.mean([h[0] for h in heads], 0), np.mean([h[1] for h in heads], 0))
+    table = [{k: v for k, v in r.items() if not k.startswith("_") and k != "n"}
+             for r in sorted(everything, key=lambda r: (r["standardize"], r["C"]))]
+    return Selection(float(best["C"]), bool(best["standardize"]), scheme, n_pred, float(best["val_accuracy"]),
+                     float(best["val_log_loss"]), table, solution, time.perf_counter() - t0, 2)
+
+
 def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, fold: np.ndarray,
               held: np.ndarray, C: float, standardize: bool, init: tuple[np.ndarray, np.ndarray] | None = None,
               options: SelectOptions = SelectOptions(),
@@ -369,6 +479,18 @@ def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, f
     rows = logreg.ArrayRows(x) if isinstance(x, np.ndarray) else x
     P = len(held)
     xm = reducible(rows, y)
+    if xm is not None and tiny(P, len(y), n_classes):
+        heads = []
+        for f in held:
+            co = _coords(xm, (fold != f) & (y >= 0), standardize)
+            train = ((fold != f) & (y >= 0))[None]
+            theta, it = logreg.newton(co.X[None], np.maximum(y, 0), n_classes, train,
+                                      np.array([1.0 / (C * train.sum())]), tol=min(options.refit_tol, 1e-6))
+            coef, icpt = co.raw_head(theta[0])
+            heads.append(LinearHead(coef, icpt, np.zeros(rows.dim, np.float32), np.ones(rows.dim, np.float32))
+                         if not standardize else _std_head(coef, icpt, co))
+        return heads, logreg.Solution(np.zeros((P, 0, 0), np.float32), np.zeros((P, 0), np.float32), it,
+                                      np.ones(P, bool), 1)
     if xm is not None and (not standardize or (P == 1 and held[0] == -2)):  # one scaler: the span is exact
         space = logreg.reduced_space(xm, standardize)
         r = space.rows.dim
@@ -409,6 +531,12 @@ def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, f
             head = LinearHead(v, c, np.zeros(rows.dim, np.float32), np.ones(rows.dim, np.float32))
         heads.append(head)
     return heads, sol
+
+
+def _std_head(coef: np.ndarray, icpt: np.ndarray, co: _Coords) -> LinearHead:
+    """A raw-feature head as the scaler's head: ((x - center) / scale) @ coefᵀ + b."""
+    center, scale = co.center.astype(np.float32), co.scale.astype(np.float32)
+    return LinearHead((coef * scale).astype(np.float32), (icpt + coef @ center).astype(np.float32), center, scale)
 
 
 def fit_all(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, C: float, standardize: bool,
