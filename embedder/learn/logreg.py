@@ -108,7 +108,7 @@ class SolverOptions:
     tol: float = 1e-4  # max |gradient| of the scaled objective (scikit-learn's gtol, same scale)
     max_iter: int = 1000
     tol_floor: float = 1e-6  # what float32 gradients resolve
-    rtol: float = 1.0  # ... and at most this times the penalty's gradient, max |W| / (C n)
+    rtol: float = 0.5  # ... and at most this times the penalty's gradient, max |W| / (C n)
     history: int = 10
     device: str = "cpu"
 
@@ -289,7 +289,6 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         rho = torch.zeros(m_hist, P, device=device)
         filled = 0
     iters = np.zeros(P, np.int64)
-    converged = np.zeros(P, bool)
     f, gw, gb = obj(w, b, torch.arange(P, device=device))
     x = torch.cat([w.reshape(P, -1), b], 1)  # [P, D]
     g = torch.cat([gw.reshape(P, -1), gb], 1)
@@ -300,30 +299,49 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         return torch.clamp(torch.minimum(torch.full_like(lam, options.tol),
                                          options.rtol * lam * xs[:, :kd].abs().amax(1)), min=options.tol_floor)
 
-    converged |= (g.abs().amax(1) <= limit(x, lam_all)).cpu().numpy()
+    # The active problems' pairs live in contiguous tensors with one circular slot (S[slot - 1] the
+    # newest): a problem that finishes is dropped from them once, its pairs kept for the caller.
+    out_S, out_Y = S.clone(), Yh.clone()  # every problem's pairs, newest last, when it stops
+    slot = 0
+    act = np.flatnonzero(~(g.abs().amax(1) <= limit(x, lam_all)).cpu().numpy())
+
+    def retire(keep: np.ndarray) -> None:
+        nonlocal S, Yh, rho, act
+        gone = act[~keep]
+        if len(gone):
+            order = [(slot + j) % m_hist for j in range(m_hist)]  # oldest first
+            idx = torch.as_tensor(np.flatnonzero(~keep), device=device)
+            out_S[:, torch.as_tensor(gone, device=device)] = S[order][:, idx]
+            out_Y[:, torch.as_tensor(gone, device=device)] = Yh[order][:, idx]
+            kidx = torch.as_tensor(np.flatnonzero(keep), device=device)
+            S, Yh, rho = S[:, kidx], Yh[:, kidx], rho[:, kidx]
+            act = act[keep]
+
+    if len(act) < P:  # converged at the start: retire them from the full-size pair tensors
+        keep0 = np.zeros(P, bool)
+        keep0[act] = True
+        act = np.arange(P)
+        retire(keep0)
     for _ in range(options.max_iter):
-        active = torch.as_tensor(np.flatnonzero(~converged), device=device)
-        if len(active) == 0:
+        if not len(act):
             break
+        active = torch.as_tensor(act, device=device)
         ga = g[active]
-        # two-loop recursion, per problem, newest pair last (rho = 0 marks an empty or skipped pair)
         q = ga.clone()
-        slots = range(m_hist - filled, m_hist)
+        order = [(slot - 1 - j) % m_hist for j in range(filled)]  # newest first
         alpha = {}
-        for i in reversed(slots):
-            alpha[i] = rho[i, active] * (S[i, active] * q).sum(1)
-            q -= alpha[i][:, None] * Yh[i, active]
+        for i in order:  # two-loop recursion, per problem (rho = 0: an empty or skipped pair)
+            alpha[i] = rho[i] * (S[i] * q).sum(1)
+            q -= alpha[i][:, None] * Yh[i]
+        gam = 1.0 / ga.norm(dim=1).clamp(min=1e-12)
         if filled:
-            sy_last = 1.0 / rho[m_hist - 1, active].clamp(min=1e-30)
-            yy_last = (Yh[m_hist - 1, active] ** 2).sum(1)
-            gam = torch.where(rho[m_hist - 1, active] > 0, sy_last / yy_last.clamp(min=1e-30),
-                              1.0 / ga.norm(dim=1).clamp(min=1e-12))
-        else:
-            gam = 1.0 / ga.norm(dim=1).clamp(min=1e-12)
+            nw = (slot - 1) % m_hist
+            gam = torch.where(rho[nw] > 0, (1.0 / rho[nw].clamp(min=1e-30)) / (Yh[nw] ** 2).sum(1).clamp(min=1e-30),
+                              gam)
         r = q * gam[:, None]
-        for i in slots:
-            beta = rho[i, active] * (Yh[i, active] * r).sum(1)
-            r += S[i, active] * (alpha[i] - beta)[:, None]
+        for i in reversed(order):
+            beta = rho[i] * (Yh[i] * r).sum(1)
+            r += S[i] * (alpha[i] - beta)[:, None]
         direction = -r
         slope = (ga * direction).sum(1)
         bad = slope >= 0  # not a descent direction (numerical): the scaled gradient instead
@@ -331,11 +349,12 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
             direction[bad] = -ga[bad] * gam[bad, None]
             slope = (ga * direction).sum(1)
         # backtracking (Armijo) line search, per problem; only the problems still searching are evaluated
-        t = torch.ones(len(active), device=device)
+        A = len(act)
+        t = torch.ones(A, device=device)
         f0, xa = f[active], x[active]
-        todo = torch.arange(len(active), device=device)
+        todo = torch.arange(A, device=device)
         new_x, new_f, new_g = xa.clone(), f0.clone(), ga.clone()
-        failed = torch.zeros(len(active), dtype=torch.bool, device=device)
+        failed = torch.zeros(A, dtype=torch.bool, device=device)
         for attempt in range(30):
             trial = xa[todo] + t[todo, None] * direction[todo]
             ft, gwt, gbt = obj(trial[:, :kd].reshape(-1, k, d), trial[:, kd:], active[todo])
@@ -359,26 +378,23 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         s_new, y_new = new_x - xa, new_g - ga
         sy = (s_new * y_new).sum(1)
         good = (sy > 1e-10) & ~failed
-        # shift every active problem's pairs one place (oldest out), the new pair last
-        S[:, active] = torch.roll(S[:, active], -1, 0)
-        Yh[:, active] = torch.roll(Yh[:, active], -1, 0)
-        rho[:, active] = torch.roll(rho[:, active], -1, 0)
-        S[m_hist - 1, active] = torch.where(good[:, None], s_new, torch.zeros_like(s_new))
-        Yh[m_hist - 1, active] = torch.where(good[:, None], y_new, torch.zeros_like(y_new))
-        rho[m_hist - 1, active] = torch.where(good, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
+        S[slot] = torch.where(good[:, None], s_new, torch.zeros_like(s_new))
+        Yh[slot] = torch.where(good[:, None], y_new, torch.zeros_like(y_new))
+        rho[slot] = torch.where(good, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
+        slot = (slot + 1) % m_hist
         filled = min(filled + 1, m_hist)
         x[active], f[active], g[active] = new_x, new_f, new_g
-        a_np = active.cpu().numpy()
-        iters[a_np] += 1
+        iters[act] += 1
         rel = (f0 - new_f).abs() / torch.maximum(f0.abs(), new_f.abs()).clamp(min=1.0)
-        done = (new_g.abs().amax(1) <= limit(new_x, lam_all[active])) | failed | (rel <= 1e-10)
-        converged[a_np[done.cpu().numpy()]] = True
+        done = ((new_g.abs().amax(1) <= limit(new_x, lam_all[active])) | failed | (rel <= 1e-10)).cpu().numpy()
+        if done.any():
+            retire(~done)
+    retire(np.zeros(len(act), bool))  # those stopped by max_iter
     w = x[:, :kd].reshape(P, k, d)
     b = x[:, kd:]
     met = (g.abs().amax(1) <= limit(x, lam_all)).cpu().numpy()
     coef, icpt = unpack(w.cpu().numpy(), b.cpu().numpy())
-    return Solution(coef, icpt, iters, met, obj.passes,
-                    History(S, Yh, lam_all.clone()))
+    return Solution(coef, icpt, iters, met, obj.passes, History(out_S, out_Y, lam_all.clone()))
 
 
 def predict_held_out(rows: RowSource, y: np.ndarray, problems: Problems, coef: np.ndarray,

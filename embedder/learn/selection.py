@@ -294,11 +294,12 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
             passes += sol.passes + 1
             p = 0
             for mode, Cs in group:
+                below = (mode.last, mode.hist)  # where this round started: the lower refinement's start
                 for C in Cs:
                     sl = slice(p, p + F)
                     row = {"C": float(C), "standardize": mode.std, "val_accuracy": float(correct[sl].sum() / n_pred),
                            "val_log_loss": float(loss[sl].sum() / n_pred), "n": n_pred,
-                           "_solution": (sol.coef[sl], sol.intercept[sl]), "_mode": mode}
+                           "_solution": (sol.coef[sl], sol.intercept[sl]), "_mode": mode, "_below": below}
                     mode.rows.append(row)
                     everything.append(row)
                     p += F
@@ -309,6 +310,7 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
         for r in everything:  # per-fold solutions are kept only for the best candidate
             if r is not best:
                 r.pop("_solution", None)
+                r.pop("_below", None)
         return best
 
     first = modes[0].space.rows
@@ -325,10 +327,16 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
         if skipped:
             step(skipped)
     if options.refine:
-        mode = best["_mode"]
-        mode.last = best["_solution"]
-        c = best["C"]
-        best = solve_round([(mode, [c * 10 ** d for d in (-0.5, -0.25, 0.25, 0.5)])])
+        # ±¼ and ±½ decade, each warm-started from the next smaller C (a fit warm-started from a
+        # larger C starts where its gradient is already within the stopping test and would not move)
+        mode, c = best["_mode"], best["C"]
+        top, hist_top = best["_solution"], mode.hist
+        mode.last, mode.hist = best["_below"]
+        for d in (-0.5, -0.25):
+            best = solve_round([(mode, [c * 10 ** d])])
+        mode.last, mode.hist = top, hist_top
+        for d in (0.25, 0.5):
+            best = solve_round([(mode, [c * 10 ** d])])
     # the winner's folds, averaged on raw features: the refit's warm start (with a split, its curvature pairs too)
     coef, icpt = best["_solution"]
     mode = best["_mode"]
