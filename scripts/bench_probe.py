@@ -111,8 +111,19 @@ def subset(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
+def is_store(path: Path) -> bool:
+    from embedder.errors import StoreError
+    from embedder.store.shards import Store
+
+    try:
+        Store.open(str(path))
+    except StoreError:
+        return False
+    return True
+
+
 def extract(folder: Path, store: Path) -> None:
-    if (store / "manifest.json").exists():
+    if is_store(store):
         return
     r = subprocess.run([sys.executable, "-m", "embedder", "extract", str(folder), "--out", str(store),
                         "--backbone", BACKBONE, "--weights", str(mobilenet_weights())],
@@ -125,7 +136,7 @@ def prepare(name: str, cache: Path) -> tuple[Path, Path]:
     """(train store, test store) of a data set, made once in CACHE."""
     d = cache / "probe" / name
     train, test = d / "train.store", d / "test.store"
-    if (train / "manifest.json").exists() and (test / "manifest.json").exists():
+    if is_store(train) and is_store(test):
         return train, test
     d.mkdir(parents=True, exist_ok=True)
     if name.startswith("fashion"):
@@ -261,6 +272,7 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="another checkout whose probe is the 'before' row")
     ap.add_argument("--before-sets", default="fashion2k,fashion10k,synth10k",
                     help="sets the 'before' probe runs on (it is slow)")
+    ap.add_argument("--streamed-sets", default="fashion10k,synth100k", help="sets the streamed row runs on")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "embedder-bench")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -281,6 +293,8 @@ def main() -> None:
         plain_s = None
         for method in methods:
             if method == "before" and name not in args.before_sets.split(","):
+                continue
+            if method == "streamed" and name not in args.streamed_sets.split(","):
                 continue
             budget = None
             if method == "streamed":

@@ -95,6 +95,9 @@ def probe_command(
               f"{result.select_seconds:.1f} s, refit {result.refit_seconds:.1f} s)")
     out.print(f"{result.selection}; refit on {result.n_train} train images, {len(train.classes)} classes",
               markup=False)
+    if isinstance(train.x, pr.StoreRows):
+        out.print(f"vectors streamed from the store on every pass ({result.n_train} x {train.dim} float32 "
+                  f"over --memory-budget)", markup=False)
     if "test" in metrics:
         t = metrics["test"]
         line = f"test accuracy {t['accuracy']:.4f}  balanced {t['balanced_accuracy']:.4f}"

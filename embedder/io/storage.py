@@ -186,13 +186,18 @@ def makedirs(folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-def open_parquet(loc: str) -> pq.ParquetFile:
-    """A Parquet file, local or in object storage, opened for reading (footer first, then ranges)."""
+def open_parquet(loc: str, metadata: Any = None, buffered: bool = False) -> pq.ParquetFile:
+    """A Parquet file, local or in object storage, opened for reading (footer first, then ranges);
+    METADATA: its footer, read before (a file read again and again skips parsing it each time);
+    BUFFERED: column chunks read through 1 MiB buffers, page by page, not whole."""
+    kw: dict[str, Any] = {"metadata": metadata}
+    if buffered:
+        kw.update(buffer_size=1 << 20, pre_buffer=False)
     if not is_uri(loc):
-        return pq.ParquetFile(loc)
+        return pq.ParquetFile(loc, **kw)
     fs, key = _fs(loc)
     try:
-        return pq.ParquetFile(fs.open_input_file(key))
+        return pq.ParquetFile(fs.open_input_file(key), **kw)
     except FileNotFoundError:
         raise
     except OSError as e:

@@ -234,6 +234,78 @@ class _Objective:
 
 
 @dataclass
+class Precond:
+    """L-BFGS's initial inverse Hessian per problem: (c·Σ + λ·I)⁻¹ on each class's weights, Σ the
+    covariance of the problem's (centred, scaled) features, c the curvature of the softmax at the
+    start (1/classes; ¼ for two), λ its penalty. Features of CNNs have eigenvalues spread over many
+    decades; this undoes the spread, the curvature pairs correct the rest (measured on Fashion-MNIST:
+    docs/benchmarks.md). ``U``/``e``: Σ's eigenvectors and values per family, ``family``: per problem."""
+
+    U: Any  # [G, d, d]
+    e: Any  # [G, d]
+    family: np.ndarray  # [P] index into G
+    c: float
+
+    tail: Any = None  # [G]: the mean of the eigenvalues past the kept ones (U keeps the largest)
+
+    def apply(self, q: Any, idx: np.ndarray, lam: Any, k: int, d: int) -> Any:
+        """H₀·q for the problems IDX (rows of q): the kept eigen-directions scaled one by one, the
+        rest of the space by the tail's mean eigenvalue (a low-rank-plus-scalar inverse)."""
+        torch = _torch()
+        out = torch.empty_like(q)
+        fam = self.family[idx]
+        for g in np.unique(fam):
+            sel = torch.as_tensor(np.flatnonzero(fam == g), device=q.device)
+            qw = q[sel, :k * d].reshape(-1, d)  # [a·k, d]
+            lam_r = lam[sel].repeat_interleave(k)[:, None]
+            inv_tail = 1.0 / (self.c * self.tail[g] + lam_r)
+            coef = qw @ self.U[g]  # [a·k, r] in the kept eigenbasis
+            res = qw * inv_tail + (coef * (1.0 / (self.c * self.e[g][None, :] + lam_r) - inv_tail)) @ self.U[g].T
+            out[sel, :k * d] = res.reshape(len(sel), k * d)
+            out[sel, k * d:] = q[sel, k * d:] / self.c
+        return out
+
+
+def covariance(rows: RowSource, mean: np.ndarray, scale: np.ndarray, limit: int = 20_000) -> np.ndarray:
+    """The covariance of ((x - mean) / scale) over the first LIMIT rows (float64 [d, d]): enough for
+    a preconditioner, whatever the number of rows."""
+    acc = np.zeros((rows.dim, rows.dim))
+    seen = 0
+    for _start, chunk in rows.chunks():
+        part = ((chunk[:limit - seen] - mean) / scale).astype(np.float32)
+        acc += part.T @ part
+        seen += len(part)
+        if seen >= limit:
+            break
+    return acc / max(seen, 1)
+
+
+PRECOND_RANK = 128  # eigen-directions a preconditioner keeps one by one
+
+
+def eig_top(cov: np.ndarray, rank: int = PRECOND_RANK) -> tuple[np.ndarray, np.ndarray, float]:
+    """(largest RANK eigenvectors [d, r], their values [r], the mean of the other values) of a
+    covariance, in float32 (torch's eigh: a preconditioner needs no more)."""
+    torch = _torch()
+    e, U = torch.linalg.eigh(torch.as_tensor(cov, dtype=torch.float32))
+    e = e.clamp(min=0)
+    r = min(rank, len(e))
+    tail = float(e[:-r].mean()) if r < len(e) else 0.0
+    return U[:, -r:].numpy(), e[-r:].numpy(), tail
+
+
+def precond_from(eigs: list[tuple[np.ndarray, np.ndarray, float]], family: np.ndarray, n_classes: int,
+                 device: Any) -> Precond:
+    """A ``Precond`` from each family's ``eig_top``."""
+    torch = _torch()
+    dev = torch.device(device)
+    c = 0.25 if n_classes == 2 else 1.0 / n_classes
+    return Precond(torch.as_tensor(np.stack([U for U, _e, _t in eigs]), device=dev),
+                   torch.as_tensor(np.stack([e for _U, e, _t in eigs]), device=dev),
+                   np.asarray(family), c, torch.as_tensor([t for _U, _e, t in eigs], device=dev))
+
+
+@dataclass
 class History:
     """Each problem's L-BFGS curvature pairs (oldest first), kept between solves on a C path: a pair
     measured at penalty λ is exact at λ' once ``(λ' - λ)·s`` is added to its ``y`` (the penalty's
@@ -258,7 +330,7 @@ class History:
 
 def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
           init: tuple[np.ndarray, np.ndarray] | None = None, options: SolverOptions = SolverOptions(),
-          history: History | None = None) -> Solution:
+          history: History | None = None, precond: Precond | None = None) -> Solution:
     """Minimise every problem's objective with a per-problem L-BFGS, all problems evaluated in one
     pass over the rows. ``init``: (coef [P, k, d], intercept [P, k]) to warm-start from;
     ``history``: the curvature pairs of the solve that gave it (same problems, another C)."""
@@ -289,6 +361,7 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         rho = torch.zeros(m_hist, P, device=device)
         filled = 0
     iters = np.zeros(P, np.int64)
+    restarts = np.zeros(P, np.int64)  # line searches that failed from a quasi-Newton direction
     f, gw, gb = obj(w, b, torch.arange(P, device=device))
     x = torch.cat([w.reshape(P, -1), b], 1)  # [P, D]
     g = torch.cat([gw.reshape(P, -1), gb], 1)
@@ -333,12 +406,24 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         for i in order:  # two-loop recursion, per problem (rho = 0: an empty or skipped pair)
             alpha[i] = rho[i] * (S[i] * q).sum(1)
             q -= alpha[i][:, None] * Yh[i]
-        gam = 1.0 / ga.norm(dim=1).clamp(min=1e-12)
-        if filled:
-            nw = (slot - 1) % m_hist
-            gam = torch.where(rho[nw] > 0, (1.0 / rho[nw].clamp(min=1e-30)) / (Yh[nw] ** 2).sum(1).clamp(min=1e-30),
-                              gam)
-        r = q * gam[:, None]
+        lam_a = lam_all[active]
+        if precond is not None:
+            r = precond.apply(q, act, lam_a, k, d)
+            gam = torch.ones_like(lam_a)
+            if filled:  # scaled by the newest pair, sᵀy / yᵀH₀y: where the softmax is confident the
+                # curvature is far below c·Σ, and a step of H₀ alone would be too short
+                nw = (slot - 1) % m_hist
+                hy = precond.apply(Yh[nw], act, lam_a, k, d)
+                gam = torch.where(rho[nw] > 0, (1.0 / rho[nw].clamp(min=1e-30)) / (Yh[nw] * hy).sum(1).clamp(min=1e-30),
+                                  gam)
+                r = r * gam[:, None]
+        else:
+            gam = 1.0 / ga.norm(dim=1).clamp(min=1e-12)
+            if filled:
+                nw = (slot - 1) % m_hist
+                gam = torch.where(rho[nw] > 0, (1.0 / rho[nw].clamp(min=1e-30)) / (Yh[nw] ** 2).sum(1).clamp(min=1e-30),
+                                  gam)
+            r = q * gam[:, None]
         for i in reversed(order):
             beta = rho[i] * (Yh[i] * r).sum(1)
             r += S[i] * (alpha[i] - beta)[:, None]
@@ -355,7 +440,7 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         todo = torch.arange(A, device=device)
         new_x, new_f, new_g = xa.clone(), f0.clone(), ga.clone()
         failed = torch.zeros(A, dtype=torch.bool, device=device)
-        for attempt in range(30):
+        for attempt in range(16):
             trial = xa[todo] + t[todo, None] * direction[todo]
             ft, gwt, gbt = obj(trial[:, :kd].reshape(-1, k, d), trial[:, kd:], active[todo])
             gt = torch.cat([gwt.reshape(len(todo), -1), gbt], 1)
@@ -375,9 +460,17 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
             t[todo] *= 0.25 if attempt == 0 else 0.5
         else:
             failed[todo] = True  # no decrease found: as converged as float32 allows
+        # a search that found no decrease from a quasi-Newton direction starts again from the
+        # gradient with no pairs; one that fails from the gradient is as converged as float32 allows
+        had_pairs = (rho != 0).any(0) & torch.as_tensor(restarts[act] < 2, device=device)
+        restart = failed & had_pairs
+        if bool(restart.any()):
+            rho[:, restart] = 0.0
+            restarts[act[restart.cpu().numpy()]] += 1
+            failed = failed & ~had_pairs
         s_new, y_new = new_x - xa, new_g - ga
         sy = (s_new * y_new).sum(1)
-        good = (sy > 1e-10) & ~failed
+        good = (sy > 1e-10) & ~failed & ~restart
         S[slot] = torch.where(good[:, None], s_new, torch.zeros_like(s_new))
         Yh[slot] = torch.where(good[:, None], y_new, torch.zeros_like(y_new))
         rho[slot] = torch.where(good, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
@@ -386,7 +479,8 @@ def solve(rows: RowSource, y: np.ndarray, n_classes: int, problems: Problems,
         x[active], f[active], g[active] = new_x, new_f, new_g
         iters[act] += 1
         rel = (f0 - new_f).abs() / torch.maximum(f0.abs(), new_f.abs()).clamp(min=1.0)
-        done = ((new_g.abs().amax(1) <= limit(new_x, lam_all[active])) | failed | (rel <= 1e-10)).cpu().numpy()
+        done = ((new_g.abs().amax(1) <= limit(new_x, lam_all[active])) | failed
+                | ((rel <= 1e-10) & ~restart)).cpu().numpy()
         if done.any():
             retire(~done)
     retire(np.zeros(len(act), bool))  # those stopped by max_iter

@@ -66,11 +66,13 @@ class StoreRows:
         self.store, self.keep, self.batch_rows = store, keep, batch_rows
         self.n, self.dim = int(keep.sum()), store.dim
         self.reads = 0
+        # the shards as loaded (every pass reads the same ones) and their footers once read
+        self.footers: dict[str, Any] = {loc: None for loc in store.shard_files()}
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         self.reads += 1
         row = at = 0
-        for block in self.store.iter_embeddings(self.batch_rows):
+        for block in self.store.iter_embeddings(self.batch_rows, self.footers):
             sel = self.keep[row:row + len(block)]
             row += len(block)
             if not sel.all():
@@ -132,7 +134,9 @@ def load_dataset(store_path: str, label_column: str = "label", classes: list[str
     n = len(rows)
     budget = default_budget() if memory_budget is None else memory_budget
     if n * store.dim * 4 > budget:
-        x: np.ndarray | RowSource = StoreRows(store, keep)
+        # a pass reads record batches of about an eighth of the budget
+        batch = int(np.clip(budget // (8 * store.dim * 4), 1024, CHUNK_ROWS))
+        x: np.ndarray | RowSource = StoreRows(store, keep, batch)
         log.info("probe: %d x %d vectors exceed the memory budget (%d MB): streamed from the store",
                  n, store.dim, budget >> 20)
     else:

@@ -60,17 +60,27 @@ def build_head(emb: Any, classes: Sequence[str], templates: Sequence[str] | None
     return ZeroShotHead(w.T.float().cpu().numpy(), templates, scale)
 
 
-def evaluate(head: ZeroShotHead, classes: list[str], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def evaluate(head: ZeroShotHead, classes: list[str], x: Any, y: np.ndarray) -> dict[str, Any]:
+    """Accuracy of HEAD on the rows of X (a matrix, or rows streamed from a store) with a known class."""
     from sklearn.metrics import balanced_accuracy_score
 
-    logits = head.logits(x)
-    pred = logits.argmax(1)
-    out: dict[str, Any] = {"accuracy": float((pred == y).mean()),
-                           "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-                           "n": int(len(y)), "templates": head.templates}
+    from embedder.learn.probe import as_rows
+
+    pred = np.empty(len(y), np.int64)
+    top5 = np.zeros(len(y), bool)
+    for start, block in as_rows(x).chunks():
+        logits = head.logits(block)
+        pred[start:start + len(block)] = logits.argmax(1)
+        if len(classes) > 5:
+            top5[start:start + len(block)] = (np.argsort(-logits, axis=1)[:, :5]
+                                              == y[start:start + len(block), None]).any(1)
+    known = y >= 0
+    pred, yk = pred[known], y[known]
+    out: dict[str, Any] = {"accuracy": float((pred == yk).mean()),
+                           "balanced_accuracy": float(balanced_accuracy_score(yk, pred)),
+                           "n": int(len(yk)), "templates": head.templates}
     if len(classes) > 5:
-        top5 = np.argsort(-logits, axis=1)[:, :5]
-        out["top5_accuracy"] = float((top5 == y[:, None]).any(1).mean())
+        out["top5_accuracy"] = float(top5[known].mean())
     return out
 
 
