@@ -35,11 +35,10 @@ def peak_rss() -> float:
 def main() -> None:
     import sklearn.linear_model  # noqa: F401 - the imports either version of the probe makes
     import torch  # noqa: F401
+    import torch as t
 
     from embedder.learn import probe as pr
     from embedder.learn.options import ProbeOptions
-
-    import torch as t
 
     t.logsumexp(t.randn(512, 256) @ t.randn(256, 64), 1)  # torch's first kernels load before the baseline
     store = sys.argv[1]
