@@ -253,8 +253,8 @@ def _modes(rows: logreg.RowSource, y: np.ndarray, fold: np.ndarray, held: np.nda
     modes = [_Mode(std, space, np.array(means), np.array(scales) if std else ones) for std in stds]
     if precondition:
         mean, scale = logreg.moments_scaler(*total, shift)
-        for m in modes:
-            m.eig = _eig(logreg.covariance(rows, mean, scale if m.std else np.ones_like(scale)))
+        for family in modes:
+            family.eig = _eig(logreg.covariance(rows, mean, scale if family.std else np.ones_like(scale)))
     return out + modes
 
 
