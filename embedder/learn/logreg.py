@@ -266,32 +266,43 @@ class Precond:
         return out
 
 
-def covariance(rows: RowSource, mean: np.ndarray, scale: np.ndarray, limit: int = 20_000) -> np.ndarray:
-    """The covariance of ((x - mean) / scale) over the first LIMIT rows (float64 [d, d]): enough for
-    a preconditioner, whatever the number of rows."""
-    acc = np.zeros((rows.dim, rows.dim))
+def sample_rows(rows: RowSource, mean: np.ndarray, limit: int = 5_000) -> np.ndarray:
+    """The first LIMIT rows, centred, as one float32 matrix (a preconditioner's estimate of the
+    covariance needs no more, whatever the number of rows)."""
+    parts: list[np.ndarray] = []
     seen = 0
     for _start, chunk in rows.chunks():
-        part = ((chunk[:limit - seen] - mean) / scale).astype(np.float32)
-        acc += part.T @ part
-        seen += len(part)
+        parts.append((chunk[:limit - seen] - mean).astype(np.float32))
+        seen += len(parts[-1])
         if seen >= limit:
             break
-    return acc / max(seen, 1)
+    return np.concatenate(parts) if parts else np.zeros((0, rows.dim), np.float32)
 
 
 PRECOND_RANK = 128  # eigen-directions a preconditioner keeps one by one
 
 
-def eig_top(cov: np.ndarray, rank: int = PRECOND_RANK) -> tuple[np.ndarray, np.ndarray, float]:
-    """(largest RANK eigenvectors [d, r], their values [r], the mean of the other values) of a
-    covariance, in float32 (torch's eigh: a preconditioner needs no more)."""
+def eig_top(sample: np.ndarray, scale: np.ndarray | None = None,
+            rank: int = PRECOND_RANK) -> tuple[np.ndarray, np.ndarray, float]:
+    """(largest RANK eigenvectors [d, r], their values [r], the mean of the other values) of the
+    covariance of SAMPLE's rows (divided by SCALE): a randomised SVD of the sample (torch's
+    ``svd_lowrank``), or the exact eigendecomposition where the dimension is small."""
     torch = _torch()
-    e, U = torch.linalg.eigh(torch.as_tensor(cov, dtype=torch.float32))
-    e = e.clamp(min=0)
-    r = min(rank, len(e))
-    tail = float(e[:-r].mean()) if r < len(e) else 0.0
-    return U[:, -r:].numpy(), e[-r:].numpy(), tail
+    m, d = sample.shape
+    xs = torch.as_tensor(sample if scale is None else (sample / scale).astype(np.float32))
+    total = float((xs * xs).sum()) / max(m, 1)  # the trace: the sum of every eigenvalue
+    if d <= 2 * rank or m <= 2 * rank:
+        e, U = torch.linalg.eigh(xs.T @ xs / max(m, 1))
+        e = e.clamp(min=0)
+        r = min(rank, d)
+        tail = float(e[:-r].mean()) if r < d else 0.0
+        return U[:, -r:].numpy(), e[-r:].numpy(), tail
+    with torch.random.fork_rng(devices=[]):  # seeded (the same path on every run), the caller's RNG untouched
+        torch.manual_seed(0)
+        _u, sv, V = torch.svd_lowrank(xs, q=rank + 10, niter=2)
+    e = (sv[:rank] ** 2) / m
+    tail = max(total - float(e.sum()), 0.0) / (d - rank)
+    return V[:, :rank].contiguous().numpy(), e.numpy(), tail
 
 
 def precond_from(eigs: list[tuple[np.ndarray, np.ndarray, float]], family: np.ndarray, n_classes: int,
@@ -596,17 +607,21 @@ def fold_moments(rows: RowSource, y: np.ndarray, fold: np.ndarray,
     lut = np.full(int(max(fold.max(initial=-1), folds.max(initial=-1))) + 2, -1, np.int64)
     lut[np.asarray(folds) + 1] = np.arange(F)
     for start, chunk in rows.chunks():
-        m = len(chunk)
-        idx = lut[fold[start:start + m] + 1]
-        ok = (y[start:start + m] >= 0) & (idx >= 0)
         if shift is None:
             shift = chunk.mean(0, dtype=np.float64).astype(np.float32)
-        dev = chunk - shift
-        onehot = np.zeros((m, F), np.float32)
-        onehot[np.flatnonzero(ok), idx[ok]] = 1.0
-        count += onehot.sum(0)
-        s1 += onehot.T @ dev
-        s2 += onehot.T @ (dev * dev)
+        for s in range(0, len(chunk), 2048):  # blocks of 2,048 rows: the temporaries stay small
+            block = chunk[s:s + 2048]
+            m = len(block)
+            at = start + s
+            idx = lut[fold[at:at + m] + 1]
+            ok = (y[at:at + m] >= 0) & (idx >= 0)
+            dev = block - shift
+            onehot = np.zeros((m, F), np.float32)
+            onehot[np.flatnonzero(ok), idx[ok]] = 1.0
+            count += onehot.sum(0)
+            s1 += onehot.T @ dev
+            dev *= dev
+            s2 += onehot.T @ dev
     return count, s1, s2, (np.zeros(rows.dim, np.float32) if shift is None else shift)
 
 

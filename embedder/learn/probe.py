@@ -225,13 +225,19 @@ def knn_predict(xtr: np.ndarray | RowSource, ytr: np.ndarray, xte: np.ndarray | 
             best_s = np.full((m, 0), -np.inf, np.float32)
             best_i = np.zeros((m, 0), np.int64)
             for start, a in train.chunks():
-                sims = (b @ a.T) / norms[start:start + len(a)]
-                cand_s = np.concatenate([best_s, sims], 1)
-                cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(a)), sims.shape)], 1)
-                top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k] if cand_s.shape[1] > k else \
-                    np.broadcast_to(np.arange(cand_s.shape[1]), (m, cand_s.shape[1]))
-                best_s = np.take_along_axis(cand_s, top, 1)
-                best_i = np.take_along_axis(cand_i, top, 1)
+                sims = b @ a.T
+                sims /= norms[start:start + len(a)]
+                kk = min(k, sims.shape[1])
+                top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if sims.shape[1] > kk else \
+                    np.broadcast_to(np.arange(kk), (m, kk))
+                chunk_s = np.take_along_axis(sims, top, 1)  # this chunk's k best, then merged with the k so far
+                del sims
+                cand_s = np.concatenate([best_s, chunk_s], 1)
+                cand_i = np.concatenate([best_i, top + start], 1)
+                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k] if cand_s.shape[1] > k else \
+                    np.broadcast_to(np.arange(cand_s.shape[1]), cand_s.shape)
+                best_s = np.take_along_axis(cand_s, keep, 1)
+                best_i = np.take_along_axis(cand_i, keep, 1)
             w = np.exp(best_s.astype(np.float64) / temperature)
             flat = (np.arange(m)[:, None] * n_classes + ytr[best_i]).ravel()
             at = t0 + s

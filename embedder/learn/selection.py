@@ -232,7 +232,7 @@ def _modes(rows: logreg.RowSource, y: np.ndarray, fold: np.ndarray, held: np.nda
         r = space.rows.dim
         mode = _Mode(False, space, np.zeros((len(held), r), np.float32), np.ones((len(held), r), np.float32))
         if precondition:
-            mode.eig = _eig(logreg.covariance(space.rows, np.zeros(r, np.float32), np.ones(r, np.float32)))
+            mode.eig = logreg.eig_top(logreg.sample_rows(space.rows, np.zeros(r, np.float32)))
         out.append(mode)
         stds = [s for s in stds if s]
         if not stds:
@@ -251,15 +251,12 @@ def _modes(rows: logreg.RowSource, y: np.ndarray, fold: np.ndarray, held: np.nda
     # the problem far better than raw ReLU features
     ones = np.ones((len(held), rows.dim), np.float32)
     modes = [_Mode(std, space, np.array(means), np.array(scales) if std else ones) for std in stds]
-    if precondition:
+    if precondition:  # one sample of the rows serves both standardisations
         mean, scale = logreg.moments_scaler(*total, shift)
+        sample = logreg.sample_rows(rows, mean)
         for family in modes:
-            family.eig = _eig(logreg.covariance(rows, mean, scale if family.std else np.ones_like(scale)))
+            family.eig = logreg.eig_top(sample, scale if family.std else None)
     return out + modes
-
-
-def _eig(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    return logreg.eig_top(cov)
 
 
 def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, options: SelectOptions,
