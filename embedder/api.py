@@ -288,15 +288,20 @@ def train_probe(train_store: str | Path, *, test_store: str | Path | None = None
     """``embedder probe``: logistic regression on a labelled store's frozen features, C chosen on
     held-out predictions; with ``test_store``, its test accuracy and the kNN baseline in
     ``.metrics``. ``options`` are ``ProbeOptions`` fields (``label_column``, ``standardize``…)."""
+    from embedder.errors import ProbeError
     from embedder.learn.options import ProbeOptions
     from embedder.learn.probe import load_dataset, load_test, test_metrics
     from embedder.learn.probe import train_probe as fit
+    from embedder.sizes import parse_size
 
     (probe_kw,) = _split_options(options, ProbeOptions)
+    if isinstance(probe_kw.get("memory_budget"), str):  # "8GB", as the CLI takes it
+        probe_kw["memory_budget"] = parse_size(probe_kw["memory_budget"], ProbeError)
     opts = ProbeOptions(**probe_kw)
-    train = load_dataset(str(train_store), opts.label_column)
+    train = load_dataset(str(train_store), opts.label_column, memory_budget=opts.memory_budget)
     result = fit(train, opts)
     result.metrics = {"knn_k": opts.knn_k}
     if test_store is not None:
-        result.metrics = test_metrics(result, train, load_test(str(test_store), train, opts.label_column), opts)
+        test = load_test(str(test_store), train, opts.label_column, opts.memory_budget)
+        result.metrics = test_metrics(result, train, test, opts)
     return Probe(result, device)

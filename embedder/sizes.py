@@ -22,4 +22,7 @@ def parse_size(text: str, error: type[EmbedderError] = EmbedderError) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
     if not m:
         raise error(f"cannot read the memory budget {text!r}; write e.g. 512MB or 2GB")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    size = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    if size <= 0:
+        raise error(f"the memory budget must be more than 0 bytes, got {text!r}; write e.g. 512MB or 2GB")
+    return size

@@ -262,3 +262,37 @@ def test_cli_memory_budget(tmp_path: Path) -> None:
     r = runner.invoke(app, ["probe", store, "--out", str(tmp_path / "p.probe"), "--memory-budget", "4KB"])
     assert r.exit_code == 0, r.output
     assert "streamed from the store" in r.output and "choosing C" in r.output
+
+
+def test_a_nan_in_the_vectors_is_a_one_line_error(tmp_path: Path) -> None:
+    """A NaN or an infinity would make every fit NaN (before: NaN coefficients in memory, a torch
+    LinAlgError traceback from the CLI): the row is named instead, in memory and streamed alike."""
+    x, y = relu_blobs(60, 3, 16, sep=1.0, seed=5)
+    x[37, 4] = np.nan
+    store = vector_store(tmp_path / "nan", x, [f"c{v}" for v in y])
+    with pytest.raises(ProbeError, match="labelled row 37 has a NaN or infinite value"):
+        pr.load_dataset(store)
+    streamed = pr.load_dataset(store, memory_budget=1024)
+    with pytest.raises(ProbeError, match="labelled row 37"):
+        pr.train_probe(streamed)
+    x[37, 4] = np.inf
+    with pytest.raises(ProbeError, match="row 37"):
+        pr.train_probe(pr.Dataset(x, y, ["a", "b", "c"], [], [], {}))
+    r = runner.invoke(app, ["probe", store, "--out", str(tmp_path / "p.probe")])
+    assert r.exit_code == 2 and "labelled row 37" in r.output and "Traceback" not in r.output
+
+
+def test_api_memory_budget_streams(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import embedder
+
+    x, y = relu_blobs(100, 3, 16, sep=1.0, seed=2)
+    store = vector_store(tmp_path / "tr", x, [f"c{v}" for v in y])
+    with caplog.at_level(logging.INFO, logger="embedder.learn.probe"):
+        a = embedder.train_probe(store, memory_budget="4KB")
+    assert "streamed from the store" in caplog.text
+    b = embedder.train_probe(store)
+    assert a.result.C == b.result.C
+    with pytest.raises(ProbeError, match="more than 0 bytes"):
+        embedder.train_probe(store, memory_budget="0MB")

@@ -47,7 +47,7 @@ def probe_command(
         raise pr.ProbeError("--out PROBE is needed (the probe file to write), unless --zero-shot-only")
     from embedder.sizes import parse_size
 
-    budget = parse_size(memory_budget, pr.ProbeError) if memory_budget else None
+    budget = parse_size(memory_budget, pr.ProbeError) if memory_budget is not None else None
     opts = ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
                         standardize=str(standardize), knn_k=knn_k, backend=str(backend), memory_budget=budget)
     train = pr.load_dataset(str(train_store), label_column, memory_budget=budget)

@@ -16,7 +16,8 @@ test) in batched tensors — so a fold that has converged stops costing anything
 
 The features are read in row chunks (``RowSource``): an in-memory float32 array (no copy: float32
 is never widened to float64, as scikit-learn's solver does) or record batches streamed from a store
-on each pass, so memory stays at the parameters plus one chunk whatever the number of rows.
+on each pass, so memory stays at the parameters, the curvature pairs and one block of rows (sized so
+that its [rows, problems x classes] temporaries stay within ``WORK_BYTES``) whatever the number of rows.
 
 Measured against scikit-learn's ``LogisticRegression`` (same objective, same gradient tolerance) in
 ``scripts/bench_probe.py``; agreement is tested in ``tests/test_probe.py``.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -52,6 +53,7 @@ class ArrayRows:
 
     x: np.ndarray
     chunk: int = CHUNK_ROWS
+    on_device: Any = field(default=None, repr=False)  # the matrix on an accelerator, once copied
 
     def __post_init__(self) -> None:
         if self.x.dtype != np.float32:
@@ -63,20 +65,29 @@ class ArrayRows:
             yield s, self.x[s:s + self.chunk]
 
 
-def device_chunks(rows: RowSource, device: Any) -> Iterator[tuple[int, Any]]:
-    """The rows as torch tensors on DEVICE: an in-memory matrix is copied to an accelerator once per
-    solve (cached on the source), never once per pass; on the CPU the chunks are views."""
+WORK_BYTES = 256 << 20  # a pass's per-block logits and gradients: [rows, problems x classes] float32, ~3 of them
+
+
+def block_rows(outputs: int) -> int:
+    """Rows per block of a pass, so that its [rows, outputs] temporaries stay within WORK_BYTES
+    (1,000 classes x 10 problems: 2,184 rows, not CHUNK_ROWS)."""
+    return int(np.clip(WORK_BYTES // (12 * max(outputs, 1)), 64, CHUNK_ROWS))
+
+
+def device_chunks(rows: RowSource, device: Any, block: int = CHUNK_ROWS) -> Iterator[tuple[int, Any]]:
+    """The rows as torch tensors on DEVICE in blocks of at most BLOCK rows: an in-memory matrix is
+    copied to an accelerator once per solve (cached on the source), never once per pass; on the CPU
+    the blocks are views."""
     torch = _torch()
     if device.type != "cpu" and isinstance(rows, ArrayRows):
-        cached = getattr(rows, "_on_device", None)
-        if cached is None or cached.device != device:
-            cached = torch.as_tensor(rows.x, device=device)
-            rows._on_device = cached  # type: ignore[attr-defined]
-        for s in range(0, rows.n, rows.chunk):
-            yield s, cached[s:s + rows.chunk]
+        if rows.on_device is None or rows.on_device.device != device:
+            rows.on_device = torch.as_tensor(rows.x, device=device)
+        for s in range(0, rows.n, block):
+            yield s, rows.on_device[s:s + block]
         return
-    for s, chunk in rows.chunks():
-        yield s, torch.as_tensor(chunk).to(device)
+    for start, chunk in rows.chunks():
+        for s in range(0, len(chunk), block):
+            yield start + s, torch.as_tensor(chunk[s:s + block]).to(device)
 
 
 @dataclass(frozen=True)
@@ -156,7 +167,8 @@ SMALL_WORK = 20_000_000  # multiply-adds per pass below which the solver runs on
 def threads_for(work: float) -> Iterator[None]:
     """One torch thread for a small problem (threads that wait for each other cost more than the
     products when the cores are busy: measured 151.6 s against 4.2 s for a 100-image sweep with
-    OpenBLAS), torch's own setting otherwise."""
+    OpenBLAS), torch's own setting otherwise. torch's thread count is process-wide: it is restored
+    on exit, and the probe does not run beside other torch work of the same process."""
     torch = _torch()
     before = torch.get_num_threads()
     if work >= SMALL_WORK or before == 1:
@@ -182,8 +194,12 @@ class _Objective:
         self.held = torch.as_tensor(problems.held_out, device=device)
         self.mean = torch.as_tensor(problems.mean, device=device)
         self.scale = torch.as_tensor(problems.scale, device=device)
-        trains = (self.fold[:, None] != torch.as_tensor(problems.held_out)[None, :]) & (self.y[:, None] >= 0)
-        self.n_rows = trains.sum(0).to(torch.float64).clamp(min=1).to(device)  # [P]
+        # each problem's training rows: the labelled rows less its held-out fold's
+        labelled = np.asarray(y) >= 0
+        folds, per_fold = np.unique(np.asarray(problems.fold)[labelled], return_counts=True)
+        out_of = {int(f): int(c) for f, c in zip(folds, per_fold)}
+        n_rows = np.array([labelled.sum() - out_of.get(int(h), 0) for h in problems.held_out], np.float64)
+        self.n_rows = torch.as_tensor(np.maximum(n_rows, 1), device=device)  # [P]
         self.lam = (1.0 / (torch.as_tensor(problems.C, dtype=torch.float64, device=device) * self.n_rows)
                     ).to(torch.float32)
         self.passes = 0
@@ -203,7 +219,7 @@ class _Objective:
         gv = torch.zeros(p * k, d, device=self.device)
         gc = torch.zeros(p, k, device=self.device)
         ar = torch.arange(p, device=self.device)
-        for start, x in device_chunks(self.rows, self.device):
+        for start, x in device_chunks(self.rows, self.device, block_rows(p * k)):
             m = x.shape[0]
             yy = self.y[start:start + m].to(self.device)
             ff = self.fold[start:start + m].to(self.device)
@@ -521,7 +537,7 @@ def predict_held_out(rows: RowSource, y: np.ndarray, problems: Problems, coef: n
     ft = torch.as_tensor(np.asarray(problems.fold, np.int64))
     correct = torch.zeros(P, dtype=torch.float64)
     loss = torch.zeros(P, dtype=torch.float64)
-    for start, x in device_chunks(rows, dev):
+    for start, x in device_chunks(rows, dev, block_rows(P * k)):
         m = x.shape[0]
         yy = yt[start:start + m].to(dev)
         ff = ft[start:start + m].to(dev)
@@ -620,8 +636,7 @@ def fold_moments(rows: RowSource, y: np.ndarray, fold: np.ndarray,
             onehot[np.flatnonzero(ok), idx[ok]] = 1.0
             count += onehot.sum(0)
             s1 += onehot.T @ dev
-            dev *= dev
-            s2 += onehot.T @ dev
+            s2 += onehot.T.astype(np.float64) @ np.square(dev, dtype=np.float64)  # float64: no overflow
     return count, s1, s2, (np.zeros(rows.dim, np.float32) if shift is None else shift)
 
 
@@ -644,8 +659,11 @@ def newton_work(problems: int, rows: int, n_classes: int, coords: int) -> float:
     return float(problems) * rows * (params_per_problem(n_classes) * coords) ** 2
 
 
+NEWTON_MAX_ITER = 100
+
+
 def newton(X: np.ndarray, y: np.ndarray, n_classes: int, train: np.ndarray, lam: np.ndarray,
-           tol: float = 1e-6, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+           tol: float = 1e-6, max_iter: int = NEWTON_MAX_ITER) -> tuple[np.ndarray, np.ndarray]:
     """Newton's method on P small problems at once, in float64: X [P, n, r] (each problem's own
     coordinates of the rows; the last column all ones: the intercept, unpenalised), y [n] class
     indices, train [P, n] the rows each problem trains on, lam [P] = 1 / (C · its rows). Minimises

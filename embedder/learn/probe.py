@@ -36,8 +36,6 @@ PROBE_FORMAT = "embedder-probe/1"
 BACKENDS = ("auto", "torch")  # the solver is embedder's float32 L-BFGS (``logreg``), on CPU or CUDA
 
 
-
-
 @dataclass
 class Dataset:
     x: np.ndarray | RowSource  # float32 rows in memory, or streamed from the store (``StoreRows``)
@@ -48,10 +46,6 @@ class Dataset:
     provenance: dict[str, Any]
     dropped_unlabelled: int = 0
     unseen: list[str] = field(default_factory=list)  # labels absent from the given class list (y = -1)
-
-    @property
-    def rows(self) -> RowSource:
-        return ArrayRows(self.x) if isinstance(self.x, np.ndarray) else self.x
 
     @property
     def dim(self) -> int:
@@ -78,6 +72,7 @@ class StoreRows:
             if not sel.all():
                 block = block[sel]
             if len(block):
+                require_finite(block, at, self.store.root)
                 yield at, block
                 at += len(block)
         if at != self.n:
@@ -141,6 +136,7 @@ def load_dataset(store_path: str, label_column: str = "label", classes: list[str
                  n, store.dim, budget >> 20)
     else:
         x = store.read_embeddings(keep)
+        require_finite(x, 0, store_path)
     return Dataset(x, y, known, t.column("id").take(rows), t.column("path").take(rows),
                    store.provenance.to_dict(), dropped_unlabelled=t.num_rows - n,
                    unseen=sorted(set(names_here) - set(known)))
@@ -190,16 +186,30 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
             progress(done, total, desc)
 
     x = np.asarray(train.x, np.float32) if isinstance(train.x, np.ndarray) else train.x
+    if isinstance(x, np.ndarray):
+        require_finite(x, 0, "the training vectors")
     chosen: Selection = select_c(x, train.y, len(train.classes), sel_opts, tick)
     t_refit = time.perf_counter()
     head, sol = fit_all(x, train.y, len(train.classes), chosen.C, chosen.standardize, chosen.solution, sel_opts,
                         chosen.history)
     tick(1, "refit")
     log.info("probe: %s; refit %d iterations", chosen.describe(), int(sol.iterations[0]))
+    if not sol.converged.all():
+        log.warning("probe: the refit at C=%.3g stopped before its gradient test (%d iterations; "
+                    "float32's resolution or max_iter): the head is usable, the optimum is not exact",
+                    chosen.C, int(sol.iterations.max()))
     return ProbeResult(head, train.classes, chosen.C, chosen.standardize, chosen.accuracy, chosen.sweep,
                        int((train.y >= 0).sum()), provenance=train.provenance, backend=f"torch-{sel_opts.device}",
                        seconds=time.perf_counter() - t0, selection=chosen.describe(), n_select=chosen.n_rows,
                        select_seconds=chosen.seconds, refit_seconds=time.perf_counter() - t_refit)
+
+
+def require_finite(x: np.ndarray, first: int, where: str) -> None:
+    """A NaN or an infinity in the vectors would make every fit NaN: say which row, once."""
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise ProbeError(f"{where}: labelled row {first + int(np.flatnonzero(bad)[0])} has a NaN or infinite value "
+                         "in its vector; re-extract it or drop it from the store")
 
 
 def as_rows(x: np.ndarray | RowSource) -> RowSource:
@@ -227,6 +237,7 @@ def knn_predict(xtr: np.ndarray | RowSource, ytr: np.ndarray, xte: np.ndarray | 
             for start, a in train.chunks():
                 sims = b @ a.T
                 sims /= norms[start:start + len(a)]
+                sims[:, ytr[start:start + len(a)] < 0] = -np.inf  # rows without a class never vote
                 kk = min(k, sims.shape[1])
                 top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if sims.shape[1] > kk else \
                     np.broadcast_to(np.arange(kk), (m, kk))
@@ -238,7 +249,8 @@ def knn_predict(xtr: np.ndarray | RowSource, ytr: np.ndarray, xte: np.ndarray | 
                     np.broadcast_to(np.arange(cand_s.shape[1]), cand_s.shape)
                 best_s = np.take_along_axis(cand_s, keep, 1)
                 best_i = np.take_along_axis(cand_i, keep, 1)
-            w = np.exp(best_s.astype(np.float64) / temperature)
+            w = np.where(np.isfinite(best_s), np.exp(best_s.astype(np.float64) / temperature), 0.0)
+            best_i = np.where(np.isfinite(best_s), best_i, np.flatnonzero(ytr >= 0)[0])
             flat = (np.arange(m)[:, None] * n_classes + ytr[best_i]).ravel()
             at = t0 + s
             scores[at:at + m] = np.bincount(flat, weights=w.ravel(), minlength=m * n_classes).reshape(m, n_classes)

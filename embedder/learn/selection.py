@@ -508,7 +508,7 @@ def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, f
     P = len(held)
     xm = reducible(rows, y)
     if xm is not None and tiny(P, len(y), n_classes):
-        heads = []
+        heads, iters, coefs, icpts = [], [], [], []
         for f in held:
             co = _coords(xm, (fold != f) & (y >= 0), standardize)
             train = ((fold != f) & (y >= 0))[None]
@@ -517,8 +517,11 @@ def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, f
             coef, icpt = co.raw_head(theta[0])
             heads.append(LinearHead(coef, icpt, np.zeros(rows.dim, np.float32), np.ones(rows.dim, np.float32))
                          if not standardize else _std_head(coef, icpt, co))
-        return heads, logreg.Solution(np.zeros((P, 0, 0), np.float32), np.zeros((P, 0), np.float32), it,
-                                      np.ones(P, bool), 1)
+            iters.append(int(it[0]))
+            coefs.append(coef)
+            icpts.append(icpt)
+        its = np.array(iters)
+        return heads, logreg.Solution(np.array(coefs), np.array(icpts), its, its < logreg.NEWTON_MAX_ITER, len(held))
     if xm is not None and (not standardize or (P == 1 and held[0] == -2)):  # one scaler: the span is exact
         space = logreg.reduced_space(xm, standardize)
         r = space.rows.dim
