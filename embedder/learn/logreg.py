@@ -283,15 +283,14 @@ class Precond:
 
 
 def sample_rows(rows: RowSource, mean: np.ndarray, limit: int = 5_000) -> np.ndarray:
-    """The first LIMIT rows, centred, as one float32 matrix (a preconditioner's estimate of the
-    covariance needs no more, whatever the number of rows)."""
+    """About LIMIT rows taken evenly across all of them (stores are often sorted by class: the first
+    rows would be a few classes' covariance), centred, as one float32 matrix: a preconditioner's
+    estimate of the covariance needs no more, whatever the number of rows. One pass."""
+    step = max(1, -(-rows.n // limit))
     parts: list[np.ndarray] = []
-    seen = 0
-    for _start, chunk in rows.chunks():
-        parts.append((chunk[:limit - seen] - mean).astype(np.float32))
-        seen += len(parts[-1])
-        if seen >= limit:
-            break
+    for start, chunk in rows.chunks():
+        first = (-start) % step  # the first row of this chunk whose index is a multiple of STEP
+        parts.append((chunk[first::step] - mean).astype(np.float32))
     return np.concatenate(parts) if parts else np.zeros((0, rows.dim), np.float32)
 
 

@@ -191,7 +191,7 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     chosen: Selection = select_c(x, train.y, len(train.classes), sel_opts, tick)
     t_refit = time.perf_counter()
     head, sol = fit_all(x, train.y, len(train.classes), chosen.C, chosen.standardize, chosen.solution, sel_opts,
-                        chosen.history)
+                        chosen.history, chosen.eig)
     tick(1, "refit")
     log.info("probe: %s; refit %d iterations", chosen.describe(), int(sol.iterations[0]))
     if not sol.converged.all():

@@ -83,6 +83,7 @@ class Selection:
     seconds: float = 0.0
     passes: int = 0  # passes over the features (objective evaluations and held-out predictions)
     history: logreg.History | None = field(default=None, repr=False)  # a split's curvature pairs at the end
+    eig: tuple[np.ndarray, np.ndarray, float] | None = field(default=None, repr=False)  # its preconditioner's
 
     def describe(self) -> str:
         return (f"C={self.C:.3g}{', standardised' if self.standardize else ''}, chosen by {self.scheme} "
@@ -361,12 +362,13 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
     coef, icpt = best["_solution"]
     mode = best["_mode"]
     pairs = mode.hist if F == 1 and not mode.space.reduced else None
+    eig = mode.eig if not mode.space.reduced else None
     raw = [mode.space.to_raw(coef[i], icpt[i], mode.mean[i], mode.scale[i]) for i in range(F)]
     solution = (np.mean([r[0] for r in raw], 0), np.mean([r[1] for r in raw], 0))
     table = [{k: v for k, v in r.items() if not k.startswith("_") and k != "n"}
              for r in sorted(everything, key=lambda r: (r["standardize"], r["C"]))]
     return Selection(float(best["C"]), bool(best["standardize"]), scheme, n_pred, float(best["val_accuracy"]),
-                     float(best["val_log_loss"]), table, solution, time.perf_counter() - t0, passes, pairs)
+                     float(best["val_log_loss"]), table, solution, time.perf_counter() - t0, passes, pairs, eig)
 
 
 def _update_stopping(live: list[_Mode], best: dict[str, Any], everything: list[dict[str, Any]],
@@ -499,8 +501,8 @@ def _select_tiny(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray,
 
 def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, fold: np.ndarray,
               held: np.ndarray, C: float, standardize: bool, init: tuple[np.ndarray, np.ndarray] | None = None,
-              options: SelectOptions = SelectOptions(),
-              history: logreg.History | None = None) -> tuple[list[LinearHead], logreg.Solution]:
+              options: SelectOptions = SelectOptions(), history: logreg.History | None = None,
+              eig: tuple[np.ndarray, np.ndarray, float] | None = None) -> tuple[list[LinearHead], logreg.Solution]:
     """One probe per held-out fold of HELD (-2: none, every labelled row) at C, solved together, each
     on its own training rows' scaler when standardised; warm-started from INIT (raw-feature coef,
     intercept), to ``refit_tol``."""
@@ -547,11 +549,14 @@ def fit_heads(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, f
         parts = [space.from_raw(init[0], init[1], means[p], scales[p]) for p in range(P)]
         start = (np.array([w for w, _b in parts]), np.array([b for _w, b in parts]))
     src = space.rows
+    pre = None
+    if eig is not None and not space.reduced and options.precondition:  # the selection's, same features
+        pre = logreg.precond_from([eig], np.zeros(P, np.int64), n_classes, options.device)
     with logreg.threads_for(src.n * src.dim * n_classes * P):
         sol = logreg.solve(src, y, n_classes, problems, start,
                            logreg.SolverOptions(tol=options.refit_tol, max_iter=options.max_iter,
                                                 device=options.device),
-                           None if space.reduced or P != 1 else history)
+                           None if space.reduced or P != 1 else history, pre)
     heads = []
     for p in range(P):
         v, c = space.to_raw(sol.coef[p], sol.intercept[p], means[p], scales[p])
@@ -572,11 +577,12 @@ def _std_head(coef: np.ndarray, icpt: np.ndarray, co: _Coords) -> LinearHead:
 
 def fit_all(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, C: float, standardize: bool,
             init: tuple[np.ndarray, np.ndarray] | None = None, options: SelectOptions = SelectOptions(),
-            history: logreg.History | None = None) -> tuple[LinearHead, logreg.Solution]:
+            history: logreg.History | None = None,
+            eig: tuple[np.ndarray, np.ndarray, float] | None = None) -> tuple[LinearHead, logreg.Solution]:
     """The probe on every labelled row at C (the refit); standardised, the head carries the scaler
-    of all rows."""
+    of all rows. HISTORY, EIG: the selection's curvature pairs and preconditioner, if it had them."""
     heads, sol = fit_heads(x, y, n_classes, np.full(len(y), -1, np.int64), np.array([-2]), C, standardize,
-                           init, options, history)
+                           init, options, history, eig)
     return heads[0], sol
 
 
