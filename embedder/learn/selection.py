@@ -231,10 +231,9 @@ def _modes(rows: logreg.RowSource, y: np.ndarray, fold: np.ndarray, held: np.nda
     if x is not None and False in stds:
         space = logreg.reduced_space(x, False)
         r = space.rows.dim
-        mode = _Mode(False, space, np.zeros((len(held), r), np.float32), np.ones((len(held), r), np.float32))
-        if precondition:
-            mode.eig = logreg.eig_top(logreg.sample_rows(space.rows, np.zeros(r, np.float32)))
-        out.append(mode)
+        # no preconditioner here: a few rows' problems are cheap, and at large C its scaling of the
+        # rows' own coordinates sent L-BFGS to max_iter (measured: digits, 5 a class, C=1e4)
+        out.append(_Mode(False, space, np.zeros((len(held), r), np.float32), np.ones((len(held), r), np.float32)))
         stds = [s for s in stds if s]
         if not stds:
             return out
@@ -252,7 +251,9 @@ def _modes(rows: logreg.RowSource, y: np.ndarray, fold: np.ndarray, held: np.nda
     # the problem far better than raw ReLU features
     ones = np.ones((len(held), rows.dim), np.float32)
     modes = [_Mode(std, space, np.array(means), np.array(scales) if std else ones) for std in stds]
-    if precondition:  # one sample of the rows serves both standardisations
+    if precondition and rows.n >= rows.dim:  # one sample serves both standardisations; fewer rows
+        # than dimensions estimate a rank-deficient covariance, whose zero eigenvalues would send
+        # L-BFGS's first steps far along directions no row constrains
         mean, scale = logreg.moments_scaler(*total, shift)
         sample = logreg.sample_rows(rows, mean)
         for family in modes:
@@ -351,16 +352,18 @@ def select_c(x: np.ndarray | logreg.RowSource, y: np.ndarray, n_classes: int, op
         # ±¼ and ±½ decade, each warm-started from the next smaller C (a fit warm-started from a
         # larger C starts where its gradient is already within the stopping test and would not move)
         mode, c = best["_mode"], best["C"]
-        top, hist_top = best["_solution"], mode.hist
-        mode.last, mode.hist = best["_below"]
+        top, hist_top = best.get("_solution", mode.last), mode.hist
+        mode.last, mode.hist = best.get("_below", (None, None))
         for d in (-0.5, -0.25):
             best = solve_round([(mode, [c * 10 ** d])])
         mode.last, mode.hist = top, hist_top
         for d in (0.25, 0.5):
             best = solve_round([(mode, [c * 10 ** d])])
     # the winner's folds, averaged on raw features: the refit's warm start (with a split, its curvature pairs too)
-    coef, icpt = best["_solution"]
     mode = best["_mode"]
+    # a candidate that won only once a later one moved the noise band may have lost its solution:
+    # the refit then starts from the mode's last one (a warm start, nothing more)
+    coef, icpt = best.get("_solution") or mode.last
     pairs = mode.hist if F == 1 and not mode.space.reduced else None
     eig = mode.eig if not mode.space.reduced else None
     raw = [mode.space.to_raw(coef[i], icpt[i], mode.mean[i], mode.scale[i]) for i in range(F)]
@@ -481,11 +484,7 @@ def _select_tiny(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray,
                                    "_theta": theta[sl]})
                 p += F
             step(len(Cs))
-        best = choose(everything, options.criterion)
-        for r in everything:
-            if r is not best:
-                r.pop("_theta", None)
-        return best
+        return choose(everything, options.criterion)
 
     best = solve_round([(std, coarse) for std in stds])
     if options.refine:
