@@ -347,7 +347,7 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert not [row for row in rows if "error" in row], rows
     sections = [row["section"] for row in rows]
-    assert sections.count("model_only") == 2 and sections.count("extract") == 4 and sections.count("probe") == 2
+    assert sections.count("model_only") == 2 and sections.count("extract") == 4 and sections.count("probe") == 3
     # faiss-cpu here: the raw IVF row and embedder's training row, both on the CPU
     assert [(row["section"], row["where"]) for row in rows if row["section"].startswith("faiss")] == \
         [("faiss", "cpu"), ("faiss_train", "cpu")]
