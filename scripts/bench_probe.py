@@ -61,25 +61,11 @@ def features(n: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def write_store(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    import pyarrow as pa
+    """bench_inspect's synthetic store writer (shards of 16,384 rows)."""
+    sys.path.insert(0, str(HERE))
+    import bench_inspect
 
-    from embedder.models.registry import get_backbone
-    from embedder.store.provenance import Provenance, WeightsRef
-    from embedder.store.shards import Store, embeddings_to_arrow
-
-    prov = Provenance("synthetic", WeightsRef("file", "none", "0"), "penultimate", "avg",
-                      get_backbone("tiny_test").preprocessing(), x.shape[1])
-    with Store.writer(path, prov) as st:
-        schema = st.read().schema
-        for s in range(0, len(x), 50_000):
-            xs, ys = x[s:s + 50_000], y[s:s + 50_000]
-            ids = [f"v{s + i:07d}" for i in range(len(xs))]
-            st.write_shard(pa.table({
-                "id": ids, "path": [f"/data/{i}.jpg" for i in ids], "label": [f"c{v}" for v in ys],
-                "embedding": embeddings_to_arrow(xs, "float32"),
-                "width": pa.array([1] * len(xs), pa.int32()), "height": pa.array([1] * len(xs), pa.int32()),
-                "file_hash": [None] * len(xs), "caption": [None] * len(xs)}, schema=schema))
-        st.update_manifest()
+    bench_inspect.write_store(path, x, y)
 
 
 def mobilenet_weights() -> Path:
