@@ -294,7 +294,7 @@ def test_a_budget_sets_size_and_epochs_and_the_report_shows_accuracy_against_tim
 
 
 def test_bn_policy_and_weight_ema(labelled: Path, tmp_path: Path) -> None:
-    from embedder.learn.finetune.schedule import _ema_avg
+    from embedder.learn.finetune.schedule import ema_avg
 
     base = {**TINY.__dict__, "epochs": 2, "head_epochs": 0, "probe_init": False}
     pre = get_backbone("tiny_test").build_architecture().state_dict()
@@ -308,7 +308,7 @@ def test_bn_policy_and_weight_ema(labelled: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(frozen[k], pre[k], rtol=0, atol=0)
     assert any(not torch.equal(trained[k], pre[k]) for k in stats) and "train mode" in meta["bn_policy"]
     # EMA: the warm-up keeps early averages close to the current weights, then the decay takes over
-    avg = _ema_avg(0.99)
+    avg = ema_avg(0.99)
     a, c = torch.zeros(3), torch.ones(3)
     assert avg(a, c, torch.tensor(0)).tolist() == pytest.approx([0.9] * 3)  # d = 1/10
     assert avg(a, c, torch.tensor(10_000)).tolist() == pytest.approx([0.01] * 3)  # d = 0.99

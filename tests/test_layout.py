@@ -1,5 +1,6 @@
-"""The package's layout stays true: no import cycle between modules (imports inside functions
-counted, only ``if TYPE_CHECKING:`` blocks excepted), and the leaf modules stay leaves."""
+"""The package's layout stays true: no import cycle between modules (imports inside functions and
+``if TYPE_CHECKING:`` blocks counted), the leaf modules stay leaves, a name shared across modules is
+public (no module imports another's ``_private`` name), and no file keeps runs of blank lines."""
 
 from __future__ import annotations
 
@@ -35,26 +36,21 @@ def _type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """Modules of the package that NAME imports, anywhere in the file but TYPE_CHECKING blocks.
-    ``from pkg import sub`` counts the submodule, not the package."""
+def imports_of(name: str, path: Path, known: set[str], type_checking: bool = False) -> set[str]:
+    """Modules of the package that NAME imports, anywhere in the file; TYPE_CHECKING blocks only
+    with TYPE_CHECKING. ``from pkg import sub`` counts the submodule, not the package."""
     is_pkg = path.name == "__init__.py"
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _type_checking(node.test):
+        if isinstance(node, ast.If) and _type_checking(node.test) and not type_checking:
             for n in node.orelse:
                 visit(n)
             return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name.split(".") if is_pkg else name.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+            mod = _absolute(name, is_pkg, node)
             subs = {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known}
             found.update(subs)
             if len(subs) < len(node.names):
@@ -66,9 +62,18 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-def import_graph(root: Path) -> dict[str, set[str]]:
+def _absolute(name: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    """The module a ``from … import`` in module NAME reads from, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph(root: Path, type_checking: bool = False) -> dict[str, set[str]]:
     files = module_files(root)
-    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    return {name: imports_of(name, path, set(files), type_checking) for name, path in files.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -123,11 +128,108 @@ def test_no_import_cycle_in_the_package() -> None:
     assert cycles(graph) == []
 
 
+def test_no_import_cycle_even_through_type_checking_imports() -> None:
+    """Types two modules share live in a leaf both import, not in one of them under TYPE_CHECKING."""
+    assert cycles(import_graph(ROOT, type_checking=True)) == []
+
+
 def test_leaf_modules_stay_leaves() -> None:
     graph = import_graph(ROOT)
     assert LEAVES <= set(graph), f"a leaf module moved: {sorted(LEAVES - set(graph))}"
     wrong = {m: sorted(graph[m] - LEAF_MAY_IMPORT) for m in LEAVES if graph[m] - LEAF_MAY_IMPORT}
     assert wrong == {}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_imports(root: Path) -> list[str]:
+    """Every use, in a module of the package, of another module's ``_private`` name: ``from mod
+    import _name``, or ``mod._name`` on a module of the package imported under a name. A private
+    module (``_registry_meta``) is the package's own: importing it is not such a use."""
+    files = module_files(root)
+    pkg = root.name
+    found: list[str] = []
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(), str(path))
+        modules: dict[str, str] = {}  # a local name → the package module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = _absolute(name, path.name == "__init__.py", node)
+                if mod != pkg and not mod.startswith(pkg + "."):
+                    continue
+                for a in node.names:
+                    if f"{mod}.{a.name}" in files:
+                        modules[a.asname or a.name] = f"{mod}.{a.name}"
+                    elif _private(a.name):
+                        found.append(f"{name}:{node.lineno}: from {mod} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name == pkg or a.name.startswith(pkg + "."):
+                        modules[a.asname or pkg] = a.name if a.asname else pkg
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                target = _dotted(node.value, modules)
+                if target in files and target != name:
+                    found.append(f"{name}:{node.lineno}: {target}.{node.attr}")
+    return found
+
+
+def _dotted(node: ast.expr, modules: dict[str, str]) -> str | None:
+    """The package module an expression like ``m`` or ``embedder.index.build`` names, if any."""
+    if isinstance(node, ast.Name):
+        return modules.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value, modules)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def blank_runs(root: Path, most: int = 2) -> list[str]:
+    """Every run of more than MOST consecutive blank (whitespace only) lines in the package's files,
+    the file's end included."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        run = 0
+        lines = path.read_text().split("\n")
+        for i, line in enumerate(lines + ["end"], 1):
+            if line.strip():
+                if run > most:
+                    found.append(f"{path.relative_to(root.parent)}:{i - run}: {run} blank lines")
+                run = 0
+            else:
+                run += 1
+    return found
+
+
+def test_no_module_uses_another_modules_private_name() -> None:
+    """A name shared across modules is public: a leading underscore means "this module only"."""
+    assert private_imports(ROOT) == []
+
+
+def test_no_runs_of_blank_lines() -> None:
+    """At most two blank lines in a row (PEP 8's between top-level definitions): longer runs are
+    what moving code out of a file leaves behind."""
+    assert blank_runs(ROOT) == []
+
+
+def test_the_private_and_blank_checks_see_what_they_should(tmp_path: Path) -> None:
+    """What the two tests above would miss if the walks were wrong."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from ._impl import public\n")
+    (pkg / "sub" / "_impl.py").write_text("def public():\n    pass\n\n\ndef _helper():\n    pass\n")
+    (pkg / "a.py").write_text("from pkg.sub._impl import _helper\nfrom .sub import _impl as impl\n"
+                              "import pkg.sub._impl\n\n\n\ndef f(x):\n    return impl._helper(), x._y\n")
+    (pkg / "b.py").write_text("import pkg.sub._impl as m\nimport os\n\n\nm._helper()\nos._exit\n"
+                              "pkg = m\n")
+    (pkg / "c.py").write_text("x = 1\n\n\n\n")
+    found = private_imports(pkg)
+    assert found == ["pkg.a:1: from pkg.sub._impl import _helper", "pkg.a:8: pkg.sub._impl._helper",
+                     "pkg.b:5: pkg.sub._impl._helper"]
+    assert blank_runs(pkg) == ["pkg/a.py:4: 3 blank lines", "pkg/c.py:2: 4 blank lines"]
 
 
 def test_the_walk_sees_cycles_through_function_bodies_and_skips_type_checking(tmp_path: Path) -> None:
@@ -144,6 +246,10 @@ def test_the_walk_sees_cycles_through_function_bodies_and_skips_type_checking(tm
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"}
     assert graph["pkg.c"] == set() and graph["pkg.d"] == {"pkg.c"}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+    (pkg / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import f\n")
+    (pkg / "f.py").write_text("from pkg import e\n")
+    assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.sub.b"]]
+    assert cycles(import_graph(pkg, type_checking=True)) == [["pkg.a", "pkg.sub.b"], ["pkg.e", "pkg.f"]]
 
 
 def test_every_embedder_import_in_the_scripts_resolves() -> None:

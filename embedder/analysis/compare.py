@@ -25,8 +25,6 @@ from embedder.errors import InspectError
 SAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 
-
-
 @dataclass
 class Cell:
     backbone: str  # registry spec, e.g. mobilenet_v2:IMAGENET1K_V1

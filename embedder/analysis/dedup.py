@@ -23,8 +23,6 @@ class DedupSummary:
     out: str
 
 
-
-
 def dedup(store_path: str, out: str, threshold: float | None = None, k: int = 10) -> DedupSummary:
     """Groups of near-duplicates (cosine >= THRESHOLD, default NEAR_DUPLICATE_COSINE), joined
     transitively: the connected components of the shared k-nearest-neighbour graph's edges at or above

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.analysis.duplicates import duplicate_groups, leaks
+from embedder.analysis.inspection_types import KINDS, Finding, Inspection, InspectSummary
 from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import class_overlap, cross_validate, knn_accuracy, label_issues
 from embedder.analysis.options import InspectOptions
@@ -26,71 +27,11 @@ from embedder.store.provenance import Provenance
 
 log = logging.getLogger(__name__)
 
-KINDS = ("leak", "duplicate", "label_error", "outlier", "class_overlap")
-
 FINDINGS_SCHEMA = pa.schema([
     ("kind", pa.string()), ("rank", pa.int32()), ("ids", pa.list_(pa.string())),
     ("paths", pa.list_(pa.string())), ("score", pa.float64()),
     ("given", pa.string()), ("suggested", pa.string()), ("detail", pa.string()),
 ])
-
-
-
-
-@dataclass
-class InspectSummary:
-    store: str
-    report: str
-    findings: str
-    images: int
-    labelled: int
-    classes: dict[str, int]
-    test_images: int | None = None
-    probe_accuracy: float | None = None  # cross-validated, out of sample
-    knn_accuracy: float | None = None  # leave-one-out
-    probe_C: float | None = None
-    folds: int | None = None
-    duplicate_groups: int = 0
-    duplicate_images: int = 0  # images beyond the first of each group
-    leaks: int | None = None
-    label_issues: int | None = None  # likely (confident learning)
-    label_possible: int | None = None  # further disagreements between the probe and the given label
-    outliers: int = 0
-    outlier_fence: float | None = None
-    overlaps: list[dict[str, Any]] = field(default_factory=list)
-    graph: dict[str, Any] = field(default_factory=dict)
-    thumbnails: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Finding:
-    kind: str
-    rows: list[int]  # rows of the train store (for leaks: test row first, in ``test_rows``)
-    score: float
-    given: str | None = None
-    suggested: str | None = None
-    test_rows: list[int] = field(default_factory=list)
-    detail: str | None = None  # label errors: "likely" (confident learning) or "possible"
-    neighbours: list[int] = field(default_factory=list)  # rows shown beside it in the report
-
-
-@dataclass
-class Inspection:
-    """Everything the report renders."""
-
-    train: Vectors
-    test: Vectors | None
-    coords: np.ndarray  # [n, 2]
-    map_rows: np.ndarray  # the rows drawn on the map (all, or a uniform sample of map_points)
-    findings: list[Finding]
-    summary: InspectSummary
-    options: InspectOptions
-    thumbs: set[str] = field(default_factory=set)
 
 
 def _check_test(train: Vectors, test: Vectors) -> None:

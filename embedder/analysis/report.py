@@ -12,12 +12,10 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from embedder.analysis.inspection_types import Finding, Inspection
 from embedder.analysis.thumbs import THUMBS_DIR, thumb_name
-
-if TYPE_CHECKING:
-    from embedder.analysis.inspection import Finding, Inspection
 
 MAP_BACKEND: Literal["canvas", "svg", "webgl"] = "canvas"
 

@@ -82,7 +82,5 @@ def inspect_command(
     out.print(f"report → {s.report}  findings → {s.findings}")
 
 
-
-
 def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect_command)

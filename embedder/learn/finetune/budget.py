@@ -14,20 +14,15 @@ from embedder.learn.finetune.options import BudgetPlan
 BUDGET_MIN_EPOCHS = 3  # full-phase epochs a budget must leave room for before the size drops
 
 
-
 BUDGET_MAX_EPOCHS = 30
-
 
 
 BUDGET_SIZE_FACTORS = (1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7)  # 224 → 224, 192, 160, 128, 96
 
 
-
-# ---- the time budget -----------------------------------------------------------------------------
 def budget_sizes(full: int) -> list[int]:
     """Candidate crop sizes, largest first: the weights' own and smaller, multiples of 8, ≥ 16."""
     return sorted({min(full, max(16, round(full * f / 8) * 8)) for f in BUDGET_SIZE_FACTORS}, reverse=True)
-
 
 
 def plan_budget(budget_s: float, full: int, train_step_s: float, eval_step_s: float, train_steps: int,
@@ -53,7 +48,6 @@ def plan_budget(budget_s: float, full: int, train_step_s: float, eval_step_s: fl
             return BudgetPlan(round(budget_s, 1), size, epochs, round(epoch_s, 2), round(probe_s, 2),
                               f"{why}; ≈ {epoch_s:.1f} s per epoch, probe ≈ {probe_s:.1f} s")
     raise AssertionError("unreachable: the last size always returns")  # pragma: no cover
-
 
 
 def time_steps(net: nn.Module, size: int, batch: int, device: torch.device,

@@ -20,8 +20,9 @@ from embedder.models.preprocessing import Preprocessing
 _Item = tuple[torch.Tensor | None, int, str, str]  # pixels (None: failed), label, path, reason
 
 
-# ---- data --------------------------------------------------------------------------------------
-class _Images(Dataset):  # type: ignore[type-arg]
+class LabelledImages(Dataset):  # type: ignore[type-arg]
+    """Images and their class numbers; an image that fails to decode yields None and the reason."""
+
     def __init__(self, refs: list[ImageRef], labels: list[int], transform: Callable[[Any], torch.Tensor],
                  max_pixels: int) -> None:
         self.refs, self.labels, self.transform, self.max_pixels = refs, labels, transform, max_pixels
@@ -38,14 +39,14 @@ class _Images(Dataset):  # type: ignore[type-arg]
             return None, self.labels[i], ref.path, str(e)
 
 
-
-def _collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+def collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    """A batch of the decoded images (None if none decoded), their labels, and the (path, reason) of
+    the failed ones."""
     good = [(x, y) for x, y, _, _ in batch if x is not None]
     failed = [(p, r) for x, _, p, r in batch if x is None]
     if not good:
         return None, torch.zeros(0, dtype=torch.long), failed
     return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failed
-
 
 
 class train_transform:  # noqa: N801 - a picklable function object (DataLoader workers may spawn)
@@ -60,7 +61,6 @@ class train_transform:  # noqa: N801 - a picklable function object (DataLoader w
         return TF.pil_to_tensor(self.flip(self.crop(img)))
 
 
-
 class eval_transform:  # noqa: N801
     """Exactly the extraction preprocessing (resize, centre crop)."""
 
@@ -71,8 +71,8 @@ class eval_transform:  # noqa: N801
         return preprocess(img, self.pre)
 
 
-
-def _labelled(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:
+def labelled_refs(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:
+    """The labelled images under SOURCE and the sorted class names (or CLASSES, when given)."""
     refs = discover(source)
     unlabelled = [r for r in refs if r.label is None]
     if len(unlabelled) == len(refs):

@@ -16,7 +16,6 @@ BN_POLICIES = {"frozen": "running statistics frozen (BN in eval mode); affine pa
                         "then frozen"}
 
 
-
 @dataclass(frozen=True)
 class FinetuneOptions:
     backbone: str | None = DEFAULT_BACKBONE  # None: the --weights checkpoint's own
@@ -58,7 +57,6 @@ class FinetuneOptions:
             raise FinetuneError(f"--budget must be a positive number of minutes, got {self.budget_minutes}")
 
 
-
 def recipe(options: FinetuneOptions, image_size: int) -> str:
     """What a run tries, in one line: which layers, the rates, BatchNorm, augmentation, batch, epochs."""
     if options.freeze_backbone:
@@ -79,7 +77,6 @@ def recipe(options: FinetuneOptions, image_size: int) -> str:
             f"{options.epochs} epoch{'s' * (options.epochs != 1)} at {image_size} px")
 
 
-
 @dataclass
 class EpochRecord:
     epoch: int
@@ -92,7 +89,6 @@ class EpochRecord:
     elapsed_s: float = 0.0  # since the run started (model loading and the probe included)
 
 
-
 @dataclass(frozen=True)
 class BudgetPlan:
     """What a time budget bought: the crop size and epochs chosen, from timed steps."""
@@ -103,7 +99,6 @@ class BudgetPlan:
     epoch_s: float  # estimated seconds per epoch (training + validation) at image_size
     probe_s: float  # estimated seconds for the frozen probe at image_size
     reason: str
-
 
 
 @dataclass

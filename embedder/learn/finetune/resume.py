@@ -23,16 +23,14 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("workers", "device", "epochs", "patience", "budget_minutes")
 
 
-
-def _settings(options: FinetuneOptions) -> dict[str, Any]:
+def run_settings(options: FinetuneOptions) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
 
 
-
-def _check_resume(path: Path, run_key: dict[str, Any]) -> None:
+def check_resume(path: Path, run_key: dict[str, Any]) -> None:
     """--resume continues the same run: the same classes, images and settings, or a one-line error
     (a resume file written before these were recorded is taken as it is)."""
-    earlier = (_peek_state(path) or {}).get("run")
+    earlier = (peek_state(path) or {}).get("run")
     if earlier is None:
         log.warning("%s records no run settings (an older file); resuming without checking them", path)
         return
@@ -52,8 +50,7 @@ def _check_resume(path: Path, run_key: dict[str, Any]) -> None:
                             "resume with the same settings or rerun without --resume")
 
 
-
-def _peek_state(path: Path) -> dict[str, Any] | None:
+def peek_state(path: Path) -> dict[str, Any] | None:
     """The resume file's run state (no tensors read), or None."""
     if not path.exists():
         return None
@@ -64,8 +61,7 @@ def _peek_state(path: Path) -> dict[str, Any] | None:
     return state
 
 
-
-def _save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+def save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
                  ema: Any = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if ema is not None:
@@ -80,8 +76,7 @@ def _save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: 
     tmp.replace(path)
 
 
-
-def _load_resume(path: Path, net: nn.Module,
+def load_resume(path: Path, net: nn.Module,
                  opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors import safe_open
 

@@ -51,8 +51,8 @@ def param_groups(net: nn.Module, backbone: Backbone, options: FinetuneOptions) -
     return out
 
 
-
-def _set_trainable(net: nn.Module, groups: list[dict[str, Any]], backbone_on: bool) -> None:
+def set_trainable(net: nn.Module, groups: list[dict[str, Any]], backbone_on: bool) -> None:
+    """Only the head's parameters train, or every group's when BACKBONE_ON."""
     net.requires_grad_(False)
     for g in groups:
         if g["name"] == "head" or backbone_on:
@@ -60,12 +60,11 @@ def _set_trainable(net: nn.Module, groups: list[dict[str, Any]], backbone_on: bo
                 p.requires_grad_(True)
 
 
-
-def _bn_eval(net: nn.Module) -> None:
+def bn_eval(net: nn.Module) -> None:
+    """Every BatchNorm layer in eval mode: its running statistics stay as they are."""
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-
 
 
 @torch.no_grad()
@@ -88,7 +87,6 @@ def adapt_bn(net: nn.Module, batches: Any) -> int:
     return seen
 
 
-
 def phase_scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, done: int = 0) -> Any:
     """Linear warm-up over WARMUP steps, then cosine decay to 0 at TOTAL, per batch, from each
     group's base_lr (torch's SequentialLR of LinearLR and CosineAnnealingLR); fast-forwarded DONE
@@ -109,8 +107,7 @@ def phase_scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, done: i
     return sched
 
 
-
-def _ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
+def ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
     def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
         if not averaged.is_floating_point():
             return current  # counters (BatchNorm's num_batches_tracked)
@@ -120,8 +117,7 @@ def _ema_avg(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     return avg
 
 
-
-def _new_ema(net: nn.Module, decay: float) -> Any:
+def new_ema(net: nn.Module, decay: float) -> Any:
     from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(net, avg_fn=_ema_avg(decay), use_buffers=True)
+    return AveragedModel(net, avg_fn=ema_avg(decay), use_buffers=True)

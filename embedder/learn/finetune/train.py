@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from embedder.decode.decoders import normalize_batch
 from embedder.errors import FinetuneError, ProbeError
 from embedder.learn.finetune.budget import plan_budget, time_steps
-from embedder.learn.finetune.data import _collate, _Images, _labelled, eval_transform, train_transform
+from embedder.learn.finetune.data import LabelledImages, collate, eval_transform, labelled_refs, train_transform
 from embedder.learn.finetune.options import (
     BN_POLICIES,
     BudgetPlan,
@@ -47,13 +47,13 @@ from embedder.learn.finetune.options import (
 )
 from embedder.learn.finetune.resume import (
     RESUMABLE_CHANGES,
-    _check_resume,
-    _load_resume,
-    _peek_state,
-    _save_resume,
-    _settings,
+    check_resume,
+    load_resume,
+    peek_state,
+    run_settings,
+    save_resume,
 )
-from embedder.learn.finetune.schedule import _bn_eval, _new_ema, _set_trainable, adapt_bn, param_groups, phase_scheduler
+from embedder.learn.finetune.schedule import adapt_bn, bn_eval, new_ema, param_groups, phase_scheduler, set_trainable
 from embedder.learn.selection import stratified_split
 from embedder.models import checkpoint
 from embedder.models.backbone import Backbone
@@ -80,27 +80,6 @@ def _normalised(loader: DataLoader, pre: Preprocessing, device: torch.device,  #
             return
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- model -------------------------------------------------------------------------------------
 def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Backbone, Preprocessing, dict[str, Any]]:
     net, backbone, loaded, pre = load_network(ModelSpec(options.backbone, options.weights_tag,
@@ -115,14 +94,6 @@ def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Ba
     _set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
     origin = loaded.info.to_dict()
     return net, backbone, pre, origin
-
-
-
-
-
-
-
-
 
 
 @torch.no_grad()
@@ -198,14 +169,6 @@ def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  
     return float((pred == yva).mean()), np.asarray(coef, np.float32), np.asarray(icpt, np.float32)
 
 
-
-
-
-
-
-
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 def finetune(train_source: list[str], out: Path, options: FinetuneOptions = FinetuneOptions(),
              val_source: list[str] | None = None, resume: bool = False,
@@ -214,13 +177,13 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     t_start = time.perf_counter()
     device = resolve_device(options.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    refs, classes = _labelled(train_source)
+    refs, classes = labelled_refs(train_source)
     if len(classes) < 2:
         raise FinetuneError(f"need at least 2 classes to fine-tune, found {len(classes)} ({', '.join(classes)})")
     idx = {c: i for i, c in enumerate(classes)}
     y_all = np.array([idx[r.label] for r in refs if r.label is not None])
     if val_source:
-        vrefs, _ = _labelled(val_source, classes)
+        vrefs, _ = labelled_refs(val_source, classes)
         unseen = sorted({r.label for r in vrefs if r.label not in idx and r.label is not None})
         if unseen:
             log.warning("validation classes not in training are dropped: %s", ", ".join(unseen))
@@ -243,7 +206,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     resume_path = out.with_name(out.name + ".resume")
     plan: BudgetPlan | None = None
     if options.budget_minutes is not None:
-        earlier = _peek_state(resume_path) if resume else None
+        earlier = peek_state(resume_path) if resume else None
         if earlier and earlier.get("budget"):
             plan = BudgetPlan(**earlier["budget"])  # a resumed run keeps its plan
         else:
@@ -260,14 +223,14 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             pre = pre.at_size(plan.image_size)
     groups = param_groups(net, backbone, options)
     g = torch.Generator().manual_seed(options.seed)
-    loader_kw: dict[str, Any] = {"collate_fn": _collate, "num_workers": options.workers,
+    loader_kw: dict[str, Any] = {"collate_fn": collate, "num_workers": options.workers,
                                  "pin_memory": device.type == "cuda",
                                  "persistent_workers": options.workers > 0}
-    train_loader = DataLoader(_Images(tr_refs, ytr, train_transform(pre, options.flip, options.crop_scale),
+    train_loader = DataLoader(LabelledImages(tr_refs, ytr, train_transform(pre, options.flip, options.crop_scale),
                                       options.max_pixels),
                               batch_size=options.batch_size, shuffle=True, generator=g, drop_last=False,
                               **loader_kw)
-    val_loader = DataLoader(_Images(vrefs, yva, eval_transform(pre), options.max_pixels),
+    val_loader = DataLoader(LabelledImages(vrefs, yva, eval_transform(pre), options.max_pixels),
                             batch_size=options.batch_size, **loader_kw)
     skipped: dict[str, str] = {}
 
@@ -279,20 +242,20 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     ema: Any = None  # torch.optim.swa_utils.AveragedModel once the backbone trains
     # what a resumed run must share with the run that wrote the resume file
     run_key = {"classes": classes, "train": len(tr_refs), "val": len(vrefs),
-               "settings": {k: v for k, v in _settings(options).items() if k not in RESUMABLE_CHANGES}}
+               "settings": {k: v for k, v in run_settings(options).items() if k not in RESUMABLE_CHANGES}}
     state["run"] = run_key
     if resume and resume_path.exists():
-        _check_resume(resume_path, run_key)
-        state, ema_state = _load_resume(resume_path, net, opt)
+        check_resume(resume_path, run_key)
+        state, ema_state = load_resume(resume_path, net, opt)
         state["run"] = run_key
         if ema_state:
-            ema = _new_ema(net, options.ema)
+            ema = new_ema(net, options.ema)
             ema.load_state_dict(ema_state)
         log.info("resuming after epoch %d", state["epoch"])
     elif resume:
         log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
 
-    settings = _settings(options)
+    settings = run_settings(options)
     tried = recipe(options, pre.crop_size)
 
     def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
@@ -305,12 +268,12 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         checkpoint.save(out, model.state_dict(), meta)
 
     if state["frozen_val_accuracy"] is None:
-        eval_train = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
+        eval_train = DataLoader(LabelledImages(tr_refs, ytr, eval_transform(pre), options.max_pixels),
                                 batch_size=options.batch_size, **loader_kw)
         if options.bn == "adapt":
             # shuffled: the average of batch variances is the images' variance only when each batch is a
             # random sample (class-sorted batches measured too low a variance)
-            shuffled = DataLoader(_Images(tr_refs, ytr, eval_transform(pre), options.max_pixels),
+            shuffled = DataLoader(LabelledImages(tr_refs, ytr, eval_transform(pre), options.max_pixels),
                                   batch_size=options.batch_size, shuffle=True,
                                   generator=torch.Generator().manual_seed(options.seed),
                                   **{**loader_kw, "persistent_workers": False})  # one pass: no idle workers after it
@@ -346,14 +309,14 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         if sched_phase != phase:
             sched = phase_scheduler(opt, total_steps, warmup, done=(epoch - phase_start) * steps_per_epoch)
             sched_phase = phase
-        _set_trainable(net, groups, backbone_on=phase == "full")
+        set_trainable(net, groups, backbone_on=phase == "full")
         net.train()
         if phase == "head":
             net.eval()  # frozen backbone: dropout off, BN statistics untouched
         elif options.bn != "train":
-            _bn_eval(net)  # frozen: ImageNet's statistics; adapt: the user's, estimated before the probe
+            bn_eval(net)  # frozen: ImageNet's statistics; adapt: the user's, estimated before the probe
         if phase == "full" and options.ema > 0 and ema is None:
-            ema = _new_ema(net, options.ema)  # averages from the probe-initialised weights on
+            ema = new_ema(net, options.ema)  # averages from the probe-initialised weights on
         # The same shuffles and augmentations whether or not the run was resumed.
         g.manual_seed(options.seed + epoch)
         torch.manual_seed(options.seed * 1_000_003 + epoch)
@@ -396,7 +359,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             save_best(epoch, val_acc, evaluated)
         else:
             state["bad_epochs"] += 1
-        _save_resume(resume_path, net, opt, state, ema)
+        save_resume(resume_path, net, opt, state, ema)
         if phase == "full" and state["bad_epochs"] >= options.patience:
             log.info("early stop: no validation gain for %d epochs", options.patience)
             break
@@ -413,17 +376,3 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
         len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
         plan, stopped_by_budget, tried)
-
-
-
-
-
-
-
-
-
-
-
-
-
-

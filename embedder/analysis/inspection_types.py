@@ -1,0 +1,70 @@
+"""What `embedder inspect` finds and the report renders: the findings, the summary, the whole
+inspection. A leaf of the analysis theme: the inspection builds these, the report reads them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedder.analysis.options import InspectOptions
+from embedder.analysis.vectors import Vectors
+
+KINDS = ("leak", "duplicate", "label_error", "outlier", "class_overlap")
+
+
+@dataclass
+class InspectSummary:
+    store: str
+    report: str
+    findings: str
+    images: int
+    labelled: int
+    classes: dict[str, int]
+    test_images: int | None = None
+    probe_accuracy: float | None = None  # cross-validated, out of sample
+    knn_accuracy: float | None = None  # leave-one-out
+    probe_C: float | None = None
+    folds: int | None = None
+    duplicate_groups: int = 0
+    duplicate_images: int = 0  # images beyond the first of each group
+    leaks: int | None = None
+    label_issues: int | None = None  # likely (confident learning)
+    label_possible: int | None = None  # further disagreements between the probe and the given label
+    outliers: int = 0
+    outlier_fence: float | None = None
+    overlaps: list[dict[str, Any]] = field(default_factory=list)
+    graph: dict[str, Any] = field(default_factory=dict)
+    thumbnails: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Finding:
+    kind: str
+    rows: list[int]  # rows of the train store (for leaks: test row first, in ``test_rows``)
+    score: float
+    given: str | None = None
+    suggested: str | None = None
+    test_rows: list[int] = field(default_factory=list)
+    detail: str | None = None  # label errors: "likely" (confident learning) or "possible"
+    neighbours: list[int] = field(default_factory=list)  # rows shown beside it in the report
+
+
+@dataclass
+class Inspection:
+    """Everything the report renders."""
+
+    train: Vectors
+    test: Vectors | None
+    coords: np.ndarray  # [n, 2]
+    map_rows: np.ndarray  # the rows drawn on the map (all, or a uniform sample of map_points)
+    findings: list[Finding]
+    summary: InspectSummary
+    options: InspectOptions
+    thumbs: set[str] = field(default_factory=set)
