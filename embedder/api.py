@@ -194,25 +194,21 @@ class Index:
         (paths or PIL images, embedded with the index's own model); or ``text=`` (a text or texts, by
         the model's text tower). ``where`` filters on store columns (``{"label": "cat"}``); k results
         whenever k rows match."""
-        import numpy as np
+        from embedder.embed.query import QueryBuilder, QueryRequest
 
+        builder = QueryBuilder(self._loaded, lambda: self.embedder()._batch)
         if text is not None:
-            from embedder.embed.query import embed_texts, require_text_tower
-
             if queries is not None:
                 raise EmbedderError("give queries or text=, not both")
-            require_text_tower(self._loaded.provenance, f"index {self.name!r}")
-            texts = [text] if isinstance(text, str) else list(text)
-            q = embed_texts(self.embedder()._batch, texts, self._loaded.metric)
+            request = QueryRequest(texts=(text,) if isinstance(text, str) else tuple(text))
         elif queries is None:
             raise EmbedderError("no query: give vectors, images or text=")
-        elif isinstance(queries, np.ndarray):
-            q = np.atleast_2d(queries).astype(np.float32, copy=False)
-            if q.ndim != 2 or q.shape[1] != self._loaded.dim:
-                raise EmbedderError(f"query vectors must be (n, {self._loaded.dim}), got {queries.shape}")
+        elif hasattr(queries, "__array__") and not hasattr(queries, "convert"):  # an array, not a PIL image
+            request = QueryRequest(vectors=queries)
         else:
             items = [queries] if isinstance(queries, (str, Path)) or hasattr(queries, "convert") else list(queries)
-            q = self.embedder().embed(items)
+            request = QueryRequest(images=tuple(items))
+        q, _ = builder.build(request)
         return [[Hit(h["id"], h["path"], h["label"], float(h["score"]), int(h["rank"])) for h in hits]
                 for hits in self._loaded.search(q, k, where)]
 
@@ -242,9 +238,10 @@ def open_index(name: str, *, home: str | Path | None = None, device: str = "auto
 class Probe:
     """A linear probe trained on a store: ``.predict(images)``, ``.classes``, ``.metrics``."""
 
-    def __init__(self, result: ProbeResult, device: str = "auto") -> None:
+    def __init__(self, result: ProbeResult, device: str = "auto", weights: str | Path | None = None) -> None:
         self.result = result
         self._device = device
+        self._weights = str(weights) if weights is not None else None  # the file its store was made from
         self._embedder: Embedder | None = None
 
     @property
@@ -279,15 +276,17 @@ class Probe:
             from embedder.store.provenance import Provenance
 
             prov = Provenance.from_dict(self.result.provenance)
-            self._embedder = Embedder._wrap(embedder_for(prov, None, self._device))
+            self._embedder = Embedder._wrap(embedder_for(prov, self._weights, self._device))
         return self._embedder.embed(images)
 
 
 def train_probe(train_store: str | Path, *, test_store: str | Path | None = None, device: str = "auto",
-                **options: Any) -> Probe:
+                weights: str | Path | None = None, **options: Any) -> Probe:
     """``embedder probe``: logistic regression on a labelled store's frozen features, C chosen on
     held-out predictions; with ``test_store``, its test accuracy and the kNN baseline in
-    ``.metrics``. ``options`` are ``ProbeOptions`` fields (``label_column``, ``standardize``…)."""
+    ``.metrics``. ``options`` are ``ProbeOptions`` fields (``label_column``, ``standardize``…).
+    WEIGHTS: the file the store was made from, when it was (``.predict`` rebuilds that model, as
+    ``embedder predict --weights`` does)."""
     from embedder.errors import ProbeError
     from embedder.learn.options import ProbeOptions
     from embedder.learn.probe import load_dataset, load_test, test_metrics
@@ -304,4 +303,4 @@ def train_probe(train_store: str | Path, *, test_store: str | Path | None = None
     if test_store is not None:
         test = load_test(str(test_store), train, opts.label_column, opts.memory_budget)
         result.metrics = test_metrics(result, train, test, opts)
-    return Probe(result, device)
+    return Probe(result, device, weights)

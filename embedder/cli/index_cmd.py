@@ -10,12 +10,11 @@ from rich.table import Table
 
 from embedder import choices
 from embedder.cli.common import HomeOpt, console, handle_errors, out
-from embedder.errors import EmbedderError, IndexError_
+from embedder.errors import IndexError_
 from embedder.index import generations as layout
 from embedder.index.plan import BuildOptions
 
 index_app = typer.Typer(help="Build and manage FAISS indexes over stores.", no_args_is_help=True)
-
 
 
 def parse_size(text: str) -> int:
@@ -50,20 +49,10 @@ def build_command(
 
     budget = parse_size(memory_budget) if memory_budget else None
     with console.status(f"building {name}…"):
-        meta = idx.build(str(store), name, index_plan.BuildOptions(kind=kind, metric=str(metric),
-                         target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
-                         coarse=str(coarse), opq=opq, engine=str(engine), address=address), home)
-    if text_recall and (meta.get("provenance") or {}).get("text"):
-        from embedder.index.text_recall import TextRecallOptions, text_to_image_recall
-
-        try:
-            with console.status("text → image recall on the store's captions…"):
-                tr = text_to_image_recall(name, home, TextRecallOptions(weights=weights))
-        except EmbedderError as e:  # the index is built; only the measurement could not be made
-            console.print(f"[yellow]warning:[/yellow] text → image recall not measured: {e}", markup=True)
-            tr = None
-        if tr is not None:
-            meta["text_recall"] = tr
+        meta = idx.build(str(store), name, index_plan.BuildOptions(
+            kind=kind, metric=str(metric), target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
+            coarse=str(coarse), opq=opq, engine=str(engine), address=address, text_recall=text_recall,
+            weights=weights), home)
     if as_json:
         out.print_json(json.dumps(meta))
         return
@@ -86,6 +75,11 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
         out.print(f"text→image recall@1 {tr['recall_at_1']:.3f}  @5 {tr['recall_at_5']:.3f}  @10 "
                   f"{tr['recall_at_10']:.3f} on {tr['captions']:,} captions (caption i finds image i)"
                   + (f"; {tr['skipped']} left out (empty or over the context length)" if tr["skipped"] else ""))
+    elif tr and tr.get("not_measured"):
+        out.print(f"text → image recall not measured: {tr['not_measured']}", markup=False)
+    elif tr:
+        out.print(f"text → image recall not measured: none of {tr['skipped']:,} sampled captions fits the "
+                  "text tower (empty or over the context length)")
     out.print(f"store      {meta['store']} ({meta['provenance']['backbone']}, layer "
               f"{meta['provenance']['layer']})")
     out.print(f"built      {meta['built_at']} in {meta['build_seconds']:.2f} s; generation {meta.get('generation', 0)}")
@@ -133,14 +127,6 @@ def add_command(name: str, store: str, home: HomeOpt = None,
     r = idx.add(name, str(store), home, merge=merge)
     deltas = f"; {r['deltas']} delta{'s' if r['deltas'] != 1 else ''} beside the lists" if r.get("deltas") else ""
     out.print(f"added {r['added']}, skipped {r['skipped']} already present; {r['count']:,} vectors{deltas}")
-
-
-
-
-
-
-
-
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -22,7 +21,6 @@ def _parse_where(where: list[str]) -> dict[str, str]:
             raise IndexError_(f"--where takes COLUMN=VALUE, got {w!r}")
         cond[col.strip()] = value
     return cond
-
 
 
 @handle_errors
@@ -53,50 +51,34 @@ def search_command(
         return
     import numpy as np
 
+    from embedder.embed.query import QueryBuilder, QueryRequest, embedder_for
     from embedder.index import search as index_search
 
     loaded = index_search.LoadedIndex(name, home)
-    if texts:
-        from embedder.embed.query import require_text_tower
-
-        require_text_tower(loaded.provenance, f"index {name!r}")
+    queries_ = QueryBuilder(loaded, lambda: embedder_for(loaded.provenance, weights, device))
     labels: list[str] = []
     vecs: list[np.ndarray] = []
-    images = [q for q in queries or [] if not q.endswith(".npy")]
-    emb = None
     for q in queries or []:
         if q.endswith(".npy"):
             try:
                 v = np.load(q, allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise IndexError_(f"cannot read vector file {q}: {e}") from None
-            v = np.atleast_2d(v)
-            vecs.append(loaded.prepare(v))
-            labels += [q] * len(v)
-    if images:
-        from embedder.embed.query import embed_files, embedder_for
-
-        missing = [p for p in images if not Path(p).is_file()]
-        if missing:
-            raise IndexError_(f"query {missing[0]} is not a file (images or .npy vectors)")
-        emb = embedder_for(loaded.provenance, weights, device)
-        vecs.append(embed_files(emb, images))
-        labels += images
-    if texts:
-        from embedder.embed.query import embed_texts, embedder_for
-
-        if emb is None:
-            emb = embedder_for(loaded.provenance, weights, device)
-        vecs.append(embed_texts(emb, texts, loaded.metric))
-        labels += [f"text:{t}" for t in texts]
-    for i in ids or []:
-        vecs.append(loaded.vector_of(i))
-        labels.append(f"id:{i}")
+            try:
+                vecs.append(queries_.vectors(v))
+            except IndexError_ as e:
+                raise IndexError_(f"{q}: {e}") from None
+            labels += [q] * len(vecs[-1])
+    request = QueryRequest(images=tuple(q for q in queries or [] if not q.endswith(".npy")),
+                           texts=tuple(texts or ()), ids=tuple(ids or ()))
+    if request.images or request.texts or request.ids:
+        v, more = queries_.build(request)
+        vecs.append(v)
+        labels += more
     if not vecs:
         raise IndexError_("no query: give image files, .npy vectors, --id ID or --text TEXT")
     found = loaded.search(np.concatenate(vecs), k, _parse_where(where or []))
     _print_results(list(zip(labels, found)), as_json)
-
 
 
 def _print_results(results: list, as_json: bool) -> None:  # type: ignore[type-arg]

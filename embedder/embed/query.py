@@ -3,15 +3,17 @@ new images."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from embedder.embed.batch import BatchEmbedder
 from embedder.embed.options import EmbedOptions
-from embedder.errors import DecodeError, ProvenanceMismatch
+from embedder.errors import DecodeError, IndexError_, ProvenanceMismatch
 from embedder.models.builder import ModelSpec
 from embedder.store.provenance import Provenance
 
@@ -29,7 +31,6 @@ def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> M
     return ModelSpec(prov.backbone, prov.weights.tag, path, layer, pool, prov.preprocessing.crop_size)
 
 
-
 def embedder_for(prov: Provenance, weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
     """A BatchEmbedder that provably makes vectors comparable with those ``prov`` describes."""
     emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
@@ -38,7 +39,6 @@ def embedder_for(prov: Provenance, weights_file: str | None = None, device: str 
     prov.require(emb.provenance(), store=False, what="the indexed or training vectors were",
                  fix="the query model must be the same backbone, weights, layer, preprocessing and precision")
     return emb
-
 
 
 def embed_files(emb: BatchEmbedder, paths: Sequence[str]) -> np.ndarray:
@@ -71,3 +71,145 @@ def require_text_tower(prov: Provenance, what: str) -> None:
     if not prov.has_text:
         raise TextQueryError(f"{what} was made with {prov.backbone}, which has no text tower: text queries need "
                              "a CLIP-family backbone (open_clip:ARCH:PRETRAINED)")
+
+
+# ---- the one query builder ----------------------------------------------------------------------
+# The CLI (`embedder search`), the Python API (`Index.search`) and the service (`Engine.run_batch`)
+# turn what they were asked into query vectors here, so that the three accept and refuse the same
+# things with the same messages: vectors are checked by the index itself (`LoadedIndex.prepare`:
+# shape, finite, a direction where the metric needs one), ids are looked up in it, texts go through
+# the text tower, images through the model the index's vectors were made with.
+
+IMAGE_BATCH = 32  # query images embedded per forward pass
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """What a caller asks for: any mix of vectors ((dim,) or (n, dim)), images (paths, encoded bytes or
+    PIL images), texts and stored ids. Answered in that order."""
+
+    vectors: Any = None
+    images: tuple[Any, ...] = ()
+    texts: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+
+
+class QueryBuilder:
+    """Validated query vectors ``(n, dim)`` for one loaded index, prepared for its metric. EMBEDDER
+    gives the index's query model when an image or a text needs it (never loaded for vectors or
+    ids); it raises a domain error when there is none. MAX_PIXELS: the largest image decoded (None:
+    the embedder's own limit). Every refusal is an ``EmbedderError``."""
+
+    def __init__(self, loaded: Any, embedder: Callable[[], BatchEmbedder], max_pixels: int | None = None) -> None:
+        self.loaded = loaded
+        self._make_embedder = embedder
+        self._embedder: BatchEmbedder | None = None
+        self.max_pixels = max_pixels
+
+    @property
+    def what(self) -> str:
+        return f"index {self.loaded.name!r}"
+
+    @property
+    def embedder(self) -> BatchEmbedder:
+        if self._embedder is None:
+            self._embedder = self._make_embedder()
+        return self._embedder
+
+    def vectors(self, vectors: Any) -> np.ndarray:
+        """A vector ``(dim,)`` or vectors ``(n, dim)``: finite, of the index's dim, with a direction
+        where the metric ranks by one (cosine, ip)."""
+        try:
+            q = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise IndexError_(f"query vectors must be numbers, got {type(vectors).__name__}") from None
+        if q.ndim == 1:
+            q = q[None, :]
+        dim = self.loaded.dim
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise IndexError_(f"query vectors must be (n, {dim}) for {self.what}, got shape {tuple(q.shape)} "
+                              f"(dim {q.shape[-1] if q.ndim else 0})")
+        return self.loaded.prepare(q)  # type: ignore[no-any-return]
+
+    def vector(self, vector: Any) -> np.ndarray:
+        """One query vector, as a flat list or array ``(dim,)``."""
+        if np.ndim(vector) != 1:
+            raise IndexError_("vector must be a flat list of finite numbers")
+        return self.vectors(vector)
+
+    def ids(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of IDS (an unknown id is an ``IndexError_`` naming it)."""
+        if not ids:
+            return np.empty((0, self.loaded.dim), np.float32)
+        return self.loaded.prepare(np.concatenate([self.loaded.vector_of(i) for i in ids]))  # type: ignore[no-any-return]
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts by the text tower of the index's model (refused where it has none, or where the index
+        ranks unnormalised vectors by L2 or inner product)."""
+        require_text_tower(self.loaded.provenance, self.what)
+        return self.loaded.prepare(embed_texts(self.embedder, list(texts), self.loaded.metric))  # type: ignore[no-any-return]
+
+    def decode(self, images: Sequence[Any], map_fn: Callable[..., Any] = map) -> list[torch.Tensor]:
+        """Images (paths, encoded bytes or PIL images) → pixels as the index's vectors were decoded;
+        MAP_FN may run the decodes in a pool. A bad one is a ``DecodeError`` naming it."""
+        from embedder.decode.cpu import pil_pixels
+        from embedder.decode.decoders import decode_bytes, decode_file
+
+        for item in images:  # a mistyped path is named before any model loads
+            if isinstance(item, (str, Path)) and "://" not in str(item) and not Path(item).is_file():
+                raise DecodeError(f"query image {item} is not a file")
+        emb = self.embedder
+        pre, decoder = emb.loaded.preprocessing, emb.options.decoder
+        max_pixels = emb.options.max_pixels if self.max_pixels is None else self.max_pixels
+
+        def one(n_item: tuple[int, Any]) -> torch.Tensor:
+            n, item = n_item
+            if isinstance(item, (str, Path)):
+                try:
+                    return decode_file(str(item), pre, max_pixels, decoder).pixels
+                except DecodeError as e:
+                    raise DecodeError(f"query image {item}: {e}") from None
+            if isinstance(item, (bytes, bytearray, memoryview)):
+                try:
+                    return decode_bytes(bytes(item), pre, max_pixels, decoder)
+                except DecodeError as e:
+                    raise DecodeError(f"upload is not a usable image: {e}") from None
+            if hasattr(item, "convert"):  # a PIL image
+                try:
+                    return pil_pixels(item, pre, max_pixels)
+                except DecodeError as e:
+                    raise DecodeError(f"image {n} (PIL image): {e}") from None
+            raise DecodeError(f"image {n}: expected a path, bytes or a PIL image, got {type(item).__name__}")
+
+        return list(map_fn(one, enumerate(images)))
+
+    def embed(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """Decoded pixels → query vectors, IMAGE_BATCH at a time."""
+        if not pixels:
+            return np.empty((0, self.loaded.dim), np.float32)
+        parts = [self.embedder.embed_pixels(torch.stack(list(pixels[s:s + IMAGE_BATCH])))
+                 for s in range(0, len(pixels), IMAGE_BATCH)]
+        return self.loaded.prepare(np.concatenate(parts))  # type: ignore[no-any-return]
+
+    def images(self, images: Sequence[Any]) -> np.ndarray:
+        return self.embed(self.decode(images))
+
+    def build(self, request: QueryRequest) -> tuple[np.ndarray, list[str]]:
+        """Every query of REQUEST as one ``(n, dim)`` batch, with a label per row (what it was)."""
+        parts: list[np.ndarray] = []
+        labels: list[str] = []
+        if request.vectors is not None:
+            parts.append(self.vectors(request.vectors))
+            labels += ["vector"] * len(parts[-1])
+        if request.images:
+            parts.append(self.images(request.images))
+            labels += [str(i) if isinstance(i, (str, Path)) else f"image {n}" for n, i in enumerate(request.images)]
+        if request.texts:
+            parts.append(self.texts(request.texts))
+            labels += [f"text:{t}" for t in request.texts]
+        if request.ids:
+            parts.append(self.ids(request.ids))
+            labels += [f"id:{i}" for i in request.ids]
+        if not parts:
+            raise IndexError_("no query: give vectors, ids, texts or images")
+        return np.concatenate(parts), labels

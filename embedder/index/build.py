@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.errors import IndexError_
+from embedder.errors import EmbedderError, IndexError_
 from embedder.index import generations as gens
 from embedder.index import gpu as index_gpu
 from embedder.index.faiss_util import _faiss, _faiss_metric, _prepare, _set_param
@@ -45,47 +45,6 @@ from embedder.sizes import default_budget
 from embedder.store.shards import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
@@ -153,6 +112,8 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     del searcher, index
     index = r["finish"]()  # the final lists, held-out queries included
     _set_param(index, quality.get("param"), quality.get("value"))
+    text_recall = _text_recall(store_path, store, Searcher(index, options.metric, vectors if rerank else None),
+                               r["n"], options)
     ondisk.point_lists_at(index, target / f"gen-{gens.next_generation(target):06d}" / ondisk.LISTS_FILE)
     faiss.write_index(index, str(tmpdir / INDEX_FILE))
     del vectors
@@ -172,6 +133,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
                                            "dtype": "float16", "memory_mapped": True},
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
+        **({"text_recall": text_recall} if text_recall is not None else {}),
     }
     return _commit(target, tmpdir, meta)
 
@@ -219,6 +181,8 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
     if nq:
         index.add_with_ids(x[held], faiss_ids[held])
     build_seconds = time.perf_counter() - t0
+    del x
+    text_recall = _text_recall(store_path, store, Searcher(index, options.metric, vectors), n, options)
 
     tmpdir = gens.staging(target)
     ids = pa.table({"faiss_id": pa.array(faiss_ids), "id": table.column("id"),
@@ -237,12 +201,30 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
                                                  "dtype": "float16", "memory_mapped": True},
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
+        **({"text_recall": text_recall} if text_recall is not None else {}),
     }
     return _commit(target, tmpdir, meta)
 
 
+def _text_recall(store_path: str, store: Store, searcher: Searcher, count: int,
+                 options: BuildOptions) -> dict[str, Any] | None:
+    """Text → image recall of the index SEARCHER searches (FAISS id = store row), where the store's
+    model has a text tower and some rows have captions (see ``text_recall``); what kept it from being
+    measured is recorded instead (the index is built either way)."""
+    if not options.text_recall or not store.provenance.has_text:
+        return None
+    from embedder.index import text_recall as tr
 
+    def search(q: np.ndarray, k: int) -> np.ndarray:
+        return searcher.search(_prepare(q, options.metric), min(k, searcher.index.ntotal))[1]  # type: ignore[no-any-return]
 
+    try:
+        return tr.measure(store_path, store.provenance, options.metric, search, count,
+                          tr.TextRecallOptions(sample=options.text_recall_sample, weights=options.weights,
+                                               device=options.device))
+    except EmbedderError as e:
+        log.warning("text → image recall not measured: %s", e)
+        return {"not_measured": str(e)}
 
 
 def add(name: str, store_path: str, index_home: str | None = None, merge: bool = False) -> dict[str, int]:
@@ -257,8 +239,7 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
 
             return add_streamed(loaded, d, store_path, merge)
         store = Store.open(store_path)
-        loaded.provenance.require(store.provenance, store=False, what=f"index {name!r} holds vectors",
-                                  fix=f"{store_path} was embedded differently; build a new index for it")
+        loaded.require_addable(store.provenance, store_path)
         table = store.read(["id", "path", "label", "embedding"])
         present = set(loaded.ids.column("id").to_pylist())
         mask = pa.array([i not in present for i in table.column("id").to_pylist()])

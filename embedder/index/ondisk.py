@@ -36,36 +36,6 @@ LISTS_FILE = "lists.ivfdata"
 TRAINED_FILE = "trained.faiss"  # the empty trained index: `index add` merges new slices with it
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-# runs the parts of PART (all shards) somewhere, returns the slice files in row order and the
-# ground-truth (distances, ids) of each part; joins the parts' vectors and id maps in STAGING
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def read_ondisk(path: str) -> Any:
     """Open an index whose lists lie beside its index file. A generation is self-contained: its
     header names the lists file alone, never an absolute path, so a copied or moved index home reads
@@ -172,13 +142,3 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-
-
-
-
-
-
-
-

@@ -43,6 +43,11 @@ class BuildOptions:
     opq: bool = False  # IVF-PQ: learn a rotation (OPQ) before product quantization
     engine: str = "local"  # local | ray (streamed IVF builds: the adds as Ray tasks)
     address: str | None = None  # the Ray cluster (None: a local Ray instance)
+    # text → image recall on the store's captions, where its model has a text tower (see text_recall)
+    text_recall: bool = True
+    text_recall_sample: int = 1000  # captions evaluated
+    weights: str | None = None  # the weights file the store was made from, if it was (the text tower)
+    device: str = "auto"  # where the text tower runs
 
 
 

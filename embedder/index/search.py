@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedder.errors import IndexError_, StoreError, shown
+from embedder.errors import IndexError_, ProvenanceMismatch, StoreError, shown
 from embedder.index import generations as gens
 from embedder.index.faiss_util import _exact, _faiss, _prepare, _score, _set_param
 from embedder.index.generations import IDS_FILE, INDEX_FILE, VECTORS_FILE, _read_meta, locate
@@ -124,10 +124,35 @@ class LoadedIndex:
         return str(self.meta["metric"])
 
     def prepare(self, q: np.ndarray) -> np.ndarray:
+        """Query vectors checked and made ready for this index's metric: of its dim, finite (FAISS ranks
+        NaN arbitrarily), and, where the metric ranks by direction (cosine, ip), never all zeros (every
+        item would tie). Every query path (CLI, API, service) comes through here."""
         q = np.atleast_2d(np.asarray(q, dtype=np.float32))
-        if q.shape[1] != self.dim:
-            raise IndexError_(f"query vector has dim {q.shape[1]}, index {self.name!r} has dim {self.dim}")
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise IndexError_(f"query vector has dim {q.shape[-1]}, index {self.name!r} has dim {self.dim}")
+        which = lambda rows: "" if len(q) == 1 else f" {int(rows[0])}"  # noqa: E731
+        bad = np.flatnonzero(~np.isfinite(q).all(1))
+        if len(bad):
+            raise IndexError_(f"query vector{which(bad)} holds NaN or infinite values: give finite numbers")
+        if self.metric in ("cosine", "ip"):
+            zero = np.flatnonzero(~q.any(1))
+            if len(zero):
+                raise IndexError_(f"query vector{which(zero)} is all zeros: it has no direction to search by "
+                                  f"(index {self.name!r} ranks by {self.metric})")
         return _prepare(q, self.metric)
+
+    def require_addable(self, prov: Provenance, store_path: str) -> None:
+        """Refuse to add vectors made otherwise than the indexed ones (``ProvenanceMismatch``): another
+        model, and, where the index ranks raw vectors (l2, ip), another normalisation (unit vectors
+        among unnormalised ones would rank by their norm). Cosine normalises both, so there it is
+        harmless; a float16 store beside float32 rows differs by rounding only."""
+        fix = f"{store_path} was embedded differently; build a new index for it"
+        self.provenance.require(prov, store=False, what=f"index {self.name!r} holds vectors", fix=fix)
+        if self.metric != "cosine" and prov.normalize != self.provenance.normalize:
+            raise ProvenanceMismatch(
+                f"index {self.name!r} ranks vectors made with normalize={self.provenance.normalize} by "
+                f"{self.metric}; {store_path} holds normalize={prov.normalize} vectors, and mixing them would "
+                "change the ranking: build a new index for it (or build both with --metric cosine)")
 
     def filter_table(self) -> pa.Table:
         """The id map joined with the store's other columns, read once per loaded index (a

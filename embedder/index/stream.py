@@ -292,8 +292,7 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     from embedder.index.generations import INDEX_FILE, VECTORS_FILE, _commit
 
     store = Store.open(store_path)
-    loaded.provenance.require(store.provenance, store=False, what=f"index {loaded.name!r} holds vectors",
-                              fix=f"{store_path} was embedded differently; build a new index for it")
+    loaded.require_addable(store.provenance, store_path)
     from embedder.store import id_index
 
     # the index's ids as sorted 16-byte digests, once: asking Arrow's is_in per record batch rebuilt

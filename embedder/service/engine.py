@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.errors import DecodeError, EmbedderError, IndexError_, shown
+from embedder.errors import EmbedderError, IndexError_, shown
 from embedder.index import generations as layout
 from embedder.service.options import ServeOptions
 
@@ -69,6 +69,10 @@ class Engine:
         self._failed: dict[str, str] = {}  # name → identity of a generation that failed to load
         self.embedders: dict[str, Any] = {}  # comparable-provenance key → BatchEmbedder
         self._embed_locks: dict[str, threading.Lock] = {}
+        # (model key, index identity) whose query model could not be made: not tried again for that
+        # generation (GET /indexes/NAME and every query would each load it again otherwise)
+        self._no_embedder: set[tuple[str, str]] = set()
+        self._labels: dict[str, tuple[str, list[str]]] = {}  # name → (identity, labels): made at load
         self._reload_lock = threading.Lock()
         self._embedders_lock = threading.Lock()
         self.ready = False
@@ -96,6 +100,11 @@ class Engine:
             # hold them all in memory: there they are joined on the first filter that needs them
             loaded.filter_table()
         self._embedder_for(loaded)
+        # the per-generation work done here, in the loading thread, never by a request: the labels
+        # GET /indexes/NAME lists, the filter columns, the id order lookups by id search in
+        loaded.row_of("")
+        loaded.filter_columns()
+        self._labels[name] = (loaded.identity, _label_names(loaded))
         # one reference swap of the whole mapping: searches in flight and readers iterating it keep
         # the old objects (never a dict changing size under a reader)
         self.indexes = {**self.indexes, name: loaded}
@@ -116,9 +125,13 @@ class Engine:
         if key not in self.embedders:
             from embedder.embed.query import embedder_for
 
+            failed = (key, str(loaded.identity))
+            if failed in self._no_embedder:  # said once for this generation
+                return None
             prov = loaded.provenance
             weights = self.options.weights.get(loaded.name)
             if prov.weights.needs_file and weights is None:
+                self._no_embedder.add(failed)
                 log.warning("index %s was made with weights file %s: image queries need "
                             "--weights %s=FILE; vector and id queries work", loaded.name, prov.weights.name,
                             loaded.name)
@@ -126,7 +139,9 @@ class Engine:
             try:
                 emb = embedder_for(prov, weights, self.options.device)
             except EmbedderError as e:
-                log.warning("index %s: no embedder for image queries (%s)", loaded.name, e)
+                self._no_embedder.add(failed)
+                log.warning("index %s: no embedder for image queries (%s); not tried again before its "
+                            "next generation", loaded.name, e)
                 return None
             self.embedders[key] = emb
             self._embed_locks[key] = threading.Lock()
@@ -200,13 +215,15 @@ class Engine:
     def describe(self, name: str) -> dict[str, Any]:
         loaded = self.index(name)
         m = loaded.meta
-        labels = [v for v in loaded.ids.column("label").unique().to_pylist() if v is not None]
+        made = self._labels.get(name)
+        labels = made[1] if made is not None and made[0] == loaded.identity else _label_names(loaded)
+        emb = self._embedder_for(loaded)
         return {"name": name, "generation": loaded.generation, "count": int(loaded.index.ntotal),
                 "dim": loaded.dim, "kind": m.get("kind"), "factory": m.get("factory"), "metric": loaded.metric,
-                "quality": m.get("quality"), "provenance": m.get("provenance"), "built_at": m.get("built_at"),
-                "image_queries": self._embedder_for(loaded) is not None,
-                "text_queries": loaded.provenance.has_text and self._embedder_for(loaded) is not None,
-                "labels": sorted(labels)[:500], "filter_columns": loaded.filter_columns()}
+                "quality": m.get("quality"), "text_recall": m.get("text_recall"),
+                "provenance": m.get("provenance"), "built_at": m.get("built_at"),
+                "image_queries": emb is not None, "text_queries": loaded.provenance.has_text and emb is not None,
+                "labels": labels, "filter_columns": loaded.filter_columns()}
 
     def item(self, name: str, item_id: str) -> dict[str, Any]:
         loaded = self.index(name)
@@ -243,48 +260,46 @@ class Engine:
         return buf.getvalue()
 
     # ---- queries ----------------------------------------------------------------------------
+    def queries(self, loaded: Any) -> Any:
+        """The query builder of a served index (``embedder.embed.query.QueryBuilder``): the checks and
+        the embedding the CLI and the Python API apply, with this server's query model."""
+        from embedder.embed.query import QueryBuilder
+
+        def embedder() -> Any:
+            emb = self._embedder_for(loaded)
+            if emb is None:
+                raise BadQuery(f"index {loaded.name!r} takes vector and id queries only (its weights file was "
+                               "not given to the server)")
+            return emb
+
+        return QueryBuilder(loaded, embedder, self.options.max_pixels)
+
     def embed_images(self, name: str, images: list[bytes]) -> tuple[np.ndarray, Any]:
         """Decode (thread pool) and embed (one forward pass) images as index NAME's vectors are made."""
-        import torch
-
-        from embedder.decode.decoders import decode_bytes
-
         loaded = self.index(name)
-        emb = self._embedder_for(loaded)
-        if emb is None:
-            raise BadQuery(f"index {name!r} takes vector and id queries only (its weights file was not given "
-                           "to the server)")
+        builder = self.queries(loaded)
+        emb = builder.embedder
         t0 = time.perf_counter()
-        pre = emb.loaded.preprocessing
-        futures = [self.decode_pool.submit(decode_bytes, data, pre, self.options.max_pixels, emb.options.decoder)
-                   for data in images]
-        pixels = []
-        for f in futures:
-            try:
-                pixels.append(f.result())
-            except DecodeError as e:
-                raise DecodeError(f"upload is not a usable image: {e}") from None
+        pixels = builder.decode(images, self.decode_pool.map)
         t1 = time.perf_counter()
         self.stage_timer("decode", t1 - t0)
         with self._embed_locks[self._key(loaded)]:  # one forward pass at a time per model
-            vectors = emb.embed_pixels(torch.stack(pixels))
+            vectors = builder.embed(pixels)
         self.stage_timer("embed", time.perf_counter() - t1)
         return vectors, emb
 
     def embed_texts(self, name: str, texts: list[str]) -> tuple[np.ndarray, Any]:
         """Texts through the text tower of index NAME's model (one pass for the batch), as vectors
         comparable with the index's."""
-        from embedder.embed.query import embed_texts, require_text_tower
+        from embedder.embed.query import require_text_tower
 
         loaded = self.index(name)
         require_text_tower(loaded.provenance, f"index {name!r}")
-        emb = self._embedder_for(loaded)
-        if emb is None:
-            raise BadQuery(f"index {name!r} takes vector and id queries only (its weights file was not given "
-                           "to the server)")
+        builder = self.queries(loaded)
+        emb = builder.embedder
         t0 = time.perf_counter()
         with self._embed_locks[self._key(loaded)]:  # one forward pass at a time per model
-            vectors = embed_texts(emb, texts, loaded.metric)
+            vectors = builder.texts(texts)
         self.stage_timer("embed_text", time.perf_counter() - t0)
         return vectors, emb
 
@@ -302,6 +317,7 @@ class Engine:
                 for i in members:
                     out[i] = e
                 continue
+            builder = self.queries(loaded)
             images = [i for i in members if queries[i].image is not None]
             if images:
                 _embed_each(functools.partial(self.embed_images, name), images,
@@ -316,15 +332,9 @@ class Engine:
                     continue
                 try:
                     if q.vector is not None:
-                        v = np.asarray(q.vector, dtype=np.float32)
-                        if v.ndim != 1 or not np.isfinite(v).all():
-                            raise BadQuery("vector must be a flat list of finite numbers")
-                        if loaded.metric in ("cosine", "ip") and not np.any(v):
-                            raise BadQuery(f"vector is all zeros: it has no direction to search by "
-                                           f"(index {name!r} ranks by {loaded.metric})")
-                        vectors[i] = loaded.prepare(v)[0]
+                        vectors[i] = builder.vector(q.vector)[0]
                     elif q.id is not None:
-                        vectors[i] = loaded.vector_of(q.id)[0]
+                        vectors[i] = builder.ids([q.id])[0]
                     else:
                         raise BadQuery("a query needs an image, a vector or an id")
                 except IndexError_ as e:
@@ -376,6 +386,12 @@ def _embed_each(embed: Callable[[list[Any]], tuple[np.ndarray, Any]], members: l
                 vectors[i] = embed([item])[0][0]
             except EmbedderError as e1:
                 out[i] = e1
+
+
+def _label_names(loaded: Any, most: int = 500) -> list[str]:
+    """The first MOST of an index's distinct labels, in order (what GET /indexes/NAME lists)."""
+    labels = [v for v in loaded.ids.column("label").unique().to_pylist() if v is not None]
+    return sorted(labels)[:most]
 
 
 def _media_type(data: bytes) -> str:
