@@ -22,7 +22,9 @@ def serve_command(
     batch_window_ms: Annotated[float, typer.Option(min=0, help="Micro-batching window.")] = ServeOptions.batch_window_ms,
     max_batch: Annotated[int, typer.Option(min=1, help="Most queries in one micro-batch.")] = ServeOptions.max_batch,
     micro_batching: Annotated[bool, typer.Option(help="Batch concurrent queries into one forward pass.")] = ServeOptions.micro_batching,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body.")] = ServeOptions.max_upload_bytes / 2**20,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body (an image upload).")] = ServeOptions.max_upload_bytes / 2**20,
+    max_json_mb: Annotated[float, typer.Option(min=0.001, help="Largest JSON body (parsed whole before its queries are counted).")] = ServeOptions.max_json_bytes / 2**20,
+    max_text_queries: Annotated[int, typer.Option(min=1, help="Most texts in one request (a forward pass each).")] = ServeOptions.max_text_queries,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest uploaded image (width × height), and its resize target.")] = ServeOptions.max_pixels,
     poll_seconds: Annotated[float, typer.Option(min=0, help="How often indexes are checked for a new generation (0: never).")] = ServeOptions.poll_seconds,
     weights: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: weights file for an index made from one.")] = None,
@@ -53,6 +55,7 @@ def serve_command(
         pairs[name] = path
     options = ServeOptions(home=home, device=device, batch_window_ms=batch_window_ms, max_batch=max_batch,
                            micro_batching=micro_batching, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+                           max_json_bytes=int(max_json_mb * 2**20), max_text_queries=max_text_queries,
                            poll_seconds=poll_seconds, weights=pairs)
     _check_port(host, port)
     app = create_app(options, api_key=key)

@@ -122,7 +122,7 @@ def create_app(options: ServeOptions = ServeOptions(), api_key: str | None = Non
             metrics.errors.labels(kind).inc()
         return response
 
-    http_errors.install(app, options.max_upload_bytes)
+    http_errors.install(app)
     needs_key = auth.requirement(api_key)
     app.include_router(search.router, dependencies=needs_key)
     app.include_router(indexes.router, dependencies=needs_key)
@@ -131,5 +131,6 @@ def create_app(options: ServeOptions = ServeOptions(), api_key: str | None = Non
         app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
         app.include_router(public.docs_router)
     app.mount("/static", StaticFiles(directory=public.STATIC), name="static")
-    app.add_middleware(BodyLimit, limit=options.max_upload_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=options.max_upload_bytes,  # type: ignore[arg-type]
+                       json_limit=options.max_json_bytes)
     return app

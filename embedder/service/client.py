@@ -11,6 +11,10 @@ from typing import Any
 
 from embedder.errors import EmbedderError
 
+# what one request carries, within a server's default caps (ServeOptions: a 2 MiB JSON body, 32 texts)
+VECTORS_PER_REQUEST = 64  # 64 vectors of 1,536 floats stay under 2 MiB of JSON
+TEXTS_PER_REQUEST = 32
+
 
 def _post(url: str, body: bytes, content_type: str, key: str | None) -> dict[str, Any]:
     headers = {"content-type": content_type}
@@ -55,10 +59,11 @@ def search_remote(server: str, index: str, queries: list[str], ids: list[str], k
             import numpy as np
 
             vecs = np.atleast_2d(np.load(p, allow_pickle=False))
-            body = json.dumps({"index": index, "k": k, "where": where or None,
-                               "queries": [{"vector": v.tolist()} for v in vecs]}).encode()
-            r = _post(url, body, "application/json", key)
-            out += [(q, hits) for hits in r["results"]]
+            for start in range(0, len(vecs), VECTORS_PER_REQUEST):  # a JSON body stays small
+                body = json.dumps({"index": index, "k": k, "where": where or None, "queries": [
+                    {"vector": v.tolist()} for v in vecs[start:start + VECTORS_PER_REQUEST]]}).encode()
+                r = _post(url, body, "application/json", key)
+                out += [(q, hits) for hits in r["results"]]
         else:
             fields = {"index": index, "k": str(k)}
             if where:
@@ -70,11 +75,12 @@ def search_remote(server: str, index: str, queries: list[str], ids: list[str], k
                            "queries": [{"id": i} for i in ids]}).encode()
         r = _post(url, body, "application/json", key)
         out += [(f"id:{i}", hits) for i, hits in zip(ids, r["results"])]
-    if texts:
+    for start in range(0, len(texts or []), TEXTS_PER_REQUEST):  # the server caps texts per request
+        chunk = (texts or [])[start:start + TEXTS_PER_REQUEST]
         body = json.dumps({"index": index, "k": k, "where": where or None,
-                           "queries": [{"text": t} for t in texts]}).encode()
+                           "queries": [{"text": t} for t in chunk]}).encode()
         r = _post(url, body, "application/json", key)
-        out += [(f"text:{t}", hits) for t, hits in zip(texts, r["results"])]
+        out += [(f"text:{t}", hits) for t, hits in zip(chunk, r["results"])]
     if not out:
         raise EmbedderError("no query: give image files, .npy vectors, --id ID or --text TEXT")
     return out

@@ -49,7 +49,7 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": message, "kind": kind}, status_code=status, headers={"x-error-kind": kind})
 
 
-def install(app: FastAPI, max_upload_bytes: int) -> None:
+def install(app: FastAPI) -> None:
     """Every error the app can meet answered as ``{"error", "kind"}`` with its status: domain
     exceptions by type, FastAPI's own (404, 405, 422), 401, 413, 503, and anything else as 500."""
 
@@ -60,7 +60,7 @@ def install(app: FastAPI, max_upload_bytes: int) -> None:
 
     @app.exception_handler(TooLarge)
     async def too_large(_: Request, e: TooLarge) -> JSONResponse:
-        return error_response(413, too_large_message(max_upload_bytes), "too_large")
+        return error_response(413, too_large_message(e.limit, e.is_json), "too_large")
 
     @app.exception_handler(Unauthorised)
     async def unauthorised(_: Request, e: Unauthorised) -> JSONResponse:

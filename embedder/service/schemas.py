@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+
+# Hard ceilings on what one body may hold, whatever the server's options (its caps, ServeOptions'
+# max_queries and max_text_queries, are lower and answered with a clearer message). They bound the
+# schema at /docs; the work of parsing is bounded by the JSON body limit (``limits``).
+MAX_LIST = 10_000  # queries, or texts to embed
+MAX_DIM = 65_536  # floats in a vector
+MAX_TEXT = 10_000  # characters in a text (a text tower's context is far shorter)
+MAX_WHERE = 64  # columns in a filter
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 # ---- request and response models (the OpenAPI schema at /docs) ----------------------------------
 class QueryIn(BaseModel):
-    vector: list[float] | None = Field(None, description="A query vector of the index's dim (not all zeros "
-                                       "for a cosine or ip index)")
+    vector: list[float] | None = Field(None, max_length=MAX_DIM, description="A query vector of the index's "
+                                       "dim (not all zeros for a cosine or ip index)")
     id: str | None = Field(None, description="An id in the index: search by its vector")
-    text: str | None = Field(None, description="A text, embedded by the text tower of the index's model (CLIP-family "
+    text: Text | None = Field(None, description="A text, embedded by the text tower of the index's model (CLIP-family "
                              "backbones only); an empty text or one over the model's context length is refused "
                              "(400), never cut")
     exclude_self: bool = Field(False, description="With id: leave the query item out of its results")
@@ -23,16 +32,18 @@ class SearchIn(QueryIn):
     index: str | None = Field(None, description="Index name (optional when one index is served)")
     k: int = Field(10, ge=1, description="Results per query")
     where: dict[str, Any] | None = Field(
-        None, description="COLUMN: VALUE filters on the id map or the store's columns (a string or number, "
-                          "compared as text)")
-    queries: list[QueryIn] | None = Field(None, description="A batch of queries instead of vector/id (at most "
-                                          "max_queries, and k × queries at most max_results)")
+        None, max_length=MAX_WHERE, description="COLUMN: VALUE filters on the id map or the store's columns (a "
+                                                "string or number, compared as text)")
+    queries: list[QueryIn] | None = Field(None, max_length=MAX_LIST, description="A batch of queries instead of "
+                                          "vector/id (at most max_queries, at most max_text_queries texts, and "
+                                          "k × queries at most max_results)")
 
 
 
 class EmbedIn(BaseModel):
     index: str | None = Field(None, description="Index name (optional when one index is served)")
-    text: str | list[str] = Field(..., description="A text or a list of texts to embed with the index's text tower")
+    text: Text | Annotated[list[Text], Field(max_length=MAX_LIST)] = Field(
+        ..., description="A text or a list of texts to embed with the index's text tower (at most max_text_queries)")
 
 
 class Hit(BaseModel):

@@ -40,12 +40,15 @@ class Service:
             return next(iter(self.engine.indexes))
         raise BadQuery(f"say which index: one of {', '.join(sorted(self.engine.indexes)) or '(none loaded)'}")
 
-    def check_size(self, k: int, n: int) -> None:
+    def check_size(self, k: int, n: int, texts: int = 0) -> None:
+        """K results for each of N queries, TEXTS of them texts (a forward pass each), within the caps."""
         o = self.options
         if not 1 <= k <= o.max_k:
             raise BadQuery(f"k must be between 1 and {o.max_k}, got {k}")
         if n > o.max_queries:
             raise BadQuery(f"at most {o.max_queries} queries per request, got {n}: send them in several")
+        if texts > o.max_text_queries:
+            raise BadQuery(f"at most {o.max_text_queries} texts per request, got {texts}: send them in several")
         if k * n > o.max_results:
             raise BadQuery(f"k × queries is {k * n:,}; at most {o.max_results:,} results per request")
 

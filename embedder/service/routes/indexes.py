@@ -1,5 +1,8 @@
 """The served indexes (GET /indexes, /indexes/NAME, POST /indexes/NAME/reload) and their items
-(GET /items/NAME/ID, its image and thumbnail: looked up in the id map, never a path from the URL)."""
+(GET /items/NAME/ID, its image and thumbnail: looked up in the id map, never a path from the URL).
+
+Routes that read an index (its id map may be memory-mapped from disk) are plain ``def``: FastAPI runs
+them in its thread pool, never on the event loop."""
 
 from __future__ import annotations
 
@@ -16,14 +19,14 @@ router = APIRouter()
 
 
 @router.get("/indexes")
-async def indexes(svc: ServiceDep) -> list[dict[str, Any]]:
+def indexes(svc: ServiceDep) -> list[dict[str, Any]]:
     """Every served index: count, generation, provenance and measured quality."""
     svc.need_ready()
     return [svc.engine.describe(n) for n in sorted(svc.engine.indexes)]
 
 
 @router.get("/indexes/{name}")
-async def index_info(name: str, svc: ServiceDep) -> dict[str, Any]:
+def index_info(name: str, svc: ServiceDep) -> dict[str, Any]:
     svc.need_ready()
     return svc.engine.describe(name)
 
@@ -37,7 +40,7 @@ async def reload(name: str, svc: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/items/{name}/{item_id}")
-async def item(name: str, item_id: str, svc: ServiceDep) -> dict[str, Any]:
+def item(name: str, item_id: str, svc: ServiceDep) -> dict[str, Any]:
     svc.need_ready()
     return svc.engine.item(name, item_id)
 

@@ -38,13 +38,13 @@ async def search(request: Request, svc: ServiceDep) -> SearchOut:
             name = svc.default_index(_str(form.get("index")))
         svc.check_size(k, 1)
         return await svc.answer([Query(name, k, where, image=data)])
-    body = _parse(SearchIn, await request.body())
+    body = await _parse_off_loop(SearchIn, await request.body())
     name = svc.default_index(body.index)
     items = body.queries if body.queries is not None else [
         QueryIn(vector=body.vector, id=body.id, text=body.text, exclude_self=body.exclude_self)]
     if not items:
         raise BadQuery("queries is empty")
-    svc.check_size(body.k, len(items))
+    svc.check_size(body.k, len(items), texts=sum(q.text is not None for q in items))
     for n, q in enumerate(items):
         given = sum(x is not None for x in (q.vector, q.id, q.text))
         if given > 1:
@@ -68,11 +68,11 @@ async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
     with a text tower), made as the index's vectors are, with that provenance."""
     svc.need_ready()
     if request.headers.get("content-type", "").startswith("application/json"):
-        text_body = _parse(EmbedIn, await request.body())
+        text_body = await _parse_off_loop(EmbedIn, await request.body())
         texts = [text_body.text] if isinstance(text_body.text, str) else text_body.text
         if not texts:
             raise BadQuery("text is an empty list")
-        svc.check_size(1, len(texts))
+        svc.check_size(1, len(texts), texts=len(texts))
         name = svc.default_index(text_body.index)
         vectors, emb = await asyncio.get_running_loop().run_in_executor(
             svc.executor, svc.engine.embed_texts, name, texts)
@@ -93,13 +93,27 @@ async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
 M = TypeVar("M", bound=BaseModel)
 
 
+PARSE_INLINE_BYTES = 64 * 1024  # smaller bodies parse in well under a millisecond: not worth a thread hop
+
+
+async def _parse_off_loop(model: type[M], raw: bytes) -> M:
+    """``_parse`` in a worker thread for a large body, so that the event loop goes on answering
+    meanwhile (as far as the GIL lets it: the JSON body limit bounds the rest)."""
+    if len(raw) <= PARSE_INLINE_BYTES:
+        return _parse(model, raw)
+    return await asyncio.to_thread(_parse, model, raw)
+
+
 def _parse(model: type[M], raw: bytes) -> M:
-    """A JSON body as MODEL; the first thing wrong with it as a one-line 400."""
+    """A JSON body as MODEL; the first thing wrong with it as a one-line 400 (for a value that may be
+    a text or a list of texts, what is wrong with it rather than that it is not the other kind)."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where_ = ".".join(str(p) for p in first.get("loc", ()))
+        errors = e.errors()
+        first = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
+        # a union's member appears in the location by its schema's name ("list[constrained-str]")
+        where_ = ".".join(str(p) for p in first.get("loc", ()) if not (isinstance(p, str) and ("[" in p or "-" in p)))
         raise BadQuery(f"{where_ or 'body'}: {first.get('msg')}") from None
 
 
