@@ -15,7 +15,6 @@ from embedder.errors import DecodeError
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
-
 @dataclass(frozen=True)
 class ImageMeta:
     """What is stored beside a vector: the original image's size (after EXIF rotation, before any
@@ -26,7 +25,6 @@ class ImageMeta:
     file_hash: str
 
 
-
 @dataclass(frozen=True)
 class Decoded:
     pixels: torch.Tensor  # uint8 [3, crop, crop]
@@ -35,13 +33,11 @@ class Decoded:
     file_hash: str
 
 
-
 def resize_target(width: int, height: int, shorter: int) -> tuple[int, int]:
     """The size torchvision's resize to ``shorter`` (shorter side) produces: (width, height)."""
     if width <= height:
         return shorter, int(shorter * height / width)
     return int(shorter * width / height), shorter
-
 
 
 def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None:
@@ -53,22 +49,24 @@ def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None
                           f"{max_pixels} pixels")
 
 
-
 def read_bytes(path: str) -> bytes:
     """An image's bytes, from a local path, an object-storage URI (s3://…), a tar shard's member
-    (``SHARD#MEMBER``) or a table's row (``FILE#COLUMN/GROUP/ROW``): one decode path for all."""
+    (``SHARD#MEMBER[#@OFFSET:SIZE]``) or a table's row (``FILE#COLUMN/GROUP/ROW``): one decode path
+    for all; the location is parsed by ``embedder.io.location``."""
+    from embedder.io import location
     from embedder.io.uri import is_uri  # pyarrow: only when a path is read
 
-    container, sep, _ = path.rpartition("#")
-    if sep:
-        from embedder.io.shards import is_shard, read_member
+    loc = location.parse(path)
+    if loc is not None:
+        if loc.kind == location.FAILING:
+            raise DecodeError(loc.reason or "not embedded")
+        if loc.kind == location.MEMBER:
+            from embedder.io.shards import read_member
 
-        if is_shard(container):
-            return read_member(path)
-        from embedder.io.tables import is_table, read_row
+            return read_member(loc)
+        from embedder.io.tables import read_row
 
-        if is_table(container):
-            return read_row(path)
+        return read_row(path)
     if is_uri(path):
         from embedder.errors import SourceError
         from embedder.io.uri import filesystem
@@ -84,6 +82,3 @@ def read_bytes(path: str) -> bytes:
             return f.read()
     except OSError as e:
         raise DecodeError(f"cannot read: {e.strerror or e}") from None
-
-
-

@@ -7,14 +7,27 @@ key (the member name up to the first dot of its file name: ``000031234.jpg``, ``
 (``/data/shards/00003.tar#000031234.jpg``): its id is a hash of that location, so a rerun skips what a
 store holds and a killed run resumes with every sample exactly once. Discovery reads the shard's
 headers once, in order (tarfile; no member is extracted to disk) and the small members that carry a
-label (``.cls``, or the ``label`` key of ``.json``) or a caption (``.txt``); decoding later reads each
-image's bytes at the offset recorded then, through the same decode path as a file's. A gzip'd
-shard has no offsets to seek to: it is decompressed as a stream, once per reading thread, members
-read in order (``_Gunzipped``); a member read out of order (the service, one image) decompresses up to it.
+label (``.cls``, or the ``label`` key of ``.json``) or a caption (``.txt``), and records where each
+image's bytes lie: the location it gives decoding is ``SHARD#MEMBER#@OFFSET:SIZE`` (the span is not
+part of the id: ``embedder.io.location``). Decoding reads exactly that range (one ranged GET per
+image in object storage; the 512-byte header just before it is read too and checked, so a shard
+rewritten since discovery is walked again rather than misread), through the same decode path as a
+file's; a location without a span is found by walking the headers once per process.
+
+Bounded before anything is read: a label, caption or JSON member over ``MAX_METADATA_BYTES`` (1 MiB)
+or an image member over ``MAX_IMAGE_BYTES`` (20 MiB, the service's upload limit too) makes that
+sample a recorded failure.
+
+A gzip'd shard has no offsets to seek to: it is decompressed as a stream, members read in order
+(``_Gunzipped``); decoding shares a process's streams of a shard between its threads (``_Cursors``),
+so threads reading in order decompress it once per process; a member read out of order (the
+service, one image) decompresses up to it.
 
 Nothing bad is dropped silently: a sample with no image member, a key that repeats within a shard,
-or a shard cut short (the samples before the cut are kept) become failing locations
-(``SHARD#!KEY!reason``) that decoding records in the store's errors table with the reason.
+a member over its limit, or a shard cut short become failing locations (``SHARD#!KEY!reason``) that
+decoding records in the store's errors table with the reason. A cut keeps only the samples whose
+members all came before it: the sample in progress at the cut is left out (named in the recorded
+reason), so once the shard is complete a rerun embeds it with its label.
 """
 
 from __future__ import annotations
@@ -30,19 +43,22 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from embedder.errors import DecodeError, SourceError
-from embedder.io.uri import failing, filesystem, is_uri, refusal
+from embedder.io import location
+from embedder.io.limits import MAX_IMAGE_BYTES, MAX_METADATA_BYTES
+from embedder.io.location import TAR_SUFFIXES, Location
+from embedder.io.uri import filesystem, is_uri
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 GZ_SUFFIXES = (".tar.gz", ".tgz")
 UNKNOWN_SIZE = 1 << 62  # a gzip'd shard's length is known only once it is decompressed
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+METADATA_EXTS = ("cls", "txt", "json")  # read at discovery: bounded by MAX_METADATA_BYTES
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's own split: dir/KEY . ext
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 @dataclass(frozen=True)
 class Sample:
-    locator: str  # SHARD#MEMBER (or SHARD#!KEY!reason: recorded as a failure)
+    locator: str  # SHARD#MEMBER#@OFFSET:SIZE (or SHARD#!KEY!reason: recorded as a failure)
     label: str | None
     caption: str | None
 
@@ -207,10 +223,29 @@ class _NotPlain(Exception):
     """A header the fast reader leaves to tarfile (GNU long names, pax, base-256 sizes)."""
 
 
-def _plain_members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | str]:
+@dataclass(frozen=True)
+class Stop:
+    """Why a shard's members end early (cut short, damaged), and the member cut, when known: the
+    samples before it are kept, the one it belongs to (or, unknown, the one in progress) is not."""
+
+    reason: str
+    member: str | None = None
+
+
+Member = tuple[str, int, int]  # name, data offset, size
+
+
+def _padded(length: int) -> int:
+    return -(-length // 512) * 512
+
+
+def _plain_members(f: IO[bytes], size: int) -> Iterator[Member | Stop]:
     """ustar / v7 headers read directly: 512 bytes, name, octal size, type, checksum checked.
-    Measured on 3,000-sample shards: tarfile's parser costs ~50 µs per member in Python, this ~5."""
+    Measured on 3,000-sample shards: tarfile's parser costs ~50 µs per member in Python, this ~5.
+    A tar that ends without its end-of-archive blocks was cut (maybe between two members of one
+    sample): a Stop."""
     pos = 0
+    last: str | None = None
     while pos + 512 <= size:
         f.seek(pos)
         hdr = f.read(512)
@@ -234,50 +269,70 @@ def _plain_members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | s
         data = pos + 512
         if kind in (b"0", b"\0", b"7"):
             if data + length > size:
-                yield f"cut short inside {name} ({size:,} bytes of the {data + length:,} it needs)"
+                yield Stop(f"cut short inside {name} ({size:,} bytes of the {data + length:,} it needs)", name)
                 return
             yield name, data, length
-        pos = data + -(-length // 512) * 512
-    if pos < size != UNKNOWN_SIZE:
-        f.seek(pos)
-        if f.read(size - pos).count(0) != size - pos:
-            yield f"cut short inside a header ({size:,} bytes, the last header at {pos:,} incomplete)"
+        last = name
+        pos = data + _padded(length)
+    if size == UNKNOWN_SIZE:  # a stream: did it end inside the last member, or after it?
+        f.seek(pos - 1)
+        if pos > 0 and len(f.read(1)) < 1:
+            yield Stop(f"cut short inside {last}", last)
+            return
+        yield Stop(f"cut short after {last} (no end-of-archive blocks)" if last else "empty, not a tar")
+        return
+    f.seek(pos)
+    if pos < size and f.read(size - pos).count(0) == size - pos:
+        return  # zeros to the end: a shorter end-of-archive than two blocks
+    if pos < size:
+        yield Stop(f"cut short inside a header ({size:,} bytes, the last header at {pos:,} incomplete)")
+    else:
+        yield Stop(f"cut short after {last} (no end-of-archive blocks)" if last else "empty, not a tar")
 
 
-def _members(f: IO[bytes], size: int) -> Iterator[tuple[str, int, int] | str]:
-    """(name, data offset, size) per regular member in order; a trailing string says why the
-    shard stopped early (cut short, or damaged). Plain headers are read directly; a shard with
-    another kind is read by tarfile from its start."""
+def _members(f: IO[bytes], size: int) -> Iterator[Member | Stop]:
+    """(name, data offset, size) per regular member in order; a trailing Stop says why the shard
+    stopped early (cut short, or damaged). Plain headers are read directly; a shard with another
+    kind is read by tarfile from its start."""
     done = 0
     try:
         for m in _plain_members(f, size):
-            done += 1
+            done += not isinstance(m, Stop)
             yield m
         return
     except _NotPlain:
         pass
     except GZIP_ERRORS as e:  # a gzip'd shard cut short or damaged: what came before is kept
-        yield f"gzip stream damaged or cut short ({type(e).__name__}: {e})"
+        yield Stop(f"gzip stream damaged or cut short ({type(e).__name__}: {e})")
         return
     f.seek(0)
     try:
         tf = tarfile.open(fileobj=f, mode="r:")  # type: ignore[call-overload]
     except TAR_ERRORS as e:
-        yield f"not a readable tar ({e})"
+        yield Stop(f"not a readable tar ({e})")
         return
     seen = 0
     while True:
         try:
             info = tf.next()
         except TAR_ERRORS as e:
-            yield f"damaged after the last good member ({type(e).__name__}: {e})"
+            yield Stop(f"damaged after the last good member ({type(e).__name__}: {e})")
             return
         if info is None:
+            try:
+                f.seek(tf.offset)
+                end = f.read(512)
+            except GZIP_ERRORS as e:
+                yield Stop(f"gzip stream damaged or cut short ({type(e).__name__}: {e})")
+                return
+            if len(end) < 512 or end.count(0) != 512:  # tarfile reads a cut tar as a shorter one
+                yield Stop(f"cut short at byte {tf.offset:,} (no end-of-archive blocks)")
             return
         if not info.isreg():
             continue
         if info.offset_data + info.size > size:
-            yield f"cut short inside {info.name} ({size:,} bytes of the {info.offset_data + info.size:,} it needs)"
+            yield Stop(f"cut short inside {info.name} ({size:,} bytes of the {info.offset_data + info.size:,} "
+                       "it needs)", info.name)
             return
         seen += 1
         if seen > done:  # what the fast reader already gave is not given twice
@@ -303,6 +358,18 @@ def _label_of(members: dict[str, tuple[int, int]], f: IO[bytes], label_key: str)
     return None
 
 
+def _over_limit(group: dict[str, tuple[int, int]], names: dict[str, str], image: str) -> str | None:
+    """Why a sample's members are too big to read (checked before any is read), or None."""
+    for ext in METADATA_EXTS:
+        if ext in group and group[ext][1] > MAX_METADATA_BYTES:
+            return (f"{names[ext]} is {group[ext][1]:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit "
+                    "of a label, caption or JSON member: the sample is not embedded")
+    if group[image][1] > MAX_IMAGE_BYTES:
+        return (f"{names[image]} is {group[image][1]:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit "
+                "of an image: the sample is not embedded")
+    return None
+
+
 def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
     """The samples of one shard, in order (see the module's docstring)."""
     f, size = _open(shard)
@@ -316,25 +383,39 @@ def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
             if key is None:
                 return
             if key in seen:
-                yield Sample(failing(shard, key, f"duplicate key {key} in this shard: the later sample "
-                                     "is not embedded"), None, None)
+                yield Sample(location.failing(shard, key, f"duplicate key {key} in this shard: the later sample "
+                                              "is not embedded"), None, None)
                 return
             seen.add(key)
             image = next((e for e in IMAGE_EXTS if e in group), None)
             if image is None:
                 listed = ", ".join(sorted(names.values()))
-                yield Sample(failing(shard, key, f"sample {key} has no image member ({listed})"), None, None)
+                yield Sample(location.failing(shard, key, f"sample {key} has no image member ({listed})"), None, None)
+                return
+            too_big = _over_limit(group, names, image)
+            if too_big is not None:
+                yield Sample(location.failing(shard, key, too_big), None, None)
                 return
             caption = None
             if "txt" in group:
                 caption = _read_at(f, *group["txt"]).decode("utf-8", "replace").strip() or None
-            yield Sample(f"{shard}#{names[image]}", _label_of(group, f, label_key), caption)
+            offset, length = group[image]
+            yield Sample(location.member(shard, names[image], offset, length), _label_of(group, f, label_key),
+                         caption)
 
         for m in _members(f, size):
-            if isinstance(m, str):
-                yield from flush()
+            if isinstance(m, Stop):
+                cut_key = None
+                if m.member is not None and (km := _KEY.match(m.member)) is not None:
+                    cut_key = km.group(1)
+                left = ""
+                if key is not None and (m.member is None or cut_key == key):
+                    left = f" (sample {key}, in progress at the cut, is left out)"  # its label may come after
+                else:
+                    yield from flush()
                 key = None
-                yield Sample(failing(shard, "end", f"shard {m}; the samples before it are kept"), None, None)
+                yield Sample(location.failing(shard, "end", f"shard {m.reason}; the samples before it are kept{left}"),
+                             None, None)
                 return
             name, offset, length = m
             km = _KEY.match(name)
@@ -361,6 +442,8 @@ INDEXES_KEPT = 4  # shards whose member offsets a process keeps (a few KB per th
 
 
 def _index(shard: str) -> dict[str, tuple[int, int]]:
+    """Every member's (offset, size), by walking the headers: only for a location without a span
+    (written before spans were recorded) or whose span no longer matches the shard."""
     with _INDEX_LOCK:
         hit = _INDEX_CACHE.get(shard)
         if hit is not None:
@@ -368,7 +451,7 @@ def _index(shard: str) -> dict[str, tuple[int, int]]:
             return hit
     f, size = _open(shard)
     try:
-        index = {m[0]: (m[1], m[2]) for m in _members(f, size) if not isinstance(m, str)}
+        index = {m[0]: (m[1], m[2]) for m in _members(f, size) if not isinstance(m, Stop)}
     finally:
         f.close()
     with _INDEX_LOCK:
@@ -378,47 +461,135 @@ def _index(shard: str) -> dict[str, tuple[int, int]]:
     return index
 
 
-def read_member(locator: str) -> bytes:
-    """The bytes at ``SHARD#MEMBER``; a failing location raises DecodeError with its reason."""
-    shard, _, member = locator.rpartition("#")
-    reason = refusal(member)
-    if reason is not None:
-        raise DecodeError(reason)
+def _header_matches(hdr: bytes, member: str, size: int) -> bool:
+    """Is HDR the tar header of MEMBER, SIZE bytes long? (checksum, size, and the name field, which
+    holds the name, its first 100 bytes, or its last part after a ustar prefix)."""
+    if len(hdr) != 512:
+        return False
     try:
-        offset, size = _index(shard)[member]
-    except KeyError:
-        raise DecodeError(f"{member} is not in shard {shard}") from None
-    except SourceError as e:
-        raise DecodeError(str(e)) from None
-    if is_uri(shard) or is_gzipped(shard):
-        # members are read in order: keep this thread's window (or gzip stream) on the shard
+        stored = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        length = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    name = hdr[:100].split(b"\0", 1)[0]
+    return (stored == sum(hdr) - sum(hdr[148:156]) + 256 and length == size and bool(name)
+            and name in member.encode("utf-8", "surrogateescape"))
+
+
+def read_member(locator: str | Location) -> bytes:
+    """The bytes at ``SHARD#MEMBER[#@OFFSET:SIZE]``; a failing location raises DecodeError with its
+    reason. With a span: that range and the header before it, in one read; without one (or when the
+    header there is not the member's: the shard was rewritten), the member found by its headers."""
+    loc = location.parse(locator) if isinstance(locator, str) else locator
+    if loc is None:
+        raise DecodeError(f"{locator} is not a shard's member")
+    if loc.kind == location.FAILING:
+        raise DecodeError(loc.reason or "not embedded")
+    shard, member = loc.container, loc.member
+    try:
+        if loc.offset is not None and loc.size is not None and loc.offset >= 512:
+            if loc.size > MAX_IMAGE_BYTES:
+                raise DecodeError(f"{member} is {loc.size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte image limit")
+            data = _read_span(shard, loc.offset - 512, loc.size + 512)
+            if _header_matches(data[:512], member, loc.size) and len(data) == loc.size + 512:
+                return data[512:]
         try:
-            return _read_held(shard, offset, size)
-        except SourceError as e:
-            raise DecodeError(str(e)) from None
-        except GZIP_ERRORS as e:
-            raise DecodeError(f"{member}: gzip stream damaged or cut short ({type(e).__name__}: {e})") from None
-    try:  # a shard moved or deleted since discovery: that image fails, the run goes on
-        f, _ = _open(shard)
-    except SourceError as e:
+            offset, size = _index(shard)[member]
+        except KeyError:
+            raise DecodeError(f"{member} is not in shard {shard}") from None
+        if size > MAX_IMAGE_BYTES:
+            raise DecodeError(f"{member} is {size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte image limit")
+        data = _read_span(shard, offset, size)
+    except SourceError as e:  # a shard moved or deleted since discovery: that image fails, the run goes on
         raise DecodeError(str(e)) from None
-    try:
-        return _read_at(f, offset, size)
-    finally:
-        f.close()
-
-
-def _read_held(shard: str, offset: int, size: int) -> bytes:
-    held = getattr(_THREAD, "shard", None)
-    if held is None or held[0] != shard:
-        if held is not None:
-            held[1].close()
-        _THREAD.shard = None
-        _THREAD.shard = held = (shard, _open(shard)[0])
-    data = _read_at(held[1], offset, size)
+    except GZIP_ERRORS as e:
+        raise DecodeError(f"{member}: gzip stream damaged or cut short ({type(e).__name__}: {e})") from None
     if len(data) != size:
-        raise DecodeError(f"{shard} ends inside this member ({len(data):,} of {size:,} bytes)")
+        raise DecodeError(f"{shard} ends inside {member} ({len(data):,} of {size:,} bytes)")
     return data
+
+
+def _read_span(shard: str, offset: int, size: int) -> bytes:
+    """SIZE bytes at OFFSET of SHARD's tar bytes: one ranged read of a plain shard (object storage:
+    through this thread's handle on it); a gzip'd one through the process's streams of it."""
+    if is_gzipped(shard):
+        return _cursors(shard).read(offset, size)
+    if is_uri(shard):
+        held = getattr(_THREAD, "shard", None)
+        if held is None or held[0] != shard:
+            if held is not None:
+                held[1].close()
+            _THREAD.shard = None
+            fs, key = filesystem(shard)
+            try:
+                f = fs.open_input_file(key)  # type: ignore[attr-defined]
+            except (OSError, FileNotFoundError) as e:
+                raise SourceError(f"cannot open shard {shard}: {str(e).splitlines()[0][:200]}") from None
+            _THREAD.shard = held = (shard, f)
+        n = max(0, min(size, int(held[1].size()) - offset))
+        return bytes(held[1].read_at(n, offset)) if n else b""
+    try:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except OSError as e:
+        raise SourceError(f"cannot open shard {shard}: {e.strerror or e}") from None
+
+
+class _Cursors:
+    """A process's decompressing streams of one gzip'd shard, shared by its threads: a read takes
+    the stream that reaches its offset with the least decompressing (the one the previous member's
+    read left just behind, when threads read in order) or opens another; idle streams are kept, at
+    most KEPT (each holds up to 2 × ``_Gunzipped.KEEP`` bytes)."""
+
+    KEPT = 2
+
+    def __init__(self, shard: str) -> None:
+        self.shard = shard
+        self.idle: list[_Gunzipped] = []
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self.lock:
+            usable = [g for g in self.idle if g.at - len(g.tail) <= offset]
+            g = min(usable, key=lambda g: max(0, offset - g.at)) if usable else None
+            if g is not None:
+                self.idle.remove(g)
+        if g is None:
+            raw, _ = _open_raw(self.shard)
+            g = _Gunzipped(raw)
+        try:
+            g.seek(offset)
+            data = g.read(size)
+        except BaseException:
+            g.close()
+            raise
+        with self.lock:
+            self.idle.append(g)
+            while len(self.idle) > self.KEPT:  # the one furthest behind goes
+                self.idle.sort(key=lambda c: c.at)
+                self.idle.pop(0).close()
+        return data
+
+
+_CURSORS: OrderedDict[str, _Cursors] = OrderedDict()
+CURSOR_SHARDS_KEPT = 2  # gzip'd shards whose streams a process keeps open
+
+
+def _cursors(shard: str) -> _Cursors:
+    with _INDEX_LOCK:
+        c = _CURSORS.get(shard)
+        if c is None:
+            c = _CURSORS[shard] = _Cursors(shard)
+            while len(_CURSORS) > CURSOR_SHARDS_KEPT:
+                _, old = _CURSORS.popitem(last=False)
+                with old.lock:
+                    for g in old.idle:
+                        g.close()
+                    old.idle.clear()
+        else:
+            _CURSORS.move_to_end(shard)
+        return c
 
 
 _THREAD = threading.local()

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from embedder.errors import DecodeError, SourceError
 from embedder.io.options import SourceOptions
-from embedder.io.uri import failing, filesystem, image_id, is_uri, refusal
+from embedder.io.uri import failing, filesystem, image_id, is_uri
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 
@@ -219,10 +219,14 @@ def _group_images(path: str, column: str, group: int) -> pa.Array:
 
 def read_row(locator: str) -> bytes:
     """The image bytes at ``FILE#COLUMN/GROUP/ROW``; a failing location raises DecodeError."""
-    path, _, where = locator.rpartition("#")
-    reason = refusal(where)
-    if reason is not None:
-        raise DecodeError(reason)
+    from embedder.io import location
+
+    loc = location.parse(locator)  # the file by its suffix: a '#' in a column's name is the column's
+    if loc is None or loc.kind == location.MEMBER:
+        raise DecodeError(f"{locator} is not a table's row")
+    if loc.kind == location.FAILING:
+        raise DecodeError(loc.reason or "not embedded")
+    path, where = loc.container, loc.member
     try:
         column, group, row = where.rsplit("/", 2)
         arr = _group_images(path, column, int(group))

@@ -7,6 +7,9 @@ import hashlib
 import os
 
 from embedder.errors import SourceError
+from embedder.io.location import FAILED, failing, identity, refusal
+
+__all__ = ["FAILED", "failing", "filesystem", "image_id", "is_uri", "refusal"]
 
 
 def is_uri(path: str | os.PathLike[str]) -> bool:
@@ -16,7 +19,9 @@ def is_uri(path: str | os.PathLike[str]) -> bool:
 
 
 def image_id(path: str | os.PathLike[str]) -> str:
-    key = str(path) if is_uri(path) else os.path.abspath(path)
+    """A hash of PATH (made absolute unless a URI), without a shard member's ``#@OFFSET:SIZE`` span
+    (``location.identity``): the ids of stores written before spans were recorded still match."""
+    key = identity(str(path)) if is_uri(path) else os.path.abspath(identity(str(path)))
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
@@ -38,18 +43,3 @@ def filesystem(uri: str) -> tuple[object, str]:
 
 
 _filesystems: dict[tuple[str, str], object] = {}
-
-
-# A location that decoding refuses, with the reason: CONTAINER#!KEY!reason. Discovery makes one for
-# what cannot be embedded (a sample with no image, a repeated key, a shard cut short), so that it
-# goes through the same failure path as an undecodable file: recorded in the store's errors table.
-FAILED = "!"
-
-
-def failing(container: str, key: str, reason: str) -> str:
-    return f"{container}#{FAILED}{key}{FAILED}{reason}"
-
-
-def refusal(fragment: str) -> str | None:
-    """The reason a location's fragment (after the last ``#``) carries, or None for a real one."""
-    return fragment.split(FAILED, 2)[2] if fragment.startswith(FAILED) and fragment.count(FAILED) >= 2 else None

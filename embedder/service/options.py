@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from embedder.decode.common import DEFAULT_MAX_PIXELS
+from embedder.io.limits import MAX_IMAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class ServeOptions:
     batch_window_ms: float = 5.0
     max_batch: int = 32
     micro_batching: bool = True
-    max_upload_bytes: int = 20 * 2**20
+    max_upload_bytes: int = MAX_IMAGE_BYTES  # the largest image a tar shard may hold, too
     max_pixels: int = DEFAULT_MAX_PIXELS
     poll_seconds: float = 2.0  # how often each index's CURRENT pointer is checked; 0: never
     max_k: int = 1000

@@ -1,0 +1,11 @@
+"""How many bytes one image, or one small metadata member, may take: checked before it is read
+(light: the CLI and the service read these at start-up)."""
+
+from __future__ import annotations
+
+# An image's encoded bytes: a tar shard's image member (a bigger one is that sample's recorded
+# failure, never read) and the service's upload body (``ServeOptions.max_upload_bytes``).
+MAX_IMAGE_BYTES = 20 * 2**20
+# A sample's label, caption or JSON member (``.cls``, ``.txt``, ``.json``): a bigger one fails the
+# sample before it is read, so a caption stored is at most this long.
+MAX_METADATA_BYTES = 2**20
