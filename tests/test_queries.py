@@ -113,7 +113,8 @@ def test_l2_index_takes_zero_vectors_and_the_service_keeps_its_400(tmp_path: Pat
         engine.load_all()
         nan, zero = [float("nan")] + [0.0] * 15, [0.0] * 16
         out = engine.run_batch([Query("cos", vector=nan), Query("cos", vector=zero), Query("l2", vector=zero),
-                                Query("cos", vector=[[0.0] * 16]), Query("cos", id="v0000003")])
+                                Query("cos", vector=[[0.0] * 16]),  # type: ignore[list-item]
+                                Query("cos", id="v0000003")])
         assert isinstance(out[0], BadQuery) and "NaN" in str(out[0])
         assert isinstance(out[1], BadQuery) and "all zeros" in str(out[1])
         assert not isinstance(out[2], Exception) and len(out[2].hits) == 10
