@@ -9,6 +9,12 @@ persistent connections (one per client thread); the clients share the machine wi
 which on 2 cores costs the server CPU (stated in the results).
 
     python scripts/bench_serve.py [--seconds 8] [--json out.json]
+
+With --tiny-queries: the server's peak RSS and its /healthz latency while one client sends a body
+of 1.9 M tiny id queries just under 20 MiB (with a Content-Length, then chunked), and the answer it
+gets (issue 33: that body was parsed on the event loop before the query cap refused it).
+
+    python scripts/bench_serve.py --tiny-queries
 """
 
 from __future__ import annotations
@@ -126,6 +132,65 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def tiny_queries(tmp: Path) -> dict:  # type: ignore[type-arg]
+    """Peak RSS and /healthz latency of a server refusing a 20 MiB body of tiny id queries."""
+    home = tmp / "home"
+    write_store(tmp / "vec.store", clustered(2000, 64, seed=0))
+    idx.build(str(tmp / "vec.store"), "vectors", index_plan.BuildOptions(kind="flat"), str(home))
+    one = b'{"id": "x"},'
+
+    def tiny(size: int) -> bytes:
+        return b'{"index": "vectors", "queries": [' + one * ((size - 1024) // len(one)) + b'{"id": "x"}]}'
+
+    proc, port = serve(home, True, {})
+    out: dict = {}  # type: ignore[type-arg]
+    try:
+        out["rss_ready_mib"] = round(peak_rss_mib(proc.pid))
+        # the 20 MiB body with a Content-Length, then chunked; last, a body just under the JSON limit
+        for label, body, chunked in (("content_length", tiny(20 * 2**20), False),
+                                     ("chunked", tiny(20 * 2**20), True),
+                                     ("under_2_mib", tiny(2 * 2**20), False)):
+            answer: list = []  # type: ignore[type-arg]
+
+            def send(chunked: bool = chunked, answer: list = answer,  # type: ignore[type-arg]
+                     body: bytes = body) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                t0 = time.perf_counter()
+                try:
+                    if chunked:
+                        step = 1 << 20
+                        conn.request("POST", "/search", (body[i:i + step] for i in range(0, len(body), step)),
+                                     {"content-type": "application/json"}, encode_chunked=True)
+                    else:
+                        conn.request("POST", "/search", body, {"content-type": "application/json"})
+                    r = conn.getresponse()
+                    answer.append((r.status, r.read()[:200].decode(), round(time.perf_counter() - t0, 2)))
+                except OSError as e:
+                    answer.append((None, f"{type(e).__name__}: {e}", round(time.perf_counter() - t0, 2)))
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            waits = []
+            while sender.is_alive():
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                t0 = time.perf_counter()
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+                waits.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+            sender.join()
+            status, text, seconds = answer[0]
+            out[label] = {
+                "body_mib": round(len(body) / 2**20, 2), "queries": body.count(b'"id"'),
+                "status": status, "answer": text, "answered_in_s": seconds,
+                "healthz_max_s": round(max(waits, default=0.0), 3), "healthz_checks": len(waits),
+                "peak_rss_mib": round(peak_rss_mib(proc.pid))}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -133,8 +198,16 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=100_000)
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tiny-queries", action="store_true", help="Only the 20 MiB body of tiny queries.")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    if args.tiny_queries:
+        result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+                  "tiny_queries": tiny_queries(tmp)}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     home = tmp / "home"
     # image index
     make_images(tmp / "images", args.images, (500, 375))

@@ -175,6 +175,9 @@ def test_json_limit_far_below_the_upload_limit_and_a_clear_message(home: str) ->
         assert error["error"] == "request body over 0.0625 MiB (a JSON body: send its queries in several requests)"
         status, _ = live.post("/search", {"queries": [{"vector": [0.5] * 32}] * 100})
         assert status == 200
+    with Live(ServeOptions(home=home, poll_seconds=0)) as live:  # under the JSON limit: the query cap
+        status, error = live.post("/search", {"queries": [{"id": "x"}] * 100_000})
+        assert (status, error["error"]) == (400, "at most 1000 queries per request, got 100000: send them in several")
 
 
 def test_texts_have_their_own_smaller_cap(home: str) -> None:
@@ -188,7 +191,7 @@ def test_texts_have_their_own_smaller_cap(home: str) -> None:
         status, error = live.post("/search", {"queries": [{"id": "nope"}] * 50})  # ids: the larger cap
         assert status == 404, error
         status, error = live.post("/embed", {"text": ["x" * 20_000]})
-        assert status == 400 and error["error"] == "text: String should have at most 10000 characters", error
+        assert status == 400 and error["error"] == "text.0: String should have at most 10000 characters", error
 
 
 def test_a_query_model_that_cannot_be_made_is_tried_once_per_generation(home: str,
