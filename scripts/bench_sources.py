@@ -3,11 +3,17 @@ image bytes: `embedder extract` img/s and peak RSS for each, one run on one mach
 shards, to show memory does not grow with the number of samples.
 
     python scripts/bench_sources.py [--images 10000] [--many 100000] [--shards 10] [--backbone tiny_test]
+    python scripts/bench_sources.py --one-group-only [--one-group-mb 146] [--threads 1,2,4]
 
 Each extraction is its own process (`python -m embedder extract`); peak RSS is that process's
 (``wait4``'s ru_maxrss). The images are small generated JPEGs (class-coloured noise, 96x72), so
 the numbers compare reading and decoding paths, not a model: the default backbone is the tiny test
 network (`--backbone mobilenet_v2:IMAGENET1K_V1` for a real one).
+
+The one-row-group rows: a Parquet table of image bytes written as ONE row group (pyarrow's default
+row group is 1 Mi rows, so most tables people have are one group) of about ``--one-group-mb`` MB,
+extracted with 1, 2 and 4 decode threads (``--decode-in threads --workers N``): peak RSS should not
+grow with the group's size nor with the threads.
 """
 
 from __future__ import annotations
@@ -72,9 +78,19 @@ def write_table(path: Path, images: list[tuple[str, bytes]]) -> None:
     pq.write_table(t, path, row_group_size=1000)
 
 
-def run_extract(sources: list[str], out: Path, backbone: str) -> dict[str, float]:
+def write_one_group(path: Path, images: list[tuple[str, bytes]], mb: float) -> int:
+    """IMAGES repeated to about MB megabytes, as a Parquet table of ONE row group; its rows."""
+    per = sum(len(d) for _, d in images) / len(images)
+    n = max(1, int(mb * (1 << 20) / per))
+    rows = [images[i % len(images)] for i in range(n)]
+    t = pa.table({"image": pa.array([d for _, d in rows], pa.binary()), "label": [lab for lab, _ in rows]})
+    pq.write_table(t, path, row_group_size=n)
+    return n
+
+
+def run_extract(sources: list[str], out: Path, backbone: str, extra: list[str] | None = None) -> dict[str, float]:
     cmd = [sys.executable, "-m", "embedder", "extract", *sources, "--out", str(out), "--backbone", backbone,
-           "--json"]
+           "--json", *(extra or [])]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -90,6 +106,18 @@ def run_extract(sources: list[str], out: Path, backbone: str) -> dict[str, float
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
+def one_group_rows(work: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The one-row-group table extracted with each number of decode threads (peak RSS is the point)."""
+    path = work / "one_group.parquet"
+    n = write_one_group(path, make_jpegs(2000, seed=1), args.one_group_mb)
+    mb = path.stat().st_size / 1e6
+    rows = {}
+    for t in (int(x) for x in args.threads.split(",")):
+        rows[f"{mb:.0f} MB Parquet, one row group of {n:,} rows, {t} decode thread(s)"] = run_extract(
+            [str(path)], work / f"s_one_group_{t}", args.backbone, ["--decode-in", "threads", "--workers", str(t)])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10_000)
@@ -97,9 +125,16 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--backbone", default="tiny_test")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--one-group-mb", type=float, default=146.0, help="size of the one-row-group table (0: skip)")
+    ap.add_argument("--threads", default="1,2,4", help="decode threads for the one-row-group table")
+    ap.add_argument("--one-group-only", action="store_true", help="only the one-row-group rows")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_sources_"))
     try:
+        if args.one_group_only:
+            print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "backbone": args.backbone,
+                              "rows": one_group_rows(work, args)}, indent=2))
+            return
         images = make_jpegs(args.images)
         write_files(work / "files", images)
         write_shards(work / "shards", images, args.shards)
@@ -131,6 +166,8 @@ def main() -> None:
                 shard.unlink()
             rows[f"{args.many:,} samples, {n_many} gzip'd tar shards"] = run_extract(
                 [str(many / "*.tar.gz")], work / "s_many_gz", args.backbone)
+        if args.one_group_mb:
+            rows.update(one_group_rows(work, args))
         print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "backbone": args.backbone,
                           "rows": rows}, indent=2))
     finally:

@@ -251,17 +251,16 @@ def test_tables_bad_input_is_one_line_and_keys_make_ids(photos, tmp_path: Path) 
                                  "--image-column", "cls"])
     assert r.exit_code == 2 and "holds string, not image bytes" in r.output
     out = tmp_path / "store"
-    s = extract([str(path)], str(out), TINY, run=RunOptions(sources=SourceOptions(id_column="key",
-                                                                                  label_column="cls")))
+    keyed = RunOptions(sources=SourceOptions(id_column="key", label_column="cls", global_keys=True))
+    s = extract([str(path)], str(out), TINY, run=keyed)
     assert s.done == 2  # a, c; b's image is empty and the second a is a repeated key
     reasons = sorted(r for _, r in s.failures)
     assert any("null or empty" in r for r in reasons) and any("duplicate key a" in r for r in reasons)
     rows = Store.open(out).read(["id", "label"]).to_pylist()
     assert sorted(r["label"] for r in rows) == ["w", "x"]
-    # ids come from the key: the same rows in another file, regrouped, are the same items
+    # ids come from the key (global keys): the same rows in another file, regrouped, are the same items
     pq.write_table(pa.concat_tables([t.slice(3), t.slice(0, 1)]), tmp_path / "u.parquet", row_group_size=1)
-    s2 = extract([str(tmp_path / "u.parquet")], str(out), TINY,
-                 run=RunOptions(sources=SourceOptions(id_column="key", label_column="cls")))
+    s2 = extract([str(tmp_path / "u.parquet")], str(out), TINY, run=keyed)
     assert s2.done == 0 and s2.skipped_present == 2
     # a Parquet list of paths is still a list (no image column), told apart by its schema
     pq.write_table(pa.table({"path": [str(f) for f in files[:3]], "label": ["p", "q", "r"]}), tmp_path / "l.parquet")

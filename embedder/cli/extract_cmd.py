@@ -53,8 +53,9 @@ def extract_command(
     image_column: Annotated[Optional[str], typer.Option(help="Tables: the column of image bytes (default: the first binary or {bytes, path} column, e.g. Hugging Face's image).", rich_help_panel=SOURCES)] = SourceOptions.image_column,
     label_column: Annotated[Optional[str], typer.Option(help="Tables: the label column (default: label; ClassLabel integers get their names from the schema).", rich_help_panel=SOURCES)] = SourceOptions.label_column,
     caption_column: Annotated[Optional[str], typer.Option(help="Tables: the caption column, stored as caption (default: caption, text or txt). Tar shards: a sample's .txt.", rich_help_panel=SOURCES)] = SourceOptions.caption_column,
-    id_column: Annotated[Optional[str], typer.Option(help="Tables: a key column whose values make the ids (default: ids from where the row lives; a repeated key is recorded, not merged).", rich_help_panel=SOURCES)] = SourceOptions.id_column,
+    id_column: Annotated[Optional[str], typer.Option(help="Tables: a key column whose values make the ids, per table file (see --global-keys; default: ids from where the row lives; a repeated key is recorded, not merged).", rich_help_panel=SOURCES)] = SourceOptions.id_column,
     json_label_key: Annotated[str, typer.Option(help="Tar shards: the key of a sample's .json holding its label (a .cls member wins).", rich_help_panel=SOURCES)] = SourceOptions.json_label_key,
+    global_keys: Annotated[bool, typer.Option(help="Tables: --id-column's keys name the same item in every table (default: a key is its table file's, so two tables with the same keys are different items); a key repeated across the tables is recorded as failed, not merged. A store keeps the id scheme it was filled with.", rich_help_panel=SOURCES)] = SourceOptions.global_keys,
     decoder: Annotated[choices.Decoder, typer.Option(help="pil: bit-identical to the weights' transforms; pil-draft: JPEG draft mode; pil-reduce: large JPEGs ~2x faster (DCT-domain downscale to 2x the target, then the exact resize); torchvision: JPEGs ~2x faster, pixels within 1 level; nvjpeg: JPEGs decoded on the GPU; auto: the fastest measured to match pil (torchvision).", rich_help_panel=PERF)] = choices.Decoder(EmbedOptions.decoder),
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).", rich_help_panel=PERF)] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).", rich_help_panel=PERF)] = EmbedOptions.compile,
@@ -87,7 +88,8 @@ def extract_command(
                          cpu_graph=str(cpu_graph))
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=str(decode_in), shard_rows=shard_rows,
                      retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes,
-                     sources=SourceOptions(image_column, label_column, caption_column, id_column, json_label_key))
+                     sources=SourceOptions(image_column, label_column, caption_column, id_column, json_label_key,
+                                           global_keys))
     with image_progress("embedding", enabled=not as_json) as progress:
         ray_opts = None
         if engine == "ray":

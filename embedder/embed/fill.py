@@ -42,15 +42,6 @@ from embedder.store.shards import ERRORS_SCHEMA, ShardBuffer, Store
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
 MAX_FAILURES_SHOWN = 100  # failures a summary lists (all of them are in the store's errors table)
 
 
@@ -83,24 +74,6 @@ class ExtractSummary:
         return d
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def extract(
     sources: Sequence[str],
     store_path: str,
@@ -119,7 +92,8 @@ def extract(
     if (embedder is None and run.decode_in != "threads" and embed.decoder != "nvjpeg"
             and resolve_device(embed.device).type == "cuda"):
         start_server()  # decode processes' imports overlap loading the model
-    with worklist.build(iter_discover(sources, run.sources)) as work:
+    tables: list[str] = []  # table files read: their rows' ids follow run.sources.id_scheme
+    with worklist.build(iter_discover(sources, run.sources, tables.append)) as work:
         embedder = embedder or BatchEmbedder(spec, embed)
         lanes = _run_lanes(embedder, run)
         # a combination that cannot run is refused before the store is created
@@ -134,14 +108,18 @@ def extract(
             return embed_stream(todo, local, run, on_error)
 
         with Store.writer(store_path, provenance) as store:
-            still_to_do(store, work, run, summary)
+            still_to_do(store, work, run, summary, bool(tables))
             fill_store(store, work, embedder, provenance, run, summary, progress, t_start, stream)
     return summary
 
 
-def still_to_do(store: Store, work: worklist.WorkList, run: RunOptions, summary: ExtractSummary) -> None:
+def still_to_do(store: Store, work: worklist.WorkList, run: RunOptions, summary: ExtractSummary,
+                tables: bool = False) -> None:
     """Leave out of WORK what the store holds (resume: its id index, never its ids as a set) and
-    earlier failures unless they are to be retried; the counts go to SUMMARY."""
+    earlier failures unless they are to be retried; the counts go to SUMMARY. TABLES: the run read
+    tables, whose rows' ids must be made as the store's were (``Store.require_id_scheme``)."""
+    if tables:
+        store.require_id_scheme(run.sources.id_scheme)
     work.drop_held(store.shard_files(), None if run.retry_failed else store.errors().column("id"))
     summary.discovered = work.counts.discovered
     summary.skipped_present = work.counts.present
@@ -246,9 +224,3 @@ def fill_store(store: Store, todo: worklist.Refs, embedder: BatchEmbedder, prove
             writer.shutdown(wait=True)
         summary.seconds = time.perf_counter() - t_start
         summary.stages = embedder.stages.report(time.perf_counter() - t_stream)
-
-
-
-
-
-

@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 DECODE_BLOCK = 64
 
 
-
-
 def _import_ray() -> Any:
     try:
         import ray
@@ -298,18 +296,20 @@ def extract_ray(sources: Sequence[str], store_path: str, spec: ModelSpec, embed:
     # scheduled or written, and states the provenance every worker's vectors will carry.
     driver = BatchEmbedder(spec, replace(worker_embed, device="cpu", compile=False))
     checks = preflight(ray, spec, worker_embed)
-    work = worklist.build(iter_discover(sources, run.sources))  # while nodes load the model
+    tables: list[str] = []  # table files read: their rows' ids follow run.sources.id_scheme
+    work = worklist.build(iter_discover(sources, run.sources, tables.append))  # while nodes load the model
     try:
         check_preflight(ray, checks)
         return _extract_ray(ray, work, store_path, spec, embed, worker_embed, run, options, driver, progress,
-                            t_start, on_gpu)
+                            t_start, on_gpu, bool(tables))
     finally:
         work.close()
 
 
 def _extract_ray(ray: Any, todo: WorkList, store_path: str, spec: ModelSpec, embed: EmbedOptions,
                  worker_embed: EmbedOptions, run: RunOptions, options: RayOptions, driver: BatchEmbedder,
-                 progress: Callable[[int, int, int], None] | None, t_start: float, on_gpu: bool) -> ExtractSummary:
+                 progress: Callable[[int, int, int], None] | None, t_start: float, on_gpu: bool,
+                 tables: bool = False) -> ExtractSummary:
     import time
 
     provenance = driver.provenance()
@@ -322,7 +322,7 @@ def _extract_ray(ray: Any, todo: WorkList, store_path: str, spec: ModelSpec, emb
     max_pixels = embed.max_pixels or DEFAULT_MAX_PIXELS
 
     with Store.writer(store_path, provenance) as store:  # also sweeps shards staged by a killed run
-        still_to_do(store, todo, run, summary)
+        still_to_do(store, todo, run, summary, tables)
         if progress:
             progress(len(todo), 0, 0)
         if todo:

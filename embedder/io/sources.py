@@ -13,8 +13,8 @@ import csv
 import glob
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,15 +39,36 @@ class ImageRef:
     caption: str | None = None
 
 
-
-
 def _shard_refs(shard: str, options: SourceOptions) -> Iterator[ImageRef]:
     for sample in iter_samples(shard if is_uri(shard) else _absolute(shard), options.json_label_key):
         yield ImageRef(image_id(sample.locator), sample.locator, sample.label, sample.caption)
 
 
-def _table_refs(path: str, options: SourceOptions) -> Iterator[ImageRef]:
-    for row in iter_rows(path if is_uri(path) else _absolute(path), options):
+@dataclass
+class _Tables:
+    """One discovery's tables: the files read (a table reached twice is read once: its rows would be
+    the same ids again, or, with global keys, repeats of every key), the keys seen when keys are
+    global (a key repeated in another table is a failure, as in one table), and who is told of
+    each table read."""
+
+    options: SourceOptions
+    on_table: Callable[[str], None] | None = None
+    read: set[str] = field(default_factory=set)
+    keys: set[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.options.global_keys:
+            self.keys = set()
+
+
+def _table_refs(path: str, tables: _Tables) -> Iterator[ImageRef]:
+    path = path if is_uri(path) else _absolute(path)
+    if path in tables.read:
+        return
+    tables.read.add(path)
+    if tables.on_table is not None:
+        tables.on_table(path)
+    for row in iter_rows(path, tables.options, tables.keys):
         yield ImageRef(row.id, row.locator, row.label, row.caption)
 
 
@@ -71,14 +92,6 @@ def _saved_dataset(root: Path) -> list[str] | None:
     except (ValueError, KeyError, TypeError):
         raise SourceError(f"{state} is not a datasets state file") from None
     return [str(root / f) for f in files] or None
-
-
-
-
-
-
-
-
 
 
 def _walk_uri(uri: str) -> Iterable[ImageRef]:
@@ -148,7 +161,7 @@ def _walk(root: Path) -> Iterable[ImageRef]:
                 yield _ref(f"{dirpath}/{name}", label)
 
 
-def _glob(pattern: str, options: SourceOptions) -> Iterable[ImageRef]:
+def _glob(pattern: str, tables: _Tables) -> Iterable[ImageRef]:
     parts = Path(pattern).parts
     fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]]
     root = Path(*fixed) if fixed else Path(".")
@@ -159,9 +172,9 @@ def _glob(pattern: str, options: SourceOptions) -> Iterable[ImageRef]:
         if _is_image(p):
             yield _ref(p, _label_under(root, p))
         elif is_shard(m):
-            yield from _shard_refs(m, options)
+            yield from _shard_refs(m, tables.options)
         elif p.suffix.lower() in TABLE_SUFFIXES and _is_image_table(p):
-            yield from _table_refs(m, options)
+            yield from _table_refs(m, tables)
 
 
 def _read_list(path: Path) -> Iterable[ImageRef]:
@@ -212,11 +225,13 @@ def _text_rows(path: Path) -> Iterator[tuple[str, str | None]]:
                 yield line.strip(), None
 
 
-def iter_discover(sources: Sequence[str | os.PathLike[str]],
-                  options: SourceOptions = SourceOptions()) -> Iterator[ImageRef]:
+def iter_discover(sources: Sequence[str | os.PathLike[str]], options: SourceOptions = SourceOptions(),
+                  on_table: Callable[[str], None] | None = None) -> Iterator[ImageRef]:
     """Every image reachable from SOURCE arguments, in a stable order, as it is found: not
     deduplicated (an image reachable through two sources comes twice: ``discover`` drops repeats,
-    extraction's work list drops them by id digest), held nowhere. Raises SourceError for a SOURCE
+    extraction's work list drops them by id digest; a table file is read once), held nowhere.
+    ON_TABLE is called with each table file as it is read (its rows' ids follow
+    ``options.id_scheme``). Raises SourceError for a SOURCE
     that does not exist or, once all are walked, when none held an image.
 
     A SOURCE is a folder (labels: its top-level subfolders), a glob, an image, a list file (CSV,
@@ -226,6 +241,10 @@ def iter_discover(sources: Sequence[str | os.PathLike[str]],
     object storage (s3://…)."""
     if not sources:
         raise SourceError("no SOURCE given: pass folders, globs, image files, list files, tar shards or tables")
+    if options.global_keys and options.id_column is None:
+        raise SourceError("--global-keys says --id-column's keys are the same items in every table: "
+                          "give --id-column too")
+    tables = _Tables(options, on_table)
     any_found = False
     expanded = [e for src in sources for e in expand_braces(str(src))]
     for s in expanded:
@@ -234,16 +253,16 @@ def iter_discover(sources: Sequence[str | os.PathLike[str]],
         if is_uri(s) and is_shard(s):
             found = _shard_refs(s, options)
         elif is_uri(s) and s.lower().endswith(TABLE_SUFFIXES):  # Arrow: refused with the reason
-            found = _table_refs(s, options)
+            found = _table_refs(s, tables)
         elif is_uri(s):
             found = _walk_uri(s)
         elif p.is_dir():
             saved = _saved_dataset(p)
-            found = (r for f in saved for r in _table_refs(f, options)) if saved else _walk(p)
+            found = (r for f in saved for r in _table_refs(f, tables)) if saved else _walk(p)
         elif p.is_file() and is_shard(s):
             found = _shard_refs(s, options)
         elif p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and _is_image_table(p):
-            found = _table_refs(s, options)
+            found = _table_refs(s, tables)
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             found = _read_list(p)
         elif p.is_file():
@@ -255,7 +274,7 @@ def iter_discover(sources: Sequence[str | os.PathLike[str]],
                 )
             found = [_ref(p, None)]
         elif _GLOB_CHARS & set(s):
-            found = list(_glob(s, options))
+            found = list(_glob(s, tables))
             if not found:
                 raise SourceError(f"glob {s!r} matched no images")
         else:

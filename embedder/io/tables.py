@@ -5,11 +5,14 @@ named in the schema's metadata), img2dataset's Parquet output, any table with a 
 Told apart from a Parquet *list of paths* by the schema: a table is read as images when it has an
 image column (``--image-column``, default the first binary or ``{bytes, path}`` struct column).
 Each row is located as ``FILE#COLUMN/GROUP/ROW`` (row group for Parquet, record batch for Arrow): its
-id is a hash of that location, or of ``--id-column``'s value when one is given (stable however the
-rows are regrouped). Discovery reads only the small columns (id, label, caption); decoding reads a
-row group's image column once per process and takes rows from it, so memory holds one row group of
-images at most, whatever the table's size. A null or empty image, or a repeated key, is a failing
-location that decoding records with its reason.
+id is a hash of that location, or, with ``--id-column``, of the row's key in its file (stable however
+the rows are regrouped), or of the key alone with ``--global-keys`` (the same key in two tables is one
+item). Discovery reads only the small columns (id, label, caption). Decoding reads a Parquet row
+group's image column forward a window of rows at a time, shared by a process's decode threads, and
+an Arrow file's record batches as views of the mapped file (one reader per file and process), so
+memory holds a few windows of images per process, whatever the size of the table or of its row
+groups. A null or empty image, a missing key or a repeated one is a failing location that decoding
+records with its reason; a ``ClassLabel`` of -1 (``datasets``' "no label") is no label.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,14 +84,18 @@ def class_names(schema: pa.Schema, column: str) -> list[str] | None:
 
 
 class _Reader:
-    """Row groups (Parquet) or record batches (Arrow IPC file or stream) of one table file."""
+    """Row groups (Parquet) or record batches (Arrow IPC file or stream) of one table file.
+    BUFFERED: a Parquet column chunk is read page by page through a 1 MiB buffer, not whole (for
+    reading the image column a window of rows at a time)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, buffered: bool = False) -> None:
         self.path = path
+        self.lock = threading.Lock()  # decoding's threads read a shared reader one at a time
         self.parquet = path.lower().endswith(".parquet")
         try:
             if self.parquet:
-                self.pf = pq.ParquetFile(_local_or_uri(path))
+                kw: dict[str, Any] = {"buffer_size": 1 << 20, "pre_buffer": False} if buffered else {}
+                self.pf = pq.ParquetFile(_local_or_uri(path), **kw)
                 self.schema = self.pf.schema_arrow
                 self.groups = self.pf.num_row_groups
             else:
@@ -107,6 +115,19 @@ class _Reader:
         if self.parquet:
             return self.pf.read_row_group(i, columns=columns)
         return pa.Table.from_batches([self._ipc.get_batch(i)]).select(columns)
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        """Arrow: record batch I (views of the mapped file)."""
+        return self._ipc.get_batch(i)
+
+    def window_rows(self, group: int, column: str) -> int:
+        """Parquet: how many rows of COLUMN hold about WINDOW_BYTES in row group GROUP (from its
+        metadata: the column chunks' uncompressed size)."""
+        g = self.pf.metadata.row_group(group)
+        size = sum(g.column(j).total_uncompressed_size for j in range(g.num_columns)
+                   if g.column(j).path_in_schema.split(".")[0] == column)
+        per_row = max(1, size // max(1, g.num_rows))
+        return max(1, min(g.num_rows, WINDOW_BYTES // per_row))
 
 
 class _IpcBatches:
@@ -150,12 +171,30 @@ def _text(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
-def _key_id(value: Any) -> str:
-    return hashlib.blake2b(f"key:{value}".encode(), digest_size=16).hexdigest()
+def _key_id(value: Any, scope: str | None = None) -> str:
+    """The id of the row whose key is VALUE: of the key alone (global keys), or of the key in
+    SCOPE (its table file and key column)."""
+    text = f"key:{value}" if scope is None else "key:" + json.dumps([scope, str(value)])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def iter_rows(path: str, options: SourceOptions = SourceOptions()) -> Iterator[Row]:
-    """Every row of an image table, in order, with its id, location, label and caption."""
+def _label(value: Any, classes: list[str] | None) -> str | None:
+    """A ClassLabel integer as its class name; -1 (``datasets``' "no label") is no label."""
+    if classes is not None and isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            return None
+        if value < len(classes):
+            return classes[value]
+    return _text(value)
+
+
+def iter_rows(path: str, options: SourceOptions = SourceOptions(),
+              keys_seen: set[str] | None = None) -> Iterator[Row]:
+    """Every row of an image table, in order, with its id, location, label and caption.
+
+    With ``options.id_column`` a row's id comes from its key: of the key in this file, or of the key
+    alone with ``options.global_keys``; a key seen before (KEYS_SEEN: the keys of the tables read
+    before in the same discovery, for global keys) or no key is a failing row, recorded, never merged."""
 
     r = _Reader(path)
     names = r.schema.names
@@ -170,7 +209,8 @@ def iter_rows(path: str, options: SourceOptions = SourceOptions()) -> Iterator[R
     caption_col = options.caption_column or next((c for c in ("caption", "text", "txt") if c in names), None)
     classes = class_names(r.schema, label_col) if label_col else None
     small = [c for c in dict.fromkeys([options.id_column, label_col, caption_col]) if c]
-    seen: set[str] = set()
+    seen: set[str] = keys_seen if keys_seen is not None else set()
+    scope = None if options.global_keys else f"{path}#{options.id_column}"
     for g in range(r.groups):
         t = r.group(g, small) if small else None
         n = r.rows(g)  # never the image column: discovery reads only the small ones
@@ -188,33 +228,182 @@ def iter_rows(path: str, options: SourceOptions = SourceOptions()) -> Iterator[R
                         None, None)
                     continue
                 seen.add(str(k))
-                rid = _key_id(k)
+                rid = _key_id(k, scope)
             else:
                 rid = image_id(locator)
-            lab = labels[i]
-            if classes is not None and isinstance(lab, int) and 0 <= lab < len(classes):
-                lab = classes[lab]
-            yield Row(rid, locator, _text(lab), _text(caps[i]))
+            yield Row(rid, locator, _label(labels[i], classes), _text(caps[i]))
 
 
 # ---- reading a row's image back by its location --------------------------------------------------
-_CACHE: dict[int, tuple[tuple[str, str, int], pa.Array]] = {}  # per thread: the last row group read
-_LOCK = threading.Lock()
+# Per process, shared by its decode threads: the table files open (one reader per file: an Arrow
+# stream is indexed once, not once per record batch), and the last windows of rows read from them.
+# A Parquet row group is read forward a window at a time (WINDOW_BYTES of images, through a 1 MiB
+# buffer, never the whole group: pyarrow's default row group is 1 Mi rows, so most tables are one
+# group); decoding asks for rows in order, so each window is read once and shared by the threads
+# that decode its rows. Memory: CACHE_BYTES of windows per process, whatever the group's size, and
+# the page being read (a page is read whole: pyarrow writes pages of up to 1,024 rows by default).
+WINDOW_BYTES = 2 << 20  # rows read together from a Parquet row group: about this many image bytes
+CACHE_BYTES = 8 << 20  # windows kept per process, least recently used out first (at least one)
+OPEN_FILES = 8  # table files kept open per process
+_MAX_CURSORS = 2  # Parquet row groups being read forward at once per process
 
 
-def _group_images(path: str, column: str, group: int) -> pa.Array:
-    key = (path, column, group)
-    tid = threading.get_ident()
-    with _LOCK:
-        hit = _CACHE.get(tid)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    arr = _Reader(path).group(group, [column]).column(column).combine_chunks()
-    if pa.types.is_struct(arr.type):
-        arr = arr.field("bytes")
-    with _LOCK:
-        _CACHE[tid] = (key, arr)
-    return arr
+class _Cursor:
+    """One Parquet row group's image column, read forward window by window (``next``: the next
+    window's number)."""
+
+    def __init__(self, reader: _Reader, column: str, group: int, window: int) -> None:
+        self.lock = threading.Lock()
+        self.reader, self.column, self.group, self.window = reader, column, group, window
+        self.next = 0
+        self._batches: Iterator[pa.RecordBatch] = iter(())
+        self._pending: list[pa.Array] = []
+        self._restart()
+
+    def _restart(self) -> None:
+        self._batches = self.reader.pf.iter_batches(batch_size=self.window, row_groups=[self.group],
+                                                    columns=[self.column], use_threads=False)
+        self._pending, self.next = [], 0
+
+    def read(self, k: int, keep: Any) -> pa.Array:
+        """Window K (rows ``k*window`` on), calling ``keep(number, window)`` for each window read on
+        the way to it (the decode threads ask for their neighbours next)."""
+        if k < self.next:  # read before and let go since: read again from the group's start
+            self._restart()
+        while True:
+            have = sum(len(a) for a in self._pending)
+            while have < self.window:
+                with self.reader.lock:  # one read at a time per file (two groups' cursors may share it)
+                    batch = next(self._batches, None)
+                if batch is None:  # the group's end: its reader's buffers go now
+                    self._batches = iter(())
+                    break
+                arr = batch.column(0)
+                self._pending.append(arr)
+                have += len(arr)
+            if not have:
+                raise IndexError(k)
+            joined = self._pending[0] if len(self._pending) == 1 else pa.concat_arrays(self._pending)
+            win, rest = joined.slice(0, self.window), joined.slice(self.window)
+            self._pending = [rest] if len(rest) else []
+            win = _image_bytes(win)
+            n, self.next = self.next, self.next + 1
+            keep(n, win)
+            if n == k:
+                return win
+
+
+def _image_bytes(arr: pa.Array) -> pa.Array:
+    return arr.field("bytes") if pa.types.is_struct(arr.type) else arr
+
+
+class _Cache:
+    """The process's open table files, Parquet cursors and windows of rows (see above)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.opening = threading.Lock()
+        self.readers: OrderedDict[str, _Reader] = OrderedDict()
+        self.cursors: OrderedDict[tuple[str, str, int], _Cursor] = OrderedDict()
+        self.windows: OrderedDict[tuple[str, str, int, int], pa.Array] = OrderedDict()
+        self.window_bytes = 0
+
+    def reader(self, path: str) -> _Reader:
+        with self.lock:
+            r = self.readers.get(path)
+            if r is not None:
+                self.readers.move_to_end(path)
+                return r
+        with self.opening:  # once per file: the decode threads asking at once wait for the one reader
+            with self.lock:
+                r = self.readers.get(path)
+            if r is not None:
+                return r
+            r = _Reader(path, buffered=True)
+            with self.lock:
+                self.readers[path] = r
+                while len(self.readers) > OPEN_FILES:
+                    gone, _ = self.readers.popitem(last=False)
+                    for key in [c for c in self.cursors if c[0] == gone]:
+                        del self.cursors[key]
+                    for wkey in [w for w in self.windows if w[0] == gone]:
+                        self.window_bytes -= self.windows.pop(wkey).get_total_buffer_size()
+            return r
+
+    def _window(self, key: tuple[str, str, int, int]) -> pa.Array | None:
+        with self.lock:
+            w = self.windows.get(key)
+            if w is not None:
+                self.windows.move_to_end(key)
+            return w
+
+    def keep(self, key: tuple[str, str, int, int], w: pa.Array) -> None:
+        with self.lock:
+            old = self.windows.pop(key, None)
+            if old is not None:
+                self.window_bytes -= old.get_total_buffer_size()
+            self.windows[key] = w
+            self.window_bytes += w.get_total_buffer_size()
+            while len(self.windows) > 1 and self.window_bytes > CACHE_BYTES:
+                _, gone = self.windows.popitem(last=False)
+                self.window_bytes -= gone.get_total_buffer_size()
+
+    def cursor(self, r: _Reader, column: str, group: int) -> _Cursor:
+        key = (r.path, column, group)
+        with self.lock:
+            c = self.cursors.get(key)
+            if c is None:
+                c = self.cursors[key] = _Cursor(r, column, group, r.window_rows(group, column))
+                while len(self.cursors) > _MAX_CURSORS:
+                    self.cursors.popitem(last=False)
+            self.cursors.move_to_end(key)
+            return c
+
+    def scalar(self, path: str, column: str, group: int, row: int) -> pa.Scalar:
+        """Row ROW of row group (record batch) GROUP's image COLUMN (its bytes)."""
+        if row < 0:
+            raise IndexError(row)
+        r = self.reader(path)
+        if column not in r.schema.names:
+            raise KeyError(column)
+        if not 0 <= group < r.groups:
+            raise IndexError(group)
+        if not r.parquet:  # Arrow: the batch is a view of the mapped file (read once if compressed)
+            key = (path, column, group, -1)
+            w = self._window(key)
+            if w is None:
+                with r.lock:
+                    w = _image_bytes(r.batch(group).column(column))
+                self.keep(key, w)
+            return w[row]
+        c = self.cursor(r, column, group)
+        k = row // c.window
+        key = (path, column, group, k)
+        w = self._window(key)
+        if w is None:
+            with c.lock:  # one thread reads on; the others find its windows kept
+                w = self._window(key)
+                if w is None:
+                    w = c.read(k, lambda n, win: self.keep((path, column, group, n), win))
+        return w[row - k * c.window]
+
+
+_CACHE = _Cache()
+
+
+class _GroupRows:
+    """A row group's (record batch's) image column, read a window of rows at a time as rows are
+    asked for (``rows[i].as_py()``)."""
+
+    def __init__(self, path: str, column: str, group: int) -> None:
+        self.path, self.column, self.group = path, column, group
+
+    def __getitem__(self, row: int) -> pa.Scalar:
+        return _CACHE.scalar(self.path, self.column, self.group, row)
+
+
+def _group_images(path: str, column: str, group: int) -> _GroupRows:
+    return _GroupRows(path, column, group)
 
 
 def read_row(locator: str) -> bytes:

@@ -7,7 +7,7 @@ Polars' ``STORE/*.parquet`` globs never reach the subfolder):
     STORE/part-<n>-<uuid>.parquet   rows: id, path, label, embedding, width, height, file_hash
     STORE/_errors/part-*.parquet    images that failed: id, path, reason, time
     STORE/_ids/part-<n>-<uuid>.npy  per shard, the sorted digests of its ids (see embedder.store.id_index)
-    STORE/_manifest.json            provenance, shard list, run history
+    STORE/_manifest.json            provenance, shard list, run history, tables' id scheme
     STORE/.staging/                 shards written by remote workers, not yet committed
     STORE/.lock | STORE/.writer.lock  the writer's lock file (on disk) or lease (object storage)
 
@@ -443,6 +443,23 @@ class Store:
         n = self._shard_count if self._shard_count is not None else len(self.shard_files())
         return self._at(f"part-{n:05d}-{tag}.parquet")
 
+    def require_id_scheme(self, scheme: str) -> None:
+        """Under the writer lock, before a run that read tables writes: the store's table rows keep
+        one id scheme (``SourceOptions.id_scheme``). The first such run records it in the manifest
+        (so does the first on a store written before schemes were recorded); a run with another is
+        refused: the same rows would come again under other ids."""
+        from embedder.io.options import id_scheme_flags
+
+        m = self.manifest()
+        had = m.get("id_scheme")
+        if had is None:
+            m["id_scheme"] = scheme
+            storage.write_bytes(self._at(MANIFEST), json.dumps(m, indent=2).encode())
+        elif had != scheme:
+            raise StoreError(f"{self.root}: its table rows have ids made with {id_scheme_flags(had)}; this run "
+                             f"({id_scheme_flags(scheme)}) would add the same rows again under other ids: give "
+                             f"{id_scheme_flags(had)}, or write to a new --out STORE")
+
     def _joined(self) -> None:
         if self._shard_count is not None:
             self._shard_count += 1
@@ -515,5 +532,3 @@ class Store:
         """Write what ``update_manifest`` has held back, if anything."""
         if self._unsaved or self._unsaved_run is not None:
             self.update_manifest(added=[], now=True)
-
-
