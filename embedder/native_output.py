@@ -4,8 +4,8 @@ and nothing else.
 FAISS prints from C++ during normal work: "resizing lists.ivfdata to N bytes" on every on-disk merge,
 "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename …" on every load of an on-disk index, clustering
 warnings during training. None of it is what a user asked for, and none of it can be turned off from
-Python. ``quiet()`` points file descriptors 1 and 2 at pipes for the duration of such a call; a
-forwarding thread copies every line to the real stdout or stderr except those known lines
+Python. ``quiet()`` points file descriptors 1 and 2 (or 1 alone) at pipes for the duration of such
+a call; a forwarding thread copies every line to the real stdout or stderr except those known lines
 (``CHATTER``). File descriptors belong to the whole process: the lines other threads write meanwhile
 (a server's logs, a progress bar) pass through, in order, and so does anything FAISS prints that is
 not on the list. Calls from several threads share one redirection (the first in installs it, the
@@ -18,23 +18,24 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import select
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# FAISS's own lines about its normal work (printf / fprintf in its C++ sources), whole lines only
+# FAISS's own lines about its normal work (printf / fprintf in its C++ sources), at the end of a
+# line: another thread's unfinished line (its newline written apart, as unbuffered Python writes it)
+# may come before one in the pipe
 CHATTER = re.compile(
-    rb"resizing .* to \d+ bytes"
+    rb"(?:resizing .* to \d+ bytes"
     rb"|IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename from .* to .*"
-    rb"|WARNING:? clustering \d+ points to \d+ centroids: please provide at least \d+ training points")
+    rb"|WARNING:? clustering \d+ points to \d+ centroids: please provide at least \d+ training points)\r?$")
 
 JOIN_SECONDS = 2.0  # a child process started meanwhile may hold a pipe open: stop waiting for it
 
 _LOCK = threading.Lock()
-_users = 0
-_active: _Redirect | None = None
+_users = {1: 0, 2: 0}  # quiet() calls inside, per file descriptor
+_active: dict[int, _Redirect] = {}
 
 
 def _flush() -> None:
@@ -57,68 +58,66 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
-class _Redirect:
-    """fds 1 and 2 pointed at pipes, and the thread that forwards their lines to the saved fds."""
+def _without_chatter(line: bytes) -> bytes:
+    """LINE with its newline, or without the FAISS line it ends with (and then without a newline:
+    what comes before it is another writer's unfinished line, which that writer ends)."""
+    m = CHATTER.search(line)
+    return line + b"\n" if m is None else line[:m.start()]
 
-    def __init__(self) -> None:
+
+class _Redirect:
+    """File descriptor FD pointed at a pipe, and the thread that forwards its lines to a copy of
+    what FD was."""
+
+    def __init__(self, fd: int) -> None:
         _flush()
-        self.saved = {1: os.dup(1), 2: os.dup(2)}
-        self.reads: dict[int, int] = {}  # pipe read end → saved fd it forwards to
-        for fd in (1, 2):
-            r, w = os.pipe()
-            os.dup2(w, fd)
-            os.close(w)
-            self.reads[r] = self.saved[fd]
-        self.thread = threading.Thread(target=self._forward, name="native-output", daemon=True)
+        self.fd, self.saved = fd, os.dup(fd)
+        self.read, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        self.thread = threading.Thread(target=self._forward, name=f"native-output-{fd}", daemon=True)
         self.thread.start()
 
     def _forward(self) -> None:
-        tails = {r: b"" for r in self.reads}
-        open_ = set(self.reads)
-        while open_:
-            ready, _, _ = select.select(list(open_), [], [])
-            for r in ready:
-                chunk = os.read(r, 1 << 16)
-                if not chunk:  # every write end closed
-                    open_.discard(r)
-                    if tails[r]:
-                        _write_all(self.reads[r], tails[r])
-                    continue
-                *lines, tails[r] = (tails[r] + chunk).split(b"\n")
-                kept = b"".join(line + b"\n" for line in lines if not CHATTER.fullmatch(line.rstrip(b"\r")))
-                if kept:
-                    _write_all(self.reads[r], kept)
-        for r in self.reads:
-            os.close(r)
+        tail = b""
+        while chunk := os.read(self.read, 1 << 16):  # b"": every write end closed
+            *lines, tail = (tail + chunk).split(b"\n")
+            kept = b"".join(_without_chatter(line) for line in lines)
+            if kept:
+                _write_all(self.saved, kept)
+        if tail:
+            _write_all(self.saved, tail)
+        os.close(self.read)
 
     def close(self) -> None:
         _flush()
-        for fd, saved in self.saved.items():
-            os.dup2(saved, fd)  # closes the pipe's write end held as fd 1 / 2: the forwarder sees EOF
+        os.dup2(self.saved, self.fd)  # closes the pipe's write end held as FD: the forwarder sees EOF
         self.thread.join(JOIN_SECONDS)
         if not self.thread.is_alive():
-            for saved in self.saved.values():
-                os.close(saved)
-        # else a child process holds a write end: the forwarder goes on for it, with the saved fds
+            os.close(self.saved)
+        # else a child process holds a write end: the forwarder goes on for it, with the saved fd
 
 
 @contextmanager
-def quiet() -> Iterator[None]:
-    """FAISS's known lines about its normal work dropped from fds 1 and 2 while the block runs;
-    everything else written there, by any thread, passes through."""
-    global _users, _active
+def quiet(stderr: bool = True) -> Iterator[None]:
+    """FAISS's known lines about its normal work dropped from stdout (and STDERR, when true) while
+    the block runs; everything else written there, by any thread, passes through. Where FAISS's
+    lines go to stdout alone (its printf: "resizing …", "IO_FLAG_ONDISK_SAME_DIR …"), leave stderr
+    as it is: a crash inside the block then reports there as it would anywhere."""
     if os.environ.get("EMBEDDER_NATIVE_OUTPUT") == "1":  # debugging FAISS: let it talk
         yield
         return
+    fds = (1, 2) if stderr else (1,)
     with _LOCK:
-        if _users == 0:
-            _active = _Redirect()
-        _users += 1
+        for fd in fds:
+            if _users[fd] == 0:
+                _active[fd] = _Redirect(fd)
+            _users[fd] += 1
     try:
         yield
     finally:
         with _LOCK:
-            _users -= 1
-            if _users == 0 and _active is not None:
-                _active.close()
-                _active = None
+            for fd in fds:
+                _users[fd] -= 1
+                if _users[fd] == 0:
+                    _active.pop(fd).close()

@@ -58,3 +58,19 @@ def test_faiss_really_prints_what_is_dropped(tmp_path) -> None:  # type: ignore[
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert "resizing" in r.stdout and "log line 19" in r.stderr
+
+
+def test_stdout_only_leaves_stderr_as_it_is() -> None:
+    """FAISS's printf lines go to stdout alone: there quiet(stderr=False) leaves fd 2 untouched, so a
+    crash inside the block reports on stderr as it would anywhere."""
+    import os
+
+    from embedder.native_output import quiet
+
+    before = (os.fstat(1).st_ino, os.fstat(2).st_ino)
+    with quiet(stderr=False):
+        assert os.fstat(2).st_ino == before[1] and os.fstat(1).st_ino != before[0]
+        with quiet():  # nested, from anywhere: stderr too while this one runs
+            assert os.fstat(2).st_ino != before[1]
+        assert os.fstat(2).st_ino == before[1]
+    assert (os.fstat(1).st_ino, os.fstat(2).st_ino) == before

@@ -41,7 +41,7 @@ def read_ondisk(path: str) -> Any:
     header names the lists file alone, never an absolute path, so a copied or moved index home reads
     its own lists (FAISS's IO_FLAG_ONDISK_SAME_DIR), never the original's."""
     faiss = _faiss()
-    with no_precomputed_tables(), quiet():
+    with no_precomputed_tables(), quiet(stderr=False):  # its printf: "IO_FLAG_ONDISK_SAME_DIR: …"
         return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
@@ -70,7 +70,7 @@ def _merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
     vec = faiss.InvertedListsPtrVector()
     for src in sources:
         vec.push_back(faiss.extract_index_ivf(src).invlists)
-    with quiet():  # FAISS prints "resizing …" as the file grows
+    with quiet(stderr=False):  # FAISS prints "resizing …" (stdout) as the file grows
         ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
     out.ntotal = out_ivf.ntotal = ntotal
     out_ivf.replace_invlists(invlists, True)
