@@ -537,39 +537,34 @@ def _read_span(shard: str, offset: int, size: int) -> bytes:
 
 
 class _Cursors:
-    """A process's decompressing streams of one gzip'd shard, shared by its threads: a read takes
-    the stream that reaches its offset with the least decompressing (the one the previous member's
-    read left just behind, when threads read in order) or opens another; idle streams are kept, at
-    most KEPT (each holds up to 2 × ``_Gunzipped.KEEP`` bytes)."""
+    """A process's decompressing streams of one gzip'd shard, shared by its threads: a read waits
+    for the stream that reaches its offset with the least decompressing (the one the previous
+    member's read left just behind, when threads read in order: the shard is decompressed once per
+    process), and opens another only for an offset behind every stream's kept tail (out of order);
+    at most KEPT streams are kept (each holds up to 2 × ``_Gunzipped.KEEP`` bytes)."""
 
     KEPT = 2
 
     def __init__(self, shard: str) -> None:
         self.shard = shard
-        self.idle: list[_Gunzipped] = []
+        self.streams: list[tuple[threading.Lock, _Gunzipped]] = []
         self.lock = threading.Lock()
 
     def read(self, offset: int, size: int) -> bytes:
         with self.lock:
-            usable = [g for g in self.idle if g.at - len(g.tail) <= offset]
-            g = min(usable, key=lambda g: max(0, offset - g.at)) if usable else None
-            if g is not None:
-                self.idle.remove(g)
-        if g is None:
-            raw, _ = _open_raw(self.shard)
-            g = _Gunzipped(raw)
-        try:
+            usable = [s for s in self.streams if s[1].at - len(s[1].tail) <= offset]
+            pick = min(usable, key=lambda s: max(0, offset - s[1].at)) if usable else None
+            if pick is None:
+                raw, _ = _open_raw(self.shard)
+                pick = (threading.Lock(), _Gunzipped(raw))
+                self.streams.append(pick)
+                while len(self.streams) > self.KEPT:  # the one furthest behind goes (closed when unused)
+                    self.streams.sort(key=lambda s: s[1].at)
+                    self.streams.pop(0)
+        lock, g = pick
+        with lock:
             g.seek(offset)
-            data = g.read(size)
-        except BaseException:
-            g.close()
-            raise
-        with self.lock:
-            self.idle.append(g)
-            while len(self.idle) > self.KEPT:  # the one furthest behind goes
-                self.idle.sort(key=lambda c: c.at)
-                self.idle.pop(0).close()
-        return data
+            return g.read(size)
 
 
 _CURSORS: OrderedDict[str, _Cursors] = OrderedDict()
@@ -582,11 +577,7 @@ def _cursors(shard: str) -> _Cursors:
         if c is None:
             c = _CURSORS[shard] = _Cursors(shard)
             while len(_CURSORS) > CURSOR_SHARDS_KEPT:
-                _, old = _CURSORS.popitem(last=False)
-                with old.lock:
-                    for g in old.idle:
-                        g.close()
-                    old.idle.clear()
+                _CURSORS.popitem(last=False)  # its streams close when no thread reads them
         else:
             _CURSORS.move_to_end(shard)
         return c
