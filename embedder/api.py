@@ -193,7 +193,8 @@ class Index:
         """Nearest items per query. QUERIES: a vector ``(dim,)``, vectors ``(n, dim)``, or images
         (paths or PIL images, embedded with the index's own model); or ``text=`` (a text or texts, by
         the model's text tower). ``where`` filters on store columns (``{"label": "cat"}``); k results
-        whenever k rows match."""
+        whenever k rows match. A vector with NaN or infinite values, or all zeros on a cosine or
+        inner-product index, is an ``IndexError_`` (the same checks as the CLI's and the service's)."""
         from embedder.embed.query import QueryBuilder, QueryRequest
 
         builder = QueryBuilder(self._loaded, lambda: self.embedder()._batch)
@@ -216,8 +217,10 @@ class Index:
 def build_index(store: str | Path, name: str, *, home: str | Path | None = None, kind: str = "auto",
                 **options: Any) -> Index:
     """``embedder index build``: a FAISS index over STORE, named NAME in the index home (``home``,
-    else ``$EMBEDDER_HOME``, else ``./indexes``), its recall measured against exact search.
-    ``options`` are ``BuildOptions`` fields (``metric``, ``target_recall``, ``memory_budget``…)."""
+    else ``$EMBEDDER_HOME``, else ``./indexes``), its recall measured against exact search, and, on a
+    store with captions whose model has a text tower, text → image recall (``.info["text_recall"]``).
+    ``options`` are ``BuildOptions`` fields (``metric``, ``target_recall``, ``memory_budget``,
+    ``weights``: the file the store was made from, which the text tower needs…)."""
     from embedder.index.build import build
     from embedder.index.plan import BuildOptions
 
