@@ -1,5 +1,6 @@
-"""Query embedding: the model a store or index was made with, rebuilt from its provenance, applied to
-new images."""
+"""Queries: the model a store or index was made with, rebuilt from its provenance, applied to new
+images and texts; and the one query builder (``QueryBuilder``) that turns vectors, ids, texts and
+images into checked query vectors for the CLI, the Python API and the service alike."""
 
 from __future__ import annotations
 
@@ -39,17 +40,6 @@ def embedder_for(prov: Provenance, weights_file: str | None = None, device: str 
     prov.require(emb.provenance(), store=False, what="the indexed or training vectors were",
                  fix="the query model must be the same backbone, weights, layer, preprocessing and precision")
     return emb
-
-
-def embed_files(emb: BatchEmbedder, paths: Sequence[str]) -> np.ndarray:
-    """Embed a few query images; a file that fails to decode is a one-line error naming it."""
-    decoded = []
-    for p in paths:
-        try:
-            decoded.append(emb.decode(p))
-        except DecodeError as e:
-            raise DecodeError(f"query image {p}: {e}") from None
-    return emb.embed_pixels(torch.stack([d.pixels for d in decoded]))
 
 
 def embed_texts(emb: BatchEmbedder, texts: Sequence[str], metric: str) -> np.ndarray:
