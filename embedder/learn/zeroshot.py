@@ -6,6 +6,7 @@ test images."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from embedder.errors import ProbeError
+
+log = logging.getLogger(__name__)
 
 
 def default_templates() -> list[str]:
@@ -45,7 +48,8 @@ def build_head(emb: Any, classes: Sequence[str], templates: Sequence[str] | None
 
     text = emb.loaded.text
     if text is None:
-        raise ProbeError(f"{emb.loaded.backbone.name} has no text tower: zero-shot needs a CLIP-family backbone")
+        raise ProbeError(f"{emb.loaded.backbone.name} cut at {emb.loaded.layer} has no text tower: zero-shot needs "
+                         "a CLIP-family backbone's own image embedding")
     templates = list(templates) if templates else default_templates()
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
@@ -93,10 +97,14 @@ def zero_shot_metrics(train: Any, test: Any, templates: Sequence[str] | None, we
     from embedder.store.provenance import Provenance
 
     prov = Provenance.from_dict(train.provenance)
-    if not wanted or not prov.has_text:
+    if not wanted:
+        return None
+    refusal = prov.text_refusal("the store")
+    if refusal is not None:  # no text tower, or vectors that are not the image embedding it shares
         if required:
-            raise ProbeError(f"zero-shot needs a text tower; {prov.backbone} has no text tower "
-                             "(use open_clip:ARCH:PRETRAINED)")
+            raise ProbeError(f"zero-shot compares class names' text vectors with the model's image embedding; "
+                             f"{refusal}")
+        log.info("no zero-shot accuracy: %s", refusal)
         return None
     head = build_head(embedder_for(prov, weights, device), train.classes, templates)
     data = test if test is not None and len(test.y) else train

@@ -12,11 +12,11 @@ from torch import nn
 
 from embedder.errors import WeightsMismatch, WeightsUnavailable
 from embedder.models.backbone import Backbone
-from embedder.models.hub import ensure_registry_file, sha256_file
+from embedder.models.hub import sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 from embedder.models.registry import DEFAULT_BACKBONE, get_backbone, parse_backbone_spec
-from embedder.models.weights import LoadedWeights, _torch_load, apply_weights, seeded_weights
+from embedder.models.weights import LoadedWeights, _torch_load, apply_weights
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def resolve_weights(spec: ModelSpec) -> tuple[Backbone, LoadedWeights | None]:
     if spec.weights_file is None:
         return get_backbone(spec.backbone or DEFAULT_BACKBONE), None
     family = get_backbone(spec.backbone) if spec.backbone is not None else None
-    if family is not None and hasattr(family.source, "load_file"):
+    if family is not None and family.impl.file_loader() is not None:
         # a family with its own loader reads the file itself: only its digest here (the tensors are
         # not held twice: measured for ViT-B-32, 2.5 GB peak RSS → see docs/benchmarks.md)
         path = Path(spec.weights_file)
@@ -84,22 +84,17 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
     key remapping (DenseNet's legacy names, MNASNet's versions), from torchvision's cache."""
     backbone, weights = resolve_weights(spec)
     tag = spec.weights_tag if weights is None else None
-    if weights is None and backbone.source is not None:  # another family: its own hub download
-        net, ref = backbone.source.pretrained()
+    family = backbone.impl
+    if weights is None:  # the registry's, a family's hub download, the test model's seed
+        net, ref = family.pretrained(tag, spec.image_size)
         weights = LoadedWeights(None, ref)
     else:
-        if weights is None and not backbone.is_torchvision:
-            weights = seeded_weights(backbone)
-        if weights is None:
-            ref = ensure_registry_file(backbone, tag)
-            net = backbone.build_pretrained(tag)
-            weights = LoadedWeights(None, ref)
-        else:
-            net = backbone.build_architecture(tag)
-            if hasattr(backbone.source, "load_file"):  # the family's own loader (OpenCLIP's conversions)
-                backbone.source.load_file(net, Path(spec.weights_file))  # type: ignore[arg-type]
-            elif weights.state_dict is not None:
-                apply_weights(net, weights.state_dict, backbone)
+        net = family.build(tag, spec.image_size)
+        loader = family.file_loader()
+        if loader is not None and spec.weights_file is not None:  # the family's own (OpenCLIP's conversions)
+            loader(net, Path(spec.weights_file))
+        elif weights.state_dict is not None:
+            apply_weights(net, weights.state_dict, backbone)
     drop_aux_head(net)
     pre = weights.preprocessing or backbone.preprocessing(tag)
     if spec.image_size is not None and spec.image_size != pre.crop_size:
@@ -137,9 +132,10 @@ def import_family_weights(path: Path, name: str) -> tuple[str, Path]:
     if not path.is_file():
         raise WeightsUnavailable(f"{path} is not a file")
     backbone = get_backbone(name)
-    if not hasattr(backbone.source, "hub_target"):
+    target = backbone.impl.hub_target(path.suffix)
+    if target is None:
         raise WeightsMismatch(f"--backbone {name}: only timm:… and open_clip:… names install into the hub cache; "
                               "torchvision files are recognised by their SHA-256 without --backbone")
-    repo, filename = backbone.source.hub_target(path.suffix)
+    repo, filename = target
     load_network(spec_for(name, path))  # a file that does not fit is refused before anything is written
     return f"{name} ({repo})", install(path, repo, filename, sha256_file(path))

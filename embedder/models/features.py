@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -10,12 +12,12 @@ import torch
 from torch import nn
 
 from embedder import choices
-from embedder.errors import UnknownLayer
+from embedder.errors import UnknownBackbone, UnknownLayer
 from embedder.models.backbone import Backbone
 from embedder.models.builder import ModelSpec, load_network
 from embedder.models.layers import suggested_layers
 from embedder.models.preprocessing import Preprocessing
-from embedder.models.weights import LoadedWeights
+from embedder.models.weights import LoadedWeights, classifier_modules
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,9 @@ class LoadedModel:
     layer: str  # "penultimate" or a module name
     pool: str
     dim: int
-    text: Any = None  # the model's text tower (embedder.models.text.TextTower), CLIP-family models only
+    # the model's text tower (TextTower | None): CLIP-family models cut at their own image embedding only
+    # (never at a --layer); Any while index.text_recall reads it unchecked
+    text: Any = None
 
 
 def fold_batchnorm(net: nn.Module, inplace: bool = False) -> nn.Module:
@@ -150,10 +154,10 @@ def _folded(tap: nn.Module) -> nn.Module:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     net, backbone, weights, pre = load_network(spec)
-    if backbone.head:  # a family without a classifier (CLIP's image tower) has none to drop
-        _set_module(net, backbone.head, nn.Identity())
+    for head in classifier_modules(net, backbone.classifiers):  # CLIP's image tower has none to drop
+        if not isinstance(net.get_submodule(head), nn.Identity):
+            _set_module(net, head, nn.Identity())
     net.eval().requires_grad_(False)
-    text = backbone.source.text_tower(net) if hasattr(backbone.source, "text_tower") else None
 
     layer, pool = spec.layer, spec.pool
     if pool is not None and pool not in POOLS:
@@ -170,10 +174,29 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             raise UnknownLayer(
                 f"{backbone.name} has no layer {layer!r}; stage-level layers: {', '.join(valid)}"
             )
+    # the text tower shares the space of the model's own image embedding, not of an inner layer's output
+    text = backbone.impl.text_tower(net) if layer is None else None
     if layer is None:
         net = fold_batchnorm(net)
     model = FeatureModel(net, layer, pool or "avg").eval()
-    with torch.inference_mode():
-        probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)
-        dim = int(model(probe).shape[1])
+    dim = _output_dim(model, backbone, spec, weights, pre)
     return LoadedModel(model, backbone, weights, pre, layer or "penultimate", pool or "avg", dim, text)
+
+
+def _output_dim(model: FeatureModel, backbone: Backbone, spec: ModelSpec, weights: LoadedWeights,
+                pre: Preprocessing) -> int:
+    """The feature dim, from one blank image at the input size; a model that cannot take the size
+    --image-size asked for (LeViT's attention biases, a ViT tower without dynamic position embeddings)
+    is refused in one line."""
+    probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)
+    own = weights.preprocessing or backbone.preprocessing(spec.weights_tag if spec.weights_file is None else None)
+    with torch.inference_mode():
+        if spec.image_size is None or spec.image_size == own.crop_size:
+            return int(model(probe).shape[1])
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # FX prints the failing graph line before re-raising
+                return int(model(probe).shape[1])
+        except (AssertionError, RuntimeError) as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise UnknownBackbone(f"{backbone.name} does not take {pre.crop_size}x{pre.crop_size} images "
+                                  f"({first[:160]}); drop --image-size to use its own {own.crop_size}") from None

@@ -26,11 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedder.errors import UnknownBackbone, WeightsMismatch, WeightsUnavailable
+from embedder.models.backbone import Backbone
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from embedder.models.family import FileLoader
+    from embedder.models.text import TextTower
 
 PREFIX = "open_clip:"
 _RESIZE_MODES = {"shortest": "shorter", "squash": "squash"}
@@ -121,10 +125,21 @@ class OpenClipModel:
         finally:
             quiet.setLevel(level)
 
-    def build(self) -> nn.Module:
+    def build(self, tag: str | None = None, image_size: int | None = None) -> nn.Module:
+        """The image side (``ClipImage``) of the whole model, randomly initialised: at its own size (a
+        ViT tower at another --image-size is refused where it first runs: features.load_model)."""
         return ClipImage(self._create())
 
-    def preprocessing(self) -> Preprocessing:
+    def weights_tags(self) -> list[str]:
+        return []  # OpenCLIP's pretrained tag is part of the name (open_clip:ARCH:TAG)
+
+    def classifiers(self) -> tuple[str, ...]:
+        return ()  # encode_image is the projected embedding: no classifier to drop
+
+    def file_loader(self) -> FileLoader | None:
+        return self.load_file
+
+    def preprocessing(self, tag: str | None = None) -> Preprocessing:
         cfg = self.preprocess_cfg()
         size = cfg["size"]
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -154,7 +169,7 @@ class OpenClipModel:
                                   f"{self.arch} state dict?") from None
         _reparameterize(clip)
 
-    def pretrained(self) -> tuple[nn.Module, WeightsRef]:
+    def pretrained(self, tag: str | None = None, image_size: int | None = None) -> tuple[nn.Module, WeightsRef]:
         """The model with the tag's weights, through OpenCLIP's Hugging Face hub download (the hub
         cache, ``HF_HOME``); the record names the file's SHA-256."""
         from embedder.models.origin import sha256_file
@@ -206,7 +221,7 @@ class OpenClipModel:
             raise WeightsUnavailable(f"cannot load {self.name}'s tokenizer ({_first_line(e)}); it comes from the "
                                      "Hugging Face hub the first time (HF_HOME)") from None
 
-    def text_tower(self, net: nn.Module) -> Any:
+    def text_tower(self, net: nn.Module) -> TextTower | None:
         from embedder.models.text import TextTower
 
         clip = getattr(net, "clip", net)
@@ -255,11 +270,9 @@ def _tags_for(arch: str) -> list[str]:
 
 
 @cache
-def entry(name: str) -> Any:
+def entry(name: str) -> Backbone:
     """The registry entry of ``open_clip:ARCH[:TAG]``; an unknown architecture or tag lists OpenCLIP's
     close matches (``list_pretrained``)."""
-    from embedder.models.backbone import Backbone
-
     oc = _open_clip()
     arch, _, tag = name[len(PREFIX):].partition(":")
     if not arch or oc.get_model_config(arch) is None:
@@ -275,5 +288,5 @@ def entry(name: str) -> Any:
                               f"(open_clip.list_pretrained()): {listed}")
     model = OpenClipModel(arch, tag or None)
     dim = int((oc.get_model_config(arch) or {}).get("embed_dim", 0))
-    return Backbone(name=name, head="", dim=dim, family="open_clip", feature_map="",
-                    weights="hub" if tag else "file", source=model)
+    return Backbone(name=name, head="", dim=dim, family="open_clip", feature_map="", impl=model,
+                    weights="hub" if tag else "file")

@@ -10,33 +10,19 @@ Adding a backbone is one line in ``_ENTRIES``.
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
 
 from embedder.errors import UnknownBackbone
-
-if TYPE_CHECKING:  # torch and torchvision load only where a model is built (fast CLI start)
-    from torch import nn
 from embedder.models.backbone import Backbone
-from embedder.models.preprocessing import Preprocessing
-
-
-def _tiny() -> nn.Module:
-    from embedder.models.tiny import tiny
-
-    return tiny()
-
-
-_TINY_PRE = Preprocessing(
-    resize_size=40,
-    crop_size=32,
-    interpolation="bilinear",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
+from embedder.models.tiny_family import TinyModel
+from embedder.models.torchvision_family import TorchvisionModel
 
 
 def _family(prefix: str, head: str, fmap: str, dims: dict[str, int]) -> list[Backbone]:
-    return [Backbone(n, head, d, prefix, fmap) for n, d in dims.items()]
+    return [_tv(n, head, d, prefix, fmap) for n, d in dims.items()]
+
+
+def _tv(name: str, head: str, dim: int, family: str, fmap: str) -> Backbone:
+    return Backbone(name, head, dim, family, fmap, TorchvisionModel(name, head, family))
 
 
 _ENTRIES: list[Backbone] = [
@@ -52,9 +38,9 @@ _ENTRIES: list[Backbone] = [
         "efficientnet_b3": 1536, "efficientnet_b4": 1792, "efficientnet_b5": 2048,
         "efficientnet_b6": 2304, "efficientnet_b7": 2560, "efficientnet_v2_s": 1280,
         "efficientnet_v2_m": 1280, "efficientnet_v2_l": 1280}),
-    Backbone("mobilenet_v2", "classifier.1", 1280, "mobilenet", "features"),
-    Backbone("mobilenet_v3_small", "classifier.3", 1024, "mobilenet", "features"),
-    Backbone("mobilenet_v3_large", "classifier.3", 1280, "mobilenet", "features"),
+    _tv("mobilenet_v2", "classifier.1", 1280, "mobilenet", "features"),
+    _tv("mobilenet_v3_small", "classifier.3", 1024, "mobilenet", "features"),
+    _tv("mobilenet_v3_large", "classifier.3", 1280, "mobilenet", "features"),
     *_family("mnasnet", "classifier.1", "layers", {"mnasnet0_5": 1280, "mnasnet0_75": 1280,
                                          "mnasnet1_0": 1280, "mnasnet1_3": 1280}),
     *_family("shufflenet", "fc", "conv5", {"shufflenet_v2_x0_5": 1024, "shufflenet_v2_x1_0": 1024,
@@ -69,15 +55,14 @@ _ENTRIES: list[Backbone] = [
         "regnet_x_8gf": 1920, "regnet_x_16gf": 2048, "regnet_x_32gf": 2520}),
     *_family("densenet", "classifier", "features", {"densenet121": 1024, "densenet161": 2208,
                                         "densenet169": 1664, "densenet201": 1920}),
-    Backbone("inception_v3", "fc", 2048, "inception", "Mixed_7c"),
-    Backbone("googlenet", "fc", 1024, "inception", "inception5b"),
+    _tv("inception_v3", "fc", 2048, "inception", "Mixed_7c"),
+    _tv("googlenet", "fc", 1024, "inception", "inception5b"),
     *_family("vit", "heads.head", "encoder", {"vit_b_16": 768, "vit_b_32": 768, "vit_l_16": 1024,
                                    "vit_l_32": 1024, "vit_h_14": 1280}),
     *_family("swin", "head", "permute", {"swin_t": 768, "swin_s": 768, "swin_b": 1024,
                               "swin_v2_t": 768, "swin_v2_s": 768, "swin_v2_b": 1024}),
-    Backbone("maxvit_t", "classifier.5", 512, "maxvit", "blocks.3"),
-    Backbone("tiny_test", "fc", 32, "test", "stage2", weights="SEED0", builder=_tiny,
-             test_preprocessing=_TINY_PRE),
+    _tv("maxvit_t", "classifier.5", 512, "maxvit", "blocks.3"),
+    Backbone("tiny_test", "fc", 32, "test", "stage2", TinyModel(), weights="SEED0"),
 ]
 
 REGISTRY: dict[str, Backbone] = {b.name: b for b in _ENTRIES}
@@ -92,11 +77,11 @@ def _family_entry(name: str) -> Backbone | None:
     if name.startswith("timm:"):
         from embedder.models import timm_family
 
-        return timm_family.entry(name)  # type: ignore[no-any-return]
+        return timm_family.entry(name)
     if name.startswith("open_clip:"):
         from embedder.models import openclip_family
 
-        return openclip_family.entry(name)  # type: ignore[no-any-return]
+        return openclip_family.entry(name)
     return None
 
 

@@ -19,11 +19,15 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from embedder.errors import UnknownBackbone, WeightsUnavailable
+from embedder.models.backbone import Backbone
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from embedder.models.family import FileLoader
+    from embedder.models.text import TextTower
 
 PREFIX = "timm:"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -60,13 +64,51 @@ class TimmModel:
         base = self.arch.split(".", 1)[0]
         return next((v for k, v in AUTHORS_EVAL.items() if k in base), None)
 
-    def _kwargs(self) -> dict[str, Any]:
-        return {"num_classes": 0, **({"dynamic_img_size": True} if self._eval_size() else {})}
+    def _native_size(self) -> int | None:
+        cfg = self.cfg()
+        size = getattr(cfg, "input_size", None) if cfg is not None else None
+        return int(size[-1]) if size else None
 
-    def build(self) -> nn.Module:
-        return _timm().create_model(self.arch, pretrained=False, **self._kwargs())
+    def _kwargs(self, image_size: int | None) -> dict[str, Any]:
+        """timm's own features (``num_classes=0``); position embeddings interpolated to the input size
+        (``dynamic_img_size``, the same resampling timm's ``img_size=`` applies to a pretrained file once)
+        where the input is not the size the model was made for: the DINOv2 authors' 224, or --image-size.
+        The tensors keep their shapes, so every weights file still loads."""
+        other = self._eval_size() is not None or (image_size is not None and image_size != self._native_size())
+        return {"num_classes": 0, **({"dynamic_img_size": True} if other else {})}
 
-    def preprocessing(self) -> Preprocessing:
+    def _create(self, pretrained: bool, image_size: int | None) -> nn.Module:
+        kwargs = self._kwargs(image_size)
+        try:
+            return _timm().create_model(self.arch, pretrained=pretrained, **kwargs)  # type: ignore[no-any-return]
+        except TypeError:
+            if "dynamic_img_size" not in kwargs:
+                raise
+        # an architecture without dynamic_img_size (CNNs take any size; a fixed-size one is refused where
+        # it first runs at that size: features.load_model)
+        return _timm().create_model(self.arch, pretrained=pretrained, num_classes=0)  # type: ignore[no-any-return]
+
+    def build(self, tag: str | None = None, image_size: int | None = None) -> nn.Module:
+        return self._create(False, image_size)
+
+    def weights_tags(self) -> list[str]:
+        return []  # timm names its weights in the model name (timm:MODEL.TAG)
+
+    def classifiers(self) -> tuple[str, ...]:
+        """timm's pretrained config names them (a distilled DeiT or LeViT: ``head`` and ``head_dist``);
+        built with ``num_classes=0`` they are already Identity, and a file's classifier tensors are
+        left out when it loads."""
+        cfg = self.cfg()
+        names = cfg.classifier if cfg is not None and cfg.classifier else "head"
+        return (names,) if isinstance(names, str) else tuple(str(n) for n in names)
+
+    def file_loader(self) -> FileLoader | None:
+        return None
+
+    def text_tower(self, net: nn.Module) -> TextTower | None:
+        return None
+
+    def preprocessing(self, tag: str | None = None) -> Preprocessing:
         timm = _timm()
         cfg = timm.data.resolve_data_config({}, pretrained_cfg=self.cfg().to_dict())
         if self._eval_size() is not None:
@@ -93,14 +135,14 @@ class TimmModel:
             raise WeightsUnavailable(f"timm:{self.arch} is not on the Hugging Face hub; use --weights FILE")
         return str(repo), "model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin"
 
-    def pretrained(self) -> tuple[nn.Module, WeightsRef]:
+    def pretrained(self, tag: str | None = None, image_size: int | None = None) -> tuple[nn.Module, WeightsRef]:
         """The model with timm's pretrained weights, through the Hugging Face hub cache."""
         from embedder.models.hf_cache import honour_offline
         from embedder.models.weights import state_dict_digest
 
         honour_offline()
         try:
-            net = _timm().create_model(self.arch, pretrained=True, **self._kwargs())
+            net = self._create(True, image_size)
         except (OSError, RuntimeError, ValueError) as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise WeightsUnavailable(
@@ -116,10 +158,8 @@ def _names() -> tuple[str, ...]:
 
 
 @cache
-def entry(name: str) -> Any:
+def entry(name: str) -> Backbone:
     """The registry entry of ``timm:MODEL[.TAG]``; an unknown model lists timm's close matches."""
-    from embedder.models.backbone import Backbone
-
     arch = name[len(PREFIX):]
     base = arch.split(".", 1)[0]
     timm = _timm()
@@ -128,6 +168,5 @@ def entry(name: str) -> Any:
         hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise UnknownBackbone(f"timm has no model {base!r}.{hint} (timm.list_models() lists {len(_names())})")
     model = TimmModel(arch)
-    cfg = model.cfg()
-    head = cfg.classifier if cfg is not None and cfg.classifier else "head"
-    return Backbone(name=name, head=head, dim=0, family="timm", feature_map="", weights="hub", source=model)
+    return Backbone(name=name, head=model.classifiers()[0], dim=0, family="timm", feature_map="", impl=model,
+                    weights="hub")

@@ -43,12 +43,6 @@ class LoadedWeights:
     backbone: str | None = None  # the architecture the file says it is for (checkpoints)
 
 
-def seeded_weights(backbone: Backbone) -> LoadedWeights:
-    """A non-torchvision (test) entry: its 'pretrained weights' are its seeded initialisation."""
-    state = backbone.build_architecture().state_dict()
-    return LoadedWeights(state, WeightsRef("seeded", f"{backbone.name}.SEED0", state_dict_digest(state)))
-
-
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -89,12 +83,29 @@ def torchvision_keys(backbone: Backbone, state: dict[str, torch.Tensor]) -> dict
     return out
 
 
+def classifier_modules(net: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules of NET that hold the classifiers NAMES. A classifier the model was built without
+    (timm's ``num_classes=0`` turns LeViT's ``head``, norm and linear, into one Identity) is the
+    parameterless module left in its place; one with no trace in NET is not there at all."""
+    have = dict(net.named_modules())
+    out = []
+    for name in names:
+        parts = name.split(".")
+        found = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in have), None)
+        if found is None:
+            continue
+        if found == name or not (any(True for _ in have[found].parameters())
+                                 or any(True for _ in have[found].buffers())):
+            out.append(found)
+    return tuple(out)
+
+
 def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Backbone) -> None:
     """Load everything but the classification head (which we discard) and the auxiliary heads
     (which extraction never runs and fine-tuning drops), strictly: names and shapes."""
-    head, name = backbone.head, backbone.name
+    name = backbone.name
     state = torchvision_keys(backbone, state)
-    skip = (head + ".", *AUX_HEADS)
+    skip = (*(c + "." for c in classifier_modules(model, backbone.classifiers)), *AUX_HEADS)
     body: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in state.items() if not k.startswith(skip))
     body._metadata = getattr(state, "_metadata", None) or getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     own = model.state_dict()

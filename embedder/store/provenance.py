@@ -91,8 +91,20 @@ class Provenance:
 
     @property
     def has_text(self) -> bool:
-        """Whether the model that made these vectors has a text tower (text queries, zero-shot)."""
-        return bool(self.text)
+        """Whether a text tower shares these vectors' space (text queries, zero-shot): the model has one
+        and the vectors are its own image embedding, not a --layer's output (whatever a store written
+        before that rule recorded)."""
+        return bool(self.text) and self.layer == "penultimate"
+
+    def text_refusal(self, what: str) -> str | None:
+        """Why no text can be compared with these vectors, as one line naming WHAT holds them; None: it can."""
+        if self.has_text:
+            return None
+        if self.layer != "penultimate" and self.backbone.startswith("open_clip:"):
+            return (f"{what} holds {self.backbone}'s layer {self.layer} activations, not the model's image "
+                    "embedding, which is the space its text tower shares: extract without --layer")
+        return (f"{what} was made with {self.backbone}, which has no text tower: text needs a CLIP-family "
+                "backbone (open_clip:ARCH:PRETRAINED)")
 
     def show(self, name: str) -> Any:
         value = getattr(self, name)
