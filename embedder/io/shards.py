@@ -275,8 +275,7 @@ def _plain_members(f: IO[bytes], size: int) -> Iterator[Member | Stop]:
         last = name
         pos = data + _padded(length)
     if size == UNKNOWN_SIZE:  # a stream: did it end inside the last member, or after it?
-        f.seek(pos - 1)
-        if pos > 0 and len(f.read(1)) < 1:
+        if pos > 0 and len(_read_at(f, pos - 1, 1)) < 1:
             yield Stop(f"cut short inside {last}", last)
             return
         yield Stop(f"cut short after {last} (no end-of-archive blocks)" if last else "empty, not a tar")
@@ -463,7 +462,8 @@ def _index(shard: str) -> dict[str, tuple[int, int]]:
 
 def _header_matches(hdr: bytes, member: str, size: int) -> bool:
     """Is HDR the tar header of MEMBER, SIZE bytes long? (checksum, size, and the name field, which
-    holds the name, its first 100 bytes, or its last part after a ustar prefix)."""
+    holds the name, its first 100 bytes, its last part after a ustar prefix, or under a pax header
+    its ASCII form)."""
     if len(hdr) != 512:
         return False
     try:
@@ -473,7 +473,8 @@ def _header_matches(hdr: bytes, member: str, size: int) -> bool:
         return False
     name = hdr[:100].split(b"\0", 1)[0]
     return (stored == sum(hdr) - sum(hdr[148:156]) + 256 and length == size and bool(name)
-            and name in member.encode("utf-8", "surrogateescape"))
+            and (name in member.encode("utf-8", "surrogateescape")
+                 or name in member.encode("ascii", "replace")))  # pax: the header's own name is ASCII
 
 
 def read_member(locator: str | Location) -> bytes:
