@@ -91,6 +91,7 @@ class _Reader:
     def __init__(self, path: str, buffered: bool = False) -> None:
         self.path = path
         self.lock = threading.Lock()  # decoding's threads read a shared reader one at a time
+        self._windows: dict[tuple[int, str], int] = {}  # window_rows, once per group and column
         self.parquet = path.lower().endswith(".parquet")
         try:
             if self.parquet:
@@ -123,11 +124,14 @@ class _Reader:
     def window_rows(self, group: int, column: str) -> int:
         """Parquet: how many rows of COLUMN hold about WINDOW_BYTES in row group GROUP (from its
         metadata: the column chunks' uncompressed size)."""
-        g = self.pf.metadata.row_group(group)
-        size = sum(g.column(j).total_uncompressed_size for j in range(g.num_columns)
-                   if g.column(j).path_in_schema.split(".")[0] == column)
-        per_row = max(1, size // max(1, g.num_rows))
-        return max(1, min(g.num_rows, WINDOW_BYTES // per_row))
+        rows = self._windows.get((group, column))
+        if rows is None:
+            g = self.pf.metadata.row_group(group)
+            size = sum(g.column(j).total_uncompressed_size for j in range(g.num_columns)
+                       if g.column(j).path_in_schema.split(".")[0] == column)
+            per_row = max(1, size // max(1, g.num_rows))
+            rows = self._windows[(group, column)] = max(1, min(g.num_rows, WINDOW_BYTES // per_row))
+        return rows
 
 
 class _IpcBatches:
@@ -245,7 +249,7 @@ def iter_rows(path: str, options: SourceOptions = SourceOptions(),
 WINDOW_BYTES = 2 << 20  # rows read together from a Parquet row group: about this many image bytes
 CACHE_BYTES = 8 << 20  # windows kept per process, least recently used out first (at least one)
 OPEN_FILES = 8  # table files kept open per process
-_MAX_CURSORS = 2  # Parquet row groups being read forward at once per process
+MAX_CURSORS = 4  # places in Parquet row groups being read forward at once, per process
 
 
 class _Cursor:
@@ -255,21 +259,15 @@ class _Cursor:
     def __init__(self, reader: _Reader, column: str, group: int, window: int) -> None:
         self.lock = threading.Lock()
         self.reader, self.column, self.group, self.window = reader, column, group, window
+        self.key = (reader.path, column, group)
         self.next = 0
-        self._batches: Iterator[pa.RecordBatch] = iter(())
+        self._batches: Iterator[pa.RecordBatch] = reader.pf.iter_batches(
+            batch_size=window, row_groups=[group], columns=[column], use_threads=False)
         self._pending: list[pa.Array] = []
-        self._restart()
-
-    def _restart(self) -> None:
-        self._batches = self.reader.pf.iter_batches(batch_size=self.window, row_groups=[self.group],
-                                                    columns=[self.column], use_threads=False)
-        self._pending, self.next = [], 0
 
     def read(self, k: int, keep: Any) -> pa.Array:
-        """Window K (rows ``k*window`` on), calling ``keep(number, window)`` for each window read on
-        the way to it (the decode threads ask for their neighbours next)."""
-        if k < self.next:  # read before and let go since: read again from the group's start
-            self._restart()
+        """Window K (rows ``k*window`` on; not behind ``next``), calling ``keep(number, window)``
+        for each window read on the way to it (the decode threads ask for their neighbours next)."""
         while True:
             have = sum(len(a) for a in self._pending)
             while have < self.window:
@@ -287,8 +285,9 @@ class _Cursor:
             win, rest = joined.slice(0, self.window), joined.slice(self.window)
             self._pending = [rest] if len(rest) else []
             win = _image_bytes(win)
-            n, self.next = self.next, self.next + 1
-            keep(n, win)
+            n = self.next
+            keep(n, win)  # kept before ``next`` passes it: a window behind ``next`` was kept
+            self.next = n + 1
             if n == k:
                 return win
 
@@ -304,7 +303,7 @@ class _Cache:
         self.lock = threading.Lock()
         self.opening = threading.Lock()
         self.readers: OrderedDict[str, _Reader] = OrderedDict()
-        self.cursors: OrderedDict[tuple[str, str, int], _Cursor] = OrderedDict()
+        self.cursors: list[_Cursor] = []  # the least recently used first
         self.windows: OrderedDict[tuple[str, str, int, int], pa.Array] = OrderedDict()
         self.window_bytes = 0
 
@@ -324,8 +323,7 @@ class _Cache:
                 self.readers[path] = r
                 while len(self.readers) > OPEN_FILES:
                     gone, _ = self.readers.popitem(last=False)
-                    for key in [c for c in self.cursors if c[0] == gone]:
-                        del self.cursors[key]
+                    self.cursors = [c for c in self.cursors if c.key[0] != gone]
                     for wkey in [w for w in self.windows if w[0] == gone]:
                         self.window_bytes -= self.windows.pop(wkey).get_total_buffer_size()
             return r
@@ -348,15 +346,24 @@ class _Cache:
                 _, gone = self.windows.popitem(last=False)
                 self.window_bytes -= gone.get_total_buffer_size()
 
-    def cursor(self, r: _Reader, column: str, group: int) -> _Cursor:
-        key = (r.path, column, group)
+    def cursor(self, r: _Reader, column: str, group: int, k: int) -> _Cursor | None:
+        """The cursor of the row group that is furthest along but not past window K, or a new one at
+        the group's start (decoders far apart in a group, such as two CPU model lanes decoding a
+        batch each, get one each: neither makes the other read the group again from its start);
+        None when window K has been kept meanwhile."""
         with self.lock:
-            c = self.cursors.get(key)
-            if c is None:
-                c = self.cursors[key] = _Cursor(r, column, group, r.window_rows(group, column))
-                while len(self.cursors) > _MAX_CURSORS:
-                    self.cursors.popitem(last=False)
-            self.cursors.move_to_end(key)
+            if (r.path, column, group, k) in self.windows:
+                return None
+            here = [c for c in self.cursors if c.key == (r.path, column, group) and c.next <= k]
+            if here:
+                c = max(here, key=lambda c: c.next)
+            else:
+                c = _Cursor(r, column, group, r.window_rows(group, column))
+                self.cursors.append(c)
+                if len(self.cursors) > MAX_CURSORS:
+                    self.cursors.pop(0)
+            self.cursors.remove(c)
+            self.cursors.append(c)  # the most recently used last
             return c
 
     def scalar(self, path: str, column: str, group: int, row: int) -> pa.Scalar:
@@ -376,16 +383,20 @@ class _Cache:
                     w = _image_bytes(r.batch(group).column(column))
                 self.keep(key, w)
             return w[row]
-        c = self.cursor(r, column, group)
-        k = row // c.window
+        per = r.window_rows(group, column)
+        k = row // per
         key = (path, column, group, k)
         w = self._window(key)
-        if w is None:
+        while w is None:
+            c = self.cursor(r, column, group, k)
+            if c is None:
+                w = self._window(key)
+                continue
             with c.lock:  # one thread reads on; the others find its windows kept
                 w = self._window(key)
-                if w is None:
+                if w is None and c.next <= k:  # (else another thread took it past K meanwhile)
                     w = c.read(k, lambda n, win: self.keep((path, column, group, n), win))
-        return w[row - k * c.window]
+        return w[row - k * per]
 
 
 _CACHE = _Cache()
