@@ -55,12 +55,13 @@ def embed_texts(emb: BatchEmbedder, texts: Sequence[str], metric: str) -> np.nda
 
 
 def require_text_tower(prov: Provenance, what: str) -> None:
-    """A one-line refusal of text queries on vectors whose model has no text tower (before loading it)."""
+    """A one-line refusal of text queries on vectors no text tower shares a space with (a model without
+    one, or a --layer's output rather than the image embedding), before loading the model."""
     from embedder.errors import TextQueryError
 
-    if not prov.has_text:
-        raise TextQueryError(f"{what} was made with {prov.backbone}, which has no text tower: text queries need "
-                             "a CLIP-family backbone (open_clip:ARCH:PRETRAINED)")
+    refusal = prov.text_refusal(what)
+    if refusal is not None:
+        raise TextQueryError(refusal)
 
 
 # ---- the one query builder ----------------------------------------------------------------------

@@ -118,6 +118,8 @@ def measure(store_path: str, provenance: Any, metric: str, search: Callable[[np.
         return None
     emb = embedder_for(provenance, options.weights, options.device)
     text = emb.loaded.text
+    if text is None:
+        return None
     keep = []
     for n, c in enumerate(sample.captions):  # a sample's worth of checks, never a store's
         try:

@@ -6,7 +6,6 @@ import contextlib
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from embedder.models.backbone import Backbone
 from embedder.models.builder import ModelSpec, load_network
 from embedder.models.layers import suggested_layers
 from embedder.models.preprocessing import Preprocessing
+from embedder.models.text import TextTower
 from embedder.models.weights import LoadedWeights, classifier_modules
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,8 @@ class LoadedModel:
     layer: str  # "penultimate" or a module name
     pool: str
     dim: int
-    # the model's text tower (TextTower | None): CLIP-family models cut at their own image embedding only
-    # (never at a --layer); Any while index.text_recall reads it unchecked
-    text: Any = None
+    # the model's text tower: CLIP-family models cut at their own image embedding only (never at a --layer)
+    text: TextTower | None = None
 
 
 def fold_batchnorm(net: nn.Module, inplace: bool = False) -> nn.Module:
