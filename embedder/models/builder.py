@@ -16,7 +16,7 @@ from embedder.models.hub import sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 from embedder.models.registry import DEFAULT_BACKBONE, get_backbone, parse_backbone_spec
-from embedder.models.weights import LoadedWeights, _torch_load, apply_weights
+from embedder.models.weights import LoadedWeights, apply_weights, torch_load
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def load_weights_file(path: Path) -> LoadedWeights:
         except (SafetensorError, OSError) as e:
             raise WeightsMismatch(f"cannot read weights file {path} ({e})") from None
     else:
-        state = _torch_load(path)
+        state = torch_load(path)
     return LoadedWeights(state, WeightsRef("file", path.name, sha256_file(path)))
 
 

@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 POOLS = choices.POOLS
 
 
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+_set_module = set_module  # the former name (fine-tuning, tests and scripts import it until they move)
 
 
 def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
@@ -155,7 +158,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     net, backbone, weights, pre = load_network(spec)
     for head in classifier_modules(net, backbone.classifiers):  # CLIP's image tower has none to drop
         if not isinstance(net.get_submodule(head), nn.Identity):
-            _set_module(net, head, nn.Identity())
+            set_module(net, head, nn.Identity())
     net.eval().requires_grad_(False)
 
     layer, pool = spec.layer, spec.pool

@@ -22,5 +22,3 @@ class LinearHead:
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
-
-

@@ -115,5 +115,3 @@ def parse_backbone_spec(spec: str) -> tuple[Backbone, str | None]:
     elif tag and tag not in backbone.weights_tags():
         raise UnknownBackbone(f"{name} has no weights tag {tag!r}; valid tags: {', '.join(backbone.weights_tags())}")
     return backbone, tag or None
-
-

@@ -43,7 +43,7 @@ class LoadedWeights:
     backbone: str | None = None  # the architecture the file says it is for (checkpoints)
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -125,5 +125,3 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Ba
     except (RuntimeError, ValueError) as e:
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise WeightsMismatch(f"these weights do not fit {name}: {first[:200]}") from None
-
-
