@@ -74,6 +74,25 @@ def test_two_classifier_heads_give_timms_own_features(arch: str, tmp_path: Path)
     assert got.shape == want.shape and _cos(got, want).min() >= 0.9999
 
 
+def test_a_classifiers_norm_outside_it_still_loads() -> None:
+    """ConvNeXt's classifier is ``head.fc``: ``head.norm`` beside it is part of the features and loads
+    from the file (only the classifier's tensors are left out, never its parent's)."""
+    timm = pytest.importorskip("timm")
+    from embedder.models.registry import get_backbone
+    from embedder.models.weights import apply_weights, classifier_modules
+
+    torch.manual_seed(4)
+    state = timm.create_model("convnext_atto", pretrained=False).state_dict()
+    entry = get_backbone("timm:convnext_atto")
+    net = entry.build_architecture()
+    assert classifier_modules(net, entry.classifiers) == ("head.fc",)
+    apply_weights(net, state, entry)
+    assert torch.equal(net.state_dict()["head.norm.weight"], state["head.norm.weight"])
+    levit = get_backbone("timm:levit_128s")
+    assert levit.classifiers == ("head.linear", "head_dist.linear")
+    assert classifier_modules(levit.build_architecture(), levit.classifiers) == ("head", "head_dist")
+
+
 def test_image_size_on_a_fixed_size_vit_is_timms_img_size(tmp_path: Path) -> None:
     """--image-size 160 on a 224-px ViT: the vectors are timm's own model made with ``img_size=160``,
     its position embeddings resampled from the file by timm's own checkpoint filter."""
