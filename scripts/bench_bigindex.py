@@ -148,11 +148,11 @@ def exact_knn(store: Path, q: np.ndarray, k: int) -> np.ndarray:
     import faiss
 
     from embedder.index import stream as index_stream
-    from embedder.index.faiss_util import _prepare
+    from embedder.index.faiss_util import prepare_rows
     from embedder.store.shards import Store
 
     heap = faiss.ResultHeap(len(q), k)
-    for b in index_stream.batches(Store.open(store), lambda v: _prepare(v, "cosine"), ("id",)):
+    for b in index_stream.batches(Store.open(store), lambda v: prepare_rows(v, "cosine"), ("id",)):
         d, i = faiss.knn(q, b.x, k)
         heap.add_result(d, i + b.start)
     heap.finalize()
@@ -165,7 +165,7 @@ def child_search(store: Path, home: Path, name: str, n_queries: int) -> dict:  #
     from embedder.index import search as index_search
 
     centers, lift = generator(DIM)
-    q = faiss_util._prepare(chunk(centers, lift, n_queries, seed=99_999), "cosine")
+    q = faiss_util.prepare_rows(chunk(centers, lift, n_queries, seed=99_999), "cosine")
     exact = exact_knn(store, q, 10)  # first, and not in the search figures below
     base = peak_rss_mib()
     anon = AnonPeak()

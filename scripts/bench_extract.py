@@ -42,7 +42,7 @@ from embedder.embed.fill import extract
 from embedder.embed.options import EmbedOptions, RunOptions, default_batch, default_lanes
 from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import AUTO_MIN_BATCHES
-from embedder.models.features import _set_module
+from embedder.models.features import set_module
 from embedder.models.hub import registry_file
 from embedder.models.registry import get_backbone
 
@@ -69,7 +69,7 @@ def naive_loop(root: Path, backbone: str, tag: str | None, state: dict[str, torc
     else:
         model = entry.build_architecture(tag)
         model.load_state_dict(state, strict=False)
-    _set_module(model, entry.head, nn.Identity())
+    set_module(model, entry.head, nn.Identity())
     model.eval().to(device)
     ds = datasets.ImageFolder(str(root), transform=entry.torchvision_weights(tag).transforms())
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)

@@ -179,7 +179,7 @@ def tutorial_loop(args: argparse.Namespace, tmp: Path, root: Path) -> None:
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    from embedder.models.features import _set_module
+    from embedder.models.features import set_module
 
     name = args.e2e_backbone
     entry = get_backbone(name)
@@ -187,7 +187,7 @@ def tutorial_loop(args: argparse.Namespace, tmp: Path, root: Path) -> None:
     model = entry.build_architecture(None)
     if name != "tiny_test":
         model.load_state_dict(torch.load(seeded_weights(tmp, name)))
-    _set_module(model, entry.head, nn.Identity())
+    set_module(model, entry.head, nn.Identity())
     model.eval().to(dev).to(memory_format=torch.channels_last)
     transform = entry.torchvision_weights(None).transforms() if entry.is_torchvision else None
     if transform is None:

@@ -18,9 +18,9 @@ def measure(name: str) -> dict[str, object]:
     entry = get_backbone(name)
     net = entry.build_architecture()
     if entry.head:
-        from embedder.models.features import _set_module
+        from embedder.models.features import set_module
 
-        _set_module(net, entry.head, torch.nn.Identity())
+        set_module(net, entry.head, torch.nn.Identity())
     net.eval()
     pre = entry.preprocessing()
     x = torch.zeros(1, 3, pre.crop_size, pre.crop_size)

@@ -6,7 +6,7 @@ from torch import nn
 
 from embedder.errors import UnknownBackbone
 from embedder.models.builder import drop_aux_head
-from embedder.models.features import _set_module
+from embedder.models.features import set_module
 from embedder.models.layers import build_on_meta
 from embedder.models.registry import REGISTRY, get_backbone, parse_backbone_spec
 
@@ -19,7 +19,7 @@ def test_every_entry_dim_matches_a_forward_pass(entry) -> None:
     head = net.get_submodule(entry.head)
     assert isinstance(head, nn.Linear), f"{entry.head} must be the classification Linear"
     assert head.in_features == entry.dim
-    _set_module(net, entry.head, nn.Identity())
+    set_module(net, entry.head, nn.Identity())
     net.eval()
     drop_aux_head(net)
     pre = entry.preprocessing()

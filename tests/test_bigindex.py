@@ -141,7 +141,7 @@ def test_a_small_add_is_a_delta_that_searches_as_the_merged_lists(tmp_path: Path
     labelled = loaded.search(x[10_050:10_051], 3, where={"label": "c2"})[0]
     assert len(labelled) == 3 and all(h["label"] == "c2" for h in labelled)
     assert loaded.item("v010077")["faiss_id"] == 10_077
-    np.testing.assert_allclose(loaded.vector_of("v010077")[0], faiss_util._prepare(x[10_077:10_078], "cosine")[0],
+    np.testing.assert_allclose(loaded.vector_of("v010077")[0], faiss_util.prepare_rows(x[10_077:10_078], "cosine")[0],
                                atol=2e-3)
     r = idx.add("n", sharded_store(tmp_path / "c", [x[:10_200]]), home)
     assert r["deltas"] == 2
@@ -286,8 +286,8 @@ def test_a_build_or_add_killed_with_sigkill_leaves_no_half_written_index(tmp_pat
     def killed(staged: str, *args: str) -> None:
         # the real CLI with the final merge slowed, so that the kill lands after STAGED files (the
         # build's slices, the add's delta) are in the staging folder
-        code = ("import time, embedder.index.ondisk as b; orig = b._merge_into; "
-                "b._merge_into = lambda *a: (time.sleep(60), orig(*a))[1]; "
+        code = ("import time, embedder.index.ondisk as b; orig = b.merge_into; "
+                "b.merge_into = lambda *a: (time.sleep(60), orig(*a))[1]; "
                 "from embedder.cli import main; main()")
         p = subprocess.Popen([sys.executable, "-c", code, "index", *args, "--home", str(home)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,7 +20,7 @@ from embedder.embed.fill import extract
 from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import MIN_GAIN, onednn_graph, pick
-from embedder.models.features import _set_module, fold_batchnorm
+from embedder.models.features import fold_batchnorm, set_module
 from embedder.models.registry import get_backbone
 from embedder.store.shards import Store
 from tests.conftest import make_images
@@ -44,7 +44,7 @@ def test_onednn_graph_gives_eager_outputs_at_every_batch_size(name: str) -> None
     entry = get_backbone(name)
     torch.manual_seed(0)
     net = entry.build_architecture()
-    _set_module(net, entry.head, nn.Identity())
+    set_module(net, entry.head, nn.Identity())
     net = fold_batchnorm(net.eval()).to(memory_format=torch.channels_last)
     size = 64
     example = torch.randn(4, 3, size, size).contiguous(memory_format=torch.channels_last)

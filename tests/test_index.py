@@ -452,5 +452,5 @@ def test_id_lookups_find_every_id_and_refuse_others(tmp_path: Path) -> None:
         assert loaded.row_of(missing) is None
     with pytest.raises(IndexError_, match="is not in index"):
         loaded.vector_of("nope")
-    np.testing.assert_allclose(loaded.vector_of(ids[2500])[0], faiss_util._prepare(x[2500:2501], "cosine")[0],
+    np.testing.assert_allclose(loaded.vector_of(ids[2500])[0], faiss_util.prepare_rows(x[2500:2501], "cosine")[0],
                                atol=1e-6)

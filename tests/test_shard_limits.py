@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedder.embed.fill import extract
-from embedder.io import location, shards
+from embedder.io import location, tars
 from embedder.io.limits import MAX_IMAGE_BYTES, MAX_METADATA_BYTES
 from embedder.io.sources import discover
 from embedder.io.uri import image_id
@@ -146,7 +146,7 @@ def test_a_span_that_no_longer_matches_the_shard_reads_the_member_by_its_headers
     (ref0, ref1) = discover([str(shard)])
     members = _labelled(images[:2])
     _tar(shard, members[3:] + members[:3])  # rewritten, the samples swapped: other offsets
-    shards._INDEX_CACHE.clear()
+    tars._INDEX_CACHE.clear()
     assert read_bytes(ref0.path) == images[0].read_bytes() and read_bytes(ref1.path) == images[1].read_bytes()
 
 
@@ -240,4 +240,4 @@ def test_decoding_fetches_each_image_once_across_decode_workers(
         return
     # discovery reads the shard once (in windows); decoding each image's range and its header, once
     assert served <= len(raw) + images + 512 * len(files), (served, len(raw), images)
-    assert gets <= -(-len(raw) // shards.WINDOW) + len(files), gets
+    assert gets <= -(-len(raw) // tars.WINDOW) + len(files), gets

@@ -22,8 +22,8 @@ from embedder.embed.options import RunOptions
 from embedder.errors import SourceError
 from embedder.io import location
 from embedder.io.options import SourceOptions
-from embedder.io.shards import expand_braces
 from embedder.io.sources import discover
+from embedder.io.tars import expand_braces
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
 from tests.conftest import extract_killed_mid_run, make_images
@@ -341,7 +341,7 @@ def test_object_storage_reads_come_in_windows(photos, tmp_path: Path) -> None:  
     after)."""
     import pyarrow as pa
 
-    from embedder.io import shards
+    from embedder.io import tars
 
     _, files = photos
     (shard,) = write_shards(tmp_path / "s", files * 5, per_shard=len(files) * 5)
@@ -359,10 +359,10 @@ def test_object_storage_reads_come_in_windows(photos, tmp_path: Path) -> None:  
             self.f.close()
 
     raw = Counting()
-    w = shards._Windowed(raw, size, window=64 << 10)
-    members = [m for m in shards._members(w, size) if not isinstance(m, shards.Stop)]  # type: ignore[arg-type]
+    w = tars._Windowed(raw, size, window=64 << 10)
+    members = [m for m in tars._members(w, size) if not isinstance(m, tars.Stop)]  # type: ignore[arg-type]
     assert len(members) == 3 * len(files) * 5
-    got = [shards._read_at(w, off, n) for _, off, n in members]  # type: ignore[arg-type]
+    got = [tars._read_at(w, off, n) for _, off, n in members]  # type: ignore[arg-type]
     with tarfile.open(shard) as tf:
         assert got == [tf.extractfile(m).read() for m in tf.getmembers()]  # type: ignore[union-attr]
     assert raw.calls <= 2 * (size // (64 << 10) + 1)  # a walk and a read pass, a window at a time
@@ -391,7 +391,7 @@ def test_the_gzip_reader_serves_any_offset_forward_back_and_to_the_end() -> None
     import gzip
     import random
 
-    from embedder.io.shards import _Gunzipped
+    from embedder.io.tars import _Gunzipped
 
     data = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
     g = _Gunzipped(io.BytesIO(gzip.compress(data, 1)))

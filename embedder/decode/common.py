@@ -61,7 +61,7 @@ def read_bytes(path: str) -> bytes:
         if loc.kind == location.FAILING:
             raise DecodeError(loc.reason or "not embedded")
         if loc.kind == location.MEMBER:
-            from embedder.io.shards import read_member
+            from embedder.io.tars import read_member
 
             return read_member(loc)
         from embedder.io.tables import read_row

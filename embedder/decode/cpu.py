@@ -23,11 +23,6 @@ from embedder.models.preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
@@ -98,10 +93,6 @@ def load_rgb_sized(
         raise DecodeError(f"cannot convert mode {img.mode}: {e}") from None
 
 
-
-
-
-
 def preprocess(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Resize (shorter side) and centre-crop exactly as torchvision's ImageClassification preset."""
     check_resize(img.width, img.height, pre.resize_size, max_pixels)
@@ -128,10 +119,6 @@ def pil_pixels(img: Image.Image, pre: Preprocessing, max_pixels: int = DEFAULT_M
 # target, and the preset's own antialiased resize does the rest (PIL's ``reducing_gap``). Large photos
 # decode ~2x faster (a 12 MP JPEG at 1/4 scale); smaller ones are decoded exactly as by ``pil``.
 REDUCING_GAP = 2
-
-
-
-
 
 
 def _torchvision_jpeg_into(data: bytes, pre: Preprocessing, out: torch.Tensor, max_pixels: int) -> tuple[int, int]:

@@ -18,17 +18,14 @@ from embedder.models.preprocessing import Preprocessing
 AUTO_DECODER = "torchvision"
 
 
-
 def resolve_decoder(decoder: str) -> str:
     """The decoder ``auto`` stands for; any other name as it is (checked where it is used)."""
     return AUTO_DECODER if decoder == "auto" else decoder
 
 
-
 def _check_decoder(decoder: str) -> None:
     if decoder not in DECODERS:
         raise DecodeError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
-
 
 
 def decode_into(
@@ -41,7 +38,6 @@ def decode_into(
     (JPEGs through torchvision.io; other formats through PIL), ``nvjpeg`` (JPEGs on the GPU: batched
     by the pipeline, see ``decode.nvjpeg``; one by one here)."""
     return decode_data_into(read_bytes(path), pre, out, max_pixels, decoder)
-
 
 
 def decode_data_into(
@@ -68,7 +64,6 @@ def decode_bytes(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_
     pixels = torch.empty(3, pre.crop_size, pre.crop_size, dtype=torch.uint8)
     decode_data_into(data, pre, pixels, max_pixels, decoder)
     return pixels
-
 
 
 def decode_file(

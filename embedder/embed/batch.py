@@ -65,7 +65,6 @@ class StageTimes:
                 "bound_by": max(busy, key=lambda k: busy[k])}
 
 
-
 @dataclass(frozen=True)
 class LaneResult:
     """What a lane that decoded its own batch returns (``BatchEmbedder.launch_decoding``)."""
@@ -74,7 +73,6 @@ class LaneResult:
     vectors: np.ndarray | None  # one row per outcome (None: every row failed)
     decode_s: float
     model_s: float
-
 
 
 class Pending:
@@ -110,7 +108,6 @@ class Pending:
         return self._vectors
 
 
-
 def _versions() -> dict[str, str]:
     import PIL
     import pyarrow
@@ -120,7 +117,6 @@ def _versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "pillow": PIL.__version__,
             "pyarrow": pyarrow.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
-
 
 
 class BatchEmbedder:

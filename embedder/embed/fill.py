@@ -30,7 +30,7 @@ from embedder.decode.pool import (
 )
 from embedder.embed import worklist
 from embedder.embed.batch import BatchEmbedder, StageTimes
-from embedder.embed.lanes import _run_lanes, embed_stream
+from embedder.embed.lanes import embed_stream, run_lanes
 from embedder.embed.options import EmbedOptions, RunOptions
 from embedder.io import storage
 from embedder.io.sources import ImageRef, iter_discover
@@ -95,7 +95,7 @@ def extract(
     tables: list[str] = []  # table files read: their rows' ids follow run.sources.id_scheme
     with worklist.build(iter_discover(sources, run.sources, tables.append)) as work:
         embedder = embedder or BatchEmbedder(spec, embed)
-        lanes = _run_lanes(embedder, run)
+        lanes = run_lanes(embedder, run)
         # a combination that cannot run is refused before the store is created
         resolve_decode_in(run.decode_in, embedder.device, 1, 0, embedder.options.decoder,
                           embedder.lane_threads(lanes) if lanes > 1 else None)

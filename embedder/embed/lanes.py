@@ -45,11 +45,9 @@ class _Launched:
     pending: Pending | None
 
 
-
-def _run_lanes(embedder: BatchEmbedder, run: RunOptions) -> int:
+def run_lanes(embedder: BatchEmbedder, run: RunOptions) -> int:
     """The CPU model lanes a run gets: ``--model-lanes`` or the default, as far as the model allows."""
     return embedder.usable_lanes(default_lanes() if run.model_lanes is None else run.model_lanes)
-
 
 
 def embed_stream(
@@ -75,7 +73,7 @@ def embed_stream(
     crop = embedder.loaded.preprocessing.crop_size
     n_slots = max(2, run.prefetch_batches) + 1
     workers = run.workers or default_workers()
-    lanes_wanted = _run_lanes(embedder, run)
+    lanes_wanted = run_lanes(embedder, run)
     kind = resolve_decode_in(run.decode_in, embedder.device, workers, n_slots * bs * 3 * crop * crop,
                              embedder.options.decoder,
                              # idle decode priority is for decode workers: auto keeps them then
@@ -173,7 +171,6 @@ def embed_stream(
             for fut in futures:
                 fut.cancel()
         ring.close()
-
 
 
 def _stream_in_lanes(refs: worklist.Refs, embedder: BatchEmbedder, bs: int, lanes: int,

@@ -20,7 +20,6 @@ DECODE_IN = choices.DECODE_IN
 DECODE_PRIORITIES = choices.DECODE_PRIORITIES
 
 
-
 # Batch sizes when none is given. CPU: small batches keep activations in cache; measured on 2 cores
 # in one interleaved run (MobileNetV2, 500x375 JPEGs, 5 rounds): batch 4 against 8, model only
 # 182-189 vs 144-156 img/s, extract with two lanes 117-124 vs 96-104; batches 2 and 6 level with 4;
@@ -34,12 +33,10 @@ def default_batch(device: torch.device) -> int:
     return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
 
 
-
 def default_lanes() -> int:
     """CPU model lanes (``BatchEmbedder.cpu_lanes``): two batches at once wherever there are two
     cores to run them on."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
-
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,6 @@ class EmbedOptions:
     # pil (bit-identical to weights.transforms()) | pil-draft | pil-reduce | torchvision | nvjpeg | auto
     decoder: str = "pil"
     cpu_graph: str = "auto"  # CPU, fp32: eager | onednn (TorchScript, oneDNN) | auto (timed on long runs)
-
 
 
 @dataclass(frozen=True)

@@ -22,20 +22,20 @@ import pyarrow.parquet as pq
 from embedder.errors import EmbedderError, IndexError_
 from embedder.index import generations as gens
 from embedder.index import gpu as index_gpu
-from embedder.index.faiss_util import _faiss, _faiss_metric, _prepare, _set_param
+from embedder.index.faiss_util import faiss_metric, import_faiss, prepare_rows, set_search_param
 from embedder.index.generations import (  # noqa: F401
     HOME_ENV,
     IDS_FILE,
     INDEX_FILE,
     META_FILE,
     VECTORS_FILE,
-    _commit,
-    _read_meta,
+    commit_index,
     drop,
     home,
     info,
     locate,
     names,
+    read_meta,
 )
 from embedder.index.plan import ENGINES, METRICS, RERANK_FACTOR, BuildOptions, Plan, plan
 from embedder.index.quality import Searcher, measure_and_tune, tune
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
           index_home: str | None = None) -> dict[str, Any]:
-    _faiss()  # a clear error before any work when FAISS is missing
+    import_faiss()  # a clear error before any work when FAISS is missing
     if options.metric not in METRICS:
         raise IndexError_(f"unknown metric {options.metric!r}; valid: {', '.join(METRICS)}")
     target = gens.index_dir(name, index_home)
@@ -91,7 +91,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     from embedder.index import ondisk
     from embedder.index import stream as index_stream
 
-    faiss = _faiss()
+    faiss = import_faiss()
     t0 = time.perf_counter()
     tmpdir = gens.staging(target)
     parallel = None
@@ -99,9 +99,9 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
         from embedder.embed.options import RayOptions
         from embedder.index import ray as index_ray
 
-        parallel = index_ray.parallel(RayOptions(address=options.address), _faiss_metric(options.metric))
+        parallel = index_ray.parallel(RayOptions(address=options.address), faiss_metric(options.metric))
     r = index_stream.build_streamed(store, tmpdir, p.factory, options.metric, p.train_size, budget, options.queries,
-                           options.seed, _faiss_metric(options.metric), lambda v: _prepare(v, options.metric),
+                           options.seed, faiss_metric(options.metric), lambda v: prepare_rows(v, options.metric),
                            parallel)
     index = r["index"]
     vectors = np.load(tmpdir / VECTORS_FILE, mmap_mode="r")
@@ -111,7 +111,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
                    tol=1e-3 if rerank else 1e-5)  # re-ranked scores come from float16 copies
     del searcher, index
     index = r["finish"]()  # the final lists, held-out queries included
-    _set_param(index, quality.get("param"), quality.get("value"))
+    set_search_param(index, quality.get("param"), quality.get("value"))
     text_recall = _text_recall(store_path, store, Searcher(index, options.metric, vectors if rerank else None),
                                r["n"], options)
     ondisk.point_lists_at(index, target / f"gen-{gens.next_generation(target):06d}" / ondisk.LISTS_FILE)
@@ -135,18 +135,18 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
         **({"text_recall": text_recall} if text_recall is not None else {}),
     }
-    return _commit(target, tmpdir, meta)
+    return commit_index(target, tmpdir, meta)
 
 
 def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Table,
            options: BuildOptions, p: Plan) -> dict[str, Any]:
-    faiss = _faiss()
+    faiss = import_faiss()
     n, dim = table.num_rows, store.dim
-    x = _prepare(arrow_to_embeddings(table.column("embedding")), options.metric)
+    x = prepare_rows(arrow_to_embeddings(table.column("embedding")), options.metric)
     budget = options.memory_budget or default_budget()
     t0 = time.perf_counter()
     try:
-        base = faiss.index_factory(dim, p.factory, _faiss_metric(options.metric))
+        base = faiss.index_factory(dim, p.factory, faiss_metric(options.metric))
     except RuntimeError as e:
         raise IndexError_(f"FAISS cannot build {p.factory!r}: {str(e).splitlines()[-1]}") from None
     index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap2(base)
@@ -203,7 +203,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
         **({"text_recall": text_recall} if text_recall is not None else {}),
     }
-    return _commit(target, tmpdir, meta)
+    return commit_index(target, tmpdir, meta)
 
 
 def _text_recall(store_path: str, store: Store, searcher: Searcher, count: int,
@@ -216,7 +216,7 @@ def _text_recall(store_path: str, store: Store, searcher: Searcher, count: int,
     from embedder.index import text_recall as tr
 
     def search(q: np.ndarray, k: int) -> np.ndarray:
-        return searcher.search(_prepare(q, options.metric), min(k, searcher.index.ntotal))[1]  # type: ignore[no-any-return]
+        return searcher.search(prepare_rows(q, options.metric), min(k, searcher.index.ntotal))[1]  # type: ignore[no-any-return]
 
     try:
         return tr.measure(store_path, store.provenance, options.metric, search, count,
@@ -251,8 +251,8 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
 
 
 def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table) -> None:
-    faiss = _faiss()
-    x = _prepare(arrow_to_embeddings(new.column("embedding")), loaded.metric)
+    faiss = import_faiss()
+    x = prepare_rows(arrow_to_embeddings(new.column("embedding")), loaded.metric)
     start = int(loaded.meta["next_id"])
     fids = np.arange(start, start + new.num_rows, dtype=np.int64)
     loaded.index.add_with_ids(x, fids)
@@ -271,4 +271,4 @@ def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table) -> None:
     pq.write_table(ids, tmpdir / IDS_FILE)
     meta = {**loaded.meta, "count": int(loaded.index.ntotal), "next_id": start + new.num_rows,
             "index_bytes": (tmpdir / INDEX_FILE).stat().st_size}
-    _commit(d, tmpdir, meta)
+    commit_index(d, tmpdir, meta)

@@ -15,7 +15,7 @@ from embedder.errors import IndexError_
 _TABLE_LOCK = threading.RLock()  # FAISS's precomputed-table switch is process-wide
 
 
-def _faiss() -> Any:
+def import_faiss() -> Any:
     try:
         import faiss
     except ImportError:
@@ -23,8 +23,7 @@ def _faiss() -> Any:
     return faiss
 
 
-
-def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
+def prepare_rows(x: np.ndarray, metric: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if metric == "cosine":
         norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -32,31 +31,27 @@ def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
-
-def _faiss_metric(metric: str) -> int:
+def faiss_metric(metric: str) -> int:
     # Cosine runs as L2 on unit vectors: the same ranking (|a-b|² = 2 - 2cos), and IVF-PQ's
     # residual codes are built for L2.
-    faiss = _faiss()
+    faiss = import_faiss()
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
-
-def _score(d: np.ndarray, metric: str) -> np.ndarray:
+def to_score(d: np.ndarray, metric: str) -> np.ndarray:
     """FAISS distances → the score users read: cosine similarity, L2 distance, or inner product."""
     return 1.0 - d / 2.0 if metric == "cosine" else d
 
 
-
-def _set_param(index: Any, name: str | None, value: int | None) -> None:
+def set_search_param(index: Any, name: str | None, value: int | None) -> None:
     if name is None or value is None:
         return
-    faiss = _faiss()
+    faiss = import_faiss()
     faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
-
-def _param_name(index: Any) -> tuple[str | None, list[int]]:
-    faiss = _faiss()
+def search_param(index: Any) -> tuple[str | None, list[int]]:
+    faiss = import_faiss()
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
         return "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
@@ -68,10 +63,9 @@ def _param_name(index: Any) -> tuple[str | None, list[int]]:
     return None, []
 
 
-
-def _exact(x: np.ndarray, metric: str) -> Any:
-    faiss = _faiss()
-    flat = faiss.IndexFlat(x.shape[1], _faiss_metric(metric))
+def exact_index(x: np.ndarray, metric: str) -> Any:
+    faiss = import_faiss()
+    flat = faiss.IndexFlat(x.shape[1], faiss_metric(metric))
     flat.add(x)
     return flat
 
@@ -86,7 +80,7 @@ def set_quantizer_ef(index: Any, ef: int = QUANTIZER_EF) -> None:
     """An HNSW coarse quantizer searches its centroids at efSearch ≥ nprobe (FAISS's default, 16,
     would cap the lists it can return well below the nprobe values tuned to); adds assign each
     vector to one list, at a smaller efSearch."""
-    faiss = _faiss()
+    faiss = import_faiss()
     q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
     if isinstance(q, faiss.IndexHNSW):
         q.hnsw.efSearch = ef
@@ -99,7 +93,7 @@ def no_precomputed_tables() -> Iterator[None]:
     clone — measured: the 5M build's own memory peaked at 3.7 GB for a 512 MB budget. At the small
     nprobe these indexes are tuned to, computing the tables per query costs little; so they are
     skipped for on-disk indexes (FAISS's process-wide limit, set for the duration and restored)."""
-    faiss = _faiss()
+    faiss = import_faiss()
     with _TABLE_LOCK:
         before = faiss.cvar.precomputed_table_max_bytes
         faiss.cvar.precomputed_table_max_bytes = 0

@@ -182,7 +182,7 @@ def identity(folder: Path) -> str:
     return f"{folder.name}@{stamp}"
 
 
-def _read_meta(folder: Path, name: str) -> dict[str, Any]:
+def read_meta(folder: Path, name: str) -> dict[str, Any]:
     try:
         meta: dict[str, Any] = json.loads((folder / META_FILE).read_text())
     except json.JSONDecodeError as e:
@@ -194,10 +194,10 @@ def _read_meta(folder: Path, name: str) -> dict[str, Any]:
 def info(name: str, index_home: str | None = None) -> dict[str, Any]:
     for _ in range(2):  # a writer may retire the generation between locating and reading it
         try:
-            return _read_meta(locate(name, index_home), name)
+            return read_meta(locate(name, index_home), name)
         except FileNotFoundError:
             continue
-    return _read_meta(locate(name, index_home), name)
+    return read_meta(locate(name, index_home), name)
 
 
 def drop(name: str, index_home: str | None = None) -> None:
@@ -214,7 +214,7 @@ IDS_FILE = "ids.parquet"
 VECTORS_FILE = "vectors.npy"  # float16 copies for exact re-ranking of compressed (PQ) indexes
 
 
-def _commit(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def commit_index(target: Path, tmpdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """index.json goes in last; then the staged folder becomes the current generation."""
     meta["generation"] = next_generation(target)
     meta["build_id"] = uuid.uuid4().hex  # never reused: see generations.identity

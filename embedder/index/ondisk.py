@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from embedder.errors import IndexError_
-from embedder.index.faiss_util import _faiss, no_precomputed_tables, set_quantizer_ef
+from embedder.index.faiss_util import import_faiss, no_precomputed_tables, set_quantizer_ef
 from embedder.native_output import quiet
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,14 @@ def read_ondisk(path: str) -> Any:
     """Open an index whose lists lie beside its index file. A generation is self-contained: its
     header names the lists file alone, never an absolute path, so a copied or moved index home reads
     its own lists (FAISS's IO_FLAG_ONDISK_SAME_DIR), never the original's."""
-    faiss = _faiss()
+    faiss = import_faiss()
     with no_precomputed_tables(), quiet(stderr=False):  # its printf: "IO_FLAG_ONDISK_SAME_DIR: …"
         return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
 def point_lists_at(index: Any, final: Path) -> None:
     """Record the lists file by its name alone (see ``read_ondisk``); FINAL is where it will live."""
-    faiss = _faiss()
+    faiss = import_faiss()
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     lists.filename = final.name
 
@@ -55,16 +55,16 @@ def point_lists_at(index: Any, final: Path) -> None:
 def merge_lists(trained: Any, fnames: list[str], ivfdata: str) -> Any:
     """``faiss.contrib.ondisk.merge_ondisk``, with the slices read memory-mapped and the merged
     lists written to IVFDATA; returns the index (its lists on disk)."""
-    faiss = _faiss()
+    faiss = import_faiss()
     if trained.ntotal != 0:
         raise IndexError_("internal: merging into a non-empty index")
-    return _merge_into(trained, [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in fnames], ivfdata)
+    return merge_into(trained, [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in fnames], ivfdata)
 
 
-def _merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
+def merge_into(out: Any, sources: list[Any], ivfdata: str) -> Any:
     """The inverted lists of SOURCES (kept alive by the caller's list meanwhile) merged into one
     on-disk file IVFDATA, which becomes OUT's lists."""
-    faiss = _faiss()
+    faiss = import_faiss()
     out_ivf = faiss.extract_index_ivf(out)
     invlists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, ivfdata)
     vec = faiss.InvertedListsPtrVector()
@@ -120,7 +120,7 @@ def stack_deltas(index_file: str, trained_file: str, delta_files: list[str]) -> 
     lists: a copy of the trained empty index whose lists are FAISS's HStackInvertedLists of theirs.
     Returns it and what must stay alive while it is used (it owns none of the lists: the indexes
     they came from do, each as FAISS made it, so nothing changes owner)."""
-    faiss = _faiss()
+    faiss = import_faiss()
     with no_precomputed_tables():
         base = read_ondisk(index_file)
         deltas = [faiss.read_index(f) for f in delta_files]

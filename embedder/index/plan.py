@@ -13,21 +13,16 @@ from embedder.errors import IndexError_
 KINDS = choices.INDEX_KINDS
 
 
-
 METRICS = choices.METRICS
-
 
 
 RERANK_FACTOR = 8
 
 
-
 EXACT_BELOW = 50_000
 
 
-
 ENGINES = choices.ENGINES
-
 
 
 @dataclass(frozen=True)
@@ -50,14 +45,12 @@ class BuildOptions:
     device: str = "auto"  # where the text tower runs
 
 
-
 @dataclass
 class Plan:
     factory: str
     kind: str
     reason: str
     train_size: int = 0
-
 
 
 @dataclass
@@ -70,12 +63,10 @@ class IndexInfo:
 COARSE = choices.COARSE
 
 
-
 # From this many lists (n ≥ 16.7M at 4√n) an HNSW graph over the centroids assigns vectors. Below,
 # the flat quantizer's BLAS distances win: measured at 1M × 256 (4,000 lists) on 2 cores, see
 # docs/benchmarks.md; FAISS's guidelines use HNSW quantizers for 65,536 lists and more.
 HNSW_COARSE_FROM = 16_384
-
 
 
 def plan(n: int, dim: int, kind: str, budget: int, coarse: str = "auto", opq: bool = False) -> Plan:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from embedder.index import gpu as index_gpu
-from embedder.index.faiss_util import _faiss, _faiss_metric, _param_name, _set_param
+from embedder.index.faiss_util import faiss_metric, import_faiss, search_param, set_search_param
 from embedder.index.plan import RERANK_FACTOR
 
 log = logging.getLogger(__name__)
@@ -18,9 +18,7 @@ log = logging.getLogger(__name__)
 MIN_RECALL_QUERIES = 50  # fewer held-out queries: recall is reported as not measured
 
 
-
 RERANK_CHUNK = 32  # queries re-ranked at a time (bounded temporaries)
-
 
 
 def true_scores(x: np.ndarray, q: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
@@ -31,17 +29,15 @@ def true_scores(x: np.ndarray, q: np.ndarray, ids: np.ndarray, metric: str) -> n
     return np.einsum("qkd,qd->qk", v, q)
 
 
-
 def ground_truth(x: np.ndarray, queries: np.ndarray, k: int, metric: str, block: int = 65_536) -> np.ndarray:
     """Exact k-NN scores of QUERIES over X, streamed block by block (faiss.contrib's
     ``knn_ground_truth``: memory is one block, whatever the size of X)."""
-    _faiss()
+    import_faiss()
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
     blocks = (x[i:i + block] for i in range(0, len(x), block))
-    d, _ = knn_ground_truth(queries, blocks, k, metric_type=_faiss_metric(metric), ngpu=index_gpu.gpu_count())
+    d, _ = knn_ground_truth(queries, blocks, k, metric_type=faiss_metric(metric), ngpu=index_gpu.gpu_count())
     return np.asarray(d, dtype=np.float32)
-
 
 
 def tie_aware_recall(exact_scores: np.ndarray, found_scores: np.ndarray, found_ids: np.ndarray,
@@ -55,7 +51,6 @@ def tie_aware_recall(exact_scores: np.ndarray, found_scores: np.ndarray, found_i
     valid = found_ids[:, :k] >= 0
     good = found_scores[:, :k] >= kth - margin if higher_is_better else found_scores[:, :k] <= kth + margin
     return float(np.minimum((good & valid).sum(1), k).mean() / k)
-
 
 
 class Searcher:
@@ -99,12 +94,10 @@ class Searcher:
         return np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
 
 
-
 def _qps(searcher: Searcher, q: np.ndarray, k: int) -> float:
     t0 = time.perf_counter()
     searcher.search(q, k)
     return len(q) / max(time.perf_counter() - t0, 1e-9)
-
 
 
 def measure_and_tune(searcher: Searcher, x: np.ndarray, rest: np.ndarray, queries: np.ndarray, k: int,
@@ -119,7 +112,6 @@ def measure_and_tune(searcher: Searcher, x: np.ndarray, rest: np.ndarray, querie
                 scores_of=lambda ids: true_scores(x, queries, ids, metric))
 
 
-
 def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | None, k: int, target: float,
          metric: str, scores_of: Any = None, tol: float = 1e-5) -> dict[str, Any]:
     """The sweep behind ``measure_and_tune``, given the exact k-NN scores. ``scores_of(ids)`` gives
@@ -131,12 +123,12 @@ def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | Non
         return {"recall_at_10": None, "qps": None, "param": None, "value": None, "queries": 0}
     exact_scores = exact_scores[:, :k]
     higher_is_better = metric == "ip"
-    name, values = _param_name(index)
+    name, values = search_param(index)
     tried: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
     candidates: list[int | None] = list(values) if values else [None]
     for v in candidates:
-        _set_param(index, name, v)
+        set_search_param(index, name, v)
         found, ids = searcher.search(queries, k)
         scores = scores_of(ids) if scores_of is not None else found
         recall = tie_aware_recall(exact_scores, scores, ids, higher_is_better, k, tol)
@@ -149,7 +141,7 @@ def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | Non
         chosen = {"value": best["value"], "recall": best["recall"]}
         log.warning("target recall %.2f not reached; best %.3f at %s=%s", target, best["recall"],
                     name, best["value"])
-    _set_param(index, name, chosen["value"])
+    set_search_param(index, name, chosen["value"])
     out = {"recall_at_10": round(float(chosen["recall"]), 4), "k": k, "param": name,
            "value": chosen["value"], "qps": round(_qps(searcher, queries, k), 1),
            "queries": len(queries), "target": target, "sweep": tried,

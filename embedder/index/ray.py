@@ -51,14 +51,14 @@ def _add_task(part: Part, queries: np.ndarray, staging: str, faiss_metric: int,
               threads: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     import faiss
 
-    from embedder.index.faiss_util import _prepare
+    from embedder.index.faiss_util import prepare_rows
 
     faiss.omp_set_num_threads(threads)
     part = dataclasses.replace(part, queries=np.array(queries))  # writable, off the object store
     d = Path(staging)
     with faiss_util.no_precomputed_tables(), open(d / f"vectors-{part.tag}.f16", "wb") as vectors, \
             pa.OSFile(str(d / f"ids-{part.tag}.arrow"), "wb") as sink, pa.ipc.new_file(sink, ID_SCHEMA) as ids_out:
-        return add_part(part, d, vectors, ids_out, lambda v: _prepare(v, part.metric), faiss_metric)
+        return add_part(part, d, vectors, ids_out, lambda v: prepare_rows(v, part.metric), faiss_metric)
 
 
 def parallel(options: RayOptions, faiss_metric: int, task_cpus: float = 1.0) -> Parallel:

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from embedder.errors import IndexError_, ProvenanceMismatch, StoreError, shown
 from embedder.index import generations as gens
-from embedder.index.faiss_util import _exact, _faiss, _prepare, _score, _set_param
-from embedder.index.generations import IDS_FILE, INDEX_FILE, VECTORS_FILE, _read_meta, locate
+from embedder.index.faiss_util import exact_index, import_faiss, prepare_rows, set_search_param, to_score
+from embedder.index.generations import IDS_FILE, INDEX_FILE, VECTORS_FILE, locate, read_meta
 from embedder.index.quality import Searcher
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, arrow_to_embeddings
@@ -37,9 +37,9 @@ class LoadedIndex:
                     raise IndexError_(f"index {name!r} kept changing while being opened; try again") from None
 
     def _open(self, name: str, index_home: str | None) -> None:
-        faiss = _faiss()
+        faiss = import_faiss()
         self.dir = locate(name, index_home)
-        self.meta = _read_meta(self.dir, name)
+        self.meta = read_meta(self.dir, name)
         if not (self.dir / INDEX_FILE).is_file():
             raise FileNotFoundError(self.dir / INDEX_FILE)
         on_disk = bool(self.meta.get("on_disk"))
@@ -73,7 +73,7 @@ class LoadedIndex:
             raise IndexError_(f"index {name!r} is inconsistent: {self.index.ntotal} vectors, "
                               f"{self.ids.num_rows} ids; rebuild it")
         search = self.meta.get("search", {})
-        _set_param(self.index, search.get("param"), search.get("value"))
+        set_search_param(self.index, search.get("param"), search.get("value"))
         vectors = None
         if self.meta.get("rerank") or self.meta.get("vectors"):
             try:
@@ -139,7 +139,7 @@ class LoadedIndex:
             if len(zero):
                 raise IndexError_(f"query vector{which(zero)} is all zeros: it has no direction to search by "
                                   f"(index {self.name!r} ranks by {self.metric})")
-        return _prepare(q, self.metric)
+        return prepare_rows(q, self.metric)
 
     def require_addable(self, prov: Provenance, store_path: str) -> None:
         """Refuse to add vectors made otherwise than the indexed ones (``ProvenanceMismatch``): another
@@ -212,7 +212,7 @@ class LoadedIndex:
         if not where:
             scores, ids = self.searcher.search(q, kk)
             return self._hits(scores, ids)
-        faiss = _faiss()
+        faiss = import_faiss()
         allowed = self.allowed_faiss_ids(where)
         need = min(kk, len(allowed))
         if need == 0:
@@ -243,11 +243,11 @@ class LoadedIndex:
             raise IndexError_(f"index {self.name!r}: some vectors are neither in the index nor in its "
                               "store; rebuild the index")
         x = arrow_to_embeddings(t.column("embedding").take(pos))
-        return _prepare(x, self.metric)
+        return prepare_rows(x, self.metric)
 
     def _exact_among(self, q: np.ndarray, allowed: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         x = self._vectors_of(allowed)
-        scores, pos = _exact(x, self.metric).search(q, k)
+        scores, pos = exact_index(x, self.metric).search(q, k)
         return self._hits(scores, np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1))
 
     def rows_of(self, fids: np.ndarray) -> np.ndarray:
@@ -263,14 +263,14 @@ class LoadedIndex:
         out = []
         for qi in range(len(scores)):
             hits: list[dict[str, Any]] = []
-            for s, ok in zip(_score(scores[qi], self.metric), valid[qi]):
+            for s, ok in zip(to_score(scores[qi], self.metric), valid[qi]):
                 if ok:
                     hits.append({"rank": len(hits) + 1, "score": float(s), **next(it)})
             out.append(hits)
         return out
 
     def _params_with(self, sel: Any, scale: int, k: int) -> Any:
-        faiss = _faiss()
+        faiss = import_faiss()
         inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap) else self.index
         value = int(self.meta.get("search", {}).get("value") or 1)
         ivf = faiss.try_extract_index_ivf(inner)

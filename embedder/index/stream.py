@@ -14,15 +14,15 @@ import pyarrow as pa
 
 from embedder.errors import IndexError_
 from embedder.index import gpu as index_gpu
-from embedder.index.faiss_util import QUANTIZER_EF_ADD, _faiss, no_precomputed_tables, set_quantizer_ef
+from embedder.index.faiss_util import QUANTIZER_EF_ADD, import_faiss, no_precomputed_tables, set_quantizer_ef
 from embedder.index.ondisk import (
     DELTA_FRACTION,
     DELTA_MAX,
     IDS_ARROW,
     LISTS_FILE,
     TRAINED_FILE,
-    _merge_into,
     link_or_copy,
+    merge_into,
     merge_lists,
     point_lists_at,
     read_ondisk,
@@ -33,10 +33,6 @@ from embedder.store.shards import Store
 BATCH_ROWS = 16_384
 
 
-
-
-
-
 @dataclass
 class Batch:
     start: int  # global row number of the first row
@@ -44,12 +40,10 @@ class Batch:
     table: pa.Table  # id, path, label
 
 
-
 def batches(store: Store, prepare: Callable[[np.ndarray], np.ndarray],
             columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
     """The store in global row order, one record batch at a time."""
     return batches_of([str(f) for f in store.shard_files()], 0, prepare, columns)
-
 
 
 def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.ndarray],
@@ -67,7 +61,6 @@ def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.
         pool.release_unused()
 
 
-
 def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray],
            files: list[str] | None = None) -> np.ndarray:
     """Vectors of the given global rows (sorted) of FILES (default: the store's shards now), in one
@@ -81,9 +74,7 @@ def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.nd
     return out
 
 
-
 ID_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
-
 
 
 @dataclass(frozen=True)
@@ -103,11 +94,9 @@ class Part:
 Parallel = Callable[[Part, Path], tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]]
 
 
-
 def write_npy_header(f: Any, n: int, dim: int) -> None:
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
                                              "fortran_order": False, "shape": (n, dim)})
-
 
 
 def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Callable[[np.ndarray], np.ndarray],
@@ -116,7 +105,7 @@ def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Cal
     reaches ``per_slice`` rows; the rows' float16 copies go to VECTORS (a binary file) and their
     id-map rows to IDS_OUT (an Arrow IPC writer), in row order. Returns the slice files and the
     part's exact top-k of the held-out queries (distances, global ids)."""
-    faiss = _faiss()
+    faiss = import_faiss()
     base = faiss.read_index(str(staging / TRAINED_FILE))
     held = part.held
     heap = faiss.ResultHeap(len(held), part.k, keep_max=(part.metric == "ip")) if part.k else None
@@ -160,12 +149,10 @@ def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Cal
     return slices, np.asarray(heap.D, np.float32), np.asarray(heap.I, np.int64)
 
 
-
 def slice_rows(dim: int, code_bytes: int, budget: int) -> int:
     """Rows per slice index: a quarter of the budget for its codes and ids (the rest is the
     training sample, the queries' ground truth, one record batch and FAISS's own buffers)."""
     return max(BATCH_ROWS, int(budget // 4 // max(code_bytes + 8, 1)))
-
 
 
 def train_rows(plan_rows: int, dim: int, budget: int) -> int:
@@ -173,11 +160,9 @@ def train_rows(plan_rows: int, dim: int, budget: int) -> int:
     return int(max(1, min(plan_rows, budget // 4 // (dim * 4))))
 
 
-
 def build_streamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
     with no_precomputed_tables():
         return _build_streamed(*args, **kwargs)
-
 
 
 def _build_streamed(store: Store, staging: Path, factory: str, metric: str, train_size: int, budget: int,
@@ -185,7 +170,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
                    prepare: Callable[[np.ndarray], np.ndarray], parallel: Parallel | None = None) -> dict[str, Any]:
     """Write index.faiss (+ lists.ivfdata), trained.faiss, ids.arrow and vectors.npy into STAGING.
     Returns what the caller needs for tuning and the metadata."""
-    faiss = _faiss()
+    faiss = import_faiss()
 
     # one listing: a writer appending shards meanwhile must not make the count, the sample and the
     # adds see different stores (duplicate FAISS ids, rows missing from the id map)
@@ -270,11 +255,9 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
             "train_seconds": round(train_seconds, 3), "trained_on": trained_on}
 
 
-
 def add_streamed(loaded: Any, d: Path, store_path: str, merge: bool = False) -> dict[str, int]:
     with no_precomputed_tables():
         return _add_streamed(loaded, d, store_path, merge)
-
 
 
 def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[str, int]:
@@ -285,11 +268,11 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     every delta are merged into one lists file instead (streamed, on disk). The current generation
     is never written to."""
 
-    faiss = _faiss()
+    faiss = import_faiss()
 
     from embedder.index import generations as gens
-    from embedder.index.faiss_util import _prepare
-    from embedder.index.generations import INDEX_FILE, VECTORS_FILE, _commit
+    from embedder.index.faiss_util import prepare_rows
+    from embedder.index.generations import INDEX_FILE, VECTORS_FILE, commit_index
 
     store = Store.open(store_path)
     loaded.require_addable(store.provenance, store_path)
@@ -326,7 +309,7 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     vectors = np.lib.format.open_memmap(tmpdir / delta["vectors"], mode="w+", dtype=np.float16, shape=(n_new, dim))
     row = start
     with pa.OSFile(str(tmpdir / delta["ids"]), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
-        for mask, b in zip(masks, batches_of(files, 0, lambda v: _prepare(v, loaded.metric))):  # pass 2
+        for mask, b in zip(masks, batches_of(files, 0, lambda v: prepare_rows(v, loaded.metric))):  # pass 2
             if not mask.any():
                 continue
             x = b.x[mask]
@@ -371,9 +354,8 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     nbytes = (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / LISTS_FILE).stat().st_size + sum(
         (tmpdir / x["index"]).stat().st_size for x in deltas)
     meta = {**loaded.meta, "count": count, "next_id": count, "deltas": deltas, "index_bytes": nbytes}
-    _commit(d, tmpdir, meta)
+    commit_index(d, tmpdir, meta)
     return {"added": n_new, "skipped": total - n_new, "count": count, "deltas": len(deltas)}
-
 
 
 def _merge_generation(trained: Any, loaded: Any, tmpdir: Path, deltas: list[dict[str, Any]], ivfdata: str,
@@ -383,14 +365,14 @@ def _merge_generation(trained: Any, loaded: Any, tmpdir: Path, deltas: list[dict
     streamed copies. Returns the merged index."""
     from embedder.index.generations import INDEX_FILE, VECTORS_FILE
 
-    faiss = _faiss()
+    faiss = import_faiss()
 
     def where(name: str) -> Path:
         return tmpdir / name if (tmpdir / name).exists() else loaded.dir / name
 
     sources = [read_ondisk(str(loaded.dir / INDEX_FILE)),
                *(faiss.read_index(str(where(x["index"]))) for x in deltas)]
-    index = _merge_into(faiss.clone_index(trained), sources, ivfdata)
+    index = merge_into(faiss.clone_index(trained), sources, ivfdata)
     del sources
     parts = [np.load(loaded.dir / VECTORS_FILE, mmap_mode="r"),
              *(np.load(where(x["vectors"]), mmap_mode="r") for x in deltas)]

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from embedder.errors import SourceError
 from embedder.io.options import SourceOptions
-from embedder.io.shards import expand_braces, is_shard, iter_samples
 from embedder.io.tables import TABLE_SUFFIXES, image_column, iter_rows
+from embedder.io.tars import expand_braces, is_shard, iter_samples
 from embedder.io.uri import filesystem, image_id, is_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})

@@ -36,8 +36,6 @@ class BadQuery(EmbedderError):
     """A query the service cannot answer as asked (HTTP 400/422)."""
 
 
-
-
 @dataclass
 class Query:
     """One query of a batch: exactly one of image (bytes), vector or id."""

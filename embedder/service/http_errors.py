@@ -28,19 +28,15 @@ def status_of(e: Exception) -> tuple[int, str]:
     return 500, "internal"
 
 
-
 class Unauthorised(Exception):
     pass
-
 
 
 class NotReady(Exception):
     pass
 
 
-
 MAX_MESSAGE = 1000  # an error body never echoes input at the length it came in
-
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:

@@ -46,7 +46,6 @@ class BodyLimit:
             await _too_large(limit, is_json, send)
 
 
-
 class TooLarge(Exception):
     """Raised by the body counter; the app's own handler answers it (413) where it is raised, so it
     never reaches a middleware that would wrap it."""
@@ -56,11 +55,9 @@ class TooLarge(Exception):
         self.limit, self.is_json = limit, is_json
 
 
-
 def too_large_message(limit: int, is_json: bool = False) -> str:
     hint = " (a JSON body: send its queries in several requests)" if is_json else ""
     return f"request body over {limit / 2**20:.3g} MiB{hint}"
-
 
 
 async def _too_large(limit: int, is_json: bool, send: Send) -> None:

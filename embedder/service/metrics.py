@@ -24,7 +24,6 @@ class Metrics:
         self.in_flight = Gauge("embedder_in_flight_requests", "HTTP requests being handled", registry=self.registry)
 
 
-
 class IndexGauges:
     """Per served index, read at scrape time: its generation and its vector count."""
 

@@ -27,7 +27,6 @@ class QueryIn(BaseModel):
     exclude_self: bool = Field(False, description="With id: leave the query item out of its results")
 
 
-
 class SearchIn(QueryIn):
     index: str | None = Field(None, description="Index name (optional when one index is served)")
     k: int = Field(10, ge=1, description="Results per query")
@@ -37,7 +36,6 @@ class SearchIn(QueryIn):
     queries: list[QueryIn] | None = Field(None, max_length=MAX_LIST, description="A batch of queries instead of "
                                           "vector/id (at most max_queries, at most max_text_queries texts, and "
                                           "k × queries at most max_results)")
-
 
 
 class EmbedIn(BaseModel):
@@ -54,18 +52,15 @@ class Hit(BaseModel):
     label: str | None
 
 
-
 class SearchOut(BaseModel):
     index: str
     generation: int
     results: list[list[Hit]]
 
 
-
 class ErrorOut(BaseModel):
     error: str
     kind: str
-
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 503)}

@@ -59,7 +59,7 @@ from embedder.models import checkpoint
 from embedder.models.backbone import Backbone
 from embedder.models.builder import ModelSpec, load_network
 from embedder.models.devices import resolve_device
-from embedder.models.features import _set_module
+from embedder.models.features import set_module
 from embedder.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Ba
     if not isinstance(old, nn.Linear):
         raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")
     torch.manual_seed(options.seed)
-    _set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
+    set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
     origin = loaded.info.to_dict()
     return net, backbone, pre, origin
 

@@ -145,7 +145,6 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-
 def _int(value: Any, default: int) -> int:
     if value is None or value == "":
         return default
@@ -153,7 +152,6 @@ def _int(value: Any, default: int) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise BadQuery(f"k must be an integer, got {str(value)[:20]!r}") from None
-
 
 
 def _where(value: Any) -> dict[str, str] | None:
@@ -167,7 +165,6 @@ def _where(value: Any) -> dict[str, str] | None:
     if not isinstance(where, dict):
         raise BadQuery(f"where must be a JSON object of COLUMN: VALUE, got a {type(where).__name__}")
     return _where_values(where)
-
 
 
 def _where_values(where: dict[str, Any]) -> dict[str, str]:
