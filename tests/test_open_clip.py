@@ -285,33 +285,52 @@ def test_zero_shot_needs_a_text_tower(image_tree: Path, tmp_path: Path) -> None:
 
 
 def test_index_build_measures_text_to_image_recall_on_captions(clip: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """Measured by the build itself (`index build`, `build_index()`, in memory or streamed with lists on
+    disk), saved in the index record, shown by `index info`, the Python API and `GET /indexes`."""
+    from fastapi.testclient import TestClient
+
+    import embedder
+    from embedder.service.app import create_app
+    from embedder.service.options import ServeOptions
+
     files = clip["files"]
     caps = [f"picture {i} of the collection" for i in range(len(files) - 1)] + ["word " * 90]  # one over 77
     table = tmp_path / "cap.parquet"
     pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "caption": caps}), table)
     store = tmp_path / "capstore"
+    home = tmp_path / "h"
     w = ["--weights", str(clip["wfile"])]
     _cli("extract", str(table), "--out", str(store), "--backbone", NAME, "--json", *w)
-    meta = json.loads(_cli("index", "build", str(store), "--name", "cap", "--home", str(tmp_path / "h"),
-                           "--json", *w))
-    tr = meta["text_recall"]
-    assert tr["captions"] == 7 and tr["skipped"] == 1 and tr["captioned_rows"] == 8
+    # recall@k by hand: OpenCLIP's own text vectors of the captions that fit, against the stored
+    # image vectors by cosine
     t = Store.open(store).read(["id", "embedding", "caption"])
     x = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    ids = t.column("id").to_pylist()
     kept = [i for i, c in enumerate(t.column("caption").to_pylist()) if len(c) < 300]
     q = _ref_text(clip, [t.column("caption")[i].as_py() for i in kept])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     rank = np.argsort(-(q @ x.T), axis=1)
-    for k in (1, 5, 10):
-        want = np.mean([ids[i] in [ids[j] for j in rank[r, :k]] for r, i in enumerate(kept)])
-        assert tr[f"recall_at_{k}"] == pytest.approx(want), (k, tr)
-    out = _cli("index", "build", str(store), "--name", "cap2", "--home", str(tmp_path / "h"), *w)
+    want = {f"recall_at_{k}": float(np.mean([i in rank[r, :k] for r, i in enumerate(kept)])) for k in (1, 5, 10)}
+
+    out = _cli("index", "build", str(store), "--name", "cli", "--home", str(home), *w)
     assert "text→image recall@1" in out and "1 left out" in out
-    # without the weights file the index is still built; the measurement says why it was not made
-    out = _cli("index", "build", str(store), "--name", "cap3", "--home", str(tmp_path / "h"))
-    assert "text → image recall not measured" in " ".join(out.split())
+    tr = json.loads(_cli("index", "info", "cli", "--home", str(home), "--json"))["text_recall"]
+    assert (tr["captions"], tr["skipped"], tr["captioned_rows"], tr["rows"]) == (7, 1, 8, 8)
+    assert {k: tr[k] for k in want} == pytest.approx(want)
+    assert "text→image recall@1" in _cli("index", "info", "cli", "--home", str(home))
+    # the Python API's build, streamed with lists on disk: the same row numbers, the same ranking
+    streamed = embedder.build_index(store, "disk", home=home, kind="ivf", on_disk=True, weights=clip["wfile"])
+    assert streamed.info["on_disk"] and {k: streamed.info["text_recall"][k] for k in want} == pytest.approx(want)
+    with TestClient(create_app(ServeOptions(home=str(home), poll_seconds=0))) as c:
+        _wait_ready(c)
+        listed = {d["name"]: d for d in c.get("/indexes").json()}
+        assert listed["cli"]["text_recall"] == tr and c.get("/indexes/disk").json()["text_recall"]["captions"] == 7
+    # without the weights file the index is still built; the record says why recall was not measured
+    bare = embedder.build_index(store, "bare", home=home, kind="flat")
+    assert "--weights" in bare.info["text_recall"]["not_measured"]
+    assert "text → image recall not measured" in " ".join(_cli("index", "info", "bare", "--home", str(home)).split())
+    # and not at all when asked not to
+    assert "text_recall" not in embedder.build_index(store, "off", home=home, kind="flat", text_recall=False).info
 
 
 def _hub_cache(root: Path, repo: str, filename: str, src: Path) -> Path:

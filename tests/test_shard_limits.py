@@ -77,7 +77,7 @@ def test_a_huge_caption_or_image_member_fails_its_sample_unread(images: list[Pat
     assert (s.done, s.failed) == (1, 3), s.failures
     reasons = " | ".join(r for _, r in s.failures)
     assert "0.txt is 1,048,577 bytes, over the 1,048,576-byte limit" in reasons
-    assert f"1.jpg is {len(big_image):,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit" in reasons
+    assert f"1.jpg is {len(big_image):,} bytes, over the {MAX_IMAGE_BYTES:,}-byte image limit" in reasons
     assert "2.json is" in reasons
     t = Store.open(tmp_path / "store").read(["caption"])
     assert t.column("caption").to_pylist() == ["a caption that fits"]

@@ -58,6 +58,7 @@ def extract_command(
     global_keys: Annotated[bool, typer.Option(help="Tables: --id-column's keys name the same item in every table (default: a key is its table file's, so two tables with the same keys are different items); a key repeated across the tables is recorded as failed, not merged. A store keeps the id scheme it was filled with.", rich_help_panel=SOURCES)] = SourceOptions.global_keys,
     decoder: Annotated[choices.Decoder, typer.Option(help="pil: bit-identical to the weights' transforms; pil-draft: JPEG draft mode; pil-reduce: large JPEGs ~2x faster (DCT-domain downscale to 2x the target, then the exact resize); torchvision: JPEGs ~2x faster, pixels within 1 level; nvjpeg: JPEGs decoded on the GPU; auto: the fastest measured to match pil (torchvision).", rich_help_panel=PERF)] = choices.Decoder(EmbedOptions.decoder),
     fast_decode: Annotated[bool, typer.Option(help="Same as --decoder pil-draft (JPEG draft mode).", rich_help_panel=PERF)] = False,
+    max_image_mb: Annotated[float, typer.Option(min=0.001, help="An image's encoded size limit (a file, an object, a tar member, a table row): a bigger one is a recorded failure, never read. The service's --max-upload-mb has the same default.", rich_help_panel=SOURCES)] = EmbedOptions.max_image_bytes / 2**20,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (tens of seconds up front; faster on long runs).", rich_help_panel=PERF)] = EmbedOptions.compile,
     cpu_graph: Annotated[choices.CpuGraph, typer.Option(help="CPU, fp32: eager, onednn (TorchScript graph optimised for oneDNN), or auto (time both on runs of 1,000+ images at batch 4, keep the faster).", rich_help_panel=PERF)] = choices.CpuGraph(EmbedOptions.cpu_graph),
     engine: Annotated[choices.Engine, typer.Option(help="ray: Ray Data, decode tasks + model actors (pip install 'embedder\\[ray]').", rich_help_panel=RAY)] = choices.Engine.local,
@@ -85,7 +86,7 @@ def extract_command(
     # the typed choices go on as the plain strings the library records
     embed = EmbedOptions(device=device, precision=str(precision), dtype=str(dtype), normalize=str(normalize),
                          decoder="pil-draft" if fast_decode else str(decoder), compile=compile_model,
-                         cpu_graph=str(cpu_graph))
+                         cpu_graph=str(cpu_graph), max_image_bytes=int(max_image_mb * 2**20))
     run = RunOptions(batch_size=batch_size, workers=workers, decode_in=str(decode_in), shard_rows=shard_rows,
                      retry_failed=retry_failed, decode_priority=str(decode_priority), model_lanes=model_lanes,
                      sources=SourceOptions(image_column, label_column, caption_column, id_column, json_label_key,

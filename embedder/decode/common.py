@@ -10,6 +10,7 @@ if TYPE_CHECKING:  # light: the CLI reads the pixel limit without loading torch
     import torch
 
 from embedder.errors import DecodeError
+from embedder.io.limits import MAX_IMAGE_BYTES
 
 # PIL's own default; beyond it an image is treated as a decompression bomb and skipped.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -49,10 +50,11 @@ def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None
                           f"{max_pixels} pixels")
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """An image's bytes, from a local path, an object-storage URI (s3://…), a tar shard's member
     (``SHARD#MEMBER[#@OFFSET:SIZE]``) or a table's row (``FILE#COLUMN/GROUP/ROW``): one decode path
-    for all; the location is parsed by ``embedder.io.location``."""
+    for all; the location is parsed by ``embedder.io.location``. An image over MAX_BYTES is refused
+    before more than MAX_BYTES + 1 of its bytes are read."""
     from embedder.io import location
     from embedder.io.uri import is_uri  # pyarrow: only when a path is read
 
@@ -63,10 +65,10 @@ def read_bytes(path: str) -> bytes:
         if loc.kind == location.MEMBER:
             from embedder.io.tars import read_member
 
-            return read_member(loc)
+            return read_member(loc, max_bytes)
         from embedder.io.tables import read_row
 
-        return read_row(path)
+        return read_row(path, max_bytes)
     if is_uri(path):
         from embedder.errors import SourceError
         from embedder.io.uri import filesystem
@@ -74,11 +76,26 @@ def read_bytes(path: str) -> bytes:
         try:
             fs, key = filesystem(path)
             with fs.open_input_stream(key) as f:  # type: ignore[attr-defined]
-                return bytes(f.read())
+                data = bytes(f.read(max_bytes + 1))
         except (OSError, SourceError) as e:
             raise DecodeError(f"cannot read: {str(e).splitlines()[0][:200]}") from None
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise DecodeError(f"cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        from embedder.io.limits import too_big
+
+        raise DecodeError(too_big(path.rsplit("/", 1)[-1], None if is_uri(path) else _size_of(path), max_bytes))
+    return data
+
+
+def _size_of(path: str) -> int | None:
+    import os
+
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DecodeError(f"cannot read: {e.strerror or e}") from None
+        return os.path.getsize(path)
+    except OSError:
+        return None

@@ -9,6 +9,7 @@ from embedder.choices import DECODERS
 from embedder.decode.common import DEFAULT_MAX_PIXELS, Decoded, ImageMeta, read_bytes
 from embedder.decode.cpu import decode_cpu_into
 from embedder.errors import DecodeError
+from embedder.io.limits import MAX_IMAGE_BYTES
 from embedder.models.preprocessing import Preprocessing
 
 # ``--decoder auto``: the fastest decoder measured to give the default's vectors. torchvision:
@@ -29,7 +30,8 @@ def _check_decoder(decoder: str) -> None:
 
 
 def decode_into(
-    path: str, pre: Preprocessing, out: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil"
+    path: str, pre: Preprocessing, out: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil",
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> ImageMeta:
     """Decode PATH and write its uint8 [3, crop, crop] pixels into ``out`` (a row of a reused
     batch buffer). Decoders: ``pil`` (bit-identical to ``weights.transforms()``, the default),
@@ -37,7 +39,7 @@ def decode_into(
     same, stopping at twice the target: large photos only, pixels near ``pil``'s), ``torchvision``
     (JPEGs through torchvision.io; other formats through PIL), ``nvjpeg`` (JPEGs on the GPU: batched
     by the pipeline, see ``decode.nvjpeg``; one by one here)."""
-    return decode_data_into(read_bytes(path), pre, out, max_pixels, decoder)
+    return decode_data_into(read_bytes(path, max_bytes), pre, out, max_pixels, decoder)
 
 
 def decode_data_into(
@@ -67,10 +69,11 @@ def decode_bytes(data: bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_
 
 
 def decode_file(
-    path: str, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil"
+    path: str, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil",
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> Decoded:
     pixels = torch.empty(3, pre.crop_size, pre.crop_size, dtype=torch.uint8)
-    meta = decode_into(path, pre, pixels, max_pixels, decoder)
+    meta = decode_into(path, pre, pixels, max_pixels, decoder, max_bytes)
     return Decoded(pixels, meta.width, meta.height, meta.file_hash)
 
 

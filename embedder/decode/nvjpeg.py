@@ -27,6 +27,7 @@ from PIL import Image
 from embedder.decode.common import DEFAULT_MAX_PIXELS, ImageMeta, check_resize, read_bytes
 from embedder.decode.cpu import decode_cpu_into
 from embedder.errors import DecodeError
+from embedder.io.limits import MAX_IMAGE_BYTES
 from embedder.models.preprocessing import Preprocessing
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -122,7 +123,8 @@ def _stream(device: torch.device) -> Any:
 
 
 def decode_chunk(paths: Sequence[str], start: int, host_rows: torch.Tensor, target: torch.Tensor,
-                 ready: Any, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageMeta | str]:
+                 ready: Any, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int = MAX_IMAGE_BYTES) -> list[ImageMeta | str]:
     """In a decode thread: rows ``start..`` of ``target`` (a batch on the GPU) from PATHS.
 
     JPEGs go through one nvJPEG call for the chunk (its CPU stage runs in this thread, so threads
@@ -138,7 +140,7 @@ def decode_chunk(paths: Sequence[str], start: int, host_rows: torch.Tensor, targ
     encoded: list[tuple[int, Encoded]] = []
     for i, path in enumerate(paths):
         try:
-            data = read_bytes(path)
+            data = read_bytes(path, max_bytes)
             enc = encode_header(data, pre, max_pixels)
             if enc is None:
                 outcomes[i] = decode_cpu_into(data, pre, host_rows[start + i], max_pixels, "pil")

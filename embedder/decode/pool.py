@@ -26,6 +26,7 @@ from embedder.decode.common import DEFAULT_MAX_PIXELS, ImageMeta
 from embedder.decode.decoders import decode_into
 from embedder.decode.nvjpeg import decode_chunk
 from embedder.errors import DecodeError, EmbedderError
+from embedder.io.limits import MAX_IMAGE_BYTES
 from embedder.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class DecodeSpec:
     pre: Preprocessing
     max_pixels: int = DEFAULT_MAX_PIXELS
     decoder: str = "pil"
+    max_image_bytes: int = MAX_IMAGE_BYTES  # an image's encoded bytes, checked before they are read
 
 
 def resolve_decode_in(decode_in: str, device: torch.device, workers: int, ring_bytes: int,
@@ -163,7 +165,8 @@ def decode_rows(pixels: torch.Tensor, spec: DecodeSpec, slot: int, start: int,
     out: list[Outcome] = []
     for i, path in enumerate(paths):
         try:
-            out.append(decode_into(path, spec.pre, pixels[slot, start + i], spec.max_pixels, spec.decoder))
+            out.append(decode_into(path, spec.pre, pixels[slot, start + i], spec.max_pixels, spec.decoder,
+                                   spec.max_image_bytes))
         except DecodeError as e:
             out.append(str(e))
     return out
@@ -226,7 +229,7 @@ class DecodeWorkers:
             part = list(paths[start:start + chunk])
             if target is not None:
                 futures.append(self._pool.submit(decode_chunk, part, start, self.ring.pixels[slot], target, ready,
-                                                 self.spec.pre, self.spec.max_pixels))
+                                                 self.spec.pre, self.spec.max_pixels, self.spec.max_image_bytes))
             elif self.kind == "threads":
                 futures.append(self._pool.submit(decode_rows, self.ring.pixels, self.spec, slot, start, part))
             else:

@@ -308,7 +308,8 @@ class BatchEmbedder:
         return out.numpy()
 
     def decode(self, path: str) -> Decoded:
-        return decode_file(path, self.loaded.preprocessing, self.options.max_pixels, self.options.decoder)
+        return decode_file(path, self.loaded.preprocessing, self.options.max_pixels, self.options.decoder,
+                           self.options.max_image_bytes)
 
     def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] → the normalised float batch the model takes, in its memory layout."""

@@ -83,7 +83,8 @@ def embed_stream(
         yield from _stream_in_lanes(refs, embedder, bs, lanes_wanted, on_error)
         return
     ring = Ring(n_slots, bs, crop, shared=kind == "processes", pin=embedder.device.type == "cuda")
-    spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder)
+    spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder,
+                      embedder.options.max_image_bytes)
     on_device = spec.decoder == "nvjpeg"  # decode threads write the batch on the GPU directly
     slot_device: list[torch.Tensor | None] = [None] * n_slots
     slot_refs: list[list[ImageRef]] = [[] for _ in range(n_slots)]
@@ -179,7 +180,8 @@ def _stream_in_lanes(refs: worklist.Refs, embedder: BatchEmbedder, bs: int, lane
     images into its slot of a fixed ring and then computes them (``BatchEmbedder.launch_decoding``).
     One task per lane is queued behind the running ones, so a lane that finishes starts its next
     batch at once; rows come out in order, and a slot is refilled as soon as its batch is back."""
-    spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder)
+    spec = DecodeSpec(embedder.loaded.preprocessing, embedder.options.max_pixels, embedder.options.decoder,
+                      embedder.options.max_image_bytes)
     n_slots = 2 * lanes
     ring = Ring(n_slots, bs, spec.pre.crop_size, shared=False, pin=False)
     it = iter(refs)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from embedder import choices
 from embedder.decode.common import DEFAULT_MAX_PIXELS
 from embedder.errors import EmbedderError
+from embedder.io.limits import MAX_IMAGE_BYTES
 from embedder.io.options import SourceOptions
 
 if TYPE_CHECKING:  # light: the CLI reads these defaults without loading torch
@@ -50,6 +51,7 @@ class EmbedOptions:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (fixed batch shape; the last batch is padded)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = MAX_IMAGE_BYTES  # an image's encoded bytes (file, object, member, row)
     # pil (bit-identical to weights.transforms()) | pil-draft | pil-reduce | torchvision | nvjpeg | auto
     decoder: str = "pil"
     cpu_graph: str = "auto"  # CPU, fp32: eager | onednn (TorchScript, oneDNN) | auto (timed on long runs)

@@ -39,6 +39,7 @@ from embedder.embed.options import CPU_BATCH, CUDA_BATCH, EmbedOptions, RayOptio
 from embedder.embed.worklist import WorkList
 from embedder.errors import EmbedderError, RayError
 from embedder.io import storage
+from embedder.io.limits import MAX_IMAGE_BYTES
 from embedder.io.sources import iter_discover
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
@@ -108,7 +109,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                        "(is `ray start --head` running there, and the port open?)") from None
 
 
-def _decode_batch(batch: dict[str, np.ndarray], pre: Any, max_pixels: int, decoder: str) -> dict[str, np.ndarray]:
+def _decode_batch(batch: dict[str, np.ndarray], pre: Any, max_pixels: int, decoder: str,
+                  max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, np.ndarray]:
     """A Ray CPU task: paths → uint8 pixels [N,3,crop,crop] plus metadata; failures keep their row
     with the reason in ``error`` (the batch never fails)."""
     import torch
@@ -121,7 +123,7 @@ def _decode_batch(batch: dict[str, np.ndarray], pre: Any, max_pixels: int, decod
     height = np.zeros(n, dtype=np.int32)
     file_hash = np.empty(n, dtype=object)
     error = np.empty(n, dtype=object)
-    outcomes = decode_rows(torch.from_numpy(pixels)[None], DecodeSpec(pre, max_pixels, decoder), 0, 0,
+    outcomes = decode_rows(torch.from_numpy(pixels)[None], DecodeSpec(pre, max_pixels, decoder, max_image_bytes), 0, 0,
                            [str(p) for p in paths])
     for i, meta in enumerate(outcomes):
         if isinstance(meta, str):
@@ -253,7 +255,8 @@ def _pipeline(ray: Any, todo: WorkList, spec: ModelSpec, embed: EmbedOptions, op
     # run inside the model's actors, serially with the model).
     decode_batch = max(batch_size, DECODE_BLOCK)
     decode_memory = decode_batch * 3 * pre.crop_size * pre.crop_size * 8 + (576 << 20)  # measured: 451 MiB idle
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"pre": pre, "max_pixels": max_pixels, "decoder": embed.decoder},
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"pre": pre, "max_pixels": max_pixels, "decoder": embed.decoder,
+                                                      "max_image_bytes": embed.max_image_bytes},
                         batch_size=decode_batch, batch_format="numpy", num_cpus=options.decode_cpus,
                         memory=decode_memory)
     per_actor = -(-len(todo) // (batch_size * max(1, options.workers)))

@@ -30,10 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.errors import DecodeError, SourceError
+from embedder.io import location
+from embedder.io.limits import MAX_IMAGE_BYTES, MAX_METADATA_BYTES, too_big
 from embedder.io.options import SourceOptions
 from embedder.io.uri import failing, filesystem, image_id, is_uri
 
-TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+TABLE_SUFFIXES = location.TABLE_SUFFIXES
+DISCOVERY_ROWS = 4096  # discovery reads the small columns (key, label, caption) this many rows at a time
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,13 @@ class _Reader:
             return self.pf.read_row_group(i, columns=columns)
         return pa.Table.from_batches([self._ipc.get_batch(i)]).select(columns)
 
+    def small_batches(self, i: int, columns: list[str]) -> Iterator[pa.RecordBatch | pa.Table]:
+        """Row group I's COLUMNS, DISCOVERY_ROWS rows at a time (a million-row group is not read whole)."""
+        if self.parquet:
+            yield from self.pf.iter_batches(batch_size=DISCOVERY_ROWS, row_groups=[i], columns=columns)
+        else:
+            yield self.group(i, columns)
+
     def batch(self, i: int) -> pa.RecordBatch:
         """Arrow: record batch I (views of the mapped file)."""
         return self._ipc.get_batch(i)
@@ -175,6 +185,16 @@ def _text(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
+def _too_long(label: Any, caption: Any) -> str | None:
+    """Why a row's label or caption is not stored (over MAX_METADATA_BYTES, as a tar shard's member
+    would be), or None."""
+    for what, v in (("label", label), ("caption", caption)):
+        if v is not None and len(str(v)) > MAX_METADATA_BYTES:
+            return (f"its {what} is {len(str(v)):,} characters, over the {MAX_METADATA_BYTES:,} limit of a "
+                    "label or caption: the row is not embedded")
+    return None
+
+
 def _key_id(value: Any, scope: str | None = None) -> str:
     """The id of the row whose key is VALUE: of the key alone (global keys), or of the key in
     SCOPE (its table file and key column)."""
@@ -216,26 +236,35 @@ def iter_rows(path: str, options: SourceOptions = SourceOptions(),
     seen: set[str] = keys_seen if keys_seen is not None else set()
     scope = None if options.global_keys else f"{path}#{options.id_column}"
     for g in range(r.groups):
-        t = r.group(g, small) if small else None
-        n = r.rows(g)  # never the image column: discovery reads only the small ones
-        keys = t.column(options.id_column).to_pylist() if options.id_column and t is not None else None
-        labels = t.column(label_col).to_pylist() if label_col and t is not None else [None] * n
-        caps = t.column(caption_col).to_pylist() if caption_col and t is not None else [None] * n
-        for i in range(n):
-            locator = f"{path}#{col}/{g}/{i}"
-            if keys is not None:
-                k = keys[i]
-                if k is None or str(k) in seen:
-                    why = "no key" if k is None else f"duplicate key {k}"
-                    yield Row(image_id(failing(path, f"{g}/{i}", "")), failing(
-                        path, f"{g}/{i}", f"{why} in --id-column {options.id_column}: the row is not embedded"),
-                        None, None)
+        n_group = r.rows(g)  # never the image column: discovery reads only the small ones
+        parts: Iterator[Any] = r.small_batches(g, small) if small else iter([None])
+        first = 0
+        for t in parts:
+            n = n_group if t is None else t.num_rows
+            keys = t.column(options.id_column).to_pylist() if options.id_column and t is not None else None
+            labels = t.column(label_col).to_pylist() if label_col and t is not None else [None] * n
+            caps = t.column(caption_col).to_pylist() if caption_col and t is not None else [None] * n
+            for j in range(n):
+                i = first + j
+                locator = location.row(path, col, g, i)
+                long = _too_long(labels[j], caps[j])
+                if long is not None:
+                    yield Row(image_id(failing(path, f"{g}/{i}", "")), failing(path, f"{g}/{i}", long), None, None)
                     continue
-                seen.add(str(k))
-                rid = _key_id(k, scope)
-            else:
-                rid = image_id(locator)
-            yield Row(rid, locator, _label(labels[i], classes), _text(caps[i]))
+                if keys is not None:
+                    k = keys[j]
+                    if k is None or str(k) in seen:
+                        why = "no key" if k is None else f"duplicate key {k}"
+                        yield Row(image_id(failing(path, f"{g}/{i}", "")), failing(
+                            path, f"{g}/{i}", f"{why} in --id-column {options.id_column}: the row is not embedded"),
+                            None, None)
+                        continue
+                    seen.add(str(k))
+                    rid = _key_id(k, scope)
+                else:
+                    rid = image_id(locator)
+                yield Row(rid, locator, _label(labels[j], classes), _text(caps[j]))
+            first += n
 
 
 # ---- reading a row's image back by its location --------------------------------------------------
@@ -417,7 +446,7 @@ def _group_images(path: str, column: str, group: int) -> _GroupRows:
     return _GroupRows(path, column, group)
 
 
-def read_row(locator: str) -> bytes:
+def read_row(locator: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The image bytes at ``FILE#COLUMN/GROUP/ROW``; a failing location raises DecodeError."""
     from embedder.io import location
 
@@ -437,4 +466,6 @@ def read_row(locator: str) -> bytes:
         raise DecodeError(str(e)) from None
     if not value:
         raise DecodeError("the row's image is null or empty")
+    if len(value) > max_bytes:
+        raise DecodeError(too_big(f"row {where}", len(value), max_bytes))
     return bytes(value)

@@ -44,7 +44,7 @@ from typing import IO, Any
 
 from embedder.errors import DecodeError, SourceError
 from embedder.io import location
-from embedder.io.limits import MAX_IMAGE_BYTES, MAX_METADATA_BYTES
+from embedder.io.limits import MAX_IMAGE_BYTES, MAX_METADATA_BYTES, too_big
 from embedder.io.location import TAR_SUFFIXES, Location
 from embedder.io.uri import filesystem, is_uri
 
@@ -363,10 +363,7 @@ def _over_limit(group: dict[str, tuple[int, int]], names: dict[str, str], image:
         if ext in group and group[ext][1] > MAX_METADATA_BYTES:
             return (f"{names[ext]} is {group[ext][1]:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit "
                     "of a label, caption or JSON member: the sample is not embedded")
-    if group[image][1] > MAX_IMAGE_BYTES:
-        return (f"{names[image]} is {group[image][1]:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit "
-                "of an image: the sample is not embedded")
-    return None
+    return None  # the image member's size is checked where it is read (``read_member``'s limit)
 
 
 def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
@@ -477,7 +474,7 @@ def _header_matches(hdr: bytes, member: str, size: int) -> bool:
                  or name in member.encode("ascii", "replace")))  # pax: the header's own name is ASCII
 
 
-def read_member(locator: str | Location) -> bytes:
+def read_member(locator: str | Location, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes at ``SHARD#MEMBER[#@OFFSET:SIZE]``; a failing location raises DecodeError with its
     reason. With a span: that range and the header before it, in one read; without one (or when the
     header there is not the member's: the shard was rewritten), the member found by its headers."""
@@ -489,8 +486,8 @@ def read_member(locator: str | Location) -> bytes:
     shard, member = loc.container, loc.member
     try:
         if loc.offset is not None and loc.size is not None and loc.offset >= 512:
-            if loc.size > MAX_IMAGE_BYTES:
-                raise DecodeError(f"{member} is {loc.size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte image limit")
+            if loc.size > max_bytes:
+                raise DecodeError(too_big(member, loc.size, max_bytes))
             data = _read_span(shard, loc.offset - 512, loc.size + 512)
             if _header_matches(data[:512], member, loc.size) and len(data) == loc.size + 512:
                 return data[512:]
@@ -498,8 +495,8 @@ def read_member(locator: str | Location) -> bytes:
             offset, size = _index(shard)[member]
         except KeyError:
             raise DecodeError(f"{member} is not in shard {shard}") from None
-        if size > MAX_IMAGE_BYTES:
-            raise DecodeError(f"{member} is {size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte image limit")
+        if size > max_bytes:
+            raise DecodeError(too_big(member, size, max_bytes))
         data = _read_span(shard, offset, size)
     except SourceError as e:  # a shard moved or deleted since discovery: that image fails, the run goes on
         raise DecodeError(str(e)) from None
