@@ -79,8 +79,8 @@ def _cluster() -> Iterator[str]:
         if ray.is_initialized():
             ray.shutdown()
         head.send_signal(signal.SIGTERM)  # --block: the head tears its cluster down on SIGTERM
-        try:
-            head.wait(timeout=60)
+        try:  # ... in about 30 s, waiting on its workers: a throwaway cluster's group is killed after 5
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             import os
 
