@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 method, store, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.perf_counter()
 if method == "sample_captions":
@@ -31,8 +31,9 @@ else:  # what a user would write: the caption column, then numpy
     pick = np.sort(np.random.default_rng(0).choice(valid, size=min(n, len(valid)), replace=False))
     got = len(col.take(pick).to_pylist())
 dt = time.perf_counter() - t
-print(json.dumps({"method": method, "sampled": got, "seconds": dt,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: Linux carries a forked parent's high-water mark across exec into ru_maxrss
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"method": method, "sampled": got, "seconds": dt, "peak_rss_mib": hwm / 1024}))
 """
 
 
