@@ -204,14 +204,26 @@ class Index:
             request = QueryRequest(texts=(text,) if isinstance(text, str) else tuple(text))
         elif queries is None:
             raise EmbedderError("no query: give vectors, images or text=")
-        elif hasattr(queries, "__array__") and not hasattr(queries, "convert"):  # an array, not a PIL image
-            request = QueryRequest(vectors=queries)
+        elif (hasattr(queries, "__array__") and not hasattr(queries, "convert")) or _numbers(queries):
+            request = QueryRequest(vectors=queries)  # an array (not a PIL image), or lists of numbers
         else:
             items = [queries] if isinstance(queries, (str, Path)) or hasattr(queries, "convert") else list(queries)
             request = QueryRequest(images=tuple(items))
         q, _ = builder.build(request)
         return [[Hit(h["id"], h["path"], h["label"], float(h["score"]), int(h["rank"])) for h in hits]
                 for hits in self._loaded.search(q, k, where)]
+
+
+def _numbers(queries: Any) -> bool:
+    """A vector or vectors as plain lists (``[0.1, …]``, ``[[0.1, …], …]``), as the service takes them."""
+    import numbers
+
+    if not isinstance(queries, (list, tuple)) or not queries:
+        return False
+    first = queries[0]
+    if isinstance(first, (list, tuple)):
+        first = first[0] if first else None
+    return isinstance(first, numbers.Real) and not isinstance(first, bool)
 
 
 def build_index(store: str | Path, name: str, *, home: str | Path | None = None, kind: str = "auto",

@@ -91,6 +91,12 @@ def test_a_classifiers_norm_outside_it_still_loads() -> None:
     levit = get_backbone("timm:levit_128s")
     assert levit.classifiers == ("head.linear", "head_dist.linear")
     assert classifier_modules(levit.build_architecture(), levit.classifiers) == ("head", "head_dist")
+    # a head the headless build has no trace of (VOLO's aux_head is None with num_classes=0): its
+    # tensors in a full file are the classifier's, left out like the others, not "unexpected"
+    volo = get_backbone("timm:volo_d1_224")
+    full = timm.create_model("volo_d1_224", pretrained=False).state_dict()
+    assert any(k.startswith("aux_head.") for k in full)
+    apply_weights(volo.build_architecture(), full, volo)
 
 
 def test_image_size_on_a_fixed_size_vit_is_timms_img_size(tmp_path: Path) -> None:

@@ -214,3 +214,29 @@ def test_caption_sampling_makes_no_python_call_per_store_row(tmp_path: Path) -> 
     finally:
         sys.setprofile(None)
     assert calls < 20_000, calls  # 60,000 rows (40,000 captioned): per-row work would be 40,000+ calls
+
+
+def test_huge_and_empty_query_vectors_are_refused_alike_on_every_path(flat: str, tmp_path: Path) -> None:
+    """A finite vector whose squared norm overflows float32 (the search would return nothing, or
+    arbitrary hits), and an empty batch: refused by the CLI and the API as the service refuses them.
+    On a cosine index a huge vector still has a direction: it searches as its unit vector."""
+    home = str(tmp_path / "l2h")
+    idx.build(vector_store(tmp_path / "s2", [vectors(200)]), "l2",
+              index_plan.BuildOptions(kind="flat", metric="l2"), home)
+    np.save(tmp_path / "huge.npy", np.full(16, 1e30, np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16), np.float32))
+    assert "too large" in one_line_error(["search", "l2", str(tmp_path / "huge.npy"), "--home", home])
+    assert "no query vectors" in one_line_error(["search", "l2", str(tmp_path / "empty.npy"), "--home", home])
+    with pytest.raises(IndexError_, match="too large"):
+        embedder.open_index("l2", home=home).search(np.full(16, 1e30, np.float32))
+    cos = embedder.open_index("n", home=flat)
+    v = vectors(1)[0]
+    ids = lambda hits: [h.id for h in hits[0]]  # noqa: E731
+    assert ids(cos.search(v * 1e30, k=3)) == ids(cos.search(v, k=3))
+
+
+def test_the_api_takes_a_vector_as_a_plain_list_as_the_service_does(flat: str) -> None:
+    index = embedder.open_index("n", home=flat)
+    v = vectors(2)
+    assert index.search(v[0].tolist(), k=3) == index.search(v[0], k=3)
+    assert index.search(v.tolist(), k=3) == index.search(v, k=3)

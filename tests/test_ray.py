@@ -85,6 +85,7 @@ def _cluster() -> Iterator[str]:
             import os
 
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)  # reaped: no "subprocess still running" at exit
 
 
 @pytest.fixture(autouse=True)

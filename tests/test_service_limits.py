@@ -242,3 +242,16 @@ def test_per_load_work_is_done_by_the_loader_not_by_a_request(home: str) -> None
         status, info = live.get("/indexes/pets")
         assert status == 200 and info["labels"] == ["cat", "dog"]
         assert seen and loop_thread not in seen  # the item route runs in a worker thread, off the loop
+
+
+def test_the_json_limit_holds_whatever_the_case_of_the_content_type(home: str) -> None:
+    """Media types are case-insensitive: a JSON body sent as ``Multipart/Form-Data`` (which the body
+    limit treats as an upload) is not parsed as JSON under the upload's larger limit."""
+    with Live(ServeOptions(home=home, poll_seconds=0, max_json_bytes=64 * 1024)) as live:
+        body = json.dumps({"queries": [{"vector": [0.5] * 32}] * 1000}).encode()
+        status, error = live.request("POST", "/search", body, {"content-type": "Multipart/Form-Data; boundary=x"})
+        assert 400 <= status < 500 and status != 200, (status, error)
+        assert "error" in error
+        status, _ = live.request("POST", "/search", json.dumps({"queries": [{"vector": [0.5] * 32}]}).encode(),
+                                 {"content-type": "Application/JSON"})
+        assert status == 200

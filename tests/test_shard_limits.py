@@ -241,3 +241,29 @@ def test_decoding_fetches_each_image_once_across_decode_workers(
     # discovery reads the shard once (in windows); decoding each image's range and its header, once
     assert served <= len(raw) + images + 512 * len(files), (served, len(raw), images)
     assert gets <= -(-len(raw) // tars.WINDOW) + len(files), gets
+
+
+def test_a_rewritten_shard_is_never_read_as_another_member(tmp_path: Path) -> None:
+    """A span whose header now holds another member whose name is part of this one's (``1.bmp`` in
+    ``11.bmp``), and a kept header index of the shard before it was rewritten: both give the member's
+    own bytes, never a neighbour's."""
+    shard = tmp_path / "rw.tar"
+    _tar(shard, [("11.bmp", b"A" * 1000), ("1.bmp", b"B" * 1000)])
+    located = {location.parse(s.locator).member: s.locator for s in tars.iter_samples(str(shard))}  # type: ignore[union-attr]
+    _tar(shard, [("1.bmp", b"B" * 1000), ("11.bmp", b"A" * 1000)])
+    assert tars.read_member(located["11.bmp"]) == b"A" * 1000
+    assert tars.read_member(located["1.bmp"]) == b"B" * 1000
+    # span-less locations (stores written before spans) through a kept index, then the shard rewritten
+    tars._INDEX_CACHE.clear()
+    assert tars.read_member(f"{shard}#11.bmp") == b"A" * 1000
+    _tar(shard, [("0.bmp", b"C" * 700), ("1.bmp", b"B" * 1000), ("11.bmp", b"A" * 1000)])
+    assert tars.read_member(f"{shard}#11.bmp") == b"A" * 1000
+    assert tars.read_member(f"{shard}#1.bmp") == b"B" * 1000
+
+
+def test_a_sample_of_many_members_without_an_image_has_a_short_reason(tmp_path: Path) -> None:
+    shard = tmp_path / "many.tar"
+    _tar(shard, [(f"k.e{i}", b"") for i in range(500)])
+    (sample,) = list(tars.iter_samples(str(shard)))
+    reason = location.parse(sample.locator).reason  # type: ignore[union-attr]
+    assert reason is not None and len(reason) < 300 and "490 more" in reason

@@ -204,3 +204,23 @@ def test_a_class_label_of_minus_one_is_no_label(jpegs: list[bytes], tmp_path: Pa
     t = t.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     pq.write_table(t, tmp_path / "test.parquet")
     assert [r.label for r in discover([str(tmp_path / "test.parquet")])] == ["cat", None, "dog", None]
+
+
+def test_a_store_keyed_before_ids_were_per_file_is_not_filled_again(jpegs: list[bytes], tmp_path: Path) -> None:
+    """A store filled with --id-column before the id scheme was recorded has the key's own ids (today's
+    --global-keys): the same command now (per-file ids) is refused in one line, not run to double it;
+    --global-keys goes on with it, re-embedding nothing."""
+    t1 = tmp_path / "t1.parquet"
+    _keyed(t1, jpegs[:4], [0, 1, 2, 3])
+    store = tmp_path / "store"
+    extract([str(t1)], str(store), TINY, run=RunOptions(sources=SourceOptions(id_column="key", global_keys=True)))
+    m = Store.open(store).manifest()
+    del m["id_scheme"]  # as a store written before schemes were recorded
+    (store / "_manifest.json").write_text(json.dumps(m))
+    cli = ["extract", str(t1), "--out", str(store), "--backbone", "tiny_test", "--id-column", "key"]
+    r = CliRunner().invoke(app, cli)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "--id-column key --global-keys" in r.output
+    r = CliRunner().invoke(app, [*cli, "--global-keys", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["skipped_present"] == 4, r.output
+    assert Store.open(store).count() == 4

@@ -28,7 +28,7 @@ def _make(path: str, target: Path) -> bool:
     if target.exists():
         return True
     try:  # a file, a tar shard's member, a table's row: read where the store says it lives
-        img = load_rgb(read_bytes(path), draft_size=THUMB_PX)
+        img = load_rgb(read_bytes(path, None), draft_size=THUMB_PX)
         img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         img.save(tmp, "JPEG", quality=80)

@@ -50,11 +50,13 @@ def check_resize(width: int, height: int, shorter: int, max_pixels: int) -> None
                           f"{max_pixels} pixels")
 
 
-def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+def read_bytes(path: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> bytes:
     """An image's bytes, from a local path, an object-storage URI (s3://…), a tar shard's member
     (``SHARD#MEMBER[#@OFFSET:SIZE]``) or a table's row (``FILE#COLUMN/GROUP/ROW``): one decode path
     for all; the location is parsed by ``embedder.io.location``. An image over MAX_BYTES is refused
-    before more than MAX_BYTES + 1 of its bytes are read."""
+    before more than MAX_BYTES + 1 of its bytes are read; None: no limit (an image a store already
+    holds, read back by the user's own command: fine-tuning, inspect's thumbnails)."""
+    limit = (1 << 62) if max_bytes is None else max_bytes
     from embedder.io import location
     from embedder.io.uri import is_uri  # pyarrow: only when a path is read
 
@@ -65,10 +67,10 @@ def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         if loc.kind == location.MEMBER:
             from embedder.io.tars import read_member
 
-            return read_member(loc, max_bytes)
+            return read_member(loc, limit)
         from embedder.io.tables import read_row
 
-        return read_row(path, max_bytes)
+        return read_row(path, limit)
     if is_uri(path):
         from embedder.errors import SourceError
         from embedder.io.uri import filesystem
@@ -76,16 +78,16 @@ def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         try:
             fs, key = filesystem(path)
             with fs.open_input_stream(key) as f:  # type: ignore[attr-defined]
-                data = bytes(f.read(max_bytes + 1))
+                data = bytes(f.read() if max_bytes is None else f.read(max_bytes + 1))
         except (OSError, SourceError) as e:
             raise DecodeError(f"cannot read: {str(e).splitlines()[0][:200]}") from None
     else:
         try:
             with open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except OSError as e:
             raise DecodeError(f"cannot read: {e.strerror or e}") from None
-    if len(data) > max_bytes:
+    if max_bytes is not None and len(data) > max_bytes:
         from embedder.io.limits import too_big
 
         raise DecodeError(too_big(path.rsplit("/", 1)[-1], None if is_uri(path) else _size_of(path), max_bytes))

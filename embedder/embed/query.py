@@ -120,6 +120,8 @@ class QueryBuilder:
         if q.ndim != 2 or q.shape[1] != dim:
             raise IndexError_(f"query vectors must be (n, {dim}) for {self.what}, got shape {tuple(q.shape)} "
                               f"(dim {q.shape[-1] if q.ndim else 0})")
+        if len(q) == 0:
+            raise IndexError_(f"no query vectors (shape {tuple(q.shape)}): give at least one")
         return self.loaded.prepare(q)  # type: ignore[no-any-return]
 
     def vector(self, vector: Any) -> np.ndarray:

@@ -139,6 +139,14 @@ class LoadedIndex:
             if len(zero):
                 raise IndexError_(f"query vector{which(zero)} is all zeros: it has no direction to search by "
                                   f"(index {self.name!r} ranks by {self.metric})")
+        if self.metric == "cosine":  # only the direction counts: scaled first, a huge vector normalises
+            q = q / np.abs(q).max(axis=1, keepdims=True)
+        else:  # distances and products in float32: a vector whose squared norm overflows ranks nothing
+            sq = np.einsum("ij,ij->i", q.astype(np.float64), q.astype(np.float64))
+            huge = np.flatnonzero(sq > np.finfo(np.float32).max / 4)
+            if len(huge):
+                raise IndexError_(f"query vector{which(huge)} is too large (norm {np.sqrt(sq[huge[0]]):.3g}): "
+                                  f"its {self.metric} scores overflow float32")
         return prepare_rows(q, self.metric)
 
     def require_addable(self, prov: Provenance, store_path: str) -> None:

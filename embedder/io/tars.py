@@ -385,7 +385,8 @@ def iter_samples(shard: str, label_key: str = "label") -> Iterator[Sample]:
             seen.add(key)
             image = next((e for e in IMAGE_EXTS if e in group), None)
             if image is None:
-                listed = ", ".join(sorted(names.values()))
+                shown = sorted(names.values())
+                listed = ", ".join(shown[:10]) + (f", … {len(shown) - 10:,} more" if len(shown) > 10 else "")
                 yield Sample(location.failing(shard, key, f"sample {key} has no image member ({listed})"), None, None)
                 return
             too_big = _over_limit(group, names, image)
@@ -437,11 +438,12 @@ _INDEX_LOCK = threading.Lock()
 INDEXES_KEPT = 4  # shards whose member offsets a process keeps (a few KB per thousand members)
 
 
-def _index(shard: str) -> dict[str, tuple[int, int]]:
+def _index(shard: str, fresh: bool = False) -> dict[str, tuple[int, int]]:
     """Every member's (offset, size), by walking the headers: only for a location without a span
-    (written before spans were recorded) or whose span no longer matches the shard."""
+    (written before spans were recorded) or whose span no longer matches the shard. FRESH: walk
+    again rather than use the index kept (the caller found a member's header elsewhere)."""
     with _INDEX_LOCK:
-        hit = _INDEX_CACHE.get(shard)
+        hit = None if fresh else _INDEX_CACHE.get(shard)
         if hit is not None:
             _INDEX_CACHE.move_to_end(shard)
             return hit
@@ -469,9 +471,15 @@ def _header_matches(hdr: bytes, member: str, size: int) -> bool:
     except ValueError:
         return False
     name = hdr[:100].split(b"\0", 1)[0]
-    return (stored == sum(hdr) - sum(hdr[148:156]) + 256 and length == size and bool(name)
-            and (name in member.encode("utf-8", "surrogateescape")
-                 or name in member.encode("ascii", "replace")))  # pax: the header's own name is ASCII
+    if not (stored == sum(hdr) - sum(hdr[148:156]) + 256 and length == size and name):
+        return False
+    prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:262] == b"ustar" else b""
+    full = prefix + b"/" + name if prefix else name
+    for want in (member.encode("utf-8", "surrogateescape"), member.encode("ascii", "replace")):  # pax: ASCII
+        # the whole name; or, for a name longer than the field (GNU longname, pax), its first bytes
+        if full == want or (len(name) >= 99 and want.startswith(name)):
+            return True
+    return False
 
 
 def read_member(locator: str | Location, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
@@ -491,13 +499,22 @@ def read_member(locator: str | Location, max_bytes: int = MAX_IMAGE_BYTES) -> by
             data = _read_span(shard, loc.offset - 512, loc.size + 512)
             if _header_matches(data[:512], member, loc.size) and len(data) == loc.size + 512:
                 return data[512:]
-        try:
-            offset, size = _index(shard)[member]
-        except KeyError:
-            raise DecodeError(f"{member} is not in shard {shard}") from None
-        if size > max_bytes:
-            raise DecodeError(too_big(member, size, max_bytes))
-        data = _read_span(shard, offset, size)
+        for fresh in (False, True):  # a kept index may be of the shard before it was rewritten: walk again
+            try:
+                offset, size = _index(shard, fresh)[member]
+            except KeyError:
+                if not fresh:
+                    continue
+                raise DecodeError(f"{member} is not in shard {shard}") from None
+            if size > max_bytes:
+                raise DecodeError(too_big(member, size, max_bytes))
+            data = _read_span(shard, offset - 512, size + 512)
+            if _header_matches(data[:512], member, size):
+                data = data[512:]
+                break
+        else:
+            raise DecodeError(f"{member}'s header in {shard} is not where its headers say: "
+                              "the shard changed while read")
     except SourceError as e:  # a shard moved or deleted since discovery: that image fails, the run goes on
         raise DecodeError(str(e)) from None
     except GZIP_ERRORS as e:

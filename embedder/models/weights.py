@@ -105,7 +105,10 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Ba
     (which extraction never runs and fine-tuning drops), strictly: names and shapes."""
     name = backbone.name
     state = torchvision_keys(backbone, state)
-    skip = (*(c + "." for c in classifier_modules(model, backbone.classifiers)), *AUX_HEADS)
+    # the modules holding the classifiers, and the classifiers' own names: a head the model was built
+    # without (VOLO's aux_head is None with num_classes=0) still has its tensors in a full file
+    heads = dict.fromkeys((*classifier_modules(model, backbone.classifiers), *backbone.classifiers))
+    skip = (*(c + "." for c in heads), *AUX_HEADS)
     body: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in state.items() if not k.startswith(skip))
     body._metadata = getattr(state, "_metadata", None) or getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     own = model.state_dict()

@@ -238,7 +238,7 @@ class Engine:
 
         path = str(self.item(name, item_id)["path"])
         try:
-            data = read_bytes(path)
+            data = read_bytes(path, self.options.max_upload_bytes)  # --max-upload-mb: the image limit here
         except DecodeError as e:
             raise NotFound(f"the image of {shown(item_id)} cannot be read at {shown(path, 200)}: {e}") from None
         return data, _media_type(data)

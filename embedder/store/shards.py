@@ -452,6 +452,13 @@ class Store:
 
         m = self.manifest()
         had = m.get("id_scheme")
+        if had is None and m.get("shards") and scheme.startswith("key:"):
+            # filled before schemes were recorded, when a key's id was the key's alone (today's
+            # --global-keys): per-file ids would add every row again
+            column = scheme.partition(":")[2]
+            raise StoreError(f"{self.root} was filled before ids from --id-column were made per table file "
+                             f"(its key ids are the key's alone): give --id-column {column} --global-keys to go "
+                             "on with it, or write to a new --out STORE")
         if had is None:
             m["id_scheme"] = scheme
             storage.write_bytes(self._at(MANIFEST), json.dumps(m, indent=2).encode())

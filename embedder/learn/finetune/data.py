@@ -33,7 +33,7 @@ class LabelledImages(Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, str]:
         ref = self.refs[i]
         try:
-            img = load_rgb(read_bytes(ref.path), self.max_pixels)  # a file, a shard member, a table row
+            img = load_rgb(read_bytes(ref.path, None), self.max_pixels)  # a file, a shard member, a table row
             return self.transform(img), self.labels[i], ref.path, ""
         except (DecodeError, OSError) as e:
             return None, self.labels[i], ref.path, str(e)

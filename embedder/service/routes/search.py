@@ -26,7 +26,7 @@ MULTIPART_SEARCH = {"requestBody": {"content": {
 async def search(request: Request, svc: ServiceDep) -> SearchOut:
     """Nearest neighbours of an uploaded image (multipart `file`), or of vectors / ids (JSON)."""
     svc.need_ready()
-    ctype = request.headers.get("content-type", "")
+    ctype = request.headers.get("content-type", "").lower()  # media types are case-insensitive (RFC 9110)
     if ctype.startswith("multipart/form-data"):
         async with request.form(max_files=1, max_fields=10) as form:  # closes the spooled upload
             upload = form.get("file")
@@ -67,7 +67,7 @@ async def embed(request: Request, svc: ServiceDep) -> dict[str, Any]:
     """An uploaded image's vector (multipart ``file``), or texts' vectors (JSON ``{"text": ...}``, models
     with a text tower), made as the index's vectors are, with that provenance."""
     svc.need_ready()
-    if request.headers.get("content-type", "").startswith("application/json"):
+    if request.headers.get("content-type", "").lower().startswith("application/json"):
         text_body = await _parse_off_loop(EmbedIn, await request.body())
         texts = [text_body.text] if isinstance(text_body.text, str) else text_body.text
         if not texts:
