@@ -155,8 +155,13 @@ class Engine:
         """Load every index (or NAME) whose current generation on disk is not the one served (by
         build id: a drop and rebuild is a new generation even where its number repeats), and any new
         index in the home. The old object answers until the new one is in place. A generation that
-        failed to load is not read again until it changes (one warning, not one per poll)."""
+        failed to load is not read again until it changes (one warning, not one per poll). Asked for by
+        NAME (``POST /indexes/NAME/reload``), its query model is tried again too, if it failed."""
         with self._reload_lock:
+            if name and name in self.indexes:
+                ident = str(self.indexes[name].identity)
+                with self._embedders_lock:
+                    self._no_embedder = {f for f in self._no_embedder if f[1] != ident}
             names = [name] if name else sorted(set(layout.names(self.options.home)) | set(self.indexes))
             changed = {}
             for n in names:
