@@ -159,9 +159,9 @@ class Engine:
         NAME (``POST /indexes/NAME/reload``), its query model is tried again too, if it failed."""
         with self._reload_lock:
             if name and name in self.indexes:
-                ident = str(self.indexes[name].identity)
+                served_identity = str(self.indexes[name].identity)
                 with self._embedders_lock:
-                    self._no_embedder = {f for f in self._no_embedder if f[1] != ident}
+                    self._no_embedder = {f for f in self._no_embedder if f[1] != served_identity}
             names = [name] if name else sorted(set(layout.names(self.options.home)) | set(self.indexes))
             changed = {}
             for n in names:
