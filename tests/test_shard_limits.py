@@ -110,19 +110,25 @@ def test_a_shard_cut_inside_a_sample_gets_it_with_its_label_once_complete(
 
 # ---- 8: '#' in names, and the location's one parser ------------------------------------------------
 def test_a_hash_in_a_member_or_column_name_is_part_of_the_name(images: list[Path], tmp_path: Path) -> None:
+    """And a '!' (the failing location's marker) at the start of one: escaped, never read as a failure."""
     folder = tmp_path / "run #3"  # a '#' in a folder's name too
     _tar(folder / "s.tar", [("a#1.jpg", images[0].read_bytes()), ("a#1.cls", b"a"),
-                            ("b#2/c.jpg", images[1].read_bytes()), ("b#2/c.cls", b"b")])
+                            ("b#2/c.jpg", images[1].read_bytes()), ("b#2/c.cls", b"b"),
+                            ("!c!d.jpg", images[2].read_bytes()), ("!c!d.cls", b"c")])
     pq.write_table(pa.table({"im#age": [f.read_bytes() for f in images[:2]], "label": ["x", "y"]}),
                    folder / "t#1.parquet")
-    s = extract([str(folder / "s.tar"), str(folder / "t#1.parquet")], str(tmp_path / "store"), TINY)
-    assert (s.done, s.failed) == (4, 0), s.failures
-    t = Store.open(tmp_path / "store").read(["path", "label"]).sort_by("path")
+    pq.write_table(pa.table({"!img!x": [images[3].read_bytes()], "label": ["z"]}), folder / "bang.parquet")
+    s = extract([str(folder / "s.tar"), str(folder / "t#1.parquet"), str(folder / "bang.parquet")],
+                str(tmp_path / "store"), TINY)
+    assert (s.done, s.failed) == (6, 0), s.failures
+    t = Store.open(tmp_path / "store").read(["path", "label"]).sort_by("label")
     locs = [location.parse(p) for p in t.column("path").to_pylist()]
-    assert [(lc.container, lc.member) for lc in locs if lc is not None] == [
-        (str(folder / "s.tar"), "a#1.jpg"), (str(folder / "s.tar"), "b#2/c.jpg"),
-        (str(folder / "t#1.parquet"), "im#age/0/0"), (str(folder / "t#1.parquet"), "im#age/0/1")]
-    assert t.column("label").to_pylist() == ["a", "b", "x", "y"]
+    assert [(lc.container, lc.kind, lc.member) for lc in locs if lc is not None] == [
+        (str(folder / "s.tar"), "member", "a#1.jpg"), (str(folder / "s.tar"), "member", "b#2/c.jpg"),
+        (str(folder / "s.tar"), "member", "!c!d.jpg"), (str(folder / "t#1.parquet"), "row", "im#age/0/0"),
+        (str(folder / "t#1.parquet"), "row", "im#age/0/1"), (str(folder / "bang.parquet"), "row", "!img!x/0/0")]
+    assert t.column("label").to_pylist() == ["a", "b", "c", "x", "y", "z"]
+    assert location.refusal("\\!c!d.jpg") is None and location.parse(f"{folder}/s.tar#!k!why").kind == "failing"  # type: ignore[union-attr]
 
 
 def test_locations_round_trip_and_the_span_is_not_part_of_the_id() -> None:

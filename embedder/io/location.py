@@ -8,7 +8,9 @@ An image that is not a file of its own is located inside its container as ``CONT
   a location without them (one written before they were recorded) is found by walking the headers;
 - a table's row: ``FILE#COLUMN/GROUP/ROW``;
 - what cannot be embedded, with the reason: ``CONTAINER#!KEY!reason`` (a sample with no image, a
-  repeated key, a shard cut short): decoding records it in the store's errors table.
+  repeated key, a shard cut short): decoding records it in the store's errors table. A real
+  member's or row's fragment that starts with ``!`` (or a backslash) is written with a backslash
+  before it, so it is never read as one of these.
 
 The container is found by its suffix (``.tar``, ``.tar.gz``, ``.tgz``, ``.parquet``, ``.arrow``,
 ``.feather``, ``.ipc``): the first ``#`` that follows one ends it, so a ``#`` in a member's or a
@@ -29,6 +31,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 CONTAINER_SUFFIXES = TAR_SUFFIXES + TABLE_SUFFIXES
 FAILED = "!"  # CONTAINER#!KEY!reason
+ESCAPE = "\\"  # before a real fragment that starts with FAILED (or ESCAPE)
 _SPAN = re.compile(r"#@(\d+):(\d+)$")
 
 MEMBER = "member"  # a tar shard's member
@@ -67,7 +70,9 @@ def parse(s: str) -> Location | None:
     if end is None:
         return None
     container, fragment = s[:end], s[end + 1:]
-    if fragment.startswith(FAILED) and fragment.count(FAILED) >= 2:
+    if fragment.startswith(ESCAPE):  # a real fragment that starts with FAILED or ESCAPE
+        fragment = fragment[1:]
+    elif fragment.startswith(FAILED) and fragment.count(FAILED) >= 2:
         _, key, reason = fragment.split(FAILED, 2)
         return Location(container, FAILING, key, reason=reason)
     if not container.lower().endswith(TAR_SUFFIXES):
@@ -82,7 +87,8 @@ def format(loc: Location) -> str:  # noqa: A001 - the inverse of ``parse``
     """The string ``parse`` reads back as LOC."""
     if loc.kind == FAILING:
         return f"{loc.container}#{FAILED}{loc.member}{FAILED}{loc.reason or ''}"
-    out = f"{loc.container}#{loc.member}"
+    fragment = ESCAPE + loc.member if loc.member.startswith((FAILED, ESCAPE)) else loc.member
+    out = f"{loc.container}#{fragment}"
     if loc.kind == MEMBER and loc.offset is not None and loc.size is not None:
         out += f"#@{loc.offset}:{loc.size}"
     return out
