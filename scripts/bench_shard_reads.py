@@ -26,7 +26,6 @@ import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +41,6 @@ def peak_rss(cmd: list[str], env: dict[str, str]) -> tuple[int, float, str]:
     kb, seconds = done.stderr.strip().splitlines()[-1].split()
     summary = next((ln[ln.index("done "):] for ln in done.stdout.splitlines() if "done " in ln), done.stderr[-300:])
     return round(int(kb) / 1024), float(seconds), summary.strip()
-
-
-class Counting:
-    """WSGI middleware: body bytes and GET requests served per path."""
-
-    def __init__(self, app: Any) -> None:
-        self.app, self.lock = app, threading.Lock()
-        self.bytes: dict[str, int] = {}
-        self.gets: dict[str, int] = {}
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
-        key, get = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD") == "GET"
-        for chunk in self.app(environ, start_response):
-            if get:
-                with self.lock:
-                    self.bytes[key] = self.bytes.get(key, 0) + len(chunk)
-            yield chunk
-        if get:
-            with self.lock:
-                self.gets[key] = self.gets.get(key, 0) + 1
 
 
 class Repeated(io.RawIOBase):
@@ -135,6 +114,8 @@ def main() -> None:
                  "peak_rss_mib": rss, "longest_caption": longest_caption(tmp / "bomb-store"),
                  "seconds": seconds, "summary": summary})
     print(rows[-1], flush=True)
+
+    from tests.test_shard_limits import Counting  # the test's counter: one middleware
 
     counting = Counting(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)

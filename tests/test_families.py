@@ -22,6 +22,7 @@ from embedder.models.preprocessing import Preprocessing
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store
 from tests.conftest import make_images
+from tests.test_timm import timms_own_features
 
 
 def _cli(*args: str) -> str:
@@ -63,12 +64,7 @@ def test_two_classifier_heads_give_timms_own_features(arch: str, tmp_path: Path)
     out = tmp_path / "store"
     _cli("extract", str(tmp_path / "imgs"), "--out", str(out), "--backbone", f"timm:{arch}", "--weights",
          str(wfile), "--json")
-    model.reset_classifier(0)
-    model.eval()
-    cfg = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(**cfg, is_training=False)
-    with torch.inference_mode():
-        want = model(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).numpy()
+    want = timms_own_features(model, files)
     stored = _stored(out)
     got = np.stack([stored[image_id(f)] for f in files])
     assert got.shape == want.shape and _cos(got, want).min() >= 0.9999

@@ -29,15 +29,9 @@ from embedder.io.uri import image_id
 from embedder.models.builder import ModelSpec
 from embedder.store.shards import Store
 from tests.conftest import make_images
+from tests.test_shards_tables import add_member
 
 TINY = ModelSpec("tiny_test")
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tf.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def _tar(path: Path, members: list[tuple[str, bytes]], gz: bool = False) -> byte
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name, data in members:
-            _add(tf, name, data)
+            add_member(tf, name, data)
     raw = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(raw, 1) if gz else raw)
@@ -157,8 +151,9 @@ def test_a_span_that_no_longer_matches_the_shard_reads_the_member_by_its_headers
 
 
 # ---- 3: bytes fetched from object storage, across decode processes -----------------------------------
-class _Counting:
-    """WSGI middleware: the body bytes and GET requests served per object key."""
+class Counting:
+    """WSGI middleware: the body bytes and GET requests served per object key (scripts/bench_shard_reads.py
+    counts with it too)."""
 
     def __init__(self, app: Any) -> None:
         self.app, self.lock = app, threading.Lock()
@@ -178,13 +173,13 @@ class _Counting:
 
 
 @pytest.fixture(scope="module")
-def counted_s3() -> Iterator[tuple[str, _Counting]]:
+def counted_s3() -> Iterator[tuple[str, Counting]]:
     pytest.importorskip("moto.server")
     from moto.moto_server.threaded_moto_server import MotoRequestHandler
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
-    counting = _Counting(DomainDispatcherApplication(create_backend_app))
+    counting = Counting(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -198,7 +193,7 @@ def counted_s3() -> Iterator[tuple[str, _Counting]]:
 @pytest.mark.parametrize(("name", "decode_in"), [("s.tar", "threads"), ("s.tar.gz", "threads"),
                                                pytest.param("s.tar", "processes", marks=pytest.mark.slow)])
 def test_decoding_fetches_each_image_once_across_decode_workers(
-        counted_s3: tuple[str, _Counting], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+        counted_s3: tuple[str, Counting], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
         decode_in: str) -> None:
     """Three decode threads in this process, or two decode processes under the real CLI (slow: a
     fresh CLI, its fork server and model, ~10-30 s): a plain shard is read once by discovery, then

@@ -32,7 +32,7 @@ TINY = ModelSpec("tiny_test")
 CLASSES = ["red", "green", "blue"]
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
@@ -56,12 +56,12 @@ def write_shards(folder: Path, files: list[Path], per_shard: int, label_member: 
         with tarfile.open(path, "w") as tf:
             for i, f in enumerate(files[s:s + per_shard], s):
                 key = f"{i:09d}"
-                _add(tf, f"{key}{f.suffix}", f.read_bytes())
-                _add(tf, f"{key}.txt", f"a photo of something {f.parent.name}".encode())
+                add_member(tf, f"{key}{f.suffix}", f.read_bytes())
+                add_member(tf, f"{key}.txt", f"a photo of something {f.parent.name}".encode())
                 if label_member == "cls":
-                    _add(tf, f"{key}.cls", str(CLASSES.index(f.parent.name)).encode())
+                    add_member(tf, f"{key}.cls", str(CLASSES.index(f.parent.name)).encode())
                 else:
-                    _add(tf, f"{key}.json", json.dumps({"label": f.parent.name, "key": key}).encode())
+                    add_member(tf, f"{key}.json", json.dumps({"label": f.parent.name, "key": key}).encode())
         shards.append(path)
     return shards
 
@@ -195,8 +195,8 @@ def test_long_names_and_every_tar_format_read_alike(photos, tmp_path: Path, fmt:
     deep = "d" * 60 + "/" + "e" * 30 if fmt == tarfile.USTAR_FORMAT else "d" * 120
     with tarfile.open(shard, "w", format=fmt) as tf:
         for i, f in enumerate(files[:3]):
-            _add(tf, f"{deep}/{i:04d}{f.suffix}", f.read_bytes())
-            _add(tf, f"{deep}/{i:04d}.txt", f"caption {i}".encode())
+            add_member(tf, f"{deep}/{i:04d}{f.suffix}", f.read_bytes())
+            add_member(tf, f"{deep}/{i:04d}.txt", f"caption {i}".encode())
     refs = discover([str(shard)])
     members = [loc.member for loc in map(location.parse, (r.path for r in refs)) if loc is not None]
     assert members == [f"{deep}/{i:04d}{f.suffix}" for i, f in enumerate(files[:3])]
@@ -217,11 +217,11 @@ def test_a_cut_shard_keeps_what_came_before_and_records_the_rest(photos, tmp_pat
     # a repeated key and a sample with no image, in another shard
     other = tmp_path / "s" / "00001.tar"
     with tarfile.open(other, "w") as tf:
-        _add(tf, "k1.jpg", files[0].read_bytes())
-        _add(tf, "k2.txt", b"a caption and no image")
-        _add(tf, "k2.xyz", b"??")
-        _add(tf, "k3.jpg", files[1].read_bytes())
-        _add(tf, "k1.jpg", files[2].read_bytes())  # k1 again
+        add_member(tf, "k1.jpg", files[0].read_bytes())
+        add_member(tf, "k2.txt", b"a caption and no image")
+        add_member(tf, "k2.xyz", b"??")
+        add_member(tf, "k3.jpg", files[1].read_bytes())
+        add_member(tf, "k1.jpg", files[2].read_bytes())  # k1 again
     out = tmp_path / "store"
     s = extract([str(tmp_path / "s" / "*.tar")], str(out), TINY)
     assert s.done == 4 + 2  # the four samples before the cut, k1 and k3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,19 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))  # type: ignore[no-any-return]
 
 
+def timms_own_features(model: Any, files: list[Path]) -> np.ndarray:
+    """timm's own path, as its README writes it: the classifier reset, the eval transform of the
+    model's data config, the forward pass."""
+    import timm.data
+
+    model.reset_classifier(0)
+    model.eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    with torch.inference_mode():
+        return model(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).numpy()  # type: ignore[no-any-return]
+
+
 def _stored(out: Path) -> dict[str, np.ndarray]:
     t = Store.open(out).read(["id", "embedding"])
     return dict(zip(t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))))
@@ -52,13 +66,8 @@ def test_timm_models_give_timms_own_features(arch: str, suffix: str, tmp_path: P
     files = sorted(make_images(tmp_path / "imgs", {"a": 3, "b": 3}, size=(320, 240), seed=3))
     out = tmp_path / "store"
     _extract(tmp_path / "imgs", out, "--backbone", f"timm:{arch}", "--weights", str(wfile))
-    # timm's own path, as its README writes it: the eval transform of the model's data config
-    model.reset_classifier(0)
-    model.eval()
+    want = timms_own_features(model, files)
     cfg = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(**cfg, is_training=False)
-    with torch.inference_mode():
-        want = model(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).numpy()
     stored = _stored(out)
     got = np.stack([stored[image_id(f)] for f in files])
     cos = _cosines(got, want)
