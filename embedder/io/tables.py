@@ -431,25 +431,8 @@ class _Cache:
 _CACHE = _Cache()
 
 
-class _GroupRows:
-    """A row group's (record batch's) image column, read a window of rows at a time as rows are
-    asked for (``rows[i].as_py()``)."""
-
-    def __init__(self, path: str, column: str, group: int) -> None:
-        self.path, self.column, self.group = path, column, group
-
-    def __getitem__(self, row: int) -> pa.Scalar:
-        return _CACHE.scalar(self.path, self.column, self.group, row)
-
-
-def _group_images(path: str, column: str, group: int) -> _GroupRows:
-    return _GroupRows(path, column, group)
-
-
 def read_row(locator: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The image bytes at ``FILE#COLUMN/GROUP/ROW``; a failing location raises DecodeError."""
-    from embedder.io import location
-
     loc = location.parse(locator)  # the file by its suffix: a '#' in a column's name is the column's
     if loc is None or loc.kind == location.MEMBER:
         raise DecodeError(f"{locator} is not a table's row")
@@ -458,8 +441,7 @@ def read_row(locator: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     path, where = loc.container, loc.member
     try:
         column, group, row = where.rsplit("/", 2)
-        arr = _group_images(path, column, int(group))
-        value = arr[int(row)].as_py()
+        value = _CACHE.scalar(path, column, int(group), int(row)).as_py()  # a window of rows read
     except (ValueError, IndexError, KeyError):
         raise DecodeError(f"no row {where} in {os.path.basename(path)}") from None
     except SourceError as e:
