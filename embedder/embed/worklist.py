@@ -1,18 +1,21 @@
 """What an extraction run is to embed, held on disk rather than in memory.
 
 Discovery streams: the refs found under the SOURCEs are written as they come, 65,536 at a time, to an
-Arrow IPC file in a temporary folder (id, path, label), and only each ref's 16-byte id digest stays in
-memory. The digests then decide, in bulk and without a Python string per image: repeats (the same
-image reachable through two sources: its first occurrence is kept), what the store already holds
-(its per-shard id index, ``id_index.contains_digests``) and what failed in an earlier run (the
-errors table). What is left is a sorted array of row numbers into the spill file; iterating reads
-the file one record batch at a time and yields ``ImageRef``s for those rows.
+Arrow IPC file in a temporary folder (id, path, label, caption), and each ref's 16-byte id digest is
+appended to a file beside it. Nothing per image stays in memory but one bit (is it still to do?).
 
-Memory per discovered image: its 16-byte digest while the list is built, about 40 bytes more for a
-moment while repeats are found (one stable sort) and while the store is asked (``contains_digests``),
-then 4 bytes per image still to do — against ~350 bytes per image for a list of ``ImageRef``s and
-their strings (measured: docs/benchmarks.md, "Discovery"). The spill files are removed when the list
-is closed.
+The membership checks run in buckets, so that their memory does not grow with the listing: the
+digests are partitioned by their leading bits into buckets of at most ``BUCKET_ROWS`` on disk (two
+streamed passes: count, then write each chunk's pieces at their bucket's offset). One bucket at a
+time is read, sorted, and decides repeats (the same image reachable through two sources: its first
+occurrence is kept), what the store already holds (each shard's sorted id-index digests: the same
+leading bits are a contiguous slice of every shard's index, read with one positioned read) and what
+failed in an earlier run (the errors table). What is left is a bitmap over the spill file's rows;
+iterating reads the file one record batch at a time and yields ``ImageRef``s for the rows still set.
+
+Memory: one bit per listed image (12.5 MB at 10⁸) plus one bucket's work (~40 bytes per row of
+``BUCKET_ROWS``), whatever the listing's size; disk: the spill file, 16 bytes per listed image of
+digests and 24 of buckets. The spill files are removed when the list is closed.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from embedder.io.sources import ImageRef
 from embedder.store import id_index
 
 CHUNK = 65_536  # refs per spilled record batch
+BUCKET_ROWS = 1 << 19  # listed images per membership bucket (at most, for uniform digests)
+READ_ROWS = 1 << 18  # digests partitioned at a time
 SPILL_ENV = "EMBEDDER_TMPDIR"  # where work lists spill (default: the system's temporary folder)
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("caption", pa.string())])
+RECORD = np.dtype([("d", id_index.DIGEST), ("row", np.int64)])  # a bucket's entry: digest, spill row
 
 
 class Refs(Protocol):
@@ -56,51 +62,105 @@ class WorkList:
     """A sized, re-iterable sequence of the ``ImageRef``s still to embed (``len``, ``iter``,
     ``tables``), backed by a spill file. Use as a context manager, or ``close()`` it."""
 
-    def __init__(self, folder: Path, file: Path, digests: np.ndarray, batch_rows: int) -> None:
-        self._folder, self._file, self._batch_rows = folder, file, batch_rows
-        n = len(digests)
-        keep = np.ones(n, bool)
-        if n > 1:  # repeats: equal digests side by side in sorted order; a stable sort keeps the first
-            order = np.argsort(digests, kind="stable")
-            ordered = digests[order]
-            later = np.zeros(n, bool)
-            later[1:] = ordered[1:] == ordered[:-1]
-            del ordered
-            keep[order[later]] = False
-            del order, later
-        self.counts = Counts(discovered=int(keep.sum()), repeats=int(n - keep.sum()))
-        self.todo = np.flatnonzero(keep).astype(np.int32 if n < 2**31 else np.int64)  # 4 bytes a row
-        self._digests: np.ndarray | None = digests  # until drop_held: 16 bytes per discovered image
+    def __init__(self, folder: Path, file: Path, digest_file: Path, n: int, batch_rows: int) -> None:
+        self._folder, self._file, self._batch_rows, self.rows = folder, file, batch_rows, n
+        self._bits = np.full((n + 7) // 8, 0xFF, np.uint8)  # bit r (little-endian bit order): row r to do
+        if n % 8:
+            self._bits[-1] = (1 << (n % 8)) - 1
+        self._left = n
+        self._held = True  # drop_held not yet called
+        self._buckets = folder / "buckets.bin"
+        self.bucket_bits = max(0, int(np.ceil(np.log2(max(1, -(-n // BUCKET_ROWS))))))
+        self._starts, self._sizes = _partition(digest_file, n, self._buckets, self.bucket_bits)
+        digest_file.unlink(missing_ok=True)
+        repeats = 0
+        for j in range(len(self._sizes)):  # repeats: equal digests side by side; a stable sort keeps the first
+            rec = self._bucket(j)
+            if len(rec) < 2:
+                continue
+            rec = rec[np.argsort(rec["d"], kind="stable")]
+            later = np.zeros(len(rec), bool)
+            later[1:] = rec["d"][1:] == rec["d"][:-1]
+            if later.any():
+                self._clear(rec["row"][later])
+                repeats += int(later.sum())
+            rec = rec[~later]
+            self._write_bucket(j, rec)
+        self.counts = Counts(discovered=n - repeats, repeats=repeats)
+
+    def _bucket(self, j: int) -> np.ndarray:
+        if not self._sizes[j]:
+            return np.empty(0, RECORD)
+        return np.fromfile(self._buckets, RECORD, int(self._sizes[j]), offset=int(self._starts[j]) * RECORD.itemsize)
+
+    def _write_bucket(self, j: int, rec: np.ndarray) -> None:
+        fd = os.open(self._buckets, os.O_WRONLY)
+        try:
+            os.pwrite(fd, rec.tobytes(), int(self._starts[j]) * RECORD.itemsize)
+        finally:
+            os.close(fd)
+        self._sizes[j] = len(rec)
+
+    def _clear(self, rows: np.ndarray) -> None:
+        """Rows (distinct, still set) are done with: their bits cleared."""
+        if not len(rows):
+            return
+        rows = np.sort(rows)
+        byte = rows >> 3
+        mask = np.left_shift(1, rows & 7).astype(np.uint8)
+        first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        self._bits[byte[first]] &= ~np.bitwise_or.reduceat(mask, first).astype(np.uint8)
+        self._left -= len(rows)
 
     def drop_held(self, shards: list[str], failed_ids: Any = None) -> None:
         """Leave out what SHARDS (a store's shard files) hold and, unless FAILED_IDS is None, the ids
         in it (an Arrow array of a store's failed ids). Called once, under the store's writer lock;
-        the digests are freed after it."""
-        if self._digests is None:
+        bucket by bucket, each shard's index read a slice at a time."""
+        if not self._held:
             raise RuntimeError("drop_held is called once")  # a bug, not input
-        asked = self._digests[self.todo]
-        self._digests = None
-        keep = np.ones(len(asked), bool)
-        if shards:
-            keep &= ~id_index.contains_digests(shards, asked)
-            self.counts.present = int(len(keep) - keep.sum())
+        self._held = False
+        k = self.bucket_bits
+        indexed = [_ShardIndex(s, self._folder / "ids", i, k) for i, s in enumerate(shards)]
+        failed = np.empty(0, id_index.DIGEST)
+        failed_bounds = np.zeros(len(self._sizes) + 1, np.int64)
         if failed_ids is not None and len(failed_ids):
-            failed = np.isin(asked, id_index.digests(failed_ids)) & keep
-            self.counts.failed_before = int(failed.sum())
-            keep &= ~failed
-        self.todo = self.todo[keep]
+            failed = id_index.digests(failed_ids)
+            failed = failed[np.argsort(_leading(failed), kind="stable")]  # the order buckets slice
+            failed_bounds = _bounds(_leading(failed), k)
+        present = failed_before = 0
+        for j in range(len(self._sizes)):
+            rec = self._bucket(j)
+            if not len(rec):
+                continue
+            asked = rec["d"]  # sorted, distinct
+            hit = np.zeros(len(asked), bool)
+            for ix in indexed:
+                got = ix.slice(j)
+                if len(got):
+                    pos = np.minimum(np.searchsorted(asked, got), len(asked) - 1)
+                    hit[pos[asked[pos] == got]] = True
+            present += int(hit.sum())
+            fail = failed[failed_bounds[j]:failed_bounds[j + 1]]
+            if len(fail):
+                was = np.isin(asked, fail) & ~hit
+                failed_before += int(was.sum())
+                hit |= was
+            self._clear(rec["row"][hit])
+        self.counts.present, self.counts.failed_before = present, failed_before
+        shutil.rmtree(self._folder / "ids", ignore_errors=True)
 
     def __len__(self) -> int:
-        return len(self.todo)
+        return self._left
 
     def __bool__(self) -> bool:
-        return len(self.todo) > 0
+        return self._left > 0
 
-    def tables(self, rows: int = CHUNK) -> Iterator[pa.Table]:
-        """The rows still to do as Arrow tables of at most ROWS rows (id, path, label), in order."""
+    def tables(self, rows: int = CHUNK, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
+        """The rows still to do as Arrow tables of at most ROWS rows (id, path, label, caption), in
+        order; START/STOP: only those among spill rows START … STOP - 1."""
         pending: list[pa.Table] = []
         held = 0
-        for table in self._batches():
+        for table in self._batches(start, stop):
             pending.append(table)
             held += table.num_rows
             while held >= rows:
@@ -116,21 +176,30 @@ class WorkList:
             ids, paths, labels, caps = (table.column(c).to_pylist() for c in ("id", "path", "label", "caption"))
             yield from (ImageRef(i, p, lab, cap) for i, p, lab, cap in zip(ids, paths, labels, caps))
 
-    def _batches(self) -> Iterator[pa.Table]:
+    def todo_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The spill rows still to do among START … STOP - 1 (sorted)."""
+        stop = self.rows if stop is None else min(stop, self.rows)
+        if stop <= start:
+            return np.empty(0, np.int64)
+        flags = np.unpackbits(self._bits[start >> 3:(stop + 7) >> 3], bitorder="little")
+        return np.flatnonzero(flags[start & 7:(start & 7) + stop - start]) + start
+
+    def _batches(self, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
         """Each spilled record batch's rows that are still to do (record batch b holds rows
-        b*batch_rows … (b+1)*batch_rows - 1)."""
-        if not len(self.todo):
+        b*batch_rows … (b+1)*batch_rows - 1), among spill rows START … STOP - 1."""
+        stop = self.rows if stop is None else min(stop, self.rows)
+        if not self._left or stop <= start:
             return
+        br = self._batch_rows
         with pa.OSFile(str(self._file), "rb") as f:
             reader = pa.ipc.open_file(f)
-            n = reader.num_record_batches
-            bounds = np.searchsorted(self.todo, np.arange(n + 1) * self._batch_rows)
-            for b in range(n):
-                lo, hi = int(bounds[b]), int(bounds[b + 1])
-                if hi <= lo:
+            for b in range(start // br, -(-stop // br)):
+                lo, hi = max(b * br, start), min((b + 1) * br, stop)
+                rows = self.todo_rows(lo, hi) - b * br
+                if not len(rows):
                     continue
-                rows = self.todo[lo:hi] - b * self._batch_rows
-                yield pa.Table.from_batches([reader.get_batch(b)]).take(pa.array(rows))
+                batch = pa.Table.from_batches([reader.get_batch(b)])
+                yield batch if len(rows) == batch.num_rows else batch.take(pa.array(rows))
 
     def close(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)
@@ -140,6 +209,78 @@ class WorkList:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _leading(d: np.ndarray) -> np.ndarray:
+    """A digest array's first 8 bytes as native uint64 (the order the id index sorts by)."""
+    return np.ascontiguousarray(d).view(np.uint64).reshape(-1, 2)[:, 0]
+
+
+def _bucket_of(lead: np.ndarray, k: int) -> np.ndarray:
+    return (lead >> np.uint64(64 - k)).astype(np.int64) if k else np.zeros(len(lead), np.int64)
+
+
+def _bounds(lead: np.ndarray, k: int) -> np.ndarray:
+    """Where each of the 2**K buckets starts in LEAD (sorted ascending), and its end."""
+    firsts = np.arange(1 << k, dtype=np.uint64) << np.uint64(64 - k) if k else np.zeros(1, np.uint64)
+    return np.r_[np.searchsorted(lead, firsts), len(lead)].astype(np.int64)
+
+
+def _partition(digest_file: Path, n: int, out: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """DIGEST_FILE's n digests, with their row numbers, into 2**K buckets in OUT (rows in order within
+    each): two streamed passes, a chunk in memory at a time. Returns each bucket's start and size."""
+    sizes = np.zeros(1 << k, np.int64)
+    for s in range(0, n, READ_ROWS):
+        d = np.fromfile(digest_file, id_index.DIGEST, min(READ_ROWS, n - s), offset=s * 16)
+        sizes += np.bincount(_bucket_of(_leading(d), k), minlength=1 << k)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+    filled = starts.copy()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for s in range(0, n, READ_ROWS):
+            d = np.fromfile(digest_file, id_index.DIGEST, min(READ_ROWS, n - s), offset=s * 16)
+            b = _bucket_of(_leading(d), k)
+            order = np.argsort(b, kind="stable")
+            rec = np.empty(len(d), RECORD)
+            rec["d"], rec["row"] = d[order], order + s
+            edges = np.searchsorted(b[order], np.arange((1 << k) + 1))
+            for j in np.flatnonzero(np.diff(edges)):
+                os.pwrite(fd, rec[edges[j]:edges[j + 1]].tobytes(), int(filled[j]) * RECORD.itemsize)
+                filled[j] += edges[j + 1] - edges[j]
+    finally:
+        os.close(fd)
+    return starts, sizes
+
+
+class _ShardIndex:
+    """One shard's sorted id digests, read a bucket's slice at a time (a local ``.npy``: the store's own,
+    or for an object-storage or read-only store a copy in the work list's folder)."""
+
+    def __init__(self, shard: str, spill: Path, i: int, k: int) -> None:
+        d = id_index.load(shard)
+        if not len(d):
+            self.path, self.offset, self.bounds = "", 0, np.zeros((1 << k) + 1, np.int64)
+            return
+        if not isinstance(d, np.memmap):  # read whole (object storage, or built in memory): keep a local copy
+            spill.mkdir(exist_ok=True)
+            p = spill / f"{i}.npy"
+            np.save(p, np.asarray(d))
+            del d
+            d = np.load(p, mmap_mode="r")
+        self.path, self.offset = str(d.filename), int(d.offset)
+        self.bounds = _bounds(_leading_view(d), k)
+        del d
+
+    def slice(self, j: int) -> np.ndarray:
+        lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
+        if hi <= lo:
+            return np.empty(0, id_index.DIGEST)
+        return np.fromfile(self.path, id_index.DIGEST, hi - lo, offset=self.offset + lo * 16)
+
+
+def _leading_view(d: np.ndarray) -> np.ndarray:
+    """``_leading`` without a copy (a strided view: a binary search touches a few pages)."""
+    return d.view(np.uint64).reshape(-1, 2)[:, 0] if len(d) else np.empty(0, np.uint64)
 
 
 def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | None = None) -> WorkList:
@@ -175,9 +316,7 @@ def build(refs: Iterable[ImageRef], batch_rows: int = CHUNK, spill_dir: str | No
                     spill()
             if ids:
                 spill()
-        digests = np.fromfile(digest_file, dtype=id_index.DIGEST)
-        digest_file.unlink()
-        return WorkList(folder, file, digests, batch_rows)
+        return WorkList(folder, file, digest_file, digest_file.stat().st_size // 16, batch_rows)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
