@@ -26,27 +26,32 @@ def duplicate_groups(graph: KnnGraph, threshold: float) -> list[DuplicateGroup]:
     """Connected components of the graph's edges at cosine ≥ threshold, largest first.
 
     A group larger than k + 1 is still found whole: its members link through each other."""
+    n = len(graph.nbrs)
+    mask = (graph.sims >= threshold) & (graph.nbrs >= 0)
+    return groups_from_edges(np.repeat(np.arange(n), mask.sum(1)), graph.nbrs[mask], graph.sims[mask])
+
+
+def groups_from_edges(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[DuplicateGroup]:
+    """Groups joined by the edges (row A[i], row B[i], cosine S[i]), largest first: a disjoint set
+    over the rows that have an edge only (memory grows with the duplicates, not with the store)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = len(graph.nbrs)
-    mask = (graph.sims >= threshold) & (graph.nbrs >= 0)
-    r = np.repeat(np.arange(n), mask.sum(1))
-    c = graph.nbrs[mask]
-    s = graph.sims[mask]
-    adj = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
+    if not len(a):
+        return []
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    r, c = inv[:len(a)], inv[len(a):]
+    m = len(nodes)
+    adj = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(m, m))
     _, comp = connected_components(adj, directed=True, connection="weak")
     sizes = np.bincount(comp)
-    groups = []
-    edge_comp = comp[r]
     weakest = np.full(len(sizes), np.inf)
-    if len(s):
-        np.minimum.at(weakest, edge_comp, s)
+    np.minimum.at(weakest, comp[r], s)
     # rows of each component in one sort (a scan per group would be O(rows x groups))
     order = np.argsort(comp, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    for g in np.flatnonzero(sizes > 1):
-        groups.append(DuplicateGroup(np.sort(order[bounds[g]:bounds[g + 1]]), float(weakest[g])))
+    groups = [DuplicateGroup(np.sort(nodes[order[bounds[g]:bounds[g + 1]]]), float(weakest[g]))
+              for g in np.flatnonzero(sizes > 1)]
     groups.sort(key=lambda g: (-len(g.rows), -g.similarity, int(g.rows[0])))
     return groups
 

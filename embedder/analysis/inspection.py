@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.analysis.duplicates import duplicate_groups, leaks
-from embedder.analysis.inspection_types import KINDS, Finding, Inspection, InspectSummary
+from embedder.analysis.inspection_types import FINDINGS_SCHEMA, KINDS, Finding, Inspection, InspectSummary
 from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import class_overlap, cross_validate, knn_accuracy, label_issues
 from embedder.analysis.options import InspectOptions
@@ -24,14 +24,10 @@ from embedder.analysis.projection import project
 from embedder.analysis.vectors import Vectors, load_vectors
 from embedder.errors import InspectError, ProbeError
 from embedder.store.provenance import Provenance
+from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)
 
-FINDINGS_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("rank", pa.int32()), ("ids", pa.list_(pa.string())),
-    ("paths", pa.list_(pa.string())), ("score", pa.float64()),
-    ("given", pa.string()), ("suggested", pa.string()), ("detail", pa.string()),
-])
 
 
 def _check_test(train: Vectors, test: Vectors) -> None:
@@ -44,9 +40,22 @@ def _check_test(train: Vectors, test: Vectors) -> None:
                            "re-extract it with the same settings")
 
 
+def uses_buckets(store: str, options: InspectOptions) -> bool:
+    """The bucketed, bounded-memory path (``analysis.streamed``): asked for, or, by default, above
+    ``exact_limit`` rows (where the in-memory graph would be approximate anyway and its memory grows
+    with the store: ~21 KB per 1,280-d vector measured)."""
+    if options.graph != "auto":
+        return options.graph == "buckets"
+    return Store.open(store).count() > options.exact_limit
+
+
 def inspect_store(store: str, out: str, test: str | None = None, options: InspectOptions = InspectOptions(),
                   progress: Callable[[str, int, int], None] | None = None) -> Inspection:
     options.check()
+    if uses_buckets(store, options):
+        from embedder.analysis.streamed import inspect_streamed
+
+        return inspect_streamed(store, out, test, options, progress or (lambda _s, _d, _t: None))
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -174,7 +183,8 @@ def write_outputs(insp: Inspection, out: str,
     t = time.perf_counter()
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    pq.write_table(findings_table(insp), d / "findings.parquet")
+    if not insp.findings_written:
+        pq.write_table(findings_table(insp), d / "findings.parquet")
     want: dict[str, str] = {}
     if insp.options.thumbnails != "none":
         shown: set[int] = set()

@@ -7,11 +7,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from embedder.analysis.options import InspectOptions
 from embedder.analysis.vectors import Vectors
+from embedder.store.provenance import Provenance
 
 KINDS = ("leak", "duplicate", "label_error", "outlier", "class_overlap")
+
+FINDINGS_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("rank", pa.int32()), ("ids", pa.list_(pa.string())),
+    ("paths", pa.list_(pa.string())), ("score", pa.float64()),
+    ("given", pa.string()), ("suggested", pa.string()), ("detail", pa.string()),
+])
 
 
 @dataclass
@@ -38,6 +46,7 @@ class InspectSummary:
     graph: dict[str, Any] = field(default_factory=dict)
     thumbnails: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    scale: dict[str, Any] = field(default_factory=dict)  # the bucketed run: budget, bucket size, probe sample
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,14 +66,34 @@ class Finding:
 
 
 @dataclass
+class Catalog:
+    """What the report shows of a store too large to hold: ids, paths and class codes of the rows the
+    findings and the map name only (findings' rows are positions in it), and the store's size."""
+
+    ids: pa.Array
+    paths: pa.Array
+    y: np.ndarray
+    classes: list[str]
+    provenance: Provenance
+    store: str
+    images: int
+    dim: int
+
+    def __len__(self) -> int:
+        return self.images
+
+
+@dataclass
 class Inspection:
     """Everything the report renders."""
 
-    train: Vectors
-    test: Vectors | None
+    train: Vectors | Catalog
+    test: Vectors | Catalog | None
     coords: np.ndarray  # [n, 2]
     map_rows: np.ndarray  # the rows drawn on the map (all, or a uniform sample of map_points)
     findings: list[Finding]
     summary: InspectSummary
     options: InspectOptions
     thumbs: set[str] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=dict)  # findings per kind where ``findings`` lists the first only
+    findings_written: bool = False  # findings.parquet already written (streamed, kind by kind)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedder.analysis.buckets import drop_self
 from embedder.index import gpu as index_gpu
 
 QUERY_BLOCK = 4096
@@ -62,18 +63,6 @@ def _search(index: object, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return sims, nbrs
 
 
-def _drop_self(sims: np.ndarray, nbrs: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own hit (not always first: an exact duplicate ties with it)."""
-    is_self = nbrs == rows[:, None]
-    # where self is absent (a tie pushed it out), drop the last column instead
-    is_self[~is_self.any(1), -1] = True
-    first = is_self.argmax(1)
-    keep = np.ones_like(is_self)
-    keep[np.arange(len(rows)), first] = False
-    k = nbrs.shape[1] - 1
-    return sims[keep].reshape(-1, k), nbrs[keep].reshape(-1, k)
-
-
 def knn_graph(x: np.ndarray, k: int = 10, exact_limit: int = 20_000, seed: int = 0,
               recall_sample: int = 1000) -> KnnGraph:
     """Each row's k nearest other rows by cosine (x must be unit length)."""
@@ -84,7 +73,7 @@ def knn_graph(x: np.ndarray, k: int = 10, exact_limit: int = 20_000, seed: int =
     exact = n <= exact_limit
     index = _flat(x) if exact else _ivf(x, seed)
     sims, nbrs = _search(index, x, k_eff + 1)
-    sims, nbrs = _drop_self(sims, nbrs, np.arange(n))
+    sims, nbrs = drop_self(sims, nbrs, np.arange(n))
     recall = None
     if not exact:
         rng = np.random.default_rng(seed + 1)

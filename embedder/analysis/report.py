@@ -80,12 +80,13 @@ class _Cells:
 
 def _section(kind: str, items: list[Finding], cells: _Cells, listed: int) -> str:
     title, note = TITLES[kind]
-    out = [f'<h2 id="{kind}">{title} <span class="badge">{len(items)}</span></h2><p class="note">{note}</p>']
+    total = cells.insp.counts.get(kind, len(items))
+    out = [f'<h2 id="{kind}">{title} <span class="badge">{total}</span></h2><p class="note">{note}</p>']
     if not items:
         out.append("<p>None found.</p>")
         return "\n".join(out)
-    if len(items) > listed:
-        out.append(f'<p class="note">Showing {listed} of {len(items)}; all are in findings.parquet.</p>')
+    if total > listed:
+        out.append(f'<p class="note">Showing {listed} of {total}; all are in findings.parquet.</p>')
     out.append("<table>")
     labels = cells.insp.train.classes
     y = cells.insp.train.y
@@ -158,6 +159,15 @@ def _map(insp: Inspection) -> tuple[str, str]:
     return script, div
 
 
+def _bucket_graph(g: dict[str, Any]) -> str:
+    text = (f"exact within {g['buckets']:,} k-means buckets (and their nearest neighbours' guests), "
+            f"recall@{g['k']} {g.get('recall', float('nan')):.3f}")
+    if g.get("duplicate_pairs_checked"):
+        text += (f", duplicate-pair recall {g['duplicate_pair_recall']:.3f} "
+                 f"({g['duplicate_pairs_found']} of {g['duplicate_pairs_checked']} pairs)")
+    return text + f", measured against exact search from {g.get('recall_queries', 0):,} sampled images"
+
+
 def write_html(insp: Inspection, target: Path) -> None:
     from bokeh.resources import INLINE
 
@@ -174,7 +184,8 @@ def write_html(insp: Inspection, target: Path) -> None:
     if s.knn_accuracy is not None:
         acc.append(f"kNN (leave-one-out, k={s.graph['k']}): <b>{s.knn_accuracy:.1%}</b>")
     graph = ("exact" if s.graph.get("exact") else
-             f"IVF, recall@{s.graph['k']} {s.graph['recall']:.3f} measured against exact search on a sample")
+             f"IVF, recall@{s.graph['k']} {s.graph['recall']:.3f} measured against exact search on a sample"
+             if s.graph.get("method") != "buckets" else _bucket_graph(s.graph))
     class_rows = "".join(f'<tr><td>{_e(c)}</td><td class="num">{n}</td></tr>' for c, n in s.classes.items())
     kinds = ["leak"] if insp.test is not None else []
     kinds += ["duplicate", "label_error", "outlier", "class_overlap"]
@@ -186,7 +197,7 @@ def write_html(insp: Inspection, target: Path) -> None:
 <style>{CSS}</style>{INLINE.render()}{script}</head><body>
 <h1>What the embeddings say about <code>{_e(s.store)}</code></h1>
 <p>{s.images} images{f", {s.test_images} test images" if s.test_images is not None else ""};
-{_e(p.backbone)} layer {_e(p.layer)} ({_e(p.weights.describe())}), dim {insp.train.x.shape[1]}.
+{_e(p.backbone)} layer {_e(p.layer)} ({_e(p.weights.describe())}), dim {p.dim}.
 kNN graph: k={s.graph.get('k')}, {graph}.</p>
 <p>{' · '.join(acc)}</p>
 {f"<ul>{skipped}</ul>" if skipped else ""}

@@ -27,6 +27,10 @@ def inspect_command(
     projection: Annotated[choices.Projection, typer.Option(help="The map's projection (umap needs embedder\\[umap]).")] = choices.Projection(InspectOptions.projection),
     thumbnails: Annotated[str, typer.Option(help="all (every point of the map) | findings | none.")] = InspectOptions.thumbnails,
     seed: Annotated[int, typer.Option()] = InspectOptions.seed,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory for a store too large to hold (e.g. 2GB): bucket size, samples and write buffers follow it (default: a quarter of RAM, at most 2 GiB).")] = None,
+    graph: Annotated[str, typer.Option(help="auto: exact up to 20,000 images, k-means buckets on disk above (memory set by --memory-budget, recall measured) | memory | buckets.")] = InspectOptions.graph,
+    engine: Annotated[str, typer.Option(help="local | ray: search the buckets as Ray tasks (the bucket files must be on storage every node sees).")] = InspectOptions.engine,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where the bucket files go (about 1.3x the store's vectors; removed at the end). Default: inside --out.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -35,8 +39,13 @@ def inspect_command(
     from embedder.analysis.options import InspectOptions
 
     setup_logging(verbose)
+    from embedder.errors import InspectError
+    from embedder.sizes import parse_size
+
     options = InspectOptions(label_column=label_column, k=k, folds=folds, projection=str(projection),
-                             thumbnails=thumbnails, seed=seed)
+                             thumbnails=thumbnails, seed=seed, graph=graph, engine=engine,
+                             memory_budget=parse_size(memory_budget, InspectError) if memory_budget else None,
+                             work_dir=str(work_dir) if work_dir else None)
     if duplicate_threshold is not None:  # the default lives in one place: embedder.analysis.dedup
         options = dataclasses.replace(options, duplicate_threshold=duplicate_threshold)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
