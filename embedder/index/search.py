@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, cast
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,10 +20,90 @@ from embedder.index import generations as gens
 from embedder.index.faiss_util import exact_index, import_faiss, prepare_rows, set_search_param, to_score
 from embedder.index.generations import IDS_FILE, INDEX_FILE, VECTORS_FILE, locate, read_meta
 from embedder.index.quality import Searcher
+from embedder.io import storage
+from embedder.store import id_index
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
+
+MAX_DISTINCT = 65_536  # a column with more values gets no selector: it is matched per query
+SELECTOR_BATCH = 65_536  # rows per record batch while selectors are built
+
+
+@dataclass(frozen=True)
+class Selector:
+    """The FAISS ids of each value of one low-cardinality column: those of the value numbered
+    ``values[v]`` are ``fids[offsets[i]:offsets[i + 1]]``, sorted (4 bytes a row with a value, 8
+    beyond 2³¹ FAISS ids)."""
+
+    values: dict[str, int]
+    offsets: np.ndarray
+    fids: np.ndarray
+
+    def ids(self, value: str) -> np.ndarray:
+        i = self.values.get(value)
+        if i is None:
+            return np.empty(0, np.int64)
+        return np.asarray(self.fids[self.offsets[i]:self.offsets[i + 1]], np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets.nbytes + self.fids.nbytes)
+
+
+class _Collect:
+    """One column's (value number, FAISS id) pairs, batch by batch, until ``finish`` sorts them into
+    a ``Selector``: 2 + 4 (or 8) bytes a row while collected. ``add`` is False once the column has
+    more than MAX_DISTINCT values (what it held is dropped)."""
+
+    def __init__(self, fid_dtype: type[np.integer[Any]]) -> None:
+        self.codes: dict[str, int] = {}
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.fid_dtype = fid_dtype
+
+    def add(self, values: pa.Array, fids: np.ndarray) -> bool:
+        if values.type != pa.string():
+            values = pc.cast(values, pa.string())  # compared as text, as filters are
+        enc = pc.dictionary_encode(values)
+        local = enc.dictionary.to_pylist()
+        remap = np.fromiter((self.codes.setdefault(v, len(self.codes)) for v in local), np.int64, len(local))
+        if len(self.codes) > MAX_DISTINCT:
+            self.parts = []
+            return False
+        keep = fids >= 0  # rows of the store the index does not hold match nothing
+        if enc.null_count:  # a null matches no value
+            keep &= np.asarray(enc.indices.is_valid().to_numpy(zero_copy_only=False), bool)
+        idx = np.asarray(enc.indices.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+        self.parts.append((remap[idx[keep]].astype(np.uint16), fids[keep].astype(self.fid_dtype)))
+        return True
+
+    def finish(self) -> Selector:
+        codes = np.concatenate([c for c, _ in self.parts]) if self.parts else np.empty(0, np.uint16)
+        fids = np.concatenate([f for _, f in self.parts]) if self.parts else np.empty(0, self.fid_dtype)
+        self.parts = []
+        order = np.lexsort((fids, codes))
+        counts = np.bincount(codes, minlength=len(self.codes))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return Selector(dict(self.codes), offsets, fids[order])
+
+
+def _as_text(value: Any) -> str:
+    """A filter's value as the text a column's values are compared with (Arrow's casts)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _equals(field: Any, type_: pa.DataType, value: str) -> Any:
+    """A dataset expression: FIELD (of TYPE) equals VALUE compared as text. Typed where VALUE is what
+    Arrow writes for a value of TYPE (row-group statistics can then rule row groups out), cast to
+    text otherwise ("048" matches no 48, as a comparison of text would not)."""
+    try:
+        typed = pa.scalar(value).cast(type_)
+        if pc.cast(typed, pa.string()).as_py() == value:
+            return field == typed
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    return field.cast(pa.string()) == value
 
 
 class LoadedIndex:
@@ -94,8 +176,10 @@ class LoadedIndex:
         # FAISS id → id-map row: the identity for streamed builds (FAISS id = store row = map row);
         # otherwise vectorised through sorted ids + searchsorted, built once per load.
         self._identity = self.meta.get("id_map") == "ids.arrow"
+        self._fid_of_row: np.ndarray | None = None
         if not self._identity:
             fids = np.asarray(self.ids.column("faiss_id").to_numpy(), dtype=np.int64)
+            self._fid_of_row = fids
             self._order = np.argsort(fids, kind="stable")
             self._sorted_fids = fids[self._order]
         ivf = faiss.try_extract_index_ivf(self.index)
@@ -103,9 +187,13 @@ class LoadedIndex:
             # vectors by id (queries by id, exact fallback), set up at load, never mid-search; a hash
             # table because ids are not 0..n-1 in add order (held-out queries go in last)
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        self._id_order: np.ndarray | None = None  # id-map rows in id order (row_of), made on first use
-        self._id_chunks: np.ndarray | None = None
-        self._filter_table: pa.Table | None = None  # id map + store columns, joined once
+        # lookups by id: the id map's 16-byte digests (embedder.store.id_index) in lookup order and the
+        # id-map row of each, made once per loaded generation (``prepare_lookups``, by the service's
+        # loader) or on the first lookup by id (the CLI, the Python API)
+        self._id_digests: np.ndarray | None = None
+        self._id_order: np.ndarray | None = None
+        self._id_chunks: np.ndarray | None = None  # where each chunk of the id column starts
+        self._selectors: dict[str, Selector] = {}  # low-cardinality columns: value → FAISS ids
         self._filter_cols: list[str] | None = None
         self._filter_lock = threading.Lock()
         self.generation = int(self.meta.get("generation", 0))
@@ -162,25 +250,74 @@ class LoadedIndex:
                 f"{self.metric}; {store_path} holds normalize={prov.normalize} vectors, and mixing them would "
                 "change the ranking: build a new index for it (or build both with --metric cosine)")
 
-    def filter_table(self) -> pa.Table:
-        """The id map joined with the store's other columns, read once per loaded index (a
-        service filters on them per query without re-reading the store)."""
-        with self._filter_lock:
-            if self._filter_table is None:
-                table = self.ids
-                try:
-                    store = Store.open(self.meta["store"])
-                    cols = [c for c in store.dataset().schema.names
-                            if c not in ("embedding", *table.column_names)]
-                    if cols:
-                        table = table.join(store.read(["id", *cols]), "id", join_type="left outer")
-                except StoreError as e:  # the store moved away: filter on the id map alone
-                    log.warning("index %s: store columns unavailable for filters (%s)", self.name, e)
-                self._filter_table = table
-            return self._filter_table
+    # ---- filters and lookups by id ------------------------------------------------------------
+    # Per loaded generation, made by ``prepare_lookups`` (the service's loader thread, never a
+    # request): the id order (from the ids' 16-byte digests) and, for every column a filter may name
+    # whose values are few (≤ MAX_DISTINCT: label, width, split…), a selector: value → sorted FAISS
+    # ids, from one streamed pass over the id map and one over the store's other columns (never the
+    # store in one table). A column with more values (path, file_hash, caption) is matched per query:
+    # the id map's column scanned, or the store read with the condition pushed down to Parquet
+    # (row-group statistics; only the id column of matching rows kept). The CLI and the Python API
+    # build no selectors and match every condition that way.
+
+    def prepare_lookups(self, selectors: bool = True) -> None:
+        """The id order and (SELECTORS) the per-value selectors of this generation, built now. Memory:
+        20-24 bytes a row for the id order (the digest, 16, and the row, 4 or 8), and 4 bytes a row
+        per low-cardinality column (8 beyond 2³¹ FAISS ids) for the selectors."""
+        self._ensure_id_order()
+        cols = self.filter_columns()
+        if not selectors:
+            return
+        t0 = time.perf_counter()
+        wide = int(self.meta.get("next_id", self.index.ntotal)) >= 2**31
+        collect = {c: _Collect(np.int64 if wide else np.int32) for c in cols if c != "id"}
+        in_map = [c for c in collect if c in self.ids.column_names]
+        high: list[str] = []
+        for rb in self.ids.select(["faiss_id", *in_map]).to_batches(max_chunksize=SELECTOR_BATCH):
+            fids = np.asarray(rb.column(0).to_numpy(zero_copy_only=False), np.int64)
+            for c in [c for c in in_map if c in collect]:
+                if not collect[c].add(rb.column(c), fids):
+                    del collect[c]
+                    high.append(c)
+        in_store = [c for c in collect if c not in in_map]
+        if in_store:
+            try:
+                self._store_pass(in_store, collect, high)
+            except StoreError as e:  # matched per query instead (and said so there, if it persists)
+                log.warning("index %s: no selectors for store columns %s (%s)", self.name, in_store, e)
+                for c in in_store:
+                    collect.pop(c, None)
+        self._selectors = {c: b.finish() for c, b in collect.items()}
+        log.info("index %s: selectors for %s (%.1f MiB) in %.2f s; matched per query: %s", self.name,
+                 sorted(self._selectors), sum(s.nbytes for s in self._selectors.values()) / 2**20,
+                 time.perf_counter() - t0, [c for c in cols if c not in self._selectors] or "none")
+
+    def selector(self, column: str) -> Selector | None:
+        """COLUMN's selector, where ``prepare_lookups`` made one."""
+        return self._selectors.get(column)
+
+    def _store_pass(self, cols: list[str], collect: dict[str, _Collect], high: list[str]) -> None:
+        """COLS of the store (not in the id map), read shard by shard, record batch by record batch
+        (only those columns and the id), into their selectors; each row's FAISS id found through
+        its id's digest. A column that turns out to have too many values is dropped as it does."""
+        store = Store.open(self.meta["store"])
+        try:
+            for shard in store.shard_files():
+                f = storage.open_parquet(shard, buffered=True)
+                live = [c for c in cols if c in collect and c in f.schema_arrow.names]
+                if not live:
+                    continue
+                for rb in f.iter_batches(batch_size=SELECTOR_BATCH, columns=["id", *live]):
+                    fids = self._fids_of(rb.column("id"))
+                    for c in [c for c in live if c in collect]:
+                        if not collect[c].add(rb.column(c), fids):
+                            del collect[c]
+                            high.append(c)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{store.root}: cannot read shards ({str(e).splitlines()[0]})") from None
 
     def filter_columns(self) -> list[str]:
-        """Columns a filter may name, without joining the store (its schema is enough); read once
+        """Columns a filter may name, without reading the store (its schema is enough); read once
         per loaded index (`GET /indexes/NAME` asks per request)."""
         if self._filter_cols is not None:
             return list(self._filter_cols)
@@ -194,20 +331,79 @@ class LoadedIndex:
         return list(cols)
 
     def allowed_faiss_ids(self, where: dict[str, str]) -> np.ndarray:
-        """FAISS ids whose store rows match every column=value condition."""
-        table = self.ids
-        if any(c not in table.column_names for c in where):
-            table = self.filter_table()
-        missing = [c for c in where if c not in table.column_names]
+        """FAISS ids (sorted) whose store rows match every column=value condition (values compared
+        as text, as Arrow casts them)."""
+        cols = self.filter_columns()
+        missing = [c for c in where if c not in cols]
         if missing:
-            valid = [c for c in table.column_names if c != "faiss_id"]
-            raise IndexError_(f"cannot filter on {missing[0]!r}; columns: {', '.join(valid)}")
-        mask = None
+            raise IndexError_(f"cannot filter on {missing[0]!r}; columns: {', '.join(cols)}")
+        out: np.ndarray | None = None
         for col, value in where.items():
-            column = table.column(col)
-            cond = pc.equal(pc.cast(column, pa.string()), value)
-            mask = cond if mask is None else pc.and_(mask, cond)
-        return np.asarray(table.filter(mask).column("faiss_id").to_numpy(), dtype=np.int64)
+            ids = self._matching(col, _as_text(value))
+            out = ids if out is None else np.intersect1d(out, ids, assume_unique=True)
+            if not len(out):
+                break
+        return out if out is not None else np.arange(self.index.ntotal, dtype=np.int64)
+
+    def _matching(self, col: str, value: str) -> np.ndarray:
+        """The sorted FAISS ids whose COL is VALUE."""
+        sel = self._selectors.get(col)
+        if sel is not None:
+            return sel.ids(value)
+        if col == "id":
+            row = self.row_of(value)
+            return np.empty(0, np.int64) if row is None else self._fids_at(np.array([row]))
+        if col in self.ids.column_names:  # a column of the id map with many values: scanned
+            fids = self.ids.column("faiss_id").filter(pc.equal(pc.cast(self.ids.column(col), pa.string()), value))
+            return np.sort(np.asarray(fids.to_numpy(), np.int64))
+        return self._store_scan(col, value)
+
+    def _store_scan(self, col: str, value: str) -> np.ndarray:
+        """The store's rows whose COL is VALUE, read with the condition pushed down to Parquet
+        (row groups whose statistics rule it out are skipped), only their ids kept; mapped to FAISS
+        ids through the id order when it is made, else by one scan of the id map's ids."""
+        import pyarrow.dataset as ds
+
+        try:
+            store = Store.open(self.meta["store"])
+            dataset = store.dataset()
+            expr = _equals(ds.field(col), dataset.schema.field(col).type, value)
+            found: list[np.ndarray] = []
+            asked: list[pa.Array] = []
+            for rb in dataset.to_batches(columns=["id"], filter=expr, batch_readahead=2, fragment_readahead=1):
+                if not rb.num_rows:
+                    continue
+                if self._id_order is not None:
+                    fids = self._fids_of(rb.column(0))
+                    found.append(fids[fids >= 0])
+                else:
+                    asked.append(rb.column(0))
+        except StoreError as e:
+            raise IndexError_(f"cannot filter on {col!r}: {e}") from None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IndexError_(f"cannot filter on {col!r}: the store is unreadable "
+                              f"({str(e).splitlines()[0]})") from None
+        if asked:
+            ids = self.ids.column("id")
+            hit = pc.is_in(ids, value_set=pa.concat_arrays([a.cast(ids.type) for a in asked]))
+            rows = np.flatnonzero(np.asarray(hit.to_numpy(zero_copy_only=False), bool))
+            found.append(self._fids_at(rows))
+        return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+
+    def _fids_at(self, rows: np.ndarray) -> np.ndarray:
+        """FAISS ids of id-map ROWS."""
+        rows = np.asarray(rows, np.int64)
+        return rows if self._fid_of_row is None else self._fid_of_row[rows]
+
+    def _fids_of(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """For each id, its FAISS id, or -1 where the index does not hold it (the id order's
+        digests: vectorised, no id becomes a Python string)."""
+        digests, order = self._ensure_id_order()
+        pos = id_index.find(digests, id_index.digests(ids))
+        rows = np.where(pos >= 0, order[np.maximum(pos, 0)], -1).astype(np.int64)
+        if self._fid_of_row is None:
+            return rows
+        return np.where(rows >= 0, self._fid_of_row[np.maximum(rows, 0)], -1)
 
     def search(self, q: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[list[dict[str, Any]]]:
         """k nearest per query. With ``where``, still k results whenever k rows match: the search
@@ -220,12 +416,11 @@ class LoadedIndex:
         if not where:
             scores, ids = self.searcher.search(q, kk)
             return self._hits(scores, ids)
-        faiss = import_faiss()
         allowed = self.allowed_faiss_ids(where)
         need = min(kk, len(allowed))
         if need == 0:
             return [[] for _ in range(len(q))]
-        sel = faiss.IDSelectorBatch(allowed)
+        sel = self._selector_of(allowed)
         for scale in (1, 8, 64, 512):
             params = self._params_with(sel, scale, need)  # per call: concurrent searches share nothing
             try:
@@ -235,6 +430,19 @@ class LoadedIndex:
             if (ids >= 0).sum(1).min() >= need:
                 return self._hits(scores, ids)
         return self._exact_among(q, allowed, need)
+
+    def _selector_of(self, allowed: np.ndarray) -> Any:
+        """A FAISS selector of ALLOWED: a bitmap over every FAISS id (one bit each) where that is
+        smaller than a hash set of them (~40 bytes an id, built per query), else the set."""
+        faiss = import_faiss()
+        top = int(self.meta.get("next_id", self.index.ntotal))
+        if len(allowed) * 40 > top // 8 and len(allowed) and int(allowed[-1]) < top:
+            bitmap = np.zeros((top + 7) // 8, np.uint8)
+            np.bitwise_or.at(bitmap, allowed >> 3, (1 << (allowed & 7)).astype(np.uint8))
+            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+            sel.bitmap_ref = bitmap  # FAISS holds a raw pointer: the array lives as long as the selector
+            return sel
+        return faiss.IDSelectorBatch(allowed)
 
     def _vectors_of(self, fids: np.ndarray) -> np.ndarray:
         """Vectors for FAISS ids: the re-rank copies, the index itself, or the store on disk."""
@@ -293,32 +501,42 @@ class LoadedIndex:
         p.sel = sel  # the caller keeps sel alive while p is in use (FAISS holds a raw pointer)
         return p
 
-    def row_of(self, store_id: str) -> int | None:
-        """The id map's row of STORE_ID, or None: a binary search over the ids in sorted order (the
-        order computed once per loaded generation, 4-8 bytes a row; the id map itself may be
-        memory-mapped), never a scan of the whole map per request."""
+    def _ensure_id_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """The id map's digests in lookup order and the id-map row of each (made once per loaded
+        generation: 16 + 4 bytes a row, 16 + 8 beyond 2³¹ rows; while made, ~40 bytes a row)."""
         with self._filter_lock:
-            if self._id_order is None:
+            if self._id_digests is None or self._id_order is None:
                 column = self.ids.column("id")
-                order = pc.sort_indices(column).to_numpy()
+                parts = [id_index.digests(c.slice(s, id_index.CHUNK))
+                         for c in column.chunks for s in range(0, len(c), id_index.CHUNK)]
+                d = np.concatenate(parts) if parts else np.empty(0, id_index.DIGEST)
+                del parts
+                order = id_index.order_of(d)
+                self._id_digests = d[order]
+                del d
                 self._id_order = order.astype(np.int32) if len(order) < 2**31 else order
-                self._id_chunks = np.cumsum([0, *(len(c) for c in column.chunks)])
-            order, starts = cast(np.ndarray, self._id_order), cast(np.ndarray, self._id_chunks)
+            return self._id_digests, self._id_order
+
+    def row_of(self, store_id: str) -> int | None:
+        """The id map's row of STORE_ID, or None: its digest looked up in the id order (made once per
+        loaded generation from the ids' digests; the id map itself may be memory-mapped), never a
+        scan of the whole map per request. The row's id is compared too."""
+        digests, order = self._ensure_id_order()
+        pos = int(id_index.find(digests, id_index.digests(pa.array([store_id], pa.string())))[0])
+        if pos < 0:
+            return None
+        row = int(order[pos])
+        return row if self._id_at(row) == store_id else None
+
+    def _id_at(self, row: int) -> str | None:
+        """The id of id-map ROW: its chunk found by a binary search (a memory-mapped map has a chunk
+        per record batch)."""
         chunks = self.ids.column("id").chunks
-
-        def at(i: int) -> str:
-            row = int(order[i])
-            c = int(np.searchsorted(starts, row, side="right")) - 1
-            return str(chunks[c][row - int(starts[c])].as_py())
-
-        lo, hi = 0, len(order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if at(mid) < store_id:
-                lo = mid + 1
-            else:
-                hi = mid
-        return int(order[lo]) if lo < len(order) and at(lo) == store_id else None
+        if self._id_chunks is None:
+            self._id_chunks = np.cumsum([0, *(len(c) for c in chunks)])
+        c = int(np.searchsorted(self._id_chunks, row, side="right")) - 1
+        value = chunks[c][row - int(self._id_chunks[c])].as_py()
+        return None if value is None else str(value)
 
     def item(self, store_id: str) -> dict[str, Any]:
         """The id map's row of STORE_ID (faiss_id, id, path, label)."""

@@ -92,16 +92,12 @@ class Engine:
         from embedder.index.search import LoadedIndex
 
         loaded = LoadedIndex(name, self.options.home)
-        if not loaded.meta.get("on_disk"):
-            # filters never re-read the store per query; an on-disk index's id map already holds the
-            # id, path and label columns, and joining the store's other columns for 100M rows would
-            # hold them all in memory: there they are joined on the first filter that needs them
-            loaded.filter_table()
         self._embedder_for(loaded)
         # the per-generation work done here, in the loading thread, never by a request: the labels
-        # GET /indexes/NAME lists, the filter columns, the id order lookups by id search in
-        loaded.row_of("")
-        loaded.filter_columns()
+        # GET /indexes/NAME lists, the filter columns, the id order lookups by id search in (from the
+        # ids' digests) and the per-value selectors of the low-cardinality columns filters name (one
+        # streamed pass over the id map and the store's other columns: the store is never held whole)
+        loaded.prepare_lookups()
         self._labels[name] = (loaded.identity, _label_names(loaded))
         # one reference swap of the whole mapping: searches in flight and readers iterating it keep
         # the old objects (never a dict changing size under a reader)
@@ -392,8 +388,11 @@ def _embed_each(embed: Callable[[list[Any]], tuple[np.ndarray, Any]], members: l
 
 
 def _label_names(loaded: Any, most: int = 500) -> list[str]:
-    """The first MOST of an index's distinct labels, in order (what GET /indexes/NAME lists)."""
-    labels = [v for v in loaded.ids.column("label").unique().to_pylist() if v is not None]
+    """The first MOST of an index's distinct labels, in order (what GET /indexes/NAME lists): the
+    label selector's values where it has one (no second pass over the id map)."""
+    made = loaded.selector("label")
+    labels = list(made.values) if made is not None else [
+        v for v in loaded.ids.column("label").unique().to_pylist() if v is not None]
     return sorted(labels)[:most]
 
 

@@ -159,3 +159,32 @@ def sweep(store_root: str, shard_stems: set[str]) -> None:
     for n in storage.list_names(d):
         if n.endswith(".tmp") or (n.endswith(".npy") and n[:-4] not in shard_stems):
             storage.delete(storage.join(d, n))
+
+
+def order_of(d: np.ndarray) -> np.ndarray:
+    """The positions that put digests D in lookup order (``_sorted``'s: by the first 8 bytes read as
+    a native uint64): an integer argsort, never a sort of id strings."""
+    return np.argsort(_halves(d)[0], kind="stable")
+
+
+def find(sorted_d: np.ndarray, asked: np.ndarray) -> np.ndarray:
+    """For each asked digest, its position in SORTED_D (digests in ``order_of`` order), or -1: a
+    binary search on the first 8 bytes, confirmed on the other 8 (a run of digests sharing their
+    first 8 bytes, rare, is searched through)."""
+    out = np.full(len(asked), -1, np.int64)
+    n = len(sorted_d)
+    if not n or not len(asked):
+        return out
+    shi, slo = _halves(sorted_d)
+    hi, lo = _halves(asked)
+    pos = np.searchsorted(shi, hi)
+    at = np.minimum(pos, n - 1)
+    same_hi = shi[at] == hi
+    hit = same_hi & (slo[at] == lo)
+    out[hit] = at[hit]
+    for j in np.flatnonzero(same_hi & ~hit):
+        end = int(np.searchsorted(shi, hi[j], "right"))
+        k = np.flatnonzero(slo[int(pos[j]):end] == lo[j])
+        if len(k):
+            out[j] = int(pos[j]) + int(k[0])
+    return out
