@@ -21,6 +21,7 @@ from embedder.cli import (
     dedup_cmd,
     extract_cmd,
     finetune_cmd,
+    import_cmd,
     index_cmd,
     inspect_cmd,
     probe_cmd,
@@ -76,6 +77,7 @@ finetune_cmd.register(app)
 serve_cmd.register(app)
 inspect_cmd.register(app)
 compare_cmd.register(app)
+import_cmd.register(app)
 
 
 def main() -> None:

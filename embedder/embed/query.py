@@ -21,6 +21,9 @@ from embedder.store.provenance import Provenance
 
 def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> ModelSpec:
     """The ModelSpec that reproduces a store's vectors (for queries and predictions)."""
+    if prov.weights.kind == "external":  # `embedder import`: no model embedder can run made them
+        raise ProvenanceMismatch(f"these vectors were imported (made by {prov.backbone} outside embedder): no "
+                                 "image can be embedded into their space; query by id or by vector")
     path = None
     if prov.weights.needs_file:
         if weights_file is None:
