@@ -21,11 +21,22 @@ from typing import TYPE_CHECKING, Any
 
 from embedder._version import __version__
 
-__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "extract", "open_index", "open_store",
-           "train_probe", "__version__"]
+__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "extract", "import_vectors", "open_index",
+           "open_store", "train_probe", "__version__"]
 
 if TYPE_CHECKING:
-    from embedder.api import Embedder, Hit, Index, Probe, build_index, extract, open_index, open_store, train_probe
+    from embedder.api import (
+        Embedder,
+        Hit,
+        Index,
+        Probe,
+        build_index,
+        extract,
+        import_vectors,
+        open_index,
+        open_store,
+        train_probe,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from embedder.embed.fill import ExtractSummary
     from embedder.index.search import LoadedIndex
     from embedder.learn.probe import ProbeResult
+    from embedder.store.importer import ImportSummary
     from embedder.store.provenance import Provenance
     from embedder.store.shards import Store
 
@@ -138,6 +139,21 @@ def extract(sources: str | Sequence[str], out: str | Path, *, backbone: str | No
     ray = RayOptions(**ray_kw, batch_size=run_kw.get("batch_size")) if engine == "ray" else None
     run = RunOptions(**run_kw, sources=SourceOptions(**source_kw))
     return run_extract([str(s) for s in srcs], str(out), spec, EmbedOptions(**embed_kw), run, ray)
+
+
+def import_vectors(sources: str | Path | Sequence[str | Path], out: str | Path, *, vector_column: str = "embedding",
+                   **options: Any) -> ImportSummary:
+    """``embedder import``: vectors made elsewhere (Parquet files with a list or fixed-size-list vector
+    column; clip-retrieval's ``img_emb_N.npy`` + ``metadata_N.parquet``) into the store at OUT
+    (created, or continued where an interrupted run stopped). ``options`` are ``ImportOptions`` fields
+    (``id_column``, ``label_column``, ``path_column``, ``caption_column``, ``model``…). Returns the
+    run's summary (``.imported``, ``.failed``, ``.duplicates``, ``.to_dict()``)."""
+    from embedder.store.importer import ImportOptions
+    from embedder.store.importer import import_vectors as run_import
+
+    (kw,) = _split_options(options, ImportOptions)
+    srcs = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
+    return run_import(srcs, str(out), ImportOptions(vector_column=vector_column, **kw))
 
 
 def open_store(path: str | Path) -> Store:

@@ -65,7 +65,9 @@ def test_fixed_size_and_list_columns_give_the_same_store(tmp_path: Path) -> None
     out = json.loads(_cli("import", str(fixed), "--out", str(tmp_path / "a"), "--vector-column", "embedding",
                           "--id-column", "id", "--label-column", "label", "--json"))
     assert out["imported"] == 3000 and out["failed"] == 0 and out["dim"] == DIM
-    s = import_vectors([str(listed)], str(tmp_path / "b"), ImportOptions(batch_rows=700, shard_rows=1000))
+    import embedder
+
+    s = embedder.import_vectors(listed, tmp_path / "b", batch_rows=700, shard_rows=1000)  # the Python API
     assert s.imported == 3000
     for store in ("a", "b"):
         ids, vec, t = _stored(tmp_path / store)

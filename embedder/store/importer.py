@@ -36,6 +36,7 @@ same command continues where it stopped, never writing a row twice.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import os
@@ -55,8 +56,9 @@ from embedder.store import id_index
 from embedder.store.provenance import Provenance
 from embedder.store.shards import ERRORS_SCHEMA, Store, embeddings_to_arrow, row_schema
 
-BATCH_ROWS = 32_768  # rows read at a time
-SHARD_ROWS = 65_536  # rows per shard
+BATCH_BYTES = 8 << 20  # vectors read at a time (float32): 16,384 rows of 128 values, 1,638 of 1,280
+SHARD_BYTES = 32 << 20  # vectors per shard: 65,536 rows of 128 values
+MAX_BATCH_ROWS = 32_768
 ENGINE = "import"  # the manifest run record's engine
 EXTERNAL = "external"  # the default model name, and the weights' kind
 MAX_FAILURES_SHOWN = 100
@@ -73,8 +75,14 @@ class ImportOptions:
     path_column: str | None = None
     caption_column: str | None = None  # None: "caption" if present
     model: str = EXTERNAL  # what made the vectors, as the user names it
-    batch_rows: int = BATCH_ROWS
-    shard_rows: int = SHARD_ROWS
+    batch_rows: int | None = None  # None: BATCH_BYTES of float32 vectors (≤ MAX_BATCH_ROWS)
+    shard_rows: int | None = None  # None: SHARD_BYTES of float32 vectors
+
+    def sized(self, dim: int) -> ImportOptions:
+        """These options with the row counts left open sized for DIM-value vectors."""
+        batch = self.batch_rows or max(256, min(MAX_BATCH_ROWS, BATCH_BYTES // (4 * dim)))
+        shard = self.shard_rows or max(batch, SHARD_BYTES // (4 * dim))
+        return dataclasses.replace(self, batch_rows=batch, shard_rows=shard)
 
 
 @dataclass
@@ -365,8 +373,8 @@ class SourceReader:
             return
         at = first
         groups = list(range(group, md.num_row_groups))
-        it = self.table.iter_batches(batch_size=self.opts.batch_rows, row_groups=groups, columns=wanted) \
-            if wanted else None
+        rows_at = self.opts.batch_rows or MAX_BATCH_ROWS
+        it = self.table.iter_batches(batch_size=rows_at, row_groups=groups, columns=wanted) if wanted else None
         while at < self.rows:
             if it is not None:
                 try:
@@ -375,7 +383,7 @@ class SourceReader:
                     break
                 n = rb.num_rows
             else:  # a .npy with a metadata table holding none of the columns
-                n = min(self.opts.batch_rows, self.rows - at)
+                n = min(rows_at, self.rows - at)
                 rb = pa.record_batch([pa.nulls(n)], names=["_"])
             lo = max(start - at, 0)  # rows before START in the first group are skipped
             if lo >= n:
@@ -599,14 +607,15 @@ class Importer:
             sel = pa.array(rows)
             self.parts.append(pa.Table.from_arrays([
                 b.ids.take(sel), b.paths.take(sel), b.labels.take(sel),
-                embeddings_to_arrow(b.vectors[rows], "float32"),
+                embeddings_to_arrow(b.vectors if len(rows) == n else b.vectors[rows], "float32"),
                 pa.nulls(len(rows), pa.int32()), pa.nulls(len(rows), pa.int32()),
                 pa.nulls(len(rows), pa.string()), b.captions.take(sel)],
                 schema=row_schema(self.provenance.dim, "float32")))
             self.rows += len(rows)
             s.imported += len(rows)
         self.ends[src] = b.start + n
-        if self.rows >= self.opts.shard_rows or sum(len(e) for e in self.errors) >= self.opts.shard_rows:
+        limit = self.opts.shard_rows or 1
+        if self.rows >= limit or sum(len(e) for e in self.errors) >= limit:
             self.flush()
 
     def flush(self, finished: str | None = None) -> None:
@@ -623,7 +632,7 @@ class Importer:
                 store.write_errors(pa.concat_tables(self.errors).cast(ERRORS_SCHEMA))
             added = []
             if self.rows:
-                table = pa.concat_tables(self.parts).combine_chunks()
+                table = pa.concat_tables(self.parts)
                 added.append((storage.name(store.write_shard(table, self.provenance)), table.num_rows))
             run["rows_done"].update(self.ends)
             run["pending"] = None
@@ -641,7 +650,7 @@ def import_vectors(sources: Sequence[str], out: str, opts: ImportOptions = Impor
     """Import the vectors under SOURCES into the store at OUT (created, or continued: a rerun after
     an interruption goes on where the last one stopped; sources finished before are skipped)."""
     t0 = time.perf_counter()
-    if opts.batch_rows < 1 or opts.shard_rows < 1:
+    if (opts.batch_rows is not None and opts.batch_rows < 1) or (opts.shard_rows is not None and opts.shard_rows < 1):
         raise SourceError("batch_rows and shard_rows must be at least 1")
     srcs = resolve_sources(sources)
     readers = [SourceReader(s, opts) for s in srcs]  # every column checked before anything is written
@@ -653,6 +662,9 @@ def import_vectors(sources: Sequence[str], out: str, opts: ImportOptions = Impor
                                                                if v != next(iter(dims.values())))
         raise SourceError(f"the sources' vectors differ in length: {one} has {d1}, {other} has {d2}")
     dim = next(iter(dims.values()))
+    opts = opts.sized(dim)
+    for r in readers:
+        r.opts = opts
     provenance = external_provenance(opts.model, dim)
     summary = ImportSummary(store=str(out), sources=len(srcs), dim=dim)
     with Store.writer(out, provenance) as store:
