@@ -18,8 +18,11 @@ from typer.testing import CliRunner
 from embedder.cli import app
 from embedder.store.importer import ImportOptions, import_vectors
 from embedder.store.shards import Store
+from tests import test_families
 
 runner = CliRunner()
+tiny_clip = test_families.tiny_clip  # the fixture: a one-block OpenCLIP model and its weights file
+TINY_CLIP = test_families.TINY_CLIP
 DIM = 16
 
 
@@ -245,3 +248,28 @@ def test_an_imported_store_is_probed_indexed_searched_and_inspected(tmp_path: Pa
     _cli("inspect", store, "--out", str(tmp_path / "rep"), "--thumbnails", "none", "--json")
     found = pq.read_table(tmp_path / "rep" / "findings.parquet").to_pylist()
     assert any(f["kind"].startswith("duplicate") and {"r0", "r1"} <= set(f["ids"]) for f in found), found[:5]
+
+
+def test_an_openclip_model_named_records_its_text_tower(tiny_clip: Path, tmp_path: Path) -> None:
+    """Vectors an OpenCLIP model made elsewhere: naming it (with its weights) records its text tower,
+    so text search works on them; a model of another dimension is refused as one line."""
+    from embedder.embed.batch import BatchEmbedder
+    from embedder.embed.options import EmbedOptions
+    from embedder.models.builder import spec_for
+
+    name = f"open_clip:{TINY_CLIP}"
+    emb = BatchEmbedder(spec_for(name, tiny_clip), EmbedOptions(device="cpu"))
+    texts = ["a red square", "a blue circle", "a green line"]
+    v = emb.embed_texts(texts)  # vectors in the model's space (its text tower's: a stand-in for images)
+    _write(tmp_path / "v.parquet", v, ["red", "blue", "green"], labels=["a", "b", "c"])
+    store, home = str(tmp_path / "st"), str(tmp_path / "home")
+    _cli("import", str(tmp_path / "v.parquet"), "--out", store, "--model", name, "--weights", str(tiny_clip))
+    prov = Store.open(store).provenance
+    assert prov.has_text and prov.backbone == name
+    _cli("index", "build", store, "--name", "clip", "--home", home, "--weights", str(tiny_clip))
+    out = _cli("search", "clip", "--home", home, "--text", "a blue circle", "-k", "1", "--weights", str(tiny_clip))
+    assert "blue" in out
+    _write(tmp_path / "w.parquet", _vectors(4))
+    out = _cli("import", str(tmp_path / "w.parquet"), "--out", str(tmp_path / "s2"), "--model", name,
+               "--weights", str(tiny_clip), code=2)
+    assert "makes 32-d vectors; these are 16-d" in out

@@ -20,6 +20,7 @@ def import_command(
     path_column: Annotated[Optional[str], typer.Option(help="Each row's image path or URL (default: 'path', clip-retrieval 'image_path' or 'url', if present; else the row's location in its file).")] = None,
     caption_column: Annotated[Optional[str], typer.Option(help="Each row's caption (default: 'caption' if present).")] = None,
     model: Annotated[str, typer.Option(help="What made the vectors, as recorded in the store's provenance. An OpenCLIP name (open_clip:ARCH:TAG) of the same dimension also records its text tower: text search and zero-shot then work.")] = "external",
+    weights: Annotated[Optional[str], typer.Option(help="With an OpenCLIP --model: its weights file, when it is not a registry tag.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Import vectors made elsewhere into a store (index, search, probe and inspect work on it)."""
@@ -27,7 +28,8 @@ def import_command(
 
     s = import_vectors(sources, store, ImportOptions(vector_column=vector_column, id_column=id_column,
                                                      label_column=label_column, path_column=path_column,
-                                                     caption_column=caption_column, model=model))
+                                                     caption_column=caption_column, model=model,
+                                                     weights=weights))
     if as_json:
         out.print_json(json.dumps(s.to_dict()))
     else:

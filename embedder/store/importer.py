@@ -75,6 +75,7 @@ class ImportOptions:
     path_column: str | None = None
     caption_column: str | None = None  # None: "caption" if present
     model: str = EXTERNAL  # what made the vectors, as the user names it
+    weights: str | None = None  # an OpenCLIP model's weights file (its text tower is recorded)
     batch_rows: int | None = None  # None: BATCH_BYTES of float32 vectors (≤ MAX_BATCH_ROWS)
     shard_rows: int | None = None  # None: SHARD_BYTES of float32 vectors
 
@@ -474,7 +475,7 @@ def _hi(d: np.ndarray) -> np.ndarray:
 
 
 # ---- provenance ------------------------------------------------------------------------------
-def external_provenance(model: str, dim: int) -> Provenance:
+def external_provenance(model: str, dim: int, weights: str | None = None) -> Provenance:
     """The record of vectors made elsewhere by MODEL: no weights embedder knows, no preprocessing
     it did, no text tower — or, for an OpenCLIP model name, that model's own record (its text tower
     shares the vectors' space) when its dimension is DIM."""
@@ -486,10 +487,12 @@ def external_provenance(model: str, dim: int) -> Provenance:
         from embedder.embed.options import EmbedOptions
         from embedder.models.builder import spec_for
 
-        prov = BatchEmbedder(spec_for(model, None, None, None, None), EmbedOptions(device="cpu")).provenance()
+        prov = BatchEmbedder(spec_for(model, weights, None, None, None), EmbedOptions(device="cpu")).provenance()
         if prov.dim != dim:
             raise SourceError(f"--model {model} makes {prov.dim}-d vectors; these are {dim}-d")
         return prov
+    if weights is not None:
+        raise SourceError(f"--weights is for an OpenCLIP --model (open_clip:ARCH:TAG), not {model!r}")
     import platform
 
     from embedder import __version__
@@ -665,7 +668,7 @@ def import_vectors(sources: Sequence[str], out: str, opts: ImportOptions = Impor
     opts = opts.sized(dim)
     for r in readers:
         r.opts = opts
-    provenance = external_provenance(opts.model, dim)
+    provenance = external_provenance(opts.model, dim, opts.weights)
     summary = ImportSummary(store=str(out), sources=len(srcs), dim=dim)
     with Store.writer(out, provenance) as store:
         summary.store = store.root
