@@ -70,14 +70,16 @@ CASES: list[dict[str, str]] = [
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """An in-memory index over one store, and an on-disk (streamed) one over part of it, grown by an
-    add from the whole store (FAISS ids past its own store's rows)."""
+    add from the whole store, whose own store then lost a shard."""
     tmp = tmp_path_factory.mktemp("filters")
     store = store_of(tmp / "s")
     home = str(tmp / "h")
     idx.build(store, "mem", index_plan.BuildOptions(kind="flat"), home)
     first = store_of(tmp / "s1", n=2000)
     idx.build(first, "disk", index_plan.BuildOptions(kind="ivf", on_disk=True, queries=50), home)
-    idx.add("disk", store, home)  # rows 2000-2999 of the store: a delta
+    idx.add("disk", store, home)  # rows 2000-2999 of the store: FAISS ids past its own store's rows
+    # a shard of its store moved away: the store's rows no longer line up with the FAISS ids
+    Path(sorted(Store.open(first).shard_files())[0]).unlink()
     return {"home": home, "store": store}
 
 

@@ -301,14 +301,17 @@ class LoadedIndex:
         (only those columns and the id), into their selectors; each row's FAISS id found through
         its id's digest. A column that turns out to have too many values is dropped as it does."""
         store = Store.open(self.meta["store"])
+        start = 0
         try:
             for shard in store.shard_files():
                 f = storage.open_parquet(shard, buffered=True)
                 live = [c for c in cols if c in collect and c in f.schema_arrow.names]
                 if not live:
+                    start += f.metadata.num_rows
                     continue
                 for rb in f.iter_batches(batch_size=SELECTOR_BATCH, columns=["id", *live]):
-                    fids = self._fids_of(rb.column("id"))
+                    fids = self._fids_of(rb.column("id"), start)
+                    start += rb.num_rows
                     for c in [c for c in live if c in collect]:
                         if not collect[c].add(rb.column(c), fids):
                             del collect[c]
@@ -395,9 +398,22 @@ class LoadedIndex:
         rows = np.asarray(rows, np.int64)
         return rows if self._fid_of_row is None else self._fid_of_row[rows]
 
-    def _fids_of(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    def _fids_of(self, ids: pa.Array | pa.ChunkedArray, start: int | None = None) -> np.ndarray:
         """For each id, its FAISS id, or -1 where the index does not hold it (the id order's
-        digests: vectorised, no id becomes a Python string)."""
+        digests: vectorised, no id becomes a Python string). START: the ids' first store row, where
+        they are a run of the store's rows: an index whose FAISS id is the id-map row (a streamed
+        build) holds most of them at those very rows (FAISS id = store row), which one comparison
+        of the ids confirms; only the others are looked up."""
+        if start is not None and self._identity and start < self.ids.num_rows:
+            m = min(len(ids), self.ids.num_rows - start)
+            same = pc.equal(ids.slice(0, m), self.ids.column("id").slice(start, m).cast(ids.type))
+            fids = np.full(len(ids), -1, np.int64)
+            hit = np.asarray(same.fill_null(False).to_numpy(zero_copy_only=False), bool)
+            fids[:m][hit] = np.arange(start, start + m, dtype=np.int64)[hit]
+            rest = np.flatnonzero(fids < 0)
+            if len(rest):
+                fids[rest] = self._fids_of(ids.take(pa.array(rest)))
+            return fids
         digests, order = self._ensure_id_order()
         pos = id_index.find(digests, id_index.digests(ids))
         rows = np.where(pos >= 0, order[np.maximum(pos, 0)], -1).astype(np.int64)

@@ -177,7 +177,9 @@ def find(sorted_d: np.ndarray, asked: np.ndarray) -> np.ndarray:
         return out
     shi, slo = _halves(sorted_d)
     hi, lo = _halves(asked)
-    pos = np.searchsorted(shi, hi)
+    by = np.argsort(hi)  # searched in order: the binary searches walk the sorted digests forwards
+    pos = np.empty(len(hi), np.int64)
+    pos[by] = np.searchsorted(shi, hi[by])
     at = np.minimum(pos, n - 1)
     same_hi = shi[at] == hi
     hit = same_hi & (slo[at] == lo)
