@@ -1,14 +1,19 @@
-"""Driver memory of an extraction against the number of images it discovers: 10,000 and 1,000,000.
+"""Driver memory of an extraction against the number of images it discovers: 10,000, 1,000,000 and
+(``--sizes 1000000,10000000``) 10,000,000.
 
 The case a large collection meets every day: a resume. A text list of N image paths, of which all but
 64 are already in the store (written here as synthetic shards with the real ids of those paths), and
 64 real new JPEGs that the run embeds with the tiny registered backbone. Each measurement is a fresh
-process; peak RSS (ru_maxrss) is reported beside the wall time. In the same run, as yardsticks: what
+process; peak RSS (ru_maxrss) is reported beside the wall time. "work list": discovery and the
+store's membership check alone (``worklist.build`` + ``drop_held``, no torch), the part that grows with
+the listing. In the same run, as yardsticks: what
 list-based discovery holds (``discover()``: an ``ImageRef`` per image in a dict, then the store's
 membership check over those ids, without torch or a model), and with ``--before DIR`` the extract of
 an earlier checkout (the same command, its code).
 
-    python scripts/bench_discovery.py [--sizes 10000,1000000] [--out results.json]
+    python scripts/bench_discovery.py [--sizes 10000,1000000] [--before DIR] [--no-list] [--out results.json]
+
+At 10⁷ the list-based yardstick alone holds ~3.5 GB and takes minutes: ``--no-list`` leaves it out.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ if mode == "extract":
     from embedder.models.features import ModelSpec
     s = extract([lst], store, ModelSpec("tiny_test"))
     out = {"discovered": s.discovered, "present": s.skipped_present, "done": s.done}
+elif mode == "worklist":  # discovery and the membership check alone: no torch, no model
+    from embedder.embed import worklist
+    from embedder.io.sources import iter_discover
+    from embedder.store.shards import Store
+    st = Store.open(store)
+    with worklist.build(iter_discover([lst])) as w:
+        w.drop_held(st.shard_files(), st.errors().column("id"))
+        out = {"discovered": w.counts.discovered, "present": w.counts.present, "done": 0}
 else:  # the previous way: a list of ImageRefs, then the membership check over their ids
     from embedder.io.sources import discover
     from embedder.store.shards import Store
@@ -76,7 +89,7 @@ def make_case(root: Path, n: int) -> tuple[Path, Path]:
                 "id": [image_id(p) for p in part], "path": part, "label": [None] * len(part),
                 "embedding": embeddings_to_arrow(np.zeros((len(part), dim), np.float32), "float32"),
                 "width": pa.array([48] * len(part), pa.int32()), "height": pa.array([40] * len(part), pa.int32()),
-                "file_hash": [None] * len(part)}, schema=schema))
+                "file_hash": [None] * len(part), "caption": [None] * len(part)}, schema=schema))
         st.update_manifest()
     lst = root / "list.txt"
     with open(lst, "w") as f:
@@ -112,6 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,1000000")
     ap.add_argument("--before", type=Path, help="a checkout of an earlier embedder: its extract is measured too")
+    ap.add_argument("--no-list", action="store_true", help="leave out the list-based discover() yardstick")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
@@ -122,7 +136,11 @@ def main() -> None:
             lst, store = make_case(Path(tmp), n)
             setup = time.perf_counter() - t0
             measured: list[tuple[str, dict[str, float]]] = []
-            measured.append(("discover() + check", run("previous", lst, fresh(store))))
+            if not args.no_list:
+                measured.append(("discover() + check", run("previous", lst, fresh(store))))
+            if args.before:
+                measured.append(("work list, --before tree", run("worklist", lst, store, args.before)))
+            measured.append(("work list", run("worklist", lst, store)))
             if args.before:
                 measured.append(("extract, --before tree", run("extract", lst, fresh(store), args.before)))
             measured.append(("embedder extract", run("extract", lst, fresh(store))))

@@ -18,6 +18,8 @@ from embedder.store import id_index
 
 
 def _id(i: int) -> str:
+    if i >= 10**7:  # ids whose digests share their first 8 bytes (the rare path of a lookup)
+        return f"{'ab' * 8}{i:016x}"
     return hashlib.blake2b(str(i).encode(), digest_size=16).hexdigest()
 
 
@@ -38,8 +40,9 @@ def test_the_work_list_is_what_a_set_says_across_many_buckets(tmp_path: Path,
     monkeypatch.setattr(worklist, "READ_ROWS", 100, raising=False)
     rng = np.random.default_rng(1)
     listed = [int(i) for i in rng.integers(0, 1500, 2000)]  # repeats among them
-    stored = [set(int(i) for i in rng.integers(0, 1500, 300)) for _ in range(3)]
-    failed = [int(i) for i in rng.integers(0, 1500, 100)]
+    listed += [int(i) for i in rng.integers(10**7, 10**7 + 40, 60)]
+    stored = [set(int(i) for i in rng.integers(0, 1500, 300)) | {10**7 + 3 * k for k in range(6)} for _ in range(3)]
+    failed = [int(i) for i in rng.integers(0, 1500, 100)] + [10**7 + 1, 10**7 + 4, 10**7 + 6]
     shards = [_shard(tmp_path, f"s{k}", sorted(s)) for k, s in enumerate(stored)]
     with worklist.build(_refs(listed), batch_rows=128, spill_dir=str(tmp_path)) as work:
         firsts = list(dict.fromkeys(listed))
@@ -73,3 +76,69 @@ def test_discoverys_membership_check_holds_no_array_per_listed_image(tmp_path: P
     finally:
         tracemalloc.stop()
     assert peak < 3 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+# ---- index add reads only what the index has not read ----------------------------------------------
+
+def _strip_record(home: Path) -> None:
+    """Make HOME's index a legacy one: no record of the shards it read."""
+    import json
+
+    for meta_file in home.rglob("index.json"):
+        meta = json.loads(meta_file.read_text())
+        meta.pop("indexed_shards", None)  # stream.INDEXED
+        meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_index_add_reads_only_the_shards_the_index_has_not_read(tmp_path: Path, on_disk: bool) -> None:
+    import shutil
+
+    from embedder.index import build as idx
+    from embedder.index import plan as index_plan
+    from embedder.index import search as index_search
+    from embedder.store.shards import Store
+    from tests.test_index import _write_vectors, clustered, vector_store
+
+    x = clustered(900, dim=16)
+    store = vector_store(tmp_path / "s", x[:600])
+    home, legacy = tmp_path / "h", tmp_path / "legacy"
+    options = index_plan.BuildOptions(kind="ivf", on_disk=True, queries=50) if on_disk \
+        else index_plan.BuildOptions(kind="flat")
+    idx.build(store, "n", options, str(home))
+    shutil.copytree(home, legacy)
+    _strip_record(legacy)
+    with Store.writer(store, Store.open(store).provenance) as st:  # a second extract: one new shard
+        _write_vectors(st, x[600:], None, 600)
+    first = Store.open(store).shard_files()[0]
+    r_legacy = idx.add("n", store, str(legacy))  # no record: every shard read, as before
+    kept = Path(first).read_bytes()
+    Path(first).write_bytes(b"not parquet" * 100)  # the shard the index has read must not be opened
+    try:
+        r = idx.add("n", store, str(home))
+    finally:
+        Path(first).write_bytes(kept)
+    assert r == r_legacy and (r["added"], r["skipped"], r["count"]) == (300, 600, 900)
+    new, old = index_search.LoadedIndex("n", str(home)), index_search.LoadedIndex("n", str(legacy))
+    assert new.ids.column("id").to_pylist() == old.ids.column("id").to_pylist()
+    q = x[::97]
+    assert [[h["id"] for h in hits] for hits in new.search(q, 5)] == \
+        [[h["id"] for h in hits] for hits in old.search(q, 5)]
+    Path(first).write_bytes(b"not parquet" * 100)  # nothing new: nothing read, nothing added
+    try:
+        assert idx.add("n", store, str(home))["added"] == 0
+        assert idx.add("n", store, str(legacy))["added"] == 0  # the legacy index has its record now
+    finally:
+        Path(first).write_bytes(kept)
+
+
+def test_a_shard_read_in_part_is_read_past_its_count(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from embedder.index.stream import record_batches
+
+    f = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(350)], "v": list(range(350))}), f, row_group_size=100)
+    for skip in (0, 99, 100, 230, 349, 350):
+        got = [v for rb in record_batches(str(f), skip, ["v"]) for v in rb.column("v").to_pylist()]
+        assert got == list(range(skip, 350))

@@ -39,7 +39,8 @@ BUCKET_ROWS = 1 << 19  # listed images per membership bucket (at most, for unifo
 READ_ROWS = 1 << 18  # digests partitioned at a time
 SPILL_ENV = "EMBEDDER_TMPDIR"  # where work lists spill (default: the system's temporary folder)
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("caption", pa.string())])
-RECORD = np.dtype([("d", id_index.DIGEST), ("row", np.int64)])  # a bucket's entry: digest, spill row
+# a bucket's entry: a digest as two native uint64s (its first and last 8 bytes), its spill row
+RECORD = np.dtype([("hi", np.uint64), ("lo", np.uint64), ("row", np.int64)])
 
 
 class Refs(Protocol):
@@ -78,9 +79,9 @@ class WorkList:
             rec = self._bucket(j)
             if len(rec) < 2:
                 continue
-            rec = rec[np.argsort(rec["d"], kind="stable")]
+            rec = rec[np.lexsort((rec["row"], rec["lo"], rec["hi"]))]
             later = np.zeros(len(rec), bool)
-            later[1:] = rec["d"][1:] == rec["d"][:-1]
+            later[1:] = (rec["hi"][1:] == rec["hi"][:-1]) & (rec["lo"][1:] == rec["lo"][:-1])
             if later.any():
                 self._clear(rec["row"][later])
                 repeats += int(later.sum())
@@ -132,17 +133,20 @@ class WorkList:
             rec = self._bucket(j)
             if not len(rec):
                 continue
-            asked = rec["d"]  # sorted, distinct
-            hit = np.zeros(len(asked), bool)
+            hi, lo = np.ascontiguousarray(rec["hi"]), np.ascontiguousarray(rec["lo"])  # sorted, distinct
+            shared = np.unique(hi[1:][hi[1:] == hi[:-1]])  # distinct digests, one first half: rare
+            hit = np.zeros(len(hi), bool)
             for ix in indexed:
                 got = ix.slice(j)
                 if len(got):
-                    pos = np.minimum(np.searchsorted(asked, got), len(asked) - 1)
-                    hit[pos[asked[pos] == got]] = True
+                    _mark(hit, hi, lo, got[:, 0], got[:, 1], shared)
             present += int(hit.sum())
             fail = failed[failed_bounds[j]:failed_bounds[j + 1]]
             if len(fail):
-                was = np.isin(asked, fail) & ~hit
+                halves = fail.view(np.uint64).reshape(-1, 2)
+                was = np.zeros(len(hi), bool)
+                _mark(was, hi, lo, halves[:, 0], halves[:, 1], shared)
+                was &= ~hit
                 failed_before += int(was.sum())
                 hit |= was
             self._clear(rec["row"][hit])
@@ -211,6 +215,18 @@ class WorkList:
         self.close()
 
 
+def _mark(hit: np.ndarray, hi: np.ndarray, lo: np.ndarray, ghi: np.ndarray, glo: np.ndarray,
+          shared: np.ndarray) -> None:
+    """Set HIT where the asked digest (HI, LO: sorted by both, distinct) is one of the given (GHI,
+    GLO); SHARED: the first halves that more than one asked digest has."""
+    pos = np.minimum(np.searchsorted(hi, ghi), len(hi) - 1)
+    hit[pos[(hi[pos] == ghi) & (lo[pos] == glo)]] = True
+    if len(shared):  # every asked digest of a shared first half is compared
+        for g in np.flatnonzero(np.isin(ghi, shared)):
+            span = slice(np.searchsorted(hi, ghi[g], "left"), np.searchsorted(hi, ghi[g], "right"))
+            hit[span] |= lo[span] == glo[g]
+
+
 def _leading(d: np.ndarray) -> np.ndarray:
     """A digest array's first 8 bytes as native uint64 (the order the id index sorts by)."""
     return np.ascontiguousarray(d).view(np.uint64).reshape(-1, 2)[:, 0]
@@ -242,7 +258,8 @@ def _partition(digest_file: Path, n: int, out: Path, k: int) -> tuple[np.ndarray
             b = _bucket_of(_leading(d), k)
             order = np.argsort(b, kind="stable")
             rec = np.empty(len(d), RECORD)
-            rec["d"], rec["row"] = d[order], order + s
+            halves = d.view(np.uint64).reshape(-1, 2)[order]
+            rec["hi"], rec["lo"], rec["row"] = halves[:, 0], halves[:, 1], order + s
             edges = np.searchsorted(b[order], np.arange((1 << k) + 1))
             for j in np.flatnonzero(np.diff(edges)):
                 os.pwrite(fd, rec[edges[j]:edges[j + 1]].tobytes(), int(filled[j]) * RECORD.itemsize)
@@ -272,10 +289,11 @@ class _ShardIndex:
         del d
 
     def slice(self, j: int) -> np.ndarray:
+        """Bucket J's digests as [n, 2] native uint64 (first and last 8 bytes)."""
         lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
         if hi <= lo:
-            return np.empty(0, id_index.DIGEST)
-        return np.fromfile(self.path, id_index.DIGEST, hi - lo, offset=self.offset + lo * 16)
+            return np.empty((0, 2), np.uint64)
+        return np.fromfile(self.path, np.uint64, 2 * (hi - lo), offset=self.offset + lo * 16).reshape(-1, 2)
 
 
 def _leading_view(d: np.ndarray) -> np.ndarray:

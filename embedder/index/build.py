@@ -77,8 +77,11 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         try:
             if streamed:
                 return _build_streamed(store, store_path, name, target, p, options, budget)
-            table = store.read(["id", "path", "label", "embedding"])
-            return _build(store, store_path, name, target, table, options, p)
+            from embedder.index.stream import shard_rows
+
+            files = [str(f) for f in store.shard_files()]  # one listing: what is read is what is recorded
+            table = read_rows(store, [(f, 0) for f in files])
+            return _build(store, store_path, name, target, table, options, p, shard_rows(store, files))
         finally:
             if not gens.exists(target):  # a failed first build leaves no empty folder behind
                 shutil.rmtree(target, ignore_errors=True)
@@ -90,6 +93,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     ground truth streamed over the store."""
     from embedder.index import ondisk
     from embedder.index import stream as index_stream
+    from embedder.index.stream import INDEXED, record_read, shard_rows
 
     faiss = import_faiss()
     t0 = time.perf_counter()
@@ -129,6 +133,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
         "on_disk": {"lists": ondisk.LISTS_FILE, "trained": ondisk.TRAINED_FILE, "slices": r["slices"],
                     "slice_rows": r["slice_rows"], "train_rows": r["train_rows"]},
         "id_map": ondisk.IDS_ARROW, "vectors": VECTORS_FILE,
+        INDEXED: record_read({}, store, shard_rows(store, r["files"])),
         "rerank": None if not rerank else {"file": VECTORS_FILE, "factor": RERANK_FACTOR,
                                            "dtype": "float16", "memory_mapped": True},
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -139,7 +144,9 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
 
 
 def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Table,
-           options: BuildOptions, p: Plan) -> dict[str, Any]:
+           options: BuildOptions, p: Plan, rows: dict[str, int]) -> dict[str, Any]:
+    from embedder.index.stream import INDEXED, record_read
+
     faiss = import_faiss()
     n, dim = table.num_rows, store.dim
     x = prepare_rows(arrow_to_embeddings(table.column("embedding")), options.metric)
@@ -202,8 +209,26 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
         **({"text_recall": text_recall} if text_recall is not None else {}),
+        INDEXED: record_read({}, store, rows),
     }
     return commit_index(target, tmpdir, meta)
+
+
+def read_rows(store: Store, parts: list[tuple[str, int]],
+              columns: tuple[str, ...] = ("id", "path", "label", "embedding")) -> pa.Table:
+    """PARTS' rows ((shard, rows to skip) each: see ``stream.unseen``) as one table in the store's
+    schema."""
+    from embedder.index.stream import record_batches
+    from embedder.store.shards import row_schema
+
+    schema = row_schema(store.dim, store.dtype)
+    sub = pa.schema([schema.field(c) for c in columns])
+    try:
+        tables = [pa.Table.from_batches(batches).cast(sub) for f, skip in parts
+                  if (batches := list(record_batches(f, skip, list(columns))))]
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IndexError_(f"{store.root}: cannot read shards ({str(e).splitlines()[0]})") from None
+    return pa.concat_tables(tables) if tables else sub.empty_table()
 
 
 def _text_recall(store_path: str, store: Store, searcher: Searcher, count: int,
@@ -238,19 +263,29 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
             from embedder.index.stream import add_streamed
 
             return add_streamed(loaded, d, store_path, merge)
+        from embedder.index.stream import INDEXED, record_read, shard_rows, unseen
+        from embedder.store import id_index
+
         store = Store.open(store_path)
         loaded.require_addable(store.provenance, store_path)
-        table = store.read(["id", "path", "label", "embedding"])
-        present = set(loaded.ids.column("id").to_pylist())
-        mask = pa.array([i not in present for i in table.column("id").to_pylist()])
-        new = table.filter(mask)
+        files = [str(f) for f in store.shard_files()]  # one listing: what is read is what is recorded
+        rows = shard_rows(store, files)
+        # only the rows the index has not read (its meta records the shards it read; an index
+        # without the record reads every shard), embeddings included
+        table = read_rows(store, unseen(loaded.meta, store, files, rows))
+        present = np.sort(id_index.digests(loaded.ids.column("id")))  # 16 bytes per indexed id
+        asked = id_index.digests(table.column("id"))
+        pos = np.minimum(np.searchsorted(present, asked), max(len(present) - 1, 0))
+        held = present[pos] == asked if len(present) else np.zeros(len(asked), bool)
+        new = table.filter(pa.array(~held))
+        del present, table
         if new.num_rows:
-            _add_generation(loaded, d, new)
-        return {"added": new.num_rows, "skipped": table.num_rows - new.num_rows,
+            _add_generation(loaded, d, new, {INDEXED: record_read(loaded.meta, store, rows)})
+        return {"added": new.num_rows, "skipped": sum(rows.values()) - new.num_rows,
                 "count": int(loaded.index.ntotal)}
 
 
-def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table) -> None:
+def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table, more: dict[str, Any]) -> None:
     faiss = import_faiss()
     x = prepare_rows(arrow_to_embeddings(new.column("embedding")), loaded.metric)
     start = int(loaded.meta["next_id"])
@@ -270,5 +305,5 @@ def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table) -> None:
     faiss.write_index(loaded.index, str(tmpdir / INDEX_FILE))
     pq.write_table(ids, tmpdir / IDS_FILE)
     meta = {**loaded.meta, "count": int(loaded.index.ntotal), "next_id": start + new.num_rows,
-            "index_bytes": (tmpdir / INDEX_FILE).stat().st_size}
+            "index_bytes": (tmpdir / INDEX_FILE).stat().st_size, **more}
     commit_index(d, tmpdir, meta)

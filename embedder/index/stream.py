@@ -49,16 +49,83 @@ def batches(store: Store, prepare: Callable[[np.ndarray], np.ndarray],
 def batches_of(files: list[str], start: int, prepare: Callable[[np.ndarray], np.ndarray],
                columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
     """The given shards (whose first row is global row START), one record batch at a time."""
+    return batches_past([(f, 0) for f in files], start, prepare, columns)
+
+
+def batches_past(parts: list[tuple[str, int]], start: int, prepare: Callable[[np.ndarray], np.ndarray],
+                 columns: tuple[str, ...] = ("id", "path", "label")) -> Iterator[Batch]:
+    """Each (shard, skip) of PARTS' rows past its first SKIP, one record batch at a time (row
+    groups wholly before SKIP are never read); the first row yielded is row START."""
     from embedder.store.shards import arrow_to_embeddings
 
     row = start
     pool = pa.default_memory_pool()
-    for shard in files:
-        for rb in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
+    for shard, skip in parts:
+        for rb in record_batches(shard, skip, [*columns, "embedding"]):
             x = prepare(arrow_to_embeddings(rb.column("embedding")))
             yield Batch(row, x, pa.Table.from_batches([rb]).select(list(columns)))
             row += rb.num_rows
         pool.release_unused()
+
+
+def record_batches(shard: str, skip: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """SHARD's COLUMNS past its first SKIP rows, a record batch at a time; a row group that ends
+    before SKIP is not read."""
+    f = storage.open_parquet(shard)
+    groups = list(range(f.metadata.num_row_groups))
+    if skip:
+        ends = np.cumsum([f.metadata.row_group(g).num_rows for g in groups])
+        first = int(np.searchsorted(ends, skip, side="right"))
+        skip -= int(ends[first - 1]) if first else 0
+        groups = groups[first:]
+    if not groups:
+        return
+    for rb in f.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
+        if skip >= rb.num_rows:
+            skip -= rb.num_rows
+            continue
+        yield rb.slice(skip) if skip else rb
+        skip = 0
+
+
+# ---- which store rows an index has read ---------------------------------------------------------
+# The index meta (written on commit, with the generation) records, per store root, the shards it
+# has read and how many rows of each: ``{"indexed_shards": {ROOT: {SHARD NAME: ROWS}}}``. An add
+# then reads only the shards it has not seen, and of a shard seen in part only the rows past the
+# count; shards are append-only files, so a name and a count say which rows were read.
+INDEXED = "indexed_shards"
+
+
+def shard_rows(store: Store, files: list[str]) -> dict[str, int]:
+    """Rows of each of FILES by shard name: the manifest's count, or its footer where the manifest
+    does not list it yet."""
+    listed = {s["file"]: int(s["rows"]) for s in store.manifest().get("shards", [])}
+    out = {}
+    for f in files:
+        name = storage.name(f)
+        rows = listed.get(name)
+        out[name] = rows if rows is not None else storage.open_parquet(f).metadata.num_rows
+    return out
+
+
+def unseen(meta: dict[str, Any], store: Store, files: list[str], rows: dict[str, int]) -> list[tuple[str, int]]:
+    """The (shard, rows to skip) of FILES that hold rows an index (its META) has not read. Every
+    shard whole where META records nothing for this store (an index built before the record, or
+    added to from another store) or where a recorded shard now holds fewer rows than were read (a
+    rewritten shard: nothing is assumed)."""
+    seen = (meta.get(INDEXED) or {}).get(store.root)
+    if seen is None or any(int(seen.get(storage.name(f), 0)) > rows[storage.name(f)] for f in files):
+        return [(f, 0) for f in files]
+    parts = [(f, int(seen.get(storage.name(f), 0))) for f in files]
+    return [(f, skip) for f, skip in parts if rows[storage.name(f)] > skip]
+
+
+def record_read(meta: dict[str, Any], store: Store, rows: dict[str, int]) -> dict[str, dict[str, int]]:
+    """META's record of the shards read, with this store's now ROWS (every listed shard read to
+    its count)."""
+    record = {root: dict(names) for root, names in (meta.get(INDEXED) or {}).items()}
+    record[store.root] = {**record.get(store.root, {}), **rows}
+    return record
 
 
 def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray],
@@ -250,7 +317,7 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
         heap.finalize()
         exact = np.asarray(heap.D, np.float32)
     return {"index": tuning, "finish": finish, "held": held, "sample": sample_rows, "queries": query_x,
-            "exact": exact, "n": n,
+            "exact": exact, "n": n, "files": files,
             "dim": dim, "slices": len(slices), "slice_rows": per_slice, "train_rows": len(sample_rows),
             "train_seconds": round(train_seconds, 3), "trained_on": trained_on}
 
@@ -283,15 +350,17 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     present = np.sort(id_index.digests(loaded.ids.column("id")))
     masks = []
     files = [str(f) for f in store.shard_files()]  # one listing for both passes
-    for shard in files:  # pass 1: ids only
-        for rb in storage.open_parquet(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id"]):
+    rows = shard_rows(store, files)
+    parts = unseen(loaded.meta, store, files, rows)  # only rows the index has not read
+    for shard, skip in parts:  # pass 1: ids only
+        for rb in record_batches(shard, skip, ["id"]):
             asked = id_index.digests(rb.column("id"))
             pos = np.minimum(np.searchsorted(present, asked), max(len(present) - 1, 0))
             held = present[pos] == asked if len(present) else np.zeros(len(asked), bool)
             masks.append(~held)
     del present
     n_new = int(sum(m.sum() for m in masks))
-    total = sum(len(m) for m in masks)
+    total = sum(rows.values())
     deltas: list[dict[str, Any]] = list(loaded.meta.get("deltas") or [])
     if n_new == 0 and not (merge and deltas):
         return {"added": 0, "skipped": total, "count": int(loaded.index.ntotal), "deltas": len(deltas)}
@@ -309,7 +378,7 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     vectors = np.lib.format.open_memmap(tmpdir / delta["vectors"], mode="w+", dtype=np.float16, shape=(n_new, dim))
     row = start
     with pa.OSFile(str(tmpdir / delta["ids"]), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
-        for mask, b in zip(masks, batches_of(files, 0, lambda v: prepare_rows(v, loaded.metric))):  # pass 2
+        for mask, b in zip(masks, batches_past(parts, 0, lambda v: prepare_rows(v, loaded.metric))):  # pass 2
             if not mask.any():
                 continue
             x = b.x[mask]
@@ -353,7 +422,8 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     count = start + n_new
     nbytes = (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / LISTS_FILE).stat().st_size + sum(
         (tmpdir / x["index"]).stat().st_size for x in deltas)
-    meta = {**loaded.meta, "count": count, "next_id": count, "deltas": deltas, "index_bytes": nbytes}
+    meta = {**loaded.meta, "count": count, "next_id": count, "deltas": deltas, "index_bytes": nbytes,
+            INDEXED: record_read(loaded.meta, store, rows)}
     commit_index(d, tmpdir, meta)
     return {"added": n_new, "skipped": total - n_new, "count": count, "deltas": len(deltas)}
 
