@@ -11,6 +11,7 @@ The Python API (the same functions the CLI and the service call)::
     hits = index.search(["query.jpg"], k=5)             # per query: Hit(id, path, label, score, rank)
     probe = embedder.train_probe("store", test_store="test_store")
     probe.predict(["new.jpg"])
+    embedder.inspect("store", "report", test="test_store")  # duplicates, leaks, label errors, outliers
 
 Attributes load on first use, so ``import embedder`` costs what the CLI's start-up does.
 """
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from embedder._version import __version__
 
-__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "extract", "import_vectors", "open_index",
-           "open_store", "train_probe", "__version__"]
+__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "dedup", "extract", "import_vectors", "inspect",
+           "open_index", "open_store", "train_probe", "__version__"]
 
 if TYPE_CHECKING:
     from embedder.api import (
@@ -31,8 +32,10 @@ if TYPE_CHECKING:
         Index,
         Probe,
         build_index,
+        dedup,
         extract,
         import_vectors,
+        inspect,
         open_index,
         open_store,
         train_probe,

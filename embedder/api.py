@@ -335,3 +335,31 @@ def train_probe(train_store: str | Path, *, test_store: str | Path | None = None
         test = load_test(str(test_store), train, opts.label_column, opts.memory_budget)
         result.metrics = test_metrics(result, train, test, opts)
     return Probe(result, device, weights)
+
+
+def inspect(store: str | Path, out: str | Path, *, test: str | Path | None = None,
+            **options: Any) -> dict[str, Any]:
+    """``embedder inspect``: duplicates, leaks (with ``test``), likely label errors, outliers and class
+    overlap of STORE → ``OUT/findings.parquet`` and ``OUT/index.html``; returns the summary the CLI
+    prints with ``--json``. ``options`` are ``InspectOptions`` fields (``duplicate_threshold``,
+    ``memory_budget`` in bytes, ``graph``, ``engine``, ``thumbnails``…): above 20,000 images the
+    bucketed graph runs in memory set by the budget, whatever the store's size."""
+    from embedder.analysis.inspection import inspect_store, write_outputs
+    from embedder.analysis.options import InspectOptions
+
+    (kw,) = _split_options(options, InspectOptions)
+    opts = InspectOptions(**kw)
+    insp = inspect_store(str(store), str(out), str(test) if test is not None else None, opts)
+    return write_outputs(insp, str(out)).to_dict()
+
+
+def dedup(store: str | Path, out: str | Path, *, threshold: float | None = None, **options: Any) -> dict[str, Any]:
+    """``embedder dedup``: near-duplicate groups of STORE → the Parquet file OUT (group, id, path);
+    returns the counts. ``options`` are ``InspectOptions`` fields (``memory_budget``, ``engine``, ``k``…)."""
+    from embedder.analysis.dedup import dedup as run
+    from embedder.analysis.options import InspectOptions
+
+    (kw,) = _split_options(options, InspectOptions)
+    k = kw.pop("k", InspectOptions.k)
+    s = run(str(store), str(out), threshold, k, InspectOptions(**kw))
+    return dataclasses.asdict(s)

@@ -123,3 +123,13 @@ def test_ray_engine_searches_the_buckets_as_tasks(planted: dict, tmp_path: Path)
                                        ray=RayOptions(local_cpus=2)))
     assert (local.groups, local.duplicates) == (ray.groups, ray.duplicates)
     assert pq.read_table(tmp_path / "local.parquet").equals(pq.read_table(tmp_path / "ray.parquet"))
+
+
+def test_api_runs_the_same_functions(planted: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    import embedder
+    from embedder.errors import EmbedderError
+
+    d = embedder.dedup(planted["store"], tmp_path / "d.parquet", threshold=0.97, graph="buckets", bucket_rows=150)
+    assert (d["groups"], d["duplicates"]) == (30, 40)
+    with pytest.raises(EmbedderError, match="unknown option bogus; valid: .*memory_budget"):
+        embedder.inspect(planted["store"], tmp_path / "r", bogus=1)
