@@ -445,29 +445,48 @@ class SourceReader:
 
 # ---- the duplicate-id check ----------------------------------------------------------------
 class SeenIds:
-    """The ids imported so far, as the first 8 bytes of their digests in sorted runs (merged like a
-    binary counter: amortised O(log n) merges per row; a lookup is a binary search per run). A hit
-    is only a candidate: ``Importer`` confirms it on the full digest."""
+    """The ids imported so far, as the first 8 bytes of their digests: 8 bytes per id. They are
+    split by their top byte into 256 buckets (digests are uniform), each a list of sorted runs merged
+    like a binary counter (amortised O(log n) merges per id; a lookup is a binary search per run), so
+    a merge's transient copy is at most a bucket's, about 1/256 of the whole. A hit is only a
+    candidate: ``Importer`` confirms it on the full digest."""
+
+    BUCKETS = 256
 
     def __init__(self) -> None:
-        self.runs: list[np.ndarray] = []
+        self.buckets: list[list[np.ndarray]] = [[] for _ in range(self.BUCKETS)]
+
+    @classmethod
+    def _split(cls, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """HI sorted, and where each bucket starts in it (BUCKETS + 1 bounds)."""
+        hi = np.sort(hi)
+        return hi, np.searchsorted(hi >> np.uint64(56), np.arange(cls.BUCKETS + 1, dtype=np.uint64))
 
     def add(self, hi: np.ndarray) -> None:
-        run = np.sort(hi)
-        while self.runs and len(self.runs[-1]) <= len(run):
-            run = np.sort(np.concatenate([self.runs.pop(), run]), kind="stable")  # two sorted runs: a merge
-        self.runs.append(run)
+        hi, bounds = self._split(hi)
+        for b in np.flatnonzero(np.diff(bounds)):
+            runs, run = self.buckets[b], hi[bounds[b]:bounds[b + 1]].copy()
+            while runs and len(runs[-1]) <= len(run):
+                run = np.sort(np.concatenate([runs.pop(), run]), kind="stable")  # two sorted runs: a merge
+            runs.append(run)
 
     def maybe(self, hi: np.ndarray) -> np.ndarray:
+        """For each of HI, whether an id with that prefix was added."""
+        order = np.argsort(hi, kind="stable")
+        sorted_hi, bounds = self._split(hi)
         hit = np.zeros(len(hi), bool)
-        for run in self.runs:
-            pos = np.minimum(np.searchsorted(run, hi), len(run) - 1)
-            hit |= run[pos] == hi
+        for b in np.flatnonzero(np.diff(bounds)):
+            part = sorted_hi[bounds[b]:bounds[b + 1]]
+            found = np.zeros(len(part), bool)
+            for run in self.buckets[b]:
+                pos = np.minimum(np.searchsorted(run, part), len(run) - 1)
+                found |= run[pos] == part
+            hit[order[bounds[b]:bounds[b + 1]]] = found
         return hit
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.runs)
+        return sum(r.nbytes for runs in self.buckets for r in runs)
 
 
 def _hi(d: np.ndarray) -> np.ndarray:
