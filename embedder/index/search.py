@@ -541,14 +541,18 @@ class LoadedIndex:
 
     def _ensure_id_order(self) -> tuple[np.ndarray, np.ndarray]:
         """The id map's digests in lookup order and the id-map row of each (made once per loaded
-        generation: 16 + 4 bytes a row, 16 + 8 beyond 2³¹ rows; while made, ~40 bytes a row)."""
+        generation: 16 + 4 bytes a row, 16 + 8 beyond 2³¹ rows; while made, 40 bytes a row: the
+        digests, their argsort and the sorted copy)."""
         with self._filter_lock:
             if self._id_digests is None or self._id_order is None:
                 column = self.ids.column("id")
-                parts = [id_index.digests(c.slice(s, id_index.CHUNK))
-                         for c in column.chunks for s in range(0, len(c), id_index.CHUNK)]
-                d = np.concatenate(parts) if parts else np.empty(0, id_index.DIGEST)
-                del parts
+                d = np.empty(len(column), id_index.DIGEST)
+                at = 0
+                for c in column.chunks:  # a bounded piece at a time (others' ids are hashed one by one)
+                    for s in range(0, len(c), id_index.CHUNK):
+                        piece = c.slice(s, id_index.CHUNK)
+                        d[at:at + len(piece)] = id_index.digests(piece)
+                        at += len(piece)
                 order = id_index.order_of(d)
                 self._id_digests = d[order]
                 del d
