@@ -514,7 +514,7 @@ def external_provenance(model: str, dim: int, weights: str | None = None) -> Pro
         raise SourceError(f"--weights is for an OpenCLIP --model (open_clip:ARCH:TAG), not {model!r}")
     import platform
 
-    from embedder import __version__
+    from embedder._version import __version__
 
     versions = {"embedder": __version__, "pyarrow": pa.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
