@@ -7,6 +7,7 @@ import hashlib
 import tracemalloc
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,13 @@ import pytest
 from embedder.embed import worklist
 from embedder.io.sources import ImageRef
 from embedder.store import id_index
+
+try:  # test_ray's fixtures: a throwaway local cluster (module-scoped), a time limit per test
+    from tests.test_ray import cluster, time_limit  # noqa: F401
+except pytest.skip.Exception:  # no Ray here: only the Ray test is skipped
+    @pytest.fixture
+    def cluster() -> str:
+        pytest.skip("ray is not installed")
 
 
 def _id(i: int) -> str:
@@ -55,6 +63,10 @@ def test_the_work_list_is_what_a_set_says_across_many_buckets(tmp_path: Path,
         assert work.counts.present == sum(i in held for i in firsts)
         assert work.counts.failed_before == sum(i not in held and i in set(failed) for i in firsts)
         assert sum(t.num_rows for t in work.tables(50)) == len(expect)
+        parts = list(work.slices())  # what Ray read tasks read, in another process
+        assert sum(len(p) for p in parts) == len(expect)
+        assert [i for p in parts for t in p.tables(7) for i in t.column("id").to_pylist()] == \
+            [_id(i) for i in expect]
 
 
 def test_discoverys_membership_check_holds_no_array_per_listed_image(tmp_path: Path,
@@ -142,3 +154,43 @@ def test_a_shard_read_in_part_is_read_past_its_count(tmp_path: Path) -> None:
     for skip in (0, 99, 100, 230, 349, 350):
         got = [v for rb in record_batches(str(f), skip, ["v"]) for v in rb.column("v").to_pylist()]
         assert got == list(range(skip, 350))
+
+
+@pytest.mark.slow
+def test_the_ray_engine_reads_its_work_list_as_it_goes(tmp_path: Path, request: pytest.FixtureRequest,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver puts no block of its work list into the object store (before: one reference per
+    block, all of them up front: 1.6 M at 10⁸); read tasks on its node read the spill file as the
+    pipeline goes. The store is the local engine's."""
+    import ray
+
+    from embedder.embed import ray as ray_engine
+    from embedder.embed.fill import extract
+    from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
+    from embedder.models.builder import ModelSpec
+    from tests.conftest import make_images
+    from tests.test_ray import _store_vectors
+
+    address = request.getfixturevalue("cluster")
+    monkeypatch.setattr(ray_engine, "DECODE_BLOCK", 1)  # a block per image: a few images, many blocks
+    put = ray.put
+    blocks: list[int] = []
+
+    def counting_put(value: object, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, pa.Table):
+            blocks.append(value.num_rows)
+        return put(value, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "put", counting_put)
+    src = tmp_path / "imgs"
+    make_images(src, {"a": 5, "b": 4}, size=(64, 48))
+    tiny, run = ModelSpec("tiny_test"), RunOptions(batch_size=1)
+    s = ray_engine.extract_ray([str(src)], str(tmp_path / "ray"), tiny, EmbedOptions(), run,
+                               RayOptions(address=address, workers=1))
+    assert (s.done, s.failed) == (9, 0)
+    assert blocks == [], f"the driver put {len(blocks)} blocks of its work list"
+    extract([str(src)], str(tmp_path / "local"), tiny, EmbedOptions(), run)
+    ids_r, vec_r = _store_vectors(tmp_path / "ray")
+    ids_l, vec_l = _store_vectors(tmp_path / "local")
+    assert ids_r == ids_l and len(ids_r) == 9
+    np.testing.assert_allclose(vec_r, vec_l, atol=1e-5)

@@ -245,9 +245,15 @@ def _pipeline(ray: Any, todo: WorkList, spec: ModelSpec, embed: EmbedOptions, op
     # them, so a block is the pipeline's grain (blocks of 256 instead: 0.51x/0.55x local with 1/2
     # actors at 1,024 images on 2 cores, against 0.54x/0.60x, and 0.4-0.9 GB more worker memory).
     block = max(batch_size, DECODE_BLOCK)
-    # straight from the work list's spill file into the object store, a block at a time: the driver
-    # never holds the list (or a Python object per image)
-    ds = ray.data.from_arrow_refs([ray.put(t) for t in todo.tables(block)])
+    if (options.address or "").startswith("ray://"):
+        # a Ray Client driver's disk is no node's: its blocks go to the object store from here
+        # (a reference per block held until the run ends)
+        ds = ray.data.from_arrow_refs([ray.put(t) for t in todo.tables(block)])
+    else:
+        # read as the pipeline goes, by read tasks on this node from the work list's spill file:
+        # the driver puts no block and holds no reference per block; Ray Data's backpressure
+        # bounds what is in flight, whatever the number of images
+        ds = ray.data.read_datasource(work_list_source(todo, block))
     # Decode tasks take blocks of at least 64 images (a Ray task costs milliseconds of scheduling;
     # the actors re-batch to the model's batch size). They state the memory a batch needs (its
     # pixels and a decoded photo per row, with headroom), so the scheduler can pack them; with the
@@ -269,6 +275,33 @@ def _pipeline(ray: Any, todo: WorkList, spec: ModelSpec, embed: EmbedOptions, op
              "dtype": embed.dtype}
     return ds.map_batches(_write_block, fn_kwargs=where,
                           batch_size=shard_rows, batch_format="pyarrow", num_cpus=options.decode_cpus)
+
+
+def work_list_source(todo: WorkList, block: int) -> Any:
+    """A Ray Data datasource over TODO's spill file: one read task per spilled record batch that
+    holds rows to do (which rows: a bit each, travel with it), run on the driver's node
+    (where the file is), yielding tables of BLOCK rows."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class WorkListSource(Datasource):  # type: ignore[misc]
+        def estimate_inmemory_data_size(self) -> int:
+            return len(todo) * 256
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:
+            def task(part: worklist.SpillSlice) -> ReadTask:
+                return ReadTask(lambda: part.tables(block),
+                                BlockMetadata(num_rows=len(part), size_bytes=len(part) * 256, exec_stats=None,
+                                              input_files=None))
+
+            return [task(part) for part in todo.slices()]
+
+        @property
+        def supports_distributed_reads(self) -> bool:
+            return False  # the spill file is on this node's disk
+
+    return WorkListSource()
 
 
 def _reason(e: BaseException) -> str:

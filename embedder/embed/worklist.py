@@ -188,6 +188,17 @@ class WorkList:
         flags = np.unpackbits(self._bits[start >> 3:(stop + 7) >> 3], bitorder="little")
         return np.flatnonzero(flags[start & 7:(start & 7) + stop - start]) + start
 
+    def slices(self) -> Iterator[SpillSlice]:
+        """One ``SpillSlice`` per spilled record batch that holds rows still to do: what a reader in
+        another process (a Ray read task on this node) needs to read them, and nothing more."""
+        br = self._batch_rows
+        for b in range(-(-self.rows // br)):
+            lo, hi = b * br, min((b + 1) * br, self.rows)
+            flags = np.unpackbits(self._bits[lo >> 3:(hi + 7) >> 3], bitorder="little")[lo & 7:(lo & 7) + hi - lo]
+            count = int(flags.sum())
+            if count:
+                yield SpillSlice(str(self._file), b, np.packbits(flags, bitorder="little"), count)
+
     def _batches(self, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
         """Each spilled record batch's rows that are still to do (record batch b holds rows
         b*batch_rows … (b+1)*batch_rows - 1), among spill rows START … STOP - 1."""
@@ -213,6 +224,30 @@ class WorkList:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class SpillSlice:
+    """The rows still to do of one record batch of a work list's spill file (picklable: a reader
+    in another process on this machine reads them while the file exists)."""
+
+    file: str
+    batch: int  # record batch number in the spill file
+    bits: np.ndarray  # bit r (little-endian bit order): row r of the record batch is to do
+    count: int  # rows to do
+
+    def __len__(self) -> int:
+        return self.count
+
+    def tables(self, rows: int) -> Iterator[pa.Table]:
+        """These rows (id, path, label, caption), in tables of at most ROWS rows."""
+        with pa.OSFile(self.file, "rb") as f:
+            table = pa.Table.from_batches([pa.ipc.open_file(f).get_batch(self.batch)])
+        if self.count != table.num_rows:
+            todo = np.flatnonzero(np.unpackbits(self.bits, bitorder="little")[:table.num_rows])
+            table = table.take(pa.array(todo))
+        for s in range(0, table.num_rows, rows):
+            yield table.slice(s, rows)
 
 
 def _mark(hit: np.ndarray, hi: np.ndarray, lo: np.ndarray, ghi: np.ndarray, glo: np.ndarray,
