@@ -29,7 +29,6 @@ from embedder.store.shards import Store
 log = logging.getLogger(__name__)
 
 
-
 def _check_test(train: Vectors, test: Vectors) -> None:
     if train.x.shape[1] != test.x.shape[1]:
         raise InspectError(f"{test.store} has dim {test.x.shape[1]}, {train.store} dim {train.x.shape[1]}: "

@@ -526,8 +526,6 @@ def lookup(store: Store, rows: np.ndarray, codes: ClassCodes | None, remap: np.n
     return cat(ids), cat(paths), (np.concatenate(ys) if ys else np.zeros(0, np.int64))
 
 
-
-
 def _kind_table(k: _Kind, needed: np.ndarray, ids: pa.Array, paths: pa.Array,
                 t_needed: np.ndarray | None, t_ids: pa.Array | None, t_paths: pa.Array | None) -> pa.Table:
     at = pa.array(np.searchsorted(needed, k.flat))
