@@ -9,6 +9,14 @@ new generation wrote (files that are hard links to the previous generation's cou
 same 200 fresh queries are searched in both homes: the answers must be the same.
 
     python scripts/bench_index_add.py [--n 5000000] [--dim 64] [--json out.json]
+
+``--in-memory KIND`` measures an in-memory index (flat, hnsw, ivf) instead: built on the store, then
+1 % appended to the same store as a new shard (a second extract) and added by this checkout (which
+reads only the shard the index has not read: its meta records the shards it read), by the same
+checkout on a copy of the index without that record (every shard read, as before), and with
+``--before DIR`` by an earlier checkout. The three must answer the same 200 queries the same.
+
+    python scripts/bench_index_add.py --in-memory flat --n 1000000 [--before DIR]
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ import numpy as np
 
 CHILD = r"""
 import json, resource, sys, time
-from embedder import index as idx
+from embedder.index import build as idx
 op, home, store = sys.argv[1:4]
 t0 = time.perf_counter()
 if op == "build":
     r = idx.build(store, "big", idx.BuildOptions(kind="ivfpq", on_disk=True, queries=200), home)
+    out = {"count": r["count"], "recall_at_10": r["quality"]["recall_at_10"]}
+elif op.startswith("build-"):  # an in-memory index of the kind named
+    r = idx.build(store, "big", idx.BuildOptions(kind=op[6:], queries=200), home)
     out = {"count": r["count"], "recall_at_10": r["quality"]["recall_at_10"]}
 else:
     r = idx.add("big", store, home, merge=(op == "merge"))
@@ -45,15 +56,16 @@ print(json.dumps(out))
 SEARCH = r"""
 import json, sys
 import numpy as np
-from embedder import index as idx
+from embedder.index import build as idx
 home, qfile = sys.argv[1:3]
 hits = idx.LoadedIndex("big", home).search(np.load(qfile), 10)
 print(json.dumps([[h["id"] for h in q] for q in hits]))
 """
 
 
-def write_store(path: Path, n: int, dim: int, seed: int = 0) -> None:
-    """N clustered vectors (the first n of one fixed sequence: a larger store holds a smaller one's rows)."""
+def write_store(path: Path, n: int, dim: int, seed: int = 0, start: int = 0) -> None:
+    """N clustered vectors (the first n of one fixed sequence: a larger store holds a smaller one's
+    rows); START: rows START … N - 1 only, appended to the store at PATH."""
     import pyarrow as pa
 
     from embedder.models.origin import WeightsRef
@@ -68,7 +80,7 @@ def write_store(path: Path, n: int, dim: int, seed: int = 0) -> None:
     lift = rng.normal(0, 1, (16, dim)) / 4
     with Store.writer(path, prov) as st:
         schema = st.read().schema
-        for s in range(0, n, 250_000):
+        for s in range(start, n, 250_000):
             m = min(250_000, n - s)
             r = np.random.default_rng(seed + 1 + s // 250_000)
             z = centers[r.integers(0, 200, m)] + r.normal(0, 1, (m, 16))
@@ -82,9 +94,11 @@ def write_store(path: Path, n: int, dim: int, seed: int = 0) -> None:
         st.update_manifest()
 
 
-def run(code: str, *args: str) -> str:
+def run(code: str, *args: str, tree: Path | None = None) -> str:
+    """CODE in a fresh process; TREE: another checkout's embedder (its root on the path)."""
+    env = {**os.environ, "EMBEDDER_OFFLINE": "1", **({"PYTHONPATH": str(tree)} if tree else {})}
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=7200,
-                       env={**os.environ, "EMBEDDER_OFFLINE": "1"}, cwd=Path(__file__).parent.parent)
+                       env=env, cwd=tree or Path(__file__).parent.parent)
     if r.returncode != 0:
         raise SystemExit(f"child {args[0]} {args[1:]} failed ({r.returncode}): {r.stderr[-3000:]}{r.stdout[-300:]}")
     return r.stdout.strip().splitlines()[-1]
@@ -100,7 +114,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5_000_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--in-memory", metavar="KIND", help="an in-memory index of KIND, 1 %% appended to its store")
+    ap.add_argument("--before", type=Path, help="--in-memory: a checkout of an earlier embedder adds too")
     args = ap.parse_args()
+    if args.in_memory:
+        return in_memory(args)
     extra = args.n // 100
     with tempfile.TemporaryDirectory(dir=os.environ.get("EMBEDDER_TMPDIR")) as tmp:
         root = Path(tmp)
@@ -132,6 +150,41 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps({"n": args.n, "dim": args.dim, **rows, "same_answers": same}, indent=2))
+
+
+def in_memory(args: argparse.Namespace) -> None:
+    extra = args.n // 100
+    with tempfile.TemporaryDirectory(dir=os.environ.get("EMBEDDER_TMPDIR")) as tmp:
+        root = Path(tmp)
+        write_store(root / "store", args.n, args.dim)
+        build = json.loads(run(CHILD, f"build-{args.in_memory}", str(root / "after"), str(root / "store")))
+        write_store(root / "store", args.n + extra, args.dim, start=args.n)  # a second extract: one shard more
+        homes = ["after", "legacy", *(["before"] if args.before else [])]
+        for h in homes[1:]:
+            shutil.copytree(root / "after", root / h, copy_function=os.link)
+        for meta_file in (root / "legacy").rglob("index.json"):  # an index from before the record
+            meta = json.loads(meta_file.read_text())
+            meta.pop("indexed_shards", None)
+            meta_file.unlink()  # a linked file: written anew, the other homes' copies untouched
+            meta_file.write_text(json.dumps(meta))
+        rows = {h: json.loads(run(CHILD, "add", str(root / h), str(root / "store"),
+                                  tree=args.before if h == "before" else None)) for h in homes}
+        q = np.random.default_rng(99).normal(0, 1, (200, args.dim)).astype(np.float32)
+        np.save(root / "q.npy", q)
+        answers = {h: run(SEARCH, str(root / h), str(root / "q.npy")) for h in homes}
+        same = len(set(answers.values())) == 1
+    print(f"N = {args.n:,} x {args.dim} (float16 store), in-memory {args.in_memory} index; "
+          f"+{extra:,} (1 %) appended as one shard")
+    print(f"build: {build['seconds']:.0f} s, peak RSS {build['peak_rss_mib']:,} MiB")
+    print(f"{'add by':>28} {'seconds':>8} {'peak RSS MiB':>13} {'added':>8}")
+    names = {"after": "this checkout", "legacy": "this checkout, no record", "before": "--before checkout"}
+    for h in homes:
+        r = rows[h]
+        print(f"{names[h]:>28} {r['seconds']:>8.1f} {r['peak_rss_mib']:>13,} {r['added']:>8,}")
+    print(f"same answers: {same}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    if args.json:
+        args.json.write_text(json.dumps({"n": args.n, "dim": args.dim, "kind": args.in_memory, "build": build,
+                                         **rows, "same_answers": same}, indent=2))
 
 
 if __name__ == "__main__":
