@@ -218,14 +218,13 @@ def read_rows(store: Store, parts: list[tuple[str, int]],
               columns: tuple[str, ...] = ("id", "path", "label", "embedding")) -> pa.Table:
     """PARTS' rows ((shard, rows to skip) each: see ``stream.unseen``) as one table in the store's
     schema."""
-    from embedder.index.stream import record_batches
+    from embedder.index.stream import table_past
     from embedder.store.shards import row_schema
 
     schema = row_schema(store.dim, store.dtype)
     sub = pa.schema([schema.field(c) for c in columns])
     try:
-        tables = [pa.Table.from_batches(batches).cast(sub) for f, skip in parts
-                  if (batches := list(record_batches(f, skip, list(columns))))]
+        tables = [table_past(f, skip, list(columns)).cast(sub) for f, skip in parts]
     except (pa.ArrowInvalid, OSError) as e:
         raise IndexError_(f"{store.root}: cannot read shards ({str(e).splitlines()[0]})") from None
     return pa.concat_tables(tables) if tables else sub.empty_table()
@@ -263,8 +262,9 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
             from embedder.index.stream import add_streamed
 
             return add_streamed(loaded, d, store_path, merge)
+        import pyarrow.compute as pc
+
         from embedder.index.stream import INDEXED, record_read, shard_rows, unseen
-        from embedder.store import id_index
 
         store = Store.open(store_path)
         loaded.require_addable(store.provenance, store_path)
@@ -273,12 +273,8 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
         # only the rows the index has not read (its meta records the shards it read; an index
         # without the record reads every shard), embeddings included
         table = read_rows(store, unseen(loaded.meta, store, files, rows))
-        present = np.sort(id_index.digests(loaded.ids.column("id")))  # 16 bytes per indexed id
-        asked = id_index.digests(table.column("id"))
-        pos = np.minimum(np.searchsorted(present, asked), max(len(present) - 1, 0))
-        held = present[pos] == asked if len(present) else np.zeros(len(asked), bool)
-        new = table.filter(pa.array(~held))
-        del present, table
+        new = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=loaded.ids.column("id"))))
+        del table
         if new.num_rows:
             _add_generation(loaded, d, new, {INDEXED: record_read(loaded.meta, store, rows)})
         return {"added": new.num_rows, "skipped": sum(rows.values()) - new.num_rows,

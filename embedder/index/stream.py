@@ -68,16 +68,30 @@ def batches_past(parts: list[tuple[str, int]], start: int, prepare: Callable[[np
         pool.release_unused()
 
 
+def _past(f: Any, skip: int) -> tuple[list[int], int]:
+    """The row groups of Parquet file F that hold rows past its first SKIP, and how many rows of
+    the first of them to skip."""
+    groups = list(range(f.metadata.num_row_groups))
+    if not skip:
+        return groups, 0
+    ends = np.cumsum([f.metadata.row_group(g).num_rows for g in groups])
+    first = int(np.searchsorted(ends, skip, side="right"))
+    return groups[first:], skip - (int(ends[first - 1]) if first else 0)
+
+
+def table_past(shard: str, skip: int, columns: list[str]) -> pa.Table:
+    """SHARD's COLUMNS past its first SKIP rows, as one table; a row group that ends before SKIP
+    is not read."""
+    f = storage.open_parquet(shard)
+    groups, skip = _past(f, skip)
+    return f.read_row_groups(groups, columns=columns).slice(skip)
+
+
 def record_batches(shard: str, skip: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """SHARD's COLUMNS past its first SKIP rows, a record batch at a time; a row group that ends
     before SKIP is not read."""
     f = storage.open_parquet(shard)
-    groups = list(range(f.metadata.num_row_groups))
-    if skip:
-        ends = np.cumsum([f.metadata.row_group(g).num_rows for g in groups])
-        first = int(np.searchsorted(ends, skip, side="right"))
-        skip -= int(ends[first - 1]) if first else 0
-        groups = groups[first:]
+    groups, skip = _past(f, skip)
     if not groups:
         return
     for rb in f.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
