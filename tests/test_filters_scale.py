@@ -185,3 +185,21 @@ def test_ids_are_found_after_a_new_generation_is_loaded(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["results"][0][0]["id"] == new
     loaded = index_search.LoadedIndex("pets", home)  # the CLI and the API: made on the first lookup
     assert loaded.row_of(new) == 321 and loaded.row_of("ab" * 13 + "000500") is None
+
+
+def test_the_cli_filters_on_a_store_column_and_names_a_missing_one_in_one_line(homes: dict[str, str]) -> None:
+    """`embedder search --where` goes through the same LoadedIndex (per-query matching, no selectors)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    runner = CliRunner()
+    base = ["search", "disk", "--id", "v002500", "-k", "3", "--home", homes["home"], "--json"]
+    r = runner.invoke(app, [*base, "--where", "width=30", "--where", "label=c0"])
+    assert r.exit_code == 0, r.output
+    hits = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert hits and all(h["label"] == "c0" for h in hits)
+    r = runner.invoke(app, [*base, "--where", "colour=red"])
+    assert r.exit_code == 2 and "cannot filter on 'colour'" in r.output and len(r.output.strip().splitlines()) == 1
