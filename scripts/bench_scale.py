@@ -21,7 +21,9 @@ train, cosine), truth_flips.parquet (id, given, true). Columns of the data: id (
 
 Each step runs in its own process through a tiny wrapper that appends that process's VmHWM (peak
 RSS) to a file at exit (multiprocessing or Ray workers are not counted), so the benchmark's own
-memory is never in the figure. A planted pair is found when both ids are in one duplicate group; a
+memory is never in the figure. "graph recall@k" and "own pair recall" are what inspect itself prints
+(its kNN graph's recall and, on the bucketed path, its duplicate-pair recall against exact search from
+a sample of queries). A planted pair is found when both ids are in one duplicate group; a
 planted leak when a leak finding starts with its test id and names its train row (or a planted copy
 of it); a flipped row when a label_error finding names it (the "likely" tier and the whole list).
 
@@ -404,6 +406,7 @@ def run_size(n: int, work: Path, args: argparse.Namespace, use_cli: bool, old: P
                "rows_per_s": round(n / max(st.seconds, 1e-9)), "error": st.error,
                **(score(out / "findings.parquet", d) if st.error is None else {}),
                "graph_recall": summary.get("graph", {}).get("recall"),
+               "own_pair_recall": summary.get("graph", {}).get("duplicate_pair_recall"),
                "probe_accuracy": summary.get("probe_accuracy"), "stage_seconds": summary.get("seconds")}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -415,7 +418,8 @@ COLS = [("size", "size"), ("step", "step"), ("seconds", "s"), ("peak_rss_mib", "
         ("rows_per_s", "rows/s"), ("pair_recall", "dup-pair recall"), ("group_precision", "group prec."),
         ("leak_recall", "leak recall"), ("leak_precision", "leak prec."),
         ("likely_precision", "likely P"), ("likely_recall", "likely R"), ("all_precision", "all P"),
-        ("all_recall", "all R"), ("graph_recall", "graph recall"), ("probe_accuracy", "probe acc.")]
+        ("all_recall", "all R"), ("graph_recall", "graph recall@k"), ("own_pair_recall", "own pair recall"),
+        ("probe_accuracy", "probe acc.")]
 
 
 def fmt(v: Any) -> str:
@@ -436,17 +440,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sci(n: int) -> str:
+    """1000000 -> 1e6, 300000 -> 3e5."""
+    e = len(str(n)) - 1
+    return f"{n / 10**e:g}e{e}"
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
     """Peak RSS and seconds of the largest size over the next one, per step (new code only)."""
     out = []
-    by = {(r["size"], r["step"]): r for r in rows}
+    by = {(r["size"], r["step"].split(" (")[0]): r for r in rows if not r.get("error")}
     sizes = sorted({r["size"] for r in rows})
     for small, big in zip(sizes, sizes[1:]):
         for step in ("import train", "inspect"):
             a, b = by.get((small, step)), by.get((big, step))
             if a is None or b is None:
                 continue
-            out.append(f"{step} {big:.0e}/{small:.0e}: peak RSS x{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} "
+            out.append(f"{step} {sci(big)}/{sci(small)}: peak RSS x{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} "
                        f"({b['peak_rss_mib'] - a['peak_rss_mib']:+.0f} MiB; goal at 1e7/1e6 ≤ 1.10), "
                        f"seconds x{b['seconds'] / max(a['seconds'], 1e-9):.1f} for x{big / small:.0f} rows")
     return out
