@@ -95,8 +95,11 @@ def test_dedup_buckets_equal_exact(planted: dict, tmp_path: Path) -> None:  # ty
     b = dedup(planted["store"], str(tmp_path / "buckets.parquet"), 0.97,
               options=InspectOptions(graph="buckets", bucket_rows=150))
     assert (a.groups, a.duplicates) == (b.groups, b.duplicates) == (30, 40)
-    ta, tb = (pq.read_table(tmp_path / f).to_pylist() for f in ("exact.parquet", "buckets.parquet"))
-    assert ta == tb
+    # 328 buckets: two-level k-means and the inverted file over the centroids
+    c = dedup(planted["store"], str(tmp_path / "two.parquet"), 0.97,
+              options=InspectOptions(graph="buckets", bucket_rows=5))
+    ta, tb, tc = (pq.read_table(tmp_path / f).to_pylist() for f in ("exact.parquet", "buckets.parquet", "two.parquet"))
+    assert ta == tb == tc
 
 
 def test_reservoir_is_a_uniform_prefix_whatever_the_batches() -> None:

@@ -15,10 +15,12 @@ appended batch by batch: no format to parse, read back with one ``numpy.fromfile
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,10 +41,14 @@ def bucket_count(n: int, bucket_rows: int) -> int:
 
 
 def bucket_rows_for(n: int, dim: int, budget: int) -> int:
-    """Owners per bucket: the search costs n·B·d and the assignment n·(n/B)·d, so B ≈ 2√n balances
-    them; at most what a quarter of the budget holds as vectors with their guests (and at least 1,024)."""
-    fit = budget // 4 // (dim * 4 * 2)
-    return int(max(1024, min(2 * math.sqrt(max(n, 1)), fit, 65_536)))
+    """Owners per bucket: √n between 1,024 and 4,096, and at most what a quarter of the budget holds
+    as vectors with their guests. The exact search costs about n·B·(1 + guests)·d, the assignment
+    n·√C·d with the two-level centroid index below: small buckets, many of them."""
+    fit = budget // 4 // (dim * 4 * 3)
+    return int(max(256, min(max(1024, math.sqrt(max(n, 1))), 4096, fit)))
+
+
+FLAT_CENTROIDS = 256  # up to this many centroids: exact k-means and exact assignment
 
 
 @dataclass(frozen=True)
@@ -55,35 +61,71 @@ class BucketPlan:
     def count(self) -> int:
         return len(self.centroids)
 
-    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(owner bucket [n], guest buckets [n, guests] with -1 where none) of unit rows X."""
+    @functools.cached_property
+    def _index(self) -> Any:
+        """The centroids searched exactly (few), or through an inverted file over them (√C lists,
+        8 probed): the assignment of 10^7 vectors to 3,000 centroids costs n·√C·d, not n·C·d."""
         import faiss
 
-        index = faiss.IndexFlatIP(self.centroids.shape[1])
+        d = self.centroids.shape[1]
+        index: Any
+        if self.count <= FLAT_CENTROIDS:
+            index = faiss.IndexFlatIP(d)
+        else:
+            nlist = int(math.sqrt(self.count))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.min_points_per_centroid = 1
+            index.train(self.centroids)
+            index.nprobe = min(nlist, 8)
         index.add(self.centroids)
+        return index
+
+    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner bucket [n], guest buckets [n, guests] with -1 where none) of unit rows X."""
         want = min(1 + self.guests, self.count)
-        sims, ids = index.search(np.ascontiguousarray(x, np.float32), want)
+        sims, ids = self._index.search(np.ascontiguousarray(x, np.float32), want)
         owner = ids[:, 0].astype(np.int64)
         extra = ids[:, 1:].astype(np.int64)
-        extra[sims[:, 1:] < sims[:, :1] - self.margin] = -1
+        extra[(sims[:, 1:] < sims[:, :1] - self.margin) | (extra < 0)] = -1
         return owner, extra
 
 
-def plan(sample: np.ndarray, buckets: int, margin: float, guests: int, seed: int = 0) -> BucketPlan:
-    """Spherical k-means (FAISS) on SAMPLE (unit rows) into BUCKETS centroids."""
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     import faiss
 
     from embedder.index import gpu as index_gpu
 
+    if k <= 1 or len(x) <= k:
+        c = x.mean(0, keepdims=True) if k <= 1 else x.copy()
+        return np.ascontiguousarray(c, np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=12, spherical=True, seed=seed + 1, max_points_per_centroid=64,
+                      gpu=index_gpu.gpu_count() > 0)
+    km.train(np.ascontiguousarray(x, np.float32))
+    return np.ascontiguousarray(km.centroids, np.float32)
+
+
+def plan(sample: np.ndarray, buckets: int, margin: float, guests: int, seed: int = 0) -> BucketPlan:
+    """Spherical k-means (FAISS) on SAMPLE (unit rows) into BUCKETS centroids; above
+    ``FLAT_CENTROIDS``, two levels (√C clusters, then each split in proportion to its share of the
+    sample, as faiss.contrib.clustering.two_level_clustering, which fails on a cluster with fewer
+    points than its share of centroids): n·√C·d per iteration instead of n·C·d."""
     buckets = max(1, min(buckets, len(sample)))
-    if buckets == 1:
-        c = sample.mean(0, keepdims=True).astype(np.float32)
-        c /= max(float(np.linalg.norm(c)), 1e-12)
-        return BucketPlan(c, margin, 0)
-    km = faiss.Kmeans(sample.shape[1], buckets, niter=12, spherical=True, seed=seed + 1,
-                      max_points_per_centroid=64, gpu=index_gpu.gpu_count() > 0)
-    km.train(np.ascontiguousarray(sample, np.float32))
-    return BucketPlan(np.ascontiguousarray(km.centroids, np.float32), margin, guests)
+    if buckets <= FLAT_CENTROIDS:
+        c = _kmeans(sample, buckets, seed)
+    else:
+        import faiss
+
+        nc1 = int(math.sqrt(buckets))
+        top = _kmeans(sample, nc1, seed)
+        _, assign = faiss.knn(np.ascontiguousarray(sample, np.float32), top, 1, metric=faiss.METRIC_INNER_PRODUCT)
+        assign = assign[:, 0]
+        sizes = np.bincount(assign, minlength=len(top))
+        share = np.maximum(1, np.round(sizes / max(sizes.sum(), 1) * buckets)).astype(int)
+        parts = [_kmeans(sample[assign == j], int(min(share[j], sizes[j])), seed + j)
+                 for j in range(len(top)) if sizes[j]]
+        c = np.vstack(parts)
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return BucketPlan(np.ascontiguousarray(c, np.float32), margin, guests if len(c) > 1 else 0)
 
 
 class BucketFiles:
