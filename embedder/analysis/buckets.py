@@ -49,6 +49,7 @@ def bucket_rows_for(n: int, dim: int, budget: int) -> int:
 
 
 FLAT_CENTROIDS = 256  # up to this many centroids: exact k-means and exact assignment
+CENTROID_NPROBE = 32  # lists of the inverted file over the centroids probed per vector
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class BucketPlan:
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.min_points_per_centroid = 1
             index.train(self.centroids)
-            index.nprobe = min(nlist, 8)
+            index.nprobe = min(nlist, CENTROID_NPROBE)
         index.add(self.centroids)
         return index
 
