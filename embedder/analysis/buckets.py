@@ -65,7 +65,7 @@ class BucketPlan:
     @functools.cached_property
     def _index(self) -> Any:
         """The centroids searched exactly (few), or through an inverted file over them (√C lists,
-        8 probed): the assignment of 10^7 vectors to 3,000 centroids costs n·√C·d, not n·C·d."""
+        32 probed): the assignment of 10^7 vectors to 3,000 centroids costs n·√C·d, not n·C·d."""
         import faiss
 
         d = self.centroids.shape[1]
