@@ -199,12 +199,12 @@ def resolve_sources(sources: Sequence[str]) -> list[VectorSource]:
             s = os.path.abspath(s)
         if _is_dir(s):
             files = _files_under(s)
+        elif _exists(s):  # a file first: its name may hold glob characters ("a[1].parquet")
+            files = [s]
         elif not is_uri(s) and set("*?[") & set(s):
             files = sorted(f for f in glob.glob(s, recursive=True) if os.path.isfile(f))
             if not files:
                 raise SourceError(f"glob {s!r} matched no files")
-        elif _exists(s):
-            files = [s]
         else:
             raise SourceError(f"SOURCE {s} does not exist")
         npys = [f for f in files if f.lower().endswith(".npy") and storage.name(f).startswith("img_emb_")]
@@ -678,12 +678,15 @@ def import_vectors(sources: Sequence[str], out: str, opts: ImportOptions = Impor
     readers = [SourceReader(s, opts) for s in srcs]  # every column checked before anything is written
     dims = {r.where: r.dim for r in readers if r.dim is not None}
     if not dims:
-        raise SourceError(f"no vectors in {', '.join(s.vectors for s in srcs)} (every row's vector is null)")
+        raise SourceError(f"no vectors in {', '.join(s.vectors for s in srcs)} "
+                          "(no rows, or every row's vector is null)")
     if len(set(dims.values())) > 1:
         (one, d1), (other, d2) = next(iter(dims.items())), next((k, v) for k, v in dims.items()
                                                                if v != next(iter(dims.values())))
         raise SourceError(f"the sources' vectors differ in length: {one} has {d1}, {other} has {d2}")
     dim = next(iter(dims.values()))
+    if dim < 1:
+        raise SourceError(f"{next(iter(dims))}: its vectors hold no values (0-d)")
     opts = opts.sized(dim)
     for r in readers:
         r.opts = opts
