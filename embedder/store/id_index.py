@@ -163,14 +163,24 @@ def sweep(store_root: str, shard_stems: set[str]) -> None:
 
 def order_of(d: np.ndarray) -> np.ndarray:
     """The positions that put digests D in lookup order (``_sorted``'s: by the first 8 bytes read as
-    a native uint64): an integer argsort, never a sort of id strings."""
-    return np.argsort(_halves(d)[0], kind="stable")
+    a native uint64; digests sharing those, by their last 8, so that ``find`` binary-searches a run
+    too): an integer argsort, never a sort of id strings. Runs are rare for hashed ids, but ids of
+    32 hex characters are their own digest: zero-padded numbers all share their first 8 bytes."""
+    hi, lo = _halves(d)
+    order = np.argsort(hi, kind="stable")
+    shi = hi[order]
+    dup = np.flatnonzero(shi[1:] == shi[:-1])
+    if len(dup):  # the runs' positions (contiguous, ascending hi) re-sorted by both halves
+        at = np.unique(np.concatenate([dup, dup + 1]))
+        sub = order[at]
+        order[at] = sub[np.lexsort((lo[sub], hi[sub]))]
+    return order
 
 
 def find(sorted_d: np.ndarray, asked: np.ndarray) -> np.ndarray:
     """For each asked digest, its position in SORTED_D (digests in ``order_of`` order), or -1: a
-    binary search on the first 8 bytes, confirmed on the other 8 (a run of digests sharing their
-    first 8 bytes, rare, is searched through)."""
+    binary search on the first 8 bytes, confirmed on the other 8; within a run of digests sharing
+    their first 8 bytes, a (vectorised) binary search on the last 8."""
     out = np.full(len(asked), -1, np.int64)
     n = len(sorted_d)
     if not n or not len(asked):
@@ -184,9 +194,19 @@ def find(sorted_d: np.ndarray, asked: np.ndarray) -> np.ndarray:
     same_hi = shi[at] == hi
     hit = same_hi & (slo[at] == lo)
     out[hit] = at[hit]
-    for j in np.flatnonzero(same_hi & ~hit):
-        end = int(np.searchsorted(shi, hi[j], "right"))
-        k = np.flatnonzero(slo[int(pos[j]):end] == lo[j])
-        if len(k):
-            out[j] = int(pos[j]) + int(k[0])
+    j = np.flatnonzero(same_hi & ~hit)
+    if len(j):  # in a run: the first position whose last 8 bytes are not below the asked ones
+        left, right = pos[j], np.searchsorted(shi, hi[j], "right").astype(np.int64)
+        want = lo[j]
+        while True:
+            active = left < right
+            if not active.any():
+                break
+            mid = np.where(active, (left + right) // 2, 0)
+            below = active & (slo[mid] < want)
+            left = np.where(below, mid + 1, left)
+            right = np.where(active & ~below, mid, right)
+        at = np.minimum(left, n - 1)
+        found = (left < n) & (shi[at] == hi[j]) & (slo[at] == want)
+        out[j[found]] = at[found]
     return out
