@@ -127,28 +127,28 @@ def contains(shards: Sequence[str], ids: Sequence[str]) -> np.ndarray:
 
 def contains_digests(shards: Sequence[str], asked: np.ndarray) -> np.ndarray:
     """For each asked digest (``digests``), whether one of SHARDS holds its id. The asked digests are
-    sorted once by their first 8 bytes (~40 bytes per asked id in all); each shard's digests are
-    looked up in them and confirmed on the other 8 — one shard in memory at a time."""
+    put in lookup order once (``order_of``: ~40 bytes per asked id in all); each shard's digests are
+    looked up in them (``find``: a binary search, also within a run sharing the first 8 bytes) —
+    one shard in memory at a time."""
     if not len(asked):
         return np.zeros(0, bool)
-    hi, lo = _halves(asked)
-    order = np.argsort(hi, kind="stable")
-    hi, lo = hi[order], lo[order]
-    hit = np.zeros(len(hi), bool)
-    shared = np.flatnonzero(hi[1:] == hi[:-1])  # the same id asked twice (or a shared 64-bit prefix)
-    shared_hi = np.unique(hi[shared]) if len(shared) else None
+    order = order_of(asked)
+    s = np.ascontiguousarray(asked[order])
+    hit = np.zeros(len(s), bool)
     for shard in shards:
         d = load(shard)
         if not len(d):
             continue
-        shi, slo = _halves(np.asarray(d))  # sorted by shi: the lookups walk `hi` forwards
-        pos = np.minimum(np.searchsorted(hi, shi), len(hi) - 1)
-        hit[pos[(hi[pos] == shi) & (lo[pos] == slo)]] = True
-        if shared_hi is not None:  # rare: every asked copy of a shared prefix is compared
-            for j in np.flatnonzero(np.isin(shi, shared_hi)):
-                span = slice(np.searchsorted(hi, shi[j], "left"), np.searchsorted(hi, shi[j], "right"))
-                hit[span] |= lo[span] == slo[j]
-    out = np.empty(len(hi), bool)
+        pos = find(s, np.asarray(d))
+        hit[pos[pos >= 0]] = True
+    shi, slo = _halves(s)
+    repeat = (shi[1:] == shi[:-1]) & (slo[1:] == slo[:-1])  # the same id asked twice: ``find`` gives the first
+    if repeat.any():
+        group = np.cumsum(np.r_[True, ~repeat]) - 1
+        held = np.zeros(int(group[-1]) + 1, bool)
+        held[group[hit]] = True
+        hit = held[group]
+    out = np.empty(len(s), bool)
     out[order] = hit
     return out
 

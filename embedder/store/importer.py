@@ -17,9 +17,9 @@ then the model's own record, text tower included, so ``search --text`` and zero-
 
 Streamed: Parquet is read ``batch_rows`` at a time page by page (a huge row group is never read
 whole), the ``.npy`` through its memory map; a shard is written every ``shard_rows`` rows. Memory
-does not grow with the rows read except for the duplicate-id check: the first 8 bytes of each
-imported id's 16-byte digest (``id_index``) stay in memory as sorted runs (8 bytes per row, 16 for a
-moment while two runs merge); a hit there is confirmed on the full digest against the store's id
+does not grow with the rows read except for the duplicate-id check: 8 bytes of each imported
+id's 16-byte digest (``id_index``; its halves mixed) stay in memory as sorted runs (8 bytes per
+row, 16 for a moment while two runs merge); a hit there is confirmed on the full digest against the store's id
 index before a row is refused.
 
 Every row is accounted for: written, or a failure in the errors table with its reason (a null or
@@ -445,8 +445,8 @@ class SourceReader:
 
 # ---- the duplicate-id check ----------------------------------------------------------------
 class SeenIds:
-    """The ids imported so far, as the first 8 bytes of their digests: 8 bytes per id. They are
-    split by their top byte into 256 buckets (digests are uniform), each a list of sorted runs merged
+    """The ids imported so far, as 8 bytes of their digests (``_hi``): 8 bytes per id. They are
+    split by their top byte into 256 buckets (mixed: uniform whatever the ids), each a list of sorted runs merged
     like a binary counter (amortised O(log n) merges per id; a lookup is a binary search per run), so
     a merge's transient copy is at most a bucket's, about 1/256 of the whole. A hit is only a
     candidate: ``Importer`` confirms it on the full digest."""
@@ -490,7 +490,15 @@ class SeenIds:
 
 
 def _hi(d: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(d).view(np.uint64).reshape(-1, 2)[:, 0].copy()
+    """8 bytes of each digest for ``SeenIds``: both halves mixed (splitmix64's finaliser), not the
+    first 8 bytes: ids of 32 hex characters are their own digest, and zero-padded numbers all share
+    those (every row a candidate, each checked against every shard: quadratic)."""
+    u = np.ascontiguousarray(d).view(np.uint64).reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        x = u[:, 0] ^ (u[:, 1] * np.uint64(0x9E3779B97F4A7C15))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 # ---- provenance ------------------------------------------------------------------------------
