@@ -47,18 +47,12 @@ def dedup(store_path: str, out: str, threshold: float | None = None, k: int = 10
     except ImportError:
         raise IndexError_("dedup needs faiss: pip install 'embedder[index]'") from None
     options = dataclasses.replace(options or InspectOptions(), duplicate_threshold=threshold, k=k)
+    options.check()
     if uses_buckets(store_path, options):  # bounded memory: the bucketed graph, ids read for the groups only
-        import shutil
-        import tempfile
+        from embedder.analysis.streamed import bucket_pipeline, duplicates_of, lookup, work_space
 
-        from embedder.analysis.streamed import bucket_pipeline, duplicates_of, lookup
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".dedup-", dir=options.work_dir or Path(out).parent))
-        try:
+        with work_space(options.work_dir, Path(out).parent, ".dedup-") as work:
             state = bucket_pipeline(store_path, None, options, work, lambda _s, _d, _t: None, with_labels=False)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         n = state["n"]
         groups = duplicates_of(state["consumed"])
         groups.sort(key=lambda g: int(g.rows[0]))

@@ -15,28 +15,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.analysis.duplicates import duplicate_groups, leaks
-from embedder.analysis.inspection_types import FINDINGS_SCHEMA, KINDS, Finding, Inspection, InspectSummary
+from embedder.analysis.inspection_types import (
+    FINDINGS_SCHEMA,
+    KINDS,
+    Finding,
+    Inspection,
+    InspectSummary,
+    check_comparable,
+)
 from embedder.analysis.knn import knn_graph
 from embedder.analysis.labels import class_overlap, cross_validate, knn_accuracy, label_issues
 from embedder.analysis.options import InspectOptions
 from embedder.analysis.outliers import outliers
 from embedder.analysis.projection import project
 from embedder.analysis.vectors import Vectors, load_vectors
-from embedder.errors import InspectError, ProbeError
-from embedder.store.provenance import Provenance
+from embedder.errors import ProbeError
 from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)
 
 
 def _check_test(train: Vectors, test: Vectors) -> None:
-    if train.x.shape[1] != test.x.shape[1]:
-        raise InspectError(f"{test.store} has dim {test.x.shape[1]}, {train.store} dim {train.x.shape[1]}: "
-                           "embed both with the same backbone and layer")
-    diff = train.provenance.differences(test.provenance, Provenance.COMPARABLE)
-    if diff:
-        raise InspectError(f"{test.store} was embedded differently from {train.store} ({diff[0]} differs); "
-                           "re-extract it with the same settings")
+    check_comparable(train.store, train.x.shape[1], train.provenance, test.store, test.x.shape[1], test.provenance)
 
 
 def uses_buckets(store: str, options: InspectOptions) -> bool:

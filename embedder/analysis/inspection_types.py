@@ -11,7 +11,22 @@ import pyarrow as pa
 
 from embedder.analysis.options import InspectOptions
 from embedder.analysis.vectors import Vectors
+from embedder.errors import InspectError
 from embedder.store.provenance import Provenance
+
+
+def check_comparable(train: str, train_dim: int, train_prov: Provenance, test: str, test_dim: int,
+                     test_prov: Provenance) -> None:
+    """A test store searched against a train store must hold comparable vectors: the same dim and
+    the same backbone, layer and preprocessing (both the in-memory and the bucketed path)."""
+    if train_dim != test_dim:
+        raise InspectError(f"{test} has dim {test_dim}, {train} dim {train_dim}: "
+                           "embed both with the same backbone and layer")
+    diff = train_prov.differences(test_prov, Provenance.COMPARABLE)
+    if diff:
+        raise InspectError(f"{test} was embedded differently from {train} ({diff[0]} differs); "
+                           "re-extract it with the same settings")
+
 
 KINDS = ("leak", "duplicate", "label_error", "outlier", "class_overlap")
 

@@ -18,6 +18,8 @@ bucket in memory at a time, so peak memory is set by the budget, not by the stor
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import shutil
 import tempfile
@@ -34,7 +36,15 @@ import pyarrow.parquet as pq
 
 from embedder.analysis import buckets as bk
 from embedder.analysis.duplicates import DuplicateGroup, groups_from_edges
-from embedder.analysis.inspection_types import FINDINGS_SCHEMA, KINDS, Catalog, Finding, Inspection, InspectSummary
+from embedder.analysis.inspection_types import (
+    FINDINGS_SCHEMA,
+    KINDS,
+    Catalog,
+    Finding,
+    Inspection,
+    InspectSummary,
+    check_comparable,
+)
 from embedder.analysis.options import InspectOptions
 from embedder.analysis.vectors import normalize_rows
 from embedder.errors import InspectError, ProbeError
@@ -204,9 +214,8 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     store = _open(store_path, "store")
     test = _open(test_path, "test store") if test_path else None
     n, dim = store.count(), store.dim
-    if test is not None and test.dim != dim:
-        raise InspectError(f"{test_path} has dim {test.dim}, {store_path} dim {dim}: "
-                           "embed both with the same backbone and layer")
+    if test is not None and test_path is not None:
+        check_comparable(store_path, dim, store.provenance, test_path, test.dim, test.provenance)
     budget = _budget(options)
     sz = Sizes.of(n, dim, options, budget)
     names = store.dataset().schema.names
@@ -556,17 +565,37 @@ def _kind_table(k: _Kind, needed: np.ndarray, ids: pa.Array, paths: pa.Array,
     }, schema=FINDINGS_SCHEMA)
 
 
+@contextlib.contextmanager
+def work_space(work_dir: str | None, default: str | Path, prefix: str) -> Iterator[Path]:
+    """A fresh folder for the bucket files under WORK_DIR (created if missing; DEFAULT when None),
+    removed on the way out, whatever the way (an error, Ctrl-C); a folder that cannot be made or a
+    disk that fills up is one line."""
+    parent = Path(work_dir) if work_dir else Path(default)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as e:
+        raise InspectError(f"cannot make the bucket folder in {parent} ({e.strerror or e}); "
+                           "name a writable folder with --work-dir") from None
+    try:
+        yield work
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise InspectError(f"no space left writing {e.filename or parent} (the bucket files take about 1.3x "
+                           "the store's vectors); name a folder with room with --work-dir") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def inspect_streamed(store_path: str, out: str, test_path: str | None, options: InspectOptions,
                      tick: Tick) -> Inspection:
     """`inspect` for any store size, in memory set by ``options.memory_budget``."""
     t0 = time.perf_counter()
     Path(out).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".inspect-", dir=options.work_dir or out))
-    try:
+    with work_space(options.work_dir, out, ".inspect-") as work:
         state = bucket_pipeline(store_path, test_path, options, work, tick)
         return _finish(state, store_path, out, test_path, options, work, tick, t0)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _finish(state: dict[str, Any], store_path: str, out: str, test_path: str | None, options: InspectOptions,

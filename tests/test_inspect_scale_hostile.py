@@ -1,0 +1,65 @@
+"""The bucketed `inspect` / `dedup` path (analysis.streamed) refuses what the in-memory path
+refuses, and its bucket folder's errors are one line with nothing left behind (review R1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embedder.analysis.dedup import dedup
+from embedder.analysis.inspection import inspect_store
+from embedder.analysis.options import InspectOptions
+from embedder.cli import app
+from embedder.errors import InspectError
+from tests.test_inspect import classes_data, write_store
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    x, y = classes_data(k=2, per_class=40, dim=8)
+    return {"tmp": str(tmp), "train": write_store(tmp / "train", x, [f"c{c}" for c in y]),
+            "other": write_store(tmp / "other", x[:5], None, "t", weights_tag="1")}
+
+
+@pytest.mark.parametrize("graph", ["memory", "buckets"])
+def test_a_test_store_embedded_differently_is_refused_on_both_paths(stores: dict[str, str], graph: str) -> None:
+    out = Path(stores["tmp"]) / f"out-{graph}"
+    with pytest.raises(InspectError, match="embedded differently.*weights differs"):
+        inspect_store(stores["train"], str(out), stores["other"], InspectOptions(graph=graph, thumbnails="none"))
+    assert not list(out.glob(".inspect-*"))
+
+
+def test_a_work_dir_that_cannot_be_made_is_one_line(stores: dict[str, str]) -> None:
+    blocker = Path(stores["tmp"]) / "a-file"
+    blocker.write_text("")
+    out = Path(stores["tmp"]) / "out-cli"
+    r = runner.invoke(app, ["inspect", stores["train"], "--out", str(out), "--graph", "buckets",
+                            "--thumbnails", "none", "--work-dir", str(blocker / "sub")])
+    assert r.exit_code == 2, r.output
+    assert "cannot make the bucket folder" in r.output and "Traceback" not in r.output
+    with pytest.raises(InspectError, match="--work-dir"):
+        dedup(stores["train"], str(out / "d.parquet"),
+              options=InspectOptions(graph="buckets", work_dir=str(blocker / "sub")))
+
+
+def test_a_missing_work_dir_is_made_and_removed_after(stores: dict[str, str]) -> None:
+    work = Path(stores["tmp"]) / "work" / "deeper"
+    out = Path(stores["tmp"]) / "out-work"
+    inspect_store(stores["train"], str(out), None,
+                  InspectOptions(graph="buckets", thumbnails="none", work_dir=str(work)))
+    assert work.is_dir() and not list(work.iterdir())
+
+
+def test_dedup_cli_takes_the_graph_and_refuses_an_unknown_one(stores: dict[str, str]) -> None:
+    out = Path(stores["tmp"]) / "dd"
+    r = runner.invoke(app, ["dedup", stores["train"], "--out", str(out / "d.parquet"), "--graph", "bogus"])
+    assert r.exit_code == 2 and "unknown --graph 'bogus'" in r.output, r.output
+    r = runner.invoke(app, ["dedup", stores["train"], "--out", str(out / "d.parquet"), "--graph", "buckets",
+                            "--work-dir", str(out / "work")])
+    assert r.exit_code == 0, r.output
+    assert (out / "d.parquet").exists() and not list((out / "work").iterdir())
