@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from embedder.store import id_index
 
@@ -34,3 +35,24 @@ def test_lookups_among_ids_sharing_their_first_8_bytes_stay_logarithmic() -> Non
     mixed = np.concatenate([id_index.digests(pa.array([f"id{i}" for i in range(5000)])), d[:50]])
     o = id_index.order_of(mixed)
     np.testing.assert_array_equal(o[id_index.find(mixed[o], mixed)], np.arange(len(mixed)))
+
+
+def test_find_and_contains_agree_with_a_set_when_digests_share_halves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small random digests with few distinct halves (runs, repeats, absent ones sharing a first
+    half) looked up by ``find`` and ``contains_digests``, against numpy's set membership."""
+    rng = np.random.default_rng(7)
+
+    def digests(k: int) -> np.ndarray:
+        halves = np.stack([rng.integers(0, 3, k), rng.integers(0, 6, k)], 1).astype(np.uint64)
+        return halves.copy().view(id_index.DIGEST).ravel()
+
+    for _ in range(200):
+        d, asked = digests(int(rng.integers(1, 60))), digests(int(rng.integers(1, 60)))
+        order = id_index.order_of(d)
+        pos = id_index.find(d[order], asked)
+        assert ((pos >= 0) == np.isin(asked, d)).all()
+        assert (d[order][pos[pos >= 0]] == asked[pos >= 0]).all()
+        shards = {f"s{j}": digests(int(rng.integers(0, 40))) for j in range(int(rng.integers(0, 4)))}
+        monkeypatch.setattr(id_index, "load", lambda s: np.sort(shards[s]))  # noqa: B023
+        held = np.concatenate([*shards.values(), np.empty(0, id_index.DIGEST)])
+        assert (id_index.contains_digests(list(shards), asked) == np.isin(asked, held)).all()
