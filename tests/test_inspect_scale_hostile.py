@@ -3,8 +3,11 @@ refuses, and its bucket folder's errors are one line with nothing left behind (r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -63,3 +66,23 @@ def test_dedup_cli_takes_the_graph_and_refuses_an_unknown_one(stores: dict[str, 
                             "--work-dir", str(out / "work")])
     assert r.exit_code == 0, r.output
     assert (out / "d.parquet").exists() and not list((out / "work").iterdir())
+
+
+def test_outliers_beyond_max_listed_are_counted_not_held(stores: dict[str, str]) -> None:
+    """Rows beyond the fence grow with the store: only the --max-listed farthest are kept (and
+    written); the summary counts them all and says so."""
+    x = np.random.default_rng(5).normal(0, 1, (300, 8)).astype(np.float32)
+    x[:40] *= 0  # 40 zero vectors: as far as can be from everything
+    x[40:60] = -x[60:80]  # and 20 turned the other way
+    store = write_store(Path(stores["tmp"]) / "far", x, None)
+    out = Path(stores["tmp"]) / "out-far"
+    r = runner.invoke(app, ["inspect", store, "--out", str(out), "--graph", "buckets", "--thumbnails", "none",
+                            "--max-listed", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    rows = [f for f in pq.read_table(out / "findings.parquet").to_pylist() if f["kind"] == "outlier"]
+    assert s["outliers"] >= 40 and len(rows) == 5 and [f["rank"] for f in rows] == [1, 2, 3, 4, 5]
+    assert any("the 5 farthest of" in m for m in s["skipped"])
+    full = inspect_store(store, str(out) + "-full", None, InspectOptions(graph="buckets", thumbnails="none"))
+    assert full.counts["outlier"] == s["outliers"]
+    assert [f.score for f in full.findings if f.kind == "outlier"][:5] == [f["score"] for f in rows]

@@ -438,20 +438,32 @@ def _quartiles(hist: np.ndarray) -> tuple[float, float]:
     return q[0], q[1]
 
 
-def _read_scores(path: Path, want: Callable[[np.ndarray], np.ndarray], chunk: int = 1 << 18) -> np.ndarray:
-    """The score records WANT selects, reading the file a chunk at a time."""
+def _farthest(rec: np.ndarray, limit: int) -> np.ndarray:
+    return rec[np.lexsort((rec["row"], -rec["score"]))[:limit]]
+
+
+def read_outliers(path: Path, cut: float, also: np.ndarray, limit: int,
+                  chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray, int]:
+    """One chunked read of the score file: (the LIMIT records scoring above CUT with the highest
+    scores, highest first, ties by row; the records of the rows ALSO names; how many score above
+    CUT). Memory: 2·LIMIT records, however many rows lie beyond the fence."""
     dt = _score_dtype()
-    out = []
+    top = np.zeros(0, dt)
+    extra = []
+    above = 0
     with open(path, "rb") as f:
-        while True:
-            buf = f.read(chunk * dt.itemsize)
-            if not buf:
-                break
+        while buf := f.read(chunk * dt.itemsize):
             rec = np.frombuffer(buf, dt)
-            sel = want(rec)
-            if sel.any():
-                out.append(rec[sel].copy())
-    return np.concatenate(out) if out else np.zeros(0, dt)
+            out = rec["score"] > cut
+            if out.any():
+                above += int(out.sum())
+                top = np.concatenate([top, rec[out]])
+                if len(top) > 2 * limit:
+                    top = _farthest(top, limit)
+            hit = np.isin(rec["row"], also)
+            if hit.any():
+                extra.append(rec[hit])
+    return _farthest(top, limit), (np.concatenate(extra) if extra else np.zeros(0, dt)), above
 
 
 def _recall(state: dict[str, Any], groups: list[DuplicateGroup], options: InspectOptions) -> dict[str, Any]:
@@ -671,16 +683,17 @@ def _finish(state: dict[str, Any], store_path: str, out: str, test_path: str | N
         q1, q3 = _quartiles(con.hist)
         cut = q3 + options.outlier_fence * (q3 - q1)
         listed_labels = np.sort(label_rows[:options.listed])
-        flagged = _read_scores(state["scores"], lambda r: (r["score"] > cut) | np.isin(r["row"], listed_labels))
-        is_out = flagged["score"] > cut
-        outl = flagged[is_out]
-        outl = outl[np.lexsort((outl["row"], -outl["score"]))]
-        summary.outliers = len(outl)
+        limit = options.labels.max_listed
+        outl, also, above = read_outliers(state["scores"], cut, listed_labels, limit)
+        summary.outliers = above
         summary.outlier_fence = float(cut)
+        if above > len(outl):
+            summary.skipped.append(f"outliers: the {len(outl):,} farthest of {above:,} are listed (--max-listed)")
         kinds.append(_single("outlier", outl["row"], outl["score"].astype(np.float64)))
         show = np.union1d(outl["row"][:options.listed], listed_labels)
-        keep = np.isin(flagged["row"], show)
-        nbr_of = {int(r): nb for r, nb in zip(flagged["row"][keep], flagged["nbrs"][keep])}
+        shown = np.concatenate([outl, also])
+        keep = np.isin(shown["row"], show)
+        nbr_of = {int(r): nb for r, nb in zip(shown["row"][keep], shown["nbrs"][keep])}
     else:
         nbr_of = {}
         kinds.append(_single("outlier", np.zeros(0, np.int64), np.zeros(0)))

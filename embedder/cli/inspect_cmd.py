@@ -31,6 +31,7 @@ def inspect_command(
     graph: Annotated[str, typer.Option(help="auto: exact up to 20,000 images, k-means buckets on disk above (memory set by --memory-budget, recall measured) | memory | buckets.")] = InspectOptions.graph,
     engine: Annotated[str, typer.Option(help="local | ray: search the buckets as Ray tasks (the bucket files must be on storage every node sees).")] = InspectOptions.engine,
     work_dir: Annotated[Optional[Path], typer.Option(help="Where the bucket files go (about 1.3x the store's vectors; removed at the end). Default: inside --out.")] = None,
+    max_listed: Annotated[Optional[int], typer.Option(min=0, help="Stores too large to hold: at most this many label errors and outliers are written to findings.parquet (the most likely first; all are counted in the summary).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -46,6 +47,8 @@ def inspect_command(
                              thumbnails=thumbnails, seed=seed, graph=graph, engine=engine,
                              memory_budget=parse_size(memory_budget, InspectError) if memory_budget else None,
                              work_dir=str(work_dir) if work_dir else None)
+    if max_listed is not None:
+        options = dataclasses.replace(options, labels=dataclasses.replace(options.labels, max_listed=max_listed))
     if duplicate_threshold is not None:  # the default lives in one place: embedder.analysis.dedup
         options = dataclasses.replace(options, duplicate_threshold=duplicate_threshold)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
