@@ -86,3 +86,35 @@ def test_outliers_beyond_max_listed_are_counted_not_held(stores: dict[str, str])
     full = inspect_store(store, str(out) + "-full", None, InspectOptions(graph="buckets", thumbnails="none"))
     assert full.counts["outlier"] == s["outliers"]
     assert [f.score for f in full.findings if f.kind == "outlier"][:5] == [f["score"] for f in rows]
+
+
+def test_duplicate_groups_are_flat_arrays_equal_to_a_union_find() -> None:
+    """At 10^8 rows a store may hold millions of groups: they are arrays (rows, offsets, weakest
+    link), not one object each; the same groups and order as a plain union-find."""
+    from embedder.analysis.duplicates import group_arrays, groups_from_edges
+
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 500, 300), rng.integers(0, 500, 300)
+    s = rng.choice([0.95, 0.97, 0.99], 300).astype(np.float32)
+    parent = list(range(500))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in zip(a.tolist(), b.tolist()):
+        parent[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for i in sorted(set(a.tolist()) | set(b.tolist())):
+        members.setdefault(root(i), []).append(i)
+    weakest = {r: min(float(w) for i, w in zip(a.tolist(), s) if root(i) == r) for r in members}
+    want = sorted(((m, weakest[r]) for r, m in members.items() if len(m) > 1),
+                  key=lambda q: (-len(q[0]), -q[1], q[0][0]))
+    g = group_arrays(a, b, s)
+    got = [(g.rows[g.offsets[i]:g.offsets[i + 1]].tolist(), float(g.similarity[i])) for i in range(len(g))]
+    assert got == want and g.rows.dtype == np.int64
+    assert [(x.rows.tolist(), x.similarity) for x in groups_from_edges(a, b, s)] == got
+    f = g.by_first_row()
+    assert [f.rows[f.offsets[i]:f.offsets[i + 1]].tolist() for i in range(len(f))] == sorted(m for m, _ in got)
+    assert len(group_arrays(a[:0], b[:0], s[:0])) == 0 and len(group_arrays(a[:0], b[:0], s[:0]).by_first_row()) == 0

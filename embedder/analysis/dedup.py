@@ -54,9 +54,8 @@ def dedup(store_path: str, out: str, threshold: float | None = None, k: int = 10
         with work_space(options.work_dir, Path(out).parent, ".dedup-") as work:
             state = bucket_pipeline(store_path, None, options, work, lambda _s, _d, _t: None, with_labels=False)
         n = state["n"]
-        groups = duplicates_of(state["consumed"])
-        groups.sort(key=lambda g: int(g.rows[0]))
-        rows = np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, np.int64)
+        found = duplicates_of(state["consumed"]).by_first_row()  # arrays: millions of groups at 10^8 rows
+        rows, sizes = found.rows, found.sizes
         needed = np.unique(rows)
         ids, paths, _ = lookup(state["store"], needed, None, None, None)
         at = pa.array(np.searchsorted(needed, rows))
@@ -71,8 +70,9 @@ def dedup(store_path: str, out: str, threshold: float | None = None, k: int = 10
         # groups numbered in the order of their first member, so the output is stable across runs
         groups.sort(key=lambda g: int(g.rows[0]))
         rows = np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, np.int64)
+        sizes = np.array([len(g.rows) for g in groups], np.int64)
         ids, paths = t.column("id").take(pa.array(rows)), t.column("path").take(pa.array(rows))
-    number = np.repeat(np.arange(len(groups)), [len(g.rows) for g in groups])
+    number = np.repeat(np.arange(len(sizes)), sizes)
     table = pa.table({
         "group": pa.array(number, pa.int64()),
         "id": ids,
@@ -83,4 +83,4 @@ def dedup(store_path: str, out: str, threshold: float | None = None, k: int = 10
     tmp = target.with_name(f".{target.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, target)  # a reader never sees half a file
-    return DedupSummary(n, len(groups), len(rows) - len(groups), threshold, out)
+    return DedupSummary(n, len(sizes), len(rows) - len(sizes), threshold, out)

@@ -31,14 +31,41 @@ def duplicate_groups(graph: KnnGraph, threshold: float) -> list[DuplicateGroup]:
     return groups_from_edges(np.repeat(np.arange(n), mask.sum(1)), graph.nbrs[mask], graph.sims[mask])
 
 
-def groups_from_edges(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[DuplicateGroup]:
-    """Groups joined by the edges (row A[i], row B[i], cosine S[i]), largest first: a disjoint set
-    over the rows that have an edge only (memory grows with the duplicates, not with the store)."""
+@dataclass(frozen=True)
+class GroupArrays:
+    """Duplicate groups as flat arrays, no object per group (a store of 10^8 rows may hold millions
+    of groups): group g's rows, in store order, are ``rows[offsets[g]:offsets[g + 1]]``, joined at
+    ``similarity[g]`` at weakest; largest first, then the most similar, then by first row."""
+
+    rows: np.ndarray  # int64
+    offsets: np.ndarray  # int64, len(groups) + 1
+    similarity: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.similarity)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def by_first_row(self) -> GroupArrays:
+        """The same groups, numbered in the order of their first row."""
+        order = np.argsort(self.rows[self.offsets[:-1]], kind="stable")
+        sizes = self.sizes[order]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        starts = np.repeat(self.offsets[:-1][order], sizes)
+        within = np.arange(len(self.rows)) - np.repeat(offsets[:-1], sizes)
+        return GroupArrays(self.rows[starts + within], offsets, self.similarity[order])
+
+
+def group_arrays(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> GroupArrays:
+    """Groups joined by the edges (row A[i], row B[i], cosine S[i]): a disjoint set over the rows
+    that have an edge only (memory grows with the duplicates, not with the store), in numpy."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     if not len(a):
-        return []
+        return GroupArrays(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.float64))
     nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
     r, c = inv[:len(a)], inv[len(a):]
     m = len(nodes)
@@ -47,13 +74,22 @@ def groups_from_edges(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[Dupli
     sizes = np.bincount(comp)
     weakest = np.full(len(sizes), np.inf)
     np.minimum.at(weakest, comp[r], s)
-    # rows of each component in one sort (a scan per group would be O(rows x groups))
-    order = np.argsort(comp, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    groups = [DuplicateGroup(np.sort(nodes[order[bounds[g]:bounds[g + 1]]]), float(weakest[g]))
-              for g in np.flatnonzero(sizes > 1)]
-    groups.sort(key=lambda g: (-len(g.rows), -g.similarity, int(g.rows[0])))
-    return groups
+    first = np.full(len(sizes), np.iinfo(np.int64).max)
+    np.minimum.at(first, comp, nodes)
+    cand = np.flatnonzero(sizes > 1)
+    ranked = cand[np.lexsort((first[cand], -weakest[cand], -sizes[cand]))]
+    rank_of = np.full(len(sizes), -1, np.int64)
+    rank_of[ranked] = np.arange(len(ranked))
+    sel = np.flatnonzero(rank_of[comp] >= 0)
+    sel = sel[np.lexsort((nodes[sel], rank_of[comp[sel]]))]
+    offsets = np.concatenate([[0], np.cumsum(sizes[ranked])]).astype(np.int64)
+    return GroupArrays(nodes[sel].astype(np.int64), offsets, weakest[ranked].astype(np.float64))
+
+
+def groups_from_edges(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[DuplicateGroup]:
+    """``group_arrays`` as one DuplicateGroup per group (the in-memory path), largest first."""
+    g = group_arrays(a, b, s)
+    return [DuplicateGroup(g.rows[g.offsets[i]:g.offsets[i + 1]], float(g.similarity[i])) for i in range(len(g))]
 
 
 def leaks(train_x: np.ndarray, test_x: np.ndarray, threshold: float) -> list[Leak]:

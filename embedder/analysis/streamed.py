@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedder.analysis import buckets as bk
-from embedder.analysis.duplicates import DuplicateGroup, groups_from_edges
+from embedder.analysis.duplicates import GroupArrays, group_arrays
 from embedder.analysis.inspection_types import (
     FINDINGS_SCHEMA,
     KINDS,
@@ -425,9 +425,9 @@ def _consume(res: bk.BucketResult, con: _Consumed, options: InspectOptions, stre
 
 # ---- finishing -----------------------------------------------------------------------------------
 
-def duplicates_of(con: _Consumed) -> list[DuplicateGroup]:
+def duplicates_of(con: _Consumed) -> GroupArrays:
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
-    return groups_from_edges(cat(con.edges_a, np.int64), cat(con.edges_b, np.int64), cat(con.edges_s, np.float32))
+    return group_arrays(cat(con.edges_a, np.int64), cat(con.edges_b, np.int64), cat(con.edges_s, np.float32))
 
 
 def _quartiles(hist: np.ndarray) -> tuple[float, float]:
@@ -466,7 +466,7 @@ def read_outliers(path: Path, cut: float, also: np.ndarray, limit: int,
     return _farthest(top, limit), (np.concatenate(extra) if extra else np.zeros(0, dt)), above
 
 
-def _recall(state: dict[str, Any], groups: list[DuplicateGroup], options: InspectOptions) -> dict[str, Any]:
+def _recall(state: dict[str, Any], groups: GroupArrays, options: InspectOptions) -> dict[str, Any]:
     heap, q_rows, q_sims = state["heap"], state["q_rows"], state["q_sims"]
     if not len(q_rows):
         return {}
@@ -476,8 +476,8 @@ def _recall(state: dict[str, Any], groups: list[DuplicateGroup], options: Inspec
     kth = d_true[:, -1:]
     recall = float((q_sims >= kth - 1e-5).sum() / (len(q_rows) * k))
     # duplicate pairs: each sampled row with every row exact search puts at cosine >= threshold
-    group_rows = np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, np.int64)
-    group_id = np.repeat(np.arange(len(groups)), [len(g.rows) for g in groups]) if groups else np.zeros(0, np.int64)
+    group_rows = groups.rows
+    group_id = np.repeat(np.arange(len(groups)), groups.sizes)
     order = np.argsort(group_rows, kind="stable")
     group_rows, group_id = group_rows[order], group_id[order]
 
@@ -514,10 +514,8 @@ class _Kind:
         return len(self.score)
 
 
-def _groups_kind(kind: str, groups: list[DuplicateGroup]) -> _Kind:
-    flat = np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum([len(g.rows) for g in groups])]).astype(np.int64)
-    return _Kind(kind, flat, offsets, np.array([g.similarity for g in groups], np.float64))
+def _groups_kind(kind: str, groups: GroupArrays) -> _Kind:
+    return _Kind(kind, groups.rows, groups.offsets, groups.similarity)
 
 
 def _single(kind: str, rows: np.ndarray, score: np.ndarray, **kw: Any) -> _Kind:
@@ -638,7 +636,7 @@ def _finish(state: dict[str, Any], store_path: str, out: str, test_path: str | N
 
     groups = duplicates_of(con)
     summary.duplicate_groups = len(groups)
-    summary.duplicate_images = int(sum(len(g.rows) - 1 for g in groups))
+    summary.duplicate_images = len(groups.rows) - len(groups)
     kinds.append(_groups_kind("duplicate", groups))
     seconds["duplicates"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
