@@ -118,3 +118,39 @@ def test_duplicate_groups_are_flat_arrays_equal_to_a_union_find() -> None:
     f = g.by_first_row()
     assert [f.rows[f.offsets[i]:f.offsets[i + 1]].tolist() for i in range(len(f))] == sorted(m for m, _ in got)
     assert len(group_arrays(a[:0], b[:0], s[:0])) == 0 and len(group_arrays(a[:0], b[:0], s[:0]).by_first_row()) == 0
+
+
+def test_knn_vote_is_the_dense_argmax_without_a_rows_by_classes_matrix() -> None:
+    from embedder.analysis.streamed import knn_vote
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        k, c = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        ny = rng.integers(-1, c, (40, k))
+        ny[:3] = -1  # no neighbour with a label: class 0, as argmax of zeros
+        w = np.where(ny >= 0, rng.choice([0.5, 1.0, np.exp(-3.0), 0.3], (40, k)), 0.0)
+        dense = np.zeros((40, c))
+        np.add.at(dense, (np.repeat(np.arange(40), k), np.maximum(ny, 0).ravel()), w.ravel())
+        assert (knn_vote(ny, w) == dense.argmax(1)).all()
+
+
+def test_many_classes_name_their_codes_in_linear_time_and_skip_what_the_budget_cannot_hold(
+        stores: dict[str, str]) -> None:
+    import time
+
+    import pyarrow as pa
+
+    from embedder.analysis.streamed import ClassCodes
+
+    codes = ClassCodes()
+    codes.codes(pa.array([f"k{i}" for i in range(40_000)][::-1]))
+    t = time.perf_counter()
+    classes, remap = codes.final()
+    assert time.perf_counter() - t < 2.0  # was quadratic: 11 s at 40,000 classes
+    assert classes[remap[0]] == "k39999" and classes[remap[-1]] == "k0"
+    x, y = classes_data(k=300, per_class=2, dim=8)
+    store = write_store(Path(stores["tmp"]) / "many", x, [f"c{c}" for c in y])
+    insp = inspect_store(store, str(Path(stores["tmp"]) / "out-many"), None,
+                         InspectOptions(graph="buckets", thumbnails="none", memory_budget=32 << 20))
+    assert any("300 classes need about" in m for m in insp.summary.skipped)
+    assert insp.summary.label_issues is None and insp.summary.images == 600

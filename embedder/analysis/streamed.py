@@ -111,7 +111,8 @@ class ClassCodes:
 
     def final(self) -> tuple[list[str], np.ndarray]:
         classes = sorted(self.names)
-        remap = np.array([classes.index(c) for c in self.names] or [0], np.int64)
+        at = {c: i for i, c in enumerate(classes)}
+        remap = np.array([at[c] for c in self.names] or [0], np.int64)
         return classes, remap
 
 
@@ -201,6 +202,18 @@ def _budget(options: InspectOptions) -> int:
     return options.memory_budget or min(default_budget(), 2 << 30)
 
 
+def label_bytes(classes: int) -> int:
+    """What the streamed label analysis holds for C classes: the confident joint, the confusion and
+    the quotas (C² each, a few copies) and one bucket's probabilities."""
+    return 6 * 8 * classes * classes + 4096 * classes * 16
+
+
+def threshold_rows(classes: int, budget: int) -> int:
+    """Rows whose probabilities (rows x classes, float32, and the K heads' running sum) pass 1 scores
+    at a time: a sixteenth of the budget."""
+    return int(max(256, min(BATCH_ROWS, budget // 16 // max(classes * 12, 1))))
+
+
 def _open(path: str, what: str) -> Store:
     store = Store.open(path)
     if store.count() == 0:
@@ -268,6 +281,10 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
         skipped.append("label errors, class overlap and accuracies: "
                        + (f"one class only ({only[0]})" if only else
                           f"the store has no {options.label_column!r} labels"))
+    elif with_labels and label_bytes(len(classes)) > budget // 2:
+        skipped.append(f"label errors, class overlap and accuracies: {len(classes):,} classes need about "
+                       f"{label_bytes(len(classes)) >> 20:,} MiB for their classes x classes counts, over half the "
+                       "memory budget (--memory-budget)")
     elif with_labels:
         if labelled < n:
             skipped.append(f"{n - labelled} unlabelled images take no part in the label analyses")
@@ -302,9 +319,11 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
         y = np.where(y >= 0, remap[np.maximum(y, 0)], -1)
         files.add(bk.TRAIN, rows, y, x)
         if stream is not None:
-            lab = y >= 0
-            if lab.any():
-                stream.add_thresholds(rows[lab], x[lab], y[lab])
+            step = threshold_rows(len(classes), budget)  # the probabilities of a batch: rows x classes
+            for s0 in range(0, len(rows), step):
+                part = np.flatnonzero(y[s0:s0 + step] >= 0) + s0
+                if len(part):
+                    stream.add_thresholds(rows[part], x[part], y[part])
         if len(q_rows):
             d, i = faiss.knn(q_x, x, min(kq, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
             if d.shape[1] < kq:
@@ -380,6 +399,21 @@ def _search_ray(root: str, todo: list[int], dim: int, options: InspectOptions) -
         raise RayError(f"a Ray inspect task failed: {str(e).strip().splitlines()[-1][:300]}") from None
 
 
+def knn_vote(ny: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Each row's class by weighted vote of its neighbours' classes NY [m, k] (-1: none) with weights
+    W [m, k]: the class with the largest summed weight, the lowest on a tie, 0 where no neighbour
+    votes (``labels.knn_accuracy``'s argmax), in m·k² work and memory whatever the class count."""
+    w = np.where(ny >= 0, w, 0.0)
+    vote = np.zeros(ny.shape)  # [m, k]: the total of column j's class, summed in column order as np.add.at
+    for col in range(ny.shape[1]):
+        vote += np.where(ny == ny[:, col:col + 1], w[:, col:col + 1], 0.0)
+    vote = np.where(ny >= 0, vote, -np.inf)
+    best = vote.max(1, initial=-np.inf, keepdims=True)
+    big = np.iinfo(ny.dtype).max
+    top = np.where((vote == best) & (ny >= 0), ny, big).min(1, initial=big)
+    return np.where(best[:, 0] > 0, top, 0)
+
+
 def _consume(res: bk.BucketResult, con: _Consumed, options: InspectOptions, stream: Any, scores_out: Any,
              q_rows: np.ndarray, q_sorted: np.ndarray, q_sims: np.ndarray) -> None:
     m = len(res.rows)
@@ -403,11 +437,8 @@ def _consume(res: bk.BucketResult, con: _Consumed, options: InspectOptions, stre
         lab = res.y >= 0
         if lab.any():  # leave-one-out weighted kNN vote (DINOv2's weighting)
             ny = res.nbr_y[lab]
-            n_classes = int(max(int(res.y.max()), int(ny.max()))) + 1
             w8 = np.where(ny >= 0, np.exp((res.sims[lab] - 1.0) / options.labels.knn_temperature), 0.0)
-            votes = np.zeros((int(lab.sum()), n_classes))
-            np.add.at(votes, (np.repeat(np.arange(len(ny)), ny.shape[1]), np.maximum(ny, 0).ravel()), w8.ravel())
-            con.knn_right += int((votes.argmax(1) == res.y[lab]).sum())
+            con.knn_right += int((knn_vote(ny, w8) == res.y[lab]).sum())
             con.knn_seen += int(lab.sum())
             if stream is not None:
                 stream.add(res.rows[lab], res.x[lab], res.y[lab].astype(np.int64))
