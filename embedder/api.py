@@ -337,18 +337,28 @@ def train_probe(train_store: str | Path, *, test_store: str | Path | None = None
     return Probe(result, device, weights)
 
 
+def _inspect_budget(kw: dict[str, Any]) -> dict[str, Any]:
+    """``memory_budget`` in bytes or as the CLI takes it ("2GB"), as ``train_probe``."""
+    if isinstance(kw.get("memory_budget"), str):
+        from embedder.errors import InspectError
+        from embedder.sizes import parse_size
+
+        kw["memory_budget"] = parse_size(kw["memory_budget"], InspectError)
+    return kw
+
+
 def inspect(store: str | Path, out: str | Path, *, test: str | Path | None = None,
             **options: Any) -> dict[str, Any]:
     """``embedder inspect``: duplicates, leaks (with ``test``), likely label errors, outliers and class
     overlap of STORE → ``OUT/findings.parquet`` and ``OUT/index.html``; returns the summary the CLI
     prints with ``--json``. ``options`` are ``InspectOptions`` fields (``duplicate_threshold``,
-    ``memory_budget`` in bytes, ``graph``, ``engine``, ``thumbnails``…): above 20,000 images the
+    ``memory_budget`` in bytes or "2GB", ``graph``, ``engine``, ``thumbnails``…): above 20,000 images the
     bucketed graph runs in memory set by the budget, whatever the store's size."""
     from embedder.analysis.inspection import inspect_store, write_outputs
     from embedder.analysis.options import InspectOptions
 
     (kw,) = _split_options(options, InspectOptions)
-    opts = InspectOptions(**kw)
+    opts = InspectOptions(**_inspect_budget(kw))
     insp = inspect_store(str(store), str(out), str(test) if test is not None else None, opts)
     return write_outputs(insp, str(out)).to_dict()
 
@@ -361,5 +371,5 @@ def dedup(store: str | Path, out: str | Path, *, threshold: float | None = None,
 
     (kw,) = _split_options(options, InspectOptions)
     k = kw.pop("k", InspectOptions.k)
-    s = run(str(store), str(out), threshold, k, InspectOptions(**kw))
+    s = run(str(store), str(out), threshold, k, InspectOptions(**_inspect_budget(kw)))
     return dataclasses.asdict(s)

@@ -154,3 +154,16 @@ def test_many_classes_name_their_codes_in_linear_time_and_skip_what_the_budget_c
                          InspectOptions(graph="buckets", thumbnails="none", memory_budget=32 << 20))
     assert any("300 classes need about" in m for m in insp.summary.skipped)
     assert insp.summary.label_issues is None and insp.summary.images == 600
+
+
+def test_api_takes_the_budget_as_the_cli_writes_it(stores: dict[str, str]) -> None:
+    import embedder
+    from embedder.errors import EmbedderError
+
+    out = Path(stores["tmp"]) / "api"
+    with pytest.raises(EmbedderError, match="unknown --graph"):  # the budget read, then the options checked
+        embedder.inspect(stores["train"], out, memory_budget="64MB", graph="bogus")
+    d = embedder.dedup(stores["train"], out / "d.parquet", memory_budget="64MB", graph="buckets")
+    assert d["images"] == 80
+    with pytest.raises(EmbedderError, match="memory budget"):
+        embedder.dedup(stores["train"], out / "d.parquet", memory_budget="lots")
