@@ -633,10 +633,16 @@ def inspect_streamed(store_path: str, out: str, test_path: str | None, options: 
                      tick: Tick) -> Inspection:
     """`inspect` for any store size, in memory set by ``options.memory_budget``."""
     t0 = time.perf_counter()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with work_space(options.work_dir, out, ".inspect-") as work:
-        state = bucket_pipeline(store_path, test_path, options, work, tick)
-        return _finish(state, store_path, out, test_path, options, work, tick, t0)
+    made = not Path(out).exists()
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with work_space(options.work_dir, out, ".inspect-") as work:
+            state = bucket_pipeline(store_path, test_path, options, work, tick)
+            return _finish(state, store_path, out, test_path, options, work, tick, t0)
+    except BaseException:
+        if made and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a refused or failed run leaves no empty report folder (as the in-memory path)
+        raise
 
 
 def _finish(state: dict[str, Any], store_path: str, out: str, test_path: str | None, options: InspectOptions,
