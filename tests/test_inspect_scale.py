@@ -72,6 +72,8 @@ def test_buckets_find_what_the_exact_path_finds(planted: dict) -> None:  # type:
     # recall measured against exact search from sampled rows, and said
     assert g["recall_queries"] == 1640 and 0.5 < g["recall"] <= 1.0
     assert g["duplicate_pairs_checked"] > 0 and g["duplicate_pair_recall"] == 1.0
+    lo, hi = g["duplicate_pair_recall_95"]  # a few dozen pairs: an interval, not a point
+    assert lo < 0.99 < hi == 1.0
     assert set(f[0]) == {"kind", "rank", "ids", "paths", "score", "given", "suggested", "detail"}
     html = (planted["tmp"] / "buckets" / "index.html").read_text()
     assert "k-means buckets" in html and "duplicate-pair recall" in html

@@ -163,8 +163,10 @@ def _bucket_graph(g: dict[str, Any]) -> str:
     text = (f"exact within {g['buckets']:,} k-means buckets (and their nearest neighbours' guests), "
             f"recall@{g['k']} {g.get('recall', float('nan')):.3f}")
     if g.get("duplicate_pairs_checked"):
+        lo, hi = g.get("duplicate_pair_recall_95") or (float("nan"), float("nan"))
         text += (f", duplicate-pair recall {g['duplicate_pair_recall']:.3f} "
-                 f"({g['duplicate_pairs_found']} of {g['duplicate_pairs_checked']} pairs)")
+                 f"({g['duplicate_pairs_found']} of {g['duplicate_pairs_checked']} pairs; 95 % interval "
+                 f"{lo:.3f}-{hi:.3f})")
     return text + f", measured against exact search from {g.get('recall_queries', 0):,} sampled images"
 
 

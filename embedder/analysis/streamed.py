@@ -46,6 +46,7 @@ from embedder.analysis.inspection_types import (
     check_comparable,
 )
 from embedder.analysis.options import InspectOptions
+from embedder.analysis.transfer import wilson
 from embedder.analysis.vectors import normalize_rows
 from embedder.errors import InspectError, ProbeError
 from embedder.io import storage
@@ -525,7 +526,9 @@ def _recall(state: dict[str, Any], groups: GroupArrays, options: InspectOptions)
     found = int(((ga >= 0) & (ga == gb)).sum())
     return {"recall": recall, "recall_queries": int(len(q_rows)), "duplicate_pairs_checked": int(len(a)),
             "duplicate_pairs_found": found,
-            "duplicate_pair_recall": (found / len(a)) if len(a) else None}
+            "duplicate_pair_recall": (found / len(a)) if len(a) else None,
+            # a few dozen sampled pairs cannot tell 0.99 from 1.0: the 95 % Wilson interval says how sure
+            "duplicate_pair_recall_95": list(wilson(found, len(a))) if len(a) else None}
 
 
 @dataclass
