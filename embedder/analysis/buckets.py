@@ -102,7 +102,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
         c = x.mean(0, keepdims=True) if k <= 1 else x.copy()
         return np.ascontiguousarray(c, np.float32)
     km = faiss.Kmeans(x.shape[1], k, niter=12, spherical=True, seed=seed + 1, max_points_per_centroid=64,
-                      gpu=index_gpu.gpu_count() > 0)
+                      min_points_per_centroid=1, gpu=index_gpu.gpu_count() > 0)
     km.train(np.ascontiguousarray(x, np.float32))
     return np.ascontiguousarray(km.centroids, np.float32)
 

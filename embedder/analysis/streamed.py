@@ -55,6 +55,7 @@ from embedder.store.shards import Store, arrow_to_embeddings
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 65_536
+KMEANS_POINTS = 100_000  # the k-means sample, whatever the store's size (the map's sample is the same rows)
 HIST_BINS = 1 << 16  # kNN-distance histogram over [0, 2]: quartiles to 3e-5
 SCORE_NBRS = 5  # neighbours kept per row beside its score (the report shows them)
 
@@ -172,7 +173,9 @@ class Sizes:
         rows_fit = max(1024, budget // 8 // (dim * 4))  # a sample may take an eighth of the budget
         bucket_rows = options.bucket_rows or bk.bucket_rows_for(n, dim, budget)
         buckets = bk.bucket_count(n, bucket_rows)
-        kmeans_points = min(n, max(64 * buckets, 4096), rows_fit)
+        # a fixed sample, not 64 per centroid: at 10^7 that was 625k rows (+0.5 GB with the reservoir's
+        # buffer); two-level k-means needs many points per top-level centroid only
+        kmeans_points = min(n, KMEANS_POINTS, rows_fit)
         map_points = min(n, options.map_points, rows_fit)
         recall = min(n, options.recall_sample)
         sample = min(n, max(kmeans_points, map_points, recall))
