@@ -21,6 +21,13 @@ from tests.test_inspect import classes_data, write_store
 
 runner = CliRunner()
 
+try:  # test_ray's fixtures: a throwaway cluster (module-scoped, shut down after), a time limit per test
+    from tests.test_ray import cluster, time_limit  # noqa: F401
+except pytest.skip.Exception:  # no Ray here: only the Ray test is skipped
+    @pytest.fixture
+    def cluster() -> str:
+        pytest.skip("ray is not installed")
+
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
@@ -100,6 +107,7 @@ def test_dedup_buckets_equal_exact(planted: dict, tmp_path: Path) -> None:  # ty
     # 328 buckets: two-level k-means and the inverted file over the centroids
     c = dedup(planted["store"], str(tmp_path / "two.parquet"), 0.97,
               options=InspectOptions(graph="buckets", bucket_rows=5))
+    assert (c.groups, c.duplicates) == (30, 40)
     ta, tb, tc = (pq.read_table(tmp_path / f).to_pylist() for f in ("exact.parquet", "buckets.parquet", "two.parquet"))
     assert ta == tb == tc
 
@@ -118,14 +126,17 @@ def test_reservoir_is_a_uniform_prefix_whatever_the_batches() -> None:
 
 
 @pytest.mark.slow
-def test_ray_engine_searches_the_buckets_as_tasks(planted: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_ray_engine_searches_the_buckets_as_tasks(planted: dict, tmp_path: Path,  # type: ignore[type-arg]
+                                                  request: pytest.FixtureRequest) -> None:
     from embedder.embed.options import RayOptions
+
+    address = request.getfixturevalue("cluster")  # test_ray's throwaway cluster: no local instance left behind
 
     local = dedup(planted["store"], str(tmp_path / "local.parquet"), 0.97,
                   options=InspectOptions(graph="buckets", bucket_rows=150))
     ray = dedup(planted["store"], str(tmp_path / "ray.parquet"), 0.97,
                 options=InspectOptions(graph="buckets", bucket_rows=150, engine="ray", ray_task_cpus=0.25,
-                                       ray=RayOptions(local_cpus=2)))
+                                       ray=RayOptions(address=address)))
     assert (local.groups, local.duplicates) == (ray.groups, ray.duplicates)
     assert pq.read_table(tmp_path / "local.parquet").equals(pq.read_table(tmp_path / "ray.parquet"))
 
