@@ -19,9 +19,14 @@ class Outliers:
     fence: float
 
 
+def knn_distance(nbrs: np.ndarray, sims: np.ndarray) -> np.ndarray:
+    """Each row's mean cosine distance to its neighbours (-1 in NBRS: none there)."""
+    valid = nbrs >= 0
+    return np.where(valid, 1.0 - sims, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
+
+
 def outliers(graph: KnnGraph, fence: float = FENCE) -> Outliers:
-    valid = graph.nbrs >= 0
-    dist = np.where(valid, 1.0 - graph.sims, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
+    dist = knn_distance(graph.nbrs, graph.sims)
     if len(dist) < 4:
         return Outliers(np.zeros(0, np.int64), dist, float("inf"))
     q1, q3 = np.percentile(dist, [25, 75])

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedder.analysis import buckets as bk
@@ -46,8 +45,9 @@ from embedder.analysis.inspection_types import (
     check_comparable,
 )
 from embedder.analysis.options import InspectOptions
+from embedder.analysis.outliers import knn_distance
 from embedder.analysis.transfer import wilson
-from embedder.analysis.vectors import normalize_rows
+from embedder.analysis.vectors import ClassCodes, normalize_rows
 from embedder.errors import InspectError, ProbeError
 from embedder.io import storage
 from embedder.store.shards import Store, arrow_to_embeddings
@@ -85,37 +85,6 @@ def unit_rows(batch: pa.RecordBatch) -> np.ndarray:
     x = np.array(arrow_to_embeddings(batch.column(batch.schema.get_field_index("embedding"))), np.float32)
     normalize_rows(x)
     return x
-
-
-class ClassCodes:
-    """Label strings → class codes, the dictionary growing as batches come (first seen, first code);
-    ``final()`` maps the provisional codes to sorted class names."""
-
-    def __init__(self, classes: list[str] | None = None) -> None:
-        self.names: dict[str, int] = {c: i for i, c in enumerate(classes or [])}
-        self.fixed = classes is not None
-
-    def codes(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        lab = column.cast(pa.string())
-        if isinstance(lab, pa.ChunkedArray):
-            lab = lab.combine_chunks()
-        valid = np.asarray(pc.and_(lab.is_valid(), pc.not_equal(lab, "").fill_null(False))
-                           .to_numpy(zero_copy_only=False), bool)
-        enc = lab.dictionary_encode()
-        lookup = []
-        for d in enc.dictionary.to_pylist():
-            if d not in self.names and not self.fixed and d:
-                self.names[d] = len(self.names)
-            lookup.append(self.names.get(d, -1))
-        codes = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        table = np.array(lookup or [-1], np.int64)
-        return np.where(valid, table[codes], -1)
-
-    def final(self) -> tuple[list[str], np.ndarray]:
-        classes = sorted(self.names)
-        at = {c: i for i, c in enumerate(classes)}
-        remap = np.array([at[c] for c in self.names] or [0], np.int64)
-        return classes, remap
 
 
 class Reservoir:
@@ -221,7 +190,8 @@ def threshold_rows(classes: int, budget: int) -> int:
 def _open(path: str, what: str) -> Store:
     store = Store.open(path)
     if store.count() == 0:
-        raise InspectError(f"{path} holds no vectors: run `embedder extract` (or `embedder import`) into it first")
+        raise InspectError(f"the {what} {path} holds no vectors: run `embedder extract` (or `embedder import`) "
+                           "into it first")
     return store
 
 
@@ -428,8 +398,7 @@ def _consume(res: bk.BucketResult, con: _Consumed, options: InspectOptions, stre
             con.edges_a.append(np.repeat(res.rows, mask.sum(1)))
             con.edges_b.append(res.nbrs[mask])
             con.edges_s.append(res.sims[mask])
-        valid = res.nbrs >= 0
-        dist = np.where(valid, 1.0 - res.sims, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
+        dist = knn_distance(res.nbrs, res.sims)
         con.hist += np.histogram(dist, HIST_BINS, (0.0, 2.0))[0]
         rec = np.empty(m, _score_dtype())
         rec["row"], rec["score"] = res.rows, dist

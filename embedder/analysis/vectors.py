@@ -36,6 +36,37 @@ class Vectors:
         return np.flatnonzero(self.y >= 0)
 
 
+class ClassCodes:
+    """Label strings → class codes, the dictionary growing as batches come (first seen, first code);
+    ``final()`` maps the provisional codes to sorted class names."""
+
+    def __init__(self, classes: list[str] | None = None) -> None:
+        self.names: dict[str, int] = {c: i for i, c in enumerate(classes or [])}
+        self.fixed = classes is not None
+
+    def codes(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        lab = column.cast(pa.string())
+        if isinstance(lab, pa.ChunkedArray):
+            lab = lab.combine_chunks()
+        valid = np.asarray(pc.and_(lab.is_valid(), pc.not_equal(lab, "").fill_null(False))
+                           .to_numpy(zero_copy_only=False), bool)
+        enc = lab.dictionary_encode()
+        lookup = []
+        for d in enc.dictionary.to_pylist():
+            if d not in self.names and not self.fixed and d:
+                self.names[d] = len(self.names)
+            lookup.append(self.names.get(d, -1))
+        codes = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        table = np.array(lookup or [-1], np.int64)
+        return np.where(valid, table[codes], -1)
+
+    def final(self) -> tuple[list[str], np.ndarray]:
+        classes = sorted(self.names)
+        at = {c: i for i, c in enumerate(classes)}
+        remap = np.array([at[c] for c in self.names] or [0], np.int64)
+        return classes, remap
+
+
 def normalize_rows(x: np.ndarray, block: int = 65_536) -> None:
     """Unit rows in place, block by block: ``np.linalg.norm(x, axis=1)`` would first square a
     full-size temporary copy (measured: +0.9 GB transient for 100k × 1280)."""
@@ -75,16 +106,11 @@ def load_vectors(store_path: str | Path, label_column: str = "label", classes: l
     id_arr = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
     path_arr = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
     y = np.full(n, -1, np.int64)
-    found: list[str] = []
+    found: list[str] = list(classes or [])
     if has_labels and labels:
-        lab = pa.concat_arrays(labels)
-        valid = np.asarray(lab.is_valid().to_numpy(zero_copy_only=False)) & \
-            (np.asarray(pc.not_equal(lab, "").fill_null(False).to_numpy(zero_copy_only=False)))
-        enc = lab.dictionary_encode()
-        dictionary = enc.dictionary.to_pylist()
-        codes = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        present = sorted({dictionary[c] for c in np.unique(codes[valid])}) if valid.any() else []
-        found = classes or present
-        lookup = np.array([found.index(d) if d in found else -1 for d in dictionary] or [-1], np.int64)
-        y = np.where(valid, lookup[codes], -1)
+        codes = ClassCodes(classes)
+        y = codes.codes(pa.concat_arrays(labels))
+        if classes is None:  # the classes present, sorted
+            found, remap = codes.final()
+            y = np.where(y >= 0, remap[np.maximum(y, 0)], -1)
     return Vectors(x, id_arr, path_arr, y, found, store.provenance, str(store_path))
