@@ -23,8 +23,17 @@ Backbone: MobileNetV2 with its real ImageNet weights (IMAGENET1K_V1; import them
     (lr 1e-3, momentum 0.9) over all parameters, fixed learning rate, model.train();
     --textbook modern: new head, AdamW (backbone 1e-4, head 1e-3), random resized crop + flip,
     label smoothing 0.1, BatchNorm in train mode (what a practitioner writes today), at
-    --textbook-batch (default: --batch-size).
-Every seed's row and the summary (mean and spread over seeds) print as JSON, with peak RSS.
+    --textbook-batch (default: --batch-size);
+    --textbook strong: issue 36's stronger loop — the same, without random crops: Resize((size, size))
+    + RandomHorizontalFlip for training, Resize((size, size)) alone for evaluation (the whole image,
+    no centre crop); new Linear head, AdamW backbone 1e-4 / head 1e-3 (default weight decay),
+    CrossEntropy with label smoothing 0.1, plain model.train() (BatchNorm in train mode), best epoch.
+    A variant may also set `whole=1` (not a FinetuneOptions field): embedder's training images are
+    then the whole image squashed to the crop size plus flips — the textbook's training geometry —
+    while its evaluation keeps embedder's resize + centre crop (a measurement of the choice made for
+    crop_scale=1.0, which trains on the evaluation geometry).
+Every seed's row and the summary (mean and spread over seeds) print as JSON, with each row's peak RSS
+(this process's VmHWM over the row, reset before it; DataLoader workers not included) and the run's.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +56,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, models
 from torchvision import transforms as T
 
+import embedder.learn.finetune.train as train_module
+from embedder.learn.finetune.data import train_transform as data_train_transform
 from embedder.learn.finetune.options import FinetuneOptions
 from embedder.learn.finetune.train import finetune
 
@@ -64,6 +76,48 @@ def stripes(root: Path, per_class: int, size: int, seed: int) -> None:
             a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
             img = a + (b - a) * (wave[..., None] + 1) / 2 + rng.normal(0, 20, (size, size, 3))
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i:04d}.jpg", quality=92)
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark of this process's RSS (Linux: "5" to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def row_peak_rss_mib() -> int:
+    """This process's RSS high-water mark (VmHWM) since the last reset_peak_rss(), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    return -1
+
+
+class whole_transform:  # noqa: N801 - picklable, for DataLoader workers
+    """The textbook's training geometry for embedder: the whole image squashed to crop x crop, flips."""
+
+    def __init__(self, pre, flip: bool = True, crop_scale: float = 0.6) -> None:  # type: ignore[no-untyped-def]
+        self.resize = T.Resize((pre.crop_size, pre.crop_size), interpolation=pre.interpolation_mode,
+                               antialias=True)
+        self.flip = T.RandomHorizontalFlip(p=0.5 if flip else 0.0)
+
+    def __call__(self, img):  # type: ignore[no-untyped-def]
+        from torchvision.transforms import functional as TF
+
+        return TF.pil_to_tensor(self.flip(self.resize(img)))
+
+
+def sources_digest() -> dict[str, str]:
+    """The commit and a hash of the fine-tuning sources this run imported (others may be editing them)."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    files = sorted((root / "embedder" / "learn" / "finetune").glob("*.py"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    return {"head": head, "finetune_sources_sha256": digest}
 
 
 def peak_rss_mib() -> int:
@@ -147,7 +201,9 @@ def faces_and_photos(root: Path, which: str) -> None:
 
 
 def textbook(train: Path, val: Path, size: int, epochs: int, batch: int, recipe: str,
-             seed: int) -> tuple[list[float], float]:
+             seed: int) -> tuple[list[float], float, int]:
+    """The textbook RECIPE's validation accuracy per epoch, its seconds and its peak RSS (MiB)."""
+    reset_peak_rss()
     torch.manual_seed(seed)
     w = models.MobileNet_V2_Weights.IMAGENET1K_V1
     model = models.mobilenet_v2(weights=w)
@@ -155,8 +211,12 @@ def textbook(train: Path, val: Path, size: int, epochs: int, batch: int, recipe:
     model.classifier[1] = nn.Linear(1280, n_classes)
     norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     rgb = T.Lambda(lambda im: im.convert("RGB"))
-    tt = T.Compose([rgb, T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    vt = T.Compose([rgb, T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    if recipe == "strong":  # resize + flip only: the whole image, no crops, in training and evaluation
+        tt = T.Compose([rgb, T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        vt = T.Compose([rgb, T.Resize((size, size)), T.ToTensor(), norm])
+    else:
+        tt = T.Compose([rgb, T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        vt = T.Compose([rgb, T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
     tl = DataLoader(datasets.ImageFolder(str(train), tt), batch_size=batch, shuffle=True, num_workers=2)
     vl = DataLoader(datasets.ImageFolder(str(val), vt), batch_size=batch, num_workers=2)
     if recipe == "tutorial":
@@ -183,7 +243,7 @@ def textbook(train: Path, val: Path, size: int, epochs: int, batch: int, recipe:
                 correct += int((model(x).argmax(1) == y).sum())
                 n += len(y)
         accs.append(correct / n)
-    return accs, time.perf_counter() - t0
+    return accs, time.perf_counter() - t0, row_peak_rss_mib()
 
 
 def _variant(text: str) -> tuple[str, dict[str, object]]:
@@ -214,7 +274,7 @@ def main() -> None:
     ap.add_argument("--textbook-batch", type=int, default=None,
                     help="the textbook loop's batch (default: --batch-size)")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--textbook", choices=["tutorial", "modern", "none"], default="tutorial")
+    ap.add_argument("--textbook", choices=["tutorial", "modern", "strong", "none"], default="tutorial")
     ap.add_argument("--head-epochs", type=int, default=None, help="embedder's head epochs (default: its own)")
     ap.add_argument("--lr-head", type=float, default=None, help="embedder's head learning rate (default: its own)")
     ap.add_argument("--no-flip", action="store_true", help="embedder without horizontal flips")
@@ -225,6 +285,7 @@ def main() -> None:
     ap.add_argument("--no-defaults", action="store_true", help="only the --variant rows (and the textbook loop)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    digest = sources_digest()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ft_"))
     try:
         if args.data == "digits":
@@ -243,19 +304,25 @@ def main() -> None:
             stripes(tmp / "val", args.val_per_class, 128, seed=1)
             what = (f"stripes by frequency, 4 classes, {args.per_class}/class train, "
                     f"{args.val_per_class}/class val")
-        variants = ([] if args.no_defaults else [("defaults", {})]) + [_variant(v) for v in args.variant]
+        variants: list[tuple[str, dict[str, object]]] = [] if args.no_defaults else [("defaults", {})]
+        variants += [_variant(v) for v in args.variant]
         runs = []
         for seed in (int(v) for v in args.seeds.split(",")):
             torch.manual_seed(seed)
-            tb_accs, tb_s = ([float("nan")], 0.0) if args.textbook == "none" else textbook(
+            tb_accs, tb_s, tb_rss = ([float("nan")], 0.0, 0) if args.textbook == "none" else textbook(
                 tmp / "train", tmp / "val", args.image_size, args.epochs, args.textbook_batch or args.batch_size,
                 args.textbook, seed)
             run: dict = {"seed": seed, "textbook": {  # type: ignore[type-arg]
                 "best": round(max(tb_accs), 4), "final": round(tb_accs[-1], 4), "seconds": round(tb_s, 1),
-                "per_epoch": [round(a, 3) for a in tb_accs]}}
+                "peak_rss_mib": tb_rss, "per_epoch": [round(a, 3) for a in tb_accs]}}
+            print(json.dumps({"seed": seed, "variant": f"textbook {args.textbook}", **run["textbook"]}), flush=True)
             for name, overrides in variants:
                 if name == "budget":
                     overrides = {"budget_minutes": tb_s / 60}
+                overrides = dict(overrides)
+                whole = bool(overrides.pop("whole", False))
+                train_module.train_transform = whole_transform if whole else data_train_transform  # type: ignore[misc, assignment]
+                reset_peak_rss()
                 torch.manual_seed(seed)
                 base = {"backbone": "mobilenet_v2", "weights_tag": "IMAGENET1K_V1", "image_size": args.image_size,
                         "epochs": args.epochs, "batch_size": args.batch_size, "patience": args.epochs,
@@ -270,9 +337,11 @@ def main() -> None:
                 run[name] = {"best": round(ours.best_val_accuracy, 4), "best_epoch": ours.best_epoch,
                              "final": round(ours.history[-1].val_accuracy, 4) if ours.history else None,
                              "seconds": round(time.perf_counter() - t0, 1), "probe_seconds": ours.probe_seconds,
+                             "peak_rss_mib": row_peak_rss_mib(),
                              "per_epoch": [round(h.val_accuracy, 3) for h in ours.history],
                              **({"budget": ours.budget.reason, "size": ours.budget.image_size,
                                  "epochs": ours.epochs_run} if ours.budget else {})}
+                train_module.train_transform = data_train_transform  # type: ignore[misc, assignment]
                 print(json.dumps({"seed": seed, "variant": name, **run[name]}), flush=True)
             run["peak_rss_mib"] = peak_rss_mib()  # so far, this process and its reaped workers
             runs.append(run)
@@ -289,9 +358,13 @@ def main() -> None:
             **{f"{name}_best": summary([r[name]["best"] for r in runs]) for name, _ in variants},
             **{f"{name}_final": summary([r[name]["final"] for r in runs]) for name, _ in variants},
             **{f"{name}_seconds": summary([r[name]["seconds"] for r in runs]) for name, _ in variants},
+            **{f"{name}_peak_rss_mib": max(r[name]["peak_rss_mib"] for r in runs) for name, _ in variants},
+            "variants": {name: overrides for name, overrides in variants},
             "textbook_seconds": summary([r["textbook"]["seconds"] for r in runs]),
             "textbook_best": summary([r["textbook"]["best"] for r in runs]),
             "textbook_final": summary([r["textbook"]["final"] for r in runs]),
+            "textbook_peak_rss_mib": max(r["textbook"]["peak_rss_mib"] for r in runs),
+            "sources": digest, "argv": sys.argv[1:],
             "peak_rss_mib": peak_rss_mib(),
             "runs": runs,
         }

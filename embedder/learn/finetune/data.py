@@ -50,14 +50,29 @@ def collate(batch: list[_Item]) -> tuple[torch.Tensor | None, torch.Tensor, list
 
 
 class train_transform:  # noqa: N801 - a picklable function object (DataLoader workers may spawn)
-    """Augmentation for classification: random resized crop and flip, at the weights' resolution."""
+    """Augmentation for classification at the weights' resolution: a random resized crop of at least
+    CROP_SCALE of the image's area, then a horizontal flip (when FLIP).
+
+    ``crop_scale >= 1.0`` means no random crop ("resize + flip only", the textbook loop's training
+    transform): each training image goes through exactly the evaluation and extraction geometry — the
+    shorter side resized to ``pre.resize_size`` (both sides to ``crop_size`` for a ``squash`` record),
+    then the centre ``crop_size`` square — and is flipped at random. The textbook loop resizes the whole
+    image to ``size x size`` for training and evaluation alike; embedder's evaluation keeps its own
+    preprocessing (a centre crop of ``crop_size / resize_size`` of the shorter side, 224/256 for
+    torchvision's weights), so training sees what evaluation sees: the same objects at the same scale
+    and position, no random crop. (Whole images squashed to ``crop_size`` in training and centre crops
+    at evaluation would show every object 256/224 = 1.14x larger at evaluation than in training.)
+    """
 
     def __init__(self, pre: Preprocessing, flip: bool = True, crop_scale: float = 0.6) -> None:
-        self.crop = T.RandomResizedCrop(pre.crop_size, scale=(crop_scale, 1.0),
-                                        interpolation=pre.interpolation_mode, antialias=True)
+        self.pre = pre
+        self.crop = None if crop_scale >= 1.0 else T.RandomResizedCrop(
+            pre.crop_size, scale=(crop_scale, 1.0), interpolation=pre.interpolation_mode, antialias=True)
         self.flip = T.RandomHorizontalFlip(p=0.5 if flip else 0.0)  # picklable either way
 
     def __call__(self, img: Any) -> torch.Tensor:
+        if self.crop is None:
+            return self.flip(preprocess(img, self.pre))  # uint8 [3, crop, crop]; the flip takes tensors
         return TF.pil_to_tensor(self.flip(self.crop(img)))
 
 
