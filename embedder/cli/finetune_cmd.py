@@ -12,7 +12,7 @@ from rich.table import Table
 
 from embedder import choices
 from embedder.cli.common import console, handle_errors, out, setup_logging, value
-from embedder.learn.finetune.options import FinetuneOptions
+from embedder.learn.finetune.options import LAYER_DECAY, FinetuneOptions
 from embedder.models.registry import DEFAULT_BACKBONE
 
 
@@ -34,6 +34,11 @@ def finetune_command(
     lr_head: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.lr_head:g})")] = None,
     lr_backbone: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.lr_backbone:g})")] = None,
     lr_decay: Annotated[Optional[float], typer.Option(help=f"Per-stage factor going down (discriminative rates) (default: {FinetuneOptions.lr_decay:g}).")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help=f"Per-block factor going down, layer-wise decay (default: {LAYER_DECAY:g} for timm/OpenCLIP models without BatchNorm, off for BatchNorm networks; 1: off).")] = None,
+    zero_shot_init: Annotated[bool, typer.Option(help="CLIP models: start from the zero-shot head (class-name prompts) where it beats the probe on validation.")] = FinetuneOptions.zero_shot_init,
+    wise_ft: Annotated[bool, typer.Option(help="CLIP models: WiSE-FT, the weights mixed with the start's, the mix chosen on validation.")] = FinetuneOptions.wise_ft,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute block activations in backward (timm, OpenCLIP): less memory, ~30% more time.")] = FinetuneOptions.grad_checkpointing,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")] = FinetuneOptions.precision,
     label_smoothing: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.label_smoothing:g})")] = None,
     crop_scale: Annotated[Optional[float], typer.Option(help=f"Smallest area fraction of the random resized crop (default: {FinetuneOptions.crop_scale:g}).")] = None,
     bn: Annotated[Optional[choices.BatchNorm], typer.Option(help=f"BatchNorm statistics (default: {FinetuneOptions.bn}).")] = None,
@@ -55,13 +60,15 @@ def finetune_command(
     setup_logging(verbose)
     spec = spec_for(backbone, weights)  # no --backbone: a checkpoint's own, else the default
     name, tag = spec.backbone, spec.weights_tag
-    given: dict[str, Any] = {"epochs": epochs, "budget_minutes": budget, "head_epochs": head_epochs, "lr_head": lr_head,
+    given: dict[str, Any] = {"layer_decay": layer_decay, "epochs": epochs, "budget_minutes": budget, "head_epochs": head_epochs, "lr_head": lr_head,
              "lr_backbone": lr_backbone, "lr_decay": lr_decay, "label_smoothing": label_smoothing,
              "crop_scale": crop_scale, "bn": value(bn), "ema": ema, "batch_size": batch_size, "patience": patience,
              "workers": workers}  # unset options keep FinetuneOptions' defaults (one place)
     opts = FinetuneOptions(backbone=name, weights_tag=tag, weights_file=weights, image_size=image_size,
                            probe_init=probe_init, flip=flip, freeze_backbone=freeze_backbone,
                            unfreeze_from=unfreeze_from, val_fraction=val_fraction, seed=seed, device=device,
+                           zero_shot_init=zero_shot_init, wise_ft=wise_ft, grad_checkpointing=grad_checkpointing,
+                           precision=precision,
                            **{k: v for k, v in given.items() if v is not None})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
@@ -100,9 +107,18 @@ def finetune_command(
     gain = result.best_val_accuracy - result.frozen_val_accuracy
     out.print(f"tried: {result.recipe}", highlight=False)
     out.print(f"frozen probe (same split, before fine-tuning): {result.frozen_val_accuracy:.4f}")
+    if result.zero_shot_val_accuracy is not None:
+        after = result.zero_shot_val_accuracy_after
+        out.print(f"zero-shot head (class-name prompts), before: {result.zero_shot_val_accuracy:.4f}, after "
+                  f"fine-tuning: {'-' if after is None else f'{after:.4f}'} (text search keeps working)")
+    if result.wise_ft is not None:
+        accs = "  ".join(f"{a}: {v:.4f}" for a, v in result.wise_ft["val_accuracy"].items())
+        out.print(f"WiSE-FT mix with the start, alpha {result.wise_ft['alpha']:g} chosen on validation ({accs})",
+                  highlight=False)
     if result.best_epoch == 0:
         out.print("[yellow]fine-tuning did not help at this budget: use the probe[/yellow] (the checkpoint holds "
-                  "the probe's head on the unchanged pretrained backbone); what moved it past the probe in our "
+                  f"the {'zero-shot head' if 'zero-shot head' in result.recipe else 'probe' + chr(39) + 's head'} on the "
+                  "unchanged pretrained backbone); what moved it past the probe in our "
                   "measurements: more --epochs first, then --lr-backbone 3e-4 (it helped some data sets, hurt others)")
     else:
         out.print(f"fine-tuned best (epoch {result.best_epoch}):             {result.best_val_accuracy:.4f}  "

@@ -43,13 +43,20 @@ class ZeroShotHead:
 
 def build_head(emb: Any, classes: Sequence[str], templates: Sequence[str] | None = None) -> ZeroShotHead:
     """The zero-shot head of EMB's model (a ``BatchEmbedder`` with a text tower) for CLASSES."""
-    import torch
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
     text = emb.loaded.text
     if text is None:
         raise ProbeError(f"{emb.loaded.backbone.name} cut at {emb.loaded.layer} has no text tower: zero-shot needs "
                          "a CLIP-family backbone's own image embedding")
+    return text_head(text, classes, templates, emb.device)
+
+
+def text_head(text: Any, classes: Sequence[str], templates: Sequence[str] | None = None,
+              device: Any = "cpu") -> ZeroShotHead:
+    """The zero-shot head of a text tower (``models.text.TextTower``) for CLASSES: OpenCLIP's own
+    ``build_zero_shot_classifier`` over the prompt TEMPLATES, and the model's logit scale."""
+    import torch
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
     templates = list(templates) if templates else default_templates()
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
@@ -59,7 +66,7 @@ def build_head(emb: Any, classes: Sequence[str], templates: Sequence[str] | None
     text.check([t.format(n) for n in names for t in templates])  # none over the context length
     with torch.inference_mode():
         w = build_zero_shot_classifier(text.clip, text.tokenizer, names, templates, num_classes_per_batch=10,
-                                       device=emb.device)
+                                       device=device)
         scale = float(text.clip.logit_scale.exp().item()) if hasattr(text.clip, "logit_scale") else 100.0
     return ZeroShotHead(w.T.float().cpu().numpy(), templates, scale)
 

@@ -58,7 +58,10 @@ def resolve_weights(spec: ModelSpec) -> tuple[Backbone, LoadedWeights | None]:
     if spec.weights_file is None:
         return get_backbone(spec.backbone or DEFAULT_BACKBONE), None
     family = get_backbone(spec.backbone) if spec.backbone is not None else None
-    if family is not None and family.impl.file_loader() is not None:
+    from embedder.models import checkpoint  # local: checkpoint imports this module
+
+    if family is not None and family.impl.file_loader() is not None and \
+            not checkpoint.is_checkpoint(Path(spec.weights_file)):
         # a family with its own loader reads the file itself: only its digest here (the tensors are
         # not held twice: measured for ViT-B-32, 2.5 GB peak RSS → see docs/benchmarks.md)
         path = Path(spec.weights_file)
@@ -91,7 +94,11 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
     else:
         net = family.build(tag, spec.image_size)
         loader = family.file_loader()
-        if loader is not None and spec.weights_file is not None:  # the family's own (OpenCLIP's conversions)
+        if weights.extra is not None and weights.state_dict is not None:  # an `embedder finetune` checkpoint
+            if weights.extra.get("inference_form"):
+                family.inference_form(net)  # trained in the folded form (MobileCLIP): built the same way
+            apply_weights(net, weights.state_dict, backbone, skip=(str(_head_name(weights.extra, backbone)),))
+        elif loader is not None and spec.weights_file is not None:  # the family's own (OpenCLIP's conversions)
             loader(net, Path(spec.weights_file))
         elif weights.state_dict is not None:
             apply_weights(net, weights.state_dict, backbone)
@@ -100,6 +107,11 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
     if spec.image_size is not None and spec.image_size != pre.crop_size:
         pre = pre.at_size(spec.image_size)
     return net, backbone, weights, pre
+
+
+def _head_name(meta: dict[str, object], backbone: Backbone) -> str:
+    head = meta.get("head")
+    return str(head["name"]) if isinstance(head, dict) and "name" in head else backbone.head
 
 
 def load_weights_file(path: Path) -> LoadedWeights:

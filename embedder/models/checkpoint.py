@@ -31,6 +31,13 @@ def save(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     tmp.replace(path)
 
 
+def update_meta(path: Path, changes: dict[str, Any]) -> None:
+    """Rewrite the checkpoint with CHANGES merged into its description (atomically; tensors unchanged)."""
+    state, meta = load(path)
+    meta.pop("format", None)
+    save(path, state, {**meta, **changes})
+
+
 def read_meta(path: Path) -> dict[str, Any] | None:
     """The checkpoint's description, or None for a file that is not an embedder checkpoint (another
     format, a plain safetensors file). A file that cannot be read is an error, not a "no"."""
@@ -72,15 +79,18 @@ def load_for_extraction(path: Path) -> LoadedWeights:
 
 
 def head(path: Path) -> tuple[LinearHead, list[str]]:
-    """The checkpoint's own classification head as a LinearHead on its penultimate features."""
+    """The checkpoint's own classification head as a LinearHead on the features its backbone extracts
+    (penultimate features; a CLIP model's image embedding, normalised first)."""
+    from embedder.models.classifier import HeadSpec, head_tensors
     from embedder.models.registry import get_backbone
 
     state, meta = load(path)
-    backbone = get_backbone(meta["backbone"])
+    spec = HeadSpec.from_meta(meta, get_backbone(meta["backbone"]))
     try:
-        w = state[f"{backbone.head}.weight"].float().numpy()
-        b = state[f"{backbone.head}.bias"].float().numpy()
-    except KeyError:
-        raise ProbeError(f"{path} holds no classification head ({backbone.head})") from None
+        w_t, b_t = head_tensors(state, spec)
+    except WeightsMismatch:
+        raise ProbeError(f"{path} holds no classification head ({spec.name})") from None
+    w, b = w_t.float().numpy(), b_t.float().numpy()
     dim = w.shape[1]
-    return LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32)), list(meta["classes"])
+    return (LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32), normalize=spec.normalized),
+            list(meta["classes"]))

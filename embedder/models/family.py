@@ -59,6 +59,12 @@ class Family(Protocol):
         """The text tower sharing the space of NET's own image embedding (CLIP-family models), else None."""
         ...
 
+    def inference_form(self, net: nn.Module) -> bool:
+        """Fold NET's training-time branches in place (MobileCLIP's reparameterisable blocks), as loading
+        its weights does; True where there were any (a checkpoint of the folded form records it, and
+        is loaded into the folded form), False where the architecture has none (a no-op)."""
+        ...
+
     def hub_target(self, suffix: str) -> tuple[str, str] | None:
         """(Hugging Face hub repository, file name) where the family's download finds its weights, for
         ``embedder weights import``; None: the family does not download from the hub."""

@@ -13,8 +13,11 @@ class LinearHead:
     intercept: np.ndarray  # [classes]
     mean: np.ndarray  # standardisation (zeros/ones when off)
     scale: np.ndarray
+    normalize: bool = False  # rows L2-normalised first (a CLIP checkpoint's head reads unit vectors)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        if self.normalize:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
 
     def proba(self, x: np.ndarray) -> np.ndarray:

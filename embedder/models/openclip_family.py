@@ -206,6 +206,9 @@ class OpenClipModel:
             filename = filename[:-4] + ".safetensors"  # OpenCLIP looks for the safetensors twin first
         return repo, filename
 
+    def inference_form(self, net: nn.Module) -> bool:
+        return _reparameterize(getattr(net, "clip", net))
+
     def text_spec(self) -> dict[str, Any]:
         """What the text tower reads, as data (recorded in the store): tokenizer and context length."""
         oc = _open_clip()
@@ -229,13 +232,16 @@ class OpenClipModel:
         return TextTower(clip, self.tokenizer, spec["context_length"], spec["tokenizer"])
 
 
-def _reparameterize(clip: Any) -> None:
-    """MobileCLIP's training-time branches folded into one (timm's own function); a no-op elsewhere."""
+def _reparameterize(clip: Any) -> bool:
+    """MobileCLIP's training-time branches folded into one (timm's own function, idempotent); a no-op
+    elsewhere. True where the tower has such branches."""
     if not any(hasattr(m, "reparameterize") for m in clip.visual.modules()):
-        return
+        return False
     from timm.utils.model import reparameterize_model
 
-    clip.visual = reparameterize_model(clip.visual.eval(), inplace=True)
+    was = clip.visual.training
+    clip.visual = reparameterize_model(clip.visual.eval(), inplace=True).train(was)
+    return True
 
 
 @cache

@@ -108,6 +108,9 @@ class TimmModel:
     def text_tower(self, net: nn.Module) -> TextTower | None:
         return None
 
+    def inference_form(self, net: nn.Module) -> bool:
+        return False
+
     def preprocessing(self, tag: str | None = None) -> Preprocessing:
         timm = _timm()
         cfg = timm.data.resolve_data_config({}, pretrained_cfg=self.cfg().to_dict())

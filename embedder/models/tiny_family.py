@@ -58,5 +58,8 @@ class TinyModel:
     def text_tower(self, net: nn.Module) -> TextTower | None:
         return None
 
+    def inference_form(self, net: nn.Module) -> bool:
+        return False
+
     def hub_target(self, suffix: str) -> tuple[str, str] | None:
         return None

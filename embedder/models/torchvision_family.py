@@ -71,6 +71,9 @@ class TorchvisionModel:
     def text_tower(self, net: nn.Module) -> TextTower | None:
         return None
 
+    def inference_form(self, net: nn.Module) -> bool:
+        return False
+
     def hub_target(self, suffix: str) -> tuple[str, str] | None:
         return None  # torchvision's files are recognised by their SHA-256 (hub.import_weights)
 

@@ -100,14 +100,16 @@ def classifier_modules(net: nn.Module, names: tuple[str, ...]) -> tuple[str, ...
     return tuple(out)
 
 
-def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Backbone) -> None:
-    """Load everything but the classification head (which we discard) and the auxiliary heads
-    (which extraction never runs and fine-tuning drops), strictly: names and shapes."""
+def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], backbone: Backbone,
+                  skip: tuple[str, ...] = ()) -> None:
+    """Load everything but the classification head (which we discard; a checkpoint's own is SKIP) and
+    the auxiliary heads (which extraction never runs and fine-tuning drops), strictly: names and shapes."""
     name = backbone.name
     state = torchvision_keys(backbone, state)
     # the modules holding the classifiers, and the classifiers' own names: a head the model was built
     # without (VOLO's aux_head is None with num_classes=0) still has its tensors in a full file
-    heads = dict.fromkeys((*classifier_modules(model, backbone.classifiers), *backbone.classifiers))
+    heads = dict.fromkeys((*classifier_modules(model, backbone.classifiers), *backbone.classifiers,
+                           *(h for h in skip if h)))
     skip = (*(c + "." for c in heads), *AUX_HEADS)
     body: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in state.items() if not k.startswith(skip))
     body._metadata = getattr(state, "_metadata", None) or getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]

@@ -16,6 +16,11 @@ BN_POLICIES = {"frozen": "running statistics frozen (BN in eval mode); affine pa
                         "then frozen"}
 
 
+LAYER_DECAY = 0.65  # MAE and BEiT's ViT-B fine-tuning (0.65; FT-CLIP 0.6, ViT-L 0.75): see the reference
+PRECISIONS = ("auto", "fp32", "bf16")
+WISE_ALPHAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)  # WiSE-FT's mixing weights tried on validation
+
+
 @dataclass(frozen=True)
 class FinetuneOptions:
     backbone: str | None = DEFAULT_BACKBONE  # None: the --weights checkpoint's own
@@ -31,6 +36,13 @@ class FinetuneOptions:
     lr_head: float = 3e-3
     lr_backbone: float = 1e-4
     lr_decay: float = 1.0  # per stage going down from the top (e.g. 0.5): discriminative rates
+    # per block going down (BEiT/MAE's layer-wise decay); None: LAYER_DECAY for timm and OpenCLIP models
+    # without BatchNorm that name their blocks, off for the others (their stages take lr_decay)
+    layer_decay: float | None = None
+    zero_shot_init: bool = True  # CLIP models: the head may start as the zero-shot head (if better on val)
+    wise_ft: bool = True  # CLIP models: weights interpolated with the start's, alpha chosen on validation
+    grad_checkpointing: bool = False  # timm and OpenCLIP blocks recompute activations in backward
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     weight_decay: float = 0.05
     label_smoothing: float = 0.0  # measured: 0.1 cost 1.3 points at 3 epochs (docs/benchmarks.md)
     crop_scale: float = 0.6  # smallest area fraction of RandomResizedCrop (0.35: -1.4 points, 0.08: -0.9)
@@ -53,26 +65,59 @@ class FinetuneOptions:
             raise FinetuneError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if not 0.0 <= self.ema < 1.0:
             raise FinetuneError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise FinetuneError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.precision not in PRECISIONS:
+            raise FinetuneError(f"unknown --precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise FinetuneError(f"--budget must be a positive number of minutes, got {self.budget_minutes}")
 
 
-def recipe(options: FinetuneOptions, image_size: int) -> str:
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """What the backbone's family makes of the options: decided once the model is built."""
+
+    family: str  # torchvision | timm | open_clip | test
+    has_bn: bool  # BatchNorm layers (the bn policy applies)
+    layer_decay: float | None  # per-block decay in use; None: stage rates (lr_decay)
+    blocks: int = 0  # blocks the layer-wise decay spans
+    head_start: str = "probe"  # probe | zero-shot | new
+    wise_ft: bool = False
+    text_frozen: bool = False
+    grad_checkpointing: bool = False
+    precision: str = "fp32"
+
+
+def recipe(options: FinetuneOptions, image_size: int, fam: FamilyRecipe | None = None) -> str:
     """What a run tries, in one line: which layers, the rates, BatchNorm, augmentation, batch, epochs."""
+    fam = fam or FamilyRecipe("torchvision", True, None)
     if options.freeze_backbone:
         layers = "head only"
     else:
         layers = f"layers from {options.unfreeze_from}" if options.unfreeze_from else "all layers"
-        layers += ", head from the probe" if options.probe_init else ", new head"
+        if fam.text_frozen:
+            layers = layers.replace("layers", "image-tower layers") + " (text tower frozen)"
+        layers += {"probe": ", head from the probe", "zero-shot": ", head from the zero-shot head (class-name "
+                   "prompts)", "new": ", new head"}[fam.head_start if options.probe_init else "new"]
         if options.head_epochs:
             layers += f" after {options.head_epochs} head epoch{'s' * (options.head_epochs > 1)}"
-    rates = f"lr head {options.lr_head:g}" + ("" if options.freeze_backbone else
-                                               f" / backbone {options.lr_backbone:g}"
-                                               + (f" x{options.lr_decay:g} per stage" if options.lr_decay != 1 else ""))
+    if options.freeze_backbone:
+        rates = f"lr head {options.lr_head:g}"
+    elif fam.layer_decay is not None:
+        rates = (f"lr head {options.lr_head:g} / top block {options.lr_backbone:g} x{fam.layer_decay:g} per block "
+                 f"down ({fam.blocks} blocks, layer-wise decay), no weight decay on norms and biases")
+    else:
+        rates = (f"lr head {options.lr_head:g} / backbone {options.lr_backbone:g}"
+                 + (f" x{options.lr_decay:g} per stage" if options.lr_decay != 1 else ""))
     extra = [f"label smoothing {options.label_smoothing:g}"] * bool(options.label_smoothing) + \
-            [f"weight EMA {options.ema:g}"] * bool(options.ema)
-    return (f"{layers}; AdamW {rates}, warm-up + cosine; BatchNorm {options.bn}; "
-            f"crops >= {options.crop_scale:.0%} of the image{', flips' if options.flip else ''}"
+            [f"weight EMA {options.ema:g}"] * bool(options.ema) + \
+            ["WiSE-FT (weights mixed with the start's, alpha on validation)"] * fam.wise_ft + \
+            ["gradient checkpointing"] * fam.grad_checkpointing + \
+            ["bf16 autocast"] * (fam.precision == "bf16")
+    bn = f"BatchNorm {options.bn}" if fam.has_bn else "no BatchNorm"
+    crops = (f"crops >= {options.crop_scale:.0%} of the image" if options.crop_scale < 1 else "no random crops")
+    return (f"{fam.family}: {layers}; AdamW {rates}, warm-up + cosine; {bn}; "
+            f"{crops}{', flips' if options.flip else ''}"
             f"{''.join('; ' + e for e in extra)}; batch {options.batch_size}, "
             f"{options.epochs} epoch{'s' * (options.epochs != 1)} at {image_size} px")
 
@@ -118,6 +163,10 @@ class FinetuneResult:
     budget: BudgetPlan | None = None
     stopped_by_budget: bool = False
     recipe: str = ""  # what was tried, in words (recipe())
+    family: str = ""
+    zero_shot_val_accuracy: float | None = None  # CLIP: the zero-shot head on validation, before fine-tuning
+    zero_shot_val_accuracy_after: float | None = None  # … and with the fine-tuned image tower
+    wise_ft: dict[str, Any] | None = None  # CLIP: {"alpha": chosen, "val_accuracy": {alpha: accuracy}}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

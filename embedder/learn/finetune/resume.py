@@ -62,8 +62,11 @@ def peek_state(path: Path) -> dict[str, Any] | None:
 
 
 def save_resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
-                 ema: Any = None) -> None:
+                 ema: Any = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Model, optimiser, weight average and run state; EXTRA: other tensors by name (``start.…``: a
+    WiSE-FT run's starting head), read back with ``load_extra``."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
@@ -93,3 +96,11 @@ def load_resume(path: Path, net: nn.Module,
     opt_state["state"] = per
     opt.load_state_dict(opt_state)
     return state, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+
+
+def load_extra(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors saved under PREFIX (``save_resume``'s EXTRA), the prefix taken off."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}

@@ -39,8 +39,11 @@ from embedder.learn.finetune.budget import plan_budget, time_steps
 from embedder.learn.finetune.data import LabelledImages, collate, eval_transform, labelled_refs, train_transform
 from embedder.learn.finetune.options import (
     BN_POLICIES,
+    LAYER_DECAY,
+    WISE_ALPHAS,
     BudgetPlan,
     EpochRecord,
+    FamilyRecipe,
     FinetuneOptions,
     FinetuneResult,
     recipe,
@@ -48,18 +51,27 @@ from embedder.learn.finetune.options import (
 from embedder.learn.finetune.resume import (
     RESUMABLE_CHANGES,
     check_resume,
+    load_extra,
     load_resume,
     peek_state,
     run_settings,
     save_resume,
 )
-from embedder.learn.finetune.schedule import adapt_bn, bn_eval, new_ema, param_groups, phase_scheduler, set_trainable
+from embedder.learn.finetune.schedule import (
+    adapt_bn,
+    bn_eval,
+    layer_map,
+    new_ema,
+    param_groups,
+    phase_scheduler,
+    set_trainable,
+)
 from embedder.learn.selection import stratified_split
 from embedder.models import checkpoint
 from embedder.models.backbone import Backbone
 from embedder.models.builder import ModelSpec, load_network
+from embedder.models.classifier import HeadSpec, with_head
 from embedder.models.devices import resolve_device
-from embedder.models.features import set_module
 from embedder.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -82,18 +94,52 @@ def _normalised(loader: DataLoader, pre: Preprocessing, device: torch.device,  #
 
 # ---- model -------------------------------------------------------------------------------------
 def build_model(options: FinetuneOptions, n_classes: int) -> tuple[nn.Module, Backbone, Preprocessing, dict[str, Any]]:
+    """The pretrained backbone with a new Linear head of N_CLASSES (``models.classifier.with_head``: any
+    family), its preprocessing and where its weights came from."""
+    net, backbone, pre, origin, _ = build_classifier(options, n_classes)
+    return net, backbone, pre, origin
+
+
+def build_classifier(options: FinetuneOptions, n_classes: int
+                     ) -> tuple[nn.Module, Backbone, Preprocessing, dict[str, Any], HeadSpec]:
     net, backbone, loaded, pre = load_network(ModelSpec(options.backbone, options.weights_tag,
                                                         options.weights_file, image_size=options.image_size))
-    if backbone.source is not None:
-        raise FinetuneError(f"fine-tuning {backbone.name} is not supported yet (torchvision backbones are); "
-                            "its frozen features work with extract, probe and index")
-    old = net.get_submodule(backbone.head)
-    if not isinstance(old, nn.Linear):
-        raise FinetuneError(f"{backbone.name}'s head {backbone.head} is not a Linear layer")
     torch.manual_seed(options.seed)
-    set_module(net, backbone.head, nn.Linear(old.in_features, n_classes))
+    net, head = with_head(net, backbone, n_classes, pre.crop_size)
     origin = loaded.info.to_dict()
-    return net, backbone, pre, origin
+    return net, backbone, pre, origin, head
+
+
+def family_recipe(net: nn.Module, backbone: Backbone, options: FinetuneOptions, device: torch.device
+                  ) -> tuple[FamilyRecipe, str]:
+    """What the family's anchors do, decided from the built model: BatchNorm networks as torchvision's
+    (stage rates, the bn policy); networks without BatchNorm that name their blocks (ViTs, DINOv2,
+    ConvNeXt, …) with layer-wise decay; CLIP models with their text tower frozen, the zero-shot head
+    as a candidate start and WiSE-FT. Returns it and the prefix of the parameters that train."""
+    clip = backbone.family == "open_clip"
+    body = "clip.visual." if clip else ""
+    tower = net.get_submodule("clip.visual") if clip else net
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in tower.modules())
+    decay = options.layer_decay
+    blocks = 0
+    layers = layer_map(net) if backbone.family in ("timm", "open_clip") else None
+    if decay is None and not has_bn and layers is not None and len(set(layers.values())) > 2:
+        decay = LAYER_DECAY
+    if decay is not None and decay == 1.0:
+        decay = None  # one rate: the stage groups
+    if decay is not None:
+        blocks = len(set((layers or {}).values()))
+    if options.grad_checkpointing:
+        target = net.get_submodule("clip") if clip else net
+        if not hasattr(target, "set_grad_checkpointing"):
+            raise FinetuneError(f"--grad-checkpointing: {backbone.name} has no checkpointed blocks (timm and "
+                                "OpenCLIP models have them); lower --batch-size or --image-size instead")
+        target.set_grad_checkpointing(True)  # type: ignore[operator]
+    precision = "bf16" if options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda") \
+        else "fp32"
+    return FamilyRecipe(backbone.family if backbone.family in ("timm", "open_clip", "test") else "torchvision",
+                        has_bn, decay, blocks, "probe", clip and options.wise_ft and not options.freeze_backbone,
+                        clip, options.grad_checkpointing, precision), body
 
 
 @torch.no_grad()
@@ -136,7 +182,7 @@ def _features(net: nn.Module, head: str, loader: DataLoader, pre: Preprocessing,
     return np.concatenate(feats), np.concatenate(labels)
 
 
-def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  # type: ignore[type-arg]
+def frozen_probe(net: nn.Module, head: str, train_loader: DataLoader,  # type: ignore[type-arg]
                  val_loader: DataLoader, pre: Preprocessing, device: torch.device,  # type: ignore[type-arg]
                  classes: list[str], seed: int) -> tuple[float, np.ndarray, np.ndarray]:
     """The feature-extraction baseline on the same split: a logistic probe on pretrained features
@@ -146,8 +192,8 @@ def frozen_probe(net: nn.Module, backbone: Backbone, train_loader: DataLoader,  
     from embedder.learn.probe import Dataset as ProbeData
     from embedder.learn.probe import train_probe
 
-    xtr, ytr = _features(net, backbone.head, train_loader, pre, device)
-    xva, yva = _features(net, backbone.head, val_loader, pre, device)
+    xtr, ytr = _features(net, head, train_loader, pre, device)
+    xva, yva = _features(net, head, val_loader, pre, device)
     data = ProbeData(xtr, ytr, classes, [], [], {})
     try:
         result = train_probe(data, ProbeOptions(seed=seed, c_min_exp=-4, c_max_exp=4, standardize="no"))
@@ -176,7 +222,6 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
              on_epoch: Callable[[EpochRecord], None] | None = None) -> FinetuneResult:
     t_start = time.perf_counter()
     device = resolve_device(options.device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
     refs, classes = labelled_refs(train_source)
     if len(classes) < 2:
         raise FinetuneError(f"need at least 2 classes to fine-tune, found {len(classes)} ({', '.join(classes)})")
@@ -199,7 +244,10 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     ytr = [idx[r.label] for r in tr_refs if r.label is not None]
     yva = [idx[r.label] for r in vrefs if r.label is not None]
 
-    net, backbone, pre, origin = build_model(options, len(classes))
+    net, backbone, pre, origin, head_spec = build_classifier(options, len(classes))
+    fam, body = family_recipe(net, backbone, options, device)
+    amp = torch.bfloat16 if fam.precision == "bf16" else None
+    inference_form = backbone.impl.inference_form(net)  # the form the weights are trained (and saved) in
     net.to(device)
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
@@ -221,7 +269,11 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         options = dataclasses.replace(options, epochs=plan.epochs, image_size=plan.image_size)
         if plan.image_size != pre.crop_size:
             pre = pre.at_size(plan.image_size)
-    groups = param_groups(net, backbone, options)
+    groups = param_groups(net, backbone, options, head_spec.name, fam.layer_decay, body)
+    # WiSE-FT mixes the trained weights with the start's: the tower as loaded (before a resume overwrites
+    # it) and, once chosen, the starting head
+    start: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
+                                      if k.startswith(body)} if fam.wise_ft else {}
     g = torch.Generator().manual_seed(options.seed)
     loader_kw: dict[str, Any] = {"collate_fn": collate, "num_workers": options.workers,
                                  "pin_memory": device.type == "cuda",
@@ -235,7 +287,9 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     skipped: dict[str, str] = {}
 
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "history": [], "bad_epochs": 0,
-                             "frozen_val_accuracy": None, "probe_seconds": 0.0,
+                             "frozen_val_accuracy": None, "probe_seconds": 0.0, "head_start": None,
+                             "start_accuracy": None, "zero_shot_val_accuracy": None,
+                             "zero_shot_val_accuracy_after": None, "wise_ft": None,
                              "budget": None if plan is None else dataclasses.asdict(plan)}
     opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
                             weight_decay=options.weight_decay)
@@ -247,6 +301,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     if resume and resume_path.exists():
         check_resume(resume_path, run_key)
         state, ema_state = load_resume(resume_path, net, opt)
+        if fam.wise_ft:
+            start.update(load_extra(resume_path, "start."))
         state["run"] = run_key
         if ema_state:
             ema = new_ema(net, options.ema)
@@ -256,11 +312,20 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         log.warning("--resume given but %s does not exist; starting from scratch", resume_path)
 
     settings = run_settings(options)
-    tried = recipe(options, pre.crop_size)
+    zs_head: torch.Tensor | None = None  # CLIP: the zero-shot head's weights (logit scale × unit text vectors)
+    if fam.text_frozen:
+        zs_head = zero_shot_weights(net, backbone, classes, device)
+
+    def tried() -> str:
+        return recipe(options, pre.crop_size, dataclasses.replace(fam, head_start=state["head_start"] or "probe"))
 
     def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
-        meta = {"backbone": backbone.name, "pretrained": origin, "classes": classes,
-                "preprocessing": pre.to_dict(), "settings": settings, "recipe": tried,
+        meta = {"backbone": backbone.name, **describe(backbone), "pretrained": origin, "classes": classes,
+                "head": head_spec.to_dict(), "inference_form": inference_form,
+                "family_recipe": dataclasses.asdict(fam), "head_start": state["head_start"],
+                "zero_shot_val_accuracy": state["zero_shot_val_accuracy"],
+                "zero_shot_val_accuracy_after": state["zero_shot_val_accuracy_after"], "wise_ft": state["wise_ft"],
+                "preprocessing": pre.to_dict(), "settings": settings, "recipe": tried(),
                 "bn_policy": BN_POLICIES[options.bn],
                 "ema": options.ema or None, "budget": state["budget"],
                 "best_epoch": epoch, "best_val_accuracy": val_acc,
@@ -279,19 +344,37 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
                                   **{**loader_kw, "persistent_workers": False})  # one pass: no idle workers after it
             seen = adapt_bn(net, _normalised(shuffled, pre, device, ADAPT_BN_IMAGES))
             log.info("BatchNorm statistics re-estimated on %d training images", seen)
-        acc, coef, icpt = frozen_probe(net, backbone, eval_train, val_loader, pre, device, classes, options.seed)
+        acc, coef, icpt = frozen_probe(net, head_spec.name, eval_train, val_loader, pre, device, classes,
+                                       options.seed)
         state["frozen_val_accuracy"] = acc
         state["probe_seconds"] = round(time.perf_counter() - t_start, 2)
+        head = net.get_submodule(head_spec.name)
+        new_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        if zs_head is not None:  # CLIP: the zero-shot head's accuracy before fine-tuning, on the same split
+            set_head(head, zs_head, None)
+            state["zero_shot_val_accuracy"] = evaluate(net, val_loader, pre, device, amp, skipped)
+            head.load_state_dict(new_head)
+        state["head_start"] = "new"
         if options.probe_init:
             # LP-FT (Kumar et al., ICLR 2022): the new head starts as the probe, so epoch 0 is the
-            # probe's accuracy and fine-tuning does not first wreck the features with a random head.
-            head = net.get_submodule(backbone.head)
-            with torch.no_grad():
-                head.weight.copy_(torch.from_numpy(coef))  # type: ignore[operator]
-                head.bias.copy_(torch.from_numpy(icpt))  # type: ignore[operator]
+            # probe's accuracy and fine-tuning does not first wreck the features with a random head. A CLIP
+            # model starts from its zero-shot head instead where that is better on validation (WiSE-FT's
+            # and FLYP's start: the text tower's knowledge of the class names).
+            set_head(head, torch.from_numpy(coef), torch.from_numpy(icpt))
             state["best"] = evaluate(net, val_loader, pre, device, amp, skipped)
+            state["head_start"] = "probe"
+            zs_acc = state["zero_shot_val_accuracy"]
+            if zs_head is not None and options.zero_shot_init and zs_acc is not None and zs_acc >= state["best"]:
+                set_head(head, zs_head, None)
+                state["best"], state["head_start"] = zs_acc, "zero-shot"
             state["best_epoch"] = 0
-            save_best(0, state["best"], net)  # if no epoch beats it, the checkpoint is the probe
+            state["start_accuracy"] = state["best"]
+            save_best(0, state["best"], net)  # if no epoch beats it, the checkpoint is the start
+        else:
+            state["start_accuracy"] = evaluate(net, val_loader, pre, device, amp, skipped) if fam.wise_ft else None
+        if fam.wise_ft:
+            start.update({k: v.detach().cpu().clone() for k, v in net.state_dict().items()
+                          if k.startswith(head_spec.name + ".")})
 
     head_epochs = options.epochs if options.freeze_backbone else min(options.head_epochs, options.epochs)
     steps_per_epoch = max(1, math.ceil(len(tr_refs) / options.batch_size))
@@ -359,7 +442,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             save_best(epoch, val_acc, evaluated)
         else:
             state["bad_epochs"] += 1
-        save_resume(resume_path, net, opt, state, ema)
+        save_resume(resume_path, net, opt, state, ema,
+                    {f"start.{k}": v for k, v in start.items() if k.startswith(head_spec.name + ".")})
         if phase == "full" and state["bad_epochs"] >= options.patience:
             log.info("early stop: no validation gain for %d epochs", options.patience)
             break
@@ -368,6 +452,17 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             log.info("budget: another epoch would end after %.0f s; stopping after epoch %d", plan.budget_s, epoch)
             stopped_by_budget = True
             break
+    if fam.wise_ft and state["best_epoch"] > 0 and state["wise_ft"] is None:
+        state["wise_ft"] = wise_ft(net, out, start, val_loader, pre, device, amp, state, save_best)
+    if zs_head is not None and state["zero_shot_val_accuracy_after"] is None and state["best_epoch"] > 0:
+        final, _ = checkpoint.load(out)  # the image tower that was kept, with the zero-shot head again
+        net.load_state_dict(final)
+        set_head(net.get_submodule(head_spec.name), zs_head, None)
+        state["zero_shot_val_accuracy_after"] = evaluate(net, val_loader, pre, device, amp, skipped)
+        checkpoint.update_meta(out, {"zero_shot_val_accuracy_after": state["zero_shot_val_accuracy_after"]})
+    elif zs_head is not None and state["zero_shot_val_accuracy_after"] is None:
+        state["zero_shot_val_accuracy_after"] = state["zero_shot_val_accuracy"]  # the tower never changed
+        checkpoint.update_meta(out, {"zero_shot_val_accuracy_after": state["zero_shot_val_accuracy_after"]})
     if resume_path.exists():
         resume_path.unlink()
     return FinetuneResult(
@@ -375,4 +470,86 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         float(state["frozen_val_accuracy"]), int(state["epoch"]),
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
         len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
-        plan, stopped_by_budget, tried)
+        plan, stopped_by_budget, tried(), fam.family, state["zero_shot_val_accuracy"],
+        state["zero_shot_val_accuracy_after"], state["wise_ft"])
+
+
+# ---- family helpers -----------------------------------------------------------------------------
+def describe(backbone: Backbone) -> dict[str, Any]:
+    """The family, architecture and weights tag a checkpoint records beside the backbone's name."""
+    name = backbone.name
+    if backbone.family == "timm":
+        arch, _, tag = name.removeprefix("timm:").partition(".")
+    elif backbone.family == "open_clip":
+        arch, _, tag = name.removeprefix("open_clip:").partition(":")
+    else:
+        arch, tag = name, backbone.weights
+    return {"family": backbone.family if backbone.family in ("timm", "open_clip", "test") else "torchvision",
+            "architecture": arch, "tag": tag or None}
+
+
+def set_head(head: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        head.weight.copy_(weight)  # type: ignore[operator]
+        if bias is None:
+            head.bias.zero_()  # type: ignore[operator]
+        else:
+            head.bias.copy_(bias)  # type: ignore[operator]
+
+
+def zero_shot_weights(net: nn.Module, backbone: Backbone, classes: list[str], device: torch.device) -> torch.Tensor:
+    """A CLIP model's zero-shot head for CLASSES as Linear weights on normalised image embeddings: the
+    logit scale times the class names' unit text vectors (OpenCLIP's prompt ensemble), so that the
+    head's logits are exactly ``zeroshot.ZeroShotHead``'s."""
+    from embedder.learn.zeroshot import text_head
+
+    text = backbone.impl.text_tower(net)
+    if text is None:
+        raise FinetuneError(f"{backbone.name} has no text tower for a zero-shot head")
+    was = net.training
+    net.eval()
+    try:
+        zs = text_head(text, classes, None, device)
+    finally:
+        net.train(was)
+    return torch.from_numpy(zs.weights * zs.logit_scale)
+
+
+def mix(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT's weight-space ensemble (Wortsman et al., CVPR 2022): (1 - alpha) * START + alpha * END for
+    every floating tensor START holds, END's elsewhere; alpha 0 is START exactly, 1 END exactly."""
+    out = dict(end)
+    for k, v in start.items():
+        e = end[k]
+        if alpha == 0.0:
+            out[k] = v.to(e.dtype)
+        elif alpha != 1.0 and e.is_floating_point():
+            out[k] = ((1.0 - alpha) * v.to(torch.float32) + alpha * e.to(torch.float32)).to(e.dtype)
+    return out
+
+
+def wise_ft(net: nn.Module, out: Path, start: dict[str, torch.Tensor], val_loader: DataLoader,  # type: ignore[type-arg]
+            pre: Preprocessing, device: torch.device, amp: torch.dtype | None, state: dict[str, Any],
+            save_best: Callable[[int, float, nn.Module], None]) -> dict[str, Any]:
+    """WiSE-FT: the mixing weight alpha chosen on validation among WISE_ALPHAS (0: the start, its
+    accuracy known; 1: the best epoch, known); ties go to the alpha nearest 0.5, the paper's
+    default. The checkpoint is rewritten with the mixed weights unless alpha is 1."""
+    ft, _ = checkpoint.load(out)
+    accs: dict[float, float] = {0.0: float(state["start_accuracy"]), 1.0: float(state["best"])}
+    for a in WISE_ALPHAS:
+        if a in accs:
+            continue
+        net.load_state_dict(mix(start, ft, a))
+        accs[a] = evaluate(net, val_loader, pre, device, amp)
+    alpha = max(accs, key=lambda a: (accs[a], -abs(a - 0.5)))
+    log.info("WiSE-FT: alpha %.1f (validation %s)", alpha,
+             ", ".join(f"{a:g}: {v:.4f}" for a, v in sorted(accs.items())))
+    result = {"alpha": alpha, "val_accuracy": {f"{a:g}": round(v, 4) for a, v in sorted(accs.items())}}
+    state["wise_ft"] = result
+    if alpha != 1.0:
+        net.load_state_dict(mix(start, ft, alpha))
+        state["best"] = accs[alpha]
+        save_best(int(state["best_epoch"]), accs[alpha], net)
+    else:
+        checkpoint.update_meta(out, {"wise_ft": result})
+    return result

@@ -1,0 +1,142 @@
+"""A backbone with a classification head, for every family: what fine-tuning trains, what a checkpoint
+holds and what export writes.
+
+- torchvision and the test model: the model's own classifier (``backbone.head``) replaced by a new
+  ``Linear`` on its penultimate features (as torchvision's tutorials do);
+- timm: built with ``num_classes=0``, its classifier (``pretrained_cfg.classifier``: ``head``,
+  ``classifier``, ``head.fc``) is an ``Identity`` that becomes the new ``Linear``, so the state dict keeps
+  timm's own key names and a checkpoint loads into timm's model as its hub files do;
+- OpenCLIP: ``ClipClassifier`` — the CLIP model under ``clip`` (keys as ``ClipImage``'s, the text
+  tower included and unchanged, so text search keeps working) and ``head``, a ``Linear`` on the
+  L2-normalised ``encode_image`` (where a zero-shot head of text vectors applies, scaled by the
+  model's logit scale).
+
+A checkpoint records the head's name and whether its input is normalised (``HeadSpec``); nothing else
+about the head needs to be known to use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from embedder.errors import FinetuneError, WeightsMismatch
+from embedder.models.backbone import Backbone
+from embedder.models.features import set_module
+from embedder.models.weights import classifier_modules
+
+if TYPE_CHECKING:
+    from embedder.models.preprocessing import Preprocessing
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Where a classifier's head sits and what it reads (recorded in the checkpoint)."""
+
+    name: str  # dotted module name of the Linear head
+    normalized: bool = False  # True: the head reads L2-normalised features (CLIP)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "normalized": self.normalized}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], backbone: Backbone) -> HeadSpec:
+        """A checkpoint's head; checkpoints written before the record are torchvision's (``backbone.head``)."""
+        d = meta.get("head")
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            return cls(d["name"], bool(d.get("normalized", False)))
+        return cls(backbone.head, False)
+
+
+@cache
+def _clip_classifier_class() -> type:
+    class ClipClassifier(nn.Module):
+        """A CLIP model's image embedding, L2-normalised, through a linear head."""
+
+        def __init__(self, clip: Any, head: nn.Linear) -> None:
+            super().__init__()
+            self.clip: Any = clip
+            self.head = head
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.normalize(self.clip.encode_image(x), dim=-1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x))  # type: ignore[no-any-return]
+
+    return ClipClassifier
+
+
+def is_clip_classifier(net: nn.Module) -> bool:
+    return isinstance(net, _clip_classifier_class())
+
+
+def feature_dim(net: nn.Module, image_size: int) -> int:
+    """The width of NET's output on one blank image (NET's head being Identity)."""
+    was = net.training
+    net.eval()
+    with torch.inference_mode():
+        out = net(torch.zeros(1, 3, image_size, image_size))
+    net.train(was)
+    return int(out.shape[-1])
+
+
+def with_head(net: nn.Module, backbone: Backbone, n_classes: int, image_size: int) -> tuple[nn.Module, HeadSpec]:
+    """NET (as ``builder.load_network`` gives it) with a new, randomly initialised Linear head of
+    N_CLASSES outputs: the logits network, and where its head is."""
+    if backbone.family == "open_clip":
+        clip = getattr(net, "clip", net)
+        dim = feature_dim(net, image_size)
+        return _clip_classifier_class()(clip, nn.Linear(dim, n_classes)), HeadSpec("head", normalized=True)
+    heads = classifier_modules(net, backbone.classifiers)
+    if not heads:
+        raise FinetuneError(f"{backbone.name} has no classification head to replace")
+    if len(backbone.classifiers) > 1:
+        raise FinetuneError(f"{backbone.name} has {len(backbone.classifiers)} classification heads (a distilled "
+                            f"model: {', '.join(backbone.classifiers)}); fine-tune its undistilled twin instead")
+    name = heads[0]
+    old = net.get_submodule(name)
+    if isinstance(old, nn.Linear):
+        dim = old.in_features
+    elif isinstance(old, nn.Identity) or not any(True for _ in old.parameters()):
+        set_module(net, name, nn.Identity())
+        dim = feature_dim(net, image_size)
+    else:
+        raise FinetuneError(f"{backbone.name}'s head {name} is a {type(old).__name__}, not a Linear layer")
+    set_module(net, name, nn.Linear(dim, n_classes))
+    return net, HeadSpec(name)
+
+
+def head_tensors(state: dict[str, torch.Tensor], head: HeadSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return state[f"{head.name}.weight"], state[f"{head.name}.bias"]
+    except KeyError:
+        raise WeightsMismatch(f"the checkpoint holds no classification head ({head.name})") from None
+
+
+def from_checkpoint(path: Path) -> tuple[nn.Module, Preprocessing, list[str], dict[str, Any]]:
+    """An ``embedder finetune`` checkpoint as the network that made it: backbone and head, eval mode,
+    the checkpoint's preprocessing, its classes and its metadata. Its logits are the fine-tuned model's."""
+    from embedder.models.builder import ModelSpec, load_network
+
+    net, backbone, loaded, pre = load_network(ModelSpec(None, weights_file=path))
+    meta = loaded.extra or {}
+    state = loaded.state_dict or {}
+    head = HeadSpec.from_meta(meta, backbone)
+    w, b = head_tensors(state, head)
+    classes = list(meta.get("classes", []))
+    if w.shape[0] != len(classes):
+        raise WeightsMismatch(f"{path}: its head has {w.shape[0]} outputs for {len(classes)} classes")
+    full, spec = with_head(net, backbone, len(classes), pre.crop_size)
+    if spec.name != head.name:
+        raise WeightsMismatch(f"{path}: its head is {head.name}, {backbone.name}'s is {spec.name}")
+    lin = full.get_submodule(spec.name)
+    with torch.no_grad():
+        lin.weight.copy_(w.float())  # type: ignore[operator]
+        lin.bias.copy_(b.float())  # type: ignore[operator]
+    return full.eval(), pre, classes, meta
