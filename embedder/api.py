@@ -373,3 +373,44 @@ def dedup(store: str | Path, out: str | Path, *, threshold: float | None = None,
     k = kw.pop("k", InspectOptions.k)
     s = run(str(store), str(out), threshold, k, InspectOptions(**_inspect_budget(kw)))
     return dataclasses.asdict(s)
+
+
+def export(path: str | Path, out: str | Path, *, format: str = "onnx", opset: int | None = None,
+           weights: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """``embedder export``: a fine-tuned checkpoint or a probe file (with the frozen backbone its store
+    was made with) as ONE model in OUT: ``model.onnx`` (uint8 RGB NCHW pixels at crop size in, class
+    probabilities out, the mean/std normalisation inside) and ``embedder-export.json`` (classes,
+    preprocessing, source, verification), checked by onnxruntime against PyTorch; returns what was
+    written. WEIGHTS: the file a probe's store was made from, when it was. OUT must be new or empty
+    unless FORCE (which replaces those two files)."""
+    from embedder.learn.export import export as run
+
+    result = run(path, out, format, opset, weights=str(weights) if weights is not None else None, force=force)
+    return result.to_dict()
+
+
+def finetune(train: str | Path | Sequence[str | Path], out: str | Path, *,
+             val: str | Path | Sequence[str | Path] | None = None, resume: bool = False,
+             **options: Any) -> dict[str, Any]:
+    """``embedder finetune``: a pretrained backbone with a new head trained on TRAIN (labelled images,
+    one subfolder per class) → the checkpoint OUT; returns the run's summary (accuracy per epoch, the
+    frozen probe's for comparison). ``options`` are ``FinetuneOptions`` fields (``backbone`` as
+    ``NAME`` or ``NAME:WEIGHTS_TAG``, ``weights_file``, ``epochs``, ``lr_head``, ``budget_minutes``…),
+    with the CLI's defaults; an unknown name is an error that lists the valid ones."""
+    from embedder.learn.finetune.options import FinetuneOptions
+    from embedder.learn.finetune.train import finetune as run
+    from embedder.models.builder import spec_for
+
+    (kw,) = _split_options(options, FinetuneOptions)
+    if kw.get("weights_file") is not None:
+        kw["weights_file"] = Path(kw["weights_file"])
+    if kw.get("backbone") is not None and kw.get("weights_tag") is None:  # "NAME:TAG", as the CLI takes it
+        spec = spec_for(kw["backbone"], kw.get("weights_file"))
+        kw["backbone"], kw["weights_tag"] = spec.backbone, spec.weights_tag
+    opts = FinetuneOptions(**kw)
+
+    def sources(s: str | Path | Sequence[str | Path]) -> list[str]:
+        return [str(s)] if isinstance(s, (str, Path)) else [str(x) for x in s]
+
+    result = run(sources(train), Path(out), opts, sources(val) if val is not None else None, resume)
+    return result.to_dict()

@@ -66,6 +66,11 @@ class InspectError(EmbedderError):
     pass
 
 
+class ExportError(EmbedderError):
+    """``embedder export``: a file that is no checkpoint or probe, an operator the format cannot
+    express, an exported model that does not compute what the source does."""
+
+
 class RayError(EmbedderError):
     """The Ray engine: Ray missing, the cluster unreachable, or a worker that cannot run the model."""
 

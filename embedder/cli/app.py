@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - older typer on click
 from embedder.cli import (
     compare_cmd,
     dedup_cmd,
+    export_cmd,
     extract_cmd,
     finetune_cmd,
     import_cmd,
@@ -78,6 +79,7 @@ serve_cmd.register(app)
 inspect_cmd.register(app)
 compare_cmd.register(app)
 import_cmd.register(app)
+export_cmd.register(app)
 
 
 def main() -> None:
