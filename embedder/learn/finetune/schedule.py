@@ -100,7 +100,7 @@ def _decay_groups(net: nn.Module, head_prefix: str, options: FinetuneOptions, de
     decay kind, lr × decay^(blocks above), no weight decay on 1-D tensors and position/class
     tokens), the head its own group at lr_head."""
     no_wd = set(getattr(net, "no_weight_decay", lambda: set())())
-    top = max(layers.values(), default=0)
+    top = max((v for k, v in layers.items() if not k.startswith(head_prefix)), default=0)
     head_params: list[nn.Parameter] = []
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in net.named_parameters():

@@ -110,8 +110,8 @@ def build_classifier(options: FinetuneOptions, n_classes: int
     return net, backbone, pre, origin, head
 
 
-def family_recipe(net: nn.Module, backbone: Backbone, options: FinetuneOptions, device: torch.device
-                  ) -> tuple[FamilyRecipe, str]:
+def family_recipe(net: nn.Module, backbone: Backbone, options: FinetuneOptions, device: torch.device,
+                  head: str = "head") -> tuple[FamilyRecipe, str]:
     """What the family's anchors do, decided from the built model: BatchNorm networks as torchvision's
     (stage rates, the bn policy); networks without BatchNorm that name their blocks (ViTs, DINOv2,
     ConvNeXt, …) with layer-wise decay; CLIP models with their text tower frozen, the zero-shot head
@@ -123,12 +123,13 @@ def family_recipe(net: nn.Module, backbone: Backbone, options: FinetuneOptions, 
     decay = options.layer_decay
     blocks = 0
     layers = layer_map(net) if backbone.family in ("timm", "open_clip") else None
-    if decay is None and not has_bn and layers is not None and len(set(layers.values())) > 2:
+    if decay is None and not has_bn and layers is not None and \
+            len({v for k, v in layers.items() if not k.startswith(head + ".")}) > 2:
         decay = LAYER_DECAY
     if decay is not None and decay == 1.0:
         decay = None  # one rate: the stage groups
     if decay is not None:
-        blocks = len(set((layers or {}).values()))
+        blocks = len({v for k, v in (layers or {}).items() if not k.startswith(head + ".")})
     if options.grad_checkpointing:
         target = net.get_submodule("clip") if clip else net
         if not hasattr(target, "set_grad_checkpointing"):
@@ -245,7 +246,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     yva = [idx[r.label] for r in vrefs if r.label is not None]
 
     net, backbone, pre, origin, head_spec = build_classifier(options, len(classes))
-    fam, body = family_recipe(net, backbone, options, device)
+    fam, body = family_recipe(net, backbone, options, device, head_spec.name)
     amp = torch.bfloat16 if fam.precision == "bf16" else None
     inference_form = backbone.impl.inference_form(net)  # the form the weights are trained (and saved) in
     net.to(device)
