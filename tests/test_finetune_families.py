@@ -74,7 +74,8 @@ def _pixels(files: list[Path], pre: Any) -> torch.Tensor:
 
 def _predicted(pred: Path) -> dict[str, np.ndarray]:
     t = pq.read_table(pred)
-    return {p: np.asarray(v, np.float32) for p, v in zip(t.column("path").to_pylist(), t.column("top_k_probs").to_pylist())}
+    return {p: np.asarray(v, np.float32)
+            for p, v in zip(t.column("path").to_pylist(), t.column("top_k_probs").to_pylist())}
 
 
 def test_a_timm_vit_fine_tunes_with_layer_decay_and_its_checkpoint_is_what_predict_uses(data: Any) -> None:
@@ -84,7 +85,8 @@ def test_a_timm_vit_fine_tunes_with_layer_decay_and_its_checkpoint_is_what_predi
                         "--backbone", "timm:test_vit", "--weights", str(data["vit"]), "--epochs", "2",
                         "--lr-backbone", "1e-3", "--grad-checkpointing", "--image-size", "64", *FAST, "--json"))
     assert {"best_val_accuracy", "frozen_val_accuracy"} <= set(r) and r["family"] == "timm"
-    assert "layer-wise decay" in r["recipe"] and "no BatchNorm" in r["recipe"] and "gradient checkpointing" in r["recipe"]
+    assert "layer-wise decay" in r["recipe"] and "no BatchNorm" in r["recipe"]
+    assert "gradient checkpointing" in r["recipe"]
     meta = checkpoint.read_meta(ck)
     assert meta is not None
     assert (meta["family"], meta["architecture"], meta["head"]["name"]) == ("timm", "test_vit", "head")
