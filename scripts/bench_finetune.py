@@ -342,7 +342,8 @@ def main() -> None:
                              **({"budget": ours.budget.reason, "size": ours.budget.image_size,
                                  "epochs": ours.epochs_run} if ours.budget else {})}
                 train_module.train_transform = data_train_transform  # type: ignore[misc, assignment]
-                print(json.dumps({"seed": seed, "variant": name, **run[name]}), flush=True)
+                print(json.dumps({"seed": seed, "variant": name, "overrides": dict(variants)[name],
+                                  "frozen_probe": run["frozen_probe"], **run[name]}), flush=True)
             run["peak_rss_mib"] = peak_rss_mib()  # so far, this process and its reaped workers
             runs.append(run)
             print(json.dumps(runs[-1]), flush=True)
