@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,8 @@ def test_wise_ft_alpha_0_is_the_zero_shot_model_and_1_the_fine_tuned_one(data: A
     net.eval()
     zs = zero_shot_weights(net, backbone, classes, torch.device("cpu"))
     with torch.no_grad():
-        net.get_submodule(head.name).weight.copy_(zs)
-        net.get_submodule(head.name).bias.zero_()
+        net.get_submodule(head.name).weight.copy_(zs)  # type: ignore[operator]
+        net.get_submodule(head.name).bias.zero_()  # type: ignore[operator]
     start = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("clip.visual.", "head."))}
     torch.manual_seed(1)
     with torch.no_grad():
@@ -255,3 +256,34 @@ def test_recipe_record_round_trips() -> None:
     text = recipe(FinetuneOptions(), 224, fam)
     assert "head from the zero-shot head" in text and "x0.65 per block" in text and "WiSE-FT" in text
     assert dataclasses.asdict(fam)["head_start"] == "zero-shot"
+
+
+def test_a_run_over_the_memory_budget_is_one_line_naming_what_fits(data: Any) -> None:
+    """The step's need is measured before training (weights, gradients + AdamW, what autograd keeps);
+    over --memory-budget the error names the option that fits: gradient checkpointing, else a batch."""
+    from embedder.learn.finetune.budget import memory_need
+    from embedder.learn.finetune.schedule import set_trainable
+
+    root = data["root"]
+    opts = FinetuneOptions(backbone="timm:test_vit", weights_file=data["vit"], batch_size=64, image_size=64)
+    net, backbone, pre, _, head = build_classifier(opts, 3)
+    fam, body = family_recipe(net, backbone, opts, torch.device("cpu"), head.name)
+    set_trainable(net, param_groups(net, backbone, opts, head.name, fam.layer_decay, body), True)
+    plain = memory_need(net, 64, 64, torch.device("cpu"), None)
+    net.set_grad_checkpointing(True)  # type: ignore[operator]
+    ck = memory_need(net, 64, 64, torch.device("cpu"), None, True, net.set_grad_checkpointing, fam.blocks)
+    net.set_grad_checkpointing(False)  # type: ignore[operator]
+    assert ck["activations"] < plain["activations"] * 0.8 and ck["weights"] == plain["weights"]
+    base = ["finetune", str(root / "train"), "--out", str(root / "m.safetensors"), "--backbone", "timm:test_vit",
+            "--weights", str(data["vit"]), "--image-size", "64", "--batch-size", "64", "--workers", "0"]
+    between = f"{(plain['total'] + ck['total']) // 2}"
+    for budget, want in ((between, "--grad-checkpointing fits it"), ("1KB", "choose a smaller model")):
+        r = CliRunner().invoke(app, [*base, "--memory-budget", budget])
+        assert r.exit_code == 2 and want in r.output and "needs ≈" in r.output, r.output
+        assert len(r.output.strip().splitlines()) <= 3, r.output  # one message (rich may wrap it)
+    small = f"{plain['total'] - plain['activations'] * 3 // 4}"  # a quarter of the batch's activations fit
+    r = CliRunner().invoke(app, [*base, "--grad-checkpointing", "--memory-budget", "1KB"])
+    assert r.exit_code == 2 and "choose a smaller model" in r.output
+    r = CliRunner().invoke(app, [*base, "--memory-budget", small])
+    fits = re.search(r"--batch-size (\d+) fits it", r.output)
+    assert r.exit_code == 2 and fits and 1 <= int(fits.group(1)) < 64, r.output

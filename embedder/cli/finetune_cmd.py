@@ -39,6 +39,7 @@ def finetune_command(
     wise_ft: Annotated[bool, typer.Option(help="CLIP models: WiSE-FT, the weights mixed with the start's, the mix chosen on validation.")] = FinetuneOptions.wise_ft,
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute block activations in backward (timm, OpenCLIP): less memory, ~30% more time.")] = FinetuneOptions.grad_checkpointing,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")] = FinetuneOptions.precision,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Refuse in one line a run whose training step needs more, naming what fits (e.g. 8GB; default: the free GPU or machine memory).")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.label_smoothing:g})")] = None,
     crop_scale: Annotated[Optional[float], typer.Option(help=f"Smallest area fraction of the random resized crop (default: {FinetuneOptions.crop_scale:g}).")] = None,
     bn: Annotated[Optional[choices.BatchNorm], typer.Option(help=f"BatchNorm statistics (default: {FinetuneOptions.bn}).")] = None,
@@ -68,7 +69,7 @@ def finetune_command(
                            probe_init=probe_init, flip=flip, freeze_backbone=freeze_backbone,
                            unfreeze_from=unfreeze_from, val_fraction=val_fraction, seed=seed, device=device,
                            zero_shot_init=zero_shot_init, wise_ft=wise_ft, grad_checkpointing=grad_checkpointing,
-                           precision=precision,
+                           precision=precision, memory_budget=memory_budget,
                            **{k: v for k, v in given.items() if v is not None})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,

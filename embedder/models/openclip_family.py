@@ -235,8 +235,11 @@ class OpenClipModel:
 def _reparameterize(clip: Any) -> bool:
     """MobileCLIP's training-time branches folded into one (timm's own function, idempotent); a no-op
     elsewhere. True where the tower has such branches."""
-    if not any(hasattr(m, "reparameterize") for m in clip.visual.modules()):
+    branched = [m for m in clip.visual.modules() if hasattr(m, "reparameterize")]
+    if not branched:
         return False
+    if all(getattr(m, "reparam_conv", None) is not None for m in branched):
+        return True  # folded already (FastViT's RepMixer cannot be folded twice)
     from timm.utils.model import reparameterize_model
 
     was = clip.visual.training

@@ -43,6 +43,7 @@ class FinetuneOptions:
     wise_ft: bool = True  # CLIP models: weights interpolated with the start's, alpha chosen on validation
     grad_checkpointing: bool = False  # timm and OpenCLIP blocks recompute activations in backward
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    memory_budget: str | None = None  # e.g. "8GB": refuse a run whose step needs more; None: what is free
     weight_decay: float = 0.05
     label_smoothing: float = 0.0  # measured: 0.1 cost 1.3 points at 3 epochs (docs/benchmarks.md)
     crop_scale: float = 0.6  # smallest area fraction of RandomResizedCrop (0.35: -1.4 points, 0.08: -0.9)
@@ -69,6 +70,10 @@ class FinetuneOptions:
             raise FinetuneError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if self.precision not in PRECISIONS:
             raise FinetuneError(f"unknown --precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.memory_budget is not None:
+            from embedder.sizes import parse_size
+
+            parse_size(self.memory_budget, FinetuneError)
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise FinetuneError(f"--budget must be a positive number of minutes, got {self.budget_minutes}")
 
@@ -167,6 +172,7 @@ class FinetuneResult:
     zero_shot_val_accuracy: float | None = None  # CLIP: the zero-shot head on validation, before fine-tuning
     zero_shot_val_accuracy_after: float | None = None  # … and with the fine-tuned image tower
     wise_ft: dict[str, Any] | None = None  # CLIP: {"alpha": chosen, "val_accuracy": {alpha: accuracy}}
+    memory: dict[str, int] | None = None  # bytes a training step needs (budget.memory_need), by part
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from embedder.decode.decoders import normalize_batch
 from embedder.errors import FinetuneError, ProbeError
-from embedder.learn.finetune.budget import plan_budget, time_steps
+from embedder.learn.finetune.budget import available_memory, check_memory, plan_budget, time_steps
 from embedder.learn.finetune.data import LabelledImages, collate, eval_transform, labelled_refs, train_transform
 from embedder.learn.finetune.options import (
     BN_POLICIES,
@@ -73,6 +73,7 @@ from embedder.models.builder import ModelSpec, load_network
 from embedder.models.classifier import HeadSpec, with_head
 from embedder.models.devices import resolve_device
 from embedder.models.preprocessing import Preprocessing
+from embedder.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,15 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         if plan.image_size != pre.crop_size:
             pre = pre.at_size(plan.image_size)
     groups = param_groups(net, backbone, options, head_spec.name, fam.layer_decay, body)
+    set_trainable(net, groups, backbone_on=not options.freeze_backbone)
+    ckpt_target = net.get_submodule("clip") if backbone.family == "open_clip" else net
+    toggle = getattr(ckpt_target, "set_grad_checkpointing", None) if backbone.family in ("timm", "open_clip") else None
+    budget = (parse_size(options.memory_budget, FinetuneError), "--memory-budget") if options.memory_budget \
+        else available_memory(device)
+    blocks = len(set((layer_map(net) or {}).values())) if toggle is not None else 1
+    memory = check_memory(net, backbone.name, pre.crop_size, options.batch_size, device, amp, budget,
+                          options.grad_checkpointing, toggle, blocks)
+    log.info("memory per step: %s", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
     # WiSE-FT mixes the trained weights with the start's: the tower as loaded (before a resume overwrites
     # it) and, once chosen, the starting head
     start: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
@@ -472,7 +482,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
         len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
         plan, stopped_by_budget, tried(), fam.family, state["zero_shot_val_accuracy"],
-        state["zero_shot_val_accuracy_after"], state["wise_ft"])
+        state["zero_shot_val_accuracy_after"], state["wise_ft"], memory)
 
 
 # ---- family helpers -----------------------------------------------------------------------------
