@@ -110,15 +110,19 @@ def saved_bytes_per_image(net: nn.Module, size: int, device: torch.device, amp: 
         return t
 
     was = net.training
+    buffers = {k: v.clone() for k, v in net.named_buffers()}  # BatchNorm statistics: left as they were
     net.train()
     x = torch.zeros(2, 3, size, size, device=device)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = net(x)
         del out
     finally:
         net.train(was)
+        with torch.no_grad():
+            for k, v in net.named_buffers():
+                v.copy_(buffers[k])
     return sum(seen.values()) // 2
 
 
