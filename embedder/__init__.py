@@ -12,6 +12,8 @@ The Python API (the same functions the CLI and the service call)::
     probe = embedder.train_probe("store", test_store="test_store")
     probe.predict(["new.jpg"])
     embedder.inspect("store", "report", test="test_store")  # duplicates, leaks, label errors, outliers
+    embedder.finetune(["train/"], "ck.safetensors", val=["val/"], backbone="timm:vit_small_patch14_dinov2")
+    embedder.export("ck.safetensors", "deploy/")         # one ONNX model + its preprocessing and classes
 
 Attributes load on first use, so ``import embedder`` costs what the CLI's start-up does.
 """
@@ -22,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from embedder._version import __version__
 
-__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "dedup", "extract", "import_vectors", "inspect",
-           "open_index", "open_store", "train_probe", "__version__"]
+__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "dedup", "export", "extract", "finetune",
+           "import_vectors", "inspect", "open_index", "open_store", "train_probe", "__version__"]
 
 if TYPE_CHECKING:
     from embedder.api import (
@@ -33,7 +35,9 @@ if TYPE_CHECKING:
         Probe,
         build_index,
         dedup,
+        export,
         extract,
+        finetune,
         import_vectors,
         inspect,
         open_index,
