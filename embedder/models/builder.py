@@ -97,7 +97,9 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
         if weights.extra is not None and weights.state_dict is not None:  # an `embedder finetune` checkpoint
             if weights.extra.get("inference_form"):
                 family.inference_form(net)  # trained in the folded form (MobileCLIP): built the same way
-            apply_weights(net, weights.state_dict, backbone, skip=(str(_head_name(weights.extra, backbone)),))
+            from embedder.models.checkpoint import HeadSpec
+
+            apply_weights(net, weights.state_dict, backbone, skip=(HeadSpec.from_meta(weights.extra, backbone).name,))
         elif loader is not None and spec.weights_file is not None:  # the family's own (OpenCLIP's conversions)
             loader(net, Path(spec.weights_file))
         elif weights.state_dict is not None:
@@ -107,11 +109,6 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
     if spec.image_size is not None and spec.image_size != pre.crop_size:
         pre = pre.at_size(spec.image_size)
     return net, backbone, weights, pre
-
-
-def _head_name(meta: dict[str, object], backbone: Backbone) -> str:
-    head = meta.get("head")
-    return str(head["name"]) if isinstance(head, dict) and "name" in head else backbone.head
 
 
 def load_weights_file(path: Path) -> LoadedWeights:

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +19,36 @@ from embedder.models.hub import sha256_file
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
 from embedder.models.weights import LoadedWeights
+
+if TYPE_CHECKING:
+    from embedder.models.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Where a classifier's head sits and what it reads (recorded in the checkpoint)."""
+
+    name: str  # dotted module name of the Linear head
+    normalized: bool = False  # True: the head reads L2-normalised features (CLIP)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "normalized": self.normalized}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], backbone: Backbone) -> HeadSpec:
+        """A checkpoint's head; checkpoints written before the record are torchvision's (``backbone.head``)."""
+        d = meta.get("head")
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            return cls(d["name"], bool(d.get("normalized", False)))
+        return cls(backbone.head, False)
+
+
+def head_tensors(state: dict[str, torch.Tensor], head: HeadSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return state[f"{head.name}.weight"], state[f"{head.name}.bias"]
+    except KeyError:
+        raise WeightsMismatch(f"the checkpoint holds no classification head ({head.name})") from None
+
 
 META_KEY = "embedder_checkpoint"
 FORMAT = "embedder-checkpoint/1"
@@ -81,7 +112,6 @@ def load_for_extraction(path: Path) -> LoadedWeights:
 def head(path: Path) -> tuple[LinearHead, list[str]]:
     """The checkpoint's own classification head as a LinearHead on the features its backbone extracts
     (penultimate features; a CLIP model's image embedding, normalised first)."""
-    from embedder.models.classifier import HeadSpec, head_tensors
     from embedder.models.registry import get_backbone
 
     state, meta = load(path)

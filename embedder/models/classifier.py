@@ -17,7 +17,6 @@ about the head needs to be known to use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,30 +26,13 @@ from torch import nn
 
 from embedder.errors import FinetuneError, WeightsMismatch
 from embedder.models.backbone import Backbone
-from embedder.models.features import set_module
+from embedder.models.checkpoint import HeadSpec, head_tensors
 from embedder.models.weights import classifier_modules
+
+__all__ = ["HeadSpec", "feature_dim", "from_checkpoint", "head_tensors", "is_clip_classifier", "with_head"]
 
 if TYPE_CHECKING:
     from embedder.models.preprocessing import Preprocessing
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """Where a classifier's head sits and what it reads (recorded in the checkpoint)."""
-
-    name: str  # dotted module name of the Linear head
-    normalized: bool = False  # True: the head reads L2-normalised features (CLIP)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "normalized": self.normalized}
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any], backbone: Backbone) -> HeadSpec:
-        """A checkpoint's head; checkpoints written before the record are torchvision's (``backbone.head``)."""
-        d = meta.get("head")
-        if isinstance(d, dict) and isinstance(d.get("name"), str):
-            return cls(d["name"], bool(d.get("normalized", False)))
-        return cls(backbone.head, False)
 
 
 @cache
@@ -104,19 +86,12 @@ def with_head(net: nn.Module, backbone: Backbone, n_classes: int, image_size: in
     if isinstance(old, nn.Linear):
         dim = old.in_features
     elif isinstance(old, nn.Identity) or not any(True for _ in old.parameters()):
-        set_module(net, name, nn.Identity())
+        net.set_submodule(name, nn.Identity())
         dim = feature_dim(net, image_size)
     else:
         raise FinetuneError(f"{backbone.name}'s head {name} is a {type(old).__name__}, not a Linear layer")
-    set_module(net, name, nn.Linear(dim, n_classes))
+    net.set_submodule(name, nn.Linear(dim, n_classes))
     return net, HeadSpec(name)
-
-
-def head_tensors(state: dict[str, torch.Tensor], head: HeadSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        return state[f"{head.name}.weight"], state[f"{head.name}.bias"]
-    except KeyError:
-        raise WeightsMismatch(f"the checkpoint holds no classification head ({head.name})") from None
 
 
 def from_checkpoint(path: Path) -> tuple[nn.Module, Preprocessing, list[str], dict[str, Any]]:
