@@ -287,3 +287,17 @@ def test_a_run_over_the_memory_budget_is_one_line_naming_what_fits(data: Any) ->
     r = CliRunner().invoke(app, [*base, "--memory-budget", small])
     fits = re.search(r"--batch-size (\d+) fits it", r.output)
     assert r.exit_code == 2 and fits and 1 <= int(fits.group(1)) < 64, r.output
+
+
+def test_a_budget_only_picks_sizes_the_model_takes(data: Any) -> None:
+    """OpenCLIP's ViT has fixed position embeddings: a time budget keeps its own size (a smaller one
+    would fail at the first step), where a CNN's plan goes down in size."""
+    from embedder.learn.finetune.budget import plan_budget, takes_size
+
+    opts = FinetuneOptions(backbone=f"open_clip:{CLIP_ARCH}", weights_file=data["clip"])
+    net, _, pre, _, _ = build_classifier(opts, 3)
+    assert takes_size(net, pre.crop_size, torch.device("cpu")) and not takes_size(net, 24, torch.device("cpu"))
+    args = (30.0, 224, 1.0, 0.2, 20, 5, 25, 0)  # a 224-px epoch takes 21 s: 3 do not fit
+    assert plan_budget(*args).image_size < 224
+    plan = plan_budget(*args, accepts=lambda size: False)
+    assert plan.image_size == 224 and plan.epochs == 1

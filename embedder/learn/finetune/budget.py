@@ -4,6 +4,7 @@ fit."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,11 +28,13 @@ def budget_sizes(full: int) -> list[int]:
 
 
 def plan_budget(budget_s: float, full: int, train_step_s: float, eval_step_s: float, train_steps: int,
-                val_steps: int, probe_steps: int, head_epochs: int) -> BudgetPlan:
+                val_steps: int, probe_steps: int, head_epochs: int,
+                accepts: Callable[[int], bool] | None = None) -> BudgetPlan:
     """The largest crop size at which the probe and ``head_epochs + BUDGET_MIN_EPOCHS`` epochs fit in
     BUDGET_S, and as many epochs as fit there (at most BUDGET_MAX_EPOCHS). Step costs are measured
     at size FULL and scale with the pixel count."""
-    sizes = budget_sizes(full)
+    sizes = [s for s in budget_sizes(full) if s == full or accepts is None or accepts(s)]  # a ViT without
+    # interpolated position embeddings takes its own size only
     epoch_full = train_steps * train_step_s + val_steps * eval_step_s
     probe_full = probe_steps * eval_step_s
     for size in sizes:
@@ -199,3 +202,20 @@ def human(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def takes_size(net: nn.Module, size: int, device: torch.device) -> bool:
+    """Whether NET runs on SIZE-pixel images (one blank image, no gradients, eval mode)."""
+    import contextlib
+    import io
+
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            net(torch.zeros(1, 3, size, size, device=device))
+        return True
+    except (AssertionError, RuntimeError, ValueError):
+        return False
+    finally:
+        net.train(was)

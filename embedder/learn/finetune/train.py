@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from embedder.decode.decoders import normalize_batch
 from embedder.errors import FinetuneError, ProbeError
-from embedder.learn.finetune.budget import available_memory, check_memory, plan_budget, time_steps
+from embedder.learn.finetune.budget import available_memory, check_memory, plan_budget, takes_size, time_steps
 from embedder.learn.finetune.data import LabelledImages, collate, eval_transform, labelled_refs, train_transform
 from embedder.learn.finetune.options import (
     BN_POLICIES,
@@ -265,7 +265,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             plan = plan_budget(options.budget_minutes * 60 - (time.perf_counter() - t_start), pre.crop_size,
                                train_s, eval_s, math.ceil(len(tr_refs) / options.batch_size),
                                math.ceil(len(vrefs) / options.batch_size),
-                               math.ceil((len(tr_refs) + len(vrefs)) / options.batch_size), min(head_e, 1))
+                               math.ceil((len(tr_refs) + len(vrefs)) / options.batch_size), min(head_e, 1),
+                               lambda size: takes_size(net, size, device))
             plan = dataclasses.replace(plan, budget_s=options.budget_minutes * 60)
         log.info("budget: %s, %d epochs", plan.reason, plan.epochs)
         options = dataclasses.replace(options, epochs=plan.epochs, image_size=plan.image_size)
