@@ -464,14 +464,23 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             log.info("budget: another epoch would end after %.0f s; stopping after epoch %d", plan.budget_s, epoch)
             stopped_by_budget = True
             break
-    if fam.wise_ft and state["best_epoch"] > 0 and state["wise_ft"] is None:
-        state["wise_ft"] = wise_ft(net, out, start, val_loader, pre, device, amp, state, save_best)
-    if zs_head is not None and state["zero_shot_val_accuracy_after"] is None and state["best_epoch"] > 0:
-        final, _ = checkpoint.load(out)  # the image tower that was kept, with the zero-shot head again
-        net.load_state_dict(final)
-        set_head(net.get_submodule(head_spec.name), zs_head, None)
-        state["zero_shot_val_accuracy_after"] = evaluate(net, val_loader, pre, device, amp, skipped)
-        checkpoint.update_meta(out, {"zero_shot_val_accuracy_after": state["zero_shot_val_accuracy_after"]})
+    written = (checkpoint.read_meta(out) or {}) if zs_head is not None else {}
+    if written.get("zero_shot_val_accuracy_after") is not None:  # killed after the last write: it is done
+        for key in ("zero_shot_val_accuracy_after", "wise_ft", "best_val_accuracy"):
+            state["best" if key == "best_val_accuracy" else key] = written[key]
+    if state["best_epoch"] > 0 and zs_head is not None and state["zero_shot_val_accuracy_after"] is None:
+        # the weights kept, mixed with the start's (WiSE-FT), then the zero-shot head on that image tower;
+        # the checkpoint written once with all of it
+        net.load_state_dict(checkpoint.load(out)[0])
+        if fam.wise_ft:
+            wise_ft(net, start, val_loader, pre, device, amp, state)
+        if zs_head is not None:
+            head = net.get_submodule(head_spec.name)
+            kept = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            set_head(head, zs_head, None)
+            state["zero_shot_val_accuracy_after"] = evaluate(net, val_loader, pre, device, amp, skipped)
+            head.load_state_dict(kept)
+        save_best(int(state["best_epoch"]), float(state["best"]), net)
     elif zs_head is not None and state["zero_shot_val_accuracy_after"] is None:
         state["zero_shot_val_accuracy_after"] = state["zero_shot_val_accuracy"]  # the tower never changed
         checkpoint.update_meta(out, {"zero_shot_val_accuracy_after": state["zero_shot_val_accuracy_after"]})
@@ -540,13 +549,12 @@ def mix(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: flo
     return out
 
 
-def wise_ft(net: nn.Module, out: Path, start: dict[str, torch.Tensor], val_loader: DataLoader,  # type: ignore[type-arg]
-            pre: Preprocessing, device: torch.device, amp: torch.dtype | None, state: dict[str, Any],
-            save_best: Callable[[int, float, nn.Module], None]) -> dict[str, Any]:
-    """WiSE-FT: the mixing weight alpha chosen on validation among WISE_ALPHAS (0: the start, its
-    accuracy known; 1: the best epoch, known); ties go to the alpha nearest 0.5, the paper's
-    default. The checkpoint is rewritten with the mixed weights unless alpha is 1."""
-    ft, _ = checkpoint.load(out)
+def wise_ft(net: nn.Module, start: dict[str, torch.Tensor], val_loader: DataLoader,  # type: ignore[type-arg]
+            pre: Preprocessing, device: torch.device, amp: torch.dtype | None, state: dict[str, Any]) -> None:
+    """WiSE-FT on NET (holding the best epoch's weights): the mixing weight alpha chosen on validation
+    among WISE_ALPHAS (0: the start, its accuracy known; 1: the best epoch, known); ties go to the
+    alpha nearest 0.5, the paper's default. NET is left holding the chosen mix; STATE records it."""
+    ft = {k: v.detach().clone() for k, v in net.state_dict().items()}
     accs: dict[float, float] = {0.0: float(state["start_accuracy"]), 1.0: float(state["best"])}
     for a in WISE_ALPHAS:
         if a in accs:
@@ -556,12 +564,6 @@ def wise_ft(net: nn.Module, out: Path, start: dict[str, torch.Tensor], val_loade
     alpha = max(accs, key=lambda a: (accs[a], -abs(a - 0.5)))
     log.info("WiSE-FT: alpha %.1f (validation %s)", alpha,
              ", ".join(f"{a:g}: {v:.4f}" for a, v in sorted(accs.items())))
-    result = {"alpha": alpha, "val_accuracy": {f"{a:g}": round(v, 4) for a, v in sorted(accs.items())}}
-    state["wise_ft"] = result
-    if alpha != 1.0:
-        net.load_state_dict(mix(start, ft, alpha))
-        state["best"] = accs[alpha]
-        save_best(int(state["best_epoch"]), accs[alpha], net)
-    else:
-        checkpoint.update_meta(out, {"wise_ft": result})
-    return result
+    state["wise_ft"] = {"alpha": alpha, "val_accuracy": {f"{a:g}": round(v, 4) for a, v in sorted(accs.items())}}
+    state["best"] = accs[alpha]
+    net.load_state_dict(mix(start, ft, alpha))
