@@ -234,12 +234,18 @@ def write_onnx(dep: Deployable, out_dir: str | Path, *, opset: int | None = None
     try:
         module = dep.module()
         crop = dep.preprocessing.crop_size
+        fixed_size(module, crop)
         example = torch.randint(0, 256, (TRACE_BATCH, 3, crop, crop), dtype=torch.uint8,
                                 generator=torch.Generator().manual_seed(0))
-        _to_onnx(module, example, tmp / MODEL_FILE, opset)
-        imports = onnx.load(str(tmp / MODEL_FILE), load_external_data=False).opset_import
-        opset_used = next(int(o.version) for o in imports if o.domain in ("", "ai.onnx"))
-        diff = _verify(module, tmp / MODEL_FILE, ort, crop, len(dep.classes), tolerance)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused kernel has no ONNX form
+        try:
+            _to_onnx(module, example, tmp / MODEL_FILE, opset)
+            imports = onnx.load(str(tmp / MODEL_FILE), load_external_data=False).opset_import
+            opset_used = next(int(o.version) for o in imports if o.domain in ("", "ai.onnx"))
+            diff = _verify(module, tmp / MODEL_FILE, ort, crop, len(dep.classes), tolerance)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         meta = _description(dep, opset_used, ort.__version__, diff, tolerance)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in sorted(tmp.iterdir()):  # the model, external weight files where torch wrote any, the JSON
@@ -289,6 +295,15 @@ def _check_out_dir(out: Path, force: bool) -> bool:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} is not empty; pass --force to replace its {MODEL_FILE} and {META_FILE}")
     return not out.exists()
+
+
+def fixed_size(module: nn.Module, crop: int) -> None:
+    """timm ViTs built to take other sizes (``dynamic_img_size``) resample their position embeddings
+    in every forward (an antialiased bicubic ONNX has no operator for); set to the one size the export
+    takes (timm's ``set_input_size``), they are resampled once, here, and the graph has none of it."""
+    for m in module.modules():
+        if getattr(m, "dynamic_img_size", False) and hasattr(m, "set_input_size"):
+            m.set_input_size(img_size=crop)  # type: ignore[operator]
 
 
 def _to_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
