@@ -404,6 +404,7 @@ def finetune(train: str | Path | Sequence[str | Path], out: str | Path, *,
     (kw,) = _split_options(options, FinetuneOptions)
     if kw.get("weights_file") is not None:
         kw["weights_file"] = Path(kw["weights_file"])
+        kw.setdefault("backbone", None)  # as the CLI: a checkpoint names its own backbone
     if kw.get("backbone") is not None and kw.get("weights_tag") is None:  # "NAME:TAG", as the CLI takes it
         spec = spec_for(kw["backbone"], kw.get("weights_file"))
         kw["backbone"], kw["weights_tag"] = spec.backbone, spec.weights_tag

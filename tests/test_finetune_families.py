@@ -301,3 +301,70 @@ def test_a_budget_only_picks_sizes_the_model_takes(data: Any) -> None:
     assert plan_budget(*args).image_size < 224
     plan = plan_budget(*args, accepts=lambda size: False)
     assert plan.image_size == 224 and plan.epochs == 1
+
+
+def test_a_timm_classifier_that_is_a_1x1_convolution_and_other_careless_input(data: Any, tmp_path: Path) -> None:
+    """DLA (as ResNetV2/BiT, DPN) classifies with a 1x1 convolution on [N, C, 1, 1] features: the new head is
+    one too and predict reads it as a matrix; a model without checkpointed blocks, a size a fixed ViT does
+    not take, a class name no prompt can hold: one line each, or a run without the zero-shot head."""
+    root = data["root"]
+    dla = _save(timm.create_model("dla46_c"), tmp_path / "dla.safetensors")
+    ck = tmp_path / "dla_ck.safetensors"
+    _cli("finetune", str(root / "train"), "--out", str(ck), "--backbone", "timm:dla46_c", "--weights", str(dla),
+         "--epochs", "1", "--image-size", "64", *FAST)
+    assert checkpoint.read_meta(ck)["head"]["name"] == "fc"  # type: ignore[index]
+    pred = tmp_path / "dla.parquet"
+    _cli("predict", str(ck), str(root / "val"), "--out", str(pred), "--top-k", "3")
+    net, pre, _, _ = from_checkpoint(ck)
+    got = _predicted(pred)
+    files = sorted(Path(p) for p in got)
+    with torch.inference_mode():
+        want = torch.softmax(net(_pixels(files, pre)), 1).numpy()
+    for f, w in zip(files, want):
+        assert np.allclose(np.sort(got[str(f)])[::-1], np.sort(w)[::-1], atol=1e-4)
+    for args, msg in ((["--backbone", "timm:dla46_c", "--weights", str(dla), "--grad-checkpointing"],
+                       "no checkpointed blocks"),
+                      (["--backbone", f"open_clip:{CLIP_ARCH}", "--weights", str(data["clip"]), "--image-size", "48"],
+                       "does not take 48x48 images")):
+        r = CliRunner().invoke(app, ["finetune", str(root / "train"), "--out", str(tmp_path / "x.safetensors"),
+                                     "--epochs", "1", *FAST, *args])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+    # a folder name longer than the text tower's context: fine-tuning goes on without the zero-shot head
+    odd = tmp_path / "odd"
+    for name, src in (("_".join("q" * 120), "red"), ("green", "green")):  # 239 bytes, 120+ tokens
+        (odd / name).mkdir(parents=True)
+        for f in sorted((root / "train" / src).iterdir())[:6]:
+            (odd / name / f.name).write_bytes(f.read_bytes())
+    r = finetune([str(odd)], tmp_path / "odd.safetensors",
+                 FinetuneOptions(backbone=f"open_clip:{CLIP_ARCH}", weights_file=data["clip"], epochs=1, batch_size=8,
+                                 workers=0, val_fraction=0.34))
+    assert r.zero_shot_val_accuracy is None and "head from the probe" in r.recipe
+
+
+def test_a_checkpoint_whose_metadata_lies_is_refused_in_one_line(data: Any, tmp_path: Path) -> None:
+    root = data["root"]
+    ck = root / "vit_ck.safetensors"
+    if not ck.exists():
+        pytest.skip("needs the ViT checkpoint of the first test")
+    state, meta = checkpoint.load(ck)
+    meta.pop("format")
+    for change, msg, command in (({"classes": ["a", "b"]}, "3 outputs for 2 classes", "predict"),
+                                 ({"head": {"name": "blocks.0.mlp.fc1", "normalized": False}}, "is not", "extract"),
+                                 ({"head": {"name": "head", "normalized": True}}, "is not", "extract")):
+        bad = tmp_path / "bad.safetensors"
+        checkpoint.save(bad, state, {**meta, **change})
+        args = (["predict", str(bad), str(root / "val"), "--out", str(tmp_path / "p.parquet")] if command == "predict"
+                else ["extract", str(root / "val"), "--out", str(tmp_path / "s"), "--weights", str(bad)])
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+
+
+def test_the_api_continues_from_a_checkpoint_as_the_cli_does(data: Any, tmp_path: Path) -> None:
+    import embedder
+
+    root = data["root"]
+    first = tmp_path / "first.safetensors"
+    embedder.finetune(root / "train", first, backbone="tiny_test", epochs=1, batch_size=8, workers=0)
+    again = embedder.finetune(root / "train", tmp_path / "again.safetensors", weights_file=first, epochs=1,
+                              batch_size=8, workers=0)
+    assert checkpoint.read_meta(Path(again["checkpoint"]))["backbone"] == "tiny_test"  # type: ignore[index]

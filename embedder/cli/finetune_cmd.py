@@ -117,8 +117,9 @@ def finetune_command(
         out.print(f"WiSE-FT mix with the start, alpha {result.wise_ft['alpha']:g} chosen on validation ({accs})",
                   highlight=False)
     if result.best_epoch == 0:
-        out.print("[yellow]fine-tuning did not help at this budget: use the probe[/yellow] (the checkpoint holds "
-                  f"the {'zero-shot head' if 'zero-shot head' in result.recipe else 'probe' + chr(39) + 's head'} on the "
+        start = "the zero-shot head" if "head from the zero-shot head" in result.recipe else "the probe"
+        out.print(f"[yellow]fine-tuning did not help at this budget: use {start}[/yellow] (the checkpoint holds "
+                  f"{start}{'' if start.endswith('head') else chr(39) + 's head'} on the "
                   "unchanged pretrained backbone); what moved it past the probe in our "
                   "measurements: more --epochs first, then --lr-backbone 3e-4 (it helped some data sets, hurt others)")
     else:

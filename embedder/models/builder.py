@@ -97,9 +97,7 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
         if weights.extra is not None and weights.state_dict is not None:  # an `embedder finetune` checkpoint
             if weights.extra.get("inference_form"):
                 family.inference_form(net)  # trained in the folded form (MobileCLIP): built the same way
-            from embedder.models.checkpoint import HeadSpec
-
-            apply_weights(net, weights.state_dict, backbone, skip=(HeadSpec.from_meta(weights.extra, backbone).name,))
+            apply_weights(net, weights.state_dict, backbone, skip=(checkpoint_head(net, backbone, weights.extra),))
         elif loader is not None and spec.weights_file is not None:  # the family's own (OpenCLIP's conversions)
             loader(net, Path(spec.weights_file))
         elif weights.state_dict is not None:
@@ -109,6 +107,23 @@ def load_network(spec: ModelSpec) -> tuple[nn.Module, Backbone, LoadedWeights, P
     if spec.image_size is not None and spec.image_size != pre.crop_size:
         pre = pre.at_size(spec.image_size)
     return net, backbone, weights, pre
+
+
+def checkpoint_head(net: nn.Module, backbone: Backbone, meta: dict[str, object]) -> str:
+    """The head a checkpoint's metadata names, checked against the architecture: one of its classifiers
+    (a CLIP model's: ``head``, on normalised features), never a module of the backbone whose tensors
+    would then be left out."""
+    from embedder.models.checkpoint import HeadSpec
+    from embedder.models.weights import classifier_modules
+
+    head = HeadSpec.from_meta(dict(meta), backbone)
+    clip = backbone.family == "open_clip"
+    allowed = {"head"} if clip else {backbone.head, *backbone.classifiers,
+                                     *classifier_modules(net, backbone.classifiers)}
+    if head.name not in allowed or head.normalized != clip:
+        raise WeightsMismatch(f"the checkpoint's head {head.name!r} (normalised: {head.normalized}) is not "
+                              f"{backbone.name}'s classifier ({', '.join(sorted(allowed))}); a damaged checkpoint?")
+    return head.name
 
 
 def load_weights_file(path: Path) -> LoadedWeights:

@@ -43,11 +43,21 @@ class HeadSpec:
         return cls(backbone.head, False)
 
 
-def head_tensors(state: dict[str, torch.Tensor], head: HeadSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def head_tensors(state: dict[str, torch.Tensor], head: HeadSpec, classes: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's weight as [classes, features] (a 1x1 convolution's too) and bias; with CLASSES,
+    checked to have that many rows (a checkpoint's metadata is not trusted blindly)."""
     try:
-        return state[f"{head.name}.weight"], state[f"{head.name}.bias"]
+        w, b = state[f"{head.name}.weight"], state[f"{head.name}.bias"]
     except KeyError:
         raise WeightsMismatch(f"the checkpoint holds no classification head ({head.name})") from None
+    w = w.reshape(w.shape[0], -1)
+    if w.ndim != 2 or b.shape != (w.shape[0],) or (w.ndim == 2 and w.shape[1] == 0):
+        raise WeightsMismatch(f"the checkpoint's head {head.name} is not a linear classifier "
+                              f"(weight {tuple(w.shape)}, bias {tuple(b.shape)})")
+    if classes is not None and w.shape[0] != classes:
+        raise WeightsMismatch(f"the checkpoint's head has {w.shape[0]} outputs for {classes} classes")
+    return w, b
 
 
 META_KEY = "embedder_checkpoint"
@@ -117,9 +127,9 @@ def head(path: Path) -> tuple[LinearHead, list[str]]:
     state, meta = load(path)
     spec = HeadSpec.from_meta(meta, get_backbone(meta["backbone"]))
     try:
-        w_t, b_t = head_tensors(state, spec)
-    except WeightsMismatch:
-        raise ProbeError(f"{path} holds no classification head ({spec.name})") from None
+        w_t, b_t = head_tensors(state, spec, len(meta["classes"]))
+    except WeightsMismatch as e:
+        raise ProbeError(f"{path}: {e}") from None
     w, b = w_t.float().numpy(), b_t.float().numpy()
     dim = w.shape[1]
     return (LinearHead(w, b, np.zeros(dim, np.float32), np.ones(dim, np.float32), normalize=spec.normalized),

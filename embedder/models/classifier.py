@@ -58,22 +58,45 @@ def is_clip_classifier(net: nn.Module) -> bool:
     return isinstance(net, _clip_classifier_class())
 
 
-def feature_dim(net: nn.Module, image_size: int) -> int:
+def feature_dim(net: nn.Module, image_size: int, name: str = "backbone") -> int:
     """The width of NET's output on one blank image (NET's head being Identity)."""
+    return int(_probe(net, image_size, name, None)[-1])
+
+
+def _probe(net: nn.Module, image_size: int, name: str, tap: str | None) -> tuple[int, ...]:
+    """The shape of NET's output (TAP None) or of the input of its module TAP, on one blank image; a
+    network that does not take IMAGE_SIZE (a ViT without interpolated position embeddings) is a
+    one-line FinetuneError."""
+    import contextlib
+    import io
+
+    seen: list[tuple[int, ...]] = []
+    hook = None if tap is None else net.get_submodule(tap).register_forward_hook(
+        lambda m, i, o: seen.append(tuple(i[0].shape)))
     was = net.training
     net.eval()
-    with torch.inference_mode():
-        out = net(torch.zeros(1, 3, image_size, image_size))
-    net.train(was)
-    return int(out.shape[-1])
+    try:
+        with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+            out = net(torch.zeros(1, 3, image_size, image_size))
+    except (AssertionError, RuntimeError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise FinetuneError(f"{name} does not take {image_size}x{image_size} images ({first[:160]}); drop "
+                            "--image-size to use its own size") from None
+    finally:
+        net.train(was)
+        if hook is not None:
+            hook.remove()
+    return seen[0] if seen else tuple(out.shape)
 
 
 def with_head(net: nn.Module, backbone: Backbone, n_classes: int, image_size: int) -> tuple[nn.Module, HeadSpec]:
-    """NET (as ``builder.load_network`` gives it) with a new, randomly initialised Linear head of
-    N_CLASSES outputs: the logits network, and where its head is."""
+    """NET (as ``builder.load_network`` gives it) with a new, randomly initialised head of N_CLASSES
+    outputs: a Linear on the pooled features, or a 1x1 convolution where the model's own classifier
+    is one (timm's ResNetV2/BiT, DLA, DPN: pooled features [N, C, 1, 1], flattened after the head);
+    the logits network, and where its head is."""
     if backbone.family == "open_clip":
         clip = getattr(net, "clip", net)
-        dim = feature_dim(net, image_size)
+        dim = feature_dim(net, image_size, backbone.name)
         return _clip_classifier_class()(clip, nn.Linear(dim, n_classes)), HeadSpec("head", normalized=True)
     heads = classifier_modules(net, backbone.classifiers)
     if not heads:
@@ -84,13 +107,19 @@ def with_head(net: nn.Module, backbone: Backbone, n_classes: int, image_size: in
     name = heads[0]
     old = net.get_submodule(name)
     if isinstance(old, nn.Linear):
-        dim = old.in_features
-    elif isinstance(old, nn.Identity) or not any(True for _ in old.parameters()):
-        net.set_submodule(name, nn.Identity())
-        dim = feature_dim(net, image_size)
-    else:
+        net.set_submodule(name, nn.Linear(old.in_features, n_classes))
+        return net, HeadSpec(name)
+    if not (isinstance(old, nn.Identity) or not any(True for _ in old.parameters())):
         raise FinetuneError(f"{backbone.name}'s head {name} is a {type(old).__name__}, not a Linear layer")
-    net.set_submodule(name, nn.Linear(dim, n_classes))
+    net.set_submodule(name, nn.Identity())
+    shape = _probe(net, image_size, backbone.name, name)
+    if len(shape) == 2:
+        net.set_submodule(name, nn.Linear(shape[1], n_classes))
+    elif len(shape) == 4 and shape[2:] == (1, 1):
+        net.set_submodule(name, nn.Conv2d(shape[1], n_classes, 1))
+    else:
+        raise FinetuneError(f"{backbone.name}'s classifier {name} reads features shaped {list(shape[1:])}; only "
+                            "pooled features (a vector, or a 1x1 map) take a new head")
     return net, HeadSpec(name)
 
 
@@ -112,6 +141,6 @@ def from_checkpoint(path: Path) -> tuple[nn.Module, Preprocessing, list[str], di
         raise WeightsMismatch(f"{path}: its head is {head.name}, {backbone.name}'s is {spec.name}")
     lin = full.get_submodule(spec.name)
     with torch.no_grad():
-        lin.weight.copy_(w.float())  # type: ignore[operator]
+        lin.weight.copy_(w.float().reshape(lin.weight.shape))  # type: ignore[operator, union-attr, arg-type]
         lin.bias.copy_(b.float())  # type: ignore[operator]
     return full.eval(), pre, classes, meta

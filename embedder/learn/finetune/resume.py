@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 # settings a resumed run may change: where and how fast it runs, and how long it goes on
-RESUMABLE_CHANGES = ("workers", "device", "epochs", "patience", "budget_minutes")
+RESUMABLE_CHANGES = ("workers", "device", "epochs", "patience", "budget_minutes", "grad_checkpointing",
+                     "memory_budget", "precision")  # the last three: what a retry after running out of memory changes
 
 
 def run_settings(options: FinetuneOptions) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from embedder.decode.decoders import normalize_batch
-from embedder.errors import FinetuneError, ProbeError
+from embedder.errors import FinetuneError, ProbeError, TextQueryError
 from embedder.learn.finetune.budget import available_memory, check_memory, plan_budget, takes_size, time_steps
 from embedder.learn.finetune.data import LabelledImages, collate, eval_transform, labelled_refs, train_transform
 from embedder.learn.finetune.options import (
@@ -132,11 +132,11 @@ def family_recipe(net: nn.Module, backbone: Backbone, options: FinetuneOptions, 
     if decay is not None:
         blocks = len({v for k, v in (layers or {}).items() if not k.startswith(head + ".")})
     if options.grad_checkpointing:
-        target = net.get_submodule("clip") if clip else net
-        if not hasattr(target, "set_grad_checkpointing"):
-            raise FinetuneError(f"--grad-checkpointing: {backbone.name} has no checkpointed blocks (timm and "
+        switch = grad_checkpointing_switch(net, backbone)
+        if switch is None:
+            raise FinetuneError(f"--grad-checkpointing: {backbone.name} has no checkpointed blocks (most timm and "
                                 "OpenCLIP models have them); lower --batch-size or --image-size instead")
-        target.set_grad_checkpointing(True)  # type: ignore[operator]
+        switch(True)
     precision = "bf16" if options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda") \
         else "fp32"
     return FamilyRecipe(backbone.family if backbone.family in ("timm", "open_clip", "test") else "torchvision",
@@ -171,7 +171,7 @@ def _features(net: nn.Module, head: str, loader: DataLoader, pre: Preprocessing,
     net.eval()
     feats, labels = [], []
     captured: list[torch.Tensor] = []
-    hook = net.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    hook = net.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0].flatten(1)))
     try:
         for x, y, _ in loader:
             if x is None:
@@ -253,6 +253,20 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     net.to(device)
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
+    groups = param_groups(net, backbone, options, head_spec.name, fam.layer_decay, body)
+    set_trainable(net, groups, backbone_on=not options.freeze_backbone)
+    toggle = grad_checkpointing_switch(net, backbone)
+    if options.memory_budget:
+        budget: tuple[int, str] | None = (parse_size(options.memory_budget, FinetuneError), "--memory-budget")
+    else:  # what is free, plus the weights already there (the need counts them)
+        free = available_memory(device)
+        budget = None if free is None else (free[0] + sum(p.numel() * p.element_size() for p in net.parameters()),
+                                            free[1] + " (and the loaded weights)")
+    blocks = len(set((layer_map(net) or {}).values())) if toggle is not None else 1
+    # before anything else trains a copy of the model (--budget's timed steps)
+    memory = check_memory(net, backbone.name, pre.crop_size, options.batch_size, device, amp, budget,
+                          options.grad_checkpointing, toggle, blocks)
+    log.info("memory per step: %s", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
     resume_path = out.with_name(out.name + ".resume")
     plan: BudgetPlan | None = None
     if options.budget_minutes is not None:
@@ -272,16 +286,6 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         options = dataclasses.replace(options, epochs=plan.epochs, image_size=plan.image_size)
         if plan.image_size != pre.crop_size:
             pre = pre.at_size(plan.image_size)
-    groups = param_groups(net, backbone, options, head_spec.name, fam.layer_decay, body)
-    set_trainable(net, groups, backbone_on=not options.freeze_backbone)
-    ckpt_target = net.get_submodule("clip") if backbone.family == "open_clip" else net
-    toggle = getattr(ckpt_target, "set_grad_checkpointing", None) if backbone.family in ("timm", "open_clip") else None
-    budget = (parse_size(options.memory_budget, FinetuneError), "--memory-budget") if options.memory_budget \
-        else available_memory(device)
-    blocks = len(set((layer_map(net) or {}).values())) if toggle is not None else 1
-    memory = check_memory(net, backbone.name, pre.crop_size, options.batch_size, device, amp, budget,
-                          options.grad_checkpointing, toggle, blocks)
-    log.info("memory per step: %s", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
     # WiSE-FT mixes the trained weights with the start's: the tower as loaded (before a resume overwrites
     # it) and, once chosen, the starting head
     start: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
@@ -326,13 +330,16 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     settings = run_settings(options)
     zs_head: torch.Tensor | None = None  # CLIP: the zero-shot head's weights (logit scale × unit text vectors)
     if fam.text_frozen:
-        zs_head = zero_shot_weights(net, backbone, classes, device)
+        try:
+            zs_head = zero_shot_weights(net, backbone, classes, device)
+        except (ProbeError, TextQueryError) as e:  # a folder name the text tower cannot read as a prompt
+            log.warning("no zero-shot head: %s", e)
 
     def tried() -> str:
         return recipe(options, pre.crop_size, dataclasses.replace(fam, head_start=state["head_start"] or "probe"))
 
     def save_best(epoch: int, val_acc: float, model: nn.Module) -> None:
-        meta = {"backbone": backbone.name, **describe(backbone), "pretrained": origin, "classes": classes,
+        meta = {"backbone": backbone.name, **describe(backbone, origin), "pretrained": origin, "classes": classes,
                 "head": head_spec.to_dict(), "inference_form": inference_form,
                 "family_recipe": dataclasses.asdict(fam), "head_start": state["head_start"],
                 "zero_shot_val_accuracy": state["zero_shot_val_accuracy"],
@@ -496,22 +503,46 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
 
 
 # ---- family helpers -----------------------------------------------------------------------------
-def describe(backbone: Backbone) -> dict[str, Any]:
-    """The family, architecture and weights tag a checkpoint records beside the backbone's name."""
+def describe(backbone: Backbone, origin: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The family, architecture and weights tag a checkpoint records beside the backbone's name (the
+    tag of the weights really loaded, from ORIGIN: None for a weights file)."""
     name = backbone.name
     if backbone.family == "timm":
         arch, _, tag = name.removeprefix("timm:").partition(".")
     elif backbone.family == "open_clip":
         arch, _, tag = name.removeprefix("open_clip:").partition(":")
     else:
-        arch, tag = name, backbone.weights
+        arch = name
+        kind, full = (origin or {}).get("kind"), str((origin or {}).get("name", ""))
+        tag = full.rsplit(".", 1)[-1] if kind in ("registry", "seeded") else ""
+    if (origin or {}).get("kind") == "file":
+        tag = ""
     return {"family": backbone.family if backbone.family in ("timm", "open_clip", "test") else "torchvision",
             "architecture": arch, "tag": tag or None}
 
 
+def grad_checkpointing_switch(net: nn.Module, backbone: Backbone) -> Callable[[bool], None] | None:
+    """A function turning the model's gradient checkpointing on or off (timm's, OpenCLIP's
+    ``set_grad_checkpointing``), None where the model has none (timm's VGG, DLA, … assert)."""
+    if backbone.family not in ("timm", "open_clip"):
+        return None
+    target = net.get_submodule("clip") if backbone.family == "open_clip" else net
+    switch = getattr(target, "set_grad_checkpointing", None)
+    if switch is None:
+        return None
+    try:
+        on = bool(getattr(target, "grad_checkpointing", False))
+        switch(True)  # raises where the model has no checkpointed blocks (timm's: assert not enable)
+        switch(on)
+    except (AssertionError, NotImplementedError, AttributeError):
+        return None
+    return switch  # type: ignore[no-any-return]
+
+
 def set_head(head: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """HEAD's weights from a [classes, features] matrix (a 1x1 convolution's reshaped) and BIAS (None: 0)."""
     with torch.no_grad():
-        head.weight.copy_(weight)  # type: ignore[operator]
+        head.weight.copy_(weight.reshape(head.weight.shape))  # type: ignore[operator, union-attr, arg-type]
         if bias is None:
             head.bias.zero_()  # type: ignore[operator]
         else:
@@ -522,11 +553,14 @@ def zero_shot_weights(net: nn.Module, backbone: Backbone, classes: list[str], de
     """A CLIP model's zero-shot head for CLASSES as Linear weights on normalised image embeddings: the
     logit scale times the class names' unit text vectors (OpenCLIP's prompt ensemble), so that the
     head's logits are exactly ``zeroshot.ZeroShotHead``'s."""
-    from embedder.learn.zeroshot import text_head
+    from embedder.learn.zeroshot import class_text, text_head
 
     text = backbone.impl.text_tower(net)
     if text is None:
         raise FinetuneError(f"{backbone.name} has no text tower for a zero-shot head")
+    empty = [c for c in classes if not class_text(c)]
+    if empty:
+        raise ProbeError(f"class {empty[0]!r} has no words for a prompt")
     was = net.training
     net.eval()
     try:
