@@ -478,6 +478,9 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     if state["best_epoch"] > 0 and zs_head is not None and state["zero_shot_val_accuracy_after"] is None:
         # the weights kept, mixed with the start's (WiSE-FT), then the zero-shot head on that image tower;
         # the checkpoint written once with all of it
+        opt.state.clear()  # AdamW's moments and the last gradients are not needed any more
+        net.zero_grad(set_to_none=True)
+        ema = None
         net.load_state_dict(checkpoint.load(out)[0])
         if fam.wise_ft:
             wise_ft(net, start, val_loader, pre, device, amp, state)
@@ -588,16 +591,16 @@ def wise_ft(net: nn.Module, start: dict[str, torch.Tensor], val_loader: DataLoad
     """WiSE-FT on NET (holding the best epoch's weights): the mixing weight alpha chosen on validation
     among WISE_ALPHAS (0: the start, its accuracy known; 1: the best epoch, known); ties go to the
     alpha nearest 0.5, the paper's default. NET is left holding the chosen mix; STATE records it."""
-    ft = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    ft = {k: v.detach().clone() for k, v in net.state_dict().items() if k in start}  # image tower and head only
     accs: dict[float, float] = {0.0: float(state["start_accuracy"]), 1.0: float(state["best"])}
     for a in WISE_ALPHAS:
         if a in accs:
             continue
-        net.load_state_dict(mix(start, ft, a))
+        net.load_state_dict(mix(start, ft, a), strict=False)
         accs[a] = evaluate(net, val_loader, pre, device, amp)
     alpha = max(accs, key=lambda a: (accs[a], -abs(a - 0.5)))
     log.info("WiSE-FT: alpha %.1f (validation %s)", alpha,
              ", ".join(f"{a:g}: {v:.4f}" for a, v in sorted(accs.items())))
     state["wise_ft"] = {"alpha": alpha, "val_accuracy": {f"{a:g}": round(v, 4) for a, v in sorted(accs.items())}}
     state["best"] = accs[alpha]
-    net.load_state_dict(mix(start, ft, alpha))
+    net.load_state_dict(mix(start, ft, alpha), strict=False)
