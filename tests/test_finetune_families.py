@@ -368,3 +368,18 @@ def test_the_api_continues_from_a_checkpoint_as_the_cli_does(data: Any, tmp_path
     again = embedder.finetune(root / "train", tmp_path / "again.safetensors", weights_file=first, epochs=1,
                               batch_size=8, workers=0)
     assert checkpoint.read_meta(Path(again["checkpoint"]))["backbone"] == "tiny_test"  # type: ignore[index]
+
+
+def test_gradient_checkpointing_stays_as_asked(data: Any) -> None:
+    """The memory check toggles checkpointing to measure both ways; the run trains as it was asked."""
+    from embedder.learn.finetune.train import grad_checkpointing_switch
+
+    for name, wfile, flag in (("timm:test_vit", data["vit"], lambda n: n.grad_checkpointing),
+                              (f"open_clip:{CLIP_ARCH}", data["clip"],
+                               lambda n: n.clip.visual.transformer.grad_checkpointing)):
+        for asked in (True, False):
+            opts = FinetuneOptions(backbone=name, weights_file=wfile, grad_checkpointing=asked)
+            net, backbone, _, _, head = build_classifier(opts, 3)
+            family_recipe(net, backbone, opts, torch.device("cpu"), head.name)
+            assert grad_checkpointing_switch(net, backbone, asked) is not None
+            assert flag(net) is asked, (name, asked)

@@ -132,11 +132,10 @@ def family_recipe(net: nn.Module, backbone: Backbone, options: FinetuneOptions, 
     if decay is not None:
         blocks = len({v for k, v in (layers or {}).items() if not k.startswith(head + ".")})
     if options.grad_checkpointing:
-        switch = grad_checkpointing_switch(net, backbone)
+        switch = grad_checkpointing_switch(net, backbone, True)
         if switch is None:
             raise FinetuneError(f"--grad-checkpointing: {backbone.name} has no checkpointed blocks (most timm and "
                                 "OpenCLIP models have them); lower --batch-size or --image-size instead")
-        switch(True)
     precision = "bf16" if options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda") \
         else "fp32"
     return FamilyRecipe(backbone.family if backbone.family in ("timm", "open_clip", "test") else "torchvision",
@@ -255,7 +254,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         net.to(memory_format=torch.channels_last)
     groups = param_groups(net, backbone, options, head_spec.name, fam.layer_decay, body)
     set_trainable(net, groups, backbone_on=not options.freeze_backbone)
-    toggle = grad_checkpointing_switch(net, backbone)
+    toggle = grad_checkpointing_switch(net, backbone, options.grad_checkpointing)
     if options.memory_budget:
         budget: tuple[int, str] | None = (parse_size(options.memory_budget, FinetuneError), "--memory-budget")
     else:  # what is free, plus the weights already there (the need counts them)
@@ -524,9 +523,11 @@ def describe(backbone: Backbone, origin: dict[str, Any] | None = None) -> dict[s
             "architecture": arch, "tag": tag or None}
 
 
-def grad_checkpointing_switch(net: nn.Module, backbone: Backbone) -> Callable[[bool], None] | None:
+def grad_checkpointing_switch(net: nn.Module, backbone: Backbone,
+                              enabled: bool = False) -> Callable[[bool], None] | None:
     """A function turning the model's gradient checkpointing on or off (timm's, OpenCLIP's
-    ``set_grad_checkpointing``), None where the model has none (timm's VGG, DLA, … assert)."""
+    ``set_grad_checkpointing``), None where the model has none (timm's VGG, DLA, … assert); left
+    ENABLED or not."""
     if backbone.family not in ("timm", "open_clip"):
         return None
     target = net.get_submodule("clip") if backbone.family == "open_clip" else net
@@ -534,9 +535,8 @@ def grad_checkpointing_switch(net: nn.Module, backbone: Backbone) -> Callable[[b
     if switch is None:
         return None
     try:
-        on = bool(getattr(target, "grad_checkpointing", False))
         switch(True)  # raises where the model has no checkpointed blocks (timm's: assert not enable)
-        switch(on)
+        switch(enabled)
     except (AssertionError, NotImplementedError, AttributeError):
         return None
     return switch  # type: ignore[no-any-return]
