@@ -17,8 +17,10 @@ nothing earlier in the run counts; workers 0, so the child is the whole run):
 - plain: what a user writes — timm.create_model(arch, num_classes=N) (OpenCLIP: create_model, then
   its .visual and a new Linear head), the same weights, model.train(), AdamW (lr 1e-4, one group),
   CrossEntropy, the same images resized to 224 x 224, batch 32, fp32, with and without the model's
-  ``set_grad_checkpointing(True)``; one epoch over the same training images.
-Prints a table and the JSON (also to --json).
+  ``set_grad_checkpointing(True)``; one epoch over the same training images. It has no memory check
+  of its own: a row that finetune's estimator says would not fit the available memory is skipped.
+Beside each embedder row: finetune's own estimate of the step's memory (``FinetuneResult.memory``).
+Prints a table and the JSON (also to --json). --smoke: tiny architectures, to check this script.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ def row_embedder(family: str, arch: str, gc: bool, bf16: bool, data: Path, weigh
     return {"s_per_step": round(BATCH / ips, 2), "s_per_step_steady": round(sum(steady) / len(steady), 2)
             if steady else None, "steps": len(steps), "seconds_total": round(total, 1),
             "probe_seconds": r.probe_seconds, "peak_rss_to_epoch_end_mib": round(at_epoch[0] / 1024) if at_epoch
-            else None, "recipe": r.recipe}
+            else None, "recipe": r.recipe,
+            # finetune's own estimate of the step's need (budget.memory_need), where this version makes one
+            "estimate_mib": {k: round(v / 2**20) for k, v in (getattr(r, "memory", None) or {}).items()} or None}
 
 
 def row_plain(family: str, arch: str, gc: bool, bf16: bool, data: Path, weights: Path) -> dict[str, Any]:
@@ -140,6 +144,9 @@ def row_plain(family: str, arch: str, gc: bool, bf16: bool, data: Path, weights:
         net = nn.Sequential(clip.visual, nn.Linear(clip.visual.output_dim, n_classes))
         mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     del state
+    guard = memory_guard(net, gc, bf16)
+    if guard is not None:
+        return guard
     tf = T.Compose([T.Lambda(lambda im: im.convert("RGB")), T.Resize((SIZE, SIZE)), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(mean, std)])
     loader = DataLoader(datasets.ImageFolder(str(data / "train"), tf), batch_size=BATCH, shuffle=True,
@@ -163,6 +170,25 @@ def row_plain(family: str, arch: str, gc: bool, bf16: bool, data: Path, weights:
     return {"s_per_step": round(epoch / max(seen, 1) * BATCH, 2),
             "s_per_step_steady": round(sum(steady) / len(steady), 2) if steady else None, "steps": len(times),
             "seconds_total": round(epoch, 1)}
+
+
+def memory_guard(net: Any, gc: bool, bf16: bool) -> dict[str, Any] | None:
+    """The plain loop has no memory check of its own: a row whose step (finetune's estimator,
+    budget.memory_need) would not fit this machine's available memory is skipped, not run into the
+    OOM killer beside other processes. None: go ahead."""
+    import torch
+
+    try:
+        from embedder.learn.finetune.budget import available_memory, memory_need
+    except ImportError:
+        return None
+    avail = available_memory(torch.device("cpu"))
+    need = memory_need(net, SIZE, BATCH, torch.device("cpu"), torch.bfloat16 if bf16 else None, gc,
+                       getattr(net, "set_grad_checkpointing", None), 12)
+    if avail is not None and need["total"] > 0.9 * avail[0]:
+        return {"error": f"skipped: the step needs ≈ {need['total'] / 2**20:.0f} MiB (finetune's estimator), "
+                         f"{avail[1]} is {avail[0] / 2**20:.0f} MiB"}
+    return None
 
 
 def child(spec: dict[str, Any]) -> None:
@@ -229,12 +255,13 @@ def main() -> None:
             del rec["data"], rec["weights"]
             results.append(rec)
             print(json.dumps(rec), flush=True)
-    print("\n| backbone | row | peak RSS MiB | peak RSS to epoch end | s/step (epoch) | s/step steady |")
-    print("|---|---|---|---|---|---|")
+    print("\n| backbone | row | peak RSS MiB | peak RSS to epoch end | finetune's estimate (total) | s/step (epoch) "
+          "| s/step steady |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['backbone']} | {r['row']} | {r.get('peak_rss_mib', r.get('error', '?'))} | "
-              f"{r.get('peak_rss_to_epoch_end_mib', '-')} | {r.get('s_per_step', '-')} | "
-              f"{r.get('s_per_step_steady', '-')} |")
+              f"{r.get('peak_rss_to_epoch_end_mib', '-')} | {(r.get('estimate_mib') or {}).get('total', '-')} | "
+              f"{r.get('s_per_step', '-')} | {r.get('s_per_step_steady', '-')} |")
     out_all = {"what": "mechanics and memory only: random weights of the real architectures, generated images",
                "batch": BATCH, "image_size": SIZE, "train_images": args.train, "val_images": args.val,
                "cores": os.cpu_count(), "cpu": platform.machine(), "argv": sys.argv[1:], "rows": results}

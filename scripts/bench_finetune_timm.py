@@ -139,6 +139,8 @@ def textbook(train: Path, val: Path, weights: Path, size: int, epochs: int, batc
                 correct += int((model(x).argmax(1) == y).sum())
                 n += len(y)
         accs.append(correct / n)
+        print(f"textbook epoch {len(accs)}: {accs[-1]:.4f} at {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+              flush=True)
     return accs, time.perf_counter() - t0, row_peak_rss_mib()
 
 
@@ -155,7 +157,9 @@ def embedder_defaults(train: Path, val: Path, weights: Path, size: int, epochs: 
     opts = FinetuneOptions(backbone=BACKBONE, weights_file=weights, image_size=size, epochs=epochs,
                            patience=epochs, seed=seed, workers=workers)
     t0 = time.perf_counter()
-    r = finetune([str(train)], out, opts, val_source=[str(val)])
+    r = finetune([str(train)], out, opts, val_source=[str(val)],
+                 on_epoch=lambda rec: print(f"embedder epoch {rec.epoch}: {rec.val_accuracy:.4f} at "
+                                            f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True))
     return {"best": round(r.best_val_accuracy, 4), "best_epoch": r.best_epoch,
             "final": round(r.history[-1].val_accuracy, 4) if r.history else None,
             "frozen_probe": round(r.frozen_val_accuracy, 4),
@@ -269,7 +273,11 @@ def main() -> None:
             result["sets"][name] = entry
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    result["peak_rss_mib"] = peak_rss_mib()
+    # the rows reset the high-water mark (clear_refs also resets getrusage's ru_maxrss on Linux): the run's
+    # peak is the largest row's, or what came after the last reset
+    rows_peak = [r[row]["peak_rss_mib"] for e in result["sets"].values() for r in e["runs"]
+                 for row in ("textbook", "embedder") if row in r]
+    result["peak_rss_mib"] = max([peak_rss_mib(), *rows_peak])
     print("\n| set | frozen probe | embedder defaults | textbook (no crops, BN train, b64) | s embedder / textbook "
           "| peak RSS MiB embedder / textbook |")
     print("|---|---|---|---|---|---|")
