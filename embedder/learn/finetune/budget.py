@@ -99,10 +99,10 @@ MEMORY_MARGIN = 1.25  # allocator slack and temporaries over what autograd keeps
 # estimate with it was 1.05x the measured peak RSS growth, 0.8-1.0x with gradient checkpointing)
 
 
-def saved_bytes_per_image(net: nn.Module, size: int, device: torch.device, amp: torch.dtype | None) -> int:
-    """Bytes autograd keeps for the backward pass per image, as the model trains (train mode, its
-    trainable parameters, gradient checkpointing as set): a forward of two blank images with
-    ``saved_tensors_hooks`` counting each saved storage once, parameters left out."""
+def saved_bytes(net: nn.Module, size: int, device: torch.device, amp: torch.dtype | None, images: int) -> int:
+    """Bytes autograd keeps for the backward pass of IMAGES blank images, as the model trains (train
+    mode, its trainable parameters, gradient checkpointing as set): ``saved_tensors_hooks`` counting
+    each saved storage once, parameters left out (their bf16 copies under autocast are counted)."""
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen: dict[int, int] = {}
 
@@ -115,7 +115,7 @@ def saved_bytes_per_image(net: nn.Module, size: int, device: torch.device, amp: 
     was = net.training
     buffers = {k: v.clone() for k, v in net.named_buffers()}  # BatchNorm statistics: left as they were
     net.train()
-    x = torch.zeros(2, 3, size, size, device=device)
+    x = torch.zeros(images, 3, size, size, device=device)
     try:
         with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -126,7 +126,15 @@ def saved_bytes_per_image(net: nn.Module, size: int, device: torch.device, amp: 
         with torch.no_grad():
             for k, v in net.named_buffers():
                 v.copy_(buffers[k])
-    return sum(seen.values()) // 2
+    return sum(seen.values())
+
+
+def saved_bytes_for(net: nn.Module, size: int, device: torch.device, amp: torch.dtype | None, batch: int) -> int:
+    """What autograd keeps for BATCH images: measured at 2 and 4 images and extrapolated, so that a part
+    that does not grow with the batch (autocast's bf16 copies of the weights) is counted once."""
+    two, four = (saved_bytes(net, size, device, amp, n) for n in (2, 4))
+    per = max(four - two, 0) // 2
+    return max(two - 2 * per, 0) + per * batch
 
 
 def available_memory(device: torch.device) -> tuple[int, str] | None:
@@ -148,16 +156,16 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
 def memory_need(net: nn.Module, size: int, batch: int, device: torch.device, amp: torch.dtype | None,
                 checkpointing: bool = False, toggle: Any = None, blocks: int = 1) -> dict[str, int]:
     """Bytes a training step holds: every weight, a gradient and AdamW's two moments per trainable
-    one, and what autograd keeps for BATCH images (measured, ``saved_bytes_per_image``). With
+    one, and what autograd keeps for BATCH images (measured, ``saved_bytes_for``). With
     gradient checkpointing on, backward also recomputes one of BLOCKS blocks at a time: twice a
     block's share of the unchekpointed activations (measured with TOGGLE turning it off) is added."""
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-    acts = saved_bytes_per_image(net, size, device, amp) * batch
+    acts = saved_bytes_for(net, size, device, amp, batch)
     if checkpointing and toggle is not None:
         toggle(False)
         try:
-            full = saved_bytes_per_image(net, size, device, amp) * batch
+            full = saved_bytes_for(net, size, device, amp, batch)
         finally:
             toggle(True)
         acts += 2 * full // max(blocks, 1)
