@@ -249,7 +249,7 @@ def test_lp_ft_starts_from_the_probe_and_never_ends_below_it(labelled: Path, tmp
     # ... and says what was tried, from the settings the run really used
     tried = " ".join(out.output.split())
     assert ("tried: test: all layers, head from the probe; AdamW lr head 50 / backbone 50, warm-up + cosine; "
-            "BatchNorm frozen; crops >= 60% of the image, flips; batch 8, 1 epoch at 32 px") in tried, out.output
+            "BatchNorm frozen; no random crops, flips; batch 8, 1 epoch at 32 px") in tried, out.output
     assert meta["recipe"] == r.recipe and "lr head 50 / backbone 50" in r.recipe and "2 epochs" in r.recipe
 
 

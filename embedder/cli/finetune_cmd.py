@@ -41,7 +41,7 @@ def finetune_command(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")] = FinetuneOptions.precision,
     memory_budget: Annotated[Optional[str], typer.Option(help="Refuse in one line a run whose training step needs more, naming what fits (e.g. 8GB; default: the free GPU or machine memory).")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help=f"(default: {FinetuneOptions.label_smoothing:g})")] = None,
-    crop_scale: Annotated[Optional[float], typer.Option(help=f"Smallest area fraction of the random resized crop (default: {FinetuneOptions.crop_scale:g}).")] = None,
+    crop_scale: Annotated[Optional[float], typer.Option(help=f"Smallest area fraction of a random resized crop; 1: no random crop, the evaluation geometry (default: {FinetuneOptions.crop_scale:g}).")] = None,
     bn: Annotated[Optional[choices.BatchNorm], typer.Option(help=f"BatchNorm statistics (default: {FinetuneOptions.bn}).")] = None,
     ema: Annotated[Optional[float], typer.Option(help=f"Weight EMA decay per step, e.g. 0.999; 0 is off (default: {FinetuneOptions.ema:g}).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size (default: the weights' own).")] = None,

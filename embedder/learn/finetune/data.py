@@ -64,7 +64,7 @@ class train_transform:  # noqa: N801 - a picklable function object (DataLoader w
     at evaluation would show every object 256/224 = 1.14x larger at evaluation than in training.)
     """
 
-    def __init__(self, pre: Preprocessing, flip: bool = True, crop_scale: float = 0.6) -> None:
+    def __init__(self, pre: Preprocessing, flip: bool = True, crop_scale: float = 1.0) -> None:
         self.pre = pre
         self.crop = None if crop_scale >= 1.0 else T.RandomResizedCrop(
             pre.crop_size, scale=(crop_scale, 1.0), interpolation=pre.interpolation_mode, antialias=True)
