@@ -47,7 +47,7 @@ class FinetuneOptions:
     weight_decay: float = 0.05
     label_smoothing: float = 0.0  # measured: 0.1 cost 1.3 points at 3 epochs (docs/benchmarks.md)
     # smallest area fraction of RandomResizedCrop; 1: no random crop (the evaluation geometry + flips):
-    # +1.9 / +1.9 points on Fashion-MNIST (2 seeds), +2.0 on digits, equal on faces and stripes over 0.6
+    # +1.9 / +1.9 points on Fashion-MNIST (2 seeds), +2.0 on digits, +1.2 on photos, equal on faces and stripes over 0.6
     # at 96 px (docs/benchmarks.md, issue 36); 0.35 and 0.08 lost more (earlier session)
     crop_scale: float = 1.0
     bn: str = "frozen"  # frozen | train | adapt: see BN_POLICIES
