@@ -357,6 +357,14 @@ def test_a_checkpoint_whose_metadata_lies_is_refused_in_one_line(data: Any, tmp_
                 else ["extract", str(root / "val"), "--out", str(tmp_path / "s"), "--weights", str(bad)])
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+    # damaged head tensors: a wrong width, a 3x3 kernel, a scalar
+    for weight in (torch.zeros(3, 16), torch.zeros(3, state["head.weight"].shape[1], 3, 3), torch.zeros(())):
+        bad = tmp_path / "bad.safetensors"
+        checkpoint.save(bad, {**state, "head.weight": weight}, meta)
+        for args in (["predict", str(bad), str(root / "val"), "--out", str(tmp_path / "p.parquet")],
+                     ["export", str(bad), "--out", str(tmp_path / "e"), "--force"]):
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 2 and "Traceback" not in r.output, (tuple(weight.shape), args[0], r.output)
 
 
 def test_the_api_continues_from_a_checkpoint_as_the_cli_does(data: Any, tmp_path: Path) -> None:
@@ -367,7 +375,8 @@ def test_the_api_continues_from_a_checkpoint_as_the_cli_does(data: Any, tmp_path
     embedder.finetune(root / "train", first, backbone="tiny_test", epochs=1, batch_size=8, workers=0)
     again = embedder.finetune(root / "train", tmp_path / "again.safetensors", weights_file=first, epochs=1,
                               batch_size=8, workers=0)
-    assert checkpoint.read_meta(Path(again["checkpoint"]))["backbone"] == "tiny_test"  # type: ignore[index]
+    meta = checkpoint.read_meta(Path(again["checkpoint"]))
+    assert meta is not None and meta["backbone"] == "tiny_test" and meta["tag"] == "SEED0"
 
 
 def test_gradient_checkpointing_stays_as_asked(data: Any) -> None:

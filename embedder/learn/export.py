@@ -237,15 +237,18 @@ def write_onnx(dep: Deployable, out_dir: str | Path, *, opset: int | None = None
         fixed_size(module, crop)
         example = torch.randint(0, 256, (TRACE_BATCH, 3, crop, crop), dtype=torch.uint8,
                                 generator=torch.Generator().manual_seed(0))
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused kernel has no ONNX form
+        mha = getattr(torch.backends, "mha", None)  # torch >= 2.3; before it, no fused kernel to turn off
+        fastpath = mha.get_fastpath_enabled() if mha is not None else False
+        if mha is not None:
+            mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused kernel has no ONNX form
         try:
             _to_onnx(module, example, tmp / MODEL_FILE, opset)
             imports = onnx.load(str(tmp / MODEL_FILE), load_external_data=False).opset_import
             opset_used = next(int(o.version) for o in imports if o.domain in ("", "ai.onnx"))
             diff = _verify(module, tmp / MODEL_FILE, ort, crop, len(dep.classes), tolerance)
         finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+            if mha is not None:
+                mha.set_fastpath_enabled(fastpath)
         meta = _description(dep, opset_used, ort.__version__, diff, tolerance)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in sorted(tmp.iterdir()):  # the model, external weight files where torch wrote any, the JSON

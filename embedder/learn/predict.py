@@ -65,7 +65,11 @@ def predict(probe_path: Path, sources: Sequence[str], top_k: int = 5, device: st
                 progress(len(refs), table.num_rows + n_failed, len(failures))
             if not table.num_rows:
                 continue
-            proba = head.proba(arrow_to_embeddings(table.column("embedding")))
+            feats = arrow_to_embeddings(table.column("embedding"))
+            if feats.shape[1] != head.coef.shape[1]:
+                raise ProbeError(f"{probe_path}: its head reads {head.coef.shape[1]} features, the model gives "
+                                 f"{feats.shape[1]} (a damaged file?)")
+            proba = head.proba(feats)
             top = np.argsort(-proba, axis=1)[:, :k]
             parts.append(pa.table({
                 "id": table.column("id"), "path": table.column("path"),

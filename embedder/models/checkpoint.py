@@ -51,8 +51,11 @@ def head_tensors(state: dict[str, torch.Tensor], head: HeadSpec, classes: int | 
         w, b = state[f"{head.name}.weight"], state[f"{head.name}.bias"]
     except KeyError:
         raise WeightsMismatch(f"the checkpoint holds no classification head ({head.name})") from None
+    if not (w.ndim == 2 or (w.ndim == 4 and tuple(w.shape[2:]) == (1, 1))) or w.numel() == 0:
+        raise WeightsMismatch(f"the checkpoint's head {head.name} is not a linear classifier (weight "
+                              f"{tuple(w.shape)})")
     w = w.reshape(w.shape[0], -1)
-    if w.ndim != 2 or b.shape != (w.shape[0],) or (w.ndim == 2 and w.shape[1] == 0):
+    if b.shape != (w.shape[0],):
         raise WeightsMismatch(f"the checkpoint's head {head.name} is not a linear classifier "
                               f"(weight {tuple(w.shape)}, bias {tuple(b.shape)})")
     if classes is not None and w.shape[0] != classes:

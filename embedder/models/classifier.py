@@ -140,6 +140,9 @@ def from_checkpoint(path: Path) -> tuple[nn.Module, Preprocessing, list[str], di
     if spec.name != head.name:
         raise WeightsMismatch(f"{path}: its head is {head.name}, {backbone.name}'s is {spec.name}")
     lin = full.get_submodule(spec.name)
+    if w.shape[1] != lin.weight[0].numel():  # type: ignore[index]
+        raise WeightsMismatch(f"{path}: its head reads {w.shape[1]} features, {backbone.name} gives "
+                              f"{lin.weight[0].numel()}")  # type: ignore[index]
     with torch.no_grad():
         lin.weight.copy_(w.float().reshape(lin.weight.shape))  # type: ignore[operator, union-attr, arg-type]
         lin.bias.copy_(b.float())  # type: ignore[operator]

@@ -179,7 +179,11 @@ def check_memory(net: nn.Module, name: str, size: int, batch: int, device: torch
     """The step's memory need; over BUDGET, a one-line FinetuneError naming what fits: gradient
     checkpointing (CAN_CHECKPOINT: a function turning it on or off, None where the model has none),
     then the largest batch that fits."""
-    need = memory_need(net, size, batch, device, amp, checkpointing, can_checkpoint, blocks)
+    try:
+        need = memory_need(net, size, batch, device, amp, checkpointing, can_checkpoint, blocks)
+    except torch.OutOfMemoryError:
+        raise FinetuneError(f"fine-tuning {name} at {size} px runs out of memory in a forward pass of 4 images: "
+                            "lower --image-size, or choose a smaller model") from None
     if budget is None or need["total"] <= budget[0]:
         return need
     limit, what = budget

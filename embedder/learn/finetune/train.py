@@ -262,10 +262,15 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         budget = None if free is None else (free[0] + sum(p.numel() * p.element_size() for p in net.parameters()),
                                             free[1] + " (and the loaded weights)")
     blocks = len(set((layer_map(net) or {}).values())) if toggle is not None else 1
-    # before anything else trains a copy of the model (--budget's timed steps)
-    memory = check_memory(net, backbone.name, pre.crop_size, options.batch_size, device, amp, budget,
-                          options.grad_checkpointing, toggle, blocks)
-    log.info("memory per step: %s", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
+
+    def memory_check(size: int) -> dict[str, int]:
+        need = check_memory(net, backbone.name, size, options.batch_size, device, amp, budget,
+                            options.grad_checkpointing, toggle, blocks)
+        log.info("memory per step: %s", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in need.items()))
+        return need
+
+    # without --budget, before anything else; with it, at the size its plan chooses
+    memory = memory_check(pre.crop_size) if options.budget_minutes is None else None
     resume_path = out.with_name(out.name + ".resume")
     plan: BudgetPlan | None = None
     if options.budget_minutes is not None:
@@ -285,6 +290,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         options = dataclasses.replace(options, epochs=plan.epochs, image_size=plan.image_size)
         if plan.image_size != pre.crop_size:
             pre = pre.at_size(plan.image_size)
+        memory = memory_check(pre.crop_size)
     # WiSE-FT mixes the trained weights with the start's: the tower as loaded (before a resume overwrites
     # it) and, once chosen, the starting head
     start: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
@@ -431,10 +437,15 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
             xb = normalize_batch(x.to(device, non_blocking=True), pre)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = loss_fn(net(xb), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = loss_fn(net(xb), y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            except torch.OutOfMemoryError:
+                raise FinetuneError(f"out of memory in a training step at batch {options.batch_size}, "
+                                    f"{pre.crop_size} px: lower --batch-size or --image-size, or add "
+                                    "--grad-checkpointing (timm, OpenCLIP)") from None
             opt.step()
             sched.step()
             if ema is not None and phase == "full":
@@ -515,7 +526,10 @@ def describe(backbone: Backbone, origin: dict[str, Any] | None = None) -> dict[s
         arch, _, tag = name.removeprefix("open_clip:").partition(":")
     else:
         arch = name
-        kind, full = (origin or {}).get("kind"), str((origin or {}).get("name", ""))
+        first = origin or {}
+        while first.get("kind") == "finetune" and isinstance(first.get("origin"), dict):
+            first = first["origin"]  # continued from a checkpoint: the weights it started from
+        kind, full = first.get("kind"), str(first.get("name", ""))
         tag = full.rsplit(".", 1)[-1] if kind in ("registry", "seeded") else ""
     if (origin or {}).get("kind") == "file":
         tag = ""
@@ -580,9 +594,9 @@ def mix(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: flo
     for k, v in start.items():
         e = end[k]
         if alpha == 0.0:
-            out[k] = v.to(e.dtype)
-        elif alpha != 1.0 and e.is_floating_point():
-            out[k] = ((1.0 - alpha) * v.to(torch.float32) + alpha * e.to(torch.float32)).to(e.dtype)
+            out[k] = v.to(e.device, e.dtype)
+        elif alpha != 1.0 and e.is_floating_point():  # START is kept on the CPU, END where the model is
+            out[k] = ((1.0 - alpha) * v.to(e.device, torch.float32) + alpha * e.to(torch.float32)).to(e.dtype)
     return out
 
 
