@@ -79,6 +79,19 @@ def _predicted(pred: Path) -> dict[str, np.ndarray]:
             for p, v in zip(t.column("path").to_pylist(), t.column("top_k_probs").to_pylist())}
 
 
+def _predict_is_the_network(ck: Path, images: Path, pred: Path) -> None:
+    """`embedder predict CK` (extraction with the checkpoint + its head) gives the fine-tuned network's
+    own probabilities (three classes: all of them in the top 3)."""
+    _cli("predict", str(ck), str(images), "--out", str(pred), "--top-k", "3")
+    net, pre, _, _ = from_checkpoint(ck)
+    got = _predicted(pred)
+    files = sorted(Path(p) for p in got)
+    with torch.inference_mode():
+        want = torch.softmax(net(_pixels(files, pre)), 1).numpy()
+    for f, w in zip(files, want):
+        assert np.allclose(np.sort(got[str(f)])[::-1], np.sort(w)[::-1], atol=1e-4)
+
+
 def test_a_timm_vit_fine_tunes_with_layer_decay_and_its_checkpoint_is_what_predict_uses(data: Any) -> None:
     root = data["root"]
     ck = root / "vit_ck.safetensors"
@@ -93,15 +106,7 @@ def test_a_timm_vit_fine_tunes_with_layer_decay_and_its_checkpoint_is_what_predi
     assert (meta["family"], meta["architecture"], meta["head"]["name"]) == ("timm", "test_vit", "head")
     assert meta["preprocessing"]["crop_size"] == 64
     # predict (extraction with the checkpoint + its head) gives the fine-tuned network's own probabilities
-    pred = root / "vit_pred.parquet"
-    _cli("predict", str(ck), str(root / "val"), "--out", str(pred), "--top-k", "3")
-    net, pre, classes, _ = from_checkpoint(ck)
-    got = _predicted(pred)
-    files = sorted(Path(p) for p in got)
-    with torch.inference_mode():
-        want = torch.softmax(net(_pixels(files, pre)), 1).numpy()
-    for f, w in zip(files, want):
-        assert np.allclose(np.sort(got[str(f)])[::-1], np.sort(w)[::-1][:3], atol=1e-4)
+    _predict_is_the_network(ck, root / "val", root / "vit_pred.parquet")
 
 
 def test_layer_decay_groups_are_timms_rule(data: Any) -> None:
@@ -238,15 +243,7 @@ def test_a_clip_checkpoint_predicts_with_its_normalised_head(data: Any) -> None:
     opts = FinetuneOptions(backbone=f"open_clip:{CLIP_ARCH}", weights_file=data["clip"], epochs=1, batch_size=8,
                            workers=0)
     finetune([str(root / "train")], ck, opts, [str(root / "val")])
-    pred = root / "clip_pred.parquet"
-    _cli("predict", str(ck), str(root / "val"), "--out", str(pred), "--top-k", "3")
-    net, pre, _, _ = from_checkpoint(ck)
-    got = _predicted(pred)
-    files = sorted(Path(p) for p in got)
-    with torch.inference_mode():
-        want = torch.softmax(net(_pixels(files, pre)), 1).numpy()
-    for f, w in zip(files, want):
-        assert np.allclose(np.sort(got[str(f)])[::-1], np.sort(w)[::-1], atol=1e-4)
+    _predict_is_the_network(ck, root / "val", root / "clip_pred.parquet")
 
 
 def test_recipe_record_round_trips() -> None:
@@ -313,15 +310,7 @@ def test_a_timm_classifier_that_is_a_1x1_convolution_and_other_careless_input(da
     _cli("finetune", str(root / "train"), "--out", str(ck), "--backbone", "timm:dla46_c", "--weights", str(dla),
          "--epochs", "1", "--image-size", "64", *FAST)
     assert checkpoint.read_meta(ck)["head"]["name"] == "fc"  # type: ignore[index]
-    pred = tmp_path / "dla.parquet"
-    _cli("predict", str(ck), str(root / "val"), "--out", str(pred), "--top-k", "3")
-    net, pre, _, _ = from_checkpoint(ck)
-    got = _predicted(pred)
-    files = sorted(Path(p) for p in got)
-    with torch.inference_mode():
-        want = torch.softmax(net(_pixels(files, pre)), 1).numpy()
-    for f, w in zip(files, want):
-        assert np.allclose(np.sort(got[str(f)])[::-1], np.sort(w)[::-1], atol=1e-4)
+    _predict_is_the_network(ck, root / "val", tmp_path / "dla.parquet")
     for args, msg in ((["--backbone", "timm:dla46_c", "--weights", str(dla), "--grad-checkpointing"],
                        "no checkpointed blocks"),
                       (["--backbone", f"open_clip:{CLIP_ARCH}", "--weights", str(data["clip"]), "--image-size", "48"],
@@ -335,10 +324,10 @@ def test_a_timm_classifier_that_is_a_1x1_convolution_and_other_careless_input(da
         (odd / name).mkdir(parents=True)
         for f in sorted((root / "train" / src).iterdir())[:6]:
             (odd / name / f.name).write_bytes(f.read_bytes())
-    r = finetune([str(odd)], tmp_path / "odd.safetensors",
+    res = finetune([str(odd)], tmp_path / "odd.safetensors",
                  FinetuneOptions(backbone=f"open_clip:{CLIP_ARCH}", weights_file=data["clip"], epochs=1, batch_size=8,
                                  workers=0, val_fraction=0.34))
-    assert r.zero_shot_val_accuracy is None and "head from the probe" in r.recipe
+    assert res.zero_shot_val_accuracy is None and "head from the probe" in res.recipe
 
 
 def test_a_checkpoint_whose_metadata_lies_is_refused_in_one_line(data: Any, tmp_path: Path) -> None:
