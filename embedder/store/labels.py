@@ -1,0 +1,206 @@
+"""Labels as data: a file of (id, label) rows joined to a store by its ``id`` column, overriding the
+store's own label (the class folder, a table's label column) where it gives one.
+
+One place reads the file and one place joins it, for every command that takes ``--labels``
+(``probe``, ``inspect``, ``compare``, ``finetune``, ``select``), the service's labelling page and
+the Python API:
+
+- ``read_labels(FILE)``: Parquet, CSV or TSV (by suffix; anything else is tried as Parquet, then
+  CSV) with an ``id`` and a ``label`` column (``class`` is taken for ``label``). Ids and labels are
+  read as strings; a row with an empty label is ignored (counted); one id given two different
+  labels is refused in one line (the same label twice is one label).
+- ``LabelJoin(file).apply(ids, labels)``: record batch by record batch (memory is the file's, never
+  the store's), the store's labels with the file's put over them. It counts what it used; after the
+  pass, ``result()`` says how many of the file's ids were found, how many were not (ignored, with
+  examples), and how many folder labels the file changed; ``require_some()`` refuses a file none of
+  whose ids is in the store (the usual mistake: paths or file names where the store's ids are).
+
+The join is Arrow's hash lookup (``pyarrow.compute.index_in``) per batch: the file's ids are hashed
+once per batch, so its cost grows with batches × file size — fine for label files of up to ~10⁶ rows
+(a user labels thousands), and the store is never held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from embedder.errors import EmbedderError
+from embedder.io import storage
+
+ID_COLUMN = "id"
+LABEL_COLUMN = "label"
+LABEL_ALIASES = ("label", "class")
+EXAMPLES = 3
+
+
+class LabelsError(EmbedderError):
+    """A labels file that cannot be read or joined."""
+
+
+@dataclass(frozen=True)
+class LabelFile:
+    """A labels file's usable rows: unique ids, each with one non-empty label."""
+
+    path: str
+    ids: pa.StringArray
+    labels: pa.StringArray
+    blank: int = 0  # rows with an empty or missing label (ignored)
+    repeated: int = 0  # rows repeating an (id, label) pair already given
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def classes(self) -> list[str]:
+        import pyarrow.compute as pc
+
+        return sorted(str(v) for v in pc.unique(self.labels).to_pylist())
+
+
+def _read_table(loc: str) -> pa.Table:
+    import pyarrow.csv as pacsv
+    suffix = Path(loc).suffix.lower()
+    text = pacsv.ConvertOptions(column_types={ID_COLUMN: pa.string(), "label": pa.string(), "class": pa.string()})
+    if suffix in (".csv", ".tsv", ".txt"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        data = storage.read_bytes(loc)
+        return pacsv.read_csv(pa.BufferReader(data), parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                              convert_options=text)
+    try:
+        return storage.open_parquet(loc).read()
+    except (pa.ArrowInvalid, OSError):
+        if suffix in (".parquet", ".pq"):
+            raise
+        return pacsv.read_csv(pa.BufferReader(storage.read_bytes(loc)), convert_options=text)
+
+
+def read_labels(path: str | Path) -> LabelFile:
+    """FILE's (id, label) rows (module docstring); a one-line ``LabelsError`` for what cannot be used."""
+    import pyarrow.compute as pc
+
+    loc = storage.resolve(path)
+    try:
+        table = _read_table(loc)
+    except FileNotFoundError:
+        raise LabelsError(f"labels file {path} does not exist") from None
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LabelsError(f"cannot read labels file {path} as Parquet or CSV: {first}") from None
+    names = table.schema.names
+    label_col = next((c for c in LABEL_ALIASES if c in names), None)
+    if ID_COLUMN not in names or label_col is None:
+        raise LabelsError(f"labels file {path} needs an 'id' and a 'label' column; it has: "
+                          f"{', '.join(names) or 'none'}")
+    try:
+        ids = table.column(ID_COLUMN).cast(pa.string()).combine_chunks()
+        labels = table.column(label_col).cast(pa.string()).combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise LabelsError(f"labels file {path}: its id and label columns must be text or numbers ({e})") from None
+    labels = pc.utf8_trim_whitespace(labels)
+    usable = pc.and_(pc.and_(pc.is_valid(ids), pc.is_valid(labels)), pc.not_equal(labels, "")).fill_null(False)
+    blank = len(ids) - int(pc.sum(usable).as_py() or 0)
+    ids, labels = ids.filter(usable), labels.filter(usable)
+    pairs = pa.table({"id": ids, "label": labels}).group_by(["id", "label"]).aggregate([])
+    repeated = len(ids) - pairs.num_rows
+    if pairs.num_rows:
+        per_id = pairs.group_by("id").aggregate([("label", "count")])
+        twice = per_id.filter(pc.greater(per_id.column("label_count"), 1))
+        if twice.num_rows:
+            bad = twice.column("id")[0].as_py()
+            given = sorted(pairs.filter(pc.equal(pairs.column("id"), bad)).column("label").to_pylist())
+            more = f" (and {twice.num_rows - 1:,} more ids)" if twice.num_rows > 1 else ""
+            raise LabelsError(f"labels file {path} gives id {bad!r} {len(given)} labels "
+                              f"({', '.join(repr(g) for g in given[:4])}){more}: keep one label per id")
+    return LabelFile(str(path), pairs.column("id").combine_chunks(), pairs.column("label").combine_chunks(),
+                     blank, repeated)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What a labels file did to one store (after ``LabelJoin``'s pass)."""
+
+    path: str
+    given: int  # usable rows in the file
+    used: int  # of those, ids found in the store
+    unknown: int  # ids not in the store: ignored
+    unknown_examples: tuple[str, ...] = ()
+    overridden: int = 0  # store rows whose own label the file changed
+    blank: int = 0
+
+    def summary(self) -> str:
+        """One line for the CLI and the API's result."""
+        s = f"labels from {self.path}: {self.used:,} of {self.given:,} used"
+        if self.unknown:
+            ex = ", ".join(repr(e) for e in self.unknown_examples)
+            s += f"; {self.unknown:,} ids not in the store ignored (e.g. {ex})"
+        if self.overridden:
+            s += f"; {self.overridden:,} of the store's own labels replaced"
+        if self.blank:
+            s += f"; {self.blank:,} rows without a label skipped"
+        return s
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": self.path, "given": self.given, "used": self.used, "unknown": self.unknown,
+                "unknown_examples": list(self.unknown_examples), "overridden": self.overridden,
+                "blank": self.blank}
+
+
+@dataclass
+class LabelJoin:
+    """Put FILE's labels over a store's, batch by batch (module docstring). Apply it to every row of
+    the store exactly once before ``result()``; a second pass over the same rows counts nothing
+    new (``used`` counts distinct file rows)."""
+
+    file: LabelFile
+    _found: np.ndarray = field(init=False)
+    _overridden: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._found = np.zeros(len(self.file), bool)
+
+    def apply(self, ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray | None = None,
+              count: bool = True) -> pa.StringArray:
+        """The labels of the rows with these IDS: the file's where it has the id, else LABELS (the
+        store's, cast to text; None: the store has none). COUNT: record what was used."""
+        import pyarrow.compute as pc
+
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        ids = ids.cast(pa.string())
+        at = pc.index_in(ids, value_set=self.file.ids)
+        mine = self.file.labels.take(at)  # null where the file has no such id
+        if labels is None:
+            own: pa.Array = pa.nulls(len(ids), pa.string())
+        else:
+            own = (labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels).cast(pa.string())
+        out = pc.if_else(pc.is_valid(at), mine, own)
+        if count and len(ids):
+            hit = at.drop_null().to_numpy(zero_copy_only=False)
+            self._found[hit] = True
+            if labels is not None:
+                changed = pc.and_(pc.and_(pc.is_valid(at), pc.is_valid(own)),
+                                  pc.and_(pc.not_equal(own, ""), pc.not_equal(own, mine)))
+                self._overridden += int(pc.sum(changed.fill_null(False)).as_py() or 0)
+        return out
+
+    def result(self) -> Joined:
+        missing = np.flatnonzero(~self._found)
+        examples = tuple(str(self.file.ids[int(i)].as_py()) for i in missing[:EXAMPLES])
+        return Joined(self.file.path, len(self.file), int(self._found.sum()), len(missing), examples,
+                      self._overridden, self.file.blank)
+
+    def require_some(self, store: str) -> Joined:
+        """``result()``, refusing a file none of whose ids is in STORE."""
+        r = self.result()
+        if r.given and not r.used:
+            ex = ", ".join(repr(e) for e in r.unknown_examples)
+            raise LabelsError(f"none of the {r.given:,} ids in {r.path} is in {store} (e.g. {ex}): labels are "
+                              "joined on the store's 'id' column (see `embedder info`, or the ids "
+                              "`embedder select` wrote)")
+        if not r.given:
+            raise LabelsError(f"labels file {r.path} has no rows with both an id and a label")
+        return r
