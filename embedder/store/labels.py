@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from embedder.errors import EmbedderError
 from embedder.io import storage
+from embedder.io.uri import is_uri
 
 ID_COLUMN = "id"
 LABEL_COLUMN = "label"
@@ -50,6 +51,8 @@ class LabelFile:
     labels: pa.StringArray
     blank: int = 0  # rows with an empty or missing label (ignored)
     repeated: int = 0  # rows repeating an (id, label) pair already given
+    sha256: str = ""  # of the file's bytes: which labels made a result
+    size: int = 0  # bytes
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,21 +64,65 @@ class LabelFile:
         return sorted(str(v) for v in pc.unique(self.labels).to_pylist())
 
 
-def _read_table(loc: str) -> pa.Table:
+def _columns(names: list[str]) -> tuple[str | None, str | None]:
+    """The id and label columns among NAMES: case and surrounding spaces ignored (``ID``, `` Label``)."""
+    plain = {n.strip().lower(): n for n in reversed(names)}  # the first of two spellings wins
+    label = next((plain[a] for a in LABEL_ALIASES if a in plain), None)
+    return plain.get(ID_COLUMN), label
+
+
+def _sniff(data: bytes) -> str:
+    """The delimiter of a CSV's header line: tab, semicolon or comma (the most frequent; comma on a tie)."""
+    head = data[:4096].split(b"\n", 1)[0]
+    counts = {d: head.count(d.encode()) for d in (",", "\t", ";")}
+    best = max(counts, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
+def _read_csv(data: bytes) -> pa.Table:
     import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(delimiter=_sniff(data))
+    header = pacsv.read_csv(pa.BufferReader(data.split(b"\n", 1)[0] + b"\n"), parse_options=parse)
+    # every column as text: numeric-looking ids ("001") keep their zeros, labels stay names
+    text = pacsv.ConvertOptions(column_types={n: pa.string() for n in header.schema.names})
+    return pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=text)
+
+
+def _read_table(loc: str) -> pa.Table:
     suffix = Path(loc).suffix.lower()
-    text = pacsv.ConvertOptions(column_types={ID_COLUMN: pa.string(), "label": pa.string(), "class": pa.string()})
-    if suffix in (".csv", ".tsv", ".txt"):
-        delimiter = "\t" if suffix == ".tsv" else ","
+    if suffix not in (".csv", ".tsv", ".txt"):
+        try:
+            f = storage.open_parquet(loc)
+            ident, label = _columns(f.schema_arrow.names)
+            # only the two columns: a store's shard given as a labels file is not read whole
+            return f.read(columns=[c for c in (ident, label) if c] or None)
+        except (pa.ArrowInvalid, OSError):
+            if suffix in (".parquet", ".pq"):
+                raise
+    return _read_csv(storage.read_bytes(loc))
+
+
+def _digest(loc: str) -> tuple[str, int]:
+    """sha256 and size of the file's bytes (read in 1 MiB pieces): which labels made a result."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    if is_uri(loc):
         data = storage.read_bytes(loc)
-        return pacsv.read_csv(pa.BufferReader(data), parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                              convert_options=text)
-    try:
-        return storage.open_parquet(loc).read()
-    except (pa.ArrowInvalid, OSError):
-        if suffix in (".parquet", ".pq"):
-            raise
-        return pacsv.read_csv(pa.BufferReader(storage.read_bytes(loc)), convert_options=text)
+        h.update(data)
+        return h.hexdigest(), len(data)
+    with open(loc, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+            size += len(piece)
+    return h.hexdigest(), size
+
+
+def _short(names: list[str]) -> str:
+    shown = ", ".join(repr(n[:40]) for n in names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
+    return shown or "none"
 
 
 def read_labels(path: str | Path) -> LabelFile:
@@ -83,25 +130,34 @@ def read_labels(path: str | Path) -> LabelFile:
     import pyarrow.compute as pc
 
     loc = storage.resolve(path)
+    if not is_uri(loc) and Path(loc).is_dir():
+        raise LabelsError(f"labels file {path} is a folder: give a CSV or Parquet file of id,label rows")
     try:
         table = _read_table(loc)
+        names = list(table.schema.names)  # decoded here: a binary file's "header" fails here
+        sha, size = _digest(loc)
     except FileNotFoundError:
         raise LabelsError(f"labels file {path} does not exist") from None
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as e:
+        text = str(e).strip()
+        first = "".join(c if c.isprintable() else "?" for c in text.splitlines()[0][:160]) if text else \
+            type(e).__name__  # a binary file's bytes are not for the terminal
         raise LabelsError(f"cannot read labels file {path} as Parquet or CSV: {first}") from None
-    names = table.schema.names
-    label_col = next((c for c in LABEL_ALIASES if c in names), None)
-    if ID_COLUMN not in names or label_col is None:
-        raise LabelsError(f"labels file {path} needs an 'id' and a 'label' column; it has: "
-                          f"{', '.join(names) or 'none'}")
+    id_col, label_col = _columns(names)
+    if id_col is None or label_col is None:
+        hint = " (the first line must be a header: id,label)" if len(names) >= 2 or (
+            names and any(d in names[0] for d in ";|")) else ""
+        raise LabelsError(f"labels file {path} needs an 'id' and a 'label' column{hint}; it has: {_short(names)}")
     try:
-        ids = table.column(ID_COLUMN).cast(pa.string()).combine_chunks()
+        ids = table.column(id_col).cast(pa.string()).combine_chunks()
         labels = table.column(label_col).cast(pa.string()).combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise LabelsError(f"labels file {path}: its id and label columns must be text or numbers ({e})") from None
+        raise LabelsError(f"labels file {path}: its id and label columns must be text or numbers "
+                          f"({str(e).strip()[:120]})") from None
+    ids = pc.utf8_trim_whitespace(ids)  # "a, cat" in a hand-written CSV: the id is "a", the label "cat"
     labels = pc.utf8_trim_whitespace(labels)
-    usable = pc.and_(pc.and_(pc.is_valid(ids), pc.is_valid(labels)), pc.not_equal(labels, "")).fill_null(False)
+    usable = pc.and_(pc.and_(pc.is_valid(ids), pc.is_valid(labels)),
+                     pc.and_(pc.not_equal(labels, ""), pc.not_equal(ids, ""))).fill_null(False)
     blank = len(ids) - int(pc.sum(usable).as_py() or 0)
     ids, labels = ids.filter(usable), labels.filter(usable)
     pairs = pa.table({"id": ids, "label": labels}).group_by(["id", "label"]).aggregate([])
@@ -116,7 +172,7 @@ def read_labels(path: str | Path) -> LabelFile:
             raise LabelsError(f"labels file {path} gives id {bad!r} {len(given)} labels "
                               f"({', '.join(repr(g) for g in given[:4])}){more}: keep one label per id")
     return LabelFile(str(path), pairs.column("id").combine_chunks(), pairs.column("label").combine_chunks(),
-                     blank, repeated)
+                     blank, repeated, sha, size)
 
 
 @dataclass(frozen=True)
@@ -130,6 +186,8 @@ class Joined:
     unknown_examples: tuple[str, ...] = ()
     overridden: int = 0  # store rows whose own label the file changed
     blank: int = 0
+    sha256: str = ""  # of the file's bytes
+    size: int = 0
 
     def summary(self) -> str:
         """One line for the CLI and the API's result."""
@@ -146,7 +204,7 @@ class Joined:
     def to_dict(self) -> dict[str, object]:
         return {"path": self.path, "given": self.given, "used": self.used, "unknown": self.unknown,
                 "unknown_examples": list(self.unknown_examples), "overridden": self.overridden,
-                "blank": self.blank}
+                "blank": self.blank, "sha256": self.sha256, "bytes": self.size}
 
 
 @dataclass
@@ -191,7 +249,7 @@ class LabelJoin:
         missing = np.flatnonzero(~self._found)
         examples = tuple(str(self.file.ids[int(i)].as_py()) for i in missing[:EXAMPLES])
         return Joined(self.file.path, len(self.file), int(self._found.sum()), len(missing), examples,
-                      self._overridden, self.file.blank)
+                      self._overridden, self.file.blank, self.file.sha256, self.file.size)
 
     def require_some(self, store: str) -> Joined:
         """``result()``, refusing a file none of whose ids is in STORE."""
