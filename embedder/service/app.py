@@ -29,7 +29,7 @@ from embedder.service.engine import Answer, Engine, Query
 from embedder.service.limits import BodyLimit
 from embedder.service.metrics import IndexGauges, Metrics
 from embedder.service.options import ServeOptions
-from embedder.service.routes import indexes, public, search
+from embedder.service.routes import indexes, labelling, public, search
 from embedder.service.schemas import ERRORS
 from embedder.service.state import Service
 
@@ -126,6 +126,7 @@ def create_app(options: ServeOptions = ServeOptions(), api_key: str | None = Non
     needs_key = auth.requirement(api_key)
     app.include_router(search.router, dependencies=needs_key)
     app.include_router(indexes.router, dependencies=needs_key)
+    app.include_router(labelling.router, dependencies=needs_key)
     app.include_router(public.router)
     if assets is not None:
         app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")

@@ -64,3 +64,55 @@ class ErrorOut(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 503)}
+
+
+# ---- labelling (routes.labelling) -----------------------------------------------------------------
+class LabelIn(BaseModel):
+    label: Annotated[str, Field(max_length=MAX_TEXT)] = Field(
+        ..., description="The class: trimmed, 1 to 100 characters, no control characters")
+
+
+class Progress(BaseModel):
+    labelled: int
+    total: int
+
+
+class LabelClass(BaseModel):
+    name: str
+    count: int = Field(description="Items of the selection with this label")
+
+
+class SelectionInfo(BaseModel):
+    name: str
+    size: int | None = Field(description="Items in the selection (None: the file is no selection)")
+    labelled: int | None
+    error: str | None = Field(None, description="Why the file is not served as a selection")
+
+
+class LabelItem(BaseModel):
+    id: str
+    rank: int
+    why: str | None
+    path: str | None
+    label: str | None
+    in_index: bool | None = Field(description="Whether the chosen index has this id (its thumbnail); None: no index")
+
+
+class SelectionPage(BaseModel):
+    name: str
+    index: str | None
+    offset: int
+    items: list[LabelItem] = Field(description="The selection's items in rank order, from offset")
+    not_in_index: int = Field(description="Of these items, how many the index does not have")
+    classes: list[LabelClass] = Field(description="The classes given so far, in the order first used")
+    progress: Progress
+    meta: dict[str, Any] = Field(description="What `embedder select` recorded (store, strategy, budget…)")
+    labels_file: str
+
+
+class LabelChange(BaseModel):
+    id: str
+    label: str | None = Field(description="The item's label now (None: none)")
+    previous: str | None = Field(description="Its label before (what undo puts back)")
+    classes: list[LabelClass]
+    progress: Progress
