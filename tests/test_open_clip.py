@@ -230,6 +230,25 @@ def test_bad_names_and_files_are_one_line_errors(clip: dict, image_tree: Path, t
                                                                              "bicubic")
 
 
+def test_architecture_alone_takes_its_published_preprocessing(image_tree: Path, tmp_path: Path) -> None:
+    """`open_clip:ARCH --weights FILE` (no tag): the preprocessing every published tag of ARCH uses, never
+    OpenCLIP's architecture defaults (OpenAI's mean/std, bicubic), which MobileCLIP2-S0's and SigLIP's
+    weights were not trained with; where the tags disagree (ViT-L-14: openai vs laion2b) refused in one
+    line naming a tag — before any model is built or file read."""
+    from embedder.models.registry import get_backbone
+
+    pre = get_backbone("open_clip:MobileCLIP2-S0").preprocessing()
+    tagged = get_backbone("open_clip:MobileCLIP2-S0:dfndr2b").preprocessing()
+    assert pre == tagged and (pre.mean, pre.std, pre.interpolation) == ((0.0,) * 3, (1.0,) * 3, "bilinear")
+    siglip = get_backbone("open_clip:ViT-B-16-SigLIP").preprocessing()
+    assert (siglip.mean, siglip.resize_mode) == ((0.5,) * 3, "squash")
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"not read: refused first")
+    msg = _fails("extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "open_clip:ViT-L-14",
+                 "--weights", str(f))
+    assert "preprocessed differently" in msg and "open_clip:ViT-L-14:openai --weights FILE" in msg
+
+
 def test_squash_resize_is_open_clips_pixels(tmp_path: Path) -> None:
     """SigLIP's resize_mode 'squash' (both sides to the size, aspect not kept), decoded by the pil
     decoder, gives OpenCLIP's own transform's pixels (before normalisation)."""

@@ -8,7 +8,8 @@ shares); the text tower stays loaded beside it for text queries and zero-shot he
 (``embedder.models.text``). Preprocessing is OpenCLIP's inference transform for that pretrained tag
 (``image_transform_v2`` of the model's preprocess config with the tag's mean, std, interpolation and
 resize mode merged in, as ``create_model_and_transforms`` makes it), kept as the typed record every
-decoder reproduces. Weights: a local state dict or safetensors file (``--weights FILE``, loaded by
+decoder reproduces; an architecture alone (``--weights FILE``) takes what all its published tags agree
+on, and is refused where they disagree (``published_cfg``). Weights: a local state dict or safetensors file (``--weights FILE``, loaded by
 OpenCLIP's own ``load_checkpoint``: its key conversions, strict), or OpenCLIP's Hugging Face hub
 download when none is given (``EMBEDDER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: the local hub cache
 only), recorded with the SHA-256 of the file's bytes. Models whose blocks train with parallel
@@ -92,7 +93,11 @@ class OpenClipModel:
         return f"{PREFIX}{self.arch}" + (f":{self.tag}" if self.tag else "")
 
     def tag_cfg(self) -> dict[str, Any]:
-        return dict(_open_clip().get_pretrained_cfg(self.arch, self.tag) or {}) if self.tag else {}
+        """The tag's pretrained config; for an architecture alone (``--weights FILE``), what every
+        published tag of it agrees on (``published_cfg``: refused where they disagree)."""
+        if not self.tag:
+            return published_cfg(self.arch)
+        return dict(_open_clip().get_pretrained_cfg(self.arch, self.tag) or {})
 
     def preprocess_cfg(self) -> dict[str, Any]:
         """OpenCLIP's final preprocess config for this model and tag, without building the model:
@@ -267,6 +272,56 @@ def _clip_image_class() -> type:
 
 def ClipImage(clip: Any) -> nn.Module:  # noqa: N802 - a class made on first use (no torch at import)
     return _clip_image_class()(clip)  # type: ignore[no-any-return]
+
+
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+def _shown(cfg: dict[str, Any]) -> str:
+    mean = ", ".join(f"{float(v):.3g}" for v in cfg["mean"])
+    std = ", ".join(f"{float(v):.3g}" for v in cfg["std"])
+    return f"mean ({mean}), std ({std}), {cfg['interpolation']}, resize {cfg['resize_mode']}"
+
+
+@cache
+def published_cfg(arch: str) -> dict[str, Any]:
+    """What ARCH's weights file is preprocessed with when no tag is named: the preprocessing every
+    published tag of ARCH uses (MobileCLIP2-S0's mean 0 / std 1, bilinear; SigLIP's 0.5, squash —
+    never OpenCLIP's architecture defaults, which no such tag uses), with ``quick_gelu`` where the tags
+    agree on it too. Where the tags preprocess differently (ViT-L-14: ``openai`` vs ``laion2b_*``), an
+    ``UnknownBackbone`` asks for ``ARCH:TAG``. An architecture with no published tag: OpenCLIP's
+    defaults (``{}``)."""
+    import logging
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    oc = _open_clip()
+    cfgs = {t: dict(oc.get_pretrained_cfg(arch, t) or {}) for t in _tags_for(arch)}
+    if not cfgs:
+        return {}
+    merged = {t: merge_preprocess_dict(asdict(PreprocessCfg()), c) for t, c in cfgs.items()}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for t, c in merged.items():
+        groups.setdefault(tuple(str(c.get(k)) for k in PREPROCESS_KEYS), []).append(t)
+    if len(groups) > 1:
+        ways = "; ".join(f"{', '.join(ts[:3])}{' …' if len(ts) > 3 else ''}: {_shown(merged[ts[0]])}"
+                         for ts in groups.values())
+        raise UnknownBackbone(f"{PREFIX}{arch}'s published weights are preprocessed differently ({ways}): name "
+                              f"the tag the file was trained from, e.g. --backbone {PREFIX}{arch}:"
+                              f"{next(iter(groups.values()))[0]} --weights FILE")
+    first = next(iter(cfgs))
+    out = {k: v for k, v in merged[first].items() if k in PREPROCESS_KEYS}
+    gelu = {bool(c.get("quick_gelu", False)) for c in cfgs.values()}
+    if len(gelu) == 1:
+        out["quick_gelu"] = gelu.pop()
+    else:
+        with_gelu = [t for t, c in cfgs.items() if c.get("quick_gelu")]
+        logging.getLogger(__name__).warning(
+            "%s%s: built without QuickGELU, as OpenCLIP builds the architecture; weights from %s were trained "
+            "with it: for such a file name the tag (%s%s:%s --weights FILE)", PREFIX, arch,
+            ", ".join(with_gelu[:3]), PREFIX, arch, with_gelu[0])
+    return out
 
 
 @cache
