@@ -204,8 +204,9 @@ def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> No
     home = str(tmp_path / "h")
     r = runner.invoke(app, ["index", "build", store, "--name", "imgs", "--home", home])
     assert r.exit_code == 0, r.output
-    # 11 images hold back 1 query: no recall figure is made of it
-    assert "recall@10 not measured: 1 held-out query" in r.output and "1.000" not in r.output
+    # 11 images: a flat index, exact by construction (not "not measured: 50 queries are needed")
+    assert "exact search (flat index): recall@10 1.000 by construction" in r.output
+    assert "not measured" not in r.output
     q = str(image_tree / "cat" / "cat_0001.jpg")
     r = runner.invoke(app, ["search", "imgs", q, "-k", "3", "--home", home, "--json"])
     assert r.exit_code == 0, r.output
@@ -227,7 +228,9 @@ def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> No
     r = runner.invoke(app, ["search", "zzz", q, "--home", home])
     assert r.exit_code == 2 and "available: imgs" in r.output
     r = runner.invoke(app, ["index", "list", "--home", home])
-    assert "imgs" in r.output
+    assert "imgs" in r.output and "1.000 (exact)" in r.output and "None" not in r.output
+    r = runner.invoke(app, ["index", "build", store, "--name", "typo", "--kind", "flatt", "--home", home])
+    assert r.exit_code == 2 and "did you mean --kind flat?" in r.output and ".cpp" not in r.output
     r = runner.invoke(app, ["index", "drop", "imgs", "--home", home])
     assert r.exit_code == 0 and index_generations.names(home) == []
 

@@ -67,8 +67,8 @@ def test_endpoints(served: tuple[str, Path]) -> None:
         listing = c.get("/indexes").json()
         assert [i["name"] for i in listing] == ["pets"] and listing[0]["count"] == 11
         info = c.get("/indexes/pets").json()
-        assert info["labels"] == ["cat", "dog"] and info["quality"]["recall_at_10"] is None
-        assert info["quality"]["not_measured"].startswith("1 held-out query")  # 11 images: too few to measure
+        assert info["labels"] == ["cat", "dog"] and info["quality"]["recall_at_10"] == 1.0
+        assert info["quality"]["exact"] is True and "not_measured" not in info["quality"]  # 11 images: flat
         assert info["provenance"]["backbone"] == "tiny_test" and info["image_queries"] is True
         # image upload: the image itself comes first
         r = c.post("/search", files={"file": ("q.jpg", _jpeg(cat), "image/jpeg")}, data={"index": "pets", "k": "3"})

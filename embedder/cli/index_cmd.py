@@ -64,7 +64,10 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
     out.print(f"[bold]{meta['name']}[/bold]: {meta['factory']} ({meta['kind']}), {meta['metric']}, "
               f"{meta['count']:,} vectors of dim {meta['dim']}, {meta['index_bytes'] / 2**20:.1f} MiB")
     out.print(f"why        {meta['reason']}")
-    if q.get("recall_at_10") is not None:
+    if q.get("exact"):
+        qps = f", {q['qps']:,.0f} QPS batched on {q['queries']} held-out queries" if q.get("qps") else ""
+        out.print(f"quality    exact search (flat index): recall@10 1.000 by construction{qps}")
+    elif q.get("recall_at_10") is not None:
         param = f"{q['param']}={q['value']}" if q.get("param") else "exact"
         out.print(f"quality    recall@{q['k']} {q['recall_at_10']:.3f} vs exact on {q['queries']} held-out "
                   f"queries, {q['qps']:,.0f} QPS batched ({param}, target {q['target']})")
@@ -97,6 +100,13 @@ def info_command(name: str, home: HomeOpt = None,
         _print_info(meta)
 
 
+def _recall_cell(q: dict) -> str:  # type: ignore[type-arg]
+    if q.get("exact"):
+        return "1.000 (exact)"
+    r = q.get("recall_at_10")
+    return f"{r:.3f}" if r is not None else "not measured"
+
+
 @index_app.command("list")
 @handle_errors
 def list_command(home: HomeOpt = None) -> None:
@@ -105,7 +115,7 @@ def list_command(home: HomeOpt = None) -> None:
     for n in layout.names(home):
         m = layout.info(n, home)
         table.add_row(n, m["factory"], f"{m['count']:,}", str(m["dim"]),
-                      str(m["quality"].get("recall_at_10")), m["store"])
+                      _recall_cell(m["quality"]), m["store"])
     out.print(table)
 
 

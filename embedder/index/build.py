@@ -155,7 +155,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
     try:
         base = faiss.index_factory(dim, p.factory, faiss_metric(options.metric))
     except RuntimeError as e:
-        raise IndexError_(f"FAISS cannot build {p.factory!r}: {str(e).splitlines()[-1]}") from None
+        raise IndexError_(factory_error(p.factory, e)) from None
     index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap2(base)
 
     rng = np.random.default_rng(options.seed)
@@ -303,3 +303,20 @@ def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table, more: dict[str,
     meta = {**loaded.meta, "count": int(loaded.index.ntotal), "next_id": start + new.num_rows,
             "index_bytes": (tmpdir / INDEX_FILE).stat().st_size, **more}
     commit_index(d, tmpdir, meta)
+
+
+def factory_error(factory: str, e: BaseException) -> str:
+    """FAISS's own complaint without its C++ function and source path, and the kind that was probably
+    meant (``--kind flatt``: flat)."""
+    import difflib
+    import re
+
+    from embedder.index.plan import KINDS
+
+    said = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip().splitlines()[-1]).removeprefix("Error: ")
+    if "," in factory:  # a factory string: FAISS's reason is the answer
+        return f"FAISS cannot build {factory!r}: {said}"
+    close = difflib.get_close_matches(factory.lower(), [k for k in KINDS if k != "auto"], n=1, cutoff=0.6)
+    hint = (f"; did you mean --kind {close[0]}?" if close else
+            f"; --kind takes {', '.join(KINDS)} or a FAISS factory string such as IVF1024,PQ32")
+    return f"FAISS cannot build {factory!r}: {said}{hint}"

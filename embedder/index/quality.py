@@ -100,13 +100,27 @@ def _qps(searcher: Searcher, q: np.ndarray, k: int) -> float:
     return len(q) / max(time.perf_counter() - t0, 1e-9)
 
 
+def is_exact(index: Any) -> bool:
+    """A flat (brute-force, float32) index: every search is exact."""
+    faiss = import_faiss()
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return isinstance(inner, faiss.IndexFlat)
+
+
+def _unmeasured(index: Any, k: int) -> dict[str, Any]:
+    """No held-out query to measure with: a flat index is still exact."""
+    exact = is_exact(index)
+    return {"recall_at_10": 1.0 if exact else None, "qps": None, "param": None, "value": None, "queries": 0,
+            "k": k, **({"exact": True} if exact else {})}
+
+
 def measure_and_tune(searcher: Searcher, x: np.ndarray, rest: np.ndarray, queries: np.ndarray, k: int,
                      target: float, metric: str) -> dict[str, Any]:
     """Recall@k against exact search on the same held-out queries; tune the search parameter to
     the cheapest value that reaches the target recall."""
     k = min(k, searcher.index.ntotal)
     if k == 0 or len(queries) == 0:
-        return {"recall_at_10": None, "qps": None, "param": None, "value": None, "queries": 0}
+        return _unmeasured(searcher.index, k)
     exact_scores = ground_truth(x[rest], queries, k, metric)
     return tune(searcher, queries, exact_scores, k, target, metric,
                 scores_of=lambda ids: true_scores(x, queries, ids, metric))
@@ -120,7 +134,7 @@ def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | Non
     index = searcher.index
     k = min(k, index.ntotal)
     if k == 0 or len(queries) == 0 or exact_scores is None:
-        return {"recall_at_10": None, "qps": None, "param": None, "value": None, "queries": 0}
+        return _unmeasured(index, k)
     exact_scores = exact_scores[:, :k]
     higher_is_better = metric == "ip"
     name, values = search_param(index)
@@ -146,7 +160,9 @@ def tune(searcher: Searcher, queries: np.ndarray, exact_scores: np.ndarray | Non
            "value": chosen["value"], "qps": round(_qps(searcher, queries, k), 1),
            "queries": len(queries), "target": target, "sweep": tried,
            "rerank": None if searcher.vectors is None else RERANK_FACTOR}
-    if len(queries) < MIN_RECALL_QUERIES:  # a figure from a handful of queries is no measurement
+    if is_exact(index):  # recall is 1 by construction: no sample size makes it more or less true
+        out["recall_at_10"], out["exact"] = 1.0, True
+    elif len(queries) < MIN_RECALL_QUERIES:  # a figure from a handful of queries is no measurement
         out["recall_at_10"] = None
         out["not_measured"] = (f"{len(queries)} held-out {'query' if len(queries) == 1 else 'queries'} "
                                f"(10 % of the store); {MIN_RECALL_QUERIES} are needed to measure recall")
