@@ -588,3 +588,20 @@ def test_serve_on_a_busy_port_is_a_one_line_error(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         r = CliRunner().invoke(app, ["serve", "--home", str(tmp_path), "--port", str(port)])
     assert r.exit_code == 2 and r.output.startswith("error: cannot listen on") and len(r.output.splitlines()) == 1
+
+
+def test_serve_refuses_a_home_that_is_missing_or_a_store(tmp_path: Path) -> None:
+    """`serve --home` naming nothing, or a store, used to start and serve nothing, silently."""
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from embedder.store.shards import MANIFEST
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(app, ["serve", "--home", str(tmp_path / "nope"), "--port", str(port)])
+    assert r.exit_code == 2 and "does not exist: build an index into it first" in r.output
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / MANIFEST).write_text("{}")
+    r = CliRunner().invoke(app, ["serve", "--home", str(tmp_path / "store"), "--port", str(port)])
+    assert r.exit_code == 2 and "is an embedding store, not an index home" in r.output

@@ -58,9 +58,31 @@ def serve_command(
                            max_json_bytes=int(max_json_mb * 2**20), max_text_queries=max_text_queries,
                            poll_seconds=poll_seconds, weights=pairs)
     _check_port(host, port)
+    _check_home(home)
     app = create_app(options, api_key=key)
     console.print(f"serving on http://{host}:{port}  (docs at /docs{', API key required' if key else ''})")
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+
+
+def _check_home(where: str | None) -> None:
+    """A home that does not exist, is a file or is a store is a one-line error (the server would
+    otherwise start and serve nothing, silently); an empty one is said, and served (indexes built
+    into it later are picked up)."""
+    from embedder.index import generations as layout
+    from embedder.store.shards import MANIFEST
+
+    root = layout.home(where)
+    how = f"embedder index build STORE --name NAME --home {root}"
+    if (root / MANIFEST).is_file():
+        raise EmbedderError(f"{root} is an embedding store, not an index home: build an index from it first "
+                            f"(embedder index build {root} --name NAME --home HOME), then serve HOME")
+    if not root.exists():
+        raise EmbedderError(f"index home {root} does not exist: build an index into it first ({how})")
+    if not root.is_dir():
+        raise EmbedderError(f"index home {root} is not a folder")
+    if not layout.names(str(root)):
+        console.print(f"no index in {root} yet: the page will be empty until one is built ({how}); "
+                      "indexes built later are picked up")
 
 
 def _check_port(host: str, port: int) -> None:
