@@ -217,6 +217,13 @@ def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> No
     first_id = lines[0]["id"]
     r = runner.invoke(app, ["search", "imgs", "--id", first_id, "-k", "2", "--home", home, "--json"])
     assert json.loads(r.output.splitlines()[0])["id"] == first_id
+    # the table at 80 columns keeps every file name, and the 12 characters of id it shows work with --id
+    r = runner.invoke(app, ["search", "imgs", q, "-k", "11", "--home", home], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and all(f"{p.parent.name}/{p.name}" in r.output
+                                    for p in image_tree.rglob("*.jpg")), r.output
+    assert first_id[:12] in r.output and first_id not in r.output
+    r = runner.invoke(app, ["search", "imgs", "--id", first_id[:12], "-k", "1", "--home", home, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output.splitlines()[0])["id"] == first_id
     np.save(tmp_path / "q.npy", np.zeros(7, dtype=np.float32))
     r = runner.invoke(app, ["search", "imgs", str(tmp_path / "q.npy"), "--home", home])
     assert r.exit_code == 2 and r.output.startswith("error:") and "dim 7" in r.output

@@ -105,3 +105,23 @@ def image_progress(description: str, enabled: bool = True) -> Iterator[Callable[
 
 
 HomeOpt = Annotated[Optional[str], typer.Option("--home", help="Index home (default: $EMBEDDER_HOME or ./indexes).")]
+
+
+def fit_paths(paths: list[str], width: int) -> tuple[str, list[str]]:
+    """Paths for a table column WIDTH characters wide that keeps every file name (a tar member's
+    ``#member`` too): their common folder taken out (returned, for the title) when there is one, and
+    any path still too long cut from the left ("…/cat/IMG_2041.jpg"), never at its end."""
+    import os
+
+    root = ""
+    local = [p for p in paths if p and "://" not in p]
+    if len(local) == len(paths) and len(paths) > 1:
+        try:
+            root = os.path.commonpath(paths)
+        except ValueError:  # absolute and relative mixed, or different drives
+            root = ""
+        if root in ("", "/", "."):
+            root = ""
+    shown = [p[len(root):].lstrip("/") if root else p for p in paths]
+    width = max(width, 12)
+    return root, [p if len(p) <= width else "…" + p[-(width - 1):] for p in shown]

@@ -65,7 +65,8 @@ def _print_info(meta: dict) -> None:  # type: ignore[type-arg]
               f"{meta['count']:,} vectors of dim {meta['dim']}, {meta['index_bytes'] / 2**20:.1f} MiB")
     out.print(f"why        {meta['reason']}")
     if q.get("exact"):
-        qps = f", {q['qps']:,.0f} QPS batched on {q['queries']} held-out queries" if q.get("qps") else ""
+        n = q.get("queries", 0)
+        qps = f", {q['qps']:,.0f} QPS batched on {n} held-out {'query' if n == 1 else 'queries'}" if q.get("qps") else ""
         out.print(f"quality    exact search (flat index): recall@10 1.000 by construction{qps}")
     elif q.get("recall_at_10") is not None:
         param = f"{q['param']}={q['value']}" if q.get("param") else "exact"

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from embedder.cli.common import HomeOpt, handle_errors, out
+from embedder.cli.common import HomeOpt, fit_paths, handle_errors, out
 from embedder.errors import IndexError_
 
 
@@ -70,7 +70,7 @@ def search_command(
                 raise IndexError_(f"{q}: {e}") from None
             labels += [q] * len(vecs[-1])
     request = QueryRequest(images=tuple(q for q in queries or [] if not q.endswith(".npy")),
-                           texts=tuple(texts or ()), ids=tuple(ids or ()))
+                           texts=tuple(texts or ()), ids=tuple(loaded.full_id(i) for i in ids or ()))
     if request.images or request.texts or request.ids:
         v, more = queries_.build(request)
         vecs.append(v)
@@ -81,15 +81,24 @@ def search_command(
     _print_results(list(zip(labels, found)), as_json)
 
 
+ID_SHOWN = 12  # `search --id` takes this prefix back (LoadedIndex.full_id)
+
+
 def _print_results(results: list, as_json: bool) -> None:  # type: ignore[type-arg]
     for label, hits in results:
         if as_json:
             for h in hits:
                 out.print(json.dumps({"query": label, **h}), soft_wrap=True, markup=False)
             continue
-        table = Table("rank", "score", "id", "path", "label", title=f"query: {label}", title_justify="left")
-        for h in hits:
-            table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["id"][:12], h["path"], h["label"] or "")
+        labels = [str(h["label"] or "") for h in hits]
+        # rank 4, score 6, id 12, label, and the table's borders and padding (3 per column + 1)
+        room = out.width - 4 - 6 - ID_SHOWN - min(max(map(len, labels), default=5), 16) - 16
+        root, paths = fit_paths([str(h["path"]) for h in hits], room)
+        title = f"query: {label}" + (f"   (paths under {root}/)" if root else "")
+        table = Table("rank", "score", "id", "path", "label", title=title, title_justify="left")
+        table.columns[3].no_wrap = True
+        for h, path, lab in zip(hits, paths, labels):
+            table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["id"][:ID_SHOWN], path, lab)
         out.print(table)
 
 
