@@ -46,6 +46,12 @@ class CpuGraph(StrEnum):
     onednn = "onednn"
 
 
+class Runtime(StrEnum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
 class DecodeIn(StrEnum):
     auto = "auto"
     threads = "threads"
@@ -106,6 +112,7 @@ PRECISIONS = tuple(v for v in values(Precision) if v != "auto")  # as recorded
 PRECISION_CHOICES = values(Precision)
 POOLS = values(Pool)
 CPU_GRAPHS = values(CpuGraph)
+RUNTIMES = values(Runtime)
 DECODE_IN = values(DecodeIn)
 DECODE_PRIORITIES = values(DecodePriority)
 ENGINES = values(Engine)

@@ -29,6 +29,7 @@ from embedder.embed.options import PRECISIONS, EmbedOptions
 from embedder.errors import DecodeError, EmbedderError
 from embedder.io.sources import ImageRef
 from embedder.io.uri import image_id
+from embedder.models import runtime as rt
 from embedder.models.builder import ModelSpec
 from embedder.models.cpu_graph import AUTO_MIN_BATCHES, CPU_GRAPHS, GraphChoice, onednn_graph, pick
 from embedder.models.devices import resolve_device
@@ -52,6 +53,9 @@ class StageTimes:
     write_s: float = 0.0  # rows into the shard buffer, and waiting for the shard writer
     decode_s: float = 0.0  # decoding inside the CPU model lanes (--decode-in lanes), summed over them
     lanes: int = 1  # batches the model computes at once (CPU lanes); model_s sums over them
+    # settling the CPU graph and runtime (tracing, exporting, timing, building a session) inside the
+    # images' span, before the first batch
+    prepare_s: float = 0.0
 
     def report(self, wall_s: float) -> dict[str, Any]:
         busy = {"decode": self.decode_wait_s + self.decode_s / self.lanes, "copy": self.copy_s,
@@ -134,13 +138,18 @@ class BatchEmbedder:
             raise EmbedderError(f"unknown precision {options.precision!r}; valid: {', '.join(PRECISIONS)}")
         if options.cpu_graph not in CPU_GRAPHS:
             raise EmbedderError(f"unknown --cpu-graph {options.cpu_graph!r}; valid: {', '.join(CPU_GRAPHS)}")
+        if options.runtime not in rt.RUNTIMES:
+            raise EmbedderError(f"unknown --runtime {options.runtime!r}; valid: {', '.join(rt.RUNTIMES)}")
         self.spec = spec
         self.options = options
         self.device = resolve_device(options.device)
         if options.decoder == "nvjpeg" and self.device.type != "cuda":
             raise EmbedderError("--decoder nvjpeg decodes on the GPU and needs a CUDA device; "
                                 "on CPU use --decoder torchvision (the same resize, libjpeg-turbo)")
+        t_load = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec)
+        self.load_s = time.perf_counter() - t_load  # building the network and reading its weights
+        log.info("model %s loaded in %.2f s", self.loaded.backbone.name, self.load_s)
         self.precision = options.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -159,6 +168,8 @@ class BatchEmbedder:
         self._onednn: torch.nn.Module | None = None
         self._onednn_built = False
         self._graph_choices: dict[tuple[str, int, int], GraphChoice] = {}
+        self._runtime_choices: dict[tuple[str, int, int], GraphChoice] = {}
+        self._onnx: dict[int, rt.OnnxGraph] = {}  # ORT sessions by intra-op threads
         self.graph_choice: GraphChoice | None = None  # set by prepare_graph (CPU runs)
         self.schema = row_schema(self.loaded.dim, options.dtype)
         self.stages = StageTimes()
@@ -195,21 +206,42 @@ class BatchEmbedder:
             self._lane_count = 1
 
     def prepare_graph(self, batch: int, batches: int) -> GraphChoice:
-        """Settle which graph computes this run's batches (``cpu_graph``), for BATCH-sized batches on
-        the lanes now open (``cpu_lanes``), the run being BATCHES batches long. ``auto`` times the
-        eager model against the oneDNN graph on a lane (its thread count is the run's) and keeps the
-        faster; a run shorter than ``AUTO_MIN_BATCHES`` is not worth the timing and stays eager,
-        unless this embedder has timed that setting already. Only on a CPU, in fp32, uncompiled."""
+        """Settle what computes this run's batches, for BATCH-sized batches on the lanes now open
+        (``cpu_lanes``), the run being BATCHES batches long: the torch graph (``cpu_graph``), then
+        the runtime (``runtime``: torch or ONNX Runtime). ``auto`` times the choices on a lane (its
+        thread count is the run's) and keeps the faster; a run too short to win the timing back uses
+        the decision an earlier run cached for this model on this machine, else eager torch. Only on
+        a CPU, in fp32, uncompiled. The time it takes is ``stages.prepare_s``."""
         if self.device.type != "cpu":
             return GraphChoice("eager")  # not recorded: there is no CPU graph to speak of
+        t0 = time.perf_counter()
         choice = self._settle_graph(batch, batches)
-        if choice.graph == "onednn" and self._onednn is not None:
-            self.model = self._onednn
-        elif self.model is self._onednn:
-            self.model = self._eager
+        torch_model = self._onednn if choice.graph == "onednn" and self._onednn is not None else self._eager
+        choice = self._settle_runtime(choice, torch_model, batch, batches)
+        threads = self._threads()
+        self.model = self._onnx[threads].module if choice.runtime == "onnxruntime" else torch_model
         self.graph_choice = choice
-        log.info("CPU graph: %s %s", choice.graph, choice.record())
+        self.stages.prepare_s += time.perf_counter() - t0
+        log.info("CPU graph and runtime (%.2f s): %s", time.perf_counter() - t0, choice.record())
         return choice
+
+    def _threads(self) -> int:
+        """Torch threads of a batch's computation: a lane's share, or all of them."""
+        return self.lane_threads(self._lane_count) if self._lanes is not None else torch.get_num_threads()
+
+    def _decision_key(self, what: str, batch: int) -> str:
+        """The cache key of a timing: the model, the machine, the batch and thread count it was timed at."""
+        pre = self.loaded.preprocessing
+        model = rt.graph_key(self.loaded.weights.info.sha256, self.loaded.backbone.name, self.loaded.layer,
+                             self.loaded.pool, pre.crop_size)
+        return f"{what}:" + rt.digest(model, rt.machine_key(), batch, self._threads(), self._lane_count,
+                                      self.options.channels_last)
+
+    def _trial_input(self, batch: int) -> torch.Tensor:
+        crop = self.loaded.preprocessing.crop_size
+        pixels = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))
+        return self._model_input(pixels)
 
     def _settle_graph(self, batch: int, batches: int) -> GraphChoice:
         option = self.options.cpu_graph
@@ -220,10 +252,18 @@ class BatchEmbedder:
         key = (option, batch, self._lane_count)
         if key in self._graph_choices:
             return self._graph_choices[key]
-        if option == "auto" and batches < AUTO_MIN_BATCHES:
-            return GraphChoice("eager", reason=f"a run of fewer than {AUTO_MIN_BATCHES} batches is not timed")
-        crop = self.loaded.preprocessing.crop_size
-        x = self._model_input(torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8))
+        decision_key = self._decision_key("cpu_graph", batch)
+        if option == "auto":
+            cached = rt.read_decision(decision_key)
+            known = GraphChoice.from_timing(cached) if cached is not None else None
+            if known is not None:
+                if known.graph == "onednn" and self._onednn_graph(self._trial_input(batch)) is None:
+                    known = GraphChoice("eager", reason="no oneDNN graph for this model")
+                self._graph_choices[key] = known
+                return known
+            if batches < AUTO_MIN_BATCHES:
+                return GraphChoice("eager", reason=f"a run of fewer than {AUTO_MIN_BATCHES} batches is not timed")
+        x = self._trial_input(batch)
         graph = self._onednn_graph(x)
         if graph is None:
             choice = GraphChoice("eager", reason="no oneDNN graph for this model")
@@ -232,8 +272,112 @@ class BatchEmbedder:
         else:
             task = partial(pick, partial(self._eager, x), partial(graph, x))
             choice = self._lanes.submit(task).result() if self._lanes is not None else task()
+            rt.write_decision(decision_key, choice.timing())
         self._graph_choices[key] = choice
         return choice
+
+    def _settle_runtime(self, choice: GraphChoice, torch_model: torch.nn.Module, batch: int,
+                        batches: int) -> GraphChoice:
+        """CHOICE with the runtime settled: torch, or ONNX Runtime (``runtime``: onnx, or auto where
+        a trial on this machine measured it at least ``rt.MIN_GAIN`` times faster than TORCH_MODEL)."""
+        option = self.options.runtime
+        if option == "torch":
+            return choice
+        if self.options.compile or self.precision != "fp32":
+            if option == "onnx":
+                raise EmbedderError("--runtime onnx computes in fp32, uncompiled: drop --precision/--compile "
+                                    "or use --runtime torch")
+            return replace(choice, runtime_reason="ONNX Runtime is for fp32, uncompiled")
+        key = (choice.graph, batch, self._lane_count)
+        if key in self._runtime_choices and option == "auto":
+            return self._runtime_choices[key]
+        decision_key = self._decision_key(f"runtime-{choice.graph}", batch)
+        x = self._trial_input(batch)
+        if option == "auto":
+            cached = rt.read_decision(decision_key)
+            if cached is not None and cached.get("runtime") in ("torch", "onnxruntime"):
+                settled = self._cached_runtime(choice, cached, x)
+                self._runtime_choices[key] = settled
+                return settled
+            if batches < rt.AUTO_MIN_BATCHES:
+                return replace(choice, runtime_reason=f"a run of fewer than {rt.AUTO_MIN_BATCHES} batches is not "
+                                                      "timed against ONNX Runtime")
+        try:
+            graph = self._onnx_graph(x)
+        except rt.RuntimeUnavailable as e:
+            if option == "onnx":
+                raise
+            log.info("%s; torch computes this run", e)
+            if rt.ort_version() is not None:  # an export that failed fails again: not tried on every run
+                rt.write_decision(decision_key, {"runtime": "torch", "reason": str(e)[:200]})
+            return replace(choice, runtime_reason=str(e)[:200])
+        with torch.inference_mode():
+            cosine = rt.min_cosine(self._eager(x).float().numpy(), graph.module(x).numpy())
+        ort = {"runtime": "onnxruntime", "runtime_version": rt.ort_version() or "", "export_s": (
+            round(graph.export_s, 2) if not graph.cached else None), "cosine": round(cosine, 6)}
+        if cosine < rt.MIN_COSINE:
+            why = f"ONNX Runtime's vectors are at cosine {cosine:.6f} to eager torch's (under {rt.MIN_COSINE})"
+            if option == "onnx":
+                raise rt.RuntimeUnavailable(f"{why}: use --runtime torch")
+            log.warning("%s; torch computes this run", why)
+            rt.write_decision(decision_key, {"runtime": "torch", "reason": why, "cosine": cosine})
+            return replace(choice, runtime_reason=why, cosine=round(cosine, 6))
+        if option == "onnx":
+            return replace(choice, **ort)  # type: ignore[arg-type]
+        task = partial(self._time_runtimes, torch_model, graph.module, x)
+        t_torch, t_ort = self._lanes.submit(task).result() if self._lanes is not None else task()
+        ms = {"torch": round(t_torch * 1000, 2), "onnxruntime": round(t_ort * 1000, 2)}
+        faster = ms["torch"] >= rt.MIN_GAIN * ms["onnxruntime"]  # on the figures the record keeps
+        rt.write_decision(decision_key, {"runtime": "onnxruntime" if faster else "torch", "ms": ms,
+                                         "cosine": cosine})
+        settled = replace(choice, runtime_ms=ms, **(ort if faster else {"export_s": ort["export_s"]}))  # type: ignore[arg-type]
+        self._runtime_choices[key] = settled
+        return settled
+
+    def _cached_runtime(self, choice: GraphChoice, cached: dict[str, Any], x: torch.Tensor) -> GraphChoice:
+        """CHOICE with the runtime an earlier run's trial on this machine chose (its graph from the
+        cache, exported again where it is gone or damaged)."""
+        ms = cached.get("ms") if isinstance(cached.get("ms"), dict) else None
+        if cached["runtime"] == "torch":
+            return replace(choice, runtime_ms=ms, runtime_reason=f"cached: {cached.get('reason') or 'torch faster'}")
+        try:
+            graph = self._onnx_graph(x)
+        except rt.RuntimeUnavailable as e:
+            log.warning("%s; torch computes this run", e)
+            return replace(choice, runtime_reason=str(e)[:200])
+        cosine = cached.get("cosine")
+        if not graph.cached:  # exported again: checked again
+            with torch.inference_mode():
+                cosine = rt.min_cosine(self._eager(x).float().numpy(), graph.module(x).numpy())
+            if cosine < rt.MIN_COSINE:
+                log.warning("ONNX Runtime's vectors are at cosine %.6f to eager torch's; torch computes this run",
+                            cosine)
+                return replace(choice, runtime_reason=f"ONNX Runtime's vectors at cosine {cosine:.6f}")
+        return replace(choice, runtime="onnxruntime", runtime_version=rt.ort_version() or "", runtime_ms=ms,
+                       runtime_reason="cached", cosine=round(float(cosine), 6) if cosine is not None else None,
+                       export_s=None if graph.cached else round(graph.export_s, 2))
+
+    def _onnx_graph(self, x: torch.Tensor) -> rt.OnnxGraph:
+        threads = self._threads()
+        if threads not in self._onnx:
+            key = rt.graph_key(self.loaded.weights.info.sha256, self.loaded.backbone.name, self.loaded.layer,
+                               self.loaded.pool, self.loaded.preprocessing.crop_size)
+            self._onnx[threads] = rt.onnx_graph(self._eager, x, key, threads)
+        return self._onnx[threads]
+
+    @staticmethod
+    def _time_runtimes(torch_model: torch.nn.Module, ort_model: torch.nn.Module,
+                       x: torch.Tensor) -> tuple[float, float]:
+        """Seconds per batch of each, best of interleaved calls after one each to warm up."""
+        best = [float("inf"), float("inf")]
+        with torch.inference_mode():
+            for call in range(1 + rt.TIMED):
+                for i, model in enumerate((torch_model, ort_model)):
+                    t0 = time.perf_counter()
+                    model(x)
+                    if call:
+                        best[i] = min(best[i], time.perf_counter() - t0)
+        return best[0], best[1]
 
     def _onednn_graph(self, example: torch.Tensor) -> torch.nn.Module | None:
         if not self._onednn_built:
@@ -288,7 +432,18 @@ class BatchEmbedder:
             precision=self.precision, normalize=self.options.normalize, dtype=self.options.dtype,
             versions=_versions(), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             text=self.loaded.text.spec() if self.loaded.text is not None else None,
+            runtime=self.runtime_record(),
         )
+
+    def runtime_record(self) -> dict[str, str] | None:
+        """What computes the vectors: {"name", "version"}; None on a CPU before ``prepare_graph``
+        settled it."""
+        if self.device.type != "cpu":
+            return {"name": "torch", "version": torch.__version__}
+        if self.graph_choice is None:
+            return None
+        record = self.graph_choice.record()["runtime"]
+        return {"name": str(record["name"]), "version": str(record["version"])}  # type: ignore[index]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → float32 [N, dim] by the model's text tower, at this embedder's precision and

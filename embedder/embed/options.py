@@ -55,6 +55,9 @@ class EmbedOptions:
     # pil (bit-identical to weights.transforms()) | pil-draft | pil-reduce | torchvision | nvjpeg | auto
     decoder: str = "pil"
     cpu_graph: str = "auto"  # CPU, fp32: eager | onednn (TorchScript, oneDNN) | auto (timed on long runs)
+    # CPU, fp32: torch | onnx (ONNX Runtime on the exported graph) | auto (ORT where a trial on this
+    # machine measured it faster, vectors at cosine >= 0.9999 to eager's: embedder.models.runtime)
+    runtime: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,20 @@ _WARMUP, _TIMED = 3, 3  # TorchScript's profiling executor optimises a graph on 
 
 @dataclass(frozen=True)
 class GraphChoice:
-    """What ``auto`` (or the option) settled on, for the run record."""
+    """What ``auto`` (or the options) settled on, for the run record: the torch graph, and the
+    runtime that computes the batches (torch, or ONNX Runtime: ``embedder.models.runtime``)."""
 
     graph: str  # eager | onednn
     eager_ms: float | None = None  # per batch, best of the timed calls (auto only)
     onednn_ms: float | None = None
     reason: str = ""
+    cached: bool = False  # the timing of an earlier run on this machine (``runtime.read_decision``)
+    runtime: str = "torch"  # torch | onnxruntime
+    runtime_version: str = ""
+    runtime_ms: dict[str, float] | None = None  # auto's trial, per batch: {"torch": ms, "onnxruntime": ms}
+    runtime_reason: str = ""
+    export_s: float | None = None  # a graph exported for this run (not read from the cache)
+    cosine: float | None = None  # ORT's vectors against eager's on the trial batch, the worst row
 
     def record(self) -> dict[str, object]:
         out: dict[str, object] = {"cpu_graph": self.graph}
@@ -53,7 +61,27 @@ class GraphChoice:
             out["cpu_graph_ms"] = {"eager": self.eager_ms, "onednn": self.onednn_ms}
         if self.reason:
             out["cpu_graph_reason"] = self.reason
+        if self.cached:
+            out["cpu_graph_cached"] = True
+        runtime: dict[str, object] = {"name": self.runtime, "version": self.runtime_version or torch.__version__}
+        extra = {"ms": self.runtime_ms, "reason": self.runtime_reason, "export_s": self.export_s,
+                 "cosine": self.cosine}
+        runtime.update({k: v for k, v in extra.items() if v not in (None, "")})
+        out["runtime"] = runtime
         return out
+
+    def timing(self) -> dict[str, object]:
+        """The torch graph's decision, as the cache keeps it."""
+        return {"graph": self.graph, "eager_ms": self.eager_ms, "onednn_ms": self.onednn_ms, "reason": self.reason}
+
+    @classmethod
+    def from_timing(cls, d: dict[str, object]) -> GraphChoice | None:
+        """A cached ``timing``; None where the entry is not one."""
+        graph, eager, onednn = d.get("graph"), d.get("eager_ms"), d.get("onednn_ms")
+        if graph not in ("eager", "onednn") or not all(isinstance(v, (int, float)) for v in (eager, onednn)):
+            return None
+        return cls(str(graph), float(eager), float(onednn), str(d.get("reason") or ""),  # type: ignore[arg-type]
+                   cached=True)
 
 
 def onednn_graph(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
