@@ -1,6 +1,9 @@
 // The search page: plain ES module, no build step. Errors are shown in the page (#error).
 // With an API key on the server, the page asks for it once (kept for this tab) and sends it with
-// every request; thumbnails are then fetched with it too.
+// every request; thumbnails are then fetched with it too. Two views: Search, and Label (label.js),
+// chosen by the address's #hash (#label/NAME opens selection NAME), so a reload keeps the view.
+import { setupLabelling } from "./label.js";
+
 const $ = (id) => document.getElementById(id);
 const state = { indexes: [], last: null, key: sessionStorage.getItem("embedder-key") || "" };
 
@@ -239,17 +242,38 @@ async function loadIndexes() {
   }
 }
 
+function searchHint() {
+  return state.indexes.length ? (current()?.text_queries ? "type a text or drop an image to search"
+    : "drop an image to search") : "no index is served";
+}
+
+let labelling = null;
+
+function route() {  // the view the address names
+  const labelView = location.hash.startsWith("#label");
+  $("search-view").hidden = labelView;
+  $("controls").hidden = labelView;
+  $("label-view").hidden = !labelView;
+  for (const [tab, on] of [["tab-search", !labelView], ["tab-label", labelView]]) {
+    if (on) $(tab).setAttribute("aria-current", "page"); else $(tab).removeAttribute("aria-current");
+  }
+  showError("");
+  if (labelView) labelling.open();
+  else status(searchHint());
+}
+
 async function init() {
   wireDrop();
   wireControls();
+  labelling = setupLabelling({ api, thumbnail, showError, status, indexes: () => state.indexes });
+  window.addEventListener("hashchange", route);
   try {
     state.indexes = await loadIndexes();
   } catch (e) { showError(e.message); status(""); return; }
   const select = $("index");
   for (const i of state.indexes) select.append(new Option(`${i.name} (${i.count})`, i.name));
   showInfo();
-  status(state.indexes.length ? (current()?.text_queries ? "type a text or drop an image to search"
-    : "drop an image to search") : "no index is served");
+  route();
 }
 
 init();
