@@ -177,3 +177,23 @@ def test_real_efficientnet_lite0_weights_classify_known_photos(tmp_path: Path) -
     assert top == theirs and top[0] in (281, 282, 285) and top[1] == 967
     pre = Store.open(out).provenance.preprocessing
     assert (pre.mean, pre.std, pre.interpolation) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "open_clip:ViT-B-32:openai"])
+def test_unreachable_hub_fails_at_once_naming_the_way_out(image_tree: Path, tmp_path: Path, name: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub weights neither cached nor reachable: one line at once (huggingface_hub alone retried for
+    ~53 s, then printed an error cut mid-sentence) that names `weights import` and EMBEDDER_OFFLINE=1."""
+    from embedder.models.hf_cache import hub_unreachable
+
+    pytest.importorskip("open_clip" if name.startswith("open_clip") else "timm")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard: refused at once
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for v in ("HF_HUB_OFFLINE", "EMBEDDER_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    hub_unreachable.cache_clear()
+    r = CliRunner().invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", name])
+    hub_unreachable.cache_clear()
+    assert r.exit_code == 2 and "unreachable (127.0.0.1:9" in r.output, r.output
+    said = " ".join(r.output.split())
+    assert f"embedder weights import FILE --backbone {name}" in said and "EMBEDDER_OFFLINE=1" in said

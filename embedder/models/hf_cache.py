@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from functools import cache
 from pathlib import Path
 
 
@@ -60,3 +61,48 @@ def honour_offline() -> None:
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]
+
+
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+REACH_SECONDS = 3.0
+
+
+@cache
+def hub_unreachable(timeout: float = REACH_SECONDS) -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached — its name not resolved or its port
+    not answering within TIMEOUT seconds — or None. Asked once per process, before a download that is
+    not in the cache: huggingface_hub otherwise retries for about a minute before failing (measured:
+    53 s offline). Behind a proxy the proxy decides: None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in PROXY_VARS):
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or type(e).__name__}"
+    return None
+
+
+def offline_advice(name: str) -> str:
+    """What to do when NAME's hub weights cannot be had here."""
+    return (f"download the weights where the hub is reachable, then `embedder weights import FILE --backbone "
+            f"{name}` (or pass --weights FILE); EMBEDDER_OFFLINE=1 uses the local cache only, without waiting "
+            "for the hub")
+
+
+def require_hub(name: str, repo: str) -> None:
+    """A ``WeightsUnavailable`` at once, naming the way out, where NAME's hub repository REPO is
+    neither in the local cache nor reachable (see ``hub_unreachable``)."""
+    from embedder.errors import WeightsUnavailable
+
+    if not repo or hub_cached(repo) or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    why = hub_unreachable()
+    if why:
+        raise WeightsUnavailable(f"{name}'s weights are not in the Hugging Face cache and the hub is unreachable "
+                                 f"({why}): {offline_advice(name)}")

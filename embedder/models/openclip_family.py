@@ -9,11 +9,11 @@ shares); the text tower stays loaded beside it for text queries and zero-shot he
 (``image_transform_v2`` of the model's preprocess config with the tag's mean, std, interpolation and
 resize mode merged in, as ``create_model_and_transforms`` makes it), kept as the typed record every
 decoder reproduces; an architecture alone (``--weights FILE``) takes what all its published tags agree
-on, and is refused where they disagree (``published_cfg``). Weights: a local state dict or safetensors file (``--weights FILE``, loaded by
-OpenCLIP's own ``load_checkpoint``: its key conversions, strict), or OpenCLIP's Hugging Face hub
-download when none is given (``EMBEDDER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: the local hub cache
-only), recorded with the SHA-256 of the file's bytes. Models whose blocks train with parallel
-branches (MobileCLIP's FastViT) are reparameterised for inference with timm's
+on, and is refused where they disagree (``published_cfg``). Weights: a local state dict or safetensors
+file (``--weights FILE``, loaded by OpenCLIP's own ``load_checkpoint``: its key conversions, strict), or
+OpenCLIP's Hugging Face hub download when none is given (``EMBEDDER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``:
+the local hub cache only), recorded with the SHA-256 of the file's bytes. Models whose blocks train with
+parallel branches (MobileCLIP's FastViT) are reparameterised for inference with timm's
 ``reparameterize_model`` (the same function, one branch).
 """
 
@@ -184,15 +184,17 @@ class OpenClipModel:
             raise WeightsUnavailable(
                 f"{self.name} names no pretrained weights: add a tag ({', '.join(tags[:6]) or 'OpenCLIP has none'}"
                 f"{' …' if len(tags) > 6 else ''}) or give --weights FILE")
+        from embedder.models.hf_cache import offline_advice, require_hub
+
         oc = _open_clip()
+        hub = str(self.tag_cfg().get("hf_hub", "") or "")
+        require_hub(self.name, self.hub_target(".bin")[0] if hub else "")
         try:
             path = oc.download_pretrained(self.tag_cfg())
         except (OSError, RuntimeError, ValueError) as e:
-            hub = self.tag_cfg().get("hf_hub", "")
             raise WeightsUnavailable(
-                f"cannot load {self.name}'s weights ({_first_line(e)}); the hub file is {hub or 'not on the hub'}"
-                "; where the hub is unreachable, give the file: --weights FILE (a state dict or safetensors "
-                "file), or put it in the Hugging Face cache (HF_HOME)") from None
+                f"cannot load {self.name}'s weights ({_first_line(e)}); the hub file is {hub or 'not on the hub'}: "
+                f"{offline_advice(self.name)}") from None
         if not path:
             raise WeightsUnavailable(f"OpenCLIP names no file for {self.name}; give --weights FILE")
         net = self.build()

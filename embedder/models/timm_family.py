@@ -140,17 +140,19 @@ class TimmModel:
 
     def pretrained(self, tag: str | None = None, image_size: int | None = None) -> tuple[nn.Module, WeightsRef]:
         """The model with timm's pretrained weights, through the Hugging Face hub cache."""
-        from embedder.models.hf_cache import honour_offline
+        from embedder.models.hf_cache import honour_offline, offline_advice, require_hub
         from embedder.models.weights import state_dict_digest
 
         honour_offline()
+        cfg = self.cfg()
+        require_hub(f"timm:{self.arch}", str(getattr(cfg, "hf_hub_id", "") or "") if cfg is not None else "")
         try:
             net = self._create(True, image_size)
         except (OSError, RuntimeError, ValueError) as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise WeightsUnavailable(
-                f"cannot load timm:{self.arch}'s pretrained weights ({first[:200]}); where the hub is "
-                "unreachable, give the weights file: --weights FILE (a state dict or safetensors file)") from None
+            first = first if len(first) <= 240 else first[:first.rfind(" ", 0, 240)] + " …"
+            raise WeightsUnavailable(f"cannot load timm:{self.arch}'s pretrained weights ({first}): "
+                                     f"{offline_advice('timm:' + self.arch)}") from None
         digest = state_dict_digest(net.state_dict())  # of the tensors as loaded (the hub file is timm's)
         return net, WeightsRef("hub", f"timm:{self.arch}", digest)
 
