@@ -281,8 +281,10 @@ class Probe:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """Validation and (with a test store) test accuracy, the kNN baseline, how C was chosen."""
-        return {"C": self.result.C, "selection": self.result.selection, **self.result.metrics}
+        """Validation and (with a test store) test accuracy, the kNN baseline, how C was chosen; with
+        a labels file, what it did (``labels``) and the learning curve (``curve``)."""
+        extra = {k: v for k, v in (("labels", self.result.labels), ("curve", self.result.curve)) if v is not None}
+        return {"C": self.result.C, "selection": self.result.selection, **self.result.metrics, **extra}
 
     def save(self, path: str | Path) -> None:
         """The probe file ``embedder predict`` reads."""
@@ -311,13 +313,26 @@ class Probe:
         return self._embedder.embed(images)
 
 
+def _join(labels: str | Path | None) -> Any:
+    """A labels file's join (``embedder.store.labels``), or None."""
+    if labels is None:
+        return None
+    from embedder.store.labels import LabelJoin, read_labels
+
+    return LabelJoin(read_labels(labels))
+
+
 def train_probe(train_store: str | Path, *, test_store: str | Path | None = None, device: str = "auto",
-                weights: str | Path | None = None, **options: Any) -> Probe:
+                weights: str | Path | None = None, labels: str | Path | None = None, curve: bool = True,
+                **options: Any) -> Probe:
     """``embedder probe``: logistic regression on a labelled store's frozen features, C chosen on
     held-out predictions; with ``test_store``, its test accuracy and the kNN baseline in
     ``.metrics``. ``options`` are ``ProbeOptions`` fields (``label_column``, ``standardize``…).
     WEIGHTS: the file the store was made from, when it was (``.predict`` rebuilds that model, as
-    ``embedder predict --weights`` does)."""
+    ``embedder predict --weights`` does). LABELS: a CSV or Parquet file of id,label rows put over
+    the stores' own labels by id (``.metrics["labels"]``: what it did; an error when none of its
+    ids is in the stores); with CURVE, the probe retrained on 1, 2, 5, … of its labels per class
+    (``.metrics["curve"]``: accuracy against the number of labels)."""
     from embedder.errors import ProbeError
     from embedder.learn.options import ProbeOptions
     from embedder.learn.probe import load_dataset, load_test, test_metrics
@@ -328,12 +343,20 @@ def train_probe(train_store: str | Path, *, test_store: str | Path | None = None
     if isinstance(probe_kw.get("memory_budget"), str):  # "8GB", as the CLI takes it
         probe_kw["memory_budget"] = parse_size(probe_kw["memory_budget"], ProbeError)
     opts = ProbeOptions(**probe_kw)
-    train = load_dataset(str(train_store), opts.label_column, memory_budget=opts.memory_budget)
+    join = _join(labels)
+    train = load_dataset(str(train_store), opts.label_column, memory_budget=opts.memory_budget, labels=join)
+    test = load_test(str(test_store), train, opts.label_column, opts.memory_budget, join) \
+        if test_store is not None else None
+    joined = join.require_some(str(train_store) + (f" or {test_store}" if test_store is not None else "")) \
+        if join is not None else None
     result = fit(train, opts)
-    result.metrics = {"knn_k": opts.knn_k}
-    if test_store is not None:
-        test = load_test(str(test_store), train, opts.label_column, opts.memory_budget)
-        result.metrics = test_metrics(result, train, test, opts)
+    result.metrics = {"knn_k": opts.knn_k} if test is None else test_metrics(result, train, test, opts)
+    if joined is not None:
+        result.labels = joined.to_dict()
+        if curve:
+            from embedder.learn.curve import learning_curve
+
+            result.curve = learning_curve(train, test, opts, full=result)
     return Probe(result, device, weights)
 
 
@@ -348,19 +371,24 @@ def _inspect_budget(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def inspect(store: str | Path, out: str | Path, *, test: str | Path | None = None,
-            **options: Any) -> dict[str, Any]:
+            labels: str | Path | None = None, **options: Any) -> dict[str, Any]:
     """``embedder inspect``: duplicates, leaks (with ``test``), likely label errors, outliers and class
     overlap of STORE → ``OUT/findings.parquet`` and ``OUT/index.html``; returns the summary the CLI
     prints with ``--json``. ``options`` are ``InspectOptions`` fields (``duplicate_threshold``,
     ``memory_budget`` in bytes or "2GB", ``graph``, ``engine``, ``thumbnails``…): above 20,000 images the
-    bucketed graph runs in memory set by the budget, whatever the store's size."""
+    bucketed graph runs in memory set by the budget, whatever the store's size. LABELS: a CSV or
+    Parquet file of id,label rows put over the store's labels by id (the summary's ``labels``: what
+    it did)."""
     from embedder.analysis.inspection import inspect_store, write_outputs
     from embedder.analysis.options import InspectOptions
 
     (kw,) = _split_options(options, InspectOptions)
     opts = InspectOptions(**_inspect_budget(kw))
-    insp = inspect_store(str(store), str(out), str(test) if test is not None else None, opts)
-    return write_outputs(insp, str(out)).to_dict()
+    join = _join(labels)
+    insp = inspect_store(str(store), str(out), str(test) if test is not None else None, opts, labels=join)
+    joined = join.result() if join is not None else None
+    summary = write_outputs(insp, str(out), labels=joined).to_dict()
+    return summary | ({"labels": joined.to_dict()} if joined is not None else {})
 
 
 def dedup(store: str | Path, out: str | Path, *, threshold: float | None = None, **options: Any) -> dict[str, Any]:

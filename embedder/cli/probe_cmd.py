@@ -16,6 +16,10 @@ from embedder.cli.common import console, handle_errors, image_progress, out, set
 from embedder.cli.extract_cmd import EXIT_SOME_FAILED
 from embedder.learn.options import ProbeOptions
 
+LABELS_HELP = ("CSV or Parquet of id,label rows (e.g. from the labelling page): joined on the store's 'id', its "
+               "labels put over the store's own; rows it does not name keep theirs, ids not in the store are "
+               "ignored and counted.")
+
 
 @handle_errors
 def probe_command(
@@ -23,6 +27,8 @@ def probe_command(
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON); not needed with --zero-shot-only.")] = None,
     test: Annotated[Optional[str], typer.Option(help="Store with labelled test vectors.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = ProbeOptions.label_column,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help=LABELS_HELP + " Then the probe is also retrained on 1, 2, 5, 10, … of the file's labels per class: accuracy against the number of labels (--no-curve: not).")] = None,
+    curve: Annotated[bool, typer.Option("--curve/--no-curve", help="With --labels: the learning curve (seconds, capped; on --test, else the store's own labels the file does not touch, else K-fold).")] = True,
     val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = ProbeOptions.val_fraction,
     seed: Annotated[int, typer.Option()] = ProbeOptions.seed,
     standardize: Annotated[choices.Standardize, typer.Option(help="Standardise features (auto: chosen with C on held-out predictions).")] = choices.Standardize(ProbeOptions.standardize),
@@ -50,11 +56,20 @@ def probe_command(
     budget = parse_size(memory_budget, pr.ProbeError) if memory_budget is not None else None
     opts = ProbeOptions(label_column=label_column, val_fraction=val_fraction, seed=seed,
                         standardize=str(standardize), knn_k=knn_k, backend=str(backend), memory_budget=budget)
-    train = pr.load_dataset(str(train_store), label_column, memory_budget=budget)
-    test_ds = pr.load_test(str(test), train, label_column, budget) if test else None
+    from embedder.store.labels import LabelJoin, read_labels
+
+    join = LabelJoin(read_labels(labels)) if labels is not None else None
+    train = pr.load_dataset(str(train_store), label_column, memory_budget=budget, labels=join)
+    test_ds = pr.load_test(str(test), train, label_column, budget, join) if test else None
+    joined = join.require_some(str(train_store) + (f" or {test}" if test else "")) if join else None
+    if joined is not None and not as_json:
+        out.print(joined.summary(), markup=False)
     if test_ds is not None and test_ds.unseen:
         console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(test_ds.unseen)}")
-    if train.dropped_unlabelled:
+    if train.dropped_unlabelled and joined is not None:
+        console.print(f"note: {train.dropped_unlabelled:,} rows labelled neither by {labels} nor by the store "
+                      "take no part", markup=False)
+    elif train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
 
     from embedder.learn.zeroshot import zero_shot_metrics
@@ -83,6 +98,13 @@ def probe_command(
         metrics["zero_shot"] = zs
     result.metrics = metrics
     result.seconds += time.perf_counter() - t_metrics  # the whole probe: choice of C, refit, test, kNN
+    if joined is not None:
+        result.labels = joined.to_dict()
+        if curve:
+            from embedder.learn.curve import learning_curve
+
+            with progress:
+                result.curve = learning_curve(train, test_ds, opts, progress=tick, full=result)
     out_file = cast(Path, out_file)  # given: checked above unless --zero-shot-only, which has returned
     pr.save_probe(out_file, result)
     if report:
@@ -112,8 +134,29 @@ def probe_command(
         out.print("no --test store: only validation accuracy is reported")
     if zs is not None:
         _print_zero_shot(zs)
+    if result.curve is not None:
+        print_curve(result.curve)
     if report:
         out.print(f"report → {report}/confusion_matrix.png, {report}/metrics.json")
+
+
+def print_curve(c: dict[str, Any]) -> None:
+    """The learning curve: labels → accuracy."""
+    if c.get("skipped"):
+        out.print(f"learning curve skipped: {c['skipped']}", markup=False)
+        return
+    spread = any(p["sd"] is not None for p in c["points"])
+    table = Table("per class", "labels", "accuracy", *(["± sd (draws)"] if spread else []),
+                  title=f"labels → accuracy: scored on {c['on']}, {c['n_eval']:,} images "
+                        f"({c['classes']} classes, {c['seconds']:.1f} s)")
+    for p in c["points"]:
+        row = [str(p["per_class"]), f"{p['labels']:,}", f"{p['accuracy']:.4f}"]
+        if spread:
+            row.append(f"{p['sd']:.4f} ({p['draws']})" if p["sd"] is not None else "")
+        table.add_row(*row)
+    out.print(table)
+    for note in c.get("notes", []):
+        out.print(f"  note: {note}", markup=False)
 
 
 def _print_zero_shot(zs: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from embedder.learn.options import ProbeOptions
 from embedder.learn.selection import Selection, SelectOptions, fit_all, select_c, sweep_steps
 from embedder.models.heads import LinearHead
 from embedder.sizes import default_budget
+from embedder.store.labels import LabelJoin
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store
 
@@ -46,6 +47,7 @@ class Dataset:
     provenance: dict[str, Any]
     dropped_unlabelled: int = 0
     unseen: list[str] = field(default_factory=list)  # labels absent from the given class list (y = -1)
+    from_file: np.ndarray | None = None  # per row: its label is a labels file's (--labels), not the store's
 
     @property
     def dim(self) -> int:
@@ -96,36 +98,52 @@ class ProbeResult:
     n_select: int = 0
     select_seconds: float = 0.0  # of ``seconds``: choosing C
     refit_seconds: float = 0.0  # of ``seconds``: the refit on all of train
+    labels: dict[str, Any] | None = None  # the labels file behind it (``Joined.to_dict()``): path, sha256, counts
+    curve: dict[str, Any] | None = None  # accuracy against the number of labels (``learn.curve``)
 
 
 def load_dataset(store_path: str, label_column: str = "label", classes: list[str] | None = None,
-                 memory_budget: int | None = None) -> Dataset:
+                 memory_budget: int | None = None, labels: LabelJoin | None = None) -> Dataset:
     """A store's labelled rows. Their vectors are one float32 matrix (filled record batch by record
     batch: no Arrow copy beside it, never float64) unless that matrix would exceed MEMORY_BUDGET
     bytes (default: a quarter of RAM); then they are streamed from the store on every pass
-    (``StoreRows``)."""
+    (``StoreRows``). LABELS: a labels file's join, its labels put over the store's by id (the
+    caller reads ``labels.result()`` once every store it applies to is loaded)."""
     import pyarrow.compute as pc
 
     store = Store.open(store_path)
     names = store.dataset().schema.names
-    if label_column not in names:
+    has_column = label_column in names
+    if not has_column and labels is None:
         raise ProbeError(f"{store_path} has no column {label_column!r}; columns: "
                          f"{', '.join(n for n in names if n != 'embedding')}")
-    t = store.read(["id", "path", label_column])
-    lab = t.column(label_column).cast("string").combine_chunks() if t.num_rows else None
-    if lab is None:
+    t = store.read(["id", "path"] + ([label_column] if has_column else []))
+    if not t.num_rows:
         raise ProbeError(f"{store_path} is empty: extract images into it first")
+    own = t.column(label_column).cast("string").combine_chunks() if has_column else None
+    if labels is not None:
+        lab = labels.apply(t.column("id"), own)
+        in_file = np.asarray(pc.is_in(t.column("id").cast("string"), value_set=labels.file.ids)
+                             .to_numpy(zero_copy_only=False), bool)
+    else:
+        lab, in_file = own, None
+    assert lab is not None
     keep = np.asarray(pc.and_(pc.is_valid(lab), pc.not_equal(lab, "")).fill_null(False), bool)
     if not keep.any():
+        if labels is not None:
+            labels.require_some(store_path)  # none of the file's ids is here: that is the error
+            raise ProbeError(f"{store_path} has no labelled rows: neither {labels.file.path} nor its "
+                             f"{label_column!r} column labels any of them")
         raise ProbeError(f"{store_path} has no labels in {label_column!r}: put images in one "
-                         "subfolder per class (ImageFolder) or extract from a list with a label column")
+                         "subfolder per class (ImageFolder) or extract from a list with a label column, "
+                         "or give --labels FILE (id,label)")
     rows = np.flatnonzero(keep)
-    labels = lab.take(rows).dictionary_encode()
-    names_here = [str(v) for v in labels.dictionary.to_pylist()]
+    encoded = lab.take(rows).dictionary_encode()
+    names_here = [str(v) for v in encoded.dictionary.to_pylist()]
     known = classes or sorted(set(names_here))
     index = {c: i for i, c in enumerate(known)}
     lut = np.array([index.get(v, -1) for v in names_here], np.int64)
-    y = lut[labels.indices.to_numpy(zero_copy_only=False)]
+    y = lut[encoded.indices.to_numpy(zero_copy_only=False)]
     n = len(rows)
     budget = default_budget() if memory_budget is None else memory_budget
     if n * store.dim * 4 > budget:
@@ -139,7 +157,8 @@ def load_dataset(store_path: str, label_column: str = "label", classes: list[str
         require_finite(x, 0, store_path)
     return Dataset(x, y, known, t.column("id").take(rows), t.column("path").take(rows),
                    store.provenance.to_dict(), dropped_unlabelled=t.num_rows - n,
-                   unseen=sorted(set(names_here) - set(known)))
+                   unseen=sorted(set(names_here) - set(known)),
+                   from_file=in_file[rows] if in_file is not None else None)
 
 
 def select_options(options: ProbeOptions, criterion: str = "accuracy") -> SelectOptions:
@@ -300,15 +319,25 @@ def check_compatible(train: Dataset, test: Dataset) -> None:
 
 # ---- the probe file --------------------------------------------------------------------------
 def load_test(path: str, train: Dataset, label_column: str = "label",
-              memory_budget: int | None = None) -> Dataset:
+              memory_budget: int | None = None, labels: LabelJoin | None = None) -> Dataset:
     """A test store for a trained probe: embedded as train was (else an error), its rows of
-    classes train never saw left out of every metric (named in ``.unseen``)."""
-    test = load_dataset(path, label_column, train.classes, memory_budget)
+    classes train never saw left out of every metric (named in ``.unseen``). LABELS: the same
+    labels file as train's (an id of the file found here labels this row)."""
+    test = load_dataset(path, label_column, train.classes, memory_budget, labels)
     check_compatible(train, test)
     if test.unseen and isinstance(test.x, np.ndarray):
         keep = test.y >= 0
         test.x, test.y = test.x[keep], test.y[keep]
+        test.ids, test.paths = test.ids.filter(pa_mask(keep)), test.paths.filter(pa_mask(keep))
+        if test.from_file is not None:
+            test.from_file = test.from_file[keep]
     return test
+
+
+def pa_mask(keep: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    return pa.array(keep, pa.bool_())
 
 
 def test_metrics(result: ProbeResult, train: Dataset, test: Dataset, options: ProbeOptions) -> dict[str, Any]:
@@ -330,7 +359,8 @@ def save_probe(path: Path, result: ProbeResult) -> None:
             "standardize": result.standardize, "val_accuracy": result.val_accuracy,
             "selection": result.selection, "n_select": result.n_select, "n_train": result.n_train,
             "backend": result.backend, "seconds": round(result.seconds, 2), "provenance": result.provenance,
-            "metrics": {k: v for k, v in result.metrics.items() if k != "sweep"}}
+            "metrics": {k: v for k, v in result.metrics.items() if k != "sweep"},
+            **({"labels": result.labels} if result.labels else {}), **({"curve": result.curve} if result.curve else {})}
     h = result.head
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -376,6 +406,8 @@ def result_json(result: ProbeResult) -> dict[str, Any]:
         "confusion_matrix": m.get("test", {}).get("confusion_matrix"),
         "sweep": result.sweep,
         **({"zero_shot": m["zero_shot"]} if "zero_shot" in m else {}),
+        **({"labels": result.labels} if result.labels else {}),
+        **({"curve": result.curve} if result.curve else {}),
     }
 
 
