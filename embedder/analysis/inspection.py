@@ -30,6 +30,7 @@ from embedder.analysis.outliers import outliers
 from embedder.analysis.projection import project
 from embedder.analysis.vectors import Vectors, load_vectors
 from embedder.errors import ProbeError
+from embedder.store.labels import Joined, LabelJoin
 from embedder.store.shards import Store
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,16 @@ def uses_buckets(store: str, options: InspectOptions) -> bool:
 
 
 def inspect_store(store: str, out: str, test: str | None = None, options: InspectOptions = InspectOptions(),
-                  progress: Callable[[str, int, int], None] | None = None) -> Inspection:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  labels: LabelJoin | None = None) -> Inspection:
+    """LABELS: a labels file's join, put over STORE's labels by id (batch by batch on the bucketed
+    path); a file none of whose ids is in STORE is refused before the analyses. The caller reads
+    ``labels.result()`` after (``write_outputs`` shows it in the report)."""
     options.check()
     if uses_buckets(store, options):
         from embedder.analysis.streamed import inspect_streamed
 
-        return inspect_streamed(store, out, test, options, progress or (lambda _s, _d, _t: None))
+        return inspect_streamed(store, out, test, options, progress or (lambda _s, _d, _t: None), labels)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -68,7 +73,9 @@ def inspect_store(store: str, out: str, test: str | None = None, options: Inspec
         if progress:
             progress(stage, done, total)
 
-    train = load_vectors(store, options.label_column)
+    train = load_vectors(store, options.label_column, labels=labels)
+    if labels is not None:
+        labels.require_some(store)
     tv = load_vectors(test, options.label_column, classes=train.classes or None) if test else None
     if tv is not None:
         _check_test(train, tv)
@@ -174,8 +181,10 @@ def findings_table(insp: Inspection) -> pa.Table:
 
 
 def write_outputs(insp: Inspection, out: str,
-                  progress: Callable[[str, int, int], None] | None = None) -> InspectSummary:
-    """findings.parquet, thumbnails and index.html under OUT."""
+                  progress: Callable[[str, int, int], None] | None = None,
+                  labels: Joined | None = None) -> InspectSummary:
+    """findings.parquet, thumbnails and index.html under OUT; LABELS: the labels file behind the
+    labels, named in the report."""
     from embedder.analysis.report import write_html
     from embedder.analysis.thumbs import make_thumbnails
 
@@ -205,6 +214,6 @@ def write_outputs(insp: Inspection, out: str,
     insp.summary.thumbnails = {"made": len(insp.thumbs), "missing": len(want) - len(insp.thumbs)}
     insp.summary.seconds["thumbnails"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    write_html(insp, d / "index.html")
+    write_html(insp, d / "index.html", labels)
     insp.summary.seconds["report"] = round(time.perf_counter() - t, 3)
     return insp.summary

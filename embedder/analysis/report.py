@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from embedder.analysis.inspection_types import Finding, Inspection
 from embedder.analysis.thumbs import THUMBS_DIR, thumb_name
+from embedder.store.labels import Joined
 
 MAP_BACKEND: Literal["canvas", "svg", "webgl"] = "canvas"
 
@@ -170,7 +171,8 @@ def _bucket_graph(g: dict[str, Any]) -> str:
     return text + f", measured against exact search from {g.get('recall_queries', 0):,} sampled images"
 
 
-def write_html(insp: Inspection, target: Path) -> None:
+def write_html(insp: Inspection, target: Path, labels: Joined | None = None) -> None:
+    """index.html; LABELS: the labels file put over the store's labels (named, with its digest)."""
     from bokeh.resources import INLINE
 
     s = insp.summary
@@ -194,6 +196,9 @@ def write_html(insp: Inspection, target: Path) -> None:
     sections = "\n".join(_section(k, by_kind[k], cells, insp.options.listed) for k in kinds
                          if not (k in ("label_error", "class_overlap") and s.label_issues is None))
     skipped = "".join(f'<li class="skip">{_e(m)}</li>' for m in s.skipped)
+    summary = s.to_dict() | ({"labels": labels.to_dict()} if labels is not None else {})
+    from_file = (f'<p>{_e(labels.summary())} (sha256 {_e(labels.sha256[:16])}…)</p>'
+                 if labels is not None else "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>embedder inspect: {_e(Path(s.store).name)}</title>
 <style>{CSS}</style>{INLINE.render()}{script}</head><body>
@@ -202,8 +207,9 @@ def write_html(insp: Inspection, target: Path) -> None:
 {_e(p.backbone)} layer {_e(p.layer)} ({_e(p.weights.describe())}), dim {p.dim}.
 kNN graph: k={s.graph.get('k')}, {graph}.</p>
 <p>{' · '.join(acc)}</p>
+{from_file}
 {f"<ul>{skipped}</ul>" if skipped else ""}
-<script type="application/json" id="summary">{_e(json.dumps(s.to_dict()))}</script>
+<script type="application/json" id="summary">{_e(json.dumps(summary))}</script>
 <h2>Embedding map</h2><p class="note">Hover for the image and path, click to open it; wheel to zoom,
 drag to pan; click a legend entry to hide a class.</p>
 {div}

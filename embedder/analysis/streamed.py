@@ -50,6 +50,7 @@ from embedder.analysis.transfer import wilson
 from embedder.analysis.vectors import ClassCodes, normalize_rows
 from embedder.errors import InspectError, ProbeError
 from embedder.io import storage
+from embedder.store.labels import LabelJoin
 from embedder.store.shards import Store, arrow_to_embeddings
 
 log = logging.getLogger(__name__)
@@ -195,9 +196,24 @@ def _open(path: str, what: str) -> Store:
     return store
 
 
+def batch_labels(batch: pa.RecordBatch, label_col: str | None, join: LabelJoin | None, codes: ClassCodes,
+                 count: bool = False) -> np.ndarray:
+    """A batch's class codes: its label column's, with a labels file's put over them by the batch's
+    ``id`` (COUNT: in the join's tally, once per row: the first pass)."""
+    names = batch.schema.names
+    own = batch.column(names.index(label_col)) if label_col else None
+    if join is not None:
+        return codes.codes(join.apply(batch.column(names.index("id")), own, count))
+    if own is None:
+        return np.full(batch.num_rows, -1, np.int64)
+    return codes.codes(own)
+
+
 def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOptions, work: Path,
-                    tick: Tick, with_labels: bool = True) -> dict[str, Any]:
-    """Passes 1-3 (module docstring); returns what the finish needs."""
+                    tick: Tick, with_labels: bool = True, labels: LabelJoin | None = None) -> dict[str, Any]:
+    """Passes 1-3 (module docstring); returns what the finish needs. LABELS: a labels file's join,
+    applied batch by batch (its memory is the file's): refused after the first pass when none of
+    its ids is in the store."""
     store = _open(store_path, "store")
     test = _open(test_path, "test store") if test_path else None
     n, dim = store.count(), store.dim
@@ -207,7 +223,8 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     sz = Sizes.of(n, dim, options, budget)
     names = store.dataset().schema.names
     label_col = options.label_column if with_labels and options.label_column in names else None
-    cols = ["embedding"] + ([label_col] if label_col else [])
+    join = labels if with_labels else None
+    cols = ["embedding"] + ([label_col] if label_col else []) + (["id"] if join is not None else [])
     rng = np.random.default_rng(options.seed)
     codes = ClassCodes()
     sample = Reservoir(sz.sample, dim)
@@ -220,7 +237,7 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     for start, batch in batches(store, cols):
         x = unit_rows(batch)
         rows = np.arange(start, start + len(x), dtype=np.int64)
-        y = codes.codes(batch.column(1)) if label_col else np.full(len(x), -1, np.int64)
+        y = batch_labels(batch, label_col, join, codes, count=True)
         keys = rng.random(len(x))
         sample.offer(keys, rows, y, x)
         lab = y >= 0
@@ -241,6 +258,8 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     for a, b in counts.items():
         class_counts[remap[a]] += b
     del sample, probe
+    if join is not None:
+        join.require_some(store_path)
     seconds["sample"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
 
@@ -248,7 +267,7 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     skipped: list[str] = []
     stream = None
     labelled = int(class_counts.sum())
-    if label_col is None and with_labels:
+    if label_col is None and join is None and with_labels:
         skipped.append(f"label errors, class overlap and accuracies: the store has no {options.label_column!r} labels")
     elif with_labels and (class_counts > 0).sum() < 2:
         only = [c for c, k in zip(classes, class_counts) if k]
@@ -289,7 +308,7 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     for start, batch in batches(store, cols):
         x = unit_rows(batch)
         rows = np.arange(start, start + len(x), dtype=np.int64)
-        y = codes.codes(batch.column(1)) if label_col else np.full(len(x), -1, np.int64)
+        y = batch_labels(batch, label_col, join, codes)
         y = np.where(y >= 0, remap[np.maximum(y, 0)], -1)
         files.add(bk.TRAIN, rows, y, x)
         if stream is not None:
@@ -330,6 +349,7 @@ def bucket_pipeline(store_path: str, test_path: str | None, options: InspectOpti
     owners = files.owners
     return {"store": store, "test": test, "n": n, "dim": dim, "classes": classes, "class_counts": class_counts,
             "remap": remap, "label_col": label_col, "codes": codes, "stream": stream, "skipped": skipped,
+            "join": join,
             "consumed": con, "scores": scores_path, "q_rows": q_rows, "q_sims": q_sims, "heap": heap,
             "map_rows": s_rows[:sz.map_points], "map_x": s_x[:sz.map_points], "map_y": s_y[:sz.map_points],
             "sizes": sz, "plan": plan, "owners": owners, "guests": files.guest_rows, "test_n": test_n,
@@ -529,8 +549,9 @@ def _single(kind: str, rows: np.ndarray, score: np.ndarray, **kw: Any) -> _Kind:
 
 
 def lookup(store: Store, rows: np.ndarray, codes: ClassCodes | None, remap: np.ndarray | None,
-           label_col: str | None) -> tuple[pa.Array, pa.Array, np.ndarray]:
-    """ids, paths and class codes of ROWS (sorted, unique), in one pass over those columns."""
+           label_col: str | None, join: LabelJoin | None = None) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """ids, paths and class codes of ROWS (sorted, unique), in one pass over those columns (JOIN: a
+    labels file's labels over the store's, as the pipeline read them)."""
     ids, paths, ys = [], [], []
     cols = ["id", "path"] + ([label_col] if label_col else [])
     if len(rows):
@@ -540,8 +561,9 @@ def lookup(store: Store, rows: np.ndarray, codes: ClassCodes | None, remap: np.n
                 take = pa.array(rows[lo:hi] - start)
                 ids.append(batch.column(0).take(take))
                 paths.append(batch.column(1).take(take))
-                if label_col and codes is not None and remap is not None:
-                    y = codes.codes(batch.column(2).take(take))
+                if (label_col or join is not None) and codes is not None and remap is not None:
+                    part = batch.take(take)
+                    y = batch_labels(part, label_col, join, codes)
                     ys.append(np.where(y >= 0, remap[np.maximum(y, 0)], -1))
                 else:
                     ys.append(np.full(hi - lo, -1, np.int64))
@@ -605,14 +627,14 @@ def work_space(work_dir: str | None, default: str | Path, prefix: str) -> Iterat
 
 
 def inspect_streamed(store_path: str, out: str, test_path: str | None, options: InspectOptions,
-                     tick: Tick) -> Inspection:
+                     tick: Tick, labels: LabelJoin | None = None) -> Inspection:
     """`inspect` for any store size, in memory set by ``options.memory_budget``."""
     t0 = time.perf_counter()
     made = not Path(out).exists()
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
         with work_space(options.work_dir, out, ".inspect-") as work:
-            state = bucket_pipeline(store_path, test_path, options, work, tick)
+            state = bucket_pipeline(store_path, test_path, options, work, tick, labels=labels)
             return _finish(state, store_path, out, test_path, options, work, tick, t0)
     except BaseException:
         if made and Path(out).is_dir() and not any(Path(out).iterdir()):
@@ -733,7 +755,7 @@ def _finish(state: dict[str, Any], store_path: str, out: str, test_path: str | N
     shown_nbrs = np.concatenate([nb[nb >= 0] for nb in nbr_of.values()]) if nbr_of else np.zeros(0, np.int64)
     needed = np.unique(np.concatenate([k.flat for k in kinds] + [map_rows_store, shown_nbrs]))
     tick("ids and paths", 0, 1)
-    ids, paths, ys = lookup(store, needed, state["codes"], state["remap"], state["label_col"])
+    ids, paths, ys = lookup(store, needed, state["codes"], state["remap"], state["label_col"], state["join"])
     t_needed = t_ids = t_paths = None
     if test_path:
         leak_kind = kinds[0]

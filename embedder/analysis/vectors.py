@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from embedder.errors import InspectError
 from embedder.io import storage
+from embedder.store.labels import LabelJoin
 from embedder.store.provenance import Provenance
 from embedder.store.shards import Store
 
@@ -76,17 +77,20 @@ def normalize_rows(x: np.ndarray, block: int = 65_536) -> None:
 
 
 def load_vectors(store_path: str | Path, label_column: str = "label", classes: list[str] | None = None,
-                 allow_empty: bool = False) -> Vectors:
-    """Read STORE into memory once: n × dim × 4 bytes plus ids and paths, whatever the shard count."""
+                 allow_empty: bool = False, labels: LabelJoin | None = None, count: bool = True) -> Vectors:
+    """Read STORE into memory once: n × dim × 4 bytes plus ids and paths, whatever the shard count.
+    LABELS: a labels file's join, its labels put over the store's batch by batch (COUNT: recorded
+    in the join's tally; the caller reads ``labels.result()``)."""
     store = Store.open(store_path)
     n = store.count()
     if n == 0 and not allow_empty:
         raise InspectError(f"{store_path} holds no vectors: run `embedder extract` into it first")
     names = store.dataset().schema.names if n else ["id", "path", "embedding"]
-    has_labels = label_column in names
-    columns = ["id", "path", "embedding"] + ([label_column] if has_labels else [])
+    has_column = label_column in names
+    has_labels = has_column or labels is not None
+    columns = ["id", "path", "embedding"] + ([label_column] if has_column else [])
     x = np.empty((n, store.dim), np.float32)
-    ids, paths, labels = [], [], []
+    ids, paths, found = [], [], []
     row = 0
     pool = pa.default_memory_pool()
     for shard in store.shard_files():
@@ -99,18 +103,21 @@ def load_vectors(store_path: str | Path, label_column: str = "label", classes: l
             row += len(batch)
             ids.append(batch.column("id"))
             paths.append(batch.column("path"))
-            if has_labels:
-                labels.append(batch.column(label_column).cast(pa.string()))
+            own = batch.column(label_column).cast(pa.string()) if has_column else None
+            if labels is not None:
+                found.append(labels.apply(batch.column("id"), own, count))
+            elif own is not None:
+                found.append(own)
         pool.release_unused()  # Arrow's allocator keeps freed pages otherwise: a shard's worth each time
     normalize_rows(x)
     id_arr = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
     path_arr = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
     y = np.full(n, -1, np.int64)
-    found: list[str] = list(classes or [])
-    if has_labels and labels:
+    names_found: list[str] = list(classes or [])
+    if has_labels and found:
         codes = ClassCodes(classes)
-        y = codes.codes(pa.concat_arrays(labels))
+        y = codes.codes(pa.concat_arrays(found))
         if classes is None:  # the classes present, sorted
-            found, remap = codes.final()
+            names_found, remap = codes.final()
             y = np.where(y >= 0, remap[np.maximum(y, 0)], -1)
-    return Vectors(x, id_arr, path_arr, y, found, store.provenance, str(store_path))
+    return Vectors(x, id_arr, path_arr, y, names_found, store.provenance, str(store_path))
