@@ -71,9 +71,9 @@ function showInfo() {
   if (info.labels.includes(chosen)) labels.value = chosen;
   const p = info.provenance || {};
   const q = info.quality || {};
-  const recall = q.recall_at_10 == null
-    ? `recall@10 not measured (${q.not_measured || "no held-out queries"})`
-    : `recall@10 ${q.recall_at_10.toFixed(3)} on ${q.queries} held-out queries`;
+  const recall = q.exact ? "exact search: recall@10 1.000 by construction"
+    : q.recall_at_10 == null ? `recall@10 not measured (${q.not_measured || "no held-out queries"})`
+      : `recall@10 ${q.recall_at_10.toFixed(3)} on ${q.queries} held-out queries`;
   box.textContent = `${info.count.toLocaleString()} images · ${info.factory} (${info.metric}) · ` +
     `${p.backbone} ${p.weights ? p.weights.name : ""} layer ${p.layer} · ${recall} · generation ${info.generation}`;
 }
