@@ -93,6 +93,10 @@ class LabelsFileError(LabellingError):
     """A labels file that exists but cannot be read: left as it is, never overwritten."""
 
 
+class CannotWrite(LabellingError):
+    """The labels file cannot be written (a read-only home, a full disk): nothing changed."""
+
+
 @dataclass(frozen=True)
 class Selection:
     """A selection's rows in rank order."""
@@ -295,7 +299,11 @@ class Labelling:
             "label": pa.array([state.entries[i][0] for i in ids], pa.string()),
             "labelled_at": pa.array([state.entries[i][1] for i in ids], pa.timestamp("ms", tz="UTC")),
         }).replace_schema_metadata({LABELS_META: json.dumps({"selection": name, "version": 1}).encode()})
-        storage.write_parquet(str(path), table)
+        try:
+            storage.write_parquet(str(path), table)
+        except OSError as e:
+            raise CannotWrite(f"cannot write labels file {path}: {_first_line(e)}; the label was not "
+                              "changed") from None
         state.key = _stat_key(path)
 
     def labels(self, name: str) -> dict[str, str]:
@@ -345,14 +353,18 @@ def for_home(home: str | os.PathLike[str] | None) -> Labelling:
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An advisory lock on PATH for other processes on the same home (none where fcntl is missing)."""
+    """An advisory lock on PATH for other processes on the same home (none where fcntl is missing, or
+    where the folder is read-only: nothing can be written there anyway)."""
     try:
         import fcntl
     except ImportError:  # Windows: the lock in this process only
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

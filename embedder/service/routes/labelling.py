@@ -32,6 +32,8 @@ def _error(e: lab.LabellingError) -> JSONResponse:
         return error_response(413, str(e), "too_large")
     if isinstance(e, lab.NotASelection):
         return error_response(422, str(e), "not_a_selection")
+    if isinstance(e, lab.CannotWrite):
+        return error_response(500, str(e), "cannot_write")
     if isinstance(e, lab.LabelsFileError):
         return error_response(409, str(e), "labels_file")
     return error_response(422, str(e), "invalid")  # a bad name or label
