@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -479,6 +480,25 @@ def test_real_server_and_cli_client(server) -> None:  # type: ignore[no-untyped-
     r = subprocess.run([sys.executable, "-m", "embedder", "search", "nope", str(cat), "--server", url],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: server said 404")
+
+
+def test_serve_logs_each_request_and_each_line_once(served: tuple[str, Path]) -> None:
+    """A request log (uvicorn's access lines, which `--log-level warning` hid), and no line twice (a
+    library's bare `logging.warning` used to install a second handler on the root logger)."""
+    code = ("import logging; from embedder.cli.common import setup_logging; setup_logging(False); "
+            "logging.warning('a library warns'); logging.getLogger('embedder.service').warning('said once')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stderr.count("said once") == 1, r.stderr
+    home, _ = served
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "embedder", "serve", "--home", home, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_served(f"http://127.0.0.1:{port}", proc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/indexes/pets", timeout=10) as resp:
+        assert resp.status == 200
+    proc.terminate()
+    out, err = proc.communicate(timeout=30)
+    assert '"GET /indexes/pets HTTP/1.1" 200' in out, (out, err)
 
 
 @pytest.mark.slow

@@ -60,6 +60,11 @@ def setup_logging(verbose: bool) -> None:
     root = logging.getLogger("embedder")
     root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False)]
     root.setLevel(level)
+    # a library's bare `logging.warning(...)` (OpenCLIP's, on creating a model) installs a stderr handler
+    # on the root logger when it has none, and every embedder line was then printed twice: it has one
+    top = logging.getLogger()
+    if not top.handlers:
+        top.addHandler(logging.NullHandler())
 
 
 class ImageRate(ProgressColumn):

@@ -61,7 +61,9 @@ def serve_command(
     _check_home(home)
     app = create_app(options, api_key=key)
     console.print(f"serving on http://{host}:{port}  (docs at /docs{', API key required' if key else ''})")
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning")
+    logging.getLogger("uvicorn.access").setLevel(logging.INFO)  # a line per request, whatever the level
+    uvicorn.Server(config).run()
 
 
 def _check_home(where: str | None) -> None:
