@@ -12,6 +12,8 @@ The Python API (the same functions the CLI and the service call)::
     probe = embedder.train_probe("store", test_store="test_store")
     probe.predict(["new.jpg"])
     embedder.inspect("store", "report", test="test_store")  # duplicates, leaks, label errors, outliers
+    probe = embedder.train_probe("pool", labels="labels.csv", test_store="test_store")
+    probe.metrics["curve"]                              # accuracy against the number of labels
     embedder.finetune(["train/"], "ck.safetensors", val=["val/"], backbone="timm:vit_small_patch14_dinov2")
     embedder.export("ck.safetensors", "deploy/")         # one ONNX model + its preprocessing and classes
 
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedder._version import __version__
 
-__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "dedup", "export", "extract", "finetune",
+__all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "compare", "dedup", "export", "extract", "finetune",
            "import_vectors", "inspect", "open_index", "open_store", "train_probe", "__version__"]
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
         Index,
         Probe,
         build_index,
+        compare,
         dedup,
         export,
         extract,

@@ -419,12 +419,14 @@ def export(path: str | Path, out: str | Path, *, format: str = "onnx", opset: in
 
 def finetune(train: str | Path | Sequence[str | Path], out: str | Path, *,
              val: str | Path | Sequence[str | Path] | None = None, resume: bool = False,
-             **options: Any) -> dict[str, Any]:
+             labels: str | Path | None = None, **options: Any) -> dict[str, Any]:
     """``embedder finetune``: a pretrained backbone with a new head trained on TRAIN (labelled images,
     one subfolder per class) → the checkpoint OUT; returns the run's summary (accuracy per epoch, the
     frozen probe's for comparison). ``options`` are ``FinetuneOptions`` fields (``backbone`` as
     ``NAME`` or ``NAME:WEIGHTS_TAG``, ``weights_file``, ``epochs``, ``lr_head``, ``budget_minutes``…),
-    with the CLI's defaults; an unknown name is an error that lists the valid ones."""
+    with the CLI's defaults; an unknown name is an error that lists the valid ones. LABELS: a CSV or
+    Parquet file of id,label rows (the ids extraction gives the images) put over the folders' labels
+    (the result's ``labels``: what it did)."""
     from embedder.learn.finetune.options import FinetuneOptions
     from embedder.learn.finetune.train import finetune as run
     from embedder.models.builder import spec_for
@@ -441,5 +443,34 @@ def finetune(train: str | Path | Sequence[str | Path], out: str | Path, *,
     def sources(s: str | Path | Sequence[str | Path]) -> list[str]:
         return [str(s)] if isinstance(s, (str, Path)) else [str(x) for x in s]
 
-    result = run(sources(train), Path(out), opts, sources(val) if val is not None else None, resume)
+    result = run(sources(train), Path(out), opts, sources(val) if val is not None else None, resume,
+                 labels=_join(labels))
     return result.to_dict()
+
+
+def compare(train: str | Path | Sequence[str | Path], work: str | Path, *, backbones: str | Sequence[str],
+            test: str | Path | Sequence[str | Path] | None = None, labels: str | Path | None = None,
+            **options: Any) -> dict[str, Any]:
+    """``embedder compare``: which backbone (and layer) transfers best to TRAIN's labelled images
+    (one subfolder per class, or LABELS: a CSV or Parquet file of id,label rows over them) — kNN,
+    LogME and the linear probe per cell, on TEST or a held-out 20 %; the cells' stores are cached
+    under WORK. ``options`` are ``CompareOptions`` fields (``layers``, ``probe_top``, ``device``…).
+    Returns the leaderboard (``cells``, ``winner``, ``margin``, ``p_value``, ``labels``)."""
+    from embedder.analysis.compare import compare as run
+    from embedder.analysis.options import CompareOptions
+
+    (kw,) = _split_options(options, CompareOptions)
+    for key in ("backbones", "layers"):
+        if isinstance(kw.get(key), str):
+            kw[key] = tuple(x.strip() for x in kw[key].split(",") if x.strip())
+        elif key in kw:
+            kw[key] = tuple(kw[key])
+    names = backbones.split(",") if isinstance(backbones, str) else list(backbones)
+    opts = CompareOptions(backbones=tuple(b.strip() for b in names if b.strip()), **kw)
+
+    def sources(s: str | Path | Sequence[str | Path]) -> list[str]:
+        return [str(s)] if isinstance(s, (str, Path)) else [str(x) for x in s]
+
+    board = run(sources(train), str(work), opts, sources(test) if test is not None else None,
+                labels_file=_join(labels))
+    return board.to_dict()

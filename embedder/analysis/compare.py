@@ -21,6 +21,7 @@ import numpy as np
 
 from embedder.analysis.options import PENULTIMATE, CompareOptions
 from embedder.errors import InspectError
+from embedder.store.labels import LabelJoin
 
 SAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
@@ -55,6 +56,7 @@ class Leaderboard:
     p_value: float | None
     within_noise: bool | None
     work: str
+    labels: dict[str, Any] | None = None  # the labels file behind the labels (``Joined.to_dict()``)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -152,17 +154,20 @@ class CellData:
 
 
 def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOptions,
-               train_ids: list[str] | None = None, test_ids: list[str] | None = None) -> CellData:
+               train_ids: list[str] | None = None, test_ids: list[str] | None = None,
+               labels: LabelJoin | None = None) -> CellData:
     """The cell's vectors of this run's images only: a cell's stores are a cache shared by every run
     with the same WORK, and may hold images an earlier run was given (TRAIN_IDS / TEST_IDS, the ids
-    of this run's sources, select them; None takes everything)."""
+    of this run's sources, select them; None takes everything). LABELS: a labels file's join, put
+    over the folders' labels (counted once, on the sources, by ``compare``)."""
     from embedder.analysis.vectors import load_vectors
 
-    tr = load_vectors(d / "train", options.label_column)
+    tr = load_vectors(d / "train", options.label_column, labels=labels, count=False)
     if train_ids is not None:
         _keep_only(tr, train_ids)
     if (tr.y >= 0).sum() == 0:
-        raise InspectError(f"compare needs labelled images (one folder per class); {sources[0]} has none")
+        raise InspectError(f"compare needs labelled images (one folder per class, or --labels FILE); "
+                           f"{sources[0]} has none")
     if len(tr.classes) < 2:
         raise InspectError(f"compare needs at least 2 classes, found one ({tr.classes[0]})")
     keep = tr.y >= 0
@@ -170,7 +175,7 @@ def _cell_data(d: Path, has_test: bool, sources: list[str], options: CompareOpti
     order = np.argsort(np.asarray(tr.ids.to_pylist(), dtype=object)[keep], kind="stable")
     x, y = tr.x[keep][order], tr.y[keep][order]
     if has_test:
-        te = load_vectors(d / "test", options.label_column, classes=tr.classes)
+        te = load_vectors(d / "test", options.label_column, classes=tr.classes, labels=labels, count=False)
         if test_ids is not None:
             _keep_only(te, test_ids)
         tk = te.y >= 0
@@ -248,18 +253,33 @@ def rank(cells: list[Cell], data: list[CellData], options: CompareOptions, test:
 
 def compare(sources: list[str], work: str, options: CompareOptions, test_sources: list[str] | None = None,
             progress: Callable[[str, int, int, int], None] | None = None,
-            status: Callable[[str], None] | None = None) -> Leaderboard:
+            status: Callable[[str], None] | None = None, labels_file: LabelJoin | None = None) -> Leaderboard:
+    """LABELS_FILE: a labels file's join, its labels put over the folders' by image id (train and
+    test), checked on the sources before anything is embedded."""
+    import pyarrow as pa
+
     from embedder.io.sources import discover
 
     say = status or (lambda _m: None)
     cells = plan_cells(options)
     refs = discover(sources)
-    labels = {r.label for r in refs if r.label}
+    test_refs = discover(test_sources) if test_sources else []
     train_ids = [r.id for r in refs]
-    test_ids = [r.id for r in discover(test_sources)] if test_sources else None
-    del refs
+    test_ids = [r.id for r in test_refs] if test_sources else None
+    given = [r.label for r in refs]
+    joined = None
+    if labels_file is not None:
+        given = labels_file.apply(pa.array(train_ids, pa.string()), pa.array(given, pa.string())).to_pylist()
+        if test_refs:
+            labels_file.apply(pa.array([r.id for r in test_refs], pa.string()),
+                              pa.array([r.label for r in test_refs], pa.string()))
+        joined = labels_file.require_some(", ".join(sources + (test_sources or [])))
+        say(joined.summary())
+    labels = {g for g in given if g}
+    del refs, test_refs
     if not labels:
-        raise InspectError(f"compare needs labelled images (one folder per class); {sources[0]} has none")
+        raise InspectError(f"compare needs labelled images (one folder per class, or --labels FILE); "
+                           f"{sources[0]} has none")
     if len(labels) < 2:
         raise InspectError(f"compare needs at least 2 classes, found one ({labels.pop()})")
     wd = Path(work)
@@ -269,13 +289,14 @@ def compare(sources: list[str], work: str, options: CompareOptions, test_sources
         t0 = time.perf_counter()
         _extract_cell(cell, sources, test_sources, wd, options, progress)
         d = _cell_data(cell_dir(wd, cell.backbone, cell.layer), bool(test_sources), sources, options,
-                       train_ids, test_ids)
+                       train_ids, test_ids, labels_file)
         score_cell(cell, d, options)
         data.append(d)
         cell.seconds = round(time.perf_counter() - t0, 1)
         say(f"{cell.backbone} {cell.layer}: kNN (leave-one-out) {cell.knn_loo:.3f}, LogME {cell.logme:.3f}")
     test = "given" if test_sources else f"held out {options.test_fraction:.0%} of train"
     board = rank(cells, data, options, test, str(wd), say)
+    board.labels = joined.to_dict() if joined is not None else None
     (wd / "leaderboard.json").write_text(json.dumps(board.to_dict(), indent=1))
     plot(board, wd)
     return board

@@ -21,6 +21,7 @@ def finetune_command(
     train_source: Annotated[list[str], typer.Argument(help="Labelled images (one subfolder per class).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
     val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation images (default: split of train).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parquet of id,label rows, keyed by the ids extraction gives these images (a store of them shows them; `embedder select` writes them): their labels put over the folders' (train and --val); images it does not name keep their folder's (none: not trained on), ids not among the images are ignored and counted.")] = None,
     val_fraction: Annotated[float, typer.Option()] = FinetuneOptions.val_fraction,
     backbone: Annotated[Optional[str], typer.Option(help=f"Registry name, optionally NAME:WEIGHTS_TAG (default: {DEFAULT_BACKBONE}, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
@@ -86,11 +87,16 @@ def finetune_command(
             progress.update(tasks[rec.epoch], info=f"loss {rec.train_loss:.3f}  val acc {rec.val_accuracy:.3f}  "
                                                    f"{rec.images_per_second:.1f} img/s  ({rec.phase})")
 
+    from embedder.store.labels import LabelJoin, read_labels
+
+    join = LabelJoin(read_labels(labels)) if labels is not None else None
     with progress:
-        result = finetune(train_source, out_file, opts, val, resume, on_step, on_epoch)
+        result = finetune(train_source, out_file, opts, val, resume, on_step, on_epoch, join)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
+    if join is not None:
+        out.print(join.result().summary(), markup=False)
     if result.budget is not None:
         b = result.budget
         out.print(f"budget     {b.budget_s / 60:g} min → {b.image_size} px, {b.epochs} epochs ({b.reason})"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from embedder.decode.cpu import load_rgb, preprocess
 from embedder.errors import DecodeError, FinetuneError
 from embedder.io.sources import ImageRef, discover
 from embedder.models.preprocessing import Preprocessing
+from embedder.store.labels import LabelJoin
 
 _Item = tuple[torch.Tensor | None, int, str, str]  # pixels (None: failed), label, path, reason
 
@@ -86,11 +88,23 @@ class eval_transform:  # noqa: N801
         return preprocess(img, self.pre)
 
 
-def labelled_refs(source: list[str], classes: list[str] | None = None) -> tuple[list[ImageRef], list[str]]:
-    """The labelled images under SOURCE and the sorted class names (or CLASSES, when given)."""
+def labelled_refs(source: list[str], classes: list[str] | None = None,
+                  labels: LabelJoin | None = None) -> tuple[list[ImageRef], list[str]]:
+    """The labelled images under SOURCE and the sorted class names (or CLASSES, when given). LABELS:
+    a labels file's join, its labels put over the folders' by the ids extraction gives the images."""
     refs = discover(source)
+    if labels is not None and refs:
+        import pyarrow as pa
+
+        got = labels.apply(pa.array([r.id for r in refs], pa.string()),
+                           pa.array([r.label for r in refs], pa.string())).to_pylist()
+        refs = [replace(r, label=g or None) for r, g in zip(refs, got)]
     unlabelled = [r for r in refs if r.label is None]
+    if len(unlabelled) == len(refs) and labels is not None:
+        labels.require_some(", ".join(source))  # none of the file's ids is among the images: say that
     if len(unlabelled) == len(refs):
-        raise FinetuneError(f"no labels in {', '.join(source)}: put images in one subfolder per class")
+        more = f" or {labels.file.path}" if labels is not None else ""
+        raise FinetuneError(f"no labels in {', '.join(source)}{more}: put images in one subfolder per class, "
+                            "or give --labels FILE (id,label)")
     refs = [r for r in refs if r.label is not None]
     return refs, sorted({r.label for r in refs if r.label is not None}) if classes is None else classes

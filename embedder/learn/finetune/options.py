@@ -176,6 +176,7 @@ class FinetuneResult:
     zero_shot_val_accuracy_after: float | None = None  # … and with the fine-tuned image tower
     wise_ft: dict[str, Any] | None = None  # CLIP: {"alpha": chosen, "val_accuracy": {alpha: accuracy}}
     memory: dict[str, int] | None = None  # bytes a training step needs (budget.memory_need), by part
+    labels: dict[str, Any] | None = None  # the labels file behind the labels (``Joined.to_dict()``), if one
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -74,6 +74,7 @@ from embedder.models.classifier import HeadSpec, with_head
 from embedder.models.devices import resolve_device
 from embedder.models.preprocessing import Preprocessing
 from embedder.sizes import parse_size
+from embedder.store.labels import LabelJoin
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +221,19 @@ def frozen_probe(net: nn.Module, head: str, train_loader: DataLoader,  # type: i
 def finetune(train_source: list[str], out: Path, options: FinetuneOptions = FinetuneOptions(),
              val_source: list[str] | None = None, resume: bool = False,
              on_step: Callable[[int, int, int, float], None] | None = None,
-             on_epoch: Callable[[EpochRecord], None] | None = None) -> FinetuneResult:
+             on_epoch: Callable[[EpochRecord], None] | None = None,
+             labels: LabelJoin | None = None) -> FinetuneResult:
+    """LABELS: a labels file's join, its labels put over the folders' by the images' ids (train and
+    --val); recorded in the checkpoint and the result, part of what --resume must match."""
     t_start = time.perf_counter()
     device = resolve_device(options.device)
-    refs, classes = labelled_refs(train_source)
+    refs, classes = labelled_refs(train_source, labels=labels)
     if len(classes) < 2:
         raise FinetuneError(f"need at least 2 classes to fine-tune, found {len(classes)} ({', '.join(classes)})")
     idx = {c: i for i, c in enumerate(classes)}
     y_all = np.array([idx[r.label] for r in refs if r.label is not None])
     if val_source:
-        vrefs, _ = labelled_refs(val_source, classes)
+        vrefs, _ = labelled_refs(val_source, classes, labels)
         unseen = sorted({r.label for r in vrefs if r.label not in idx and r.label is not None})
         if unseen:
             log.warning("validation classes not in training are dropped: %s", ", ".join(unseen))
@@ -244,6 +248,9 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         tr_refs, vrefs = [refs[i] for i in tr_i], [refs[i] for i in va_i]
     ytr = [idx[r.label] for r in tr_refs if r.label is not None]
     yva = [idx[r.label] for r in vrefs if r.label is not None]
+    joined = labels.require_some(", ".join(train_source + (val_source or []))) if labels is not None else None
+    if joined is not None:
+        (log.warning if joined.unknown else log.info)("%s", joined.summary())
 
     net, backbone, pre, origin, head_spec = build_classifier(options, len(classes))
     fam, body = family_recipe(net, backbone, options, device, head_spec.name)
@@ -316,8 +323,10 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
                             weight_decay=options.weight_decay)
     ema: Any = None  # torch.optim.swa_utils.AveragedModel once the backbone trains
     # what a resumed run must share with the run that wrote the resume file
-    run_key = {"classes": classes, "train": len(tr_refs), "val": len(vrefs),
-               "settings": {k: v for k, v in run_settings(options).items() if k not in RESUMABLE_CHANGES}}
+    run_settings_key = {k: v for k, v in run_settings(options).items() if k not in RESUMABLE_CHANGES}
+    if joined is not None:  # another labels file is another run
+        run_settings_key["labels_sha256"] = joined.sha256
+    run_key = {"classes": classes, "train": len(tr_refs), "val": len(vrefs), "settings": run_settings_key}
     state["run"] = run_key
     if resume and resume_path.exists():
         check_resume(resume_path, run_key)
@@ -353,7 +362,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
                 "bn_policy": BN_POLICIES[options.bn],
                 "ema": options.ema or None, "budget": state["budget"],
                 "best_epoch": epoch, "best_val_accuracy": val_acc,
-                "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"]}
+                "frozen_val_accuracy": state["frozen_val_accuracy"], "history": state["history"],
+                **({"labels": joined.to_dict()} if joined is not None else {})}
         checkpoint.save(out, model.state_dict(), meta)
 
     if state["frozen_val_accuracy"] is None:
@@ -512,7 +522,8 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
         [EpochRecord(**h) for h in state["history"]], sorted(skipped.items()),
         len(tr_refs), len(vrefs), time.perf_counter() - t_start, float(state.get("probe_seconds") or 0.0),
         plan, stopped_by_budget, tried(), fam.family, state["zero_shot_val_accuracy"],
-        state["zero_shot_val_accuracy_after"], state["wise_ft"], memory)
+        state["zero_shot_val_accuracy_after"], state["wise_ft"], memory,
+        joined.to_dict() if joined is not None else None)
 
 
 # ---- family helpers -----------------------------------------------------------------------------
