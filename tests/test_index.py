@@ -224,6 +224,11 @@ def test_cli_round_trip_on_tiny_backbone(image_tree: Path, tmp_path: Path) -> No
     assert first_id[:12] in r.output and first_id not in r.output
     r = runner.invoke(app, ["search", "imgs", "--id", first_id[:12], "-k", "1", "--home", home, "--json"])
     assert r.exit_code == 0 and json.loads(r.output.splitlines()[0])["id"] == first_id
+    r = runner.invoke(app, ["search", "imgs", "--id", first_id, "-k", "3", "--exclude-self", "--home", home, "--json"])
+    hits = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert len(hits) == 3 and first_id not in {h["id"] for h in hits} and [h["rank"] for h in hits] == [1, 2, 3]
+    r = runner.invoke(app, ["search", "imgs", q, "--where", "label=cow", "--home", home])
+    assert r.exit_code == 0 and "no item of index 'imgs' matches label=cow (its values: cat, dog)" in r.output
     np.save(tmp_path / "q.npy", np.zeros(7, dtype=np.float32))
     r = runner.invoke(app, ["search", "imgs", str(tmp_path / "q.npy"), "--home", home])
     assert r.exit_code == 2 and r.output.startswith("error:") and "dim 7" in r.output

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from embedder.cli.common import HomeOpt, fit_paths, handle_errors, out
+from embedder.cli.common import HomeOpt, console, fit_paths, handle_errors, out
 from embedder.errors import IndexError_
 
 
@@ -37,6 +37,7 @@ def search_command(
     server: Annotated[Optional[str], typer.Option(help="Ask a running `embedder serve` (e.g. http://127.0.0.1:8000) instead of loading anything.")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the server's API key.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+    exclude_self: Annotated[bool, typer.Option("--exclude-self", help="With --id: leave the query item out of its own results.")] = False,
 ) -> None:
     """Nearest neighbours of images, vectors, indexed ids or texts; several queries in one batch."""
     if k <= 0:
@@ -77,8 +78,31 @@ def search_command(
         labels += more
     if not vecs:
         raise IndexError_("no query: give image files, .npy vectors, --id ID or --text TEXT")
-    found = loaded.search(np.concatenate(vecs), k, _parse_where(where or []))
+    where_ = _parse_where(where or [])
+    found = loaded.search(np.concatenate(vecs), k + int(exclude_self), where_)
+    if exclude_self:
+        found = [index_search.without_item(h, lab[3:], k) if lab.startswith("id:") else h[:k]
+                 for lab, h in zip(labels, found)]
+    if where_ and not any(found):
+        console.print(f"no item of index {name!r} matches {' and '.join(f'{c}={v}' for c, v in where_.items())}"
+                      + _values_hint(loaded, where_), markup=False)
     _print_results(list(zip(labels, found)), as_json)
+
+
+def _values_hint(loaded: Any, where: dict[str, str]) -> str:
+    """The values of the first filter column, where the index keeps them (low-cardinality columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = next(iter(where))
+    sel = loaded.selector(col)
+    if sel is not None:
+        values = sorted(sel.values)
+    elif col in loaded.ids.column_names:  # the id map's: one pass, only when nothing matched
+        values = sorted(str(v) for v in pc.unique(loaded.ids.column(col).cast(pa.string())).drop_null().to_pylist())
+    else:
+        values = []
+    return f" (its values: {', '.join(values[:10])}{' …' if len(values) > 10 else ''})" if values else ""
 
 
 ID_SHOWN = 12  # `search --id` takes this prefix back (LoadedIndex.full_id)

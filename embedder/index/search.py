@@ -128,6 +128,12 @@ def _equals(field: Any, type_: pa.DataType, value: str) -> Any:
     return field.cast(pa.string()) == value
 
 
+def without_item(hits: list[dict[str, Any]], item_id: str, k: int) -> list[dict[str, Any]]:
+    """HITS without the query item ITEM_ID (an id query's own row, found first), re-ranked, at most K:
+    searched with k + 1 (the CLI's ``--exclude-self``, the service's ``exclude_self``)."""
+    return [dict(h, rank=r) for r, h in enumerate((h for h in hits if h["id"] != item_id), 1)][:k]
+
+
 class LoadedIndex:
     """An index ready to search: FAISS object, id map and metadata."""
 

@@ -358,7 +358,9 @@ class Engine:
                 for i, h in zip(idxs, hits):
                     q = queries[i]
                     if q.exclude_self and q.id is not None:
-                        h = [dict(hit, rank=r) for r, hit in enumerate((x for x in h if x["id"] != q.id), 1)]
+                        from embedder.index.search import without_item
+
+                        h = without_item(h, q.id, q.k)
                     out[i] = Answer(name, loaded.generation, h[:q.k])
         return [o if o is not None else BadQuery("unanswered") for o in out]
 
