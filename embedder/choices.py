@@ -103,6 +103,15 @@ class Projection(StrEnum):
     umap = "umap"
 
 
+class Strategy(StrEnum):
+    """`embedder select`: which images to label first."""
+
+    auto = "auto"
+    typical = "typical"
+    uncertain = "uncertain"
+    diverse = "diverse"
+
+
 def values(choice: type[StrEnum]) -> tuple[str, ...]:
     return tuple(m.value for m in choice)
 
@@ -119,3 +128,4 @@ ENGINES = values(Engine)
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # or a FAISS factory string: not a closed set
 METRICS = values(Metric)
 COARSE = values(Coarse)
+STRATEGIES = values(Strategy)

@@ -27,6 +27,7 @@ from embedder.cli import (
     inspect_cmd,
     probe_cmd,
     search_cmd,
+    select_cmd,
     serve_cmd,
     store_cmd,
 )
@@ -78,6 +79,7 @@ finetune_cmd.register(app)
 serve_cmd.register(app)
 inspect_cmd.register(app)
 compare_cmd.register(app)
+select_cmd.register(app)
 import_cmd.register(app)
 export_cmd.register(app)
 
