@@ -3,6 +3,8 @@ them into one-line messages and exit codes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class EmbedderError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
@@ -80,3 +82,21 @@ def shown(value: object, limit: int = 80) -> str:
     arrives over HTTP is echoed back in the error body, never at whatever length it came in)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
+def closest(given: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The candidates an error message suggests for GIVEN: a case-insensitive exact match first (``vit-b-32``
+    → ``ViT-B-32``), then those that begin with it (``laion2b`` → ``laion2b_s34b_b79k``), then the
+    closest by spelling (difflib), case ignored; at most N."""
+    import difflib
+
+    pool = list(dict.fromkeys(candidates))
+    low = given.lower()
+    lowered: dict[str, list[str]] = {}
+    for c in pool:
+        lowered.setdefault(c.lower(), []).append(c)
+    out = list(lowered.get(low, []))
+    out += [c for c in pool if c.lower().startswith(low) and c not in out] if low else []
+    out += [c for m in difflib.get_close_matches(low, list(lowered), n=n, cutoff=cutoff) for c in lowered[m]
+            if c not in out]
+    return out[:n]

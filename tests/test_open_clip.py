@@ -208,7 +208,10 @@ def test_bad_names_and_files_are_one_line_errors(clip: dict, image_tree: Path, t
     msg = _fails("extract", str(image_tree), "--out", out, "--backbone", "open_clip:MobileCLIP2-S00:dfndr2b")
     assert "no model 'MobileCLIP2-S00'" in msg and "open_clip:MobileCLIP2-S0" in msg
     msg = _fails("extract", str(image_tree), "--out", out, "--backbone", "open_clip:ViT-B-32:laion2b")
-    assert "no pretrained tag 'laion2b'" in msg and "laion2b_s34b_b79k" in msg
+    assert "no pretrained tag 'laion2b'" in msg and "did you mean open_clip:ViT-B-32:laion2b_" in msg
+    assert "its tags" not in msg  # close matches are not "its tags"
+    msg = _fails("extract", str(image_tree), "--out", out, "--backbone", "open_clip:vit-b-32:openai")
+    assert "Did you mean open_clip:ViT-B-32," in msg  # the same name in other case comes first
     msg = _fails("extract", str(image_tree), "--out", out, "--backbone", "open_clip:ViT-B-32")
     assert "names no pretrained weights" in msg and "--weights" in msg
     torch.manual_seed(1)

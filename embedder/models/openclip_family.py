@@ -19,14 +19,13 @@ parallel branches (MobileCLIP's FastViT) are reparameterised for inference with 
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedder.errors import UnknownBackbone, WeightsMismatch, WeightsUnavailable
+from embedder.errors import UnknownBackbone, WeightsMismatch, WeightsUnavailable, closest
 from embedder.models.backbone import Backbone
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
@@ -343,15 +342,18 @@ def entry(name: str) -> Backbone:
     arch, _, tag = name[len(PREFIX):].partition(":")
     if not arch or oc.get_model_config(arch) is None:
         archs = sorted(set(oc.list_models()))
-        close = difflib.get_close_matches(arch, archs, n=3, cutoff=0.6)
+        close = closest(arch, archs)
         hint = f" Did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
         raise UnknownBackbone(f"OpenCLIP has no model {arch!r}.{hint} (open_clip.list_models() lists {len(archs)})")
     if tag and oc.get_pretrained_cfg(arch, tag) == {}:
         tags = _tags_for(arch)
-        close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
-        listed = ", ".join(close or tags[:8]) or "none: use --weights FILE"
-        raise UnknownBackbone(f"OpenCLIP has no pretrained tag {tag!r} for {arch}; its tags "
-                              f"(open_clip.list_pretrained()): {listed}")
+        close = closest(tag, tags, cutoff=0.5)
+        if close:
+            said = f"did you mean {', '.join(f'{PREFIX}{arch}:{c}' for c in close)}?"
+        else:
+            said = (f"its tags (open_clip.list_pretrained()): {', '.join(tags[:8])}{' …' if len(tags) > 8 else ''}"
+                    if tags else "it has none: use --weights FILE")
+        raise UnknownBackbone(f"OpenCLIP has no pretrained tag {tag!r} for {arch}; {said}")
     model = OpenClipModel(arch, tag or None)
     dim = int((oc.get_model_config(arch) or {}).get("embed_dim", 0))
     return Backbone(name=name, head="", dim=dim, family="open_clip", feature_map="", impl=model,

@@ -9,9 +9,7 @@ Adding a backbone is one line in ``_ENTRIES``.
 
 from __future__ import annotations
 
-import difflib
-
-from embedder.errors import UnknownBackbone
+from embedder.errors import UnknownBackbone, closest
 from embedder.models.backbone import Backbone
 from embedder.models.tiny_family import TinyModel
 from embedder.models.torchvision_family import TorchvisionModel
@@ -94,7 +92,7 @@ def get_backbone(name: str) -> Backbone:
     try:
         return REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        close = closest(name, REGISTRY)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownBackbone(
             f"unknown backbone {name!r}.{hint} Valid: {', '.join(sorted(REGISTRY))}, or timm:MODEL[.TAG], "

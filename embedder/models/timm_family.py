@@ -12,13 +12,12 @@ rest loaded strictly), or timm's own Hugging Face hub download when none is give
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from embedder.errors import UnknownBackbone, WeightsUnavailable
+from embedder.errors import UnknownBackbone, WeightsUnavailable, closest
 from embedder.models.backbone import Backbone
 from embedder.models.origin import WeightsRef
 from embedder.models.preprocessing import Preprocessing
@@ -169,7 +168,7 @@ def entry(name: str) -> Backbone:
     base = arch.split(".", 1)[0]
     timm = _timm()
     if not arch or not timm.is_model(base):
-        close = difflib.get_close_matches(base, _names(), n=3, cutoff=0.6)
+        close = closest(base, _names())
         hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise UnknownBackbone(f"timm has no model {base!r}.{hint} (timm.list_models() lists {len(_names())})")
     model = TimmModel(arch)
