@@ -260,7 +260,7 @@ def test_the_api_key_guards_labelling(served: Served) -> None:
     assert client.get("/labelling", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
-def test_labelling_page_in_headless_chromium(served: Served) -> None:
+def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:
     """Label by typed new classes and by key, undo one, reload: the labels and the progress are the
     server's; text from the selection is shown as text; then the file is a labels file."""
     ids = [image_id(p) for p in served.images]
@@ -312,6 +312,18 @@ def test_labelling_page_in_headless_chromium(served: Served) -> None:
         assert page.evaluate("() => document.querySelector('progress').value") == 5
         assert errors == []
 
-    got = read_labels(served.folder / "page.labels.parquet")
+    labels_file = served.folder / "page.labels.parquet"
+    got = read_labels(labels_file)
     assert dict(zip(got.ids.to_pylist(), got.labels.to_pylist())) == {
         ids[0]: "cat", ids[1]: "dog", ids[2]: "cat", ids[3]: "dog", ids[5]: "dog"}
+
+    # what was just labelled, into the probe (`embedder probe STORE --labels FILE`)
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    r = CliRunner().invoke(app, ["probe", str(served.store), "--labels", str(labels_file), "--out",
+                                 str(tmp_path / "pets.probe"), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["labels"]["used"] == 5 and result["labels"]["overridden"] == 3  # cat_0001, _0003, _0005 → dog

@@ -257,9 +257,13 @@ function route() {  // the view the address names
   for (const [tab, on] of [["tab-search", !labelView], ["tab-label", labelView]]) {
     if (on) $(tab).setAttribute("aria-current", "page"); else $(tab).removeAttribute("aria-current");
   }
+  // the status and error lines: under the drop zone when searching, above the grid when labelling
+  const slot = labelView ? $("lab-current") : $("info");
+  slot.before($("status"), $("error"));
   showError("");
   if (labelView) labelling.open();
-  else status(searchHint());
+  else if (!$("results").children.length) status(searchHint());
+  else status("");
 }
 
 async function init() {

@@ -21,6 +21,8 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
     $("lab-progress").max = Math.max(1, progress.total);
     $("lab-progress").value = progress.labelled;
     $("lab-count").textContent = `${progress.labelled} / ${progress.total} labelled`;
+    const option = [...$("lab-selection").options].find((o) => o.value === L.name);
+    if (option) option.textContent = `${L.name} (${progress.labelled} / ${progress.total})`;
   }
 
   function mergeClasses(classes) {
