@@ -114,3 +114,17 @@ def test_choices_are_checked_when_parsing(image_tree: Path, tmp_path: Path) -> N
     _one_line_error(["extract", str(image_tree), "--out", str(tmp_path / "s"), "--backbone", "tiny_test",
                      "--actors", "2"], "--engine ray")
     assert "memory-budget-gb" not in runner.invoke(app, ["index", "build", "--help"]).output
+
+
+def test_version_and_short_help_and_a_readable_help_at_80_columns() -> None:
+    """`embedder --version` and `-h` work; at 80 columns an option's help gets most of the line (rich's
+    boxed table left it ~16 characters) and a flag shows no <bool> type."""
+    from embedder._version import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"embedder {__version__}"
+    r = runner.invoke(app, ["probe", "-h"], terminal_width=80, env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and "Usage: embedder probe" in r.output
+    assert "<bool>" not in r.output and "│" not in r.output
+    line = next(ln for ln in r.output.splitlines() if ln.lstrip().startswith("--val-fraction"))
+    assert "Held out from train to choose C." in line  # the help beside its option, not folded to bits

@@ -67,7 +67,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=OneLineErrors,
+    # click's own help layout: at 80 columns rich's boxed tables squeezed the help into a column of
+    # ~16 characters and showed a <bool> type beside every flag
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from embedder._version import __version__
+
+        echo(f"embedder {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
+                                      help="Print the version and exit.")) -> None:
+    """Transfer learning for image collections: extract, probe, index, search, fine-tune."""
 
 extract_cmd.register(app)
 store_cmd.register(app)
