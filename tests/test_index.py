@@ -283,6 +283,10 @@ def test_dedup_finds_copies(image_tree: Path, tmp_path: Path) -> None:
     for g, p in zip(t.column("group").to_pylist(), t.column("path").to_pylist()):
         groups.setdefault(g, set()).add(Path(p).name)
     assert {"cat_0000.jpg", "copy_a.jpg", "copy_b.jpg"} in groups.values()
+    # without --out: beside the store (not the current folder), and the groups are printed
+    r = runner.invoke(app, ["dedup", store, "--threshold", "0.99999"])
+    assert r.exit_code == 0 and (tmp_path / "store.duplicates.parquet").is_file(), r.output
+    assert "group 0 (3 images):" in r.output and "copy_a.jpg" in r.output
 
 
 def test_filter_falls_back_to_exact_search_when_selectors_fail(tmp_path: Path, monkeypatch) -> None:

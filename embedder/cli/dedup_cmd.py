@@ -14,7 +14,8 @@ from embedder.cli.common import handle_errors, out
 @handle_errors
 def dedup_command(
     store: str,
-    out_file: Annotated[Path, typer.Option("--out", help="Parquet file: group, id, path.")] = Path("duplicates.parquet"),
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Parquet file: group, id, path (default: STORE.duplicates.parquet, beside the store).")] = None,
+    show: Annotated[int, typer.Option(help="Groups to print, largest first (0: none).")] = 5,
     threshold: Annotated[Optional[float], typer.Option(help=f"Cosine similarity at or above which images group (default {NEAR_DUPLICATE_COSINE:g}, as `inspect`: JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63).")] = None,
     memory_budget: Annotated[Optional[str], typer.Option(help="Memory for a store too large to hold (e.g. 2GB), as `inspect`.")] = None,
     engine: Annotated[str, typer.Option(help="local | ray: search the k-means buckets as Ray tasks.")] = "local",
@@ -29,9 +30,38 @@ def dedup_command(
 
     options = InspectOptions(engine=engine, graph=graph, memory_budget=parse_size(memory_budget, InspectError) if memory_budget else None,
                              work_dir=str(work_dir) if work_dir else None)
-    s = dedup(str(store), str(out_file), threshold, options=options)
+    target = str(out_file) if out_file is not None else default_out(store)
+    s = dedup(str(store), target, threshold, options=options)
     out.print(f"{s.images:,} images: {s.groups:,} near-duplicate groups, {s.duplicates:,} images beyond "
-              f"the first of each group (cosine ≥ {s.threshold}) → {s.out}")
+              f"the first of each group (cosine ≥ {s.threshold}) → {s.out}", markup=False)
+    if show > 0 and s.groups:
+        _print_groups(s.out, show)
+
+
+def default_out(store: str) -> str:
+    """STORE.duplicates.parquet beside the store (never inside it: a store's folder holds its shards),
+    not in whatever folder the command ran from."""
+    from embedder.io import storage
+
+    where = storage.resolve(store).rstrip("/")
+    return storage.join(storage.parent(where), f"{storage.name(where)}.duplicates.parquet")
+
+
+def _print_groups(path: str, most: int, members: int = 4) -> None:
+    """The MOST largest groups, MEMBERS paths each (the file holds them all)."""
+    import pyarrow.compute as pc
+
+    from embedder.io import storage
+
+    t = storage.open_parquet(path).read(columns=["group", "path"])
+    sizes = t.group_by("group").aggregate([("path", "count")]).sort_by([("path_count", "descending"),
+                                                                         ("group", "ascending")])
+    for g, n in zip(sizes.column("group").to_pylist()[:most], sizes.column("path_count").to_pylist()[:most]):
+        paths = t.filter(pc.equal(t.column("group"), g)).column("path").to_pylist()
+        more = f", … {n - members} more" if n > members else ""
+        out.print(f"group {g} ({n} images): {', '.join(str(p) for p in paths[:members])}{more}", markup=False)
+    if sizes.num_rows > most:
+        out.print(f"… {sizes.num_rows - most:,} more groups in {path}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
