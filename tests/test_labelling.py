@@ -76,9 +76,11 @@ def _free_port() -> int:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One store, one index, one real `embedder serve` for the whole module."""
     root = tmp_path_factory.mktemp("labelling")
-    images = make_images(root / "images", {"cat": 6, "dog": 5})
+    images = []
+    for p in make_images(root / "classes", {"cat": 6, "dog": 5}):  # one folder: a store without labels
+        images.append(p.rename(root / p.name))
     store = root / "store"
-    extract([str(root / "images")], str(store), ModelSpec("tiny_test"))
+    extract([str(root)], str(store), ModelSpec("tiny_test"))
     home = root / "home"
     idx.build(str(store), "pets", index_plan.BuildOptions(kind="flat"), str(home))
     port = _free_port()
@@ -261,18 +263,26 @@ def test_the_api_key_guards_labelling(served: Served) -> None:
 
 
 def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:
-    """Label by typed new classes and by key, undo one, reload: the labels and the progress are the
-    server's; text from the selection is shown as text; then the file is a labels file."""
-    ids = [image_id(p) for p in served.images]
+    """The user's loop on a store without labels: `embedder select` into the home, then in the page
+    label by typed new classes and by key, undo one, skip one, reload (the labels and the progress are
+    the server's); text from a selection is shown as text; then `embedder probe --labels` on the file."""
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    r = CliRunner().invoke(app, ["select", str(served.store), "--budget", "8", "--out",
+                                 str(served.folder / "loop.parquet")])
+    assert r.exit_code == 0, r.output
+    picks = pq.read_table(served.folder / "loop.parquet").sort_by("rank").to_pylist()
+    truth = [Path(p["path"]).name.split("_")[0] for p in picks]  # cat_0003.jpg: a cat
     hostile = "<img src=x onerror=window.__pwned=1>"
-    write_selection(served.folder / "page.parquet", ids, [str(p) for p in served.images],
-                    [hostile] + [f"typical of group {i}" for i in range(1, len(ids))])
+    write_selection(served.folder / "hostile.parquet", [f"<b>{hostile}</b>"], why=[hostile])
     tiles = "#lab-grid .tile"
     with chromium_page() as (page, errors):
-        page.goto(served.url + "/#label/page")
-        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === {len(ids)}")
-        assert page.inner_text("#lab-count") == f"0 / {len(ids)} labelled"
-        assert page.get_attribute(f"{tiles}.current", "data-id") == ids[0]
+        page.goto(served.url + "/#label/loop")
+        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 8")
+        assert page.inner_text("#lab-count") == "0 / 8 labelled"
+        assert page.get_attribute(f"{tiles}.current", "data-id") == picks[0]["id"]
         assert page.is_hidden("#search-view") and page.is_visible("#label-view")
         page.wait_for_function(f"() => [...document.querySelectorAll('{tiles} img')].every("
                                "i => i.complete && i.naturalWidth > 0)")  # the thumbnails, by id
@@ -281,49 +291,54 @@ def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> 
             return page.eval_on_selector_all(f"{tiles} .label", "ls => ls.map(l => l.textContent)")
 
         def wait_count(n: int) -> None:
-            page.wait_for_function(f"() => document.querySelector('#lab-count').textContent === "
-                                   f"'{n} / {len(ids)} labelled'")
+            page.wait_for_function(f"() => document.querySelector('#lab-count').textContent === '{n} / 8 labelled'")
 
-        page.fill("#lab-new-class", "cat")
-        page.press("#lab-new-class", "Enter")  # a new class labels the current image
-        page.fill("#lab-new-class", "dog")
-        page.press("#lab-new-class", "Enter")
-        wait_count(2)
-        assert page.eval_on_selector_all("#lab-classes .class kbd", "ks => ks.map(k => k.textContent)") == ["1", "2"]
-        for key in ("1", "2", "1"):  # the keys: 1 is cat, 2 is dog
-            page.keyboard.press(key)
+        classes: list[str] = []
+
+        def label_current(pos: int) -> None:  # as a person would: a new class typed, a known one by its key
+            assert page.get_attribute(f"{tiles}.current", "data-id") == picks[pos]["id"]
+            if truth[pos] in classes:
+                page.keyboard.press(str(classes.index(truth[pos]) + 1))
+            else:
+                classes.append(truth[pos])
+                page.fill("#lab-new-class", truth[pos])
+                page.press("#lab-new-class", "Enter")
+
+        for pos in range(6):
+            label_current(pos)
+        wait_count(6)
+        assert len(classes) == 2 and page.eval_on_selector_all(
+            "#lab-classes .class kbd", "ks => ks.map(k => k.textContent)") == ["1", "2"]
+        page.keyboard.press("Control+z")  # undo the last: the sixth image unlabelled, and current again
         wait_count(5)
-        assert page.get_attribute(f"{tiles}.current", "data-id") == ids[5]
-        page.keyboard.press("Control+z")  # undo the last: the fifth image unlabelled, and current again
-        wait_count(4)
-        page.wait_for_function(f"() => document.querySelector('{tiles}.current')?.dataset.id === '{ids[4]}'")
+        page.wait_for_function(f"() => document.querySelector('{tiles}.current')?.dataset.id === '{picks[5]['id']}'")
         page.keyboard.press("ArrowRight")  # skip it
-        page.keyboard.press("2")
-        wait_count(5)
-        assert labels_shown()[:7] == ["cat", "dog", "cat", "dog", "—", "dog", "—"]
-        why = page.eval_on_selector(f"{tiles} .why", "w => w.textContent")
-        assert why == hostile and page.evaluate("() => window.__pwned === undefined")
+        label_current(6)
+        wait_count(6)
+        expected = [*truth[:5], "—", truth[6], "—"]
+        assert labels_shown() == expected
 
         page.reload()  # the labels are the server's
-        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === {len(ids)}")
-        wait_count(5)
-        assert labels_shown()[:7] == ["cat", "dog", "cat", "dog", "—", "dog", "—"]
-        assert page.get_attribute(f"{tiles}.current", "data-id") == ids[4]  # the first without a label
-        assert page.evaluate("() => document.querySelector('progress').value") == 5
+        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 8")
+        wait_count(6)
+        assert labels_shown() == expected
+        assert page.get_attribute(f"{tiles}.current", "data-id") == picks[5]["id"]  # the first without a label
+        assert page.evaluate("() => document.querySelector('progress').value") == 6
+
+        page.select_option("#lab-selection", "hostile")  # its id and why are shown as text, never as HTML
+        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 1")
+        assert page.eval_on_selector(f"{tiles} .why", "w => w.textContent") == hostile
+        assert page.get_attribute(tiles, "data-id") == f"<b>{hostile}</b>"
+        assert page.evaluate("() => window.__pwned === undefined && !document.querySelector('#lab-grid b')")
         assert errors == []
 
-    labels_file = served.folder / "page.labels.parquet"
+    labels_file = served.folder / "loop.labels.parquet"
     got = read_labels(labels_file)
     assert dict(zip(got.ids.to_pylist(), got.labels.to_pylist())) == {
-        ids[0]: "cat", ids[1]: "dog", ids[2]: "cat", ids[3]: "dog", ids[5]: "dog"}
-
-    # what was just labelled, into the probe (`embedder probe STORE --labels FILE`)
-    from typer.testing import CliRunner
-
-    from embedder.cli import app
-
+        picks[i]["id"]: truth[i] for i in (0, 1, 2, 3, 4, 6)}
+    # what was just labelled, into the probe: the store has no labels of its own
     r = CliRunner().invoke(app, ["probe", str(served.store), "--labels", str(labels_file), "--out",
                                  str(tmp_path / "pets.probe"), "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
-    assert result["labels"]["used"] == 5 and result["labels"]["overridden"] == 3  # cat_0001, _0003, _0005 → dog
+    assert result["labels"]["used"] == 6 and result["labels"]["unknown"] == 0
