@@ -513,7 +513,7 @@ def test_web_page_in_headless_chromium(server) -> None:  # type: ignore[no-untyp
         page.goto(url + "/")
         page.wait_for_selector("#index option", state="attached")
         page.wait_for_function("() => document.querySelector('#info').textContent.includes('recall')")
-        assert "recall@10 not measured" in page.inner_text("#info")
+        assert "exact search: recall@10 1.000 by construction" in page.inner_text("#info")  # 11 images: flat
         # a CNN's index: the text box says why it cannot be used, rather than failing on Enter
         assert page.is_disabled("#text") and "CLIP" in (page.get_attribute("#text", "placeholder") or "")
         data = base64.b64encode(cat.read_bytes()).decode()
