@@ -175,6 +175,47 @@ def user_check(cache: Path, budget: int, draws: int) -> dict[str, Any]:
             "classes_hit": len(set(y[sel].tolist())), "command_output": r.stdout.strip()}
 
 
+def second_round(name: str, store: Path, starts: list[int], draws: int) -> list[dict[str, Any]]:
+    """Where ``auto`` switches: round one, typical picks at S a class (labels revealed, as a labels
+    file); round two, as many again by typical, uncertain and random; LogisticRegression on both
+    rounds' images, scored on every other image."""
+    from embedder.learn import probe as pr
+    from embedder.learn.active import plain_logreg, select
+
+    ds = pr.load_dataset(str(store))
+    x, y = np.asarray(ds.x), ds.y
+    ids = [str(i) for i in ds.ids.to_pylist()] if hasattr(ds.ids, "to_pylist") else [str(i) for i in ds.ids]
+    at = {i: k for k, i in enumerate(ids)}
+    n_cls = len(ds.classes)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in starts:
+            n1 = s * n_cls
+            if 2 * n1 >= len(y) // 2:
+                continue
+            first = np.array([at[i] for i in select(str(store), n1, "typical", label_column=None).ids])
+            f = Path(tmp) / f"labels-{s}.csv"
+            f.write_text("id,label\n" + "".join(f"{ids[r]},{ds.classes[y[r]]}\n" for r in first))
+
+            def acc(rows: np.ndarray) -> float:
+                te = np.setdiff1d(np.arange(len(y)), rows)
+                return float((plain_logreg(x[rows], y[rows], x[te]) == y[te]).mean())
+
+            row: dict[str, Any] = {"set": name, "start_per_class": s, "added": n1, "round_one": acc(first)}
+            for strategy in ("typical", "uncertain", "diverse"):
+                sel = select(str(store), n1, strategy, labels=str(f), label_column=None)
+                row[strategy] = acc(np.concatenate([first, [at[i] for i in sel.ids]]))
+            rng = np.random.default_rng(0)
+            rest = np.setdiff1d(np.arange(len(y)), first)
+            row["random"] = float(np.mean([acc(np.concatenate([first, rng.choice(rest, n1, replace=False)]))
+                                           for _ in range(draws)]))
+            out.append(row)
+            print(f"{name:10} {s:5d} -> {2 * s:3d} a class: round one {row['round_one']:.3f}; typical "
+                  f"{row['typical']:.3f}, uncertain {row['uncertain']:.3f}, diverse {row['diverse']:.3f}, "
+                  f"random {row['random']:.3f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="fashion10k,digits,photos,faces")
@@ -183,6 +224,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="select's seeds (the random draws follow each)")
     ap.add_argument("--sizes", default="100000,1000000", help="generated stores for the growth rows ('' to skip)")
     ap.add_argument("--no-user-check", action="store_true")
+    ap.add_argument("--second-round", default="", help="round-one sizes a class for the auto switch (e.g. 2,5,10,20)")
+    ap.add_argument("--only-second-round", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "embedder-bench")
     ap.add_argument("--out", type=Path)
@@ -195,6 +238,14 @@ def main() -> None:
                               "machine": platform.processor() or platform.machine(),
                               "load_avg_start": os.getloadavg()}
     stores = {name: prepare(name, args.cache) for name in args.sets.split(",") if name}
+    if args.second_round:
+        result["second_round"] = [r for name, store in stores.items()
+                                  for r in second_round(name, store, [int(v) for v in args.second_round.split(",")],
+                                                        args.draws)]
+        if args.only_second_round:
+            if args.out:
+                args.out.write_text(json.dumps(result, indent=2))
+            return
     print(f"{'set':10} {'strategy':9} {'seed':>4} {'n/class':>7} {'N':>4} {'selected':>9} {'random':>15} {'Δ':>6} "
           f"{'kNN sel':>8} {'kNN rnd':>8} {'hit':>9} {'s':>5}", flush=True)
     for name, store in stores.items():
