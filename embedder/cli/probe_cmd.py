@@ -67,8 +67,9 @@ def probe_command(
     if test_ds is not None and test_ds.unseen:
         console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(test_ds.unseen)}")
     if train.dropped_unlabelled and joined is not None:
-        console.print(f"note: {train.dropped_unlabelled:,} rows labelled neither by {labels} nor by the store "
-                      "take no part", markup=False)
+        if not as_json:  # expected with a labels file over an unlabelled pool: a note, not a warning
+            console.print(f"note: {train.dropped_unlabelled:,} rows labelled neither by {labels} nor by the store "
+                          "take no part", markup=False)
     elif train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
 

@@ -145,8 +145,13 @@ def read_labels(path: str | Path) -> LabelFile:
         raise LabelsError(f"cannot read labels file {path} as Parquet or CSV: {first}") from None
     id_col, label_col = _columns(names)
     if id_col is None or label_col is None:
-        hint = " (the first line must be a header: id,label)" if len(names) >= 2 or (
-            names and any(d in names[0] for d in ";|")) else ""
+        plain = {n.strip().lower() for n in names}
+        if plain & {"path", "file", "filename", "filepath", "image", "name"}:
+            hint = " (labels are joined on the store's 'id' column, not on paths or file names)"
+        elif id_col is None and label_col is None:
+            hint = " (the first line must be a header: id,label)"
+        else:
+            hint = ""
         raise LabelsError(f"labels file {path} needs an 'id' and a 'label' column{hint}; it has: {_short(names)}")
     try:
         ids = table.column(id_col).cast(pa.string()).combine_chunks()
