@@ -317,6 +317,12 @@ def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> 
         wait_count(6)
         expected = [*truth[:5], "—", truth[6], "—"]
         assert labels_shown() == expected
+        page.fill("#lab-new-class", "rtl\u202eevil")  # refused by the server: put back, and said why
+        page.press("#lab-new-class", "Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "control character" in page.inner_text("#error") and labels_shown() == expected
+        assert page.eval_on_selector_all("#lab-classes .class", "cs => cs.length") == 2
+        assert page.get_attribute(f"{tiles}.current", "data-id") == picks[7]["id"]
 
         page.reload()  # the labels are the server's
         page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 8")

@@ -1,8 +1,9 @@
 // The labelling view: a selection (HOME/labelling/NAME.parquet, from `embedder select`) as a grid
 // in rank order, the current image highlighted; a class per key (1–9) or button, new classes typed;
-// undo (Ctrl/Cmd+Z); skip; progress. Every label is written by the server (PUT/DELETE) before the
-// page shows it; changes go one at a time, in the order given. Text from the server (ids, labels,
-// why, paths) only ever goes into textContent, title or dataset: never into HTML.
+// undo (Ctrl/Cmd+Z); skip; progress. A label is shown at once and sent to the server (PUT/DELETE),
+// one change at a time in the order given; one the server refuses is put back, with its error. Text
+// from the server (ids, labels, why, paths) only ever goes into textContent, title or dataset: never
+// into HTML.
 const $ = (id) => document.getElementById(id);
 const PAGE = 1000;
 
@@ -133,8 +134,8 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
     mergeClasses(change.classes);
   }
 
-  function send(id, label) {
-    const path = `/labelling/${encodeURIComponent(L.name)}/labels/${encodeURIComponent(id)}`;
+  function send(name, id, label) {
+    const path = `/labelling/${encodeURIComponent(name)}/labels/${encodeURIComponent(id)}`;
     return label == null ? api(path, { method: "DELETE" })
       : api(path, { method: "PUT", headers: { "content-type": "application/json" },
                     body: JSON.stringify({ label }) });
@@ -158,12 +159,10 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
     const b = tileOf(item.id);
     if (b) paint(b, item);
     if (label != null) { const next = nextUnlabelled(pos); setCurrent(next === pos ? -1 : next); }
-    return enqueue(async () => {
-      if (name !== L.name) return;
-      showError("");
+    return enqueue(async () => {  // sent even if another selection was opened meanwhile
       let change;
       try {
-        change = await send(item.id, label);
+        change = await send(name, item.id, label);
       } catch (e) {
         if (name === L.name) {
           item.label = before;
@@ -174,6 +173,7 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
         throw e;
       }
       if (name !== L.name) return;
+      showError("");
       if (change.previous !== change.label) L.undo.push({ id: change.id, before: change.previous });
       applied(change);
       if (L.current === pos || L.current === -1) setCurrent(L.current);  // refresh its line
@@ -185,7 +185,14 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
       const last = L.undo.pop();
       if (!last || !L.name) { status("nothing to undo"); return; }
       showError("");
-      applied(await send(last.id, last.before));
+      let change;
+      try {
+        change = await send(L.name, last.id, last.before);
+      } catch (e) {
+        L.undo.push(last);  // still there to undo
+        throw e;
+      }
+      applied(change);
       setCurrent(L.byId.get(last.id));
       status("undone");
     });
