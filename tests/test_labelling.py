@@ -182,7 +182,7 @@ def test_hostile_names_and_files_are_4xx(served: Served, tmp_path: Path) -> None
     assert status == 200 and by_name["ok"]["size"] == 2
     for name in ("junk", "norank", "twice", "textrank", "huge", "escape"):
         assert by_name[name]["size"] is None and by_name[name]["error"], name
-    assert by_name["broken"]["error"].startswith("labels file")
+    assert by_name["broken"]["size"] == 1 and by_name["broken"]["error"].startswith("labels file")
     assert "round1.labels" not in by_name and all(not n.startswith(".") for n in by_name)
 
     invalid = (422, "invalid selection name")

@@ -85,8 +85,8 @@ class LabelClass(BaseModel):
 class SelectionInfo(BaseModel):
     name: str
     size: int | None = Field(description="Items in the selection (None: the file is no selection)")
-    labelled: int | None
-    error: str | None = Field(None, description="Why the file is not served as a selection")
+    labelled: int | None = Field(description="Items with a label (None: its labels file cannot be read)")
+    error: str | None = Field(None, description="Why the file is no selection, or its labels file cannot be read")
 
 
 class LabelItem(BaseModel):

@@ -52,10 +52,15 @@ def selections(svc: ServiceDep) -> Any:
     for name in home.names():
         try:
             sel = home.selection(name)
-            done = lab.progress(sel, home.labels(name))["labelled"]
-            out.append(SelectionInfo(name=name, size=len(sel), labelled=done, error=None))
         except lab.LabellingError as e:
             out.append(SelectionInfo(name=name, size=None, labelled=None, error=str(e)))
+            continue
+        try:
+            done: int | None = lab.progress(sel, home.labels(name))["labelled"]
+            error = None
+        except lab.LabellingError as e:  # its labels file cannot be read
+            done, error = None, str(e)
+        out.append(SelectionInfo(name=name, size=len(sel), labelled=done, error=error))
     return out
 
 

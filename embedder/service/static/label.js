@@ -251,7 +251,8 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
     const wanted = decodeURIComponent(location.hash.split("/")[1] || "") || select.value;
     select.replaceChildren();
     for (const s of list) {
-      const text = s.size == null ? `${s.name} (not a selection)` : `${s.name} (${s.labelled} / ${s.size})`;
+      const text = s.size == null ? `${s.name} (not a selection)`
+        : s.labelled == null ? `${s.name} (its labels file cannot be read)` : `${s.name} (${s.labelled} / ${s.size})`;
       const option = new Option(text, s.name);
       option.disabled = s.size == null;
       if (s.error) option.title = s.error;
