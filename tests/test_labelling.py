@@ -277,6 +277,7 @@ def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> 
     truth = [Path(p["path"]).name.split("_")[0] for p in picks]  # cat_0003.jpg: a cat
     hostile = "<img src=x onerror=window.__pwned=1>"
     write_selection(served.folder / "hostile.parquet", [f"<b>{hostile}</b>"], why=[hostile])
+    write_selection(served.folder / "big.parquet", [f"elsewhere-{i}" for i in range(1200)])
     tiles = "#lab-grid .tile"
     with chromium_page() as (page, errors):
         page.goto(served.url + "/#label/loop")
@@ -330,6 +331,13 @@ def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> 
         assert labels_shown() == expected
         assert page.get_attribute(f"{tiles}.current", "data-id") == picks[5]["id"]  # the first without a label
         assert page.evaluate("() => document.querySelector('progress').value") == 6
+
+        page.select_option("#lab-selection", "big")  # a page at a time; ids the index lacks are said
+        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 1000")
+        assert "1000 of these images are not in index pets" in page.inner_text("#lab-note")
+        page.click("#lab-more")
+        page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 1200")
+        assert page.is_hidden("#lab-more") and page.inner_text("#lab-count") == "0 / 1200 labelled"
 
         page.select_option("#lab-selection", "hostile")  # its id and why are shown as text, never as HTML
         page.wait_for_function(f"() => document.querySelectorAll('{tiles}').length === 1")
