@@ -260,6 +260,9 @@ def test_the_api_key_guards_labelling(served: Served) -> None:
     assert client.get("/labelling").status_code == 401  # no lifespan: no index loaded, no model
     assert client.put("/labelling/round1/labels/x", json={"label": "cat"}).status_code == 401
     assert client.get("/labelling", headers={"X-API-Key": "s3cret"}).status_code == 200
+    spec = client.get("/openapi.json").json()  # at /docs, with the key required
+    assert spec["paths"]["/labelling/{name}/labels/{item_id}"]["put"]["security"]
+    assert client.get("/static/label.js").status_code == 200  # the page's assets need no key
 
 
 def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:
