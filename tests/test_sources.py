@@ -90,10 +90,21 @@ def test_upper_case_list_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("p", ["a/b.jpg", "./a//b/./c.jpg", "/x/../y.jpg", "//net/share/a.jpg", "///a//b.jpg",
-                               "/", "a/", "../up.jpg", ".", "é/ü.png", "/a/./././b"])
-def test_absolute_is_pathlibs_absolute(p: str) -> None:
+                               "/", "a/", "../up.jpg", ".", "é/ü.png", "/a/./././b", "/a/b/../../c/..jpg"])
+def test_absolute_is_the_path_the_id_hashes(p: str) -> None:
     """Discovery builds paths without pathlib (a Path object per image, and its interning of every
-    name, cost 2.3x the time on a 1M-line list): the same strings, hence the same ids and paths."""
+    name, cost 2.3x the time on a 1M-line list): the string ``image_id`` hashes (``os.path.abspath``),
+    so the stored path is the id's; '..' no longer kept in stored paths."""
+    import os
+
     from embedder.io.sources import _absolute
 
-    assert _absolute(p) == str(Path(p).absolute())
+    assert _absolute(p) == os.path.abspath(p) and "/../" not in _absolute(p)
+
+
+def test_stored_paths_hold_no_dot_dot(image_tree: Path, tmp_path: Path) -> None:
+    from embedder.io.sources import discover
+
+    refs = list(discover([image_tree / "cat" / ".." / "dog"]))
+    assert refs and all(".." not in r.path.split("/") for r in refs)
+    assert {r.id for r in refs} == {r.id for r in discover([image_tree / "dog"])}
