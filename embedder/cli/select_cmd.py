@@ -23,7 +23,7 @@ def select_command(
     budget: Annotated[int, typer.Option("--budget", "-n", min=1, help="How many images to pick.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parquet file to write (replaced if it exists): id, path, rank (1 = label first), why.")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help=SELECT_LABELS_HELP)] = None,
-    strategy: Annotated[choices.Strategy, typer.Option(help="auto: typical images while labels are few (none, or under 10 in some class), then where the probe is least sure | typical (TypiClust) | uncertain (probe margin, spread by k-means) | diverse (k-center greedy).")] = choices.Strategy.auto,
+    strategy: Annotated[choices.Strategy, typer.Option(help="auto: typical images while labels are few (none, one class, or under 2 in some class), then where the probe is least sure | typical (TypiClust) | uncertain (probe margin, spread by k-means) | diverse (k-center greedy).")] = choices.Strategy.auto,
     seed: Annotated[int, typer.Option(help="The same seed, store and labels give the same picks.")] = 0,
     label_column: Annotated[str, typer.Option(help="The store's column of class names (rows with one count as labelled).")] = "label",
     evaluate: Annotated[bool, typer.Option("--evaluate", help="On a labelled store: hide the labels, pick 1, 2, 5, 10 images a class (up to --budget) and print LogisticRegression and kNN accuracy trained on the picks against as many random images (mean ± sd of 5 draws), scored on the labelled images not picked. Writes no selection.")] = False,

@@ -68,7 +68,7 @@ class SelectError(EmbedderError):
 class ActiveOptions:
     """Every default of ``select`` and ``evaluate`` in one place (module docstring)."""
 
-    warm_per_class: int = 10  # auto: uncertainty once every labelled class has this many labels
+    warm_per_class: int = 2  # auto: uncertainty once every labelled class has this many (bench_select)
     sample_bytes: int = 256 << 20  # vectors of the unlabelled sample (and of the labelled one)
     max_sample_rows: int = 50_000
     max_clusters: int = 500  # TypiClust's cap on (labelled + budget) clusters
@@ -79,6 +79,7 @@ class ActiveOptions:
     kmeans_inits: int = 3  # k-means++ starts (up to 64 clusters; one above)
     kmeans_init_rows: int = 10_000  # rows the k-means++ seeds are drawn among
     candidates_per_pick: int = 10  # warm start: the 10 x budget least certain rows, then diversity
+    fallback_c: float = 100.0  # warm start with one label a class (no C can be chosen): unit rows, C = 100
     batch_rows: int = 16_384
     eval_test_rows: int = 20_000  # evaluate: the labelled rows the curve is scored on (a uniform sample)
     eval_draws: int = 5  # evaluate: random draws per budget
@@ -414,8 +415,13 @@ def _uncertain(store: Store, pool: _Pool, join: LabelJoin | None, budget: int, o
         raise SelectError("--strategy uncertain needs labels of at least 2 classes (a probe to be unsure); "
                           f"found {len(present)}: use --strategy typical (or auto)")
     tick("training the probe", 0, 1)
-    result = pr.train_probe(pr.Dataset(pool.l_x, pool.l_y, pool.classes, [], [], {}), ProbeOptions(seed=seed))
-    head = result.head
+    counts = np.bincount(pool.l_y, minlength=len(pool.classes))
+    if counts.max() >= 2:
+        head = pr.train_probe(pr.Dataset(pool.l_x, pool.l_y, pool.classes, [], [], {}), ProbeOptions(seed=seed)).head
+    else:  # one label a class: nothing to hold out to choose C with
+        from embedder.learn.selection import fit_all
+
+        head = fit_all(pool.l_x, pool.l_y, len(pool.classes), options.fallback_c, False)[0]
     tick("training the probe", 1, 1)
     m = int(min(max(budget, options.candidates_per_pick * budget), sample_rows(pool.dim, options)))
     best = _Smallest(m, pool.dim)
