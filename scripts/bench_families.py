@@ -1,6 +1,7 @@
 """Backbone families: `embedder extract` against the library's own loop, in one run on one machine.
 
     python scripts/bench_families.py [--images 600] [--rounds 2] [--service] [--only NAME]
+                                     [--runtimes default,torch,onnx]
 
 Per model: a torchvision CNN (MobileNetV2, random weights: speed does not depend on them), timm
 models (ResNet-18 and a ViT) and OpenCLIP models (MobileCLIP2-S0, ViT-B-32), random weights of the real
@@ -13,6 +14,12 @@ one client, one query at a time, p50 and p95. `embedder extract` runs as a fresh
 fresh store (its img/s is its own count over the run: model loading, discovery and writing included;
 "after loading" is over the span the library loop times, from the first image on). Peak RSS: each
 in its own process. Rounds are interleaved; ratios per round.
+
+Runtimes (issue 38): one `embedder extract` row per --runtimes entry, "default" being no --runtime
+option (auto: what a user gets). The runs share one fresh runtime cache (EMBEDDER_RUNTIME_CACHE), so
+the first round's default and onnx rows include the one-off export and auto's trial (reported as
+export_s, and start-up = the run's seconds less the images' rate), later rounds read the cache. The
+cosine is each row's vectors against the torch row's (eager) of the same round, the worst image.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -86,21 +94,45 @@ def run_loop(family: str, name: str, root: Path, weights: Path | None) -> dict[s
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def run_embedder(backbone: str, root: Path, work: Path, weights: Path | None) -> dict[str, float]:
+def run_embedder(backbone: str, root: Path, work: Path, weights: Path | None, runtime: str = "default",
+                 keep: bool = False) -> dict[str, Any]:
     out = work / f"store-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "embedder", "extract", str(root), "--out", str(out), "--backbone", backbone, "--json"]
     if weights is not None:
         cmd += ["--weights", str(weights)]
+    if runtime != "default":
+        cmd += ["--runtime", runtime]
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     stdout = proc.stdout.read().decode() if proc.stdout else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit((proc.stderr.read().decode() if proc.stderr else "")[-2000:])
+    process_s = time.perf_counter() - t0
     summary = json.loads(stdout[stdout.index("{"):])
-    shutil.rmtree(out, ignore_errors=True)
-    stream = summary["done"] / summary["stages"]["stream_s"]  # the library loop's span: after the model is loaded
+    from embedder.store.shards import Store
+
+    store = Store.open(str(out))
+    run = store.manifest()["runs"][-1]
+    table = store.read(["id", "embedding"]).sort_by("id")
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+    st = summary["stages"]
+    stream = summary["done"] / st["stream_s"]  # the library loop's span: after the model is loaded
+    prepare = st.get("prepare_s", 0.0)
+    rt = run.get("runtime") or {}
     return {"img_per_s": summary["images_per_second"], "stream_img_per_s": stream,
-            "peak_rss_mib": usage.ru_maxrss / 1024}
+            "start_s": summary["seconds"] - st["stream_s"] + prepare, "prepare_s": prepare,
+            "process_s": process_s,  # the whole process: Python and torch imports included
+            "process_img_per_s": summary["done"] / process_s,
+            "runtime": rt.get("name"), "export_s": rt.get("export_s"), "runtime_ms": rt.get("ms"),
+            "peak_rss_mib": usage.ru_maxrss / 1024, "vectors": vectors}
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
 def _post(url: str, body: bytes, ctype: str) -> float:
@@ -169,10 +201,14 @@ def main() -> None:
     ap.add_argument("--service", action="store_true", help="also text and image query latency through the service")
     ap.add_argument("--queries", type=int, default=100, help="--service: queries of each kind")
     ap.add_argument("--only", default="", help="only the backbones whose name contains this")
+    ap.add_argument("--runtimes", default="default",
+                    help="embedder rows, comma-separated: default (no --runtime: auto), torch, onnx, auto")
     args = ap.parse_args()
+    runtimes = [r for r in args.runtimes.split(",") if r]
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="bench_families_"))
+    os.environ["EMBEDDER_RUNTIME_CACHE"] = str(work / "runtime-cache")  # a fresh one: round 1 exports
     try:
         root = work / "imgs"
         make_images(root, args.images)
@@ -199,21 +235,37 @@ def main() -> None:
             print(json.dumps({"service": bench_service(work, root, models[-2][3], args.queries)}, indent=1),
                   flush=True)
         models = [m for m in models if not args.only or args.only in m[2]]
-        rows: dict[str, dict[str, list[float]]] = {}
+        rows: dict[str, dict[str, list[Any]]] = {}
         for _ in range(args.rounds):
             for family, name, backbone, wfile in models:
                 lib = run_loop(family, name, root, wfile)
-                emb = run_embedder(backbone, root, work, wfile)
-                r = rows.setdefault(f"{family} {name}", {"library": [], "embedder": [], "ratio": [],
-                                                          "embedder_after_loading": [], "ratio_after_loading": [],
-                                                          "rss_library": [], "rss_embedder": []})
-                r["library"].append(round(lib["img_per_s"], 1))
-                r["embedder"].append(round(emb["img_per_s"], 1))
-                r["ratio"].append(round(emb["img_per_s"] / lib["img_per_s"], 2))
-                r["embedder_after_loading"].append(round(emb["stream_img_per_s"], 1))
-                r["ratio_after_loading"].append(round(emb["stream_img_per_s"] / lib["img_per_s"], 2))
-                r["rss_library"].append(round(lib["peak_rss_mib"]))
-                r["rss_embedder"].append(round(emb["peak_rss_mib"]))
+                eager = None
+                if len(runtimes) > 1 and "torch" in runtimes:  # the reference for the cosine, first
+                    order = ["torch"] + [r for r in runtimes if r != "torch"]
+                else:
+                    order = runtimes
+                for runtime in order:
+                    emb = run_embedder(backbone, root, work, wfile, runtime)
+                    if runtime == "torch":
+                        eager = emb["vectors"]
+                    label = f"{family} {name}" + ("" if runtimes == ["default"] else f" [{runtime}]")
+                    r = rows.setdefault(label, {})
+                    def add(key: str, v: Any) -> None:
+                        r.setdefault(key, []).append(v)  # noqa: B023 - used at once
+                    add("library", round(lib["img_per_s"], 1))
+                    add("embedder", round(emb["img_per_s"], 1))
+                    add("ratio", round(emb["img_per_s"] / lib["img_per_s"], 2))
+                    add("embedder_after_loading", round(emb["stream_img_per_s"], 1))
+                    add("ratio_after_loading", round(emb["stream_img_per_s"] / lib["img_per_s"], 2))
+                    add("ratio_process", round(emb["process_img_per_s"] / lib["img_per_s"], 2))
+                    add("start_s", round(emb["start_s"], 2))
+                    add("runtime", emb["runtime"])
+                    add("export_s", emb["export_s"])
+                    add("runtime_ms", emb["runtime_ms"])
+                    if eager is not None and runtime != "torch":
+                        add("cosine_to_eager", round(min_cosine(emb["vectors"], eager), 6))
+                    add("rss_library", round(lib["peak_rss_mib"]))
+                    add("rss_embedder", round(emb["peak_rss_mib"]))
         print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": args.images,
                           "rows": rows}, indent=1))
     finally:
