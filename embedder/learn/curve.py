@@ -172,10 +172,15 @@ def learning_curve(train: Dataset, test: Dataset | None, options: ProbeOptions =
     out: list[dict[str, Any]] = []
     total = sum(len(ds) for _, ds in plans)
     done = 0
+    per_row = 0.0  # seconds per training row of the last point's fits: what the next point will take
     for k, draws in plans:
-        if time.perf_counter() - t0 > curve.seconds and out:
-            notes.append(f"stopped after {time.perf_counter() - t0:.0f} s (the curve's time limit, "
-                         f"{curve.seconds:g} s): larger points left out")
+        spent = time.perf_counter() - t0
+        free = k is None and scheme != "cv" and reuse is not None  # the probe already trained
+        rows_next = 0 if free else sum(len(subset(d, k)) for d in draws)
+        if out and spent + per_row * rows_next > curve.seconds:
+            notes.append(f"points from {k if k is not None else 'all'} per class left out: the curve took "
+                         f"{spent:.0f} s and the next would take about {per_row * rows_next:.0f} s more "
+                         f"(its limit: {curve.seconds:g} s)")
             break
         t = time.perf_counter()
         accs, hits, seen, sizes = [], 0, 0, []
@@ -197,6 +202,9 @@ def learning_curve(train: Dataset, test: Dataset | None, options: ProbeOptions =
             done += 1
             if progress:
                 progress(done, total, "learning curve")
+        fitted = 0 if free else sum(sizes)
+        if fitted:
+            per_row = (time.perf_counter() - t) / fitted
         acc = hits / seen if scheme == "cv" else float(np.mean(accs))
         out.append({"per_class": k if k is not None else "all", "labels": int(round(float(np.mean(sizes)))),
                     "accuracy": round(acc, 4),
