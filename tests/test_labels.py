@@ -229,6 +229,9 @@ def test_compare_and_finetune_take_labels_for_unsorted_images(tmp_path: Path) ->
     board = json.loads(r.output)
     assert board["n_train"] + board["n_test"] == 16 and board["labels"]["used"] == 16
     assert board["labels"]["unknown_examples"] == ["ffff"]
+    r = runner.invoke(app, ["compare", str(flat), "--backbones", "tiny_test", "--work", str(tmp_path / "w2"),
+                            "--labels", str(write_csv(tmp_path / "names.csv", [("a_0000.jpg", "a")]))])
+    assert r.exit_code == 2 and "none of the 1 ids" in r.output and not (tmp_path / "w2").exists()  # before any work
     from embedder.models import checkpoint
 
     res = embedder.finetune(flat, tmp_path / "ck.safetensors", labels=f, backbone="tiny_test", batch_size=8,

@@ -57,7 +57,7 @@ def compare_command(
         bars.close()  # one bar at a time: a finished cell's bar stays on screen
         current.clear()
         if message and not as_json:
-            console.print(message)
+            console.print(message, markup=False)  # ids and paths may hold [brackets]
 
     from embedder.store.labels import LabelJoin, read_labels
 

@@ -16,9 +16,9 @@ from embedder.cli.common import console, handle_errors, image_progress, out, set
 from embedder.cli.extract_cmd import EXIT_SOME_FAILED
 from embedder.learn.options import ProbeOptions
 
-LABELS_HELP = ("CSV or Parquet of id,label rows (e.g. from the labelling page): joined on the store's 'id', its "
-               "labels put over the store's own; rows it does not name keep theirs, ids not in the store are "
-               "ignored and counted.")
+LABELS_HELP = ("CSV or Parquet of id,label rows (e.g. from the labelling page): joined on the stores' 'id' "
+               "(TRAIN_STORE and --test), its labels put over the stores' own; rows it does not name keep theirs, "
+               "ids in neither store are ignored and counted.")
 
 
 @handle_errors
