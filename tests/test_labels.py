@@ -132,7 +132,7 @@ def test_probe_learns_the_files_labels_and_says_what_they_bought(pool: dict[str,
     assert r.exit_code == 0, r.output
     # the one line, then the table
     assert f"labels from {pool['labels']}: 40 of 42 used; 2 ids not in the store ignored (e.g. 'nowhere" in r.output
-    assert "rows without a label skipped" in r.output and "labels → accuracy: scored on the --test store" in r.output
+    assert "1 row without a label skipped" in r.output and "labels → accuracy: scored on the --test store" in r.output
     # recorded in the probe file: which labels made it, and what they bought
     _, meta = load_probe(out)
     lab = meta["labels"]
@@ -207,7 +207,7 @@ def test_inspect_analyses_the_files_labels(tmp_path: Path, graph: str) -> None:
     assert f"labels from {f}: 1 of 2 used" in page and "&quot;sha256&quot;" in page  # the line, the summary's JSON
     r = runner.invoke(app, ["inspect", store, "--out", str(tmp_path / "r3"), "--labels", str(f),
                             "--graph", graph, "--thumbnails", "none"], terminal_width=200)
-    assert r.exit_code == 0 and f"labels from {f}: 1 of 2 used; 1 ids not in the store ignored" in r.output
+    assert r.exit_code == 0 and f"labels from {f}: 1 of 2 used; 1 id not in the store ignored" in r.output
 
 
 # ---- compare and finetune: the ids extraction gives the images -------------------------------------

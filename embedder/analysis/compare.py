@@ -274,7 +274,7 @@ def compare(sources: list[str], work: str, options: CompareOptions, test_sources
             labels_file.apply(pa.array([r.id for r in test_refs], pa.string()),
                               pa.array([r.label for r in test_refs], pa.string()))
         joined = labels_file.require_some(", ".join(sources + (test_sources or [])))
-        say(joined.summary())
+        say(joined.summary("the images"))
     labels = {g for g in given if g}
     del refs, test_refs
     if not labels:

@@ -96,7 +96,7 @@ def finetune_command(
         out.print_json(json.dumps(result.to_dict()))
         return
     if join is not None:
-        out.print(join.result().summary(), markup=False)
+        out.print(join.result().summary("the images"), markup=False)
     if result.budget is not None:
         b = result.budget
         out.print(f"budget     {b.budget_s / 60:g} min → {b.image_size} px, {b.epochs} epochs ({b.reason})"

@@ -194,16 +194,18 @@ class Joined:
     sha256: str = ""  # of the file's bytes
     size: int = 0
 
-    def summary(self) -> str:
-        """One line for the CLI and the API's result."""
+    def summary(self, where: str = "the store") -> str:
+        """One line for the CLI and the API's result; WHERE: what the ids were looked for in ("the
+        images": compare and finetune, which join on the images extraction would store)."""
         s = f"labels from {self.path}: {self.used:,} of {self.given:,} used"
         if self.unknown:
             ex = ", ".join(repr(e) for e in self.unknown_examples)
-            s += f"; {self.unknown:,} ids not in the store ignored (e.g. {ex})"
+            s += f"; {self.unknown:,} id{'s' if self.unknown != 1 else ''} not in {where} ignored (e.g. {ex})"
         if self.overridden:
-            s += f"; {self.overridden:,} of the store's own labels replaced"
+            own = "the store's own labels" if where == "the store" else "their folders' labels"
+            s += f"; {self.overridden:,} of {own} replaced"
         if self.blank:
-            s += f"; {self.blank:,} rows without a label skipped"
+            s += f"; {self.blank:,} row{'s' if self.blank != 1 else ''} without a label skipped"
         return s
 
     def to_dict(self) -> dict[str, object]:

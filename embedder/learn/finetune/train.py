@@ -250,7 +250,7 @@ def finetune(train_source: list[str], out: Path, options: FinetuneOptions = Fine
     yva = [idx[r.label] for r in vrefs if r.label is not None]
     joined = labels.require_some(", ".join(train_source + (val_source or []))) if labels is not None else None
     if joined is not None:
-        (log.warning if joined.unknown else log.info)("%s", joined.summary())
+        (log.warning if joined.unknown else log.info)("%s", joined.summary("the images"))
 
     net, backbone, pre, origin, head_spec = build_classifier(options, len(classes))
     fam, body = family_recipe(net, backbone, options, device, head_spec.name)
