@@ -232,6 +232,12 @@ def test_bounded_sample_and_hostile_vectors(tmp_path: Path) -> None:
     assert len(set(y[rows_of(sel.ids)].tolist())) == 3
     div = active.select(store, 4, strategy="diverse", options=opts)
     assert not {"v00005", "v00006"} & set(div.ids)
+    # the warm start's margins cover every unlabelled row, not the sample
+    f = tmp_path / "l.csv"
+    f.write_text("id,label\nv00000,a\nv00001,a\nv00002,b\nv00003,b\n")
+    unc = active.select(store, 3, strategy="uncertain", labels=f, options=opts)
+    assert unc.sampled == unc.unlabelled == 2094 and "uniform sample" not in unc.summary()
+    assert not {"v00005", "v00006", "v00000", "v00003"} & set(unc.ids)
 
 
 def test_evaluate_learning_curve_selected_against_random(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ class Selection:
     images: int  # rows in the store
     labelled: int
     classes: dict[str, int] = field(default_factory=dict)  # labels per class
-    sampled: int = 0  # unlabelled rows the picks were chosen among (a uniform sample of a large store)
+    sampled: int = 0  # unlabelled rows the picks were chosen among (typical, diverse: a uniform sample)
     unlabelled: int = 0
     skipped: int = 0  # rows whose vector is not finite: never picked
     joined: Joined | None = None
@@ -550,7 +550,8 @@ def select(store_path: str | Path, budget: int, strategy: str = "auto", labels: 
                       "rank": pa.array(np.arange(1, len(rows) + 1), pa.int32()), "why": pa.array(why, pa.string())},
                      schema=SELECTION_SCHEMA)
     return Selection(table, used, reason, str(store_path), budget, seed, pool.n, labelled,
-                     {c: int(k) for c, k in zip(pool.classes, pool.counts)}, len(pool.u_rows), pool.unlabelled,
+                     {c: int(k) for c, k in zip(pool.classes, pool.counts)},
+                     pool.unlabelled if used == "uncertain" else len(pool.u_rows), pool.unlabelled,
                      pool.skipped, pool.joined, time.perf_counter() - t0, rows)
 
 
