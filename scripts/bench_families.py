@@ -4,7 +4,7 @@
                                      [--runtimes default,torch,onnx]
 
 Per model: a torchvision CNN (MobileNetV2, random weights: speed does not depend on them), timm
-models (ResNet-18 and a ViT) and OpenCLIP models (MobileCLIP2-S0, ViT-B-32), random weights of the real
+models (ResNet-18, ViT-Ti and ViT-S) and OpenCLIP models (MobileCLIP2-S0, ViT-B-32), random weights of the real
 architectures. "Library loop" is what each library's README writes: timm's `resolve_model_data_config`
 + `create_transform` (torchvision's `weights.transforms()`; OpenCLIP's `create_model_and_transforms`
 for the tag, `encode_image`, MobileCLIP reparameterised as its README says), an `ImageFolder` and a
@@ -221,7 +221,7 @@ def main() -> None:
         models.append(("torchvision", "mobilenet_v2", "mobilenet_v2", mv2))
         import timm
 
-        for name in ("resnet18", "vit_tiny_patch16_224"):
+        for name in ("resnet18", "vit_tiny_patch16_224", "vit_small_patch16_224"):
             f = work / f"{name}.pth"
             torch.save(timm.create_model(name, pretrained=False).state_dict(), f)
             models.append(("timm", name, f"timm:{name}", f))
