@@ -39,6 +39,7 @@ def build_command(
     address: Annotated[Optional[str], typer.Option(help="--engine ray: auto, HOST:PORT or ray://… (default: a local Ray instance).")] = None,
     text_recall: Annotated[bool, typer.Option("--text-recall/--no-text-recall", help="On a store with captions made by a backbone with a text tower: measure text → image recall@1/5/10 (caption i should find image i) on a sample of captions.")] = True,
     weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one (--text-recall loads the model).")] = None,
+    keep_columns: Annotated[Optional[str], typer.Option("--keep-columns", metavar="COLS", help="What hits show beyond id, path and label, kept in the index's id map (comma-separated): caption, width, height, file_hash (the store's), key (the --id-column value), or any column of the source tables (read at each row's location); 'none' for nothing. Default: caption and key where the store has them.")] = None,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -52,7 +53,7 @@ def build_command(
         meta = idx.build(str(store), name, index_plan.BuildOptions(
             kind=kind, metric=str(metric), target_recall=target_recall, memory_budget=budget, on_disk=on_disk,
             coarse=str(coarse), opq=opq, engine=str(engine), address=address, text_recall=text_recall,
-            weights=weights), home)
+            weights=weights), home, None if keep_columns is None else tuple(keep_columns.split(",")))
     if as_json:
         out.print_json(json.dumps(meta))
         return

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from embedder.cli.common import HomeOpt, console, fit_paths, handle_errors, out
 from embedder.errors import IndexError_
@@ -122,8 +123,20 @@ def _print_results(results: list, as_json: bool) -> None:  # type: ignore[type-a
         table = Table("rank", "score", "id", "path", "label", title=title, title_justify="left")
         table.columns[3].no_wrap = True
         for h, path, lab in zip(hits, paths, labels):
-            table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["id"][:ID_SHOWN], path, lab)
+            more = _more(h, max(room, 12))  # caption, key, kept columns: a second line under the path
+            cell = Text(path) if not more else Text.assemble(path, "\n", (more, "dim"))
+            table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["id"][:ID_SHOWN], cell, lab)
         out.print(table)
+
+
+def _more(hit: dict[str, Any], width: int) -> str:
+    """What a hit holds beyond id, path and label (its key, caption and kept columns), as one line
+    cut to WIDTH characters (``--json`` has them whole)."""
+    parts = ([f"key {hit['key']}"] if hit.get("key") is not None else []) + (
+        [" ".join(str(hit["caption"]).split())] if hit.get("caption") else []) + [
+        f"{c}={v}" for c, v in (hit.get("columns") or {}).items() if v is not None]
+    line = " · ".join(parts)
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def register(app: typer.Typer) -> None:

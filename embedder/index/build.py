@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
-          index_home: str | None = None) -> dict[str, Any]:
+          index_home: str | None = None, keep_columns: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Build index NAME over the store. KEEP_COLUMNS: what the id map carries for hits beyond id,
+    path and label (``index build --keep-columns``; see ``stream.extras_for``); None: the caption
+    where the store has captions, the key where its ids come from --id-column."""
     import_faiss()  # a clear error before any work when FAISS is missing
     if options.metric not in METRICS:
         raise IndexError_(f"unknown metric {options.metric!r}; valid: {', '.join(METRICS)}")
@@ -75,20 +78,26 @@ def build(store_path: str, name: str, options: BuildOptions = BuildOptions(),
         if gens.exists(target):
             raise IndexError_(f"index {name!r} was just built by another process")
         try:
-            if streamed:
-                return _build_streamed(store, store_path, name, target, p, options, budget)
-            from embedder.index.stream import shard_rows
+            from embedder.index.stream import Extras, extras_for, shard_rows
 
             files = [str(f) for f in store.shard_files()]  # one listing: what is read is what is recorded
-            table = read_rows(store, [(f, 0) for f in files])
-            return _build(store, store_path, name, target, table, options, p, shard_rows(store, files))
+            if options.engine == "ray":  # its tasks write plain id maps
+                if keep_columns and any(c.strip() not in ("", "none") for c in keep_columns):
+                    raise IndexError_("--keep-columns is not supported with --engine ray yet; build without it")
+                extras = Extras()
+            else:
+                extras = extras_for(store, files, keep_columns)
+            if streamed:
+                return _build_streamed(store, store_path, name, target, p, options, budget, extras)
+            table = read_rows(store, [(f, 0) for f in files], ("id", "path", "label", "embedding", *extras.from_store))
+            return _build(store, store_path, name, target, table, options, p, shard_rows(store, files), extras)
         finally:
             if not gens.exists(target):  # a failed first build leaves no empty folder behind
                 shutil.rmtree(target, ignore_errors=True)
 
 
 def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: Plan, options: BuildOptions,
-                    budget: int) -> dict[str, Any]:
+                    budget: int, extras: Any) -> dict[str, Any]:
     """IVF larger than RAM: see embedder.index.ondisk. Tuned like the in-memory build, against exact
     ground truth streamed over the store."""
     from embedder.index import ondisk
@@ -106,7 +115,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
         parallel = index_ray.parallel(RayOptions(address=options.address), faiss_metric(options.metric))
     r = index_stream.build_streamed(store, tmpdir, p.factory, options.metric, p.train_size, budget, options.queries,
                            options.seed, faiss_metric(options.metric), lambda v: prepare_rows(v, options.metric),
-                           parallel)
+                           parallel, extras)
     index = r["index"]
     vectors = np.load(tmpdir / VECTORS_FILE, mmap_mode="r")
     rerank = p.kind == "ivfpq"
@@ -132,7 +141,7 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
         "index_bytes": (tmpdir / INDEX_FILE).stat().st_size + (tmpdir / ondisk.LISTS_FILE).stat().st_size,
         "on_disk": {"lists": ondisk.LISTS_FILE, "trained": ondisk.TRAINED_FILE, "slices": r["slices"],
                     "slice_rows": r["slice_rows"], "train_rows": r["train_rows"]},
-        "id_map": ondisk.IDS_ARROW, "vectors": VECTORS_FILE,
+        "id_map": ondisk.IDS_ARROW, "vectors": VECTORS_FILE, **_columns_meta(extras),
         INDEXED: record_read({}, store, shard_rows(store, r["files"])),
         "rerank": None if not rerank else {"file": VECTORS_FILE, "factor": RERANK_FACTOR,
                                            "dtype": "float16", "memory_mapped": True},
@@ -143,9 +152,16 @@ def _build_streamed(store: Store, store_path: str, name: str, target: Path, p: P
     return commit_index(target, tmpdir, meta)
 
 
+def _columns_meta(extras: Any) -> dict[str, Any]:
+    """The index meta's record of its id map's extra columns (none: nothing, as before they existed)."""
+    if not extras.columns:
+        return {}
+    return {"columns": list(extras.columns), **({"key_column": extras.key_column} if extras.key_column else {})}
+
+
 def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Table,
-           options: BuildOptions, p: Plan, rows: dict[str, int]) -> dict[str, Any]:
-    from embedder.index.stream import INDEXED, record_read
+           options: BuildOptions, p: Plan, rows: dict[str, int], extras: Any) -> dict[str, Any]:
+    from embedder.index.stream import INDEXED, id_rows, id_schema, record_read
 
     faiss = import_faiss()
     n, dim = table.num_rows, store.dim
@@ -192,8 +208,9 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
     text_recall = _text_recall(store_path, store, Searcher(index, options.metric, vectors), n, options)
 
     tmpdir = gens.staging(target)
-    ids = pa.table({"faiss_id": pa.array(faiss_ids), "id": table.column("id"),
-                    "path": table.column("path"), "label": table.column("label")})
+    reader = extras.reader()
+    ids = id_rows(faiss_ids, table, extras, reader, id_schema(extras.columns))
+    extras.check(reader)
     pq.write_table(ids, tmpdir / IDS_FILE)
     faiss.write_index(index, str(tmpdir / INDEX_FILE))
     if vectors is not None:
@@ -209,7 +226,7 @@ def _build(store: Store, store_path: str, name: str, target: Path, table: pa.Tab
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quality": quality, "search": {"param": quality.get("param"), "value": quality.get("value")},
         **({"text_recall": text_recall} if text_recall is not None else {}),
-        INDEXED: record_read({}, store, rows),
+        INDEXED: record_read({}, store, rows), **_columns_meta(extras),
     }
     return commit_index(target, tmpdir, meta)
 
@@ -272,7 +289,11 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
         rows = shard_rows(store, files)
         # only the rows the index has not read (its meta records the shards it read; an index
         # without the record reads every shard), embeddings included
-        table = read_rows(store, unseen(loaded.meta, store, files, rows))
+        from embedder.index.stream import extras_of
+
+        extras = extras_of(loaded.meta)
+        table = read_rows(store, unseen(loaded.meta, store, files, rows),
+                          ("id", "path", "label", "embedding", *extras.from_store))
         new = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=loaded.ids.column("id"))))
         del table
         if new.num_rows:
@@ -282,14 +303,16 @@ def add(name: str, store_path: str, index_home: str | None = None, merge: bool =
 
 
 def _add_generation(loaded: LoadedIndex, d: Path, new: pa.Table, more: dict[str, Any]) -> None:
+    from embedder.index.stream import Extras, extras_of, id_rows
+
     faiss = import_faiss()
     x = prepare_rows(arrow_to_embeddings(new.column("embedding")), loaded.metric)
     start = int(loaded.meta["next_id"])
     fids = np.arange(start, start + new.num_rows, dtype=np.int64)
     loaded.index.add_with_ids(x, fids)
-    ids = pa.concat_tables([loaded.ids, pa.table({
-        "faiss_id": pa.array(fids), "id": new.column("id"), "path": new.column("path"),
-        "label": new.column("label")}).cast(loaded.ids.schema)])
+    kept = extras_of(loaded.meta)
+    extras = Extras(tuple(c for c in kept.columns if c in loaded.ids.schema.names), kept.key_column, False)
+    ids = pa.concat_tables([loaded.ids, id_rows(fids, new, extras, extras.reader(), loaded.ids.schema)])
     tmpdir = gens.staging(d)
     if loaded.searcher.vectors is not None:
         grown = np.lib.format.open_memmap(tmpdir / VECTORS_FILE, mode="w+", dtype=np.float16,

@@ -128,6 +128,19 @@ def _equals(field: Any, type_: pa.DataType, value: str) -> Any:
     return field.cast(pa.string()) == value
 
 
+def shaped(row: dict[str, Any], extras: list[str]) -> dict[str, Any]:
+    """An id-map ROW as a hit or an item shows it: its fixed fields, then ``caption`` and ``key`` where
+    the index keeps them, and the user's other kept columns (EXTRAS) under ``columns``."""
+    from embedder.index.stream import ON_HITS
+
+    out = {c: v for c, v in row.items() if c not in extras}
+    out.update({c: row[c] for c in extras if c in ON_HITS})
+    more = {c: row[c] for c in extras if c not in ON_HITS}
+    if more:
+        out["columns"] = more
+    return out
+
+
 def without_item(hits: list[dict[str, Any]], item_id: str, k: int) -> list[dict[str, Any]]:
     """HITS without the query item ITEM_ID (an id query's own row, found first), re-ranked, at most K:
     searched with k + 1 (the CLI's ``--exclude-self``, the service's ``exclude_self``)."""
@@ -226,6 +239,10 @@ class LoadedIndex:
         self._filter_lock = threading.Lock()
         self.generation = int(self.meta.get("generation", 0))
         self.identity = gens.identity(self.dir)  # what a reload compares (numbers restart after a drop)
+        from embedder.index.stream import FIXED_COLUMNS
+
+        # the id map's columns beyond the fixed ones: caption, key, the user's (``index build --keep-columns``)
+        self.extras = [c for c in self.ids.column_names if c not in FIXED_COLUMNS]
 
     @property
     def dim(self) -> int:
@@ -518,14 +535,15 @@ class LoadedIndex:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict[str, Any]]]:
         """Only the hit rows of the id map are materialised, not the whole map per search."""
         valid = ids >= 0
-        meta = self.ids.select(["id", "path", "label"]).take(pa.array(self.rows_of(ids[valid]))).to_pylist()
+        meta = self.ids.select(["id", "path", "label", *self.extras]).take(
+            pa.array(self.rows_of(ids[valid]))).to_pylist()
         it = iter(meta)
         out = []
         for qi in range(len(scores)):
             hits: list[dict[str, Any]] = []
             for s, ok in zip(to_score(scores[qi], self.metric), valid[qi]):
                 if ok:
-                    hits.append({"rank": len(hits) + 1, "score": float(s), **next(it)})
+                    hits.append(shaped({"rank": len(hits) + 1, "score": float(s), **next(it)}, self.extras))
             out.append(hits)
         return out
 
@@ -586,14 +604,37 @@ class LoadedIndex:
         value = chunks[c][row - int(self._id_chunks[c])].as_py()
         return None if value is None else str(value)
 
+    def by_key(self, key: str) -> str | None:
+        """The id of the one item whose user's key (``--id-column``, kept as the id map's ``key``) is
+        KEY, or None (the index keeps no keys, or none is KEY). A scan of the key column (memory-mapped;
+        the CLI's and the API's, never a request's). Several (per-file keys: the same key in two tables):
+        an ``IndexError_`` naming two of their paths."""
+        if "key" not in self.ids.column_names:
+            return None
+        found: list[tuple[str, str]] = []
+        t = self.ids.select(["id", "path", "key"])
+        for rb in t.to_batches():
+            hit = rb.filter(pc.equal(rb.column(2), key).fill_null(False))
+            found += [(str(r["id"]), str(r["path"])) for r in hit.slice(0, 2).to_pylist()]
+            if len(found) > 1:
+                raise IndexError_(f"key {shown(key)} is the key of several items of index {self.name!r} "
+                                  f"({shown(found[0][1], 100)}, {shown(found[1][1], 100)}, …): give the id instead")
+        return found[0][0] if found else None
+
     def full_id(self, given: str, shortest: int = 6) -> str:
-        """GIVEN, or the one id of the map that begins with it (the CLI's tables show ids cut to 12
-        characters). Only an id not found whole, of at least SHORTEST characters, is looked up as a
-        prefix: a scan of the id map (memory-mapped; ~1 s per 10⁷ ids), so the CLI's, never a request's.
-        Several ids beginning with it: an ``IndexError_`` showing two."""
+        """GIVEN, or the id of the one item whose user's key is GIVEN (``by_key``), or the one id of the
+        map that begins with it (the CLI's tables show ids cut to 12 characters). Only an id not found
+        whole is looked up by key, and then, of at least SHORTEST characters, as a prefix: a scan of the
+        id map (memory-mapped; ~1 s per 10⁷ ids), so the CLI's, never a request's. Several ids beginning
+        with it: an ``IndexError_`` showing two."""
         import pyarrow.compute as pc
 
-        if len(given) < shortest or self.row_of(given) is not None:
+        if self.row_of(given) is not None:
+            return given
+        keyed = self.by_key(given)
+        if keyed is not None:
+            return keyed
+        if len(given) < shortest:
             return given
         found: list[str] = []
         for chunk in self.ids.column("id").chunks:
@@ -605,11 +646,12 @@ class LoadedIndex:
         return found[0] if found else given
 
     def item(self, store_id: str) -> dict[str, Any]:
-        """The id map's row of STORE_ID (faiss_id, id, path, label)."""
+        """The id map's row of STORE_ID (faiss_id, id, path, label; caption, key and ``columns`` where
+        the index keeps them, as hits show them)."""
         row = self.row_of(store_id)
         if row is None:
             raise IndexError_(f"id {shown(store_id)} is not in index {self.name!r}")
-        return dict(self.ids.slice(row, 1).to_pylist()[0])
+        return shaped(dict(self.ids.slice(row, 1).to_pylist()[0]), self.extras)
 
     def vector_of(self, store_id: str) -> np.ndarray:
         fid = self.item(store_id)["faiss_id"]

@@ -3,6 +3,7 @@ lists, merged; `index add` on such an index."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedder.errors import IndexError_
+from embedder.errors import EmbedderError, IndexError_
 from embedder.index import gpu as index_gpu
 from embedder.index.faiss_util import QUANTIZER_EF_ADD, import_faiss, no_precomputed_tables, set_quantizer_ef
 from embedder.index.ondisk import (
@@ -31,6 +32,7 @@ from embedder.io import storage
 from embedder.store.shards import Store
 
 BATCH_ROWS = 16_384
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,12 +81,22 @@ def _past(f: Any, skip: int) -> tuple[list[int], int]:
     return groups[first:], skip - (int(ends[first - 1]) if first else 0)
 
 
+def _with_nulls(t: Any, columns: list[str]) -> Any:
+    """T (a table or record batch read with the COLUMNS its shard has) with COLUMNS in order, a
+    column the shard lacks (``caption`` in shards written before it) as nulls."""
+    if t.schema.names == columns:
+        return t
+    return type(t).from_arrays([t.column(c) if c in t.schema.names else pa.nulls(t.num_rows, pa.string())
+                                for c in columns], names=columns)
+
+
 def table_past(shard: str, skip: int, columns: list[str]) -> pa.Table:
     """SHARD's COLUMNS past its first SKIP rows, as one table; a row group that ends before SKIP
     is not read."""
     f = storage.open_parquet(shard)
     groups, skip = _past(f, skip)
-    return f.read_row_groups(groups, columns=columns).slice(skip)
+    have = [c for c in columns if c in f.schema_arrow.names]
+    return _with_nulls(f.read_row_groups(groups, columns=have).slice(skip), columns)
 
 
 def record_batches(shard: str, skip: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -94,11 +106,12 @@ def record_batches(shard: str, skip: int, columns: list[str]) -> Iterator[pa.Rec
     groups, skip = _past(f, skip)
     if not groups:
         return
-    for rb in f.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
+    have = [c for c in columns if c in f.schema_arrow.names]
+    for rb in f.iter_batches(batch_size=BATCH_ROWS, columns=have, row_groups=groups):
         if skip >= rb.num_rows:
             skip -= rb.num_rows
             continue
-        yield rb.slice(skip) if skip else rb
+        yield _with_nulls(rb.slice(skip) if skip else rb, columns)
         skip = 0
 
 
@@ -158,6 +171,137 @@ def gather(store: Store, rows: np.ndarray, prepare: Callable[[np.ndarray], np.nd
 ID_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
 
 
+# ---- what an id map carries beyond its fixed columns (hits' caption, key and the user's columns) ----
+# An index's meta lists them (``"columns"``; absent in indexes built before: none). Each is text (null
+# where a row has none): ``caption`` and the store's other columns from the store; ``key``, the
+# user's --id-column value, and any other name, from the source tables at each row's location (see
+# ``embedder.io.tables.ColumnReader``). The id map holds only these: the default is the caption where
+# the store has captions and the key where its ids come from --id-column.
+FIXED_COLUMNS = ("faiss_id", "id", "path", "label")
+STORE_COLUMNS = ("caption", "width", "height", "file_hash")  # read from the store's shards
+KEY = "key"  # the user's --id-column value
+ON_HITS = ("caption", KEY)  # a hit's own fields; the other kept columns come as its ``columns``
+
+
+def id_schema(extras: tuple[str, ...] = ()) -> pa.Schema:
+    return pa.schema([*ID_SCHEMA, *(pa.field(c, pa.string()) for c in extras)])
+
+
+def key_column(store: Store) -> str | None:
+    """The source tables' key column the store's table rows have their ids from (--id-column), or None."""
+    kind, _, column = str(store.manifest().get("id_scheme") or "").partition(":")
+    return column if kind in ("key", "global-key") and column else None
+
+
+def has_values(files: list[str], column: str) -> bool:
+    """Whether some row of the shards FILES has a non-null COLUMN: from their footers' statistics
+    (no column is read; a row group without statistics counts as having values)."""
+    for shard in files:
+        meta = storage.open_parquet(shard).metadata
+        names = meta.schema.to_arrow_schema().names
+        if column not in names:
+            continue
+        j = names.index(column)
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            stats = rg.column(j).statistics
+            if stats is None or not stats.has_null_count or stats.null_count < rg.num_rows:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class Extras:
+    """The id map's columns beyond FIXED_COLUMNS (``columns``, in order) and where each comes from."""
+
+    columns: tuple[str, ...] = ()
+    key_column: str | None = None  # the source tables' key column, where ``key`` is one of them
+    required: bool = True  # a source table that cannot be read fails the build (else: nulls, warned)
+
+    @property
+    def from_store(self) -> list[str]:
+        return [c for c in self.columns if c in STORE_COLUMNS]
+
+    @property
+    def from_sources(self) -> dict[str, str]:
+        return {c: (self.key_column or c) if c == KEY else c for c in self.columns if c not in STORE_COLUMNS}
+
+    def reader(self) -> Any:
+        from embedder.io.tables import ColumnReader
+
+        return ColumnReader(self.from_sources) if self.from_sources else None
+
+    def arrays(self, table: Any, reader: Any) -> dict[str, pa.Array]:
+        """The extra columns of TABLE's rows (a table or record batch with ``path`` and the store
+        columns of ``from_store``), READER: ``reader()``'s, kept across batches."""
+        out: dict[str, pa.Array] = {}
+        got: dict[str, pa.Array] = {}
+        if reader is not None:
+            parts: dict[str, list[pa.Array]] = {c: [] for c in self.from_sources}
+            for s in range(0, max(table.num_rows, 1), BATCH_ROWS):  # a batch of paths as Python strings at a time
+                paths = table.column("path").slice(s, BATCH_ROWS).to_pylist()
+                try:
+                    read = reader.read(paths)
+                except EmbedderError as e:
+                    if self.required:
+                        raise IndexError_(f"cannot read the kept columns {', '.join(self.from_sources)}: {e} (they "
+                                          "are read from the source tables at each row's location: the tables must "
+                                          "be there; or leave them out of --keep-columns)") from None
+                    log.warning("index: %s left empty for %d rows: %s", ", ".join(self.from_sources), len(paths), e)
+                    read = {c: pa.nulls(len(paths), pa.string()) for c in self.from_sources}
+                for c, a in read.items():
+                    parts[c].append(a)
+            got = {c: pa.concat_arrays(a) for c, a in parts.items()}
+        for c in self.columns:
+            if c in STORE_COLUMNS:
+                col = table.column(c)
+                col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+                out[c] = col.cast(pa.string())
+            else:
+                out[c] = got[c]
+        return out
+
+    def check(self, reader: Any) -> None:
+        """After every row was read: a column asked of the source tables that none of them has."""
+        if reader is None or not self.required:
+            return
+        missing = [c for c in self.from_sources if c not in reader.found]
+        if missing:
+            raise IndexError_(f"no source table of this store has column {self.from_sources[missing[0]]!r} "
+                              "(--keep-columns names store columns caption, width, height, file_hash, key, or "
+                              "columns of the tables the store was extracted from)")
+
+
+def extras_for(store: Store, files: list[str], asked: tuple[str, ...] | None) -> Extras:
+    """What an index built over STORE's FILES keeps in its id map: ASKED (``--keep-columns``), or by
+    default the caption where the store holds captions and the key where its ids come from a key
+    column (a table that cannot be read then leaves the key empty, with a warning)."""
+    key = key_column(store)
+    if asked is None:
+        cols = (("caption",) if has_values(files, "caption") else ()) + ((KEY,) if key else ())
+        return Extras(cols, key, required=False)
+    cols = tuple(dict.fromkeys(c.strip() for c in asked if c.strip() and c.strip() != "none"))
+    for c in cols:
+        if c in FIXED_COLUMNS or c == "embedding":
+            raise IndexError_(f"--keep-columns: {c!r} is in every index already; name other columns "
+                              "(caption, width, height, file_hash, key, or the source tables' columns)")
+    return Extras(cols, key)
+
+
+def extras_of(meta: dict[str, Any]) -> Extras:
+    """The extras an index records (META), for rows an add brings."""
+    return Extras(tuple(meta.get("columns") or ()), meta.get("key_column"), required=False)
+
+
+def id_rows(fids: np.ndarray, table: Any, extras: Extras, reader: Any, schema: pa.Schema) -> pa.Table:
+    """Id-map rows of TABLE's rows (FAISS ids FIDS) in SCHEMA (``id_schema(extras.columns)``)."""
+    more = extras.arrays(table, reader)
+    return pa.table({"faiss_id": pa.array(fids, pa.int64()), "id": table.column("id").cast(pa.string()),
+                     "path": table.column("path").cast(pa.string()),
+                     "label": table.column("label").cast(pa.string()),
+                     **{c: more[c] for c in schema.names if c in more}}, schema=schema)
+
+
 @dataclass(frozen=True)
 class Part:
     """A run of consecutive shards to add to slice indexes: the unit of a parallel build."""
@@ -181,11 +325,11 @@ def write_npy_header(f: Any, n: int, dim: int) -> None:
 
 
 def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Callable[[np.ndarray], np.ndarray],
-             faiss_metric: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+             faiss_metric: int, extras: Extras = Extras()) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Add PART's rows to clones of the trained index in STAGING, writing a slice whenever one
     reaches ``per_slice`` rows; the rows' float16 copies go to VECTORS (a binary file) and their
-    id-map rows to IDS_OUT (an Arrow IPC writer), in row order. Returns the slice files and the
-    part's exact top-k of the held-out queries (distances, global ids)."""
+    id-map rows (with EXTRAS, in IDS_OUT's schema) to IDS_OUT (an Arrow IPC writer), in row order.
+    Returns the slice files and the part's exact top-k of the held-out queries (distances, global ids)."""
     faiss = import_faiss()
     base = faiss.read_index(str(staging / TRAINED_FILE))
     held = part.held
@@ -202,14 +346,12 @@ def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Cal
         current = faiss.clone_index(base)
         in_slice = 0
 
-    for b in batches_of(part.shards, part.start, prepare):
+    reader = extras.reader()
+    for b in batches_of(part.shards, part.start, prepare, ("id", "path", "label", *extras.from_store)):
         m = len(b.x)
         rows = np.arange(b.start, b.start + m, dtype=np.int64)
         vectors.write(np.ascontiguousarray(b.x, np.float16).tobytes())
-        ids_out.write_table(pa.table({
-            "faiss_id": pa.array(rows), "id": b.table.column("id").cast(pa.string()),
-            "path": b.table.column("path").cast(pa.string()),
-            "label": b.table.column("label").cast(pa.string())}, schema=ID_SCHEMA))
+        ids_out.write_table(id_rows(rows, b.table, extras, reader, id_schema(extras.columns)))
         lo, hi = np.searchsorted(held, [b.start, b.start + m])
         keep = np.ones(m, bool)
         keep[held[lo:hi] - b.start] = False
@@ -224,6 +366,7 @@ def add_part(part: Part, staging: Path, vectors: Any, ids_out: Any, prepare: Cal
             flush()
     if in_slice:
         flush()
+    extras.check(reader)
     if heap is None:
         return slices, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
     heap.finalize()
@@ -248,7 +391,8 @@ def build_streamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _build_streamed(store: Store, staging: Path, factory: str, metric: str, train_size: int, budget: int,
                    queries: int, seed: int, faiss_metric: int,
-                   prepare: Callable[[np.ndarray], np.ndarray], parallel: Parallel | None = None) -> dict[str, Any]:
+                   prepare: Callable[[np.ndarray], np.ndarray], parallel: Parallel | None = None,
+                   extras: Extras = Extras()) -> dict[str, Any]:
     """Write index.faiss (+ lists.ivfdata), trained.faiss, ids.arrow and vectors.npy into STAGING.
     Returns what the caller needs for tuning and the metadata."""
     faiss = import_faiss()
@@ -298,8 +442,9 @@ def _build_streamed(store: Store, staging: Path, factory: str, metric: str, trai
         # would count every written page in this process's RSS (measured: +0.5 GB at 1M × 256)
         with open(staging / "vectors.npy", "wb") as vectors:
             write_npy_header(vectors, n, dim)
-            with pa.OSFile(str(staging / IDS_ARROW), "wb") as sink, pa.ipc.new_file(sink, ID_SCHEMA) as ids_out:
-                slices, d_, i_ = add_part(part, staging, vectors, ids_out, prepare, faiss_metric)
+            with pa.OSFile(str(staging / IDS_ARROW), "wb") as sink, \
+                    pa.ipc.new_file(sink, id_schema(extras.columns)) as ids_out:
+                slices, d_, i_ = add_part(part, staging, vectors, ids_out, prepare, faiss_metric, extras)
         results = [(d_, i_)]
     if heap is not None:
         for d_, i_ in results:
@@ -387,22 +532,22 @@ def _add_streamed(loaded: Any, d: Path, store_path: str, merge: bool) -> dict[st
     delta: dict[str, Any] = {"k": k, "index": f"delta-{k:04d}.faiss", "ids": f"ids-delta-{k:04d}.arrow",
                              "vectors": f"vectors-delta-{k:04d}.npy", "rows": n_new, "first_id": start}
     schema = loaded.ids.schema
+    extras = extras_of(loaded.meta)
+    extras = Extras(tuple(c for c in extras.columns if c in schema.names), extras.key_column, False)
+    reader = extras.reader()
     trained = faiss.read_index(str(loaded.dir / TRAINED_FILE))
     slice_index = faiss.clone_index(trained)
     vectors = np.lib.format.open_memmap(tmpdir / delta["vectors"], mode="w+", dtype=np.float16, shape=(n_new, dim))
     row = start
     with pa.OSFile(str(tmpdir / delta["ids"]), "wb") as sink, pa.ipc.new_file(sink, schema) as ids_out:
-        for mask, b in zip(masks, batches_past(parts, 0, lambda v: prepare_rows(v, loaded.metric))):  # pass 2
+        for mask, b in zip(masks, batches_past(parts, 0, lambda v: prepare_rows(v, loaded.metric),  # pass 2
+                                               ("id", "path", "label", *extras.from_store))):
             if not mask.any():
                 continue
             x = b.x[mask]
             fids = np.arange(row, row + len(x), dtype=np.int64)
             vectors[row - start:row - start + len(x)] = x.astype(np.float16)
-            t = b.table.filter(pa.array(mask))
-            ids_out.write_table(pa.table({
-                "faiss_id": pa.array(fids), "id": t.column("id").cast(pa.string()),
-                "path": t.column("path").cast(pa.string()), "label": t.column("label").cast(pa.string())},
-                schema=schema))
+            ids_out.write_table(id_rows(fids, b.table.filter(pa.array(mask)), extras, reader, schema))
             slice_index.add_with_ids(x, fids)
             row += len(x)
     vectors.flush()

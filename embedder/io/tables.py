@@ -451,3 +451,84 @@ def read_row(locator: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     if len(value) > max_bytes:
         raise DecodeError(too_big(f"row {where}", len(value), max_bytes))
     return bytes(value)
+
+
+# ---- the user's columns, read back at rows' locations ----------------------------------------------
+# ``index build --keep-columns`` and the user's key (``--id-column``) are carried into an index's id map
+# from the source tables, read at each stored row's location (``FILE#COLUMN/GROUP/ROW``): extraction
+# keeps only id, path, label and caption, so the store's schema (and every reader of it) is unchanged.
+def _text_array(a: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column's values as text (numbers as Arrow writes them; lists and structs as JSON)."""
+    import pyarrow.compute as pc
+
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks() if a.num_chunks else pa.array([], a.type)
+    try:
+        return pc.cast(a, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v, default=str, ensure_ascii=False)
+                         for v in a.to_pylist()], pa.string())
+
+
+class ColumnReader:
+    """The values of the source tables' COLUMNS at stored rows' locations, as text (``read``: one batch
+    of paths at a time). One table file open and one row group's asked columns held at a time (rows
+    come back in the order they were discovered: each group is read once), never the table. A path
+    that is not a table's row (a file, a tar member), or a table without the column, gives null.
+    ``found``: the columns some table had. A table that cannot be read raises ``SourceError``."""
+
+    def __init__(self, columns: dict[str, str]) -> None:
+        self.columns = dict(columns)  # name in the result → the source table's column
+        self.found: set[str] = set()
+        self._file: str | None = None
+        self._reader: _Reader | None = None
+        self._group = -1
+        self._values: dict[str, pa.Array] = {}
+
+    def _at(self, path: str, group: int) -> dict[str, pa.Array]:
+        if path != self._file:
+            self._reader, self._file, self._group = _Reader(path), path, -1
+        r = self._reader
+        assert r is not None
+        if group != self._group:
+            self._values, self._group = {}, group
+            present = [s for s in dict.fromkeys(self.columns.values()) if s in r.schema.names]
+            for s in present:
+                if _is_image_type(r.schema.field(s).type):
+                    raise SourceError(f"{path}: column {s!r} holds image bytes; it is not kept in an index")
+            if 0 <= group < r.groups and present:
+                try:
+                    t = r.group(group, present)
+                except (OSError, pa.ArrowInvalid) as e:
+                    raise SourceError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+                self._values = {s: _text_array(t.column(s)) for s in present}
+                self.found.update(n for n, s in self.columns.items() if s in present)
+        return self._values
+
+    def read(self, paths: list[str | None]) -> dict[str, pa.Array]:
+        """For each name of ``columns``, the values at PATHS (null where there is none)."""
+        runs: list[tuple[str | None, int, list[int | None]]] = []  # (file, group, rows) of consecutive paths
+        for p in paths:
+            loc = location.parse(p) if p else None
+            where: tuple[str | None, int, int | None] = (None, -1, None)
+            if loc is not None and loc.kind == location.ROW:
+                try:
+                    _, g, r = loc.member.rsplit("/", 2)
+                    where = (loc.container, int(g), int(r))
+                except ValueError:
+                    pass
+            if runs and runs[-1][:2] == where[:2]:
+                runs[-1][2].append(where[2])
+            else:
+                runs.append((where[0], where[1], [where[2]]))
+        pieces: dict[str, list[pa.Array]] = {n: [] for n in self.columns}
+        for file, group, rows in runs:
+            values = self._at(file, group) if file is not None else {}
+            for n, s in self.columns.items():
+                v = values.get(s)
+                if v is None:
+                    pieces[n].append(pa.nulls(len(rows), pa.string()))
+                    continue
+                idx = pa.array([r if r is not None and 0 <= r < len(v) else None for r in rows], pa.int64())
+                pieces[n].append(v.take(idx))
+        return {n: pa.concat_arrays(ps) if ps else pa.array([], pa.string()) for n, ps in pieces.items()}

@@ -50,6 +50,11 @@ class Hit(BaseModel):
     id: str
     path: str
     label: str | None
+    # present where the index keeps them (`index build --keep-columns`; by default the caption and key
+    # where the store has them), absent otherwise (indexes built before them answer as they did)
+    caption: str | None = Field(None, description="The item's caption (a tar sample's .txt, a table's caption column)")
+    key: str | None = Field(None, description="The user's key (the --id-column value the id was made from)")
+    columns: dict[str, str | None] | None = Field(None, description="Other columns the index keeps, as text")
 
 
 class SearchOut(BaseModel):

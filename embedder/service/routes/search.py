@@ -22,7 +22,8 @@ MULTIPART_SEARCH = {"requestBody": {"content": {
         "k": {"type": "integer"}, "where": {"type": "string", "description": "JSON object"}}}}}}}
 
 
-@router.post("/search", response_model=SearchOut, openapi_extra=MULTIPART_SEARCH)
+# unset fields (caption, key, columns of an index that keeps none) are left out, not sent as nulls
+@router.post("/search", response_model=SearchOut, response_model_exclude_unset=True, openapi_extra=MULTIPART_SEARCH)
 async def search(request: Request, svc: ServiceDep) -> SearchOut:
     """Nearest neighbours of an uploaded image (multipart `file`), or of vectors / ids (JSON)."""
     svc.need_ready()
