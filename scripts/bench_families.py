@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--service", action="store_true", help="also text and image query latency through the service")
     ap.add_argument("--queries", type=int, default=100, help="--service: queries of each kind")
-    ap.add_argument("--only", default="", help="only the backbones whose name contains this")
+    ap.add_argument("--only", default="", help="only the backbones whose name contains one of these (comma-separated)")
     ap.add_argument("--runtimes", default="default",
                     help="embedder rows, comma-separated: default (no --runtime: auto), torch, onnx, auto")
     args = ap.parse_args()
@@ -234,7 +234,8 @@ def main() -> None:
         if args.service:
             print(json.dumps({"service": bench_service(work, root, models[-2][3], args.queries)}, indent=1),
                   flush=True)
-        models = [m for m in models if not args.only or args.only in m[2]]
+        only = [o for o in args.only.split(",") if o]
+        models = [m for m in models if not only or any(o in m[2] for o in only)]
         rows: dict[str, dict[str, list[Any]]] = {}
         for _ in range(args.rounds):
             for family, name, backbone, wfile in models:
