@@ -113,8 +113,8 @@ def extract_command(
             prepare = float(st.get("prepare_s", 0.0))
             start = summary.seconds - st["stream_s"] + prepare
             after = summary.done / max(st["stream_s"] - prepare, 1e-9)
-            console.print(f"  start-up {start:.1f} s (model, discovery, graph and runtime {prepare:.1f} s), "
-                          f"then {after:.1f} img/s")
+            console.print(f"  start-up {start:.1f} s (loading the model, finding the images, {prepare:.1f} s settling "
+                          f"the CPU graph and runtime), then {after:.1f} img/s")
         if st and summary.done:
             console.print(f"  bound by {st['bound_by']}: model busy {st['model_utilisation']:.0%} of the run, "
                           f"waited {st['decode_wait_s']:.1f} s for decoding, {st['write_s']:.1f} s writing")
