@@ -215,8 +215,11 @@ def test_one_line_errors(planted: tuple[str, np.ndarray], tmp_path: Path) -> Non
     x, y = mixture([10, 10], dim=4)
     full = write_store(tmp_path / "full", x, [f"c{v}" for v in y])
     r = runner.invoke(app, ["select", full, "--budget", "3", "--out", out])
-    assert r.exit_code == 2 and "every image of" in one_line(r.output)
+    assert r.exit_code == 2 and "every image of" in one_line(r.output) and "--ignore-store-labels" in r.output
     assert not Path(out).exists()
+    # folders that are not classes: their labels set aside
+    r = runner.invoke(app, ["select", full, "--budget", "3", "--out", out, "--ignore-store-labels"])
+    assert r.exit_code == 0 and pq.read_table(out).num_rows == 3, r.output
 
 
 def test_bounded_sample_and_hostile_vectors(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def select_command(
     strategy: Annotated[choices.Strategy, typer.Option(help="auto: typical images while labels are few (none, one class, or under 2 in some class), then where the probe is least sure | typical (TypiClust) | uncertain (probe margin, spread by k-means) | diverse (k-center greedy).")] = choices.Strategy.auto,
     seed: Annotated[int, typer.Option(help="The same seed, store and labels give the same picks.")] = 0,
     label_column: Annotated[str, typer.Option(help="The store's column of class names (rows with one count as labelled).")] = "label",
+    ignore_store_labels: Annotated[bool, typer.Option("--ignore-store-labels", help="Treat the store's own labels (class folders) as absent: for folders that are not classes; --labels still counts.")] = False,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="On a labelled store: hide the labels, pick 1, 2, 5, 10 images a class (up to --budget) and print LogisticRegression and kNN accuracy trained on the picks against as many random images (mean ± sd of 5 draws), scored on the labelled images not picked. Writes no selection.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --evaluate: the learning curve as a PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -56,10 +57,10 @@ def select_command(
     try:
         if evaluate:
             ev = active.evaluate(store, budget, str(strategy), str(labels) if labels else None, seed, label_column,
-                                 tick=tick)
+                                 tick=tick)  # the store's labels are the answer key here: never ignored
         else:
-            sel = active.select(store, budget, str(strategy), str(labels) if labels else None, seed, label_column,
-                                tick=tick)
+            sel = active.select(store, budget, str(strategy), str(labels) if labels else None, seed,
+                                None if ignore_store_labels else label_column, tick=tick)
     finally:
         if task is not None:
             progress.stop()

@@ -531,7 +531,8 @@ def select(store_path: str | Path, budget: int, strategy: str = "auto", labels: 
     pool = _scan(store, label_col, join, options, seed, tick)
     labelled = int(pool.counts.sum())
     if pool.unlabelled == 0:
-        raise SelectError(f"every image of {store_path} is labelled ({labelled:,}): nothing left to select")
+        raise SelectError(f"every image of {store_path} is labelled ({labelled:,}): nothing left to select (if its "
+                          "folders are not classes: --ignore-store-labels)")
     if budget > pool.unlabelled:
         raise SelectError(f"--budget {budget:,} is more than the {pool.unlabelled:,} unlabelled images of {store_path}")
     used, reason = choose_strategy(strategy, pool.counts, pool.classes, options)
