@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from embedder._version import __version__
 
 __all__ = ["Embedder", "Hit", "Index", "Probe", "build_index", "compare", "dedup", "export", "extract", "finetune",
-           "import_vectors", "inspect", "open_index", "open_store", "train_probe", "__version__"]
+           "import_vectors", "inspect", "open_index", "open_store", "select", "train_probe", "zero_shot", "__version__"]
 
 if TYPE_CHECKING:
     from embedder.api import (
@@ -45,7 +45,9 @@ if TYPE_CHECKING:
         inspect,
         open_index,
         open_store,
+        select,
         train_probe,
+        zero_shot,
     )
 
 

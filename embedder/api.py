@@ -110,10 +110,33 @@ class Embedder:
                 out[start:start + len(pixels)] = self._batch.embed_pixels(torch.stack(pixels))
         return out
 
-    def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
+    def embed_text(self, texts: str | Sequence[str], normalize: bool = True) -> np.ndarray:
         """Texts → float32 ``(n, dim)`` in the space of the image vectors, by the model's text tower
-        (CLIP-family backbones). An empty text or one over the context length is an error, never cut."""
-        return self._batch.embed_texts([texts] if isinstance(texts, str) else list(texts))
+        (CLIP-family backbones; others raise). Unit length by default (a text vector's own norm is the
+        text tower's scale, ~20 for ViT-B-32, meaningless beside an image vector's): compare with image
+        vectors by cosine (``embed(...)`` normalised, or ``Embedder(..., normalize=True)``). An empty
+        text or one over the context length is an error, never cut."""
+        import numpy as np
+
+        v = self._batch.embed_texts([texts] if isinstance(texts, str) else list(texts))
+        if normalize:
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return v.astype(np.float32, copy=False)
+
+    def zero_shot(self, images: Iterable[ImageLike], classes: Sequence[str],
+                  templates: Sequence[str] | None = None) -> np.ndarray:
+        """Zero-shot class probabilities ``(n, classes)`` of IMAGES over CLASSES (words: ``golden
+        retriever``), by the text tower through OpenCLIP's prompt ensemble (or TEMPLATES, each with
+        one ``{}``) and the model's logit scale — the head ``embedder probe`` reports zero-shot with."""
+        import numpy as np
+
+        from embedder.learn.zeroshot import build_head
+
+        head = build_head(self._batch, list(classes), templates)
+        logits = head.logits(self.embed(images))
+        logits = logits - logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
 def extract(sources: str | Sequence[str], out: str | Path, *, backbone: str | None,
@@ -195,6 +218,14 @@ class Index:
 
     def __len__(self) -> int:
         return int(self._loaded.index.ntotal)
+
+    def __repr__(self) -> str:
+        m = self._loaded.meta
+        q = m.get("quality", {})
+        recall = ("exact" if q.get("exact") else f"recall@10 {q['recall_at_10']:.3f}"
+                  if q.get("recall_at_10") is not None else "recall not measured")
+        return (f"Index({self.name!r}: {m.get('factory')}, {len(self):,} vectors of dim {m.get('dim')}, "
+                f"{m.get('metric')}, {recall}, generation {self._loaded.generation}, store {m.get('store')!r})")
 
     def embedder(self) -> Embedder:
         """The model the index's store was made with, rebuilt from its provenance (for image queries)."""
@@ -291,6 +322,27 @@ class Probe:
         from embedder.learn.probe import save_probe
 
         save_probe(Path(path), self.result)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto", weights: str | Path | None = None) -> Probe:
+        """A probe file written by ``embedder probe --out`` or ``.save`` (WEIGHTS: the file its store
+        was made from, when it was: images are embedded with that model)."""
+        from embedder.learn.probe import ProbeResult, load_probe
+
+        head, meta = load_probe(Path(path))
+        result = ProbeResult(head, list(meta["classes"]), float(meta.get("C", 0.0)), bool(meta.get("standardize")),
+                             float(meta.get("val_accuracy") or 0.0), [], int(meta.get("n_train", 0)),
+                             dict(meta.get("metrics", {})), dict(meta.get("provenance", {})),
+                             str(meta.get("backend", "")), float(meta.get("seconds", 0.0)),
+                             str(meta.get("selection", "")), int(meta.get("n_select", 0)),
+                             labels=meta.get("labels"), curve=meta.get("curve"))
+        return cls(result, device, weights)
+
+    def __repr__(self) -> str:
+        acc = self.result.metrics.get("test", {}).get("accuracy")
+        shown = f", test accuracy {acc:.3f}" if acc is not None else ""
+        return (f"Probe({len(self.classes)} classes, C={self.result.C:g}, {self.result.n_train:,} training vectors"
+                f"{shown}, backbone {self.result.provenance.get('backbone')!r})")
 
     def predict_vectors(self, vectors: np.ndarray) -> list[str]:
         return [self.result.classes[i] for i in self.result.head.logits(vectors).argmax(1)]
@@ -474,3 +526,37 @@ def compare(train: str | Path | Sequence[str | Path], work: str | Path, *, backb
     board = run(sources(train), str(work), opts, sources(test) if test is not None else None,
                 labels_file=_join(labels))
     return board.to_dict()
+
+
+def zero_shot(store: str | Path, *, test_store: str | Path | None = None, templates: Sequence[str] | None = None,
+              class_names: dict[str, str] | str | Path | None = None, weights: str | Path | None = None,
+              labels: str | Path | None = None, label_column: str = "label", device: str = "auto") -> dict[str, Any]:
+    """``embedder probe --zero-shot-only``: the zero-shot accuracy of the model that made STORE (a
+    CLIP-family backbone's own image embedding) on TEST_STORE, else on STORE's labelled images (which
+    zero-shot never trains on). CLASS_NAMES: words for labels that are not (``{"0": "T-shirt"}``, or a
+    file of ``label,name`` rows / one name per line); numeric labels without them are refused."""
+    from embedder.learn.probe import load_dataset, load_test
+    from embedder.learn.zeroshot import read_class_names, zero_shot_metrics
+
+    join = _join(labels)
+    train = load_dataset(str(store), label_column, labels=join)
+    test = load_test(str(test_store), train, label_column, None, join) if test_store is not None else None
+    names = (read_class_names(class_names, train.classes) if isinstance(class_names, (str, Path))
+             else class_names)
+    out = zero_shot_metrics(train, test, templates, None if weights is None else str(weights), device,
+                            required=True, class_names=names)
+    return dict(out or {})
+
+
+def select(store: str | Path, budget: int, *, strategy: str = "auto", labels: str | Path | None = None, seed: int = 0,
+           label_column: str | None = "label", out: str | Path | None = None) -> Any:
+    """``embedder select``: which BUDGET images of STORE to label first (``Selection``: ``.table`` of
+    id, path, rank, why; ``.strategy``; ``.reason``). ``label_column=None`` sets the store's own labels
+    aside; OUT: also write the selection file the labelling page reads."""
+    from embedder.learn.active import select as pick
+    from embedder.learn.active import write_selection
+
+    sel = pick(str(store), budget, strategy, None if labels is None else str(labels), seed, label_column)
+    if out is not None:
+        write_selection(out, sel)
+    return sel

@@ -97,6 +97,7 @@ def test_build_open_and_search_an_index(collection, tmp_path: Path) -> None:  # 
     index = embedder.build_index(train_store, "colours", home=home, kind="flat")
     assert len(index) == 38 and index.info["kind"] == "flat"
     same = embedder.open_index("colours", home=home)
+    assert repr(same).startswith("Index('colours': Flat, ") and "exact" in repr(same)  # not <object at 0x…>
     query = sorted((train / "green").glob("*.jpg"))[0]
     by_image = same.search(str(query), k=3)
     assert len(by_image) == 1 and [h.rank for h in by_image[0]] == [1, 2, 3]

@@ -7,6 +7,7 @@ architectures (no model hub here); the CLIP model is a one-block ViT registered 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,39 @@ def test_zero_shot_on_a_layer_store_is_refused(tiny_clip: Path, tmp_path: Path) 
     assert Store.open(tmp_path / "own").provenance.has_text
     zs = json.loads(_cli("probe", str(tmp_path / "own"), "--zero-shot-only", "--json", "--weights", str(tiny_clip)))
     assert zs["zero_shot"]["n"] == 4
+
+
+def test_zero_shot_without_the_weights_file_or_with_numeric_classes_is_skipped_not_wrong(
+        tiny_clip: Path, tmp_path: Path) -> None:
+    """A store made with --weights FILE: `probe` runs without the file and says zero-shot was skipped
+    (it refused to run at all); classes that are numbers (a WebDataset's .cls) get no zero-shot accuracy
+    of "a photo of a 0." printed beside the probe — unless --class-names gives words; the Python API's
+    zero_shot, Embedder.zero_shot, unit-length embed_text and Probe.load agree."""
+    import embedder
+
+    make_images(tmp_path / "imgs", {"0": 3, "1": 3}, size=(48, 40), seed=4)
+    w = ["--backbone", f"open_clip:{TINY_CLIP}", "--weights", str(tiny_clip)]
+    _cli("extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"), "--json", *w)
+    r = json.loads(_cli("probe", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--json"))
+    assert "weights file" in r["zero_shot"]["skipped"] and r["n_train"] == 6
+    r = json.loads(_cli("probe", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--json", "--weights",
+                        str(tiny_clip)))
+    assert "numbers" in r["zero_shot"]["skipped"] and "--class-names" in r["zero_shot"]["skipped"]
+    msg = _fails("probe", str(tmp_path / "s"), "--zero-shot-only", "--weights", str(tiny_clip))
+    assert "class names as words" in msg
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    zs = json.loads(_cli("probe", str(tmp_path / "s"), "--zero-shot-only", "--json", "--weights", str(tiny_clip),
+                         "--class-names", str(tmp_path / "names.txt")))["zero_shot"]
+    api_zs = embedder.zero_shot(tmp_path / "s", weights=tiny_clip, class_names={"0": "cat", "1": "dog"})
+    assert zs["n"] == api_zs["n"] == 6 and zs["accuracy"] == api_zs["accuracy"]
+    emb = embedder.Embedder(f"open_clip:{TINY_CLIP}", weights=tiny_clip)
+    t = emb.embed_text(["a cat", "a dog"])
+    assert np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    p = emb.zero_shot(sorted((tmp_path / "imgs").rglob("*.jpg"))[:2], ["cat", "dog"])
+    assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+    probe = embedder.Probe.load(tmp_path / "p", weights=tiny_clip)
+    assert probe.classes == ["0", "1"] and "2 classes" in repr(probe)
+    assert probe.predict([tmp_path / "imgs" / "0" / sorted(os.listdir(tmp_path / "imgs" / "0"))[0]])[0] in ("0", "1")
 
 
 def test_a_layer_store_written_with_a_text_tower_is_not_text_comparable() -> None:

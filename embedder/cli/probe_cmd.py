@@ -39,7 +39,8 @@ def probe_command(
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="On a store whose backbone has a text tower (open_clip:…), also report zero-shot accuracy: the class names through prompt templates, no training.")] = True,
     zero_shot_only: Annotated[bool, typer.Option("--zero-shot-only", help="Only the zero-shot accuracy (on --test, else on TRAIN_STORE's labelled images, which it never trains on); no probe is trained or written.")] = False,
     prompts: Annotated[Optional[list[str]], typer.Option("--prompt", help="Zero-shot prompt template with {} for the class name (repeatable; default: OpenCLIP's 7-prompt ensemble, e.g. 'a bad photo of the {}.').")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one (zero-shot loads the model).")] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="Zero-shot: words for labels that are not (numbers: a WebDataset's .cls): label,name rows, or one name per line in the order of the labels 0, 1, …")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights file, if the store was made from one (only zero-shot needs it: the probe runs without).")] = None,
     device: Annotated[str, typer.Option(help="Device for the zero-shot text tower.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -73,10 +74,11 @@ def probe_command(
     elif train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")
 
-    from embedder.learn.zeroshot import zero_shot_metrics
+    from embedder.learn.zeroshot import read_class_names, zero_shot_metrics
 
+    names = read_class_names(class_names, train.classes) if class_names is not None else None
     zs = zero_shot_metrics(train, test_ds, prompts, weights, device, wanted=zero_shot or zero_shot_only,
-                           required=zero_shot_only)
+                           required=zero_shot_only, class_names=names)
     if zero_shot_only:
         if as_json:
             out.print_json(json.dumps({"zero_shot": zs}))
@@ -161,6 +163,9 @@ def print_curve(c: dict[str, Any]) -> None:
 
 
 def _print_zero_shot(zs: dict[str, Any]) -> None:
+    if zs.get("skipped"):
+        out.print(f"zero-shot skipped: {zs['skipped']}", markup=False)
+        return
     line = f"zero-shot accuracy {zs['accuracy']:.4f}  balanced {zs['balanced_accuracy']:.4f}"
     if "top5_accuracy" in zs:
         line += f"  top-5 {zs['top5_accuracy']:.4f}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,11 +96,45 @@ def evaluate(head: ZeroShotHead, classes: list[str], x: Any, y: np.ndarray) -> d
     return out
 
 
+def numeric_classes(classes: Sequence[str]) -> bool:
+    """Class names that are numbers (a WebDataset's ``.cls``, a table's ClassLabel codes): a text tower
+    reads them as "a photo of a 0.", which measures nothing about the images."""
+    return bool(classes) and all(c.strip().lstrip("-").isdigit() for c in classes)
+
+
+def read_class_names(path: str | Path, classes: Sequence[str]) -> dict[str, str]:
+    """The words zero-shot prompts for each class, from PATH: ``label,name`` rows (CSV, a header
+    optional) or one name per line in the order of the numeric labels (line 0 names class 0). Every
+    class must be named; a ``ProbeError`` says which is not."""
+    import csv
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProbeError(f"cannot read class names from {path}: {e}") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    rows = list(csv.reader(lines))
+    if rows and all(len(r) >= 2 for r in rows):
+        names = {r[0].strip(): r[1].strip() for r in rows if r[0].strip() and r[1].strip()}
+        names.pop("label", None)  # a header row
+    else:
+        names = {str(i): ln.strip() for i, ln in enumerate(lines)}
+    missing = [c for c in classes if c not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ProbeError(f"{path} names no class {missing[0]!r}{more}: give label,name rows, or one name per "
+                         "line in the order of the labels 0, 1, …")
+    return {c: names[c] for c in classes}
+
+
 def zero_shot_metrics(train: Any, test: Any, templates: Sequence[str] | None, weights: str | None, device: str,
-                      *, wanted: bool = True, required: bool = False) -> dict[str, Any] | None:
+                      *, wanted: bool = True, required: bool = False,
+                      class_names: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Zero-shot metrics of the model that made TRAIN (a ``probe.Dataset``) on TEST, else on train's
     labelled images (which zero-shot never trains on). None when that model has no text tower and
-    zero-shot was not REQUIRED (then: ``ProbeError``), or when it is not WANTED."""
+    zero-shot was not REQUIRED (then: ``ProbeError``), or when it is not WANTED. Classes that are
+    numbers and no CLASS_NAMES: refused when REQUIRED, else ``{"skipped": why}`` (never an accuracy of
+    prompts like "a photo of a 0." printed beside the probe's as if comparable)."""
     from embedder.embed.query import embedder_for
     from embedder.store.provenance import Provenance
 
@@ -113,7 +148,22 @@ def zero_shot_metrics(train: Any, test: Any, templates: Sequence[str] | None, we
                              f"{refusal}")
         log.info("no zero-shot accuracy: %s", refusal)
         return None
-    head = build_head(embedder_for(prov, weights, device), train.classes, templates)
+    if prov.weights.needs_file and weights is None:  # the text tower is in that file: the probe needs neither
+        why = (f"the store was made with the weights file {prov.weights.name}, which holds the text tower: "
+               "pass it with --weights FILE")
+        if required:
+            raise ProbeError(f"zero-shot needs the model that made the store: {why}")
+        log.info("no zero-shot accuracy: %s", why)
+        return {"skipped": why}
+    if class_names is None and numeric_classes(train.classes):
+        why = (f"the class names are numbers ({', '.join(train.classes[:3])}, …): prompts would read "
+               f"'a photo of a {train.classes[0]}.'; give --class-names FILE (label,name rows, or one name per line)")
+        if required:
+            raise ProbeError(f"zero-shot needs class names as words: {why}")
+        log.info("no zero-shot accuracy: %s", why)
+        return {"skipped": why}
+    words = [class_names[c] for c in train.classes] if class_names else list(train.classes)
+    head = build_head(embedder_for(prov, weights, device), words, templates)
     data = test if test is not None and len(test.y) else train
     metrics = evaluate(head, train.classes, data.x, data.y)
     metrics["on"] = "test" if data is test else "train (never trained on)"
