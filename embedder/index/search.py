@@ -239,10 +239,13 @@ class LoadedIndex:
         self._filter_lock = threading.Lock()
         self.generation = int(self.meta.get("generation", 0))
         self.identity = gens.identity(self.dir)  # what a reload compares (numbers restart after a drop)
-        from embedder.index.stream import FIXED_COLUMNS
+        from embedder.index.stream import FIXED_COLUMNS, STORE_COLUMNS
 
         # the id map's columns beyond the fixed ones: caption, key, the user's (``index build --keep-columns``)
         self.extras = [c for c in self.ids.column_names if c not in FIXED_COLUMNS]
+        # what filters match in the id map: copies of the store's columns (caption…) are still matched
+        # in the store, as before they were copied (a filter answers as a join with the store does)
+        self._in_map = [c for c in self.ids.column_names if c not in STORE_COLUMNS or c not in self.extras]
 
     @property
     def dim(self) -> int:
@@ -316,7 +319,7 @@ class LoadedIndex:
         t0 = time.perf_counter()
         wide = int(self.meta.get("next_id", self.index.ntotal)) >= 2**31
         collect = {c: _Collect(np.int64 if wide else np.int32) for c in cols if c != "id"}
-        in_map = [c for c in collect if c in self.ids.column_names]
+        in_map = [c for c in collect if c in self._in_map]
         high: list[str] = []
         for rb in self.ids.select(["faiss_id", *in_map]).to_batches(max_chunksize=SELECTOR_BATCH):
             fids = np.asarray(rb.column(0).to_numpy(zero_copy_only=False), np.int64)
@@ -369,12 +372,13 @@ class LoadedIndex:
         per loaded index (`GET /indexes/NAME` asks per request)."""
         if self._filter_cols is not None:
             return list(self._filter_cols)
-        cols = [c for c in self.ids.column_names if c != "faiss_id"]
+        cols = [c for c in self.ids.column_names if c != "faiss_id" and c not in self.extras]
         try:
             store = Store.open(self.meta["store"])
             cols += [c for c in store.dataset().schema.names if c not in ("embedding", *cols)]
         except StoreError:
             pass
+        cols += [c for c in self.extras if c not in cols]  # key, the user's kept columns
         self._filter_cols = cols
         return list(cols)
 
@@ -401,7 +405,7 @@ class LoadedIndex:
         if col == "id":
             row = self.row_of(value)
             return np.empty(0, np.int64) if row is None else self._fids_at(np.array([row]))
-        if col in self.ids.column_names:  # a column of the id map with many values: scanned
+        if col in self._in_map:  # a column of the id map with many values: scanned
             fids = self.ids.column("faiss_id").filter(pc.equal(pc.cast(self.ids.column(col), pa.string()), value))
             return np.sort(np.asarray(fids.to_numpy(), np.int64))
         return self._store_scan(col, value)
