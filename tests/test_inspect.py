@@ -223,6 +223,7 @@ def test_end_to_end_on_images_with_thumbnails_and_moved_files(tmp_path: Path) ->
     page = (rep / "index.html").read_text()
     assert '"output_backend":"svg"' not in page  # never one SVG element per point
     assert "<script" in page and "cdn.bokeh.org" not in page  # self-contained: Bokeh's JS inlined
+    assert '"right":[{"type":"object","name":"Legend"' in page  # beside the map, not over its points
     assert pq.ParquetFile(rep / "findings.parquet").schema_arrow.names == [
         "kind", "rank", "ids", "paths", "score", "given", "suggested", "detail"]
     summary = json.loads(__import__("html").unescape(page.split('id="summary">')[1].split("</script>")[0]))

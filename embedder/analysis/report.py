@@ -147,7 +147,7 @@ def _map(insp: Inspection) -> tuple[str, str]:
                 color=factor_cmap("label", palette, names), **legend)
     if len(classes) <= 30 and fig.legend:
         fig.legend.click_policy = "hide"
-        fig.legend.location = "top_left"
+        fig.add_layout(fig.legend[0], "right")  # beside the map: inside, it covered the points under it
     fig.add_tools(HoverTool(tooltips="""
       <div style="width:150px"><img src="@thumb" style="max-width:128px;max-height:128px" alt="(thumbnail missing)">
       <div style="font-size:11px;word-break:break-all">@path</div><b>@label</b></div>"""))
