@@ -163,6 +163,7 @@ function showInfo() {
   text.disabled = $("textgo").disabled = !canText;
   text.placeholder = canText ? "describe what to find, e.g. a red shoe" : noTextReason(info);
   if (!info) { box.textContent = "No index is served."; return; }
+  if (info.max_k) state.maxK = info.max_k;  // a server that says its max_k
   for (const l of info.labels) labels.append(new Option(l, l));
   if (info.labels.includes(chosen)) labels.value = chosen;
   const p = info.provenance || {};
@@ -431,6 +432,7 @@ function again() {  // the settings changed: the same query again (a new history
 
 // ---- the full-size view and the keys ------------------------------------------------------------
 const viewer = { at: -1 };
+const SHOWN = new Set(["id", "path", "label", "score", "caption", "query"]);
 
 function openViewer(n) {
   const hit = state.hits[n];
@@ -447,7 +449,10 @@ function openViewer(n) {
   open.hidden = Boolean(state.key);  // a new tab would not send the key
   $("viewer-caption").textContent = hit.caption || "";
   $("viewer-caption").hidden = !hit.caption;
-  $("viewer-meta").textContent = `${hit.label ?? "no label"} · score ${hit.score.toFixed(3)} · ${hit.path}`;
+  const more = Object.entries(hit).filter(([k, v]) => !SHOWN.has(k) && v != null && typeof v !== "object")
+    .map(([k, v]) => `${k}: ${v}`);  // the user's own columns, where the server sends them
+  $("viewer-meta").textContent = [hit.label ?? "no label", `score ${hit.score.toFixed(3)}`, hit.path, ...more]
+    .join(" · ");
   $("viewer-pos").textContent = `${n + 1} of ${state.hits.length}${state.end ? "" : "+"}`;
   $("viewer-prev").disabled = n === 0;
   $("viewer-next").disabled = n >= state.hits.length - 1 && state.end;
