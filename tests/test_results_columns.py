@@ -190,3 +190,20 @@ def test_indexes_and_stores_without_them_answer_as_before(tar_store: Path, files
         r = c.post("/search", json={"index": "lean", "k": 1, "id": hits[0]["id"]})
         assert list(r.json()["results"][0][0]) == list(PLAIN), r.text
         assert set(c.get(f"/items/lean/{hits[0]['id']}").json()) == {"faiss_id", "id", "path", "label"}
+
+
+def test_column_reader_reads_rows_at_their_locations_and_nulls_elsewhere(tmp_path: Path) -> None:
+    """Rows of two tables (one without the column), in any order, among paths that are no table's row
+    (a file, a tar member, a malformed or out-of-range location): each value read at its row."""
+    from embedder.io.tables import ColumnReader
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.arrow"
+    pq.write_table(pa.table({"image": pa.array([b"x"] * 5, pa.binary()), "n": [10, 11, 12, 13, 14]}), a,
+                   row_group_size=2)
+    with pa.ipc.new_file(str(b), pa.schema([("image", pa.binary())])) as w:
+        w.write_table(pa.table({"image": pa.array([b"y"], pa.binary())}))
+    paths = [f"{a}#image/1/1", f"{a}#image/0/0", str(tmp_path / "x.jpg"), None, f"{tmp_path}/s.tar#k.jpg",
+             f"{a}#image/2/0", f"{b}#image/0/0", f"{a}#image/0/9", f"{a}#image/x/0", f"{a}#image/1/0"]
+    r = ColumnReader({"m": "n"})
+    assert r.read(paths)["m"].to_pylist() == ["13", "10", None, None, None, "14", None, None, None, "12"]
+    assert r.found == {"m"}

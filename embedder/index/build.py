@@ -1,7 +1,8 @@
 """FAISS indexes over a store, with an explicit id map and measured quality.
 
-``indexes/NAME/`` holds ``index.faiss``, ``ids.parquet`` (FAISS id → store id, path, label: never
-alignment by row position) and ``index.json`` (store provenance, kind, factory string, metric, dim,
+``indexes/NAME/`` holds ``index.faiss``, ``ids.parquet`` (FAISS id → store id, path, label, and what
+hits show beyond them: caption, key, kept columns — see ``stream.extras_for``; never alignment by row
+position) and ``index.json`` (store provenance, kind, factory string, metric, dim,
 count, build time, tuned search parameter and the recall/QPS measured against exact search on
 held-out random queries).
 """

@@ -508,13 +508,21 @@ class ColumnReader:
     def read(self, paths: list[str | None]) -> dict[str, pa.Array]:
         """For each name of ``columns``, the values at PATHS (null where there is none)."""
         runs: list[tuple[str | None, int, list[int | None]]] = []  # (file, group, rows) of consecutive paths
+        prefix, container = "\0", ""  # the last table's "FILE#": the next rows mostly share it (not parsed again)
         for p in paths:
-            loc = location.parse(p) if p else None
             where: tuple[str | None, int, int | None] = (None, -1, None)
-            if loc is not None and loc.kind == location.ROW:
+            member = None
+            if p and p.startswith(prefix) and p[len(prefix):len(prefix) + 1] not in (location.FAILED, location.ESCAPE):
+                member = p[len(prefix):]
+            else:
+                loc = location.parse(p) if p else None
+                if loc is not None and loc.kind == location.ROW:
+                    member, container = loc.member, loc.container
+                    prefix = p[:len(p) - len(member)] if p.endswith(member) else "\0"
+            if member is not None:
                 try:
-                    _, g, r = loc.member.rsplit("/", 2)
-                    where = (loc.container, int(g), int(r))
+                    _, g, r = member.rsplit("/", 2)
+                    where = (container, int(g), int(r))
                 except ValueError:
                     pass
             if runs and runs[-1][:2] == where[:2]:

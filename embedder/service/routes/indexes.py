@@ -41,6 +41,8 @@ async def reload(name: str, svc: ServiceDep) -> dict[str, Any]:
 
 @router.get("/items/{name}/{item_id}")
 def item(name: str, item_id: str, svc: ServiceDep) -> dict[str, Any]:
+    """The id map's row of an id: faiss_id, id, path, label, and, where the index keeps them, caption,
+    key and the kept ``columns`` (as search hits show them)."""
     svc.need_ready()
     return svc.engine.item(name, item_id)
 
