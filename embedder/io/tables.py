@@ -516,7 +516,7 @@ class ColumnReader:
                 member = p[len(prefix):]
             else:
                 loc = location.parse(p) if p else None
-                if loc is not None and loc.kind == location.ROW:
+                if p and loc is not None and loc.kind == location.ROW:
                     member, container = loc.member, loc.container
                     prefix = p[:len(p) - len(member)] if p.endswith(member) else "\0"
             if member is not None:
