@@ -232,7 +232,8 @@ class Index:
         if self._embedder is None:
             from embedder.embed.query import embedder_for
 
-            self._embedder = Embedder._wrap(embedder_for(self._loaded.provenance, self._weights, self._device))
+            self._embedder = Embedder._wrap(embedder_for(self._loaded.provenance, self._weights, self._device,
+                                                         store=self._loaded.meta.get("store")))
         return self._embedder
 
     def search(self, queries: Any = None, k: int = 10, where: dict[str, str] | None = None, *,
@@ -335,7 +336,7 @@ class Probe:
                              dict(meta.get("metrics", {})), dict(meta.get("provenance", {})),
                              str(meta.get("backend", "")), float(meta.get("seconds", 0.0)),
                              str(meta.get("selection", "")), int(meta.get("n_select", 0)),
-                             labels=meta.get("labels"), curve=meta.get("curve"))
+                             labels=meta.get("labels"), curve=meta.get("curve"), store=str(meta.get("store", "")))
         return cls(result, device, weights)
 
     def __repr__(self) -> str:
@@ -361,7 +362,8 @@ class Probe:
             from embedder.store.provenance import Provenance
 
             prov = Provenance.from_dict(self.result.provenance)
-            self._embedder = Embedder._wrap(embedder_for(prov, self._weights, self._device))
+            self._embedder = Embedder._wrap(embedder_for(prov, self._weights, self._device,
+                                                         store=self.result.store or None))
         return self._embedder.embed(images)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,27 +186,52 @@ def test_zero_shot_without_the_weights_file_or_with_numeric_classes_is_skipped_n
     zero_shot, Embedder.zero_shot, unit-length embed_text and Probe.load agree."""
     import embedder
 
+    import shutil
+
     make_images(tmp_path / "imgs", {"0": 3, "1": 3}, size=(48, 40), seed=4)
-    w = ["--backbone", f"open_clip:{TINY_CLIP}", "--weights", str(tiny_clip)]
+    mine = tmp_path / "w.pth"
+    shutil.copy(tiny_clip, mine)
+    w = ["--backbone", f"open_clip:{TINY_CLIP}", "--weights", str(mine)]
     _cli("extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"), "--json", *w)
+    # the store remembers where its weights file is: no --weights needed while it is there, unchanged
+    r = json.loads(_cli("probe", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--json"))
+    assert "numbers" in r["zero_shot"]["skipped"] and "--class-names" in r["zero_shot"]["skipped"]
+    index = embedder.build_index(tmp_path / "s", "n", home=tmp_path / "h", kind="flat", text_recall=False)
+    query = sorted((tmp_path / "imgs" / "0").iterdir())[0]
+    assert index.search(str(query), k=1)[0][0].path == str(query)
+    moved = tmp_path / "moved.pth"
+    mine.rename(moved)  # gone from where extract read it: never guessed, and the way out is named
     r = json.loads(_cli("probe", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--json"))
     assert "weights file" in r["zero_shot"]["skipped"] and r["n_train"] == 6
+    assert "--weights FILE" in _fails("search", "n", str(query), "--home", str(tmp_path / "h"))
+    from fastapi.testclient import TestClient
+
+    from embedder.service.app import create_app
+    from embedder.service.options import ServeOptions
+
+    for files, served in (((), False), ((str(moved),), True)):  # `serve --weights FILE`: matched by SHA-256
+        with TestClient(create_app(ServeOptions(home=str(tmp_path / "h"), weight_files=files, poll_seconds=0))) as c:
+            for _ in range(600):
+                if c.get("/readyz").status_code == 200:
+                    break
+                time.sleep(0.05)
+            assert c.get("/indexes/n").json()["image_queries"] is served
     r = json.loads(_cli("probe", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--json", "--weights",
-                        str(tiny_clip)))
+                        str(moved)))
     assert "numbers" in r["zero_shot"]["skipped"] and "--class-names" in r["zero_shot"]["skipped"]
-    msg = _fails("probe", str(tmp_path / "s"), "--zero-shot-only", "--weights", str(tiny_clip))
+    msg = _fails("probe", str(tmp_path / "s"), "--zero-shot-only", "--weights", str(moved))
     assert "class names as words" in msg
     (tmp_path / "names.txt").write_text("cat\ndog\n")
-    zs = json.loads(_cli("probe", str(tmp_path / "s"), "--zero-shot-only", "--json", "--weights", str(tiny_clip),
+    zs = json.loads(_cli("probe", str(tmp_path / "s"), "--zero-shot-only", "--json", "--weights", str(moved),
                          "--class-names", str(tmp_path / "names.txt")))["zero_shot"]
-    api_zs = embedder.zero_shot(tmp_path / "s", weights=tiny_clip, class_names={"0": "cat", "1": "dog"})
+    api_zs = embedder.zero_shot(tmp_path / "s", weights=moved, class_names={"0": "cat", "1": "dog"})
     assert zs["n"] == api_zs["n"] == 6 and zs["accuracy"] == api_zs["accuracy"]
     emb = embedder.Embedder(f"open_clip:{TINY_CLIP}", weights=tiny_clip)
     t = emb.embed_text(["a cat", "a dog"])
     assert np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
     p = emb.zero_shot(sorted((tmp_path / "imgs").rglob("*.jpg"))[:2], ["cat", "dog"])
     assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
-    probe = embedder.Probe.load(tmp_path / "p", weights=tiny_clip)
+    probe = embedder.Probe.load(tmp_path / "p", weights=moved)
     assert probe.classes == ["0", "1"] and "2 classes" in repr(probe)
     assert probe.predict([tmp_path / "imgs" / "0" / sorted(os.listdir(tmp_path / "imgs" / "0"))[0]])[0] in ("0", "1")
 

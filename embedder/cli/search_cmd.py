@@ -57,7 +57,8 @@ def search_command(
     from embedder.index import search as index_search
 
     loaded = index_search.LoadedIndex(name, home)
-    queries_ = QueryBuilder(loaded, lambda: embedder_for(loaded.provenance, weights, device))
+    queries_ = QueryBuilder(loaded, lambda: embedder_for(loaded.provenance, weights, device,
+                                                         store=loaded.meta.get("store")))
     labels: list[str] = []
     vecs: list[np.ndarray] = []
     for q in queries or []:

@@ -27,7 +27,7 @@ def serve_command(
     max_text_queries: Annotated[int, typer.Option(min=1, help="Most texts in one request (a forward pass each).")] = ServeOptions.max_text_queries,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest uploaded image (width × height), and its resize target.")] = ServeOptions.max_pixels,
     poll_seconds: Annotated[float, typer.Option(min=0, help="How often indexes are checked for a new generation (0: never).")] = ServeOptions.poll_seconds,
-    weights: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: weights file for an index made from one.")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option(help="FILE (given to every index whose store was made from it, matched by SHA-256) or NAME=FILE; not needed where the file is still where extract read it (the store remembers).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = ServeOptions.device,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -47,16 +47,21 @@ def serve_command(
         key = os.environ.get(api_key_env)
         if not key:
             raise EmbedderError(f"--api-key-env {api_key_env}: that environment variable is empty or unset")
-    pairs = {}
+    pairs, files = {}, []
     for w in weights or []:
         name, sep, path = w.partition("=")
-        if not sep or not name or not path:
-            raise EmbedderError(f"--weights takes NAME=FILE, got {w!r}")
+        if not sep:  # a file alone: given to every index whose store was made from it (by SHA-256)
+            if not os.path.isfile(w):
+                raise EmbedderError(f"--weights {w}: no such file (NAME=FILE gives a file to index NAME)")
+            files.append(w)
+            continue
+        if not name or not path:
+            raise EmbedderError(f"--weights takes FILE or NAME=FILE, got {w!r}")
         pairs[name] = path
     options = ServeOptions(home=home, device=device, batch_window_ms=batch_window_ms, max_batch=max_batch,
                            micro_batching=micro_batching, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                            max_json_bytes=int(max_json_mb * 2**20), max_text_queries=max_text_queries,
-                           poll_seconds=poll_seconds, weights=pairs)
+                           poll_seconds=poll_seconds, weights=pairs, weight_files=tuple(files))
     _check_port(host, port)
     _check_home(home)
     app = create_app(options, api_key=key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import platform
 import time
 import uuid
@@ -135,6 +136,8 @@ def new_run_record(embedder: BatchEmbedder, engine: dict[str, Any] | None = None
         "torch_threads": torch.get_num_threads(), "host": platform.node(),
         "decoder": embedder.options.decoder, "compiled": embedder.options.compile,
         **(engine or {"engine": "local"}),
+        # where the weights file was: the steps after extract take it from here (store.remembered)
+        **({"weights_file": os.path.abspath(embedder.spec.weights_file)} if embedder.spec.weights_file else {}),
     }
 
 

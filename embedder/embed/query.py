@@ -19,13 +19,19 @@ from embedder.models.builder import ModelSpec
 from embedder.store.provenance import Provenance
 
 
-def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> ModelSpec:
-    """The ModelSpec that reproduces a store's vectors (for queries and predictions)."""
+def spec_from_provenance(prov: Provenance, weights_file: str | None = None, store: str | None = None) -> ModelSpec:
+    """The ModelSpec that reproduces a store's vectors (for queries and predictions). A store made
+    from a weights file: WEIGHTS_FILE, else the file STORE's manifest remembers where its SHA-256 still
+    matches (``store.remembered``)."""
     if prov.weights.kind == "external":  # `embedder import`: no model embedder can run made them
         raise ProvenanceMismatch(f"these vectors were imported (made by {prov.backbone} outside embedder): no "
                                  "image can be embedded into their space; query by id or by vector")
     path = None
     if prov.weights.needs_file:
+        if weights_file is None:
+            from embedder.store.remembered import remembered_weights
+
+            weights_file = remembered_weights(store, prov.weights.sha256)
         if weights_file is None:
             raise ProvenanceMismatch(f"these vectors were made with {prov.weights.kind} weights "
                                      f"{prov.weights.name}; pass that file with --weights FILE")
@@ -35,9 +41,11 @@ def spec_from_provenance(prov: Provenance, weights_file: str | None = None) -> M
     return ModelSpec(prov.backbone, prov.weights.tag, path, layer, pool, prov.preprocessing.crop_size)
 
 
-def embedder_for(prov: Provenance, weights_file: str | None = None, device: str = "auto") -> BatchEmbedder:
-    """A BatchEmbedder that provably makes vectors comparable with those ``prov`` describes."""
-    emb = BatchEmbedder(spec_from_provenance(prov, weights_file),
+def embedder_for(prov: Provenance, weights_file: str | None = None, device: str = "auto",
+                 store: str | None = None) -> BatchEmbedder:
+    """A BatchEmbedder that provably makes vectors comparable with those ``prov`` describes (STORE: where
+    they are, for the weights file it remembers)."""
+    emb = BatchEmbedder(spec_from_provenance(prov, weights_file, store),
                         EmbedOptions(device=device, normalize=prov.normalize, precision=prov.precision,
                                      decoder=prov.decoder))
     prov.require(emb.provenance(), store=False, what="the indexed or training vectors were",

@@ -116,7 +116,7 @@ def measure(store_path: str, provenance: Any, metric: str, search: Callable[[np.
     sample = sample_captions(store_path, options.sample, options.seed, count)
     if not len(sample.rows):
         return None
-    emb = embedder_for(provenance, options.weights, options.device)
+    emb = embedder_for(provenance, options.weights, options.device, store=store_path)
     text = emb.loaded.text
     if text is None:
         return None

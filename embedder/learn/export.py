@@ -154,7 +154,7 @@ def _from_probe(path: Path, weights: str | None) -> Deployable:
     except ProbeError:
         raise ExportError(f"{path} is neither an `embedder finetune` checkpoint nor an `embedder probe` file") from None
     prov = Provenance.from_dict(meta["provenance"])
-    emb = embedder_for(prov, weights, "cpu")  # the feature model the probe's store was made with
+    emb = embedder_for(prov, weights, "cpu", store=meta.get("store"))  # the feature model of the probe's store
     coef = torch.from_numpy(np.asarray(head.coef, np.float32))
     linear = nn.Linear(coef.shape[1], coef.shape[0])
     with torch.no_grad():

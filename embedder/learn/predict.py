@@ -42,7 +42,8 @@ def load_classifier(path: Path, weights: str | None = None, device: str = "auto"
         head, classes = checkpoint.head(path)
         return head, classes, BatchEmbedder(ModelSpec(None, weights_file=path), EmbedOptions(device=device))
     head, meta = load_probe(path)
-    return head, meta["classes"], embedder_for(Provenance.from_dict(meta["provenance"]), weights, device)
+    return head, meta["classes"], embedder_for(Provenance.from_dict(meta["provenance"]), weights, device,
+                                               store=meta.get("store"))
 
 
 def predict(probe_path: Path, sources: Sequence[str], top_k: int = 5, device: str = "auto",

@@ -48,6 +48,7 @@ class Dataset:
     dropped_unlabelled: int = 0
     unseen: list[str] = field(default_factory=list)  # labels absent from the given class list (y = -1)
     from_file: np.ndarray | None = None  # per row: its label is a labels file's (--labels), not the store's
+    store: str = ""  # where the vectors are (the weights file its manifest remembers: store.remembered)
 
     @property
     def dim(self) -> int:
@@ -100,6 +101,7 @@ class ProbeResult:
     refit_seconds: float = 0.0  # of ``seconds``: the refit on all of train
     labels: dict[str, Any] | None = None  # the labels file behind it (``Joined.to_dict()``): path, sha256, counts
     curve: dict[str, Any] | None = None  # accuracy against the number of labels (``learn.curve``)
+    store: str = ""  # the training store (the weights file its manifest remembers: store.remembered)
 
 
 def load_dataset(store_path: str, label_column: str = "label", classes: list[str] | None = None,
@@ -158,7 +160,7 @@ def load_dataset(store_path: str, label_column: str = "label", classes: list[str
     return Dataset(x, y, known, t.column("id").take(rows), t.column("path").take(rows),
                    store.provenance.to_dict(), dropped_unlabelled=t.num_rows - n,
                    unseen=sorted(set(names_here) - set(known)),
-                   from_file=in_file[rows] if in_file is not None else None)
+                   from_file=in_file[rows] if in_file is not None else None, store=str(store_path))
 
 
 def select_options(options: ProbeOptions, criterion: str = "accuracy") -> SelectOptions:
@@ -220,7 +222,8 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     return ProbeResult(head, train.classes, chosen.C, chosen.standardize, chosen.accuracy, chosen.sweep,
                        int((train.y >= 0).sum()), provenance=train.provenance, backend=f"torch-{sel_opts.device}",
                        seconds=time.perf_counter() - t0, selection=chosen.describe(), n_select=chosen.n_rows,
-                       select_seconds=chosen.seconds, refit_seconds=time.perf_counter() - t_refit)
+                       select_seconds=chosen.seconds, refit_seconds=time.perf_counter() - t_refit,
+                       store=getattr(train, "store", ""))
 
 
 def require_finite(x: np.ndarray, first: int, where: str) -> None:
@@ -360,7 +363,8 @@ def save_probe(path: Path, result: ProbeResult) -> None:
             "selection": result.selection, "n_select": result.n_select, "n_train": result.n_train,
             "backend": result.backend, "seconds": round(result.seconds, 2), "provenance": result.provenance,
             "metrics": {k: v for k, v in result.metrics.items() if k != "sweep"},
-            **({"labels": result.labels} if result.labels else {}), **({"curve": result.curve} if result.curve else {})}
+            **({"labels": result.labels} if result.labels else {}), **({"curve": result.curve} if result.curve else {}),
+            **({"store": result.store} if result.store else {})}
     h = result.head
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

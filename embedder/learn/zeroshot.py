@@ -148,6 +148,10 @@ def zero_shot_metrics(train: Any, test: Any, templates: Sequence[str] | None, we
                              f"{refusal}")
         log.info("no zero-shot accuracy: %s", refusal)
         return None
+    if weights is None and prov.weights.needs_file:
+        from embedder.store.remembered import remembered_weights
+
+        weights = remembered_weights(getattr(train, "store", ""), prov.weights.sha256)
     if prov.weights.needs_file and weights is None:  # the text tower is in that file: the probe needs neither
         why = (f"the store was made with the weights file {prov.weights.name}, which holds the text tower: "
                "pass it with --weights FILE")

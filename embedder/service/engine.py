@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,10 +126,13 @@ class Engine:
             prov = loaded.provenance
             weights = self.options.weights.get(loaded.name)
             if prov.weights.needs_file and weights is None:
+                weights = self._weights_file(loaded)
+            if prov.weights.needs_file and weights is None:
                 self._no_embedder.add(failed)
-                log.warning("index %s was made with weights file %s: image queries need "
-                            "--weights %s=FILE; vector and id queries work", loaded.name, prov.weights.name,
-                            loaded.name)
+                log.warning("index %s was made with weights file %s (not where its store recorded it, or "
+                            "changed since): image and text queries need --weights FILE (matched by its "
+                            "SHA-256) or --weights %s=FILE; vector and id queries work", loaded.name,
+                            prov.weights.name, loaded.name)
                 return None
             try:
                 emb = embedder_for(prov, weights, self.options.device)
@@ -140,6 +144,17 @@ class Engine:
             self.embedders[key] = emb
             self._embed_locks[key] = threading.Lock()
         return self.embedders[key]
+
+    def _weights_file(self, loaded: Any) -> str | None:
+        """The weights file of LOADED's store: one of ``serve --weights FILE`` whose SHA-256 is the one
+        its provenance records, else the file its store's manifest remembers (``store.remembered``)."""
+        from embedder.store.remembered import file_digest, remembered_weights
+
+        want = loaded.provenance.weights.sha256
+        for f in self.options.weight_files:
+            if file_digest(str(Path(f).resolve())) == want:
+                return str(f)
+        return remembered_weights(loaded.meta.get("store"), want)
 
     def identity_on_disk(self, name: str) -> str | None:
         """The identity (``generations.identity``) of NAME's current generation, None if none."""

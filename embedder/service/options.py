@@ -29,3 +29,4 @@ class ServeOptions:
     thumbnail_px: int = 256
     decode_threads: int | None = None  # None: the core count
     weights: dict[str, str] = field(default_factory=dict)  # index name → weights file (file-made stores)
+    weight_files: tuple[str, ...] = ()  # weights files matched to indexes by the SHA-256 their stores record
