@@ -170,7 +170,11 @@ def test_paging_past_a_hundred_to_the_end(site: Site) -> None:
 def test_full_size_view_and_arrow_keys(site: Site) -> None:
     cat = image_id(site.images / "cat" / "cat_0002.jpg")
     page = site.page()
-    page.goto(f"{site.url}/?index=pets&id={cat}&k=6")
+    page.goto(site.url + "/")
+    page.wait_for_selector("#index option[value=pets]", state="attached")
+    page.select_option("#index", "pets")
+    page.fill("#k", "6")
+    page.set_input_files("#file", str(site.images / "cat" / "cat_0002.jpg"))
     shown(page, 6)
     order = ids(page)
     href = page.get_attribute("#results li:nth-child(1) a.view", "href")

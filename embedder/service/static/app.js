@@ -21,6 +21,7 @@ const state = {
   applied: null,     // the address's query string last applied or written
 };
 const uploads = new Map();  // upload token → File, for Back/Forward within this page's life
+const MAX_UPLOADS = 20;     // the latest ones only: a pasted image is held in memory
 
 // ---- errors in the user's words ---------------------------------------------------------------
 function sentence(text) {
@@ -132,7 +133,7 @@ function keyedImage(img, url, onFail) {
   if (onFail) img.onerror = onFail;
   if (!state.key) { img.src = url; return; }
   request(url).then((r) => (r.ok ? r.blob() : null))
-    .then((b) => { if (b) img.src = URL.createObjectURL(b); else if (onFail) onFail(); })
+    .then((b) => { if (b && img.isConnected) img.src = URL.createObjectURL(b); else if (!b && onFail) onFail(); })
     .catch(() => { if (onFail) onFail(); });
 }
 
@@ -250,11 +251,13 @@ function reset() {
   state.hits = [];
   state.end = false;
   state.busy = false;
+  for (const img of $("results").querySelectorAll("img[src^='blob:']")) URL.revokeObjectURL(img.src);
   $("results").replaceChildren();
   $("more").hidden = true;
   $("end").hidden = true;
   const query = $("query");
   query.hidden = true;
+  if (query.src.startsWith("blob:")) URL.revokeObjectURL(query.src);
   query.removeAttribute("src");
   status("");
 }
@@ -415,12 +418,14 @@ function searchImage(file) {
   }
   const token = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
   uploads.set(token, file);
+  if (uploads.size > MAX_UPLOADS) uploads.delete(uploads.keys().next().value);
   search({ kind: "image", file, token });
 }
 
 function again() {  // the settings changed: the same query again (a new history entry)
   const q = state.query;
   if (!q) { remember(false); return; }
+  if (addressOf() === state.applied && !$("error").textContent) return;  // nothing changed (k's change on blur)
   if (q.kind === "id" && state.index !== $("index").value) {  // ids are per index
     reset();
     remember(true);
