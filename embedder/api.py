@@ -189,13 +189,18 @@ def open_store(path: str | Path) -> Store:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result."""
+    """One search result. ``caption`` and ``key`` (the ``--id-column`` value) where the index keeps
+    them (by default where the store has them); ``columns``: the other kept columns, as text
+    (``index build --keep-columns``)."""
 
     id: str
     path: str
     label: str | None
     score: float
     rank: int
+    caption: str | None = None
+    key: str | None = None
+    columns: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 class Index:
@@ -258,7 +263,8 @@ class Index:
             items = [queries] if isinstance(queries, (str, Path)) or hasattr(queries, "convert") else list(queries)
             request = QueryRequest(images=tuple(items))
         q, _ = builder.build(request)
-        return [[Hit(h["id"], h["path"], h["label"], float(h["score"]), int(h["rank"])) for h in hits]
+        return [[Hit(h["id"], h["path"], h["label"], float(h["score"]), int(h["rank"]), h.get("caption"),
+                     h.get("key"), dict(h.get("columns") or {})) for h in hits]
                 for hits in self._loaded.search(q, k, where)]
 
 
@@ -275,17 +281,20 @@ def _numbers(queries: Any) -> bool:
 
 
 def build_index(store: str | Path, name: str, *, home: str | Path | None = None, kind: str = "auto",
-                **options: Any) -> Index:
+                keep_columns: Sequence[str] | None = None, **options: Any) -> Index:
     """``embedder index build``: a FAISS index over STORE, named NAME in the index home (``home``,
     else ``$EMBEDDER_HOME``, else ``./indexes``), its recall measured against exact search, and, on a
     store with captions whose model has a text tower, text → image recall (``.info["text_recall"]``).
     ``options`` are ``BuildOptions`` fields (``metric``, ``target_recall``, ``memory_budget``,
-    ``weights``: the file the store was made from, which the text tower needs…)."""
+    ``weights``: the file the store was made from, which the text tower needs…). ``keep_columns``:
+    what hits carry beyond id, path and label (``index build --keep-columns``; default: the caption
+    and the key where the store has them; ``[]``: nothing)."""
     from embedder.index.build import build
     from embedder.index.plan import BuildOptions
 
     (build_kw,) = _split_options(options, BuildOptions)
-    build(str(store), name, BuildOptions(kind=kind, **build_kw), None if home is None else str(home))
+    build(str(store), name, BuildOptions(kind=kind, **build_kw), None if home is None else str(home),
+          None if keep_columns is None else (tuple(keep_columns) or ("none",)))
     return open_index(name, home=home)
 
 

@@ -50,7 +50,7 @@ def store_of(path: Path, n: int = N, prefix: str = "v", shards: int = 2) -> str:
 def joined(loaded: index_search.LoadedIndex, where: dict[str, str]) -> list[int]:
     """What a filter answered before: the id map joined with the whole store, each column cast to
     text and compared (the reference, not the code under test)."""
-    table = loaded.ids.combine_chunks()
+    table = loaded.ids.select(["faiss_id", "id", "path", "label"]).combine_chunks()
     store = Store.open(loaded.meta["store"]).read(["id", "width", "height", "file_hash", "caption"])
     table = table.join(store, "id", join_type="left outer")
     mask = None

@@ -81,6 +81,10 @@ def test_a_captioned_tar_index_returns_captions_in_json_the_table_the_service_an
     table = _cli("search", "caps", str(files[0]), "-k", "3", "--home", home)
     rows = [line for line in table.splitlines() if line[:1] in "┏┃┡│└"]
     assert table.count("a photo of something") == 3 and max(map(len, rows)) <= 80, table
+    import embedder  # the Python API's Hit carries it too
+
+    api_hits = embedder.open_index("caps", home=home).search(str(files[0]), k=3)[0]
+    assert [h.caption for h in api_hits] == [h["caption"] for h in hits] and api_hits[0].key is None
 
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
