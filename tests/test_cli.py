@@ -128,3 +128,14 @@ def test_version_and_short_help_and_a_readable_help_at_80_columns() -> None:
     assert "<bool>" not in r.output and "│" not in r.output
     line = next(ln for ln in r.output.splitlines() if ln.lstrip().startswith("--val-fraction"))
     assert "Held out from train to choose C." in line  # the help beside its option, not folded to bits
+
+
+def test_fit_paths_keeps_file_names_and_a_shards_own_name() -> None:
+    from embedder.cli.common import fit_paths
+
+    assert fit_paths(["/x/y/cat/1.jpg", "/x/y/dog/2.jpg"], 40) == ("/x/y", ["cat/1.jpg", "dog/2.jpg"])
+    # rows of one table: the table's name stays (the common root is not cut inside it)
+    assert fit_paths(["/x/t.parquet#image/0/12", "/x/t.parquet#image/0/3"], 40)[1] == [
+        "t.parquet#image/0/12", "t.parquet#image/0/3"]
+    long = "/a/" + "b" * 50 + "/IMG_2041.jpg"
+    assert fit_paths([long, "/c/d.jpg"], 20)[1][0] == "…" + long[-19:]  # cut from the left

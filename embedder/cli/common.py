@@ -125,6 +125,8 @@ def fit_paths(paths: list[str], width: int) -> tuple[str, list[str]]:
             root = os.path.commonpath(paths)
         except ValueError:  # absolute and relative mixed, or different drives
             root = ""
+        if "#" in root:  # inside a tar shard or a table: keep the file's own name (t.parquet#image/0/12)
+            root = os.path.dirname(root[:root.index("#")])
         if root in ("", "/", "."):
             root = ""
     shown = [p[len(root):].lstrip("/") if root else p for p in paths]
