@@ -237,7 +237,7 @@ class Engine:
                 "quality": m.get("quality"), "text_recall": m.get("text_recall"),
                 "provenance": m.get("provenance"), "built_at": m.get("built_at"),
                 "image_queries": emb is not None, "text_queries": loaded.provenance.has_text and emb is not None,
-                "labels": labels, "filter_columns": loaded.filter_columns()}
+                "labels": labels, "filter_columns": loaded.filter_columns(), "max_k": self.options.max_k}
 
     def item(self, name: str, item_id: str) -> dict[str, Any]:
         loaded = self.index(name)
