@@ -359,3 +359,65 @@ def test_labelling_page_in_headless_chromium(served: Served, tmp_path: Path) -> 
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["labels"]["used"] == 6 and result["labels"]["unknown"] == 0
+
+
+def test_hostile_labels_files_and_links_are_4xx_and_never_followed(served: Served, tmp_path: Path) -> None:
+    """A labels file that is a folder (Parquet would read it as a dataset), a temporary file or a lock
+    planted as a link to a file elsewhere, invisible labels: 4xx or refused, nothing written outside."""
+    folder = served.folder
+    write_selection(folder / "planted.parquet", ["a", "b", "c"])
+    (folder / "planted.labels.parquet").mkdir()  # a folder holding a labels file
+    pq.write_table(pa.table({"id": ["a"], "label": ["planted"]}), folder / "planted.labels.parquet" / "part.parquet")
+    for method, body in (("GET", None), ("PUT", {"label": "cat"}), ("DELETE", None)):
+        path = "/labelling/planted" if method == "GET" else "/labelling/planted/labels/b"
+        status, err = served.call(method, path, body)
+        assert status == 409 and "is not a file" in err["error"], (method, status, err)
+    assert [p.name for p in (folder / "planted.labels.parquet").iterdir()] == ["part.parquet"]
+    (folder / "planted.labels.parquet" / "part.parquet").unlink()
+    (folder / "planted.labels.parquet").rmdir()
+
+    write_selection(folder / "linked.parquet", ["a", "b"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, folder / ".linked.labels.parquet.tmp")  # the temporary file's old, fixed name
+    os.symlink(tmp_path / "made-by-the-lock", folder / ".linked.lock")
+    status, change = served.label("linked", "b", "cat")
+    assert status == 200 and change["label"] == "cat", change
+    assert victim.read_text() == "precious" and not (tmp_path / "made-by-the-lock").exists()
+    labels_file = folder / "linked.labels.parquet"
+    assert labels_file.is_file() and not labels_file.is_symlink()
+    assert read_labels(labels_file).ids.to_pylist() == ["b"] and oct(labels_file.stat().st_mode & 0o777) == "0o644"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".linked.labels.parquet.") and not p.is_symlink()]
+
+    for bad in ("\u200b", "\ufeff", "cat\u200b", "cat\u200f", "\u2060dog", "\u00ad", "\u0301"):  # invisible
+        status, err = served.label("linked", "a", bad)
+        assert status == 422 and err["kind"] == "invalid", (bad, err)
+    for good in ("\U0001f408\u200d\u2b1b cat", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "caf\u0065\u0301"):
+        status, change = served.label("linked", "a", good)  # an emoji sequence, a Persian word (ZWNJ), é
+        assert status == 200 and change["label"] == good, (good, change)
+
+
+def test_a_label_that_cannot_be_written_is_503_and_changes_nothing(served: Served) -> None:
+    """A full disk (here: a file-size limit the labels file would pass) or a read-only home: 503 with
+    the one error body, the labels as they were, and the server answers the next request."""
+    resource = pytest.importorskip("resource")
+    from fastapi.testclient import TestClient
+
+    from embedder.service.app import create_app
+    from embedder.service.options import ServeOptions
+
+    write_selection(served.folder / "full.parquet", ["a", "b"])
+    client = TestClient(create_app(ServeOptions(home=str(served.home), poll_seconds=0)))
+    assert client.put("/labelling/full/labels/a", json={"label": "cat"}).status_code == 200
+    before = (served.folder / "full.labels.parquet").read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, hard))  # Python ignores SIGXFSZ: writes fail, EFBIG
+    try:
+        r = client.put("/labelling/full/labels/b", json={"label": "dog"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert r.status_code == 503 and r.json()["kind"] == "cannot_write" and "not changed" in r.json()["error"], r.text
+    assert (served.folder / "full.labels.parquet").read_bytes() == before
+    assert not [p for p in served.folder.iterdir() if p.name.startswith(".full.labels.parquet")]
+    page = client.get("/labelling/full").json()
+    assert page["progress"] == {"labelled": 1, "total": 2} and [i["label"] for i in page["items"]] == ["cat", None]

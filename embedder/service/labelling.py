@@ -11,8 +11,8 @@ file ``read_labels`` reads, so ``embedder probe STORE --labels …`` takes it as
 - A file that is no selection (not Parquet, no id or rank column, an id twice, over ``MAX_ROWS``
   rows or ``MAX_BYTES`` bytes) is refused in one line (``NotASelection``, ``SelectionTooLarge``),
   before it is read whole where its metadata says so.
-- Every change rewrites the labels file whole, atomically (``storage.write_parquet``: a temporary
-  file, then a rename): a reader sees the old file or the new one, never a part. Changes to one
+- Every change rewrites the labels file whole, atomically (a temporary file of a new name, created
+  exclusively, then a rename): a reader sees the old file or the new one, never a part. Changes to one
   selection run one at a time (a lock per selection in this process, and an advisory lock on
   ``.NAME.lock`` for other processes on the same home), each a read-modify-write of the file as it
   is on disk (re-read when its inode, size or mtime changed), so two tabs — or two servers —
@@ -43,7 +43,6 @@ import pyarrow as pa
 
 from embedder.errors import EmbedderError, shown
 from embedder.index import generations as layout
-from embedder.io import storage
 from embedder.service.engine import NotFound
 
 FOLDER = "labelling"  # under the service's home
@@ -59,6 +58,10 @@ CACHED = 8  # parsed selections kept
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\Z")
 # never in a label: bidirectional overrides and isolates (they reorder what the page shows)
 _BIDI = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+# the invisible format characters a label may hold: the zero-width (non-)joiner (emoji sequences, Persian
+# and Indic words) and tag characters (subdivision flags); any other (U+200B, U+200E/F, U+2060, U+FEFF,
+# U+00AD…) would make two classes that look the same ('cat' and 'cat\u200b') or a class that shows nothing
+_FORMAT_KEPT = {0x200C, 0x200D} | set(range(0xE0020, 0xE0080))
 
 
 class LabellingError(EmbedderError):
@@ -126,8 +129,13 @@ def check_label(label: str) -> str:
     if len(text) > MAX_LABEL:
         raise BadLabel(f"a label has at most {MAX_LABEL} characters, got {len(text):,}")
     for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ord(ch) in _BIDI:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs", "Zl", "Zp") or ord(ch) in _BIDI:
             raise BadLabel(f"a label cannot hold the control character U+{ord(ch):04X}")
+        if category == "Cf" and ord(ch) not in _FORMAT_KEPT:
+            raise BadLabel(f"a label cannot hold the invisible character U+{ord(ch):04X}")
+    if all(unicodedata.category(ch)[0] in "ZMC" for ch in text):  # spaces, marks, joiners only
+        raise BadLabel("a label needs at least one visible character")
     return text
 
 
@@ -286,6 +294,9 @@ class Labelling:
         with state.lock, _file_lock(self.root / f".{name}.lock"):
             path = self.path_of(name, LABELS_SUFFIX)
             key = _stat_key(path)
+            if key is not None and not path.is_file():  # a folder (read as a dataset), a pipe…
+                raise LabelsFileError(f"labels file {path} is not a file; it is left as it is: move it away "
+                                      "to label this selection again")
             if key != state.key:
                 state.entries = _read_labels_file(path) if key is not None else {}
                 state.key = key
@@ -300,7 +311,7 @@ class Labelling:
             "labelled_at": pa.array([state.entries[i][1] for i in ids], pa.timestamp("ms", tz="UTC")),
         }).replace_schema_metadata({LABELS_META: json.dumps({"selection": name, "version": 1}).encode()})
         try:
-            storage.write_parquet(str(path), table)
+            _write_atomically(path, table)
         except OSError as e:
             raise CannotWrite(f"cannot write labels file {path}: {_first_line(e)}; the label was not "
                               "changed") from None
@@ -360,8 +371,8 @@ def _file_lock(path: Path) -> Iterator[None]:
     except ImportError:  # Windows: the lock in this process only
         yield
         return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link planted in its place (it would create or lock a file elsewhere)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError:
         yield
         return
@@ -370,6 +381,26 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _write_atomically(path: Path, table: pa.Table) -> None:
+    """TABLE as the Parquet file PATH, whole or not at all: written to a temporary file of a new name
+    in PATH's folder (created exclusively: a link planted there is never followed), synced, renamed."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # as a plain write makes it (mkstemp's 0600 would hide it from others)
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_labels_file(path: Path) -> dict[str, tuple[str, int]]:

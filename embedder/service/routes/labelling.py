@@ -21,8 +21,10 @@ from embedder.service.state import Service, ServiceDep
 
 router = APIRouter()
 MAX_PAGE = 5000
-RESPONSES: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "The labels file on disk "
-                                                    "cannot be read (it is left as it is)"}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorOut, "description": "The labels file on disk cannot be read (it is left as it is)"},
+    503: {"model": ErrorOut, "description": "The labels file cannot be written (a read-only home, a full disk); "
+                                            "nothing changed"}}
 
 
 def _error(e: lab.LabellingError) -> JSONResponse:
@@ -32,8 +34,8 @@ def _error(e: lab.LabellingError) -> JSONResponse:
         return error_response(413, str(e), "too_large")
     if isinstance(e, lab.NotASelection):
         return error_response(422, str(e), "not_a_selection")
-    if isinstance(e, lab.CannotWrite):
-        return error_response(500, str(e), "cannot_write")
+    if isinstance(e, lab.CannotWrite):  # a read-only home, a full disk: the server itself is fine
+        return error_response(503, str(e), "cannot_write")
     if isinstance(e, lab.LabelsFileError):
         return error_response(409, str(e), "labels_file")
     return error_response(422, str(e), "invalid")  # a bad name or label
