@@ -276,3 +276,22 @@ def test_a_store_of_real_images_with_no_labels(tmp_path: Path) -> None:
     ids = set(Store.open(str(store)).read(["id"]).column("id").to_pylist())
     assert picks.num_rows == 4 and set(picks.column("id").to_pylist()) <= ids
     assert all(Path(p).exists() for p in picks.column("path").to_pylist())
+
+
+def test_nothing_left_to_pick_says_why(tmp_path: Path) -> None:
+    """A store without labels that a file labels whole: no --ignore-store-labels hint (it cannot help);
+    a store whose unlabelled vectors are all NaN: said so, not 'every image is labelled (0)'."""
+    x, _ = mixture([6, 6], dim=4)
+    store = write_store(tmp_path / "s", x)
+    f = tmp_path / "all.csv"
+    f.write_text("id,label\n" + "".join(f"v{i:05d},c{i % 2}\n" for i in range(12)))
+    out = str(tmp_path / "p.parquet")
+    r = runner.invoke(app, ["select", store, "--budget", "3", "--out", out, "--labels", str(f)])
+    line = one_line(r.output)
+    assert r.exit_code == 2 and "every image of" in line and f"(12 by {f})" in line, r.output
+    assert "--ignore-store-labels" not in line
+    nan = write_store(tmp_path / "nan", np.full((5, 4), np.nan, np.float32))
+    r = runner.invoke(app, ["select", nan, "--budget", "3", "--out", out])
+    line = one_line(r.output)
+    assert r.exit_code == 2 and "no unlabelled image" in line and "5 with a NaN" in line, r.output
+    assert not Path(out).exists()

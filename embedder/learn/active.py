@@ -136,6 +136,7 @@ class _Pool:
     l_x: np.ndarray
     unlabelled: int
     skipped: int
+    store_labelled: int  # rows with a label of the store's own (before --labels)
     joined: Joined | None
     label_col: str | None
     remap: np.ndarray
@@ -192,12 +193,14 @@ def _scan(store: Store, label_col: str | None, join: LabelJoin | None, options: 
     codes = ClassCodes()
     unl, lab = Reservoir(size, dim), Reservoir(size, dim)
     counts: dict[int, int] = {}
-    unlabelled = skipped = 0
+    unlabelled = skipped = store_labelled = 0
     cols = ["embedding"] + (["id"] if join is not None else []) + ([label_col] if label_col else [])
     for start, batch in batches(store, cols, options.batch_rows):
         x, ok = unit_vectors(batch)
         rows = np.arange(start, start + len(x), dtype=np.int64)
         labels = _labels_of(batch, label_col, join, count=True)
+        if label_col:
+            store_labelled += int(_has_label(batch.column(batch.schema.get_field_index(label_col))).sum())
         y = codes.codes(labels) if labels is not None else np.full(len(x), -1, np.int64)
         skipped += int((~ok).sum())
         free = (y < 0) & ok
@@ -219,7 +222,7 @@ def _scan(store: Store, label_col: str | None, join: LabelJoin | None, options: 
         class_counts[remap[a]] += b
     joined = join.require_some(str(store.root)) if join is not None else None
     return _Pool(n, dim, classes, class_counts, u_rows, np.ascontiguousarray(u_x), l_rows, l_y,
-                 np.ascontiguousarray(l_x), unlabelled, skipped, joined, label_col, remap, codes)
+                 np.ascontiguousarray(l_x), unlabelled, skipped, store_labelled, joined, label_col, remap, codes)
 
 
 # ---- the strategies --------------------------------------------------------------------------------
@@ -530,9 +533,16 @@ def select(store_path: str | Path, budget: int, strategy: str = "auto", labels: 
     join = LabelJoin(read_labels(labels)) if labels is not None else None
     pool = _scan(store, label_col, join, options, seed, tick)
     labelled = int(pool.counts.sum())
+    if pool.unlabelled == 0 and pool.skipped:
+        raise SelectError(f"no unlabelled image of {store_path} has a usable vector ({pool.skipped:,} with a NaN or "
+                          f"infinite value skipped, {labelled:,} labelled): nothing to select; re-extract them")
     if pool.unlabelled == 0:
-        raise SelectError(f"every image of {store_path} is labelled ({labelled:,}): nothing left to select (if its "
-                          "folders are not classes: --ignore-store-labels)")
+        # the hint only where the store's own labels are part of it: --ignore-store-labels cannot help a
+        # store without labels that the file labels whole
+        hint = " (if its folders are not classes: --ignore-store-labels)" if pool.store_labelled else ""
+        raise SelectError(f"every image of {store_path} is labelled ({labelled:,}"
+                          f"{f' by {labels}' if labels is not None and not pool.store_labelled else ''}): "
+                          f"nothing left to select{hint}")
     if budget > pool.unlabelled:
         raise SelectError(f"--budget {budget:,} is more than the {pool.unlabelled:,} unlabelled images of {store_path}")
     used, reason = choose_strategy(strategy, pool.counts, pool.classes, options)
