@@ -421,3 +421,12 @@ def test_a_label_that_cannot_be_written_is_503_and_changes_nothing(served: Serve
     assert not [p for p in served.folder.iterdir() if p.name.startswith(".full.labels.parquet")]
     page = client.get("/labelling/full").json()
     assert page["progress"] == {"labelled": 1, "total": 2} and [i["label"] for i in page["items"]] == ["cat", None]
+
+
+def test_a_malformed_address_opens_the_first_selection(served: Served) -> None:
+    """#label/%E0%A4 (a link cut short): the page opens a selection, no script error."""
+    write_selection(served.folder / "aaa-first.parquet", ["x", "y"])
+    with chromium_page() as (page, errors):
+        page.goto(served.url + "/#label/%E0%A4%A")
+        page.wait_for_function("() => document.querySelectorAll('#lab-grid .tile').length > 0")
+        assert errors == [] and page.is_visible("#label-view")

@@ -241,6 +241,10 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
       + `${m.store ? ` from ${m.store}` : ""} · labels in ${page.labels_file}`);
   }
 
+  function fromHash() {  // #label/NAME; a link cut short or typed by hand (%E0%A4) names none
+    try { return decodeURIComponent(location.hash.split("/")[1] || ""); } catch { return ""; }
+  }
+
   async function open() {  // the view is shown: list the selections and indexes
     showError("");
     const choose = $("lab-index");
@@ -248,7 +252,7 @@ export function setupLabelling({ api, thumbnail, showError, status, indexes }) {
     let list;
     try { list = await api("/labelling"); } catch (e) { showError(e.message); return; }
     const select = $("lab-selection");
-    const wanted = decodeURIComponent(location.hash.split("/")[1] || "") || select.value;
+    const wanted = fromHash() || select.value;
     select.replaceChildren();
     for (const s of list) {
       const text = s.size == null ? `${s.name} (not a selection)`
