@@ -155,6 +155,26 @@ def test_probe_learns_the_files_labels_and_says_what_they_bought(pool: dict[str,
     assert data["labels"] == lab and "curve" not in data
 
 
+def test_one_label_a_class_trains_a_probe_at_the_default_c(pool: dict[str, Path], tmp_path: Path) -> None:
+    """select's first round aims at one typical image a class: probe --labels on it trains (C=1, said
+    so, no validation accuracy) instead of 'too few images per class to choose the probe's C'."""
+    from embedder.learn.probe import load_probe
+
+    x, y = clusters(20)
+    the_ids = ids(len(y))
+    one = write_csv(tmp_path / "one.csv", [(the_ids[int(np.flatnonzero(y == c)[0])], f"c{c}") for c in range(4)])
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(app, ["probe", str(pool["store"]), "--labels", str(one), "--test", str(pool["test"]),
+                            "--out", str(out), "--no-zero-shot", "--no-curve", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["C"] == 1.0 and data["val_accuracy"] is None and data["n_train"] == 4
+    assert "not chosen: one labelled image a class" in data["selection"]
+    assert data["test_accuracy"] > 0.9  # well separated clusters: one image each is enough
+    _, meta = load_probe(out)
+    assert meta["C"] == 1.0 and meta["val_accuracy"] is None
+
+
 def test_a_file_none_of_whose_ids_is_in_the_store_is_one_line(pool: dict[str, Path], tmp_path: Path) -> None:
     f = write_csv(tmp_path / "paths.csv", [("/photos/a.jpg", "cat"), ("/photos/b.jpg", "dog")])
     for cmd in (["probe", str(pool["store"]), "--out", str(tmp_path / "p")],

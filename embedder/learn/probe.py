@@ -88,7 +88,7 @@ class ProbeResult:
     classes: list[str]
     C: float
     standardize: bool
-    val_accuracy: float
+    val_accuracy: float | None  # None: nothing was held out (one image a class, C not chosen)
     sweep: list[dict[str, Any]]
     n_train: int
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -209,6 +209,8 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
     x = np.asarray(train.x, np.float32) if isinstance(train.x, np.ndarray) else train.x
     if isinstance(x, np.ndarray):
         require_finite(x, 0, "the training vectors")
+    if counts.max() < 2:
+        return _one_a_class(x, train, sel_opts, counts, t0, tick)
     chosen: Selection = select_c(x, train.y, len(train.classes), sel_opts, tick)
     t_refit = time.perf_counter()
     head, sol = fit_all(x, train.y, len(train.classes), chosen.C, chosen.standardize, chosen.solution, sel_opts,
@@ -223,6 +225,26 @@ def train_probe(train: Dataset, options: ProbeOptions = ProbeOptions(),
                        int((train.y >= 0).sum()), provenance=train.provenance, backend=f"torch-{sel_opts.device}",
                        seconds=time.perf_counter() - t0, selection=chosen.describe(), n_select=chosen.n_rows,
                        select_seconds=chosen.seconds, refit_seconds=time.perf_counter() - t_refit,
+                       store=getattr(train, "store", ""))
+
+
+def _one_a_class(x: np.ndarray | RowSource, train: Dataset, sel_opts: SelectOptions, counts: np.ndarray,
+                 t0: float, tick: Callable[[int, str], None]) -> ProbeResult:
+    """One labelled image a class (``embedder select``'s aim: a first round of one typical image a
+    class): nothing can be held out to choose C, so scikit-learn's default C=1 on the raw vectors, as
+    the learning curve's first point and the frozen probe of ``finetune`` do; no validation accuracy."""
+    from embedder.learn.selection import DEFAULT_C
+
+    t_refit = time.perf_counter()
+    head, _ = fit_all(x, train.y, len(train.classes), DEFAULT_C, False, None, sel_opts)
+    tick(1, "refit")
+    n = int((train.y >= 0).sum())
+    why = (f"C={DEFAULT_C:g} (scikit-learn's default), not chosen: one labelled image a class "
+           f"({int((counts > 0).sum())} classes), none to hold out")
+    log.info("probe: %s", why)
+    return ProbeResult(head, train.classes, DEFAULT_C, False, None, [], n, provenance=train.provenance,
+                       backend=f"torch-{sel_opts.device}", seconds=time.perf_counter() - t0, selection=why,
+                       n_select=0, select_seconds=0.0, refit_seconds=time.perf_counter() - t_refit,
                        store=getattr(train, "store", ""))
 
 
