@@ -285,3 +285,23 @@ def test_a_writer_killed_mid_run_resumes_in_object_storage(tmp_path: Path, s3_en
     ids = Store.open("s3://killed/s").read(["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 60
     assert set(ids) == {ref.id for ref in discover([str(local)])}
+
+
+def test_local_parquet_writes_never_follow_a_planted_link(tmp_path: Path) -> None:
+    """The temporary file had a fixed name (.NAME.tmp): a link planted there made the write land where
+    it pointed. Now a fresh, exclusively created name: the link's target is untouched."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedder.io import storage
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "d" / "t.parquet"
+    out.parent.mkdir()
+    os.symlink(victim, out.parent / ".t.parquet.tmp")
+    storage.write_parquet(str(out), pa.table({"a": [1, 2]}))
+    assert victim.read_text() == "keep me" and pq.read_table(out).num_rows == 2 and not out.is_symlink()
+    assert sorted(p.name for p in out.parent.iterdir()) == [".t.parquet.tmp", "t.parquet"]  # nothing left over

@@ -12,6 +12,7 @@ What each write guarantees, on each:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
@@ -134,13 +135,24 @@ def write_bytes(loc: str, data: bytes) -> None:
 
 
 def write_parquet(loc: str, table: pa.Table) -> None:
-    """Write TABLE as one Parquet file at LOC, whole or not at all."""
+    """Write TABLE as one Parquet file at LOC, whole or not at all. Locally through a temporary file
+    of a fresh name created exclusively beside LOC (a fixed name let a link planted there redirect the
+    write, and two writers share it), then renamed over LOC."""
     if not is_uri(loc):
-        tmp = os.path.join(os.path.dirname(loc), f".{name(loc)}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, loc)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=f".{name(loc)}.", suffix=".tmp", dir=os.path.dirname(loc) or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, loc)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     fs, key = _fs(loc)
     try:
