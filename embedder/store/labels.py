@@ -22,8 +22,10 @@ once per batch, so its cost grows with batches × file size — fine for label f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pyarrow as pa
@@ -125,8 +127,43 @@ def _short(names: list[str]) -> str:
     return shown or "none"
 
 
-def read_labels(path: str | Path) -> LabelFile:
-    """FILE's (id, label) rows (module docstring); a one-line ``LabelsError`` for what cannot be used."""
+LabelsArg = Union[str, Path, Sequence[Union[str, Path]]]  # one labels file, or several (rounds of labelling)
+
+
+def read_labels(path: LabelsArg) -> LabelFile:
+    """FILE's (id, label) rows (module docstring); a one-line ``LabelsError`` for what cannot be used.
+    Several files (``--labels`` repeated: rounds of labelling): their rows together, a later file's
+    label winning for an id an earlier one also names (a relabelling)."""
+    if not isinstance(path, (str, Path)):
+        files = [read_one(p) for p in path]
+        if not files:
+            raise LabelsError("no labels file given")
+        return files[0] if len(files) == 1 else merge(files)
+    return read_one(path)
+
+
+def merge(files: Sequence[LabelFile]) -> LabelFile:
+    """FILES as one, in order: an id takes the label of the last file that names it."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    ids: list[pa.Array] = []
+    labels: list[pa.Array] = []
+    later: pa.Array = pa.array([], pa.string())
+    for f in reversed(files):
+        keep = pc.invert(pc.is_in(f.ids, value_set=later))
+        ids.append(f.ids.filter(keep))
+        labels.append(f.labels.filter(keep))
+        later = pa.concat_arrays([later, f.ids])
+    digest = hashlib.sha256("".join(f.sha256 for f in files).encode()).hexdigest()
+    return LabelFile(" + ".join(f.path for f in files), pa.concat_arrays(ids[::-1]).cast(pa.string()),
+                     pa.concat_arrays(labels[::-1]).cast(pa.string()), sum(f.blank for f in files),
+                     sum(f.repeated for f in files), digest, sum(f.size for f in files))
+
+
+def read_one(path: str | Path) -> LabelFile:
+    """One labels file (``read_labels``)."""
     import pyarrow.compute as pc
 
     loc = storage.resolve(path)
