@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from embedder.index.search import LoadedIndex
     from embedder.learn.probe import ProbeResult
     from embedder.store.importer import ImportSummary
+    from embedder.store.labels import LabelsArg
     from embedder.store.provenance import Provenance
     from embedder.store.shards import Store
 
@@ -376,7 +377,7 @@ class Probe:
         return self._embedder.embed(images)
 
 
-def _join(labels: str | Path | None) -> Any:
+def _join(labels: LabelsArg | None) -> Any:
     """A labels file's join (``embedder.store.labels``), or None."""
     if labels is None:
         return None
@@ -386,7 +387,7 @@ def _join(labels: str | Path | None) -> Any:
 
 
 def train_probe(train_store: str | Path, *, test_store: str | Path | None = None, device: str = "auto",
-                weights: str | Path | None = None, labels: str | Path | None = None, curve: bool = True,
+                weights: str | Path | None = None, labels: LabelsArg | None = None, curve: bool = True,
                 **options: Any) -> Probe:
     """``embedder probe``: logistic regression on a labelled store's frozen features, C chosen on
     held-out predictions; with ``test_store``, its test accuracy and the kNN baseline in
@@ -434,7 +435,7 @@ def _inspect_budget(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def inspect(store: str | Path, out: str | Path, *, test: str | Path | None = None,
-            labels: str | Path | None = None, **options: Any) -> dict[str, Any]:
+            labels: LabelsArg | None = None, **options: Any) -> dict[str, Any]:
     """``embedder inspect``: duplicates, leaks (with ``test``), likely label errors, outliers and class
     overlap of STORE → ``OUT/findings.parquet`` and ``OUT/index.html``; returns the summary the CLI
     prints with ``--json``. ``options`` are ``InspectOptions`` fields (``duplicate_threshold``,
@@ -482,7 +483,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "onnx", opset: in
 
 def finetune(train: str | Path | Sequence[str | Path], out: str | Path, *,
              val: str | Path | Sequence[str | Path] | None = None, resume: bool = False,
-             labels: str | Path | None = None, **options: Any) -> dict[str, Any]:
+             labels: LabelsArg | None = None, **options: Any) -> dict[str, Any]:
     """``embedder finetune``: a pretrained backbone with a new head trained on TRAIN (labelled images,
     one subfolder per class) → the checkpoint OUT; returns the run's summary (accuracy per epoch, the
     frozen probe's for comparison). ``options`` are ``FinetuneOptions`` fields (``backbone`` as
@@ -512,7 +513,7 @@ def finetune(train: str | Path | Sequence[str | Path], out: str | Path, *,
 
 
 def compare(train: str | Path | Sequence[str | Path], work: str | Path, *, backbones: str | Sequence[str],
-            test: str | Path | Sequence[str | Path] | None = None, labels: str | Path | None = None,
+            test: str | Path | Sequence[str | Path] | None = None, labels: LabelsArg | None = None,
             **options: Any) -> dict[str, Any]:
     """``embedder compare``: which backbone (and layer) transfers best to TRAIN's labelled images
     (one subfolder per class, or LABELS: a CSV or Parquet file of id,label rows over them) — kNN,
@@ -541,7 +542,7 @@ def compare(train: str | Path | Sequence[str | Path], work: str | Path, *, backb
 
 def zero_shot(store: str | Path, *, test_store: str | Path | None = None, templates: Sequence[str] | None = None,
               class_names: dict[str, str] | str | Path | None = None, weights: str | Path | None = None,
-              labels: str | Path | None = None, label_column: str = "label", device: str = "auto") -> dict[str, Any]:
+              labels: LabelsArg | None = None, label_column: str = "label", device: str = "auto") -> dict[str, Any]:
     """``embedder probe --zero-shot-only``: the zero-shot accuracy of the model that made STORE (a
     CLIP-family backbone's own image embedding) on TEST_STORE, else on STORE's labelled images (which
     zero-shot never trains on). CLASS_NAMES: words for labels that are not (``{"0": "T-shirt"}``, or a
@@ -559,7 +560,7 @@ def zero_shot(store: str | Path, *, test_store: str | Path | None = None, templa
     return dict(out or {})
 
 
-def select(store: str | Path, budget: int, *, strategy: str = "auto", labels: str | Path | None = None, seed: int = 0,
+def select(store: str | Path, budget: int, *, strategy: str = "auto", labels: LabelsArg | None = None, seed: int = 0,
            label_column: str | None = "label", out: str | Path | None = None) -> Any:
     """``embedder select``: which BUDGET images of STORE to label first (``Selection``: ``.table`` of
     id, path, rank, why; ``.strategy``; ``.reason``). ``label_column=None`` sets the store's own labels
@@ -567,7 +568,7 @@ def select(store: str | Path, budget: int, *, strategy: str = "auto", labels: st
     from embedder.learn.active import select as pick
     from embedder.learn.active import write_selection
 
-    sel = pick(str(store), budget, strategy, None if labels is None else str(labels), seed, label_column)
+    sel = pick(str(store), budget, strategy, labels, seed, label_column)
     if out is not None:
         write_selection(out, sel)
     return sel

@@ -286,3 +286,31 @@ def test_the_c_sweep_on_a_few_hundred_labels_runs_on_one_thread() -> None:
     t = time.perf_counter()
     r = pr.train_probe(pr.Dataset(x, y, [str(c) for c in range(10)], [], [], {}), ProbeOptions())
     assert time.perf_counter() - t < 20 and r.val_accuracy is not None and r.val_accuracy > 0.9
+
+
+def test_labels_given_twice_are_rounds_a_later_file_winning(tmp_path: Path) -> None:
+    """`--labels` repeated (rounds of labelling) used to keep only the last file: round 1's labelled
+    images were picked again. Now both, a later file's label winning for an id both name."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from embedder.store.labels import read_labels
+    from embedder.store.shards import Store
+    from tests.test_select import mixture, write_store
+
+    (tmp_path / "r1.csv").write_text("id,label\na,cat\nb,dog\n")
+    (tmp_path / "r2.csv").write_text("id,label\nb,cow\nc,cat\n")
+    f = read_labels([tmp_path / "r1.csv", tmp_path / "r2.csv"])
+    assert dict(zip(f.ids.to_pylist(), f.labels.to_pylist())) == {"a": "cat", "b": "cow", "c": "cat"}
+    x, _ = mixture([12, 12], dim=4)
+    store = write_store(tmp_path / "s", x, [None] * len(x))
+    ids = Store.open(store).read(["id"]).column("id").to_pylist()
+    (tmp_path / "a.csv").write_text("id,label\n" + "".join(f"{i},c0\n" for i in ids[:3]))
+    (tmp_path / "b.csv").write_text("id,label\n" + "".join(f"{i},c1\n" for i in ids[12:15]))
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(app, ["select", store, "--budget", "6", "--out", str(out), "--labels",
+                                 str(tmp_path / "a.csv"), "--labels", str(tmp_path / "b.csv")])
+    assert r.exit_code == 0 and "6 of 6 used" in r.output, r.output
+    picked = set(pq.read_table(out).column("id").to_pylist())
+    assert len(picked) == 6 and not picked & (set(ids[:3]) | set(ids[12:15]))

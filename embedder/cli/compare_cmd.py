@@ -19,7 +19,7 @@ def compare_command(
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names, e.g. resnet50,mobilenet_v2:IMAGENET1K_V1.")],
     work: Annotated[Path, typer.Option(help="Directory for the per-cell stores (cached: a second run reuses them), leaderboard and plots.")],
     test: Annotated[Optional[list[str]], typer.Option(help="Labelled test images (default: hold out 20 % of train).")] = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parquet of id,label rows, keyed by the ids extract gives these images (`embedder info` on a store of them shows them): their labels put over the folders' (train and --test); images it does not name keep their folder's, ids not among the images are ignored and counted.")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="Repeatable (rounds of labelling: a later file wins for an id). " + "CSV or Parquet of id,label rows, keyed by the ids extract gives these images (`embedder info` on a store of them shows them): their labels put over the folders' (train and --test); images it does not name keep their folder's, ids not among the images are ignored and counted.")] = None,
     layers: Annotated[str, typer.Option(help="Comma-separated: penultimate, module names (see `embedder backbones --layers NAME`), or all.")] = PENULTIMATE,
     probe_top: Annotated[int, typer.Option(min=1, help="Cells, best by the cheap scores, that get the full linear probe.")] = CompareOptions.probe_top,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = CompareOptions.device,
@@ -61,7 +61,7 @@ def compare_command(
 
     from embedder.store.labels import LabelJoin, read_labels
 
-    join = LabelJoin(read_labels(labels)) if labels is not None else None
+    join = LabelJoin(read_labels(labels)) if labels else None
     board = compare(train_sources, str(work), options, test or None, progress, status, join)
     status("")
     if as_json:

@@ -21,7 +21,7 @@ def finetune_command(
     train_source: Annotated[list[str], typer.Argument(help="Labelled images (one subfolder per class).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")],
     val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation images (default: split of train).")] = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parquet of id,label rows, keyed by the ids extraction gives these images (a store of them shows them; `embedder select` writes them): their labels put over the folders' (train and --val); images it does not name keep their folder's (none: not trained on), ids not among the images are ignored and counted.")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="Repeatable (rounds of labelling: a later file wins for an id). " + "CSV or Parquet of id,label rows, keyed by the ids extraction gives these images (a store of them shows them; `embedder select` writes them): their labels put over the folders' (train and --val); images it does not name keep their folder's (none: not trained on), ids not among the images are ignored and counted.")] = None,
     val_fraction: Annotated[float, typer.Option()] = FinetuneOptions.val_fraction,
     backbone: Annotated[Optional[str], typer.Option(help=f"Registry name, optionally NAME:WEIGHTS_TAG (default: {DEFAULT_BACKBONE}, or the --weights checkpoint's own).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict instead.")] = None,
@@ -89,7 +89,7 @@ def finetune_command(
 
     from embedder.store.labels import LabelJoin, read_labels
 
-    join = LabelJoin(read_labels(labels)) if labels is not None else None
+    join = LabelJoin(read_labels(labels)) if labels else None
     with progress:
         result = finetune(train_source, out_file, opts, val, resume, on_step, on_epoch, join)
     if as_json:

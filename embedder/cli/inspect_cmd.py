@@ -21,7 +21,7 @@ def inspect_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Report directory: index.html, findings.parquet, thumbs/.")],
     test: Annotated[Optional[str], typer.Option(help="Test store: test images with a near-duplicate in train are listed first.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = InspectOptions.label_column,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parquet of id,label rows: joined on the store's 'id', its labels put over the store's own (label errors, overlap and accuracies are then of these labels); rows it does not name keep theirs, ids not in the store are ignored and counted. Read batch by batch on large stores.")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="Repeatable (rounds of labelling: a later file wins for an id). " + "CSV or Parquet of id,label rows: joined on the store's 'id', its labels put over the store's own (label errors, overlap and accuracies are then of these labels); rows it does not name keep theirs, ids not in the store are ignored and counted. Read batch by batch on large stores.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours in the kNN graph.")] = InspectOptions.k,
     duplicate_threshold: Annotated[Optional[float], typer.Option(help=f"Cosine similarity at which two images are near-duplicates (and a test image leaked); JPEG-recompressed, downscaled copies measured 0.93-0.998, distinct photos ≤ 0.63 (default {NEAR_DUPLICATE_COSINE:g}).")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validated probe behind label errors.")] = InspectOptions.folds,
@@ -65,7 +65,7 @@ def inspect_command(
 
     from embedder.store.labels import LabelJoin, read_labels
 
-    join = LabelJoin(read_labels(labels)) if labels is not None else None
+    join = LabelJoin(read_labels(labels)) if labels else None
     try:
         insp = inspect_store(str(store), str(out_dir), str(test) if test else None, options, tick, join)
         joined = join.result() if join is not None else None

@@ -27,7 +27,7 @@ def probe_command(
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Probe file to write (safetensors + JSON); not needed with --zero-shot-only.")] = None,
     test: Annotated[Optional[str], typer.Option(help="Store with labelled test vectors.")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the class name.")] = ProbeOptions.label_column,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help=LABELS_HELP + " Then the probe is also retrained on 1, 2, 5, 10, … of the file's labels per class: accuracy against the number of labels (--no-curve: not).")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="Repeatable (rounds of labelling: a later file wins for an id). " + LABELS_HELP + " Then the probe is also retrained on 1, 2, 5, 10, … of the file's labels per class: accuracy against the number of labels (--no-curve: not).")] = None,
     curve: Annotated[bool, typer.Option("--curve/--no-curve", help="With --labels: the learning curve (seconds, capped; on --test, else the store's own labels the file does not touch, else K-fold).")] = True,
     val_fraction: Annotated[float, typer.Option(help="Held out from train to choose C.")] = ProbeOptions.val_fraction,
     seed: Annotated[int, typer.Option()] = ProbeOptions.seed,
@@ -59,7 +59,7 @@ def probe_command(
                         standardize=str(standardize), knn_k=knn_k, backend=str(backend), memory_budget=budget)
     from embedder.store.labels import LabelJoin, read_labels
 
-    join = LabelJoin(read_labels(labels)) if labels is not None else None
+    join = LabelJoin(read_labels(labels)) if labels else None
     train = pr.load_dataset(str(train_store), label_column, memory_budget=budget, labels=join)
     test_ds = pr.load_test(str(test), train, label_column, budget, join) if test else None
     joined = join.require_some(str(train_store) + (f" or {test}" if test else "")) if join else None
@@ -69,7 +69,7 @@ def probe_command(
         console.print(f"[yellow]warning:[/yellow] test classes not in train are dropped: {', '.join(test_ds.unseen)}")
     if train.dropped_unlabelled and joined is not None:
         if not as_json:  # expected with a labels file over an unlabelled pool: a note, not a warning
-            console.print(f"note: {train.dropped_unlabelled:,} rows labelled neither by {labels} nor by the store "
+            console.print(f"note: {train.dropped_unlabelled:,} rows labelled neither by {join.file.path if join else labels} nor by the store "
                           "take no part", markup=False)
     elif train.dropped_unlabelled:
         console.print(f"[yellow]warning:[/yellow] {train.dropped_unlabelled} unlabelled rows ignored")

@@ -22,7 +22,7 @@ def select_command(
     store: Annotated[str, typer.Argument(help="Store to pick from.")],
     budget: Annotated[int, typer.Option("--budget", "-n", min=1, help="How many images to pick.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parquet file to write (replaced if it exists): id, path, rank (1 = label first), why.")] = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help=SELECT_LABELS_HELP)] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="Repeatable (rounds of labelling: a later file wins for an id). " + SELECT_LABELS_HELP)] = None,
     strategy: Annotated[choices.Strategy, typer.Option(help="auto: typical images while labels are few (none, one class, or under 2 in some class), then where the probe is least sure | typical (TypiClust) | uncertain (probe margin, spread by k-means) | diverse (k-center greedy).")] = choices.Strategy.auto,
     seed: Annotated[int, typer.Option(help="The same seed, store and labels give the same picks.")] = 0,
     label_column: Annotated[str, typer.Option(help="The store's column of class names (rows with one count as labelled).")] = "label",
@@ -56,10 +56,10 @@ def select_command(
 
     try:
         if evaluate:
-            ev = active.evaluate(store, budget, str(strategy), str(labels) if labels else None, seed, label_column,
+            ev = active.evaluate(store, budget, str(strategy), [str(p) for p in labels] if labels else None, seed, label_column,
                                  tick=tick)  # the store's labels are the answer key here: never ignored
         else:
-            sel = active.select(store, budget, str(strategy), str(labels) if labels else None, seed,
+            sel = active.select(store, budget, str(strategy), [str(p) for p in labels] if labels else None, seed,
                                 None if ignore_store_labels else label_column, tick=tick)
     finally:
         if task is not None:

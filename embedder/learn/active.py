@@ -48,7 +48,7 @@ from embedder.analysis.streamed import Reservoir, batches
 from embedder.analysis.vectors import ClassCodes, normalize_rows
 from embedder.errors import EmbedderError, StoreError
 from embedder.io import storage
-from embedder.store.labels import Joined, LabelJoin, read_labels
+from embedder.store.labels import Joined, LabelJoin, LabelsArg, read_labels
 from embedder.store.shards import Store, arrow_to_embeddings
 
 STRATEGIES = choices.STRATEGIES  # auto | typical | uncertain | diverse
@@ -517,7 +517,7 @@ def _lookup(store: Store, rows: np.ndarray, options: ActiveOptions) -> tuple[lis
     return [str(i) for i in ids], paths
 
 
-def select(store_path: str | Path, budget: int, strategy: str = "auto", labels: str | Path | None = None,
+def select(store_path: str | Path, budget: int, strategy: str = "auto", labels: LabelsArg | None = None,
            seed: int = 0, label_column: str | None = "label", options: ActiveOptions = ActiveOptions(),
            tick: Tick | None = None) -> Selection:
     """BUDGET images of STORE to label next, best first (module docstring). LABELS: a file of (id,
@@ -541,7 +541,7 @@ def select(store_path: str | Path, budget: int, strategy: str = "auto", labels: 
         # store without labels that the file labels whole
         hint = " (if its folders are not classes: --ignore-store-labels)" if pool.store_labelled else ""
         raise SelectError(f"every image of {store_path} is labelled ({labelled:,}"
-                          f"{f' by {labels}' if labels is not None and not pool.store_labelled else ''}): "
+                          f"{f' by {join.file.path}' if join is not None and not pool.store_labelled else ''}): "
                           f"nothing left to select{hint}")
     if budget > pool.unlabelled:
         raise SelectError(f"--budget {budget:,} is more than the {pool.unlabelled:,} unlabelled images of {store_path}")
@@ -670,7 +670,7 @@ def knn_accuracy(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
     return float((knn_predict(xtr, ytr, xte, n_classes).argmax(1) == yte).mean())
 
 
-def evaluate(store_path: str | Path, budget: int, strategy: str = "auto", labels: str | Path | None = None,
+def evaluate(store_path: str | Path, budget: int, strategy: str = "auto", labels: LabelsArg | None = None,
              seed: int = 0, label_column: str | None = "label", options: ActiveOptions = ActiveOptions(),
              tick: Tick | None = None) -> Evaluation:
     """The learning curve of the picks against random picks on a labelled store: at 1, 2, 5, 10
