@@ -15,12 +15,18 @@ from PIL import Image
 
 os.environ["EMBEDDER_OFFLINE"] = "1"  # never try a hub download from tests
 os.environ["HF_HUB_OFFLINE"] = "1"  # nor a Hugging Face hub request (set before huggingface_hub is imported)
+# the runtime's graphs and decisions never from ~/.cache (a decision cached there by an earlier run
+# would pick ONNX Runtime for a module fixture's extract); each test gets its own below
+os.environ["EMBEDDER_RUNTIME_CACHE"] = __import__("tempfile").mkdtemp(prefix="embedder-test-runtime-")
 
 
 @pytest.fixture(autouse=True)
 def _torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path_factory.getbasetemp() / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(home))
+    # the runtime's graphs and decisions (auto's trial, the CPU graph's), per test: never ~/.cache, and
+    # no test sees another's cached decision
+    monkeypatch.setenv("EMBEDDER_RUNTIME_CACHE", str(tmp_path_factory.mktemp("runtime_cache")))
 
 
 def make_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (48, 40),

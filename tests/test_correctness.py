@@ -166,8 +166,10 @@ def test_version_1_store_opens_and_appends(tmp_path: Path) -> None:
     store = tmp_path / "v1"
     shutil.copytree(STORE_V1, store)
     prov = Store.open(store).provenance
+    from embedder.store.provenance import VERSION
+
     assert (prov.version, prov.backbone, prov.weights.kind, prov.decoder, prov.precision) == (
-        3, "tiny_test", "seeded", "pil", "fp32")
+        VERSION, "tiny_test", "seeded", "pil", "fp32")
     # read as the record's current version: no text tower, the shorter-side resize every old store used
     assert prov.text is None and prov.preprocessing.resize_mode == "shorter"
     assert prov.weights.tag == "SEED0" and Store.open(store).count() == 5

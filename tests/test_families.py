@@ -184,9 +184,9 @@ def test_zero_shot_without_the_weights_file_or_with_numeric_classes_is_skipped_n
     (it refused to run at all); classes that are numbers (a WebDataset's .cls) get no zero-shot accuracy
     of "a photo of a 0." printed beside the probe — unless --class-names gives words; the Python API's
     zero_shot, Embedder.zero_shot, unit-length embed_text and Probe.load agree."""
-    import embedder
-
     import shutil
+
+    import embedder
 
     make_images(tmp_path / "imgs", {"0": 3, "1": 3}, size=(48, 40), seed=4)
     mine = tmp_path / "w.pth"

@@ -260,6 +260,9 @@ def test_query_model_must_match_index_provenance(image_tree: Path, tmp_path: Pat
     home = str(tmp_path / "h")
     idx.build(store, "w", index_plan.BuildOptions(kind="flat"), home)
     q = str(image_tree / "cat" / "cat_0001.jpg")
+    r = runner.invoke(app, ["search", "w", q, "--home", home, "--json"])
+    assert r.exit_code == 0, r.output  # the store remembers its weights file, still there and unchanged
+    f = f.rename(tmp_path / "moved.pth")  # gone from where it was: never guessed
     r = runner.invoke(app, ["search", "w", q, "--home", home])
     assert r.exit_code == 2 and "--weights" in r.output
     other = tmp_path / "other.pth"

@@ -347,8 +347,16 @@ def test_index_build_measures_text_to_image_recall_on_captions(clip: dict, tmp_p
         _wait_ready(c)
         listed = {d["name"]: d for d in c.get("/indexes").json()}
         assert listed["cli"]["text_recall"] == tr and c.get("/indexes/disk").json()["text_recall"]["captions"] == 7
-    # without the weights file the index is still built; the record says why recall was not measured
-    bare = embedder.build_index(store, "bare", home=home, kind="flat")
+    # without the weights file the index is still built; the record says why recall was not measured (a
+    # copy of the store whose manifest no longer says where its file was: it is never guessed)
+    import shutil
+
+    shutil.copytree(store, home / "forgot")
+    manifest = json.loads((home / "forgot" / "_manifest.json").read_text())
+    for run in manifest["runs"]:
+        run.pop("weights_file", None)
+    (home / "forgot" / "_manifest.json").write_text(json.dumps(manifest))
+    bare = embedder.build_index(home / "forgot", "bare", home=home, kind="flat")
     assert "--weights" in bare.info["text_recall"]["not_measured"]
     assert "text → image recall not measured" in " ".join(_cli("index", "info", "bare", "--home", str(home)).split())
     # and not at all when asked not to

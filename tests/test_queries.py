@@ -164,9 +164,11 @@ def test_the_api_probe_takes_the_weights_file_its_store_was_made_from(image_tree
     store = str(tmp_path / "store")
     extract([str(image_tree)], store, ModelSpec("tiny_test", weights_file=f))
     files = sorted(image_tree.rglob("*.jpg"))[:3]
+    assert len(embedder.train_probe(store).predict(files)) == 3  # the store remembers where its file is
+    moved = f.rename(tmp_path / "moved.pth")  # gone from there: never guessed
     with pytest.raises(ProvenanceMismatch, match="--weights"):
         embedder.train_probe(store).predict(files)
-    probe = embedder.train_probe(store, weights=f)
+    probe = embedder.train_probe(store, weights=moved)
     stored = embedder.open_store(store)
     by_id = dict(zip(stored.table(["id"]).column("id").to_pylist(), stored.vectors()))
     from embedder.io.uri import image_id

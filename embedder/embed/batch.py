@@ -219,7 +219,12 @@ class BatchEmbedder:
         torch_model = self._onednn if choice.graph == "onednn" and self._onednn is not None else self._eager
         choice = self._settle_runtime(choice, torch_model, batch, batches)
         threads = self._threads()
-        self.model = self._onnx[threads].module if choice.runtime == "onnxruntime" else torch_model
+        if choice.runtime == "onnxruntime":
+            self.model = self._onnx[threads].module
+        elif torch_model is not self._eager:
+            self.model = torch_model
+        elif self.model is self._onednn or any(self.model is g.module for g in self._onnx.values()):
+            self.model = self._eager  # back from a graph of an earlier run; a model set by the caller is kept
         self.graph_choice = choice
         self.stages.prepare_s += time.perf_counter() - t0
         log.info("CPU graph and runtime (%.2f s): %s", time.perf_counter() - t0, choice.record())
