@@ -69,6 +69,16 @@ def test_backbones_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     (cache / by["resnet50"]["file"]).write_bytes(b"")  # present means: the file is in torchvision's cache
     by = {r["name"]: r for r in json.loads(_ok(["backbones", "--json"]))}
     assert by["resnet50"]["present"] is True and by["resnet18"]["present"] is False
+    # another tag than the default (the demo's MobileNetV2 IMAGENET1K_V1): said, not "no"
+    from embedder.models.hub import registry_file
+    from embedder.models.registry import REGISTRY
+
+    (cache / registry_file(REGISTRY["mobilenet_v2"], "IMAGENET1K_V1")[1].name).write_bytes(b"")
+    by = {r["name"]: r for r in json.loads(_ok(["backbones", "--json"]))}
+    assert by["mobilenet_v2"]["present"] is False and by["mobilenet_v2"]["present_tags"] == [
+        "MobileNet_V2_Weights.IMAGENET1K_V1"]
+    row = next(ln for ln in _ok(["backbones"]).splitlines() if "mobilenet_v2 " in ln)
+    assert row.rstrip(" │").endswith("IMAGENET1K_V1")  # the tag that is there, not "no"
     assert "layer3" in _ok(["backbones", "--layers", "resnet50"])
 
 
@@ -139,3 +149,16 @@ def test_fit_paths_keeps_file_names_and_a_shards_own_name() -> None:
         "t.parquet#image/0/12", "t.parquet#image/0/3"]
     long = "/a/" + "b" * 50 + "/IMG_2041.jpg"
     assert fit_paths([long, "/c/d.jpg"], 20)[1][0] == "…" + long[-19:]  # cut from the left
+
+
+def test_appending_without_a_backbone_uses_the_stores_own_model(image_tree: Path, tmp_path: Path) -> None:
+    """A second extract into a store, naming no model, tried the default resnet50 (refused, or a
+    download) instead of the store's own."""
+    out = tmp_path / "s"
+    r = runner.invoke(app, ["extract", str(image_tree / "cat"), "--out", str(out), "--backbone", "tiny_test"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["extract", str(image_tree / "dog"), "--out", str(out), "--json"])
+    assert r.exit_code == 0 and "with its own model: tiny_test" in r.output, r.output
+    from embedder.store.shards import Store
+
+    assert Store.open(out).count() == len(list(image_tree.rglob("*.jpg")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -14,7 +14,7 @@ from embedder.cli.common import console, handle_errors, image_progress, out, set
 from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
 from embedder.errors import EmbedderError
 from embedder.io.options import SourceOptions
-from embedder.models.hub import weights_present
+from embedder.models.hub import present_tags, weights_present
 from embedder.models.registry import REGISTRY
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
@@ -34,7 +34,7 @@ weights_app = typer.Typer(help="Manage pretrained weights in torchvision's cache
 def extract_command(
     sources: Annotated[list[str], typer.Argument(help="Folders, globs, image files, CSV/TSV/text lists, WebDataset tar shards (brace ranges: shards/{00000..00099}.tar), Parquet/Arrow/Feather tables of image bytes, datasets.save_to_disk folders; local or s3://. A Parquet file with an image-bytes column is read as images, one without as a list of paths.")],
     out_store: Annotated[str, typer.Option("--out", "-o", help="Store directory or s3://bucket/prefix (created or appended).")],
-    backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Registry name, optionally NAME:WEIGHTS_TAG (default: resnet50, or the --weights checkpoint's own). Appending to an existing --out store with none of --backbone, --weights, --layer, --pool, --image-size: the store's own model.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local state dict or finetune checkpoint.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Take features from this module (e.g. layer3), pooled.")] = None,
     pool: Annotated[Optional[choices.Pool], typer.Option(help="Pooling of a --layer's feature map (default: the model's own).")] = None,
@@ -77,6 +77,8 @@ def extract_command(
 
     setup_logging(verbose)
     spec = spec_for(backbone, weights, layer, value(pool), image_size)
+    if backbone is None and weights is None and layer is None and pool is None and image_size is None:
+        spec = _store_own_model(str(out_store)) or spec  # appending: the store's model, not the default
     if fast_decode and decoder not in ("pil", "pil-draft"):
         raise EmbedderError(f"--fast-decode is --decoder pil-draft; it cannot go with --decoder {decoder}: give one")
     if engine == "ray" and workers is not None:
@@ -127,6 +129,21 @@ def extract_command(
 
 
 @handle_errors
+def _store_own_model(store: str) -> Any:
+    """An existing store's own model (backbone, weights — its remembered file where it was made from
+    one —, layer, pooling, size), for an append that names none; None where there is no store yet."""
+    from embedder.embed.query import spec_from_provenance
+    from embedder.io import storage
+    from embedder.store.shards import MANIFEST, Store
+
+    if not storage.exists(storage.join(storage.resolve(store), MANIFEST)):
+        return None
+    prov = Store.open(store).provenance
+    spec = spec_from_provenance(prov, None, store)
+    console.print(f"appending to {store} with its own model: {prov.backbone}", markup=False)
+    return spec
+
+
 def backbones_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     layers: Annotated[Optional[str], typer.Option(help="List the stage-level layers of this backbone.")] = None,
@@ -145,7 +162,8 @@ def backbones_command(
     for b in REGISTRY.values():
         meta = b.meta()
         rows.append({"name": b.name, "dim": b.dim, "gflops": meta["gflops"], "acc1": meta["acc1"],
-                     "weights": meta["weights"], "file": meta["file"], "present": weights_present(b)})
+                     "weights": meta["weights"], "file": meta["file"], "present": weights_present(b),
+                     "present_tags": present_tags(b)})
     from embedder.models.curated import CURATED, MEASURED
     from embedder.models.hf_cache import hub_cached
 
@@ -162,7 +180,9 @@ def backbones_command(
     for r in rows:
         table.add_row(r["name"], str(r["dim"]), "" if r["gflops"] is None else f"{r['gflops']:.2f}",
                       "" if r["acc1"] is None else f"{r['acc1']:.2f}", r["weights"],
-                      "[green]yes[/green]" if r["present"] else "no")
+                      "[green]yes[/green]" if r["present"] else
+                      f"[green]{', '.join(t.rsplit('.', 1)[-1] for t in r['present_tags'])}[/green]"  # another tag
+                      if r["present_tags"] else "no")
     out.print(table)
     from rich.table import Column
 

@@ -14,14 +14,30 @@ from embedder.models.origin import WeightsRef, sha256_file
 from embedder.models.registry import REGISTRY
 from embedder.models.torchvision_family import OFFLINE_ENV, cache_dir
 
-__all__ = ["OFFLINE_ENV", "cache_dir", "ensure_registry_file", "import_weights", "registry_file", "sha256_file",
-           "weights_present"]
+__all__ = ["OFFLINE_ENV", "cache_dir", "ensure_registry_file", "import_weights", "present_tags", "registry_file",
+           "sha256_file", "weights_present"]
 
 def weights_present(backbone: Backbone) -> bool:
     """Whether the default weights' file is in torchvision's cache."""
     if not backbone.is_torchvision:
         return True
     return (cache_dir() / str(REGISTRY_META[backbone.name]["file"])).exists()
+
+
+def present_tags(backbone: Backbone) -> list[str]:
+    """The weight tags of BACKBONE whose files are in torchvision's cache (``embedder weights import``
+    or the demo may install a tag other than the default: MobileNetV2's IMAGENET1K_V1)."""
+    if not backbone.is_torchvision:
+        return []
+    found = []
+    for tag in backbone.weights_tags():
+        try:
+            full, path = registry_file(backbone, tag)
+        except (WeightsUnavailable, KeyError, ValueError):
+            continue
+        if path.exists():
+            found.append(full)
+    return found
 
 
 def registry_file(backbone: Backbone, tag: str | None) -> tuple[str, Path]:
