@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 from embedder.io import storage
@@ -23,12 +24,17 @@ _matched: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → its
 
 
 def file_digest(path: str) -> str | None:
-    """PATH's SHA-256, or None when it is not a readable file (cached by path, size and mtime)."""
+    """PATH's SHA-256, or None when it is not a readable plain file (cached by path, size and mtime).
+
+    Only a regular file is read: a FIFO recorded in a manifest would block the open for ever, a device
+    (/dev/zero) would be read for ever, and a directory cannot be read."""
     from embedder.models.origin import sha256_file
 
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
+        return None
+    if not stat.S_ISREG(st.st_mode):
         return None
     key = (path, st.st_size, st.st_mtime_ns)
     if key not in _matched:
@@ -45,8 +51,11 @@ def recorded_paths(store: str) -> list[str]:
         manifest = json.loads(storage.read_bytes(storage.join(storage.resolve(store), MANIFEST)))
     except (OSError, ValueError, FileNotFoundError):
         return []
+    runs = manifest.get("runs") if isinstance(manifest, dict) else None
+    if not isinstance(runs, list):
+        return []
     seen: list[str] = []
-    for run in reversed(manifest.get("runs", [])):
+    for run in reversed(runs):
         p = run.get("weights_file") if isinstance(run, dict) else None
         if isinstance(p, str) and p and p not in seen:
             seen.append(p)
