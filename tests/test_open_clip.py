@@ -422,7 +422,7 @@ def test_weights_import_installs_a_family_file_where_the_name_alone_finds_it(cli
     imgs = str(clip["root"] / "imgs")
     for name, wfile in [("timm:resnet18.a1_in1k", tfile), (NAME, clip["wfile"])]:
         r = run("weights", "import", str(wfile), "--backbone", name)
-        assert r.returncode == 0 and "installed" in r.stdout, r.stderr[-2000:]
+        assert r.returncode == 0 and "installed" in r.stdout and "not hub-verified" in r.stdout, r.stderr[-2000:]
         by_name, by_file = tmp_path / f"{name}-hub", tmp_path / f"{name}-file"
         assert run("extract", imgs, "--out", str(by_name), "--backbone", name, "--json").returncode == 0
         if name == NAME:
@@ -431,7 +431,8 @@ def test_weights_import_installs_a_family_file_where_the_name_alone_finds_it(cli
             _cli("extract", imgs, "--out", str(by_file), "--backbone", name, "--weights", str(wfile), "--json")
         a, b = _stored(by_name), _stored(by_file)
         assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a), name
-        assert Store.open(by_name).provenance.weights.kind == "hub"
+        weights = Store.open(by_name).provenance.weights
+        assert weights.kind == "hub" and "imported by `embedder weights import`, not verified" in weights.name
     r = run("weights", "import", str(tfile), "--backbone", NAME)  # a ResNet-18 file is no MobileCLIP
     assert r.returncode == 2 and "does not fit" in r.stderr + r.stdout
 

@@ -212,6 +212,9 @@ def weights_import(
 
     which, target = import_family_weights(file, backbone) if backbone else import_weights(file)
     out.print(f"installed {which} → {target}")
+    if backbone:  # a torchvision file is recognised by its published SHA-256; these only load without error
+        out.print("checked by loading it into the architecture, not against the hub: stores made with it record "
+                  "these weights as imported, not hub-verified", markup=False)
 
 
 def register(app: typer.Typer) -> None:

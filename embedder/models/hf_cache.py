@@ -6,6 +6,7 @@ layout is huggingface_hub's: ``models--ORG--NAME/refs/main`` names a snapshot fo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from functools import cache
@@ -47,7 +48,36 @@ def install(src: Path, repo: str, filename: str, digest: str) -> Path:
     tmp = target.with_name(target.name + ".partial")
     shutil.copyfile(src, tmp)
     os.replace(tmp, target)
+    marks = base / IMPORTED
+    try:
+        known = json.loads(marks.read_text()) if marks.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    known[filename] = digest
+    marks.write_text(json.dumps(known))
     return target
+
+
+IMPORTED = "embedder-imported.json"  # beside a repository's snapshots: the files `weights import` put there
+
+
+def imported_file(repo: str) -> str | None:
+    """The file of REPO's current snapshot that ``embedder weights import`` installed (its bytes unchanged
+    since), or None: such weights were checked by loading, never verified by the hub, and the stores made
+    with them say so."""
+    from embedder.models.origin import sha256_file
+
+    base = repo_dir(repo)
+    try:
+        known = json.loads((base / IMPORTED).read_text())
+        revision = (base / "refs" / "main").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    for filename, digest in known.items() if isinstance(known, dict) else []:
+        path = base / "snapshots" / revision / str(filename)
+        if path.is_file() and sha256_file(path) == digest:
+            return str(filename)
+    return None
 
 
 def honour_offline() -> None:

@@ -198,7 +198,12 @@ class OpenClipModel:
             raise WeightsUnavailable(f"OpenCLIP names no file for {self.name}; give --weights FILE")
         net = self.build()
         self.load_file(net, Path(path))
-        return net, WeightsRef("hub", f"{self.name} ({Path(path).name})", sha256_file(Path(path)))
+        from embedder.models.hf_cache import imported_file
+
+        imported = imported_file(self.hub_target(".bin")[0]) if hub else None
+        said = f"{Path(path).name}, imported by `embedder weights import`, not verified by the hub" if imported else \
+            Path(path).name
+        return net, WeightsRef("hub", f"{self.name} ({said})", sha256_file(Path(path)))
 
     def hub_target(self, suffix: str) -> tuple[str, str]:
         """(hub repository, file name) where OpenCLIP's download looks for this tag's weights."""

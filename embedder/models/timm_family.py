@@ -153,7 +153,12 @@ class TimmModel:
             raise WeightsUnavailable(f"cannot load timm:{self.arch}'s pretrained weights ({first}): "
                                      f"{offline_advice('timm:' + self.arch)}") from None
         digest = state_dict_digest(net.state_dict())  # of the tensors as loaded (the hub file is timm's)
-        return net, WeightsRef("hub", f"timm:{self.arch}", digest)
+        from embedder.models.hf_cache import imported_file
+
+        repo = str(getattr(cfg, "hf_hub_id", "") or "") if cfg is not None else ""
+        imported = bool(repo) and imported_file(repo) is not None
+        said = " (imported by `embedder weights import`, not verified by the hub)" if imported else ""
+        return net, WeightsRef("hub", f"timm:{self.arch}{said}", digest)
 
 
 @cache
