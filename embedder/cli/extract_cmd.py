@@ -14,7 +14,7 @@ from embedder.cli.common import console, handle_errors, image_progress, out, set
 from embedder.embed.options import EmbedOptions, RayOptions, RunOptions
 from embedder.errors import EmbedderError
 from embedder.io.options import SourceOptions
-from embedder.models.hub import present_tags, weights_present
+from embedder.models.hub import present_files, weights_present
 from embedder.models.registry import REGISTRY
 
 if TYPE_CHECKING:  # torch loads when a command needs a model, not at start-up
@@ -163,7 +163,7 @@ def backbones_command(
         meta = b.meta()
         rows.append({"name": b.name, "dim": b.dim, "gflops": meta["gflops"], "acc1": meta["acc1"],
                      "weights": meta["weights"], "file": meta["file"], "present": weights_present(b),
-                     "present_tags": present_tags(b)})
+                     "present_files": present_files(b)})
     from embedder.models.curated import CURATED, MEASURED
     from embedder.models.hf_cache import hub_cached
 
@@ -181,8 +181,8 @@ def backbones_command(
         table.add_row(r["name"], str(r["dim"]), "" if r["gflops"] is None else f"{r['gflops']:.2f}",
                       "" if r["acc1"] is None else f"{r['acc1']:.2f}", r["weights"],
                       "[green]yes[/green]" if r["present"] else
-                      f"[green]{', '.join(t.rsplit('.', 1)[-1] for t in r['present_tags'])}[/green]"  # another tag
-                      if r["present_tags"] else "no")
+                      "another tag's"  # a file of another weights tag (the JSON names it)
+                      if r["present_files"] else "no")
     out.print(table)
     from rich.table import Column
 

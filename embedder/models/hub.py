@@ -14,7 +14,7 @@ from embedder.models.origin import WeightsRef, sha256_file
 from embedder.models.registry import REGISTRY
 from embedder.models.torchvision_family import OFFLINE_ENV, cache_dir
 
-__all__ = ["OFFLINE_ENV", "cache_dir", "ensure_registry_file", "import_weights", "present_tags", "registry_file",
+__all__ = ["OFFLINE_ENV", "cache_dir", "ensure_registry_file", "import_weights", "present_files", "registry_file",
            "sha256_file", "weights_present"]
 
 def weights_present(backbone: Backbone) -> bool:
@@ -24,20 +24,18 @@ def weights_present(backbone: Backbone) -> bool:
     return (cache_dir() / str(REGISTRY_META[backbone.name]["file"])).exists()
 
 
-def present_tags(backbone: Backbone) -> list[str]:
-    """The weight tags of BACKBONE whose files are in torchvision's cache (``embedder weights import``
-    or the demo may install a tag other than the default: MobileNetV2's IMAGENET1K_V1)."""
+def present_files(backbone: Backbone) -> list[str]:
+    """Weights files of BACKBONE in torchvision's cache other than its default tag's (``embedder weights
+    import`` or the demo may install another tag: MobileNetV2's IMAGENET1K_V1, mobilenet_v2-b0353104.pth).
+    By torchvision's file naming (NAME-HASH.pth), without importing torch: `backbones` stays light."""
     if not backbone.is_torchvision:
         return []
-    found = []
-    for tag in backbone.weights_tags():
-        try:
-            full, path = registry_file(backbone, tag)
-        except (WeightsUnavailable, KeyError, ValueError):
-            continue
-        if path.exists():
-            found.append(full)
-    return found
+    default = str(REGISTRY_META[backbone.name]["file"])
+    try:
+        names = sorted(p.name for p in cache_dir().glob(f"{backbone.name}-*.pth"))
+    except OSError:
+        return []
+    return [n for n in names if n != default]
 
 
 def registry_file(backbone: Backbone, tag: str | None) -> tuple[str, Path]:

@@ -17,6 +17,7 @@ const state = {
   index: "",         // the index the hits are from
   end: false,        // no more to fetch
   busy: false,
+  pending: null,  // the page fetch in flight (a promise), while busy
   seq: 0,            // each search's number: an answer to an older one is dropped
   applied: null,     // the address's query string last applied or written
 };
@@ -308,7 +309,15 @@ async function search(q, push = true) {
   await fetchPage();
 }
 
-async function fetchPage() {
+function fetchPage() {
+  // a page already in flight (the scroll's) is waited for, not skipped: an arrow key past the last card
+  // must land on the next page's first card, not be lost
+  if (state.busy && state.pending) return state.pending;
+  state.pending = fetchPageOnce().finally(() => { state.pending = null; });
+  return state.pending;
+}
+
+async function fetchPageOnce() {
   if (!state.query || state.end || state.busy) return;
   const seq = state.seq;
   const have = state.hits.length;
