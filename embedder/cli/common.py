@@ -132,3 +132,25 @@ def fit_paths(paths: list[str], width: int) -> tuple[str, list[str]]:
     shown = [p[len(root):].lstrip("/") if root else p for p in paths]
     width = max(width, 12)
     return root, [p if len(p) <= width else "…" + p[-(width - 1):] for p in shown]
+
+
+@contextmanager
+def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A bar for a command of named stages, as a (stage, done, total) callback; started at the first
+    tick (an error while opening prints no empty bar) and removed when the block ends."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
+    task = None
+
+    def tick(stage: str, done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(stage, total=None)
+        progress.update(task, description=stage, completed=done, total=total)
+
+    try:
+        yield tick
+    finally:
+        if task is not None:
+            progress.stop()

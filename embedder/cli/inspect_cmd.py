@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedder import choices
 from embedder.analysis.options import NEAR_DUPLICATE_COSINE, InspectOptions
-from embedder.cli.common import console, handle_errors, out, setup_logging
+from embedder.cli.common import console, handle_errors, out, setup_logging, stage_progress
 
 
 @handle_errors
@@ -52,27 +51,14 @@ def inspect_command(
         options = dataclasses.replace(options, labels=dataclasses.replace(options.labels, max_listed=max_listed))
     if duplicate_threshold is not None:  # the default lives in one place: embedder.analysis.dedup
         options = dataclasses.replace(options, duplicate_threshold=duplicate_threshold)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=as_json, transient=True)
-    task = None
-
-    def tick(stage: str, done: int, total: int) -> None:
-        nonlocal task
-        if task is None:  # started lazily: an error while loading prints no empty bar
-            progress.start()
-            task = progress.add_task(stage, total=None)
-        progress.update(task, description=stage, completed=done, total=total)
 
     from embedder.store.labels import LabelJoin, read_labels
 
     join = LabelJoin(read_labels(labels)) if labels else None
-    try:
+    with stage_progress(not as_json) as tick:
         insp = inspect_store(str(store), str(out_dir), str(test) if test else None, options, tick, join)
         joined = join.result() if join is not None else None
         s = write_outputs(insp, str(out_dir), tick, joined)
-    finally:
-        if task is not None:
-            progress.stop()
     if as_json:
         out.print_json(json.dumps(s.to_dict() | ({"labels": joined.to_dict()} if joined is not None else {})))
         return

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedder import choices
-from embedder.cli.common import console, handle_errors, out, setup_logging
+from embedder.cli.common import handle_errors, out, setup_logging, stage_progress
 
 SELECT_LABELS_HELP = ("CSV or Parquet of id,label rows (e.g. from the labelling page): joined on the store's 'id', "
                       "put over the store's own labels; labelled images are never picked, ids not in the store are "
@@ -43,27 +42,13 @@ def select_command(
         raise active.SelectError("--out FILE is needed (the Parquet file of picks to write), unless --evaluate")
     if plot is not None and not evaluate:
         raise active.SelectError("--plot draws --evaluate's learning curve: add --evaluate")
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=as_json, transient=True)
-    task = None
-
-    def tick(stage: str, done: int, total: int) -> None:
-        nonlocal task
-        if task is None:  # started lazily: an error while opening prints no empty bar
-            progress.start()
-            task = progress.add_task(stage, total=None)
-        progress.update(task, description=stage, completed=done, total=total)
-
-    try:
-        if evaluate:
-            ev = active.evaluate(store, budget, str(strategy), [str(p) for p in labels] if labels else None, seed, label_column,
-                                 tick=tick)  # the store's labels are the answer key here: never ignored
+    files = [str(p) for p in labels] if labels else None
+    with stage_progress(not as_json) as tick:
+        if evaluate:  # the store's labels are the answer key here: never ignored
+            ev = active.evaluate(store, budget, str(strategy), files, seed, label_column, tick=tick)
         else:
-            sel = active.select(store, budget, str(strategy), [str(p) for p in labels] if labels else None, seed,
+            sel = active.select(store, budget, str(strategy), files, seed,
                                 None if ignore_store_labels else label_column, tick=tick)
-    finally:
-        if task is not None:
-            progress.stop()
     if evaluate:
         if plot is not None:
             active.plot_evaluation(ev, plot)
